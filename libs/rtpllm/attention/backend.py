@@ -1,0 +1,101 @@
+"""The attention-backend interface and its registry.
+
+A backend owns two things for one layer of one step: writing the new tokens' K/V into
+the paged cache, and attending each new query over its sequence's cached context. The
+model code above it is the same on CPU and CUDA; only the backend changes.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    """How one packed step maps onto the paged cache.
+
+    The step's new tokens are packed along one axis (T tokens over B sequences).
+    Sequences are ordered decodes first (one new token each), then prefill/extend chunks,
+    so a backend can split the two cases at `num_decodes`.
+    """
+
+    # [T] int64: flat cache slot (block_id * block_size + offset) for each new token's K/V.
+    slot_mapping: torch.Tensor
+    # [B + 1] int32: cumulative new-token counts; sequence i owns tokens [qsl[i], qsl[i+1]).
+    query_start_loc: torch.Tensor
+    # [B] int32: context length after this step (cached + new tokens).
+    seq_lens: torch.Tensor
+    # [B, max_blocks] int32: physical block ids of each sequence, padded with 0.
+    block_tables: torch.Tensor
+    num_decodes: int
+    max_query_len: int
+    max_seq_len: int
+    block_size: int
+    # Host copies of query_start_loc / seq_lens, for backends that loop on the host.
+    query_start_loc_host: list[int]
+    seq_lens_host: list[int]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_host)
+
+    @property
+    def num_decode_tokens(self) -> int:
+        return self.num_decodes
+
+
+class AttentionBackend(ABC):
+    """Writes new K/V into the paged cache and computes causal attention over it."""
+
+    name: str = ""
+
+    @abstractmethod
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None = None,
+    ) -> torch.Tensor:
+        """q: [T, Hq, D]; k, v: [T, Hkv, D]; k_cache, v_cache: [num_blocks, block_size, Hkv, D].
+
+        Stores k/v at `meta.slot_mapping`, then returns [T, Hq, D]: query t of sequence i
+        sits at position seq_len_i - q_len_i + j and attends to keys 0..that position
+        (and only the last `sliding_window` of them when set).
+        """
+
+
+_REGISTRY: dict[str, Callable[[], AttentionBackend]] = {}
+
+
+def register_backend(name: str, factory: Callable[[], AttentionBackend]) -> None:
+    _REGISTRY[name] = factory
+
+
+def get_backend(name: str, device: str) -> AttentionBackend:
+    """Resolve a backend by name; "auto" picks the fastest one available for the device."""
+    # Importing here registers the built-in backends without an import cycle.
+    from rtpllm.attention import torch_ref  # noqa: F401
+
+    if name == "auto":
+        name = "triton" if device.startswith("cuda") and "triton" in _available() else "torch"
+    factories = _available()
+    if name not in factories:
+        raise ValueError(f"unknown attention backend {name!r}; available: {', '.join(sorted(factories))}")
+    return factories[name]()
+
+
+def _available() -> dict[str, Callable[[], AttentionBackend]]:
+    try:  # The Triton backend registers itself when Triton and CUDA are usable.
+        from rtpllm.attention import triton_backend  # noqa: F401
+    except ImportError:
+        pass
+    return _REGISTRY

@@ -1,0 +1,94 @@
+"""Typed engine configuration, built once at the edge and passed down."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    """Resolve a user dtype ("auto", "bf16", torch.float16, ...) for a device.
+
+    "auto" means bf16 on CUDA and fp32 on CPU: CPU matmuls in bf16 are slow on most
+    hosts and the reference tests compare in fp32.
+    """
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    try:
+        resolved = _DTYPES[dtype.lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(sorted(set(_DTYPES)))}") from None
+    if device == "cpu" and resolved is torch.float16:
+        raise ValueError("float16 is not supported on CPU; use float32 or bfloat16")
+    return resolved
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache shape and budget.
+
+    num_blocks=None sizes the pool from memory: `gpu_memory_utilization` of the card on
+    CUDA, `cpu_kv_bytes` on CPU.
+    """
+
+    block_size: int = 16
+    num_blocks: int | None = None
+    gpu_memory_utilization: float = 0.85
+    cpu_kv_bytes: int = 1 << 30
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError("gpu_memory_utilization must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous-batching limits for one engine step."""
+
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError("max_num_seqs must be >= 1")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_batched_tokens must be >= 1")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything an engine needs to start: model location, placement, cache and batching."""
+
+    model: str = "smollm2-135m-instruct"
+    device: str = "cpu"
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    seed: int = 0
+    attention_backend: str = "auto"
+    cache: CacheConfig = CacheConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    # Name that clients use for this model; defaults to the model path's last component.
+    served_model_name: str | None = None

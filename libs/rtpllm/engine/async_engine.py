@@ -1,0 +1,174 @@
+"""The asyncio face of the engine, for services: add requests, stream their outputs,
+abort them. The synchronous engine runs in one background thread (a forward pass
+blocks); requests and aborts reach it through a queue, outputs come back through
+per-request asyncio queues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+
+from rtpllm.config import EngineConfig
+from rtpllm.engine.llm_engine import EngineStats, LLMEngine
+from rtpllm.kvcache.events import KVEventBatch
+from rtpllm.outputs import CompletionOutput, RequestOutput
+from rtpllm.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread stopped; no request can be served by this engine any more."""
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt: str | Sequence[int]
+    params: SamplingParams
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+_STOP = object()
+
+
+class AsyncLLMEngine:
+    """Streams delta `RequestOutput`s per request; the last one has `finished=True`.
+
+    Every stream ends: normally, by abort, by a per-request error (`output.error`), or
+    with EngineDeadError if the engine thread dies.
+    """
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._commands: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[RequestOutput | BaseException]]] = {}
+        self._lock = threading.Lock()
+        self._stats = engine.stats()
+        self._dead: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="rtpllm-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    async def create(
+        cls, config: EngineConfig, on_kv_events: Callable[[KVEventBatch], None] | None = None, engine_id: str = "engine-0"
+    ) -> AsyncLLMEngine:
+        """Load the model off the event loop (it takes seconds) and start the engine thread."""
+        engine = await asyncio.to_thread(LLMEngine, config, on_kv_events, engine_id)
+        return cls(engine)
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def is_alive(self) -> bool:
+        return self._dead is None and self._thread.is_alive()
+
+    def stats(self) -> EngineStats:
+        """Stats as of the last step (safe to call from any thread)."""
+        return self._stats
+
+    async def generate(
+        self, request_id: str, prompt: str | Sequence[int], params: SamplingParams | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """Submit a request and yield its delta outputs. Leaving the loop early (or the
+        task being cancelled) aborts the request and frees its KV blocks."""
+        if self._dead is not None:
+            raise EngineDeadError(f"engine is dead: {self._dead}")
+        stream: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        with self._lock:
+            if request_id in self._streams:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            self._streams[request_id] = (asyncio.get_running_loop(), stream)
+        self._commands.put(_Add(request_id, prompt, params or SamplingParams()))
+        finished = False
+        try:
+            while True:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            with self._lock:
+                self._streams.pop(request_id, None)
+            if not finished:
+                self._commands.put(_Abort(request_id))
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(_Abort(request_id))
+
+    async def shutdown(self) -> None:
+        self._commands.put(_STOP)
+        await asyncio.to_thread(self._thread.join, 30)
+
+    # -- engine thread ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                block = not self.engine.has_unfinished_requests()
+                if not self._apply_commands(block):
+                    return
+                if self.engine.has_unfinished_requests():
+                    self._deliver(self.engine.step())
+                    self._stats = self.engine.stats()
+        except BaseException as exc:  # noqa: BLE001 - every open stream must hear about it
+            log.exception("engine thread died")
+            self._dead = exc
+            with self._lock:
+                streams = list(self._streams.values())
+            for loop, stream in streams:
+                loop.call_soon_threadsafe(stream.put_nowait, EngineDeadError(f"engine died: {exc}"))
+
+    def _apply_commands(self, block: bool) -> bool:
+        """Apply queued adds/aborts; wait for one if the engine is idle. False on stop."""
+        while True:
+            try:
+                cmd = self._commands.get(block=block, timeout=0.5 if block else None)
+            except queue.Empty:
+                return True
+            if cmd is _STOP:
+                return False
+            if isinstance(cmd, _Add):
+                try:
+                    self.engine.add_request(cmd.request_id, cmd.prompt, cmd.params)
+                except ValueError as exc:
+                    self._send(cmd.request_id, exc)
+            elif isinstance(cmd, _Abort):
+                self.engine.abort_request(cmd.request_id)
+            block = False
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            self._send(out.request_id, out)
+
+    def _send(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        with self._lock:
+            target = self._streams.get(request_id)
+        if target is not None:
+            loop, stream = target
+            loop.call_soon_threadsafe(stream.put_nowait, item)
+
+
+def empty_output(request_id: str, reason: str) -> RequestOutput:
+    """A final output for a request that never reached the engine."""
+    return RequestOutput(
+        request_id=request_id,
+        prompt_token_ids=[],
+        outputs=[CompletionOutput(index=0, text="", token_ids=[], finish_reason=reason)],
+        finished=True,
+    )

@@ -1,0 +1,369 @@
+"""The synchronous engine: request -> scheduler -> model runner -> sampler -> outputs.
+
+One `step()` runs one batched forward pass. The offline `LLM` drives it in a loop; the
+asyncio engine drives it from a thread. Nothing here knows about services or I/O.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rtpllm.attention import get_backend
+from rtpllm.config import EngineConfig, dtype_name, parse_dtype
+from rtpllm.engine.model_runner import ModelRunner
+from rtpllm.engine.output_processor import OutputProcessor
+from rtpllm.engine.request import Request
+from rtpllm.engine.sampler import Sampler, prompt_logprobs
+from rtpllm.engine.scheduler import Scheduler, SchedulerOutput
+from rtpllm.kvcache.block_hash import namespace_key
+from rtpllm.kvcache.block_manager import BlockManager
+from rtpllm.kvcache.events import KVEventBatch
+from rtpllm.kvcache.kv_pool import KVPool, bytes_per_block
+from rtpllm.loader import load_checkpoint
+from rtpllm.models import DecoderLM, ModelConfig, build_model
+from rtpllm.outputs import CompletionOutput, PositionLogprobs, RequestOutput
+from rtpllm.sampling_params import SamplingParams
+from rtpllm.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_usage: float
+    num_free_blocks: int
+    num_blocks: int
+    prefix_hit_ratio: float
+    prompt_tokens: int
+    generation_tokens: int
+    num_preemptions: int
+
+
+@dataclass
+class _Group:
+    """A user request: n samples sharing one id and prompt."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    children: list[Request]
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
+    sent_prompt_logprobs: int = 0
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(c.is_finished for c in self.children)
+
+
+def resolve_model_dir(model: str) -> Path:
+    """A local HF-format directory as is; a known model name via the registry."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    from rtpllm.models.registry import resolve_model
+
+    return resolve_model(model)
+
+
+class LLMEngine:
+    """Owns the model, KV pool, block manager, scheduler, runner and sampler of one engine."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        on_kv_events: Callable[[KVEventBatch], None] | None = None,
+        engine_id: str = "engine-0",
+    ) -> None:
+        self.config = config
+        self.engine_id = engine_id
+        self.device = config.device
+        self.dtype = parse_dtype(config.dtype, config.device)
+        self.model_dir = resolve_model_dir(config.model)
+        self.model_config = ModelConfig.from_dir(self.model_dir)
+        self.served_model_name = config.served_model_name or (
+            config.model if not Path(config.model).exists() else self.model_dir.name
+        )
+        self.tokenizer = self._load_tokenizer()
+        eos = set(self.model_config.eos_token_ids)
+        if self.tokenizer is not None:
+            eos.update(self.tokenizer.eos_token_ids)
+        self.eos_token_ids = tuple(sorted(eos))
+
+        max_len = config.max_model_len or self.model_config.max_position_embeddings
+        self.backend = get_backend(config.attention_backend, self.device)
+        t0 = time.perf_counter()
+        self.model = self._load_model(max_len)
+        self.load_seconds = time.perf_counter() - t0
+
+        num_blocks = self._num_blocks()
+        block_size = config.cache.block_size
+        if num_blocks * block_size < max_len:
+            if config.max_model_len:
+                raise ValueError(
+                    f"KV pool holds {num_blocks * block_size} tokens, less than max_model_len={max_len}; "
+                    "lower max_model_len or give the cache more memory"
+                )
+            log.warning("capping max_model_len to the KV pool's %d tokens", num_blocks * block_size)
+            max_len = num_blocks * block_size
+        self.max_model_len = max_len
+        self.kv_pool = KVPool(self.model_config, num_blocks, block_size, self.dtype, self.device)
+        namespace = namespace_key(str(self.model_dir.resolve()), dtype_name(self.dtype), block_size)
+        self.block_manager = BlockManager(num_blocks, block_size, namespace, config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.runner = ModelRunner(self.model, self.kv_pool, self.block_manager, self.device)
+        self.sampler = Sampler(self.device, config.seed)
+        self.outputs = OutputProcessor(self.tokenizer)
+        self._on_kv_events = on_kv_events
+        self._event_seq = itertools.count()
+        self._groups: dict[str, _Group] = {}
+        self._requests: dict[str, Request] = {}
+        self._pending: dict[str, RequestOutput] = {}
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        self.preemptions_total = 0
+
+    # -- construction ----------------------------------------------------------------
+
+    def _load_tokenizer(self) -> Tokenizer | None:
+        if not (self.model_dir / "tokenizer.json").is_file():
+            log.warning("%s has no tokenizer.json: token-id prompts only, no text output", self.model_dir)
+            return None
+        return Tokenizer.from_dir(self.model_dir)
+
+    def _load_model(self, max_len: int) -> DecoderLM:
+        model = build_model(self.model_config, self.backend, max_len, self.dtype, self.device)
+        stats = load_checkpoint(
+            self.model_dir,
+            model.checkpoint_targets(),
+            optional=model.optional_checkpoint_names(),
+            ignore=lambda name: name.endswith(DecoderLM.IGNORED_SUFFIXES),
+        )
+        log.info("loaded %d tensors (%.2f GB) in %.2f s (%.2f GB/s)", stats.num_tensors, stats.bytes_read / 1e9, stats.seconds, stats.gb_per_s)
+        return model
+
+    def _num_blocks(self) -> int:
+        cache = self.config.cache
+        if cache.num_blocks is not None:
+            return cache.num_blocks
+        per_block = bytes_per_block(self.model_config, cache.block_size, self.dtype)
+        if self.device.startswith("cuda"):
+            free, total = torch.cuda.mem_get_info(torch.device(self.device))
+            used = total - free
+            budget = int(total * cache.gpu_memory_utilization) - used - _activation_reserve(self.config, self.model_config)
+            if budget < per_block:
+                raise RuntimeError("no GPU memory left for the KV cache; raise gpu_memory_utilization")
+            return budget // per_block
+        return max(1, cache.cpu_kv_bytes // per_block)
+
+    # -- requests --------------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+    ) -> None:
+        """Queue a request. Raises ValueError (with a message fit for an API client) for
+        an empty or over-long prompt, unknown token ids or a duplicate id."""
+        params = params or SamplingParams()
+        if request_id in self._groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text: str | None = None
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer; send prompt token ids")
+            text = prompt
+            token_ids = self.tokenizer.encode(prompt)
+        else:
+            token_ids = list(prompt)
+        self._validate(token_ids, params)
+        children = [
+            Request(
+                request_id=request_id if params.n == 1 else f"{request_id}#{i}",
+                prompt_token_ids=token_ids,
+                params=params.for_child(i) if params.n > 1 else params,
+                eos_token_ids=self.eos_token_ids,
+                max_model_len=self.max_model_len,
+                group_id=request_id,
+                index=i,
+            )
+            for i in range(params.n)
+        ]
+        for child in children:
+            if child.params.seed is not None:
+                child.generator = self.sampler.request_generator(child.params.seed)
+            if child is not children[0]:
+                child.wait_for = children[0]
+            self._requests[child.request_id] = child
+            self.outputs.add(child)
+            self.scheduler.add(child)
+        group = _Group(request_id, text, token_ids, children)
+        if params.prompt_logprobs is not None:
+            group.prompt_logprobs = [None]
+        self._groups[request_id] = group
+
+    def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
+        if not token_ids:
+            raise ValueError("prompt is empty")
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt token id {bad!r} is outside the vocabulary [0, {vocab})")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(token_ids)} tokens but the model's context length is {self.max_model_len}; "
+                "shorten the prompt"
+            )
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer, and this model has none")
+        # max_tokens past the context window is capped to it (finish_reason "length").
+
+    def abort_request(self, request_id: str) -> bool:
+        """Stop a request now, freeing its blocks; its final output says "abort"."""
+        group = self._groups.get(request_id)
+        if group is None:
+            return False
+        for child in group.children:
+            if not child.is_finished:
+                self.scheduler.finish(child, "abort")
+        self._pending[request_id] = self._group_output(group)
+        self._forget(group)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._groups) or bool(self._pending)
+
+    # -- the step --------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one batched forward pass; return a delta output per request that changed."""
+        touched: dict[str, _Group] = {}
+        step = self.scheduler.schedule()
+        self.preemptions_total += len(step.preempted)
+        if not step.is_empty:
+            try:
+                result = self.runner.execute(step)
+            except Exception as exc:  # a failed step must not hang its requests
+                log.exception("engine step failed")
+                self._fail_step(step, f"engine step failed: {exc}")
+            else:
+                self.scheduler.update(step)
+                self._record_prompt_logprobs(result.prompt_logits, touched)
+                self._sample_and_emit(result.logits, [i.request for i in result.sample_items], touched)
+        self._flush_events()
+        outputs = list(self._pending.values())
+        self._pending.clear()
+        for group in touched.values():
+            outputs.append(self._group_output(group))
+            if group.finished:
+                self._forget(group)
+        return outputs
+
+    def _sample_and_emit(self, logits: torch.Tensor, requests: list[Request], touched: dict[str, _Group]) -> None:
+        if not requests:
+            return
+        result = self.sampler.sample(logits, requests)
+        now = time.monotonic()
+        for req, token_id, lp in zip(requests, result.token_ids, result.logprobs, strict=True):
+            req.append_output(token_id)
+            self.generation_tokens_total += 1
+            if req.first_token_time is None:
+                req.first_token_time = now
+                self.prompt_tokens_total += req.num_prompt_tokens
+            finish = self.outputs.process_token(req, token_id, lp)
+            if finish is not None:
+                self.scheduler.finish(req, finish.reason, finish.stop_reason)
+            touched[req.group_id] = self._groups[req.group_id]
+
+    def _record_prompt_logprobs(self, spans: list, touched: dict[str, _Group]) -> None:
+        for item, first, logits in spans:
+            req = item.request
+            group = self._groups[req.group_id]
+            k = req.params.prompt_logprobs or 0
+            nxt = req.prompt_token_ids[first + 1 : first + 1 + logits.shape[0]]
+            rows = prompt_logprobs(logits, nxt, k)
+            if req.index == 0 and group.prompt_logprobs is not None:
+                group.prompt_logprobs.extend(self.outputs.format_logprobs(t, row) for t, row in zip(nxt, rows, strict=True))
+            req.prompt_logprobs_done = first + logits.shape[0]
+            touched[req.group_id] = group
+
+    def _fail_step(self, step: SchedulerOutput, message: str) -> None:
+        for item in step.scheduled:
+            req = item.request
+            group = self._groups.get(req.group_id)
+            if group is None:
+                continue
+            group.error = message
+            for child in group.children:
+                if not child.is_finished:
+                    self.scheduler.finish(child, "error")
+            self._pending[group.request_id] = self._group_output(group)
+            self._forget(group)
+
+    def _group_output(self, group: _Group) -> RequestOutput:
+        finished = group.finished
+        outs: list[CompletionOutput] = []
+        for child in group.children:
+            outs.append(self.outputs.take_delta(child, child.is_finished))
+        prompt_lp = None
+        if group.prompt_logprobs is not None and len(group.prompt_logprobs) > group.sent_prompt_logprobs:
+            prompt_lp = group.prompt_logprobs[group.sent_prompt_logprobs :]
+            group.sent_prompt_logprobs = len(group.prompt_logprobs)
+        lead = group.children[0]
+        metrics = {"arrival_time": lead.arrival_time}
+        if lead.first_token_time is not None:
+            metrics["first_token_time"] = lead.first_token_time
+        return RequestOutput(
+            request_id=group.request_id,
+            prompt_token_ids=group.prompt_token_ids,
+            outputs=outs,
+            finished=finished,
+            prompt=group.prompt,
+            num_cached_tokens=max(lead.num_cached_tokens, 0),
+            prompt_logprobs=prompt_lp,
+            error=group.error,
+            metrics=metrics,
+        )
+
+    def _forget(self, group: _Group) -> None:
+        self._groups.pop(group.request_id, None)
+        for child in group.children:
+            self._requests.pop(child.request_id, None)
+            self.outputs.remove(child.request_id)
+
+    def _flush_events(self) -> None:
+        events = self.block_manager.take_events()
+        if events and self._on_kv_events is not None:
+            self._on_kv_events(KVEventBatch(engine_id=self.engine_id, seq=next(self._event_seq), events=events))
+
+    # -- introspection ---------------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_usage=bm.usage,
+            num_free_blocks=bm.num_free_blocks,
+            num_blocks=bm.num_blocks,
+            prefix_hit_ratio=bm.stats.hit_ratio,
+            prompt_tokens=self.prompt_tokens_total,
+            generation_tokens=self.generation_tokens_total,
+            num_preemptions=self.preemptions_total,
+        )
+
+
+def _activation_reserve(config: EngineConfig, model: ModelConfig) -> int:
+    """Bytes kept free for activations of the largest step (logits dominate)."""
+    tokens = config.scheduler.max_num_batched_tokens
+    return tokens * (model.hidden_size * 16 + model.intermediate_size * 4) * 2 + config.scheduler.max_num_seqs * model.vocab_size * 8

@@ -1,0 +1,93 @@
+"""A request's state as it moves through the engine."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from rtpllm.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Request:
+    """One sequence to generate (a request with n > 1 becomes n of these).
+
+    `num_computed_tokens` counts tokens whose KV is in the cache. The next step computes
+    tokens [num_computed_tokens, ...) of `all_token_ids`; a step that reaches the end of
+    them samples a new token. Preemption resets it to 0 (recompute).
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    eos_token_ids: tuple[int, ...] = ()
+    max_model_len: int = 0
+    # n > 1: the user-visible id and this sample's index in it.
+    group_id: str = ""
+    index: int = 0
+    # A sibling whose prompt blocks this one waits for, so n samples share one prefill.
+    wait_for: Request | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = -1  # prefix-cache hit on first scheduling; -1 before that
+    num_preemptions: int = 0
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    generator: torch.Generator | None = None
+    first_token_time: float | None = None
+    # Prompt positions whose logprobs were already reported (kept across preemptions).
+    prompt_logprobs_done: int = 0
+
+    def __post_init__(self) -> None:
+        self._all: list[int] = list(self.prompt_token_ids)
+        self.group_id = self.group_id or self.request_id
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self._all
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self._all)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    @property
+    def in_prefill(self) -> bool:
+        """True until every known token (prompt, and outputs after a preemption) is computed
+        except possibly the last sampled one."""
+        return self.num_computed_tokens < self.num_tokens - 1
+
+    @property
+    def max_output_tokens(self) -> int:
+        """Output budget: max_tokens, capped by what fits in the context window."""
+        room = self.max_model_len - self.num_prompt_tokens
+        if self.params.max_tokens is None:
+            return room
+        return min(self.params.max_tokens, room)
+
+    def append_output(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self._all.append(token_id)

@@ -1,0 +1,163 @@
+"""Continuous batching: which requests run in the next step, and how many tokens each.
+
+Policy per step, under a token budget and a cap on running requests:
+1. running requests in decode go first (one token each), then running prefills continue
+   their next chunk (chunked prefill), each in admission order;
+2. when a running request needs a block and none is free, the most recently admitted
+   request not yet scheduled this step is preempted (its blocks freed, recomputed later
+   from its prompt + outputs, mostly from the prefix cache); if none is left it preempts
+   itself;
+3. waiting requests are admitted FCFS with whatever budget remains, taking their cached
+   prefix from the block manager, unless this step preempted someone.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from rtpllm.config import SchedulerConfig
+from rtpllm.engine.request import Request, RequestStatus
+from rtpllm.kvcache.block_manager import BlockManager, PrefixHit
+
+
+@dataclass(frozen=True)
+class ScheduledRequest:
+    request: Request
+    # Tokens [num_computed_tokens, num_computed_tokens + num_new_tokens) run this step.
+    num_new_tokens: int
+    start: int
+
+    @property
+    def samples(self) -> bool:
+        """True when this step reaches the request's last token, so it yields logits to sample."""
+        return self.start + self.num_new_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest]
+    num_decodes: int
+    preempted: list[Request]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.blocks = block_manager
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        decodes: list[ScheduledRequest] = []
+        prefills: list[ScheduledRequest] = []
+        preempted: list[Request] = []
+        scheduled_ids: set[str] = set()
+
+        order = [r for r in self.running if not r.in_prefill] + [r for r in self.running if r.in_prefill]
+        for req in order:
+            if budget == 0:
+                break
+            if req.status is not RequestStatus.RUNNING:  # preempted earlier in this loop
+                continue
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self.blocks.allocate(req, req.num_computed_tokens + num_new):
+                victim = self._pick_victim(scheduled_ids)
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is req:
+                    break
+            if req.status is not RequestStatus.RUNNING:
+                continue
+            item = ScheduledRequest(req, num_new, req.num_computed_tokens)
+            (prefills if req.in_prefill else decodes).append(item)
+            scheduled_ids.add(req.request_id)
+            budget -= num_new
+
+        if not preempted:
+            budget = self._admit_waiting(budget, prefills)
+        return SchedulerOutput(scheduled=decodes + prefills, num_decodes=len(decodes), preempted=preempted)
+
+    def _admit_waiting(self, budget: int, prefills: list[ScheduledRequest]) -> int:
+        deferred: list[Request] = []
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting.popleft()
+            if not self._sibling_ready(req):
+                deferred.append(req)
+                continue
+            hit = self.blocks.find_prefix(req)
+            if req.params.prompt_logprobs is not None and req.prompt_logprobs_done < req.num_prompt_tokens - 1:
+                # Prompt logprobs need the logits of every prompt position: no cache hits.
+                hit = PrefixHit((), 0)
+            num_new = min(req.num_tokens - hit.num_tokens, budget)
+            if not self.blocks.allocate(req, hit.num_tokens + num_new, hit):
+                self.waiting.appendleft(req)
+                break
+            req.num_computed_tokens = hit.num_tokens
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = hit.num_tokens
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            prefills.append(ScheduledRequest(req, num_new, hit.num_tokens))
+            budget -= num_new
+        self.waiting.extendleft(reversed(deferred))
+        return budget
+
+    def _sibling_ready(self, req: Request) -> bool:
+        """n > 1: later samples wait until the first has computed the prompt's full blocks,
+        then find them in the prefix cache instead of prefilling the prompt again."""
+        lead = req.wait_for
+        if lead is None or lead.is_finished or not self.blocks.enable_prefix_caching:
+            return True
+        full = (lead.num_prompt_tokens // self.blocks.block_size) * self.blocks.block_size
+        return lead.num_computed_tokens >= full
+
+    def _pick_victim(self, scheduled_ids: set[str]) -> Request:
+        for req in reversed(self.running):
+            if req.request_id not in scheduled_ids:
+                return req
+        raise AssertionError("no preemptible request: every running request is already scheduled")
+
+    def _preempt(self, req: Request) -> None:
+        self.blocks.free(req.request_id)
+        self.running.remove(req)
+        req.status = RequestStatus.WAITING
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def update(self, output: SchedulerOutput) -> None:
+        """After the forward pass: the scheduled tokens are now in the cache."""
+        for item in output.scheduled:
+            req = item.request
+            req.num_computed_tokens = item.start + item.num_new_tokens
+            self.blocks.commit(req, req.num_computed_tokens)
+
+    def finish(self, req: Request, reason: str, stop_reason: int | str | None = None) -> None:
+        """Remove a request wherever it is and release its blocks."""
+        if req.status is RequestStatus.RUNNING:
+            self.running.remove(req)
+        elif req.status is RequestStatus.WAITING:
+            try:
+                self.waiting.remove(req)
+            except ValueError:
+                pass
+        self.blocks.free(req.request_id)
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        req.stop_reason = stop_reason

@@ -1,0 +1,175 @@
+"""Writes random-weight HF-format checkpoints of each supported family.
+
+Tests load them into both rtpllm and HF `transformers` to compare; benchmarks use
+full-size shapes (e.g. Llama-3.1-8B) without downloading anything.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from rtpllm.tokenizer.byte_tokenizer import write_byte_tokenizer
+
+_FAMILY = {
+    "llama": ("LlamaForCausalLM", "llama"),
+    "mistral": ("MistralForCausalLM", "mistral"),
+    "qwen2": ("Qwen2ForCausalLM", "qwen2"),
+    "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+}
+
+TINY_SHAPE: dict[str, Any] = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 320,
+    "max_position_embeddings": 1024,
+}
+
+LLAMA_3_1_8B_SHAPE: dict[str, Any] = {
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "max_position_embeddings": 131072,
+    "rope_theta": 500000.0,
+    "rope_scaling": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+    "rms_norm_eps": 1e-5,
+}
+
+QWEN3_0_6B_SHAPE: dict[str, Any] = {
+    "hidden_size": 1024,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "vocab_size": 151936,
+    "max_position_embeddings": 40960,
+    "rope_theta": 1000000.0,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True,
+}
+
+
+def make_config(family: str, **overrides: Any) -> dict[str, Any]:
+    arch, model_type = _FAMILY[family]
+    cfg: dict[str, Any] = {
+        "architectures": [arch],
+        "model_type": model_type,
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "bos_token_id": None,
+        "eos_token_id": 258,  # <|im_end|> of the byte tokenizer
+        "torch_dtype": "float32",
+        **TINY_SHAPE,
+    }
+    if family == "qwen3":
+        cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]
+        cfg["attention_bias"] = False
+    if family == "mistral":
+        cfg["sliding_window"] = None
+    cfg.update(overrides)
+    return cfg
+
+
+def random_weights(cfg: dict[str, Any], dtype: torch.dtype, seed: int, std: float) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    head_dim = cfg.get("head_dim") or hidden // heads
+    q, kv = heads * head_dim, kv_heads * head_dim
+    qwen2 = cfg["model_type"] == "qwen2"
+    qk_norm = cfg["model_type"] == "qwen3"
+
+    def rand(*shape: int, scale: float = std) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+    def norm(dim: int) -> torch.Tensor:
+        return (1.0 + torch.randn(dim, generator=g) * 0.1).to(dtype)
+
+    w: dict[str, torch.Tensor] = {"model.embed_tokens.weight": rand(cfg["vocab_size"], hidden, scale=1.0)}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        w[p + "self_attn.q_proj.weight"] = rand(q, hidden)
+        w[p + "self_attn.k_proj.weight"] = rand(kv, hidden)
+        w[p + "self_attn.v_proj.weight"] = rand(kv, hidden)
+        w[p + "self_attn.o_proj.weight"] = rand(hidden, q)
+        if qwen2 or cfg.get("attention_bias"):
+            w[p + "self_attn.q_proj.bias"] = rand(q)
+            w[p + "self_attn.k_proj.bias"] = rand(kv)
+            w[p + "self_attn.v_proj.bias"] = rand(kv)
+        if qk_norm:
+            w[p + "self_attn.q_norm.weight"] = norm(head_dim)
+            w[p + "self_attn.k_norm.weight"] = norm(head_dim)
+        w[p + "mlp.gate_proj.weight"] = rand(inter, hidden)
+        w[p + "mlp.up_proj.weight"] = rand(inter, hidden)
+        w[p + "mlp.down_proj.weight"] = rand(hidden, inter)
+        w[p + "input_layernorm.weight"] = norm(hidden)
+        w[p + "post_attention_layernorm.weight"] = norm(hidden)
+    w["model.norm.weight"] = norm(hidden)
+    if not cfg.get("tie_word_embeddings"):
+        w["lm_head.weight"] = rand(cfg["vocab_size"], hidden)
+    return w
+
+
+def write_random_checkpoint(
+    out_dir: str | Path,
+    family: str = "llama",
+    *,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    std: float = 0.2,
+    num_shards: int = 1,
+    tokenizer: bool = True,
+    **overrides: Any,
+) -> Path:
+    """Write config.json, safetensors (optionally sharded with an index) and a byte-level
+    tokenizer. `overrides` replace config fields (shape, rope_scaling, ...)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = make_config(family, **overrides)
+    cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    weights = random_weights(cfg, dtype, seed, std)
+    _save_shards(out, weights, num_shards)
+    if tokenizer:
+        write_byte_tokenizer(out, cfg["vocab_size"])
+        gen = {"eos_token_id": cfg["eos_token_id"]}
+        (out / "generation_config.json").write_text(json.dumps(gen))
+    return out
+
+
+def _save_shards(out: Path, weights: dict[str, torch.Tensor], num_shards: int) -> None:
+    names = list(weights)
+    if num_shards <= 1:
+        save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+        return
+    per = -(-len(names) // num_shards)
+    weight_map: dict[str, str] = {}
+    total = 0
+    for s in range(num_shards):
+        chunk = names[s * per : (s + 1) * per]
+        fname = f"model-{s + 1:05d}-of-{num_shards:05d}.safetensors"
+        save_file({n: weights[n] for n in chunk}, str(out / fname), metadata={"format": "pt"})
+        for n in chunk:
+            weight_map[n] = fname
+            total += weights[n].numel() * weights[n].element_size()
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

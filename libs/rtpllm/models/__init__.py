@@ -1,0 +1,26 @@
+"""Model definitions and the factory that builds one from an HF-format directory."""
+
+from __future__ import annotations
+
+import torch
+
+from rtpllm.attention import AttentionBackend
+from rtpllm.models.config import SUPPORTED_ARCHITECTURES, ModelConfig
+from rtpllm.models.decoder import DecoderLM
+
+__all__ = ["SUPPORTED_ARCHITECTURES", "DecoderLM", "ModelConfig", "build_model"]
+
+
+def build_model(
+    config: ModelConfig, backend: AttentionBackend, max_position: int, dtype: torch.dtype, device: str
+) -> DecoderLM:
+    """An uninitialised model on `device`: parameters are allocated, not filled.
+
+    It is built on the meta device first so no time goes into random initialisation that
+    the loader overwrites anyway.
+    """
+    with torch.device("meta"):
+        model = DecoderLM(config, backend, max_position, dtype)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    model.rotary.build_tables(torch.device(device))
+    return model.eval().requires_grad_(False)

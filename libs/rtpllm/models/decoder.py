@@ -1,0 +1,92 @@
+"""The decoder-only language model shared by Llama, Mistral, Qwen2 and Qwen3.
+
+The families differ only in switches read from config.json (qkv bias, q/k norm, tied
+embeddings, rope scaling, sliding window), so one implementation serves all four.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rtpllm.attention import AttentionBackend, AttentionMetadata
+from rtpllm.models.config import ModelConfig
+from rtpllm.models.layers import DecoderLayer, RMSNorm
+from rtpllm.models.rope import RotaryEmbedding
+
+
+class DecoderLM(nn.Module):
+    """Token ids + positions over a paged KV cache -> hidden states -> logits."""
+
+    def __init__(self, config: ModelConfig, backend: AttentionBackend, max_position: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.config = config
+        rotary = RotaryEmbedding(config.rope, config.head_dim, max_position, dtype)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, rotary, backend) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # Shared by every layer; registered once so .to() moves it once.
+        self.rotary = rotary
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """[T] ids and positions -> [T, hidden] final-normed hidden states."""
+        hidden = self.embed_tokens(input_ids)
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            hidden = layer(positions, hidden, kv_cache, meta)
+        return self.norm(hidden)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, hidden] -> [N, vocab] float32 logits."""
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return torch.matmul(hidden, weight.t()).float()
+
+    def checkpoint_targets(self) -> dict[str, torch.Tensor]:
+        """Map every HF checkpoint tensor name to the parameter view it is loaded into.
+
+        Fused parameters (qkv_proj, gate_up_proj) are split along dim 0, so each view is
+        contiguous and has exactly the checkpoint tensor's shape: a loader can copy into
+        it directly, without building a state dict.
+        """
+        cfg = self.config
+        targets: dict[str, torch.Tensor] = {"model.embed_tokens.weight": self.embed_tokens.weight.data}
+        targets["model.norm.weight"] = self.norm.weight.data
+        if self.lm_head is not None:
+            targets["lm_head.weight"] = self.lm_head.weight.data
+        q, kv, inter = cfg.q_size, cfg.kv_size, cfg.intermediate_size
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            attn = layer.self_attn
+            qkv = attn.qkv_proj.weight.data
+            targets[p + "self_attn.q_proj.weight"] = qkv[:q]
+            targets[p + "self_attn.k_proj.weight"] = qkv[q : q + kv]
+            targets[p + "self_attn.v_proj.weight"] = qkv[q + kv :]
+            if attn.qkv_proj.bias is not None:
+                bias = attn.qkv_proj.bias.data
+                targets[p + "self_attn.q_proj.bias"] = bias[:q]
+                targets[p + "self_attn.k_proj.bias"] = bias[q : q + kv]
+                targets[p + "self_attn.v_proj.bias"] = bias[q + kv :]
+            targets[p + "self_attn.o_proj.weight"] = attn.o_proj.weight.data
+            if attn.q_norm is not None and attn.k_norm is not None:
+                targets[p + "self_attn.q_norm.weight"] = attn.q_norm.weight.data
+                targets[p + "self_attn.k_norm.weight"] = attn.k_norm.weight.data
+            gate_up = layer.mlp.gate_up_proj.weight.data
+            targets[p + "mlp.gate_proj.weight"] = gate_up[:inter]
+            targets[p + "mlp.up_proj.weight"] = gate_up[inter:]
+            targets[p + "mlp.down_proj.weight"] = layer.mlp.down_proj.weight.data
+            targets[p + "input_layernorm.weight"] = layer.input_layernorm.weight.data
+            targets[p + "post_attention_layernorm.weight"] = layer.post_attention_layernorm.weight.data
+        return targets
+
+    # Checkpoint tensors that carry no weights we need (precomputed rope tables, a tied
+    # head saved anyway).
+    IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+    def optional_checkpoint_names(self) -> set[str]:
+        return {"lm_head.weight"} if self.lm_head is None else set()

@@ -1,0 +1,111 @@
+"""HF `tokenizers` + the checkpoint's chat template and special tokens."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer as HFTokenizer
+
+from rtpllm.tokenizer.chat_template import ChatTemplateError, render_chat
+
+
+def _token_text(value: Any) -> str | None:
+    # tokenizer_config stores special tokens as strings or AddedToken dicts.
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+class Tokenizer:
+    """Encodes prompts, renders chats and decodes ids for one model directory."""
+
+    def __init__(
+        self,
+        tokenizer: HFTokenizer,
+        chat_template: str | None,
+        bos_token: str | None,
+        eos_token: str | None,
+        extra_eos_ids: Sequence[int] = (),
+        add_bos_token: bool | None = None,
+    ) -> None:
+        self._tok = tokenizer
+        self.chat_template = chat_template
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+        self.bos_token_id = tokenizer.token_to_id(bos_token) if bos_token else None
+        eos_id = tokenizer.token_to_id(eos_token) if eos_token else None
+        self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys([*([eos_id] if eos_id is not None else []), *extra_eos_ids]))
+        self._add_bos = add_bos_token
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        self._special_ids = {
+            i for i, tok in tokenizer.get_added_tokens_decoder().items() if tok.special
+        }
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> Tokenizer:
+        root = Path(model_dir)
+        path = root / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{root} has no tokenizer.json")
+        tok = HFTokenizer.from_file(str(path))
+        cfg: dict[str, Any] = {}
+        if (root / "tokenizer_config.json").is_file():
+            cfg = json.loads((root / "tokenizer_config.json").read_text())
+        template = cfg.get("chat_template")
+        if isinstance(template, list):  # named templates: take "default"
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        if (root / "chat_template.jinja").is_file():
+            template = (root / "chat_template.jinja").read_text()
+        extra_eos: list[int] = []
+        for name in ("generation_config.json", "config.json"):
+            if (root / name).is_file():
+                eos = json.loads((root / name).read_text()).get("eos_token_id")
+                extra_eos.extend(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
+        return cls(
+            tok,
+            template,
+            _token_text(cfg.get("bos_token")),
+            _token_text(cfg.get("eos_token")),
+            extra_eos,
+            cfg.get("add_bos_token"),
+        )
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        if add_special_tokens and self._add_bos and self.bos_token_id is not None and (not ids or ids[0] != self.bos_token_id):
+            ids = [self.bos_token_id, *ids]
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tok.id_to_token(token_id)
+
+    def is_special(self, token_id: int) -> bool:
+        return token_id in self._special_ids
+
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+        **extra: Any,
+    ) -> str:
+        """Render a conversation to prompt text (tokenize it with add_special_tokens=False)."""
+        if not self.chat_template:
+            raise ChatTemplateError("this model has no chat template; send a plain prompt instead")
+        return render_chat(
+            self.chat_template,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            special_tokens={"bos_token": self.bos_token or "", "eos_token": self.eos_token or ""},
+            tools=tools,
+            **extra,
+        )
+
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **extra: Any) -> list[int]:
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt, **extra), add_special_tokens=False)
