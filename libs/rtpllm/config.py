@@ -88,7 +88,16 @@ class EngineConfig:
     max_model_len: int | None = None
     seed: int = 0
     attention_backend: str = "auto"
+    # "auto": read the checkpoint's safetensors; "dummy": random weights drawn on the
+    # device (benchmarks of full-size shapes without writing a checkpoint).
+    load_format: str = "auto"
+    # Capture the decode step in CUDA graphs (CUDA with a graph-safe attention backend).
+    cuda_graphs: bool = True
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     # Name that clients use for this model; defaults to the model path's last component.
     served_model_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")

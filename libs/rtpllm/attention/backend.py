@@ -8,7 +8,8 @@ model code above it is the same on CPU and CUDA; only the backend changes.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +53,15 @@ class AttentionBackend(ABC):
     """Writes new K/V into the paged cache and computes causal attention over it."""
 
     name: str = ""
+    # True when forward() of a pure-decode step reads only device tensors and fixed
+    # sizes, so the step can be captured in a CUDA graph and replayed.
+    supports_cuda_graphs: bool = False
+
+    @contextmanager
+    def graph_capture(self, batch_size: int, max_seq_len: int) -> Iterator[None]:
+        """Fix launch parameters (grids, split counts) for capturing a decode step of
+        `batch_size` sequences of up to `max_seq_len` tokens."""
+        yield
 
     @abstractmethod
     def forward(

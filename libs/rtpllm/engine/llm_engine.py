@@ -26,8 +26,9 @@ from rtpllm.kvcache.block_hash import namespace_key
 from rtpllm.kvcache.block_manager import BlockManager
 from rtpllm.kvcache.events import KVEventBatch
 from rtpllm.kvcache.kv_pool import KVPool, bytes_per_block
-from rtpllm.loader import load_checkpoint
-from rtpllm.models import DecoderLM, ModelConfig, build_model
+from rtpllm.loader import load_checkpoint_fast
+from rtpllm.models import DecoderLM, ModelConfig, build_model, fill_random
+from rtpllm.models.registry import resolve_model
 from rtpllm.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from rtpllm.sampling_params import SamplingParams
 from rtpllm.tokenizer import Tokenizer
@@ -65,16 +66,6 @@ class _Group:
         return all(c.is_finished for c in self.children)
 
 
-def resolve_model_dir(model: str) -> Path:
-    """A local HF-format directory as is; a known model name via the registry."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return path
-    from rtpllm.models.registry import resolve_model
-
-    return resolve_model(model)
-
-
 class LLMEngine:
     """Owns the model, KV pool, block manager, scheduler, runner and sampler of one engine."""
 
@@ -83,12 +74,14 @@ class LLMEngine:
         config: EngineConfig,
         on_kv_events: Callable[[KVEventBatch], None] | None = None,
         engine_id: str = "engine-0",
+        load_progress: Callable[[int, int], None] | None = None,
     ) -> None:
         self.config = config
+        self._load_progress = load_progress
         self.engine_id = engine_id
         self.device = config.device
         self.dtype = parse_dtype(config.dtype, config.device)
-        self.model_dir = resolve_model_dir(config.model)
+        self.model_dir = resolve_model(config.model)
         self.model_config = ModelConfig.from_dir(self.model_dir)
         self.served_model_name = config.served_model_name or (
             config.model if not Path(config.model).exists() else self.model_dir.name
@@ -120,7 +113,9 @@ class LLMEngine:
         namespace = namespace_key(str(self.model_dir.resolve()), dtype_name(self.dtype), block_size)
         self.block_manager = BlockManager(num_blocks, block_size, namespace, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
-        self.runner = ModelRunner(self.model, self.kv_pool, self.block_manager, self.device)
+        self.runner = ModelRunner(self.model, self.kv_pool, self.block_manager, self.backend, self.device)
+        if config.cuda_graphs:
+            self.runner.enable_cuda_graphs(min(config.scheduler.max_num_seqs, 256), max_len)
         self.sampler = Sampler(self.device, config.seed)
         self.outputs = OutputProcessor(self.tokenizer)
         self._on_kv_events = on_kv_events
@@ -142,11 +137,15 @@ class LLMEngine:
 
     def _load_model(self, max_len: int) -> DecoderLM:
         model = build_model(self.model_config, self.backend, max_len, self.dtype, self.device)
-        stats = load_checkpoint(
+        if self.config.load_format == "dummy":
+            fill_random(model, self.config.seed)
+            return model
+        stats = load_checkpoint_fast(
             self.model_dir,
             model.checkpoint_targets(),
             optional=model.optional_checkpoint_names(),
             ignore=lambda name: name.endswith(DecoderLM.IGNORED_SUFFIXES),
+            progress=self._load_progress,
         )
         log.info("loaded %d tensors (%.2f GB) in %.2f s (%.2f GB/s)", stats.num_tensors, stats.bytes_read / 1e9, stats.seconds, stats.gb_per_s)
         return model
@@ -162,7 +161,7 @@ class LLMEngine:
             budget = int(total * cache.gpu_memory_utilization) - used - _activation_reserve(self.config, self.model_config)
             if budget < per_block:
                 raise RuntimeError("no GPU memory left for the KV cache; raise gpu_memory_utilization")
-            return budget // per_block
+            return budget // per_block - 1  # the pool adds one scratch block
         return max(1, cache.cpu_kv_bytes // per_block)
 
     # -- requests --------------------------------------------------------------------
@@ -245,6 +244,7 @@ class LLMEngine:
 
     # -- the step --------------------------------------------------------------------
 
+    @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         """Run one batched forward pass; return a delta output per request that changed."""
         touched: dict[str, _Group] = {}

