@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from rtpllm.loader.random_checkpoint import write_random_checkpoint
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")

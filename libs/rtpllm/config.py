@@ -93,6 +93,9 @@ class EngineConfig:
     load_format: str = "auto"
     # Capture the decode step in CUDA graphs (CUDA with a graph-safe attention backend).
     cuda_graphs: bool = True
+    # Launch step n+1 before reading step n's tokens back (None: on for CUDA, off for CPU,
+    # where nothing runs asynchronously and the extra step of a finished request is waste).
+    async_scheduling: bool | None = None
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     # Name that clients use for this model; defaults to the model path's last component.

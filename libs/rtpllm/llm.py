@@ -41,6 +41,9 @@ class LLM:
         max_num_batched_tokens: int = 2048,
         seed: int = 0,
         attention_backend: str = "auto",
+        load_format: str = "auto",
+        cuda_graphs: bool = True,
+        async_scheduling: bool | None = None,
     ) -> None:
         config = EngineConfig(
             model=model,
@@ -49,6 +52,9 @@ class LLM:
             max_model_len=max_model_len,
             seed=seed,
             attention_backend=attention_backend,
+            load_format=load_format,
+            cuda_graphs=cuda_graphs,
+            async_scheduling=async_scheduling,
             cache=CacheConfig(
                 block_size=block_size,
                 num_blocks=num_blocks,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from rtpllm import LLM, SamplingParams
 from rtpllm.outputs import RequestOutput
 

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
+
 from rtpllm import LLM, SamplingParams
 from rtpllm.engine.request import Request
 from rtpllm.engine.scheduler import SchedulerOutput
 from rtpllm.loader.random_checkpoint import write_random_checkpoint
-from transformers import AutoModelForCausalLM
-
 from tests.conftest import FAMILIES
 
 PROMPTS = [

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from rtpllm.engine.request import Request
-from rtpllm.engine.sampler import Sampler, _apply_penalties, _filter
-from rtpllm.sampling_params import SamplingParams
 from transformers.generation.logits_process import (
     MinPLogitsWarper,
     RepetitionPenaltyLogitsProcessor,
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+
+from rtpllm.engine.request import Request
+from rtpllm.engine.sampler import Sampler, _apply_penalties, _filter
+from rtpllm.sampling_params import SamplingParams
 
 V = 50
 
@@ -87,7 +88,7 @@ def test_sampling_follows_the_distribution() -> None:
     counts = torch.zeros(4)
     for _ in range(4000):
         req = Request("r", [0], SamplingParams(temperature=1.0))
-        counts[sampler.sample(logits.clone(), [req]).token_ids[0]] += 1
+        counts[sampler.sample(logits.clone(), [req]).resolve()[0][0]] += 1
     freq = counts / counts.sum()
     assert (freq - target).abs().max() < 0.03
 
@@ -95,6 +96,6 @@ def test_sampling_follows_the_distribution() -> None:
 def test_temperature_sharpens() -> None:
     sampler = Sampler("cpu", seed=0)
     logits = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
-    hot = sum(sampler.sample(logits.clone(), [Request("r", [0], SamplingParams(temperature=2.0))]).token_ids[0] == 0 for _ in range(2000))
-    cold = sum(sampler.sample(logits.clone(), [Request("r", [0], SamplingParams(temperature=0.2))]).token_ids[0] == 0 for _ in range(2000))
+    hot = sum(sampler.sample(logits.clone(), [Request("r", [0], SamplingParams(temperature=2.0))]).resolve()[0][0] == 0 for _ in range(2000))
+    cold = sum(sampler.sample(logits.clone(), [Request("r", [0], SamplingParams(temperature=0.2))]).resolve()[0][0] == 0 for _ in range(2000))
     assert cold > hot + 400

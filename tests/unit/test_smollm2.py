@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from rtpllm import LLM, SamplingParams
 from transformers import AutoModelForCausalLM
+
+from rtpllm import LLM, SamplingParams
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 

@@ -12,6 +12,7 @@ launched one by one from Python the GPU waits on the CPU between them.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -118,9 +119,10 @@ class DecodeGraphs:
         slot_mapping: np.ndarray,
         seq_lens: np.ndarray,
         block_tables: np.ndarray,
+        fill: Callable[[torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
         """Replay for a decode batch; returns logits [batch, vocab] (a view, valid until the
-        next replay)."""
+        next replay). `fill` patches the input ids on the device (async scheduling)."""
         batch, width = block_tables.shape
         size = next(s for s in self.sizes if s >= batch)
         pad = size - batch
@@ -136,6 +138,8 @@ class DecodeGraphs:
         self.seq_lens[:size].copy_(_pinned(lens), non_blocking=True)
         # Columns past `width` keep stale ids; the kernels never read past seq_len.
         self.block_tables[:size, :width].copy_(_pinned(table), non_blocking=True)
+        if fill is not None:
+            fill(self.input_ids[:size])
         entry = self._graphs[size]
         entry.graph.replay()
         return entry.logits[:batch]

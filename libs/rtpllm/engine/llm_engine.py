@@ -17,11 +17,11 @@ import torch
 
 from rtpllm.attention import get_backend
 from rtpllm.config import EngineConfig, dtype_name, parse_dtype
-from rtpllm.engine.model_runner import ModelRunner
+from rtpllm.engine.model_runner import ModelRunner, PrevTokens
 from rtpllm.engine.output_processor import OutputProcessor
 from rtpllm.engine.request import Request
-from rtpllm.engine.sampler import Sampler, prompt_logprobs
-from rtpllm.engine.scheduler import Scheduler, SchedulerOutput
+from rtpllm.engine.sampler import PendingSample, Sampler, needs_history, prompt_logprobs
+from rtpllm.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from rtpllm.kvcache.block_hash import namespace_key
 from rtpllm.kvcache.block_manager import BlockManager
 from rtpllm.kvcache.events import KVEventBatch
@@ -47,6 +47,21 @@ class EngineStats:
     prompt_tokens: int
     generation_tokens: int
     num_preemptions: int
+
+
+@dataclass
+class _InFlight:
+    """A launched step whose sampled tokens have not been read back yet."""
+
+    step: SchedulerOutput
+    requests: list[Request]  # the sampling rows, in order
+    sample: PendingSample | None
+    prompt_logits: list[tuple[ScheduledRequest, int, torch.Tensor]]
+
+    def prev_tokens(self) -> PrevTokens | None:
+        if self.sample is None:
+            return None
+        return PrevTokens(self.sample.tokens, {r.request_id: i for i, r in enumerate(self.requests)})
 
 
 @dataclass
@@ -123,6 +138,8 @@ class LLMEngine:
         self._groups: dict[str, _Group] = {}
         self._requests: dict[str, Request] = {}
         self._pending: dict[str, RequestOutput] = {}
+        self._in_flight: _InFlight | None = None
+        self.async_scheduling = config.async_scheduling if config.async_scheduling is not None else self.device.startswith("cuda")
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.preemptions_total = 0
@@ -240,26 +257,33 @@ class LLMEngine:
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._groups) or bool(self._pending)
+        return bool(self._groups) or bool(self._pending) or self._in_flight is not None
 
     # -- the step --------------------------------------------------------------------
 
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
-        """Run one batched forward pass; return a delta output per request that changed."""
+        """Run one batched forward pass; return a delta output per request that changed.
+
+        With async scheduling, step n+1 is scheduled and launched before step n's tokens
+        are read back, so the device never waits for Python; outputs then trail the
+        launches by one step. Requests whose sampling reads their previous tokens
+        (penalties) make that step synchronous.
+        """
         touched: dict[str, _Group] = {}
+        prev = self._in_flight
+        if prev is not None and (not self.async_scheduling or self._needs_history()):
+            self._finish(prev, touched)
+            prev = self._in_flight = None
         step = self.scheduler.schedule()
         self.preemptions_total += len(step.preempted)
-        if not step.is_empty:
-            try:
-                result = self.runner.execute(step)
-            except Exception as exc:  # a failed step must not hang its requests
-                log.exception("engine step failed")
-                self._fail_step(step, f"engine step failed: {exc}")
-            else:
-                self.scheduler.update(step)
-                self._record_prompt_logprobs(result.prompt_logits, touched)
-                self._sample_and_emit(result.logits, [i.request for i in result.sample_items], touched)
+        launched = self._launch(step, prev) if not step.is_empty else None
+        if prev is not None:
+            self._finish(prev, touched)
+        self._in_flight = launched
+        if launched is not None and not self.async_scheduling:
+            self._finish(launched, touched)
+            self._in_flight = None
         self._flush_events()
         outputs = list(self._pending.values())
         self._pending.clear()
@@ -269,13 +293,41 @@ class LLMEngine:
                 self._forget(group)
         return outputs
 
-    def _sample_and_emit(self, logits: torch.Tensor, requests: list[Request], touched: dict[str, _Group]) -> None:
-        if not requests:
+    def _needs_history(self) -> bool:
+        return any(needs_history(r.params) for r in self.scheduler.running)
+
+    def _launch(self, step: SchedulerOutput, prev: _InFlight | None) -> _InFlight | None:
+        """Run the forward pass and sampling of a step on the device, without waiting."""
+        prev_tokens = prev.prev_tokens() if prev is not None else None
+        try:
+            result = self.runner.execute(step, prev_tokens)
+        except Exception as exc:  # a failed step must not hang its requests
+            log.exception("engine step failed")
+            self._fail_step(step, f"engine step failed: {exc}")
+            return None
+        self.scheduler.update(step)
+        for item, first, logits in result.prompt_logits:
+            item.request.prompt_logprobs_done = first + logits.shape[0]
+        requests = [i.request for i in result.sample_items]
+        sample = self.sampler.sample(result.logits, requests) if requests else None
+        for req in requests:
+            req.append_placeholder()
+        return _InFlight(step, requests, sample, result.prompt_logits)
+
+    def _finish(self, flight: _InFlight, touched: dict[str, _Group]) -> None:
+        """Read a launched step's results back and turn them into outputs."""
+        self._record_prompt_logprobs(flight.prompt_logits, touched)
+        for item in flight.step.scheduled:
+            if not item.request.is_finished:
+                self.scheduler.commit(item.request)
+        if flight.sample is None:
             return
-        result = self.sampler.sample(logits, requests)
+        token_ids, logprob_rows = flight.sample.resolve()
         now = time.monotonic()
-        for req, token_id, lp in zip(requests, result.token_ids, result.logprobs, strict=True):
-            req.append_output(token_id)
+        for req, token_id, lp in zip(flight.requests, token_ids, logprob_rows, strict=True):
+            if req.is_finished:  # finished or aborted while this step was in flight
+                continue
+            req.resolve_placeholder(token_id)
             self.generation_tokens_total += 1
             if req.first_token_time is None:
                 req.first_token_time = now
@@ -288,13 +340,14 @@ class LLMEngine:
     def _record_prompt_logprobs(self, spans: list, touched: dict[str, _Group]) -> None:
         for item, first, logits in spans:
             req = item.request
-            group = self._groups[req.group_id]
+            group = self._groups.get(req.group_id)
+            if group is None:
+                continue
             k = req.params.prompt_logprobs or 0
             nxt = req.prompt_token_ids[first + 1 : first + 1 + logits.shape[0]]
             rows = prompt_logprobs(logits, nxt, k)
             if req.index == 0 and group.prompt_logprobs is not None:
                 group.prompt_logprobs.extend(self.outputs.format_logprobs(t, row) for t, row in zip(nxt, rows, strict=True))
-            req.prompt_logprobs_done = first + logits.shape[0]
             touched[req.group_id] = group
 
     def _fail_step(self, step: SchedulerOutput, message: str) -> None:

@@ -12,6 +12,7 @@ import torch
 
 from rtpllm.attention import AttentionBackend, AttentionMetadata
 from rtpllm.engine.cuda_graphs import DecodeGraphs
+from rtpllm.engine.request import PLACEHOLDER
 from rtpllm.engine.scheduler import ScheduledRequest, SchedulerOutput
 from rtpllm.kvcache.block_manager import BlockManager
 from rtpllm.kvcache.kv_pool import KVPool
@@ -33,6 +34,9 @@ class HostBatch:
     # Per request asking for prompt logprobs: (item, first prompt position, token-axis slice).
     prompt_logprob_spans: list[tuple[ScheduledRequest, int, slice]] = field(default_factory=list)
     num_decodes: int = 0
+    # Packed positions whose input token is still on the device, and its row there.
+    placeholder_idx: list[int] = field(default_factory=list)
+    placeholder_rows: list[int] = field(default_factory=list)
 
     @property
     def is_pure_decode(self) -> bool:
@@ -48,6 +52,18 @@ class ModelOutput:
 
 # Called with the step and the logits of every packed token (debugging / reference tests).
 LogitsObserver = Callable[[SchedulerOutput, torch.Tensor], None]
+
+
+@dataclass
+class PrevTokens:
+    """The previous step's sampled tokens, still on the device, and each request's row.
+
+    With async scheduling a step is launched before the previous one's tokens reach the
+    host; its inputs for those tokens are copied on the device from here.
+    """
+
+    tokens: torch.Tensor
+    rows: dict[str, int]
 
 
 class ModelRunner:
@@ -85,8 +101,10 @@ class ModelRunner:
         )
         self.graphs.capture()
 
-    def prepare(self, step: SchedulerOutput) -> HostBatch:
+    def prepare(self, step: SchedulerOutput, prev: PrevTokens | None = None) -> HostBatch:
         bs = self.block_size
+        ph_idx: list[int] = []
+        ph_rows: list[int] = []
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -102,7 +120,13 @@ class ModelRunner:
             table = self.blocks.block_table(req.request_id)
             base = len(ids)
             if end - start == 1:
-                ids.append(req.all_token_ids[start])
+                token = req.all_token_ids[start]
+                if token == PLACEHOLDER:
+                    if prev is None or req.request_id not in prev.rows:
+                        raise RuntimeError(f"request {req.request_id}: input token not sampled yet")
+                    ph_idx.append(len(ids))
+                    ph_rows.append(prev.rows[req.request_id])
+                ids.append(token)
                 positions.append(start)
                 slots.append(table[start // bs] * bs + start % bs)
             else:
@@ -136,11 +160,14 @@ class ModelRunner:
             sample_items=sample_items,
             prompt_logprob_spans=spans,
             num_decodes=step.num_decodes,
+            placeholder_idx=ph_idx,
+            placeholder_rows=ph_rows,
         )
 
     @torch.inference_mode()
-    def execute(self, step: SchedulerOutput) -> ModelOutput:
-        batch = self.prepare(step)
+    def execute(self, step: SchedulerOutput, prev: PrevTokens | None = None) -> ModelOutput:
+        batch = self.prepare(step, prev)
+        fill = self._placeholder_fill(batch, prev)
         graphs = self.graphs
         if (
             graphs is not None
@@ -148,18 +175,34 @@ class ModelRunner:
             and self.logits_observer is None
             and graphs.can_run(len(batch.seq_lens), batch.block_tables.shape[1])
         ):
-            logits = graphs.run(batch.input_ids, batch.positions, batch.slot_mapping, batch.seq_lens, batch.block_tables)
+            logits = graphs.run(
+                batch.input_ids, batch.positions, batch.slot_mapping, batch.seq_lens, batch.block_tables, fill
+            )
             return ModelOutput(logits=logits, sample_items=batch.sample_items, prompt_logits=[])
-        return self._execute_eager(step, batch)
+        return self._execute_eager(step, batch, fill)
 
-    def _execute_eager(self, step: SchedulerOutput, batch: HostBatch) -> ModelOutput:
-        dev = self.device
-        non_blocking = dev.startswith("cuda")
+    def _upload(self, a: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(a)
+        if self.device.startswith("cuda"):
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t
 
-        def up(a: np.ndarray) -> torch.Tensor:
-            t = torch.from_numpy(a)
-            return t.pin_memory().to(dev, non_blocking=True) if non_blocking else t
+    def _placeholder_fill(self, batch: HostBatch, prev: PrevTokens | None) -> Callable[[torch.Tensor], None] | None:
+        """A device-side copy of the previous step's tokens into this step's input ids."""
+        if not batch.placeholder_idx or prev is None:
+            return None
+        idx = self._upload(np.asarray(batch.placeholder_idx, dtype=np.int64))
+        rows = self._upload(np.asarray(batch.placeholder_rows, dtype=np.int64))
 
+        def fill(input_ids: torch.Tensor) -> None:
+            input_ids.index_copy_(0, idx, prev.tokens.index_select(0, rows))
+
+        return fill
+
+    def _execute_eager(
+        self, step: SchedulerOutput, batch: HostBatch, fill: Callable[[torch.Tensor], None] | None
+    ) -> ModelOutput:
+        up = self._upload
         qsl_host = batch.query_start_loc.tolist()
         seq_host = batch.seq_lens.tolist()
         meta = AttentionMetadata(
@@ -174,7 +217,10 @@ class ModelRunner:
             query_start_loc_host=qsl_host,
             seq_lens_host=seq_host,
         )
-        hidden = self.model(up(batch.input_ids), up(batch.positions), self.kv_caches, meta)
+        input_ids = up(batch.input_ids)
+        if fill is not None:
+            fill(input_ids)
+        hidden = self.model(input_ids, up(batch.positions), self.kv_caches, meta)
         if self.logits_observer is not None:
             self.logits_observer(step, self.model.compute_logits(hidden))
         logits = self.model.compute_logits(hidden[up(batch.sample_indices)])

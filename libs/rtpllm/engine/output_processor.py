@@ -54,7 +54,7 @@ class OutputProcessor:
             st.cumulative_logprob += logprobs[0]
             st.pending_logprobs.append(self.format_logprobs(token_id, logprobs))
         p = req.params
-        n_out = req.num_output_tokens
+        n_out = req.num_output_tokens - req.num_placeholders  # later tokens are still in flight
         finish: Finish | None = None
         if n_out >= p.min_tokens:
             if not p.ignore_eos and token_id in req.eos_token_ids:
@@ -99,8 +99,9 @@ class OutputProcessor:
             limit = max(st.emitted, len(st.text) - st.max_stop_len + 1)
         text = st.text[st.emitted : limit]
         st.emitted = limit
-        tokens = req.output_token_ids[st.emitted_tokens :]
-        st.emitted_tokens = len(req.output_token_ids)
+        known = len(req.output_token_ids) - req.num_placeholders  # in-flight tokens come later
+        tokens = req.output_token_ids[st.emitted_tokens : known]
+        st.emitted_tokens = known
         logprobs = None
         if req.params.logprobs is not None:
             logprobs, st.pending_logprobs = st.pending_logprobs, []

@@ -10,6 +10,9 @@ import torch
 
 from rtpllm.sampling_params import SamplingParams
 
+# Stands for a sampled token whose value is still on the device (async scheduling).
+PLACEHOLDER = -1
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
@@ -49,6 +52,8 @@ class Request:
     first_token_time: float | None = None
     # Prompt positions whose logprobs were already reported (kept across preemptions).
     prompt_logprobs_done: int = 0
+    # Sampled tokens appended as PLACEHOLDER whose values have not reached the host yet.
+    num_placeholders: int = 0
 
     def __post_init__(self) -> None:
         self._all: list[int] = list(self.prompt_token_ids)
@@ -88,6 +93,23 @@ class Request:
             return room
         return min(self.params.max_tokens, room)
 
+    @property
+    def num_known_tokens(self) -> int:
+        """Tokens whose values the host knows (all but in-flight placeholders)."""
+        return len(self._all) - self.num_placeholders
+
     def append_output(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self._all.append(token_id)
+
+    def append_placeholder(self) -> None:
+        """A token was sampled on the device; its value arrives with resolve_placeholder."""
+        self.append_output(PLACEHOLDER)
+        self.num_placeholders += 1
+
+    def resolve_placeholder(self, token_id: int) -> None:
+        """Fill in the oldest placeholder (tokens resolve in the order they were sampled)."""
+        index = len(self.output_token_ids) - self.num_placeholders
+        self.output_token_ids[index] = token_id
+        self._all[self.num_prompt_tokens + index] = token_id
+        self.num_placeholders -= 1

@@ -75,6 +75,8 @@ class Scheduler:
                 break
             if req.status is not RequestStatus.RUNNING:  # preempted earlier in this loop
                 continue
+            if req.num_placeholders and req.num_output_tokens >= req.max_output_tokens:
+                continue  # its last token is in flight: nothing left to compute
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             while not self.blocks.allocate(req, req.num_computed_tokens + num_new):
                 victim = self._pick_victim(scheduled_ids)
@@ -142,11 +144,15 @@ class Scheduler:
         self.waiting.appendleft(req)
 
     def update(self, output: SchedulerOutput) -> None:
-        """After the forward pass: the scheduled tokens are now in the cache."""
+        """Once the step is launched: its tokens count as computed (their KV is written
+        before any later step reads it, the device runs steps in order)."""
         for item in output.scheduled:
-            req = item.request
-            req.num_computed_tokens = item.start + item.num_new_tokens
-            self.blocks.commit(req, req.num_computed_tokens)
+            item.request.num_computed_tokens = item.start + item.num_new_tokens
+
+    def commit(self, req: Request) -> None:
+        """Offer the request's finished, fully known blocks to the prefix cache."""
+        if req.status is RequestStatus.RUNNING and self.blocks.has_table(req.request_id):
+            self.blocks.commit(req, min(req.num_computed_tokens, req.num_known_tokens))
 
     def finish(self, req: Request, reason: str, stop_reason: int | str | None = None) -> None:
         """Remove a request wherever it is and release its blocks."""
