@@ -1,0 +1,277 @@
+"""Engine benchmarks of issue 4, on random weights (load_format="dummy"), one process:
+
+  latency     batch-1 decode: 128-token prompt, 256 new tokens; tok/s and achieved GB/s
+  throughput  256 requests, prompt lengths uniform 100-1024 (seeded), ignore_eos
+  prefill     one 4096-token prompt: time to the first token
+  step        decode step time at batch 64 and 256 over 1024-token contexts vs bytes read
+  all         every one of them (with --hf, the HF transformers baselines where cheap)
+
+Shapes: llama8b (Llama-3.1-8B), qwen06b (Qwen3-0.6B), tiny (CPU smoke test).
+Usage: python bench/engine.py all --out results.json [--hf]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rtpllm import LLM, SamplingParams
+from rtpllm.loader.random_checkpoint import LLAMA_3_1_8B_SHAPE, QWEN3_0_6B_SHAPE, TINY_SHAPE, make_config
+from rtpllm.models import ModelConfig
+
+SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama8b": ("llama", LLAMA_3_1_8B_SHAPE),
+    "qwen06b": ("qwen3", QWEN3_0_6B_SHAPE),
+    "tiny": ("llama", TINY_SHAPE),
+}
+COPY_BANDWIDTH = 3.03e12  # H100 device copy measured in this workplace (bytes/s)
+
+
+def model_dir(shape: str, root: Path) -> Path:
+    family, dims = SHAPES[shape]
+    out = root / shape
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = make_config(family, **dims)
+    cfg["torch_dtype"] = "bfloat16"
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def weight_bytes(cfg: ModelConfig, elem: int) -> int:
+    per_layer = cfg.hidden_size * (cfg.q_size + 2 * cfg.kv_size) + cfg.q_size * cfg.hidden_size
+    per_layer += 3 * cfg.hidden_size * cfg.intermediate_size
+    emb = cfg.vocab_size * cfg.hidden_size
+    head = 0 if cfg.tie_word_embeddings else emb
+    # Decode reads every layer and the head once; the embedding only one row per token.
+    return (cfg.num_layers * per_layer + head) * elem
+
+
+def kv_bytes_per_token(cfg: ModelConfig, elem: int) -> int:
+    return 2 * cfg.num_layers * cfg.kv_size * elem
+
+
+def make_llm(path: Path, device: str, **kw: Any) -> LLM:
+    return LLM(str(path), device=device, load_format="dummy", **kw)
+
+
+def free(llm: LLM) -> None:
+    del llm
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def bench_latency(path: Path, device: str, prompt_len: int = 128, new_tokens: int = 256) -> dict[str, Any]:
+    llm = make_llm(path, device, max_model_len=prompt_len + new_tokens + 64, max_num_seqs=8)
+    cfg = llm.engine.model_config
+    prompt = [random.Random(0).randrange(cfg.vocab_size) for _ in range(prompt_len)]
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))  # warm-up
+    eng = llm.engine
+    eng.add_request("lat", prompt, params)
+    times: list[float] = []
+    sync()
+    start = time.perf_counter()
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            if out.outputs[0].token_ids:
+                times.append(time.perf_counter())
+    sync()
+    total = time.perf_counter() - start
+    # Decode rate from the first token to the last: prefill excluded, as tok/s is quoted.
+    decode_s = times[-1] - times[0]
+    tok_s = (new_tokens - 1) / decode_s
+    elem = torch.empty((), dtype=eng.dtype).element_size()
+    avg_ctx = prompt_len + new_tokens / 2
+    step_bytes = weight_bytes(cfg, elem) + avg_ctx * kv_bytes_per_token(cfg, elem)
+    res = {
+        "tok_per_s": tok_s,
+        "ttft_ms": (times[0] - start) * 1e3,
+        "total_s": total,
+        "achieved_GBps": step_bytes * tok_s / 1e9,
+        "bandwidth_limit_tok_per_s": COPY_BANDWIDTH / step_bytes,
+    }
+    free(llm)
+    return res
+
+
+def bench_throughput(path: Path, device: str, num_requests: int, output_len: int, seed: int = 0) -> dict[str, Any]:
+    rng = random.Random(seed)
+    llm = make_llm(path, device, max_model_len=1024 + output_len + 16, max_num_seqs=256, max_num_batched_tokens=8192)
+    vocab = llm.engine.model_config.vocab_size
+    prompts = [[rng.randrange(vocab) for _ in range(rng.randint(100, 1024))] for _ in range(num_requests)]
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    llm.generate([p[:64] for p in prompts[:8]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    sync()
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    sync()
+    elapsed = time.perf_counter() - start
+    out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    in_tokens = sum(len(p) for p in prompts)
+    res = {
+        "requests": num_requests,
+        "output_tokens": out_tokens,
+        "input_tokens": in_tokens,
+        "seconds": elapsed,
+        "output_tok_per_s": out_tokens / elapsed,
+        "total_tok_per_s": (out_tokens + in_tokens) / elapsed,
+        "preemptions": llm.engine.stats().num_preemptions,
+        "kv_blocks": llm.engine.block_manager.num_blocks,
+    }
+    free(llm)
+    return res
+
+
+def bench_prefill(path: Path, device: str, prompt_len: int = 4096, repeats: int = 5) -> dict[str, Any]:
+    llm = make_llm(path, device, max_model_len=prompt_len + 16, max_num_batched_tokens=prompt_len, enable_prefix_caching=False)
+    vocab = llm.engine.model_config.vocab_size
+    rng = random.Random(0)
+    params = SamplingParams(temperature=0, max_tokens=1)
+    samples = []
+    for i in range(repeats + 1):
+        prompt = [rng.randrange(vocab) for _ in range(prompt_len)]
+        sync()
+        start = time.perf_counter()
+        llm.generate([prompt], params)
+        sync()
+        if i:  # the first run compiles kernels
+            samples.append(time.perf_counter() - start)
+    samples.sort()
+    res = {"prompt_tokens": prompt_len, "median_ms": samples[len(samples) // 2] * 1e3, "min_ms": samples[0] * 1e3}
+    free(llm)
+    return res
+
+
+def bench_step(path: Path, device: str, batch: int, ctx: int = 1024, steps: int = 32) -> dict[str, Any]:
+    llm = make_llm(path, device, max_model_len=ctx + steps + 64, max_num_seqs=batch, max_num_batched_tokens=16384)
+    eng = llm.engine
+    cfg = eng.model_config
+    rng = random.Random(batch)
+    for i in range(batch):
+        eng.add_request(f"s{i}", [rng.randrange(cfg.vocab_size) for _ in range(ctx)], SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True))
+    # Run until every request is decoding, then time pure decode steps.
+    while eng.scheduler.waiting or any(r.in_prefill for r in eng.scheduler.running):
+        eng.step()
+    for _ in range(4):
+        eng.step()
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        eng.step()
+    sync()
+    step_s = (time.perf_counter() - start) / steps
+    elem = torch.empty((), dtype=eng.dtype).element_size()
+    read = weight_bytes(cfg, elem) + batch * (ctx + 8) * kv_bytes_per_token(cfg, elem)
+    res = {
+        "batch": batch,
+        "context": ctx,
+        "step_ms": step_s * 1e3,
+        "bytes_per_step_GB": read / 1e9,
+        "achieved_GBps": read / step_s / 1e9,
+        "pct_of_copy_bandwidth": 100 * read / step_s / COPY_BANDWIDTH,
+        "tok_per_s": batch / step_s,
+    }
+    while eng.has_unfinished_requests():
+        eng.step()
+    free(llm)
+    return res
+
+
+def hf_baselines(path: Path, device: str, new_tokens: int = 256) -> dict[str, Any]:
+    """HF transformers eager: batch-1 decode tok/s and a 4096-token prefill, same weights shape."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(path)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+    model.eval()
+    vocab = cfg.vocab_size
+    prompt = torch.randint(0, vocab, (1, 128), device=device)
+    with torch.no_grad():
+        model.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+        sync()
+        start = time.perf_counter()
+        model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        sync()
+        decode = new_tokens / (time.perf_counter() - start)
+        long = torch.randint(0, vocab, (1, 4096), device=device)
+        model(long)
+        sync()
+        times = []
+        for _ in range(3):
+            sync()
+            t0 = time.perf_counter()
+            model(long, logits_to_keep=1)
+            sync()
+            times.append(time.perf_counter() - t0)
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return {"hf_decode_tok_per_s": decode, "hf_prefill_4096_ms": sorted(times)[1] * 1e3}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["latency", "throughput", "prefill", "step", "all"])
+    ap.add_argument("--shape", default=None, help="override the model shape (llama8b, qwen06b, tiny)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--hf", action="store_true", help="also run the HF transformers baselines")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes and counts (CPU check of the script)")
+    ap.add_argument("--out", default=None, help="write results as JSON here")
+    args = ap.parse_args(argv)
+    root = Path(tempfile.mkdtemp(prefix="rtpllm-bench-"))
+    big = args.shape or ("tiny" if args.smoke else "llama8b")
+    small = args.shape or ("tiny" if args.smoke else "qwen06b")
+    n_req = 8 if args.smoke else 256
+    results: dict[str, Any] = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "date": time.strftime("%Y-%m-%d")}
+    rows: list[tuple[str, str]] = []
+
+    def record(name: str, res: dict[str, Any], summary: str) -> None:
+        results[name] = res
+        rows.append((name, summary))
+        print(f"{name}: {json.dumps(res)}", flush=True)
+
+    if args.what in ("latency", "all"):
+        r = bench_latency(model_dir(big, root), args.device, new_tokens=32 if args.smoke else 256)
+        record(f"latency[{big}]", r, f"{r['tok_per_s']:.1f} tok/s, {r['achieved_GBps']:.0f} GB/s (limit {r['bandwidth_limit_tok_per_s']:.0f} tok/s)")
+    if args.what in ("prefill", "all"):
+        r = bench_prefill(model_dir(big, root), args.device, prompt_len=256 if args.smoke else 4096)
+        record(f"prefill[{big}]", r, f"{r['median_ms']:.1f} ms for {r['prompt_tokens']} tokens")
+    if args.what in ("step", "all"):
+        for batch in (4, 8) if args.smoke else (64, 256):
+            r = bench_step(model_dir(big, root), args.device, batch, ctx=64 if args.smoke else 1024, steps=8 if args.smoke else 32)
+            record(f"step[{big},b{batch}]", r, f"{r['step_ms']:.2f} ms, {r['achieved_GBps']:.0f} GB/s = {r['pct_of_copy_bandwidth']:.0f}% of copy bw")
+    if args.what in ("throughput", "all"):
+        r = bench_throughput(model_dir(big, root), args.device, n_req, 16 if args.smoke else 256)
+        record(f"throughput[{big}]", r, f"{r['output_tok_per_s']:.0f} output tok/s ({r['seconds']:.1f} s)")
+        r = bench_throughput(model_dir(small, root), args.device, n_req, 16 if args.smoke else 512)
+        record(f"throughput[{small}]", r, f"{r['output_tok_per_s']:.0f} output tok/s ({r['seconds']:.1f} s)")
+    if args.hf:
+        r = hf_baselines(model_dir(big, root), args.device, new_tokens=16 if args.smoke else 256)
+        record(f"hf[{big}]", r, f"decode {r['hf_decode_tok_per_s']:.1f} tok/s, prefill 4096 {r['hf_prefill_4096_ms']:.0f} ms")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+    print(f"\n{'benchmark':<28} result   ({results['device']}, {results['date']})")
+    for name, summary in rows:
+        print(f"{name:<28} {summary}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
