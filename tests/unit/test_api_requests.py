@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from rtpllm.api.errors import APIError, from_error_info
 from rtpllm.api.params import chat_sampling_params, completion_sampling_params
 from rtpllm.api.prompts import chat_prompt, check_context_length, completion_prompts

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
+
 from rtpllm.api.errors import overloaded
 from rtpllm.api.logprobs import MIN_LOGPROB, CompletionLogprobsBuilder, TokenText
 from rtpllm.api.responses import ChatChunkChoice, ChatCompletionChunk, ChatDelta, usage_info

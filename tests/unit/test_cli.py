@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 import pytest
+
 from rtpllm.cli import build_parser, options
 from rtpllm.cli.flags import parse_bool
 from rtpllm.cli.serve import gateway_settings, worker_settings

@@ -8,6 +8,7 @@ from urllib.parse import urlparse
 
 import pytest
 import yaml
+
 from rtpllm.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]

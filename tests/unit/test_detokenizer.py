@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from rtpllm.tokenizer import IncrementalDetokenizer
 from rtpllm.tokenizer.byte_tokenizer import build_byte_tokenizer
 

@@ -204,3 +204,20 @@ def test_duplicate_request_id_is_refused(llm: LLM) -> None:
     outs = eng.step()
     assert outs[0].finished and outs[0].outputs[0].finish_reason == "abort"
     assert not eng.has_unfinished_requests()
+
+
+async def test_async_engine_streams_end_on_shutdown(tiny_llama: Path) -> None:
+    from rtpllm.config import EngineConfig
+    from rtpllm.engine.async_engine import AsyncLLMEngine, EngineDeadError
+
+    eng = await AsyncLLMEngine.create(EngineConfig(model=str(tiny_llama)))
+    stream = eng.generate("long", [1, 2, 3], SamplingParams(max_tokens=100_000, ignore_eos=True))
+    first = await stream.__anext__()
+    assert not first.finished
+    await eng.shutdown()
+    with pytest.raises(EngineDeadError):
+        async for _ in stream:
+            pass
+    with pytest.raises(EngineDeadError):
+        async for _ in eng.generate("after", [1], SamplingParams(max_tokens=1)):
+            pass

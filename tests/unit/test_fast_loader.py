@@ -18,6 +18,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+
 from rtpllm.attention import get_backend
 from rtpllm.loader.fast_loader import execute_plan, load_checkpoint_fast
 from rtpllm.loader.file_reader import CheckpointFile, resident_pages
@@ -26,7 +28,6 @@ from rtpllm.loader.progress import ProgressPrinter
 from rtpllm.loader.safetensors_header import read_header
 from rtpllm.loader.weights import CheckpointError, LoadStats, load_checkpoint, safetensors_files
 from rtpllm.models import DecoderLM, ModelConfig, build_model
-from safetensors.torch import load_file, save_file
 
 DTYPES = [
     torch.float32,

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from safetensors.numpy import load_file
+
 from rtpllm.loader import gguf_convert
 from rtpllm.loader.gguf_convert import (
     CONVERSION_MARKER,
@@ -26,7 +28,6 @@ from rtpllm.loader.gguf_convert import (
 )
 from rtpllm.models import registry
 from rtpllm.models.registry import DEFAULT_MODEL, KNOWN_MODELS, resolve_model
-from safetensors.numpy import load_file
 
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 

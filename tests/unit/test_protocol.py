@@ -6,6 +6,7 @@ import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from rtpllm.kvcache.events import AllBlocksCleared, BlocksRemoved, BlocksStored, KVEventBatch
 from rtpllm.outputs import CompletionOutput, Logprob, RequestOutput
 from rtpllm.protocol import subjects

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from rtpllm.protocol.messages import Heartbeat, InstanceLoad
 from rtpllm.routing import InstanceRegistry, LeastLoaded, RoundRobin, RouteRequest, make_policy
 from rtpllm.routing.instances import Instance

@@ -14,7 +14,8 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from rtpllm.config import EngineConfig
-from rtpllm.engine.llm_engine import EngineStats, LLMEngine
+from rtpllm.engine.llm_engine import LLMEngine
+from rtpllm.engine.stats import EngineStats
 from rtpllm.kvcache.events import KVEventBatch
 from rtpllm.outputs import CompletionOutput, RequestOutput
 from rtpllm.sampling_params import SamplingParams
@@ -60,10 +61,15 @@ class AsyncLLMEngine:
 
     @classmethod
     async def create(
-        cls, config: EngineConfig, on_kv_events: Callable[[KVEventBatch], None] | None = None, engine_id: str = "engine-0"
+        cls,
+        config: EngineConfig,
+        on_kv_events: Callable[[KVEventBatch], None] | None = None,
+        engine_id: str = "engine-0",
+        load_progress: Callable[[int, int], None] | None = None,
     ) -> AsyncLLMEngine:
-        """Load the model off the event loop (it takes seconds) and start the engine thread."""
-        engine = await asyncio.to_thread(LLMEngine, config, on_kv_events, engine_id)
+        """Load the model off the event loop (it takes seconds) and start the engine thread.
+        `load_progress(bytes_done, bytes_total)` is called from the loader's thread."""
+        engine = await asyncio.to_thread(LLMEngine, config, on_kv_events, engine_id, load_progress)
         return cls(engine)
 
     @property
@@ -83,8 +89,8 @@ class AsyncLLMEngine:
     ) -> AsyncIterator[RequestOutput]:
         """Submit a request and yield its delta outputs. Leaving the loop early (or the
         task being cancelled) aborts the request and frees its KV blocks."""
-        if self._dead is not None:
-            raise EngineDeadError(f"engine is dead: {self._dead}")
+        if self._dead is not None or not self._thread.is_alive():
+            raise EngineDeadError(f"engine is not running: {self._dead or 'shut down'}")
         stream: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         with self._lock:
             if request_id in self._streams:
@@ -112,8 +118,10 @@ class AsyncLLMEngine:
         self._commands.put(_Abort(request_id))
 
     async def shutdown(self) -> None:
+        """Stop the engine thread; streams still open end with EngineDeadError."""
         self._commands.put(_STOP)
         await asyncio.to_thread(self._thread.join, 30)
+        self._end_streams(EngineDeadError("engine shut down"))
 
     # -- engine thread ---------------------------------------------------------------
 
@@ -129,10 +137,14 @@ class AsyncLLMEngine:
         except BaseException as exc:  # noqa: BLE001 - every open stream must hear about it
             log.exception("engine thread died")
             self._dead = exc
-            with self._lock:
-                streams = list(self._streams.values())
-            for loop, stream in streams:
-                loop.call_soon_threadsafe(stream.put_nowait, EngineDeadError(f"engine died: {exc}"))
+            self._end_streams(EngineDeadError(f"engine died: {exc}"))
+
+    def _end_streams(self, error: BaseException) -> None:
+        with self._lock:
+            streams = list(self._streams.values())
+        for loop, stream in streams:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(stream.put_nowait, error)
 
     def _apply_commands(self, block: bool) -> bool:
         """Apply queued adds/aborts; wait for one if the engine is idle. False on stop."""

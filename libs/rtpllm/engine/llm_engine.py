@@ -11,7 +11,6 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -22,31 +21,20 @@ from rtpllm.engine.output_processor import OutputProcessor
 from rtpllm.engine.request import Request
 from rtpllm.engine.sampler import PendingSample, Sampler, needs_history, prompt_logprobs
 from rtpllm.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
+from rtpllm.engine.stats import EngineStats
+from rtpllm.engine.validation import validate_prompt
 from rtpllm.kvcache.block_hash import namespace_key
 from rtpllm.kvcache.block_manager import BlockManager
 from rtpllm.kvcache.events import KVEventBatch
 from rtpllm.kvcache.kv_pool import KVPool, bytes_per_block
 from rtpllm.loader import load_checkpoint_fast
 from rtpllm.models import DecoderLM, ModelConfig, build_model, fill_random
-from rtpllm.models.registry import resolve_model
+from rtpllm.models.registry import resolve_model, served_model_name
 from rtpllm.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from rtpllm.sampling_params import SamplingParams
 from rtpllm.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    kv_usage: float
-    num_free_blocks: int
-    num_blocks: int
-    prefix_hit_ratio: float
-    prompt_tokens: int
-    generation_tokens: int
-    num_preemptions: int
 
 
 @dataclass
@@ -98,9 +86,7 @@ class LLMEngine:
         self.dtype = parse_dtype(config.dtype, config.device)
         self.model_dir = resolve_model(config.model)
         self.model_config = ModelConfig.from_dir(self.model_dir)
-        self.served_model_name = config.served_model_name or (
-            config.model if not Path(config.model).exists() else self.model_dir.name
-        )
+        self.served_model_name = served_model_name(config.model, config.served_model_name)
         self.tokenizer = self._load_tokenizer()
         eos = set(self.model_config.eos_token_ids)
         if self.tokenizer is not None:
@@ -229,17 +215,7 @@ class LLMEngine:
         self._groups[request_id] = group
 
     def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
-        if not token_ids:
-            raise ValueError("prompt is empty")
-        vocab = self.model_config.vocab_size
-        bad = next((t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(f"prompt token id {bad!r} is outside the vocabulary [0, {vocab})")
-        if len(token_ids) >= self.max_model_len:
-            raise ValueError(
-                f"prompt has {len(token_ids)} tokens but the model's context length is {self.max_model_len}; "
-                "shorten the prompt"
-            )
+        validate_prompt(token_ids, self.model_config.vocab_size, self.max_model_len)
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer, and this model has none")
         # max_tokens past the context window is capped to it (finish_reason "length").

@@ -1,41 +1,25 @@
-"""Model definitions and the factory that builds one from an HF-format directory."""
+"""Model definitions and the factory that builds one from an HF-format directory.
+
+Only the torch-free parts (config, registry) load eagerly: a gateway resolves models and
+reads configs without importing torch.
+"""
 
 from __future__ import annotations
 
-import torch
+from typing import Any
 
-from rtpllm.attention import AttentionBackend
 from rtpllm.models.config import SUPPORTED_ARCHITECTURES, ModelConfig
-from rtpllm.models.decoder import DecoderLM
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "DecoderLM", "ModelConfig", "build_model", "fill_random"]
 
 
-def build_model(
-    config: ModelConfig, backend: AttentionBackend, max_position: int, dtype: torch.dtype, device: str
-) -> DecoderLM:
-    """An uninitialised model on `device`: parameters are allocated, not filled.
+def __getattr__(name: str) -> Any:
+    if name == "DecoderLM":
+        from rtpllm.models.decoder import DecoderLM
 
-    It is built on the meta device first so no time goes into random initialisation that
-    the loader overwrites anyway.
-    """
-    with torch.device("meta"):
-        model = DecoderLM(config, backend, max_position, dtype)
-    model = model.to(dtype=dtype).to_empty(device=device)
-    model.rotary.build_tables(torch.device(device))
-    return model.eval().requires_grad_(False)
+        return DecoderLM
+    if name in ("build_model", "fill_random"):
+        from rtpllm.models import factory
 
-
-@torch.no_grad()
-def fill_random(model: DecoderLM, seed: int, std: float = 0.02) -> None:
-    """Random weights in place, on the model's device: norms near 1, the rest N(0, std).
-
-    For benchmarks of full-size shapes; the values are plausible enough that activations
-    stay finite in bf16.
-    """
-    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    for name, param in model.named_parameters():
-        if name.endswith("norm.weight"):
-            param.fill_(1.0)
-        else:
-            param.normal_(0.0, std, generator=gen)
+        return getattr(factory, name)
+    raise AttributeError(f"module 'rtpllm.models' has no attribute {name!r}")

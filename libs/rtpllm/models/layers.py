@@ -1,12 +1,18 @@
-"""Building blocks of the decoder: RMSNorm, gated MLP, paged attention layer."""
+"""Building blocks of the decoder: RMSNorm, gated MLP, paged attention layer.
+
+The elementwise work goes through the fused-op dispatchers in `rtpllm.kernels`: Triton
+kernels on CUDA, torch references (the exact eager computation) elsewhere.
+"""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rtpllm.attention import AttentionBackend, AttentionMetadata
+from rtpllm.kernels.activation import silu_and_mul
+from rtpllm.kernels.rmsnorm import fused_add_rms_norm, rms_norm
+from rtpllm.kernels.rope import apply_rope
 from rtpllm.models.config import ModelConfig
 from rtpllm.models.rope import RotaryEmbedding
 
@@ -20,10 +26,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(residual + x), residual + x) in one pass: the pre-norm residual step."""
+        return fused_add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class GatedMLP(nn.Module):
@@ -36,8 +43,7 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class Attention(nn.Module):
@@ -71,10 +77,11 @@ class Attention(nn.Module):
         q = q.view(tokens, self.num_heads, self.head_dim)
         k = k.view(tokens, self.num_kv_heads, self.head_dim)
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
-            q = self.q_norm(q)
-            k = self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+        # q/k norm (Qwen3) and RoPE in one pass; on CUDA in place on the qkv output.
+        qw = self.q_norm.weight if self.q_norm is not None else None
+        kw = self.k_norm.weight if self.k_norm is not None else None
+        eps = self.q_norm.eps if self.q_norm is not None else 0.0
+        q, k = apply_rope(positions, q, k, self.rotary.cos, self.rotary.sin, qw, kw, eps)
         out = self.backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.sliding_window)
         return self.o_proj(out.reshape(tokens, self.q_size))
 
@@ -94,5 +101,27 @@ class DecoderLayer(nn.Module):
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), kv_cache, meta)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+        attn = self.self_attn(positions, self.input_layernorm(hidden), kv_cache, meta)
+        normed, hidden = self.post_attention_layernorm.add_and_norm(attn, hidden)
+        return hidden + self.mlp(normed)
+
+    def forward_residual(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same layer with the residual carried separately: returns (mlp output,
+        residual) whose sum is `forward`'s result, so the caller can fuse that add into the
+        next layer's input norm (and the final norm) with `RMSNorm.add_and_norm`.
+        `residual` is None for the first layer (hidden is then the embeddings)."""
+        if residual is None:
+            residual = hidden
+            normed = self.input_layernorm(hidden)
+        else:
+            normed, residual = self.input_layernorm.add_and_norm(hidden, residual)
+        attn = self.self_attn(positions, normed, kv_cache, meta)
+        normed, residual = self.post_attention_layernorm.add_and_norm(attn, residual)
+        return self.mlp(normed), residual

@@ -153,3 +153,13 @@ def resolve_model(name_or_path: str, cache_dir: str | Path | None = None) -> Pat
             "(config.json, *.safetensors, tokenizer.json); nothing is downloaded."
         )
     return _ensure_converted(KNOWN_MODELS[canonical], cache_dir)
+
+
+def served_model_name(model: str, explicit: str | None = None) -> str:
+    """The name clients use for `model`: `explicit` if given, a directory's last
+    component, or a known model's name as given. Gateway and workers both use this rule,
+    so they agree without talking."""
+    if explicit:
+        return explicit
+    path = Path(model).expanduser()
+    return path.name if path.exists() else model

@@ -1,0 +1,98 @@
+"""Turning OpenAI prompts and chats into token ids (the gateway tokenizes: routing needs
+the tokens), and the context-length check."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from rtpllm.api.errors import bad_request
+from rtpllm.api.requests import ChatMessage
+from rtpllm.tokenizer import Tokenizer
+from rtpllm.tokenizer.chat_template import ChatTemplateError
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt to generate from: its token ids, and its text when known (for echo)."""
+
+    token_ids: list[int]
+    text: str | None = None
+
+
+def chat_prompt(tokenizer: Tokenizer, messages: list[ChatMessage], add_generation_prompt: bool = True) -> Prompt:
+    if not messages:
+        raise bad_request("messages must contain at least one message.", "messages")
+    conversation: list[dict[str, Any]] = []
+    for i, msg in enumerate(messages):
+        item: dict[str, Any] = {"role": msg.role, "content": _content_text(msg.content, i)}
+        if msg.name is not None:
+            item["name"] = msg.name
+        conversation.append(item)
+    try:
+        text = tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt)
+    except ChatTemplateError as exc:
+        raise bad_request(str(exc), "messages") from None
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if not ids:
+        raise bad_request("The chat renders to an empty prompt.", "messages")
+    return Prompt(ids, text)
+
+
+def _content_text(content: str | list[dict[str, Any]] | None, index: int) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    parts = []
+    for part in content:
+        if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise bad_request(
+                f"messages[{index}].content: only text content parts are supported, got type {part.get('type')!r}.",
+                f"messages.{index}.content",
+            )
+        parts.append(part["text"])
+    return "".join(parts)
+
+
+def completion_prompts(tokenizer: Tokenizer, prompt: str | list[str] | list[int] | list[list[int]]) -> list[Prompt]:
+    """The prompts of a /v1/completions request: a string, a batch of strings, token ids
+    or a batch of token-id lists."""
+    if isinstance(prompt, str):
+        items: list[str | list[int]] = [prompt]
+    elif prompt and all(isinstance(p, int) for p in prompt):
+        items = [prompt]  # type: ignore[list-item]
+    else:
+        items = list(prompt)  # type: ignore[arg-type]
+    if not items:
+        raise bad_request("prompt must not be empty.", "prompt")
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            ids = tokenizer.encode(item)
+            out.append(Prompt(ids, item))
+        else:
+            if any(t < 0 for t in item):
+                raise bad_request("prompt token ids must be non-negative.", "prompt")
+            ids = list(item)
+            out.append(Prompt(ids, None))
+        if not ids:
+            raise bad_request("prompt must not be empty.", "prompt")
+    return out
+
+
+def check_context_length(prompt_tokens: int, max_tokens: int | None, max_model_len: int, prompt_param: str) -> None:
+    """400 when the prompt (plus an explicit max_tokens) does not fit the context window."""
+    if prompt_tokens >= max_model_len:
+        raise bad_request(
+            f"This model's maximum context length is {max_model_len} tokens. However, your prompt has "
+            f"{prompt_tokens} tokens. Please reduce the length of the prompt.",
+            prompt_param,
+            "context_length_exceeded",
+        )
+    if max_tokens is not None and prompt_tokens + max_tokens > max_model_len:
+        raise bad_request(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} for the completion). "
+            "Please reduce the length of the prompt or the completion.",
+            "max_tokens",
+            "context_length_exceeded",
+        )

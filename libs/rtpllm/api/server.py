@@ -1,0 +1,179 @@
+"""The OpenAI-compatible endpoints' logic, independent of how routes are mounted.
+
+Order of checks, so each failure gets its status: body (400) -> model (404) ->
+parameters (400) -> prompt (400) -> a live instance (503) -> context length (400) ->
+admission (429) -> submit (503/400/504) -> stream (errors in-band once streaming).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from rtpllm.api import errors
+from rtpllm.api.chat import chat_chunks, chat_completion
+from rtpllm.api.completions import completion, completion_chunks
+from rtpllm.api.errors import CLIENT_CLOSED, APIError
+from rtpllm.api.generation import GatewayCore, Generation, failed
+from rtpllm.api.logprobs import TokenText
+from rtpllm.api.params import chat_sampling_params, completion_sampling_params
+from rtpllm.api.prompts import chat_prompt, check_context_length, completion_prompts
+from rtpllm.api.requests import ChatCompletionRequest, CompletionRequest, parse_body
+from rtpllm.api.responses import ModelCard, ModelList, to_json
+from rtpllm.api.sse import SSEResponse
+from rtpllm.tokenizer import Tokenizer
+
+T = TypeVar("T")
+
+# Bodies larger than this are tokenized off the event loop, so one huge prompt does not
+# stall every other stream of the gateway.
+_THREAD_TOKENIZE_BYTES = 32 * 1024
+
+
+async def _tokenize(body_size: int, fn: Callable[..., T], *args: Any) -> T:
+    if body_size > _THREAD_TOKENIZE_BYTES:
+        return await asyncio.to_thread(fn, *args)
+    return fn(*args)
+
+
+class ClientDisconnected(Exception):
+    """The HTTP client went away before a non-streaming answer was ready."""
+
+
+def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    body = json.dumps(payload).encode() if isinstance(payload, dict | list) else to_json(payload)
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
+
+
+def error_response(error: APIError) -> Response:
+    return json_response(error.body(), error.status, error.headers)
+
+
+class OpenAIServer:
+    """Handles chat, completions and models for one served model."""
+
+    def __init__(self, core: GatewayCore, tokenizer: Tokenizer, model: str) -> None:
+        self.core = core
+        self.tokenizer = tokenizer
+        self.model = model
+        self.token_text = TokenText(tokenizer)
+        self.created = int(time.time())
+
+    # -- endpoints -------------------------------------------------------------------
+
+    async def chat(self, request: Request) -> Response | SSEResponse:
+        endpoint = "chat"
+        try:
+            body = await request.body()
+            req: ChatCompletionRequest = parse_body(ChatCompletionRequest, body)
+            model = self._check_model(req.model)
+            params = chat_sampling_params(req)
+            prompt = await _tokenize(len(body), chat_prompt, self.tokenizer, req.messages, req.add_generation_prompt)
+            explicit_max = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+            check_context_length(len(prompt.token_ids), explicit_max, self._max_model_len(model), "messages")
+            gen = Generation(self.core, f"chatcmpl-{uuid.uuid4().hex}", model, [prompt], params)
+            await gen.start()
+        except APIError as exc:
+            return self._error(endpoint, exc)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            events = chat_chunks(gen, gen.request_id, self.token_text, include_usage, lambda s: self._count(endpoint, s))
+            return SSEResponse(events)
+        return await self._complete(endpoint, request, gen, chat_completion(gen, gen.request_id, self.token_text))
+
+    async def completions(self, request: Request) -> Response | SSEResponse:
+        endpoint = "completions"
+        try:
+            body = await request.body()
+            req: CompletionRequest = parse_body(CompletionRequest, body)
+            model = self._check_model(req.model)
+            params = completion_sampling_params(req)
+            prompts = await _tokenize(len(body), completion_prompts, self.tokenizer, req.prompt)
+            max_len = self._max_model_len(model)
+            for p in prompts:
+                check_context_length(len(p.token_ids), req.max_tokens, max_len, "prompt")
+            gen = Generation(self.core, f"cmpl-{uuid.uuid4().hex}", model, prompts, params)
+            await gen.start()
+        except APIError as exc:
+            return self._error(endpoint, exc)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            events = completion_chunks(
+                gen, gen.request_id, self.token_text, self.tokenizer, req.echo, include_usage, lambda s: self._count(endpoint, s)
+            )
+            return SSEResponse(events)
+        return await self._complete(endpoint, request, gen, completion(gen, gen.request_id, self.token_text, self.tokenizer, req.echo))
+
+    def models(self) -> Response:
+        instances = self.core.dispatcher.candidates(self.model)
+        max_len = min((i.heartbeat.max_model_len for i in instances), default=None)
+        return json_response(ModelList(data=[ModelCard(id=self.model, created=self.created, max_model_len=max_len)]))
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def _check_model(self, name: str | None) -> str:
+        if name is None or name == self.model:
+            return self.model
+        raise errors.model_not_found(name)
+
+    def _max_model_len(self, model: str) -> int:
+        instances = self.core.dispatcher.candidates(model)
+        if not instances:
+            raise errors.unavailable(f"No worker is available for model {model!r}; try again when one has started.")
+        # The smallest window, so the request fits wherever the router sends it.
+        return min(inst.heartbeat.max_model_len for inst in instances)
+
+    async def _complete(self, endpoint: str, request: Request, gen: Generation, work: Awaitable[Any]) -> Response:
+        """Run a non-streaming request; a client that disconnects cancels it."""
+        try:
+            result = await _unless_disconnected(request, work)
+        except ClientDisconnected:
+            gen.close()
+            self._count(endpoint, CLIENT_CLOSED)
+            return Response(status_code=CLIENT_CLOSED)
+        except Exception as exc:
+            return self._error(endpoint, failed(exc))
+        finally:
+            gen.close()
+        self._count(endpoint, 200)
+        return json_response(result)
+
+    def _error(self, endpoint: str, error: APIError) -> Response:
+        self._count(endpoint, error.status)
+        return error_response(error)
+
+    def _count(self, endpoint: str, status: int) -> None:
+        self.core.metrics.requests.labels(endpoint, str(status)).inc()
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    task = asyncio.ensure_future(work)
+
+    async def wait_disconnect() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    watcher = asyncio.create_task(wait_disconnect())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        await task
+    raise ClientDisconnected()

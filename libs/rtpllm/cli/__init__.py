@@ -1,0 +1,78 @@
+"""The `rtpllm` command: `up` (the whole stack), `serve gateway|worker` (one service),
+`convert-gguf`. Flags read `RTPLLM_*` environment variables (see `--help`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from rtpllm.cli import options
+from rtpllm.cli.flags import add_flags
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rtpllm", description="rtpllm: LLM serving over NATS with an OpenAI-compatible API.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = commands.add_parser(
+        "up",
+        help="run the whole stack in the foreground: NATS, Redis, worker(s) and the gateway",
+        description="Start nats-server, redis-server, N workers and the gateway as child processes, wait until "
+        "they are ready, print the URL, and stop them all on Ctrl-C / SIGTERM.",
+    )
+    add_flags(up, "stack", options.UP)
+    add_flags(up, "model", options.MODEL)
+    add_flags(up, "engine (passed to every worker)", options.ENGINE)
+
+    serve = commands.add_parser("serve", help="run one service (scale each independently)")
+    services = serve.add_subparsers(dest="service", required=True, metavar="SERVICE")
+    gateway = services.add_parser(
+        "gateway",
+        help="the OpenAI-compatible HTTP gateway",
+        description="Serve /v1/chat/completions, /v1/completions, /v1/models, /health, /ready, /metrics and /instances, "
+        "routing requests to workers over NATS.",
+    )
+    add_flags(gateway, "bus", options.BUS)
+    add_flags(gateway, "model", options.MODEL)
+    add_flags(gateway, "gateway", options.GATEWAY)
+    worker = services.add_parser(
+        "worker",
+        help="a combined (prefill + decode) engine worker",
+        description="Load the model into one engine and serve requests that gateways send over NATS.",
+    )
+    add_flags(worker, "bus", options.BUS)
+    add_flags(worker, "model", options.MODEL)
+    add_flags(worker, "engine", options.ENGINE)
+    add_flags(worker, "worker", options.WORKER)
+
+    convert = commands.add_parser(
+        "convert-gguf",
+        help="convert a llama-architecture GGUF file to an HF-format model directory",
+        add_help=False,  # its own parser (rtpllm.loader.gguf_convert) handles --help
+    )
+    convert.add_argument("convert_args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["convert-gguf"]:
+        # Handed over whole: argparse's REMAINDER would swallow neither --help nor flags.
+        from rtpllm.loader.gguf_convert import main as convert_main
+
+        return convert_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    if args.command == "up":
+        from rtpllm.cli.up import run_up
+
+        return run_up(args)
+    if args.command == "serve":
+        from rtpllm.cli import serve
+
+        return serve.run_gateway(args) if args.service == "gateway" else serve.run_worker(args)
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

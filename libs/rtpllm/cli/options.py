@@ -1,0 +1,76 @@
+"""Every service flag, grouped as the commands use them (the configuration reference)."""
+
+from __future__ import annotations
+
+from rtpllm.cli.flags import Flag
+from rtpllm.routing.policy import POLICIES
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+BUS = [
+    Flag("--nats", "RTPLLM_NATS_URL", "NATS server URL", "nats://127.0.0.1:4222"),
+    Flag("--redis", "RTPLLM_REDIS_URL", "Redis URL (checked at startup and reported by /ready; the KV tier arrives with the kvstore)"),
+    Flag("--nats-connect-timeout", "RTPLLM_NATS_CONNECT_TIMEOUT", "seconds to keep retrying the first NATS connection", 30.0, float),
+    Flag("--log-level", "RTPLLM_LOG_LEVEL", "log level", "info", str, ["debug", "info", "warning", "error"]),
+]
+
+MODEL = [
+    Flag("--model", "RTPLLM_MODEL", "model: a known name or an HF-format directory", DEFAULT_MODEL),
+    Flag("--served-model-name", "RTPLLM_SERVED_MODEL_NAME", "name clients use for the model (default: the model name, or the directory's name)"),
+]
+
+ENGINE = [
+    Flag("--device", "RTPLLM_DEVICE", "device: auto (cuda if present, else cpu), cpu, cuda, cuda:N", "auto"),
+    Flag("--dtype", "RTPLLM_DTYPE", "weights/KV dtype: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32", "auto"),
+    Flag("--max-model-len", "RTPLLM_MAX_MODEL_LEN", "context length (default: the model's, capped by the KV pool)", None, int),
+    Flag("--block-size", "RTPLLM_BLOCK_SIZE", "tokens per KV block (a power of two)", 16, int),
+    Flag("--num-blocks", "RTPLLM_NUM_BLOCKS", "KV blocks (default: sized from memory)", None, int),
+    Flag("--gpu-memory-utilization", "RTPLLM_GPU_MEMORY_UTILIZATION", "fraction of GPU memory for weights + KV", 0.85, float),
+    Flag("--cpu-kv-gib", "RTPLLM_CPU_KV_GIB", "KV pool size on CPU, GiB", 1.0, float),
+    Flag("--prefix-caching", "RTPLLM_PREFIX_CACHING", "reuse cached KV of shared prompt prefixes", True, boolean=True),
+    Flag("--max-num-seqs", "RTPLLM_MAX_NUM_SEQS", "sequences per engine step", 256, int),
+    Flag("--max-num-batched-tokens", "RTPLLM_MAX_NUM_BATCHED_TOKENS", "tokens per engine step (prefill chunk budget)", 2048, int),
+    Flag("--seed", "RTPLLM_SEED", "engine seed for requests without their own", 0, int),
+    Flag("--attention-backend", "RTPLLM_ATTENTION_BACKEND", "attention backend (auto picks per device)", "auto"),
+    Flag("--load-format", "RTPLLM_LOAD_FORMAT", "weights: auto (the checkpoint's safetensors) or dummy (random, for benchmarks)", "auto", str, ["auto", "dummy"]),
+    Flag("--cuda-graphs", "RTPLLM_CUDA_GRAPHS", "capture the decode step in CUDA graphs (CUDA only)", True, boolean=True),
+    Flag("--async-scheduling", "RTPLLM_ASYNC_SCHEDULING", "launch step n+1 before step n's tokens are read back: auto (on for CUDA), on, off", "auto", str, ["auto", "on", "off"]),
+]
+
+WORKER = [
+    Flag("--instance-id", "RTPLLM_INSTANCE_ID", "this worker's id on the bus (default: worker-<host>-<random>)"),
+    Flag("--heartbeat-interval", "RTPLLM_HEARTBEAT_INTERVAL", "seconds between heartbeats", 1.0, float),
+    Flag("--lease", "RTPLLM_LEASE", "seconds without a heartbeat after which gateways drop this process and fail its streams", 3.0, float),
+    Flag("--drain-timeout", "RTPLLM_DRAIN_TIMEOUT", "on SIGTERM, seconds running requests may finish before they are failed", 10.0, float),
+]
+
+GATEWAY = [
+    Flag("--host", "RTPLLM_HOST", "HTTP bind address", "127.0.0.1"),
+    Flag("--port", "RTPLLM_PORT", "HTTP port", 8000, int),
+    Flag("--gateway-id", "RTPLLM_GATEWAY_ID", "this gateway's id on the bus (default: gateway-<host>-<random>)"),
+    Flag("--router", "RTPLLM_ROUTER", "routing policy", "least-loaded", str, sorted(POLICIES)),
+    Flag("--max-running", "RTPLLM_MAX_RUNNING", "requests this gateway runs at once", 1024, int),
+    Flag("--max-queue", "RTPLLM_MAX_QUEUE", "requests waiting for a slot before new ones get 429", 1024, int),
+    Flag("--request-timeout", "RTPLLM_REQUEST_TIMEOUT", "seconds a request may take end to end before 504", 600.0, float),
+    Flag("--submit-timeout", "RTPLLM_SUBMIT_TIMEOUT", "seconds a worker has to accept a request", 5.0, float),
+    Flag("--heartbeat-interval", "RTPLLM_HEARTBEAT_INTERVAL", "seconds between heartbeats", 1.0, float),
+    Flag("--lease", "RTPLLM_LEASE", "seconds without a gateway heartbeat after which workers abort its requests", 3.0, float),
+    Flag("--retry-after", "RTPLLM_RETRY_AFTER", "Retry-After seconds sent with 429", 1, int),
+    Flag("--shutdown-timeout", "RTPLLM_SHUTDOWN_TIMEOUT", "on SIGTERM, seconds open streams may finish", 10.0, float),
+]
+
+UP = [
+    Flag("--workers", "RTPLLM_WORKERS", "number of worker processes", 1, int),
+    Flag("--host", "RTPLLM_HOST", "gateway HTTP bind address", "127.0.0.1"),
+    Flag("--port", "RTPLLM_PORT", "gateway HTTP port", 8000, int),
+    Flag("--nats-port", "RTPLLM_NATS_PORT", "port of the NATS server started (0: a free one)", 0, int),
+    Flag("--redis-port", "RTPLLM_REDIS_PORT", "port of the Redis server started (0: a free one)", 0, int),
+    Flag("--redis-server", "RTPLLM_REDIS", "start a Redis server (--no-redis-server to run without)", True, boolean=True),
+    Flag("--router", "RTPLLM_ROUTER", "routing policy", "least-loaded", str, sorted(POLICIES)),
+    Flag("--max-running", "RTPLLM_MAX_RUNNING", "requests the gateway runs at once", 1024, int),
+    Flag("--max-queue", "RTPLLM_MAX_QUEUE", "requests waiting for a slot before new ones get 429", 1024, int),
+    Flag("--request-timeout", "RTPLLM_REQUEST_TIMEOUT", "seconds a request may take end to end before 504", 600.0, float),
+    Flag("--ready-timeout", "RTPLLM_READY_TIMEOUT", "seconds to wait for the stack to become ready", 600.0, float),
+    Flag("--log-dir", "RTPLLM_LOG_DIR", "write each child's log to DIR/<name>.log instead of the terminal"),
+    Flag("--log-level", "RTPLLM_LOG_LEVEL", "log level of the services", "info", str, ["debug", "info", "warning", "error"]),
+]

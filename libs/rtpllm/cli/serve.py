@@ -1,0 +1,90 @@
+"""`rtpllm serve gateway|worker`: settings from flags, then the service's entry point."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from rtpllm.config import CacheConfig, EngineConfig, SchedulerConfig
+from rtpllm.serving.settings import GatewaySettings, WorkerSettings
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def gateway_settings(args: argparse.Namespace) -> GatewaySettings:
+    return GatewaySettings(
+        nats_url=args.nats,
+        redis_url=args.redis,
+        host=args.host,
+        port=args.port,
+        model=args.model,
+        served_model_name=args.served_model_name,
+        gateway_id=args.gateway_id or "",
+        router=args.router,
+        max_running=args.max_running,
+        max_queue=args.max_queue,
+        request_timeout_s=args.request_timeout,
+        submit_timeout_s=args.submit_timeout,
+        heartbeat_interval_s=args.heartbeat_interval,
+        lease_s=args.lease,
+        retry_after_s=args.retry_after,
+        shutdown_timeout_s=args.shutdown_timeout,
+        nats_connect_timeout_s=args.nats_connect_timeout,
+    )
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    device = args.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return EngineConfig(
+        model=args.model,
+        device=device,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        seed=args.seed,
+        attention_backend=args.attention_backend,
+        load_format=args.load_format,
+        cuda_graphs=args.cuda_graphs,
+        async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
+        cache=CacheConfig(
+            block_size=args.block_size,
+            num_blocks=args.num_blocks,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            cpu_kv_bytes=int(args.cpu_kv_gib * (1 << 30)),
+            enable_prefix_caching=args.prefix_caching,
+        ),
+        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens),
+        served_model_name=args.served_model_name,
+    )
+
+
+def worker_settings(args: argparse.Namespace) -> WorkerSettings:
+    return WorkerSettings(
+        engine=engine_config(args),
+        nats_url=args.nats,
+        redis_url=args.redis,
+        instance_id=args.instance_id or "",
+        heartbeat_interval_s=args.heartbeat_interval,
+        lease_s=args.lease,
+        drain_timeout_s=args.drain_timeout,
+        nats_connect_timeout_s=args.nats_connect_timeout,
+    )
+
+
+def run_gateway(args: argparse.Namespace) -> int:
+    from services.gateway.main import run
+
+    setup_logging(args.log_level)
+    return run(gateway_settings(args), args.log_level)
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    from services.worker.main import run
+
+    setup_logging(args.log_level)
+    return run(worker_settings(args))

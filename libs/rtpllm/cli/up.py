@@ -1,0 +1,143 @@
+"""`rtpllm up`: the whole stack in the foreground until Ctrl-C / SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from rtpllm.cli import options
+from rtpllm.cli.flags import Flag
+from rtpllm.runtime.processes import ProcessFailed
+from rtpllm.runtime.stack import Stack, StackConfig
+
+
+def flags_to_argv(flags: list[Flag], args: argparse.Namespace) -> list[str]:
+    """The command-line form of the parsed values of `flags` (to pass them on to a child)."""
+    argv: list[str] = []
+    for flag in flags:
+        value = getattr(args, flag.dest)
+        if flag.boolean:
+            argv.append(flag.name if value else f"--no-{flag.name[2:]}")
+        elif value is not None:
+            argv += [flag.name, str(value)]
+    return argv
+
+
+def _say(message: str) -> None:
+    print(f"rtpllm up: {message}", flush=True)
+
+
+def _prepare_model(model: str) -> Path:
+    """Resolve (and on first use convert) the model here, once, with a progress line,
+    instead of in every worker."""
+    from rtpllm.models.registry import resolve_model
+
+    done = threading.Event()
+
+    def ticker() -> None:
+        start = time.monotonic()
+        while not done.wait(5.0):
+            _say(f"still preparing {model} ({time.monotonic() - start:.0f} s; converting the embedded GGUF on first use)")
+
+    thread = threading.Thread(target=ticker, daemon=True)
+    thread.start()
+    try:
+        return resolve_model(model)
+    finally:
+        done.set()
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def run_up(args: argparse.Namespace) -> int:
+    model, served = args.model, args.served_model_name
+    if not Path(model).expanduser().is_dir():
+        _say(f"preparing model {model} ...")
+        try:
+            model_dir = _prepare_model(model)
+        except (ValueError, ModuleNotFoundError, FileNotFoundError) as exc:
+            _say(f"error: {exc}")
+            return 2
+        served = served or model  # clients keep using the friendly name
+        model = str(model_dir)
+        _say(f"model ready in {model}")
+    log_dir = Path(args.log_dir) if args.log_dir else None
+    if log_dir is not None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+    config = StackConfig(
+        model=model,
+        served_model_name=served,
+        workers=args.workers,
+        host=args.host,
+        port=args.port,
+        nats_port=args.nats_port,
+        redis_port=args.redis_port,
+        use_redis=args.redis_server,
+        worker_args=flags_to_argv(options.ENGINE, args),
+        gateway_args=[
+            "--router", args.router,
+            "--max-running", str(args.max_running),
+            "--max-queue", str(args.max_queue),
+            "--request-timeout", str(args.request_timeout),
+        ],  # fmt: skip
+        log_dir=log_dir,
+        echo=None if log_dir else sys.stdout,
+        log_level=args.log_level,
+    )
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    stack = Stack(config)
+    try:
+        _say("starting nats-server" + (" and redis-server" if config.use_redis else ""))
+        stack.start_infra()
+        _say(f"NATS at {stack.nats_url}" + (f", Redis at {stack.redis_url}" if stack.redis_url else ""))
+        _say(f"starting {args.workers} worker(s) and the gateway; loading {served or model} ...")
+        for _ in range(args.workers):
+            stack.add_worker()
+        stack.start_gateway()
+        last = [0.0]
+
+        def progress(elapsed: float) -> None:
+            if elapsed - last[0] >= 5.0:
+                last[0] = elapsed
+                _say(f"waiting for workers to load the model: {stack.live_workers()}/{args.workers} ready ({elapsed:.0f} s)")
+
+        stack.wait_ready(args.ready_timeout, on_tick=progress)
+        _say(f"ready: {args.workers} worker(s) serving {served or Path(model).name!r}")
+        _say(f"OpenAI-compatible API at {stack.url}/v1  (metrics: {stack.url}/metrics)  -- Ctrl-C to stop")
+        return _supervise(stack)
+    except KeyboardInterrupt:
+        _say("stopping ...")
+        return 0
+    except (ProcessFailed, TimeoutError, FileNotFoundError) as exc:
+        _say(f"error: {exc}")
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        stack.stop()
+        _say("stopped")
+
+
+def _supervise(stack: Stack) -> int:
+    """Run until interrupted; a dead gateway or NATS ends the stack, a dead worker is
+    reported (the others keep serving)."""
+    reported: set[str] = set()
+    while True:
+        time.sleep(0.5)
+        for proc in (stack.gateway, stack.nats):
+            if proc is not None and not proc.alive:
+                _say(f"{proc.name} exited (code {proc.returncode}); last output:\n{proc.tail()}")
+                return 1
+        for proc in stack.workers:
+            if not proc.alive and proc.name not in reported:
+                reported.add(proc.name)
+                _say(f"{proc.name} exited (code {proc.returncode})")
+        if all(not p.alive for p in stack.workers):
+            _say("no worker left; stopping")
+            return 1

@@ -1,0 +1,51 @@
+"""The NATS protocol: subjects (subjects.py), message schemas (messages.py) and the
+mapping to engine objects (convert.py). Nothing else defines what crosses a process."""
+
+from rtpllm.protocol.messages import (
+    CancelRequest,
+    ChoiceDelta,
+    Discover,
+    ErrorCode,
+    ErrorInfo,
+    GatewayHeartbeat,
+    GenerateRequest,
+    Heartbeat,
+    InstanceLoad,
+    KVEvents,
+    Leave,
+    PositionLogprobs,
+    ProtocolError,
+    SamplingSpec,
+    SubmitReply,
+    TokenDelta,
+    TokenLogprob,
+    Usage,
+    decode,
+    encode,
+)
+from rtpllm.protocol.subjects import PROTOCOL_VERSION, InstanceRole
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "CancelRequest",
+    "ChoiceDelta",
+    "Discover",
+    "ErrorCode",
+    "ErrorInfo",
+    "GatewayHeartbeat",
+    "GenerateRequest",
+    "Heartbeat",
+    "InstanceLoad",
+    "InstanceRole",
+    "KVEvents",
+    "Leave",
+    "PositionLogprobs",
+    "ProtocolError",
+    "SamplingSpec",
+    "SubmitReply",
+    "TokenDelta",
+    "TokenLogprob",
+    "Usage",
+    "decode",
+    "encode",
+]

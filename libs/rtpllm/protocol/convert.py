@@ -1,0 +1,74 @@
+"""Conversions between engine objects and wire messages (both directions live here so the
+mapping is written once)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import msgspec
+
+from rtpllm.outputs import PositionLogprobs as EnginePositionLogprobs
+from rtpllm.outputs import RequestOutput
+from rtpllm.protocol.messages import (
+    ChoiceDelta,
+    ErrorCode,
+    ErrorInfo,
+    PositionLogprobs,
+    SamplingSpec,
+    TokenDelta,
+    TokenLogprob,
+)
+from rtpllm.sampling_params import SamplingParams
+
+_SPEC_FIELDS = tuple(msgspec.structs.fields(SamplingSpec))
+
+
+def spec_from_params(params: SamplingParams) -> SamplingSpec:
+    return SamplingSpec(**{f.name: getattr(params, f.name) for f in _SPEC_FIELDS})
+
+
+def params_from_spec(spec: SamplingSpec) -> SamplingParams:
+    """Rebuild (and so re-validate) SamplingParams; raises ValueError naming a bad field."""
+    values = {f.name: getattr(spec, f.name) for f in _SPEC_FIELDS}
+    return SamplingParams(**values)
+
+
+def sampling_param_names() -> tuple[set[str], set[str]]:
+    """(SamplingParams fields, SamplingSpec fields): tests check they stay equal."""
+    return {f.name for f in dataclasses.fields(SamplingParams)}, {f.name for f in _SPEC_FIELDS}
+
+
+def position_to_wire(position: EnginePositionLogprobs) -> PositionLogprobs:
+    # The engine puts the sampled/prompt token first; dict order is kept on the wire.
+    return [TokenLogprob(tid, lp.logprob, lp.rank, lp.decoded_token) for tid, lp in position.items()]
+
+
+def delta_from_output(output: RequestOutput, seq: int) -> TokenDelta:
+    """One engine delta output -> one wire delta. Usage goes on the last one."""
+    choices = []
+    completion_tokens = 0
+    for out in output.outputs:
+        completion_tokens += len(out.token_ids)
+        choices.append(
+            ChoiceDelta(
+                index=out.index,
+                text=out.text,
+                token_ids=list(out.token_ids),
+                logprobs=[position_to_wire(p) for p in out.logprobs] if out.logprobs is not None else None,
+                cumulative_logprob=out.cumulative_logprob,
+                finish_reason=out.finish_reason,
+                stop_reason=out.stop_reason,
+            )
+        )
+    prompt_logprobs = None
+    if output.prompt_logprobs is not None:
+        prompt_logprobs = [position_to_wire(p) if p is not None else None for p in output.prompt_logprobs]
+    error = ErrorInfo(ErrorCode.ENGINE_ERROR, output.error) if output.error else None
+    return TokenDelta(
+        request_id=output.request_id,
+        seq=seq,
+        choices=choices,
+        prompt_logprobs=prompt_logprobs,
+        finished=output.finished,
+        error=error,
+    )

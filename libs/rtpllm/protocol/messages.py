@@ -1,0 +1,262 @@
+"""Every message that crosses a process boundary over NATS, as msgspec Structs.
+
+Encoding is msgpack (compact, fast, no pickle). Each message carries `v`, the protocol
+version, and its subject carries it too (see subjects.py).
+
+Compatibility rule within one version: a field may be *added* with a default (old
+readers ignore it, new readers fill the default); renaming, removing or changing the
+meaning of a field bumps PROTOCOL_VERSION. That leaves room for what comes next without
+a version bump: e.g. prefill/decode hand-off fields on GenerateRequest, data-plane
+addresses on Heartbeat.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import msgspec
+
+from rtpllm.kvcache.events import KVEventBatch
+from rtpllm.protocol.subjects import PROTOCOL_VERSION, InstanceRole
+
+
+class ProtocolError(ValueError):
+    """A message that does not decode as the expected type or has another version."""
+
+
+class ErrorCode:
+    """Machine-readable error codes carried by ErrorInfo (strings on the wire, so a newer
+    peer's unknown code still decodes)."""
+
+    INVALID_REQUEST = "invalid_request"  # bad parameters/prompt: the client's fault (HTTP 400)
+    MODEL_MISMATCH = "model_mismatch"  # the instance serves another model
+    DRAINING = "draining"  # the instance is shutting down and takes no new requests
+    DEADLINE_EXCEEDED = "deadline_exceeded"  # the request's deadline passed (HTTP 504)
+    ENGINE_ERROR = "engine_error"  # the engine failed the request or died
+    WORKER_SHUTDOWN = "worker_shutdown"  # the instance stopped before the request finished
+    WORKER_LOST = "worker_lost"  # the instance's lease expired (killed, hung, partitioned)
+    LOST_DELTAS = "lost_deltas"  # a gap in a stream's sequence numbers (slow consumer)
+    CANCELLED = "cancelled"
+
+
+class ErrorInfo(msgspec.Struct, frozen=True):
+    code: str
+    message: str
+
+
+class SamplingSpec(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """`rtpllm.sampling_params.SamplingParams` on the wire: same names and defaults
+    (a unit test keeps the two in step). Convert with rtpllm.protocol.convert."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    stop: list[str] = []
+    stop_token_ids: list[int] = []
+    ignore_eos: bool = False
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+
+class GenerateRequest(msgspec.Struct, kw_only=True):
+    """Gateway -> engine instance, as a NATS request on `generate_subject(instance)`.
+
+    The instance answers the NATS request at once with a SubmitReply, then publishes
+    TokenDeltas to `reply_to`. `deadline` is wall-clock Unix time (hosts need roughly
+    synchronized clocks; the gateway enforces it too).
+    """
+
+    v: int = PROTOCOL_VERSION
+    request_id: str
+    model: str
+    prompt_token_ids: list[int]
+    sampling: SamplingSpec
+    reply_to: str
+    gateway_id: str
+    deadline: float
+
+
+class SubmitReply(msgspec.Struct, kw_only=True):
+    """The instance's immediate answer to a GenerateRequest: accepted, or why not."""
+
+    v: int = PROTOCOL_VERSION
+    request_id: str
+    accepted: bool
+    error: ErrorInfo | None = None
+
+
+class TokenLogprob(msgspec.Struct, array_like=True, frozen=True):
+    token_id: int
+    logprob: float
+    rank: int
+    text: str | None = None
+
+
+# One position: the sampled (or prompt) token first, then the top-k alternatives by rank.
+PositionLogprobs = list[TokenLogprob]
+
+
+class ChoiceDelta(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """New output of one of the n samples since the previous delta."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = []
+    logprobs: list[PositionLogprobs] | None = None
+    cumulative_logprob: float | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    stop_reason: int | str | None = None
+
+
+class Usage(msgspec.Struct, frozen=True):
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+
+
+class TokenDelta(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Engine instance -> gateway, on the gateway's deltas subject.
+
+    `seq` counts 0, 1, 2, ... per request: NATS core may drop messages for a slow
+    consumer, and a gap must end the stream with an error rather than corrupt it. The
+    last delta has `finished=True` and carries `usage`, or `error` if the request failed.
+    """
+
+    v: int = PROTOCOL_VERSION
+    request_id: str
+    seq: int
+    choices: list[ChoiceDelta] = []
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
+    finished: bool = False
+    usage: Usage | None = None
+    error: ErrorInfo | None = None
+
+
+class CancelRequest(msgspec.Struct, kw_only=True):
+    """Gateway -> instance: stop a request now and free its KV (client gone, deadline)."""
+
+    v: int = PROTOCOL_VERSION
+    request_id: str
+    reason: str = ErrorCode.CANCELLED
+
+
+class InstanceLoad(msgspec.Struct, kw_only=True):
+    """An instance's load as of its last engine step (EngineStats plus server counts)."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    num_inflight: int = 0  # requests the server holds (accepted, not yet finished)
+    kv_usage: float = 0.0
+    num_free_blocks: int = 0
+    num_blocks: int = 0
+    prefix_hit_ratio: float = 0.0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    num_preemptions: int = 0
+
+
+class Heartbeat(msgspec.Struct, kw_only=True):
+    """Registration and lease renewal of an engine instance, sent every interval.
+
+    The first heartbeat registers the instance; a gateway drops an instance it has not
+    heard from for `lease_s` seconds and fails the streams it was serving.
+    `kv_namespace`/`block_size` let a router compute the instance's block keys, and
+    `kv_event_seq` (last KV event batch published, -1 before any) lets it spot a gap.
+    """
+
+    v: int = PROTOCOL_VERSION
+    instance_id: str
+    role: str = InstanceRole.WORKER.value
+    model: str
+    max_model_len: int
+    max_num_seqs: int
+    block_size: int
+    kv_namespace: bytes = b""
+    lease_s: float
+    seq: int
+    state: str = "ready"  # "ready" | "draining" (finishing its requests, takes no new ones)
+    started_at: float = 0.0
+    kv_event_seq: int = -1
+    load: InstanceLoad = msgspec.field(default_factory=InstanceLoad)
+
+
+class Leave(msgspec.Struct, kw_only=True):
+    """An instance stops: drop it now, and fail whatever it still serves."""
+
+    v: int = PROTOCOL_VERSION
+    instance_id: str
+    reason: str = "shutdown"
+
+
+class Discover(msgspec.Struct, kw_only=True):
+    """A gateway (re)started: every instance answers with a heartbeat at once."""
+
+    v: int = PROTOCOL_VERSION
+    gateway_id: str
+
+
+class GatewayHeartbeat(msgspec.Struct, kw_only=True):
+    """A gateway's lease on the requests it started: an instance aborts the requests of a
+    gateway it has not heard from for `lease_s` seconds, freeing their KV."""
+
+    v: int = PROTOCOL_VERSION
+    gateway_id: str
+    lease_s: float
+
+
+class KVEvents(msgspec.Struct, kw_only=True):
+    """One engine step's prefix-cache changes (`rtpllm.kvcache.events`), in an envelope
+    naming the instance and model; `batch.seq` increases by one per message."""
+
+    v: int = PROTOCOL_VERSION
+    instance_id: str
+    model: str
+    batch: KVEventBatch
+
+
+Message = (
+    GenerateRequest
+    | SubmitReply
+    | TokenDelta
+    | CancelRequest
+    | Heartbeat
+    | Leave
+    | Discover
+    | GatewayHeartbeat
+    | KVEvents
+)
+
+_encoder = msgspec.msgpack.Encoder()
+_decoders: dict[type, msgspec.msgpack.Decoder[Any]] = {}
+
+T = TypeVar("T")
+
+
+def encode(message: msgspec.Struct) -> bytes:
+    """Serialize a message for NATS."""
+    return _encoder.encode(message)
+
+
+def decode(data: bytes, message_type: type[T]) -> T:
+    """Parse a message of a known type; ProtocolError if it is not one or has another version."""
+    decoder = _decoders.get(message_type)
+    if decoder is None:
+        decoder = _decoders[message_type] = msgspec.msgpack.Decoder(message_type)
+    try:
+        message = decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(f"not a valid {message_type.__name__}: {exc}") from exc
+    version = getattr(message, "v", PROTOCOL_VERSION)
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(f"{message_type.__name__} has protocol version {version}, expected {PROTOCOL_VERSION}")
+    return message

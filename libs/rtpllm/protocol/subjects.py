@@ -1,0 +1,68 @@
+"""Every NATS subject rtpllm uses, in one place.
+
+Subjects are `rtpllm.v<PROTOCOL_VERSION>.<area>...`: a process speaking another protocol
+version never receives a message it cannot decode, and two versions can share one NATS
+server during a rolling upgrade.
+
+    rtpllm.v1.<role>.<instance>.generate   gateway -> engine instance: GenerateRequest (NATS request; SubmitReply back)
+    rtpllm.v1.<role>.<instance>.cancel     gateway -> engine instance: CancelRequest
+    rtpllm.v1.gateway.<gateway>.deltas     engine -> the gateway that asked: TokenDelta
+    rtpllm.v1.registry.heartbeat           engine -> all gateways: Heartbeat (registration + lease renewal)
+    rtpllm.v1.registry.leave               engine -> all gateways: Leave (clean shutdown)
+    rtpllm.v1.registry.discover            gateway -> all engines: Discover (answer with a Heartbeat now)
+    rtpllm.v1.gateway.heartbeat            gateway -> all engines: GatewayHeartbeat (its lease on running requests)
+    rtpllm.v1.kv.<instance>.events         engine -> routers/kvstore: KVEvents
+
+`<role>` is an InstanceRole ("worker" now; "prefill" and "decode" arrive with
+disaggregation), so per-role routing needs no new subject scheme.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+
+PROTOCOL_VERSION = 1
+PREFIX = f"rtpllm.v{PROTOCOL_VERSION}"
+
+# NATS tokens are separated by "." and "*"/">" are wildcards; ids must avoid all three
+# (and whitespace) so one id is exactly one subject token.
+_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+
+
+class InstanceRole(StrEnum):
+    """What an engine instance does; part of its subjects and its heartbeat."""
+
+    WORKER = "worker"  # prefill + decode in one engine (aggregated)
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+def check_id(value: str, what: str = "id") -> str:
+    """Return `value` if it is usable as one subject token, else raise ValueError."""
+    if not _ID_RE.match(value):
+        raise ValueError(f"{what} {value!r} must be 1-128 characters of A-Z a-z 0-9 _ -")
+    return value
+
+
+def generate_subject(instance_id: str, role: InstanceRole | str = InstanceRole.WORKER) -> str:
+    return f"{PREFIX}.{InstanceRole(role).value}.{instance_id}.generate"
+
+
+def cancel_subject(instance_id: str, role: InstanceRole | str = InstanceRole.WORKER) -> str:
+    return f"{PREFIX}.{InstanceRole(role).value}.{instance_id}.cancel"
+
+
+def deltas_subject(gateway_id: str) -> str:
+    return f"{PREFIX}.gateway.{gateway_id}.deltas"
+
+
+def kv_events_subject(instance_id: str) -> str:
+    return f"{PREFIX}.kv.{instance_id}.events"
+
+
+HEARTBEAT = f"{PREFIX}.registry.heartbeat"
+LEAVE = f"{PREFIX}.registry.leave"
+DISCOVER = f"{PREFIX}.registry.discover"
+GATEWAY_HEARTBEAT = f"{PREFIX}.gateway.heartbeat"
+KV_EVENTS_ALL = f"{PREFIX}.kv.*.events"

@@ -1,0 +1,350 @@
+"""The gateway's side of the bus: send requests to engine instances, demultiplex their
+token deltas into per-request streams, cancel, and keep instance leases.
+
+One subscription receives every delta addressed to this gateway; a request's stream is
+registered before the request is sent, so no delta can arrive unclaimed. A stream always
+ends: with its final delta, or with an error when its instance leaves, its lease expires,
+a delta goes missing, or the gateway closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import nats.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from rtpllm.protocol import subjects
+from rtpllm.protocol.messages import (
+    CancelRequest,
+    Discover,
+    ErrorCode,
+    ErrorInfo,
+    GatewayHeartbeat,
+    GenerateRequest,
+    Heartbeat,
+    Leave,
+    ProtocolError,
+    SubmitReply,
+    TokenDelta,
+    decode,
+    encode,
+)
+from rtpllm.routing.instances import Instance, InstanceRegistry
+from rtpllm.routing.policy import RouteRequest, RouterPolicy
+
+log = logging.getLogger(__name__)
+
+
+class NoInstanceError(RuntimeError):
+    """No live instance serves the model (HTTP 503)."""
+
+
+class SubmitRejected(RuntimeError):
+    """The instance refused the request; `error.code` says why."""
+
+    def __init__(self, error: ErrorInfo) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+@dataclass(frozen=True)
+class DispatcherConfig:
+    gateway_id: str
+    submit_timeout_s: float = 5.0  # an instance answers a GenerateRequest within this
+    heartbeat_interval_s: float = 1.0
+    lease_s: float = 3.0  # instances abort this gateway's requests after this much silence
+    lease_check_interval_s: float = 0.2
+    max_submit_attempts: int = 3
+
+
+class RequestStream:
+    """The deltas of one request on one instance, in order; iterate with `async for`.
+
+    The last delta yielded has `finished=True` (and `error` if the request failed).
+    """
+
+    def __init__(self, request_id: str, instance_id: str, on_close: Callable[[RequestStream], None]) -> None:
+        self.request_id = request_id
+        self.instance_id = instance_id
+        self._queue: asyncio.Queue[TokenDelta] = asyncio.Queue()
+        self._next_seq = 0
+        self._on_close = on_close
+        self.finished = False  # nothing more will be yielded
+        self.remote_finished = False  # the instance sent its final delta (nothing to cancel)
+        self.cancel_sent = False
+
+    def _push(self, delta: TokenDelta) -> bool:
+        """Queue a delta from the bus; False if it revealed a gap (stream failed)."""
+        if self.finished:
+            return True
+        if delta.seq != self._next_seq:
+            self._fail(ErrorInfo(ErrorCode.LOST_DELTAS, f"token deltas {self._next_seq}..{delta.seq - 1} were lost in transit"))
+            return False
+        self._next_seq += 1
+        self._queue.put_nowait(delta)
+        if delta.finished:
+            self.remote_finished = True
+            self._finish()
+        return True
+
+    def _fail(self, error: ErrorInfo) -> None:
+        if self.finished:
+            return
+        self._queue.put_nowait(TokenDelta(request_id=self.request_id, seq=self._next_seq, finished=True, error=error))
+        self._finish()
+
+    def _finish(self) -> None:
+        self.finished = True
+        self._on_close(self)
+
+    def __aiter__(self) -> AsyncIterator[TokenDelta]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[TokenDelta]:
+        async for batch in self.batches():
+            for delta in batch:
+                yield delta
+
+    async def batches(self) -> AsyncIterator[list[TokenDelta]]:
+        """Deltas in batches: each waits for one, then takes all that are already queued.
+        Under load a reader that fell behind catches up in one go (one HTTP write for
+        many tokens); when idle every batch is a single delta, so nothing waits."""
+        while True:
+            batch = [await self._queue.get()]
+            while not batch[-1].finished and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            yield batch
+            if batch[-1].finished:
+                return
+
+
+class Dispatcher:
+    """Routes GenerateRequests to instances and hands back their RequestStreams."""
+
+    def __init__(self, nc: NATS, policy: RouterPolicy, config: DispatcherConfig) -> None:
+        subjects.check_id(config.gateway_id, "gateway id")
+        self._nc = nc
+        self.policy = policy
+        self.config = config
+        self.registry = InstanceRegistry()
+        self._streams: dict[str, RequestStream] = {}
+        self._subs: list[Subscription] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._bg: set[asyncio.Task[None]] = set()  # fire-and-forget publishes (held: the loop holds tasks weakly)
+        self.reply_subject = subjects.deltas_subject(config.gateway_id)
+        # Metrics hook: called with the instance and the error code when one is dropped.
+        self.on_instance_lost: Callable[[Instance, str], None] | None = None
+
+    @property
+    def num_streams(self) -> int:
+        return len(self._streams)
+
+    async def start(self) -> None:
+        self._subs = [
+            await self._nc.subscribe(self.reply_subject, cb=self._on_delta, pending_msgs_limit=1 << 20),
+            await self._nc.subscribe(subjects.HEARTBEAT, cb=self._on_heartbeat),
+            await self._nc.subscribe(subjects.LEAVE, cb=self._on_leave),
+        ]
+        await self._gateway_heartbeat()
+        # Instances answer with a heartbeat now, so a fresh gateway knows them at once.
+        await self._nc.publish(subjects.DISCOVER, encode(Discover(gateway_id=self.config.gateway_id)))
+        await self._nc.flush()
+        self._tasks = [
+            asyncio.create_task(self._heartbeat_loop(), name="gateway-heartbeat"),
+            asyncio.create_task(self._lease_loop(), name="instance-leases"),
+        ]
+
+    async def close(self) -> None:
+        """Cancel every open request on its instance and fail its stream."""
+        for task in self._tasks:
+            task.cancel()
+        for stream in list(self._streams.values()):
+            self.cancel(stream, "gateway_shutdown")
+            stream._fail(ErrorInfo(ErrorCode.CANCELLED, "the gateway is shutting down"))
+        if self._bg:
+            await asyncio.wait(list(self._bg), timeout=2)
+        with contextlib.suppress(Exception):
+            for sub in self._subs:
+                await sub.unsubscribe()
+            await self._nc.flush(timeout=2)
+
+    # -- requests --------------------------------------------------------------------
+
+    def candidates(self, model: str) -> list[Instance]:
+        return self.registry.candidates(model)
+
+    async def submit(self, request: GenerateRequest) -> RequestStream:
+        """Send the request to an instance chosen by the policy; return its stream.
+
+        An instance that turns out to be gone (no subscriber), busy answering or draining
+        is skipped and another tried. Raises NoInstanceError when none is left, and
+        SubmitRejected when an instance refused the request itself (bad input, deadline).
+        """
+        request.reply_to = self.reply_subject
+        request.gateway_id = self.config.gateway_id
+        route = RouteRequest(request.request_id, request.model, request.prompt_token_ids)
+        tried: set[str] = set()
+        for _ in range(self.config.max_submit_attempts):
+            candidates = [inst for inst in self.candidates(request.model) if inst.instance_id not in tried]
+            if not candidates:
+                break
+            inst = self.policy.choose(route, candidates)
+            tried.add(inst.instance_id)
+            stream = self._open(request.request_id, inst)
+            try:
+                msg = await self._nc.request(
+                    subjects.generate_subject(inst.instance_id, inst.heartbeat.role),
+                    encode(request),
+                    timeout=self.config.submit_timeout_s,
+                )
+                reply = decode(msg.data, SubmitReply)
+            except nats.errors.NoRespondersError:
+                # Its subscription is gone: killed (lease expiry will follow) or draining
+                # (its next heartbeat says so). Route elsewhere until we hear from it.
+                log.warning("instance %s has no responders; trying another", inst.instance_id)
+                self.registry.mark_unreachable(inst.instance_id)
+                self._close_quietly(stream)
+                continue
+            except (nats.errors.TimeoutError, ProtocolError) as exc:
+                log.warning("instance %s did not accept %s: %s", inst.instance_id, request.request_id, exc)
+                # It may still start the request late: tell it not to.
+                self.cancel(stream, "submit_timeout")
+                continue
+            except BaseException:  # cancelled while waiting (client gone): leave nothing behind
+                self.cancel(stream, ErrorCode.CANCELLED)
+                raise
+            if reply.accepted:
+                return stream
+            self._close_quietly(stream)
+            assert reply.error is not None
+            if reply.error.code in (ErrorCode.DRAINING, ErrorCode.MODEL_MISMATCH):
+                continue
+            raise SubmitRejected(reply.error)
+        raise NoInstanceError(f"no live instance serves model {request.model!r}")
+
+    def cancel(self, stream: RequestStream, reason: str = ErrorCode.CANCELLED) -> None:
+        """Tell the instance to stop the request and free its KV, and forget the stream.
+
+        Idempotent and synchronous (the publish runs as a task), so it is safe in
+        `finally` blocks of cancelled coroutines.
+        """
+        self._send_cancel(stream, reason)
+        self._close_quietly(stream)
+
+    def fail(self, stream: RequestStream, error: ErrorInfo) -> None:
+        """End the stream with `error` (its reader sees a final error delta) and cancel
+        the request on its instance."""
+        self._send_cancel(stream, error.code)
+        stream._fail(error)
+
+    def _send_cancel(self, stream: RequestStream, reason: str) -> None:
+        if stream.remote_finished or stream.cancel_sent:
+            return
+        stream.cancel_sent = True
+        inst = self.registry.get(stream.instance_id)
+        role = inst.heartbeat.role if inst is not None else subjects.InstanceRole.WORKER
+        data = encode(CancelRequest(request_id=stream.request_id, reason=reason))
+        task = asyncio.get_running_loop().create_task(self._publish(subjects.cancel_subject(stream.instance_id, role), data))
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
+
+    async def _publish(self, subject: str, data: bytes) -> None:
+        try:
+            await self._nc.publish(subject, data)
+        except Exception as exc:
+            log.warning("publish to %s failed: %s", subject, exc)
+
+    def _open(self, request_id: str, inst: Instance) -> RequestStream:
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        stream = RequestStream(request_id, inst.instance_id, self._on_stream_closed)
+        self._streams[request_id] = stream
+        inst.inflight += 1
+        return stream
+
+    def _close_quietly(self, stream: RequestStream) -> None:
+        """Forget a stream without queueing anything more on it."""
+        if not stream.finished:
+            stream.finished = True
+            self._on_stream_closed(stream)
+
+    def _on_stream_closed(self, stream: RequestStream) -> None:
+        if self._streams.get(stream.request_id) is stream:
+            del self._streams[stream.request_id]
+            inst = self.registry.get(stream.instance_id)
+            if inst is not None:
+                inst.inflight = max(0, inst.inflight - 1)
+
+    async def _on_delta(self, msg: Msg) -> None:
+        try:
+            delta = decode(msg.data, TokenDelta)
+        except ProtocolError as exc:
+            log.warning("dropping bad TokenDelta: %s", exc)
+            return
+        stream = self._streams.get(delta.request_id)
+        if stream is None:
+            return  # late delta of a cancelled or failed request
+        self.registry.touch(stream.instance_id)
+        if not stream._push(delta):
+            self._send_cancel(stream, ErrorCode.LOST_DELTAS)
+
+    # -- instances -------------------------------------------------------------------
+
+    async def _on_heartbeat(self, msg: Msg) -> None:
+        try:
+            hb = decode(msg.data, Heartbeat)
+        except ProtocolError as exc:
+            log.warning("dropping bad Heartbeat: %s", exc)
+            return
+        if not self.registry.accepts(hb.instance_id):
+            return
+        inst, new = self.registry.upsert(hb)
+        if new:
+            log.info("instance %s joined (%s, %s)", hb.instance_id, hb.role, hb.model)
+
+    async def _on_leave(self, msg: Msg) -> None:
+        try:
+            leave = decode(msg.data, Leave)
+        except ProtocolError:
+            return
+        inst = self.registry.remove(leave.instance_id)
+        if inst is not None:
+            self._lost(inst, ErrorInfo(ErrorCode.WORKER_SHUTDOWN, f"instance {inst.instance_id} shut down ({leave.reason})"))
+
+    def _lost(self, inst: Instance, error: ErrorInfo) -> None:
+        log.warning("instance %s dropped: %s", inst.instance_id, error.message)
+        for stream in [s for s in self._streams.values() if s.instance_id == inst.instance_id]:
+            stream._fail(error)
+        if self.on_instance_lost is not None:
+            self.on_instance_lost(inst, error.code)
+
+    async def _lease_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.lease_check_interval_s)
+            now = time.monotonic()
+            for inst in self.registry.expire():
+                silent = now - inst.last_seen
+                self._lost(
+                    inst,
+                    ErrorInfo(ErrorCode.WORKER_LOST, f"instance {inst.instance_id} stopped responding ({silent:.1f} s without a heartbeat)"),
+                )
+
+    async def _gateway_heartbeat(self) -> None:
+        hb = GatewayHeartbeat(gateway_id=self.config.gateway_id, lease_s=self.config.lease_s)
+        await self._nc.publish(subjects.GATEWAY_HEARTBEAT, encode(hb))
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.heartbeat_interval_s)
+            try:
+                await self._gateway_heartbeat()
+            except Exception as exc:
+                log.warning("gateway heartbeat failed: %s", exc)

@@ -1,0 +1,330 @@
+"""Serves one engine over NATS: the body of the combined worker (and, later, of the
+prefill and decode services).
+
+It takes GenerateRequests on its own per-instance subject, answers each at once with a
+SubmitReply (accepted, or why not), streams TokenDeltas to the asking gateway, honours
+CancelRequests, renews its lease with heartbeats, and aborts the requests of a gateway
+whose own lease ran out (their client is gone, so their KV must be freed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from rtpllm.engine.validation import validate_prompt
+from rtpllm.protocol import subjects
+from rtpllm.protocol.convert import delta_from_output, params_from_spec
+from rtpllm.protocol.messages import (
+    CancelRequest,
+    Discover,
+    ErrorCode,
+    ErrorInfo,
+    GatewayHeartbeat,
+    GenerateRequest,
+    Heartbeat,
+    InstanceLoad,
+    Leave,
+    ProtocolError,
+    SubmitReply,
+    TokenDelta,
+    Usage,
+    decode,
+    encode,
+)
+from rtpllm.protocol.subjects import InstanceRole
+from rtpllm.sampling_params import SamplingParams
+from rtpllm.serving.engine_info import EngineInfo, ServedEngine
+from rtpllm.serving.kv_events import KVEventPublisher
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineServerConfig:
+    """How an engine server announces itself and how long it holds things."""
+
+    instance_id: str
+    role: InstanceRole = InstanceRole.WORKER
+    heartbeat_interval_s: float = 1.0
+    lease_s: float = 3.0  # a gateway drops this instance after this long without a heartbeat
+    # Lease assumed for a gateway not heard from yet (its heartbeat may still be on its way).
+    default_gateway_lease_s: float = 3.0
+
+
+@dataclass
+class _Running:
+    task: asyncio.Task[None]
+    gateway_id: str
+    # Set before the task is cancelled: which error (if any) the client should get.
+    cancel_error: ErrorInfo | None = None
+
+
+class EngineServer:
+    """NATS front of one engine instance. `start()`, then `drain()` to stop."""
+
+    def __init__(
+        self,
+        nc: NATS,
+        engine: ServedEngine,
+        info: EngineInfo,
+        config: EngineServerConfig,
+        kv_events: KVEventPublisher | None = None,
+    ) -> None:
+        subjects.check_id(config.instance_id, "instance id")
+        self._nc = nc
+        self._engine = engine
+        self._info = info
+        self._config = config
+        self._kv_events = kv_events
+        self._running: dict[str, _Running] = {}
+        self._gateways: dict[str, tuple[float, float]] = {}  # id -> (last seen, lease)
+        self._subs: list[Subscription] = []
+        self._generate_sub: Subscription | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._state = "ready"
+        self._hb_seq = 0
+        self._started_at = time.time()
+        self.stopped = asyncio.Event()  # set when the engine died: the process should exit
+
+    @property
+    def instance_id(self) -> str:
+        return self._config.instance_id
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        role = self._config.role
+        self._generate_sub = await self._nc.subscribe(subjects.generate_subject(self.instance_id, role), cb=self._on_generate)
+        self._subs = [
+            await self._nc.subscribe(subjects.cancel_subject(self.instance_id, role), cb=self._on_cancel),
+            await self._nc.subscribe(subjects.DISCOVER, cb=self._on_discover),
+            await self._nc.subscribe(subjects.GATEWAY_HEARTBEAT, cb=self._on_gateway_heartbeat),
+        ]
+        await self._nc.flush()
+        await self._heartbeat()  # register now rather than one interval from now
+        self._tasks = [
+            asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
+            asyncio.create_task(self._watch_loop(), name="lease-watch"),
+        ]
+        log.info("instance %s serving %s (max_model_len %d)", self.instance_id, self._info.model, self._info.max_model_len)
+
+    async def drain(self, timeout_s: float) -> None:
+        """Stop taking requests, let running ones finish for up to `timeout_s`, fail the
+        rest with a clear error, then say goodbye. Every stream gets its end."""
+        if self._state == "stopped":
+            return
+        self._state = "draining"
+        if self._generate_sub is not None:
+            # Gateways still routing here get "no responders" and pick another instance.
+            with contextlib.suppress(Exception):
+                await self._generate_sub.unsubscribe()
+        with contextlib.suppress(Exception):
+            await self._heartbeat()
+        deadline = time.monotonic() + timeout_s
+        while self._running and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self._running:
+            log.warning("failing %d request(s) still running at shutdown", len(self._running))
+            await self._cancel_all(ErrorInfo(ErrorCode.WORKER_SHUTDOWN, f"instance {self.instance_id} shut down before the request finished"))
+        self._state = "stopped"
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        with contextlib.suppress(Exception):
+            await self._nc.publish(subjects.LEAVE, encode(Leave(instance_id=self.instance_id)))
+            for sub in self._subs:
+                await sub.unsubscribe()
+            await self._nc.flush(timeout=2)
+
+    async def _cancel_all(self, error: ErrorInfo) -> None:
+        running = list(self._running.values())
+        for item in running:
+            item.cancel_error = error
+            item.task.cancel()
+        # Bounded: a cancelled request only has to publish its error delta.
+        await asyncio.wait([item.task for item in running], timeout=5)
+
+    # -- requests --------------------------------------------------------------------
+
+    async def _on_generate(self, msg: Msg) -> None:
+        try:
+            req = decode(msg.data, GenerateRequest)
+        except ProtocolError as exc:
+            log.warning("bad GenerateRequest: %s", exc)
+            if msg.reply:
+                await msg.respond(encode(SubmitReply(request_id="", accepted=False, error=ErrorInfo(ErrorCode.INVALID_REQUEST, str(exc)))))
+            return
+        params, error = self._admit(req)
+        if error is None and params is not None:
+            task = asyncio.create_task(self._serve(req, params), name=f"request-{req.request_id}")
+            self._running[req.request_id] = _Running(task, req.gateway_id)
+            self._gateways.setdefault(req.gateway_id, (time.monotonic(), self._config.default_gateway_lease_s))
+        if msg.reply:
+            await msg.respond(encode(SubmitReply(request_id=req.request_id, accepted=error is None, error=error)))
+
+    def _admit(self, req: GenerateRequest) -> tuple[SamplingParams | None, ErrorInfo | None]:
+        """Cheap checks before accepting, so a bad request is refused synchronously (the
+        gateway turns that into an HTTP 400 instead of a failed stream)."""
+        if self._state != "ready":
+            return None, ErrorInfo(ErrorCode.DRAINING, f"instance {self.instance_id} is shutting down")
+        if req.model != self._info.model:
+            return None, ErrorInfo(ErrorCode.MODEL_MISMATCH, f"instance serves {self._info.model!r}, not {req.model!r}")
+        if req.deadline <= time.time():
+            return None, ErrorInfo(ErrorCode.DEADLINE_EXCEEDED, "the request's deadline passed before it started")
+        if req.request_id in self._running:
+            return None, ErrorInfo(ErrorCode.INVALID_REQUEST, f"request id {req.request_id!r} is already running")
+        try:
+            params = params_from_spec(req.sampling)
+        except (ValueError, TypeError) as exc:
+            return None, ErrorInfo(ErrorCode.INVALID_REQUEST, str(exc))
+        try:
+            validate_prompt(req.prompt_token_ids, self._info.vocab_size, self._info.max_model_len)
+        except ValueError as exc:
+            return None, ErrorInfo(ErrorCode.INVALID_REQUEST, str(exc))
+        return params, None
+
+    async def _serve(self, req: GenerateRequest, params: SamplingParams) -> None:
+        rid = req.request_id
+        seq = 0
+        completion_tokens = 0
+
+        async def send(delta: TokenDelta) -> None:
+            nonlocal seq
+            delta.seq = seq
+            seq += 1
+            await self._nc.publish(req.reply_to, encode(delta))
+
+        error: ErrorInfo | None = None
+        try:
+            loop = asyncio.get_running_loop()
+            async with asyncio.timeout_at(loop.time() + (req.deadline - time.time())):
+                stream = self._engine.generate(rid, req.prompt_token_ids, params)
+                async with contextlib.aclosing(stream):  # type: ignore[type-var]
+                    async for out in stream:
+                        delta = delta_from_output(out, seq)
+                        completion_tokens += sum(len(c.token_ids) for c in delta.choices)
+                        if out.finished and delta.error is None:
+                            delta.usage = Usage(len(req.prompt_token_ids), completion_tokens, out.num_cached_tokens)
+                        await send(delta)
+                        if out.finished:
+                            return
+            error = ErrorInfo(ErrorCode.ENGINE_ERROR, "the engine ended the stream without a final output")
+        except TimeoutError:
+            error = ErrorInfo(ErrorCode.DEADLINE_EXCEEDED, "the request's deadline passed")
+        except ValueError as exc:  # the engine's own validation: the client's fault
+            error = ErrorInfo(ErrorCode.INVALID_REQUEST, str(exc))
+        except asyncio.CancelledError:
+            item = self._running.get(rid)
+            if item is not None and item.cancel_error is not None:
+                with contextlib.suppress(Exception):
+                    await send(TokenDelta(request_id=rid, seq=0, finished=True, error=item.cancel_error))
+            raise
+        except Exception as exc:  # EngineDeadError and anything unexpected: fail this stream only
+            log.exception("request %s failed", rid)
+            error = ErrorInfo(ErrorCode.ENGINE_ERROR, f"engine error: {exc}")
+        finally:
+            self._running.pop(rid, None)
+        if error is not None:
+            with contextlib.suppress(Exception):
+                await send(TokenDelta(request_id=rid, seq=0, finished=True, error=error))
+
+    async def _on_cancel(self, msg: Msg) -> None:
+        try:
+            cancel = decode(msg.data, CancelRequest)
+        except ProtocolError as exc:
+            log.warning("bad CancelRequest: %s", exc)
+            return
+        item = self._running.get(cancel.request_id)
+        if item is not None:
+            log.debug("cancel %s (%s)", cancel.request_id, cancel.reason)
+            item.task.cancel()  # closing the engine stream aborts the request, freeing its KV
+
+    # -- leases ----------------------------------------------------------------------
+
+    async def _on_discover(self, msg: Msg) -> None:
+        with contextlib.suppress(ProtocolError):
+            decode(msg.data, Discover)
+            await self._heartbeat()
+
+    async def _on_gateway_heartbeat(self, msg: Msg) -> None:
+        try:
+            hb = decode(msg.data, GatewayHeartbeat)
+        except ProtocolError:
+            return
+        self._gateways[hb.gateway_id] = (time.monotonic(), hb.lease_s)
+
+    def heartbeat_message(self) -> Heartbeat:
+        stats = self._engine.stats()
+        load = InstanceLoad(
+            num_running=stats.num_running,
+            num_waiting=stats.num_waiting,
+            num_inflight=len(self._running),
+            kv_usage=stats.kv_usage,
+            num_free_blocks=stats.num_free_blocks,
+            num_blocks=stats.num_blocks,
+            prefix_hit_ratio=stats.prefix_hit_ratio,
+            prompt_tokens=stats.prompt_tokens,
+            generation_tokens=stats.generation_tokens,
+            num_preemptions=stats.num_preemptions,
+        )
+        self._hb_seq += 1
+        return Heartbeat(
+            instance_id=self.instance_id,
+            role=self._config.role.value,
+            model=self._info.model,
+            max_model_len=self._info.max_model_len,
+            max_num_seqs=self._info.max_num_seqs,
+            block_size=self._info.block_size,
+            kv_namespace=self._info.kv_namespace,
+            lease_s=self._config.lease_s,
+            seq=self._hb_seq,
+            state="ready" if self._state == "ready" else "draining",
+            started_at=self._started_at,
+            kv_event_seq=self._kv_events.last_seq if self._kv_events is not None else -1,
+            load=load,
+        )
+
+    async def _heartbeat(self) -> None:
+        await self._nc.publish(subjects.HEARTBEAT, encode(self.heartbeat_message()))
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._config.heartbeat_interval_s)
+            try:
+                await self._heartbeat()
+            except Exception as exc:  # NATS reconnecting: the next beat will do
+                log.warning("heartbeat failed: %s", exc)
+
+    async def _watch_loop(self) -> None:
+        """Abort requests of gateways whose lease ran out; notice a dead engine."""
+        while True:
+            await asyncio.sleep(0.5)
+            if not self._engine.is_alive:
+                log.error("the engine died; failing running requests and stopping")
+                self.stopped.set()
+                return
+            now = time.monotonic()
+            for gateway_id, (seen, lease) in list(self._gateways.items()):
+                if now - seen <= lease:
+                    continue
+                orphans = [item for item in self._running.values() if item.gateway_id == gateway_id]
+                if orphans:
+                    log.warning("gateway %s is gone; aborting its %d request(s)", gateway_id, len(orphans))
+                    for item in orphans:
+                        item.task.cancel()
+                else:
+                    del self._gateways[gateway_id]

@@ -1,0 +1,66 @@
+"""The gateway's Prometheus metrics.
+
+Counters and histograms are updated as requests run; gauges (queue depth, running
+requests, per-instance KV usage and prefix hit ratio) are read at scrape time from the
+admission controller and the instance registry, so a dropped instance disappears.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from rtpllm.routing.instances import InstanceRegistry
+from rtpllm.serving.admission import AdmissionController
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 7.5, 10, 20, 40, 80)
+_ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2.5)
+
+
+class GatewayMetrics:
+    """All gateway metrics, in a registry of their own (several gateways may share a
+    process in tests)."""
+
+    def __init__(self, admission: AdmissionController, instances: InstanceRegistry) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("rtpllm_requests", "Finished HTTP requests by endpoint and status code", ["endpoint", "status"], registry=r)
+        self.ttft = Histogram("rtpllm_time_to_first_token_seconds", "Time from request arrival to its first token", buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("rtpllm_inter_token_latency_seconds", "Time between consecutive tokens of a request", buckets=_ITL_BUCKETS, registry=r)
+        self.e2e = Histogram("rtpllm_e2e_request_latency_seconds", "Time from request arrival to its last token", buckets=_LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("rtpllm_prompt_tokens", "Prompt tokens of served requests", registry=r)
+        self.cached_tokens = Counter("rtpllm_cached_prompt_tokens", "Prompt tokens served from the prefix cache", registry=r)
+        self.generation_tokens = Counter("rtpllm_generation_tokens", "Generated tokens", registry=r)
+        self.instances_lost = Counter("rtpllm_instances_lost", "Engine instances dropped, by reason", ["reason"], registry=r)
+        r.register(_StateCollector(admission, instances))
+
+
+class _StateCollector(Collector):
+    def __init__(self, admission: AdmissionController, instances: InstanceRegistry) -> None:
+        self._admission = admission
+        self._instances = instances
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily("rtpllm_queue_depth", "Requests waiting for admission", value=self._admission.queued)
+        yield GaugeMetricFamily("rtpllm_running_requests", "Requests admitted and not finished", value=self._admission.running)
+        alive = GaugeMetricFamily("rtpllm_instances", "Live engine instances by model and state", labels=["model", "state"])
+        kv = GaugeMetricFamily("rtpllm_kv_usage", "Fraction of KV blocks in use, per instance", labels=["instance", "model"])
+        hit = GaugeMetricFamily("rtpllm_prefix_cache_hit_ratio", "Prefix-cache hit ratio (tokens), per instance", labels=["instance", "model"])
+        running = GaugeMetricFamily("rtpllm_instance_running", "Sequences running in the engine, per instance", labels=["instance", "model"])
+        waiting = GaugeMetricFamily("rtpllm_instance_waiting", "Sequences waiting in the engine, per instance", labels=["instance", "model"])
+        counts: dict[tuple[str, str], int] = {}
+        for inst in self._instances:
+            hb = inst.heartbeat
+            key = (hb.model, hb.state)
+            counts[key] = counts.get(key, 0) + 1
+            labels = [hb.instance_id, hb.model]
+            kv.add_metric(labels, hb.load.kv_usage)
+            hit.add_metric(labels, hb.load.prefix_hit_ratio)
+            running.add_metric(labels, hb.load.num_running)
+            waiting.add_metric(labels, hb.load.num_waiting)
+        for (model, state), n in counts.items():
+            alive.add_metric([model, state], n)
+        yield from (alive, kv, hit, running, waiting)

@@ -1,0 +1,53 @@
+"""Typed settings of the gateway and worker services, built once by the command line
+(the only place that reads `RTPLLM_*` environment variables) and passed down."""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from dataclasses import dataclass
+
+from rtpllm.config import EngineConfig
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """Everything `rtpllm serve gateway` needs; see docs/serving.md for each field."""
+
+    nats_url: str = "nats://127.0.0.1:4222"
+    redis_url: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model: str = "smollm2-135m-instruct"
+    served_model_name: str | None = None
+    gateway_id: str = ""
+    router: str = "least-loaded"
+    max_running: int = 1024
+    max_queue: int = 1024
+    request_timeout_s: float = 600.0
+    submit_timeout_s: float = 5.0
+    heartbeat_interval_s: float = 1.0
+    lease_s: float = 3.0
+    retry_after_s: int = 1
+    shutdown_timeout_s: float = 10.0
+    nats_connect_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Everything `rtpllm serve worker` needs; see docs/serving.md for each field."""
+
+    engine: EngineConfig
+    nats_url: str = "nats://127.0.0.1:4222"
+    redis_url: str | None = None
+    instance_id: str = ""
+    heartbeat_interval_s: float = 1.0
+    lease_s: float = 3.0
+    drain_timeout_s: float = 10.0
+    nats_connect_timeout_s: float = 30.0
+
+
+def new_id(kind: str) -> str:
+    """A process-unique id usable as a NATS subject token: kind-host-random."""
+    host = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in socket.gethostname())[:32] or "host"
+    return f"{kind}-{host}-{uuid.uuid4().hex[:8]}"

@@ -1,0 +1,2 @@
+"""rtpllm's services: each folder holds an entry point and its wiring; the logic lives in
+the `rtpllm` library."""

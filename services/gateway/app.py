@@ -1,0 +1,164 @@
+"""Wiring of the gateway: NATS, dispatcher, admission, metrics, tokenizer and the HTTP
+routes of `rtpllm.api.server.OpenAIServer` in one FastAPI app."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from rtpllm.api import errors
+from rtpllm.api.errors import APIError
+from rtpllm.api.generation import GatewayCore
+from rtpllm.api.server import OpenAIServer, error_response, json_response
+from rtpllm.models.registry import served_model_name
+from rtpllm.routing.policy import make_policy
+from rtpllm.serving.admission import AdmissionController
+from rtpllm.serving.bus import connect_nats
+from rtpllm.serving.dependencies import RedisCheck
+from rtpllm.serving.dispatcher import Dispatcher, DispatcherConfig
+from rtpllm.serving.metrics import GatewayMetrics
+from rtpllm.serving.settings import GatewaySettings, new_id
+from rtpllm.tokenizer import Tokenizer
+
+log = logging.getLogger("rtpllm.gateway")
+
+
+def model_dir(model: str) -> Path:
+    """A model directory as is; a known name through the registry (imported only then:
+    it pulls in torch, which a gateway given a directory never needs)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    from rtpllm.models.registry import resolve_model
+
+    return resolve_model(model)
+
+
+def create_app(settings: GatewaySettings) -> FastAPI:
+    gateway_id = settings.gateway_id or new_id("gateway")
+    model = served_model_name(settings.model, settings.served_model_name)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Tokenizer first: on a first run it may convert the embedded model (seconds).
+        tokenizer = await asyncio.to_thread(lambda: Tokenizer.from_dir(model_dir(settings.model)))
+        redis = RedisCheck(settings.redis_url)
+        if settings.redis_url:
+            log.info("redis %s: %s", settings.redis_url, await redis.status())
+        nc = await connect_nats(settings.nats_url, f"rtpllm-{gateway_id}", settings.nats_connect_timeout_s)
+        dispatcher = Dispatcher(
+            nc,
+            make_policy(settings.router),
+            DispatcherConfig(
+                gateway_id=gateway_id,
+                submit_timeout_s=settings.submit_timeout_s,
+                heartbeat_interval_s=settings.heartbeat_interval_s,
+                lease_s=settings.lease_s,
+            ),
+        )
+        admission = AdmissionController(settings.max_running, settings.max_queue, settings.retry_after_s)
+        metrics = GatewayMetrics(admission, dispatcher.registry)
+        dispatcher.on_instance_lost = lambda inst, code: metrics.instances_lost.labels(code).inc()
+        await dispatcher.start()
+        core = GatewayCore(dispatcher, admission, metrics, settings.request_timeout_s)
+        app.state.server = OpenAIServer(core, tokenizer, model)
+        app.state.nc = nc
+        app.state.redis = redis
+        log.info("gateway %s serving %r on http://%s:%d (router %s)", gateway_id, model, settings.host, settings.port, settings.router)
+        try:
+            yield
+        finally:
+            await dispatcher.close()
+            await redis.close()
+            await nc.drain()
+
+    app = FastAPI(title="rtpllm gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
+
+    def server(request: Request) -> OpenAIServer:
+        return request.app.state.server
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        return await server(request).chat(request)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await server(request).completions(request)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        return server(request).models()
+
+    @app.get("/health")
+    async def health() -> Response:
+        """Liveness: the process serves HTTP."""
+        return json_response({"status": "ok"})
+
+    @app.get("/ready")
+    async def ready(request: Request) -> Response:
+        """Readiness: NATS connected and at least one worker serves the model."""
+        srv = server(request)
+        workers = srv.core.dispatcher.candidates(srv.model)
+        nats_ok = request.app.state.nc.is_connected
+        body = {
+            "status": "ready" if nats_ok and workers else "not_ready",
+            "gateway_id": gateway_id,
+            "model": srv.model,
+            "workers": len(workers),
+            "dependencies": {
+                "nats": "ok" if nats_ok else "disconnected",
+                "redis": await request.app.state.redis.status(),
+            },
+        }
+        return json_response(body, 200 if body["status"] == "ready" else 503)
+
+    @app.get("/instances")
+    async def instances(request: Request) -> Response:
+        """Every engine instance this gateway knows, with its last reported load."""
+        srv = server(request)
+        items = []
+        for inst in srv.core.dispatcher.registry:
+            hb = inst.heartbeat
+            items.append(
+                {
+                    "instance_id": hb.instance_id,
+                    "role": hb.role,
+                    "model": hb.model,
+                    "state": hb.state,
+                    "max_model_len": hb.max_model_len,
+                    "inflight_from_this_gateway": inst.inflight,
+                    "load": {f: getattr(hb.load, f) for f in hb.load.__struct_fields__},
+                }
+            )
+        return json_response({"instances": items})
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        registry = server(request).core.metrics.registry
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 404:
+            return error_response(errors.not_found(request.url.path))
+        return error_response(APIError(exc.status_code, str(exc.detail), "invalid_request_error"))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        return error_response(errors.bad_request(str(exc)))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error on %s", request.url.path)
+        return error_response(errors.internal(f"internal error: {type(exc).__name__}"))
+
+    return app

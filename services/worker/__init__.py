@@ -1,0 +1,1 @@
+"""The combined (prefill + decode) engine worker (`rtpllm serve worker`)."""

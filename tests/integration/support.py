@@ -1,0 +1,59 @@
+"""Helpers of the integration tests: stacks of real processes and extra gateways."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from rtpllm.runtime.processes import ManagedProcess, free_port, http_json, rtpllm_command, wait_until
+from rtpllm.runtime.stack import Stack, StackConfig
+
+MODEL_NAME = "tiny-llama"
+# Enough KV for 64 concurrent requests; max-num-seqs above the concurrency tests' load.
+WORKER_ARGS = ["--num-blocks", "1024", "--max-num-seqs", "128", "--drain-timeout", "5"]
+
+
+def dump_logs(log_dir: Path) -> None:
+    for path in sorted(log_dir.glob("*.log")):
+        sys.stderr.write(f"\n===== {path.name} (tail) =====\n{path.read_text(errors='replace')[-4000:]}\n")
+
+
+def start_stack(
+    tiny_model: Path, log_dir: Path, workers: int, gateway_args: list[str] | None = None, worker_args: list[str] | None = None
+) -> Stack:
+    stack = Stack(
+        StackConfig(
+            model=str(tiny_model),
+            workers=workers,
+            worker_args=WORKER_ARGS + (worker_args or []),  # later flags win
+            gateway_args=gateway_args or [],
+            log_dir=log_dir,
+        )
+    )
+    try:
+        stack.start()
+        stack.wait_ready(timeout=120)
+    except BaseException:
+        stack.stop()
+        dump_logs(log_dir)
+        raise
+    return stack
+
+
+class ExtraGateway:
+    """A second gateway on the shared bus, with its own flags."""
+
+    def __init__(self, stack: Stack, args: list[str], log_dir: Path, name: str) -> None:
+        self.port = free_port()
+        argv = rtpllm_command(
+            "serve", "gateway", "--nats", stack.nats_url, "--model", stack.config.model,
+            "--host", "127.0.0.1", "--port", str(self.port), *args,
+        )  # fmt: skip
+        self.proc = ManagedProcess(name, argv, log_path=log_dir / f"{name}.log").start()
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def wait_up(self, timeout: float = 60) -> None:
+        wait_until(lambda: http_json(f"{self.url}/health")[0] == 200, timeout, f"{self.proc.name}", [self.proc])
+
+    def stop(self) -> None:
+        self.proc.stop(10)

@@ -1,0 +1,229 @@
+"""The NATS protocol between dispatcher (gateway side) and engine server (worker side),
+in-process over a real nats-server, with the zero-compute engine: ordering, usage,
+cancel, rejection, lease expiry, goodbye, lost deltas, garbage on the wire."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import nats
+import pytest
+
+from rtpllm.protocol import subjects
+from rtpllm.protocol.convert import spec_from_params
+from rtpllm.protocol.messages import (
+    ErrorCode,
+    GenerateRequest,
+    SamplingSpec,
+    SubmitReply,
+    TokenDelta,
+    decode,
+    encode,
+)
+from rtpllm.routing.policy import LeastLoaded
+from rtpllm.runtime.processes import ManagedProcess, start_nats
+from rtpllm.sampling_params import SamplingParams
+from rtpllm.serving.dispatcher import Dispatcher, DispatcherConfig, NoInstanceError, SubmitRejected
+from rtpllm.serving.engine_server import EngineServer, EngineServerConfig
+from rtpllm.serving.synthetic_engine import SyntheticEngine
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(scope="module")
+def nats_url() -> Iterator[str]:
+    proc: ManagedProcess
+    proc, url = start_nats()
+    yield url
+    proc.stop(5)
+
+
+class Bus:
+    """One gateway-side dispatcher and engine servers, each on its own connection."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.servers: list[EngineServer] = []
+        self.engines: list[SyntheticEngine] = []
+        self.conns: list[nats.NATS] = []
+        self.dispatcher: Dispatcher | None = None
+
+    async def server(self, step_s: float = 0.0, lease_s: float = 1.0, instance_id: str | None = None) -> EngineServer:
+        nc = await nats.connect(self.url)
+        self.conns.append(nc)
+        engine = SyntheticEngine(step_s)
+        config = EngineServerConfig(instance_id=instance_id or f"w{len(self.servers)}", heartbeat_interval_s=0.1, lease_s=lease_s)
+        server = EngineServer(nc, engine, engine.info, config)
+        await server.start()
+        self.servers.append(server)
+        self.engines.append(engine)
+        return server
+
+    async def gateway(self) -> Dispatcher:
+        nc = await nats.connect(self.url)
+        self.conns.append(nc)
+        self.dispatcher = Dispatcher(nc, LeastLoaded(), DispatcherConfig(gateway_id="gw", submit_timeout_s=1.0, heartbeat_interval_s=0.1, lease_s=1.0, lease_check_interval_s=0.05))
+        await self.dispatcher.start()
+        return self.dispatcher
+
+    async def wait_instances(self, n: int) -> None:
+        assert self.dispatcher is not None
+        for _ in range(200):
+            if len(self.dispatcher.candidates("synthetic")) >= n:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("instances never registered")
+
+    async def close(self) -> None:
+        for server in self.servers:
+            await server.drain(0)
+        if self.dispatcher is not None:
+            await self.dispatcher.close()
+        for nc in self.conns:
+            await nc.close()
+
+
+@pytest.fixture
+async def bus(nats_url: str) -> AsyncIterator[Bus]:
+    b = Bus(nats_url)
+    yield b
+    await b.close()
+
+
+def request(rid: str, max_tokens: int = 8, **params: object) -> GenerateRequest:
+    spec = spec_from_params(SamplingParams(max_tokens=max_tokens, **params))  # type: ignore[arg-type]
+    return GenerateRequest(request_id=rid, model="synthetic", prompt_token_ids=[1, 2, 3], sampling=spec, reply_to="", gateway_id="", deadline=time.time() + 30)
+
+
+async def collect(stream) -> list[TokenDelta]:  # type: ignore[no-untyped-def]
+    return [d async for d in stream]
+
+
+async def test_stream_in_order_with_usage(bus: Bus) -> None:
+    await bus.server()
+    d = await bus.gateway()
+    await bus.wait_instances(1)
+    deltas = await asyncio.wait_for(collect(await d.submit(request("r1", max_tokens=8, n=2))), 10)
+    assert [x.seq for x in deltas] == list(range(len(deltas)))
+    assert deltas[-1].finished and deltas[-1].error is None
+    assert deltas[-1].usage is not None and deltas[-1].usage.completion_tokens == 16 and deltas[-1].usage.prompt_tokens == 3
+    assert "".join(c.text for x in deltas for c in x.choices if c.index == 0) == "abcdefgh"
+    assert d.num_streams == 0 and d.registry.get("w0").inflight == 0  # type: ignore[union-attr]
+
+
+async def test_bad_request_rejected_model_mismatch_skipped(bus: Bus) -> None:
+    await bus.server()
+    d = await bus.gateway()
+    await bus.wait_instances(1)
+    bad = request("r2")
+    bad.sampling = SamplingSpec(temperature=-1.0)
+    with pytest.raises(SubmitRejected) as info:
+        await d.submit(bad)
+    assert info.value.error.code == ErrorCode.INVALID_REQUEST
+    assert "temperature" in info.value.error.message
+    too_long = request("r3")
+    too_long.prompt_token_ids = []
+    with pytest.raises(SubmitRejected):
+        await d.submit(too_long)
+    other = request("r4")
+    other.model = "not-served"
+    with pytest.raises(NoInstanceError):
+        await d.submit(other)
+    # Still serving after all that.
+    assert (await collect(await d.submit(request("r5"))))[-1].usage is not None
+
+
+async def test_cancel_stops_the_engine_request(bus: Bus) -> None:
+    await bus.server(step_s=0.01)
+    d = await bus.gateway()
+    await bus.wait_instances(1)
+    stream = await d.submit(request("r6", max_tokens=10_000))
+    it = aiter(stream)
+    await anext(it)
+    assert bus.engines[0].stats().num_running == 1
+    d.cancel(stream)
+    for _ in range(100):
+        if bus.engines[0].stats().num_running == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert bus.engines[0].stats().num_running == 0
+    assert bus.servers[0].num_running == 0
+
+
+async def test_silent_instance_fails_its_streams_after_its_lease(bus: Bus) -> None:
+    server = await bus.server(step_s=0.01, lease_s=0.5)
+    d = await bus.gateway()
+    await bus.wait_instances(1)
+    stream = await d.submit(request("r7", max_tokens=10_000))
+    it = aiter(stream)
+    await anext(it)
+    # Simulate a hung/partitioned worker: it stops heartbeating and streaming, says nothing.
+    for task in server._tasks:
+        task.cancel()
+    for item in list(server._running.values()):
+        item.task.cancel()
+    t0 = time.monotonic()
+    last = None
+    async for delta in it:
+        last = delta
+    elapsed = time.monotonic() - t0
+    assert last is not None and last.error is not None and last.error.code == ErrorCode.WORKER_LOST
+    assert elapsed < 0.5 + 0.3
+    assert d.registry.get(server.instance_id) is None
+    with pytest.raises(NoInstanceError):
+        await d.submit(request("r8"))
+
+
+async def test_drain_finishes_or_fails_streams_and_says_goodbye(bus: Bus) -> None:
+    server = await bus.server(step_s=0.01)
+    d = await bus.gateway()
+    await bus.wait_instances(1)
+    short = await d.submit(request("short", max_tokens=5))
+    long = await d.submit(request("long", max_tokens=10_000))
+    drain = asyncio.create_task(server.drain(0.3))
+    short_deltas = await asyncio.wait_for(collect(short), 5)
+    long_deltas = await asyncio.wait_for(collect(long), 5)
+    await drain
+    assert short_deltas[-1].error is None and short_deltas[-1].usage is not None
+    assert long_deltas[-1].error is not None and long_deltas[-1].error.code == ErrorCode.WORKER_SHUTDOWN
+    for _ in range(100):
+        if d.registry.get(server.instance_id) is None:
+            break
+        await asyncio.sleep(0.01)
+    assert d.registry.get(server.instance_id) is None  # the Leave dropped it at once
+
+
+async def test_gap_in_deltas_fails_the_stream(bus: Bus) -> None:
+    await bus.server(step_s=0.05)
+    d = await bus.gateway()
+    await bus.wait_instances(1)
+    stream = await d.submit(request("r9", max_tokens=10_000))
+    it = aiter(stream)
+    await anext(it)
+    # A delta from far ahead, as if the ones between were dropped.
+    await bus.conns[-1].publish(d.reply_subject, encode(TokenDelta(request_id="r9", seq=1000)))
+    last = None
+    async for delta in it:
+        last = delta
+    assert last is not None and last.error is not None and last.error.code == ErrorCode.LOST_DELTAS
+    for _ in range(100):  # the instance was told to stop
+        if bus.engines[0].stats().num_running == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert bus.engines[0].stats().num_running == 0
+
+
+async def test_garbage_on_the_wire_is_refused_not_fatal(bus: Bus) -> None:
+    server = await bus.server()
+    d = await bus.gateway()
+    await bus.wait_instances(1)
+    nc = bus.conns[-1]
+    msg = await nc.request(subjects.generate_subject(server.instance_id), b"\x00not msgpack", timeout=2)
+    reply = decode(msg.data, SubmitReply)
+    assert not reply.accepted and reply.error is not None and reply.error.code == ErrorCode.INVALID_REQUEST
+    for subject in (subjects.HEARTBEAT, subjects.LEAVE, d.reply_subject, subjects.cancel_subject(server.instance_id)):
+        await nc.publish(subject, b"garbage")
+    await nc.flush()
+    assert (await collect(await d.submit(request("r10"))))[-1].usage is not None
