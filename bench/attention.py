@@ -1,0 +1,498 @@
+"""Attention kernels vs the torch alternatives, Llama-3.1-8B attention shape.
+
+    python bench/attention.py [--out results.json] [--sweep] [--no-flex]
+    TRITON_INTERPRET=1 python bench/attention.py --smoke   # CPU: tiny shapes, crash check only
+
+Rows (32 q heads, 8 kv heads, head_dim 128, bf16, block_size 16, shuffled block tables):
+- decode at batch 1/16/64/256 x context 1K/4K/16K: the split-KV Triton kernel (KV write
+  fused) vs SDPA over the KV gathered out of the paged cache (what a torch-only backend
+  does). GB/s counts the K/V bytes that must be read (batch * ctx * 8 * 128 * 2 * 2 B)
+  and is compared with the ~3.0 TB/s the H100 reaches on a device-to-device copy.
+- prefill of one 4096-token prompt without cached prefix: the Triton extend kernel vs
+  SDPA (is_causal; flash with enable_gqa, and each backend pinned) and FlexAttention;
+  TFLOP/s counts the causal half (2 * L^2 * D * Hq multiply-adds).
+- extend: a 512-token chunk over 4096 cached tokens (batch 1 and 8): the Triton extend
+  kernel vs gather + SDPA with a bottom-right causal mask.
+
+Times are triton.testing.do_bench medians (L2 flushed before every run); "graph" rows
+replay a CUDA graph of the launch (L2 warm, launch overhead removed). The table is printed
+last; --out writes every number as JSON. Runs in well under 3 minutes on an H100.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import rtpllm  # noqa: F401
+except ImportError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "libs"))
+
+from rtpllm.kernels import decode_attention as decode_mod
+from rtpllm.kernels import extend_attention as extend_mod
+from rtpllm.kernels._triton import device_sms
+from rtpllm.kernels.kv_cache import store_kv_triton
+
+HQ, HKV, D, BLOCK = 32, 8, 128, 16
+COPY_BW_GBS = 3000.0  # H100 SXM device-to-device copy, measured (METHOD.md); override with --bw
+DT = torch.bfloat16
+# Launch configs tried by --sweep: decode (BLOCK_N, warps, stages), prefill (BLOCK_M, BLOCK_N, warps, stages).
+DECODE_CONFIGS = ((32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 8, 2), (128, 4, 2), (128, 8, 3))
+# (configs that spill registers on sm_90a are left out; see docs/kernels.md)
+PREFILL_CONFIGS = (
+    (128, 64, 8, 3),
+    (128, 32, 8, 3),
+    (64, 64, 8, 3),
+    (128, 64, 8, 2),
+    (128, 64, 8, 4),
+    (64, 32, 4, 3),
+)
+
+
+def bench(fn: Callable[[], Any], device: str, graph: bool = False) -> float:
+    """Median milliseconds of fn()."""
+    if device != "cuda":  # interpreter smoke run: one timed call, the number means nothing
+        fn()
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
+    import triton.testing
+
+    if graph:
+        return float(triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median"))
+    return float(triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median"))
+
+
+def paged_cache(batch: int, ctx: int, device: str, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """A layer's K/V views of a [1, 2, blocks, 16, 8, 128] pool, shuffled block tables,
+    and the decode metadata for contexts of `ctx` (the newest token included)."""
+    per_seq = -(-ctx // BLOCK)
+    num_blocks = batch * per_seq + 1
+    pool = torch.randn(1, 2, num_blocks, BLOCK, HKV, D, device=device, dtype=DT)
+    perm = torch.randperm(num_blocks, device="cpu", generator=gen)[: batch * per_seq]
+    tables = perm.view(batch, per_seq).to(torch.int32).to(device)
+    seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
+    last = ctx - 1
+    slots = tables[:, last // BLOCK].long() * BLOCK + last % BLOCK
+    return pool[0, 0], pool[0, 1], tables, seq_lens, slots
+
+
+def decode_case(batch: int, ctx: int, device: str, gen: torch.Generator, free: int) -> dict[str, Any]:
+    kc, vc, tables, seq_lens, slots = paged_cache(batch, ctx, device, gen)
+    q = torch.randn(batch, HQ, D, device=device, dtype=DT)
+    kn = torch.randn(batch, HKV, D, device=device, dtype=DT)
+    vn = torch.randn(batch, HKV, D, device=device, dtype=DT)
+    out = torch.empty_like(q)
+    scale = D**-0.5
+    splits = decode_mod.decode_num_splits(batch, HKV, HQ // HKV, ctx)
+
+    def triton_decode() -> None:
+        decode_mod.paged_decode_attention_triton(
+            q, kn, vn, kc, vc, tables, seq_lens, slots, scale, None, out=out, max_seq_len=ctx
+        )
+
+    def sdpa_decode() -> None:
+        k = kc[tables.long()].flatten(1, 2)[:, :ctx].transpose(1, 2)  # [B, Hkv, L, D]
+        v = vc[tables.long()].flatten(1, 2)[:, :ctx].transpose(1, 2)
+        F.scaled_dot_product_attention(q.unsqueeze(2), k, v, scale=scale, enable_gqa=True)
+
+    kv_bytes = batch * ctx * HKV * D * 2 * 2
+    ms = bench(triton_decode, device)
+    row: dict[str, Any] = {
+        "case": "decode",
+        "batch": batch,
+        "ctx": ctx,
+        "splits": splits,
+        "triton_ms": ms,
+        "triton_gbs": kv_bytes / ms / 1e6,
+    }
+    if batch == 1 and device == "cuda":
+        row["triton_graph_ms"] = bench(triton_decode, device, graph=True)
+    if 3 * kv_bytes < free * 0.8:  # the gather copies the whole context once more
+        base = bench(sdpa_decode, device)
+        row.update(sdpa_gather_ms=base, sdpa_gather_gbs=kv_bytes / base / 1e6)
+    return row
+
+
+def decode_rows(device: str, smoke: bool, gen: torch.Generator) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    batches, contexts = ([1, 3], [40, 300]) if smoke else ([1, 16, 64, 256], [1024, 4096, 16384])
+    for batch in batches:
+        for ctx in contexts:
+            free = torch.cuda.mem_get_info()[0] if device == "cuda" else 1 << 40
+            rows.append(decode_case(batch, ctx, device, gen, free))
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+def _sdpa_variants(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> dict[str, Callable[[], Any]]:
+    """SDPA over [1, H, L, D] inputs: default dispatch with enable_gqa, and each backend pinned
+    (those without GQA support get K/V repeated to the q heads first)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    group = q.shape[1] // k.shape[1]
+    k_rep, v_rep = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    variants: dict[str, Callable[[], Any]] = {
+        "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    }
+    for name, backend, gqa in (
+        ("sdpa_flash", SDPBackend.FLASH_ATTENTION, True),
+        ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION, False),
+        ("sdpa_efficient", SDPBackend.EFFICIENT_ATTENTION, False),
+    ):
+
+        def run(backend: SDPBackend = backend, gqa: bool = gqa) -> Any:
+            with sdpa_kernel(backend):
+                if gqa:
+                    return F.scaled_dot_product_attention(
+                        q, k, v, is_causal=True, scale=scale, enable_gqa=True
+                    )
+                return F.scaled_dot_product_attention(q, k_rep, v_rep, is_causal=True, scale=scale)
+
+        variants[name] = run
+    return variants
+
+
+def prefill_rows(device: str, smoke: bool, flex: bool) -> list[dict[str, Any]]:
+    length = 64 if smoke else 4096
+    num_blocks = length // BLOCK + 1
+    pool = torch.randn(1, 2, num_blocks, BLOCK, HKV, D, device=device, dtype=DT)
+    kc, vc = pool[0, 0], pool[0, 1]
+    tables = torch.randperm(num_blocks)[: length // BLOCK].view(1, -1).to(torch.int32).to(device)
+    slots = tables[0].long().repeat_interleave(BLOCK) * BLOCK + torch.arange(length, device=device) % BLOCK
+    qkv = torch.randn(length, (HQ + 2 * HKV) * D, device=device, dtype=DT)
+    q = qkv[:, : HQ * D].view(length, HQ, D)
+    k = qkv[:, HQ * D : (HQ + HKV) * D].view(length, HKV, D)
+    v = qkv[:, (HQ + HKV) * D :].view(length, HKV, D)
+    qsl = torch.tensor([0, length], dtype=torch.int32, device=device)
+    seq_lens = torch.tensor([length], dtype=torch.int32, device=device)
+    out = torch.empty(length, HQ, D, device=device, dtype=DT)
+    scale = D**-0.5
+    flops = 2 * length * length * D * HQ  # causal half of 4 * L^2 * D * H
+    rows: list[dict[str, Any]] = []
+
+    def add(impl: str, fn: Callable[[], Any]) -> None:
+        try:
+            ms = bench(fn, device)
+        except Exception as exc:  # a backend the build lacks: report, keep going
+            rows.append({"case": "prefill", "impl": impl, "tokens": length, "error": repr(exc)[:120]})
+            return
+        rows.append({"case": "prefill", "impl": impl, "tokens": length, "ms": ms, "tflops": flops / ms / 1e9})
+
+    add(
+        "triton_extend",
+        lambda: extend_mod.paged_extend_attention_triton(
+            q, k, v, kc, vc, tables, qsl, seq_lens, slots, scale, None, length, 0, out
+        ),
+    )
+    add("store_kv", lambda: store_kv_triton(k, v, kc, vc, slots))
+    qt, kt, vt = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+    if device == "cuda":
+        for name, fn in _sdpa_variants(qt, kt, vt, scale).items():
+            add(name, fn)
+        if flex:
+            add_flex(rows, qt, kt, vt, scale, flops, device)
+    return rows
+
+
+def add_flex(
+    rows: list[dict[str, Any]],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    flops: int,
+    device: str,
+) -> None:
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        length = q.shape[2]
+        mask = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, length, length, device=device)
+        compiled = torch.compile(flex_attention)
+        t0 = time.perf_counter()
+        compiled(q, k, v, block_mask=mask, scale=scale, enable_gqa=True)
+        torch.cuda.synchronize()
+        compile_s = time.perf_counter() - t0
+        ms = bench(lambda: compiled(q, k, v, block_mask=mask, scale=scale, enable_gqa=True), device)
+        rows.append(
+            {
+                "case": "prefill",
+                "impl": "flex",
+                "tokens": length,
+                "ms": ms,
+                "tflops": flops / ms / 1e9,
+                "compile_s": compile_s,
+            }
+        )
+    except Exception as exc:
+        rows.append({"case": "prefill", "impl": "flex", "error": repr(exc)[:120]})
+
+
+def extend_case(batch: int, chunk: int, prefix: int, device: str, gen: torch.Generator) -> dict[str, Any]:
+    ctx = prefix + chunk
+    kc, vc, tables, seq_lens, _ = paged_cache(batch, ctx, device, gen)
+    pos = torch.arange(prefix, ctx, device=device)
+    slots = (tables[:, pos // BLOCK].long() * BLOCK + pos % BLOCK).flatten()
+    tokens = batch * chunk
+    q = torch.randn(tokens, HQ, D, device=device, dtype=DT)
+    k = torch.randn(tokens, HKV, D, device=device, dtype=DT)
+    v = torch.randn(tokens, HKV, D, device=device, dtype=DT)
+    qsl = torch.arange(0, tokens + 1, chunk, dtype=torch.int32, device=device)
+    out = torch.empty_like(q)
+    scale = D**-0.5
+    flops = 4 * batch * chunk * (prefix + chunk / 2) * D * HQ
+    group = HQ // HKV
+
+    def triton_extend() -> None:
+        extend_mod.paged_extend_attention_triton(
+            q, k, v, kc, vc, tables, qsl, seq_lens, slots, scale, None, chunk, 0, out
+        )
+
+    def sdpa_extend() -> None:
+        # The torch-only way: gather the prefix, append the chunk, mask bottom-right causal.
+        kp = kc[tables.long()].flatten(1, 2)[:, :prefix]
+        vp = vc[tables.long()].flatten(1, 2)[:, :prefix]
+        kk = torch.cat([kp, k.view(batch, chunk, HKV, D)], 1).transpose(1, 2).repeat_interleave(group, 1)
+        vv = torch.cat([vp, v.view(batch, chunk, HKV, D)], 1).transpose(1, 2).repeat_interleave(group, 1)
+        qq = q.view(batch, chunk, HQ, D).transpose(1, 2)
+        allowed = torch.ones(chunk, ctx, dtype=torch.bool, device=device).tril(prefix)
+        F.scaled_dot_product_attention(qq, kk, vv, attn_mask=allowed, scale=scale)
+
+    ms = bench(triton_extend, device)
+    base = bench(sdpa_extend, device)
+    return {
+        "case": "extend",
+        "batch": batch,
+        "chunk": chunk,
+        "prefix": prefix,
+        "triton_ms": ms,
+        "triton_tflops": flops / ms / 1e9,
+        "sdpa_gather_ms": base,
+        "sdpa_gather_tflops": flops / base / 1e9,
+    }
+
+
+def extend_rows(device: str, smoke: bool, gen: torch.Generator) -> list[dict[str, Any]]:
+    chunk, prefix = (24, 40) if smoke else (512, 4096)
+    return [extend_case(batch, chunk, prefix, device, gen) for batch in (1, 8)]
+
+
+def sweep_rows(device: str, gen: torch.Generator, smoke: bool) -> list[dict[str, Any]]:
+    """Decode launch configs (BLOCK_N, num_warps, num_stages) and split counts at a few
+    shapes, to pick the defaults."""
+    rows: list[dict[str, Any]] = []
+    shapes = ((2, 70),) if smoke else ((1, 4096), (64, 4096), (256, 1024))
+    for batch, ctx in shapes:
+        kc, vc, tables, seq_lens, slots = paged_cache(batch, ctx, device, gen)
+        q = torch.randn(batch, HQ, D, device=device, dtype=DT)
+        kn = torch.randn(batch, HKV, D, device=device, dtype=DT)
+        out = torch.empty_like(q)
+        kv_bytes = batch * ctx * HKV * D * 4
+        args = (q, kn, kn, kc, vc, tables, seq_lens, slots, D**-0.5, None, out, None, ctx)
+        configs = ((32, 4, 2), (64, 4, 2)) if smoke else DECODE_CONFIGS
+        for cfg in configs:
+            decode_mod.CONFIG_OVERRIDE = cfg
+            try:
+                ms = bench(lambda: decode_mod.paged_decode_attention_triton(*args), device)  # noqa: B023
+                rows.append(
+                    {
+                        "case": "sweep",
+                        "batch": batch,
+                        "ctx": ctx,
+                        "cfg": cfg,
+                        "ms": ms,
+                        "gbs": kv_bytes / ms / 1e6,
+                    }
+                )
+            except Exception as exc:
+                rows.append(
+                    {"case": "sweep", "batch": batch, "ctx": ctx, "cfg": cfg, "error": repr(exc)[:120]}
+                )
+            finally:
+                decode_mod.CONFIG_OVERRIDE = None
+    for batch, ctx in ((2, 70),) if smoke else ((1, 4096), (16, 4096), (64, 1024), (64, 4096)):
+        kc, vc, tables, seq_lens, slots = paged_cache(batch, ctx, device, gen)
+        q = torch.randn(batch, HQ, D, device=device, dtype=DT)
+        kn = torch.randn(batch, HKV, D, device=device, dtype=DT)
+        out = torch.empty_like(q)
+        kv_bytes = batch * ctx * HKV * D * 4
+        for splits in (1, 3) if smoke else (1, 2, 4, 8, 16, 32, 64):
+            args = (q, kn, kn, kc, vc, tables, seq_lens, slots, D**-0.5, None, out, splits, ctx)
+            ms = bench(lambda: decode_mod.paged_decode_attention_triton(*args), device)  # noqa: B023
+            rows.append(
+                {
+                    "case": "sweep_splits",
+                    "batch": batch,
+                    "ctx": ctx,
+                    "splits": splits,
+                    "ms": ms,
+                    "gbs": kv_bytes / ms / 1e6,
+                    "heuristic": decode_mod.decode_num_splits(batch, HKV, HQ // HKV, ctx, device_sms(q)),
+                }
+            )
+    return rows
+
+
+def prefill_sweep_rows(device: str, smoke: bool) -> list[dict[str, Any]]:
+    """Extend-kernel launch configs on the 4096-token prefill."""
+    length = 64 if smoke else 4096
+    num_blocks = length // BLOCK + 1
+    pool = torch.randn(1, 2, num_blocks, BLOCK, HKV, D, device=device, dtype=DT)
+    tables = torch.arange(length // BLOCK, dtype=torch.int32, device=device).view(1, -1)
+    slots = torch.arange(length, device=device)
+    q = torch.randn(length, HQ, D, device=device, dtype=DT)
+    k = torch.randn(length, HKV, D, device=device, dtype=DT)
+    qsl = torch.tensor([0, length], dtype=torch.int32, device=device)
+    seq_lens = torch.tensor([length], dtype=torch.int32, device=device)
+    out = torch.empty_like(q)
+    flops = 2 * length * length * D * HQ
+    rows: list[dict[str, Any]] = []
+    for cfg in ((64, 32, 4, 2),) if smoke else PREFILL_CONFIGS:
+        extend_mod.CONFIG_OVERRIDE = cfg
+        try:
+            ms = bench(
+                lambda: extend_mod.paged_extend_attention_triton(
+                    q,
+                    k,
+                    k,
+                    pool[0, 0],
+                    pool[0, 1],
+                    tables,
+                    qsl,
+                    seq_lens,
+                    slots,
+                    D**-0.5,
+                    None,
+                    length,
+                    0,
+                    out,
+                ),
+                device,
+            )
+            rows.append({"case": "sweep_prefill", "cfg": cfg, "ms": ms, "tflops": flops / ms / 1e9})
+        except Exception as exc:
+            rows.append({"case": "sweep_prefill", "cfg": cfg, "error": repr(exc)[:120]})
+        finally:
+            extend_mod.CONFIG_OVERRIDE = None
+    return rows
+
+
+def table(rows: list[dict[str, Any]], bw: float) -> str:
+    lines = [
+        "",
+        f"decode (KV GB/s; copy bandwidth {bw:.0f} GB/s)",
+        f"{'batch':>5} {'ctx':>6} {'splits':>6} {'triton ms':>10} {'GB/s':>7} {'%bw':>5} "
+        f"{'sdpa+gather ms':>15} {'GB/s':>7} {'speedup':>7} {'graph ms':>9}",
+    ]
+    for r in rows:
+        if r["case"] != "decode":
+            continue
+        base = r.get("sdpa_gather_ms")
+        lines.append(
+            f"{r['batch']:>5} {r['ctx']:>6} {r['splits']:>6} {r['triton_ms']:>10.4f} {r['triton_gbs']:>7.0f} "
+            f"{100 * r['triton_gbs'] / bw:>5.1f} "
+            + (
+                f"{base:>15.4f} {r['sdpa_gather_gbs']:>7.0f} {base / r['triton_ms']:>7.2f}"
+                if base
+                else f"{'-':>31}"
+            )
+            + (f" {r['triton_graph_ms']:>9.4f}" if "triton_graph_ms" in r else "")
+        )
+    lines += [
+        "",
+        "prefill, one prompt, no cached prefix",
+        f"{'impl':>15} {'tokens':>6} {'ms':>9} {'TFLOP/s':>8}",
+    ]
+    for r in rows:
+        if r["case"] == "prefill":
+            if "error" in r:
+                lines.append(f"{r['impl']:>15} {'':>6} error: {r['error']}")
+            else:
+                lines.append(f"{r['impl']:>15} {r['tokens']:>6} {r['ms']:>9.3f} {r['tflops']:>8.1f}")
+    lines += [
+        "",
+        "extend (chunk over cached prefix)",
+        f"{'batch':>5} {'chunk':>6} {'prefix':>6} {'triton ms':>10} {'TFLOP/s':>8} {'sdpa+gather ms':>15} {'speedup':>7}",
+    ]
+    for r in rows:
+        if r["case"] == "extend":
+            lines.append(
+                f"{r['batch']:>5} {r['chunk']:>6} {r['prefix']:>6} {r['triton_ms']:>10.3f} {r['triton_tflops']:>8.1f} "
+                f"{r['sdpa_gather_ms']:>15.3f} {r['sdpa_gather_ms'] / r['triton_ms']:>7.2f}"
+            )
+    sweep = [r for r in rows if r["case"] == "sweep" and "ms" in r]
+    if sweep:
+        lines += ["", "decode config sweep (BLOCK_N, warps, stages)"]
+        for r in sweep:
+            lines.append(
+                f"{r['batch']:>5} {r['ctx']:>6} {r['cfg']!s:>14} {r['ms']:>9.4f} ms {r['gbs']:>7.0f} GB/s"
+            )
+    for r in rows:
+        if r["case"] == "sweep_splits":
+            lines.append(
+                f"decode splits {r['batch']:>4} x {r['ctx']:>5}: splits {r['splits']:>3} {r['ms']:>9.4f} ms "
+                f"{r['gbs']:>7.0f} GB/s (heuristic picks {r['heuristic']})"
+            )
+    for r in rows:
+        if r["case"] == "sweep_prefill":
+            res = f"{r['ms']:>9.3f} ms {r['tflops']:>6.1f} TFLOP/s" if "ms" in r else f"error: {r['error']}"
+            lines.append(f"prefill cfg (BLOCK_M, BLOCK_N, warps, stages) {r['cfg']!s:>16} {res}")
+    prefill = {r["impl"]: r["ms"] for r in rows if r["case"] == "prefill" and "ms" in r}
+    if "triton_extend" in prefill:
+        best = min((v, k) for k, v in prefill.items() if k != "store_kv")
+        lines.append(
+            f"\nfastest prefill: {best[1]} ({best[0]:.3f} ms); triton_extend {prefill['triton_extend']:.3f} ms"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes (CPU interpreter crash check)")
+    parser.add_argument("--out", type=Path, default=None, help="write all rows as JSON here")
+    parser.add_argument("--sweep", action="store_true", help="also sweep decode launch configs")
+    parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compile takes ~30 s)")
+    parser.add_argument("--bw", type=float, default=COPY_BW_GBS, help="copy bandwidth to compare with, GB/s")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not args.smoke:
+        sys.exit("no CUDA device: run with --smoke under TRITON_INTERPRET=1")
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    rows = decode_rows(device, args.smoke, gen)
+    rows += prefill_rows(device, args.smoke, flex=not args.no_flex and not args.smoke)
+    rows += extend_rows(device, args.smoke, gen)
+    if args.sweep:
+        rows += sweep_rows(device, gen, args.smoke)
+        rows += prefill_sweep_rows(device, args.smoke)
+    meta = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter)",
+        "torch": torch.__version__,
+        "seconds": time.perf_counter() - started,
+        "shape": {"q_heads": HQ, "kv_heads": HKV, "head_dim": D, "block_size": BLOCK, "dtype": "bf16"},
+    }
+    if args.out:
+        args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print(f"{meta['device']}, torch {meta['torch']}, {meta['seconds']:.0f} s")
+    print(table(rows, args.bw))
+    if math.isnan(sum(r.get("ms", 0.0) for r in rows)):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

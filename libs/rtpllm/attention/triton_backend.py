@@ -1,0 +1,154 @@
+"""Attention backend built on the Triton kernels in `rtpllm.kernels`.
+
+A step's sequences come decodes first: they go to the split-KV decode kernel, the rest
+(prefill and chunked-prefill/extend chunks) to the extend kernel, each in one launch, with
+the KV-cache write fused into both. One exception, chosen by measurement (see
+docs/kernels.md and bench/attention.py): a single long prompt with no cached prefix goes to
+PyTorch's SDPA flash kernel when `prefill_impl` allows it.
+
+forward() never synchronises with the host: every size it needs comes from tensor shapes
+or the host copies in the metadata, so a decode step can be captured in a CUDA graph. For
+capture, `graph_capture(batch, max_seq_len)` pins the decode grid's only free dimension,
+the split-KV count, to `decode_num_splits(batch, num_kv_heads, group, max_seq_len)`
+(or set `decode_num_splits` explicitly); everything else the decode launch depends on is
+the batch size (the graph's bucket) and device tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+from rtpllm.attention.backend import AttentionBackend, AttentionMetadata, register_backend
+from rtpllm.kernels._triton import HAS_TRITON
+from rtpllm.kernels.decode_attention import paged_decode_attention_triton
+from rtpllm.kernels.extend_attention import paged_extend_attention_triton
+from rtpllm.kernels.kv_cache import store_kv_triton
+
+# A lone prompt without cached prefix at least this long is handed to SDPA (flash) in
+# "auto" mode. Set from bench/attention.py's prefill rows on the H100 (docs/kernels.md).
+SDPA_PREFILL_MIN_TOKENS = 1024
+
+
+class TritonAttentionBackend(AttentionBackend):
+    """Paged attention through the Triton decode and extend kernels.
+
+    prefill_impl: "auto" (SDPA for one long uncached prompt, Triton otherwise), "triton"
+    (always the extend kernel) or "sdpa" (SDPA whenever the step's prefill part is a
+    single uncached prompt without a sliding window).
+    decode_num_splits: fixed split-KV partition count for the decode kernel (required to
+    be fixed under CUDA-graph capture); None picks one per step from the batch shape.
+    """
+
+    name = "triton"
+    supports_cuda_graphs = True
+
+    def __init__(self, prefill_impl: str = "auto", decode_num_splits: int | None = None) -> None:
+        if prefill_impl not in ("auto", "triton", "sdpa"):
+            raise ValueError(f"prefill_impl must be auto, triton or sdpa, got {prefill_impl!r}")
+        self.prefill_impl = prefill_impl
+        self.decode_num_splits = decode_num_splits
+        # Set while a decode step is being captured: the context bound the split count
+        # is derived from, whatever the step's own max_seq_len says.
+        self._capture_max_seq_len: int | None = None
+
+    @contextmanager
+    def graph_capture(self, batch_size: int, max_seq_len: int) -> Iterator[None]:
+        """Fix the decode launch for capture: its only shape-dependent parameter is the
+        split-KV count, derived from `batch_size` (the grid's batch) and `max_seq_len`."""
+        saved = self._capture_max_seq_len
+        self._capture_max_seq_len = max_seq_len
+        try:
+            yield
+        finally:
+            self._capture_max_seq_len = saved
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None = None,
+    ) -> torch.Tensor:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        nd = meta.num_decodes
+        if nd > 0:
+            paged_decode_attention_triton(
+                q[:nd],
+                k[:nd],
+                v[:nd],
+                k_cache,
+                v_cache,
+                meta.block_tables[:nd],
+                meta.seq_lens[:nd],
+                meta.slot_mapping[:nd],
+                scale,
+                sliding_window,
+                out=out[:nd],
+                num_splits=self.decode_num_splits,
+                max_seq_len=self._capture_max_seq_len or meta.max_seq_len,
+            )
+        if meta.num_seqs > nd:
+            if self._sdpa_prefill(meta, sliding_window):
+                self._forward_sdpa(q, k, v, k_cache, v_cache, meta, scale, out)
+            else:
+                paged_extend_attention_triton(
+                    q,
+                    k,
+                    v,
+                    k_cache,
+                    v_cache,
+                    meta.block_tables,
+                    meta.query_start_loc,
+                    meta.seq_lens,
+                    meta.slot_mapping,
+                    scale,
+                    sliding_window,
+                    meta.max_query_len,
+                    seq_base=nd,
+                    out=out,
+                )
+        return out
+
+    def _sdpa_prefill(self, meta: AttentionMetadata, sliding_window: int | None) -> bool:
+        """True when the prefill part is one prompt with nothing cached (host values only)."""
+        if self.prefill_impl == "triton" or sliding_window is not None:
+            return False
+        if meta.num_seqs - meta.num_decodes != 1:
+            return False
+        qsl = meta.query_start_loc_host
+        q_len = qsl[-1] - qsl[-2]
+        if meta.seq_lens_host[-1] != q_len:
+            return False
+        return self.prefill_impl == "sdpa" or q_len >= SDPA_PREFILL_MIN_TOKENS
+
+    @staticmethod
+    def _forward_sdpa(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        out: torch.Tensor,
+    ) -> None:
+        start, end = meta.query_start_loc_host[-2], meta.query_start_loc_host[-1]
+        store_kv_triton(k[start:end], v[start:end], k_cache, v_cache, meta.slot_mapping[start:end])
+        # [L, H, D] -> [1, H, L, D] views; enable_gqa keeps the flash kernel on GQA shapes.
+        qt = q[start:end].transpose(0, 1).unsqueeze(0)
+        kt = k[start:end].transpose(0, 1).unsqueeze(0)
+        vt = v[start:end].transpose(0, 1).unsqueeze(0)
+        res = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=True)
+        out[start:end] = res[0].transpose(0, 1)
+
+
+if HAS_TRITON and torch.cuda.is_available():
+    register_backend("triton", TritonAttentionBackend)

@@ -1,0 +1,461 @@
+"""Paged decode attention: one new query token per sequence over its paged KV context.
+
+Design (flash-decoding, GQA-aware):
+- Stage 1, grid (batch, kv_heads * head_blocks, num_splits): a program owns one sequence,
+  one KV head and the (up to BLOCK_H) query heads that share it, and one contiguous
+  partition of the context. It streams that partition's K/V once from the paged cache
+  (per-token block lookup, so any block size works) and scores all of the group's query
+  heads against it with one tensor-core dot: K/V bytes are read once per KV head, not
+  once per query head.
+- The new token's K/V is taken from the k/v inputs (not the cache) and, when fused, stored
+  into the cache by the program whose partition ends at it: no separate KV-write launch and
+  no read-after-write ordering between programs.
+- Stage 2, grid (batch, q_heads): merges the partitions by their log-sum-exp. With one
+  partition stage 1 writes the output directly and stage 2 is skipped.
+
+Everything that varies between steps (seq_lens, block tables, slots) is read on the device;
+the grid depends only on the batch size and `num_splits`, so a captured CUDA graph replays
+correctly for any contexts as long as `num_splits` is fixed at capture time.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from rtpllm.attention.torch_ref import gather_context, reference_attention
+from rtpllm.kernels._triton import cdiv, device_sms, dot_precision, next_power_of_2, tl, triton, use_triton
+from rtpllm.kernels.kv_cache import store_kv_ref
+
+# A partition shorter than this costs more in the merge than its parallelism earns.
+MIN_TOKENS_PER_SPLIT = 256
+MAX_SPLITS = 64
+WAVE_PROGRAMS_PER_SM = 4
+# (BLOCK_N, num_warps, num_stages) forced by bench/attention.py --sweep; None: decode_config().
+CONFIG_OVERRIDE: tuple[int, int, int] | None = None
+
+
+def decode_config(head_dim: int, dtype: torch.dtype = torch.bfloat16) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages) of the stage-1 launch: 64-token tiles (16 KB of K
+    per tile at D=128 bf16) two deep keep ~64 KB of loads in flight per program. Each
+    compiles for sm_90a without register spills (tests/gpu/test_compile_sm90.py)."""
+    if CONFIG_OVERRIDE is not None:
+        return CONFIG_OVERRIDE
+    if next_power_of_2(head_dim) <= 128:
+        return 64, 4, 2
+    return (16, 4, 2) if dtype == torch.float32 else (32, 4, 2)
+
+
+def decode_num_splits(batch: int, num_kv_heads: int, group: int, max_seq_len: int, num_sms: int = 132) -> int:
+    """Partitions per sequence: at least ~4 programs per SM (several resident per SM, so
+    the last wave's tail stays short), none shorter than MIN_TOKENS_PER_SPLIT. This is the
+    one launch parameter a CUDA graph must fix: capture with the bucket's largest
+    max_seq_len (extra partitions of shorter sequences exit at once and merge as empty)."""
+    programs = batch * num_kv_heads * cdiv(group, _block_h(group))
+    want = cdiv(WAVE_PROGRAMS_PER_SM * num_sms, max(programs, 1))
+    by_len = cdiv(max(max_seq_len, 1), MIN_TOKENS_PER_SPLIT)
+    return max(1, min(want, by_len, MAX_SPLITS))
+
+
+def _block_h(group: int) -> int:
+    # tl.dot needs >= 16 rows; the padded rows cost tensor-core time only, which decode has spare.
+    return min(max(16, next_power_of_2(group)), 64)
+
+
+@triton.jit
+def _decode_stage1_kernel(
+    Q,
+    K_new,
+    V_new,
+    K_cache,
+    V_cache,
+    Block_tables,
+    Seq_lens,
+    Slot_mapping,
+    Out,
+    Mid_o,
+    Mid_lse,
+    sm_scale_log2,
+    window,
+    stride_qt,
+    stride_qh,
+    stride_knt,
+    stride_knh,
+    stride_vnt,
+    stride_vnh,
+    stride_kcb,
+    stride_kct,
+    stride_kch,
+    stride_vcb,
+    stride_vct,
+    stride_vch,
+    stride_bt,
+    stride_ot,
+    stride_oh,
+    stride_mb,
+    stride_mh,
+    stride_ms,
+    stride_lb,
+    stride_lh,
+    GROUP: tl.constexpr,
+    HEAD_BLOCKS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    SLIDING: tl.constexpr,
+    FUSE_NEW: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    b = tl.program_id(0)
+    hb = tl.program_id(1)
+    split = tl.program_id(2)
+    kvh = hb // HEAD_BLOCKS
+    sub = hb % HEAD_BLOCKS
+    offs_g = sub * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask_h = offs_g < GROUP
+    heads = kvh * GROUP + offs_g
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    cache_ty = K_cache.dtype.element_ty
+
+    seq_len = tl.load(Seq_lens + b)
+    start = 0
+    if SLIDING:
+        start = tl.maximum(seq_len - window, 0)
+    # Partitions are whole tiles so only the last tile of a partition is ragged.
+    chunk = tl.cdiv(tl.cdiv(seq_len - start, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = start + split * chunk
+    hi = tl.minimum(lo + chunk, seq_len)
+    cache_hi = hi
+    if FUSE_NEW:
+        # The newest position is not in the cache yet: it comes from the k/v inputs below.
+        cache_hi = tl.minimum(hi, seq_len - 1)
+
+    q = tl.load(
+        Q + b.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=mask_h[:, None] & mask_d[None, :],
+        other=0.0,
+    ).to(cache_ty)
+
+    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    table = Block_tables + b.to(tl.int64) * stride_bt
+    for n0 in range(lo, cache_hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < cache_hi
+        blk = tl.load(table + offs_n // PAGE_SIZE, mask=mask_n, other=0).to(tl.int64)
+        within = offs_n % PAGE_SIZE
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(
+            K_cache + (blk * stride_kcb + within * stride_kct + kvh * stride_kch)[:, None] + offs_d[None, :],
+            mask=kv_mask,
+            other=0.0,
+        )
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale_log2
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(
+            V_cache + (blk * stride_vcb + within * stride_vct + kvh * stride_vch)[:, None] + offs_d[None, :],
+            mask=kv_mask,
+            other=0.0,
+        )
+        acc = acc * alpha[:, None] + tl.dot(p.to(cache_ty), v, input_precision=PRECISION)
+        m_i = m_new
+
+    if FUSE_NEW:
+        if lo < hi:
+            if hi == seq_len:
+                # Round through the cache dtype so the result equals reading it back.
+                kn = tl.load(
+                    K_new + b.to(tl.int64) * stride_knt + kvh * stride_knh + offs_d, mask=mask_d, other=0.0
+                )
+                vn = tl.load(
+                    V_new + b.to(tl.int64) * stride_vnt + kvh * stride_vnh + offs_d, mask=mask_d, other=0.0
+                )
+                kn = kn.to(cache_ty)
+                vn = vn.to(cache_ty)
+                s_new = tl.sum(q.to(tl.float32) * kn.to(tl.float32)[None, :], 1) * sm_scale_log2
+                m_new = tl.maximum(m_i, s_new)
+                alpha = tl.exp2(m_i - m_new)
+                p_new = tl.exp2(s_new - m_new)
+                l_i = l_i * alpha + p_new
+                acc = acc * alpha[:, None] + p_new[:, None] * vn.to(tl.float32)[None, :]
+                m_i = m_new
+                slot = tl.load(Slot_mapping + b).to(tl.int64)
+                # One program per KV head stores it; slot < 0 marks a padded (graph) row.
+                if sub == 0:
+                    if slot >= 0:
+                        blk_w = slot // PAGE_SIZE
+                        off_w = slot % PAGE_SIZE
+                        tl.store(
+                            K_cache + blk_w * stride_kcb + off_w * stride_kct + kvh * stride_kch + offs_d,
+                            kn,
+                            mask=mask_d,
+                        )
+                        tl.store(
+                            V_cache + blk_w * stride_vcb + off_w * stride_vct + kvh * stride_vch + offs_d,
+                            vn,
+                            mask=mask_d,
+                        )
+
+    # Empty partitions (and padded rows with seq_len 0) leave l == 0: zeros, lse -inf.
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    out_mask = mask_h[:, None] & mask_d[None, :]
+    if NUM_SPLITS == 1:
+        tl.store(
+            Out + b.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+            o.to(Out.dtype.element_ty),
+            mask=out_mask,
+        )
+    else:
+        lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
+        tl.store(Mid_lse + b.to(tl.int64) * stride_lb + heads * stride_lh + split, lse, mask=mask_h)
+        # An empty partition writes only its -inf lse and the merge skips its row: with a
+        # split count fixed for the longest context (CUDA graphs) most partitions of a short
+        # sequence are empty, and this keeps them to one small store each.
+        if lo < hi:
+            base = b.to(tl.int64) * stride_mb + heads * stride_mh + split * stride_ms
+            tl.store(Mid_o + base[:, None] + offs_d[None, :], o, mask=out_mask)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    Mid_o,
+    Mid_lse,
+    Out,
+    stride_mb,
+    stride_mh,
+    stride_ms,
+    stride_lb,
+    stride_lh,
+    stride_ot,
+    stride_oh,
+    NUM_SPLITS: tl.constexpr,
+    SPLITS_P2: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, SPLITS_P2)
+    mask_s = offs_s < NUM_SPLITS
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    lse = tl.load(
+        Mid_lse + b.to(tl.int64) * stride_lb + h * stride_lh + offs_s, mask=mask_s, other=float("-inf")
+    )
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m)
+    # Empty partitions (lse -inf) never wrote their rows: don't read them.
+    filled = mask_s & (lse > float("-inf"))
+    o = tl.load(
+        Mid_o + b.to(tl.int64) * stride_mb + h * stride_mh + offs_s[:, None] * stride_ms + offs_d[None, :],
+        mask=filled[:, None] & mask_d[None, :],
+        other=0.0,
+    )
+    total = tl.sum(w, 0)
+    total = tl.where(total > 0, total, 1.0)
+    res = tl.sum(w[:, None] * o, 0) / total
+    tl.store(
+        Out + b.to(tl.int64) * stride_ot + h * stride_oh + offs_d, res.to(Out.dtype.element_ty), mask=mask_d
+    )
+
+
+def paged_decode_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor | None,
+    v: torch.Tensor | None,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    slot_mapping: torch.Tensor | None,
+    scale: float,
+    sliding_window: int | None = None,
+    out: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    max_seq_len: int | None = None,
+) -> torch.Tensor:
+    """Triton version of `paged_decode_attention_ref` (same arguments and result).
+
+    No host synchronisation: sizes come from tensor shapes and the host ints passed in.
+    """
+    batch, num_heads, head_dim = q.shape
+    num_blocks, page_size, num_kv_heads, _ = k_cache.shape
+    group = num_heads // num_kv_heads
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if batch == 0:
+        return out
+    for t in (q, k_cache, v_cache, out) + ((k, v) if k is not None else ()):
+        assert t is not None and t.stride(-1) == 1, "head_dim must be contiguous"
+    fuse = k is not None
+    if fuse:
+        assert v is not None and slot_mapping is not None
+    else:
+        k = v = q  # unused placeholders (FUSE_NEW=False); keeps the signature typed
+        slot_mapping = seq_lens
+    block_h = _block_h(group)
+    head_blocks = cdiv(group, block_h)
+    if num_splits is None:
+        longest = max_seq_len if max_seq_len is not None else block_tables.shape[1] * page_size
+        num_splits = decode_num_splits(batch, num_kv_heads, group, longest, device_sms(q))
+    block_d = next_power_of_2(head_dim)
+    block_n, num_warps, num_stages = decode_config(head_dim, k_cache.dtype)
+    if num_splits > 1:
+        mid_o = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+        mid_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    else:
+        mid_o = out  # unused
+        mid_lse = out
+    _decode_stage1_kernel[(batch, num_kv_heads * head_blocks, num_splits)](
+        q,
+        k,
+        v,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        slot_mapping,
+        out,
+        mid_o,
+        mid_lse,
+        scale * math.log2(math.e),
+        sliding_window or 0,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0),
+        out.stride(1),
+        mid_o.stride(0) if num_splits > 1 else 0,
+        mid_o.stride(1) if num_splits > 1 else 0,
+        mid_o.stride(2) if num_splits > 1 else 0,
+        mid_lse.stride(0) if num_splits > 1 else 0,
+        mid_lse.stride(1) if num_splits > 1 else 0,
+        GROUP=group,
+        HEAD_BLOCKS=head_blocks,
+        BLOCK_H=block_h,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        HEAD_DIM=head_dim,
+        PAGE_SIZE=page_size,
+        NUM_SPLITS=num_splits,
+        SLIDING=sliding_window is not None,
+        FUSE_NEW=fuse,
+        PRECISION=dot_precision(k_cache.dtype),
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    if num_splits > 1:
+        _decode_reduce_kernel[(batch, num_heads)](
+            mid_o,
+            mid_lse,
+            out,
+            mid_o.stride(0),
+            mid_o.stride(1),
+            mid_o.stride(2),
+            mid_lse.stride(0),
+            mid_lse.stride(1),
+            out.stride(0),
+            out.stride(1),
+            NUM_SPLITS=num_splits,
+            SPLITS_P2=next_power_of_2(num_splits),
+            BLOCK_D=block_d,
+            HEAD_DIM=head_dim,
+            num_warps=4,
+        )
+    return out
+
+
+def paged_decode_attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor | None,
+    v: torch.Tensor | None,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    slot_mapping: torch.Tensor | None,
+    scale: float,
+    sliding_window: int | None = None,
+    out: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    max_seq_len: int | None = None,
+) -> torch.Tensor:
+    """Decode attention in plain torch (loops on the host).
+
+    q: [B, Hq, D], one query per sequence at position seq_len - 1. When k/v [B, Hkv, D] are
+    given they are first stored at `slot_mapping` [B] (slots < 0 are skipped); otherwise the
+    cache must already hold every position. Returns out [B, Hq, D]. `num_splits` and
+    `max_seq_len` only steer the Triton launch.
+    """
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if k is not None and v is not None and slot_mapping is not None:
+        store_kv_ref(k, v, k_cache, v_cache, slot_mapping)
+    for i, seq_len in enumerate(seq_lens.tolist()):
+        if seq_len == 0:
+            out[i] = 0
+            continue
+        out[i] = reference_attention(
+            q[i : i + 1],
+            gather_context(k_cache, block_tables[i], seq_len),
+            gather_context(v_cache, block_tables[i], seq_len),
+            scale,
+            sliding_window,
+        )[0]
+    return out
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor | None,
+    v: torch.Tensor | None,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    slot_mapping: torch.Tensor | None,
+    scale: float,
+    sliding_window: int | None = None,
+    out: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    max_seq_len: int | None = None,
+) -> torch.Tensor:
+    """Dispatcher: the Triton kernel on CUDA, the torch reference elsewhere."""
+    fn = paged_decode_attention_triton if use_triton(q) else paged_decode_attention_ref
+    return fn(
+        q,
+        k,
+        v,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        slot_mapping,
+        scale,
+        sliding_window,
+        out,
+        num_splits,
+        max_seq_len,
+    )
