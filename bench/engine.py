@@ -24,6 +24,9 @@ from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from offline_throughput import run_throughput  # noqa: E402
+
 from rtpllm import LLM, SamplingParams
 from rtpllm.loader.random_checkpoint import LLAMA_3_1_8B_SHAPE, QWEN3_0_6B_SHAPE, TINY_SHAPE, make_config
 from rtpllm.models import ModelConfig
@@ -110,29 +113,9 @@ def bench_latency(path: Path, device: str, prompt_len: int = 128, new_tokens: in
 
 
 def bench_throughput(path: Path, device: str, num_requests: int, output_len: int, seed: int = 0) -> dict[str, Any]:
-    rng = random.Random(seed)
     llm = make_llm(path, device, max_model_len=1024 + output_len + 16, max_num_seqs=256, max_num_batched_tokens=8192)
-    vocab = llm.engine.model_config.vocab_size
-    prompts = [[rng.randrange(vocab) for _ in range(rng.randint(100, 1024))] for _ in range(num_requests)]
-    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
-    llm.generate([p[:64] for p in prompts[:8]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
-    sync()
-    start = time.perf_counter()
-    outs = llm.generate(prompts, params)
-    sync()
-    elapsed = time.perf_counter() - start
-    out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    in_tokens = sum(len(p) for p in prompts)
-    res = {
-        "requests": num_requests,
-        "output_tokens": out_tokens,
-        "input_tokens": in_tokens,
-        "seconds": elapsed,
-        "output_tok_per_s": out_tokens / elapsed,
-        "total_tok_per_s": (out_tokens + in_tokens) / elapsed,
-        "preemptions": llm.engine.stats().num_preemptions,
-        "kv_blocks": llm.engine.block_manager.num_blocks,
-    }
+    res = run_throughput(llm, num_requests, (100, 1024), output_len, seed)
+    res["kv_blocks"] = llm.engine.block_manager.num_blocks
     free(llm)
     return res
 

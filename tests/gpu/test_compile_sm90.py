@@ -52,7 +52,7 @@ def _cases() -> Iterator[Case]:
                 "BLOCK_D": triton.next_power_of_2(head_dim),
                 "HEAD_DIM": head_dim,
                 "PAGE_SIZE": 16,
-                "NUM_SPLITS": splits,
+                "SINGLE": splits == 1,
                 "SLIDING": True,
                 "FUSE_NEW": True,
                 "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
@@ -61,7 +61,7 @@ def _cases() -> Iterator[Case]:
             ptrs.update(Block_tables="i32", Seq_lens="i32", Slot_mapping="i64", Mid_o="fp32", Mid_lse="fp32")
             label = f"decode D{head_dim} G{group} splits{splits} {t}"
             yield label, decode_attention._decode_stage1_kernel, consts, ptrs, warps, stages
-    consts = {"NUM_SPLITS": 8, "SPLITS_P2": 8, "BLOCK_D": 128, "HEAD_DIM": 128}
+    consts = {"SPLITS_P2": 8, "BLOCK_D": 128, "HEAD_DIM": 128}
     ptrs = {"Mid_o": "fp32", "Mid_lse": "fp32", "Out": "bf16"}
     yield "decode merge splits8", decode_attention._decode_reduce_kernel, consts, ptrs, 4, 1
 

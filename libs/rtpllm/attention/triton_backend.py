@@ -2,9 +2,9 @@
 
 A step's sequences come decodes first: they go to the split-KV decode kernel, the rest
 (prefill and chunked-prefill/extend chunks) to the extend kernel, each in one launch, with
-the KV-cache write fused into both. One exception, chosen by measurement (see
-docs/kernels.md and bench/attention.py): a single long prompt with no cached prefix goes to
-PyTorch's SDPA flash kernel when `prefill_impl` allows it.
+the KV-cache write fused into both. One exception, to be settled by measurement on the
+H100 (bench/attention.py's prefill rows; docs/kernels.md): a single long prompt with no
+cached prefix goes to PyTorch's SDPA flash kernel when `prefill_impl` allows it.
 
 forward() never synchronises with the host: every size it needs comes from tensor shapes
 or the host copies in the metadata, so a decode step can be captured in a CUDA graph. For

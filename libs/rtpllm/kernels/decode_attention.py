@@ -15,7 +15,9 @@ Design (flash-decoding, GQA-aware):
 
 Everything that varies between steps (seq_lens, block tables, slots) is read on the device;
 the grid depends only on the batch size and `num_splits`, so a captured CUDA graph replays
-correctly for any contexts as long as `num_splits` is fixed at capture time.
+correctly for any contexts as long as `num_splits` is fixed at capture time. The split
+count is a runtime argument (compiled variants: one vs several splits, and the merge per
+power-of-two bucket), so a ladder of graph sizes does not compile a kernel per count.
 """
 
 from __future__ import annotations
@@ -98,6 +100,7 @@ def _decode_stage1_kernel(
     stride_ms,
     stride_lb,
     stride_lh,
+    num_splits,
     GROUP: tl.constexpr,
     HEAD_BLOCKS: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -105,7 +108,7 @@ def _decode_stage1_kernel(
     BLOCK_D: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
+    SINGLE: tl.constexpr,
     SLIDING: tl.constexpr,
     FUSE_NEW: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -127,7 +130,7 @@ def _decode_stage1_kernel(
     if SLIDING:
         start = tl.maximum(seq_len - window, 0)
     # Partitions are whole tiles so only the last tile of a partition is ragged.
-    chunk = tl.cdiv(tl.cdiv(seq_len - start, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    chunk = tl.cdiv(tl.cdiv(seq_len - start, num_splits), BLOCK_N) * BLOCK_N
     lo = start + split * chunk
     hi = tl.minimum(lo + chunk, seq_len)
     cache_hi = hi
@@ -210,7 +213,7 @@ def _decode_stage1_kernel(
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     o = acc / l_safe[:, None]
     out_mask = mask_h[:, None] & mask_d[None, :]
-    if NUM_SPLITS == 1:
+    if SINGLE:
         tl.store(
             Out + b.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
             o.to(Out.dtype.element_ty),
@@ -239,7 +242,7 @@ def _decode_reduce_kernel(
     stride_lh,
     stride_ot,
     stride_oh,
-    NUM_SPLITS: tl.constexpr,
+    num_splits,
     SPLITS_P2: tl.constexpr,
     BLOCK_D: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -247,7 +250,7 @@ def _decode_reduce_kernel(
     b = tl.program_id(0)
     h = tl.program_id(1)
     offs_s = tl.arange(0, SPLITS_P2)
-    mask_s = offs_s < NUM_SPLITS
+    mask_s = offs_s < num_splits
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
     lse = tl.load(
@@ -352,6 +355,7 @@ def paged_decode_attention_triton(
         mid_o.stride(2) if num_splits > 1 else 0,
         mid_lse.stride(0) if num_splits > 1 else 0,
         mid_lse.stride(1) if num_splits > 1 else 0,
+        num_splits,
         GROUP=group,
         HEAD_BLOCKS=head_blocks,
         BLOCK_H=block_h,
@@ -359,7 +363,7 @@ def paged_decode_attention_triton(
         BLOCK_D=block_d,
         HEAD_DIM=head_dim,
         PAGE_SIZE=page_size,
-        NUM_SPLITS=num_splits,
+        SINGLE=num_splits == 1,
         SLIDING=sliding_window is not None,
         FUSE_NEW=fuse,
         PRECISION=dot_precision(k_cache.dtype),
@@ -378,7 +382,7 @@ def paged_decode_attention_triton(
             mid_lse.stride(1),
             out.stride(0),
             out.stride(1),
-            NUM_SPLITS=num_splits,
+            num_splits,
             SPLITS_P2=next_power_of_2(num_splits),
             BLOCK_D=block_d,
             HEAD_DIM=head_dim,

@@ -38,9 +38,12 @@ class DecoderLM(nn.Module):
     ) -> torch.Tensor:
         """[T] ids and positions -> [T, hidden] final-normed hidden states."""
         hidden = self.embed_tokens(input_ids)
+        residual: torch.Tensor | None = None
+        # Each layer's closing residual add is fused into the next norm (and the last
+        # one into the final norm): one pass over the hidden state instead of two.
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden = layer(positions, hidden, kv_cache, meta)
-        return self.norm(hidden)
+            hidden, residual = layer(positions, hidden, residual, kv_cache, meta)
+        return self.norm.add_and_norm(hidden, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] float32 logits."""

@@ -98,23 +98,12 @@ class DecoderLayer(nn.Module):
         self,
         positions: torch.Tensor,
         hidden: torch.Tensor,
-        kv_cache: tuple[torch.Tensor, torch.Tensor],
-        meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        attn = self.self_attn(positions, self.input_layernorm(hidden), kv_cache, meta)
-        normed, hidden = self.post_attention_layernorm.add_and_norm(attn, hidden)
-        return hidden + self.mlp(normed)
-
-    def forward_residual(
-        self,
-        positions: torch.Tensor,
-        hidden: torch.Tensor,
         residual: torch.Tensor | None,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The same layer with the residual carried separately: returns (mlp output,
-        residual) whose sum is `forward`'s result, so the caller can fuse that add into the
+        """One pre-norm layer with the residual carried separately: returns (mlp output,
+        residual) whose sum is the layer's output, so the caller fuses that add into the
         next layer's input norm (and the final norm) with `RMSNorm.add_and_norm`.
         `residual` is None for the first layer (hidden is then the embeddings)."""
         if residual is None:
