@@ -303,7 +303,7 @@ def test_backend_mixed_step(kernel_device: str, prefill_impl: str, window: int |
     big = 2048 if ON_GPU else 60
     for seq_lens, q_lens in (
         ([9, 130, 31, big + 50, 77], [1, 1, 1, 50, 77]),  # decodes, a chunk over a prefix, a prompt
-        ([33, 70], [1, big]),  # decode + one uncached prompt (the SDPA case)
+        ([33, big], [1, big]),  # decode + one uncached prompt (the SDPA case)
     ):
         for dtype in (torch.bfloat16, torch.float32):
             case = make_case(seq_lens, q_lens, 8, 2, 64, 16, dtype, kernel_device, seed=len(seq_lens))

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# One call on the lent GPU machine: carried wheels, GPU tests and benchmarks by phase,
+# full logs under $OUT, a short summary last. Usage: bash bench/gpu_session.sh PHASE...
+# Phases: env kernels model latency engine attention ops load loadtest
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
+export PYTHONPATH="$PWD/libs:$PWD:/tmp/site" PYTHONUNBUFFERED=1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+SUMMARY=()
+run() {  # run NAME TIMEOUT CMD...
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  SUMMARY+=("$name rc=$rc $((SECONDS - t0))s | $(grep -E 'passed|failed|error|tok/s|ms|GB/s' "$OUT/$name.log" | tail -n 4 | tr '\n' ' ' | cut -c1-400)")
+}
+for phase in "$@"; do
+  case $phase in
+    env) nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader
+         python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" ;;
+    kernels) run kernels 300 python3 -m pytest -q -x -p no:cacheprovider tests/gpu/test_kernels.py ;;
+    model) run model 240 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_model_triton.py tests/gpu/test_compile_sm90.py ;;
+    latency) run latency 150 python3 bench/engine.py latency --out "$OUT/latency.json" ;;
+    engine) run engine 420 python3 bench/engine.py all --hf --out "$OUT/engine.json" ;;
+    attention) run attention 240 python3 bench/attention.py --no-flex --out "$OUT/attention.json" ;;
+    ops) run ops 90 python3 bench/ops.py --out "$OUT/ops.json" ;;
+    loadtest) run loadtest 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/unit/test_fast_loader.py ;;
+    load) run load 480 python3 bench/load.py --dir /tmp/ckpt8b --out "$OUT/load.json" ;;
+    *) echo "unknown phase $phase" ;;
+  esac
+done
+echo
+for line in "${SUMMARY[@]}"; do echo "$line"; done
