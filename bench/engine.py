@@ -77,10 +77,11 @@ def make_llm(path: Path, device: str, **kw: Any) -> LLM:
     return LLM(str(path), device=device, load_format="dummy", **kw)
 
 
-def free(llm: LLM) -> None:
-    del llm
+def release() -> None:
+    """Return the last engine's memory (CUDA graphs, KV pool) before the next one sizes its pool."""
     gc.collect()
     if torch.cuda.is_available():
+        torch.cuda.synchronize()
         torch.cuda.empty_cache()
 
 
@@ -111,20 +112,56 @@ def bench_latency(path: Path, device: str, prompt_len: int = 128, new_tokens: in
     step_bytes = weight_bytes(cfg, elem) + avg_ctx * kv_bytes_per_token(cfg, elem)
     res = {
         "tok_per_s": tok_s,
+        "graph_replay_ms": graph_replay_ms(llm),
         "ttft_ms": (times[0] - start) * 1e3,
         "total_s": total,
         "achieved_GBps": step_bytes * tok_s / 1e9,
         "bandwidth_limit_tok_per_s": copy_bandwidth() / step_bytes,
     }
-    free(llm)
     return res
+
+
+def graph_replay_ms(llm: LLM, iters: int = 50) -> float | None:
+    """GPU time of the batch-1 decode graph alone (no Python between replays): the floor
+    the engine's step time is compared with."""
+    graphs = llm.engine.runner.graphs
+    if graphs is None:
+        return None
+    graph = graphs._graphs[1].graph
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def profile_decode(path: Path, device: str, out_dir: Path, steps: int = 20) -> str:
+    """Per-kernel GPU time of batch-1 decode steps (torch.profiler), as a table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    llm = make_llm(path, device, max_model_len=512, max_num_seqs=8)
+    eng = llm.engine
+    eng.add_request("p", list(range(1000, 1128)), SamplingParams(temperature=0, max_tokens=steps + 40, ignore_eos=True))
+    for _ in range(20):
+        eng.step()
+    sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            eng.step()
+        sync()
+    while eng.has_unfinished_requests():
+        eng.step()
+    prof.export_chrome_trace(str(out_dir / "decode_trace.json"))
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
 
 
 def bench_throughput(path: Path, device: str, num_requests: int, output_len: int, seed: int = 0) -> dict[str, Any]:
     llm = make_llm(path, device, max_model_len=1024 + output_len + 16, max_num_seqs=256, max_num_batched_tokens=8192)
     res = run_throughput(llm, num_requests, (100, 1024), output_len, seed)
     res["kv_blocks"] = llm.engine.block_manager.num_blocks
-    free(llm)
     return res
 
 
@@ -144,7 +181,6 @@ def bench_prefill(path: Path, device: str, prompt_len: int = 4096, repeats: int 
             samples.append(time.perf_counter() - start)
     samples.sort()
     res = {"prompt_tokens": prompt_len, "median_ms": samples[len(samples) // 2] * 1e3, "min_ms": samples[0] * 1e3}
-    free(llm)
     return res
 
 
@@ -179,7 +215,6 @@ def bench_step(path: Path, device: str, batch: int, ctx: int = 1024, steps: int 
     }
     while eng.has_unfinished_requests():
         eng.step()
-    free(llm)
     return res
 
 
@@ -225,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hf", action="store_true", help="also run the HF transformers baselines")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes and counts (CPU check of the script)")
     ap.add_argument("--out", default=None, help="write results as JSON here")
+    ap.add_argument("--profile", default=None, help="directory: write a batch-1 decode profile (table + trace) there")
     args = ap.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="rtpllm-bench-"))
     big = args.shape or ("tiny" if args.smoke else "llama8b")
@@ -234,13 +270,14 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[tuple[str, str]] = []
 
     def record(name: str, res: dict[str, Any], summary: str) -> None:
+        release()
         results[name] = res
         rows.append((name, summary))
         print(f"{name}: {json.dumps(res)}", flush=True)
 
     if args.what in ("latency", "all"):
         r = bench_latency(model_dir(big, root), args.device, new_tokens=32 if args.smoke else 256)
-        record(f"latency[{big}]", r, f"{r['tok_per_s']:.1f} tok/s, {r['achieved_GBps']:.0f} GB/s (limit {r['bandwidth_limit_tok_per_s']:.0f} tok/s)")
+        record(f"latency[{big}]", r, f"{r['tok_per_s']:.1f} tok/s, {r['achieved_GBps']:.0f} GB/s (limit {r['bandwidth_limit_tok_per_s']:.0f} tok/s; graph alone {r['graph_replay_ms']} ms)")
     if args.what in ("prefill", "all"):
         r = bench_prefill(model_dir(big, root), args.device, prompt_len=256 if args.smoke else 4096)
         record(f"prefill[{big}]", r, f"{r['median_ms']:.1f} ms for {r['prompt_tokens']} tokens")
@@ -256,6 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.hf:
         r = hf_baselines(model_dir(big, root), args.device, new_tokens=16 if args.smoke else 256)
         record(f"hf[{big}]", r, f"decode {r['hf_decode_tok_per_s']:.1f} tok/s, prefill 4096 {r['hf_prefill_4096_ms']:.0f} ms")
+    if args.profile:
+        table = profile_decode(model_dir(big, root), args.device, Path(args.profile))
+        (Path(args.profile) / "decode_profile.txt").write_text(table)
+        print(table)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"\n{'benchmark':<28} result   ({results['device']}, {results['date']})")

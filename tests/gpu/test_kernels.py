@@ -380,7 +380,8 @@ def test_decode_cuda_graph_replay(cuda_device: str) -> None:
 CLOSE = {
     torch.float32: {"rtol": 1e-5, "atol": 1e-5},
     torch.bfloat16: {"rtol": 2**-7, "atol": 1e-3},
-    torch.float16: {"rtol": 2**-10, "atol": 1e-4},
+    # One fp16 ulp (2**-10 relative): a cast at a different point may round the other way.
+    torch.float16: {"rtol": 2**-9, "atol": 1e-3},
 }
 ALL_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
