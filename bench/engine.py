@@ -5,6 +5,7 @@
   prefill     one 4096-token prompt: time to the first token
   step        decode step time at batch 64 and 256 over 1024-token contexts vs bytes read
   all         every one of them (with --hf, the HF transformers baselines where cheap)
+  profile     per-kernel GPU time of batch-1 decode steps (torch.profiler) into --profile DIR
 
 Shapes: llama8b (Llama-3.1-8B), qwen06b (Qwen3-0.6B), tiny (CPU smoke test).
 Usage: python bench/engine.py all --out results.json [--hf]
@@ -138,13 +139,14 @@ def graph_replay_ms(llm: LLM, iters: int = 50) -> float | None:
     return start.elapsed_time(end) / iters
 
 
-def profile_decode(path: Path, device: str, out_dir: Path, steps: int = 20) -> str:
+def profile_decode(path: Path, device: str, out_dir: Path, steps: int = 10) -> str:
     """Per-kernel GPU time of batch-1 decode steps (torch.profiler), as a table."""
     from torch.profiler import ProfilerActivity, profile
 
     llm = make_llm(path, device, max_model_len=512, max_num_seqs=8)
     eng = llm.engine
-    eng.add_request("p", list(range(1000, 1128)), SamplingParams(temperature=0, max_tokens=steps + 40, ignore_eos=True))
+    vocab = eng.model_config.vocab_size
+    eng.add_request("p", [i % vocab for i in range(1000, 1128)], SamplingParams(temperature=0, max_tokens=steps + 40, ignore_eos=True))
     for _ in range(20):
         eng.step()
     sync()
@@ -254,7 +256,7 @@ def hf_baselines(path: Path, device: str, new_tokens: int = 256) -> dict[str, An
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["latency", "throughput", "prefill", "step", "all"])
+    ap.add_argument("what", choices=["latency", "throughput", "prefill", "step", "all", "profile"])
     ap.add_argument("--shape", default=None, help="override the model shape (llama8b, qwen06b, tiny)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--hf", action="store_true", help="also run the HF transformers baselines")
@@ -293,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.hf:
         r = hf_baselines(model_dir(big, root), args.device, new_tokens=16 if args.smoke else 256)
         record(f"hf[{big}]", r, f"decode {r['hf_decode_tok_per_s']:.1f} tok/s, prefill 4096 {r['hf_prefill_4096_ms']:.0f} ms")
-    if args.profile:
+    if args.what == "profile" or args.profile:
+        args.profile = args.profile or "."
         table = profile_decode(model_dir(big, root), args.device, Path(args.profile))
         (Path(args.profile) / "decode_profile.txt").write_text(table)
         print(table)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 from collections.abc import Sequence
 from typing import Any
 
@@ -91,7 +92,8 @@ class LLM:
         try:
             for prompt, params in zip(prompts, params_list, strict=True):
                 rid = f"offline-{next(self._ids)}"
-                self.engine.add_request(rid, prompt, params)
+                # Only finished results are returned here: skip per-step outputs.
+                self.engine.add_request(rid, prompt, replace(params, output_kind="final"))
                 order.append(rid)
             return self._run(order)
         except BaseException:

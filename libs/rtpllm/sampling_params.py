@@ -31,6 +31,10 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # "delta": an output after every step with what is new (streaming); "final": one
+    # output when the request ends, with everything (offline generation skips the
+    # per-step bookkeeping).
+    output_kind: str = "delta"
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -75,6 +79,8 @@ class SamplingParams:
             raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             raise bad("seed", "must be an integer")
+        if self.output_kind not in ("delta", "final"):
+            raise bad("output_kind", "must be 'delta' or 'final'")
 
     @property
     def greedy(self) -> bool:

@@ -384,6 +384,22 @@ CLOSE = {
     torch.float16: {"rtol": 2**-9, "atol": 1e-3},
 }
 ALL_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# Relative error (norm) allowed against a float32 computation, per METHOD.md.
+REL_TO_FP32 = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}
+
+
+def assert_like_eager(out: torch.Tensor, eager: torch.Tensor, exact: torch.Tensor) -> None:
+    """A fused kernel computes in float32 and rounds once, where the eager code rounds
+    after each op: in half precision they may differ by an ulp. Hold the kernel to the
+    float32 result instead: no worse than eager (with slack) and within REL_TO_FP32."""
+    assert not torch.isnan(out).any()
+    if out.dtype == torch.float32:
+        torch.testing.assert_close(out, eager, **CLOSE[torch.float32])
+        return
+    exact = exact.float()
+    err = ((out.float() - exact).norm() / exact.norm()).item()
+    eager_err = ((eager.float() - exact).norm() / exact.norm()).item()
+    assert err <= max(1.25 * eager_err, 1e-6) and err < REL_TO_FP32[out.dtype], (err, eager_err)
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
@@ -405,11 +421,11 @@ def test_rms_norm(kernel_device: str, dtype: torch.dtype, hidden: int, rows: int
     x = (torch.randn(rows, hidden, generator=gen) * 3).to(dtype).to(kernel_device)
     res = torch.randn(rows, hidden, generator=gen).to(dtype).to(kernel_device)
     w = torch.randn(hidden, generator=gen).to(dtype).to(kernel_device)
-    torch.testing.assert_close(rms_norm_triton(x, w, 1e-6), rms_norm_ref(x, w, 1e-6), **CLOSE[dtype])
+    assert_like_eager(rms_norm_triton(x, w, 1e-6), rms_norm_ref(x, w, 1e-6), rms_norm_ref(x.float(), w.float(), 1e-6))
     out, new_res = fused_add_rms_norm_triton(x, res, w, 1e-5)
     ref_out, ref_res = fused_add_rms_norm_ref(x, res, w, 1e-5)
     assert torch.equal(new_res, ref_res)
-    torch.testing.assert_close(out, ref_out, **CLOSE[dtype])
+    assert_like_eager(out, ref_out, rms_norm_ref(ref_res.float(), w.float(), 1e-5))
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
@@ -437,11 +453,13 @@ def test_rope(
     positions = torch.randint(0, max_pos, (tokens,), generator=gen).to(kernel_device)
     qw = torch.randn(head_dim, generator=gen).to(dtype).to(kernel_device) if qk_norm else None
     kw = torch.randn(head_dim, generator=gen).to(dtype).to(kernel_device) if qk_norm else None
+    f32 = [t.float() if t is not None else None for t in (qw, kw)]
+    exact_q, exact_k = apply_rope_ref(positions, q.float(), k.float(), cos.float(), sin.float(), *f32, 1e-6)
     ref_q, ref_k = apply_rope_ref(positions, q, k, cos, sin, qw, kw, 1e-6)
     out_q, out_k = apply_rope_triton(positions, q, k, cos, sin, qw, kw, 1e-6)
     assert out_q.data_ptr() == q.data_ptr() and out_k.data_ptr() == k.data_ptr(), "not in place"
-    torch.testing.assert_close(out_q, ref_q, **CLOSE[dtype])
-    torch.testing.assert_close(out_k, ref_k, **CLOSE[dtype])
+    assert_like_eager(out_q, ref_q, exact_q)
+    assert_like_eager(out_k, ref_k, exact_k)
     assert torch.equal(qkv[:, q_size + kv_size :], v_before), "v was touched"
 
 
@@ -452,4 +470,4 @@ def test_rope(
 def test_silu_and_mul(kernel_device: str, dtype: torch.dtype, rows: int, inter: int) -> None:
     gen = torch.Generator().manual_seed(rows + inter)
     x = (torch.randn(rows, 2 * inter, generator=gen) * 4).to(dtype).to(kernel_device)
-    torch.testing.assert_close(silu_and_mul_triton(x), silu_and_mul_ref(x), **CLOSE[dtype])
+    assert_like_eager(silu_and_mul_triton(x), silu_and_mul_ref(x), silu_and_mul_ref(x.float()))

@@ -63,10 +63,14 @@ class _Group:
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     sent_prompt_logprobs: int = 0
     error: str | None = None
+    stream: bool = True  # outputs after every step (delta), or only at the end (final)
 
     @property
     def finished(self) -> bool:
-        return all(c.is_finished for c in self.children)
+        for child in self.children:
+            if not child.is_finished:
+                return False
+        return True
 
 
 class LLMEngine:
@@ -209,7 +213,7 @@ class LLMEngine:
             self._requests[child.request_id] = child
             self.outputs.add(child)
             self.scheduler.add(child)
-        group = _Group(request_id, text, token_ids, children)
+        group = _Group(request_id, text, token_ids, children, stream=params.output_kind == "delta")
         if params.prompt_logprobs is not None:
             group.prompt_logprobs = [None]
         self._groups[request_id] = group
@@ -264,8 +268,10 @@ class LLMEngine:
         outputs = list(self._pending.values())
         self._pending.clear()
         for group in touched.values():
-            outputs.append(self._group_output(group))
-            if group.finished:
+            finished = group.finished
+            if finished or group.stream:
+                outputs.append(self._group_output(group))
+            if finished:
                 self._forget(group)
         return outputs
 

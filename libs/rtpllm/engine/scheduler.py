@@ -69,8 +69,12 @@ class Scheduler:
         preempted: list[Request] = []
         scheduled_ids: set[str] = set()
 
-        order = [r for r in self.running if not r.in_prefill] + [r for r in self.running if r.in_prefill]
-        for req in order:
+        running_decodes: list[Request] = []
+        running_prefills: list[Request] = []
+        for r in self.running:
+            (running_prefills if r.in_prefill else running_decodes).append(r)
+        block_size = self.blocks.block_size
+        for req in running_decodes + running_prefills:
             if budget == 0:
                 break
             if req.status is not RequestStatus.RUNNING:  # preempted earlier in this loop
@@ -78,7 +82,10 @@ class Scheduler:
             if req.num_placeholders and req.num_output_tokens >= req.max_output_tokens:
                 continue  # its last token is in flight: nothing left to compute
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
-            while not self.blocks.allocate(req, req.num_computed_tokens + num_new):
+            end = req.num_computed_tokens + num_new
+            # Fast path (most decode steps): the request's last block still has room.
+            fits = end <= len(self.blocks.block_table(req.request_id)) * block_size
+            while not fits and not self.blocks.allocate(req, end):
                 victim = self._pick_victim(scheduled_ids)
                 self._preempt(victim)
                 preempted.append(victim)

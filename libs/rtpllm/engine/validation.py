@@ -3,6 +3,7 @@ worker can refuse a request before it is queued)."""
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Sequence
 
 
@@ -11,8 +12,13 @@ def validate_prompt(token_ids: Sequence[int], vocab_size: int, max_model_len: in
     token id outside the vocabulary, or a prompt that leaves no room to generate."""
     if not token_ids:
         raise ValueError("prompt is empty")
-    bad = next((t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab_size), None)
-    if bad is not None:
+    try:
+        # C-speed type check and min/max: prompts run to hundreds of thousands of ids.
+        packed = array("q", token_ids)
+    except (TypeError, OverflowError):
+        packed = None
+    if packed is None or min(packed) < 0 or max(packed) >= vocab_size:
+        bad = next(t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab_size)
         raise ValueError(f"prompt token id {bad!r} is outside the vocabulary [0, {vocab_size})")
     if len(token_ids) >= max_model_len:
         raise ValueError(
