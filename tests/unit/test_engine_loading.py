@@ -50,3 +50,18 @@ def test_kv_events_carry_increasing_sequence_numbers(tiny_llama: Path) -> None:
     removed = [k for b in batches for e in b.events if isinstance(e, BlocksRemoved) for k in e.block_keys]
     assert len(stored) == 6  # two full blocks per prompt
     assert removed and set(removed) <= set(stored)  # the 6-block pool evicted older ones
+
+
+def test_warm_up_leaves_no_trace(tiny_llama: Path) -> None:
+    batches: list[KVEventBatch] = []
+    eng = LLMEngine(EngineConfig(model=str(tiny_llama), device="cpu", async_scheduling=True), on_kv_events=batches.append)
+    eng._warm_up()  # runs automatically on CUDA; the logic is device-independent
+    assert not eng.has_unfinished_requests()
+    assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+    assert not eng.block_manager._cached
+    assert eng.stats().generation_tokens == 0 and eng.block_manager.stats.queried_tokens == 0
+    assert batches == []
+    out = LLM.__new__(LLM)  # the engine still serves normally afterwards
+    out.engine, out._ids, out._partial = eng, iter(range(10**9)), {}
+    assert len(out.generate([list(range(40))], GREEDY)[0].outputs[0].token_ids) == 12
+    assert batches and batches[0].seq == 0

@@ -133,6 +133,8 @@ class LLMEngine:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.preemptions_total = 0
+        if self.device.startswith("cuda"):
+            self._warm_up()
 
     # -- construction ----------------------------------------------------------------
 
@@ -170,6 +172,29 @@ class LLMEngine:
                 raise RuntimeError("no GPU memory left for the KV cache; raise gpu_memory_utilization")
             return budget // per_block - 1  # the pool adds one scratch block
         return max(1, cache.cpu_kv_bytes // per_block)
+
+    def _warm_up(self) -> None:
+        """Run a few real steps on throwaway requests so Triton compiles the kernel
+        variants serving will use (prefill chunks over and under 64 tokens, a prefill
+        mixed with decodes, a long uncached prompt) now, not inside the first requests.
+        Leaves no trace: blocks freed, prefix cache emptied, counters and events reset."""
+        on_events, self._on_kv_events = self._on_kv_events, None
+        vocab = self.model_config.vocab_size
+        budget = self.config.scheduler.max_num_batched_tokens
+        lengths = [80, 8, min(1100, self.max_model_len - 8, budget)]
+        params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, output_kind="final")
+        for i, length in enumerate(lengths[:2]):
+            self.add_request(f"__warmup{i}", [(7 * j + i) % vocab for j in range(length)], params)
+        for _ in range(3):
+            self.step()
+        self.add_request("__warmup2", [(5 * j) % vocab for j in range(lengths[2])], params)  # joins decodes
+        while self.has_unfinished_requests():
+            self.step()
+        self.block_manager.reset_prefix_cache()
+        self.block_manager.take_events()
+        self.block_manager.stats = type(self.block_manager.stats)()
+        self.prompt_tokens_total = self.generation_tokens_total = self.preemptions_total = 0
+        self._on_kv_events = on_events
 
     # -- requests --------------------------------------------------------------------
 

@@ -65,7 +65,9 @@ def _block_h(group: int) -> int:
     return min(max(16, next_power_of_2(group)), 64)
 
 
-@triton.jit
+# Step-varying ints (block-table width, split count and the strides it sets) are not
+# specialised on, so eager decode steps never recompile (graphs fix them anyway).
+@triton.jit(do_not_specialize=["window", "stride_bt", "stride_mb", "stride_mh", "stride_lb", "stride_lh", "num_splits"])
 def _decode_stage1_kernel(
     Q,
     K_new,
@@ -230,7 +232,7 @@ def _decode_stage1_kernel(
             tl.store(Mid_o + base[:, None] + offs_d[None, :], o, mask=out_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_mb", "stride_mh", "stride_lb", "stride_lh", "num_splits"])
 def _decode_reduce_kernel(
     Mid_o,
     Mid_lse,

@@ -45,7 +45,9 @@ def _tile_update(
     return m_new, l_i, acc
 
 
-@triton.jit
+# Ints that change from step to step (decode count, block-table width) are not
+# specialised on: each new value class would compile the kernel again mid-serving.
+@triton.jit(do_not_specialize=["window", "seq_base", "stride_bt"])
 def _extend_kernel(
     Q,
     K,
