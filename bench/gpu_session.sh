@@ -24,11 +24,12 @@ for phase in "$@"; do
     env) nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader
          python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" ;;
     kernels) run kernels 300 python3 -m pytest -q -x -p no:cacheprovider tests/gpu/test_kernels.py ;;
-    model) run model 240 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_model_triton.py tests/gpu/test_compile_sm90.py ;;
+    model) run model 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_model_triton.py tests/gpu/test_compile_sm90.py ;;
     latency) run latency 150 python3 bench/engine.py latency --out "$OUT/latency.json" ;;
-    engine) run engine 420 python3 bench/engine.py all --hf --out "$OUT/engine.json" ;;
+    engine) run engine 290 python3 bench/engine.py all --hf --out "$OUT/engine.json" ;;
     profile) run profile 120 python3 bench/engine.py profile --profile "$OUT" ;;
     throughput) run throughput 200 python3 bench/engine.py throughput --out "$OUT/throughput.json" ;;
+    kernels3) run kernels3 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_kernels.py -k "decode or extend or backend or prefill" ;;
     kernels2) run kernels2 200 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_kernels.py -k "rms_norm or rope or silu or store_kv or backend_mixed or cuda_graph" ;;
     attention) run attention 240 python3 bench/attention.py --no-flex --out "$OUT/attention.json" ;;
     ops) run ops 90 python3 bench/ops.py --out "$OUT/ops.json" ;;
