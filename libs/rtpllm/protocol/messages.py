@@ -66,6 +66,7 @@ class SamplingSpec(msgspec.Struct, kw_only=True, omit_defaults=True):
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    output_kind: str = "delta"  # "final": one delta when the request ends (non-streaming)
 
 
 class GenerateRequest(msgspec.Struct, kw_only=True):
