@@ -48,18 +48,15 @@ from rtpllm.attention import get_backend
 from rtpllm.loader.fast_loader import default_num_threads, load_checkpoint_fast
 from rtpllm.loader.file_reader import CheckpointFile, resident_pages
 from rtpllm.loader.progress import ProgressPrinter
+from rtpllm.loader.random_checkpoint import LLAMA_3_1_8B_SHAPE, make_config
 from rtpllm.loader.weights import safetensors_files
 from rtpllm.models import DecoderLM, ModelConfig, build_model
 
 SHAPES: dict[str, dict[str, Any]] = {
     # Llama-3.1-8B.
     "8b": {
-        "hidden_size": 4096,
-        "intermediate_size": 14336,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-        "vocab_size": 128256,
+        k: LLAMA_3_1_8B_SHAPE[k]
+        for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size")
     },
     # ~0.35 GB: big enough for many extents, small enough for a CPU smoke run.
     "small": {
@@ -137,26 +134,8 @@ def ensure_checkpoint(root: Path, size: str, gen_device: str) -> list[Path]:
         print(f"wrote {fname} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (root / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        **shape,
-        "hidden_act": "silu",
-        "max_position_embeddings": 131072,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 500000.0,
-        "rope_scaling": {
-            "rope_type": "llama3",
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        },
-        "tie_word_embeddings": False,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "torch_dtype": "bfloat16",
-    }
+    # The real Llama-3.1-8B config (llama3 rope scaling etc.), with this run's shape.
+    config = {**make_config("llama", **LLAMA_3_1_8B_SHAPE), **shape, "torch_dtype": "bfloat16"}
     (root / "config.json").write_text(json.dumps(config, indent=2))
     files = sorted(set(weight_map.values()))
     sizes = {f: (root / f).stat().st_size for f in files}
