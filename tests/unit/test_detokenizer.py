@@ -16,13 +16,16 @@ def decode(ids, skip: bool) -> str:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.text(min_size=1, max_size=40), st.text(max_size=10))
+@given(st.text(min_size=1, max_size=40) | st.sampled_from(["a<|endoftext|>b", "日<|im_end|>"]), st.text(max_size=10))
 def test_deltas_are_whole_characters_and_add_up(text: str, prompt: str) -> None:
     ids = TOK.encode(text, add_special_tokens=False).ids
+    # The text may spell a special token ("<|endoftext|>"), which decoding skips.
+    expected = TOK.decode(ids, skip_special_tokens=True)
     detok = IncrementalDetokenizer(decode, TOK.encode(prompt, add_special_tokens=False).ids)
     deltas = [detok.step(i) for i in ids]
-    assert all("\ufffd" not in d for d in deltas if "\ufffd" not in text)
-    assert "".join(deltas) + detok.flush() == text
+    if "\ufffd" not in expected:
+        assert all("\ufffd" not in d for d in deltas)
+    assert "".join(deltas) + detok.flush() == expected
 
 
 def test_multibyte_character_waits_for_its_last_byte() -> None:
