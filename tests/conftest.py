@@ -7,10 +7,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
 
 from rtpllm.loader.random_checkpoint import write_random_checkpoint
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+# Property tests draw the same examples on every run (a CI failure reproduces locally);
+# HYPOTHESIS_PROFILE=explore draws fresh ones.
+settings.register_profile("ci", derandomize=True, deadline=None)
+settings.register_profile("explore", deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # CI has 2 cores; more torch threads than cores only adds contention.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
