@@ -44,10 +44,6 @@ class AttentionMetadata:
     def num_seqs(self) -> int:
         return len(self.seq_lens_host)
 
-    @property
-    def num_decode_tokens(self) -> int:
-        return self.num_decodes
-
 
 class AttentionBackend(ABC):
     """Writes new K/V into the paged cache and computes causal attention over it."""

@@ -17,7 +17,7 @@ from rtpllm.config import EngineConfig
 from rtpllm.engine.llm_engine import LLMEngine
 from rtpllm.engine.stats import EngineStats
 from rtpllm.kvcache.events import KVEventBatch
-from rtpllm.outputs import CompletionOutput, RequestOutput
+from rtpllm.outputs import RequestOutput
 from rtpllm.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -174,13 +174,3 @@ class AsyncLLMEngine:
         if target is not None:
             loop, stream = target
             loop.call_soon_threadsafe(stream.put_nowait, item)
-
-
-def empty_output(request_id: str, reason: str) -> RequestOutput:
-    """A final output for a request that never reached the engine."""
-    return RequestOutput(
-        request_id=request_id,
-        prompt_token_ids=[],
-        outputs=[CompletionOutput(index=0, text="", token_ids=[], finish_reason=reason)],
-        finished=True,
-    )

@@ -1,5 +1,5 @@
 """Rotary position embedding: inverse-frequency schedules for each scaling variant and
-the rotate-half application used by the Llama/Qwen families."""
+the cos/sin tables; the rotation itself is `rtpllm.kernels.rope.apply_rope`."""
 
 from __future__ import annotations
 
@@ -64,7 +64,8 @@ def _yarn(rope: RopeConfig, dim: int, max_position: int) -> tuple[torch.Tensor, 
 
 
 class RotaryEmbedding(nn.Module):
-    """Precomputed cos/sin table indexed by absolute position (non-interleaved halves)."""
+    """Precomputed cos/sin tables indexed by absolute position (non-interleaved halves),
+    shared by every layer and read by `rtpllm.kernels.rope.apply_rope`."""
 
     def __init__(self, rope: RopeConfig, head_dim: int, max_position: int, dtype: torch.dtype) -> None:
         super().__init__()
@@ -84,14 +85,3 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         self.cos = (emb.cos() * scale).to(device=device, dtype=self.table_dtype)
         self.sin = (emb.sin() * scale).to(device=device, dtype=self.table_dtype)
-
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, Hq, D], k: [T, Hkv, D], positions: [T] -> rotated (q, k)."""
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
