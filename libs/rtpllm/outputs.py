@@ -38,6 +38,29 @@ class CompletionOutput:
 
 
 @dataclass
+class KVHandoff:
+    """Where a prefill-only request's KV is (disaggregation, prefill side): blocks of the
+    engine's pool, in order, of which the first `num_tokens` tokens are written. The
+    finished output also carries the first token's raw logprobs row, for the decode side."""
+
+    block_ids: list[int]
+    num_tokens: int
+    first_token_logprobs: tuple[float, int, list[int], list[float]] | None = None
+
+
+@dataclass(frozen=True)
+class KVReservation:
+    """Blocks a decode engine reserved for a remote prefill (disaggregation, decode
+    side). The engine already holds the first `skip_blocks` blocks of the prompt (its
+    prefix cache, `num_cached_tokens` tokens); the prefill instance writes the prompt's
+    remaining blocks into `block_ids`, in order."""
+
+    block_ids: list[int]
+    skip_blocks: int
+    num_cached_tokens: int
+
+
+@dataclass
 class RequestOutput:
     request_id: str
     prompt_token_ids: list[int]
@@ -48,3 +71,4 @@ class RequestOutput:
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     error: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    kv: KVHandoff | None = None  # prefill-only requests: their KV so far

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import msgspec
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -20,6 +21,7 @@ from rtpllm.api.errors import APIError
 from rtpllm.api.generation import GatewayCore
 from rtpllm.api.server import OpenAIServer, error_response, json_response
 from rtpllm.models.registry import served_model_name
+from rtpllm.protocol.subjects import InstanceRole
 from rtpllm.routing.policy import make_policy
 from rtpllm.serving.admission import AdmissionController
 from rtpllm.serving.bus import connect_nats
@@ -108,12 +110,14 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         """Readiness: NATS connected and at least one worker serves the model."""
         srv = server(request)
         workers = srv.core.dispatcher.candidates(srv.model)
+        prefill = srv.core.dispatcher.registry.candidates(srv.model, (InstanceRole.PREFILL,))
         nats_ok = request.app.state.nc.is_connected
         body = {
             "status": "ready" if nats_ok and workers else "not_ready",
             "gateway_id": gateway_id,
             "model": srv.model,
-            "workers": len(workers),
+            "workers": len(workers),  # instances taking requests: combined workers and decode instances
+            "prefill": len(prefill),
             "dependencies": {
                 "nats": "ok" if nats_ok else "disconnected",
                 "redis": await request.app.state.redis.status(),
@@ -137,6 +141,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                     "max_model_len": hb.max_model_len,
                     "inflight_from_this_gateway": inst.inflight,
                     "load": {f: getattr(hb.load, f) for f in hb.load.__struct_fields__},
+                    "disaggregation": msgspec.to_builtins(hb.disagg) if hb.disagg is not None else None,
                 }
             )
         return json_response({"instances": items})

@@ -1,5 +1,6 @@
-"""Entry point of the combined worker: load the engine, serve it over NATS, drain on
-SIGTERM/SIGINT."""
+"""Entry point of the engine services: the combined worker, and (with `settings.role`)
+the prefill and decode instances of the disaggregated topology. Load the engine, add
+the role's data-plane side, serve it over NATS, drain on SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
@@ -9,12 +10,15 @@ import logging
 import os
 import signal
 import time
+from dataclasses import dataclass, field
+from typing import Any
 
 from rtpllm.serving.bus import connect_nats
 from rtpllm.serving.dependencies import RedisCheck
 from rtpllm.serving.engine_info import engine_info
 from rtpllm.serving.engine_server import EngineServer, EngineServerConfig
 from rtpllm.serving.kv_events import KVEventPublisher
+from rtpllm.protocol.subjects import InstanceRole
 from rtpllm.serving.settings import WorkerSettings, new_id
 
 log = logging.getLogger("rtpllm.worker")
@@ -57,7 +61,8 @@ async def serve(settings: WorkerSettings) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    instance_id = settings.instance_id or new_id("worker")
+    role = InstanceRole(settings.role)
+    instance_id = settings.instance_id or new_id(role.value)
 
     if settings.redis_url:
         redis = RedisCheck(settings.redis_url)
@@ -81,11 +86,13 @@ async def serve(settings: WorkerSettings) -> int:
     kv_events.set_model(info.model)
     config = EngineServerConfig(
         instance_id=instance_id,
+        role=role,
         heartbeat_interval_s=settings.heartbeat_interval_s,
         lease_s=settings.lease_s,
         default_gateway_lease_s=settings.lease_s,
     )
-    server = EngineServer(nc, engine, info, config, kv_events)
+    sides = await _disaggregation(settings, role, nc, engine, info, instance_id)
+    server = EngineServer(nc, engine, info, config, kv_events, prefill=sides.prefill, decode=sides.decode)
     await server.start()
     log.info(
         "%s: %s serving %r (weights loaded in %.2f s; %.2f s from process start to ready)",
@@ -99,11 +106,51 @@ async def serve(settings: WorkerSettings) -> int:
     engine_died = server.stopped.is_set()
     log.info("stopping: draining %d running request(s) for up to %.0f s", server.num_running, settings.drain_timeout_s)
     await server.drain(0 if engine_died else settings.drain_timeout_s)
+    await sides.close()
     await engine.shutdown()
     with contextlib.suppress(Exception):
         await nc.drain()
     log.info("stopped")
     return 1 if engine_died else 0
+
+
+@dataclass
+class _Sides:
+    """The data-plane ends of a prefill or decode instance (none for a combined worker)."""
+
+    prefill: Any = None
+    decode: Any = None
+    closers: list[Any] = field(default_factory=list)
+
+    async def close(self) -> None:
+        for close in self.closers:
+            with contextlib.suppress(Exception):
+                await close()
+
+
+async def _disaggregation(settings: WorkerSettings, role: InstanceRole, nc: Any, engine: Any, info: Any, instance_id: str) -> _Sides:
+    sides = _Sides()
+    if role is InstanceRole.WORKER:
+        return sides
+    from rtpllm.transfer import KVLayout, KVReceiver, KVSender
+
+    layout = KVLayout.of(engine.kv_cache, engine.kv_namespace)
+    if role is InstanceRole.PREFILL:
+        from rtpllm.serving.disagg_prefill import PrefillSide
+
+        sender = KVSender(engine.kv_cache, layout, prefer=settings.kv_backends)
+        sides.closers.append(sender.close)
+        sides.prefill = PrefillSide(nc, engine, instance_id, sender, info.block_size)
+        return sides
+    from rtpllm.serving.disagg_decode import DecodeConfig, DecodeSide
+
+    receiver = KVReceiver(engine.kv_cache, layout, host=settings.kv_host, port=settings.kv_port, backends=settings.kv_backends)
+    await receiver.start()
+    sides.closers.append(receiver.close)
+    log.info("KV data plane listening on %s:%d (%s)", receiver.endpoint.host, receiver.endpoint.port, ", ".join(receiver.endpoint.backends))
+    config = DecodeConfig(local_prefill_below=settings.local_prefill_below, transfer_lease_s=settings.kv_lease_s)
+    sides.decode = DecodeSide(nc, engine, instance_id, info.model, receiver, config)
+    return sides
 
 
 def run(settings: WorkerSettings) -> int:

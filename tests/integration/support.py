@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 from rtpllm.runtime.processes import ManagedProcess, free_port, http_json, rtpllm_command, wait_until
 from rtpllm.runtime.stack import Stack, StackConfig
@@ -19,8 +20,15 @@ def dump_logs(log_dir: Path) -> None:
 
 
 def start_stack(
-    tiny_model: Path, log_dir: Path, workers: int, gateway_args: list[str] | None = None, worker_args: list[str] | None = None
+    tiny_model: Path,
+    log_dir: Path,
+    workers: int,
+    gateway_args: list[str] | None = None,
+    worker_args: list[str] | None = None,
+    **disaggregation: Any,
 ) -> Stack:
+    """A stack of `workers` combined workers, or with `prefill=N, decode=M` (and
+    optionally decode_args, role_env) a disaggregated one."""
     stack = Stack(
         StackConfig(
             model=str(tiny_model),
@@ -28,6 +36,7 @@ def start_stack(
             worker_args=WORKER_ARGS + (worker_args or []),  # later flags win
             gateway_args=gateway_args or [],
             log_dir=log_dir,
+            **disaggregation,
         )
     )
     try:

@@ -20,7 +20,7 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 def test_commands_exist() -> None:
     top = _subparsers(build_parser())
     assert {"up", "serve", "convert-gguf"} <= set(top)
-    assert {"gateway", "worker"} == set(_subparsers(top["serve"]))
+    assert {"gateway", "worker", "prefill", "decode"} == set(_subparsers(top["serve"]))
 
 
 def test_every_flag_documents_its_env_var() -> None:

@@ -17,6 +17,11 @@ from rtpllm.protocol.convert import (
     spec_from_params,
 )
 from rtpllm.protocol.messages import (
+    DataPlaneEndpoint,
+    DisaggCounters,
+    Handoff,
+    PrefillResult,
+    TransferCounters,
     CancelRequest,
     ChoiceDelta,
     Discover,
@@ -78,6 +83,19 @@ def _messages() -> list[msgspec.Struct]:
         Discover(gateway_id="g"),
         GatewayHeartbeat(gateway_id="g", lease_s=3.0),
         KVEvents(instance_id="w", model="m", batch=batch),
+        GenerateRequest(
+            request_id="r", model="m", prompt_token_ids=[1], sampling=SamplingSpec(), reply_to="s", gateway_id="g", deadline=2.0,
+            handoff=Handoff(
+                decode_instance_id="d", transfer_id="r.0.ab", skip_blocks=2, num_blocks=3, lease_s=30.0,
+                endpoint=DataPlaneEndpoint(host="127.0.0.1", port=5, host_id="h", device="cpu", backends=["shm", "tcp"]),
+            ),
+        ),
+        PrefillResult(request_id="r", transfer_id="t", prefill_instance_id="p", token_id=9, logprobs=(-0.5, 1, [9, 3], [-0.5, -2.0]), num_cached_tokens=16),
+        PrefillResult(request_id="r", transfer_id="t", prefill_instance_id="p", error=ErrorInfo(ErrorCode.ENGINE_ERROR, "x")),
+        Heartbeat(
+            instance_id="d", role="decode", model="m", max_model_len=8, max_num_seqs=4, block_size=16, lease_s=3.0, seq=2,
+            disagg=DisaggCounters(local_prefills=1, remote_prefills=2, transfers={"shm": TransferCounters(transfers=2, bytes=10, seconds=0.5)}),
+        ),
     ]
 
 

@@ -1,4 +1,4 @@
-"""The `rtpllm` command: `up` (the whole stack), `serve gateway|worker` (one service),
+"""The `rtpllm` command: `up` (the whole stack), `serve gateway|worker|prefill|decode` (one service),
 `convert-gguf`. Flags read `RTPLLM_*` environment variables (see `--help`)."""
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(up, "stack", options.UP)
     add_flags(up, "model", options.MODEL)
     add_flags(up, "engine (passed to every worker)", options.ENGINE)
+    add_flags(up, "disaggregation (passed to decode instances)", options.DISAGG)
 
     serve = commands.add_parser("serve", help="run one service (scale each independently)")
     services = serve.add_subparsers(dest="service", required=True, metavar="SERVICE")
@@ -45,6 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(worker, "model", options.MODEL)
     add_flags(worker, "engine", options.ENGINE)
     add_flags(worker, "worker", options.WORKER)
+    for role, text in (
+        ("prefill", "a prefill instance: prefills prompts handed off by decode instances and ships their KV"),
+        ("decode", "a decode instance: takes requests from gateways, gets long prompts prefilled by prefill instances"),
+    ):
+        sub = services.add_parser(role, help=text, description=f"{text[0].upper()}{text[1:]} (see docs/disaggregation.md).")
+        add_flags(sub, "bus", options.BUS)
+        add_flags(sub, "model", options.MODEL)
+        add_flags(sub, "engine", options.ENGINE)
+        add_flags(sub, "worker", options.WORKER)
+        add_flags(sub, "disaggregation", options.DISAGG)
 
     convert = commands.add_parser(
         "convert-gguf",

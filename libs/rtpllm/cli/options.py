@@ -44,6 +44,14 @@ WORKER = [
     Flag("--drain-timeout", "RTPLLM_DRAIN_TIMEOUT", "on SIGTERM, seconds running requests may finish before they are failed", 10.0, float),
 ]
 
+DISAGG = [
+    Flag("--local-prefill-below", "RTPLLM_LOCAL_PREFILL_BELOW", "decode: prompts with fewer uncached tokens are prefilled locally (0: always use a prefill instance when one is alive)", 512, int),
+    Flag("--kv-host", "RTPLLM_KV_HOST", "decode: address the KV data plane listens on and announces to prefill instances", "127.0.0.1"),
+    Flag("--kv-port", "RTPLLM_KV_PORT", "decode: KV data plane port (0: a free one)", 0, int),
+    Flag("--kv-backends", "RTPLLM_KV_BACKENDS", "data-plane backends, in order of preference, where both sides allow them", "cuda_ipc,shm,tcp"),
+    Flag("--kv-lease", "RTPLLM_KV_LEASE", "seconds a remote prefill and its KV transfer may take before the decode instance gives up on it", 30.0, float),
+]
+
 GATEWAY = [
     Flag("--host", "RTPLLM_HOST", "HTTP bind address", "127.0.0.1"),
     Flag("--port", "RTPLLM_PORT", "HTTP port", 8000, int),
@@ -60,7 +68,9 @@ GATEWAY = [
 ]
 
 UP = [
-    Flag("--workers", "RTPLLM_WORKERS", "number of worker processes", 1, int),
+    Flag("--workers", "RTPLLM_WORKERS", "number of combined (prefill + decode) worker processes", 1, int),
+    Flag("--prefill", "RTPLLM_PREFILL", "number of prefill instances (disaggregated topology, with --decode)", 0, int),
+    Flag("--decode", "RTPLLM_DECODE", "number of decode instances (disaggregated topology; replaces --workers)", 0, int),
     Flag("--host", "RTPLLM_HOST", "gateway HTTP bind address", "127.0.0.1"),
     Flag("--port", "RTPLLM_PORT", "gateway HTTP port", 8000, int),
     Flag("--nats-port", "RTPLLM_NATS_PORT", "port of the NATS server started (0: a free one)", 0, int),

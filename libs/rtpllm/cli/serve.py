@@ -73,7 +73,22 @@ def worker_settings(args: argparse.Namespace) -> WorkerSettings:
         lease_s=args.lease,
         drain_timeout_s=args.drain_timeout,
         nats_connect_timeout_s=args.nats_connect_timeout,
+        role=getattr(args, "service", "worker"),
+        local_prefill_below=getattr(args, "local_prefill_below", 512),
+        kv_host=getattr(args, "kv_host", "127.0.0.1"),
+        kv_port=getattr(args, "kv_port", 0),
+        kv_backends=parse_backends(getattr(args, "kv_backends", "cuda_ipc,shm,tcp")),
+        kv_lease_s=getattr(args, "kv_lease", 30.0),
     )
+
+
+def parse_backends(value: str) -> tuple[str, ...]:
+    known = ("cuda_ipc", "shm", "tcp")
+    names = tuple(v.strip() for v in value.split(",") if v.strip())
+    bad = [n for n in names if n not in known]
+    if bad or not names:
+        raise SystemExit(f"error: --kv-backends {value!r}: choose from {', '.join(known)}")
+    return names
 
 
 def run_gateway(args: argparse.Namespace) -> int:
@@ -84,7 +99,9 @@ def run_gateway(args: argparse.Namespace) -> int:
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    from services.worker.main import run
+    """`serve worker|prefill|decode`: the engine service in that role."""
+    import importlib
 
+    run = importlib.import_module(f"services.{args.service}.main").run
     setup_logging(args.log_level)
     return run(worker_settings(args))

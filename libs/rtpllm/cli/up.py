@@ -68,6 +68,9 @@ def run_up(args: argparse.Namespace) -> int:
         served = served or model  # clients keep using the friendly name
         model = str(model_dir)
         _say(f"model ready in {model}")
+    if args.prefill < 0 or args.decode < 0 or (args.prefill and not args.decode):
+        _say("error: --prefill N needs --decode M (M >= 1): decode instances take the requests")
+        return 2
     log_dir = Path(args.log_dir) if args.log_dir else None
     if log_dir is not None:
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -75,6 +78,9 @@ def run_up(args: argparse.Namespace) -> int:
         model=model,
         served_model_name=served,
         workers=args.workers,
+        prefill=args.prefill,
+        decode=args.decode,
+        decode_args=flags_to_argv(options.DISAGG, args),
         host=args.host,
         port=args.port,
         nats_port=args.nats_port,
@@ -97,19 +103,23 @@ def run_up(args: argparse.Namespace) -> int:
         _say("starting nats-server" + (" and redis-server" if config.use_redis else ""))
         stack.start_infra()
         _say(f"NATS at {stack.nats_url}" + (f", Redis at {stack.redis_url}" if stack.redis_url else ""))
-        _say(f"starting {args.workers} worker(s) and the gateway; loading {served or model} ...")
-        for _ in range(args.workers):
-            stack.add_worker()
+        topology = (
+            f"{args.prefill} prefill and {args.decode} decode instance(s)" if stack.disaggregated else f"{args.workers} worker(s)"
+        )
+        _say(f"starting {topology} and the gateway; loading {served or model} ...")
+        stack.add_engines()
         stack.start_gateway()
         last = [0.0]
 
         def progress(elapsed: float) -> None:
             if elapsed - last[0] >= 5.0:
                 last[0] = elapsed
-                _say(f"waiting for workers to load the model: {stack.live_workers()}/{args.workers} ready ({elapsed:.0f} s)")
+                served_n, prefill_n = stack.live_counts()
+                done = f"{served_n}+{prefill_n}" if stack.disaggregated else f"{served_n}"
+                _say(f"waiting for engines to load the model: {done} of {topology} ready ({elapsed:.0f} s)")
 
         stack.wait_ready(args.ready_timeout, on_tick=progress)
-        _say(f"ready: {args.workers} worker(s) serving {served or Path(model).name!r}")
+        _say(f"ready: {topology} serving {served or Path(model).name!r}")
         _say(f"OpenAI-compatible API at {stack.url}/v1  (metrics: {stack.url}/metrics)  -- Ctrl-C to stop")
         return _supervise(stack)
     except KeyboardInterrupt:

@@ -17,7 +17,7 @@ from rtpllm.config import EngineConfig
 from rtpllm.engine.llm_engine import LLMEngine
 from rtpllm.engine.stats import EngineStats
 from rtpllm.kvcache.events import KVEventBatch
-from rtpllm.outputs import RequestOutput
+from rtpllm.outputs import KVReservation, RequestOutput
 from rtpllm.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -32,11 +32,32 @@ class _Add:
     request_id: str
     prompt: str | Sequence[int]
     params: SamplingParams
+    prefill_only: bool = False
+    remote: RemotePrefill | None = None
 
 
 @dataclass
 class _Abort:
     request_id: str
+
+
+@dataclass
+class _Call:
+    """Run `fn(engine)` on the engine thread (disaggregation hand-offs, KV release)."""
+
+    fn: Callable[[LLMEngine], object]
+
+
+@dataclass
+class RemotePrefill:
+    """Ask the engine to reserve blocks for a remote prefill (see LLMEngine.add_request).
+
+    `reserved` is resolved from the engine thread with the KVReservation, or None when
+    the request is prefilled here instead (short uncached part, no free blocks, or the
+    request was refused)."""
+
+    min_uncached_tokens: int
+    reserved: asyncio.Future[KVReservation | None]
 
 
 _STOP = object()
@@ -85,10 +106,20 @@ class AsyncLLMEngine:
         return self._stats
 
     async def generate(
-        self, request_id: str, prompt: str | Sequence[int], params: SamplingParams | None = None
+        self,
+        request_id: str,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        *,
+        prefill_only: bool = False,
+        remote: RemotePrefill | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Submit a request and yield its delta outputs. Leaving the loop early (or the
-        task being cancelled) aborts the request and frees its KV blocks."""
+        task being cancelled) aborts the request and frees its KV blocks.
+
+        `prefill_only` and `remote` are the two sides of disaggregation (see
+        LLMEngine.add_request); a prefill-only request's held KV is freed by
+        `release_kv`, not by the end of its stream."""
         if self._dead is not None or not self._thread.is_alive():
             raise EngineDeadError(f"engine is not running: {self._dead or 'shut down'}")
         stream: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
@@ -96,7 +127,7 @@ class AsyncLLMEngine:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use")
             self._streams[request_id] = (asyncio.get_running_loop(), stream)
-        self._commands.put(_Add(request_id, prompt, params or SamplingParams()))
+        self._commands.put(_Add(request_id, prompt, params or SamplingParams(), prefill_only, remote))
         finished = False
         try:
             while True:
@@ -116,6 +147,26 @@ class AsyncLLMEngine:
 
     def abort(self, request_id: str) -> None:
         self._commands.put(_Abort(request_id))
+
+    def complete_remote_prefill(
+        self, request_id: str, first_token: int, logprobs: tuple | None = None, num_cached_tokens: int = 0
+    ) -> None:
+        self._commands.put(_Call(lambda e: e.complete_remote_prefill(request_id, first_token, logprobs, num_cached_tokens)))
+
+    def fail_remote_prefill(self, request_id: str, first_token: int | None = None, logprobs: tuple | None = None) -> None:
+        self._commands.put(_Call(lambda e: e.fail_remote_prefill(request_id, first_token, logprobs)))
+
+    def release_kv(self, request_id: str) -> None:
+        self._commands.put(_Call(lambda e: e.release_kv(request_id)))
+
+    @property
+    def kv_cache(self):
+        """The engine's KV pool tensor (the data plane reads and writes its blocks)."""
+        return self.engine.kv_pool.kv
+
+    @property
+    def kv_namespace(self) -> bytes:
+        return self.engine.block_manager.namespace
 
     async def shutdown(self) -> None:
         """Stop the engine thread; streams still open end with EngineDeadError."""
@@ -156,13 +207,27 @@ class AsyncLLMEngine:
             if cmd is _STOP:
                 return False
             if isinstance(cmd, _Add):
-                try:
-                    self.engine.add_request(cmd.request_id, cmd.prompt, cmd.params)
-                except ValueError as exc:
-                    self._send(cmd.request_id, exc)
+                self._add(cmd)
             elif isinstance(cmd, _Abort):
                 self.engine.abort_request(cmd.request_id)
+            elif isinstance(cmd, _Call):
+                cmd.fn(self.engine)
             block = False
+
+    def _add(self, cmd: _Add) -> None:
+        reservation = None
+        try:
+            reservation = self.engine.add_request(
+                cmd.request_id, cmd.prompt, cmd.params, prefill_only=cmd.prefill_only,
+                remote_prefill_min_tokens=cmd.remote.min_uncached_tokens if cmd.remote is not None else None,
+            )  # fmt: skip
+        except ValueError as exc:
+            self._send(cmd.request_id, exc)
+        if cmd.remote is not None:
+            future = cmd.remote.reserved
+            loop = future.get_loop()
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(_resolve, future, reservation)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
@@ -174,3 +239,8 @@ class AsyncLLMEngine:
         if target is not None:
             loop, stream = target
             loop.call_soon_threadsafe(stream.put_nowait, item)
+
+
+def _resolve(future: asyncio.Future, value: object) -> None:
+    if not future.done():
+        future.set_result(value)

@@ -17,7 +17,7 @@ import torch
 from rtpllm.attention import get_backend
 from rtpllm.config import EngineConfig, dtype_name, parse_dtype
 from rtpllm.engine.model_runner import ModelRunner, PrevTokens
-from rtpllm.engine.output_processor import OutputProcessor
+from rtpllm.engine.output_processor import Finish, LogprobRow, OutputProcessor
 from rtpllm.engine.request import Request
 from rtpllm.engine.sampler import PendingSample, Sampler, needs_history, prompt_logprobs
 from rtpllm.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
@@ -30,7 +30,7 @@ from rtpllm.kvcache.kv_pool import KVPool, bytes_per_block
 from rtpllm.loader import load_checkpoint_fast
 from rtpllm.models import DecoderLM, ModelConfig, build_model, fill_random
 from rtpllm.models.registry import resolve_model, served_model_name
-from rtpllm.outputs import CompletionOutput, PositionLogprobs, RequestOutput
+from rtpllm.outputs import CompletionOutput, KVHandoff, KVReservation, PositionLogprobs, RequestOutput
 from rtpllm.sampling_params import SamplingParams
 from rtpllm.tokenizer import Tokenizer
 
@@ -45,6 +45,9 @@ class _InFlight:
     requests: list[Request]  # the sampling rows, in order
     sample: PendingSample | None
     prompt_logits: list[tuple[ScheduledRequest, int, torch.Tensor]]
+    # Recorded after the forward pass when a prefill-only request ran: its KV may be
+    # read by another thread once this has completed (CUDA only).
+    kv_written: torch.cuda.Event | None = None
 
     def prev_tokens(self) -> PrevTokens | None:
         if self.sample is None:
@@ -128,6 +131,12 @@ class LLMEngine:
         self._groups: dict[str, _Group] = {}
         self._requests: dict[str, Request] = {}
         self._pending: dict[str, RequestOutput] = {}
+        # Disaggregation: decode-side requests whose blocks await a remote prefill's KV,
+        # groups changed outside a step (a remote prefill completed), and prefill-side
+        # handoffs (held KV) not yet reported.
+        self._awaiting: dict[str, Request] = {}
+        self._touched_ext: dict[str, _Group] = {}
+        self._handoffs: dict[str, KVHandoff] = {}
         self._in_flight: _InFlight | None = None
         self.async_scheduling = config.async_scheduling if config.async_scheduling is not None else self.device.startswith("cuda")
         self.prompt_tokens_total = 0
@@ -203,10 +212,27 @@ class LLMEngine:
         request_id: str,
         prompt: str | Sequence[int],
         params: SamplingParams | None = None,
-    ) -> None:
+        *,
+        prefill_only: bool = False,
+        remote_prefill_min_tokens: int | None = None,
+    ) -> KVReservation | None:
         """Queue a request. Raises ValueError (with a message fit for an API client) for
-        an empty or over-long prompt, unknown token ids or a duplicate id."""
+        an empty or over-long prompt, unknown token ids or a duplicate id.
+
+        Disaggregation (n == 1 only):
+        - `prefill_only`: prefill side. The request stops after its first token with
+          finish_reason "handoff" and its KV blocks stay held (outputs carry `kv`) until
+          `release_kv`. Outputs come after every prefill chunk, so KV can be shipped
+          while the rest of the prompt computes.
+        - `remote_prefill_min_tokens`: decode side. If at least that many prompt tokens
+          are not in the prefix cache and the blocks are free, the blocks are reserved
+          and returned, and the request waits for `complete_remote_prefill` (KV written)
+          or `fail_remote_prefill` (prefill it here); otherwise it is queued as usual
+          and None is returned.
+        """
         params = params or SamplingParams()
+        if (prefill_only or remote_prefill_min_tokens is not None) and params.n != 1:
+            raise ValueError("disaggregated prefill serves n=1 requests only")
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in use")
         text: str | None = None
@@ -235,13 +261,78 @@ class LLMEngine:
                 child.generator = self.sampler.request_generator(child.params.seed)
             if child is not children[0]:
                 child.wait_for = children[0]
+            child.prefill_only = prefill_only
             self._requests[child.request_id] = child
             self.outputs.add(child)
-            self.scheduler.add(child)
         group = _Group(request_id, text, token_ids, children, stream=params.output_kind == "delta")
         if params.prompt_logprobs is not None:
             group.prompt_logprobs = [None]
         self._groups[request_id] = group
+        if remote_prefill_min_tokens is not None:
+            reservation = self._reserve(children[0], remote_prefill_min_tokens)
+            if reservation is not None:
+                return reservation
+        for child in children:
+            self.scheduler.add(child)
+        return None
+
+    # -- disaggregation --------------------------------------------------------------
+
+    def _reserve(self, req: Request, min_tokens: int) -> KVReservation | None:
+        """Allocate the prompt's blocks for a remote prefill if enough of it is uncached."""
+        bm = self.block_manager
+        hit = bm.find_prefix(req)
+        if req.params.prompt_logprobs is not None or req.num_prompt_tokens - hit.num_tokens < max(min_tokens, 1):
+            return None
+        if not bm.allocate(req, req.num_prompt_tokens, hit):
+            return None
+        req.num_computed_tokens = req.num_cached_tokens = hit.num_tokens
+        self._awaiting[req.request_id] = req
+        skip = len(hit.block_ids)
+        return KVReservation(block_ids=bm.block_table(req.request_id)[skip:], skip_blocks=skip, num_cached_tokens=hit.num_tokens)
+
+    def complete_remote_prefill(
+        self, request_id: str, first_token: int, logprobs: LogprobRow | None = None, num_cached_tokens: int = 0
+    ) -> bool:
+        """The reserved blocks hold the prompt's KV and `first_token` was sampled by the
+        prefill instance: the request joins the batch and decodes from there.
+        `num_cached_tokens`: prompt tokens the prefill instance did not compute. False if
+        the request is no longer waiting (aborted)."""
+        req = self._awaiting.pop(request_id, None)
+        if req is None:
+            return False
+        req.num_computed_tokens = req.num_prompt_tokens
+        self.block_manager.commit(req, req.num_prompt_tokens)
+        self._accept_first_token(req, first_token, logprobs)
+        req.num_cached_tokens = num_cached_tokens
+        return True
+
+    def fail_remote_prefill(self, request_id: str, first_token: int | None = None, logprobs: LogprobRow | None = None) -> bool:
+        """The remote prefill failed: prefill here, in the reserved blocks. If the first
+        token is already known (it may have reached the client), it is kept, not resampled."""
+        req = self._awaiting.pop(request_id, None)
+        if req is None:
+            return False
+        if first_token is not None:
+            self._accept_first_token(req, first_token, logprobs)
+        else:
+            self.scheduler.add_reserved(req)
+        return True
+
+    def _accept_first_token(self, req: Request, token_id: int, logprobs: LogprobRow | None) -> None:
+        req.append_output(token_id)
+        req.first_token_time = time.monotonic()
+        self.generation_tokens_total += 1
+        finish = self.outputs.process_token(req, token_id, logprobs)
+        if finish is not None:
+            self.scheduler.finish(req, finish.reason, finish.stop_reason)
+        else:
+            self.scheduler.add_reserved(req)
+        self._touched_ext[req.group_id] = self._groups[req.group_id]
+
+    def release_kv(self, request_id: str) -> bool:
+        """Free the KV a finished prefill-only request held for its transfer."""
+        return self.block_manager.release(request_id)
 
     def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
         validate_prompt(token_ids, self.model_config.vocab_size, self.max_model_len)
@@ -254,6 +345,7 @@ class LLMEngine:
         group = self._groups.get(request_id)
         if group is None:
             return False
+        self._touched_ext.pop(request_id, None)
         for child in group.children:
             if not child.is_finished:
                 self.scheduler.finish(child, "abort")
@@ -262,7 +354,10 @@ class LLMEngine:
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._groups) or bool(self._pending) or self._in_flight is not None
+        """True while a step has work: requests to schedule, outputs to hand out or a
+        launched step to finish. Requests waiting for a remote prefill's KV are not
+        work (nothing can run for them until it arrives)."""
+        return self.scheduler.has_unfinished() or bool(self._pending) or self._in_flight is not None or bool(self._touched_ext)
 
     # -- the step --------------------------------------------------------------------
 
@@ -275,7 +370,7 @@ class LLMEngine:
         launches by one step. Requests whose sampling reads their previous tokens
         (penalties) make that step synchronous.
         """
-        touched: dict[str, _Group] = {}
+        touched, self._touched_ext = self._touched_ext, {}
         prev = self._in_flight
         if prev is not None and (not self.async_scheduling or self._needs_history()):
             self._finish(prev, touched)
@@ -319,14 +414,24 @@ class LLMEngine:
         sample = self.sampler.sample(result.logits, requests) if requests else None
         for req in requests:
             req.append_placeholder()
-        return _InFlight(step, requests, sample, result.prompt_logits)
+        kv_written = None
+        if self.device.startswith("cuda") and any(item.request.prefill_only for item in step.scheduled):
+            kv_written = torch.cuda.Event()
+            kv_written.record()
+        return _InFlight(step, requests, sample, result.prompt_logits, kv_written)
 
     def _finish(self, flight: _InFlight, touched: dict[str, _Group]) -> None:
         """Read a launched step's results back and turn them into outputs."""
         self._record_prompt_logprobs(flight.prompt_logits, touched)
+        if flight.kv_written is not None:
+            flight.kv_written.synchronize()  # the KV reported below is readable from any stream
         for item in flight.step.scheduled:
-            if not item.request.is_finished:
-                self.scheduler.commit(item.request)
+            req = item.request
+            if not req.is_finished:
+                self.scheduler.commit(req)
+                if req.prefill_only:
+                    req.num_kv_ready = min(item.start + item.num_new_tokens, req.num_prompt_tokens)
+                    touched[req.group_id] = self._groups[req.group_id]
         if flight.sample is None:
             return
         token_ids, logprob_rows = flight.sample.resolve()
@@ -340,6 +445,10 @@ class LLMEngine:
                 req.first_token_time = now
                 self.prompt_tokens_total += req.num_prompt_tokens
             finish = self.outputs.process_token(req, token_id, lp)
+            if finish is None and req.prefill_only:
+                # Hand the KV over instead of decoding: it stays held past the finish.
+                self._handoffs[req.request_id] = KVHandoff(self.block_manager.hold(req.request_id), req.num_prompt_tokens, lp)
+                finish = Finish("handoff")
             if finish is not None:
                 self.scheduler.finish(req, finish.reason, finish.stop_reason)
             touched[req.group_id] = self._groups[req.group_id]
@@ -380,6 +489,11 @@ class LLMEngine:
             prompt_lp = group.prompt_logprobs[group.sent_prompt_logprobs :]
             group.sent_prompt_logprobs = len(group.prompt_logprobs)
         lead = group.children[0]
+        kv = None
+        if lead.prefill_only:
+            kv = self._handoffs.pop(lead.request_id, None)
+            if kv is None and self.block_manager.has_table(lead.request_id):
+                kv = KVHandoff(list(self.block_manager.block_table(lead.request_id)), lead.num_kv_ready)
         metrics = {"arrival_time": lead.arrival_time}
         if lead.first_token_time is not None:
             metrics["first_token_time"] = lead.first_token_time
@@ -393,12 +507,15 @@ class LLMEngine:
             prompt_logprobs=prompt_lp,
             error=group.error,
             metrics=metrics,
+            kv=kv,
         )
 
     def _forget(self, group: _Group) -> None:
         self._groups.pop(group.request_id, None)
         for child in group.children:
             self._requests.pop(child.request_id, None)
+            self._awaiting.pop(child.request_id, None)
+            self._handoffs.pop(child.request_id, None)
             self.outputs.remove(child.request_id)
 
     def _flush_events(self) -> None:
@@ -420,6 +537,8 @@ class LLMEngine:
             prompt_tokens=self.prompt_tokens_total,
             generation_tokens=self.generation_tokens_total,
             num_preemptions=self.preemptions_total,
+            num_awaiting_kv=len(self._awaiting),
+            num_held_kv=bm.num_held,
         )
 
 

@@ -54,6 +54,13 @@ class Request:
     prompt_logprobs_done: int = 0
     # Sampled tokens appended as PLACEHOLDER whose values have not reached the host yet.
     num_placeholders: int = 0
+    # Disaggregation. prefill_only: stop after the first token and keep the KV blocks
+    # for a transfer (prefill side). kv_reserved: the request already holds its blocks
+    # (filled by a transfer, or to be filled by a local prefill) when it is admitted.
+    prefill_only: bool = False
+    kv_reserved: bool = False
+    # Prompt tokens whose KV is known to be written (reported to the KV sender).
+    num_kv_ready: int = 0
 
     def __post_init__(self) -> None:
         self._all: list[int] = list(self.prompt_token_ids)

@@ -79,7 +79,7 @@ class Scheduler:
                 break
             if req.status is not RequestStatus.RUNNING:  # preempted earlier in this loop
                 continue
-            if req.num_placeholders and req.num_output_tokens >= req.max_output_tokens:
+            if req.num_placeholders and (req.num_output_tokens >= req.max_output_tokens or req.prefill_only):
                 continue  # its last token is in flight: nothing left to compute
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             end = req.num_computed_tokens + num_new
@@ -106,6 +106,12 @@ class Scheduler:
         deferred: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting.popleft()
+            if req.kv_reserved:
+                if not self._admit_reserved(req, budget, prefills):
+                    self.waiting.appendleft(req)
+                    break
+                budget -= prefills[-1].num_new_tokens
+                continue
             if not self._sibling_ready(req):
                 deferred.append(req)
                 continue
@@ -126,6 +132,25 @@ class Scheduler:
             budget -= num_new
         self.waiting.extendleft(reversed(deferred))
         return budget
+
+    def _admit_reserved(self, req: Request, budget: int, prefills: list[ScheduledRequest]) -> bool:
+        """Admit a request that already holds blocks with `num_computed_tokens` of KV in
+        them (disaggregated prefill): it continues from there, like a running prefill."""
+        num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+        if not self.blocks.allocate(req, req.num_computed_tokens + num_new):
+            return False
+        req.kv_reserved = False
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+        prefills.append(ScheduledRequest(req, num_new, req.num_computed_tokens))
+        return True
+
+    def add_reserved(self, request: Request) -> None:
+        """Queue a request whose blocks are already allocated, ahead of new requests
+        (it holds memory, so it should run first)."""
+        request.kv_reserved = True
+        request.status = RequestStatus.WAITING
+        self.waiting.appendleft(request)
 
     def _sibling_ready(self, req: Request) -> bool:
         """n > 1: later samples wait until the first has computed the prompt's full blocks,

@@ -16,3 +16,5 @@ class EngineStats:
     prompt_tokens: int = 0
     generation_tokens: int = 0
     num_preemptions: int = 0
+    num_awaiting_kv: int = 0  # decode side: requests waiting for a remote prefill's KV
+    num_held_kv: int = 0  # prefill side: finished prefills whose KV is still being shipped

@@ -76,6 +76,9 @@ class BlockManager:
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self._cached: dict[bytes, int] = {}
         self._tables: dict[str, _Table] = {}
+        # Tables of finished requests whose KV is still being read (a prefill's KV on its
+        # way to a decode instance): referenced, but no longer the request's to grow.
+        self._held: dict[str, _Table] = {}
         self._events: list[KVEvent] = []
         self.stats = CacheStats()
 
@@ -174,8 +177,10 @@ class BlockManager:
     def free(self, request_id: str) -> None:
         """Release all of the request's blocks (tail first, so tails are evicted first)."""
         table = self._tables.pop(request_id, None)
-        if table is None:
-            return
+        if table is not None:
+            self._free_table(table)
+
+    def _free_table(self, table: _Table) -> None:
         for block_id in reversed(table.blocks):
             block = self._blocks[block_id]
             block.ref_count -= 1
@@ -184,6 +189,26 @@ class BlockManager:
                 if block.key is None:
                     # Empty blocks are handed out before any cached one is evicted.
                     self._free.move_to_end(block_id, last=False)
+
+    def hold(self, request_id: str) -> list[int]:
+        """Keep a finishing request's blocks referenced under its id until `release`;
+        `free(request_id)` then finds nothing. Returns the held block ids, in order."""
+        if request_id in self._held:
+            raise ValueError(f"request {request_id} already holds KV")
+        table = self._held[request_id] = self._tables.pop(request_id)
+        return list(table.blocks)
+
+    def release(self, request_id: str) -> bool:
+        """Drop a hold taken by `hold`; False if there was none."""
+        table = self._held.pop(request_id, None)
+        if table is None:
+            return False
+        self._free_table(table)
+        return True
+
+    @property
+    def num_held(self) -> int:
+        return len(self._held)
 
     def take_events(self) -> list[KVEvent]:
         events, self._events = self._events, []
@@ -222,6 +247,8 @@ class BlockManager:
     def check_invariants(self, live_request_ids: set[str] | None = None) -> None:
         """Raise AssertionError if the accounting is inconsistent (used by tests)."""
         refs = [0] * self.num_blocks
+        for b in (b for table in self._held.values() for b in table.blocks):
+            refs[b] += 1
         for rid, table in self._tables.items():
             if live_request_ids is not None:
                 assert rid in live_request_ids, f"table kept for dead request {rid}"

@@ -69,12 +69,38 @@ class SamplingSpec(msgspec.Struct, kw_only=True, omit_defaults=True):
     output_kind: str = "delta"  # "final": one delta when the request ends (non-streaming)
 
 
+class DataPlaneEndpoint(msgspec.Struct, kw_only=True):
+    """Where a decode instance receives KV (rtpllm.transfer.KVEndpoint on the wire)."""
+
+    host: str
+    port: int
+    host_id: str
+    device: str
+    backends: list[str]
+
+
+class Handoff(msgspec.Struct, kw_only=True):
+    """Decode instance -> prefill instance, inside a GenerateRequest: prefill the prompt,
+    send the first token to the gateway (`reply_to`, seq 0) and to the decode instance
+    (a PrefillResult on `prefilled_subject(decode_instance_id)`), and ship the prompt's
+    KV blocks from `skip_blocks` on (the decode instance holds the ones before) to
+    `endpoint` as transfer `transfer_id` of `num_blocks` blocks."""
+
+    decode_instance_id: str
+    transfer_id: str
+    endpoint: DataPlaneEndpoint
+    skip_blocks: int
+    num_blocks: int
+    lease_s: float
+
+
 class GenerateRequest(msgspec.Struct, kw_only=True):
     """Gateway -> engine instance, as a NATS request on `generate_subject(instance)`.
 
     The instance answers the NATS request at once with a SubmitReply, then publishes
     TokenDeltas to `reply_to`. `deadline` is wall-clock Unix time (hosts need roughly
-    synchronized clocks; the gateway enforces it too).
+    synchronized clocks; the gateway enforces it too). A decode instance sends the same
+    message to a prefill instance with `handoff` set.
     """
 
     v: int = PROTOCOL_VERSION
@@ -85,6 +111,24 @@ class GenerateRequest(msgspec.Struct, kw_only=True):
     reply_to: str
     gateway_id: str
     deadline: float
+    handoff: Handoff | None = None
+
+
+class PrefillResult(msgspec.Struct, kw_only=True):
+    """Prefill instance -> decode instance: the first token of a handed-off request
+    (sent before it goes to the gateway), or why the prefill failed. `finished`: the
+    first token ended the request (EOS, stop, max_tokens=1), so no KV follows.
+    `logprobs`: the first token's (logprob, rank, top ids, top logprobs), if asked."""
+
+    v: int = PROTOCOL_VERSION
+    request_id: str
+    transfer_id: str
+    prefill_instance_id: str
+    token_id: int = -1
+    logprobs: tuple[float, int, list[int], list[float]] | None = None
+    num_cached_tokens: int = 0
+    finished: bool = False
+    error: ErrorInfo | None = None
 
 
 class SubmitReply(msgspec.Struct, kw_only=True):
@@ -151,6 +195,24 @@ class CancelRequest(msgspec.Struct, kw_only=True):
     reason: str = ErrorCode.CANCELLED
 
 
+class TransferCounters(msgspec.Struct, kw_only=True):
+    """KV transfers of one data-plane backend since the instance started."""
+
+    transfers: int = 0
+    failures: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+
+
+class DisaggCounters(msgspec.Struct, kw_only=True):
+    """Disaggregation counters of a prefill or decode instance since it started."""
+
+    local_prefills: int = 0  # decode: prompts prefilled here (short, or no prefill instance)
+    remote_prefills: int = 0  # decode: prompts whose KV came from a prefill instance
+    remote_fallbacks: int = 0  # decode: remote prefills that failed and were redone here
+    transfers: dict[str, TransferCounters] = {}  # backend -> counters (sent or received)
+
+
 class InstanceLoad(msgspec.Struct, kw_only=True):
     """An instance's load as of its last engine step (EngineStats plus server counts)."""
 
@@ -164,6 +226,8 @@ class InstanceLoad(msgspec.Struct, kw_only=True):
     prompt_tokens: int = 0
     generation_tokens: int = 0
     num_preemptions: int = 0
+    num_awaiting_kv: int = 0
+    num_held_kv: int = 0
 
 
 class Heartbeat(msgspec.Struct, kw_only=True):
@@ -189,6 +253,7 @@ class Heartbeat(msgspec.Struct, kw_only=True):
     started_at: float = 0.0
     kv_event_seq: int = -1
     load: InstanceLoad = msgspec.field(default_factory=InstanceLoad)
+    disagg: DisaggCounters | None = None
 
 
 class Leave(msgspec.Struct, kw_only=True):
@@ -227,6 +292,7 @@ class KVEvents(msgspec.Struct, kw_only=True):
 
 Message = (
     GenerateRequest
+    | PrefillResult
     | SubmitReply
     | TokenDelta
     | CancelRequest

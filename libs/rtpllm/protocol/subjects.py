@@ -12,9 +12,10 @@ server during a rolling upgrade.
     rtpllm.v1.registry.discover            gateway -> all engines: Discover (answer with a Heartbeat now)
     rtpllm.v1.gateway.heartbeat            gateway -> all engines: GatewayHeartbeat (its lease on running requests)
     rtpllm.v1.kv.<instance>.events         engine -> routers/kvstore: KVEvents
+    rtpllm.v1.decode.<instance>.prefilled  prefill -> decode instance: PrefillResult
 
-`<role>` is an InstanceRole ("worker" now; "prefill" and "decode" arrive with
-disaggregation), so per-role routing needs no new subject scheme.
+`<role>` is an InstanceRole: "worker" (aggregated), "decode" (both take requests from
+gateways) or "prefill" (takes hand-offs from decode instances).
 """
 
 from __future__ import annotations
@@ -55,6 +56,10 @@ def cancel_subject(instance_id: str, role: InstanceRole | str = InstanceRole.WOR
 
 def deltas_subject(gateway_id: str) -> str:
     return f"{PREFIX}.gateway.{gateway_id}.deltas"
+
+
+def prefilled_subject(decode_instance_id: str) -> str:
+    return f"{PREFIX}.decode.{decode_instance_id}.prefilled"
 
 
 def kv_events_subject(instance_id: str) -> str:

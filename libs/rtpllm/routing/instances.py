@@ -107,12 +107,16 @@ class InstanceRegistry:
     def get(self, instance_id: str) -> Instance | None:
         return self._instances.get(instance_id)
 
-    def candidates(self, model: str, role: InstanceRole = InstanceRole.WORKER) -> list[Instance]:
-        """Instances that take new requests for `model` in `role`."""
+    def candidates(
+        self, model: str, roles: tuple[InstanceRole, ...] = (InstanceRole.WORKER, InstanceRole.DECODE)
+    ) -> list[Instance]:
+        """Instances that take new requests for `model` in one of `roles` (by default the
+        ones a gateway sends requests to: combined workers and decode instances)."""
+        wanted = {role.value for role in roles}
         return [
             inst
             for inst in self._instances.values()
-            if inst.ready and not inst.unreachable and inst.model == model and inst.heartbeat.role == role.value
+            if inst.ready and not inst.unreachable and inst.model == model and inst.heartbeat.role in wanted
         ]
 
     def models(self) -> list[str]:

@@ -33,6 +33,12 @@ class StackConfig:
     model: str
     served_model_name: str | None = None
     workers: int = 1
+    # Disaggregated topology: with decode > 0, `prefill` prefill instances and `decode`
+    # decode instances replace the combined workers; decode_args go to decode ones only.
+    prefill: int = 0
+    decode: int = 0
+    decode_args: list[str] = field(default_factory=list)
+    role_env: dict[str, dict[str, str]] = field(default_factory=dict)  # extra environment per role (tests)
     host: str = LOOPBACK
     port: int = 0  # 0: a free port
     nats_port: int = 0
@@ -88,14 +94,17 @@ class Stack:
         if c.use_redis:
             self.redis, self.redis_url = start_redis(c.redis_port, log_path=self._log("redis"), echo=c.echo)
 
-    def add_worker(self, extra_args: Sequence[str] = ()) -> ManagedProcess:
-        name = f"worker-{next(self._worker_ids)}"
+    def add_worker(self, extra_args: Sequence[str] = (), role: str = "worker") -> ManagedProcess:
+        """Start an engine service: a combined worker, or a prefill or decode instance."""
+        name = f"{role}-{next(self._worker_ids)}"
         instance_id = f"{name}-{uuid.uuid4().hex[:8]}"  # unique per start, known to the supervisor
+        role_args = self.config.decode_args if role == "decode" else []
         argv = rtpllm_command(
-            "serve", "worker", *self._bus_flags(), *self._model_flags(), "--instance-id", instance_id,
-            *self.config.worker_args, *extra_args,
+            "serve", role, *self._bus_flags(), *self._model_flags(), "--instance-id", instance_id,
+            *self.config.worker_args, *role_args, *extra_args,
         )  # fmt: skip
-        proc = ManagedProcess(name, argv, log_path=self._log(name), echo=self.config.echo).start()
+        env = self.config.role_env.get(role)
+        proc = ManagedProcess(name, argv, env=env, log_path=self._log(name), echo=self.config.echo).start()
         self.workers.append(proc)
         self.instance_ids[name] = instance_id
         return proc
@@ -117,13 +126,27 @@ class Stack:
         """Start everything (returns at once; call wait_ready)."""
         try:
             self.start_infra()
-            for _ in range(self.config.workers):
-                self.add_worker()
+            self.add_engines()
             self.start_gateway()
         except BaseException:
             self.stop()
             raise
         return self
+
+    @property
+    def disaggregated(self) -> bool:
+        return self.config.decode > 0
+
+    def add_engines(self) -> None:
+        """The configured engine services: prefill + decode instances, or workers."""
+        if self.disaggregated:
+            for _ in range(self.config.prefill):
+                self.add_worker(role="prefill")
+            for _ in range(self.config.decode):
+                self.add_worker(role="decode")
+        else:
+            for _ in range(self.config.workers):
+                self.add_worker()
 
     # -- readiness -------------------------------------------------------------------
 
@@ -131,14 +154,30 @@ class Stack:
         return http_json(f"{self.url}/ready", timeout=1.0)
 
     def live_workers(self) -> int:
+        """Instances taking requests behind the gateway (workers or decode instances)."""
+        return self.live_counts()[0]
+
+    def live_counts(self) -> tuple[int, int]:
+        """(workers or decode instances, prefill instances) the gateway knows alive."""
         status, body = self.ready_status()
-        return int(body.get("workers", 0)) if isinstance(body, dict) else 0
+        if not isinstance(body, dict):
+            return 0, 0
+        return int(body.get("workers", 0)), int(body.get("prefill", 0))
 
     def wait_ready(self, timeout: float = 120.0, workers: int | None = None, on_tick: Callable[[float], None] | None = None) -> None:
-        """Until the gateway answers /ready with `workers` live workers (default: all started)."""
-        want = self.config.workers if workers is None else workers
+        """Until the gateway answers /ready with `workers` live workers (default: all
+        started; decode instances count as workers) and all prefill instances."""
+        c = self.config
+        want = (c.decode if self.disaggregated else c.workers) if workers is None else workers
+        want_prefill = c.prefill if self.disaggregated else 0
+
+        def ready() -> bool:
+            served, prefill = self.live_counts()
+            return served >= want and prefill >= want_prefill
+
         watch = [p for p in (self.nats, self.redis, self.gateway, *self.workers) if p is not None]
-        wait_until(lambda: self.live_workers() >= want, timeout, f"{want} worker(s) behind the gateway", watch, 0.2, on_tick)
+        what = f"{want} decode and {want_prefill} prefill instance(s)" if self.disaggregated else f"{want} worker(s)"
+        wait_until(ready, timeout, f"{what} behind the gateway", watch, 0.2, on_tick)
 
     # -- stopping --------------------------------------------------------------------
 

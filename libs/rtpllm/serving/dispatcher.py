@@ -69,13 +69,22 @@ class RequestStream:
     """The deltas of one request on one instance, in order; iterate with `async for`.
 
     The last delta yielded has `finished=True` (and `error` if the request failed).
+
+    With disaggregation a request's first delta comes from the prefill instance and
+    the rest from the decode instance, which also re-sends the first (a prefill that
+    dies after telling the decode instance, but before telling us, must not leave a
+    hole). So a delta already seen is dropped, and one that arrives early (at most
+    MAX_EARLY ahead) waits for the ones before it; one further ahead reveals a loss.
     """
+
+    MAX_EARLY = 64
 
     def __init__(self, request_id: str, instance_id: str, on_close: Callable[[RequestStream], None]) -> None:
         self.request_id = request_id
         self.instance_id = instance_id
         self._queue: asyncio.Queue[TokenDelta] = asyncio.Queue()
         self._next_seq = 0
+        self._early: dict[int, TokenDelta] = {}
         self._on_close = on_close
         self.finished = False  # nothing more will be yielded
         self.remote_finished = False  # the instance sent its final delta (nothing to cancel)
@@ -83,16 +92,27 @@ class RequestStream:
 
     def _push(self, delta: TokenDelta) -> bool:
         """Queue a delta from the bus; False if it revealed a gap (stream failed)."""
-        if self.finished:
+        if self.finished or delta.seq < self._next_seq:
             return True
-        if delta.seq != self._next_seq:
-            self._fail(ErrorInfo(ErrorCode.LOST_DELTAS, f"token deltas {self._next_seq}..{delta.seq - 1} were lost in transit"))
+        if delta.seq > self._next_seq:
+            if delta.error is not None:  # an instance's error ends the stream whatever is missing
+                self._queue.put_nowait(delta)
+                self.remote_finished = True
+                self._finish()
+                return True
+            if delta.seq - self._next_seq <= self.MAX_EARLY:
+                self._early[delta.seq] = delta
+                return True
+            self._fail(ErrorInfo(ErrorCode.LOST_DELTAS, f"token delta {self._next_seq} was lost in transit"))
             return False
-        self._next_seq += 1
-        self._queue.put_nowait(delta)
-        if delta.finished:
-            self.remote_finished = True
-            self._finish()
+        while delta is not None:
+            self._next_seq += 1
+            self._queue.put_nowait(delta)
+            if delta.finished:
+                self.remote_finished = True
+                self._finish()
+                return True
+            delta = self._early.pop(self._next_seq, None)
         return True
 
     def _fail(self, error: ErrorInfo) -> None:

@@ -1,5 +1,5 @@
-"""Serves one engine over NATS: the body of the combined worker (and, later, of the
-prefill and decode services).
+"""Serves one engine over NATS: the body of the combined worker and of the prefill and
+decode services (their hand-off logic lives in disagg_prefill.py / disagg_decode.py).
 
 It takes GenerateRequests on its own per-instance subject, answers each at once with a
 SubmitReply (accepted, or why not), streams TokenDeltas to the asking gateway, honours
@@ -14,6 +14,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -43,6 +44,10 @@ from rtpllm.protocol.subjects import InstanceRole
 from rtpllm.sampling_params import SamplingParams
 from rtpllm.serving.engine_info import EngineInfo, ServedEngine
 from rtpllm.serving.kv_events import KVEventPublisher
+
+if TYPE_CHECKING:
+    from rtpllm.serving.disagg_decode import DecodeSide
+    from rtpllm.serving.disagg_prefill import PrefillSide
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +82,8 @@ class EngineServer:
         info: EngineInfo,
         config: EngineServerConfig,
         kv_events: KVEventPublisher | None = None,
+        prefill: PrefillSide | None = None,
+        decode: DecodeSide | None = None,
     ) -> None:
         subjects.check_id(config.instance_id, "instance id")
         self._nc = nc
@@ -84,6 +91,8 @@ class EngineServer:
         self._info = info
         self._config = config
         self._kv_events = kv_events
+        self._prefill = prefill
+        self._decode = decode
         self._running: dict[str, _Running] = {}
         self._gateways: dict[str, tuple[float, float]] = {}  # id -> (last seen, lease)
         self._subs: list[Subscription] = []
@@ -112,6 +121,8 @@ class EngineServer:
             await self._nc.subscribe(subjects.DISCOVER, cb=self._on_discover),
             await self._nc.subscribe(subjects.GATEWAY_HEARTBEAT, cb=self._on_gateway_heartbeat),
         ]
+        if self._decode is not None:
+            await self._decode.start()
         await self._nc.flush()
         await self._heartbeat()  # register now rather than one interval from now
         self._tasks = [
@@ -139,6 +150,8 @@ class EngineServer:
             log.warning("failing %d request(s) still running at shutdown", len(self._running))
             await self._cancel_all(ErrorInfo(ErrorCode.WORKER_SHUTDOWN, f"instance {self.instance_id} shut down before the request finished"))
         self._state = "stopped"
+        if self._decode is not None:
+            await self._decode.close()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -187,6 +200,9 @@ class EngineServer:
             return None, ErrorInfo(ErrorCode.DEADLINE_EXCEEDED, "the request's deadline passed before it started")
         if req.request_id in self._running:
             return None, ErrorInfo(ErrorCode.INVALID_REQUEST, f"request id {req.request_id!r} is already running")
+        if (req.handoff is not None) != (self._prefill is not None):
+            what = "takes hand-offs from decode instances only" if self._prefill is not None else "is not a prefill instance"
+            return None, ErrorInfo(ErrorCode.INVALID_REQUEST, f"instance {self.instance_id} {what}")
         try:
             params = params_from_spec(req.sampling)
         except (ValueError, TypeError) as exc:
@@ -197,7 +213,25 @@ class EngineServer:
             return None, ErrorInfo(ErrorCode.INVALID_REQUEST, str(exc))
         return params, None
 
+    async def _serve_handoff(self, req: GenerateRequest, params: SamplingParams) -> None:
+        """Prefill side: errors go to the decode instance, never to the client."""
+        assert self._prefill is not None
+        try:
+            loop = asyncio.get_running_loop()
+            async with asyncio.timeout_at(loop.time() + (req.deadline - time.time())):
+                await self._prefill.serve(req, params, self._publish)
+        except TimeoutError:
+            log.warning("hand-off %s passed its deadline", req.request_id)
+        finally:
+            self._running.pop(req.request_id, None)
+
+    async def _publish(self, subject: str, delta: TokenDelta) -> None:
+        await self._nc.publish(subject, encode(delta))
+
     async def _serve(self, req: GenerateRequest, params: SamplingParams) -> None:
+        if req.handoff is not None:
+            await self._serve_handoff(req, params)
+            return
         rid = req.request_id
         seq = 0
         completion_tokens = 0
@@ -209,10 +243,17 @@ class EngineServer:
             await self._nc.publish(req.reply_to, encode(delta))
 
         error: ErrorInfo | None = None
+        handoff: asyncio.Task[None] | None = None
         try:
             loop = asyncio.get_running_loop()
             async with asyncio.timeout_at(loop.time() + (req.deadline - time.time())):
-                stream = self._engine.generate(rid, req.prompt_token_ids, params)
+                remote = self._decode.plan(len(req.prompt_token_ids), params) if self._decode is not None else None
+                if remote is None:
+                    stream = self._engine.generate(rid, req.prompt_token_ids, params)
+                else:
+                    stream = self._engine.generate(rid, req.prompt_token_ids, params, remote=remote)
+                    assert self._decode is not None
+                    handoff = asyncio.create_task(self._decode.run(req, remote), name=f"handoff-{rid}")
                 async with contextlib.aclosing(stream):  # type: ignore[type-var]
                     async for out in stream:
                         delta = delta_from_output(out, seq)
@@ -238,6 +279,10 @@ class EngineServer:
             error = ErrorInfo(ErrorCode.ENGINE_ERROR, f"engine error: {exc}")
         finally:
             self._running.pop(rid, None)
+            if handoff is not None and not handoff.done():
+                handoff.cancel()
+                with contextlib.suppress(BaseException):
+                    await handoff
         if error is not None:
             with contextlib.suppress(Exception):
                 await send(TokenDelta(request_id=rid, seq=0, finished=True, error=error))
@@ -280,6 +325,8 @@ class EngineServer:
             prompt_tokens=stats.prompt_tokens,
             generation_tokens=stats.generation_tokens,
             num_preemptions=stats.num_preemptions,
+            num_awaiting_kv=getattr(stats, "num_awaiting_kv", 0),
+            num_held_kv=getattr(stats, "num_held_kv", 0),
         )
         self._hb_seq += 1
         return Heartbeat(
@@ -296,6 +343,7 @@ class EngineServer:
             started_at=self._started_at,
             kv_event_seq=self._kv_events.last_seq if self._kv_events is not None else -1,
             load=load,
+            disagg=side.counters() if (side := self._prefill or self._decode) is not None else None,
         )
 
     async def _heartbeat(self) -> None:

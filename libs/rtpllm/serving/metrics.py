@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from rtpllm.routing.instances import InstanceRegistry
@@ -51,9 +51,23 @@ class _StateCollector(Collector):
         hit = GaugeMetricFamily("rtpllm_prefix_cache_hit_ratio", "Prefix-cache hit ratio (tokens), per instance", labels=["instance", "model"])
         running = GaugeMetricFamily("rtpllm_instance_running", "Sequences running in the engine, per instance", labels=["instance", "model"])
         waiting = GaugeMetricFamily("rtpllm_instance_waiting", "Sequences waiting in the engine, per instance", labels=["instance", "model"])
+        prefills = CounterMetricFamily("rtpllm_prefills", "Prompts a decode instance prefilled locally, got from a prefill instance (remote), or redid after a failed remote prefill (fallback)", labels=["instance", "kind"])
+        transfers = CounterMetricFamily("rtpllm_kv_transfers", "KV transfers completed, per instance (sent or received) and data-plane backend", labels=["instance", "backend"])
+        failures = CounterMetricFamily("rtpllm_kv_transfer_failures", "KV transfers that failed (timeout, abort, checksum)", labels=["instance", "backend"])
+        nbytes = CounterMetricFamily("rtpllm_kv_transfer_bytes", "KV bytes moved over the data plane", labels=["instance", "backend"])
+        seconds = CounterMetricFamily("rtpllm_kv_transfer_seconds", "Seconds spent in KV transfers", labels=["instance", "backend"])
         counts: dict[tuple[str, str], int] = {}
         for inst in self._instances:
             hb = inst.heartbeat
+            if hb.disagg is not None:
+                d = hb.disagg
+                for kind, value in (("local", d.local_prefills), ("remote", d.remote_prefills), ("fallback", d.remote_fallbacks)):
+                    prefills.add_metric([hb.instance_id, kind], value)
+                for backend, c in d.transfers.items():
+                    transfers.add_metric([hb.instance_id, backend], c.transfers)
+                    failures.add_metric([hb.instance_id, backend], c.failures)
+                    nbytes.add_metric([hb.instance_id, backend], c.bytes)
+                    seconds.add_metric([hb.instance_id, backend], c.seconds)
             key = (hb.model, hb.state)
             counts[key] = counts.get(key, 0) + 1
             labels = [hb.instance_id, hb.model]
@@ -63,4 +77,4 @@ class _StateCollector(Collector):
             waiting.add_metric(labels, hb.load.num_waiting)
         for (model, state), n in counts.items():
             alive.add_metric([model, state], n)
-        yield from (alive, kv, hit, running, waiting)
+        yield from (alive, kv, hit, running, waiting, prefills, transfers, failures, nbytes, seconds)

@@ -45,6 +45,14 @@ class WorkerSettings:
     lease_s: float = 3.0
     drain_timeout_s: float = 10.0
     nats_connect_timeout_s: float = 30.0
+    # Disaggregation (docs/disaggregation.md): "worker" prefills and decodes; "prefill"
+    # and "decode" split the two, moving KV over the data plane.
+    role: str = "worker"
+    local_prefill_below: int = 512
+    kv_host: str = "127.0.0.1"  # decode: where the data plane listens (reachable by prefill instances)
+    kv_port: int = 0
+    kv_backends: tuple[str, ...] = ("cuda_ipc", "shm", "tcp")
+    kv_lease_s: float = 30.0
 
 
 def new_id(kind: str) -> str:

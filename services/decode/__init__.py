@@ -1,0 +1,1 @@
+"""A decode instance of the disaggregated topology (`rtpllm serve decode`)."""

@@ -1,0 +1,1 @@
+"""A prefill instance of the disaggregated topology (`rtpllm serve prefill`)."""
