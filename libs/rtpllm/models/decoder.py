@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from rtpllm.attention import AttentionBackend, AttentionMetadata
+from rtpllm.kernels.gemv import linear
 from rtpllm.models.config import ModelConfig
-from rtpllm.models.layers import DecoderLayer, RMSNorm
+from rtpllm.models.layers import DecoderLayer, Linear, RMSNorm
 from rtpllm.models.rope import RotaryEmbedding
 
 
@@ -25,7 +26,7 @@ class DecoderLM(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, rotary, backend) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, bias=False)
         # Shared by every layer; registered once so .to() moves it once.
         self.rotary = rotary
 
@@ -46,9 +47,10 @@ class DecoderLM(nn.Module):
         return self.norm.add_and_norm(hidden, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[N, hidden] -> [N, vocab] float32 logits."""
+        """[N, hidden] -> [N, vocab] float32 logits (through the GEMV dispatcher, which is
+        `F.linear`, i.e. `hidden @ weight.T`, except for small batches on CUDA)."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.matmul(hidden, weight.t()).float()
+        return linear(hidden, weight).float()
 
     def checkpoint_targets(self) -> dict[str, torch.Tensor]:
         """Map every HF checkpoint tensor name to the parameter view it is loaded into.

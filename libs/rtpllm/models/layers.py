@@ -1,7 +1,9 @@
 """Building blocks of the decoder: RMSNorm, gated MLP, paged attention layer.
 
 The elementwise work goes through the fused-op dispatchers in `rtpllm.kernels`: Triton
-kernels on CUDA, torch references (the exact eager computation) elsewhere.
+kernels on CUDA, torch references (the exact eager computation) elsewhere. The linear
+layers go through `kernels.gemv.linear`: a Triton GEMV for decode-sized batches on CUDA,
+`F.linear` otherwise.
 """
 
 from __future__ import annotations
@@ -11,10 +13,19 @@ from torch import nn
 
 from rtpllm.attention import AttentionBackend, AttentionMetadata
 from rtpllm.kernels.activation import silu_and_mul
+from rtpllm.kernels.gemv import linear
 from rtpllm.kernels.rmsnorm import fused_add_rms_norm, rms_norm
 from rtpllm.kernels.rope import apply_rope
 from rtpllm.models.config import ModelConfig
 from rtpllm.models.rope import RotaryEmbedding
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and checkpoint names) whose forward goes through the
+    small-batch GEMV dispatcher; on the CPU that is exactly `F.linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -39,8 +50,8 @@ class GatedMLP(nn.Module):
     def __init__(self, hidden: int, intermediate: int) -> None:
         super().__init__()
         self.intermediate = intermediate
-        self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.gate_up_proj = Linear(hidden, 2 * intermediate, bias=False)
+        self.down_proj = Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
@@ -58,8 +69,8 @@ class Attention(nn.Module):
         self.kv_size = config.kv_size
         self.scale = config.head_dim**-0.5
         self.sliding_window = config.sliding_window
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=False)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.rotary = rotary
