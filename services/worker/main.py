@@ -144,7 +144,9 @@ async def _disaggregation(settings: WorkerSettings, role: InstanceRole, nc: Any,
         return sides
     from rtpllm.serving.disagg_decode import DecodeConfig, DecodeSide
 
-    receiver = KVReceiver(engine.kv_cache, layout, host=settings.kv_host, port=settings.kv_port, backends=settings.kv_backends)
+    # CUDA IPC needs the pool on a GPU; the other backends apply anywhere.
+    backends = [b for b in settings.kv_backends if b != "cuda_ipc" or engine.kv_cache.is_cuda] or ["tcp"]
+    receiver = KVReceiver(engine.kv_cache, layout, host=settings.kv_host, port=settings.kv_port, backends=backends)
     await receiver.start()
     sides.closers.append(receiver.close)
     log.info("KV data plane listening on %s:%d (%s)", receiver.endpoint.host, receiver.endpoint.port, ", ".join(receiver.endpoint.backends))

@@ -13,6 +13,8 @@ import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
+import torch
+
 from rtpllm.config import EngineConfig
 from rtpllm.engine.llm_engine import LLMEngine
 from rtpllm.engine.stats import EngineStats
@@ -156,6 +158,18 @@ class AsyncLLMEngine:
     def fail_remote_prefill(self, request_id: str, first_token: int | None = None, logprobs: tuple | None = None) -> None:
         self._commands.put(_Call(lambda e: e.fail_remote_prefill(request_id, first_token, logprobs)))
 
+    async def cached_block_keys(self) -> tuple[list[bytes], int]:
+        """The prefix cache's block keys and the last KV event seq, read on the engine thread."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[tuple[list[bytes], int]] = loop.create_future()
+
+        def read(engine: LLMEngine) -> None:
+            result = engine.cached_block_keys()
+            loop.call_soon_threadsafe(_resolve, future, result)
+
+        self._commands.put(_Call(read))
+        return await future
+
     def release_kv(self, request_id: str) -> None:
         self._commands.put(_Call(lambda e: e.release_kv(request_id)))
 
@@ -178,6 +192,8 @@ class AsyncLLMEngine:
 
     def _run(self) -> None:
         try:
+            if self.engine.device.startswith("cuda"):
+                torch.cuda.set_device(torch.device(self.engine.device))  # per thread, as Triton needs
             while True:
                 block = not self.engine.has_unfinished_requests()
                 if not self._apply_commands(block):
@@ -199,11 +215,15 @@ class AsyncLLMEngine:
 
     def _apply_commands(self, block: bool) -> bool:
         """Apply queued adds/aborts; wait for one if the engine is idle. False on stop."""
+        applied = False
         while True:
             try:
                 cmd = self._commands.get(block=block, timeout=0.5 if block else None)
             except queue.Empty:
+                if applied:  # stats change even when no step follows (a KV release)
+                    self._stats = self.engine.stats()
                 return True
+            applied = True
             if cmd is _STOP:
                 return False
             if isinstance(cmd, _Add):

@@ -90,6 +90,9 @@ class LLMEngine:
         self._load_progress = load_progress
         self.engine_id = engine_id
         self.device = config.device
+        if self.device.startswith("cuda"):
+            # Triton launches on the thread's current device, whatever the tensors' device.
+            torch.cuda.set_device(torch.device(self.device))
         self.dtype = parse_dtype(config.dtype, config.device)
         self.model_dir = resolve_model(config.model)
         self.model_config = ModelConfig.from_dir(self.model_dir)
@@ -128,6 +131,7 @@ class LLMEngine:
         self.outputs = OutputProcessor(self.tokenizer)
         self._on_kv_events = on_kv_events
         self._event_seq = itertools.count()
+        self.last_event_seq = -1  # seq of the last KV event batch handed to on_kv_events
         self._groups: dict[str, _Group] = {}
         self._requests: dict[str, Request] = {}
         self._pending: dict[str, RequestOutput] = {}
@@ -370,7 +374,16 @@ class LLMEngine:
         launches by one step. Requests whose sampling reads their previous tokens
         (penalties) make that step synchronous.
         """
-        touched, self._touched_ext = self._touched_ext, {}
+        # Outputs of first tokens accepted from a remote prefill go out on their own,
+        # before this step adds tokens: a stream's first delta holds exactly its first
+        # token, as the prefill instance's copy of it does (the gateway keeps one).
+        handed: list[RequestOutput] = []
+        for group in self._touched_ext.values():
+            handed.append(self._group_output(group))
+            if group.finished:
+                self._forget(group)
+        self._touched_ext = {}
+        touched: dict[str, _Group] = {}
         prev = self._in_flight
         if prev is not None and (not self.async_scheduling or self._needs_history()):
             self._finish(prev, touched)
@@ -385,7 +398,7 @@ class LLMEngine:
             self._finish(launched, touched)
             self._in_flight = None
         self._flush_events()
-        outputs = list(self._pending.values())
+        outputs = handed + list(self._pending.values())
         self._pending.clear()
         for group in touched.values():
             finished = group.finished
@@ -521,7 +534,14 @@ class LLMEngine:
     def _flush_events(self) -> None:
         events = self.block_manager.take_events()
         if events and self._on_kv_events is not None:
-            self._on_kv_events(KVEventBatch(engine_id=self.engine_id, seq=next(self._event_seq), events=events))
+            self.last_event_seq = next(self._event_seq)
+            self._on_kv_events(KVEventBatch(engine_id=self.engine_id, seq=self.last_event_seq, events=events))
+
+    def cached_block_keys(self) -> tuple[list[bytes], int]:
+        """Every block key in the prefix cache, and the seq of the last KV event batch
+        they reflect (a router rebuilds its view of this engine from them)."""
+        self._flush_events()
+        return self.block_manager.cached_keys(), self.last_event_seq
 
     # -- introspection ---------------------------------------------------------------
 

@@ -210,6 +210,9 @@ class BlockManager:
     def num_held(self) -> int:
         return len(self._held)
 
+    def cached_keys(self) -> list[bytes]:
+        return list(self._cached)
+
     def take_events(self) -> list[KVEvent]:
         events, self._events = self._events, []
         return events

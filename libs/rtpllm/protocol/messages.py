@@ -290,6 +290,23 @@ class KVEvents(msgspec.Struct, kw_only=True):
     batch: KVEventBatch
 
 
+class KVSnapshotRequest(msgspec.Struct, kw_only=True):
+    """A router lost track of an instance's KV events (a gap, or it joined late)."""
+
+    v: int = PROTOCOL_VERSION
+    gateway_id: str
+
+
+class KVSnapshot(msgspec.Struct, kw_only=True):
+    """Every block key in an instance's prefix cache, as of its KV event batch `seq`
+    (later batches apply on top)."""
+
+    v: int = PROTOCOL_VERSION
+    instance_id: str
+    seq: int
+    block_keys: list[bytes]
+
+
 Message = (
     GenerateRequest
     | PrefillResult
@@ -301,6 +318,8 @@ Message = (
     | Discover
     | GatewayHeartbeat
     | KVEvents
+    | KVSnapshotRequest
+    | KVSnapshot
 )
 
 _encoder = msgspec.msgpack.Encoder()

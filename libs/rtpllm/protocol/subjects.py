@@ -13,6 +13,7 @@ server during a rolling upgrade.
     rtpllm.v1.gateway.heartbeat            gateway -> all engines: GatewayHeartbeat (its lease on running requests)
     rtpllm.v1.kv.<instance>.events         engine -> routers/kvstore: KVEvents
     rtpllm.v1.decode.<instance>.prefilled  prefill -> decode instance: PrefillResult
+    rtpllm.v1.kv.<instance>.snapshot       router -> engine instance: KVSnapshotRequest (KVSnapshot back)
 
 `<role>` is an InstanceRole: "worker" (aggregated), "decode" (both take requests from
 gateways) or "prefill" (takes hand-offs from decode instances).
@@ -60,6 +61,10 @@ def deltas_subject(gateway_id: str) -> str:
 
 def prefilled_subject(decode_instance_id: str) -> str:
     return f"{PREFIX}.decode.{decode_instance_id}.prefilled"
+
+
+def kv_snapshot_subject(instance_id: str) -> str:
+    return f"{PREFIX}.kv.{instance_id}.snapshot"
 
 
 def kv_events_subject(instance_id: str) -> str:

@@ -1,7 +1,7 @@
 """Router policies: which engine instance serves a request.
 
-A policy sees the request (its tokens: cache-aware routing will hash them into block
-keys) and the live candidates with their load. Policies are registered by name for the
+A policy sees the request (its tokens, which cache-aware routing hashes into block keys)
+and the live candidates with their load. Policies are registered by name for the
 `--router` flag.
 """
 
@@ -13,12 +13,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
+from rtpllm.kvcache.block_hash import block_keys
 from rtpllm.routing.instances import Instance
+from rtpllm.routing.prefix_index import PrefixIndex
 
 
 @dataclass(frozen=True)
 class RouteRequest:
-    """What a policy may look at. Cache-aware routing (issue 6) adds block keys."""
+    """What a policy may look at."""
 
     request_id: str
     model: str
@@ -35,6 +37,8 @@ class RouterPolicy(ABC):
     """
 
     name: ClassVar[str]
+    # Why the last choice was made ("load", "cache", "skew"): a metrics label.
+    last_reason: str = "load"
 
     @abstractmethod
     def choose(self, request: RouteRequest, candidates: Sequence[Instance]) -> Instance:
@@ -71,10 +75,67 @@ class LeastLoaded(RouterPolicy):
         return min(rotated, key=lambda inst: (inst.pending, round(inst.heartbeat.load.kv_usage, 2)))
 
 
-POLICIES: dict[str, type[RouterPolicy]] = {cls.name: cls for cls in (LeastLoaded, RoundRobin)}
+class CacheAware(RouterPolicy):
+    """The instance with the lowest predicted time to first token, in prompt-token units:
+    the prompt tokens it would have to prefill (those past the longest chain of the
+    prompt's block keys it holds, by its KV events or this gateway's recent choices)
+    plus `queue_tokens` per request already pending there.
+
+    When load is skewed (the best-scored instance has more than twice the pending
+    requests of the least-loaded one, plus `skew_slack`) the least-loaded one is taken
+    instead, so one hot prefix cannot pile everything onto one instance.
+    """
+
+    name = "cache-aware"
+
+    def __init__(self, index: PrefixIndex | None = None, queue_tokens: int = 512, skew_slack: int = 4) -> None:
+        self.index = index if index is not None else PrefixIndex()
+        self.queue_tokens = queue_tokens
+        self.skew_slack = skew_slack
+        self._fallback = LeastLoaded()
+
+    def choose(self, request: RouteRequest, candidates: Sequence[Instance]) -> Instance:
+        keys_by_layout: dict[tuple[bytes, int], list[bytes]] = {}
+        n_prompt = len(request.prompt_token_ids)
+        best: tuple[float, str] | None = None
+        chosen = candidates[0]
+        chosen_keys: list[bytes] = []
+        any_hit = False
+        for inst in candidates:
+            hb = inst.heartbeat
+            layout = (hb.kv_namespace, hb.block_size)
+            keys = keys_by_layout.get(layout)
+            if keys is None:
+                keys = keys_by_layout[layout] = block_keys(request.prompt_token_ids, hb.block_size, hb.kv_namespace) if hb.kv_namespace else []
+            cached = self.index.matched_blocks(inst.instance_id, keys) * hb.block_size
+            any_hit = any_hit or cached > 0
+            score = (n_prompt - cached + inst.pending * self.queue_tokens, inst.instance_id)
+            if best is None or score < best:
+                best, chosen, chosen_keys = score, inst, keys
+        least = min(inst.pending for inst in candidates)
+        if chosen.pending > 2 * least + self.skew_slack:
+            chosen = self._fallback.choose(request, candidates)
+            self.last_reason = "skew"
+        elif not any_hit:
+            # Nothing cached anywhere: spread by load (ties rotate) rather than by id.
+            chosen = self._fallback.choose(request, candidates)
+            self.last_reason = "load"
+        else:
+            self.last_reason = "cache"
+        if chosen is not None:
+            hb = chosen.heartbeat
+            keys = keys_by_layout.get((hb.kv_namespace, hb.block_size), chosen_keys)
+            self.index.note_routed(chosen.instance_id, keys)
+        return chosen
 
 
-def make_policy(name: str) -> RouterPolicy:
+POLICIES: dict[str, type[RouterPolicy]] = {cls.name: cls for cls in (CacheAware, LeastLoaded, RoundRobin)}
+
+
+def make_policy(name: str, index: PrefixIndex | None = None) -> RouterPolicy:
+    """A policy by `--router` name; cache-aware routing reads (and notes guesses in) `index`."""
+    if name == CacheAware.name:
+        return CacheAware(index)
     try:
         return POLICIES[name]()
     except KeyError:

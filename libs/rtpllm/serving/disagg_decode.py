@@ -36,6 +36,7 @@ from rtpllm.protocol.messages import (
     CancelRequest,
     DataPlaneEndpoint,
     DisaggCounters,
+    Discover,
     GenerateRequest,
     Handoff,
     Heartbeat,
@@ -98,6 +99,8 @@ class DecodeSide:
             await self._nc.subscribe(subjects.HEARTBEAT, cb=self._on_heartbeat),
             await self._nc.subscribe(subjects.LEAVE, cb=self._on_leave),
         ]
+        # Prefill instances answer at once instead of at their next heartbeat.
+        await self._nc.publish(subjects.DISCOVER, encode(Discover(gateway_id=self._instance_id)))
         self._expire_task = asyncio.create_task(self._expire_loop(), name="prefill-leases")
 
     async def close(self) -> None:

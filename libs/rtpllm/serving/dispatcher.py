@@ -30,6 +30,9 @@ from rtpllm.protocol.messages import (
     GatewayHeartbeat,
     GenerateRequest,
     Heartbeat,
+    KVEvents,
+    KVSnapshot,
+    KVSnapshotRequest,
     Leave,
     ProtocolError,
     SubmitReply,
@@ -38,7 +41,8 @@ from rtpllm.protocol.messages import (
     encode,
 )
 from rtpllm.routing.instances import Instance, InstanceRegistry
-from rtpllm.routing.policy import RouteRequest, RouterPolicy
+from rtpllm.routing.policy import CacheAware, RouteRequest, RouterPolicy
+from rtpllm.routing.prefix_index import PrefixIndex
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +67,7 @@ class DispatcherConfig:
     lease_s: float = 3.0  # instances abort this gateway's requests after this much silence
     lease_check_interval_s: float = 0.2
     max_submit_attempts: int = 3
+    resync_interval_s: float = 2.0  # at most one KV snapshot request per instance per interval
 
 
 class RequestStream:
@@ -155,13 +160,18 @@ class Dispatcher:
         self.policy = policy
         self.config = config
         self.registry = InstanceRegistry()
+        # Which instance caches which blocks: fed by KV events, read by cache-aware routing.
+        self.index = policy.index if isinstance(policy, CacheAware) else PrefixIndex()
+        self._resync_at: dict[str, float] = {}
         self._streams: dict[str, RequestStream] = {}
         self._subs: list[Subscription] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._bg: set[asyncio.Task[None]] = set()  # fire-and-forget publishes (held: the loop holds tasks weakly)
         self.reply_subject = subjects.deltas_subject(config.gateway_id)
-        # Metrics hook: called with the instance and the error code when one is dropped.
+        # Metrics hooks: an instance dropped (with the error code); a routing decision
+        # (policy name, reason).
         self.on_instance_lost: Callable[[Instance, str], None] | None = None
+        self.on_routed: Callable[[str, str], None] | None = None
 
     @property
     def num_streams(self) -> int:
@@ -172,6 +182,7 @@ class Dispatcher:
             await self._nc.subscribe(self.reply_subject, cb=self._on_delta, pending_msgs_limit=1 << 20),
             await self._nc.subscribe(subjects.HEARTBEAT, cb=self._on_heartbeat),
             await self._nc.subscribe(subjects.LEAVE, cb=self._on_leave),
+            await self._nc.subscribe(subjects.KV_EVENTS_ALL, cb=self._on_kv_events, pending_msgs_limit=1 << 18),
         ]
         await self._gateway_heartbeat()
         # Instances answer with a heartbeat now, so a fresh gateway knows them at once.
@@ -217,6 +228,8 @@ class Dispatcher:
             if not candidates:
                 break
             inst = self.policy.choose(route, candidates)
+            if self.on_routed is not None:
+                self.on_routed(self.policy.name, self.policy.last_reason)
             tried.add(inst.instance_id)
             stream = self._open(request.request_id, inst)
             try:
@@ -329,6 +342,42 @@ class Dispatcher:
         inst, new = self.registry.upsert(hb)
         if new:
             log.info("instance %s joined (%s, %s)", hb.instance_id, hb.role, hb.model)
+        if hb.kv_event_seq > self.index.last_seq(hb.instance_id):
+            # Its events went ahead of what we saw (we joined late or lost some).
+            self._maybe_resync(hb.instance_id)
+
+    async def _on_kv_events(self, msg: Msg) -> None:
+        try:
+            events = decode(msg.data, KVEvents)
+        except ProtocolError as exc:
+            log.warning("dropping bad KVEvents: %s", exc)
+            return
+        if not self.registry.accepts(events.instance_id):
+            return
+        if not self.index.apply(events.instance_id, events.batch):
+            self._maybe_resync(events.instance_id)
+
+    def _maybe_resync(self, instance_id: str) -> None:
+        now = time.monotonic()
+        if now < self._resync_at.get(instance_id, 0.0):
+            return
+        self._resync_at[instance_id] = now + self.config.resync_interval_s
+        task = asyncio.get_running_loop().create_task(self._resync(instance_id))
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
+
+    async def _resync(self, instance_id: str) -> None:
+        """Replace our view of an instance's prefix cache with its snapshot."""
+        try:
+            msg = await self._nc.request(
+                subjects.kv_snapshot_subject(instance_id), encode(KVSnapshotRequest(gateway_id=self.config.gateway_id)), timeout=5
+            )
+            snap = decode(msg.data, KVSnapshot)
+        except Exception as exc:  # gone, or busy: the next gap or heartbeat tries again
+            log.debug("KV snapshot of %s failed: %s", instance_id, exc)
+            return
+        if self.registry.get(instance_id) is not None:
+            self.index.replace(instance_id, snap.block_keys, snap.seq)
 
     async def _on_leave(self, msg: Msg) -> None:
         try:
@@ -341,6 +390,8 @@ class Dispatcher:
 
     def _lost(self, inst: Instance, error: ErrorInfo) -> None:
         log.warning("instance %s dropped: %s", inst.instance_id, error.message)
+        self.index.drop(inst.instance_id)
+        self._resync_at.pop(inst.instance_id, None)
         for stream in [s for s in self._streams.values() if s.instance_id == inst.instance_id]:
             stream._fail(error)
         if self.on_instance_lost is not None:

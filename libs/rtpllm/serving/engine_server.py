@@ -32,6 +32,8 @@ from rtpllm.protocol.messages import (
     GenerateRequest,
     Heartbeat,
     InstanceLoad,
+    KVSnapshot,
+    KVSnapshotRequest,
     Leave,
     ProtocolError,
     SubmitReply,
@@ -120,6 +122,7 @@ class EngineServer:
             await self._nc.subscribe(subjects.cancel_subject(self.instance_id, role), cb=self._on_cancel),
             await self._nc.subscribe(subjects.DISCOVER, cb=self._on_discover),
             await self._nc.subscribe(subjects.GATEWAY_HEARTBEAT, cb=self._on_gateway_heartbeat),
+            await self._nc.subscribe(subjects.kv_snapshot_subject(self.instance_id), cb=self._on_kv_snapshot),
         ]
         if self._decode is not None:
             await self._decode.start()
@@ -304,6 +307,19 @@ class EngineServer:
         with contextlib.suppress(ProtocolError):
             decode(msg.data, Discover)
             await self._heartbeat()
+
+    async def _on_kv_snapshot(self, msg: Msg) -> None:
+        """A router asks for our whole prefix cache (it missed KV events)."""
+        reader = getattr(self._engine, "cached_block_keys", None)
+        if reader is None or not msg.reply:
+            return
+        try:
+            decode(msg.data, KVSnapshotRequest)
+            keys, seq = await reader()
+        except Exception as exc:  # a bad request or a dead engine: the router retries later
+            log.warning("KV snapshot failed: %s", exc)
+            return
+        await msg.respond(encode(KVSnapshot(instance_id=self.instance_id, seq=seq, block_keys=keys)))
 
     async def _on_gateway_heartbeat(self, msg: Msg) -> None:
         try:

@@ -34,6 +34,7 @@ class GatewayMetrics:
         self.prompt_tokens = Counter("rtpllm_prompt_tokens", "Prompt tokens of served requests", registry=r)
         self.cached_tokens = Counter("rtpllm_cached_prompt_tokens", "Prompt tokens served from the prefix cache", registry=r)
         self.generation_tokens = Counter("rtpllm_generation_tokens", "Generated tokens", registry=r)
+        self.routing_decisions = Counter("rtpllm_routing_decisions", "Requests routed, by policy and reason (cache: a cached prefix decided; load: no prefix cached anywhere; skew: load overrode the cache)", ["policy", "reason"], registry=r)
         self.instances_lost = Counter("rtpllm_instances_lost", "Engine instances dropped, by reason", ["reason"], registry=r)
         r.register(_StateCollector(admission, instances))
 

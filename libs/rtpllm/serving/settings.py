@@ -21,7 +21,7 @@ class GatewaySettings:
     model: str = "smollm2-135m-instruct"
     served_model_name: str | None = None
     gateway_id: str = ""
-    router: str = "least-loaded"
+    router: str = "cache-aware"
     max_running: int = 1024
     max_queue: int = 1024
     request_timeout_s: float = 600.0

@@ -1,0 +1,118 @@
+"""The gateway's map of which instance holds which cached KV blocks (ARCHITECTURE rule 3).
+
+Fed by the engines' KV events (`rtpllm.v1.kv.<instance>.events`): each instance's
+batches carry consecutive sequence numbers, so a missing batch is noticed and the
+instance's entries are rebuilt from a snapshot (`needs_resync`). A short-lived guess
+index of this gateway's own routing decisions covers the time before an instance's
+events arrive, so a burst of requests with one prefix lands on one instance.
+
+Pure bookkeeping, no I/O: the dispatcher feeds it and asks for snapshots.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from rtpllm.kvcache.events import AllBlocksCleared, BlocksRemoved, BlocksStored, KVEventBatch
+
+
+@dataclass
+class _InstanceKeys:
+    keys: set[bytes] = field(default_factory=set)
+    seq: int = -1  # last batch applied
+    synced: bool = True  # False after a gap, until a snapshot replaces the keys
+
+
+class PrefixIndex:
+    """Block keys cached per instance (GPU tier), plus recent routing guesses."""
+
+    def __init__(self, guess_ttl_s: float = 10.0, max_guesses: int = 100_000, clock: Callable[[], float] = time.monotonic) -> None:
+        self._instances: dict[str, _InstanceKeys] = {}
+        self._guesses: OrderedDict[tuple[str, bytes], float] = OrderedDict()  # (instance, key) -> expiry
+        self._guess_ttl_s = guess_ttl_s
+        self._max_guesses = max_guesses
+        self._clock = clock
+
+    # -- events ----------------------------------------------------------------------
+
+    def apply(self, instance_id: str, batch: KVEventBatch) -> bool:
+        """Apply one batch of events; False if a batch is missing before it (the caller
+        should ask the instance for a snapshot; entries stay, possibly stale)."""
+        entry = self._instances.setdefault(instance_id, _InstanceKeys())
+        if batch.seq <= entry.seq:
+            return True  # already covered (by a snapshot taken after it)
+        if batch.seq != entry.seq + 1:
+            # A lost batch, or this gateway started after the instance's first events:
+            # what we hold is incomplete until a snapshot.
+            entry.synced = False
+        entry.seq = batch.seq
+        for event in batch.events:
+            if isinstance(event, BlocksStored):
+                entry.keys.update(event.block_keys)
+            elif isinstance(event, BlocksRemoved):
+                entry.keys.difference_update(event.block_keys)
+            elif isinstance(event, AllBlocksCleared):
+                entry.keys.clear()
+        return entry.synced
+
+    def replace(self, instance_id: str, keys: Iterable[bytes], seq: int) -> None:
+        """A snapshot: the instance's cached keys as of its event batch `seq`."""
+        self._instances[instance_id] = _InstanceKeys(set(keys), seq, True)
+
+    def drop(self, instance_id: str) -> None:
+        """The instance left or restarted: forget its keys and guesses."""
+        self._instances.pop(instance_id, None)
+        for guess in [g for g in self._guesses if g[0] == instance_id]:
+            del self._guesses[guess]
+
+    def needs_resync(self, instance_id: str) -> bool:
+        entry = self._instances.get(instance_id)
+        return entry is not None and not entry.synced
+
+    def last_seq(self, instance_id: str) -> int:
+        entry = self._instances.get(instance_id)
+        return entry.seq if entry is not None else -1
+
+    def num_keys(self, instance_id: str) -> int:
+        entry = self._instances.get(instance_id)
+        return len(entry.keys) if entry is not None else 0
+
+    # -- routing ---------------------------------------------------------------------
+
+    def note_routed(self, instance_id: str, keys: Sequence[bytes]) -> None:
+        """This gateway just sent a request with these block keys to the instance: until
+        its events say so, guess that it will hold them."""
+        expiry = self._clock() + self._guess_ttl_s
+        for key in keys:
+            guess = (instance_id, key)
+            self._guesses[guess] = expiry
+            self._guesses.move_to_end(guess)
+        while len(self._guesses) > self._max_guesses:
+            self._guesses.popitem(last=False)
+
+    def matched_blocks(self, instance_id: str, keys: Sequence[bytes]) -> int:
+        """Leading keys of the chain the instance holds (known or guessed)."""
+        entry = self._instances.get(instance_id)
+        known = entry.keys if entry is not None else ()
+        now = self._clock()
+        n = 0
+        for key in keys:
+            if key in known:
+                n += 1
+                continue
+            expiry = self._guesses.get((instance_id, key))
+            if expiry is None or expiry < now:
+                break
+            n += 1
+        return n
+
+    def expire_guesses(self) -> None:
+        now = self._clock()
+        while self._guesses:
+            guess, expiry = next(iter(self._guesses.items()))
+            if expiry >= now:
+                break
+            del self._guesses[guess]

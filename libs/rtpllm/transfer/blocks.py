@@ -1,0 +1,137 @@
+"""Moving payloads between a KV pool and host buffers.
+
+A payload is one layer of `count` blocks laid out as [2 (K, V), count, block_size,
+kv_heads, head_dim] in the pool's dtype: `kv[layer].index_select(1, ids)`.
+
+CPU pools need no copy at all on the tcp path: `views()` describes a payload as byte
+ranges of the pool itself (one per run of consecutive blocks, K runs then V runs), which
+the socket reads and writes with scatter/gather system calls. Other paths copy through a
+host buffer: gathered with `index_select`, scattered with a numpy fancy assignment over a
+byte view (twice as fast as `index_copy_` on CPU, and it releases the GIL). CUDA pools
+gather/scatter on a side stream, through pinned host buffers, so transfers overlap the
+engine's own work.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from rtpllm.transfer.layout import KVLayout
+
+
+def byte_view(t: torch.Tensor) -> memoryview:
+    """A writable 1-D byte memoryview over a contiguous CPU tensor (any dtype)."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def block_runs(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(first block, length) arrays of the runs of consecutive ascending ids."""
+    if len(ids) == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    breaks = np.flatnonzero(np.diff(ids) != 1) + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [len(ids)]))
+    return ids[starts], ends - starts
+
+
+class PoolBlocks:
+    """One side's pool, seen as payloads (see the module docstring)."""
+
+    def __init__(self, kv: torch.Tensor, layout: KVLayout) -> None:
+        layout.check_pool(kv)
+        self.kv = kv
+        self.layout = layout
+        self.device = kv.device
+        self.is_cuda = kv.is_cuda
+        self.num_blocks = kv.shape[2]
+        self.unit = layout.block_layer_bytes  # K + V of one block in one layer
+        self.stream = torch.cuda.Stream(kv.device) if self.is_cuda else None
+        if not self.is_cuda:
+            # [layer, K/V, block, bytes of one block's K (or V)]
+            self._bytes = kv.view(-1).view(torch.uint8).numpy().reshape(kv.shape[0], 2, self.num_blocks, -1)
+            self._memory = memoryview(self._bytes.reshape(-1))
+
+    def payload_bytes(self, count: int) -> int:
+        return count * self.unit
+
+    def check_ids(self, ids: np.ndarray, what: str) -> None:
+        if len(ids) and (ids.min() < 0 or ids.max() >= self.num_blocks):
+            raise ValueError(f"{what} out of range [0, {self.num_blocks}): {ids.tolist()[:16]}")
+
+    def ids_tensor(self, ids: np.ndarray) -> torch.Tensor:
+        """Block ids as an index tensor on the pool's device (uploaded on the side stream,
+        so it never waits for the engine's work)."""
+        host = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64))
+        if not self.is_cuda:
+            return host
+        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+            return host.to(self.device)
+
+    def views(self, layer: int, ids: np.ndarray, max_runs: int | None = None) -> list[memoryview] | None:
+        """CPU pool: the payload as byte ranges of the pool itself (K runs, then V
+        runs); None for a CUDA pool or more than `max_runs` runs."""
+        if self.is_cuda:
+            return None
+        starts, lengths = block_runs(ids)
+        if max_runs is not None and len(starts) > max_runs:
+            return None
+        half = self.unit // 2
+        out = []
+        for kv_half in (0, 1):
+            base = (layer * 2 + kv_half) * self.num_blocks
+            for start, n in zip(((base + starts) * half).tolist(), (lengths * half).tolist(), strict=True):
+                out.append(self._memory[start : start + n])
+        return out
+
+    def host_buffer(self, nbytes: int) -> torch.Tensor:
+        """A staging buffer (uint8), pinned when the pool is on CUDA."""
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.is_cuda)
+
+    def _typed(self, buf: torch.Tensor, count: int) -> torch.Tensor:
+        return buf[: self.payload_bytes(count)].view(self.kv.dtype).view(2, count, *self.kv.shape[3:])
+
+    def gather(self, layer: int, ids: np.ndarray, out: torch.Tensor) -> None:
+        """Copy the payload of blocks `ids` into host buffer `out` (uint8); returns once
+        the bytes are there. Run it off the event loop for large payloads."""
+        dst = self._typed(out, len(ids))
+        if not self.is_cuda:
+            torch.index_select(self.kv[layer], 1, self.ids_tensor(ids), out=dst)
+            return
+        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+            dst.copy_(self.kv[layer].index_select(1, self.ids_tensor(ids)), non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        done.synchronize()
+
+    def scatter(self, layer: int, ids: np.ndarray, src: torch.Tensor, after: torch.cuda.Event | None) -> None:
+        """Write the payload in host buffer `src` (uint8) to blocks `ids`; returns once it
+        is in the pool (CUDA: complete on the device, so visible to any later work).
+        `after`: a CUDA event the write must follow (the blocks' previous users)."""
+        if not self.is_cuda:
+            payload = src[: self.payload_bytes(len(ids))].numpy().reshape(2, len(ids), -1)
+            self._bytes[layer][:, ids] = payload
+            return
+        data = self._typed(src, len(ids))
+        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+            if after is not None:
+                self.stream.wait_event(after)
+            self.kv[layer].index_copy_(1, self.ids_tensor(ids), data.to(self.device, non_blocking=True))
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        done.synchronize()
+
+    def follow_engine(self) -> None:
+        """Order the side stream after everything the caller's current stream has
+        enqueued so far (the engine's writes of the blocks about to be sent)."""
+        if self.is_cuda:
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+
+    def engine_event(self) -> torch.cuda.Event | None:
+        """An event on the caller's current stream (None on CPU): writes into blocks
+        allocated just now wait for it, i.e. for the blocks' previous readers."""
+        if not self.is_cuda:
+            return None
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return event

@@ -1,0 +1,213 @@
+"""cuda_ipc backend (same host, both pools on CUDA): the sender copies blocks straight
+into the receiver's pool, device to device; only a descriptor travels.
+
+At the handshake the receiver shares its pool tensor through CUDA IPC (the fields of
+`torch.multiprocessing.reductions.reduce_tensor`, rebuilt on the sender with
+`rebuild_cuda_tensor`: the same calls torch.multiprocessing makes, stable across torch
+2.x). At `Open` it sends the transfer's target block ids and an IPC event recorded on its
+current stream, after which the blocks are free to overwrite. The sender copies layer by
+layer on a side stream that waits for that event and for its own engine's stream,
+synchronises, and sends `IpcBlocks` with a position-weighted checksum (checksum.py) of
+what it copied; the receiver recomputes it over its blocks on its GPU and acks.
+
+Writes are one-sided, so a receiver that fails such a transfer (lease, cancel) waits for
+the sender to confirm it has stopped (its `Abort`, sent after synchronising) or for the
+connection to close before `wait()` raises and the blocks may be reused.
+CUDA IPC needs two processes: a process cannot open its own IPC handles.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from rtpllm.transfer import faults
+from rtpllm.transfer.backend import BackendUnavailable, RecvPath, SendPath
+from rtpllm.transfer.checksum import WeightedSum
+from rtpllm.transfer.errors import ChecksumMismatch
+from rtpllm.transfer.framing import IpcBlocks, IpcPoolHandle, Opened, Welcome
+from rtpllm.transfer.layout import dtype_name
+
+if TYPE_CHECKING:
+    from rtpllm.transfer.incoming import IncomingTransfer
+    from rtpllm.transfer.outgoing import OutgoingTransfer
+    from rtpllm.transfer.send_link import SendLink
+
+
+def share_pool(kv: torch.Tensor) -> IpcPoolHandle:
+    """The receiver's pool as an IPC handle (reduce_tensor's fields that go on the wire)."""
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    _, args = reduce_tensor(kv)
+    (_, size, stride, offset, _, _, device, handle, storage_bytes, storage_offset,
+     _, ref_handle, ref_offset, event_handle, event_sync) = args  # fmt: skip
+    return IpcPoolHandle(
+        device=int(device),
+        handle=bytes(handle),
+        storage_bytes=int(storage_bytes),
+        storage_offset_bytes=int(storage_offset),
+        ref_counter_handle=bytes(ref_handle),
+        ref_counter_offset=int(ref_offset),
+        event_handle=bytes(event_handle) if event_handle else b"",
+        event_sync_required=bool(event_sync),
+        shape=list(size),
+        stride=list(stride),
+        offset=int(offset),
+        dtype=dtype_name(kv.dtype),
+    )
+
+
+def open_pool(h: IpcPoolHandle) -> torch.Tensor:
+    """Map a shared pool into this process (fails in the process that shared it)."""
+    from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+    return rebuild_cuda_tensor(
+        torch.Tensor, torch.Size(h.shape), tuple(h.stride), h.offset, torch.storage.TypedStorage,
+        getattr(torch, h.dtype), h.device, h.handle, h.storage_bytes, h.storage_offset_bytes, False,
+        h.ref_counter_handle, h.ref_counter_offset, h.event_handle or None, h.event_sync_required,
+    )  # fmt: skip
+
+
+class IpcSendPath(SendPath):
+    name = "cuda_ipc"
+
+    def __init__(self, link: SendLink) -> None:
+        super().__init__(link)
+        self._remote: torch.Tensor | None = None
+        self._remote_stream: torch.cuda.Stream | None = None
+        self._dest_ids: np.ndarray | None = None
+        self._dest_ids_gpu: torch.Tensor | None = None
+        self._ready: torch.cuda.Event | None = None
+
+    async def setup(self, welcome: Welcome) -> None:
+        pool = self.link.pool
+        if welcome.ipc_pool is None or not pool.is_cuda:
+            raise BackendUnavailable("cuda_ipc needs CUDA pools on both sides")
+        try:
+            remote = open_pool(welcome.ipc_pool)
+        except Exception as exc:  # noqa: BLE001 -- any failure means: use another backend
+            raise BackendUnavailable(f"cannot open the receiver's pool over CUDA IPC: {exc}") from exc
+        if remote.shape[:2] != pool.kv.shape[:2] or remote.shape[3:] != pool.kv.shape[3:]:
+            raise BackendUnavailable(
+                f"receiver pool shape {tuple(remote.shape)} does not match {tuple(pool.kv.shape)}"
+            )
+        self._remote = remote
+        if remote.device != pool.device:
+            self._remote_stream = torch.cuda.Stream(remote.device)
+
+    def on_opened(self, opened: Opened, transfer: OutgoingTransfer) -> None:
+        assert self._remote is not None
+        ids = np.asarray(opened.block_ids, dtype=np.int64)
+        if len(ids) != transfer.num_blocks or (
+            len(ids) and (ids.min() < 0 or ids.max() >= self._remote.shape[2])
+        ):
+            raise BackendUnavailable("receiver sent invalid block ids")
+        self._dest_ids, self._dest_ids_gpu = ids, None  # uploaded by the first copy, off the loop
+        self._ready = (
+            torch.cuda.Event.from_ipc_handle(self._remote.device, opened.ipc_event)
+            if opened.ipc_event
+            else None
+        )
+
+    def _copy(self, src_ids: np.ndarray, dest_index: int, corrupt: bool) -> int:
+        pool, remote = self.link.pool, self._remote
+        assert remote is not None and self._dest_ids is not None and pool.stream is not None
+        # Same device: everything on the pool's side stream. Another device (peer access):
+        # its side stream is made current too, so the cross-device copy and the writes
+        # there are ordered on our streams, not on that device's default stream.
+        other = self._remote_stream
+        streams = [pool.stream] if other is None else [pool.stream, other]
+        with torch.cuda.device(pool.device), torch.cuda.stream(pool.stream):
+            with torch.cuda.stream(other) if other is not None else contextlib.nullcontext():
+                if self._ready is not None:
+                    for s in streams:
+                        s.wait_event(self._ready)
+                if self._dest_ids_gpu is None:
+                    self._dest_ids_gpu = torch.from_numpy(self._dest_ids).to(remote.device, non_blocking=True)
+                dst = self._dest_ids_gpu[dest_index : dest_index + len(src_ids)]
+                src = torch.from_numpy(src_ids).to(pool.device, non_blocking=True)
+                checksum = WeightedSum(pool.device)
+                for layer in range(pool.layout.num_layers):
+                    blocks = pool.kv[layer].index_select(1, src)
+                    checksum.update(blocks)
+                    remote[layer].index_copy_(1, dst, blocks.to(remote.device, non_blocking=True))
+                events = []
+                for s in streams:
+                    events.append(torch.cuda.Event())
+                    events[-1].record(s)
+        for e in events:
+            e.synchronize()
+        value = checksum.value()
+        return value ^ 1 if corrupt else value
+
+    async def send(self, transfer: OutgoingTransfer, src_ids: np.ndarray, dest_index: int) -> int:
+        link, pool = self.link, self.link.pool
+        pool.follow_engine()
+        shipped = 0
+        # One descriptor per group of blocks: the receiver verifies and acks group by group.
+        step = max(link.blocks_per_frame, 1)
+        for start in range(0, len(src_ids), step):
+            ids = src_ids[start : start + step]
+            link.check()
+            checksum = await link.run(self._copy, ids, dest_index + start, faults.take_corruption())
+            seq = link.next_seq()
+            link.track(seq)
+            await link.send_frame(
+                IpcBlocks(transfer.transfer_id, seq, dest_index + start, len(ids), checksum)
+            )
+            shipped += pool.payload_bytes(len(ids)) * pool.layout.num_layers
+        return shipped
+
+    async def quiesce(self) -> None:
+        # Every _copy synchronises before it returns, and sends run one at a time under
+        # the transfer's lock: once the caller holds that lock nothing is in flight.
+        return None
+
+    def close(self) -> None:
+        self._remote = None
+        self._dest_ids = self._dest_ids_gpu = None
+        self._ready = None
+
+
+class IpcRecvPath(RecvPath):
+    name = "cuda_ipc"
+    frame_type = IpcBlocks
+
+    def welcome(self) -> Welcome:
+        return Welcome("cuda_ipc", ipc_pool=share_pool(self.link.pool.kv))
+
+    def on_open(self, transfer: IncomingTransfer) -> Opened:
+        pool = self.link.pool
+        event = torch.cuda.Event(interprocess=True)
+        event.record(torch.cuda.current_stream(pool.device))
+        transfer.hold(event, one_sided_writes=True)
+        return Opened(
+            transfer.transfer_id, block_ids=transfer.block_ids.tolist(), ipc_event=bytes(event.ipc_handle())
+        )
+
+    def _checksum(self, ids: np.ndarray) -> int:
+        pool = self.link.pool
+        with torch.cuda.device(pool.device), torch.cuda.stream(pool.stream):
+            idx = pool.ids_tensor(ids)
+            checksum = WeightedSum(pool.device)
+            for layer in range(pool.layout.num_layers):
+                checksum.update(pool.kv[layer].index_select(1, idx))
+            return checksum.value()
+
+    async def land(self, frame: IpcBlocks, transfer: IncomingTransfer) -> None:
+        await self.link.slots.acquire()
+        self.link.spawn(self._verify(frame, transfer), release_slot=True)
+
+    async def _verify(self, frame: IpcBlocks, transfer: IncomingTransfer) -> None:
+        ids = transfer.block_ids[frame.dest_index : frame.dest_index + frame.count]
+        got = await self.link.run(self._checksum, ids)
+        error = None
+        if got != frame.checksum:
+            error = ChecksumMismatch(
+                f"checksum mismatch in transfer {frame.transfer_id!r}, positions [{frame.dest_index}, "
+                f"{frame.dest_index + frame.count}): sender {frame.checksum:#x}, receiver {got:#x}"
+            )
+        self.link.frame_done(frame, transfer, error)

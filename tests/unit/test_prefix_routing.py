@@ -1,0 +1,101 @@
+"""Cache-aware routing: the prefix index fed by KV events (gaps, snapshots, guesses) and
+the policy that scores instances by the prompt tokens they would have to prefill."""
+
+from __future__ import annotations
+
+from rtpllm.kvcache.block_hash import block_keys, namespace_key
+from rtpllm.kvcache.events import AllBlocksCleared, BlocksRemoved, BlocksStored, KVEventBatch
+from rtpllm.protocol.messages import Heartbeat, InstanceLoad
+from rtpllm.routing.instances import Instance
+from rtpllm.routing.policy import CacheAware, RouteRequest, make_policy
+from rtpllm.routing.prefix_index import PrefixIndex
+
+NS = namespace_key("m", "float32", 4)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def batch(seq: int, *events) -> KVEventBatch:  # type: ignore[no-untyped-def]
+    return KVEventBatch(engine_id="e", seq=seq, events=list(events))
+
+
+def inst(instance_id: str, pending: int = 0) -> Instance:
+    hb = Heartbeat(
+        instance_id=instance_id, model="m", max_model_len=64, max_num_seqs=8, block_size=4, kv_namespace=NS, lease_s=3.0, seq=1,
+        load=InstanceLoad(num_running=pending),
+    )  # fmt: skip
+    return Instance(hb, 0.0)
+
+
+def test_events_build_the_index_and_gaps_ask_for_a_snapshot() -> None:
+    keys = block_keys(list(range(12)), 4, NS)
+    idx = PrefixIndex()
+    assert idx.apply("a", batch(0, BlocksStored(keys, None, 12)))
+    assert idx.matched_blocks("a", keys) == 3
+    assert idx.apply("a", batch(1, BlocksRemoved([keys[1]])))
+    assert idx.matched_blocks("a", keys) == 1, "the chain stops at the first missing block"
+    assert not idx.apply("a", batch(3, AllBlocksCleared()))  # batch 2 went missing
+    assert idx.needs_resync("a")
+    idx.replace("a", keys[:2], seq=5)
+    assert not idx.needs_resync("a") and idx.matched_blocks("a", keys) == 2
+    assert idx.apply("a", batch(4, AllBlocksCleared())), "older than the snapshot: ignored"
+    assert idx.matched_blocks("a", keys) == 2
+    assert idx.apply("a", batch(6, BlocksStored([keys[2]], keys[1], 4)))
+    assert idx.matched_blocks("a", keys) == 3
+
+
+def test_joining_late_is_a_gap() -> None:
+    idx = PrefixIndex()
+    assert not idx.apply("a", batch(7, BlocksStored([b"k" * 16], None, 4)))
+    idx.drop("a")
+    assert idx.last_seq("a") == -1 and idx.num_keys("a") == 0
+
+
+def test_guesses_expire() -> None:
+    clock = Clock()
+    idx = PrefixIndex(guess_ttl_s=10, clock=clock)
+    keys = block_keys(list(range(8)), 4, NS)
+    idx.note_routed("a", keys)
+    assert idx.matched_blocks("a", keys) == 2 and idx.matched_blocks("b", keys) == 0
+    clock.now = 11
+    assert idx.matched_blocks("a", keys) == 0
+    idx.expire_guesses()
+    assert not idx._guesses
+
+
+def test_cache_aware_prefers_the_instance_holding_the_prefix() -> None:
+    idx = PrefixIndex()
+    system = list(range(40))
+    idx.apply("b", batch(0, BlocksStored(block_keys(system, 4, NS), None, 40)))
+    policy = CacheAware(idx, queue_tokens=8)
+    candidates = [inst("a"), inst("b", pending=2), inst("c")]
+    assert policy.choose(RouteRequest("r", "m", system + [7, 8, 9]), candidates).instance_id == "b"
+    assert policy.last_reason == "cache"
+    # A prompt nobody holds goes by load, and the choice is remembered as a guess:
+    other = [100 + i for i in range(20)]
+    first = policy.choose(RouteRequest("r2", "m", other), candidates)
+    assert policy.last_reason == "load" and first.instance_id in ("a", "c")
+    # ... so the next request with that prefix follows it before any event arrives.
+    again = policy.choose(RouteRequest("r3", "m", other + [1]), candidates)
+    assert again.instance_id == first.instance_id and policy.last_reason == "cache"
+
+
+def test_skewed_load_overrides_the_cache() -> None:
+    idx = PrefixIndex()
+    system = list(range(40))
+    idx.apply("b", batch(0, BlocksStored(block_keys(system, 4, NS), None, 40)))
+    policy = CacheAware(idx, queue_tokens=1, skew_slack=4)
+    chosen = policy.choose(RouteRequest("r", "m", system + [1]), [inst("a", pending=1), inst("b", pending=7)])
+    assert chosen.instance_id == "a" and policy.last_reason == "skew"
+
+
+def test_make_policy_cache_aware_shares_the_index() -> None:
+    idx = PrefixIndex()
+    policy = make_policy("cache-aware", idx)
+    assert isinstance(policy, CacheAware) and policy.index is idx
