@@ -192,7 +192,7 @@ class AsyncLLMEngine:
 
     def _run(self) -> None:
         try:
-            if self.engine.device.startswith("cuda"):
+            if torch.device(self.engine.device).index is not None:
                 torch.cuda.set_device(torch.device(self.engine.device))  # per thread, as Triton needs
             while True:
                 block = not self.engine.has_unfinished_requests()

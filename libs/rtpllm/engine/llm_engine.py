@@ -90,7 +90,7 @@ class LLMEngine:
         self._load_progress = load_progress
         self.engine_id = engine_id
         self.device = config.device
-        if self.device.startswith("cuda"):
+        if torch.device(self.device).index is not None:
             # Triton launches on the thread's current device, whatever the tensors' device.
             torch.cuda.set_device(torch.device(self.device))
         self.dtype = parse_dtype(config.dtype, config.device)
