@@ -2,7 +2,7 @@
 
     python bench/kv_transfer.py --device cpu --backends tcp,shm           # this CPU VM
     python bench/kv_transfer.py --device cuda --backends tcp,shm,cuda_ipc  # one GPU
-    python bench/kv_transfer.py --device cuda --recv-device cuda:1         # two GPUs
+    python bench/kv_transfer.py --device cuda --recv-device cuda:1 --backends cuda_ipc,shm   # two GPUs
     python bench/kv_transfer.py --smoke                                    # tiny, seconds
 
 Shape: Llama-3.1-8B's KV (32 layers, 8 KV heads, head_dim 128, bf16, block_size 16): a
@@ -61,6 +61,14 @@ def block_ids(args: argparse.Namespace, seed: int) -> list[int]:
     if args.ids == "contiguous":
         return list(range(blocks))
     return torch.randperm(blocks, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "cpu"
 
 
 def cpu_seconds() -> float:
@@ -229,7 +237,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # gathers run on the transfer's own worker threads
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=receiver_main, args=(child, args, args.recv_device), daemon=True)
@@ -239,15 +248,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results = asyncio.run(bench(args, parent, endpoint))
         parent.send(("quit",))
     finally:
+        torch.set_num_threads(threads)
         proc.join(timeout=30)
         if proc.is_alive():
             proc.kill()
-    device_name = (
-        torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
-    )
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_name()
     payload = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": " ".join(["bench/kv_transfer.py", *(sys.argv[1:] if argv is None else argv)]),
         "host": platform.node(),
         "device": device_name,
         "cpus": os.cpu_count(),

@@ -65,6 +65,33 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
+class OffloadConfig:
+    """KV tiers below the GPU (docs/kvstore.md): evicted prefix-cache blocks go to host
+    memory (then SSD if reused), blocks found there are restored instead of recomputed
+    when the cost model says it is faster. All off by default (host_bytes=0)."""
+
+    host_bytes: int = 0
+    ssd_dir: str | None = None
+    ssd_bytes: int = 0
+    redis_url: str | None = None  # shared tier across instances and hosts
+    redis_ttl_s: float = 3600.0
+    # Offer every newly computed full block at once (needed to share prefixes through
+    # Redis), not only when evicted. None: on when a Redis tier is configured.
+    write_through: bool | None = None
+    # Restore bandwidth per tier (GB/s) and prefill speed (tokens/s) for the cost model:
+    # a block is restored only if that is faster than recomputing its tokens. None:
+    # prefill speed learned from the engine's own prefill steps.
+    host_gb_per_s: float = 8.0
+    ssd_gb_per_s: float = 1.0
+    redis_gb_per_s: float = 0.4
+    prefill_tokens_per_s: float | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.host_bytes > 0
+
+
+@dataclass(frozen=True)
 class SchedulerConfig:
     """Continuous-batching limits for one engine step."""
 
@@ -98,6 +125,7 @@ class EngineConfig:
     async_scheduling: bool | None = None
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
+    offload: OffloadConfig = OffloadConfig()
     # Name that clients use for this model; defaults to the model path's last component.
     served_model_name: str | None = None
 

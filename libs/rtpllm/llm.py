@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from rtpllm.config import CacheConfig, EngineConfig, SchedulerConfig
+from rtpllm.config import CacheConfig, EngineConfig, OffloadConfig, SchedulerConfig
 from rtpllm.engine.llm_engine import LLMEngine
 from rtpllm.outputs import CompletionOutput, RequestOutput
 from rtpllm.sampling_params import SamplingParams
@@ -45,6 +45,7 @@ class LLM:
         load_format: str = "auto",
         cuda_graphs: bool = True,
         async_scheduling: bool | None = None,
+        offload: OffloadConfig | None = None,
     ) -> None:
         config = EngineConfig(
             model=model,
@@ -64,6 +65,7 @@ class LLM:
                 enable_prefix_caching=enable_prefix_caching,
             ),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens),
+            offload=offload or OffloadConfig(),
         )
         self.engine = LLMEngine(config)
         self._ids = itertools.count()

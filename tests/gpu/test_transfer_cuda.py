@@ -128,7 +128,9 @@ async def test_cuda_ipc_between_two_processes() -> None:
         endpoint = await loop.run_in_executor(None, parent.recv)
         assert endpoint.backends == ["cuda_ipc"]
         src = make_pool(256, "cuda", 1)
-        before = torch.from_numpy(np.frombuffer(await ask("pool"), dtype=np.int16).copy()).view(make_pool(256, "cpu", 0).shape)
+        before = torch.from_numpy(np.frombuffer(await ask("pool"), dtype=np.int16).copy()).view(
+            make_pool(256, "cpu", 0).shape
+        )
         sender = KVSender(src, KVLayout.of(src, NS), max_frame_bytes=4 << 20)
         rng = random.Random(3)
         src_ids, dst_ids = rng.sample(range(257), 150), rng.sample(range(257), 150)
@@ -142,7 +144,9 @@ async def test_cuda_ipc_between_two_processes() -> None:
             stats = await out.finish()
             assert stats.nbytes == 150 * KVLayout.of(src, NS).block_layer_bytes * 4
             assert await loop.run_in_executor(None, parent.recv) == ("ok", "cuda_ipc", 150)
-            after = torch.from_numpy(np.frombuffer(await ask("pool"), dtype=np.int16).copy()).view(before.shape)
+            after = torch.from_numpy(np.frombuffer(await ask("pool"), dtype=np.int16).copy()).view(
+                before.shape
+            )
             assert torch.equal(after[:, :, dst_ids], bits(src[:, :, src_ids]).cpu())
             others = sorted(set(range(257)) - set(dst_ids))
             assert torch.equal(after[:, :, others], before[:, :, others])

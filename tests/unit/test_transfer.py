@@ -47,7 +47,9 @@ BACKENDS = ["tcp", "shm"] if shm_available() else ["tcp"]
 NS = b"test-namespace-0"
 
 
-def make_pool(num_blocks: int, dtype: torch.dtype = torch.bfloat16, seed: int = 0, layers: int = 3) -> torch.Tensor:
+def make_pool(
+    num_blocks: int, dtype: torch.dtype = torch.bfloat16, seed: int = 0, layers: int = 3
+) -> torch.Tensor:
     """[layers, 2, num_blocks + 1, block_size 4, heads 2, head_dim 8] of random bits."""
     kv = torch.empty(layers, 2, num_blocks + 1, 4, 2, 8, dtype=dtype)
     bits = kv.view(torch.int16 if kv.element_size() == 2 else torch.int32)
@@ -59,7 +61,9 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int16 if t.element_size() == 2 else torch.int32)
 
 
-def assert_transferred(src: torch.Tensor, src_ids: Sequence[int], dst: torch.Tensor, before: torch.Tensor, dst_ids: Sequence[int]) -> None:
+def assert_transferred(
+    src: torch.Tensor, src_ids: Sequence[int], dst: torch.Tensor, before: torch.Tensor, dst_ids: Sequence[int]
+) -> None:
     """dst blocks dst_ids hold src blocks src_ids bit for bit; every other dst block is unchanged."""
     assert torch.equal(bits(dst[:, :, list(dst_ids)]), bits(src[:, :, list(src_ids)]))
     others = [b for b in range(dst.shape[2]) if b not in set(dst_ids)]
@@ -68,7 +72,12 @@ def assert_transferred(src: torch.Tensor, src_ids: Sequence[int], dst: torch.Ten
 
 @contextlib.asynccontextmanager
 async def pair(
-    src: torch.Tensor, dst: torch.Tensor, backend: str, ns_src: bytes = NS, ns_dst: bytes = NS, **receiver_kw: object
+    src: torch.Tensor,
+    dst: torch.Tensor,
+    backend: str,
+    ns_src: bytes = NS,
+    ns_dst: bytes = NS,
+    **receiver_kw: object,
 ) -> AsyncIterator[tuple[KVReceiver, KVSender]]:
     receiver = KVReceiver(dst, KVLayout.of(dst, ns_dst), **receiver_kw)  # type: ignore[arg-type]
     await receiver.start()
@@ -95,7 +104,9 @@ def chunks(n: int, rng: random.Random) -> list[tuple[int, int]]:
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("seed", [0, 1])
-async def test_blocks_arrive_bit_exact_and_nothing_else_changes(backend: str, dtype: torch.dtype, seed: int) -> None:
+async def test_blocks_arrive_bit_exact_and_nothing_else_changes(
+    backend: str, dtype: torch.dtype, seed: int
+) -> None:
     rng = random.Random(seed)
     src = make_pool(rng.randint(20, 40), dtype, seed=seed)
     dst = make_pool(rng.randint(30, 60), dtype, seed=seed + 100)
@@ -137,7 +148,10 @@ async def test_connections_are_reused_and_transfers_run_concurrently(backend: st
             assert torch.equal(bits(dst[:, :, dst_ids]), bits(src[:, :, src_ids]))
         assert len(sender._links) == 1
         # Concurrent transfers each get a connection.
-        plans = {f"c{k}": (list(range(20 + 8 * k, 28 + 8 * k)), random.Random(k).sample(range(64), 8)) for k in range(3)}
+        plans = {
+            f"c{k}": (list(range(20 + 8 * k, 28 + 8 * k)), random.Random(k).sample(range(64), 8))
+            for k in range(3)
+        }
         waits = [receiver.expect(tid, dst_ids, lease_s=10).wait() for tid, (dst_ids, _) in plans.items()]
 
         async def run(tid: str, src_ids: list[int]) -> None:
@@ -253,7 +267,9 @@ async def test_backend_choice_follows_preference_host_and_endpoint() -> None:
     await here.start()
     try:
         ep = here.endpoint
-        assert sender.backends_for(ep) == (["shm", "tcp"] if shm_available() else ["tcp"])  # CPU pools: no cuda_ipc
+        assert sender.backends_for(ep) == (
+            ["shm", "tcp"] if shm_available() else ["tcp"]
+        )  # CPU pools: no cuda_ipc
         far = KVEndpoint(ep.host, ep.port, "another-host/boot", "cpu", ep.backends)
         assert sender.backends_for(far) == ["tcp"]
         tcp_only = KVSender(src, KVLayout.of(src, NS), prefer=["shm"])
@@ -493,11 +509,57 @@ async def test_shm_rings_are_cleaned_up() -> None:
         await out.finish()
         await incoming.wait()
     # A ring left by a dead process is swept.
-    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
     stale = os.path.join(SHM_DIR, f"{RING_PREFIX}{proc.stdout.strip()}-deadbeef")
     open(stale, "wb").close()
     assert sweep_stale_rings() >= 1
     assert not os.path.exists(stale)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_random_failures_end_consistently_and_never_touch_other_blocks(backend: str) -> None:
+    """Cancels, aborts, leases running out, connections killed and senders closed at
+    random moments, with several frames in flight: both sides always end (never hang),
+    agree on success, and blocks outside the transfers' targets never change."""
+    rng = random.Random(7)
+    src = make_pool(60, seed=5, layers=4)
+    dst = make_pool(80, seed=6, layers=4)
+    before = dst.clone()
+    targets = list(range(40))  # blocks 40..80 are never a target
+    async with pair(src, dst, backend, shm_slots=3, shm_slot_bytes=1 << 10) as (receiver, _):
+        for it in range(24):
+            sender = KVSender(src, KVLayout.of(src, NS), prefer=[backend], threads=3)
+            sender.max_frame_bytes = 2 * KVLayout.of(src, NS).block_layer_bytes
+            ids = rng.sample(targets, 30)
+            incoming = receiver.expect(f"r{it}", ids, lease_s=rng.choice([0.01, 0.05, 5.0]))
+            mode = rng.choice(["ok", "cancel", "abort", "kill", "close"])
+            sent = received = "ok"
+            try:
+                out = await sender.open(receiver.endpoint, f"r{it}", 30, timeout_s=5)
+                for k in range(0, 30, 10):
+                    if mode == "cancel" and k == 10:
+                        incoming.cancel()
+                    await out.send(rng.sample(range(61), 10), k)
+                    if k == 10 and mode == "abort":
+                        await out.abort("test")
+                    if k == 10 and mode == "kill":
+                        out._link.conn.release()
+                if mode == "close":
+                    await sender.close()
+                await out.finish()
+            except TransferError as exc:
+                sent = type(exc).__name__
+            try:
+                await asyncio.wait_for(incoming.wait(), 10)
+            except TransferError as exc:
+                received = type(exc).__name__
+            await sender.close()
+            assert (sent == "ok") == (received == "ok"), (mode, sent, received)
+            if mode != "ok":
+                assert received != "ok", mode
+    assert torch.equal(bits(dst[:, :, 40:]), bits(before[:, :, 40:]))
 
 
 # -------------------------------------------------------------------------- checksum

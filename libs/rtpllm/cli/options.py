@@ -35,6 +35,11 @@ ENGINE = [
     Flag("--load-format", "RTPLLM_LOAD_FORMAT", "weights: auto (the checkpoint's safetensors) or dummy (random, for benchmarks)", "auto", str, ["auto", "dummy"]),
     Flag("--cuda-graphs", "RTPLLM_CUDA_GRAPHS", "capture the decode step in CUDA graphs (CUDA only)", True, boolean=True),
     Flag("--async-scheduling", "RTPLLM_ASYNC_SCHEDULING", "launch step n+1 before step n's tokens are read back: auto (on for CUDA), on, off", "auto", str, ["auto", "on", "off"]),
+    Flag("--kv-host-gib", "RTPLLM_KV_HOST_GIB", "host-memory KV tier per engine, GiB (0: no tiers below the KV pool)", 0.0, float),
+    Flag("--kv-ssd-dir", "RTPLLM_KV_SSD_DIR", "directory of the SSD KV tier (blocks reused or pinned after leaving host memory)"),
+    Flag("--kv-ssd-gib", "RTPLLM_KV_SSD_GIB", "SSD KV tier capacity, GiB", 16.0, float),
+    Flag("--kv-redis", "RTPLLM_KV_REDIS", "use the --redis server as a KV tier shared by all instances (needs --kv-host-gib > 0)", False, boolean=True),
+    Flag("--kv-redis-ttl", "RTPLLM_KV_REDIS_TTL", "seconds a KV block lives in Redis", 3600.0, float),
 ]
 
 WORKER = [

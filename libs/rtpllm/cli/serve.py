@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from rtpllm.config import CacheConfig, EngineConfig, SchedulerConfig
+from rtpllm.config import CacheConfig, EngineConfig, OffloadConfig, SchedulerConfig
 from rtpllm.serving.settings import GatewaySettings, WorkerSettings
 
 
@@ -59,6 +59,13 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
             enable_prefix_caching=args.prefix_caching,
         ),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens),
+        offload=OffloadConfig(
+            host_bytes=int(args.kv_host_gib * (1 << 30)),
+            ssd_dir=args.kv_ssd_dir,
+            ssd_bytes=int(args.kv_ssd_gib * (1 << 30)),
+            redis_url=getattr(args, "redis", None) if args.kv_redis else None,
+            redis_ttl_s=args.kv_redis_ttl,
+        ),
         served_model_name=args.served_model_name,
     )
 

@@ -187,6 +187,7 @@ class AsyncLLMEngine:
         self._commands.put(_STOP)
         await asyncio.to_thread(self._thread.join, 30)
         self._end_streams(EngineDeadError("engine shut down"))
+        await asyncio.to_thread(self.engine.close)
 
     # -- engine thread ---------------------------------------------------------------
 

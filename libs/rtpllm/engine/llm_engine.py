@@ -16,6 +16,7 @@ import torch
 
 from rtpllm.attention import get_backend
 from rtpllm.config import EngineConfig, dtype_name, parse_dtype
+from rtpllm.engine.kv_offload import KVOffload
 from rtpllm.engine.model_runner import ModelRunner, PrevTokens
 from rtpllm.engine.output_processor import Finish, LogprobRow, OutputProcessor
 from rtpllm.engine.request import Request
@@ -24,7 +25,7 @@ from rtpllm.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from rtpllm.engine.stats import EngineStats
 from rtpllm.engine.validation import validate_prompt
 from rtpllm.kvcache.block_hash import namespace_key
-from rtpllm.kvcache.block_manager import BlockManager
+from rtpllm.kvcache.block_manager import BlockManager, PrefixHit
 from rtpllm.kvcache.events import KVEventBatch
 from rtpllm.kvcache.kv_pool import KVPool, bytes_per_block
 from rtpllm.loader import load_checkpoint_fast
@@ -123,7 +124,8 @@ class LLMEngine:
         self.kv_pool = KVPool(self.model_config, num_blocks, block_size, self.dtype, self.device)
         namespace = namespace_key(str(self.model_dir.resolve()), dtype_name(self.dtype), block_size)
         self.block_manager = BlockManager(num_blocks, block_size, namespace, config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.offload = KVOffload(config.offload, self.kv_pool.kv, self.block_manager) if config.offload.enabled else None
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, self._extend_prefix if self.offload else None)
         self.runner = ModelRunner(self.model, self.kv_pool, self.block_manager, self.backend, self.device)
         if config.cuda_graphs:
             self.runner.enable_cuda_graphs(min(config.scheduler.max_num_seqs, 256), max_len)
@@ -192,6 +194,8 @@ class LLMEngine:
         mixed with decodes, a long uncached prompt) now, not inside the first requests.
         Leaves no trace: blocks freed, prefix cache emptied, counters and events reset."""
         on_events, self._on_kv_events = self._on_kv_events, None
+        offload, self.offload = self.offload, None  # warm-up blocks stay out of the tiers
+        self.block_manager.track_blocks = False
         vocab = self.model_config.vocab_size
         budget = self.config.scheduler.max_num_batched_tokens
         lengths = [80, 8, min(1100, self.max_model_len - 8, budget)]
@@ -205,6 +209,8 @@ class LLMEngine:
             self.step()
         self.block_manager.reset_prefix_cache()
         self.block_manager.take_events()
+        self.offload = offload
+        self.block_manager.track_blocks = offload is not None
         self.block_manager.stats = type(self.block_manager.stats)()
         self.prompt_tokens_total = self.generation_tokens_total = self.preemptions_total = 0
         self._on_kv_events = on_events
@@ -290,10 +296,27 @@ class LLMEngine:
             return None
         if not bm.allocate(req, req.num_prompt_tokens, hit):
             return None
+        if self.offload is not None:
+            self.offload.demote_evicted()  # the transfer will overwrite those blocks
         req.num_computed_tokens = req.num_cached_tokens = hit.num_tokens
         self._awaiting[req.request_id] = req
         skip = len(hit.block_ids)
         return KVReservation(block_ids=bm.block_table(req.request_id)[skip:], skip_blocks=skip, num_cached_tokens=hit.num_tokens)
+
+    def _extend_prefix(self, req: Request, hit: PrefixHit) -> PrefixHit:
+        """Scheduler hook: restore the blocks past the pool's prefix hit that a lower KV
+        tier holds (when faster than recomputing), then look the prefix up again."""
+        if self.offload is None:
+            return hit
+        bm = self.block_manager
+        keys = bm.table_keys(req.request_id)[: (req.num_tokens - 1) // bm.block_size]
+        restored = self.offload.extend_prefix(keys, len(hit.block_ids), set(hit.block_ids))
+        return bm.find_prefix(req) if restored else hit
+
+    def close(self) -> None:
+        """Flush and close the KV tiers (pending write-behind, bounded)."""
+        if self.offload is not None:
+            self.offload.close()
 
     def complete_remote_prefill(
         self, request_id: str, first_token: int, logprobs: LogprobRow | None = None, num_cached_tokens: int = 0
@@ -388,8 +411,11 @@ class LLMEngine:
         if prev is not None and (not self.async_scheduling or self._needs_history()):
             self._finish(prev, touched)
             prev = self._in_flight = None
+        started = time.perf_counter()
         step = self.scheduler.schedule()
         self.preemptions_total += len(step.preempted)
+        if self.offload is not None:
+            self.offload.demote_evicted()  # before this step's writes reuse the blocks
         launched = self._launch(step, prev) if not step.is_empty else None
         if prev is not None:
             self._finish(prev, touched)
@@ -397,6 +423,10 @@ class LLMEngine:
         if launched is not None and not self.async_scheduling:
             self._finish(launched, touched)
             self._in_flight = None
+        if self.offload is not None:
+            self.offload.offer_committed()
+            prefill_tokens = step.num_tokens - step.num_decodes
+            self.offload.observe_prefill(prefill_tokens, time.perf_counter() - started)
         self._flush_events()
         outputs = handed + list(self._pending.values())
         self._pending.clear()
@@ -559,7 +589,15 @@ class LLMEngine:
             num_preemptions=self.preemptions_total,
             num_awaiting_kv=len(self._awaiting),
             num_held_kv=bm.num_held,
+            prefix_queried_tokens=bm.stats.queried_tokens,
+            tier_hit_tokens=self._tier_hit_tokens(),
         )
+
+    def _tier_hit_tokens(self) -> dict[str, int]:
+        """Prompt tokens served from each KV tier instead of recomputed ("gpu": the pool)."""
+        bs = self.block_manager.block_size
+        tiers = {t: n * bs for t, n in self.offload.tier_stats().items()} if self.offload is not None else {}
+        return {"gpu": max(self.block_manager.stats.hit_tokens - sum(tiers.values()), 0), **tiers}
 
 
 def _activation_reserve(config: EngineConfig, model: ModelConfig) -> int:

@@ -14,6 +14,7 @@ Policy per step, under a token budget and a cap on running requests:
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from rtpllm.config import SchedulerConfig
@@ -50,9 +51,16 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        block_manager: BlockManager,
+        extend_prefix: Callable[[Request, PrefixHit], PrefixHit] | None = None,
+    ) -> None:
         self.config = config
         self.blocks = block_manager
+        # Tiered KV: lengthens a prefix hit with blocks restored from below the pool.
+        self.extend_prefix = extend_prefix
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
 
@@ -119,6 +127,8 @@ class Scheduler:
             if req.params.prompt_logprobs is not None and req.prompt_logprobs_done < req.num_prompt_tokens - 1:
                 # Prompt logprobs need the logits of every prompt position: no cache hits.
                 hit = PrefixHit((), 0)
+            elif self.extend_prefix is not None:
+                hit = self.extend_prefix(req, hit)
             num_new = min(req.num_tokens - hit.num_tokens, budget)
             if not self.blocks.allocate(req, hit.num_tokens + num_new, hit):
                 self.waiting.appendleft(req)

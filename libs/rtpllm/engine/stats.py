@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -18,3 +18,5 @@ class EngineStats:
     num_preemptions: int = 0
     num_awaiting_kv: int = 0  # decode side: requests waiting for a remote prefill's KV
     num_held_kv: int = 0  # prefill side: finished prefills whose KV is still being shipped
+    prefix_queried_tokens: int = 0  # prompt tokens looked up in the prefix cache
+    tier_hit_tokens: dict[str, int] = field(default_factory=dict)  # tier -> prompt tokens not recomputed

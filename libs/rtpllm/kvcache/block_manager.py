@@ -80,6 +80,12 @@ class BlockManager:
         # way to a decode instance): referenced, but no longer the request's to grow.
         self._held: dict[str, _Table] = {}
         self._events: list[KVEvent] = []
+        # Cached blocks evicted since the last take_evicted(): (key, block id). Their KV
+        # is still in the block until the new owner's step writes it (tiered offload).
+        self._evicted: list[tuple[bytes, int]] = []
+        # Blocks newly committed to the prefix cache since the last take_committed().
+        self._committed: list[tuple[bytes, int]] = []
+        self.track_blocks = False  # record the two lists above (only when offloading)
         self.stats = CacheStats()
 
     # -- queries ---------------------------------------------------------------------
@@ -168,6 +174,8 @@ class BlockManager:
             block.key = key
             self._cached[key] = block.block_id
             stored.append(key)
+            if self.track_blocks:
+                self._committed.append((key, block.block_id))
         if stored:
             first = table.keys.index(stored[0])
             parent = table.keys[first - 1] if first > 0 else None
@@ -213,6 +221,61 @@ class BlockManager:
     def cached_keys(self) -> list[bytes]:
         return list(self._cached)
 
+    def take_evicted(self) -> list[tuple[bytes, int]]:
+        evicted, self._evicted = self._evicted, []
+        return evicted
+
+    def take_committed(self) -> list[tuple[bytes, int]]:
+        committed, self._committed = self._committed, []
+        return committed
+
+    def table_keys(self, request_id: str) -> list[bytes]:
+        """Keys of the request's full blocks computed so far by find_prefix/commit."""
+        table = self._tables.get(request_id)
+        return table.keys if table is not None else []
+
+    def insert_cached(self, keys: Sequence[bytes], parent: bytes | None, protect: set[int]) -> list[int]:
+        """Take free blocks for `keys` (the continuation of a chain whose last cached key
+        is `parent`) and cache them under those keys, unreferenced: the caller fills
+        them with KV restored from a lower tier before anything can read them (the next
+        step). Never takes a block in `protect` (a prefix hit about to be referenced).
+        Returns the block ids, fewer than asked if the free pool runs short."""
+        ids: list[int] = []
+        for key in keys:
+            if key in self._cached:
+                break
+            block_id = next((b for b in self._free if b not in protect), None)
+            if block_id is None:
+                break
+            del self._free[block_id]
+            block = self._blocks[block_id]
+            if block.key is not None:
+                del self._cached[block.key]
+                self._events.append(BlocksRemoved(block_keys=[block.key]))
+                if self.track_blocks:
+                    self._evicted.append((block.key, block_id))
+            block.key = key
+            self._cached[key] = block_id
+            self._free[block_id] = None  # free and cached, most recently used
+            ids.append(block_id)
+        if ids:
+            self._events.append(BlocksStored(block_keys=list(keys[: len(ids)]), parent_key=parent, num_tokens=len(ids) * self.block_size))
+        return ids
+
+    def uncache(self, block_ids: Sequence[int]) -> None:
+        """Drop cached, unreferenced blocks whose restore failed (their KV is not valid)."""
+        removed = []
+        for block_id in block_ids:
+            block = self._blocks[block_id]
+            if block.key is None or block.ref_count:
+                continue
+            del self._cached[block.key]
+            removed.append(block.key)
+            block.key = None
+            self._free.move_to_end(block_id, last=False)
+        if removed:
+            self._events.append(BlocksRemoved(block_keys=removed))
+
     def take_events(self) -> list[KVEvent]:
         events, self._events = self._events, []
         return events
@@ -243,6 +306,8 @@ class BlockManager:
         if block.key is not None:
             del self._cached[block.key]
             self._events.append(BlocksRemoved(block_keys=[block.key]))
+            if self.track_blocks:
+                self._evicted.append((block.key, block_id))
             block.key = None
         block.ref_count = 1
         return block_id

@@ -228,6 +228,8 @@ class InstanceLoad(msgspec.Struct, kw_only=True):
     num_preemptions: int = 0
     num_awaiting_kv: int = 0
     num_held_kv: int = 0
+    prefix_queried_tokens: int = 0
+    tier_hit_tokens: dict[str, int] = {}  # KV tier ("gpu", "host", "ssd", "redis") -> prompt tokens not recomputed
 
 
 class Heartbeat(msgspec.Struct, kw_only=True):

@@ -343,6 +343,8 @@ class EngineServer:
             num_preemptions=stats.num_preemptions,
             num_awaiting_kv=getattr(stats, "num_awaiting_kv", 0),
             num_held_kv=getattr(stats, "num_held_kv", 0),
+            prefix_queried_tokens=getattr(stats, "prefix_queried_tokens", 0),
+            tier_hit_tokens=dict(getattr(stats, "tier_hit_tokens", {})),
         )
         self._hb_seq += 1
         return Heartbeat(

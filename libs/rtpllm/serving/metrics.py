@@ -57,9 +57,14 @@ class _StateCollector(Collector):
         failures = CounterMetricFamily("rtpllm_kv_transfer_failures", "KV transfers that failed (timeout, abort, checksum)", labels=["instance", "backend"])
         nbytes = CounterMetricFamily("rtpllm_kv_transfer_bytes", "KV bytes moved over the data plane", labels=["instance", "backend"])
         seconds = CounterMetricFamily("rtpllm_kv_transfer_seconds", "Seconds spent in KV transfers", labels=["instance", "backend"])
+        tier_hits = CounterMetricFamily("rtpllm_kv_tier_hit_tokens", "Prompt tokens served from a KV tier instead of recomputed, per instance and tier (gpu, host, ssd, redis)", labels=["instance", "tier"])
+        tier_ratio = GaugeMetricFamily("rtpllm_kv_tier_hit_ratio", "Share of looked-up prompt tokens served from each KV tier, per instance", labels=["instance", "tier"])
         counts: dict[tuple[str, str], int] = {}
         for inst in self._instances:
             hb = inst.heartbeat
+            for tier, tokens in hb.load.tier_hit_tokens.items():
+                tier_hits.add_metric([hb.instance_id, tier], tokens)
+                tier_ratio.add_metric([hb.instance_id, tier], tokens / hb.load.prefix_queried_tokens if hb.load.prefix_queried_tokens else 0.0)
             if hb.disagg is not None:
                 d = hb.disagg
                 for kind, value in (("local", d.local_prefills), ("remote", d.remote_prefills), ("fallback", d.remote_fallbacks)):
@@ -78,4 +83,4 @@ class _StateCollector(Collector):
             waiting.add_metric(labels, hb.load.num_waiting)
         for (model, state), n in counts.items():
             alive.add_metric([model, state], n)
-        yield from (alive, kv, hit, running, waiting, prefills, transfers, failures, nbytes, seconds)
+        yield from (alive, kv, hit, running, waiting, prefills, transfers, failures, nbytes, seconds, tier_hits, tier_ratio)

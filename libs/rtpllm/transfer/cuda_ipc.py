@@ -27,7 +27,7 @@ import torch
 from rtpllm.transfer import faults
 from rtpllm.transfer.backend import BackendUnavailable, RecvPath, SendPath
 from rtpllm.transfer.checksum import WeightedSum
-from rtpllm.transfer.errors import ChecksumMismatch
+from rtpllm.transfer.errors import ChecksumMismatch, TransferAborted
 from rtpllm.transfer.framing import IpcBlocks, IpcPoolHandle, Opened, Welcome
 from rtpllm.transfer.layout import dtype_name
 
@@ -78,8 +78,7 @@ class IpcSendPath(SendPath):
         super().__init__(link)
         self._remote: torch.Tensor | None = None
         self._remote_stream: torch.cuda.Stream | None = None
-        self._dest_ids: np.ndarray | None = None
-        self._dest_ids_gpu: torch.Tensor | None = None
+        self._dest_ids: torch.Tensor | None = None
         self._ready: torch.cuda.Event | None = None
 
     async def setup(self, welcome: Welcome) -> None:
@@ -105,29 +104,35 @@ class IpcSendPath(SendPath):
             len(ids) and (ids.min() < 0 or ids.max() >= self._remote.shape[2])
         ):
             raise BackendUnavailable("receiver sent invalid block ids")
-        self._dest_ids, self._dest_ids_gpu = ids, None  # uploaded by the first copy, off the loop
+        self._dest_ids = torch.from_numpy(ids)  # host tensor; each copy uploads its slice
         self._ready = (
             torch.cuda.Event.from_ipc_handle(self._remote.device, opened.ipc_event)
             if opened.ipc_event
             else None
         )
 
-    def _copy(self, src_ids: np.ndarray, dest_index: int, corrupt: bool) -> int:
-        pool, remote = self.link.pool, self._remote
-        assert remote is not None and self._dest_ids is not None and pool.stream is not None
+    def _copy(
+        self,
+        remote: torch.Tensor,
+        dest_ids: torch.Tensor,
+        src_ids: np.ndarray,
+        dest_index: int,
+        corrupt: bool,
+    ) -> int:
+        pool, ready, other = self.link.pool, self._ready, self._remote_stream
+        assert pool.stream is not None
         # Same device: everything on the pool's side stream. Another device (peer access):
         # its side stream is made current too, so the cross-device copy and the writes
         # there are ordered on our streams, not on that device's default stream.
-        other = self._remote_stream
         streams = [pool.stream] if other is None else [pool.stream, other]
         with torch.cuda.device(pool.device), torch.cuda.stream(pool.stream):
             with torch.cuda.stream(other) if other is not None else contextlib.nullcontext():
-                if self._ready is not None:
-                    for s in streams:
-                        s.wait_event(self._ready)
-                if self._dest_ids_gpu is None:
-                    self._dest_ids_gpu = torch.from_numpy(self._dest_ids).to(remote.device, non_blocking=True)
-                dst = self._dest_ids_gpu[dest_index : dest_index + len(src_ids)]
+                if ready is not None:
+                    # Only the writes into the receiver's blocks wait for it: on the
+                    # stream of the receiver's device (a wait from another device's
+                    # stream on an IPC event crashes torch 2.11).
+                    streams[-1].wait_event(ready)
+                dst = dest_ids[dest_index : dest_index + len(src_ids)].to(remote.device, non_blocking=True)
                 src = torch.from_numpy(src_ids).to(pool.device, non_blocking=True)
                 checksum = WeightedSum(pool.device)
                 for layer in range(pool.layout.num_layers):
@@ -145,6 +150,10 @@ class IpcSendPath(SendPath):
 
     async def send(self, transfer: OutgoingTransfer, src_ids: np.ndarray, dest_index: int) -> int:
         link, pool = self.link, self.link.pool
+        remote, dest_ids = self._remote, self._dest_ids
+        if remote is None or dest_ids is None:  # the connection closed meanwhile
+            link.check()
+            raise TransferAborted("connection to the receiver was closed")
         pool.follow_engine()
         shipped = 0
         # One descriptor per group of blocks: the receiver verifies and acks group by group.
@@ -152,7 +161,9 @@ class IpcSendPath(SendPath):
         for start in range(0, len(src_ids), step):
             ids = src_ids[start : start + step]
             link.check()
-            checksum = await link.run(self._copy, ids, dest_index + start, faults.take_corruption())
+            checksum = await link.run(
+                self._copy, remote, dest_ids, ids, dest_index + start, faults.take_corruption()
+            )
             seq = link.next_seq()
             link.track(seq)
             await link.send_frame(
@@ -162,13 +173,13 @@ class IpcSendPath(SendPath):
         return shipped
 
     async def quiesce(self) -> None:
-        # Every _copy synchronises before it returns, and sends run one at a time under
-        # the transfer's lock: once the caller holds that lock nothing is in flight.
-        return None
+        # Every _copy synchronises its streams before it returns: once no worker thread
+        # runs one (a cancelled send() leaves it running), nothing writes remote memory.
+        await self.link.drain()
 
     def close(self) -> None:
         self._remote = None
-        self._dest_ids = self._dest_ids_gpu = None
+        self._dest_ids = None
         self._ready = None
 
 

@@ -71,6 +71,11 @@ class IncomingTransfer:
         return int(self._verified.all(axis=0).sum())
 
     @property
+    def state(self) -> str:
+        """ "expected" (no sender yet), "open", "done" or "failed"."""
+        return self._state
+
+    @property
     def active(self) -> bool:
         return self._state in ("expected", "open")
 
@@ -126,7 +131,7 @@ class IncomingTransfer:
                 self.backend, self.num_blocks, self._nbytes, time.perf_counter() - self._t_open
             )
             self._held.clear()
-            self._receiver._forget(self, None)
+            self._receiver.forget(self, None)
             self._future.set_result(self._stats)
 
     def begin_write(self) -> bool:
@@ -160,7 +165,7 @@ class IncomingTransfer:
         self._lease.cancel()
         if self._reading is not None:
             self._reading.cancel()  # synchronously drops the pending read: no byte lands after this
-        self._receiver._forget(self, exc)
+        self._receiver.forget(self, exc)
         link = self._link
         if link is not None:
             if notify:

@@ -29,7 +29,7 @@ class OutgoingTransfer:
         self.num_blocks = num_blocks
         self._sender = sender
         self._link = link
-        self._lock = asyncio.Lock()
+        self.lock = asyncio.Lock()  # one send/finish/abort at a time
         self._sent = np.zeros(num_blocks, dtype=bool)
         self._nbytes = 0
         self._t0 = time.perf_counter()
@@ -49,7 +49,7 @@ class OutgoingTransfer:
         if isinstance(src_block_ids, torch.Tensor):
             src_block_ids = src_block_ids.cpu().numpy()
         ids = np.ascontiguousarray(np.asarray(src_block_ids, dtype=np.int64).reshape(-1))
-        async with self._lock:
+        async with self.lock:
             self._check()
             if len(ids) == 0:
                 return
@@ -63,7 +63,7 @@ class OutgoingTransfer:
 
     async def finish(self) -> TransferStats:
         """Wait until the receiver has verified and landed all `num_blocks` blocks."""
-        async with self._lock:
+        async with self.lock:
             self._check()
             if not self._sent.all():
                 raise TransferError(
@@ -78,7 +78,7 @@ class OutgoingTransfer:
                 link.close()
                 raise TransferRefused(f"unexpected {type(reply).__name__} in answer to Finish")
             self._state = "finished"
-            self._sender._release(link)
+            self._sender.release(link)
             return TransferStats(self.backend, self.num_blocks, self._nbytes, time.perf_counter() - self._t0)
 
     async def abort(self, reason: str) -> None:
@@ -87,7 +87,7 @@ class OutgoingTransfer:
             return
         link = self._link
         link.fail(TransferAborted(f"transfer {self.transfer_id!r} aborted by the sender: {reason}"))
-        async with self._lock:
+        async with self.lock:
             if self._state != "open":
                 return
             self._state = "aborted"

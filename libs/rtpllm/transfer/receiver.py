@@ -149,9 +149,14 @@ class KVReceiver:
         self._expected[transfer_id] = transfer
         return transfer
 
-    # -- internals -----------------------------------------------------------------------
+    # -- for links and transfers ---------------------------------------------------------
 
-    def _forget(self, transfer: IncomingTransfer, exc: TransferError | None) -> None:
+    def expected(self, transfer_id: str) -> IncomingTransfer | None:
+        """The expected transfer of that id (not yet done or failed), if any."""
+        return self._expected.get(transfer_id)
+
+    def forget(self, transfer: IncomingTransfer, exc: TransferError | None) -> None:
+        """A transfer is over: remember how, for frames that still come for it."""
         if self._expected.get(transfer.transfer_id) is transfer:
             del self._expected[transfer.transfer_id]
         if exc is None:
@@ -162,7 +167,8 @@ class KVReceiver:
         while len(self._gone) > REMEMBERED:
             self._gone.popitem(last=False)
 
-    def _refusal(self, transfer_id: str) -> Error:
+    def refusal(self, transfer_id: str) -> Error:
+        """The Error frame for a transfer id this receiver does not (or no longer) expect."""
         code, message = self._gone.get(
             transfer_id,
             (TransferRefused.code, f"unknown transfer {transfer_id!r}: not expected by this receiver"),

@@ -222,11 +222,11 @@ class RecvLink:
     def _open(self, frame: Open) -> None:
         assert self.path is not None
         tid = frame.transfer_id
-        transfer = self.receiver._expected.get(tid)
+        transfer = self.receiver.expected(tid)
         if transfer is None:
-            self.push(self.receiver._refusal(tid))
+            self.push(self.receiver.refusal(tid))
             return
-        if transfer._state != "expected":
+        if transfer.state != "expected":
             self.push(
                 Error(tid, TransferRefused.code, f"transfer {tid!r} is already open on another connection")
             )
@@ -259,7 +259,7 @@ class RecvLink:
                 exc = transfer.failure
                 self.push(Error(tid, exc.code, str(exc), frame.seq))
             else:
-                refusal = self.receiver._refusal(tid)
+                refusal = self.receiver.refusal(tid)
                 refusal.seq = frame.seq
                 self.push(refusal)
             return
@@ -280,7 +280,7 @@ class RecvLink:
         tid = frame.transfer_id
         transfer = self._transfers.get(tid)
         if transfer is None:
-            self.push(self.receiver._refusal(tid))
+            self.push(self.receiver.refusal(tid))
             return
         if self._tasks:  # frames still landing (a well-behaved sender waited for their acks)
             await asyncio.wait(list(self._tasks))

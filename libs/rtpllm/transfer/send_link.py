@@ -59,6 +59,7 @@ class SendLink:
         self._seq = 0
         self._changed = asyncio.Event()
         self._stopping: asyncio.Task[None] | None = None
+        self._inflight: set[asyncio.Future[Any]] = set()
         self._reader = asyncio.get_running_loop().create_task(self._read_loop())
 
     # -- used by backends ----------------------------------------------------------------
@@ -87,9 +88,23 @@ class SendLink:
         if self.failure is not None:
             raise fresh(self.failure)
 
+    def submit(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """`fn(*args)` on a worker thread (gathers, checksums, device copies). The future
+        completes only when the thread is done (a thread cannot be cancelled): await it
+        through `asyncio.shield`, as `run` does. `drain()` waits for all of them."""
+        fut = asyncio.get_running_loop().run_in_executor(self.sender.executor, fn, *args)
+        self._inflight.add(fut)
+        fut.add_done_callback(self._work_done)
+        return fut
+
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """`fn(*args)` on a worker thread (gathers, checksums, device copies)."""
-        return await asyncio.get_running_loop().run_in_executor(self.sender.executor, fn, *args)
+        """`await` of `submit(fn, *args)`; cancelling the caller leaves the work running."""
+        return await asyncio.shield(self.submit(fn, *args))
+
+    async def drain(self) -> None:
+        """Wait until no worker thread works for this link any more."""
+        while self._inflight:
+            await asyncio.wait(list(self._inflight))
 
     async def send_frame(self, frame: Frame, payload: Sequence[memoryview] = ()) -> None:
         """Send a frame; TransferTimeout if the receiver takes no data for timeout_s."""
@@ -152,6 +167,11 @@ class SendLink:
         self.close()
         raise fresh(exc)
 
+    def _work_done(self, fut: asyncio.Future[Any]) -> None:
+        self._inflight.discard(fut)
+        if not fut.cancelled():
+            fut.exception()  # retrieved: the awaiting caller may have gone
+
     def _poke(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
@@ -181,8 +201,9 @@ class SendLink:
             self.closed = True
             self.fail(TransferAborted("connection to the receiver was lost"))
             self.conn.release()
+            self.sender.forget_link(self)
+            await self.drain()  # a worker thread may still write what close() releases
             self.path.close()
-            self.sender._forget_link(self)
 
     def _on_error(self, frame: Error) -> None:
         if frame.seq >= 0:
@@ -197,7 +218,7 @@ class SendLink:
             self._stopping = asyncio.get_running_loop().create_task(self._stop(current))
 
     async def _stop(self, transfer: OutgoingTransfer) -> None:
-        async with transfer._lock:
+        async with transfer.lock:
             await self.path.quiesce()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(

@@ -118,6 +118,24 @@ class KVSender:
         self._idle.clear()
         self.executor.shutdown(wait=False)
 
+    # -- for transfers and links -----------------------------------------------------------
+
+    def release(self, link: SendLink) -> None:
+        """A transfer finished cleanly: keep its connection for the next one."""
+        link.current = None
+        idle = self._idle.setdefault(link.key, [])
+        if link.closed or link.failure is not None or len(idle) >= self.max_idle_links:
+            link.close()
+        else:
+            idle.append(link)
+
+    def forget_link(self, link: SendLink) -> None:
+        """A connection is gone."""
+        self._links.discard(link)
+        idle = self._idle.get(link.key)
+        if idle and link in idle:
+            idle.remove(link)
+
     # -- internals -----------------------------------------------------------------------
 
     async def _open_on(
@@ -196,18 +214,3 @@ class KVSender:
             link.close()
             raise
         return link
-
-    def _release(self, link: SendLink) -> None:
-        """A transfer finished cleanly: keep its connection for the next one."""
-        link.current = None
-        idle = self._idle.setdefault(link.key, [])
-        if link.closed or link.failure is not None or len(idle) >= self.max_idle_links:
-            link.close()
-        else:
-            idle.append(link)
-
-    def _forget_link(self, link: SendLink) -> None:
-        self._links.discard(link)
-        idle = self._idle.get(link.key)
-        if idle and link in idle:
-            idle.remove(link)

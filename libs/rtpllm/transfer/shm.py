@@ -30,7 +30,7 @@ from rtpllm.transfer import faults
 from rtpllm.transfer.backend import BackendUnavailable, RecvPath, SendPath, plan_frames, verify_and_scatter
 from rtpllm.transfer.checksum import crc32
 from rtpllm.transfer.endpoint import SHM_DIR
-from rtpllm.transfer.errors import TransferRefused
+from rtpllm.transfer.errors import TransferAborted, TransferRefused
 from rtpllm.transfer.framing import ShmBlocks, Welcome
 
 if TYPE_CHECKING:
@@ -51,7 +51,7 @@ class ShmRing:
         self.slots = slots
         self.slot_bytes = slot_bytes
         try:
-            self._mm = mmap.mmap(fd, slots * slot_bytes, flags=mmap.MAP_SHARED | _POPULATE)
+            self._mm: mmap.mmap | None = mmap.mmap(fd, slots * slot_bytes, flags=mmap.MAP_SHARED | _POPULATE)
         finally:
             os.close(fd)
         self._tensor: torch.Tensor | None = torch.frombuffer(self._mm, dtype=torch.uint8)
@@ -104,15 +104,17 @@ class ShmRing:
             os.unlink(self.path)
 
     def close(self) -> None:
+        """Drop this process's mapping. Callers make sure no copy into or out of the ring
+        is running. The mapping is not closed explicitly: tensors over it do not pin the
+        mmap's buffer export, so an explicit close could unmap memory a stray tensor still
+        points to; the mmap object is unmapped when its last tensor is gone."""
         if self._tensor is None:
             return
         if self._registered:
             with contextlib.suppress(Exception):
                 torch.cuda.cudart().cudaHostUnregister(self._tensor.data_ptr())
         self._tensor = None
-        # Views handed out earlier may still export the buffer; the GC unmaps it then.
-        with contextlib.suppress(BufferError):
-            self._mm.close()
+        self._mm = None
 
 
 def sweep_stale_rings() -> int:
@@ -166,16 +168,21 @@ class ShmSendPath(SendPath):
 
     async def _fill_next(self, layer: int, ids: np.ndarray, corrupt: bool) -> tuple[int, int]:
         """Take a free slot and fill it: (slot, crc)."""
-        link, ring = self.link, self._ring
-        assert ring is not None
+        link = self.link
         await link.wait_until(lambda: bool(self._free), "free shm slot (acknowledgement)")
+        ring = self._ring
+        if ring is None:  # the connection closed meanwhile
+            link.check()
+            raise TransferAborted("connection to the receiver was closed")
         index = self._free.popleft()
+        fill = link.submit(
+            self._fill, ring.slot(index, link.pool.payload_bytes(len(ids))), layer, ids, corrupt
+        )
         try:
-            crc = await link.run(
-                self._fill, ring.slot(index, link.pool.payload_bytes(len(ids))), layer, ids, corrupt
-            )
+            crc = await asyncio.shield(fill)
         except BaseException:
-            self._free.append(index)
+            # The slot is free again once the thread no longer writes it.
+            fill.add_done_callback(lambda _, index=index: self._free.append(index))
             raise
         return index, crc
 

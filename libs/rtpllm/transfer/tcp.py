@@ -71,7 +71,13 @@ class TcpSendPath(SendPath):
         corrupt = faults.take_corruption()
         views = pool.views(layer, ids)
         if views is None:
-            views, crc = await link.run(self._gather_crc, layer, ids, self._buffer(i, nbytes), nbytes)
+            gather = link.submit(self._gather_crc, layer, ids, self._buffer(i, nbytes), nbytes)
+            try:
+                views, crc = await asyncio.shield(gather)
+            except BaseException:
+                if not gather.done():  # the thread still writes that buffer: next time use another
+                    self._buffers[i % len(self._buffers)] = None
+                raise
         elif nbytes >= OFFLOAD_BYTES:
             crc = await link.run(crc32, views)
         else:

@@ -1,0 +1,85 @@
+"""The engine with KV tiers below its pool: evicted prefix blocks are demoted to host
+memory (and SSD) and restored instead of recomputed; outputs stay exactly those of an
+engine without tiers; a corrupt SSD block is recomputed; a tier slower than recompute
+is not used."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rtpllm import LLM, SamplingParams
+from rtpllm.config import OffloadConfig
+
+PARAMS = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+SYSTEM = [(13 * i + 5) % 300 for i in range(64)]  # 8 blocks of 8
+OTHERS = [[(7 * i + j) % 300 for i in range(64)] for j in range(1, 4)]
+
+
+def make(ckpt: Path, **offload) -> LLM:
+    # 24 blocks of 8 tokens: room for about two 72-token requests, so later ones evict.
+    return LLM(str(ckpt), device="cpu", block_size=8, num_blocks=24, max_num_batched_tokens=128, offload=OffloadConfig(**offload) if offload else None)
+
+
+def run(llm: LLM, prompt: list[int]) -> tuple[list[int], int]:
+    out = llm.generate([prompt], PARAMS)[0]
+    return out.outputs[0].token_ids, out.num_cached_tokens
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama: Path) -> dict[int, list[int]]:
+    llm = make(tiny_llama)
+    return {i: run(llm, p)[0] for i, p in enumerate([SYSTEM + [1, 2, 3], *OTHERS])}
+
+
+def test_evicted_prefix_comes_back_from_host_memory(tiny_llama: Path, reference: dict[int, list[int]]) -> None:
+    llm = make(tiny_llama, host_bytes=64 << 20)
+    assert run(llm, SYSTEM + [1, 2, 3]) == (reference[0], 0)
+    for i, other in enumerate(OTHERS, start=1):  # push the system prompt out of the pool
+        assert run(llm, other)[0] == reference[i]
+    engine = llm.engine
+    assert engine.offload is not None and engine.offload.stats.demoted_blocks >= 8
+    tokens, cached = run(llm, SYSTEM + [1, 2, 3])
+    assert tokens == reference[0]
+    assert cached == 64, "every full block of the system prompt was restored, none recomputed"
+    assert engine.offload.stats.restored_blocks["host"] >= 1
+    stats = engine.stats()
+    assert stats.tier_hit_tokens["host"] >= 8
+    engine.block_manager.check_invariants(set())
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_corrupt_ssd_block_is_recomputed(tiny_llama: Path, tmp_path: Path, reference: dict[int, list[int]]) -> None:
+    # A host tier of three encoded blocks (4 KiB of KV + header each): the rest go to SSD.
+    llm = make(tiny_llama, host_bytes=3 * 4200, ssd_dir=str(tmp_path), ssd_bytes=64 << 20)
+    engine = llm.engine
+    assert engine.offload is not None
+    engine.offload.store.ssd_min_hits = 0  # demote everything evicted from host to SSD
+    run(llm, SYSTEM + [1, 2, 3])
+    for other in OTHERS:
+        run(llm, other)
+    engine.offload.store.flush(5)
+    files = sorted(tmp_path.rglob("*.kvb"))
+    assert files, "evicted blocks reached the SSD tier"
+    for path in files:  # flip a byte in the middle of every block file
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+    tokens, cached = run(llm, SYSTEM + [1, 2, 3])
+    assert tokens == reference[0], "corrupt blocks are misses: recomputed, same output"
+    assert engine.offload.store.ssd.stats.corrupt >= 1
+
+
+def test_a_tier_slower_than_recompute_is_not_used(tiny_llama: Path, reference: dict[int, list[int]]) -> None:
+    # 1 byte/s of host bandwidth vs 1000 tokens/s of prefill: recomputing always wins.
+    llm = make(tiny_llama, host_bytes=64 << 20, host_gb_per_s=1e-9, prefill_tokens_per_s=1000)
+    run(llm, SYSTEM + [1, 2, 3])
+    for other in OTHERS:
+        run(llm, other)
+    tokens, cached = run(llm, SYSTEM + [1, 2, 3])
+    assert tokens == reference[0]
+    engine = llm.engine
+    assert engine.offload is not None
+    assert sum(engine.offload.stats.restored_blocks.values()) == 0
+    assert engine.offload.stats.skipped_by_cost > 0
