@@ -13,12 +13,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from rtpllm.protocol.subjects import InstanceRole
 from rtpllm.serving.bus import connect_nats
 from rtpllm.serving.dependencies import RedisCheck
 from rtpllm.serving.engine_info import engine_info
 from rtpllm.serving.engine_server import EngineServer, EngineServerConfig
 from rtpllm.serving.kv_events import KVEventPublisher
-from rtpllm.protocol.subjects import InstanceRole
 from rtpllm.serving.settings import WorkerSettings, new_id
 
 log = logging.getLogger("rtpllm.worker")

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import openai
 
 from rtpllm.runtime.processes import ManagedProcess, free_port, http_json, rtpllm_command, wait_until
 from rtpllm.runtime.stack import Stack, StackConfig
@@ -47,6 +51,24 @@ def start_stack(
         dump_logs(log_dir)
         raise
     return stack
+
+
+@contextmanager
+def running_stack(tiny_model: Path, log_dir: Path, workers: int, **kwargs: Any) -> Iterator[Stack]:
+    """`start_stack` for a module fixture: logs dumped if the tests fail, always stopped."""
+    stack = start_stack(tiny_model, log_dir, workers, **kwargs)
+    try:
+        yield stack
+    except BaseException:
+        dump_logs(log_dir)
+        raise
+    finally:
+        stack.stop()
+
+
+def client_for(url: str) -> openai.OpenAI:
+    """An OpenAI client without retries (the tests check exact status codes)."""
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
 
 
 class ExtraGateway:

@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from rtpllm.runtime.stack import Stack
-from tests.integration.support import MODEL_NAME, ExtraGateway, dump_logs, start_stack
+from tests.integration.support import MODEL_NAME, ExtraGateway, client_for, running_stack
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -21,14 +21,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 @pytest.fixture(scope="module")
 def routed(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, Path]]:
     log_dir = tmp_path_factory.mktemp("routing-logs")
-    stack = start_stack(tiny_model, log_dir, workers=3, gateway_args=["--router", "cache-aware"])
-    try:
+    with running_stack(tiny_model, log_dir, workers=3, gateway_args=["--router", "cache-aware"]) as stack:
         yield stack, log_dir
-    except BaseException:
-        dump_logs(log_dir)
-        raise
-    finally:
-        stack.stop()
 
 
 def cached_tokens(client: openai.OpenAI, prompt: list[int]) -> int:
@@ -39,7 +33,7 @@ def cached_tokens(client: openai.OpenAI, prompt: list[int]) -> int:
 
 def test_shared_prefixes_land_where_they_are_cached(routed: tuple[Stack, Path]) -> None:
     stack, log_dir = routed
-    client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0, timeout=60)
+    client = client_for(stack.url)
     systems = [[(31 * s + i) % 300 for i in range(96)] for s in range(3)]
     hits = []
     for turn in range(4):
@@ -65,7 +59,7 @@ def test_shared_prefixes_land_where_they_are_cached(routed: tuple[Stack, Path]) 
                 break
             assert time.monotonic() < deadline, items
             time.sleep(0.2)
-        late_client = openai.OpenAI(base_url=f"{late.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        late_client = client_for(late.url)
         assert all(cached_tokens(late_client, system + [9, 9]) >= 96 for system in systems)
     finally:
         late.stop()

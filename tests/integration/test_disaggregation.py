@@ -25,7 +25,7 @@ import pytest
 from rtpllm import LLM, SamplingParams
 from rtpllm.runtime.stack import Stack
 from rtpllm.serving.disagg_prefill import FAULT_STALL_ENV
-from tests.integration.support import MODEL_NAME, dump_logs, start_stack
+from tests.integration.support import MODEL_NAME, client_for, running_stack
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -85,17 +85,11 @@ def stream_text(client: openai.OpenAI, prompt: list[int], max_tokens: int) -> tu
 @pytest.fixture(scope="module")
 def pd_stack(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     log_dir = tmp_path_factory.mktemp("pd-stack-logs")
-    stack = start_stack(
+    with running_stack(
         tiny_model, log_dir, workers=0, worker_args=ENGINE_ARGS, prefill=1, decode=1,
         decode_args=["--local-prefill-below", str(THRESHOLD)],
-    )  # fmt: skip
-    try:
+    ) as stack:  # fmt: skip
         yield stack
-    except BaseException:
-        dump_logs(log_dir)
-        raise
-    finally:
-        stack.stop()
 
 
 def test_disaggregated_greedy_equals_aggregated(pd_stack: Stack, tiny_model: Path) -> None:
@@ -105,7 +99,7 @@ def test_disaggregated_greedy_equals_aggregated(pd_stack: Stack, tiny_model: Pat
     streamed = [rng.randrange(3, 300) for _ in range(120)]
     max_tokens = 24
     *want, want_streamed = reference(tiny_model, prompts + [streamed], max_tokens)
-    client = openai.OpenAI(base_url=f"{pd_stack.url}/v1", api_key="unused", max_retries=0, timeout=60)
+    client = client_for(pd_stack.url)
     with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
         results = list(pool.map(lambda p: complete(client, p, max_tokens), prompts))
     for prompt, resp, text in zip(prompts, results, want, strict=True):
@@ -140,23 +134,17 @@ LEASE_S = 3.0  # ...which is past the decode instance's lease on the transfer
 @pytest.fixture(scope="module")
 def fault_pd(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     log_dir = tmp_path_factory.mktemp("pd-fault-logs")
-    stack = start_stack(
+    with running_stack(
         tiny_model, log_dir, workers=0, worker_args=ENGINE_ARGS + ["--drain-timeout", "1"], prefill=2, decode=2,
         decode_args=["--local-prefill-below", "0", "--kv-lease", str(LEASE_S), "--kv-backends", "tcp"],
         role_env={"prefill": {FAULT_STALL_ENV: str(STALL_S)}},
-    )  # fmt: skip
-    try:
+    ) as stack:  # fmt: skip
         yield stack
-    except BaseException:
-        dump_logs(log_dir)
-        raise
-    finally:
-        stack.stop()
 
 
 @pytest.fixture(scope="module")
 def fault_client(fault_pd: Stack) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{fault_pd.url}/v1", api_key="unused", max_retries=0, timeout=60)
+    return client_for(fault_pd.url)
 
 
 def test_transfer_stalled_past_its_lease_is_prefilled_locally(fault_pd: Stack, fault_client: openai.OpenAI, tiny_model: Path) -> None:

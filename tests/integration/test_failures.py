@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from rtpllm.runtime.stack import Stack
-from tests.integration.support import MODEL_NAME, dump_logs, start_stack
+from tests.integration.support import MODEL_NAME, client_for, running_stack
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -28,19 +28,13 @@ LONG = {"model": MODEL_NAME, "messages": MSG, "max_tokens": 950, "stream": True,
 @pytest.fixture(scope="module")
 def fault_stack(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     log_dir = tmp_path_factory.mktemp("fault-stack-logs")
-    stack = start_stack(tiny_model, log_dir, workers=3, worker_args=["--drain-timeout", "1"])
-    try:
+    with running_stack(tiny_model, log_dir, workers=3, worker_args=["--drain-timeout", "1"]) as stack:
         yield stack
-    except BaseException:
-        dump_logs(log_dir)
-        raise
-    finally:
-        stack.stop()
 
 
 @pytest.fixture(scope="module")
 def fclient(fault_stack: Stack) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{fault_stack.url}/v1", api_key="unused", max_retries=0, timeout=60)
+    return client_for(fault_stack.url)
 
 
 def _serving_instance(stack: Stack, timeout: float = 5) -> str:

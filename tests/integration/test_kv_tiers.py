@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from rtpllm.runtime.stack import Stack
-from tests.integration.support import MODEL_NAME, dump_logs, start_stack
+from tests.integration.support import MODEL_NAME, client_for, running_stack
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -24,14 +24,8 @@ PROMPT = [(17 * i + 3) % 300 for i in range(160)]  # 10 full blocks
 @pytest.fixture(scope="module")
 def tiered(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     log_dir = tmp_path_factory.mktemp("tier-logs")
-    stack = start_stack(tiny_model, log_dir, workers=2, worker_args=TIER_ARGS, gateway_args=["--router", "round-robin"])
-    try:
+    with running_stack(tiny_model, log_dir, workers=2, worker_args=TIER_ARGS, gateway_args=["--router", "round-robin"]) as stack:
         yield stack
-    except BaseException:
-        dump_logs(log_dir)
-        raise
-    finally:
-        stack.stop()
 
 
 def ask(client: openai.OpenAI, prompt: list[int]) -> tuple[str, int]:
@@ -45,7 +39,7 @@ def serving_ids(stack: Stack) -> set[str]:
 
 
 def test_prefix_moves_between_instances_through_redis(tiered: Stack) -> None:
-    client = openai.OpenAI(base_url=f"{tiered.url}/v1", api_key="unused", max_retries=0, timeout=60)
+    client = client_for(tiered.url)
     text, cached = ask(client, PROMPT + [1])  # instance A computes it (round-robin: A, B, A, ...)
     assert cached == 0
     time.sleep(1.0)  # Redis writes are write-behind
@@ -69,7 +63,7 @@ def test_prefix_moves_between_instances_through_redis(tiered: Stack) -> None:
 
 
 def test_redis_down_degrades_to_misses(tiered: Stack) -> None:
-    client = openai.OpenAI(base_url=f"{tiered.url}/v1", api_key="unused", max_retries=0, timeout=60)
+    client = client_for(tiered.url)
     assert tiered.redis is not None
     tiered.redis.stop(5)
     fresh = [(23 * i + 11) % 300 for i in range(96)]

@@ -248,12 +248,7 @@ class BlockManager:
             if block_id is None:
                 break
             del self._free[block_id]
-            block = self._blocks[block_id]
-            if block.key is not None:
-                del self._cached[block.key]
-                self._events.append(BlocksRemoved(block_keys=[block.key]))
-                if self.track_blocks:
-                    self._evicted.append((block.key, block_id))
+            block = self._evict(block_id)
             block.key = key
             self._cached[key] = block_id
             self._free[block_id] = None  # free and cached, most recently used
@@ -302,6 +297,11 @@ class BlockManager:
 
     def _take_free_block(self) -> int:
         block_id, _ = self._free.popitem(last=False)
+        self._evict(block_id).ref_count = 1
+        return block_id
+
+    def _evict(self, block_id: int) -> _Block:
+        """Drop a block taken from the free pool out of the prefix cache, if it was in it."""
         block = self._blocks[block_id]
         if block.key is not None:
             del self._cached[block.key]
@@ -309,8 +309,7 @@ class BlockManager:
             if self.track_blocks:
                 self._evicted.append((block.key, block_id))
             block.key = None
-        block.ref_count = 1
-        return block_id
+        return block
 
     def check_invariants(self, live_request_ids: set[str] | None = None) -> None:
         """Raise AssertionError if the accounting is inconsistent (used by tests)."""
