@@ -68,7 +68,12 @@ class CacheConfig:
 class OffloadConfig:
     """KV tiers below the GPU (docs/kvstore.md): evicted prefix-cache blocks go to host
     memory (then SSD if reused), blocks found there are restored instead of recomputed
-    when the cost model says it is faster. All off by default (host_bytes=0)."""
+    when the cost model says it is faster. All off by default (host_bytes=0, no kvstore).
+
+    The tiers are the engine's own (host_bytes, ssd_*, redis_*), or with
+    `kvstore_host_id` the kvstore service of that host (`rtpllm serve kvstore`), reached
+    over NATS at `kvstore_nats_url`, if it answers within `kvstore_wait_s` at startup;
+    if it does not, the engine falls back to its own tiers (none if host_bytes=0)."""
 
     host_bytes: int = 0
     ssd_dir: str | None = None
@@ -76,7 +81,8 @@ class OffloadConfig:
     redis_url: str | None = None  # shared tier across instances and hosts
     redis_ttl_s: float = 3600.0
     # Offer every newly computed full block at once (needed to share prefixes through
-    # Redis), not only when evicted. None: on when a Redis tier is configured.
+    # Redis or the host's kvstore), not only when evicted. None: on with a Redis tier or
+    # the kvstore service.
     write_through: bool | None = None
     # Restore bandwidth per tier (GB/s) and prefill speed (tokens/s) for the cost model:
     # a block is restored only if that is faster than recomputing its tokens. None:
@@ -85,10 +91,14 @@ class OffloadConfig:
     ssd_gb_per_s: float = 1.0
     redis_gb_per_s: float = 0.4
     prefill_tokens_per_s: float | None = None
+    kvstore_host_id: str | None = None
+    kvstore_nats_url: str = "nats://127.0.0.1:4222"
+    kvstore_wait_s: float = 5.0  # at startup, for the kvstore's first answer
+    kvstore_timeout_s: float = 2.0  # per NATS request to the kvstore (each data-plane wait: 5 s)
 
     @property
     def enabled(self) -> bool:
-        return self.host_bytes > 0
+        return self.host_bytes > 0 or bool(self.kvstore_host_id)
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         nc = await connect_nats(settings.nats_url, f"rtpllm-{gateway_id}", settings.nats_connect_timeout_s)
         dispatcher = Dispatcher(
             nc,
-            make_policy(settings.router, PrefixIndex()),
+            make_policy(settings.router, PrefixIndex(), settings.router_queue_tokens),
             DispatcherConfig(
                 gateway_id=gateway_id,
                 submit_timeout_s=settings.submit_timeout_s,

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 
 from rtpllm.runtime.processes import ManagedProcess, free_port, http_json, rtpllm_command, wait_until
@@ -88,3 +89,15 @@ class ExtraGateway:
 
     def stop(self) -> None:
         self.proc.stop(10)
+
+
+def ask(client: openai.OpenAI, prompt: list[int]) -> tuple[str, int]:
+    """A short greedy completion: (text, cached prompt tokens)."""
+    resp = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+    details = resp.usage.prompt_tokens_details if resp.usage is not None else None
+    return resp.choices[0].text, details.cached_tokens if details is not None and details.cached_tokens else 0
+
+
+def serving_ids(stack: Stack) -> set[str]:
+    """Instance ids the gateway routes to now."""
+    return {i["instance_id"] for i in httpx.get(f"{stack.url}/instances").json()["instances"]}

@@ -9,11 +9,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import openai
 import pytest
 
 from rtpllm.runtime.stack import Stack
-from tests.integration.support import MODEL_NAME, client_for, running_stack
+from tests.integration.support import ask, client_for, running_stack, serving_ids
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -26,16 +25,6 @@ def tiered(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     log_dir = tmp_path_factory.mktemp("tier-logs")
     with running_stack(tiny_model, log_dir, workers=2, worker_args=TIER_ARGS, gateway_args=["--router", "round-robin"]) as stack:
         yield stack
-
-
-def ask(client: openai.OpenAI, prompt: list[int]) -> tuple[str, int]:
-    resp = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
-    details = resp.usage.prompt_tokens_details
-    return resp.choices[0].text, details.cached_tokens if details is not None else 0
-
-
-def serving_ids(stack: Stack) -> set[str]:
-    return {i["instance_id"] for i in httpx.get(f"{stack.url}/instances").json()["instances"]}
 
 
 def test_prefix_moves_between_instances_through_redis(tiered: Stack) -> None:

@@ -8,8 +8,9 @@ import pytest
 
 from rtpllm.cli import build_parser, options
 from rtpllm.cli.flags import parse_bool
-from rtpllm.cli.serve import gateway_settings, worker_settings
+from rtpllm.cli.serve import gateway_settings, kvstore_settings, worker_settings
 from rtpllm.cli.up import flags_to_argv
+from rtpllm.protocol.subjects import default_host_id
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -20,7 +21,7 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 def test_commands_exist() -> None:
     top = _subparsers(build_parser())
     assert {"up", "serve", "convert-gguf"} <= set(top)
-    assert {"gateway", "worker", "prefill", "decode"} == set(_subparsers(top["serve"]))
+    assert {"gateway", "worker", "prefill", "decode", "kvstore"} == set(_subparsers(top["serve"]))
 
 
 def test_every_flag_documents_its_env_var() -> None:
@@ -32,7 +33,7 @@ def test_every_flag_documents_its_env_var() -> None:
             if action.option_strings and action.dest != "help":
                 assert "[env RTPLLM_" in (action.help or ""), f"{parser.prog} {action.option_strings}"
         assert "RTPLLM_NATS_URL" in help_text or parser.prog.endswith("up")
-    for flag in options.BUS + options.MODEL + options.ENGINE + options.WORKER + options.GATEWAY + options.UP:
+    for flag in options.BUS + options.MODEL + options.ENGINE + options.WORKER + options.GATEWAY + options.UP + options.KVSTORE:
         assert flag.env.startswith("RTPLLM_")
 
 
@@ -79,3 +80,43 @@ def test_parse_bool() -> None:
     assert parse_bool("Yes") and not parse_bool("0")
     with pytest.raises(ValueError):
         parse_bool("maybe")
+
+
+def test_kvstore_flags() -> None:
+    args = build_parser().parse_args(
+        ["serve", "kvstore", "--redis", "redis://r:6379/0", "--kv-redis", "--kv-ssd-dir", "/tmp/kv", "--kv-staging-mib", "64", "--kv-port", "7000"]
+    )
+    s = kvstore_settings(args)
+    assert s.host_id == default_host_id() and s.host_bytes == 4 << 30, "a kvstore has a host tier by default"
+    assert (s.redis_url, s.ssd_dir, s.staging_bytes, s.kv_port) == ("redis://r:6379/0", "/tmp/kv", 64 << 20, 7000)
+    assert kvstore_settings(build_parser().parse_args(["serve", "kvstore", "--host-id", "gpu-7"])).host_id == "gpu-7"
+    with pytest.raises(SystemExit):
+        kvstore_settings(build_parser().parse_args(["serve", "kvstore", "--host-id", "gpu-7.local"]))
+    w = worker_settings(build_parser().parse_args(["serve", "worker", "--device", "cpu", "--nats", "nats://n:1", "--kvstore"]))
+    assert w.engine.offload.kvstore_host_id == default_host_id() and w.engine.offload.kvstore_nats_url == "nats://n:1"
+    assert w.engine.offload.enabled and w.engine.offload.host_bytes == 0 and w.engine.offload.write_through is None
+    w = worker_settings(build_parser().parse_args(["serve", "decode", "--device", "cpu", "--kv-write-through", "off"]))
+    assert w.engine.offload.kvstore_host_id is None and w.engine.offload.write_through is False
+
+
+def test_up_kvstore_gives_the_tier_flags_to_the_kvstore(monkeypatch: pytest.MonkeyPatch) -> None:
+    from rtpllm.cli import up
+
+    seen = {}
+
+    class FakeStack:
+        def __init__(self, config: object) -> None:
+            seen["config"] = config
+            raise KeyboardInterrupt  # stop before anything starts
+
+    monkeypatch.setattr(up, "Stack", FakeStack)
+    monkeypatch.setattr(up.signal, "signal", lambda *a: None)  # keep pytest's SIGTERM handler
+    args = build_parser().parse_args(["up", "--model", "/", "--device", "cpu", "--kvstore", "--kv-ssd-dir", "/tmp/kv"])
+    with pytest.raises(KeyboardInterrupt):
+        up.run_up(args)
+    config = seen["config"]
+    assert config.kvstore and "--kvstore" in config.worker_args
+    assert "--kv-ssd-dir" not in config.worker_args and "--kv-host-gib" not in config.worker_args
+    assert config.kvstore_args[:2] == ["--kv-ssd-dir", "/tmp/kv"], "host memory: the kvstore's default"
+    kv = build_parser().parse_args(["serve", "kvstore", *config.kvstore_args])
+    assert kv.kv_ssd_dir == "/tmp/kv" and kv.kv_host_gib == 4.0

@@ -83,3 +83,18 @@ def test_a_tier_slower_than_recompute_is_not_used(tiny_llama: Path, reference: d
     assert engine.offload is not None
     assert sum(engine.offload.stats.restored_blocks.values()) == 0
     assert engine.offload.stats.skipped_by_cost > 0
+
+
+def test_blocks_evicted_by_a_restore_are_stored_before_it_overwrites_them(tiny_llama: Path) -> None:
+    """A restore takes free blocks that may still cache other prefixes: those must reach
+    the tiers with their own KV, not the restored one (they come back right later)."""
+    prompts = [[(13 * i + 5 + 31 * j) % 300 for i in range(64)] + [1, 2, 3] for j in range(6)]
+    ref = make(tiny_llama)
+    expected = [run(ref, p)[0] for p in prompts]
+    llm = make(tiny_llama, host_bytes=64 << 20)
+    restored = 0
+    for j in [0, 1, 2, 0, 3, 1, 4, 2, 5, 0, 3, 1, 2, 4, 5, 0]:
+        tokens, cached = run(llm, prompts[j])
+        assert tokens == expected[j], f"prompt {j}: restored KV differs from recomputed"
+        restored += cached
+    assert restored >= 64 * 8

@@ -30,6 +30,16 @@ from rtpllm.protocol.messages import (
     Heartbeat,
     InstanceLoad,
     KVEvents,
+    KVLayoutSpec,
+    KVStoreCounters,
+    KVStoreGet,
+    KVStoreGetReply,
+    KVStoreHeartbeat,
+    KVStoreLookup,
+    KVStoreLookupReply,
+    KVStorePing,
+    KVStorePut,
+    KVStorePutReply,
     Leave,
     PrefillResult,
     ProtocolError,
@@ -51,7 +61,11 @@ def test_subjects_are_versioned_and_per_instance() -> None:
     assert subjects.cancel_subject("w-1", subjects.InstanceRole.DECODE) == "rtpllm.v1.decode.w-1.cancel"
     assert subjects.deltas_subject("gw") == "rtpllm.v1.gateway.gw.deltas"
     assert subjects.kv_events_subject("w-1") == "rtpllm.v1.kv.w-1.events"
-    every = [subjects.HEARTBEAT, subjects.LEAVE, subjects.DISCOVER, subjects.GATEWAY_HEARTBEAT, subjects.KV_EVENTS_ALL]
+    assert subjects.kvstore_subject("host-1", subjects.KVStoreOp.GET) == "rtpllm.v1.kvstore.host-1.get"
+    assert subjects.kvstore_subject("host-1", "ping") == "rtpllm.v1.kvstore.host-1.ping"
+    assert subjects.subject_token("gpu-7.cluster.local") == "gpu-7-cluster-local"
+    assert subjects.check_id(subjects.default_host_id()) == subjects.default_host_id()
+    every = [subjects.HEARTBEAT, subjects.LEAVE, subjects.DISCOVER, subjects.GATEWAY_HEARTBEAT, subjects.KV_EVENTS_ALL, subjects.KVSTORE_HEARTBEAT]
     assert all(s.startswith(subjects.PREFIX + ".") for s in every)
 
 
@@ -60,6 +74,10 @@ def test_ids_must_be_one_subject_token(bad: str) -> None:
     with pytest.raises(ValueError):
         subjects.check_id(bad)
     assert subjects.check_id("worker-host_1-abc") == "worker-host_1-abc"
+
+
+LAYOUT = KVLayoutSpec(namespace=b"ns", num_layers=2, block_size=16, num_kv_heads=2, head_dim=64, dtype="bfloat16")
+ENDPOINT = DataPlaneEndpoint(host="127.0.0.1", port=5, host_id="h", device="cpu", backends=["shm", "tcp"])
 
 
 def _messages() -> list[msgspec.Struct]:
@@ -92,6 +110,19 @@ def _messages() -> list[msgspec.Struct]:
         ),
         PrefillResult(request_id="r", transfer_id="t", prefill_instance_id="p", token_id=9, logprobs=(-0.5, 1, [9, 3], [-0.5, -2.0]), num_cached_tokens=16),
         PrefillResult(request_id="r", transfer_id="t", prefill_instance_id="p", error=ErrorInfo(ErrorCode.ENGINE_ERROR, "x")),
+        KVStoreLookup(layout=LAYOUT, keys=[b"k" * 16, b"j" * 16]),
+        KVStoreLookupReply(tiers=["host", "ssd", "redis"]),
+        KVStoreLookupReply(error=ErrorInfo(ErrorCode.INVALID_REQUEST, "bad layout")),
+        KVStoreGet(layout=LAYOUT, keys=[b"k" * 16], endpoint=ENDPOINT, transfer_id="get-1", lease_s=5.0),
+        KVStoreGetReply(count=3, more=True),
+        KVStorePut(layout=LAYOUT, keys=[b"k" * 16, b"j" * 16]),
+        KVStorePutReply(endpoint=ENDPOINT, transfer_id="put-1", positions=[1], lease_s=10.0),
+        KVStorePutReply(),
+        KVStorePing(),
+        KVStoreHeartbeat(
+            host_id="host-1", kvstore_id="abc", seq=4, lease_s=3.0, started_at=1.5, tiers=["host", "ssd"], host_blocks=2,
+            host_used_bytes=10, host_capacity_bytes=100, counters=KVStoreCounters(lookups=1, gets=2, blocks_sent=3, puts=4),
+        ),
         Heartbeat(
             instance_id="d", role="decode", model="m", max_model_len=8, max_num_seqs=4, block_size=16, lease_s=3.0, seq=2,
             disagg=DisaggCounters(local_prefills=1, remote_prefills=2, transfers={"shm": TransferCounters(transfers=2, bytes=10, seconds=0.5)}),

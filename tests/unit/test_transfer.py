@@ -220,6 +220,25 @@ async def test_unknown_transfer_and_wrong_size_are_refused() -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+async def test_allow_fewer_lets_the_sender_fill_a_leading_part(backend: str) -> None:
+    """The kvstore's get: the receiver expects 5 blocks, the sender has only 3 of them."""
+    src, dst = make_pool(8, seed=3), make_pool(8, seed=4)
+    before = dst.clone()
+    async with pair(src, dst, backend) as (receiver, sender):
+        incoming = receiver.expect("t", [6, 1, 4, 2, 0], lease_s=10, allow_fewer=True)
+        out = await sender.open(receiver.endpoint, "t", 3, timeout_s=10)
+        await out.send([5, 6, 7], 0)
+        await out.finish()
+        stats = await incoming.wait()
+        assert incoming.num_blocks == stats.num_blocks == 3
+        assert_transferred(src, [5, 6, 7], dst, before, [6, 1, 4])  # blocks 2 and 0 untouched
+        # Without allow_fewer a shorter sender is still refused.
+        receiver.expect("u", [3, 5], lease_s=10)
+        with pytest.raises(TransferRefused, match="sender has 1 blocks, receiver expects 2"):
+            await sender.open(receiver.endpoint, "u", 1, timeout_s=10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 async def test_duplicate_frames_are_refused(backend: str) -> None:
     src, dst = make_pool(8), make_pool(8)
     before = dst.clone()

@@ -1,4 +1,4 @@
-"""The `rtpllm` command: `up` (the whole stack), `serve gateway|worker|prefill|decode` (one service),
+"""The `rtpllm` command: `up` (the whole stack), `serve gateway|worker|prefill|decode|kvstore` (one service),
 `convert-gguf`. Flags read `RTPLLM_*` environment variables (see `--help`)."""
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
     up = commands.add_parser(
         "up",
         help="run the whole stack in the foreground: NATS, Redis, worker(s) and the gateway",
-        description="Start nats-server, redis-server, N workers and the gateway as child processes, wait until "
-        "they are ready, print the URL, and stop them all on Ctrl-C / SIGTERM.",
+        description="Start nats-server, redis-server, (with --kvstore) the host's kvstore, N workers and the gateway "
+        "as child processes, wait until they are ready, print the URL, and stop them all on Ctrl-C / SIGTERM.",
     )
     add_flags(up, "stack", options.UP)
     add_flags(up, "model", options.MODEL)
@@ -57,6 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
         add_flags(sub, "worker", options.WORKER)
         add_flags(sub, "disaggregation", options.DISAGG)
 
+    kvstore = services.add_parser(
+        "kvstore",
+        help="the KV store of this host: host-memory, SSD and Redis tiers shared by its engines",
+        description="Serve this host's KV tiers to the engines started with --kvstore on it: block lookups, "
+        "gets and puts over NATS, the KV bytes over the data plane (see docs/kvstore.md).",
+    )
+    add_flags(kvstore, "bus", options.BUS)
+    add_flags(kvstore, "kvstore", options.KVSTORE)
+
     convert = commands.add_parser(
         "convert-gguf",
         help="convert a llama-architecture GGUF file to an HF-format model directory",
@@ -81,7 +90,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         from rtpllm.cli import serve
 
-        return serve.run_gateway(args) if args.service == "gateway" else serve.run_worker(args)
+        if args.service == "gateway":
+            return serve.run_gateway(args)
+        if args.service == "kvstore":
+            return serve.run_kvstore(args)
+        return serve.run_worker(args)
     raise AssertionError(args.command)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from rtpllm.cli.flags import Flag
 from rtpllm.routing.policy import POLICIES
 
@@ -9,7 +11,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 
 BUS = [
     Flag("--nats", "RTPLLM_NATS_URL", "NATS server URL", "nats://127.0.0.1:4222"),
-    Flag("--redis", "RTPLLM_REDIS_URL", "Redis URL (checked at startup and reported by /ready; the KV tier arrives with the kvstore)"),
+    Flag("--redis", "RTPLLM_REDIS_URL", "Redis URL (checked at startup and reported by /ready; the shared KV tier with --kv-redis)"),
     Flag("--nats-connect-timeout", "RTPLLM_NATS_CONNECT_TIMEOUT", "seconds to keep retrying the first NATS connection", 30.0, float),
     Flag("--log-level", "RTPLLM_LOG_LEVEL", "log level", "info", str, ["debug", "info", "warning", "error"]),
 ]
@@ -17,6 +19,15 @@ BUS = [
 MODEL = [
     Flag("--model", "RTPLLM_MODEL", "model: a known name or an HF-format directory", DEFAULT_MODEL),
     Flag("--served-model-name", "RTPLLM_SERVED_MODEL_NAME", "name clients use for the model (default: the model name, or the directory's name)"),
+]
+
+# The KV tiers below the pool: an engine's own, or its host's kvstore's (KVSTORE).
+KV_TIERS = [
+    Flag("--kv-host-gib", "RTPLLM_KV_HOST_GIB", "host-memory KV tier per engine, GiB (0: no tiers below the KV pool)", 0.0, float),
+    Flag("--kv-ssd-dir", "RTPLLM_KV_SSD_DIR", "directory of the SSD KV tier (blocks reused or pinned after leaving host memory)"),
+    Flag("--kv-ssd-gib", "RTPLLM_KV_SSD_GIB", "SSD KV tier capacity, GiB", 16.0, float),
+    Flag("--kv-redis", "RTPLLM_KV_REDIS", "use the --redis server as a KV tier shared by all instances (needs --kv-host-gib > 0)", False, boolean=True),
+    Flag("--kv-redis-ttl", "RTPLLM_KV_REDIS_TTL", "seconds a KV block lives in Redis", 3600.0, float),
 ]
 
 ENGINE = [
@@ -35,11 +46,10 @@ ENGINE = [
     Flag("--load-format", "RTPLLM_LOAD_FORMAT", "weights: auto (the checkpoint's safetensors) or dummy (random, for benchmarks)", "auto", str, ["auto", "dummy"]),
     Flag("--cuda-graphs", "RTPLLM_CUDA_GRAPHS", "capture the decode step in CUDA graphs (CUDA only)", True, boolean=True),
     Flag("--async-scheduling", "RTPLLM_ASYNC_SCHEDULING", "launch step n+1 before step n's tokens are read back: auto (on for CUDA), on, off", "auto", str, ["auto", "on", "off"]),
-    Flag("--kv-host-gib", "RTPLLM_KV_HOST_GIB", "host-memory KV tier per engine, GiB (0: no tiers below the KV pool)", 0.0, float),
-    Flag("--kv-ssd-dir", "RTPLLM_KV_SSD_DIR", "directory of the SSD KV tier (blocks reused or pinned after leaving host memory)"),
-    Flag("--kv-ssd-gib", "RTPLLM_KV_SSD_GIB", "SSD KV tier capacity, GiB", 16.0, float),
-    Flag("--kv-redis", "RTPLLM_KV_REDIS", "use the --redis server as a KV tier shared by all instances (needs --kv-host-gib > 0)", False, boolean=True),
-    Flag("--kv-redis-ttl", "RTPLLM_KV_REDIS_TTL", "seconds a KV block lives in Redis", 3600.0, float),
+    *KV_TIERS,
+    Flag("--kv-write-through", "RTPLLM_KV_WRITE_THROUGH", "store every newly computed full KV block at once, not only when evicted from the pool: auto (on with --kv-redis or a kvstore), on, off", "auto", str, ["auto", "on", "off"]),
+    Flag("--kvstore", "RTPLLM_KVSTORE", "use this host's kvstore service (`rtpllm serve kvstore`) as the KV tiers when it answers at startup, else this engine's own --kv-* tiers; `up`: also start one kvstore, which gets the --kv-* tier flags", False, boolean=True),
+    Flag("--kvstore-host-id", "RTPLLM_KVSTORE_HOST_ID", "host id of the kvstore to use (default: this host's name, the kvstore's own default)"),
 ]
 
 WORKER = [
@@ -62,6 +72,7 @@ GATEWAY = [
     Flag("--port", "RTPLLM_PORT", "HTTP port", 8000, int),
     Flag("--gateway-id", "RTPLLM_GATEWAY_ID", "this gateway's id on the bus (default: gateway-<host>-<random>)"),
     Flag("--router", "RTPLLM_ROUTER", "routing policy", "cache-aware", str, sorted(POLICIES)),
+    Flag("--router-queue-tokens", "RTPLLM_ROUTER_QUEUE_TOKENS", "cache-aware routing: prompt tokens one pending request counts as", 128, int),
     Flag("--max-running", "RTPLLM_MAX_RUNNING", "requests this gateway runs at once", 1024, int),
     Flag("--max-queue", "RTPLLM_MAX_QUEUE", "requests waiting for a slot before new ones get 429", 1024, int),
     Flag("--request-timeout", "RTPLLM_REQUEST_TIMEOUT", "seconds a request may take end to end before 504", 600.0, float),
@@ -88,4 +99,14 @@ UP = [
     Flag("--ready-timeout", "RTPLLM_READY_TIMEOUT", "seconds to wait for the stack to become ready", 600.0, float),
     Flag("--log-dir", "RTPLLM_LOG_DIR", "write each child's log to DIR/<name>.log instead of the terminal"),
     Flag("--log-level", "RTPLLM_LOG_LEVEL", "log level of the services", "info", str, ["debug", "info", "warning", "error"]),
+]
+
+KVSTORE = [
+    Flag("--host-id", "RTPLLM_HOST_ID", "this host's name on the bus: engines started with --kvstore on this host use this kvstore (default: the hostname)"),
+    replace(KV_TIERS[0], default=4.0, help="host-memory KV tier shared by this host's engines, GiB"),
+    *KV_TIERS[1:],
+    Flag("--kv-host", "RTPLLM_KV_HOST", "address the kvstore's data plane listens on (the engines of this host connect to it)", "127.0.0.1"),
+    Flag("--kv-port", "RTPLLM_KV_PORT", "the kvstore's data-plane port (0: a free one)", 0, int),
+    Flag("--kv-staging-mib", "RTPLLM_KV_STAGING_MIB", "host memory per KV layout for blocks in transit between engines and the tiers, MiB", 256.0, float),
+    Flag("--kv-transfer-lease", "RTPLLM_KV_TRANSFER_LEASE", "seconds a put or get transfer may take before the kvstore drops it and reuses its staging blocks", 10.0, float),
 ]

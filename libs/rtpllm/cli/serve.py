@@ -1,4 +1,5 @@
-"""`rtpllm serve gateway|worker`: settings from flags, then the service's entry point."""
+"""`rtpllm serve gateway|worker|prefill|decode|kvstore`: settings from flags, then the
+service's entry point."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ import argparse
 import logging
 
 from rtpllm.config import CacheConfig, EngineConfig, OffloadConfig, SchedulerConfig
-from rtpllm.serving.settings import GatewaySettings, WorkerSettings
+from rtpllm.protocol.subjects import check_id, default_host_id
+from rtpllm.serving.settings import GatewaySettings, KVStoreSettings, WorkerSettings
+
+GIB = 1 << 30
 
 
 def setup_logging(level: str) -> None:
@@ -23,6 +27,7 @@ def gateway_settings(args: argparse.Namespace) -> GatewaySettings:
         served_model_name=args.served_model_name,
         gateway_id=args.gateway_id or "",
         router=args.router,
+        router_queue_tokens=args.router_queue_tokens,
         max_running=args.max_running,
         max_queue=args.max_queue,
         request_timeout_s=args.request_timeout,
@@ -60,11 +65,14 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         ),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens),
         offload=OffloadConfig(
-            host_bytes=int(args.kv_host_gib * (1 << 30)),
+            host_bytes=int(args.kv_host_gib * GIB),
             ssd_dir=args.kv_ssd_dir,
-            ssd_bytes=int(args.kv_ssd_gib * (1 << 30)),
+            ssd_bytes=int(args.kv_ssd_gib * GIB),
             redis_url=getattr(args, "redis", None) if args.kv_redis else None,
             redis_ttl_s=args.kv_redis_ttl,
+            write_through={"auto": None, "on": True, "off": False}[args.kv_write_through],
+            kvstore_host_id=_host_id(args.kvstore_host_id, "--kvstore-host-id") if args.kvstore else None,
+            kvstore_nats_url=getattr(args, "nats", None) or "nats://127.0.0.1:4222",
         ),
         served_model_name=args.served_model_name,
     )
@@ -89,6 +97,32 @@ def worker_settings(args: argparse.Namespace) -> WorkerSettings:
     )
 
 
+def kvstore_settings(args: argparse.Namespace) -> KVStoreSettings:
+    return KVStoreSettings(
+        host_id=_host_id(args.host_id, "--host-id"),
+        nats_url=args.nats,
+        host_bytes=int(args.kv_host_gib * GIB),
+        ssd_dir=args.kv_ssd_dir,
+        ssd_bytes=int(args.kv_ssd_gib * GIB),
+        redis_url=args.redis if args.kv_redis else None,
+        redis_ttl_s=args.kv_redis_ttl,
+        kv_host=args.kv_host,
+        kv_port=args.kv_port,
+        staging_bytes=int(args.kv_staging_mib * (1 << 20)),
+        transfer_lease_s=args.kv_transfer_lease,
+        nats_connect_timeout_s=args.nats_connect_timeout,
+    )
+
+
+def _host_id(value: str | None, flag: str) -> str:
+    if not value:
+        return default_host_id()
+    try:
+        return check_id(value, flag)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
 def parse_backends(value: str) -> tuple[str, ...]:
     known = ("cuda_ipc", "shm", "tcp")
     names = tuple(v.strip() for v in value.split(",") if v.strip())
@@ -103,6 +137,18 @@ def run_gateway(args: argparse.Namespace) -> int:
 
     setup_logging(args.log_level)
     return run(gateway_settings(args), args.log_level)
+
+
+def run_kvstore(args: argparse.Namespace) -> int:
+    from services.kvstore.main import run
+
+    setup_logging(args.log_level)
+    settings = kvstore_settings(args)
+    if settings.host_bytes <= 0:
+        raise SystemExit("error: the kvstore needs --kv-host-gib > 0")
+    if args.kv_redis and not args.redis:
+        raise SystemExit("error: --kv-redis needs --redis URL")
+    return run(settings)
 
 
 def run_worker(args: argparse.Namespace) -> int:

@@ -71,6 +71,17 @@ def run_up(args: argparse.Namespace) -> int:
     if args.prefill < 0 or args.decode < 0 or (args.prefill and not args.decode):
         _say("error: --prefill N needs --decode M (M >= 1): decode instances take the requests")
         return 2
+    worker_flags, kvstore_args = options.ENGINE, []
+    if args.kvstore:
+        # The tier flags configure the one kvstore; the engines use it instead of their own.
+        tiers = {f.name for f in options.KV_TIERS}
+        worker_flags = [f for f in options.ENGINE if f.name not in tiers]
+        kvstore_args = flags_to_argv(options.KV_TIERS, args)
+        if args.kv_host_gib <= 0:  # not given: the kvstore's own default
+            i = kvstore_args.index("--kv-host-gib")
+            del kvstore_args[i : i + 2]
+        if args.kvstore_host_id:
+            kvstore_args += ["--host-id", args.kvstore_host_id]
     log_dir = Path(args.log_dir) if args.log_dir else None
     if log_dir is not None:
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -86,7 +97,9 @@ def run_up(args: argparse.Namespace) -> int:
         nats_port=args.nats_port,
         redis_port=args.redis_port,
         use_redis=args.redis_server,
-        worker_args=flags_to_argv(options.ENGINE, args),
+        kvstore=args.kvstore,
+        kvstore_args=kvstore_args,
+        worker_args=flags_to_argv(worker_flags, args),
         gateway_args=[
             "--router", args.router,
             "--max-running", str(args.max_running),
@@ -103,6 +116,9 @@ def run_up(args: argparse.Namespace) -> int:
         _say("starting nats-server" + (" and redis-server" if config.use_redis else ""))
         stack.start_infra()
         _say(f"NATS at {stack.nats_url}" + (f", Redis at {stack.redis_url}" if stack.redis_url else ""))
+        if config.kvstore:
+            _say("starting the kvstore")
+            stack.start_kvstore()
         topology = (
             f"{args.prefill} prefill and {args.decode} decode instance(s)" if stack.disaggregated else f"{args.workers} worker(s)"
         )
@@ -136,7 +152,7 @@ def run_up(args: argparse.Namespace) -> int:
 
 def _supervise(stack: Stack) -> int:
     """Run until interrupted; a dead gateway or NATS ends the stack, a dead worker is
-    reported (the others keep serving)."""
+    reported (the others keep serving), and so is a dead kvstore (engines then miss)."""
     reported: set[str] = set()
     while True:
         time.sleep(0.5)
@@ -144,7 +160,7 @@ def _supervise(stack: Stack) -> int:
             if proc is not None and not proc.alive:
                 _say(f"{proc.name} exited (code {proc.returncode}); last output:\n{proc.tail()}")
                 return 1
-        for proc in stack.workers:
+        for proc in [*stack.workers, *([stack.kvstore] if stack.kvstore else [])]:
             if not proc.alive and proc.name not in reported:
                 reported.add(proc.name)
                 _say(f"{proc.name} exited (code {proc.returncode})")

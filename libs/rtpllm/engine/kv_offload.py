@@ -1,17 +1,23 @@
 """The engine's side of the KV tiers (ARCHITECTURE rules 1, 3, 6; docs/kvstore.md).
 
-- Demotion: a prefix-cache block evicted from the KV pool is encoded and put in the
-  tiered store (host memory, then SSD if reused) before its new owner overwrites it.
-- Write-through (with a shared Redis tier): every newly committed full block is offered
-  at once, so other instances and later lives of this one find it.
+- Demotion: a prefix-cache block evicted from the KV pool is stored in the tiers (host
+  memory, then SSD if reused) before its new owner overwrites it.
+- Write-through (where others read the tiers: a Redis tier, or the host's kvstore):
+  every newly committed full block is offered at once, so other instances and later
+  lives of this one find it.
 - Restore: when a request's prefix continues past what the pool holds, the blocks found
   in a lower tier are restored into free blocks and cached, if restoring is faster than
   recomputing (bytes / tier bandwidth vs tokens / prefill speed); the scheduler then
   sees them as ordinary prefix hits.
 
-Runs on the engine thread. Encoding and restoring are synchronous here (on CUDA each
-waits for the work already queued), which is simple and correct; moving them onto a
-side thread is the next step if the copies show up in step times.
+The tiers are the engine's own (`LocalKVStore`: a TieredKVStore in process) or its
+host's kvstore service (`RemoteKVStore`, chosen with `OffloadConfig.kvstore_host_id` when
+the kvstore answers at startup), behind one interface, `EngineKVStore`.
+
+Runs on the engine thread. Restores are synchronous (on CUDA they wait for the work
+already queued), and so are in-process stores (encoding); stores to the kvstore return
+after a copy into the client's outbox. Moving restores onto a side thread is the next
+step if they show up in step times.
 """
 
 from __future__ import annotations
@@ -24,8 +30,8 @@ import torch
 
 from rtpllm.config import OffloadConfig
 from rtpllm.kvcache.block_manager import BlockManager
-from rtpllm.kvstore import HostTier, SSDTier, TieredKVStore, decode_into, encode_blocks
-from rtpllm.kvstore.block_codec import InvalidBlock
+from rtpllm.kvstore import HostTier, SSDTier, TieredKVStore
+from rtpllm.kvstore.engine_store import EngineKVStore, LocalKVStore
 from rtpllm.transfer.layout import KVLayout
 
 log = logging.getLogger(__name__)
@@ -43,48 +49,73 @@ class OffloadStats:
 
 
 class KVOffload:
-    """Moves blocks between one engine's KV pool and a TieredKVStore."""
+    """Moves blocks between one engine's KV pool and the KV tiers (`tiers`: in process,
+    or the host's kvstore service)."""
 
-    def __init__(self, config: OffloadConfig, kv: torch.Tensor, block_manager: BlockManager) -> None:
+    def __init__(
+        self, config: OffloadConfig, kv: torch.Tensor, block_manager: BlockManager, tiers: EngineKVStore | None = None
+    ) -> None:
         self.config = config
         self.kv = kv
         self.bm = block_manager
         self.layout = KVLayout.of(kv, block_manager.namespace)
         self.block_bytes = kv[:, :, 0].numel() * kv.element_size()
-        ssd = SSDTier(config.ssd_dir, config.ssd_bytes) if config.ssd_dir and config.ssd_bytes > 0 else None
-        redis = None
-        if config.redis_url:
-            from rtpllm.kvstore.redis_tier import RedisTier
+        self.store: TieredKVStore | None = None  # the in-process tiers, when they are used
+        if tiers is None:
+            ssd = SSDTier(config.ssd_dir, config.ssd_bytes) if config.ssd_dir and config.ssd_bytes > 0 else None
+            redis = None
+            if config.redis_url:
+                from rtpllm.kvstore.redis_tier import RedisTier
 
-            redis = RedisTier(config.redis_url, ttl_s=config.redis_ttl_s)
-        self.store = TieredKVStore(HostTier(config.host_bytes), ssd, redis)
-        self.write_through = config.write_through if config.write_through is not None else redis is not None
+                redis = RedisTier(config.redis_url, ttl_s=config.redis_ttl_s)
+            self.store = TieredKVStore(HostTier(config.host_bytes), ssd, redis)
+            tiers = LocalKVStore(self.store, kv, self.layout)
+            shared = redis is not None
+        else:
+            shared = True  # the host's kvstore: other engines read what this one writes
+        self.tiers = tiers
+        # Write-through by default wherever someone else can read the blocks.
+        self.write_through = config.write_through if config.write_through is not None else shared
         self._gb_per_s = {"host": config.host_gb_per_s, "ssd": config.ssd_gb_per_s, "redis": config.redis_gb_per_s}
         self._prefill_rate = config.prefill_tokens_per_s  # tokens/s; learned when None
         self.stats = OffloadStats()
         block_manager.track_blocks = True
 
+    @classmethod
+    def create(cls, config: OffloadConfig, kv: torch.Tensor, block_manager: BlockManager) -> KVOffload | None:
+        """The engine's offload as configured: the host's kvstore service if
+        `kvstore_host_id` is set and it answers within `kvstore_wait_s`, else the
+        in-process tiers if `host_bytes` > 0, else None (no tiers)."""
+        if config.kvstore_host_id:
+            from rtpllm.kvstore.client import RemoteKVStore
+
+            remote = RemoteKVStore.connect(
+                config.kvstore_nats_url, config.kvstore_host_id, kv, block_manager.namespace,
+                wait_s=config.kvstore_wait_s, request_timeout_s=config.kvstore_timeout_s,
+            )  # fmt: skip
+            if remote is not None:
+                log.info("KV tiers: the kvstore of host %s", config.kvstore_host_id)
+                return cls(config, kv, block_manager, remote)
+            fallback = f"in-process tiers ({config.host_bytes / (1 << 30):.2f} GiB host memory)" if config.host_bytes > 0 else "no KV tiers"
+            log.warning("no kvstore answers for host %s within %.1f s: %s", config.kvstore_host_id, config.kvstore_wait_s, fallback)
+        return cls(config, kv, block_manager) if config.host_bytes > 0 else None
+
     # -- into the store --------------------------------------------------------------
 
     def demote_evicted(self) -> None:
         """Store blocks evicted from the pool since the last call (their KV is intact
-        until the next forward pass, which this must precede)."""
-        evicted = [(k, b) for k, b in self.bm.take_evicted() if not self.store.host.contains(k)]
+        until the next write into them, which this must precede)."""
+        evicted = self.bm.take_evicted()
         if evicted:
-            self._put(evicted)
+            self.tiers.store_from([k for k, _ in evicted], [b for _, b in evicted], only_new=True)
             self.stats.demoted_blocks += len(evicted)
 
     def offer_committed(self) -> None:
         """Write-through: store blocks committed since the last call."""
         committed = self.bm.take_committed()
         if self.write_through and committed:
-            self._put(committed)
+            self.tiers.store_from([k for k, _ in committed], [b for _, b in committed])
             self.stats.offered_blocks += len(committed)
-
-    def _put(self, items: Sequence[tuple[bytes, int]]) -> None:
-        keys = [k for k, _ in items]
-        payloads = encode_blocks(self.kv, [b for _, b in items], self.layout)
-        self.store.put_many(keys, payloads)
 
     # -- out of the store ------------------------------------------------------------
 
@@ -95,28 +126,22 @@ class KVOffload:
         rest = list(keys[have:])
         if not rest:
             return 0
-        tiers = self.store.lookup(rest)
-        n = self._worth_restoring(tiers)
+        where = self.tiers.lookup(rest)
+        n = self._worth_restoring(where)
         if n == 0:
             return 0
         parent = keys[have - 1] if have else None
         block_ids = self.bm.insert_cached(rest[:n], parent, protect)
         if not block_ids:
             return 0
-        payloads = self.store.get_many(rest[: len(block_ids)])
-        good = 0
-        while good < len(payloads) and payloads[good] is not None:
-            good += 1
-        if good:
-            try:
-                decode_into(self.kv, block_ids[:good], payloads[:good], self.layout, verify_checksum=False)  # type: ignore[arg-type]
-            except InvalidBlock as exc:  # the store hands out checked blocks; stay safe anyway
-                log.warning("restored KV block failed its check: %s", exc)
-                good = exc.index if exc.index is not None else 0
+        # insert_cached may have taken free blocks still holding cached prefixes: store
+        # them before the restore overwrites them.
+        self.demote_evicted()
+        good = self.tiers.fetch_into(rest[: len(block_ids)], block_ids)
         if good < len(block_ids):
             self.bm.uncache(block_ids[good:])
             self.stats.failed_restores += len(block_ids) - good
-        for tier in tiers[:good]:
+        for tier in where[:good]:
             self.stats.restored_blocks[tier] += 1
         return good
 
@@ -142,7 +167,7 @@ class KVOffload:
         self._prefill_rate = rate if self._prefill_rate is None else 0.8 * self._prefill_rate + 0.2 * rate
 
     def close(self) -> None:
-        self.store.close()
+        self.tiers.close()
 
     def tier_stats(self) -> dict[str, int]:
         return dict(self.stats.restored_blocks)

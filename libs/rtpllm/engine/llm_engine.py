@@ -124,7 +124,7 @@ class LLMEngine:
         self.kv_pool = KVPool(self.model_config, num_blocks, block_size, self.dtype, self.device)
         namespace = namespace_key(str(self.model_dir.resolve()), dtype_name(self.dtype), block_size)
         self.block_manager = BlockManager(num_blocks, block_size, namespace, config.cache.enable_prefix_caching)
-        self.offload = KVOffload(config.offload, self.kv_pool.kv, self.block_manager) if config.offload.enabled else None
+        self.offload = KVOffload.create(config.offload, self.kv_pool.kv, self.block_manager) if config.offload.enabled else None
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self._extend_prefix if self.offload else None)
         self.runner = ModelRunner(self.model, self.kv_pool, self.block_manager, self.backend, self.device)
         if config.cuda_graphs:

@@ -7,6 +7,9 @@ life. See docs/kvstore.md.
 - host_tier / ssd_tier / redis_tier: the three tiers
 - write_behind: bounded background writes that never block the caller
 - store: TieredKVStore, lookups, promotion, demotion
+- engine_store: EngineKVStore, the tiers as an engine's pool sees them; LocalKVStore
+- staging, service, client: the kvstore service of a host (KVStoreServer) and an
+  engine's side of it (RemoteKVStore); imported from their modules (they need NATS)
 """
 
 from rtpllm.kvstore.block_codec import (

@@ -4,6 +4,7 @@ mapping is written once)."""
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -13,12 +14,16 @@ from rtpllm.protocol.messages import (
     ChoiceDelta,
     ErrorCode,
     ErrorInfo,
+    KVLayoutSpec,
     PositionLogprobs,
     SamplingSpec,
     TokenDelta,
     TokenLogprob,
 )
 from rtpllm.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from rtpllm.transfer.layout import KVLayout
 
 _SPEC_FIELDS = tuple(msgspec.structs.fields(SamplingSpec))
 
@@ -72,3 +77,21 @@ def delta_from_output(output: RequestOutput, seq: int) -> TokenDelta:
         finished=output.finished,
         error=error,
     )
+
+
+def layout_spec(layout: KVLayout) -> KVLayoutSpec:
+    """The wire form of a `rtpllm.transfer.KVLayout`."""
+    return KVLayoutSpec(**{f.name: getattr(layout, f.name) for f in dataclasses.fields(layout)})
+
+
+def layout_from_spec(spec: KVLayoutSpec) -> KVLayout:
+    """A KVLayout from its wire form; ValueError if it names no valid layout."""
+    import torch  # here, not at import: the gateway uses this module without torch
+
+    from rtpllm.transfer.layout import KVLayout
+
+    if min(spec.num_layers, spec.block_size, spec.num_kv_heads, spec.head_dim) < 1:
+        raise ValueError(f"bad KV layout: {spec}")
+    if not isinstance(getattr(torch, spec.dtype, None), torch.dtype):
+        raise ValueError(f"bad KV layout: unknown dtype {spec.dtype!r}")
+    return KVLayout(**msgspec.structs.asdict(spec))

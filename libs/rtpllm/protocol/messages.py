@@ -309,6 +309,121 @@ class KVSnapshot(msgspec.Struct, kw_only=True):
     block_keys: list[bytes]
 
 
+# -- the kvstore service (docs/kvstore.md): metadata here, KV bytes over the data plane --
+
+
+class KVLayoutSpec(msgspec.Struct, kw_only=True, frozen=True):
+    """`rtpllm.transfer.KVLayout` on the wire: the asking engine's block layout and
+    namespace (the kvstore keeps one staging pool per layout)."""
+
+    namespace: bytes
+    num_layers: int
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+
+
+class KVStoreLookup(msgspec.Struct, kw_only=True):
+    """Engine -> kvstore: which of these chained block keys are stored, and where."""
+
+    v: int = PROTOCOL_VERSION
+    layout: KVLayoutSpec
+    keys: list[bytes]
+
+
+class KVStoreLookupReply(msgspec.Struct, kw_only=True):
+    """The tier ("host", "ssd", "redis") of each key of the longest stored prefix of
+    the asked keys (`TieredKVStore.lookup`); advisory, a get may still miss."""
+
+    v: int = PROTOCOL_VERSION
+    tiers: list[str] = []
+    error: ErrorInfo | None = None
+
+
+class KVStoreGet(msgspec.Struct, kw_only=True):
+    """Engine -> kvstore: send the blocks of `keys` to the engine's KVReceiver at
+    `endpoint` as transfer `transfer_id`, positions 0, 1, ... in key order. The engine
+    has already called `expect(transfer_id, its block ids, lease_s, allow_fewer=True)`,
+    so the kvstore may open the transfer with fewer blocks (a leading part)."""
+
+    v: int = PROTOCOL_VERSION
+    layout: KVLayoutSpec
+    keys: list[bytes]
+    endpoint: DataPlaneEndpoint
+    transfer_id: str
+    lease_s: float
+
+
+class KVStoreGetReply(msgspec.Struct, kw_only=True):
+    """How many leading keys the kvstore sends (0: none, nothing will be opened).
+    `more`: it stopped short for lack of staging space, not at a missing key (ask again
+    for the rest)."""
+
+    v: int = PROTOCOL_VERSION
+    count: int = 0
+    more: bool = False
+    error: ErrorInfo | None = None
+
+
+class KVStorePut(msgspec.Struct, kw_only=True):
+    """Engine -> kvstore: the engine wants to store these blocks."""
+
+    v: int = PROTOCOL_VERSION
+    layout: KVLayoutSpec
+    keys: list[bytes]
+
+
+class KVStorePutReply(msgspec.Struct, kw_only=True):
+    """Where to send them: transfer `transfer_id` to the kvstore's KVReceiver at
+    `endpoint`, position i carrying the block of `keys[positions[i]]` (keys the kvstore
+    already holds, or has no staging room for, are left out; none left: no endpoint).
+    The transfer must complete within `lease_s` or it is dropped."""
+
+    v: int = PROTOCOL_VERSION
+    endpoint: DataPlaneEndpoint | None = None
+    transfer_id: str = ""
+    positions: list[int] = []
+    lease_s: float = 0.0
+    error: ErrorInfo | None = None
+
+
+class KVStorePing(msgspec.Struct, kw_only=True):
+    """Engine -> kvstore: are you there? (answered with a KVStoreHeartbeat)."""
+
+    v: int = PROTOCOL_VERSION
+
+
+class KVStoreCounters(msgspec.Struct, kw_only=True):
+    """What a kvstore did since it started."""
+
+    lookups: int = 0
+    gets: int = 0
+    blocks_sent: int = 0
+    puts: int = 0
+    blocks_stored: int = 0
+    failed_transfers: int = 0  # data-plane transfers that broke or outlived their lease
+    refused_blocks: int = 0  # put or get blocks left out for lack of staging space
+
+
+class KVStoreHeartbeat(msgspec.Struct, kw_only=True):
+    """A kvstore's registration, every `interval_s` on the registry subject (and the
+    answer to a KVStorePing): engines of host `host_id` use it while it beats, and
+    treat it as gone after `lease_s` without one."""
+
+    v: int = PROTOCOL_VERSION
+    host_id: str
+    kvstore_id: str  # this process (two claiming one host_id is a misconfiguration)
+    seq: int
+    lease_s: float
+    started_at: float = 0.0
+    tiers: list[str] = []  # "host", and "ssd", "redis" where configured
+    host_blocks: int = 0
+    host_used_bytes: int = 0
+    host_capacity_bytes: int = 0
+    counters: KVStoreCounters = msgspec.field(default_factory=KVStoreCounters)
+
+
 Message = (
     GenerateRequest
     | PrefillResult
@@ -322,6 +437,14 @@ Message = (
     | KVEvents
     | KVSnapshotRequest
     | KVSnapshot
+    | KVStoreLookup
+    | KVStoreLookupReply
+    | KVStoreGet
+    | KVStoreGetReply
+    | KVStorePut
+    | KVStorePutReply
+    | KVStorePing
+    | KVStoreHeartbeat
 )
 
 _encoder = msgspec.msgpack.Encoder()

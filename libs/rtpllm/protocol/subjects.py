@@ -14,6 +14,11 @@ server during a rolling upgrade.
     rtpllm.v1.kv.<instance>.events         engine -> routers/kvstore: KVEvents
     rtpllm.v1.decode.<instance>.prefilled  prefill -> decode instance: PrefillResult
     rtpllm.v1.kv.<instance>.snapshot       router -> engine instance: KVSnapshotRequest (KVSnapshot back)
+    rtpllm.v1.kvstore.<host>.lookup        engine -> its host's kvstore: KVStoreLookup (KVStoreLookupReply back)
+    rtpllm.v1.kvstore.<host>.get           engine -> kvstore: KVStoreGet (KVStoreGetReply back; KV over the data plane)
+    rtpllm.v1.kvstore.<host>.put           engine -> kvstore: KVStorePut (KVStorePutReply back; KV over the data plane)
+    rtpllm.v1.kvstore.<host>.ping          engine -> kvstore: KVStorePing (KVStoreHeartbeat back)
+    rtpllm.v1.registry.kvstore             kvstore -> engines, gateways: KVStoreHeartbeat
 
 `<role>` is an InstanceRole: "worker" (aggregated), "decode" (both take requests from
 gateways) or "prefill" (takes hand-offs from decode instances).
@@ -22,6 +27,7 @@ gateways) or "prefill" (takes hand-offs from decode instances).
 from __future__ import annotations
 
 import re
+import socket
 from enum import StrEnum
 
 PROTOCOL_VERSION = 1
@@ -71,8 +77,34 @@ def kv_events_subject(instance_id: str) -> str:
     return f"{PREFIX}.kv.{instance_id}.events"
 
 
+class KVStoreOp(StrEnum):
+    """The requests a kvstore answers, one subject each."""
+
+    LOOKUP = "lookup"
+    GET = "get"
+    PUT = "put"
+    PING = "ping"
+
+
+def kvstore_subject(host_id: str, op: KVStoreOp | str) -> str:
+    """Where the kvstore of host `host_id` answers `op` (NATS request/reply)."""
+    return f"{PREFIX}.kvstore.{host_id}.{KVStoreOp(op).value}"
+
+
+def subject_token(value: str, fallback: str = "host") -> str:
+    """`value` made usable as one subject token (a hostname's dots become dashes)."""
+    token = "".join(ch if (ch.isascii() and ch.isalnum()) or ch in "-_" else "-" for ch in value)[:128]
+    return token or fallback
+
+
+def default_host_id() -> str:
+    """This machine's kvstore host id unless told otherwise: its hostname as a token."""
+    return subject_token(socket.gethostname())
+
+
 HEARTBEAT = f"{PREFIX}.registry.heartbeat"
 LEAVE = f"{PREFIX}.registry.leave"
 DISCOVER = f"{PREFIX}.registry.discover"
 GATEWAY_HEARTBEAT = f"{PREFIX}.gateway.heartbeat"
+KVSTORE_HEARTBEAT = f"{PREFIX}.registry.kvstore"
 KV_EVENTS_ALL = f"{PREFIX}.kv.*.events"

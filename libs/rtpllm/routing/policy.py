@@ -79,7 +79,10 @@ class CacheAware(RouterPolicy):
     """The instance with the lowest predicted time to first token, in prompt-token units:
     the prompt tokens it would have to prefill (those past the longest chain of the
     prompt's block keys it holds, by its KV events or this gateway's recent choices)
-    plus `queue_tokens` per request already pending there.
+    plus `queue_tokens` per request already pending there. Most pending requests are
+    decoding, which delays a new prefill by about one decode step, so the charge is
+    small (128 by default): with 512, one extra running request outweighed a turn's
+    cached history and split conversations across instances (bench/prefix_routing.py).
 
     When load is skewed (the best-scored instance has more than twice the pending
     requests of the least-loaded one, plus `skew_slack`) the least-loaded one is taken
@@ -88,7 +91,7 @@ class CacheAware(RouterPolicy):
 
     name = "cache-aware"
 
-    def __init__(self, index: PrefixIndex | None = None, queue_tokens: int = 512, skew_slack: int = 4) -> None:
+    def __init__(self, index: PrefixIndex | None = None, queue_tokens: int = 128, skew_slack: int = 4) -> None:
         self.index = index if index is not None else PrefixIndex()
         self.queue_tokens = queue_tokens
         self.skew_slack = skew_slack
@@ -132,10 +135,11 @@ class CacheAware(RouterPolicy):
 POLICIES: dict[str, type[RouterPolicy]] = {cls.name: cls for cls in (CacheAware, LeastLoaded, RoundRobin)}
 
 
-def make_policy(name: str, index: PrefixIndex | None = None) -> RouterPolicy:
-    """A policy by `--router` name; cache-aware routing reads (and notes guesses in) `index`."""
+def make_policy(name: str, index: PrefixIndex | None = None, queue_tokens: int = 128) -> RouterPolicy:
+    """A policy by `--router` name; cache-aware routing reads (and notes guesses in)
+    `index` and charges `queue_tokens` prompt tokens per pending request."""
     if name == CacheAware.name:
-        return CacheAware(index)
+        return CacheAware(index, queue_tokens=queue_tokens)
     try:
         return POLICIES[name]()
     except KeyError:

@@ -1,13 +1,15 @@
-"""A whole rtpllm stack as child processes: NATS, Redis, workers, gateway.
+"""A whole rtpllm stack as child processes: NATS, Redis, optionally the host's kvstore,
+workers, gateway.
 
 `rtpllm up` runs one in the foreground; integration tests start them with a tiny model.
 Stop order is gateway (stops taking requests, cancels what it runs), workers (drain),
-then Redis and NATS.
+the kvstore, then Redis and NATS.
 """
 
 from __future__ import annotations
 
 import itertools
+import threading
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +26,8 @@ from rtpllm.runtime.processes import (
     start_redis,
     wait_until,
 )
+
+KVSTORE_READY_LINE = "kvstore ready"  # services/kvstore/main.py logs it once it serves
 
 
 @dataclass
@@ -44,6 +48,10 @@ class StackConfig:
     nats_port: int = 0
     redis_port: int = 0
     use_redis: bool = True
+    # One kvstore process (`rtpllm serve kvstore`, with kvstore_args) started before the
+    # engines; give the engines `--kvstore` (worker_args) to use it.
+    kvstore: bool = False
+    kvstore_args: list[str] = field(default_factory=list)
     worker_args: list[str] = field(default_factory=list)
     gateway_args: list[str] = field(default_factory=list)
     log_dir: Path | None = None  # one log file per child; else output goes to `echo`
@@ -59,6 +67,7 @@ class Stack:
         self.nats: ManagedProcess | None = None
         self.redis: ManagedProcess | None = None
         self.gateway: ManagedProcess | None = None
+        self.kvstore: ManagedProcess | None = None
         self.workers: list[ManagedProcess] = []
         self.nats_url = ""
         self.redis_url: str | None = None
@@ -94,6 +103,20 @@ class Stack:
         if c.use_redis:
             self.redis, self.redis_url = start_redis(c.redis_port, log_path=self._log("redis"), echo=c.echo)
 
+    def start_kvstore(self, extra_args: Sequence[str] = (), timeout: float = 60.0) -> ManagedProcess:
+        """Start the kvstore and wait until it serves (its ready line)."""
+        argv = rtpllm_command("serve", "kvstore", *self._bus_flags(), *self.config.kvstore_args, *extra_args)
+        ready = threading.Event()
+        proc = ManagedProcess("kvstore", argv, log_path=self._log("kvstore"), echo=self.config.echo)
+        proc.on_line(lambda line: ready.set() if KVSTORE_READY_LINE in line else None)
+        self.kvstore = proc.start()
+        try:
+            wait_until(ready.is_set, timeout, "the kvstore", [proc], 0.05)
+        except BaseException:
+            proc.stop(5)
+            raise
+        return proc
+
     def add_worker(self, extra_args: Sequence[str] = (), role: str = "worker") -> ManagedProcess:
         """Start an engine service: a combined worker, or a prefill or decode instance."""
         name = f"{role}-{next(self._worker_ids)}"
@@ -126,6 +149,8 @@ class Stack:
         """Start everything (returns at once; call wait_ready)."""
         try:
             self.start_infra()
+            if self.config.kvstore:
+                self.start_kvstore()
             self.add_engines()
             self.start_gateway()
         except BaseException:
@@ -175,7 +200,7 @@ class Stack:
             served, prefill = self.live_counts()
             return served >= want and prefill >= want_prefill
 
-        watch = [p for p in (self.nats, self.redis, self.gateway, *self.workers) if p is not None]
+        watch = [p for p in (self.nats, self.redis, self.kvstore, self.gateway, *self.workers) if p is not None]
         what = f"{want} decode and {want_prefill} prefill instance(s)" if self.disaggregated else f"{want} worker(s)"
         wait_until(ready, timeout, f"{what} behind the gateway", watch, 0.2, on_tick)
 
@@ -188,7 +213,7 @@ class Stack:
             proc.signal(15)  # all drain in parallel
         for proc in self.workers:
             proc.stop(timeout)
-        for proc in (self.redis, self.nats):
+        for proc in (self.kvstore, self.redis, self.nats):
             if proc is not None:
                 proc.stop(5)
 

@@ -22,6 +22,7 @@ class GatewaySettings:
     served_model_name: str | None = None
     gateway_id: str = ""
     router: str = "cache-aware"
+    router_queue_tokens: int = 128
     max_running: int = 1024
     max_queue: int = 1024
     request_timeout_s: float = 600.0
@@ -53,6 +54,26 @@ class WorkerSettings:
     kv_port: int = 0
     kv_backends: tuple[str, ...] = ("cuda_ipc", "shm", "tcp")
     kv_lease_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class KVStoreSettings:
+    """Everything `rtpllm serve kvstore` needs; see docs/kvstore.md for each field."""
+
+    host_id: str
+    nats_url: str = "nats://127.0.0.1:4222"
+    host_bytes: int = 4 << 30
+    ssd_dir: str | None = None
+    ssd_bytes: int = 16 << 30
+    redis_url: str | None = None  # the shared Redis tier; None: no Redis tier
+    redis_ttl_s: float = 3600.0
+    kv_host: str = "127.0.0.1"
+    kv_port: int = 0
+    staging_bytes: int = 256 << 20
+    transfer_lease_s: float = 10.0
+    heartbeat_interval_s: float = 1.0
+    lease_s: float = 3.0
+    nats_connect_timeout_s: float = 30.0
 
 
 def new_id(kind: str) -> str:

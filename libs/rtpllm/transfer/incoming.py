@@ -34,13 +34,14 @@ class IncomingTransfer:
 
     def __init__(
         self, receiver: KVReceiver, transfer_id: str, block_ids: np.ndarray, lease_s: float,
-        ready_event: torch.cuda.Event | None,
+        ready_event: torch.cuda.Event | None, allow_fewer: bool = False,
     ) -> None:  # fmt: skip
         loop = asyncio.get_running_loop()
         self.transfer_id = transfer_id
         self.block_ids = block_ids
         self.num_blocks = len(block_ids)
         self.lease_s = lease_s
+        self.allow_fewer = allow_fewer  # the sender may open it with a leading part only
         self.ready_event = ready_event  # CUDA: writes wait for the blocks' previous users
         self.backend = ""
         layers = receiver.layout.num_layers
@@ -99,6 +100,15 @@ class IncomingTransfer:
         self.backend = backend
         self._state = "open"
         self._t_open = time.perf_counter()
+
+    def shrink(self, num_blocks: int) -> None:
+        """At open, before any frame: the transfer covers only its first `num_blocks`
+        positions (allowed with `allow_fewer`); blocks past them are never written."""
+        assert self._state == "expected" and 1 <= num_blocks <= self.num_blocks
+        self.block_ids = self.block_ids[:num_blocks]
+        self.num_blocks = num_blocks
+        self._claimed = np.ascontiguousarray(self._claimed[:, :num_blocks])
+        self._verified = np.ascontiguousarray(self._verified[:, :num_blocks])
 
     def hold(self, obj: object, one_sided_writes: bool = False) -> None:
         """Keep `obj` alive as long as the transfer; `one_sided_writes`: the sender writes

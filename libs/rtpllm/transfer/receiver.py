@@ -125,9 +125,14 @@ class KVReceiver:
             host = socket.gethostname()
         return KVEndpoint(host, self.port, local_host_id(), str(self.pool.device), list(self.backends))
 
-    def expect(self, transfer_id: str, block_ids: Sequence[int], lease_s: float) -> IncomingTransfer:
+    def expect(
+        self, transfer_id: str, block_ids: Sequence[int], lease_s: float, *, allow_fewer: bool = False
+    ) -> IncomingTransfer:
         """Register that transfer `transfer_id` fills pool blocks `block_ids` (position i
         of the transfer -> block block_ids[i]); it must complete within `lease_s` seconds.
+        `allow_fewer`: the sender may open it with fewer blocks, which then fill the
+        leading positions only (the kvstore sends what it has of a prefix); the transfer
+        is complete when those have landed, `num_blocks` tells how many.
         Call from the receiver's event loop. CUDA: writes into the blocks wait for the
         work enqueued so far on the calling thread's current stream (the blocks' previous
         users: call it where the engine's stream is current, the default stream unless
@@ -145,7 +150,7 @@ class KVReceiver:
         if len(np.unique(ids)) != len(ids):
             raise ValueError("block ids of one transfer must be distinct")
         self._gone.pop(transfer_id, None)
-        transfer = IncomingTransfer(self, transfer_id, ids, lease_s, self.pool.engine_event())
+        transfer = IncomingTransfer(self, transfer_id, ids, lease_s, self.pool.engine_event(), allow_fewer)
         self._expected[transfer_id] = transfer
         return transfer
 

@@ -231,6 +231,8 @@ class RecvLink:
                 Error(tid, TransferRefused.code, f"transfer {tid!r} is already open on another connection")
             )
             return
+        if transfer.allow_fewer and 1 <= frame.num_blocks < transfer.num_blocks:
+            transfer.shrink(frame.num_blocks)
         if frame.num_blocks != transfer.num_blocks:
             self.push(
                 Error(

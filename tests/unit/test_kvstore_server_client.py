@@ -1,0 +1,379 @@
+"""The kvstore service and its engine-side client, in one process over a real nats-server
+and real data-plane sockets: blocks stored by one engine pool come back bit for bit into
+another; a get stops at the first missing key; staging space and leases are given back;
+a kvstore that is gone, refuses or never completes is a miss, never an exception."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+import torch
+
+from rtpllm import LLM, SamplingParams
+from rtpllm.config import OffloadConfig
+from rtpllm.kvstore import HostTier, TieredKVStore
+from rtpllm.kvstore.client import RemoteKVStore
+from rtpllm.kvstore.service import KVStoreServer, KVStoreServerConfig
+from rtpllm.protocol import subjects
+from rtpllm.protocol.convert import layout_spec
+from rtpllm.protocol.messages import (
+    DataPlaneEndpoint,
+    KVLayoutSpec,
+    KVStoreGet,
+    KVStoreGetReply,
+    KVStoreHeartbeat,
+    KVStorePut,
+    KVStorePutReply,
+    decode,
+    encode,
+)
+from rtpllm.runtime.processes import ManagedProcess, start_nats
+from rtpllm.serving.bus import connect_nats
+from rtpllm.transfer import KVLayout
+
+pytestmark = pytest.mark.timeout(60)
+
+NS = b"kvstore-test-ns-"
+HOST = "test-host"
+
+
+def make_pool(num_blocks: int, seed: int) -> torch.Tensor:
+    kv = torch.empty(2, 2, num_blocks + 1, 4, 2, 8, dtype=torch.float32)
+    kv.view(torch.int32).random_(generator=torch.Generator().manual_seed(seed))
+    return kv
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int32)
+
+
+def keys(n: int, tag: int = 0) -> list[bytes]:
+    return [bytes([tag, i]) + os.urandom(14) for i in range(n)]
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+class ServerThread:
+    """A KVStoreServer on its own event loop thread (the test thread plays the engine)."""
+
+    def __init__(self, nats_url: str, **config: Any) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.store = TieredKVStore(HostTier(64 << 20))
+        self.server: KVStoreServer = self.call(self._start(nats_url, KVStoreServerConfig(host_id=HOST, **config)))
+
+    async def _start(self, url: str, config: KVStoreServerConfig) -> KVStoreServer:
+        self.nc = await connect_nats(url, "kvstore-test", 5)
+        server = KVStoreServer(self.nc, self.store, config)
+        await server.start()
+        return server
+
+    def call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
+
+    def stop(self) -> None:
+        if not self.thread.is_alive():
+            return
+
+        async def stop() -> None:
+            await self.server.close()
+            await self.nc.close()
+
+        self.call(stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.store.close()
+
+
+@pytest.fixture(scope="module")
+def nats_url() -> Iterator[str]:
+    proc: ManagedProcess
+    proc, url = start_nats()
+    yield url
+    proc.stop(5)
+
+
+@pytest.fixture
+def server(nats_url: str) -> Iterator[ServerThread]:
+    s = ServerThread(nats_url, staging_bytes=4 * 2 * 2 * 4 * 2 * 8 * 4, transfer_lease_s=1.0)  # 4 staging blocks
+    yield s
+    s.stop()
+
+
+def client(nats_url: str, kv: torch.Tensor, **kw: Any) -> RemoteKVStore:
+    c = RemoteKVStore.connect(nats_url, HOST, kv, NS, wait_s=5, request_timeout_s=1.0, transfer_timeout_s=2.0, **kw)
+    assert c is not None
+    return c
+
+
+def test_blocks_round_trip_between_two_engine_pools(nats_url: str, server: ServerThread) -> None:
+    a_kv, b_kv = make_pool(16, seed=1), make_pool(16, seed=2)
+    before = b_kv.clone()
+    a, b = client(nats_url, a_kv), client(nats_url, b_kv)
+    try:
+        k = keys(10)
+        src = [3, 9, 0, 14, 7, 1, 12, 5, 2, 11]
+        layout = KVLayout.of(a_kv, NS)
+
+        def settled(n: int) -> Callable[[], bool]:
+            return lambda: len(server.store.host) == n and server.server.staging_free() == {layout: 4}
+
+        a.store_from(k[:6], src[:6])  # 6 blocks, 4 staging blocks: the last 2 are refused
+        wait_for(settled(4))
+        assert server.server.counters.refused_blocks == 2
+        a.store_from(k[:8], src[:8])  # the first 4 are held already
+        wait_for(settled(8))
+        a.store_from(k[8:], src[8:])
+        wait_for(settled(10))
+        assert b.lookup(k + keys(2, tag=1)) == ["host"] * 10
+        dst = [15, 4, 8, 6, 10, 13, 16, 1, 2, 0]  # 16: the scratch block is a block too
+        assert b.fetch_into(k, dst) == 10  # 4 staging blocks: three gets, `more` each time
+        assert torch.equal(bits(b_kv[:, :, dst]), bits(a_kv[:, :, src]))
+        others = [i for i in range(17) if i not in dst]
+        assert torch.equal(bits(b_kv[:, :, others]), bits(before[:, :, others]))
+        wait_for(lambda: server.server.counters.blocks_sent == 10)  # the last Done may trail
+        assert server.server.counters.gets == 3 and server.server.staging_free() == {layout: 4}
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_get_stops_at_the_first_missing_key(nats_url: str, server: ServerThread) -> None:
+    a_kv, b_kv = make_pool(8, seed=3), make_pool(8, seed=4)
+    before = b_kv.clone()
+    a, b = client(nats_url, a_kv), client(nats_url, b_kv)
+    try:
+        k = keys(4)
+        a.store_from(k[:2], [5, 6])
+        a.store_from(k[3:], [7])  # key 2 is missing
+        wait_for(lambda: len(server.store.host) == 3)
+        assert b.lookup(k) == ["host", "host"]
+        assert b.fetch_into(k, [1, 2, 3, 4]) == 2
+        assert torch.equal(bits(b_kv[:, :, [1, 2]]), bits(a_kv[:, :, [5, 6]]))
+        assert torch.equal(bits(b_kv[:, :, [3, 4]]), bits(before[:, :, [3, 4]]))
+        assert b.fetch_into(keys(3, tag=2), [1, 2, 3]) == 0  # nothing there: no transfer opened
+        a.store_from(k[:2], [5, 6])  # held already: the kvstore asks for nothing
+        assert server.server.counters.blocks_stored == 3
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_full_outbox_drops_stores_instead_of_waiting(nats_url: str, server: ServerThread) -> None:
+    kv = make_pool(8, seed=8)
+    c = client(nats_url, kv, outbox_bytes=2 * 1024)  # two blocks of 1 KiB
+    try:
+        k = keys(3)
+        c.store_from(k, [1, 2, 3])  # returns at once: the third block finds no outbox room
+        assert c.counters["outbox_full"] == 1
+        wait_for(lambda: len(server.store.host) == 2 and c._outbox.num_free == 2)
+        assert c.lookup(k) == ["host", "host"]
+        c.store_from(k[2:], [3])  # room again
+        wait_for(lambda: len(server.store.host) == 3)
+    finally:
+        c.close()
+
+
+def test_a_put_never_sent_is_dropped_after_its_lease(nats_url: str, server: ServerThread) -> None:
+    kv = make_pool(4, seed=5)
+    spec = layout_spec(KVLayout.of(kv, NS))
+
+    async def put_and_vanish() -> KVStorePutReply:
+        nc = await connect_nats(nats_url, "vanishing-engine", 5)
+        try:
+            subject = subjects.kvstore_subject(HOST, subjects.KVStoreOp.PUT)
+            msg = await nc.request(subject, encode(KVStorePut(layout=spec, keys=keys(3))), timeout=2)
+            return decode(msg.data, KVStorePutReply)
+        finally:
+            await nc.close()
+
+    reply = asyncio.run(put_and_vanish())
+    assert reply.positions == [0, 1, 2] and reply.endpoint is not None and reply.lease_s == 1.0
+    layout = KVLayout.of(kv, NS)
+    assert server.server.staging_free()[layout] == 1  # three held for the transfer
+    wait_for(lambda: server.server.staging_free()[layout] == 4, timeout=3)  # lease (1 s) over: reused
+    assert server.server.counters.failed_transfers == 1
+    assert len(server.store.host) == 0
+
+
+def test_bad_requests_get_an_error_reply(nats_url: str, server: ServerThread) -> None:
+    bad = KVLayoutSpec(namespace=NS, num_layers=2, block_size=4, num_kv_heads=2, head_dim=8, dtype="Tensor")
+    endpoint = DataPlaneEndpoint(host="127.0.0.1", port=1, host_id="h", device="cpu", backends=["tcp"])
+
+    async def ask() -> tuple[KVStorePutReply, KVStoreGetReply]:
+        nc = await connect_nats(nats_url, "bad-engine", 5)
+        try:
+            put = await nc.request(subjects.kvstore_subject(HOST, "put"), encode(KVStorePut(layout=bad, keys=keys(1))), timeout=2)
+            get_msg = KVStoreGet(layout=bad, keys=keys(1), endpoint=endpoint, transfer_id="t", lease_s=1)
+            get = await nc.request(subjects.kvstore_subject(HOST, "get"), encode(get_msg), timeout=2)
+            return decode(put.data, KVStorePutReply), decode(get.data, KVStoreGetReply)
+        finally:
+            await nc.close()
+
+    put, get = asyncio.run(ask())
+    assert put.error is not None and "dtype" in put.error.message
+    assert get.error is not None and get.count == 0
+
+
+def test_no_kvstore_is_none_and_a_dead_one_is_a_miss(nats_url: str) -> None:
+    kv = make_pool(8, seed=6)
+    t0 = time.monotonic()
+    assert RemoteKVStore.connect(nats_url, "nobody-here", kv, NS, wait_s=0.5) is None
+    assert time.monotonic() - t0 < 3
+    server = ServerThread(nats_url)
+    c = client(nats_url, kv, down_backoff_s=0.5)
+    try:
+        k = keys(2)
+        c.store_from(k, [1, 2])
+        wait_for(lambda: len(server.store.host) == 2)
+        server.stop()
+        before = kv.clone()
+        t0 = time.monotonic()
+        assert c.lookup(k) == []  # no responders: a miss, at once
+        assert c.fetch_into(k, [3, 4]) == 0  # within the back-off: not even asked
+        c.store_from(k, [3, 4])
+        assert time.monotonic() - t0 < 1.0
+        assert torch.equal(bits(kv), bits(before))
+        assert not c.available and c.counters["failures"] >= 1 and c.counters["skipped"] >= 2
+        # A kvstore that comes back is used again (its heartbeat makes it available).
+        server = ServerThread(nats_url)
+        wait_for(lambda: c.available, timeout=3)
+        c.store_from(k, [1, 2])
+        wait_for(lambda: len(server.store.host) == 2)
+        assert c.lookup(k) == ["host", "host"]
+    finally:
+        c.close()
+        server.stop()
+
+
+def test_a_hung_or_lying_kvstore_is_a_miss_within_the_timeouts(nats_url: str) -> None:
+    """A fake kvstore that answers pings, never answers lookups, and promises blocks on a
+    get that it never sends."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    async def fake() -> Any:
+        nc = await connect_nats(nats_url, "fake-kvstore", 5)
+        beat = KVStoreHeartbeat(host_id=HOST, kvstore_id="fake", seq=1, lease_s=30.0)
+
+        async def on_ping(msg: Any) -> None:
+            await msg.respond(encode(beat))
+
+        async def on_get(msg: Any) -> None:
+            await msg.respond(encode(KVStoreGetReply(count=2)))
+
+        async def ignore(msg: Any) -> None:
+            pass
+
+        await nc.subscribe(subjects.kvstore_subject(HOST, "ping"), cb=on_ping)
+        await nc.subscribe(subjects.kvstore_subject(HOST, "lookup"), cb=ignore)
+        await nc.subscribe(subjects.kvstore_subject(HOST, "get"), cb=on_get)
+        return nc
+
+    nc = asyncio.run_coroutine_threadsafe(fake(), loop).result(10)
+    kv = make_pool(8, seed=9)
+    before = kv.clone()
+    c = RemoteKVStore.connect(nats_url, HOST, kv, NS, wait_s=5, request_timeout_s=0.3, transfer_timeout_s=0.5, down_backoff_s=0.2)
+    assert c is not None
+    try:
+        t0 = time.monotonic()
+        assert c.lookup(keys(2)) == []
+        assert 0.25 < time.monotonic() - t0 < 2
+        time.sleep(0.3)  # the back-off
+        t0 = time.monotonic()
+        assert c.fetch_into(keys(2), [1, 2]) == 0  # promised, never sent: the lease ends it
+        assert time.monotonic() - t0 < 3
+        assert torch.equal(bits(kv), bits(before)) and c.counters["failures"] == 2
+        assert not c._broken, "slow answers are failures, not a stuck client"
+    finally:
+        c.close()
+        asyncio.run_coroutine_threadsafe(nc.close(), loop).result(5)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+
+
+def test_messages_carry_the_layout(nats_url: str) -> None:
+    kv = make_pool(2, seed=7)
+    spec = layout_spec(KVLayout.of(kv, NS))
+    assert msgspec.structs.asdict(spec) == {
+        "namespace": NS, "num_layers": 2, "block_size": 4, "num_kv_heads": 2, "head_dim": 8, "dtype": "float32",
+    }  # fmt: skip
+
+
+# -- engines using the kvstore (KVOffload with a RemoteKVStore) ---------------------------
+
+PARAMS = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+PROMPT = [(13 * i + 5) % 300 for i in range(64)] + [1, 2, 3]  # 8 full blocks of 8
+
+
+def engine(ckpt: Path, nats_url: str, **offload: Any) -> LLM:
+    config = OffloadConfig(kvstore_nats_url=nats_url, kvstore_wait_s=offload.pop("wait_s", 5.0), **offload)
+    return LLM(str(ckpt), device="cpu", block_size=8, num_blocks=24, max_num_batched_tokens=128, offload=config)
+
+
+def test_an_engine_restores_what_another_wrote_through(tiny_llama: Path, nats_url: str) -> None:
+    reference = LLM(str(tiny_llama), device="cpu", block_size=8, num_blocks=24).generate([PROMPT], PARAMS)[0]
+    server = ServerThread(nats_url)
+    a = engine(tiny_llama, nats_url, kvstore_host_id=HOST)
+    b = engine(tiny_llama, nats_url, kvstore_host_id=HOST)
+    try:
+        assert a.engine.offload is not None and a.engine.offload.store is None  # no tiers of its own
+        assert a.engine.offload.write_through, "on by default with a kvstore"
+        out_a = a.generate([PROMPT], PARAMS)[0]
+        assert out_a.num_cached_tokens == 0
+        wait_for(lambda: len(server.store.host) >= 8)
+        out_b = b.generate([PROMPT], PARAMS)[0]
+        assert out_b.num_cached_tokens == 64, "every full block came from the kvstore"
+        assert out_b.outputs[0].token_ids == out_a.outputs[0].token_ids == reference.outputs[0].token_ids
+        assert b.engine.offload is not None and b.engine.offload.stats.restored_blocks["host"] == 8
+        assert b.engine.stats().tier_hit_tokens["host"] == 64
+    finally:
+        a.engine.close()
+        b.engine.close()
+        server.stop()
+
+
+def test_without_a_kvstore_the_engine_falls_back_to_its_own_tiers(tiny_llama: Path, nats_url: str) -> None:
+    own = engine(tiny_llama, nats_url, kvstore_host_id="nobody-here", host_bytes=1 << 20, wait_s=0.3)
+    assert own.engine.offload is not None and own.engine.offload.store is not None
+    assert not own.engine.offload.write_through, "in-process host memory only: nobody else reads it"
+    own.engine.close()
+    none = engine(tiny_llama, nats_url, kvstore_host_id="nobody-here", wait_s=0.3)
+    assert none.engine.offload is None
+
+
+def test_evicted_blocks_are_demoted_to_the_kvstore_and_come_back(tiny_llama: Path, nats_url: str) -> None:
+    prompts = [[(13 * i + 5 + 31 * j) % 300 for i in range(64)] + [1, 2, 3] for j in range(4)]
+    ref = LLM(str(tiny_llama), device="cpu", block_size=8, num_blocks=24)
+    expected = [ref.generate([p], PARAMS)[0].outputs[0].token_ids for p in prompts]
+    server = ServerThread(nats_url)
+    llm = engine(tiny_llama, nats_url, kvstore_host_id=HOST, write_through=False)
+    try:
+        offload = llm.engine.offload
+        assert offload is not None and isinstance(offload.tiers, RemoteKVStore)
+        for j in [0, 1, 2, 3, 0, 2, 1, 3, 0]:  # 24 blocks hold about two: each evicts others
+            assert offload.tiers.flush(), "stores are asynchronous: let them land first"
+            out = llm.generate([prompts[j]], PARAMS)[0]
+            assert out.outputs[0].token_ids == expected[j], j
+        assert offload.stats.demoted_blocks > 0
+        assert offload.stats.restored_blocks["host"] > 0 and offload.stats.offered_blocks == 0, (
+            offload.stats, offload.tiers.stats(), server.server.counters, len(server.store.host)
+        )
+    finally:
+        llm.engine.close()
+        server.stop()
