@@ -55,9 +55,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from serving_bench import new_client, pct, raise_interrupt, redis_installed, strict_json
 
 from rtpllm.loader.random_checkpoint import LLAMA_3_1_8B_SHAPE, TINY_SHAPE, make_config
-from rtpllm.runtime.processes import redis_server_binary
 from rtpllm.runtime.stack import Stack, StackConfig
 from rtpllm.tokenizer.byte_tokenizer import write_byte_tokenizer
 
@@ -182,11 +182,6 @@ async def stream_request(client: httpx.AsyncClient, url: str, body: bytes, log: 
                     log.error = line[6:306]
     except httpx.HTTPError as exc:
         log.error = f"{type(exc).__name__}: {exc}"
-
-
-def new_client() -> httpx.AsyncClient:
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    return httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(600.0, connect=30.0))
 
 
 def long_schedule(load: Load, model: str, key: str) -> tuple[list[float], list[bytes]]:
@@ -353,13 +348,6 @@ def counters_delta(after: dict[str, Any], before: dict[str, Any]) -> dict[str, A
 # -- statistics ------------------------------------------------------------------------------
 
 
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def summarize(topology: str, phase: str, logs: PhaseLogs, load: Load) -> dict[str, Any]:
     lo, hi = logs.window
     gaps = [
@@ -482,17 +470,6 @@ def machine() -> dict[str, Any]:
         "cores": os.cpu_count(),
         "gpus": gpus,
     }
-
-
-def strict_json(value: Any) -> Any:
-    """NaN (nothing measured) as null: json.dumps would write NaN, which is not JSON."""
-    if isinstance(value, float) and value != value:
-        return None
-    if isinstance(value, dict):
-        return {k: strict_json(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [strict_json(v) for v in value]
-    return value
 
 
 def fmt_ms(value: float) -> str:
@@ -618,26 +595,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def redis_installed() -> bool:
-    # Redis is only checked for readiness by the services so far; machines without it can skip it.
-    try:
-        redis_server_binary()
-    except FileNotFoundError:
-        return False
-    return True
-
-
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     model, shape = SHAPES[args.shape]
     log_root = args.log_dir or Path(tempfile.mkdtemp(prefix="rtpllm-pd-logs-"))
     rows: list[dict[str, Any]] = []
     failures: dict[str, str] = {}
-    signal.signal(signal.SIGTERM, _raise_interrupt)  # stop the stacks on SIGTERM as on Ctrl-C
+    signal.signal(signal.SIGTERM, raise_interrupt)  # stop the stacks on SIGTERM as on Ctrl-C
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="rtpllm-pd-model-") as tmp:
         model_dir = write_model_dir(Path(tmp) / model, args.shape)

@@ -62,6 +62,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from serving_bench import new_client, pct, raise_interrupt, redis_installed, strict_json
 
 from rtpllm.loader.random_checkpoint import (
     LLAMA_3_1_8B_SHAPE,
@@ -72,7 +73,6 @@ from rtpllm.loader.random_checkpoint import (
 )
 from rtpllm.protocol import subjects
 from rtpllm.protocol.messages import GenerateRequest, decode
-from rtpllm.runtime.processes import redis_server_binary
 from rtpllm.runtime.stack import Stack, StackConfig
 from rtpllm.serving.bus import connect_nats
 from rtpllm.tokenizer.byte_tokenizer import write_byte_tokenizer
@@ -239,11 +239,6 @@ def build_workload(w: Workload, model: str) -> list[Conversation]:
 _JSON = {"content-type": "application/json"}
 
 
-def new_client() -> httpx.AsyncClient:
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    return httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(600.0, connect=30.0))
-
-
 async def send(client: httpx.AsyncClient, url: str, body: bytes, log: TurnLog) -> None:
     """POST one streamed completion: stamp the first content chunk and read the usage
     chunk. Content chunks are found by string search, not parsed: the client shares the
@@ -402,13 +397,6 @@ def cpu_seconds(pids: list[int]) -> tuple[float, float]:
 # -- statistics ------------------------------------------------------------------------------
 
 
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def summarize(policy: str, logs: list[TurnLog]) -> dict[str, Any]:
     ok = [log for log in logs if log.error is None and log.done is not None]
     ttft = [log.first - log.sent for log in ok if log.first is not None]
@@ -548,17 +536,6 @@ def say(message: str) -> None:
     print(f"prefix_routing: {message}", flush=True)
 
 
-def strict_json(value: Any) -> Any:
-    """NaN (nothing measured) as null: json.dumps would write NaN, which is not JSON."""
-    if isinstance(value, float) and value != value:
-        return None
-    if isinstance(value, dict):
-        return {k: strict_json(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [strict_json(v) for v in value]
-    return value
-
-
 def fmt(value: float, spec: str = ".1f") -> str:
     return "-" if value != value else format(value, spec)  # NaN: nothing measured
 
@@ -682,26 +659,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def redis_installed() -> bool:
-    # Redis is only checked for readiness by the services so far; machines without it can skip it.
-    try:
-        redis_server_binary()
-    except FileNotFoundError:
-        return False
-    return True
-
-
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     _, model, dims = SHAPES[args.shape]
     log_root = args.log_dir or Path(tempfile.mkdtemp(prefix="rtpllm-routing-logs-"))
     rows: list[dict[str, Any]] = []
     failures: dict[str, str] = {}
-    signal.signal(signal.SIGTERM, _raise_interrupt)  # stop the stacks on SIGTERM as on Ctrl-C
+    signal.signal(signal.SIGTERM, raise_interrupt)  # stop the stacks on SIGTERM as on Ctrl-C
     started = time.monotonic()
     w = Workload(
         conversations=args.conversations, turns=args.turns, system_prompts=args.system_prompts,
