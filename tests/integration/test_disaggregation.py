@@ -193,7 +193,7 @@ def test_prefill_killed_mid_transfer(fault_pd: Stack, fault_client: openai.OpenA
             if item["role"] == "prefill" and item["load"]["num_held_kv"] > 0:
                 busy = iid
         time.sleep(0.1)
-    assert busy is not None, f"no prefill instance holds KV: {before}"
+    assert busy is not None, f"no prefill instance holds KV: {instances(fault_pd)}"
     start = time.monotonic()
     fault_pd.worker_by_instance(busy).signal(signal.SIGKILL)
     thread.join(30)

@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 class DecodeConfig:
     local_prefill_below: int = 512  # uncached prompt tokens below which we prefill here
     transfer_lease_s: float = 30.0  # a remote prefill + transfer must finish within this
-    submit_timeout_s: float = 2.0  # a prefill instance accepts a hand-off within this
+    submit_timeout_s: float = 5.0  # a prefill instance accepts a hand-off within this (as gateways wait for workers)
     max_attempts: int = 2  # prefill instances tried before prefilling here
 
 
@@ -84,7 +84,9 @@ class DecodeSide:
         self._model = model
         self._receiver = receiver
         self.config = config
-        self._prefills = InstanceRegistry()
+        # No tombstones: a prefill instance whose heartbeats were late (a loaded host) comes
+        # back with its next one instead of being shunned for good.
+        self._prefills = InstanceRegistry(tombstones=0)
         self._results: dict[str, asyncio.Future[PrefillResult]] = {}
         self._subs: list[Subscription] = []
         self._expire_task: asyncio.Task[None] | None = None
