@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -101,3 +102,17 @@ def ask(client: openai.OpenAI, prompt: list[int]) -> tuple[str, int]:
 def serving_ids(stack: Stack) -> set[str]:
     """Instance ids the gateway routes to now."""
     return {i["instance_id"] for i in httpx.get(f"{stack.url}/instances").json()["instances"]}
+
+
+def restart_one_worker(stack: Stack) -> None:
+    """Stop one serving worker (SIGTERM) and start a fresh one in its place; returns once
+    the gateway routes to exactly the two live workers again (the old one's lease ended)."""
+    before = serving_ids(stack)
+    victim = next(p for p in stack.workers if p.alive and stack.instance_ids[p.name] in before)
+    victim.stop(15)
+    stack.workers.remove(victim)  # stopped on purpose: not a failure for wait_ready
+    stack.add_worker()
+    stack.wait_ready(timeout=60, workers=2)
+    deadline = time.monotonic() + 10
+    while len(serving_ids(stack)) != 2 and time.monotonic() < deadline:
+        time.sleep(0.2)

@@ -181,7 +181,6 @@ def test_prefill_killed_mid_transfer(fault_pd: Stack, fault_client: openai.OpenA
             got["error"] = exc
         got["text"] = "".join(parts)
 
-    before = {iid: i for iid, i in instances(fault_pd).items() if i["role"] == "prefill"}
     thread = threading.Thread(target=consume)
     thread.start()
     assert first.wait(30), "no first token"

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from rtpllm.runtime.stack import Stack
-from tests.integration.support import ask, client_for, running_stack, serving_ids
+from tests.integration.support import ask, client_for, restart_one_worker, running_stack
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -38,15 +38,7 @@ def test_prefix_moves_between_instances_through_redis(tiered: Stack) -> None:
     assert 'tier="redis"' in metrics
 
     # Restart B (a new process, empty pool and host tier): Redis still has the prefix.
-    before = serving_ids(tiered)
-    victim = next(p for p in tiered.workers if p.alive and tiered.instance_ids[p.name] in before)
-    victim.stop(15)
-    tiered.workers.remove(victim)  # stopped on purpose: not a failure for wait_ready
-    tiered.add_worker()
-    tiered.wait_ready(timeout=60, workers=2)
-    deadline = time.monotonic() + 10
-    while len(serving_ids(tiered)) != 2 and time.monotonic() < deadline:  # the old one's lease
-        time.sleep(0.2)
+    restart_one_worker(tiered)
     hits = [ask(client, PROMPT + [3 + i])[1] for i in range(2)]  # one lands on the new instance
     assert min(hits) == 160, hits
 

@@ -17,7 +17,7 @@ from rtpllm.protocol import subjects
 from rtpllm.protocol.messages import KVStoreHeartbeat, KVStorePing, decode, encode
 from rtpllm.runtime.stack import Stack
 from rtpllm.serving.bus import connect_nats
-from tests.integration.support import ask, client_for, running_stack, serving_ids
+from tests.integration.support import ask, client_for, restart_one_worker, running_stack
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -68,15 +68,7 @@ def test_prefix_moves_between_workers_through_the_kvstore(shared: Stack) -> None
     assert 'tier="host"' in httpx.get(f"{shared.url}/metrics").text
 
     # Restart B (a new process, empty pool): the kvstore still has the prefix.
-    before = serving_ids(shared)
-    victim = next(p for p in shared.workers if p.alive and shared.instance_ids[p.name] in before)
-    victim.stop(15)
-    shared.workers.remove(victim)  # stopped on purpose: not a failure for wait_ready
-    shared.add_worker()
-    shared.wait_ready(timeout=60, workers=2)
-    deadline = time.monotonic() + 10
-    while len(serving_ids(shared)) != 2 and time.monotonic() < deadline:  # the old one's lease
-        time.sleep(0.2)
+    restart_one_worker(shared)
     hits = [ask(client, PROMPT + [3 + i])[1] for i in range(2)]  # one lands on the new worker
     assert min(hits) == 160, hits
 
