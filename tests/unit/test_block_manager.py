@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rtpllm.kvcache.block_hash import namespace_key
+from rtpllm.kvcache.block_hash import block_keys, namespace_key
 from rtpllm.kvcache.block_manager import BlockManager
 from rtpllm.kvcache.events import BlocksRemoved, BlocksStored
 
@@ -45,6 +45,8 @@ def test_prefix_hit_after_commit_and_free() -> None:
     assert run(bm, a)
     a_blocks = list(bm.block_table("a"))
     bm.free("a")
+    keys = block_keys(a.tokens, BS, bm.namespace)  # 2 full blocks; then one not cached
+    assert bm.cached_block_ids([*keys, b"elsewhere", keys[0]]) == a_blocks[:2]
     b = Req("b", list(range(8)) + [99, 98, 97])
     hit = bm.find_prefix(b)
     assert hit.num_tokens == 8

@@ -85,6 +85,33 @@ def test_a_tier_slower_than_recompute_is_not_used(tiny_llama: Path, reference: d
     assert engine.offload.stats.skipped_by_cost > 0
 
 
+def test_the_cost_model_can_be_bypassed(tiny_llama: Path, reference: dict[int, list[int]]) -> None:
+    """`use_cost_model = False` restores from a tier the cost model rejects (how
+    bench/kv_tiers.py times a restore against recomputing)."""
+    llm = make(tiny_llama, host_bytes=64 << 20, host_gb_per_s=1e-9, prefill_tokens_per_s=1000)
+    offload = llm.engine.offload
+    assert offload is not None
+    assert offload.worth_restoring(["host"] * 8) == 0
+    assert offload.prefill_rate == 1000 and offload.gb_per_s("host") == 1e-9
+    run(llm, SYSTEM + [1, 2, 3])
+    for other in OTHERS:
+        run(llm, other)
+    offload.use_cost_model = False
+    assert run(llm, SYSTEM + [1, 2, 3]) == (reference[0], 64)
+    assert offload.stats.restored_blocks["host"] == 8 and offload.stats.skipped_by_cost == 0
+
+
+def test_prefill_speed_is_learned_from_prefill_steps(tiny_llama: Path) -> None:
+    llm = make(tiny_llama, host_bytes=64 << 20)
+    offload = llm.engine.offload
+    assert offload is not None and offload.prefill_rate is None
+    assert offload.worth_restoring(["redis"] * 3) == 3, "unknown prefill speed: restore everything"
+    run(llm, OTHERS[0][:40])  # under 64 prompt tokens: too short to time
+    assert offload.prefill_rate is None
+    run(llm, OTHERS[1])
+    assert offload.prefill_rate is not None and offload.prefill_rate > 0
+
+
 def test_blocks_evicted_by_a_restore_are_stored_before_it_overwrites_them(tiny_llama: Path) -> None:
     """A restore takes free blocks that may still cache other prefixes: those must reach
     the tiers with their own KV, not the restored one (they come back right later)."""

@@ -78,6 +78,9 @@ class KVOffload:
         self.write_through = config.write_through if config.write_through is not None else shared
         self._gb_per_s = {"host": config.host_gb_per_s, "ssd": config.ssd_gb_per_s, "redis": config.redis_gb_per_s}
         self._prefill_rate = config.prefill_tokens_per_s  # tokens/s; learned when None
+        # False: restore whatever the tiers hold, however slow (a benchmark timing the
+        # restores the cost model would skip).
+        self.use_cost_model = True
         self.stats = OffloadStats()
         block_manager.track_blocks = True
 
@@ -127,7 +130,8 @@ class KVOffload:
         if not rest:
             return 0
         where = self.tiers.lookup(rest)
-        n = self._worth_restoring(where)
+        n = self.worth_restoring(where) if self.use_cost_model else len(where)
+        self.stats.skipped_by_cost += len(where) - n
         if n == 0:
             return 0
         parent = keys[have - 1] if have else None
@@ -145,22 +149,35 @@ class KVOffload:
             self.stats.restored_blocks[tier] += 1
         return good
 
-    def _worth_restoring(self, tiers: Sequence[str]) -> int:
-        """Leading blocks whose restore beats recomputing them (per block: bytes over the
-        tier's bandwidth vs block_size tokens over the prefill speed)."""
+    def worth_restoring(self, tiers: Sequence[str]) -> int:
+        """The cost model: how many leading blocks of a chain found in `tiers` (one tier
+        name per block, as `lookup` gives) are faster to restore than to recompute (per
+        block: bytes over the tier's bandwidth vs block_size tokens over the prefill
+        speed). Everything while the prefill speed is unknown."""
         rate = self._prefill_rate
-        recompute_s = self.bm.block_size / rate if rate else 0.0
+        if not rate:
+            return len(tiers)
+        recompute_s = self.bm.block_size / rate
         n = 0
         for tier in tiers:
-            restore_s = self.block_bytes / (self._gb_per_s[tier] * 1e9)
-            if rate and restore_s >= recompute_s:
-                self.stats.skipped_by_cost += len(tiers) - n
+            if self.block_bytes / (self._gb_per_s[tier] * 1e9) >= recompute_s:
                 break
             n += 1
         return n
 
+    @property
+    def prefill_rate(self) -> float | None:
+        """Prefill speed (tokens/s) the cost model uses: configured, else learned from
+        the engine's prefill steps; None before the first one."""
+        return self._prefill_rate
+
+    def gb_per_s(self, tier: str) -> float:
+        """Restore bandwidth of `tier` (GB/s) the cost model uses."""
+        return self._gb_per_s[tier]
+
     def observe_prefill(self, tokens: int, seconds: float) -> None:
-        """Learn the prefill speed from a step that ran `tokens` prompt tokens."""
+        """Learn the prefill speed from a step whose forward pass ran `tokens` prompt
+        tokens in `seconds` (device time: a launch returns before the GPU is done)."""
         if self.config.prefill_tokens_per_s is not None or tokens < 64 or seconds <= 0:
             return
         rate = tokens / seconds

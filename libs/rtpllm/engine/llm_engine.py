@@ -38,6 +38,34 @@ from rtpllm.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 
+class _StepClock:
+    """How long a launched step's forward pass and sampling took: on CUDA the device
+    time between two events (the launch returns long before the GPU is done, and with
+    async scheduling the step is read back in a later `step()`), on CPU the wall time
+    of the launch, which is the work."""
+
+    def __init__(self, cuda: bool) -> None:
+        self._events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
+        if cuda:
+            self._events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            self._events[0].record()
+        self._start = time.perf_counter()
+        self._seconds = 0.0
+
+    def stop(self) -> None:
+        if self._events is not None:
+            self._events[1].record()
+        else:
+            self._seconds = time.perf_counter() - self._start
+
+    def seconds(self) -> float:
+        """Once the step is read back (on CUDA this waits for its last kernel)."""
+        if self._events is None:
+            return self._seconds
+        self._events[1].synchronize()
+        return self._events[0].elapsed_time(self._events[1]) / 1e3
+
+
 @dataclass
 class _InFlight:
     """A launched step whose sampled tokens have not been read back yet."""
@@ -49,6 +77,9 @@ class _InFlight:
     # Recorded after the forward pass when a prefill-only request ran: its KV may be
     # read by another thread once this has completed (CUDA only).
     kv_written: torch.cuda.Event | None = None
+    # Times the step for the KV tiers' cost model (prompt tokens per second); only
+    # when there are tiers and the step ran prompt tokens.
+    clock: _StepClock | None = None
 
     def prev_tokens(self) -> PrevTokens | None:
         if self.sample is None:
@@ -411,7 +442,6 @@ class LLMEngine:
         if prev is not None and (not self.async_scheduling or self._needs_history()):
             self._finish(prev, touched)
             prev = self._in_flight = None
-        started = time.perf_counter()
         step = self.scheduler.schedule()
         self.preemptions_total += len(step.preempted)
         if self.offload is not None:
@@ -425,8 +455,6 @@ class LLMEngine:
             self._in_flight = None
         if self.offload is not None:
             self.offload.offer_committed()
-            prefill_tokens = step.num_tokens - step.num_decodes
-            self.offload.observe_prefill(prefill_tokens, time.perf_counter() - started)
         self._flush_events()
         outputs = handed + list(self._pending.values())
         self._pending.clear()
@@ -444,6 +472,8 @@ class LLMEngine:
     def _launch(self, step: SchedulerOutput, prev: _InFlight | None) -> _InFlight | None:
         """Run the forward pass and sampling of a step on the device, without waiting."""
         prev_tokens = prev.prev_tokens() if prev is not None else None
+        timed = self.offload is not None and step.num_tokens > step.num_decodes
+        clock = _StepClock(self.device.startswith("cuda")) if timed else None
         try:
             result = self.runner.execute(step, prev_tokens)
         except Exception as exc:  # a failed step must not hang its requests
@@ -457,14 +487,19 @@ class LLMEngine:
         sample = self.sampler.sample(result.logits, requests) if requests else None
         for req in requests:
             req.append_placeholder()
+        if clock is not None:
+            clock.stop()
         kv_written = None
         if self.device.startswith("cuda") and any(item.request.prefill_only for item in step.scheduled):
             kv_written = torch.cuda.Event()
             kv_written.record()
-        return _InFlight(step, requests, sample, result.prompt_logits, kv_written)
+        return _InFlight(step, requests, sample, result.prompt_logits, kv_written, clock)
 
     def _finish(self, flight: _InFlight, touched: dict[str, _Group]) -> None:
         """Read a launched step's results back and turn them into outputs."""
+        if flight.clock is not None and self.offload is not None:
+            step = flight.step
+            self.offload.observe_prefill(step.num_tokens - step.num_decodes, flight.clock.seconds())
         self._record_prompt_logprobs(flight.prompt_logits, touched)
         if flight.kv_written is not None:
             flight.kv_written.synchronize()  # the KV reported below is readable from any stream

@@ -119,13 +119,18 @@ class BlockManager:
         table = self._tables.setdefault(request.request_id, _Table())
         extend_block_keys(table.keys, tokens, self.block_size, self.namespace)
         max_blocks = (len(tokens) - 1) // self.block_size
-        hits: list[int] = []
-        for key in table.keys[:max_blocks]:
+        hits = self.cached_block_ids(table.keys[:max_blocks])
+        return PrefixHit(tuple(hits), len(hits) * self.block_size)
+
+    def cached_block_ids(self, keys: Sequence[bytes]) -> list[int]:
+        """Blocks caching the leading `keys` of a chain, up to the first one not cached."""
+        ids: list[int] = []
+        for key in keys:
             block_id = self._cached.get(key)
             if block_id is None:
                 break
-            hits.append(block_id)
-        return PrefixHit(tuple(hits), len(hits) * self.block_size)
+            ids.append(block_id)
+        return ids
 
     # -- allocation ------------------------------------------------------------------
 
