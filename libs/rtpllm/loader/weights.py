@@ -6,7 +6,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,6 +24,9 @@ class LoadStats:
     bytes_read: int
     seconds: float
     num_tensors: int
+    # Where the time went, when the loader measures it (fast_loader's ring path:
+    # RingTimings.as_dict()); for logs and bench/load.py.
+    detail: dict[str, float | int] = field(default_factory=dict)
 
     @property
     def gb_per_s(self) -> float:
