@@ -7,21 +7,22 @@ them (ring_loader for CUDA destinations, direct_loader for CPU ones; destination
 the byte views and cast temporaries both use).
 
 Execution, CUDA destinations ("ring" path). `num_threads` reader threads take extents in
-file order and os.preadv each into a free slot of a ring of pinned host buffers. A
-slot is allocated (pinned: huge pages + cudaHostRegister, see pinned.py) by the reader
-that first needs one while the ring is below `ring_depth` slots, concurrently with the
-other readers, so reading starts after one 16 MiB allocation, not the whole ring's;
-afterwards slots are only recycled, and unregistered when the load ends. The calling thread takes each finished slot and, on a side stream, copies every
-piece of it with non_blocking H2D copies: same-dtype pieces go straight into the
-parameter's bytes (no GPU staging buffer, so no second device copy), cast pieces into a
-temporary of the source dtype, cast into the parameter on the GPU once its last piece
-has arrived. An event recorded after the extent's copies hands the slot back to the
-readers when it fires, so reads of the next extents overlap the copies of the previous
-ones. Reads go through the page cache by default. `direct_io=None` reads each extent
-with O_DIRECT when a sampled mincore() says it is not in the page cache (no page-cache
-insertion; see file_reader), but on the H100 machine's disk that was slower cold, not
-faster: 11-14 s against 9.3 s buffered for 16 GB, whose kernel readahead and request
-merging beat 12 concurrent 16 MiB direct reads there (docs/benchmarks.md).
+file order; each reads an extent with os.preadv into one of its own pinned host slots
+(`ring_depth` / threads of them, allocated on first use, concurrently in every reader:
+huge pages + cudaHostRegister, see pinned.py), launches the extent's non_blocking H2D
+copies on the side stream of the destination's device, records an event and reads the
+next extent into its next slot; a slot is read into again once its event fired, so
+reads overlap copies. Same-dtype pieces go straight into the parameter's bytes (no GPU
+staging buffer, no second device copy); cast pieces go into a temporary of the source
+dtype, cast into the parameter on the GPU by the reader that copies its last piece (on
+the same stream as every piece's copy, so after them). The calling thread only counts
+finished extents for the progress bar, then waits for the streams. Readers launching
+their own copies replaced a single copying thread that every extent went through. Reads
+go through the page cache by default. `direct_io=None` reads each extent with O_DIRECT
+when a sampled mincore() says it is not in the page cache (no page-cache insertion; see
+file_reader), but on the H100 machine's disk that was slower cold, not faster: 10.5-15 s
+against 9.3-12 s buffered for 16 GB, whose kernel readahead and request merging beat 12
+concurrent direct reads there (docs/benchmarks.md).
 
 Execution, CPU destinations ("direct" path). Each extent is one scatter preadv straight
 into the destination tensors' memory (zero extra copies); cast tensors are read into a
@@ -29,21 +30,25 @@ temporary and cast when complete. `use_ring=True` sends CPU destinations through
 ring path instead (plain buffers, synchronous copies), which is how CPU tests exercise
 the ring pipeline.
 
-Where the time goes, Llama-3.1-8B bf16 on the H100 host (16 GB, 291 tensors, ~960
-extents of 16 MiB), warm page cache, per GB: page cache -> pinned memcpy inside preadv,
-12 threads at ~3.5 GB/s each (raw reads: 41 GB/s from 12 threads, 48 from 16) = ~24 ms;
-pinned -> GPU DMA at ~54 GB/s = ~19 ms, overlapped with the reads but sharing host
-memory bandwidth with them; Python on the calling thread ~60 extents x ~40 us (slicing,
-copy_ launch, event record/query) = ~2.5 ms, while the readers sit in preadv without the
-GIL; reader-side mincore samples ~5 us per extent. Per load: header parsing ~1 ms per
-shard, plan building ~1 ms, the ring's 256 MiB of pinned slots, and, outside this
-function, build_model's ~290 cudaMallocs. Pinning was the surprise: cudaHostAlloc runs
-at ~1.6 GB/s there and serializes across threads (~0.16 s for the ring, before the
-readers it delays), huge-page memory registered from the readers' threads at once at
-~8 GB/s (bench/pinned_alloc.py). Cold page cache: the disk (~1.3 GB/s there, ~770 ms per
-GB) is the whole cost, and memcpy, H2D and Python hide behind it. Defaults (12 readers,
-16 MiB extents, 16 slots, page cache) come from the bench/load.py sweeps on that machine
-(docs/benchmarks.md).
+Where the time goes, Llama-3.1-8B bf16 on the H100 host (16 GB, 291 tensors, ~1900
+extents of 8 MiB), warm page cache. Each byte crosses host memory three times: read from
+the page cache and written to a pinned slot (the memcpy inside preadv), then read by the
+GPU's DMA (54 GB/s alone). Raw parallel reads, which do only the first two, reach 36-52
+GB/s from 16 threads depending on the machine instance, so host memory bandwidth, not
+the disk cache, the PCIe link or Python, bounds a bounce-buffer loader at roughly 2/3 of
+that; ours runs at 55-60% of it (21-29 GB/s across instances; readers in preadv ~75% of
+the time, launching copies ~10%). Per load: header parsing ~1 ms per shard, plan
+building ~1 ms, pinning the 192 MiB ring, and, outside this function, build_model's ~290
+cudaMallocs. Pinning was a surprise: cudaHostAlloc runs at ~1.6 GB/s there and
+serializes across threads (~0.16 s for a 256 MiB ring, delaying the readers), while
+huge-page memory registered from several threads at once pins ~8 GB/s
+(bench/pinned_alloc.py). Cold page cache: the disk (~1.3-1.8 GB/s there) is the whole
+cost, and memcpy, H2D and Python hide behind it. Defaults (12 readers, 8 MiB extents, 2
+slots each, page cache) come from the bench/load.py sweeps on that machine
+(docs/benchmarks.md). Going past the bounce-buffer bound needs the GPU to read the page
+cache itself (GPUDirect Storage, or registering the page-cache pages), or slots small
+enough to stay in the CPU cache while the GPU reads them, which needs a per-extent launch
+far cheaper than Python's (2 and 4 MiB extents were slower: launching copies took ~40%).
 """
 
 from __future__ import annotations
@@ -74,9 +79,9 @@ def default_num_threads() -> int:
 
 
 def default_ring_depth(threads: int) -> int:
-    """Ring slots: one per reader plus a few in flight to the GPU (a 16 MiB H2D copy takes
-    ~0.3 ms against ~4 ms for its read, so slots come back quickly)."""
-    return threads + 4
+    """Ring slots: two per reader, so each reads its next extent while the GPU copies
+    its last one."""
+    return 2 * threads
 
 
 def load_checkpoint_fast(
@@ -102,7 +107,7 @@ def load_checkpoint_fast(
 
     `progress(done_bytes, total_bytes)` is called from this thread (see ProgressPrinter).
     `num_threads` readers (default: min(12, cores)); `extent_bytes` per read (a multiple
-    of 4 KiB); `ring_depth` host slots (default threads + 4); `direct_io` (ring path
+    of 4 KiB); `ring_depth` host slots (default 2 x threads); `direct_io` (ring path
     only): False (default) reads through the page cache, None reads extents that are not
     in the page cache with O_DIRECT, True always; `use_ring` forces the ring path for CPU
     destinations (tests).

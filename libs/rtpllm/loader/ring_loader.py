@@ -1,5 +1,5 @@
-"""CUDA destinations: reader threads fill a ring of pinned host buffers, the calling thread
-copies each filled buffer to the GPU asynchronously and recycles it when the copy is done.
+"""CUDA destinations: reader threads read extents into pinned host buffers of their own and
+each copies what it read to the GPU asynchronously, reusing a buffer once its copies are done.
 
 See fast_loader for the design and where the time goes. With only CPU destinations
 (tests) the same pipeline runs with plain buffers and synchronous copies.
@@ -12,9 +12,8 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ import torch
 
 from rtpllm.loader.destinations import CastAssembler, dest_bytes, host_view
 from rtpllm.loader.file_reader import CheckpointFile, read_into
-from rtpllm.loader.load_plan import ALIGN, LoadPlan, align_up
+from rtpllm.loader.load_plan import ALIGN, Extent, LoadPlan, align_up
 from rtpllm.loader.pinned import PinnedBuffer
 
 log = logging.getLogger(__name__)
@@ -33,8 +32,8 @@ class RingTimings:
     """Where one load's time went (seconds; reader figures are summed over the readers).
 
     A fast warm load has readers busy reading nearly all the time (read_s close to
-    readers x wall_s); slot_wait_s says readers waited for the copies (the H2D side is
-    the limit), consumer_wait_s that the copies waited for reads (the read side is).
+    readers x wall_s); slot_wait_s says readers waited for their buffers' copies to the
+    GPU (the H2D side is the limit), issue_s is the Python cost of launching the copies.
     """
 
     wall_s: float = 0.0
@@ -43,8 +42,8 @@ class RingTimings:
     slot_mib: float = 0.0
     alloc_s: float = 0.0  # allocating (pinning) ring slots, summed over readers
     read_s: float = 0.0  # inside preadv
-    slot_wait_s: float = 0.0  # readers blocked until a slot came back from the GPU copies
-    consumer_wait_s: float = 0.0  # the copying thread blocked on reads or copy events
+    slot_wait_s: float = 0.0  # readers blocked until their slot's copies to the GPU finished
+    issue_s: float = 0.0  # readers launching copies (and casts)
     direct_reads: int = 0
     extents: int = 0
 
@@ -52,8 +51,26 @@ class RingTimings:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in self.__dict__.items()}
 
 
+@dataclass
+class _Slot:
+    """One reader's host buffer and the copies still reading it."""
+
+    tensor: torch.Tensor
+    view: memoryview
+    aligned: bool  # O_DIRECT needs an ALIGN-aligned buffer
+    copies: list[torch.cuda.Event] = field(default_factory=list)
+
+
 class RingLoader:
-    """Reader threads fill a ring of host buffers; this thread copies them out (async for CUDA)."""
+    """Reader threads read extents into their own host buffers and copy them out (async for CUDA).
+
+    Each reader owns `depth // threads` slots (at least one) and cycles through them:
+    read an extent into the next slot, launch its copies to the destinations on the
+    shared side stream of each device, record an event, move on; a slot is read into
+    again only after its event fired. Readers launching their own copies keeps the
+    calling thread (and its GIL handoffs) off the path of every extent, which let the
+    ring shrink to buffers that stay in the CPU cache while the GPU reads them.
+    """
 
     def __init__(
         self,
@@ -66,100 +83,54 @@ class RingLoader:
     ):
         self.plan, self.files, self.progress = plan, files, progress
         self.threads = max(1, min(threads, len(plan.extents)))
+        self.slots_per_reader = max(1, depth // self.threads)
         self.cast = CastAssembler(plan)
         self.dest_bytes = {t: dest_bytes(t) for t in plan.tensors if t.direct and t.nbytes}
         self.devices = sorted({t.dest.device for t in plan.tensors if t.dest.device.type == "cuda"}, key=str)
-        self.depth = max(1, min(depth, len(plan.extents)))
         # Every slot must hold the largest extent rounded up to ALIGN, for O_DIRECT.
         self.slot_bytes = align_up(max((e.nbytes for e in plan.extents), default=ALIGN))
         self.pinned = bool(self.devices)
         self.direct_io = direct_io
-        # Slots are allocated on demand by the readers, so the first reads start after
-        # one slot's allocation instead of the whole ring's (pinning is slow).
-        self.slots: list[torch.Tensor] = []
-        self.views: list[memoryview] = []
-        self._buffers: list[PinnedBuffer] = []  # the pinned slots' owners, closed after run()
-        self.aligned: list[bool] = []
-        self._allocating = 0  # slots being allocated right now (outside the lock)
+        self.streams: dict[torch.device, torch.cuda.Stream] = {}
         self.timings = RingTimings(
             readers=self.threads, extents=len(plan.extents), slot_mib=self.slot_bytes / 2**20
         )
-        self._alloc_lock = threading.Lock()
-        self.free: queue.Queue[int | None] = queue.Queue()
-        self.done: queue.Queue[tuple[int, int, BaseException | None]] = queue.Queue()
+        self.done: queue.Queue[tuple[int, BaseException | None]] = queue.Queue()  # (bytes, error) per extent
         self.stop = threading.Event()
         self._next = iter(range(len(plan.extents)))
         self._next_lock = threading.Lock()
-
-    def _acquire_slot(self) -> int | None:
-        """A free slot, a new one while the ring is below its depth, else wait for one.
-
-        Readers allocate their slots concurrently (pinning 16 MiB takes milliseconds,
-        and serializing it delayed the last reader's first read by all the others');
-        a slot joins the ring under the lock once allocated.
-        """
-        try:
-            return self.free.get_nowait()
-        except queue.Empty:
-            pass
-        with self._alloc_lock:
-            grow = len(self.slots) + self._allocating < self.depth
-            if grow:
-                self._allocating += 1
-        if grow:
-            t0 = time.perf_counter()
-            try:
-                owner = PinnedBuffer(self.slot_bytes) if self.pinned else None
-                buf = owner.tensor if owner is not None else _plain_slot(self.slot_bytes)
-            except BaseException:
-                with self._alloc_lock:
-                    self._allocating -= 1
-                raise
-            view, aligned = host_view(buf), buf.data_ptr() % ALIGN == 0
-            with self._alloc_lock:
-                self._allocating -= 1
-                if owner is not None:
-                    self._buffers.append(owner)
-                self.views.append(view)
-                self.aligned.append(aligned)
-                self.slots.append(buf)  # last: the consumer may index it once a read reports it
-                self.timings.alloc_s += time.perf_counter() - t0
-                return len(self.slots) - 1
-        t0 = time.perf_counter()
-        slot = self.free.get()
-        self.timings.slot_wait_s += time.perf_counter() - t0  # a race loses a sample at worst
-        return slot
+        self._buffers: list[PinnedBuffer] = []  # pinned slots' owners, closed after run()
+        self._buffers_lock = threading.Lock()
 
     def run(self) -> None:
         t0 = time.perf_counter()
+        self.streams = {d: torch.cuda.Stream(device=d) for d in self.devices}
+        for dev, stream in self.streams.items():
+            # The destinations were allocated (and maybe written) on the current stream.
+            stream.wait_stream(torch.cuda.current_stream(dev))
         workers = [
             threading.Thread(target=self._reader, name=f"rtpllm-load-{i}", daemon=True)
             for i in range(self.threads)
         ]
-        streams = {d: torch.cuda.Stream(device=d) for d in self.devices}
-        for dev, stream in streams.items():
-            # The destinations were allocated (and maybe written) on the current stream.
-            stream.wait_stream(torch.cuda.current_stream(dev))
         for w in workers:
             w.start()
         try:
-            with contextlib.ExitStack() as ctx:
-                for stream in streams.values():
-                    ctx.enter_context(torch.cuda.stream(stream))
-                self._consume(streams)
+            done_bytes = 0
+            for _ in range(len(self.plan.extents)):
+                nbytes, err = self.done.get()
+                if err is not None:
+                    raise err
+                done_bytes += nbytes
+                if self.progress is not None:
+                    self.progress(done_bytes, self.plan.read_bytes)
         finally:
             self.stop.set()
-            for _ in workers:
-                self.free.put(None)  # wake readers blocked on a slot
             for w in workers:
                 w.join()
-            for dev, stream in streams.items():
+            for dev, stream in self.streams.items():
                 torch.cuda.current_stream(dev).wait_stream(stream)
                 stream.synchronize()
-            # Every copy out of the ring has finished: give the slots back.
-            self.timings.slots = len(self.slots)
-            self.views.clear()
-            self.slots.clear()
+            # Every copy out of the slots has finished: give them back.
             for buffer in self._buffers:
                 buffer.close()
             self._buffers.clear()
@@ -167,89 +138,89 @@ class RingLoader:
         log.debug("ring (%s slots): %s", "pinned" if self.pinned else "plain", self.timings.as_dict())
 
     def _reader(self) -> None:
-        idx = slot = -1
         try:
             if self.devices:  # pin slots from the destination's context, not device 0's
                 torch.cuda.set_device(self.devices[0])
+            with contextlib.ExitStack() as ctx:
+                for stream in self.streams.values():
+                    ctx.enter_context(torch.cuda.stream(stream))
+                self._read_extents()
+        except BaseException as exc:  # handed to the calling thread, which raises it
+            self.done.put((0, exc))
+
+    def _read_extents(self) -> None:
+        slots: list[_Slot] = []
+        turn = 0
+        mine = RingTimings()  # this reader's sums, added to the load's when it stops
+        try:
             while not self.stop.is_set():
                 with self._next_lock:
                     idx = next(self._next, -1)
                 if idx < 0:
                     return
-                got = self._acquire_slot()
-                if got is None or self.stop.is_set():
-                    return
-                slot = got
-                e = self.plan.extents[idx]
-                # An unaligned buffer (never seen with cudaHostAlloc) cannot take O_DIRECT.
-                direct = self.direct_io if self.aligned[slot] else False
+                if turn == len(slots):
+                    slots.append(self._new_slot(mine))
+                slot = slots[turn]
+                turn = (turn + 1) % self.slots_per_reader
                 t0 = time.perf_counter()
-                used_direct = read_into(
-                    self.files[e.path], self.views[slot], e.offset, e.nbytes, direct=direct
-                )
-                # Unlocked sums: only for the timings, a race loses a sample at worst.
-                self.timings.read_s += time.perf_counter() - t0
-                self.timings.direct_reads += used_direct
-                self.done.put((idx, slot, None))
-        except BaseException as exc:  # handed to the consuming thread, which raises it
-            self.done.put((idx, slot, exc))
-
-    def _consume(self, streams: dict[torch.device, torch.cuda.Stream]) -> None:
-        pending: deque[tuple[int, list[torch.cuda.Event]]] = deque()
-        done_bytes = 0
-        for _ in range(len(self.plan.extents)):
-            idx, slot, err = self._next_done(pending)
-            if err is not None:
-                raise err
-            e = self.plan.extents[idx]
-            src = self.slots[slot]
-            used: set[torch.device] = set()
-            for p in e.pieces:
-                t = p.tensor
-                if t.direct:
-                    dst = self.dest_bytes[t][p.tensor_offset : p.tensor_offset + p.nbytes]
-                else:
-                    dst = self.cast.temp(t)[p.tensor_offset : p.tensor_offset + p.nbytes]
-                on_cuda = dst.device.type == "cuda"
-                dst.copy_(src[p.extent_offset : p.extent_offset + p.nbytes], non_blocking=on_cuda)
-                if on_cuda:
-                    used.add(dst.device)
-                if not t.direct:
-                    self.cast.piece_done(t)
-            if used:
-                events = [torch.cuda.Event() for _ in used]
-                for ev, dev in zip(events, used, strict=True):
-                    ev.record(streams[dev])
-                pending.append((slot, events))
-            else:
-                self.free.put(slot)  # CPU copies are already done
-            # Recycle slots whose copies finished, without waiting.
-            while pending and all(ev.query() for ev in pending[0][1]):
-                self.free.put(pending.popleft()[0])
-            done_bytes += e.nbytes
-            if self.progress is not None:
-                self.progress(done_bytes, self.plan.read_bytes)
-
-    def _next_done(
-        self, pending: deque[tuple[int, list[torch.cuda.Event]]]
-    ) -> tuple[int, int, BaseException | None]:
-        # While no read has finished, free the oldest slot still copying: the readers
-        # may be waiting for exactly that slot.
-        t0 = time.perf_counter()
-        try:
-            while True:
-                try:
-                    return self.done.get_nowait()
-                except queue.Empty:
-                    pass
-                if not pending:
-                    return self.done.get()
-                slot, events = pending.popleft()
-                for ev in events:
+                for ev in slot.copies:
                     ev.synchronize()
-                self.free.put(slot)
+                e = self.plan.extents[idx]
+                t1 = time.perf_counter()
+                # An unaligned buffer (never seen with pinned slots) cannot take O_DIRECT.
+                direct = self.direct_io if slot.aligned else False
+                mine.direct_reads += read_into(
+                    self.files[e.path], slot.view, e.offset, e.nbytes, direct=direct
+                )
+                t2 = time.perf_counter()
+                slot.copies = self._copy_out(e, slot.tensor)
+                mine.slot_wait_s += t1 - t0
+                mine.read_s += t2 - t1
+                mine.issue_s += time.perf_counter() - t2
+                self.done.put((e.nbytes, None))
         finally:
-            self.timings.consumer_wait_s += time.perf_counter() - t0
+            with self._buffers_lock:
+                for name in ("slots", "alloc_s", "read_s", "slot_wait_s", "issue_s", "direct_reads"):
+                    setattr(self.timings, name, getattr(self.timings, name) + getattr(mine, name))
+
+    def _new_slot(self, mine: RingTimings) -> _Slot:
+        """A slot of this reader's (pinning runs concurrently in every reader)."""
+        t0 = time.perf_counter()
+        if self.pinned:
+            owner = PinnedBuffer(self.slot_bytes)
+            with self._buffers_lock:
+                self._buffers.append(owner)
+            buf = owner.tensor
+        else:
+            buf = _plain_slot(self.slot_bytes)
+        mine.slots += 1
+        mine.alloc_s += time.perf_counter() - t0
+        return _Slot(buf, host_view(buf), buf.data_ptr() % ALIGN == 0)
+
+    def _copy_out(self, e: Extent, src: torch.Tensor) -> list[torch.cuda.Event]:
+        """Launch the copies of extent `e` (in `src`) into its destinations; events that
+        fire when the CUDA ones are done (CPU copies are done on return)."""
+        used: set[torch.device] = set()
+        for p in e.pieces:
+            t = p.tensor
+            if t.direct:
+                dst = self.dest_bytes[t][p.tensor_offset : p.tensor_offset + p.nbytes]
+            else:
+                dst = self.cast.temp(t)[p.tensor_offset : p.tensor_offset + p.nbytes]
+            on_cuda = dst.device.type == "cuda"
+            dst.copy_(src[p.extent_offset : p.extent_offset + p.nbytes], non_blocking=on_cuda)
+            if on_cuda:
+                used.add(dst.device)
+            if not t.direct:
+                # The last piece's reader casts, on the same stream as every piece's copy,
+                # all launched before their pieces were counted: the cast runs after them.
+                self.cast.piece_done(t)
+        events = []
+        for dev in used:
+            ev = torch.cuda.Event()
+            ev.record(self.streams[dev])
+            events.append(ev)
+        return events
 
 
 def _plain_slot(nbytes: int) -> torch.Tensor:
