@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from rtpllm.attention import get_backend
+from rtpllm.loader.cuda_copy import cuda_runtime
 from rtpllm.loader.fast_loader import execute_plan, load_checkpoint_fast
 from rtpllm.loader.file_reader import CheckpointFile, resident_pages
 from rtpllm.loader.load_plan import ALIGN, align_down, build_load_plan
@@ -415,6 +416,12 @@ def test_cuda_tiny_model_matches_simple_loader(tmp_path: Path) -> None:
     ref_params = dict(models[0].named_parameters())
     for name, p in models[1].named_parameters():
         assert bits_equal(p, ref_params[name]), name
+
+
+@pytest.mark.gpu
+def test_cuda_runtime_of_torch_is_found() -> None:
+    # Without it the ring loader silently falls back to torch's slower copy_ launches.
+    assert cuda_runtime() is not None
 
 
 @pytest.mark.gpu

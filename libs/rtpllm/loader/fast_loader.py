@@ -45,10 +45,12 @@ huge-page memory registered from several threads at once pins ~8 GB/s
 (bench/pinned_alloc.py). Cold page cache: the disk (~1.3-1.8 GB/s there) is the whole
 cost, and memcpy, H2D and Python hide behind it. Defaults (12 readers, 8 MiB extents, 2
 slots each, page cache) come from the bench/load.py sweeps on that machine
-(docs/benchmarks.md). Going past the bounce-buffer bound needs the GPU to read the page
-cache itself (GPUDirect Storage, or registering the page-cache pages), or slots small
-enough to stay in the CPU cache while the GPU reads them, which needs a per-extent launch
-far cheaper than Python's (2 and 4 MiB extents were slower: launching copies took ~40%).
+(docs/benchmarks.md). Copies of same-dtype pieces on one device are launched with
+cudaMemcpyAsync through ctypes (cuda_copy), ~6% of a reader's time at 8 MiB. Going past
+the bounce-buffer bound needs the GPU to read the page cache itself (GPUDirect Storage,
+or registering the page-cache pages), or slots small enough to stay in the CPU cache
+while the GPU reads them; 2 and 4 MiB extents were slower, the readers spending 22-40%
+of their time in the copy launches themselves.
 """
 
 from __future__ import annotations

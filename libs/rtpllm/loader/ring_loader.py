@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rtpllm.loader.cuda_copy import cuda_runtime
 from rtpllm.loader.destinations import CastAssembler, dest_bytes, host_view
 from rtpllm.loader.file_reader import CheckpointFile, read_into
 from rtpllm.loader.load_plan import ALIGN, Extent, LoadPlan, align_up
@@ -58,6 +59,7 @@ class _Slot:
     tensor: torch.Tensor
     view: memoryview
     aligned: bool  # O_DIRECT needs an ALIGN-aligned buffer
+    address: int  # tensor.data_ptr()
     copies: list[torch.cuda.Event] = field(default_factory=list)
 
 
@@ -68,8 +70,7 @@ class RingLoader:
     read an extent into the next slot, launch its copies to the destinations on the
     shared side stream of each device, record an event, move on; a slot is read into
     again only after its event fired. Readers launching their own copies keeps the
-    calling thread (and its GIL handoffs) off the path of every extent, which let the
-    ring shrink to buffers that stay in the CPU cache while the GPU reads them.
+    calling thread (and a queue handoff) off the path of every extent.
     """
 
     def __init__(
@@ -92,6 +93,13 @@ class RingLoader:
         self.pinned = bool(self.devices)
         self.direct_io = direct_io
         self.streams: dict[torch.device, torch.cuda.Stream] = {}
+        # Direct CUDA pieces are copied with cudaMemcpyAsync on raw addresses (cuda_copy);
+        # cast pieces, CPU destinations and a torch without a loadable runtime use copy_.
+        # One device only: a stream handle passed to cudaMemcpyAsync must belong to the
+        # calling thread's current device (torch's copy_ switches devices for us).
+        self._runtime = cuda_runtime() if len(self.devices) == 1 else None
+        self._dest_ptr = {t: b.data_ptr() for t, b in self.dest_bytes.items() if b.device.type == "cuda"}
+        self._stream_ptr: dict[torch.device, int] = {}
         self.timings = RingTimings(
             readers=self.threads, extents=len(plan.extents), slot_mib=self.slot_bytes / 2**20
         )
@@ -105,6 +113,7 @@ class RingLoader:
     def run(self) -> None:
         t0 = time.perf_counter()
         self.streams = {d: torch.cuda.Stream(device=d) for d in self.devices}
+        self._stream_ptr = {d: s.cuda_stream for d, s in self.streams.items()}
         for dev, stream in self.streams.items():
             # The destinations were allocated (and maybe written) on the current stream.
             stream.wait_stream(torch.cuda.current_stream(dev))
@@ -173,7 +182,7 @@ class RingLoader:
                     self.files[e.path], slot.view, e.offset, e.nbytes, direct=direct
                 )
                 t2 = time.perf_counter()
-                slot.copies = self._copy_out(e, slot.tensor)
+                slot.copies = self._copy_out(e, slot.tensor, slot.address)
                 mine.slot_wait_s += t1 - t0
                 mine.read_s += t2 - t1
                 mine.issue_s += time.perf_counter() - t2
@@ -195,14 +204,25 @@ class RingLoader:
             buf = _plain_slot(self.slot_bytes)
         mine.slots += 1
         mine.alloc_s += time.perf_counter() - t0
-        return _Slot(buf, host_view(buf), buf.data_ptr() % ALIGN == 0)
+        return _Slot(buf, host_view(buf), buf.data_ptr() % ALIGN == 0, buf.data_ptr())
 
-    def _copy_out(self, e: Extent, src: torch.Tensor) -> list[torch.cuda.Event]:
+    def _copy_out(self, e: Extent, src: torch.Tensor, src_address: int) -> list[torch.cuda.Event]:
         """Launch the copies of extent `e` (in `src`) into its destinations; events that
         fire when the CUDA ones are done (CPU copies are done on return)."""
         used: set[torch.device] = set()
         for p in e.pieces:
             t = p.tensor
+            dst_address = self._dest_ptr.get(t) if self._runtime is not None else None
+            if dst_address is not None:
+                dev = t.dest.device
+                self._runtime.copy_h2d(  # type: ignore[union-attr]
+                    dst_address + p.tensor_offset,
+                    src_address + p.extent_offset,
+                    p.nbytes,
+                    self._stream_ptr[dev],
+                )
+                used.add(dev)
+                continue
             if t.direct:
                 dst = self.dest_bytes[t][p.tensor_offset : p.tensor_offset + p.nbytes]
             else:
