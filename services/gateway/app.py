@@ -60,7 +60,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         nc = await connect_nats(settings.nats_url, f"rtpllm-{gateway_id}", settings.nats_connect_timeout_s)
         dispatcher = Dispatcher(
             nc,
-            make_policy(settings.router, PrefixIndex(), settings.router_queue_tokens),
+            make_policy(settings.router, PrefixIndex(), settings.router_queue_tokens, settings.router_host_credit),
             DispatcherConfig(
                 gateway_id=gateway_id,
                 submit_timeout_s=settings.submit_timeout_s,
@@ -144,6 +144,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                     "max_model_len": hb.max_model_len,
                     "inflight_from_this_gateway": inst.inflight,
                     "cached_blocks": srv.core.dispatcher.index.num_keys(hb.instance_id),
+                    "host_cached_blocks": srv.core.dispatcher.index.num_host_keys(hb.instance_id),
                     "load": {f: getattr(hb.load, f) for f in hb.load.__struct_fields__},
                     "disaggregation": msgspec.to_builtins(hb.disagg) if hb.disagg is not None else None,
                 }

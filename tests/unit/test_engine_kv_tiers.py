@@ -11,6 +11,10 @@ import pytest
 
 from rtpllm import LLM, SamplingParams
 from rtpllm.config import OffloadConfig
+from rtpllm.engine.llm_engine import LLMEngine
+from rtpllm.kvcache.block_hash import block_keys
+from rtpllm.kvcache.events import BlocksRemoved, KVEventBatch
+from rtpllm.routing.prefix_index import PrefixIndex
 
 PARAMS = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 SYSTEM = [(13 * i + 5) % 300 for i in range(64)]  # 8 blocks of 8
@@ -125,3 +129,37 @@ def test_blocks_evicted_by_a_restore_are_stored_before_it_overwrites_them(tiny_l
         assert tokens == expected[j], f"prompt {j}: restored KV differs from recomputed"
         restored += cached
     assert restored >= 64 * 8
+
+
+def test_kv_events_report_the_host_tier_as_the_snapshot_does(tiny_llama: Path) -> None:
+    """Routers see the host tier: demotions add `tier="host"` blocks, host evictions
+    remove them, and a router fed every batch ends with exactly the engine's snapshot
+    (pool and host tier)."""
+    batches: list[KVEventBatch] = []
+    # Room for about 20 encoded blocks in host memory: later prompts evict from it too.
+    llm = make(tiny_llama, host_bytes=20 * 4200)
+    llm.engine = LLMEngine(llm.engine.config, on_kv_events=batches.append)  # one that reports KV events
+    namespace = llm.engine.block_manager.namespace
+    system_keys = block_keys(SYSTEM + [1, 2, 3], 8, namespace)[:8]
+    run(llm, SYSTEM + [1, 2, 3])
+    for other in OTHERS:  # push the system prompt out of the pool, into host memory
+        run(llm, other)
+    index = PrefixIndex()
+    for b in batches:
+        assert index.apply("e", b), "consecutive batches"
+    applied = len(batches)
+    match = index.match("e", system_keys)
+    assert match.gpu + match.host == 8 and match.host >= 1, "evicted system blocks are reported in the host tier"
+    for j in range(4, 9):  # more prompts: the 20-block host tier evicts
+        run(llm, [(11 * i + j) % 300 for i in range(64)])
+    for b in batches[applied:]:
+        assert index.apply("e", b)
+    assert any(isinstance(e, BlocksRemoved) and e.tier == "host" for b in batches for e in b.events)
+    cached = llm.engine.cached_block_keys()
+    truth = PrefixIndex()
+    truth.replace("e", cached.gpu, cached.seq, host_keys=cached.host)
+    assert index.last_seq("e") == cached.seq
+    assert index.num_keys("e") == truth.num_keys("e") == len(set(cached.gpu))
+    assert index.num_host_keys("e") == truth.num_host_keys("e") == len(set(cached.host)) > 0
+    for keys in (system_keys, block_keys(OTHERS[2], 8, namespace)):
+        assert index.match("e", keys) == truth.match("e", keys)

@@ -3,6 +3,8 @@ the policy that scores instances by the prompt tokens they would have to prefill
 
 from __future__ import annotations
 
+import pytest
+
 from rtpllm.kvcache.block_hash import block_keys, namespace_key
 from rtpllm.kvcache.events import AllBlocksCleared, BlocksRemoved, BlocksStored, KVEventBatch
 from rtpllm.protocol.messages import Heartbeat, InstanceLoad
@@ -50,6 +52,25 @@ def test_events_build_the_index_and_gaps_ask_for_a_snapshot() -> None:
     assert idx.matched_blocks("a", keys) == 3
 
 
+def test_host_tier_events_extend_the_chain_after_the_pool() -> None:
+    keys = block_keys(list(range(24)), 4, NS)  # 6 blocks
+    idx = PrefixIndex()
+    idx.apply("a", batch(0, BlocksStored(keys[:2], None, 8)))
+    idx.apply("a", batch(1, BlocksStored(keys[1:5], None, 16, tier="host")))
+    m = idx.match("a", keys)
+    assert (m.gpu, m.host) == (2, 3), "pool first, then the host tier continues the chain"
+    assert idx.num_keys("a") == 2 and idx.num_host_keys("a") == 4
+    idx.apply("a", batch(2, BlocksRemoved([keys[3]], tier="host")))
+    assert (idx.match("a", keys).gpu, idx.match("a", keys).host) == (2, 1)
+    idx.apply("a", batch(3, BlocksRemoved([keys[0]])))  # a pool eviction leaves the host tier alone
+    assert idx.match("a", keys).gpu == 0 and idx.num_host_keys("a") == 3
+    assert idx.match("a", keys).host == 0, "the chain starts at block 0, which is nowhere now"
+    idx.apply("a", batch(4, AllBlocksCleared()))
+    assert idx.num_keys("a") == 0 and idx.num_host_keys("a") == 0
+    idx.replace("a", keys[:1], seq=9, host_keys=keys[1:3])
+    assert (idx.match("a", keys).gpu, idx.match("a", keys).host) == (1, 2)
+
+
 def test_joining_late_is_a_gap() -> None:
     idx = PrefixIndex()
     assert not idx.apply("a", batch(7, BlocksStored([b"k" * 16], None, 4)))
@@ -84,6 +105,31 @@ def test_cache_aware_prefers_the_instance_holding_the_prefix() -> None:
     # ... so the next request with that prefix follows it before any event arrives.
     again = policy.choose(RouteRequest("r3", "m", other + [1]), candidates)
     assert again.instance_id == first.instance_id and policy.last_reason == "cache"
+
+
+def test_host_tier_blocks_count_at_their_credit() -> None:
+    system = list(range(40))  # 10 blocks of 4 tokens
+    keys = block_keys(system, 4, NS)
+
+    def index() -> PrefixIndex:  # a fresh one per policy: a choice leaves guesses behind
+        idx = PrefixIndex()
+        idx.apply("a", batch(0, BlocksStored(keys[:4], None, 16)))  # 4 blocks in a's pool
+        idx.apply("b", batch(0, BlocksStored(keys, None, 40, tier="host")))  # all 10 in b's host tier
+        return idx
+
+    request = RouteRequest("r", "m", system + [1])
+    # b saves 10 x 0.5 = 5 blocks' prefill, a saves 4: b.
+    assert CacheAware(index(), queue_tokens=1, host_credit=0.5).choose(request, [inst("a"), inst("b")]).instance_id == "b"
+    # Restoring barely beats recomputing here: a's 4 pool blocks win.
+    assert CacheAware(index(), queue_tokens=1, host_credit=0.3).choose(request, [inst("a"), inst("b")]).instance_id == "a"
+    # A host-tier hit alone is a cache decision, not a load one.
+    policy = CacheAware(index(), queue_tokens=1)
+    assert policy.choose(request, [inst("b"), inst("c")]).instance_id == "b" and policy.last_reason == "cache"
+
+
+def test_host_credit_out_of_range_is_refused() -> None:
+    with pytest.raises(ValueError, match="host_credit"):
+        CacheAware(host_credit=1.5)
 
 
 def test_skewed_load_overrides_the_cache() -> None:

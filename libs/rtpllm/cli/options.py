@@ -73,6 +73,7 @@ GATEWAY = [
     Flag("--gateway-id", "RTPLLM_GATEWAY_ID", "this gateway's id on the bus (default: gateway-<host>-<random>)"),
     Flag("--router", "RTPLLM_ROUTER", "routing policy", "cache-aware", str, sorted(POLICIES)),
     Flag("--router-queue-tokens", "RTPLLM_ROUTER_QUEUE_TOKENS", "cache-aware routing: prompt tokens one pending request counts as", 128, int),
+    Flag("--router-host-credit", "RTPLLM_ROUTER_HOST_CREDIT", "cache-aware routing: share of a prompt token's prefill saved when its KV is in an instance's host-memory tier", 0.5, float),
     Flag("--max-running", "RTPLLM_MAX_RUNNING", "requests this gateway runs at once", 1024, int),
     Flag("--max-queue", "RTPLLM_MAX_QUEUE", "requests waiting for a slot before new ones get 429", 1024, int),
     Flag("--request-timeout", "RTPLLM_REQUEST_TIMEOUT", "seconds a request may take end to end before 504", 600.0, float),

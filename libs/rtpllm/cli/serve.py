@@ -28,6 +28,7 @@ def gateway_settings(args: argparse.Namespace) -> GatewaySettings:
         gateway_id=args.gateway_id or "",
         router=args.router,
         router_queue_tokens=args.router_queue_tokens,
+        router_host_credit=args.router_host_credit,
         max_running=args.max_running,
         max_queue=args.max_queue,
         request_timeout_s=args.request_timeout,

@@ -18,7 +18,7 @@ import torch
 from rtpllm.config import EngineConfig
 from rtpllm.engine.llm_engine import LLMEngine
 from rtpllm.engine.stats import EngineStats
-from rtpllm.kvcache.events import KVEventBatch
+from rtpllm.kvcache.events import CachedKeys, KVEventBatch
 from rtpllm.outputs import KVReservation, RequestOutput
 from rtpllm.sampling_params import SamplingParams
 
@@ -158,10 +158,11 @@ class AsyncLLMEngine:
     def fail_remote_prefill(self, request_id: str, first_token: int | None = None, logprobs: tuple | None = None) -> None:
         self._commands.put(_Call(lambda e: e.fail_remote_prefill(request_id, first_token, logprobs)))
 
-    async def cached_block_keys(self) -> tuple[list[bytes], int]:
-        """The prefix cache's block keys and the last KV event seq, read on the engine thread."""
+    async def cached_block_keys(self) -> CachedKeys:
+        """The cached block keys (pool and host tier) and the last KV event seq, read on
+        the engine thread."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[tuple[list[bytes], int]] = loop.create_future()
+        future: asyncio.Future[CachedKeys] = loop.create_future()
 
         def read(engine: LLMEngine) -> None:
             result = engine.cached_block_keys()

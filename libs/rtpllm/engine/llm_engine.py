@@ -26,7 +26,7 @@ from rtpllm.engine.stats import EngineStats
 from rtpllm.engine.validation import validate_prompt
 from rtpllm.kvcache.block_hash import namespace_key
 from rtpllm.kvcache.block_manager import BlockManager, PrefixHit
-from rtpllm.kvcache.events import KVEventBatch
+from rtpllm.kvcache.events import CachedKeys, KVEventBatch
 from rtpllm.kvcache.kv_pool import KVPool, bytes_per_block
 from rtpllm.loader import load_checkpoint_fast
 from rtpllm.models import DecoderLM, ModelConfig, build_model, fill_random
@@ -598,15 +598,19 @@ class LLMEngine:
 
     def _flush_events(self) -> None:
         events = self.block_manager.take_events()
+        if self.offload is not None:
+            events += self.offload.take_events()
         if events and self._on_kv_events is not None:
             self.last_event_seq = next(self._event_seq)
             self._on_kv_events(KVEventBatch(engine_id=self.engine_id, seq=self.last_event_seq, events=events))
 
-    def cached_block_keys(self) -> tuple[list[bytes], int]:
-        """Every block key in the prefix cache, and the seq of the last KV event batch
-        they reflect (a router rebuilds its view of this engine from them)."""
+    def cached_block_keys(self) -> CachedKeys:
+        """Every block key in the prefix cache and in the host-memory tier, and the seq
+        of the last KV event batch they reflect (a router rebuilds its view of this
+        engine from them)."""
         self._flush_events()
-        return self.block_manager.cached_keys(), self.last_event_seq
+        host = self.offload.host_keys() if self.offload is not None else []
+        return CachedKeys(self.block_manager.cached_keys(), host, self.last_event_seq)
 
     # -- introspection ---------------------------------------------------------------
 

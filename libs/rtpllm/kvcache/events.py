@@ -1,6 +1,13 @@
-"""KV-cache events an engine emits as its prefix cache changes (fed to the router)."""
+"""KV-cache events an engine emits as its prefix cache changes (fed to the router).
+
+`tier` says which cache changed: "gpu" (the engine's KV pool) or "host" (its in-process
+host-memory tier below the pool), so a router can credit a prefix an instance would
+restore from host memory instead of recomputing.
+"""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import msgspec
 
@@ -11,16 +18,18 @@ class BlocksStored(msgspec.Struct, tag="stored", frozen=True):
     block_keys: list[bytes]
     parent_key: bytes | None
     num_tokens: int
+    tier: str = "gpu"
 
 
 class BlocksRemoved(msgspec.Struct, tag="removed", frozen=True):
     """Blocks evicted from the prefix cache."""
 
     block_keys: list[bytes]
+    tier: str = "gpu"
 
 
 class AllBlocksCleared(msgspec.Struct, tag="cleared", frozen=True):
-    """The engine dropped its whole cache (restart, reset)."""
+    """The engine dropped its whole cache, every tier (restart, reset)."""
 
 
 KVEvent = BlocksStored | BlocksRemoved | AllBlocksCleared
@@ -32,3 +41,11 @@ class KVEventBatch(msgspec.Struct, frozen=True):
     engine_id: str
     seq: int
     events: list[KVEvent]
+
+
+class CachedKeys(NamedTuple):
+    """An engine's whole cache as of its KV event batch `seq` (a router's resync)."""
+
+    gpu: list[bytes]
+    host: list[bytes]
+    seq: int

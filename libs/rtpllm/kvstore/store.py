@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from rtpllm.kvstore.host_tier import Evicted, HostTier
@@ -61,6 +61,9 @@ class TieredKVStore:
         self._closed = False
         self._count_lock = threading.Lock()  # evictions happen on any caller's thread
         host.on_evict = self._on_host_evict
+        # Told the key of every block leaving the host tier (any thread): the engine
+        # reports it to routers (engine/kv_offload.py).
+        self.on_host_removed: Callable[[bytes], None] | None = None
 
     # -- reads ------------------------------------------------------------------------
 
@@ -129,6 +132,8 @@ class TieredKVStore:
         return sum(self.host.pin(k) for k in keys)
 
     def _on_host_evict(self, ev: Evicted) -> None:
+        if self.on_host_removed is not None:
+            self.on_host_removed(ev.key)
         if (
             self._to_ssd is not None
             and self.ssd is not None

@@ -300,13 +300,14 @@ class KVSnapshotRequest(msgspec.Struct, kw_only=True):
 
 
 class KVSnapshot(msgspec.Struct, kw_only=True):
-    """Every block key in an instance's prefix cache, as of its KV event batch `seq`
-    (later batches apply on top)."""
+    """Every block key in an instance's prefix cache (and host-memory tier), as of its
+    KV event batch `seq` (later batches apply on top)."""
 
     v: int = PROTOCOL_VERSION
     instance_id: str
     seq: int
     block_keys: list[bytes]
+    host_block_keys: list[bytes] = []  # in the instance's host-memory tier
 
 
 # -- the kvstore service (docs/kvstore.md): metadata here, KV bytes over the data plane --

@@ -21,13 +21,24 @@ from rtpllm.kvcache.events import AllBlocksCleared, BlocksRemoved, BlocksStored,
 
 @dataclass
 class _InstanceKeys:
-    keys: set[bytes] = field(default_factory=set)
+    keys: set[bytes] = field(default_factory=set)  # in the KV pool (GPU)
+    host: set[bytes] = field(default_factory=set)  # in the host-memory tier
     seq: int = -1  # last batch applied
     synced: bool = True  # False after a gap, until a snapshot replaces the keys
 
 
+@dataclass(frozen=True)
+class PrefixMatch:
+    """How much of a prompt's chain of block keys an instance holds: the leading `gpu`
+    blocks in its KV pool (or guessed there), then `host` more in its host-memory tier."""
+
+    gpu: int = 0
+    host: int = 0
+
+
 class PrefixIndex:
-    """Block keys cached per instance (GPU tier), plus recent routing guesses."""
+    """Block keys cached per instance (KV pool and host-memory tier), plus recent
+    routing guesses."""
 
     def __init__(self, guess_ttl_s: float = 10.0, max_guesses: int = 100_000, clock: Callable[[], float] = time.monotonic) -> None:
         self._instances: dict[str, _InstanceKeys] = {}
@@ -51,16 +62,17 @@ class PrefixIndex:
         entry.seq = batch.seq
         for event in batch.events:
             if isinstance(event, BlocksStored):
-                entry.keys.update(event.block_keys)
+                (entry.host if event.tier == "host" else entry.keys).update(event.block_keys)
             elif isinstance(event, BlocksRemoved):
-                entry.keys.difference_update(event.block_keys)
+                (entry.host if event.tier == "host" else entry.keys).difference_update(event.block_keys)
             elif isinstance(event, AllBlocksCleared):
                 entry.keys.clear()
+                entry.host.clear()
         return entry.synced
 
-    def replace(self, instance_id: str, keys: Iterable[bytes], seq: int) -> None:
-        """A snapshot: the instance's cached keys as of its event batch `seq`."""
-        self._instances[instance_id] = _InstanceKeys(set(keys), seq, True)
+    def replace(self, instance_id: str, keys: Iterable[bytes], seq: int, host_keys: Iterable[bytes] = ()) -> None:
+        """A snapshot: the instance's cached keys (pool, host tier) as of its event batch `seq`."""
+        self._instances[instance_id] = _InstanceKeys(set(keys), set(host_keys), seq, True)
 
     def drop(self, instance_id: str) -> None:
         """The instance left or restarted: forget its keys and guesses."""
@@ -77,8 +89,14 @@ class PrefixIndex:
         return entry.seq if entry is not None else -1
 
     def num_keys(self, instance_id: str) -> int:
+        """Blocks the instance holds in its KV pool."""
         entry = self._instances.get(instance_id)
         return len(entry.keys) if entry is not None else 0
+
+    def num_host_keys(self, instance_id: str) -> int:
+        """Blocks the instance holds in its host-memory tier."""
+        entry = self._instances.get(instance_id)
+        return len(entry.host) if entry is not None else 0
 
     # -- routing ---------------------------------------------------------------------
 
@@ -93,21 +111,30 @@ class PrefixIndex:
         while len(self._guesses) > self._max_guesses:
             self._guesses.popitem(last=False)
 
-    def matched_blocks(self, instance_id: str, keys: Sequence[bytes]) -> int:
-        """Leading keys of the chain the instance holds (known or guessed)."""
+    def match(self, instance_id: str, keys: Sequence[bytes]) -> PrefixMatch:
+        """The leading keys of the chain the instance holds in its pool (known or
+        guessed), then those after them in its host tier."""
         entry = self._instances.get(instance_id)
-        known = entry.keys if entry is not None else ()
+        known = entry.keys if entry is not None else set()
+        host = entry.host if entry is not None else set()
         now = self._clock()
-        n = 0
+        gpu = 0
         for key in keys:
-            if key in known:
-                n += 1
-                continue
-            expiry = self._guesses.get((instance_id, key))
-            if expiry is None or expiry < now:
+            if key not in known:
+                expiry = self._guesses.get((instance_id, key))
+                if expiry is None or expiry < now:
+                    break
+            gpu += 1
+        in_host = 0
+        for key in keys[gpu:]:
+            if key not in host:
                 break
-            n += 1
-        return n
+            in_host += 1
+        return PrefixMatch(gpu, in_host)
+
+    def matched_blocks(self, instance_id: str, keys: Sequence[bytes]) -> int:
+        """Leading keys of the chain the instance holds in its pool (known or guessed)."""
+        return self.match(instance_id, keys).gpu
 
     def expire_guesses(self) -> None:
         now = self._clock()

@@ -377,7 +377,7 @@ class Dispatcher:
             log.debug("KV snapshot of %s failed: %s", instance_id, exc)
             return
         if self.registry.get(instance_id) is not None:
-            self.index.replace(instance_id, snap.block_keys, snap.seq)
+            self.index.replace(instance_id, snap.block_keys, snap.seq, host_keys=snap.host_block_keys)
 
     async def _on_leave(self, msg: Msg) -> None:
         try:

@@ -315,11 +315,12 @@ class EngineServer:
             return
         try:
             decode(msg.data, KVSnapshotRequest)
-            keys, seq = await reader()
+            cached = await reader()
         except Exception as exc:  # a bad request or a dead engine: the router retries later
             log.warning("KV snapshot failed: %s", exc)
             return
-        await msg.respond(encode(KVSnapshot(instance_id=self.instance_id, seq=seq, block_keys=keys)))
+        snapshot = KVSnapshot(instance_id=self.instance_id, seq=cached.seq, block_keys=cached.gpu, host_block_keys=cached.host)
+        await msg.respond(encode(snapshot))
 
     async def _on_gateway_heartbeat(self, msg: Msg) -> None:
         try:

@@ -23,6 +23,7 @@ class GatewaySettings:
     gateway_id: str = ""
     router: str = "cache-aware"
     router_queue_tokens: int = 128
+    router_host_credit: float = 0.5
     max_running: int = 1024
     max_queue: int = 1024
     request_timeout_s: float = 600.0
