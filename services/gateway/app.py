@@ -21,6 +21,7 @@ from rtpllm.api.errors import APIError
 from rtpllm.api.generation import GatewayCore
 from rtpllm.api.server import OpenAIServer, error_response, json_response
 from rtpllm.models.registry import served_model_name
+from rtpllm.protocol import subjects
 from rtpllm.protocol.subjects import InstanceRole
 from rtpllm.routing.policy import make_policy
 from rtpllm.routing.prefix_index import PrefixIndex
@@ -145,6 +146,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                     "inflight_from_this_gateway": inst.inflight,
                     "cached_blocks": srv.core.dispatcher.index.num_keys(hb.instance_id),
                     "host_cached_blocks": srv.core.dispatcher.index.num_host_keys(hb.instance_id),
+                    # Its host's kvstore, whose host-tier blocks routing credits to it too.
+                    "kvstore_host": hb.kvstore_host or None,
+                    "kvstore_cached_blocks": (
+                        srv.core.dispatcher.index.num_host_keys(subjects.kvstore_events_id(hb.kvstore_host)) if hb.kvstore_host else 0
+                    ),
                     "load": {f: getattr(hb.load, f) for f in hb.load.__struct_fields__},
                     "disaggregation": msgspec.to_builtins(hb.disagg) if hb.disagg is not None else None,
                 }

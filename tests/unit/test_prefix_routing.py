@@ -10,7 +10,7 @@ from rtpllm.kvcache.events import AllBlocksCleared, BlocksRemoved, BlocksStored,
 from rtpllm.protocol.messages import Heartbeat, InstanceLoad
 from rtpllm.routing.instances import Instance
 from rtpllm.routing.policy import CacheAware, RouteRequest, make_policy
-from rtpllm.routing.prefix_index import PrefixIndex
+from rtpllm.routing.prefix_index import PrefixIndex, PrefixMatch
 
 NS = namespace_key("m", "float32", 4)
 
@@ -69,6 +69,21 @@ def test_host_tier_events_extend_the_chain_after_the_pool() -> None:
     assert idx.num_keys("a") == 0 and idx.num_host_keys("a") == 0
     idx.replace("a", keys[:1], seq=9, host_keys=keys[1:3])
     assert (idx.match("a", keys).gpu, idx.match("a", keys).host) == (1, 2)
+
+
+def test_a_shared_kvstore_host_tier_and_its_restart() -> None:
+    keys = block_keys(list(range(24)), 4, NS)  # 6 blocks
+    idx = PrefixIndex()
+    kvstore = "kvstore-h1"
+    idx.apply("a", batch(0, BlocksStored(keys[:1], None, 4)))
+    idx.apply(kvstore, batch(0, AllBlocksCleared(), BlocksStored(keys, None, 0, tier="host")))
+    assert idx.match("a", keys) == PrefixMatch(1, 0), "without naming its kvstore, an instance gets no credit"
+    assert idx.match("a", keys, kvstore) == PrefixMatch(1, 5)
+    idx.apply(kvstore, batch(1, BlocksRemoved([keys[3]], tier="host")))
+    assert idx.match("a", keys, kvstore) == PrefixMatch(1, 2)
+    # The kvstore restarts under the same id: its seq starts over at 0 with a clear.
+    assert idx.apply(kvstore, batch(0, AllBlocksCleared()))
+    assert idx.match("a", keys, kvstore) == PrefixMatch(1, 0) and idx.last_seq(kvstore) == 0
 
 
 def test_joining_late_is_a_gap() -> None:

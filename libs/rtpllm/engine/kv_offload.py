@@ -171,6 +171,11 @@ class KVOffload:
             events, self._events = self._events, []
         return events
 
+    @property
+    def kvstore_host(self) -> str:
+        """The host whose kvstore service holds the tiers ("" for in-process tiers)."""
+        return self.config.kvstore_host_id if self.store is None else ""
+
     def host_keys(self) -> list[bytes]:
         """Every block key in the in-process host tier (a router's snapshot); none when
         the tiers are the kvstore service's."""

@@ -630,6 +630,7 @@ class LLMEngine:
             num_held_kv=bm.num_held,
             prefix_queried_tokens=bm.stats.queried_tokens,
             tier_hit_tokens=self._tier_hit_tokens(),
+            kvstore_host=self.offload.kvstore_host if self.offload is not None else "",
         )
 
     def _tier_hit_tokens(self) -> dict[str, int]:

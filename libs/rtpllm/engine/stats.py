@@ -20,3 +20,4 @@ class EngineStats:
     num_held_kv: int = 0  # prefill side: finished prefills whose KV is still being shipped
     prefix_queried_tokens: int = 0  # prompt tokens looked up in the prefix cache
     tier_hit_tokens: dict[str, int] = field(default_factory=dict)  # tier -> prompt tokens not recomputed
+    kvstore_host: str = ""  # the host whose kvstore service holds this engine's KV tiers, if any

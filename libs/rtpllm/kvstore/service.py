@@ -11,6 +11,10 @@ the data plane (ARCHITECTURE rule 2), between the engine's pool and a staging po
   them and replies with its endpoint; the engine ships the blocks; once they have
   landed they are encoded and `put_many`ed.
 - ping and a heartbeat on `rtpllm.v1.registry.kvstore`: engines know whether it is there.
+- KV events of the host tier for routers, as an instance would publish them, under the id
+  `kvstore-<host_id>` (`rtpllm.v1.kv.kvstore-<host_id>.events`, and snapshots on
+  `...snapshot`): blocks stored by puts and removed by evictions, `tier="host"`. Engines
+  that use this kvstore say so in their heartbeats, and a router credits them with it.
 
 Leases (rule 5): a put whose transfer does not complete within `transfer_lease_s` is
 dropped; a get whose send does not finish within its lease is aborted; either way the
@@ -22,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Coroutine
@@ -33,6 +38,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from rtpllm.kvcache.events import AllBlocksCleared, BlocksRemoved, BlocksStored, KVEvent, KVEventBatch
 from rtpllm.kvstore.block_codec import InvalidBlock, decode_into, encode_blocks
 from rtpllm.kvstore.staging import StagingPool
 from rtpllm.kvstore.store import TieredKVStore
@@ -42,6 +48,9 @@ from rtpllm.protocol.messages import (
     DataPlaneEndpoint,
     ErrorCode,
     ErrorInfo,
+    KVEvents,
+    KVSnapshot,
+    KVSnapshotRequest,
     KVStoreCounters,
     KVStoreGet,
     KVStoreGetReply,
@@ -77,6 +86,7 @@ class KVStoreServerConfig:
     heartbeat_interval_s: float = 1.0
     lease_s: float = 3.0
     max_layouts: int = 8
+    events_interval_s: float = 0.05  # how often the host tier's KV events go out
 
 
 class KVStoreServer:
@@ -97,6 +107,15 @@ class KVStoreServer:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._beat: asyncio.Task[None] | None = None
         self._tiers = [t.name for t in (store.host, store.ssd, store.redis) if t is not None]
+        # KV events of the host tier for routers (docs/kvstore.md): a first batch that
+        # clears what a router knew of an earlier life of this host's kvstore, then what
+        # puts store and evictions remove, published every `events_interval_s`.
+        self.events_id = subjects.kvstore_events_id(config.host_id)
+        self._event_seq = -1
+        self._pending_events: list[KVEvent] = [AllBlocksCleared()]
+        self._events_lock = threading.Lock()  # evictions happen on the put threads
+        self._events_task: asyncio.Task[None] | None = None
+        store.on_host_removed = self._host_removed
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -105,7 +124,9 @@ class KVStoreServer:
         for op, handler in handlers.items():
             self._subs.append(await self._nc.subscribe(subjects.kvstore_subject(self.config.host_id, op), cb=self._spawner(handler)))
         self._subs.append(await self._nc.subscribe(subjects.KVSTORE_HEARTBEAT, cb=self._on_other_heartbeat))
+        self._subs.append(await self._nc.subscribe(subjects.kv_snapshot_subject(self.events_id), cb=self._spawner(self._on_kv_snapshot)))
         self._beat = asyncio.create_task(self._heartbeat_loop(), name="kvstore-heartbeat")
+        self._events_task = asyncio.create_task(self._events_loop(), name="kvstore-kv-events")
 
     async def close(self) -> None:
         """Stop answering, end the transfers in flight, close the data-plane ends."""
@@ -114,6 +135,8 @@ class KVStoreServer:
                 await sub.unsubscribe()
         if self._beat is not None:
             self._beat.cancel()
+        if self._events_task is not None:
+            self._events_task.cancel()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -280,6 +303,46 @@ class KVStoreServer:
 
     def _commit(self, pool: StagingPool, ids: list[int], keys: list[bytes], layout: KVLayout) -> None:
         self.store.put_many(keys, encode_blocks(pool.kv, ids, layout))
+        # Only the keys still there: a put can evict blocks of the same batch.
+        present = [k for k, there in zip(keys, self.store.host.contains_many(keys), strict=True) if there]
+        if present:
+            with self._events_lock:
+                self._pending_events.append(BlocksStored(present, None, 0, tier="host"))
+
+    # -- KV events of the host tier -----------------------------------------------------
+
+    def _host_removed(self, key: bytes) -> None:
+        with self._events_lock:
+            last = self._pending_events[-1] if self._pending_events else None
+            if isinstance(last, BlocksRemoved):
+                self._pending_events[-1] = BlocksRemoved([*last.block_keys, key], tier="host")
+            else:
+                self._pending_events.append(BlocksRemoved([key], tier="host"))
+
+    async def _publish_events(self) -> None:
+        with self._events_lock:
+            events, self._pending_events = self._pending_events, []
+        if not events:
+            return
+        self._event_seq += 1
+        batch = KVEventBatch(engine_id=self.events_id, seq=self._event_seq, events=events)
+        with contextlib.suppress(Exception):  # a router that misses a batch resyncs
+            await self._nc.publish(subjects.kv_events_subject(self.events_id), encode(KVEvents(instance_id=self.events_id, model="", batch=batch)))
+
+    async def _events_loop(self) -> None:
+        while True:
+            await self._publish_events()
+            await asyncio.sleep(self.config.events_interval_s)
+
+    async def _on_kv_snapshot(self, msg: Msg) -> None:
+        """A router asks for the whole host tier (it missed events)."""
+        try:
+            decode(msg.data, KVSnapshotRequest)
+        except ProtocolError:
+            return
+        await self._publish_events()  # what the keys below include is then published
+        keys = self.store.host.keys()
+        await self._respond(msg, KVSnapshot(instance_id=self.events_id, seq=self._event_seq, block_keys=[], host_block_keys=keys))
 
     # -- helpers ----------------------------------------------------------------------
 

@@ -256,6 +256,9 @@ class Heartbeat(msgspec.Struct, kw_only=True):
     kv_event_seq: int = -1
     load: InstanceLoad = msgspec.field(default_factory=InstanceLoad)
     disagg: DisaggCounters | None = None
+    # The host whose kvstore service holds this instance's KV tiers ("" = none or its
+    # own): a router credits the kvstore's host-tier blocks (its KV events) to it.
+    kvstore_host: str = ""
 
 
 class Leave(msgspec.Struct, kw_only=True):

@@ -97,6 +97,12 @@ def subject_token(value: str, fallback: str = "host") -> str:
     return token or fallback
 
 
+def kvstore_events_id(host_id: str) -> str:
+    """The id a host's kvstore publishes KV events (of its host tier) and answers KV
+    snapshots under, in place of an instance id."""
+    return f"{KVSTORE_EVENTS_PREFIX}{host_id}"
+
+
 def default_host_id() -> str:
     """This machine's kvstore host id unless told otherwise: its hostname as a token."""
     return subject_token(socket.gethostname())
@@ -107,4 +113,5 @@ LEAVE = f"{PREFIX}.registry.leave"
 DISCOVER = f"{PREFIX}.registry.discover"
 GATEWAY_HEARTBEAT = f"{PREFIX}.gateway.heartbeat"
 KVSTORE_HEARTBEAT = f"{PREFIX}.registry.kvstore"
+KVSTORE_EVENTS_PREFIX = "kvstore-"  # kvstore_events_id(host) = KVSTORE_EVENTS_PREFIX + host
 KV_EVENTS_ALL = f"{PREFIX}.kv.*.events"

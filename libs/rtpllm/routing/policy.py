@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from rtpllm.kvcache.block_hash import block_keys
+from rtpllm.protocol.subjects import kvstore_events_id
 from rtpllm.routing.instances import Instance
 from rtpllm.routing.prefix_index import PrefixIndex
 
@@ -84,8 +85,8 @@ class CacheAware(RouterPolicy):
     small (128 by default): with 512, one extra running request outweighed a turn's
     cached history and split conversations across instances (bench/prefix_routing.py).
 
-    Blocks the instance holds in its host-memory tier, after those in its pool, count
-    `host_credit` of a block each: the engine restores them instead of recomputing, which
+    Blocks the instance holds in its host-memory tier (its own, or its host's kvstore
+    service's), after those in its pool, count `host_credit` of a block each: the engine restores them instead of recomputing, which
     saves that share of their prefill (about 0.3 for Llama-3.1-8B on an H100, where a
     4K prompt took 74 ms from host memory against 105 ms recomputed; more on CPUs, where
     compute is slow next to a memcpy; bench/kv_tiers.py --ttft).
@@ -121,7 +122,8 @@ class CacheAware(RouterPolicy):
             keys = keys_by_layout.get(layout)
             if keys is None:
                 keys = keys_by_layout[layout] = block_keys(request.prompt_token_ids, hb.block_size, hb.kv_namespace) if hb.kv_namespace else []
-            match = self.index.match(inst.instance_id, keys)
+            shared = kvstore_events_id(hb.kvstore_host) if hb.kvstore_host else None
+            match = self.index.match(inst.instance_id, keys, shared)
             saved = (match.gpu + self.host_credit * match.host) * hb.block_size
             any_hit = any_hit or saved > 0
             score = (n_prompt - saved + inst.pending * self.queue_tokens, inst.instance_id)

@@ -53,6 +53,10 @@ class PrefixIndex:
         """Apply one batch of events; False if a batch is missing before it (the caller
         should ask the instance for a snapshot; entries stay, possibly stale)."""
         entry = self._instances.setdefault(instance_id, _InstanceKeys())
+        if batch.seq == 0 and entry.seq >= 0:
+            # The publisher started over (a restarted kvstore keeps its id; an engine
+            # restarts under a new one): what we knew of its earlier life is void.
+            entry = self._instances[instance_id] = _InstanceKeys()
         if batch.seq <= entry.seq:
             return True  # already covered (by a snapshot taken after it)
         if batch.seq != entry.seq + 1:
@@ -111,12 +115,14 @@ class PrefixIndex:
         while len(self._guesses) > self._max_guesses:
             self._guesses.popitem(last=False)
 
-    def match(self, instance_id: str, keys: Sequence[bytes]) -> PrefixMatch:
+    def match(self, instance_id: str, keys: Sequence[bytes], shared_host: str | None = None) -> PrefixMatch:
         """The leading keys of the chain the instance holds in its pool (known or
-        guessed), then those after them in its host tier."""
+        guessed), then those after them in its host tier, or in the host tier
+        published under `shared_host` (its host's kvstore: `kvstore_events_id`)."""
         entry = self._instances.get(instance_id)
         known = entry.keys if entry is not None else set()
         host = entry.host if entry is not None else set()
+        shared = self._instances.get(shared_host) if shared_host else None
         now = self._clock()
         gpu = 0
         for key in keys:
@@ -127,7 +133,7 @@ class PrefixIndex:
             gpu += 1
         in_host = 0
         for key in keys[gpu:]:
-            if key not in host:
+            if key not in host and (shared is None or key not in shared.host):
                 break
             in_host += 1
         return PrefixMatch(gpu, in_host)

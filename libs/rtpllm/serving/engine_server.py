@@ -363,6 +363,7 @@ class EngineServer:
             kv_event_seq=self._kv_events.last_seq if self._kv_events is not None else -1,
             load=load,
             disagg=side.counters() if (side := self._prefill or self._decode) is not None else None,
+            kvstore_host=getattr(stats, "kvstore_host", ""),
         )
 
     async def _heartbeat(self) -> None:
