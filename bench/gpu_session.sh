@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: carried wheels, GPU tests and benchmarks by phase,
 # full logs under $OUT, a short summary last. Usage: bash bench/gpu_session.sh PHASE...
-# Phases: env kernels model latency latency-ab engine attention ops load loadsweep (SWEEP=T:E:D,...) pinned kvtiers routing loadtest
+# Phases: env kernels model latency latency-ab engine attention ops load loadsweep (SWEEP=T:E:D,...) pinned zerocopy kvtiers routing loadtest
 #         gemvtest xfertest kvxfer pd (kvxfer and pd want two GPUs: nvidia-h100-x2)
 set -u
 cd "$(dirname "$0")/.."
@@ -53,6 +53,7 @@ for phase in "$@"; do
     routing) run routing 570 python3 bench/prefix_routing.py --device cuda --gpus 0 --conversations 128 --json "$OUT/routing.json" --log-dir /tmp/routing-logs
              tar czf "$OUT/routing-logs.tgz" -C /tmp routing-logs 2>/dev/null ;;
     kvtiers) run kvtiers 300 python3 bench/kv_tiers.py --device cuda --ttft --json "$OUT/kv_tiers.json" ;;
+    zerocopy) run zerocopy 240 python3 bench/zero_copy_probe.py --gb 4 --threads 8,16 --out "$OUT/zero_copy.json" ;;
     pinned) run pinned 120 python3 bench/pinned_alloc.py --out "$OUT/pinned.json" ;;
     *) echo "unknown phase $phase" ;;
   esac
