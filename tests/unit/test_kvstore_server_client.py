@@ -19,14 +19,18 @@ import torch
 
 from rtpllm import LLM, SamplingParams
 from rtpllm.config import OffloadConfig
-from rtpllm.kvstore import HostTier, TieredKVStore
+from rtpllm.kvcache.events import AllBlocksCleared, BlocksStored
+from rtpllm.kvstore import HostTier, SSDTier, TieredKVStore
 from rtpllm.kvstore.client import RemoteKVStore
 from rtpllm.kvstore.service import KVStoreServer, KVStoreServerConfig
 from rtpllm.protocol import subjects
 from rtpllm.protocol.convert import layout_spec
 from rtpllm.protocol.messages import (
     DataPlaneEndpoint,
+    KVEvents,
     KVLayoutSpec,
+    KVSnapshot,
+    KVSnapshotRequest,
     KVStoreGet,
     KVStoreGetReply,
     KVStoreHeartbeat,
@@ -35,6 +39,7 @@ from rtpllm.protocol.messages import (
     decode,
     encode,
 )
+from rtpllm.routing.prefix_index import PrefixIndex
 from rtpllm.runtime.processes import ManagedProcess, start_nats
 from rtpllm.serving.bus import connect_nats
 from rtpllm.transfer import KVLayout
@@ -69,11 +74,11 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
 class ServerThread:
     """A KVStoreServer on its own event loop thread (the test thread plays the engine)."""
 
-    def __init__(self, nats_url: str, **config: Any) -> None:
+    def __init__(self, nats_url: str, store: TieredKVStore | None = None, **config: Any) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.store = TieredKVStore(HostTier(64 << 20))
+        self.store = store if store is not None else TieredKVStore(HostTier(64 << 20))
         self.server: KVStoreServer = self.call(self._start(nats_url, KVStoreServerConfig(host_id=HOST, **config)))
 
     async def _start(self, url: str, config: KVStoreServerConfig) -> KVStoreServer:
@@ -208,6 +213,63 @@ def test_a_put_never_sent_is_dropped_after_its_lease(nats_url: str, server: Serv
     wait_for(lambda: server.server.staging_free()[layout] == 4, timeout=3)  # lease (1 s) over: reused
     assert server.server.counters.failed_transfers == 1
     assert len(server.store.host) == 0
+
+
+def test_the_kvstore_reports_its_host_tier_to_routers(nats_url: str, tmp_path: Path) -> None:
+    """KV events of the host tier: puts store, evictions remove, a get's promotions from
+    SSD store again; a router that joins late resyncs from a snapshot and then follows
+    the events to exactly the host tier's keys."""
+    # Room for about two encoded blocks: puts evict; evicted blocks go to SSD.
+    store = TieredKVStore(HostTier(2600), SSDTier(tmp_path, 1 << 20), ssd_min_hits=0)
+    server = ServerThread(nats_url, store=store, events_interval_s=0.01)
+    events_id = server.server.events_id
+    assert events_id == subjects.kvstore_events_id(HOST)
+    got: list[KVEvents] = []
+
+    async def listen() -> Any:
+        nc = await connect_nats(nats_url, "kv-events-listener", 5)
+
+        async def on_events(msg: Any) -> None:
+            got.append(decode(msg.data, KVEvents))
+
+        await nc.subscribe(subjects.kv_events_subject(events_id), cb=on_events)
+        return nc
+
+    async def snapshot(nc: Any) -> KVSnapshot:
+        msg = await nc.request(subjects.kv_snapshot_subject(events_id), encode(KVSnapshotRequest(gateway_id="t")), timeout=2)
+        return decode(msg.data, KVSnapshot)
+
+    def promoted_reported() -> bool:
+        # The put's own event cannot hold k[0]: host memory evicted it within the put.
+        return any(isinstance(e, BlocksStored) and k[0] in e.block_keys for b in got for e in b.batch.events)
+
+    kv = make_pool(8, seed=9)
+    c = client(nats_url, kv)
+    listener = server.call(listen())
+    try:
+        k = keys(4)
+        index = PrefixIndex()
+        snap = server.call(snapshot(listener))  # joins after the kvstore's first batch
+        index.replace(events_id, snap.block_keys, snap.seq, host_keys=snap.host_block_keys)
+        c.store_from(k, [1, 2, 3, 4])
+        store.flush(5)
+        wait_for(lambda: len(store.ssd) >= 2)  # evicted from host memory, demoted to SSD
+        assert c.fetch_into(k[:1], [5]) == 1  # from SSD, promoted back into host memory
+        wait_for(promoted_reported)
+        kinds = [type(e).__name__ for b in got for e in b.batch.events]
+        assert "BlocksStored" in kinds and "BlocksRemoved" in kinds, kinds
+        assert all(e.tier == "host" for b in got for e in b.batch.events if not isinstance(e, AllBlocksCleared))
+        for b in got:
+            index.apply(events_id, b.batch)
+        assert not index.needs_resync(events_id), "the snapshot's seq and the batches after it join up"
+        host = set(store.host.keys())
+        assert k[0] in host
+        assert index.num_host_keys(events_id) == len(host)
+        assert index.match("engine", k[:1], events_id).host == 1
+    finally:
+        c.close()
+        server.call(listener.close())
+        server.stop()
 
 
 def test_bad_requests_get_an_error_reply(nats_url: str, server: ServerThread) -> None:

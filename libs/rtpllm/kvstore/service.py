@@ -211,7 +211,7 @@ class KVStoreServer:
         self.counters.gets += 1
         # At most a staging pool's worth per get: the reply's `more` asks for the rest.
         asked = req.keys[: pool.num_blocks]
-        payloads = await asyncio.to_thread(self.store.get_many, asked)
+        payloads = await asyncio.to_thread(self._get_many, asked)
         found = 0
         while found < len(payloads) and payloads[found] is not None:
             found += 1
@@ -308,6 +308,18 @@ class KVStoreServer:
         if present:
             with self._events_lock:
                 self._pending_events.append(BlocksStored(present, None, 0, tier="host"))
+
+    def _get_many(self, keys: list[bytes]) -> list[bytes | None]:
+        """`store.get_many`, reporting the blocks it promoted from SSD or Redis into the
+        host tier."""
+        before = self.store.host.contains_many(keys)
+        payloads = self.store.get_many(keys)
+        after = self.store.host.contains_many(keys)
+        promoted = [k for k, was, now in zip(keys, before, after, strict=True) if now and not was]
+        if promoted:
+            with self._events_lock:
+                self._pending_events.append(BlocksStored(promoted, None, 0, tier="host"))
+        return payloads
 
     # -- KV events of the host tier -----------------------------------------------------
 
