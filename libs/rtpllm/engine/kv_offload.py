@@ -23,7 +23,6 @@ step if they show up in step times.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -31,9 +30,10 @@ import torch
 
 from rtpllm.config import OffloadConfig
 from rtpllm.kvcache.block_manager import BlockManager
-from rtpllm.kvcache.events import BlocksRemoved, BlocksStored, KVEvent
+from rtpllm.kvcache.events import KVEvent
 from rtpllm.kvstore import HostTier, SSDTier, TieredKVStore
 from rtpllm.kvstore.engine_store import EngineKVStore, LocalKVStore
+from rtpllm.kvstore.store import HostTierEvents
 from rtpllm.transfer.layout import KVLayout
 
 log = logging.getLogger(__name__)
@@ -76,12 +76,11 @@ class KVOffload:
         else:
             shared = True  # the host's kvstore: other engines read what this one writes
         self.tiers = tiers
-        # KV events of the host tier for routers (in-process tiers only: the kvstore
-        # service's blocks are not reported yet), in the order they happened.
-        self._events: list[KVEvent] = []
-        self._events_lock = threading.Lock()  # evictions may come from any thread
+        # KV events of the in-process host tier for routers (the kvstore service
+        # reports its own).
+        self._host_events = HostTierEvents(block_tokens=block_manager.block_size) if self.store is not None else None
         if self.store is not None:
-            self.store.on_host_removed = self._host_removed
+            self.store.host_events = self._host_events
         # Write-through by default wherever someone else can read the blocks.
         self.write_through = config.write_through if config.write_through is not None else shared
         self._gb_per_s = {"host": config.host_gb_per_s, "ssd": config.ssd_gb_per_s, "redis": config.redis_gb_per_s}
@@ -118,19 +117,15 @@ class KVOffload:
         until the next write into them, which this must precede)."""
         evicted = self.bm.take_evicted()
         if evicted:
-            keys = [k for k, _ in evicted]
-            self.tiers.store_from(keys, [b for _, b in evicted], only_new=True)
+            self.tiers.store_from([k for k, _ in evicted], [b for _, b in evicted], only_new=True)
             self.stats.demoted_blocks += len(evicted)
-            self._host_stored(keys)
 
     def offer_committed(self) -> None:
         """Write-through: store blocks committed since the last call."""
         committed = self.bm.take_committed()
         if self.write_through and committed:
-            keys = [k for k, _ in committed]
-            self.tiers.store_from(keys, [b for _, b in committed])
+            self.tiers.store_from([k for k, _ in committed], [b for _, b in committed])
             self.stats.offered_blocks += len(committed)
-            self._host_stored(keys)
 
     # -- out of the store ------------------------------------------------------------
 
@@ -159,17 +154,13 @@ class KVOffload:
             self.stats.failed_restores += len(block_ids) - good
         for tier in where[:good]:
             self.stats.restored_blocks[tier] += 1
-        # Blocks read from SSD or Redis were promoted into the host tier on the way.
-        self._host_stored([k for k, tier in zip(rest[:good], where, strict=False) if tier != "host"])
         return good
 
     # -- KV events of the host tier ---------------------------------------------------
 
     def take_events(self) -> list[KVEvent]:
         """Host-tier events since the last call (the engine sends them with the pool's)."""
-        with self._events_lock:
-            events, self._events = self._events, []
-        return events
+        return self._host_events.take() if self._host_events is not None else []
 
     @property
     def kvstore_host(self) -> str:
@@ -180,24 +171,6 @@ class KVOffload:
         """Every block key in the in-process host tier (a router's snapshot); none when
         the tiers are the kvstore service's."""
         return self.store.host.keys() if self.store is not None else []
-
-    def _host_stored(self, keys: list[bytes]) -> None:
-        if self.store is None or not keys:
-            return
-        # Only the keys still there: a put can evict blocks of the same batch.
-        present = [k for k, there in zip(keys, self.store.host.contains_many(keys), strict=True) if there]
-        if present:
-            event = BlocksStored(present, None, len(present) * self.bm.block_size, tier="host")
-            with self._events_lock:
-                self._events.append(event)
-
-    def _host_removed(self, key: bytes) -> None:
-        with self._events_lock:
-            last = self._events[-1] if self._events else None
-            if isinstance(last, BlocksRemoved) and last.tier == "host":
-                self._events[-1] = BlocksRemoved([*last.block_keys, key], tier="host")
-            else:
-                self._events.append(BlocksRemoved([key], tier="host"))
 
     def worth_restoring(self, tiers: Sequence[str]) -> int:
         """The cost model: how many leading blocks of a chain found in `tiers` (one tier

@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 import time
 import uuid
 from collections.abc import Coroutine
@@ -38,10 +37,10 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from rtpllm.kvcache.events import AllBlocksCleared, BlocksRemoved, BlocksStored, KVEvent, KVEventBatch
+from rtpllm.kvcache.events import AllBlocksCleared, KVEventBatch
 from rtpllm.kvstore.block_codec import InvalidBlock, decode_into, encode_blocks
 from rtpllm.kvstore.staging import StagingPool
-from rtpllm.kvstore.store import TieredKVStore
+from rtpllm.kvstore.store import HostTierEvents, TieredKVStore
 from rtpllm.protocol import subjects
 from rtpllm.protocol.convert import layout_from_spec
 from rtpllm.protocol.messages import (
@@ -112,10 +111,9 @@ class KVStoreServer:
         # puts store and evictions remove, published every `events_interval_s`.
         self.events_id = subjects.kvstore_events_id(config.host_id)
         self._event_seq = -1
-        self._pending_events: list[KVEvent] = [AllBlocksCleared()]
-        self._events_lock = threading.Lock()  # evictions happen on the put threads
+        self._host_events = HostTierEvents(initial=[AllBlocksCleared()])
         self._events_task: asyncio.Task[None] | None = None
-        store.on_host_removed = self._host_removed
+        store.host_events = self._host_events
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -211,7 +209,7 @@ class KVStoreServer:
         self.counters.gets += 1
         # At most a staging pool's worth per get: the reply's `more` asks for the rest.
         asked = req.keys[: pool.num_blocks]
-        payloads = await asyncio.to_thread(self._get_many, asked)
+        payloads = await asyncio.to_thread(self.store.get_many, asked)
         found = 0
         while found < len(payloads) and payloads[found] is not None:
             found += 1
@@ -303,37 +301,11 @@ class KVStoreServer:
 
     def _commit(self, pool: StagingPool, ids: list[int], keys: list[bytes], layout: KVLayout) -> None:
         self.store.put_many(keys, encode_blocks(pool.kv, ids, layout))
-        # Only the keys still there: a put can evict blocks of the same batch.
-        present = [k for k, there in zip(keys, self.store.host.contains_many(keys), strict=True) if there]
-        if present:
-            with self._events_lock:
-                self._pending_events.append(BlocksStored(present, None, 0, tier="host"))
-
-    def _get_many(self, keys: list[bytes]) -> list[bytes | None]:
-        """`store.get_many`, reporting the blocks it promoted from SSD or Redis into the
-        host tier."""
-        before = self.store.host.contains_many(keys)
-        payloads = self.store.get_many(keys)
-        after = self.store.host.contains_many(keys)
-        promoted = [k for k, was, now in zip(keys, before, after, strict=True) if now and not was]
-        if promoted:
-            with self._events_lock:
-                self._pending_events.append(BlocksStored(promoted, None, 0, tier="host"))
-        return payloads
 
     # -- KV events of the host tier -----------------------------------------------------
 
-    def _host_removed(self, key: bytes) -> None:
-        with self._events_lock:
-            last = self._pending_events[-1] if self._pending_events else None
-            if isinstance(last, BlocksRemoved):
-                self._pending_events[-1] = BlocksRemoved([*last.block_keys, key], tier="host")
-            else:
-                self._pending_events.append(BlocksRemoved([key], tier="host"))
-
     async def _publish_events(self) -> None:
-        with self._events_lock:
-            events, self._pending_events = self._pending_events, []
+        events = self._host_events.take()
         if not events:
             return
         self._event_seq += 1

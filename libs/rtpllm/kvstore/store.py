@@ -11,15 +11,20 @@ Where blocks go:
 
 Nothing here blocks on a slow tier for writes: write-behind queues are bounded by bytes
 and drop (and count) what does not fit. Reads do wait for the tier they read from.
+
+With `host_events` set, the store records the host tier's changes as KV events for
+routers (blocks stored by puts and promotions, removed by evictions); the engine's
+in-process tiers and the kvstore service both report them that way.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from rtpllm.kvcache.events import BlocksRemoved, BlocksStored, KVEvent
 from rtpllm.kvstore.host_tier import Evicted, HostTier
 from rtpllm.kvstore.ssd_tier import SSDTier
 from rtpllm.kvstore.tier import TierStats
@@ -29,6 +34,36 @@ if TYPE_CHECKING:  # the redis client is an optional dependency (the `serve` ext
     from rtpllm.kvstore.redis_tier import RedisTier
 
 log = logging.getLogger(__name__)
+
+
+class HostTierEvents:
+    """The host tier's changes as KV events (`tier="host"`), in the order they happened,
+    until `take()`. Thread-safe: evictions happen on any caller's thread.
+    `block_tokens`: tokens per block, for `BlocksStored.num_tokens` (0 if unknown)."""
+
+    def __init__(self, initial: Iterable[KVEvent] = (), block_tokens: int = 0) -> None:
+        self._events: list[KVEvent] = list(initial)
+        self._block_tokens = block_tokens
+        self._lock = threading.Lock()
+
+    def stored(self, keys: list[bytes]) -> None:
+        if keys:
+            event = BlocksStored(keys, None, len(keys) * self._block_tokens, tier="host")
+            with self._lock:
+                self._events.append(event)
+
+    def removed(self, key: bytes) -> None:
+        with self._lock:  # consecutive evictions become one event
+            last = self._events[-1] if self._events else None
+            if isinstance(last, BlocksRemoved):
+                self._events[-1] = BlocksRemoved([*last.block_keys, key], tier="host")
+            else:
+                self._events.append(BlocksRemoved([key], tier="host"))
+
+    def take(self) -> list[KVEvent]:
+        with self._lock:
+            events, self._events = self._events, []
+        return events
 
 
 class TieredKVStore:
@@ -61,9 +96,7 @@ class TieredKVStore:
         self._closed = False
         self._count_lock = threading.Lock()  # evictions happen on any caller's thread
         host.on_evict = self._on_host_evict
-        # Told the key of every block leaving the host tier (any thread): the engine
-        # reports it to routers (engine/kv_offload.py).
-        self.on_host_removed: Callable[[bytes], None] | None = None
+        self.host_events: HostTierEvents | None = None  # set by whoever reports them
 
     # -- reads ------------------------------------------------------------------------
 
@@ -102,6 +135,7 @@ class TieredKVStore:
         SSD or Redis, or never left this process: decode them with
         `verify_checksum=False`."""
         out = self.host.get_many(keys)
+        promoted: list[bytes] = []
         for tier in (self.ssd, self.redis):
             missing = [i for i, data in enumerate(out) if data is None]
             if tier is None or not missing:
@@ -113,6 +147,8 @@ class TieredKVStore:
                     # Fetched because it was needed: that is a hit, which qualifies it
                     # for SSD when it leaves the host tier again.
                     self.host.put(keys[i], data, hits=1)
+                    promoted.append(keys[i])
+        self._report_stored(promoted)
         return out
 
     # -- writes -----------------------------------------------------------------------
@@ -124,6 +160,7 @@ class TieredKVStore:
             raise ValueError(f"{len(keys)} keys for {len(payloads)} payloads")
         for key, data in zip(keys, payloads, strict=True):
             self.host.put(key, data, pinned=pin)
+        self._report_stored(list(keys))
         if self._to_redis is not None:
             self._to_redis.submit(list(zip(keys, payloads, strict=True)))
 
@@ -131,9 +168,15 @@ class TieredKVStore:
         """Pin blocks held in the host tier (see `put_many`); returns how many were there."""
         return sum(self.host.pin(k) for k in keys)
 
+    def _report_stored(self, keys: list[bytes]) -> None:
+        if self.host_events is not None and keys:
+            # Only the keys still there: a put can evict blocks of the same batch.
+            present = [k for k, there in zip(keys, self.host.contains_many(keys), strict=True) if there]
+            self.host_events.stored(present)
+
     def _on_host_evict(self, ev: Evicted) -> None:
-        if self.on_host_removed is not None:
-            self.on_host_removed(ev.key)
+        if self.host_events is not None:
+            self.host_events.removed(ev.key)
         if (
             self._to_ssd is not None
             and self.ssd is not None
