@@ -39,17 +39,17 @@ def test_events_build_the_index_and_gaps_ask_for_a_snapshot() -> None:
     keys = block_keys(list(range(12)), 4, NS)
     idx = PrefixIndex()
     assert idx.apply("a", batch(0, BlocksStored(keys, None, 12)))
-    assert idx.matched_blocks("a", keys) == 3
+    assert idx.match("a", keys).gpu == 3
     assert idx.apply("a", batch(1, BlocksRemoved([keys[1]])))
-    assert idx.matched_blocks("a", keys) == 1, "the chain stops at the first missing block"
+    assert idx.match("a", keys).gpu == 1, "the chain stops at the first missing block"
     assert not idx.apply("a", batch(3, AllBlocksCleared()))  # batch 2 went missing
     assert idx.needs_resync("a")
     idx.replace("a", keys[:2], seq=5)
-    assert not idx.needs_resync("a") and idx.matched_blocks("a", keys) == 2
+    assert not idx.needs_resync("a") and idx.match("a", keys).gpu == 2
     assert idx.apply("a", batch(4, AllBlocksCleared())), "older than the snapshot: ignored"
-    assert idx.matched_blocks("a", keys) == 2
+    assert idx.match("a", keys).gpu == 2
     assert idx.apply("a", batch(6, BlocksStored([keys[2]], keys[1], 4)))
-    assert idx.matched_blocks("a", keys) == 3
+    assert idx.match("a", keys).gpu == 3
 
 
 def test_host_tier_events_extend_the_chain_after_the_pool() -> None:
@@ -98,9 +98,9 @@ def test_guesses_expire() -> None:
     idx = PrefixIndex(guess_ttl_s=10, clock=clock)
     keys = block_keys(list(range(8)), 4, NS)
     idx.note_routed("a", keys)
-    assert idx.matched_blocks("a", keys) == 2 and idx.matched_blocks("b", keys) == 0
+    assert idx.match("a", keys).gpu == 2 and idx.match("b", keys).gpu == 0
     clock.now = 11
-    assert idx.matched_blocks("a", keys) == 0
+    assert idx.match("a", keys).gpu == 0
     idx.expire_guesses()
     assert not idx._guesses
 

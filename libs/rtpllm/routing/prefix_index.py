@@ -138,10 +138,6 @@ class PrefixIndex:
             in_host += 1
         return PrefixMatch(gpu, in_host)
 
-    def matched_blocks(self, instance_id: str, keys: Sequence[bytes]) -> int:
-        """Leading keys of the chain the instance holds in its pool (known or guessed)."""
-        return self.match(instance_id, keys).gpu
-
     def expire_guesses(self) -> None:
         now = self._clock()
         while self._guesses:
