@@ -298,6 +298,8 @@ def run_ours(
     threads: int,
     extent_mib: int,
     ring_depth: int | None = None,
+    chunk_kib: int | None = None,
+    native: bool | None = None,
 ) -> tuple[float, float, DecoderLM, dict[str, Any]]:
     """(total seconds, of which build_model, model, the loader's timing detail):
     allocation + load, synchronized."""
@@ -318,6 +320,8 @@ def run_ours(
         ring_depth=ring_depth,
         direct_io=direct_io,
         progress=progress,
+        chunk_bytes=chunk_kib << 10 if chunk_kib else None,
+        native=native,
     )
     sync(device)
     return time.perf_counter() - t0, t1 - t0, model, stats.detail
@@ -392,8 +396,8 @@ def main() -> None:
     ap.add_argument("--warm-repeats", type=int, default=3, help="warm runs per method (the median counts)")
     ap.add_argument(
         "--methods",
-        default="raw,safetensors,transformers,ours,ours-odirect",
-        help="comma-separated subset of raw,safetensors,transformers,ours,ours-odirect",
+        default="raw,safetensors,transformers,ours,ours-python,ours-odirect",
+        help="comma-separated subset of raw,safetensors,transformers,ours,ours-python,ours-odirect",
     )
     ap.add_argument("--no-cold", action="store_true", help="warm runs only")
     ap.add_argument("--progress", action="store_true", help="progress bar on stderr for our loads")
@@ -401,9 +405,14 @@ def main() -> None:
     ap.add_argument(
         "--sweep",
         default="4:16,8:16,8:16:10,8:32,12:16,16:16,16:16:20,16:8:24,16:32,16:64",
-        help="warm sweep configs THREADS:EXTENT_MIB[:RING_DEPTH], comma-separated (entries above the core count are skipped)",
+        help="warm sweep configs THREADS:EXTENT_MIB[:RING_DEPTH[:CHUNK_KIB]] (0 = default), comma-separated (entries above the core count are skipped)",
     )
     ap.add_argument("--sweep-repeats", type=int, default=2, help="runs per sweep config (the fastest counts)")
+    ap.add_argument(
+        "--cold-sweep",
+        default="",
+        help="cold runs of ours at THREADS:EXTENT_MIB[:RING_DEPTH[:CHUNK_KIB]] configs, comma-separated (one run each)",
+    )
     ap.add_argument(
         "--cache-drop",
         default="auto",
@@ -490,17 +499,20 @@ def main() -> None:
         measure("safetensors load_file", lambda: run_safetensors(args.dir, args.device), tensor_bytes)
     if "transformers" in methods:
         measure("transformers from_pretrained", lambda: run_transformers(args.dir, args.device), tensor_bytes)
-    for name, direct_io in (("ours", False), ("ours-odirect", None)):
+    for name, direct_io, native, label in (
+        ("ours", False, None, OURS),
+        ("ours-python", False, False, "ours (Python reader loop)"),
+        ("ours-odirect", None, False, "ours (O_DIRECT if uncached)"),
+    ):
         if name in methods:
 
-            def ours(direct_io: bool | None = direct_io) -> tuple[float, str]:
+            def ours(direct_io: bool | None = direct_io, native: bool | None = native) -> tuple[float, str]:
                 seconds, build_s, model, detail = run_ours(
-                    args.dir, args.device, args, direct_io, args.threads, args.extent_mib
+                    args.dir, args.device, args, direct_io, args.threads, args.extent_mib, native=native
                 )
                 spot_check(model, args.dir)
                 return seconds, f"build_model {build_s:.3f} s of it; {brief(detail)}"
 
-            label = "ours (O_DIRECT if uncached)" if direct_io is None else OURS
             measure(label, ours, tensor_bytes)
 
     sweep: list[dict[str, Any]] = []
@@ -508,12 +520,12 @@ def main() -> None:
         # Warm only: which reader count, extent size and ring depth feed the copy engine
         # best, and where the time goes (reads vs waiting for slots vs copies).
         warm()
-        for threads, extent, depth in parse_sweep(args.sweep, os.cpu_count() or 1):
+        for threads, extent, depth, chunk, native in parse_sweep(args.sweep, os.cpu_count() or 1):
             best: dict[str, Any] | None = None
             for _ in range(args.sweep_repeats):
                 try:
                     seconds, build_s, model, detail = run_ours(
-                        args.dir, args.device, args, False, threads, extent, depth
+                        args.dir, args.device, args, False, threads, extent, depth, chunk, native
                     )
                     del model
                 finally:
@@ -521,12 +533,21 @@ def main() -> None:
                 if best is None or seconds < best["warm_s"]:
                     best = {"warm_s": seconds, "build_s": build_s, "detail": detail}
             assert best is not None
-            sweep.append({"threads": threads, "extent_mib": extent, "depth": depth, **best})
+            sweep.append(
+                {
+                    "threads": threads,
+                    "extent_mib": extent,
+                    "depth": depth,
+                    "chunk_kib": chunk,
+                    "native": native,
+                    **best,
+                }
+            )
             print(
-                f"  sweep {threads}x{extent}x{depth}: {best['warm_s']:.3f} s; {brief(best['detail'])}",
+                f"  sweep {'python ' if native is False else ''}{threads}x{extent}x{depth}x{chunk}: {best['warm_s']:.3f} s; {brief(best['detail'])}",
                 file=sys.stderr,
             )
-        for threads in sorted({int(c.split(":")[0]) for c in args.sweep.split(",") if c}):
+        for threads in sorted({c[0] for c in parse_sweep(args.sweep, os.cpu_count() or 1)}):
             if threads != args.threads and threads <= (os.cpu_count() or 1):
                 seconds = min(raw_read(files, threads, direct=False) for _ in range(2))
                 sweep.append({"raw_threads": threads, "warm_s": seconds})
@@ -534,6 +555,41 @@ def main() -> None:
                     f"  sweep raw read, {threads} threads: {file_bytes / seconds / 1e9:.1f} GB/s",
                     file=sys.stderr,
                 )
+
+    cold_sweep: list[dict[str, Any]] = []
+    if "ours" in methods and args.cold_sweep and cold_ok:
+        # Cold only: which extent size and reader count keep the disk busiest.
+        for threads, extent, depth, chunk, native in parse_sweep(args.cold_sweep, os.cpu_count() or 1):
+            cold()
+            try:
+                seconds, build_s, model, detail = run_ours(
+                    args.dir, args.device, args, False, threads, extent, depth, chunk, native
+                )
+                del model
+            finally:
+                release(args.device)
+            cold_sweep.append(
+                {
+                    "threads": threads,
+                    "extent_mib": extent,
+                    "depth": depth,
+                    "chunk_kib": chunk,
+                    "native": native,
+                    "cold_s": seconds,
+                    "cold_gbps": tensor_bytes / seconds / 1e9,
+                    "build_s": build_s,
+                    "detail": detail,
+                }
+            )
+            print(
+                f"  cold sweep {threads}x{extent}x{depth}: {seconds:.3f} s; {brief(detail)}", file=sys.stderr
+            )
+        # The disk's rate drifts over minutes: the raw limit again, after the sweep.
+        cold()
+        seconds = raw_read(files, args.threads, direct=False)
+        cold_sweep.append(
+            {"raw_threads": args.threads, "cold_s": seconds, "cold_gbps": file_bytes / seconds / 1e9}
+        )
 
     h2d = h2d_bandwidth(args.device)
     report = summarize(results, h2d, cold_ok and all(d["still_cached"] < 0.05 for d in drops))
@@ -557,6 +613,7 @@ def main() -> None:
         "h2d_pinned_gbps": h2d,
         "results": results,
         "warm_sweep": [{**r, "warm_gbps": tensor_bytes / r["warm_s"] / 1e9} for r in sweep],
+        "cold_sweep": cold_sweep,
         "summary": report,
     }
     if args.out is not None:
@@ -575,20 +632,34 @@ def main() -> None:
             )
             continue
         print(
-            f"  ours warm, {r['threads']:>2} threads, {r['extent_mib']:>2} MiB extents, depth {r['depth'] or 'default'}: "
+            f"  ours{' (Python loop)' if r.get('native') is False else ''} warm, {r['threads']:>2} threads, {r['extent_mib']:>2} MiB extents, depth {r['depth'] or 'default'}, chunk {r.get('chunk_kib') or '-'} KiB: "
             f"{r['warm_s']:.3f} s  {r['warm_gbps']:.2f} GB/s  (build_model {r['build_s']:.3f} s; {brief(r['detail'])})"
+        )
+    for r in cold_sweep:
+        if "raw_threads" in r:
+            print(
+                f"  raw read cold again, {r['raw_threads']:>2} threads: {r['cold_s']:.3f} s  {r['cold_gbps']:.2f} GB/s"
+            )
+            continue
+        print(
+            f"  ours{' (Python loop)' if r.get('native') is False else ''} cold, {r['threads']:>2} threads, {r['extent_mib']:>2} MiB extents, depth {r['depth'] or 'default'}, chunk {r.get('chunk_kib') or '-'} KiB: "
+            f"{r['cold_s']:.3f} s  {r['cold_gbps']:.2f} GB/s  ({brief(r['detail'])})"
         )
 
 
-def parse_sweep(spec: str, ncpu: int) -> list[tuple[int, int, int | None]]:
-    """'THREADS:EXTENT_MIB[:DEPTH],...' -> configs (depth None = the loader's default)."""
-    configs: list[tuple[int, int, int | None]] = []
+def parse_sweep(spec: str, ncpu: int) -> list[tuple[int, int, int | None, int | None, bool | None]]:
+    """'[p]THREADS:EXTENT_MIB[:DEPTH[:CHUNK_KIB]],...' -> (threads, extent MiB, depth, chunk
+    KiB, native) configs: depth or chunk 0 or absent = the loader's default; a leading 'p'
+    runs the Python reader loop (native=False), else the loader's default (C where it can)."""
+    configs: list[tuple[int, int, int | None, int | None, bool | None]] = []
     for item in filter(None, spec.split(",")):
-        parts = [int(x) for x in item.split(":")]
-        if len(parts) not in (2, 3) or min(parts) <= 0:
-            raise SystemExit(f"--sweep: bad entry {item!r}; want THREADS:EXTENT_MIB[:DEPTH]")
+        python = item.startswith("p")
+        parts = [int(x) for x in item.removeprefix("p").split(":")]
+        if len(parts) not in (2, 3, 4) or min(parts[:2]) <= 0 or min(parts) < 0:
+            raise SystemExit(f"--sweep: bad entry {item!r}; want [p]THREADS:EXTENT_MIB[:DEPTH[:CHUNK_KIB]]")
+        depth, chunk = (parts[2:] + [0, 0])[:2]
         if parts[0] <= ncpu:
-            configs.append((parts[0], parts[1], parts[2] if len(parts) == 3 else None))
+            configs.append((parts[0], parts[1], depth or None, chunk or None, False if python else None))
     return configs
 
 
@@ -597,8 +668,9 @@ def brief(detail: dict[str, Any]) -> str:
     if not detail:
         return "no timings"
     wall, readers = detail["wall_s"] or 1e-9, detail["readers"] or 1
+    loop = f"C loop, {detail.get('hinted', 0)} extents hinted" if detail.get("native") else "Python loop"
     return (
-        f"ring {detail['slots']}x{detail['slot_mib']:.0f} MiB; readers reading {detail['read_s'] / readers / wall:.0%}, "
+        f"{loop}; ring {detail['slots']}x{detail['slot_mib']:g} MiB; readers reading {detail['read_s'] / readers / wall:.0%}, "
         f"waiting for slots {detail['slot_wait_s'] / readers / wall:.0%}, allocating {detail['alloc_s']:.3f} s; "
         f"launching copies {detail['issue_s'] / readers / wall:.0%}; O_DIRECT {detail['direct_reads']}/{detail['extents']}"
     )

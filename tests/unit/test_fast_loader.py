@@ -44,12 +44,16 @@ DTYPES = [
 ]
 
 # The loader's execution paths: CPU scatter reads straight into the destinations, and the
-# ring pipeline the GPU uses (plain buffers here), with page-cache and O_DIRECT reads.
+# Python ring pipeline the GPU uses (plain buffers here), with page-cache and O_DIRECT
+# reads, and the C reader loop (native_ring; memcpy to host destinations here, cast
+# pieces left to the Python ring) with its default chunks and with 4 KiB ones.
 PATHS = [
     {},
     {"use_ring": True},
     {"use_ring": True, "direct_io": False},
     {"use_ring": True, "direct_io": True},
+    {"native": True},
+    {"native": True, "chunk_bytes": ALIGN},
 ]
 
 
@@ -371,11 +375,30 @@ def test_tiny_model_matches_simple_loader(
 # -- CUDA destinations (run on the GPU machine; skipped elsewhere) ------------------------
 
 
+# (direct_io, native, extent_bytes, ring_depth, chunk_bytes): the Python ring with each
+# read mode, and the C loop (same-dtype pieces; the cast ones go to the Python ring).
+CUDA_PATHS = [
+    *[
+        (d, False, e, r, None)
+        for d in (None, True, False)
+        for e, r in [(ALIGN, 1), (2 * ALIGN, 3), (16 << 20, None)]
+    ],
+    (False, True, ALIGN, None, None),
+    (False, True, 3 * ALIGN, 6, ALIGN),
+    (False, True, 16 << 20, None, 2 * ALIGN),
+    (False, None, 16 << 20, None, None),
+]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("direct_io", [None, True, False])
-@pytest.mark.parametrize(("extent_bytes", "ring_depth"), [(ALIGN, 1), (2 * ALIGN, 3), (16 << 20, None)])
+@pytest.mark.parametrize(("direct_io", "native", "extent_bytes", "ring_depth", "chunk_bytes"), CUDA_PATHS)
 def test_cuda_destinations_match_load_file(
-    tmp_path: Path, direct_io: bool | None, extent_bytes: int, ring_depth: int | None
+    tmp_path: Path,
+    direct_io: bool | None,
+    native: bool | None,
+    extent_bytes: int,
+    ring_depth: int | None,
+    chunk_bytes: int | None,
 ) -> None:
     gen = torch.Generator().manual_seed(8)
     tensors = {f"t{i}.{str(dt)[6:]}": random_tensor(dt, (37 + i, 29), gen) for i, dt in enumerate(DTYPES)}
@@ -396,6 +419,8 @@ def test_cuda_destinations_match_load_file(
         ring_depth=ring_depth,
         num_threads=3,
         direct_io=direct_io,
+        native=native,
+        chunk_bytes=chunk_bytes,
     )
     for name, src in ref.items():
         assert bits_equal(targets[name].cpu(), src.to(targets[name].dtype)), name
@@ -422,6 +447,16 @@ def test_cuda_tiny_model_matches_simple_loader(tmp_path: Path) -> None:
 def test_cuda_runtime_of_torch_is_found() -> None:
     # Without it the ring loader silently falls back to torch's slower copy_ launches.
     assert cuda_runtime() is not None
+
+
+@pytest.mark.gpu
+def test_cuda_default_load_runs_native(tmp_path: Path) -> None:
+    # On the GPU machine (which has a C compiler: Triton needs one) engines get the C loop.
+    write_checkpoint(tmp_path, {"w": torch.ones(64, 64, dtype=torch.bfloat16)})
+    target = torch.empty(64, 64, dtype=torch.bfloat16, device="cuda")
+    stats = load_checkpoint_fast(tmp_path, {"w": target})
+    assert stats.detail["native"] == 1
+    assert bits_equal(target.cpu(), torch.ones(64, 64, dtype=torch.bfloat16))
 
 
 @pytest.mark.gpu

@@ -48,7 +48,7 @@ class CudaRuntime:
 @functools.cache
 def cuda_runtime() -> CudaRuntime | None:
     """The CUDA runtime library already mapped into this process (torch's), or None."""
-    path = _mapped_cudart()
+    path = mapped_cudart()
     if path is None:
         return None
     try:
@@ -58,7 +58,7 @@ def cuda_runtime() -> CudaRuntime | None:
         return None
 
 
-def _mapped_cudart() -> str | None:
+def mapped_cudart() -> str | None:
     maps = Path("/proc/self/maps")
     if not maps.exists():
         return None

@@ -55,6 +55,7 @@ of their time in the copy launches themselves.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -66,6 +67,13 @@ import torch
 from rtpllm.loader.direct_loader import DirectLoader
 from rtpllm.loader.file_reader import CheckpointFile
 from rtpllm.loader.load_plan import DEFAULT_EXTENT_BYTES, LoadPlan, build_load_plan
+from rtpllm.loader.native_ring import (
+    DEFAULT_CHUNK_BYTES,
+    DEFAULT_SLOTS,
+    NativeRing,
+    native_extents,
+    native_library,
+)
 from rtpllm.loader.ring_loader import RingLoader, RingTimings
 from rtpllm.loader.safetensors_header import read_header
 from rtpllm.loader.weights import LoadStats, safetensors_files
@@ -98,6 +106,8 @@ def load_checkpoint_fast(
     ring_depth: int | None = None,
     direct_io: bool | None = False,
     use_ring: bool | None = None,
+    native: bool | None = None,
+    chunk_bytes: int | None = None,
 ) -> LoadStats:
     """Copy every checkpoint tensor named in `targets` into its destination view, fast.
 
@@ -112,7 +122,10 @@ def load_checkpoint_fast(
     of 4 KiB); `ring_depth` host slots (default 2 x threads); `direct_io` (ring path
     only): False (default) reads through the page cache, None reads extents that are not
     in the page cache with O_DIRECT, True always; `use_ring` forces the ring path for CPU
-    destinations (tests).
+    destinations (tests). `native`: None (default) runs the C reader loop where it can
+    (page-cache reads, one CUDA device, a C compiler; see native_ring), True requires it
+    (and runs it for CPU destinations too: tests), False never; `chunk_bytes` is its read
+    and copy size (default 2 MiB).
     Returns when every destination holds its data (CUDA copies are synchronized).
     """
     start = time.perf_counter()
@@ -127,6 +140,8 @@ def load_checkpoint_fast(
         ring_depth=ring_depth,
         direct_io=direct_io,
         use_ring=use_ring,
+        native=native,
+        chunk_bytes=chunk_bytes,
     )
     stats = LoadStats(
         bytes_read=plan.tensor_bytes,
@@ -153,12 +168,15 @@ def execute_plan(
     ring_depth: int | None = None,
     direct_io: bool | None = False,
     use_ring: bool | None = None,
+    native: bool | None = None,
+    chunk_bytes: int | None = None,
 ) -> RingTimings | None:
     """Read every extent of `plan` and fill its destinations (see the module docstring);
     the ring path's timings, None for the direct path."""
     threads = num_threads or default_num_threads()
-    has_cuda = any(t.dest.device.type == "cuda" for t in plan.tensors)
-    ring = has_cuda or bool(use_ring)
+    cuda_devices = {t.dest.device for t in plan.tensors if t.dest.device.type == "cuda"}
+    ring = bool(cuda_devices) or bool(use_ring) or bool(native)
+    native_device = _native_device(cuda_devices, native, direct_io)
     paths = list(dict.fromkeys(e.path for e in plan.extents))
     files: dict[Path, CheckpointFile] = {}
     try:
@@ -168,14 +186,69 @@ def execute_plan(
             progress(0, plan.read_bytes)
         if not plan.extents:
             return None  # only empty tensors: nothing to read
-        if ring:
+        if not ring:
+            DirectLoader(plan, files, threads, progress).run()
+            return None
+        timings = None
+        rest = list(plan.extents)
+        if native_device is not None:
+            mine, rest = native_extents(plan.extents, native_device)
+            native_bytes = sum(e.nbytes for e in mine)
+            timings = NativeRing(
+                mine,
+                files,
+                device=native_device if native_device.type == "cuda" else None,
+                threads=threads,
+                chunk_bytes=chunk_bytes or DEFAULT_CHUNK_BYTES,
+                slots=max(1, ring_depth // threads) if ring_depth else DEFAULT_SLOTS,
+                progress=None if progress is None else lambda done: progress(done, plan.read_bytes),
+            ).run()
+            if progress is not None and rest:
+                progress = _offset_progress(progress, native_bytes, plan.read_bytes)
+        if rest:
+            sub = plan if len(rest) == len(plan.extents) else dataclasses.replace(plan, extents=tuple(rest))
             loader = RingLoader(
-                plan, files, threads, ring_depth or default_ring_depth(threads), direct_io, progress
+                sub, files, threads, ring_depth or default_ring_depth(threads), direct_io, progress
             )
             loader.run()
-            return loader.timings
-        DirectLoader(plan, files, threads, progress).run()
-        return None
+            timings = loader.timings if timings is None else _merged(timings, loader.timings)
+        return timings
     finally:
         for f in files.values():
             f.close()
+
+
+def _native_device(
+    cuda_devices: set[torch.device], native: bool | None, direct_io: bool | None
+) -> torch.device | None:
+    """The device the C reader loop serves in this load (cpu: host destinations), or None."""
+    if native is False:
+        return None
+    why_not = None
+    if direct_io is not False:
+        why_not = "it reads through the page cache (direct_io=False)"
+    elif len(cuda_devices) > 1:
+        why_not = "it serves one CUDA device"
+    elif native_library() is None:
+        why_not = "it is not available here (no C compiler, or RTPLLM_NATIVE_LOADER=0)"
+    if why_not is not None:
+        if native:
+            raise ValueError(f"native=True, but the native loader cannot run this load: {why_not}")
+        return None
+    if cuda_devices:
+        return next(iter(cuda_devices))
+    return torch.device("cpu") if native else None
+
+
+def _offset_progress(progress: Progress, before: int, total: int) -> Progress:
+    """Progress of a load's second part, reported as the whole load's."""
+    return lambda done, _: progress(before + done, total)
+
+
+def _merged(a: RingTimings, b: RingTimings) -> RingTimings:
+    """One load's timings from its native and Python parts (sums; wall times add: they ran in turn)."""
+    merged = RingTimings()
+    for name, value in a.__dict__.items():
+        other = getattr(b, name)
+        setattr(merged, name, max(value, other) if name in ("readers", "native", "slot_mib") else value + other)
+    return merged
