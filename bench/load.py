@@ -404,7 +404,7 @@ def main() -> None:
     ap.add_argument("--no-sweep", action="store_true", help="skip the warm threads/extent-size sweep of ours")
     ap.add_argument(
         "--sweep",
-        default="4:16,8:16,8:16:10,8:32,12:16,16:16,16:16:20,16:8:24,16:32,16:64",
+        default="8:8,12:8,16:8,12:8:24:4096,16:8:32:4096,12:16,p12:8,p16:8",
         help="warm sweep configs THREADS:EXTENT_MIB[:RING_DEPTH[:CHUNK_KIB]] (0 = default), comma-separated (entries above the core count are skipped)",
     )
     ap.add_argument("--sweep-repeats", type=int, default=2, help="runs per sweep config (the fastest counts)")
