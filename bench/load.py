@@ -82,6 +82,7 @@ NUM_SHARDS = 4
 CHUNK = 16 << 20
 MAX_POSITION = 4096  # rotary table size for build_model; irrelevant to loading
 OURS = "ours (default: page cache)"
+RAW = "raw read (page cache)"
 
 
 # -- checkpoint -------------------------------------------------------------------------
@@ -400,6 +401,9 @@ def main() -> None:
         help="comma-separated subset of raw,safetensors,transformers,ours,ours-python,ours-odirect",
     )
     ap.add_argument("--no-cold", action="store_true", help="warm runs only")
+    ap.add_argument(
+        "--cold-rounds", type=int, default=2, help="cold runs of raw (page cache) and ours, alternating"
+    )
     ap.add_argument("--progress", action="store_true", help="progress bar on stderr for our loads")
     ap.add_argument("--no-sweep", action="store_true", help="skip the warm threads/extent-size sweep of ours")
     ap.add_argument(
@@ -453,52 +457,27 @@ def main() -> None:
     def warm() -> None:
         raw_read(files, args.threads, direct=False)
 
-    results: dict[str, dict[str, Any]] = {}
-
-    def measure(
-        name: str, fn: Callable[[], float | tuple[float, str]], nbytes: int, *, warm_run: bool = True
-    ) -> None:
-        row: dict[str, Any] = {}
-        phases = (["cold"] if cold_ok else []) + (["warm"] * args.warm_repeats if warm_run else [])
-        runs: dict[str, list[tuple[float, str]]] = {"cold": [], "warm": []}
-        for phase in phases:
-            (cold if phase == "cold" else warm)()
-            print(f"{name} ({phase}) ...", file=sys.stderr)
-            try:
-                out = fn()
-            except Exception as exc:  # a failing baseline must not cost the other numbers
-                row["error"] = f"{type(exc).__name__}: {exc}"[:300]
-                print(f"  failed: {row['error']}", file=sys.stderr)
-                break
-            finally:
-                release(args.device)
-            seconds, note = out if isinstance(out, tuple) else (out, "")
-            runs[phase].append((seconds, note))
-            print(f"  {seconds:.2f} s, {nbytes / seconds / 1e9:.2f} GB/s", file=sys.stderr)
-        for phase, done in runs.items():
-            if not done:
-                continue
-            # The median run (warm runs repeat: one load is ~0.6 s and varies by ~15%).
-            seconds, note = sorted(done)[len(done) // 2]
-            row[f"{phase}_s"] = seconds
-            row[f"{phase}_gbps"] = nbytes / seconds / 1e9
-            row[f"{phase}_runs_s"] = [t for t, _ in done]
-            if note:
-                row[f"{phase}_note"] = note
-        results[name] = row
-
+    # (label, run, bytes it moves, runs warm too)
+    Method = tuple[str, Callable[[], float | tuple[float, str]], int, bool]
+    planned: list[Method] = []
     if "raw" in methods:
-        measure("raw read (page cache)", lambda: raw_read(files, args.threads, direct=False), file_bytes)
-        measure(
-            "raw read (O_DIRECT)",
-            lambda: raw_read(files, args.threads, direct=True),
-            file_bytes,
-            warm_run=False,
+        planned.append((RAW, lambda: raw_read(files, args.threads, direct=False), file_bytes, True))
+        planned.append(
+            ("raw read (O_DIRECT)", lambda: raw_read(files, args.threads, direct=True), file_bytes, False)
         )
     if "safetensors" in methods:
-        measure("safetensors load_file", lambda: run_safetensors(args.dir, args.device), tensor_bytes)
+        planned.append(
+            ("safetensors load_file", lambda: run_safetensors(args.dir, args.device), tensor_bytes, True)
+        )
     if "transformers" in methods:
-        measure("transformers from_pretrained", lambda: run_transformers(args.dir, args.device), tensor_bytes)
+        planned.append(
+            (
+                "transformers from_pretrained",
+                lambda: run_transformers(args.dir, args.device),
+                tensor_bytes,
+                True,
+            )
+        )
     for name, direct_io, native, label in (
         ("ours", False, None, OURS),
         ("ours-python", False, False, "ours (Python reader loop)"),
@@ -513,7 +492,58 @@ def main() -> None:
                 spot_check(model, args.dir)
                 return seconds, f"build_model {build_s:.3f} s of it; {brief(detail)}"
 
-            measure(label, ours, tensor_bytes)
+            planned.append((label, ours, tensor_bytes, True))
+
+    runs: dict[str, dict[str, list[tuple[float, str]]]] = {m[0]: {"cold": [], "warm": []} for m in planned}
+    errors: dict[str, str] = {}
+
+    def run_once(method: Method, phase: str) -> None:
+        name, fn, nbytes, _ = method
+        if name in errors:
+            return
+        (cold if phase == "cold" else warm)()
+        print(f"{name} ({phase}) ...", file=sys.stderr)
+        try:
+            out = fn()
+        except Exception as exc:  # a failing baseline must not cost the other numbers
+            errors[name] = f"{type(exc).__name__}: {exc}"[:300]
+            print(f"  failed: {errors[name]}", file=sys.stderr)
+            return
+        finally:
+            release(args.device)
+        seconds, note = out if isinstance(out, tuple) else (out, "")
+        runs[name][phase].append((seconds, note))
+        print(f"  {seconds:.2f} s, {nbytes / seconds / 1e9:.2f} GB/s", file=sys.stderr)
+
+    # The disk's rate drifts by 10-30% over minutes, so the cold limit (raw, page cache)
+    # and our cold load run back to back, alternating, --cold-rounds times.
+    paired = [m for m in planned if m[0] in (RAW, OURS)] if cold_ok else []
+    for _ in range(args.cold_rounds if len(paired) == 2 else 0):
+        for method in paired:
+            run_once(method, "cold")
+    for method in planned:
+        if cold_ok and (method not in paired or len(paired) < 2):
+            run_once(method, "cold")
+        for _ in range(args.warm_repeats if method[3] else 0):
+            run_once(method, "warm")
+
+    results: dict[str, dict[str, Any]] = {}
+    for name, _, nbytes, _ in planned:
+        row: dict[str, Any] = {}
+        for phase, done in runs[name].items():
+            if not done:
+                continue
+            # The median run (warm runs repeat: one load is ~0.5 s and varies by ~15%;
+            # of an even count, the slower middle one).
+            seconds, note = sorted(done)[len(done) // 2]
+            row[f"{phase}_s"] = seconds
+            row[f"{phase}_gbps"] = nbytes / seconds / 1e9
+            row[f"{phase}_runs_s"] = [t for t, _ in done]
+            if note:
+                row[f"{phase}_note"] = note
+        if name in errors:
+            row["error"] = errors[name]
+        results[name] = row
 
     sweep: list[dict[str, Any]] = []
     if "ours" in methods and not args.no_sweep:
@@ -622,7 +652,7 @@ def main() -> None:
     if args.device == "cpu":
         print(
             "note (CPU): load_file returns tensors backed by its mmap and ours writes into freshly "
-            "allocated model memory (first-touch page faults count), and both 'ours' rows run the same "
+            "allocated model memory (first-touch page faults count), and all 'ours' rows run the same "
             "CPU path (O_DIRECT is for CUDA destinations): only the GPU numbers mean anything"
         )
     for r in payload["warm_sweep"]:
