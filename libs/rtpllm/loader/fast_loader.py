@@ -3,54 +3,48 @@
 `load_checkpoint_fast` has the contract of `weights.load_checkpoint` (same targets,
 same errors) and runs in three steps: parse and validate every shard header
 (safetensors_header), plan extents in (file, offset) order (load_plan), then execute
-them (ring_loader for CUDA destinations, direct_loader for CPU ones; destinations holds
-the byte views and cast temporaries both use).
+them: native_ring (the reader loop in C) for same-dtype pieces on one CUDA device,
+ring_loader (the same pipeline in Python) for the rest of the CUDA work and wherever
+no C compiler is found, direct_loader for CPU destinations; destinations holds the
+byte views and cast temporaries the Python paths use.
 
-Execution, CUDA destinations ("ring" path). `num_threads` reader threads take extents in
-file order; each reads an extent with os.preadv into one of its own pinned host slots
-(`ring_depth` / threads of them, allocated on first use, concurrently in every reader:
-huge pages + cudaHostRegister, see pinned.py), launches the extent's non_blocking H2D
-copies on the side stream of the destination's device, records an event and reads the
-next extent into its next slot; a slot is read into again once its event fired, so
-reads overlap copies. Same-dtype pieces go straight into the parameter's bytes (no GPU
-staging buffer, no second device copy); cast pieces go into a temporary of the source
-dtype, cast into the parameter on the GPU by the reader that copies its last piece (on
-the same stream as every piece's copy, so after them). The calling thread only counts
-finished extents for the progress bar, then waits for the streams. Readers launching
-their own copies replaced a single copying thread that every extent went through. Reads
-go through the page cache by default. `direct_io=None` reads each extent with O_DIRECT
-when a sampled mincore() says it is not in the page cache (no page-cache insertion; see
-file_reader), but on the H100 machine's disk that was slower cold, not faster: 10.5-15 s
-against 9.3-12 s buffered for 16 GB, whose kernel readahead and request merging beat 12
-concurrent direct reads there (docs/benchmarks.md).
+Execution, CUDA destinations, C loop (default; native_ring.c). `num_threads` reader
+threads claim extents in file order; each reads its extent 2 MiB at a time with pread
+into one of its 4 pinned 2 MiB buffers and launches cudaMemcpyAsync of each piece part
+on a stream of its own, reusing a buffer once its event fired. An extent that mincore()
+says is not in the page cache gets posix_fadvise(WILLNEED) first, so the disk sees the
+whole extent requested at once. No GIL, and small buffers the GPU reads while they are
+still in the CPU's cache: 34-40 GB/s warm for 16 GB on the H100 machine, about the rate
+at which 12-16 Python threads merely read the page cache.
+
+Execution, CUDA destinations, Python loop ("ring"). Reader threads read whole extents
+with os.preadv into pinned slots of their own (huge pages + cudaHostRegister, allocated
+concurrently: pinned.py), launch each piece's copy (cudaMemcpyAsync through ctypes for
+same-dtype pieces: cuda_copy) on the reader's own stream, record an event and read the
+next extent into their next slot. Cast pieces go into a temporary of the source dtype
+on a shared stream per device, cast into the parameter by the reader that copies the
+tensor's last piece (after every piece's copy, on that stream). The calling thread only
+reports progress, then waits for the streams. It runs the extents the C loop does not
+take (those holding cast pieces, several devices, O_DIRECT) and everything where no C
+compiler is found; warm it peaks at 24-29 GB/s, bound by a dozen threads sharing the GIL.
+Reads go through the page cache by default. `direct_io=None` reads each extent with
+O_DIRECT when a sampled mincore() says it is not in the page cache, but on the H100
+machine's disk that was slower cold, not faster (10.5-15 s against 9.3-12 s buffered
+for 16 GB): the kernel's readahead and request merging beat concurrent direct reads.
 
 Execution, CPU destinations ("direct" path). Each extent is one scatter preadv straight
 into the destination tensors' memory (zero extra copies); cast tensors are read into a
 temporary and cast when complete. `use_ring=True` sends CPU destinations through the
-ring path instead (plain buffers, synchronous copies), which is how CPU tests exercise
-the ring pipeline.
+Python ring (plain buffers, synchronous copies) and `native=True` through the C loop
+(memcpy), which is how CPU tests exercise both pipelines.
 
-Where the time goes, Llama-3.1-8B bf16 on the H100 host (16 GB, 291 tensors, ~1900
-extents of 8 MiB), warm page cache. Each byte crosses host memory three times: read from
-the page cache and written to a pinned slot (the memcpy inside preadv), then read by the
-GPU's DMA (54 GB/s alone). Raw parallel reads, which do only the first two, reach 36-52
-GB/s from 16 threads depending on the machine instance, so host memory bandwidth, not
-the disk cache, the PCIe link or Python, bounds a bounce-buffer loader at roughly 2/3 of
-that; ours runs at 55-60% of it (21-29 GB/s across instances; readers in preadv ~75% of
-the time, launching copies ~10%). Per load: header parsing ~1 ms per shard, plan
-building ~1 ms, pinning the 192 MiB ring, and, outside this function, build_model's ~290
-cudaMallocs. Pinning was a surprise: cudaHostAlloc runs at ~1.6 GB/s there and
-serializes across threads (~0.16 s for a 256 MiB ring, delaying the readers), while
-huge-page memory registered from several threads at once pins ~8 GB/s
-(bench/pinned_alloc.py). Cold page cache: the disk (~1.3-1.8 GB/s there) is the whole
-cost, and memcpy, H2D and Python hide behind it. Defaults (12 readers, 8 MiB extents, 2
-slots each, page cache) come from the bench/load.py sweeps on that machine
-(docs/benchmarks.md). Copies of same-dtype pieces on one device are launched with
-cudaMemcpyAsync through ctypes (cuda_copy), ~6% of a reader's time at 8 MiB. Going past
-the bounce-buffer bound needs the GPU to read the page cache itself (GPUDirect Storage,
-or registering the page-cache pages), or slots small enough to stay in the CPU cache
-while the GPU reads them; 2 and 4 MiB extents were slower, the readers spending 22-40%
-of their time in the copy launches themselves.
+Per load, besides the reads: header parsing ~1 ms per shard, plan building ~1 ms,
+pinning the rings, and, outside this function, build_model's ~290 cudaMallocs (40-100
+ms for 8B, now a tenth of a warm load). Pinning: cudaHostAlloc runs ~1.6 GB/s on the
+H100 host and serializes across threads, so both loops pin huge-page memory with
+cudaHostRegister from every reader at once (~8 GB/s, bench/pinned_alloc.py). Cold, the
+disk (~1.3-1.9 GB/s there, drifting by minutes) is the whole cost. Defaults come from
+the bench/load.py sweeps (docs/benchmarks.md).
 """
 
 from __future__ import annotations
