@@ -24,6 +24,7 @@ from rtpllm.loader.cuda_copy import cuda_runtime
 from rtpllm.loader.fast_loader import execute_plan, load_checkpoint_fast
 from rtpllm.loader.file_reader import CheckpointFile, resident_pages
 from rtpllm.loader.load_plan import ALIGN, align_down, build_load_plan
+from rtpllm.loader.native_ring import native_library
 from rtpllm.loader.pinned import PinnedBuffer
 from rtpllm.loader.progress import ProgressPrinter
 from rtpllm.loader.safetensors_header import read_header
@@ -301,6 +302,52 @@ def test_progress_reports_every_byte(tmp_path: Path, path: dict[str, object]) ->
     assert calls[0] == (0, total) and calls[-1] == (total, total)
     assert [d for d, _ in calls] == sorted(d for d, _ in calls)
     assert total >= sum(t.numel() * 4 for t in tensors.values())
+
+
+def test_native_loop_reports_its_work(tmp_path: Path) -> None:
+    # The C loop takes the same-dtype extents; a cast tensor's extents go to the Python ring.
+    gen = torch.Generator().manual_seed(11)
+    tensors = {
+        "a": random_tensor(torch.bfloat16, (300, 64), gen),
+        "b": random_tensor(torch.float32, (50,), gen),
+    }
+    write_checkpoint(tmp_path, tensors)
+    targets = {"a": torch.empty(300, 64, dtype=torch.bfloat16), "b": torch.empty(50, dtype=torch.float64)}
+    seen: list[tuple[int, int]] = []
+    stats = load_checkpoint_fast(
+        tmp_path,
+        targets,
+        native=True,
+        extent_bytes=ALIGN,
+        num_threads=2,
+        progress=lambda d, t: seen.append((d, t)),
+    )
+    assert stats.detail["native"] == 1 and stats.detail["extents"] >= 10  # 38 KB in 4 KiB extents
+    assert seen[-1][0] == seen[-1][1] and all(a <= b for (a, _), (b, _) in zip(seen, seen[1:], strict=False))
+    for name, src in tensors.items():
+        assert bits_equal(targets[name], src.to(targets[name].dtype)), name
+
+
+def test_without_a_compiler_the_python_loop_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("RTPLLM_CACHE_DIR", str(tmp_path / "cache"))
+    native_library.cache_clear()
+    try:
+        assert native_library() is None
+        write_checkpoint(tmp_path / "ckpt", {"w": torch.arange(100.0)})
+        target = torch.empty(100)
+        assert load_checkpoint_fast(tmp_path / "ckpt", {"w": target}, use_ring=True).detail["native"] == 0
+        assert bits_equal(target, torch.arange(100.0))
+        with pytest.raises(ValueError, match="native loader cannot run this load: it is not available"):
+            load_checkpoint_fast(tmp_path / "ckpt", {"w": target}, native=True)
+    finally:
+        native_library.cache_clear()
+
+
+def test_native_refuses_o_direct(tmp_path: Path) -> None:
+    write_checkpoint(tmp_path, {"w": torch.arange(100.0)})
+    with pytest.raises(ValueError, match="reads through the page cache"):
+        load_checkpoint_fast(tmp_path, {"w": torch.empty(100)}, native=True, direct_io=True)
 
 
 def test_progress_printer() -> None:
