@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: carried wheels, GPU tests and benchmarks by phase,
 # full logs under $OUT, a short summary last. Usage: bash bench/gpu_session.sh PHASE...
-# Phases: env kernels model latency latency-ab engine attention ops load (SWEEP=T:E:D,... COLD_SWEEP=... METHODS=...) loadsweep pinned zerocopy kvtiers routing loadtest
+# Phases: env kernels model latency latency-ab engine attention ops load (SWEEP=T:E:D,... COLD_SWEEP=... METHODS=...) serveready loadsweep pinned zerocopy kvtiers routing loadtest
 #         gemvtest xfertest kvxfer pd (kvxfer and pd want two GPUs: nvidia-h100-x2)
 set -u
 cd "$(dirname "$0")/.."
@@ -50,6 +50,8 @@ for phase in "$@"; do
     loadtest) run loadtest 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests/unit/test_fast_loader.py ;;
     load) run load 560 python3 bench/load.py --dir /tmp/ckpt8b ${SWEEP:+--sweep "$SWEEP"} ${COLD_SWEEP:+--cold-sweep "$COLD_SWEEP"} \
             ${METHODS:+--methods "$METHODS"} --out "$OUT/load.json" ;;
+    serveready) run serveready 500 python3 bench/serve_ready.py --model /tmp/ckpt8b --log-dir "$OUT/serve" \
+                  --tokenizer-from "$PWD/.whl/smollm2-tokenizer" --out "$OUT/serve_ready.json" ;;
     loadsweep) run loadsweep 400 python3 bench/load.py --dir /tmp/ckpt8b --methods raw,ours,ours-buffered --no-cold ${SWEEP:+--sweep "$SWEEP"} --out "$OUT/loadsweep.json" ;;
     routing) run routing 570 python3 bench/prefix_routing.py --device cuda --gpus 0 --conversations 128 --json "$OUT/routing.json" --log-dir /tmp/routing-logs
              tar czf "$OUT/routing-logs.tgz" -C /tmp routing-logs 2>/dev/null ;;

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import socket
 
 import pytest
 
 from rtpllm.cli import build_parser, options
 from rtpllm.cli.flags import parse_bool
 from rtpllm.cli.serve import gateway_settings, kvstore_settings, worker_settings
-from rtpllm.cli.up import flags_to_argv
+from rtpllm.cli.up import flags_to_argv, run_up
 from rtpllm.protocol.subjects import default_host_id
 
 
@@ -120,3 +121,14 @@ def test_up_kvstore_gives_the_tier_flags_to_the_kvstore(monkeypatch: pytest.Monk
     assert config.kvstore_args[:2] == ["--kv-ssd-dir", "/tmp/kv"], "host memory: the kvstore's default"
     kv = build_parser().parse_args(["serve", "kvstore", *config.kvstore_args])
     assert kv.kv_ssd_dir == "/tmp/kv" and kv.kv_host_gib == 4.0
+
+
+def test_up_refuses_a_port_in_use(capsys: pytest.CaptureFixture[str]) -> None:
+    # Another server's /ready must not pass for ours: `up` stops before starting anything.
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        args = build_parser().parse_args(["up", "--device", "cpu", "--port", str(port), "--model", "."])
+        assert run_up(args) == 1
+    assert f"port {port} on 127.0.0.1 is in use" in capsys.readouterr().out

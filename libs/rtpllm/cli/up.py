@@ -12,7 +12,7 @@ from typing import Any
 
 from rtpllm.cli import options
 from rtpllm.cli.flags import Flag
-from rtpllm.runtime.processes import ProcessFailed
+from rtpllm.runtime.processes import LOOPBACK, ProcessFailed, port_open
 from rtpllm.runtime.stack import Stack, StackConfig
 
 
@@ -68,6 +68,11 @@ def run_up(args: argparse.Namespace) -> int:
         served = served or model  # clients keep using the friendly name
         model = str(model_dir)
         _say(f"model ready in {model}")
+    check_host = LOOPBACK if args.host in ("0.0.0.0", "") else args.host
+    if args.port and port_open(check_host, args.port):
+        # Else its /ready, not ours, could answer the readiness wait.
+        _say(f"error: port {args.port} on {check_host} is in use (another `rtpllm up`?); pass a free --port")
+        return 1
     if args.prefill < 0 or args.decode < 0 or (args.prefill and not args.decode):
         _say("error: --prefill N needs --decode M (M >= 1): decode instances take the requests")
         return 2
@@ -111,6 +116,9 @@ def run_up(args: argparse.Namespace) -> int:
         log_level=args.log_level,
     )
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    # Explicitly: a process started in the background by a script inherits SIGINT ignored,
+    # and `kill -INT` should stop it as Ctrl-C does.
+    signal.signal(signal.SIGINT, _raise_interrupt)
     stack = Stack(config)
     try:
         _say("starting nats-server" + (" and redis-server" if config.use_redis else ""))
@@ -146,6 +154,7 @@ def run_up(args: argparse.Namespace) -> int:
         return 1
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         stack.stop()
         _say("stopped")
 
