@@ -144,14 +144,28 @@ def load_checkpoint_fast(
         detail=detail.as_dict() if detail is not None else {},
     )
     log.info(
-        "loaded %d tensors (%.2f GB) from %s in %.2f s (%.2f GB/s)",
+        "loaded %d tensors (%.2f GB) from %s in %.2f s (%.2f GB/s)%s",
         stats.num_tensors,
         stats.bytes_read / 1e9,
         model_dir,
         stats.seconds,
         stats.gb_per_s,
+        _describe(detail),
     )
     return stats
+
+
+def _describe(t: RingTimings | None) -> str:
+    """Where a ring load's time went, for the log line (empty for the CPU direct path)."""
+    if t is None or not t.readers or t.wall_s <= 0:
+        return ""
+    busy = t.readers * t.wall_s
+    uncached = f", {t.hinted} of {t.extents} extents not in the page cache" if t.native else ""
+    return (
+        f"; {'C' if t.native else 'Python'} loop, {t.readers} readers: reading {t.read_s / busy:.0%}, "
+        f"waiting for buffers {t.slot_wait_s / busy:.0%}, launching copies {t.issue_s / busy:.0%}"
+        f"{uncached}; pinning {t.alloc_s / t.readers:.3f} s per reader"
+    )
 
 
 def execute_plan(
