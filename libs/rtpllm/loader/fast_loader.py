@@ -258,5 +258,7 @@ def _merged(a: RingTimings, b: RingTimings) -> RingTimings:
     merged = RingTimings()
     for name, value in a.__dict__.items():
         other = getattr(b, name)
-        setattr(merged, name, max(value, other) if name in ("readers", "native", "slot_mib") else value + other)
+        setattr(
+            merged, name, max(value, other) if name in ("readers", "native", "slot_mib") else value + other
+        )
     return merged
