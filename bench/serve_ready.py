@@ -45,8 +45,8 @@ def drop_page_cache() -> bool:
         return False
 
 
-def start_to_ready(args: argparse.Namespace, phase: str) -> dict[str, object]:
-    logs = args.log_dir / phase
+def start_to_ready(args: argparse.Namespace, phase: str, index: int) -> dict[str, object]:
+    logs = args.log_dir / f"{index}-{phase}"  # a directory per start: log files are appended to
     logs.mkdir(parents=True, exist_ok=True)
     cmd = [
         sys.executable,
@@ -106,14 +106,15 @@ def main() -> None:
     ap.add_argument("--log-dir", type=Path, required=True)
     ap.add_argument("--tokenizer-from", default=None, help="directory with tokenizer.json to borrow")
     ap.add_argument("--out", type=Path, default=None, help="JSON results path")
+    ap.add_argument("--phases", default="cold,warm", help="comma-separated: cold (page cache dropped first), warm")
     args = ap.parse_args()
     if not (args.model / "config.json").is_file():
         raise SystemExit(f"{args.model} holds no checkpoint (bench/load.py --dir {args.model} writes one)")
     borrow_tokenizer(args.model, args.tokenizer_from)
     rows = []
-    for phase in ("cold", "warm"):
+    for index, phase in enumerate(args.phases.split(",")):
         dropped = drop_page_cache() if phase == "cold" else None
-        row = start_to_ready(args, phase)
+        row = start_to_ready(args, phase, index)
         if dropped is False:
             row["note"] = "could not drop the page cache: not cold"
         rows.append(row)
