@@ -62,7 +62,11 @@ def native_library() -> ctypes.CDLL | None:
         return None
     if path is None:
         return None
-    lib = ctypes.CDLL(str(path))
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as exc:  # e.g. a cached build for another libc
+        log.info("cannot load the native loader %s (%s); using the Python reader loop", path, exc)
+        return None
     fn = lib.rtp_ring_load
     i32p, i64p = ctypes.POINTER(ctypes.c_int32), ctypes.POINTER(ctypes.c_int64)
     fn.argtypes = [
@@ -100,7 +104,9 @@ def _build() -> Path | None:
         return None
     source = SOURCE.read_bytes()
     key = hashlib.sha256(source + platform.machine().encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("RTPLLM_CACHE_DIR") or Path.home() / ".cache" / "rtpllm") / "native"
+    from rtpllm.models.registry import cache_root  # here: models imports the loader
+
+    cache = cache_root() / "native"
     target = cache / f"native_ring-{key}.so"
     if target.exists():
         return target
