@@ -18,9 +18,6 @@ if ! command -v redis-server >/dev/null && [ -x .whl/redis/redis-server ]; then
   export RTPLLM_REDIS_SERVER_BIN=$PWD/.whl/redis/redis-server
 fi
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
-# The lent machines' torch has no cached bytecode: every process would compile ~900 modules
-# (~5 s, seen in a profile of the first build_model), which no real install pays.
-export PYTHONPYCACHEPREFIX=/tmp/pycache
 SUMMARY=()
 run() {  # run NAME TIMEOUT CMD...
   local name=$1 limit=$2; shift 2
