@@ -12,7 +12,7 @@ from torch import nn
 from rtpllm.attention import AttentionBackend, AttentionMetadata
 from rtpllm.kernels.gemv import linear
 from rtpllm.models.config import ModelConfig
-from rtpllm.models.layers import DecoderLayer, Linear, RMSNorm
+from rtpllm.models.layers import DecoderLayer, Embedding, Linear, RMSNorm
 from rtpllm.models.rope import RotaryEmbedding
 
 
@@ -23,7 +23,7 @@ class DecoderLM(nn.Module):
         super().__init__()
         self.config = config
         rotary = RotaryEmbedding(config.rope, config.head_dim, max_position, dtype)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, rotary, backend) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, bias=False)

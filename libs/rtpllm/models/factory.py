@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from rtpllm.attention import AttentionBackend
 from rtpllm.models.config import ModelConfig
@@ -19,9 +20,33 @@ def build_model(
     """
     with torch.device("meta"):
         model = DecoderLM(config, backend, max_position, dtype)
-    model = model.to(dtype=dtype).to_empty(device=device)
+    _allocate(model, torch.device(device), dtype)
     model.rotary.build_tables(torch.device(device))
     return model.eval().requires_grad_(False)
+
+
+def _allocate(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Give every meta parameter and buffer uninitialized memory on `device` (floating
+    ones in `dtype`), keeping shared tensors shared.
+
+    `Module.to_empty` does the same through `torch.empty_like`, which on meta tensors runs
+    torch's reference implementation and imports sympy with it: 0.2 s of an engine
+    start, seconds on the GPU machine (docs/benchmarks.md).
+    """
+    made: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for name, old in table.items():
+                if old is None:
+                    continue
+                new = made.get(id(old))
+                if new is None:
+                    data = torch.empty(
+                        old.shape, dtype=dtype if old.is_floating_point() else old.dtype, device=device
+                    )
+                    new = nn.Parameter(data, requires_grad=False) if isinstance(old, nn.Parameter) else data
+                    made[id(old)] = new
+                table[name] = new
 
 
 @torch.no_grad()

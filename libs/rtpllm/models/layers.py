@@ -22,10 +22,24 @@ from rtpllm.models.rope import RotaryEmbedding
 
 class Linear(nn.Linear):
     """nn.Linear (same parameters and checkpoint names) whose forward goes through the
-    small-batch GEMV dispatcher; on the CPU that is exactly `F.linear`."""
+    small-batch GEMV dispatcher; on the CPU that is exactly `F.linear`. Not initialized:
+    see `Embedding`."""
+
+    def reset_parameters(self) -> None:
+        pass
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding, not initialized. Weights always come from a checkpoint or
+    `fill_random`, and the model is built on the meta device, where torch's initializers
+    run as reference decompositions that import torch._dynamo (and sympy): about 1 s of
+    every engine start, 5-7 s on the GPU machine (docs/benchmarks.md)."""
+
+    def reset_parameters(self) -> None:
+        pass
 
 
 class RMSNorm(nn.Module):
