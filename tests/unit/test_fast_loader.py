@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from rtpllm.attention import get_backend
+from rtpllm.loader import fast_loader
 from rtpllm.loader.cuda_copy import cuda_runtime
 from rtpllm.loader.fast_loader import execute_plan, load_checkpoint_fast
 from rtpllm.loader.file_reader import CheckpointFile, resident_pages
@@ -342,6 +343,19 @@ def test_without_a_compiler_the_python_loop_runs(tmp_path: Path, monkeypatch: py
             load_checkpoint_fast(tmp_path / "ckpt", {"w": target}, native=True)
     finally:
         native_library.cache_clear()
+
+
+def test_cpu_loads_leave_the_native_library_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # CPU destinations take the direct path unless native=True: no compiler run at start-up.
+    def built() -> None:
+        raise AssertionError("the native library was built or loaded")
+
+    monkeypatch.setattr(fast_loader, "native_library", built)
+    write_checkpoint(tmp_path, {"w": torch.arange(100.0)})
+    for path in ({}, {"use_ring": True}):
+        target = torch.empty(100)
+        load_checkpoint_fast(tmp_path, {"w": target}, **path)
+        assert bits_equal(target, torch.arange(100.0))
 
 
 def test_native_refuses_o_direct(tmp_path: Path) -> None:

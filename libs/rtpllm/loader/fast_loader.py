@@ -230,8 +230,8 @@ def _native_device(
     cuda_devices: set[torch.device], native: bool | None, direct_io: bool | None
 ) -> torch.device | None:
     """The device the C reader loop serves in this load (cpu: host destinations), or None."""
-    if native is False:
-        return None
+    if native is False or (native is None and not cuda_devices):
+        return None  # CPU loads use the direct path unless asked: no need to build the library
     why_not = None
     if direct_io is not False:
         why_not = "it reads through the page cache (direct_io=False)"
@@ -243,9 +243,7 @@ def _native_device(
         if native:
             raise ValueError(f"native=True, but the native loader cannot run this load: {why_not}")
         return None
-    if cuda_devices:
-        return next(iter(cuda_devices))
-    return torch.device("cpu") if native else None
+    return next(iter(cuda_devices)) if cuda_devices else torch.device("cpu")
 
 
 def _offset_progress(progress: Progress, before: int, total: int) -> Progress:

@@ -24,8 +24,8 @@ class LoadStats:
     bytes_read: int
     seconds: float
     num_tensors: int
-    # Where the time went, when the loader measures it (fast_loader's ring path:
-    # RingTimings.as_dict()); for logs and bench/load.py.
+    # Where the time went, when the loader measures it (fast_loader's C and Python ring
+    # loops: RingTimings.as_dict()); for logs and bench/load.py.
     detail: dict[str, float | int] = field(default_factory=dict)
 
     @property
