@@ -68,7 +68,10 @@ def native_library() -> ctypes.CDLL | None:
         log.info("cannot load the native loader %s (%s); using the Python reader loop", path, exc)
         return None
     fn = lib.rtp_ring_load
-    i32p, i64p = ctypes.POINTER(ctypes.c_int32), ctypes.POINTER(ctypes.c_int64)
+    # numpy arrays go in as they are; ndpointer checks their dtype and layout.
+    i32p, i64p, u64p = (
+        np.ctypeslib.ndpointer(dtype=t, flags="C_CONTIGUOUS") for t in (np.int32, np.int64, np.uint64)
+    )
     fn.argtypes = [
         ctypes.c_char_p,  # cudart path, NULL for host destinations
         ctypes.c_int,  # device
@@ -82,14 +85,14 @@ def native_library() -> ctypes.CDLL | None:
         i64p,  # extent first piece (CSR, extents + 1)
         i64p,  # piece offset in its extent
         i64p,  # piece bytes
-        ctypes.POINTER(ctypes.c_uint64),  # piece destination address
+        u64p,  # piece destination address
         ctypes.c_int,  # threads
         ctypes.c_int64,  # chunk bytes
         ctypes.c_int,  # slots per reader
         ctypes.c_int,  # readahead hints for uncached extents
-        i64p,  # done bytes (progress)
+        ctypes.POINTER(ctypes.c_int64),  # done bytes (progress)
         ctypes.POINTER(ctypes.c_double),  # timings[6]
-        i64p,  # err_info[4]
+        ctypes.POINTER(ctypes.c_int64),  # err_info[4]
         ctypes.c_char_p,  # err message buffer
         ctypes.c_int,  # its length
     ]
@@ -181,26 +184,11 @@ class NativeRing:
             return timings
         t0 = time.perf_counter()
         index = {p: i for i, p in enumerate(self.paths)}
-        # Destination addresses come from views the plan keeps alive for the whole load.
-        bases = {}
-        counts = np.array([len(e.pieces) for e in self.extents], dtype=np.int64)
-        first = np.zeros(len(self.extents) + 1, dtype=np.int64)
-        np.cumsum(counts, out=first[1:])
         pieces = [p for e in self.extents for p in e.pieces]
-        for p in pieces:
-            if p.tensor not in bases:
-                bases[p.tensor] = dest_bytes(p.tensor).data_ptr()
-        arrays = {
-            "fd": np.array([f.fd for f in self.files], dtype=np.int32),
-            "size": np.array([f.size for f in self.files], dtype=np.int64),
-            "ext_file": np.array([index[e.path] for e in self.extents], dtype=np.int32),
-            "ext_offset": np.array([e.offset for e in self.extents], dtype=np.int64),
-            "ext_nbytes": np.array([e.nbytes for e in self.extents], dtype=np.int64),
-            "first": first,
-            "piece_offset": np.array([p.extent_offset for p in pieces], dtype=np.int64),
-            "piece_nbytes": np.array([p.nbytes for p in pieces], dtype=np.int64),
-            "piece_dst": np.array([bases[p.tensor] + p.tensor_offset for p in pieces], dtype=np.uint64),
-        }
+        # Destination addresses come from views the plan keeps alive for the whole load.
+        bases = {t: dest_bytes(t).data_ptr() for t in dict.fromkeys(p.tensor for p in pieces)}
+        first = np.zeros(len(self.extents) + 1, dtype=np.int64)  # CSR: extent -> its pieces
+        np.cumsum([len(e.pieces) for e in self.extents], out=first[1:])
         done = ctypes.c_int64(0)
         out = (ctypes.c_double * 6)()
         err_info = (ctypes.c_int64 * 4)()
@@ -209,9 +197,6 @@ class NativeRing:
             # Destinations were allocated (and maybe written) on torch's stream; the C
             # readers copy on streams of their own.
             torch.cuda.current_stream(self.device).synchronize()
-
-        def ptr(a: np.ndarray, ctype: type) -> object:
-            return a.ctypes.data_as(ctypes.POINTER(ctype))
 
         cudart = self.cudart.encode() if self.device is not None else None
         device_index = (self.device.index or 0) if self.device is not None else 0
@@ -223,16 +208,16 @@ class NativeRing:
                     cudart,
                     device_index,
                     len(self.files),
-                    ptr(arrays["fd"], ctypes.c_int32),
-                    ptr(arrays["size"], ctypes.c_int64),
+                    np.array([f.fd for f in self.files], dtype=np.int32),
+                    np.array([f.size for f in self.files], dtype=np.int64),
                     len(self.extents),
-                    ptr(arrays["ext_file"], ctypes.c_int32),
-                    ptr(arrays["ext_offset"], ctypes.c_int64),
-                    ptr(arrays["ext_nbytes"], ctypes.c_int64),
-                    ptr(arrays["first"], ctypes.c_int64),
-                    ptr(arrays["piece_offset"], ctypes.c_int64),
-                    ptr(arrays["piece_nbytes"], ctypes.c_int64),
-                    ptr(arrays["piece_dst"], ctypes.c_uint64),
+                    np.array([index[e.path] for e in self.extents], dtype=np.int32),
+                    np.array([e.offset for e in self.extents], dtype=np.int64),
+                    np.array([e.nbytes for e in self.extents], dtype=np.int64),
+                    first,
+                    np.array([p.extent_offset for p in pieces], dtype=np.int64),
+                    np.array([p.nbytes for p in pieces], dtype=np.int64),
+                    np.array([bases[p.tensor] + p.tensor_offset for p in pieces], dtype=np.uint64),
                     self.threads,
                     self.chunk_bytes,
                     self.slots,
