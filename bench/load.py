@@ -545,6 +545,19 @@ def main() -> None:
             row["error"] = errors[name]
         results[name] = row
 
+    def run_config(
+        threads: int, extent: int, depth: int | None, chunk: int | None, native: bool | None
+    ) -> tuple[float, float, dict[str, Any]]:
+        """One load of ours in a sweep's config: (seconds, of which build_model, timings)."""
+        try:
+            seconds, build_s, model, detail = run_ours(
+                args.dir, args.device, args, False, threads, extent, depth, chunk, native
+            )
+            del model
+        finally:
+            release(args.device)
+        return seconds, build_s, detail
+
     sweep: list[dict[str, Any]] = []
     if "ours" in methods and not args.no_sweep:
         # Warm only: which reader count, extent size and ring depth feed the copy engine
@@ -553,13 +566,7 @@ def main() -> None:
         for threads, extent, depth, chunk, native in parse_sweep(args.sweep, os.cpu_count() or 1):
             best: dict[str, Any] | None = None
             for _ in range(args.sweep_repeats):
-                try:
-                    seconds, build_s, model, detail = run_ours(
-                        args.dir, args.device, args, False, threads, extent, depth, chunk, native
-                    )
-                    del model
-                finally:
-                    release(args.device)
+                seconds, build_s, detail = run_config(threads, extent, depth, chunk, native)
                 if best is None or seconds < best["warm_s"]:
                     best = {"warm_s": seconds, "build_s": build_s, "detail": detail}
             assert best is not None
@@ -591,13 +598,7 @@ def main() -> None:
         # Cold only: which extent size and reader count keep the disk busiest.
         for threads, extent, depth, chunk, native in parse_sweep(args.cold_sweep, os.cpu_count() or 1):
             cold()
-            try:
-                seconds, build_s, model, detail = run_ours(
-                    args.dir, args.device, args, False, threads, extent, depth, chunk, native
-                )
-                del model
-            finally:
-                release(args.device)
+            seconds, build_s, detail = run_config(threads, extent, depth, chunk, native)
             cold_sweep.append(
                 {
                     "threads": threads,
