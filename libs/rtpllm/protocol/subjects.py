@@ -103,6 +103,11 @@ def kvstore_events_id(host_id: str) -> str:
     return f"{KVSTORE_EVENTS_PREFIX}{host_id}"
 
 
+def is_kvstore_events_id(instance_id: str) -> bool:
+    """Whether KV events or a snapshot under this id come from a host's kvstore."""
+    return instance_id.startswith(KVSTORE_EVENTS_PREFIX)
+
+
 def default_host_id() -> str:
     """This machine's kvstore host id unless told otherwise: its hostname as a token."""
     return subject_token(socket.gethostname())

@@ -352,8 +352,7 @@ class Dispatcher:
         except ProtocolError as exc:
             log.warning("dropping bad KVEvents: %s", exc)
             return
-        kvstore = events.instance_id.startswith(subjects.KVSTORE_EVENTS_PREFIX)
-        if not kvstore and not self.registry.accepts(events.instance_id):
+        if not subjects.is_kvstore_events_id(events.instance_id) and not self.registry.accepts(events.instance_id):
             return
         if not self.index.apply(events.instance_id, events.batch):
             self._maybe_resync(events.instance_id)
@@ -377,7 +376,7 @@ class Dispatcher:
         except Exception as exc:  # gone, or busy: the next gap or heartbeat tries again
             log.debug("KV snapshot of %s failed: %s", instance_id, exc)
             return
-        if self.registry.get(instance_id) is not None or instance_id.startswith(subjects.KVSTORE_EVENTS_PREFIX):
+        if self.registry.get(instance_id) is not None or subjects.is_kvstore_events_id(instance_id):
             self.index.replace(instance_id, snap.block_keys, snap.seq, host_keys=snap.host_block_keys)
 
     async def _on_leave(self, msg: Msg) -> None:
