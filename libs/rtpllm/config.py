@@ -93,6 +93,9 @@ class OffloadConfig:
     prefill_tokens_per_s: float | None = None
     kvstore_host_id: str | None = None
     kvstore_nats_url: str = "nats://127.0.0.1:4222"
+    # Where this engine's data plane listens for the blocks the kvstore sends it (a
+    # wildcard announces this host's address: containers, several hosts).
+    kv_host: str = "127.0.0.1"
     kvstore_wait_s: float = 5.0  # at startup, for the kvstore's first answer
     kvstore_timeout_s: float = 2.0  # per NATS request to the kvstore (each data-plane wait: 5 s)
 

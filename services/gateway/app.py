@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -47,6 +49,17 @@ def model_dir(model: str) -> Path:
     return resolve_model(model)
 
 
+def load_tokenizer(model: str) -> Tokenizer:
+    tokenizer = Tokenizer.from_dir(model_dir(model))
+    _ = tokenizer.length_bound  # computed once, here in a thread, not on a request's event loop
+    return tokenizer
+
+
+def test_hooks_enabled() -> bool:
+    """RTPLLM_TEST_HOOKS=1 adds routes that only tests need (POST /debug/block_loop)."""
+    return os.environ.get("RTPLLM_TEST_HOOKS", "") == "1"
+
+
 def create_app(settings: GatewaySettings) -> FastAPI:
     gateway_id = settings.gateway_id or new_id("gateway")
     model = served_model_name(settings.model, settings.served_model_name)
@@ -54,14 +67,16 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Tokenizer first: on a first run it may convert the embedded model (seconds).
-        tokenizer = await asyncio.to_thread(lambda: Tokenizer.from_dir(model_dir(settings.model)))
+        tokenizer = await asyncio.to_thread(load_tokenizer, settings.model)
         redis = RedisCheck(settings.redis_url)
         if settings.redis_url:
             log.info("redis %s: %s", settings.redis_url, await redis.status())
         nc = await connect_nats(settings.nats_url, f"rtpllm-{gateway_id}", settings.nats_connect_timeout_s)
         dispatcher = Dispatcher(
             nc,
-            make_policy(settings.router, PrefixIndex(), settings.router_queue_tokens, settings.router_host_credit),
+            make_policy(
+                settings.router, PrefixIndex(), settings.router_queue_tokens, settings.router_host_credit
+            ),
             DispatcherConfig(
                 gateway_id=gateway_id,
                 submit_timeout_s=settings.submit_timeout_s,
@@ -75,10 +90,17 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         dispatcher.on_routed = lambda policy, reason: metrics.routing_decisions.labels(policy, reason).inc()
         await dispatcher.start()
         core = GatewayCore(dispatcher, admission, metrics, settings.request_timeout_s)
-        app.state.server = OpenAIServer(core, tokenizer, model)
+        app.state.server = OpenAIServer(core, tokenizer, model, settings.max_body_bytes)
         app.state.nc = nc
         app.state.redis = redis
-        log.info("gateway %s serving %r on http://%s:%d (router %s)", gateway_id, model, settings.host, settings.port, settings.router)
+        log.info(
+            "gateway %s serving %r on http://%s:%d (router %s)",
+            gateway_id,
+            model,
+            settings.host,
+            settings.port,
+            settings.router,
+        )
         try:
             yield
         finally:
@@ -149,7 +171,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                     # Its host's kvstore, whose host-tier blocks routing credits to it too.
                     "kvstore_host": hb.kvstore_host or None,
                     "kvstore_cached_blocks": (
-                        srv.core.dispatcher.index.num_host_keys(subjects.kvstore_events_id(hb.kvstore_host)) if hb.kvstore_host else 0
+                        srv.core.dispatcher.index.num_host_keys(subjects.kvstore_events_id(hb.kvstore_host))
+                        if hb.kvstore_host
+                        else 0
                     ),
                     "load": {f: getattr(hb.load, f) for f in hb.load.__struct_fields__},
                     "disaggregation": msgspec.to_builtins(hb.disagg) if hb.disagg is not None else None,
@@ -161,6 +185,17 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     async def metrics(request: Request) -> Response:
         registry = server(request).core.metrics.registry
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    if test_hooks_enabled():
+        log.warning("RTPLLM_TEST_HOOKS=1: test-only routes are enabled (POST /debug/block_loop)")
+
+        @app.post("/debug/block_loop")
+        async def block_loop(seconds: float = 1.0) -> Response:
+            """Block the event loop for `seconds` (at most 60), as a slow parse would: the
+            liveness tests check that no worker is lost for good meanwhile."""
+            seconds = min(max(seconds, 0.0), 60.0)
+            time.sleep(seconds)  # on purpose: the whole loop stops
+            return json_response({"blocked_s": seconds})
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:

@@ -12,6 +12,7 @@ import signal
 from rtpllm.kvstore import HostTier, SSDTier, TieredKVStore
 from rtpllm.kvstore.service import KVStoreServer, KVStoreServerConfig
 from rtpllm.serving.bus import connect_nats
+from rtpllm.serving.health import keep_fresh
 from rtpllm.serving.settings import KVStoreSettings
 
 log = logging.getLogger("rtpllm.kvstore")
@@ -50,8 +51,15 @@ async def serve(settings: KVStoreSettings) -> int:
     await server.start()
     tiers = ", ".join(f"{name} {entry.get('capacity_bytes', 0) / (1 << 30):.2f} GiB" if name != "redis" else "redis" for name, entry in store.stats().items() if name in ("host", "ssd", "redis"))
     log.info("%s: host %s (%s)", READY_LINE, settings.host_id, tiers)
+    health = None
+    if settings.health_file:
+        health = asyncio.create_task(
+            keep_fresh(settings.health_file, lambda: nc.is_connected, settings.heartbeat_interval_s)
+        )
     await stop.wait()
     log.info("stopping")
+    if health is not None:
+        health.cancel()
     await server.close()
     flushed = await asyncio.to_thread(store.close)
     if not flushed:

@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,6 +99,7 @@ async def serve(settings: WorkerSettings) -> int:
         "%s: %s serving %r (weights loaded in %.2f s; %.2f s from process start to ready)",
         READY_LINE, instance_id, info.model, engine.engine.load_seconds, seconds_since_process_start(),
     )
+    health = _health_task(settings.health_file, lambda: nc.is_connected and not server.stopped.is_set(), settings.heartbeat_interval_s)
 
     done_wait = [asyncio.create_task(stop.wait()), asyncio.create_task(server.stopped.wait())]
     await asyncio.wait(done_wait, return_when=asyncio.FIRST_COMPLETED)
@@ -105,6 +107,8 @@ async def serve(settings: WorkerSettings) -> int:
         task.cancel()
     engine_died = server.stopped.is_set()
     log.info("stopping: draining %d running request(s) for up to %.0f s", server.num_running, settings.drain_timeout_s)
+    if health is not None:
+        health.cancel()  # not healthy from here on: the file goes
     await server.drain(0 if engine_died else settings.drain_timeout_s)
     await sides.close()
     await engine.shutdown()
@@ -112,6 +116,14 @@ async def serve(settings: WorkerSettings) -> int:
         await nc.drain()
     log.info("stopped")
     return 1 if engine_died else 0
+
+
+def _health_task(path: str | None, healthy: Callable[[], bool], interval_s: float) -> asyncio.Task[None] | None:
+    if not path:
+        return None
+    from rtpllm.serving.health import keep_fresh
+
+    return asyncio.create_task(keep_fresh(path, healthy, interval_s), name="health-file")
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """The NATS protocol between dispatcher (gateway side) and engine server (worker side),
 in-process over a real nats-server, with the zero-compute engine: ordering, usage,
-cancel, rejection, lease expiry, goodbye, lost deltas, garbage on the wire."""
+cancel, rejection, lease expiry, goodbye, lost deltas, garbage on the wire, a blocked
+event loop, re-admission after silence, full instances."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 from rtpllm.protocol import subjects
 from rtpllm.protocol.convert import spec_from_params
 from rtpllm.protocol.messages import (
+    CancelRequest,
     ErrorCode,
     GenerateRequest,
     SamplingSpec,
@@ -25,8 +27,16 @@ from rtpllm.protocol.messages import (
 from rtpllm.routing.policy import LeastLoaded
 from rtpllm.runtime.processes import ManagedProcess, start_nats
 from rtpllm.sampling_params import SamplingParams
-from rtpllm.serving.dispatcher import Dispatcher, DispatcherConfig, NoInstanceError, SubmitRejected
+from rtpllm.serving.dispatcher import (
+    Dispatcher,
+    DispatcherConfig,
+    InstancesBusy,
+    NoInstanceError,
+    SubmitRejected,
+)
+from rtpllm.serving.engine_info import EngineInfo
 from rtpllm.serving.engine_server import EngineServer, EngineServerConfig
+from rtpllm.serving.liveness import HeartbeatThread
 from rtpllm.serving.synthetic_engine import SyntheticEngine
 
 pytestmark = pytest.mark.timeout(60)
@@ -50,11 +60,23 @@ class Bus:
         self.conns: list[nats.NATS] = []
         self.dispatcher: Dispatcher | None = None
 
-    async def server(self, step_s: float = 0.0, lease_s: float = 1.0, instance_id: str | None = None) -> EngineServer:
+    async def server(
+        self,
+        step_s: float = 0.0,
+        lease_s: float = 1.0,
+        instance_id: str | None = None,
+        max_waiting_seqs: int | None = None,
+        info: EngineInfo | None = None,
+    ) -> EngineServer:
         nc = await nats.connect(self.url)
         self.conns.append(nc)
-        engine = SyntheticEngine(step_s)
-        config = EngineServerConfig(instance_id=instance_id or f"w{len(self.servers)}", heartbeat_interval_s=0.1, lease_s=lease_s)
+        engine = SyntheticEngine(step_s, info)
+        config = EngineServerConfig(
+            instance_id=instance_id or f"w{len(self.servers)}",
+            heartbeat_interval_s=0.1,
+            lease_s=lease_s,
+            max_waiting_seqs=max_waiting_seqs,
+        )
         server = EngineServer(nc, engine, engine.info, config)
         await server.start()
         self.servers.append(server)
@@ -64,7 +86,17 @@ class Bus:
     async def gateway(self) -> Dispatcher:
         nc = await nats.connect(self.url)
         self.conns.append(nc)
-        self.dispatcher = Dispatcher(nc, LeastLoaded(), DispatcherConfig(gateway_id="gw", submit_timeout_s=1.0, heartbeat_interval_s=0.1, lease_s=1.0, lease_check_interval_s=0.05))
+        self.dispatcher = Dispatcher(
+            nc,
+            LeastLoaded(),
+            DispatcherConfig(
+                gateway_id="gw",
+                submit_timeout_s=1.0,
+                heartbeat_interval_s=0.1,
+                lease_s=1.0,
+                lease_check_interval_s=0.05,
+            ),
+        )
         await self.dispatcher.start()
         return self.dispatcher
 
@@ -94,7 +126,15 @@ async def bus(nats_url: str) -> AsyncIterator[Bus]:
 
 def request(rid: str, max_tokens: int = 8, **params: object) -> GenerateRequest:
     spec = spec_from_params(SamplingParams(max_tokens=max_tokens, **params))  # type: ignore[arg-type]
-    return GenerateRequest(request_id=rid, model="synthetic", prompt_token_ids=[1, 2, 3], sampling=spec, reply_to="", gateway_id="", deadline=time.time() + 30)
+    return GenerateRequest(
+        request_id=rid,
+        model="synthetic",
+        prompt_token_ids=[1, 2, 3],
+        sampling=spec,
+        reply_to="",
+        gateway_id="",
+        deadline=time.time() + 30,
+    )
 
 
 async def collect(stream) -> list[TokenDelta]:  # type: ignore[no-untyped-def]
@@ -108,7 +148,11 @@ async def test_stream_in_order_with_usage(bus: Bus) -> None:
     deltas = await asyncio.wait_for(collect(await d.submit(request("r1", max_tokens=8, n=2))), 10)
     assert [x.seq for x in deltas] == list(range(len(deltas)))
     assert deltas[-1].finished and deltas[-1].error is None
-    assert deltas[-1].usage is not None and deltas[-1].usage.completion_tokens == 16 and deltas[-1].usage.prompt_tokens == 3
+    assert (
+        deltas[-1].usage is not None
+        and deltas[-1].usage.completion_tokens == 16
+        and deltas[-1].usage.prompt_tokens == 3
+    )
     assert "".join(c.text for x in deltas for c in x.choices if c.index == 0) == "abcdefgh"
     assert d.num_streams == 0 and d.registry.get("w0").inflight == 0  # type: ignore[union-attr]
 
@@ -160,6 +204,7 @@ async def test_silent_instance_fails_its_streams_after_its_lease(bus: Bus) -> No
     it = aiter(stream)
     await anext(it)
     # Simulate a hung/partitioned worker: it stops heartbeating and streaming, says nothing.
+    await server._beats.stop()
     for task in server._tasks:
         task.cancel()
     for item in list(server._running.values()):
@@ -223,7 +268,110 @@ async def test_garbage_on_the_wire_is_refused_not_fatal(bus: Bus) -> None:
     msg = await nc.request(subjects.generate_subject(server.instance_id), b"\x00not msgpack", timeout=2)
     reply = decode(msg.data, SubmitReply)
     assert not reply.accepted and reply.error is not None and reply.error.code == ErrorCode.INVALID_REQUEST
-    for subject in (subjects.HEARTBEAT, subjects.LEAVE, d.reply_subject, subjects.cancel_subject(server.instance_id)):
+    for subject in (
+        subjects.HEARTBEAT,
+        subjects.LEAVE,
+        d.reply_subject,
+        subjects.cancel_subject(server.instance_id),
+    ):
         await nc.publish(subject, b"garbage")
     await nc.flush()
     assert (await collect(await d.submit(request("r10"))))[-1].usage is not None
+
+
+async def test_blocked_event_loop_loses_no_instance_and_no_request(bus: Bus) -> None:
+    """Gateway and instance share this loop: blocked for 4 leases, neither drops the
+    other (their heartbeat threads kept beating; their lease clocks stood still)."""
+    server = await bus.server(step_s=0.01, lease_s=0.5)
+    d = await bus.gateway()
+    await bus.wait_instances(1)
+    stream = await d.submit(request("blocked", max_tokens=50))
+    it = aiter(stream)
+    await anext(it)
+    sent = (server._beats.sent, d._beats.sent)
+    time.sleep(2.0)  # blocks the loop, as parsing a huge body would
+    assert server._beats.sent - sent[0] >= 10 and d._beats.sent - sent[1] >= 10, (
+        "heartbeats went out meanwhile"
+    )
+    rest = await asyncio.wait_for(collect(it), 10)
+    assert rest[-1].error is None and rest[-1].usage is not None, rest[-1].error
+    assert d.registry.get(server.instance_id) is not None
+    assert d.watch.max_lag_s >= 1.9 and server.watch.max_lag_s >= 1.9
+
+
+async def test_instance_dropped_for_silence_is_readmitted_and_its_requests_reconciled(bus: Bus) -> None:
+    server = await bus.server(step_s=30, lease_s=0.5)  # its request emits nothing for 30 s
+    d = await bus.gateway()
+    await bus.wait_instances(1)
+    stream = await d.submit(request("orphan", max_tokens=5))
+    assert bus.engines[0].stats().num_running == 1
+    await server._beats.stop()  # silent, yet alive (a stalled host, a partition)
+    t0 = time.monotonic()
+    deltas = await asyncio.wait_for(collect(stream), 5)
+    assert deltas[-1].error is not None and deltas[-1].error.code == ErrorCode.WORKER_LOST
+    assert time.monotonic() - t0 < 0.5 + 0.4
+    assert d.registry.get(server.instance_id) is None
+    # The gateway failed it for good and told the instance: its KV is freed there.
+    for _ in range(100):
+        if bus.engines[0].stats().num_running == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert bus.engines[0].stats().num_running == 0 and server.num_running == 0
+    # Heartbeats resume: re-admitted with the first one.
+    nc = bus.conns[0]
+    beats = HeartbeatThread(
+        nc, subjects.HEARTBEAT, lambda: encode(server.heartbeat_message()), 0.1, "resumed"
+    )
+    t0 = time.monotonic()
+    await beats.start()
+    try:
+        for _ in range(100):
+            if d.registry.get(server.instance_id) is not None:
+                break
+            await asyncio.sleep(0.01)
+        assert d.registry.get(server.instance_id) is not None and time.monotonic() - t0 < 0.5
+        # A late delta of the failed request: the instance is told (again) to stop it.
+        probe = await nats.connect(bus.url)
+        bus.conns.append(probe)
+        cancels: asyncio.Queue[CancelRequest] = asyncio.Queue()
+
+        async def on_cancel(msg: nats.aio.msg.Msg) -> None:
+            cancels.put_nowait(decode(msg.data, CancelRequest))
+
+        await probe.subscribe(subjects.cancel_subject(server.instance_id), cb=on_cancel)
+        await probe.flush()
+        await probe.publish(d.reply_subject, encode(TokenDelta(request_id="orphan", seq=1)))
+        cancel = await asyncio.wait_for(cancels.get(), 2)
+        assert cancel.request_id == "orphan" and cancel.reason == ErrorCode.WORKER_LOST
+        # ... and it takes requests again.
+        again = await d.submit(request("after"))
+        assert again.instance_id == server.instance_id
+        d.cancel(again)
+    finally:
+        await beats.stop()
+
+
+async def test_full_instance_refuses_and_the_gateway_reports_busy(bus: Bus) -> None:
+    info = EngineInfo(
+        model="synthetic",
+        max_model_len=1024,
+        vocab_size=1024,
+        max_num_seqs=2,
+        block_size=16,
+        kv_namespace=b"",
+    )
+    server = await bus.server(step_s=0.05, max_waiting_seqs=1, info=info)  # at most 2 + 1 sequences
+    d = await bus.gateway()
+    await bus.wait_instances(1)
+    assert server.max_seqs == 3
+    first = await d.submit(request("two", max_tokens=10_000, n=2))
+    second = await d.submit(request("one", max_tokens=10_000))
+    with pytest.raises(InstancesBusy):
+        await d.submit(request("more"))
+    d.cancel(first)
+    d.cancel(second)
+    for _ in range(100):
+        if server.num_running == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert (await asyncio.wait_for(collect(await d.submit(request("later", n=3))), 5))[-1].error is None

@@ -33,13 +33,46 @@ BAD_INPUTS = [
     (CHAT, {"model": MODEL_NAME, "messages": MSG, "temperature": -0.5}, 400, None, "temperature"),
     (CHAT, {"model": MODEL_NAME, "messages": MSG, "n": 0}, 400, None, "n"),
     (CHAT, {"model": MODEL_NAME, "messages": MSG, "top_p": 0}, 400, None, "top_p"),
-    (CHAT, {"model": MODEL_NAME, "messages": MSG, "logprobs": True, "top_logprobs": 50}, 400, None, "top_logprobs"),
+    (
+        CHAT,
+        {"model": MODEL_NAME, "messages": MSG, "logprobs": True, "top_logprobs": 50},
+        400,
+        None,
+        "top_logprobs",
+    ),
     (CHAT, {"model": MODEL_NAME, "messages": MSG, "stop": [""]}, 400, None, "stop"),
     (CHAT, {"model": MODEL_NAME, "messages": []}, 400, None, "messages"),
-    (CHAT, {"model": MODEL_NAME, "messages": [{"role": "wizard", "content": "x"}]}, 400, None, "messages.0.role"),
-    (CHAT, {"model": MODEL_NAME, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400, None, "messages.0.content"),
-    (CHAT, {"model": MODEL_NAME, "messages": [{"role": "user", "content": "x" * 5000}]}, 400, "context_length_exceeded", "messages"),
-    (CHAT, {"model": MODEL_NAME, "messages": MSG, "max_tokens": 1020}, 400, "context_length_exceeded", "max_tokens"),
+    (
+        CHAT,
+        {"model": MODEL_NAME, "messages": [{"role": "wizard", "content": "x"}]},
+        400,
+        None,
+        "messages.0.role",
+    ),
+    (
+        CHAT,
+        {
+            "model": MODEL_NAME,
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+        },
+        400,
+        None,
+        "messages.0.content",
+    ),
+    (
+        CHAT,
+        {"model": MODEL_NAME, "messages": [{"role": "user", "content": "x" * 5000}]},
+        400,
+        "context_length_exceeded",
+        "messages",
+    ),
+    (
+        CHAT,
+        {"model": MODEL_NAME, "messages": MSG, "max_tokens": 1020},
+        400,
+        "context_length_exceeded",
+        "max_tokens",
+    ),
     (CHAT, {"model": "no-such-model", "messages": MSG}, 404, "model_not_found", "model"),
     (COMPLETIONS, {"model": MODEL_NAME, "prompt": ""}, 400, None, "prompt"),
     (COMPLETIONS, {"model": MODEL_NAME, "prompt": []}, 400, None, "prompt"),
@@ -65,7 +98,9 @@ def _check_error(r: httpx.Response, status: int, code: str | None = None, param:
 
 
 @pytest.mark.parametrize(("path", "body", "status", "code", "param"), BAD_INPUTS)
-def test_bad_input_gets_4xx_then_valid_request_works(http: httpx.Client, path: str, body: object, status: int, code: str | None, param: str | None) -> None:
+def test_bad_input_gets_4xx_then_valid_request_works(
+    http: httpx.Client, path: str, body: object, status: int, code: str | None, param: str | None
+) -> None:
     if isinstance(body, bytes):
         r = http.post(path, content=body, headers={"content-type": "application/json"})
     else:
@@ -89,12 +124,17 @@ def test_openai_client_raises_typed_errors(client: openai.OpenAI) -> None:
 
 
 @pytest.fixture(scope="module")
-def extra_gateways(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ExtraGateway]]:
+def extra_gateways(
+    stack: Stack, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, ExtraGateway]]:
     """Gateways that refuse quickly (429), serve a model nobody runs (503) and time out
     fast (504), all on the shared bus and workers."""
     log_dir: Path = tmp_path_factory.mktemp("extra-gateways")
     gateways = {
-        "tight": ExtraGateway(stack, ["--max-running", "1", "--max-queue", "1", "--retry-after", "2"], log_dir, "gw-tight"),
+        # Admission counts sequences: the n=8 stream of the 429 test fills all 8 slots.
+        "tight": ExtraGateway(
+            stack, ["--max-running", "8", "--max-queue", "1", "--retry-after", "2"], log_dir, "gw-tight"
+        ),
         "orphan": ExtraGateway(stack, ["--served-model-name", "nobody-serves-this"], log_dir, "gw-orphan"),
         "hasty": ExtraGateway(stack, ["--request-timeout", "1"], log_dir, "gw-hasty"),
     }
@@ -109,7 +149,14 @@ def extra_gateways(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> It
 
 def _long_stream(client: httpx.Client, url: str) -> tuple[httpx.Response, Iterator[str]]:
     # 8 x 1000 tokens: many seconds on CPU, and cancelled as soon as the test is done.
-    body = {"model": MODEL_NAME, "messages": MSG, "n": 8, "max_tokens": 1000, "stream": True, "ignore_eos": True}
+    body = {
+        "model": MODEL_NAME,
+        "messages": MSG,
+        "n": 8,
+        "max_tokens": 1000,
+        "stream": True,
+        "ignore_eos": True,
+    }
     r = client.send(client.build_request("POST", f"{url}{CHAT}", json=body), stream=True)
     assert r.status_code == 200
     lines = r.iter_lines()  # kept: dropping it would close the response (a disconnect)
@@ -117,14 +164,17 @@ def _long_stream(client: httpx.Client, url: str) -> tuple[httpx.Response, Iterat
     return r, lines
 
 
-def test_429_when_admission_queue_is_full(extra_gateways: dict[str, ExtraGateway], http: httpx.Client) -> None:
+def test_429_when_admission_queue_is_full(
+    extra_gateways: dict[str, ExtraGateway], http: httpx.Client
+) -> None:
     url = extra_gateways["tight"].url
     small = {"model": MODEL_NAME, "messages": MSG, "max_tokens": 2}
     with httpx.Client(timeout=30) as c1, httpx.Client(timeout=30) as c2, ThreadPoolExecutor(1) as pool:
-        running, _lines = _long_stream(c1, url)  # takes the only slot
+        running, _lines = _long_stream(c1, url)  # its 8 sequences take every slot
         queued = pool.submit(c2.post, f"{url}{CHAT}", json=small)
         try:
-            _wait_for_metric(http, f"{url}/metrics", "rtpllm_queue_depth 1.0")  # it waits in the queue (max 1)
+            # It waits in the queue (at most 1 sequence).
+            _wait_for_metric(http, f"{url}/metrics", "rtpllm_queue_depth 1.0")
             r = http.post(f"{url}{CHAT}", json=small)
             err = _check_error(r, 429, "rate_limit_exceeded")
             assert r.headers["retry-after"] == "2"
@@ -144,11 +194,14 @@ def _wait_for_metric(http: httpx.Client, url: str, line: str, timeout: float = 1
         time.sleep(0.05)
 
 
-def test_503_when_no_worker_serves_the_model(extra_gateways: dict[str, ExtraGateway], http: httpx.Client) -> None:
+def test_503_when_no_worker_serves_the_model(
+    extra_gateways: dict[str, ExtraGateway], http: httpx.Client
+) -> None:
     url = extra_gateways["orphan"].url
     r = http.post(f"{url}{CHAT}", json={"model": "nobody-serves-this", "messages": MSG})
-    err = _check_error(r, 503)
+    err = _check_error(r, 503, "no_workers")
     assert err["type"] == "server_error"
+    assert r.headers["retry-after"] == "1"  # a worker may be starting
     assert http.get(f"{url}/ready").status_code == 503
     assert http.get(f"{url}/health").status_code == 200
 

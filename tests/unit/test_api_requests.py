@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from rtpllm.api import errors
 from rtpllm.api.errors import APIError, from_error_info
 from rtpllm.api.params import chat_sampling_params, completion_sampling_params
 from rtpllm.api.prompts import chat_prompt, check_context_length, completion_prompts
@@ -39,7 +40,13 @@ def test_chat_mapping() -> None:
              frequency_penalty=-0.2, repetition_penalty=1.1, logprobs=True, top_logprobs=4, ignore_eos=True, min_tokens=2)
     )  # fmt: skip
     assert (p.max_tokens, p.temperature, p.top_p, p.top_k, p.min_p, p.n) == (7, 0.5, 0.9, 5, 0.1, 3)
-    assert (p.stop, p.seed, p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (["x"], 4, 0.2, -0.2, 1.1)
+    assert (p.stop, p.seed, p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (
+        ["x"],
+        4,
+        0.2,
+        -0.2,
+        1.1,
+    )
     assert (p.logprobs, p.ignore_eos, p.min_tokens, p.prompt_logprobs) == (4, True, 2, None)
 
 
@@ -116,9 +123,17 @@ def test_completion_suffix_best_of_rejected() -> None:
 
 
 def test_chat_prompt_renders_template_and_text_parts(tokenizer: Tokenizer) -> None:
-    req = chat(messages=[{"role": "system", "content": "S"}, {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}])
+    req = chat(
+        messages=[
+            {"role": "system", "content": "S"},
+            {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+        ]
+    )
     prompt = chat_prompt(tokenizer, req.messages)
-    assert prompt.text == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nab<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        prompt.text
+        == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nab<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert prompt.token_ids == tokenizer.encode(prompt.text, add_special_tokens=False)
     with pytest.raises(APIError, match="at least one"):
         chat_prompt(tokenizer, [])
@@ -146,6 +161,42 @@ def test_context_length_check() -> None:
     with pytest.raises(APIError) as info:
         check_context_length(10, 2, 11, "messages")
     assert info.value.param == "max_tokens"
+
+
+def test_prompt_provably_too_long_is_refused_before_tokenizing(
+    tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bound = tokenizer.length_bound
+    assert bound is not None and bound.unit == "bytes"
+    calls: list[int] = []
+    encode = tokenizer.encode
+    monkeypatch.setattr(
+        tokenizer, "encode", lambda text, *a, **k: calls.append(len(text)) or encode(text, *a, **k)
+    )
+    window = 64
+    long_text = "a" * (window * bound.per_token)  # at least `window` tokens whatever the merges
+    with pytest.raises(APIError) as info:
+        completion_prompts(tokenizer, ["ok", long_text], window)
+    assert info.value.code == "context_length_exceeded" and "at least 64 tokens" in info.value.message
+    with pytest.raises(APIError) as info:
+        chat_prompt(tokenizer, chat(messages=[{"role": "user", "content": long_text}]).messages, True, window)
+    assert info.value.param == "messages"
+    with pytest.raises(APIError) as info:  # with max_tokens, the prompt's lower bound plus it must fit
+        completion_prompts(tokenizer, "a" * (32 * bound.per_token), window, 40)
+    assert info.value.param == "max_tokens"
+    assert calls == [2], "only the short prompt was tokenized"
+    # Below the bound, or without a known window, prompts are tokenized (and checked after).
+    assert completion_prompts(tokenizer, "a" * 100, window)[0].token_ids == [97] * 100
+    assert len(completion_prompts(tokenizer, long_text)[0].token_ids) == len(long_text)
+
+
+def test_limit_errors_carry_their_status_and_headers() -> None:
+    too_large = errors.payload_too_large(1024, 2048)
+    assert too_large.status == 413 and too_large.code == "request_too_large" and "2048" in too_large.message
+    assert set(too_large.body()["error"]) == {"message", "type", "param", "code"}
+    assert errors.unavailable("none", retry_after_s=4).headers == {"Retry-After": "4"}
+    assert from_error_info(ErrorInfo(ErrorCode.WORKER_LOST, "m")).headers["Retry-After"] == "1"
+    assert errors.overloaded(2, "full").headers == {"Retry-After": "2"}
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,7 @@
-"""docker-compose.yml stays runnable without a Docker engine: every rtpllm command in it
-parses with the real CLI, URLs point at services that exist, workers reserve a GPU."""
+"""docker-compose.yml stays right without a Docker engine (tests/docker runs it for real):
+the design's topology on CPU by default, every rtpllm command and RTPLLM_* variable known
+to the CLI, healthchecks and conditioned dependencies everywhere, GPUs only through the
+override file."""
 
 from __future__ import annotations
 
@@ -9,44 +11,88 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-from rtpllm.cli import build_parser
+from rtpllm.cli import build_parser, options
 
 ROOT = Path(__file__).resolve().parents[2]
+LONG_RUNNING = {"nats", "redis", "kvstore", "prefill", "decode", "gateway"}
+FLAGS_OF = {
+    "gateway": options.BUS + options.MODEL + options.GATEWAY,
+    "prefill": options.BUS + options.MODEL + options.ENGINE + options.WORKER + options.DISAGG,
+    "decode": options.BUS + options.MODEL + options.ENGINE + options.WORKER + options.DISAGG,
+    "kvstore": options.BUS + options.KVSTORE,
+    "model": options.MODEL,
+}
+
+
+def load(name: str) -> dict:
+    return yaml.safe_load((ROOT / name).read_text())
 
 
 @pytest.fixture(scope="module")
 def compose() -> dict:
-    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    return load("docker-compose.yml")
 
 
-def test_services_present(compose: dict) -> None:
-    assert {"nats", "redis", "worker", "gateway"} <= set(compose["services"])
-    assert compose["services"]["nats"]["image"].startswith("nats:")
+def test_the_design_topology(compose: dict) -> None:
+    assert set(compose["services"]) == LONG_RUNNING | {"model"}
     assert compose["services"]["redis"]["image"].startswith("redis:")
-    assert (ROOT / "Dockerfile").is_file()
+    for name in LONG_RUNNING - {"redis"} | {"model"}:
+        assert compose["services"][name]["image"] == "rtpllm:latest", name
+    assert (ROOT / "Dockerfile").is_file() and (ROOT / ".dockerignore").is_file()
 
 
-def test_every_rtpllm_command_parses(compose: dict) -> None:
+def test_cpu_by_default_gpu_only_in_the_override(compose: dict) -> None:
+    for name, service in compose["services"].items():
+        assert "deploy" not in service, f"{name} reserves devices in the base file"
+    for role in ("prefill", "decode"):
+        assert compose["services"][role]["environment"]["RTPLLM_DEVICE"] == "cpu"
+    gpu = load("docker-compose.gpu.yml")["services"]
+    for role in ("prefill", "decode"):
+        assert gpu[role]["environment"]["RTPLLM_DEVICE"] == "cuda"
+        # Every GPU visible, one claimed per replica: not all on GPU 0.
+        assert gpu[role]["deploy"]["resources"]["reservations"]["devices"][0]["count"] == "all"
+        assert gpu[role]["environment"]["RTPLLM_GPU_CLAIM_DIR"]
+    assert set(gpu) == {"prefill", "decode"}
+
+
+def test_every_command_and_variable_is_the_clis(compose: dict) -> None:
     parser = build_parser()
     names = set(compose["services"])
-    checked = 0
     for name, service in compose["services"].items():
         command = service.get("command")
         if not command or command[0] != "rtpllm":
             continue
-        args = parser.parse_args(command[1:])  # SystemExit (a test failure) on any unknown flag
-        assert args.command == "serve"
-        assert args.service == name  # the compose service runs the CLI service of its name
-        for url in (args.nats, args.redis):
-            if url:
-                assert urlparse(url).hostname in names, url
-        checked += 1
-    assert checked == 2
+        args = parser.parse_args(command[1:])  # SystemExit (a test failure) on an unknown flag
+        if args.command == "serve":
+            assert args.service == name  # the compose service runs the CLI service of its name
+        known = {flag.env for flag in FLAGS_OF[name]}
+        for var, value in service.get("environment", {}).items():
+            assert var in known, f"{name}: {var} is no flag of `rtpllm {' '.join(command[1:])}`"
+            if var.endswith("_URL"):
+                assert urlparse(value).hostname in names, value
+    gateway = compose["services"]["gateway"]
+    assert gateway["environment"]["RTPLLM_HOST"] == "0.0.0.0"
+    assert gateway["environment"]["RTPLLM_PORT"] == "8000"
+    assert gateway["ports"] == ["${RTPLLM_PORT:-8000}:8000"]  # one fixed port, never a range
 
 
-def test_worker_reserves_a_gpu_and_gateway_listens(compose: dict) -> None:
-    devices = compose["services"]["worker"]["deploy"]["resources"]["reservations"]["devices"]
-    assert devices[0]["capabilities"] == ["gpu"]
-    gateway = build_parser().parse_args(compose["services"]["gateway"]["command"][1:])
-    assert gateway.host == "0.0.0.0"
-    assert any(str(p).endswith(f":{gateway.port}") for p in compose["services"]["gateway"]["ports"])
+def test_replicas_need_no_per_replica_settings(compose: dict) -> None:
+    for role in ("prefill", "decode", "kvstore"):
+        env = compose["services"][role]["environment"]
+        assert env["RTPLLM_KV_HOST"] == "0.0.0.0"  # the data plane announces the container's address
+        assert not {"RTPLLM_INSTANCE_ID", "RTPLLM_KV_PORT"} & set(env)
+        assert "container_name" not in compose["services"][role]
+
+
+def test_healthchecks_and_conditioned_dependencies(compose: dict) -> None:
+    for name in LONG_RUNNING:
+        assert compose["services"][name]["healthcheck"]["test"], name
+    for name, service in compose["services"].items():
+        for dep, spec in service.get("depends_on", {}).items():
+            assert dep in compose["services"]
+            assert spec["condition"] in ("service_healthy", "service_completed_successfully"), (name, dep)
+    for role in ("prefill", "decode"):
+        assert compose["services"][role]["healthcheck"]["test"][1:3] == ["rtpllm", "health"]
+        assert compose["services"][role]["environment"]["RTPLLM_HEALTH_FILE"]
+    # The gateway does not wait for a decode instance: it answers 503 + Retry-After until one is ready.
+    assert "decode" not in compose["services"]["gateway"]["depends_on"]

@@ -40,26 +40,40 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 
 
 def model_not_found(model: str) -> APIError:
-    return APIError(404, f"The model `{model}` does not exist.", "invalid_request_error", "model", "model_not_found")
+    return APIError(
+        404, f"The model `{model}` does not exist.", "invalid_request_error", "model", "model_not_found"
+    )
 
 
 def not_found(path: str) -> APIError:
     return APIError(404, f"Unknown path {path}", "invalid_request_error", None, "not_found")
 
 
-def overloaded(retry_after_s: int) -> APIError:
+def payload_too_large(limit: int, size: int | None = None) -> APIError:
+    if size is not None:
+        message = f"The request body has {size} bytes; this server accepts at most {limit} bytes."
+    else:
+        message = f"The request body is larger than the {limit} bytes this server accepts."
     return APIError(
-        429,
-        "The server is overloaded: too many requests are queued. Retry later.",
-        "rate_limit_error",
+        413,
+        message,
+        "invalid_request_error",
         None,
-        "rate_limit_exceeded",
-        {"Retry-After": str(retry_after_s)},
+        "request_too_large",
     )
 
 
-def unavailable(message: str, code: str = "no_workers") -> APIError:
-    return APIError(503, message, "server_error", None, code)
+def overloaded(
+    retry_after_s: int, message: str = "The server is overloaded: too many requests are queued. Retry later."
+) -> APIError:
+    return APIError(
+        429, message, "rate_limit_error", None, "rate_limit_exceeded", {"Retry-After": str(retry_after_s)}
+    )
+
+
+def unavailable(message: str, code: str = "no_workers", retry_after_s: int = 1) -> APIError:
+    # Retry-After: a worker may be starting, or coming back after a stall.
+    return APIError(503, message, "server_error", None, code, {"Retry-After": str(retry_after_s)})
 
 
 def deadline_exceeded(message: str = "The request did not finish before its deadline.") -> APIError:
@@ -76,6 +90,11 @@ def from_error_info(error: ErrorInfo) -> APIError:
         return bad_request(error.message)
     if error.code == ErrorCode.DEADLINE_EXCEEDED:
         return deadline_exceeded(error.message)
-    if error.code in (ErrorCode.WORKER_LOST, ErrorCode.WORKER_SHUTDOWN, ErrorCode.LOST_DELTAS, ErrorCode.DRAINING):
+    if error.code in (
+        ErrorCode.WORKER_LOST,
+        ErrorCode.WORKER_SHUTDOWN,
+        ErrorCode.LOST_DELTAS,
+        ErrorCode.DRAINING,
+    ):
         return unavailable(error.message, error.code)
     return APIError(500, error.message, "server_error", None, error.code)

@@ -17,7 +17,13 @@ from rtpllm.protocol.convert import spec_from_params
 from rtpllm.protocol.messages import ErrorCode, ErrorInfo, GenerateRequest, TokenDelta, Usage
 from rtpllm.sampling_params import SamplingParams
 from rtpllm.serving.admission import AdmissionController, Overloaded
-from rtpllm.serving.dispatcher import Dispatcher, NoInstanceError, RequestStream, SubmitRejected
+from rtpllm.serving.dispatcher import (
+    Dispatcher,
+    InstancesBusy,
+    NoInstanceError,
+    RequestStream,
+    SubmitRejected,
+)
 from rtpllm.serving.metrics import GatewayMetrics
 
 
@@ -35,12 +41,15 @@ class Generation:
     """Runs `prompts` x `params` for one API request.
 
     `await start()` admits and submits (raising APIError with the right status before
-    any byte is sent), `deltas()` yields `(prompt_index, TokenDelta)` until every prompt
+    any byte is sent); admission counts sequences, `len(prompts) x params.n`, since
+    that is what occupies the engines (and their KV), `deltas()` yields `(prompt_index, TokenDelta)` until every prompt
     finished, raising APIError if one fails; `close()` (idempotent, synchronous) cancels
     what still runs and gives the admission slot back.
     """
 
-    def __init__(self, core: GatewayCore, request_id: str, model: str, prompts: list[Prompt], params: SamplingParams) -> None:
+    def __init__(
+        self, core: GatewayCore, request_id: str, model: str, prompts: list[Prompt], params: SamplingParams
+    ) -> None:
         self._core = core
         self.request_id = request_id
         self.model = model
@@ -50,6 +59,7 @@ class Generation:
         self._deadline = time.time() + core.request_timeout_s
         self._loop_deadline = asyncio.get_running_loop().time() + core.request_timeout_s
         self.streams: list[RequestStream] = []
+        self.seqs = len(prompts) * params.n
         self._admitted = False
         self._pumps: list[asyncio.Task[None]] = []
         self.usage: list[Usage | None] = [None] * len(prompts)
@@ -57,9 +67,17 @@ class Generation:
         self._timer: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
+        admission = self._core.admission
+        if self.seqs > admission.max_running:
+            # It could never be admitted: say so now rather than queueing it forever.
+            raise errors.bad_request(
+                f"This request asks for {self.seqs} sequences ({len(self.prompts)} prompt(s) x n={self.params.n}); "
+                f"this server runs at most {admission.max_running} at once.",
+                "n",
+            )
         try:
             async with asyncio.timeout_at(self._loop_deadline):
-                await self._core.admission.acquire()
+                await admission.acquire(self.seqs)
                 self._admitted = True
                 spec = spec_from_params(self.params)
                 for i, prompt in enumerate(self.prompts):
@@ -84,9 +102,17 @@ class Generation:
         except TimeoutError:
             self.close()
             raise errors.deadline_exceeded("The request was not started before its deadline.") from None
+        except InstancesBusy as exc:
+            self.close()
+            raise errors.overloaded(
+                admission.retry_after_s, f"Every worker is at capacity ({exc}). Retry later."
+            ) from None
         except NoInstanceError as exc:
             self.close()
-            raise errors.unavailable(f"No worker is available for model {self.model!r}: {exc}") from None
+            raise errors.unavailable(
+                f"No worker is available for model {self.model!r}: {exc}",
+                retry_after_s=admission.retry_after_s,
+            ) from None
         except SubmitRejected as exc:
             self.close()
             raise errors.from_error_info(exc.error) from None
@@ -162,7 +188,10 @@ class Generation:
         return Usage(prompt, completion, cached)
 
     def _expire(self) -> None:
-        error = ErrorInfo(ErrorCode.DEADLINE_EXCEEDED, f"The request did not finish within {self._core.request_timeout_s:g} s.")
+        error = ErrorInfo(
+            ErrorCode.DEADLINE_EXCEEDED,
+            f"The request did not finish within {self._core.request_timeout_s:g} s.",
+        )
         for stream in self.streams:
             if not stream.finished:
                 self._core.dispatcher.fail(stream, error)
@@ -178,7 +207,7 @@ class Generation:
         if self._admitted:
             self._admitted = False
             with contextlib.suppress(Exception):
-                self._core.admission.release()
+                self._core.admission.release(self.seqs)
 
 
 def failed(error: BaseException) -> APIError:

@@ -17,13 +17,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = commands.add_parser(
         "up",
-        help="run the whole stack in the foreground: NATS, Redis, worker(s) and the gateway",
-        description="Start nats-server, redis-server, (with --kvstore) the host's kvstore, N workers and the gateway "
-        "as child processes, wait until they are ready, print the URL, and stop them all on Ctrl-C / SIGTERM.",
+        help="run the whole stack in the foreground: NATS, Redis, kvstore, prefill, decode and the gateway",
+        description="Start nats-server, redis-server, the host's kvstore, the engines (by default 1 prefill and 1 decode "
+        "instance; --workers N for N combined workers instead) and the gateway as child processes, the same topology "
+        "as docker-compose.yml; wait until they are ready, print the URL, and stop them all on Ctrl-C / SIGTERM.",
     )
     add_flags(up, "stack", options.UP)
     add_flags(up, "model", options.MODEL)
-    add_flags(up, "engine (passed to every worker)", options.ENGINE)
+    add_flags(up, "engine (passed to every engine instance)", options.UP_ENGINE)
     add_flags(up, "disaggregation (passed to decode instances)", options.DISAGG)
 
     serve = commands.add_parser("serve", help="run one service (scale each independently)")
@@ -66,6 +67,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(kvstore, "bus", options.BUS)
     add_flags(kvstore, "kvstore", options.KVSTORE)
 
+    prepare = commands.add_parser(
+        "prepare",
+        help="resolve a model (converting an embedded one on first use) and print its directory",
+        description="Resolve MODEL to an HF-format directory, converting a known embedded model (its GGUF) into "
+        "$RTPLLM_CACHE_DIR/models once; compose runs it before the services that need the model.",
+    )
+    add_flags(prepare, "model", options.MODEL[:1])
+    health = commands.add_parser(
+        "health",
+        help="exit 0 while a service's --health-file is fresh (container healthchecks)",
+        description="Succeed if FILE was touched within --max-age seconds: engines and the kvstore touch their "
+        "--health-file every heartbeat while they serve.",
+    )
+    health.add_argument("file", metavar="FILE")
+    health.add_argument("--max-age", type=float, default=10.0, help="seconds (default: 10)")
     convert = commands.add_parser(
         "convert-gguf",
         help="convert a llama-architecture GGUF file to an HF-format model directory",
@@ -83,6 +99,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return convert_main(argv[1:])
     args = build_parser().parse_args(argv)
+    if args.command == "health":
+        from rtpllm.serving.health import main as health_main
+
+        return health_main(args.file, args.max_age)
+    if args.command == "prepare":
+        from rtpllm.models.registry import resolve_model
+
+        try:
+            print(resolve_model(args.model))
+        except (ValueError, ModuleNotFoundError, FileNotFoundError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     if args.command == "up":
         from rtpllm.cli.up import run_up
 

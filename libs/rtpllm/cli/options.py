@@ -50,6 +50,9 @@ ENGINE = [
     Flag("--kv-write-through", "RTPLLM_KV_WRITE_THROUGH", "store every newly computed full KV block at once, not only when evicted from the pool: auto (on with --kv-redis or a kvstore), on, off", "auto", str, ["auto", "on", "off"]),
     Flag("--kvstore", "RTPLLM_KVSTORE", "use this host's kvstore service (`rtpllm serve kvstore`) as the KV tiers when it answers at startup, else this engine's own --kv-* tiers; `up`: also start one kvstore, which gets the --kv-* tier flags", False, boolean=True),
     Flag("--kvstore-host-id", "RTPLLM_KVSTORE_HOST_ID", "host id of the kvstore to use (default: this host's name, the kvstore's own default)"),
+    Flag("--kv-host", "RTPLLM_KV_HOST", "address this engine's KV data plane listens on (decode: KV from prefill instances; every engine: blocks from the kvstore); 0.0.0.0 listens everywhere and announces this host's IP (containers)", "127.0.0.1"),
+    Flag("--gpu-claim-dir", "RTPLLM_GPU_CLAIM_DIR", "with --device cuda (no index): claim the first GPU no other process holds, by a lock file in DIR shared by every engine of the host (scaled containers each get their own GPU)"),
+    Flag("--health-file", "RTPLLM_HEALTH_FILE", "touch FILE on every heartbeat once serving (container healthchecks: `rtpllm health FILE`)"),
 ]
 
 WORKER = [
@@ -61,7 +64,6 @@ WORKER = [
 
 DISAGG = [
     Flag("--local-prefill-below", "RTPLLM_LOCAL_PREFILL_BELOW", "decode: prompts with fewer uncached tokens are prefilled locally (0: always use a prefill instance when one is alive)", 512, int),
-    Flag("--kv-host", "RTPLLM_KV_HOST", "decode: address the KV data plane listens on and announces to prefill instances", "127.0.0.1"),
     Flag("--kv-port", "RTPLLM_KV_PORT", "decode: KV data plane port (0: a free one)", 0, int),
     Flag("--kv-backends", "RTPLLM_KV_BACKENDS", "data-plane backends, in order of preference, where both sides allow them", "cuda_ipc,shm,tcp"),
     Flag("--kv-lease", "RTPLLM_KV_LEASE", "seconds a remote prefill and its KV transfer may take before the decode instance gives up on it", 30.0, float),
@@ -74,20 +76,21 @@ GATEWAY = [
     Flag("--router", "RTPLLM_ROUTER", "routing policy", "cache-aware", str, sorted(POLICIES)),
     Flag("--router-queue-tokens", "RTPLLM_ROUTER_QUEUE_TOKENS", "cache-aware routing: prompt tokens one pending request counts as", 128, int),
     Flag("--router-host-credit", "RTPLLM_ROUTER_HOST_CREDIT", "cache-aware routing: share of a prompt token's prefill saved when its KV is in an instance's host-memory tier", 0.5, float),
-    Flag("--max-running", "RTPLLM_MAX_RUNNING", "requests this gateway runs at once", 1024, int),
-    Flag("--max-queue", "RTPLLM_MAX_QUEUE", "requests waiting for a slot before new ones get 429", 1024, int),
+    Flag("--max-running", "RTPLLM_MAX_RUNNING", "sequences (prompts x n) this gateway runs at once", 1024, int),
+    Flag("--max-queue", "RTPLLM_MAX_QUEUE", "sequences waiting for a slot before new requests get 429", 1024, int),
+    Flag("--max-body-bytes", "RTPLLM_MAX_BODY_BYTES", "largest request body accepted, bytes; larger ones get 413 (checked from Content-Length, and as a chunked body is read)", 4194304, int),
     Flag("--request-timeout", "RTPLLM_REQUEST_TIMEOUT", "seconds a request may take end to end before 504", 600.0, float),
     Flag("--submit-timeout", "RTPLLM_SUBMIT_TIMEOUT", "seconds a worker has to accept a request", 5.0, float),
     Flag("--heartbeat-interval", "RTPLLM_HEARTBEAT_INTERVAL", "seconds between heartbeats", 1.0, float),
     Flag("--lease", "RTPLLM_LEASE", "seconds without a gateway heartbeat after which workers abort its requests", 3.0, float),
-    Flag("--retry-after", "RTPLLM_RETRY_AFTER", "Retry-After seconds sent with 429", 1, int),
+    Flag("--retry-after", "RTPLLM_RETRY_AFTER", "Retry-After seconds sent with 429 and 503", 1, int),
     Flag("--shutdown-timeout", "RTPLLM_SHUTDOWN_TIMEOUT", "on SIGTERM, seconds open streams may finish", 10.0, float),
 ]
 
 UP = [
-    Flag("--workers", "RTPLLM_WORKERS", "number of combined (prefill + decode) worker processes", 1, int),
-    Flag("--prefill", "RTPLLM_PREFILL", "number of prefill instances (disaggregated topology, with --decode)", 0, int),
-    Flag("--decode", "RTPLLM_DECODE", "number of decode instances (disaggregated topology; replaces --workers)", 0, int),
+    Flag("--prefill", "RTPLLM_PREFILL", "prefill instances (the default topology: 1 prefill, 1 decode)", None, int),
+    Flag("--decode", "RTPLLM_DECODE", "decode instances, which take the requests (default 1)", None, int),
+    Flag("--workers", "RTPLLM_WORKERS", "instead of prefill + decode: N combined worker processes, each prefilling and decoding its own requests (aggregated; see docs/architecture.md for which to choose)", 0, int),
     Flag("--host", "RTPLLM_HOST", "gateway HTTP bind address", "127.0.0.1"),
     Flag("--port", "RTPLLM_PORT", "gateway HTTP port", 8000, int),
     Flag("--nats-port", "RTPLLM_NATS_PORT", "port of the NATS server started (0: a free one)", 0, int),
@@ -102,12 +105,26 @@ UP = [
     Flag("--log-level", "RTPLLM_LOG_LEVEL", "log level of the services", "info", str, ["debug", "info", "warning", "error"]),
 ]
 
+# `rtpllm up` starts the host's kvstore and points every engine at it unless --no-kvstore.
+UP_ENGINE = [
+    replace(
+        f,
+        default=True,
+        help="use one kvstore service for the host-memory/SSD/Redis KV tiers, shared by every engine "
+        "(--no-kvstore: none; engines then keep their own --kv-* tiers, if any)",
+    )
+    if f.name == "--kvstore"
+    else f
+    for f in ENGINE
+]
+
 KVSTORE = [
     Flag("--host-id", "RTPLLM_HOST_ID", "this host's name on the bus: engines started with --kvstore on this host use this kvstore (default: the hostname)"),
     replace(KV_TIERS[0], default=4.0, help="host-memory KV tier shared by this host's engines, GiB"),
     *KV_TIERS[1:],
-    Flag("--kv-host", "RTPLLM_KV_HOST", "address the kvstore's data plane listens on (the engines of this host connect to it)", "127.0.0.1"),
+    Flag("--kv-host", "RTPLLM_KV_HOST", "address the kvstore's data plane listens on (the engines of this host connect to it); 0.0.0.0 listens everywhere and announces this host's IP (containers)", "127.0.0.1"),
     Flag("--kv-port", "RTPLLM_KV_PORT", "the kvstore's data-plane port (0: a free one)", 0, int),
     Flag("--kv-staging-mib", "RTPLLM_KV_STAGING_MIB", "host memory per KV layout for blocks in transit between engines and the tiers, MiB", 256.0, float),
     Flag("--kv-transfer-lease", "RTPLLM_KV_TRANSFER_LEASE", "seconds a put or get transfer may take before the kvstore drops it and reuses its staging blocks", 10.0, float),
+    Flag("--health-file", "RTPLLM_HEALTH_FILE", "touch FILE on every heartbeat once serving (container healthchecks: `rtpllm health FILE`)"),
 ]

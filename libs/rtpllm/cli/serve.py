@@ -31,6 +31,7 @@ def gateway_settings(args: argparse.Namespace) -> GatewaySettings:
         router_host_credit=args.router_host_credit,
         max_running=args.max_running,
         max_queue=args.max_queue,
+        max_body_bytes=args.max_body_bytes,
         request_timeout_s=args.request_timeout,
         submit_timeout_s=args.submit_timeout,
         heartbeat_interval_s=args.heartbeat_interval,
@@ -47,6 +48,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and getattr(args, "gpu_claim_dir", None):
+        device = _claimed_cuda_device(args.gpu_claim_dir)
     return EngineConfig(
         model=args.model,
         device=device,
@@ -74,6 +77,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
             write_through={"auto": None, "on": True, "off": False}[args.kv_write_through],
             kvstore_host_id=_host_id(args.kvstore_host_id, "--kvstore-host-id") if args.kvstore else None,
             kvstore_nats_url=getattr(args, "nats", None) or "nats://127.0.0.1:4222",
+            kv_host=args.kv_host,
         ),
         served_model_name=args.served_model_name,
     )
@@ -95,6 +99,7 @@ def worker_settings(args: argparse.Namespace) -> WorkerSettings:
         kv_port=getattr(args, "kv_port", 0),
         kv_backends=parse_backends(getattr(args, "kv_backends", "cuda_ipc,shm,tcp")),
         kv_lease_s=getattr(args, "kv_lease", 30.0),
+        health_file=args.health_file,
     )
 
 
@@ -112,7 +117,21 @@ def kvstore_settings(args: argparse.Namespace) -> KVStoreSettings:
         staging_bytes=int(args.kv_staging_mib * (1 << 20)),
         transfer_lease_s=args.kv_transfer_lease,
         nats_connect_timeout_s=args.nats_connect_timeout,
+        health_file=args.health_file,
     )
+
+
+def _claimed_cuda_device(claim_dir: str) -> str:
+    import torch
+
+    from rtpllm.runtime.gpu_claim import NoFreeGPU, claim_gpu
+
+    try:
+        index = claim_gpu(claim_dir, torch.cuda.device_count())
+    except NoFreeGPU as exc:
+        raise SystemExit(f"error: {exc}") from None
+    logging.getLogger("rtpllm.worker").info("claimed GPU %d (lock in %s)", index, claim_dir)
+    return f"cuda:{index}"
 
 
 def _host_id(value: str | None, flag: str) -> str:

@@ -28,6 +28,22 @@ def flags_to_argv(flags: list[Flag], args: argparse.Namespace) -> list[str]:
     return argv
 
 
+def choose_topology(workers: int, prefill: int | None, decode: int | None) -> tuple[int, int, int]:
+    """(workers, prefill, decode) to start. The default is the compose topology, one
+    prefill and one decode instance; `--workers N` asks for N aggregated workers instead."""
+    if workers < 0 or (prefill or 0) < 0 or (decode or 0) < 0:
+        raise ValueError("--workers, --prefill and --decode take counts >= 0")
+    if workers:
+        if prefill or decode:
+            raise ValueError("--workers N (aggregated workers) or --prefill/--decode (disaggregated), not both")
+        return workers, 0, 0
+    decode = 1 if decode is None else decode
+    prefill = 1 if prefill is None else prefill
+    if decode < 1:
+        raise ValueError("--decode must be >= 1: decode instances take the requests (or pass --workers N)")
+    return 0, prefill, decode
+
+
 def _say(message: str) -> None:
     print(f"rtpllm up: {message}", flush=True)
 
@@ -73,14 +89,16 @@ def run_up(args: argparse.Namespace) -> int:
         # Else its /ready, not ours, could answer the readiness wait.
         _say(f"error: port {args.port} on {check_host} is in use (another `rtpllm up`?); pass a free --port")
         return 1
-    if args.prefill < 0 or args.decode < 0 or (args.prefill and not args.decode):
-        _say("error: --prefill N needs --decode M (M >= 1): decode instances take the requests")
+    try:
+        workers, prefill, decode = choose_topology(args.workers, args.prefill, args.decode)
+    except ValueError as exc:
+        _say(f"error: {exc}")
         return 2
-    worker_flags, kvstore_args = options.ENGINE, []
+    worker_flags, kvstore_args = options.UP_ENGINE, []
     if args.kvstore:
         # The tier flags configure the one kvstore; the engines use it instead of their own.
         tiers = {f.name for f in options.KV_TIERS}
-        worker_flags = [f for f in options.ENGINE if f.name not in tiers]
+        worker_flags = [f for f in options.UP_ENGINE if f.name not in tiers]
         kvstore_args = flags_to_argv(options.KV_TIERS, args)
         if args.kv_host_gib <= 0:  # not given: the kvstore's own default
             i = kvstore_args.index("--kv-host-gib")
@@ -93,9 +111,9 @@ def run_up(args: argparse.Namespace) -> int:
     config = StackConfig(
         model=model,
         served_model_name=served,
-        workers=args.workers,
-        prefill=args.prefill,
-        decode=args.decode,
+        workers=workers,
+        prefill=prefill,
+        decode=decode,
         decode_args=flags_to_argv(options.DISAGG, args),
         host=args.host,
         port=args.port,
@@ -128,7 +146,7 @@ def run_up(args: argparse.Namespace) -> int:
             _say("starting the kvstore")
             stack.start_kvstore()
         topology = (
-            f"{args.prefill} prefill and {args.decode} decode instance(s)" if stack.disaggregated else f"{args.workers} worker(s)"
+            f"{prefill} prefill and {decode} decode instance(s)" if stack.disaggregated else f"{workers} worker(s)"
         )
         _say(f"starting {topology} and the gateway; loading {served or model} ...")
         stack.add_engines()

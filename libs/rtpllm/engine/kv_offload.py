@@ -101,7 +101,7 @@ class KVOffload:
 
             remote = RemoteKVStore.connect(
                 config.kvstore_nats_url, config.kvstore_host_id, kv, block_manager.namespace,
-                wait_s=config.kvstore_wait_s, request_timeout_s=config.kvstore_timeout_s,
+                wait_s=config.kvstore_wait_s, request_timeout_s=config.kvstore_timeout_s, kv_host=config.kv_host,
             )  # fmt: skip
             if remote is not None:
                 log.info("KV tiers: the kvstore of host %s", config.kvstore_host_id)

@@ -36,6 +36,7 @@ class ErrorCode:
     WORKER_SHUTDOWN = "worker_shutdown"  # the instance stopped before the request finished
     WORKER_LOST = "worker_lost"  # the instance's lease expired (killed, hung, partitioned)
     LOST_DELTAS = "lost_deltas"  # a gap in a stream's sequence numbers (slow consumer)
+    OVERLOADED = "overloaded"  # the instance's queue is full: try another, or HTTP 429
     CANCELLED = "cancelled"
 
 
@@ -229,7 +230,8 @@ class InstanceLoad(msgspec.Struct, kw_only=True):
     num_awaiting_kv: int = 0
     num_held_kv: int = 0
     prefix_queried_tokens: int = 0
-    tier_hit_tokens: dict[str, int] = {}  # KV tier ("gpu", "host", "ssd", "redis") -> prompt tokens not recomputed
+    # KV tier ("gpu", "host", "ssd", "redis") -> prompt tokens not recomputed
+    tier_hit_tokens: dict[str, int] = {}
 
 
 class Heartbeat(msgspec.Struct, kw_only=True):
@@ -473,5 +475,7 @@ def decode(data: bytes, message_type: type[T]) -> T:
         raise ProtocolError(f"not a valid {message_type.__name__}: {exc}") from exc
     version = getattr(message, "v", PROTOCOL_VERSION)
     if version != PROTOCOL_VERSION:
-        raise ProtocolError(f"{message_type.__name__} has protocol version {version}, expected {PROTOCOL_VERSION}")
+        raise ProtocolError(
+            f"{message_type.__name__} has protocol version {version}, expected {PROTOCOL_VERSION}"
+        )
     return message

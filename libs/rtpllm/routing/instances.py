@@ -9,10 +9,11 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rtpllm.protocol.messages import Heartbeat
 from rtpllm.protocol.subjects import InstanceRole
+from rtpllm.routing.lease import BeatIntervals
 
 
 @dataclass
@@ -27,6 +28,8 @@ class Instance:
     # NATS said nobody listens on its subject (killed, or draining): skipped by routing
     # until its next heartbeat proves it alive, or its lease expires.
     unreachable: bool = False
+    # When its heartbeats arrived: its lease covers the intervals actually observed.
+    beats: BeatIntervals = field(default_factory=BeatIntervals)
 
     @property
     def instance_id(self) -> str:
@@ -41,8 +44,14 @@ class Instance:
         return self.heartbeat.state == "ready"
 
     @property
+    def lease_s(self) -> float:
+        """Its announced lease, stretched to cover the heartbeat intervals we observe
+        (rtpllm.routing.lease)."""
+        return self.beats.lease_s(self.heartbeat.lease_s)
+
+    @property
     def expires_at(self) -> float:
-        return self.last_seen + self.heartbeat.lease_s
+        return self.last_seen + self.lease_s
 
     @property
     def pending(self) -> int:
@@ -53,37 +62,51 @@ class Instance:
 
 class InstanceRegistry:
     """Instances by id. A heartbeat registers or renews; `expire()` drops those whose
-    lease ran out; `remove()` drops one that said goodbye."""
+    lease ran out; `remove()` drops one that said goodbye.
+
+    An instance dropped for silence comes back with its next heartbeat: silence may have
+    been a stall (its host, the network, or this process), not a death. One that said
+    goodbye stays gone: a heartbeat still in flight after its Leave must not resurrect it
+    (instance ids are unique per process start, so a restarted process is a new id).
+    """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic, tombstones: int = 1024) -> None:
         self._clock = clock
         self._instances: dict[str, Instance] = {}
-        # Recently removed ids: a heartbeat still in flight after a Leave must not
-        # resurrect the instance. Instance ids are unique per process start.
-        self._gone: deque[str] = deque(maxlen=tombstones)
+        self._gone: deque[str] = deque(maxlen=tombstones)  # ids that said goodbye
+        # Ids dropped for silence, with when: a heartbeat from one is a re-admission.
+        self._silenced: dict[str, float] = {}
+        self._max_silenced = max(tombstones, 1)
 
     def upsert(self, heartbeat: Heartbeat) -> tuple[Instance, bool]:
-        """Record a heartbeat; returns the instance and whether it is new."""
+        """Record a heartbeat; returns the instance and whether it is new (or back)."""
         inst = self._instances.get(heartbeat.instance_id)
         now = self._clock()
         if inst is None:
             inst = Instance(heartbeat, now)
+            inst.beats.beat(now)
             self._instances[heartbeat.instance_id] = inst
             return inst, True
         inst.heartbeat = heartbeat
-        inst.last_seen = now
+        inst.last_seen = max(inst.last_seen, now)
+        inst.beats.beat(now)
         inst.unreachable = False
         return inst, False
 
     def accepts(self, instance_id: str) -> bool:
-        """False for an instance that left or expired (its late heartbeats are ignored)."""
+        """False for an instance that said goodbye (its late heartbeats are ignored)."""
         return instance_id not in self._gone
+
+    def silenced_at(self, instance_id: str) -> float | None:
+        """When the instance was last dropped for silence (None if never, or long ago);
+        the dispatcher logs a returning instance as re-admitted."""
+        return self._silenced.get(instance_id)
 
     def touch(self, instance_id: str) -> None:
         """Any message from an instance proves it alive, not only heartbeats."""
         inst = self._instances.get(instance_id)
         if inst is not None:
-            inst.last_seen = self._clock()
+            inst.last_seen = max(inst.last_seen, self._clock())
 
     def mark_unreachable(self, instance_id: str) -> None:
         inst = self._instances.get(instance_id)
@@ -91,17 +114,23 @@ class InstanceRegistry:
             inst.unreachable = True
 
     def remove(self, instance_id: str) -> Instance | None:
+        """Drop an instance that said goodbye; its late heartbeats are ignored."""
         inst = self._instances.pop(instance_id, None)
         if inst is not None:
             self._gone.append(instance_id)
         return inst
 
     def expire(self) -> list[Instance]:
-        """Drop and return every instance whose lease has run out."""
+        """Drop and return every instance whose lease has run out (not tombstoned: its
+        next heartbeat re-admits it)."""
         now = self._clock()
         dead = [inst for inst in self._instances.values() if inst.expires_at < now]
         for inst in dead:
-            self.remove(inst.instance_id)
+            del self._instances[inst.instance_id]
+            self._silenced.pop(inst.instance_id, None)
+            self._silenced[inst.instance_id] = now
+            if len(self._silenced) > self._max_silenced:  # bounded: forget the oldest
+                del self._silenced[next(iter(self._silenced))]
         return dead
 
     def get(self, instance_id: str) -> Instance | None:

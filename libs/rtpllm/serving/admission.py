@@ -1,6 +1,10 @@
-"""Admission control: a bounded number of requests in flight and a bounded FIFO queue in
+"""Admission control: a bounded number of sequences in flight and a bounded FIFO queue in
 front of them. Beyond both, a request is refused at once (HTTP 429 with Retry-After)
-instead of waiting without bound (ARCHITECTURE rule 3)."""
+instead of waiting without bound (ARCHITECTURE rule 3).
+
+A request weighs the sequences it will run: one per prompt per sample (`prompts x n`),
+so a /v1/completions batch of 20 prompts with n=4 takes 80 slots, not one.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import contextlib
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 
 class Overloaded(RuntimeError):
@@ -19,11 +24,19 @@ class Overloaded(RuntimeError):
         self.retry_after_s = retry_after_s
 
 
-class AdmissionController:
-    """At most `max_running` admitted requests and `max_queued` waiting for a slot.
+@dataclass
+class _Waiter:
+    future: asyncio.Future[None]
+    seqs: int
 
-    Waiting is FIFO; a waiter that is cancelled (deadline, client gone) leaves the queue
-    and, if a slot was already handed to it, passes the slot on.
+
+class AdmissionController:
+    """At most `max_running` admitted sequences and `max_queued` sequences waiting.
+
+    Waiting is FIFO, by request: a request waits until its whole weight fits, and the
+    ones behind it wait too (no overtaking, so a large request is not starved). A waiter
+    that is cancelled (deadline, client gone) leaves the queue and, if its slots were
+    already handed to it, passes them on.
     """
 
     def __init__(self, max_running: int, max_queued: int, retry_after_s: int = 1) -> None:
@@ -32,48 +45,60 @@ class AdmissionController:
         self.max_running = max_running
         self.max_queued = max_queued
         self.retry_after_s = retry_after_s
-        self.running = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
-
-    @property
-    def queued(self) -> int:
-        return len(self._waiters)
+        self.running = 0  # sequences admitted
+        self.queued = 0  # sequences waiting
+        self._waiters: deque[_Waiter] = deque()
 
     @asynccontextmanager
-    async def admit(self) -> AsyncIterator[None]:
-        """Hold a slot for the body of the `async with`; raises Overloaded if none can be
-        waited for."""
-        await self.acquire()
+    async def admit(self, seqs: int = 1) -> AsyncIterator[None]:
+        """Hold `seqs` slots for the body of the `async with`; raises Overloaded if they
+        cannot be waited for."""
+        await self.acquire(seqs)
         try:
             yield
         finally:
-            self.release()
+            self.release(seqs)
 
-    async def acquire(self) -> None:
-        """Take a slot, waiting in line if the queue has room; raises Overloaded if not.
-        Pair with exactly one `release()`."""
-        if self.running < self.max_running and not self._waiters:
-            self.running += 1
+    async def acquire(self, seqs: int = 1) -> None:
+        """Take `seqs` slots, waiting in line if the queue has room; raises Overloaded if
+        not. Pair with exactly one `release(seqs)`."""
+        if not 1 <= seqs <= self.max_running:
+            raise ValueError(f"a request may take 1 to {self.max_running} slots, not {seqs}")
+        if not self._waiters and self.running + seqs <= self.max_running:
+            self.running += seqs
             return
-        if len(self._waiters) >= self.max_queued:
+        if self.queued + seqs > self.max_queued:
             raise Overloaded(self.retry_after_s)
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
+        waiter = _Waiter(asyncio.get_running_loop().create_future(), seqs)
+        self._waiters.append(waiter)
+        self.queued += seqs
         try:
-            await fut  # _release() hands its slot over: `running` stays counted
+            await waiter.future  # _wake() hands the slots over: `running` counts them already
         except BaseException:
-            if fut.done() and not fut.cancelled():
-                self.release()  # the slot arrived just as we gave up: pass it on
+            if waiter.future.done() and not waiter.future.cancelled():
+                self.release(seqs)  # the slots arrived just as we gave up: pass them on
             else:
-                with contextlib.suppress(ValueError):  # a release may have skipped it already
-                    self._waiters.remove(fut)
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+                    self.queued -= seqs
+                self._wake()  # it may have been the head that held the others back
             raise
 
-    def release(self) -> None:
-        """Give a slot back: to the oldest waiter, or to the pool."""
+    def release(self, seqs: int = 1) -> None:
+        """Give `seqs` slots back: to the waiters in order, as far as they fit."""
+        self.running -= seqs
+        self._wake()
+
+    def _wake(self) -> None:
         while self._waiters:
-            fut = self._waiters.popleft()
-            if not fut.done():
-                fut.set_result(None)
+            head = self._waiters[0]
+            if head.future.done():  # cancelled, not yet removed by its own task
+                self._waiters.popleft()
+                self.queued -= head.seqs
+                continue
+            if self.running + head.seqs > self.max_running:
                 return
-        self.running -= 1
+            self._waiters.popleft()
+            self.queued -= head.seqs
+            self.running += head.seqs
+            head.future.set_result(None)

@@ -6,15 +6,17 @@ import asyncio
 import contextlib
 import logging
 import time
+from typing import Any
 
 from nats.aio.client import Client as NATS
 
 log = logging.getLogger(__name__)
 
 
-async def connect_nats(url: str, name: str, wait_s: float = 30.0) -> NATS:
+async def connect_nats(url: str | list[str], name: str, wait_s: float = 30.0, **options: Any) -> NATS:
     """Connect, waiting up to `wait_s` seconds for the server (a service may start before
-    NATS does); ConnectionError after that.
+    NATS does); ConnectionError after that. `options` go to `nats.connect` as they are
+    (credentials, TLS).
 
     Once connected the client reconnects forever on its own: a NATS restart costs the
     messages in flight (streams see a sequence gap and fail cleanly), not the service.
@@ -51,6 +53,7 @@ async def connect_nats(url: str, name: str, wait_s: float = 30.0) -> NATS:
                 error_cb=on_error,
                 disconnected_cb=on_disconnect,
                 reconnected_cb=on_reconnect,
+                **options,
             ),
             wait_s,
         )
@@ -60,3 +63,17 @@ async def connect_nats(url: str, name: str, wait_s: float = 30.0) -> NATS:
         raise ConnectionError(f"cannot connect to NATS at {url} within {wait_s:g} s") from exc
     connected = True
     return nc
+
+
+async def connect_like(nc: NATS, name: str, wait_s: float = 10.0) -> NATS:
+    """A second connection to the servers `nc` uses, with its credentials (user and
+    password in the URLs or options, token, TLS). For traffic that must not wait on the
+    event loop `nc` belongs to (a nats-py client runs on the loop that opened it), such as
+    heartbeats published from their own thread."""
+    urls = [server.geturl() for server in nc.servers]
+    auth = {
+        key: nc.options[key]
+        for key in ("user", "password", "token", "tls", "tls_hostname")
+        if nc.options.get(key)
+    }
+    return await connect_nats(urls, name, wait_s, **auth)

@@ -5,6 +5,12 @@ One subscription receives every delta addressed to this gateway; a request's str
 registered before the request is sent, so no delta can arrive unclaimed. A stream always
 ends: with its final delta, or with an error when its instance leaves, its lease expires,
 a delta goes missing, or the gateway closes.
+
+Liveness (rtpllm.serving.liveness): the gateway's own heartbeat goes out from a thread,
+so workers keep its requests while its event loop is busy; instance leases are judged on
+a clock that stops while that loop is stalled. An instance dropped for silence is
+re-admitted by its next heartbeat; the requests failed when it was dropped stay failed,
+and the instance is told to cancel them (again on any late delta of theirs).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -43,12 +50,17 @@ from rtpllm.protocol.messages import (
 from rtpllm.routing.instances import Instance, InstanceRegistry
 from rtpllm.routing.policy import CacheAware, RouteRequest, RouterPolicy
 from rtpllm.routing.prefix_index import PrefixIndex
+from rtpllm.serving.liveness import HeartbeatThread, LoopWatch
 
 log = logging.getLogger(__name__)
 
 
 class NoInstanceError(RuntimeError):
     """No live instance serves the model (HTTP 503)."""
+
+
+class InstancesBusy(NoInstanceError):
+    """Every instance tried refused the request because its queue is full (HTTP 429)."""
 
 
 class SubmitRejected(RuntimeError):
@@ -68,6 +80,9 @@ class DispatcherConfig:
     lease_check_interval_s: float = 0.2
     max_submit_attempts: int = 3
     resync_interval_s: float = 2.0  # at most one KV snapshot request per instance per interval
+    # Our heartbeats stop once our event loop has been stalled this long (a hung gateway
+    # must still lose its lease, so workers abort its requests).
+    max_loop_stall_s: float = 30.0
 
 
 class RequestStream:
@@ -123,7 +138,9 @@ class RequestStream:
     def _fail(self, error: ErrorInfo) -> None:
         if self.finished:
             return
-        self._queue.put_nowait(TokenDelta(request_id=self.request_id, seq=self._next_seq, finished=True, error=error))
+        self._queue.put_nowait(
+            TokenDelta(request_id=self.request_id, seq=self._next_seq, finished=True, error=error)
+        )
         self._finish()
 
     def _finish(self) -> None:
@@ -154,19 +171,31 @@ class RequestStream:
 class Dispatcher:
     """Routes GenerateRequests to instances and hands back their RequestStreams."""
 
+    MAX_ORPHANS = 4096  # failed requests remembered for cancelling on a late delta
+
     def __init__(self, nc: NATS, policy: RouterPolicy, config: DispatcherConfig) -> None:
         subjects.check_id(config.gateway_id, "gateway id")
         self._nc = nc
         self.policy = policy
         self.config = config
-        self.registry = InstanceRegistry()
+        # Leases are judged on a clock that stops while our own loop is stalled.
+        self.watch = LoopWatch()
+        self.registry = InstanceRegistry(self.watch.clock)
+        self._beats = HeartbeatThread(
+            nc, subjects.GATEWAY_HEARTBEAT, self._gateway_heartbeat, config.heartbeat_interval_s,
+            f"heartbeat-{config.gateway_id}", self.watch, config.max_loop_stall_s,
+        )  # fmt: skip
         # Which instance caches which blocks: fed by KV events, read by cache-aware routing.
         self.index = policy.index if isinstance(policy, CacheAware) else PrefixIndex()
         self._resync_at: dict[str, float] = {}
         self._streams: dict[str, RequestStream] = {}
         self._subs: list[Subscription] = []
         self._tasks: list[asyncio.Task[None]] = []
-        self._bg: set[asyncio.Task[None]] = set()  # fire-and-forget publishes (held: the loop holds tasks weakly)
+        # Fire-and-forget publishes (held: the loop holds tasks weakly).
+        self._bg: set[asyncio.Task[None]] = set()
+        # Requests failed because their instance was dropped, by request id.
+        # A late delta of one means the instance still runs it: it is told to stop.
+        self._orphans: OrderedDict[str, tuple[str, str]] = OrderedDict()  # -> (instance id, role)
         self.reply_subject = subjects.deltas_subject(config.gateway_id)
         # Metrics hooks: an instance dropped (with the error code); a routing decision
         # (policy name, reason).
@@ -182,21 +211,23 @@ class Dispatcher:
             await self._nc.subscribe(self.reply_subject, cb=self._on_delta, pending_msgs_limit=1 << 20),
             await self._nc.subscribe(subjects.HEARTBEAT, cb=self._on_heartbeat),
             await self._nc.subscribe(subjects.LEAVE, cb=self._on_leave),
-            await self._nc.subscribe(subjects.KV_EVENTS_ALL, cb=self._on_kv_events, pending_msgs_limit=1 << 18),
+            await self._nc.subscribe(
+                subjects.KV_EVENTS_ALL, cb=self._on_kv_events, pending_msgs_limit=1 << 18
+            ),
         ]
-        await self._gateway_heartbeat()
+        self.watch.start()
+        await self._beats.start()  # the first gateway heartbeat is out when this returns
         # Instances answer with a heartbeat now, so a fresh gateway knows them at once.
         await self._nc.publish(subjects.DISCOVER, encode(Discover(gateway_id=self.config.gateway_id)))
         await self._nc.flush()
-        self._tasks = [
-            asyncio.create_task(self._heartbeat_loop(), name="gateway-heartbeat"),
-            asyncio.create_task(self._lease_loop(), name="instance-leases"),
-        ]
+        self._tasks = [asyncio.create_task(self._lease_loop(), name="instance-leases")]
 
     async def close(self) -> None:
         """Cancel every open request on its instance and fail its stream."""
         for task in self._tasks:
             task.cancel()
+        await self._beats.stop()
+        self.watch.stop()
         for stream in list(self._streams.values()):
             self.cancel(stream, "gateway_shutdown")
             stream._fail(ErrorInfo(ErrorCode.CANCELLED, "the gateway is shutting down"))
@@ -223,6 +254,7 @@ class Dispatcher:
         request.gateway_id = self.config.gateway_id
         route = RouteRequest(request.request_id, request.model, request.prompt_token_ids)
         tried: set[str] = set()
+        busy = 0  # instances that refused because their queue is full
         for _ in range(self.config.max_submit_attempts):
             candidates = [inst for inst in self.candidates(request.model) if inst.instance_id not in tried]
             if not candidates:
@@ -260,7 +292,12 @@ class Dispatcher:
             assert reply.error is not None
             if reply.error.code in (ErrorCode.DRAINING, ErrorCode.MODEL_MISMATCH):
                 continue
+            if reply.error.code == ErrorCode.OVERLOADED:
+                busy += 1
+                continue
             raise SubmitRejected(reply.error)
+        if busy:
+            raise InstancesBusy(f"the queue of every instance tried ({busy}) is full")
         raise NoInstanceError(f"no live instance serves model {request.model!r}")
 
     def cancel(self, stream: RequestStream, reason: str = ErrorCode.CANCELLED) -> None:
@@ -282,10 +319,18 @@ class Dispatcher:
         if stream.remote_finished or stream.cancel_sent:
             return
         stream.cancel_sent = True
-        inst = self.registry.get(stream.instance_id)
-        role = inst.heartbeat.role if inst is not None else subjects.InstanceRole.WORKER
-        data = encode(CancelRequest(request_id=stream.request_id, reason=reason))
-        task = asyncio.get_running_loop().create_task(self._publish(subjects.cancel_subject(stream.instance_id, role), data))
+        self._publish_cancel(stream.instance_id, stream.request_id, reason)
+
+    def _publish_cancel(
+        self, instance_id: str, request_id: str, reason: str, role: str | None = None
+    ) -> None:
+        if role is None:
+            inst = self.registry.get(instance_id)
+            role = inst.heartbeat.role if inst is not None else subjects.InstanceRole.WORKER
+        data = encode(CancelRequest(request_id=request_id, reason=reason))
+        task = asyncio.get_running_loop().create_task(
+            self._publish(subjects.cancel_subject(instance_id, role), data)
+        )
         self._bg.add(task)
         task.add_done_callback(self._bg.discard)
 
@@ -324,7 +369,13 @@ class Dispatcher:
             return
         stream = self._streams.get(delta.request_id)
         if stream is None:
-            return  # late delta of a cancelled or failed request
+            # A late delta of a cancelled or failed request. If it was failed because its
+            # instance was dropped (which may have been a stall, not a death), the
+            # instance still runs it for nobody: tell it to stop (once).
+            orphan = self._orphans.pop(delta.request_id, None)
+            if orphan is not None and not delta.finished:
+                self._publish_cancel(orphan[0], delta.request_id, ErrorCode.WORKER_LOST, orphan[1])
+            return
         self.registry.touch(stream.instance_id)
         if not stream._push(delta):
             self._send_cancel(stream, ErrorCode.LOST_DELTAS)
@@ -341,7 +392,15 @@ class Dispatcher:
             return
         inst, new = self.registry.upsert(hb)
         if new:
-            log.info("instance %s joined (%s, %s)", hb.instance_id, hb.role, hb.model)
+            dropped_at = self.registry.silenced_at(hb.instance_id)
+            if dropped_at is not None:
+                log.warning(
+                    "instance %s is back (dropped for silence %.1f s ago); re-admitted",
+                    hb.instance_id,
+                    self.watch.clock() - dropped_at,
+                )
+            else:
+                log.info("instance %s joined (%s, %s)", hb.instance_id, hb.role, hb.model)
         if hb.kv_event_seq > self.index.last_seq(hb.instance_id):
             # Its events went ahead of what we saw (we joined late or lost some).
             self._maybe_resync(hb.instance_id)
@@ -352,7 +411,9 @@ class Dispatcher:
         except ProtocolError as exc:
             log.warning("dropping bad KVEvents: %s", exc)
             return
-        if not subjects.is_kvstore_events_id(events.instance_id) and not self.registry.accepts(events.instance_id):
+        if not subjects.is_kvstore_events_id(events.instance_id) and not self.registry.accepts(
+            events.instance_id
+        ):
             return
         if not self.index.apply(events.instance_id, events.batch):
             self._maybe_resync(events.instance_id)
@@ -370,7 +431,9 @@ class Dispatcher:
         """Replace our view of an instance's prefix cache with its snapshot."""
         try:
             msg = await self._nc.request(
-                subjects.kv_snapshot_subject(instance_id), encode(KVSnapshotRequest(gateway_id=self.config.gateway_id)), timeout=5
+                subjects.kv_snapshot_subject(instance_id),
+                encode(KVSnapshotRequest(gateway_id=self.config.gateway_id)),
+                timeout=5,
             )
             snap = decode(msg.data, KVSnapshot)
         except Exception as exc:  # gone, or busy: the next gap or heartbeat tries again
@@ -386,36 +449,40 @@ class Dispatcher:
             return
         inst = self.registry.remove(leave.instance_id)
         if inst is not None:
-            self._lost(inst, ErrorInfo(ErrorCode.WORKER_SHUTDOWN, f"instance {inst.instance_id} shut down ({leave.reason})"))
+            self._lost(
+                inst,
+                ErrorInfo(
+                    ErrorCode.WORKER_SHUTDOWN, f"instance {inst.instance_id} shut down ({leave.reason})"
+                ),
+            )
 
     def _lost(self, inst: Instance, error: ErrorInfo) -> None:
         log.warning("instance %s dropped: %s", inst.instance_id, error.message)
         self.index.drop(inst.instance_id)
         self._resync_at.pop(inst.instance_id, None)
         for stream in [s for s in self._streams.values() if s.instance_id == inst.instance_id]:
+            # Failed for good, even if the instance comes back. If it is alive after all,
+            # the cancel frees the request's KV there; if the cancel is lost too, the
+            # instance's next delta of it triggers another (_on_delta).
+            if not stream.remote_finished and not stream.cancel_sent:
+                stream.cancel_sent = True
+                self._publish_cancel(inst.instance_id, stream.request_id, error.code, inst.heartbeat.role)
             stream._fail(error)
+            self._orphans[stream.request_id] = (inst.instance_id, inst.heartbeat.role)
+            if len(self._orphans) > self.MAX_ORPHANS:
+                self._orphans.popitem(last=False)
         if self.on_instance_lost is not None:
             self.on_instance_lost(inst, error.code)
 
     async def _lease_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.lease_check_interval_s)
-            now = time.monotonic()
+            now = self.watch.clock()
             for inst in self.registry.expire():
                 silent = now - inst.last_seen
-                self._lost(
-                    inst,
-                    ErrorInfo(ErrorCode.WORKER_LOST, f"instance {inst.instance_id} stopped responding ({silent:.1f} s without a heartbeat)"),
-                )
+                message = f"instance {inst.instance_id} stopped responding ({silent:.1f} s without a heartbeat; lease {inst.lease_s:.1f} s)"
+                self._lost(inst, ErrorInfo(ErrorCode.WORKER_LOST, message))
 
-    async def _gateway_heartbeat(self) -> None:
-        hb = GatewayHeartbeat(gateway_id=self.config.gateway_id, lease_s=self.config.lease_s)
-        await self._nc.publish(subjects.GATEWAY_HEARTBEAT, encode(hb))
-
-    async def _heartbeat_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.heartbeat_interval_s)
-            try:
-                await self._gateway_heartbeat()
-            except Exception as exc:
-                log.warning("gateway heartbeat failed: %s", exc)
+    def _gateway_heartbeat(self) -> bytes:
+        """Our heartbeat (built on the heartbeat thread: config only)."""
+        return encode(GatewayHeartbeat(gateway_id=self.config.gateway_id, lease_s=self.config.lease_s))

@@ -5,15 +5,22 @@ It takes GenerateRequests on its own per-instance subject, answers each at once 
 SubmitReply (accepted, or why not), streams TokenDeltas to the asking gateway, honours
 CancelRequests, renews its lease with heartbeats, and aborts the requests of a gateway
 whose own lease ran out (their client is gone, so their KV must be freed).
+
+Heartbeats go out from their own thread and connection (rtpllm.serving.liveness), so a
+busy event loop cannot starve them; gateways' leases are judged on a clock that stops
+while this process's loop is stalled. The server holds at most `max_num_seqs` running
+plus `max_waiting_seqs` waiting sequences; beyond that it refuses new requests with
+`overloaded`, and the gateway tries another instance or answers 429.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from nats.aio.client import Client as NATS
@@ -43,9 +50,11 @@ from rtpllm.protocol.messages import (
     encode,
 )
 from rtpllm.protocol.subjects import InstanceRole
+from rtpllm.routing.lease import BeatIntervals
 from rtpllm.sampling_params import SamplingParams
 from rtpllm.serving.engine_info import EngineInfo, ServedEngine
 from rtpllm.serving.kv_events import KVEventPublisher
+from rtpllm.serving.liveness import HeartbeatThread, LoopWatch
 
 if TYPE_CHECKING:
     from rtpllm.serving.disagg_decode import DecodeSide
@@ -64,14 +73,34 @@ class EngineServerConfig:
     lease_s: float = 3.0  # a gateway drops this instance after this long without a heartbeat
     # Lease assumed for a gateway not heard from yet (its heartbeat may still be on its way).
     default_gateway_lease_s: float = 3.0
+    # Our heartbeats stop once our event loop has been stalled this long: a hung
+    # process must still lose its lease.
+    max_loop_stall_s: float = 30.0
+    # Sequences (requests x n) allowed to wait beyond the engine's max_num_seqs running
+    # ones; None: 4 x max_num_seqs. Past that, new requests are refused (`overloaded`).
+    max_waiting_seqs: int | None = None
 
 
 @dataclass
 class _Running:
     task: asyncio.Task[None]
     gateway_id: str
+    seqs: int = 1  # sequences it holds in the engine (its n)
     # Set before the task is cancelled: which error (if any) the client should get.
     cancel_error: ErrorInfo | None = None
+
+
+@dataclass
+class _GatewayLease:
+    """One gateway's lease as this instance sees it (rtpllm.routing.lease)."""
+
+    last_seen: float
+    announced_s: float
+    beats: BeatIntervals = field(default_factory=BeatIntervals)
+
+    @property
+    def expires_at(self) -> float:
+        return self.last_seen + self.beats.lease_s(self.announced_s)
 
 
 class EngineServer:
@@ -96,13 +125,22 @@ class EngineServer:
         self._prefill = prefill
         self._decode = decode
         self._running: dict[str, _Running] = {}
-        self._gateways: dict[str, tuple[float, float]] = {}  # id -> (last seen, lease)
+        self._seqs = 0  # sequences of the requests in _running that count against the queue bound
+        waiting = config.max_waiting_seqs if config.max_waiting_seqs is not None else 4 * info.max_num_seqs
+        self.max_seqs = info.max_num_seqs + waiting
+        self._gateways: dict[str, _GatewayLease] = {}
         self._subs: list[Subscription] = []
         self._generate_sub: Subscription | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._state = "ready"
-        self._hb_seq = 0
+        self._hb_seq = itertools.count(1)  # next() is atomic: heartbeats are built on another thread
         self._started_at = time.time()
+        # Gateways' leases are judged on a clock that stops while our loop is stalled.
+        self.watch = LoopWatch()
+        self._beats = HeartbeatThread(
+            nc, subjects.HEARTBEAT, lambda: encode(self.heartbeat_message()), config.heartbeat_interval_s,
+            f"heartbeat-{config.instance_id}", self.watch, config.max_loop_stall_s,
+        )  # fmt: skip
         self.stopped = asyncio.Event()  # set when the engine died: the process should exit
 
     @property
@@ -117,7 +155,9 @@ class EngineServer:
 
     async def start(self) -> None:
         role = self._config.role
-        self._generate_sub = await self._nc.subscribe(subjects.generate_subject(self.instance_id, role), cb=self._on_generate)
+        self._generate_sub = await self._nc.subscribe(
+            subjects.generate_subject(self.instance_id, role), cb=self._on_generate
+        )
         self._subs = [
             await self._nc.subscribe(subjects.cancel_subject(self.instance_id, role), cb=self._on_cancel),
             await self._nc.subscribe(subjects.DISCOVER, cb=self._on_discover),
@@ -127,12 +167,15 @@ class EngineServer:
         if self._decode is not None:
             await self._decode.start()
         await self._nc.flush()
-        await self._heartbeat()  # register now rather than one interval from now
-        self._tasks = [
-            asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
-            asyncio.create_task(self._watch_loop(), name="lease-watch"),
-        ]
-        log.info("instance %s serving %s (max_model_len %d)", self.instance_id, self._info.model, self._info.max_model_len)
+        self.watch.start()
+        await self._beats.start()  # registered with every gateway now, not one interval from now
+        self._tasks = [asyncio.create_task(self._watch_loop(), name="lease-watch")]
+        log.info(
+            "instance %s serving %s (max_model_len %d)",
+            self.instance_id,
+            self._info.model,
+            self._info.max_model_len,
+        )
 
     async def drain(self, timeout_s: float) -> None:
         """Stop taking requests, let running ones finish for up to `timeout_s`, fail the
@@ -145,13 +188,18 @@ class EngineServer:
             with contextlib.suppress(Exception):
                 await self._generate_sub.unsubscribe()
         with contextlib.suppress(Exception):
-            await self._heartbeat()
+            await self._beats.beat()  # says `draining`
         deadline = time.monotonic() + timeout_s
         while self._running and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if self._running:
             log.warning("failing %d request(s) still running at shutdown", len(self._running))
-            await self._cancel_all(ErrorInfo(ErrorCode.WORKER_SHUTDOWN, f"instance {self.instance_id} shut down before the request finished"))
+            await self._cancel_all(
+                ErrorInfo(
+                    ErrorCode.WORKER_SHUTDOWN,
+                    f"instance {self.instance_id} shut down before the request finished",
+                )
+            )
         self._state = "stopped"
         if self._decode is not None:
             await self._decode.close()
@@ -160,6 +208,9 @@ class EngineServer:
         for task in self._tasks:
             with contextlib.suppress(BaseException):
                 await task
+        # No heartbeat may follow the Leave (gateways would ignore it, but it would be a lie).
+        await self._beats.stop()
+        self.watch.stop()
         with contextlib.suppress(Exception):
             await self._nc.publish(subjects.LEAVE, encode(Leave(instance_id=self.instance_id)))
             for sub in self._subs:
@@ -182,15 +233,34 @@ class EngineServer:
         except ProtocolError as exc:
             log.warning("bad GenerateRequest: %s", exc)
             if msg.reply:
-                await msg.respond(encode(SubmitReply(request_id="", accepted=False, error=ErrorInfo(ErrorCode.INVALID_REQUEST, str(exc)))))
+                await msg.respond(
+                    encode(
+                        SubmitReply(
+                            request_id="",
+                            accepted=False,
+                            error=ErrorInfo(ErrorCode.INVALID_REQUEST, str(exc)),
+                        )
+                    )
+                )
             return
         params, error = self._admit(req)
         if error is None and params is not None:
             task = asyncio.create_task(self._serve(req, params), name=f"request-{req.request_id}")
-            self._running[req.request_id] = _Running(task, req.gateway_id)
-            self._gateways.setdefault(req.gateway_id, (time.monotonic(), self._config.default_gateway_lease_s))
+            seqs = params.n if req.handoff is None else 0  # hand-offs are bounded by their decode instance
+            self._running[req.request_id] = _Running(task, req.gateway_id, seqs)
+            self._seqs += seqs
+            task.add_done_callback(lambda _, n=seqs: self._release_seqs(n))
+            if req.gateway_id not in self._gateways:
+                self._gateways[req.gateway_id] = _GatewayLease(
+                    self.watch.clock(), self._config.default_gateway_lease_s
+                )
         if msg.reply:
-            await msg.respond(encode(SubmitReply(request_id=req.request_id, accepted=error is None, error=error)))
+            await msg.respond(
+                encode(SubmitReply(request_id=req.request_id, accepted=error is None, error=error))
+            )
+
+    def _release_seqs(self, n: int) -> None:
+        self._seqs -= n
 
     def _admit(self, req: GenerateRequest) -> tuple[SamplingParams | None, ErrorInfo | None]:
         """Cheap checks before accepting, so a bad request is refused synchronously (the
@@ -198,13 +268,23 @@ class EngineServer:
         if self._state != "ready":
             return None, ErrorInfo(ErrorCode.DRAINING, f"instance {self.instance_id} is shutting down")
         if req.model != self._info.model:
-            return None, ErrorInfo(ErrorCode.MODEL_MISMATCH, f"instance serves {self._info.model!r}, not {req.model!r}")
+            return None, ErrorInfo(
+                ErrorCode.MODEL_MISMATCH, f"instance serves {self._info.model!r}, not {req.model!r}"
+            )
         if req.deadline <= time.time():
-            return None, ErrorInfo(ErrorCode.DEADLINE_EXCEEDED, "the request's deadline passed before it started")
+            return None, ErrorInfo(
+                ErrorCode.DEADLINE_EXCEEDED, "the request's deadline passed before it started"
+            )
         if req.request_id in self._running:
-            return None, ErrorInfo(ErrorCode.INVALID_REQUEST, f"request id {req.request_id!r} is already running")
+            return None, ErrorInfo(
+                ErrorCode.INVALID_REQUEST, f"request id {req.request_id!r} is already running"
+            )
         if (req.handoff is not None) != (self._prefill is not None):
-            what = "takes hand-offs from decode instances only" if self._prefill is not None else "is not a prefill instance"
+            what = (
+                "takes hand-offs from decode instances only"
+                if self._prefill is not None
+                else "is not a prefill instance"
+            )
             return None, ErrorInfo(ErrorCode.INVALID_REQUEST, f"instance {self.instance_id} {what}")
         try:
             params = params_from_spec(req.sampling)
@@ -214,6 +294,11 @@ class EngineServer:
             validate_prompt(req.prompt_token_ids, self._info.vocab_size, self._info.max_model_len)
         except ValueError as exc:
             return None, ErrorInfo(ErrorCode.INVALID_REQUEST, str(exc))
+        if req.handoff is None and self._seqs + params.n > self.max_seqs:
+            return None, ErrorInfo(
+                ErrorCode.OVERLOADED,
+                f"instance {self.instance_id} is full: {self._seqs} sequences running or waiting (at most {self.max_seqs})",
+            )
         return params, None
 
     async def _serve_handoff(self, req: GenerateRequest, params: SamplingParams) -> None:
@@ -250,7 +335,9 @@ class EngineServer:
         try:
             loop = asyncio.get_running_loop()
             async with asyncio.timeout_at(loop.time() + (req.deadline - time.time())):
-                remote = self._decode.plan(len(req.prompt_token_ids), params) if self._decode is not None else None
+                remote = (
+                    self._decode.plan(len(req.prompt_token_ids), params) if self._decode is not None else None
+                )
                 if remote is None:
                     stream = self._engine.generate(rid, req.prompt_token_ids, params)
                 else:
@@ -262,7 +349,9 @@ class EngineServer:
                         delta = delta_from_output(out, seq)
                         completion_tokens += sum(len(c.token_ids) for c in delta.choices)
                         if out.finished and delta.error is None:
-                            delta.usage = Usage(len(req.prompt_token_ids), completion_tokens, out.num_cached_tokens)
+                            delta.usage = Usage(
+                                len(req.prompt_token_ids), completion_tokens, out.num_cached_tokens
+                            )
                         await send(delta)
                         if out.finished:
                             return
@@ -306,7 +395,7 @@ class EngineServer:
     async def _on_discover(self, msg: Msg) -> None:
         with contextlib.suppress(ProtocolError):
             decode(msg.data, Discover)
-            await self._heartbeat()
+            await self._beats.beat()
 
     async def _on_kv_snapshot(self, msg: Msg) -> None:
         """A router asks for our whole prefix cache (it missed KV events)."""
@@ -319,7 +408,9 @@ class EngineServer:
         except Exception as exc:  # a bad request or a dead engine: the router retries later
             log.warning("KV snapshot failed: %s", exc)
             return
-        snapshot = KVSnapshot(instance_id=self.instance_id, seq=cached.seq, block_keys=cached.gpu, host_block_keys=cached.host)
+        snapshot = KVSnapshot(
+            instance_id=self.instance_id, seq=cached.seq, block_keys=cached.gpu, host_block_keys=cached.host
+        )
         await msg.respond(encode(snapshot))
 
     async def _on_gateway_heartbeat(self, msg: Msg) -> None:
@@ -327,9 +418,17 @@ class EngineServer:
             hb = decode(msg.data, GatewayHeartbeat)
         except ProtocolError:
             return
-        self._gateways[hb.gateway_id] = (time.monotonic(), hb.lease_s)
+        now = self.watch.clock()
+        lease = self._gateways.get(hb.gateway_id)
+        if lease is None:
+            lease = self._gateways[hb.gateway_id] = _GatewayLease(now, hb.lease_s)
+        lease.last_seen = max(lease.last_seen, now)
+        lease.announced_s = hb.lease_s
+        lease.beats.beat(now)
 
     def heartbeat_message(self) -> Heartbeat:
+        """This instance's heartbeat, from the engine's current stats (called on the
+        heartbeat thread: it only reads)."""
         stats = self._engine.stats()
         load = InstanceLoad(
             num_running=stats.num_running,
@@ -347,7 +446,6 @@ class EngineServer:
             prefix_queried_tokens=getattr(stats, "prefix_queried_tokens", 0),
             tier_hit_tokens=dict(getattr(stats, "tier_hit_tokens", {})),
         )
-        self._hb_seq += 1
         return Heartbeat(
             instance_id=self.instance_id,
             role=self._config.role.value,
@@ -357,7 +455,7 @@ class EngineServer:
             block_size=self._info.block_size,
             kv_namespace=self._info.kv_namespace,
             lease_s=self._config.lease_s,
-            seq=self._hb_seq,
+            seq=next(self._hb_seq),
             state="ready" if self._state == "ready" else "draining",
             started_at=self._started_at,
             kv_event_seq=self._kv_events.last_seq if self._kv_events is not None else -1,
@@ -365,17 +463,6 @@ class EngineServer:
             disagg=side.counters() if (side := self._prefill or self._decode) is not None else None,
             kvstore_host=getattr(stats, "kvstore_host", ""),
         )
-
-    async def _heartbeat(self) -> None:
-        await self._nc.publish(subjects.HEARTBEAT, encode(self.heartbeat_message()))
-
-    async def _heartbeat_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self._config.heartbeat_interval_s)
-            try:
-                await self._heartbeat()
-            except Exception as exc:  # NATS reconnecting: the next beat will do
-                log.warning("heartbeat failed: %s", exc)
 
     async def _watch_loop(self) -> None:
         """Abort requests of gateways whose lease ran out; notice a dead engine."""
@@ -385,9 +472,9 @@ class EngineServer:
                 log.error("the engine died; failing running requests and stopping")
                 self.stopped.set()
                 return
-            now = time.monotonic()
-            for gateway_id, (seen, lease) in list(self._gateways.items()):
-                if now - seen <= lease:
+            now = self.watch.clock()
+            for gateway_id, lease in list(self._gateways.items()):
+                if now <= lease.expires_at:
                     continue
                 orphans = [item for item in self._running.values() if item.gateway_id == gateway_id]
                 if orphans:

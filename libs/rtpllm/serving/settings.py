@@ -33,6 +33,7 @@ class GatewaySettings:
     retry_after_s: int = 1
     shutdown_timeout_s: float = 10.0
     nats_connect_timeout_s: float = 30.0
+    max_body_bytes: int = 4 << 20  # larger request bodies get 413
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class WorkerSettings:
     kv_port: int = 0
     kv_backends: tuple[str, ...] = ("cuda_ipc", "shm", "tcp")
     kv_lease_s: float = 30.0
+    health_file: str | None = None  # touched while serving (rtpllm.serving.health)
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,7 @@ class KVStoreSettings:
     heartbeat_interval_s: float = 1.0
     lease_s: float = 3.0
     nats_connect_timeout_s: float = 30.0
+    health_file: str | None = None  # touched while serving (rtpllm.serving.health)
 
 
 def new_id(kind: str) -> str:

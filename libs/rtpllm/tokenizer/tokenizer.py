@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer as HFTokenizer
 
 from rtpllm.tokenizer.chat_template import ChatTemplateError, render_chat
+from rtpllm.tokenizer.length_bound import LengthBound, length_bound
+
+# Above this many characters, encode through `encode_batch`, which releases the GIL: the
+# plain `encode` holds it (4-5 s for 8 MB on one core), which would stall every thread of
+# the process (the gateway's heartbeat thread included), not only the caller.
+_GIL_FREE_CHARS = 16 * 1024
 
 
 def _token_text(value: Any) -> str | None:
@@ -37,12 +44,12 @@ class Tokenizer:
         self.eos_token = eos_token
         self.bos_token_id = tokenizer.token_to_id(bos_token) if bos_token else None
         eos_id = tokenizer.token_to_id(eos_token) if eos_token else None
-        self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys([*([eos_id] if eos_id is not None else []), *extra_eos_ids]))
+        self.eos_token_ids: tuple[int, ...] = tuple(
+            dict.fromkeys([*([eos_id] if eos_id is not None else []), *extra_eos_ids])
+        )
         self._add_bos = add_bos_token
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
-        self._special_ids = {
-            i for i, tok in tokenizer.get_added_tokens_decoder().items() if tok.special
-        }
+        self._special_ids = {i for i, tok in tokenizer.get_added_tokens_decoder().items() if tok.special}
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> Tokenizer:
@@ -73,9 +80,24 @@ class Tokenizer:
             cfg.get("add_bos_token"),
         )
 
+    @cached_property
+    def length_bound(self) -> LengthBound | None:
+        """The fewest tokens a text can have from its length alone, when this tokenizer
+        guarantees one (rtpllm.tokenizer.length_bound). Computed once (~0.2 s for a 49k
+        vocabulary): touch it at startup, off the event loop."""
+        return length_bound(self._tok.to_str())
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
-        if add_special_tokens and self._add_bos and self.bos_token_id is not None and (not ids or ids[0] != self.bos_token_id):
+        if len(text) > _GIL_FREE_CHARS:
+            ids = self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+        else:
+            ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        if (
+            add_special_tokens
+            and self._add_bos
+            and self.bos_token_id is not None
+            and (not ids or ids[0] != self.bos_token_id)
+        ):
             ids = [self.bos_token_id, *ids]
         return ids
 
@@ -107,5 +129,9 @@ class Tokenizer:
             **extra,
         )
 
-    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **extra: Any) -> list[int]:
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt, **extra), add_special_tokens=False)
+    def encode_chat(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **extra: Any
+    ) -> list[int]:
+        return self.encode(
+            self.apply_chat_template(messages, add_generation_prompt, **extra), add_special_tokens=False
+        )

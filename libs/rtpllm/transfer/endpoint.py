@@ -41,5 +41,31 @@ def local_host_id() -> str:
     return f"{socket.gethostname()}/{boot}"
 
 
+WILDCARD_HOSTS = ("", "0.0.0.0", "::")
+
+
+def advertised_address(bind_host: str) -> str:
+    """The address peers should dial for a listener bound to `bind_host`.
+
+    A wildcard bind listens on every interface, which is no address a peer can use; this
+    machine's (or container's) own address is announced instead: its hostname resolved
+    (Docker and Kubernetes write the container's IP into /etc/hosts), else the hostname
+    itself. An IP rather than the hostname, because a container's hostname is its short
+    id, which other containers' DNS does not always know."""
+    if bind_host not in WILDCARD_HOSTS:
+        return bind_host
+    name = socket.gethostname()
+    family = socket.AF_INET6 if bind_host == "::" else socket.AF_INET
+    try:
+        infos = socket.getaddrinfo(name, None, family, socket.SOCK_STREAM)
+    except OSError:
+        return name
+    addresses = [info[4][0] for info in infos]
+    # A hostname mapped to loopback (a laptop's /etc/hosts) is no use to a remote peer,
+    # but then every peer is local anyway; prefer a routable address where there is one.
+    routable = [a for a in addresses if not a.startswith("127.") and a != "::1"]
+    return (routable or addresses or [name])[0]
+
+
 def shm_available() -> bool:
     return os.path.isdir(SHM_DIR) and os.access(SHM_DIR, os.W_OK)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from rtpllm.transfer.blocks import PoolBlocks
-from rtpllm.transfer.endpoint import BACKENDS, KVEndpoint, local_host_id, shm_available
+from rtpllm.transfer.endpoint import BACKENDS, KVEndpoint, advertised_address, local_host_id, shm_available
 from rtpllm.transfer.errors import TransferAborted, TransferError, TransferRefused
 from rtpllm.transfer.framing import Error, FrameConn
 from rtpllm.transfer.incoming import IncomingTransfer
@@ -120,9 +120,7 @@ class KVReceiver:
         """What senders need to reach this receiver (after start())."""
         if self._listener is None:
             raise RuntimeError("KVReceiver.start() first")
-        host = self.advertise_host or self.host
-        if host in ("", "0.0.0.0", "::"):
-            host = socket.gethostname()
+        host = self.advertise_host or advertised_address(self.host)
         return KVEndpoint(host, self.port, local_host_id(), str(self.pool.device), list(self.backends))
 
     def expect(
