@@ -25,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "libs"))
 
+from rtpllm.credentials import new_api_key  # noqa: E402
 from rtpllm.runtime.processes import free_port  # noqa: E402
 
 PROJECT = f"rtpllm-bench-{os.getpid()}"
@@ -35,7 +36,7 @@ def compose(*args: str, env: dict[str, str]) -> None:
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, timeout=900)
 
 
-def first_answer(port: int, timeout: float = 300) -> float:
+def first_answer(port: int, api_key: str, timeout: float = 300) -> float:
     """Seconds until a chat request through the gateway answers 200."""
     body = json.dumps(
         {"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
@@ -43,7 +44,9 @@ def first_answer(port: int, timeout: float = 300) -> float:
     start = time.monotonic()
     while time.monotonic() - start < timeout:
         request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/v1/chat/completions", body, {"Content-Type": "application/json"}
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            body,
+            {"Content-Type": "application/json", "Authorization": f"Bearer {api_key}"},
         )
         try:
             with urllib.request.urlopen(request, timeout=30) as response:
@@ -70,7 +73,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     port = free_port()
-    env = {**os.environ, "RTPLLM_PORT": str(port)}
+    # The secrets service stores this key instead of making one: the client knows it at once.
+    env = {**os.environ, "RTPLLM_PORT": str(port), "RTPLLM_API_KEY": new_api_key()}
     result: dict[str, object] = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
     try:
         start = time.monotonic()
@@ -86,7 +90,7 @@ def main() -> int:
                 compose("down", env=env)  # keeps the model volume
             start = time.monotonic()
             compose("up", "-d", env=env)
-            first_answer(port)
+            first_answer(port, env["RTPLLM_API_KEY"])
             result[f"{phase}_up_to_first_answer_s"] = round(time.monotonic() - start, 1)
         start = time.monotonic()
         compose("up", "-d", "--no-recreate", "--scale", "decode=2", env=env)

@@ -111,7 +111,7 @@ async def _receive(conn: Any, args: argparse.Namespace, device: str) -> None:
         if cmd == "expect":
             transfer_id, ids = rest
             incoming = receiver.expect(transfer_id, ids, lease_s=120.0)
-            conn.send("ready")
+            conn.send(("ready", incoming.token))  # the one-time token, as NATS would carry it
             cpu = cpu_seconds()
             try:
                 stats = await incoming.wait()
@@ -139,10 +139,11 @@ async def run_backend(
     for i in range(args.warmup + args.repeats):
         tid = f"{backend}-{i}"
         conn.send(("expect", tid, dst_ids))
-        assert conn.recv() == "ready"
+        ready, token = conn.recv()
+        assert ready == "ready"
         cpu = cpu_seconds()
         start = time.perf_counter()
-        out = await sender.open(endpoint, tid, n, timeout_s=60.0)
+        out = await sender.open(endpoint, tid, n, timeout_s=60.0, token=token)
         if out.backend != backend:
             raise RuntimeError(f"asked for {backend}, got {out.backend}")
         for pos in range(0, n, chunk):

@@ -472,6 +472,7 @@ def start_stack(policy: str, model_dir: Path, model: str, args: argparse.Namespa
         gateway_args=["--router", policy, "--max-running", "4096", "--max-queue", "4096"],
         log_dir=log_dir,
         use_redis=args.use_redis,
+        auth=False,  # an open stack: the client here sends no API key (the check costs microseconds)
     )
     stack = Stack(config)
     try:

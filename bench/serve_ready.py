@@ -65,9 +65,14 @@ def start_to_ready(args: argparse.Namespace, phase: str, index: int) -> dict[str
         "300",
     ]
     out = (logs / "up.out").open("w")
+    from rtpllm.credentials import new_api_key
+
+    api_key = new_api_key()  # given to `up` through its environment, not argv
     t0 = time.perf_counter()
     # Its own session, so its shutdown (it signals its children) reaches nothing of ours.
-    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, "RTPLLM_API_KEY": api_key}
+    )
     row: dict[str, object] = {"phase": phase}
     try:
         while "rtpllm up: ready" not in (logs / "up.out").read_text():
@@ -84,7 +89,9 @@ def start_to_ready(args: argparse.Namespace, phase: str, index: int) -> dict[str
             row["checkpoint_gb"], row["loader_s"], row["loader_gbps"] = (float(x) for x in loaded[-1])
         body = json.dumps({"model": args.model.name, "prompt": [1, 2, 3, 4], "max_tokens": 8}).encode()
         req = urllib.request.Request(
-            f"http://127.0.0.1:{args.port}/v1/completions", body, {"content-type": "application/json"}
+            f"http://127.0.0.1:{args.port}/v1/completions",
+            body,
+            {"content-type": "application/json", "Authorization": f"Bearer {api_key}"},
         )
         with urllib.request.urlopen(req, timeout=60) as resp:
             row["completion_tokens"] = json.load(resp)["usage"]["completion_tokens"]

@@ -61,8 +61,8 @@ async def one_request(client: openai.AsyncOpenAI, model: str, prompt: str, max_t
     }
 
 
-async def load(url: str, model: str, requests: int, max_tokens: int) -> dict:
-    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
+async def load(url: str, api_key: str | None, model: str, requests: int, max_tokens: int) -> dict:
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0, timeout=600)
     word = "lorem ipsum dolor sit amet consectetur "
     prompts = [
         (i % 4 == 0, f"{i}: " + (word * 150 if i % 4 == 0 else word * 8) + "Summarize.") for i in range(requests)
@@ -94,8 +94,8 @@ def run_config(model_dir: Path, served: str, device: str, shape: dict, requests:
         try:
             stack.start()
             stack.wait_ready(timeout=300)
-            asyncio.run(load(stack.url, served, 2, 4))  # warm-up
-            return asyncio.run(load(stack.url, served, requests, max_tokens))
+            asyncio.run(load(stack.url, stack.api_key, served, 2, 4))  # warm-up
+            return asyncio.run(load(stack.url, stack.api_key, served, requests, max_tokens))
         finally:
             stack.stop()
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -78,7 +78,7 @@ class OffloadConfig:
     host_bytes: int = 0
     ssd_dir: str | None = None
     ssd_bytes: int = 0
-    redis_url: str | None = None  # shared tier across instances and hosts
+    redis_url: str | None = field(default=None, repr=False)  # shared tier across instances and hosts; may carry the password
     redis_ttl_s: float = 3600.0
     # Offer every newly computed full block at once (needed to share prefixes through
     # Redis or the host's kvstore), not only when evicted. None: on with a Redis tier or
@@ -92,12 +92,27 @@ class OffloadConfig:
     redis_gb_per_s: float = 0.4
     prefill_tokens_per_s: float | None = None
     kvstore_host_id: str | None = None
-    kvstore_nats_url: str = "nats://127.0.0.1:4222"
+    # A whole NATS connection in one string: credentials in the userinfo, TLS files in
+    # the query (rtpllm.serving.bus.NatsConfig.as_url); so never in a repr.
+    kvstore_nats_url: str = field(default="nats://127.0.0.1:4222", repr=False)
     # Where this engine's data plane listens for the blocks the kvstore sends it (a
     # wildcard announces this host's address: containers, several hosts).
     kv_host: str = "127.0.0.1"
     kvstore_wait_s: float = 5.0  # at startup, for the kvstore's first answer
     kvstore_timeout_s: float = 2.0  # per NATS request to the kvstore (each data-plane wait: 5 s)
+    # Tier lookups and restores on background threads while the request waits in the
+    # scheduler (ARCHITECTURE rule 8: the step loop never waits on the network). None:
+    # when a tier is on the network (Redis, the kvstore service); host memory and SSD
+    # alone answer on the engine thread, as before.
+    background_tiers: bool | None = None
+    # How long a request waits for its tier lookup, and then for its restore, before it
+    # is computed instead: the predicted prefill time of the blocks at stake (waiting
+    # longer cannot pay), at least tier_wait_min_s (thread hand-offs, scheduling noise),
+    # at most tier_wait_max_s. That is also the wait while the prefill speed is not known
+    # yet (a fresh engine), whose first restore opens its data-plane connection too
+    # (~0.1 s on the 2-core VM, more under load).
+    tier_wait_min_s: float = 0.02
+    tier_wait_max_s: float = 1.0
 
     @property
     def enabled(self) -> bool:

@@ -1,11 +1,17 @@
-"""The offline face: `LLM(model).generate(prompts, SamplingParams(...))`, like vLLM's."""
+"""The offline face: `LLM(model).generate(prompts, SamplingParams(...))`, like vLLM's.
+
+Images (vision-language models) come in two forms: OpenAI-style chat messages whose
+content has `image_url` parts with `data:` URLs (`chat`), or vLLM-style prompt dicts
+`{"prompt": text with one image token per image, "multi_modal_data": {"image": [...]}}`
+(`generate`). Both end in token ids plus `MultimodalInputs` for the engine.
+"""
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
 
@@ -15,7 +21,25 @@ from rtpllm.outputs import CompletionOutput, RequestOutput
 from rtpllm.sampling_params import SamplingParams
 from rtpllm.tokenizer import Tokenizer
 
-Prompt = str | Sequence[int]
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from rtpllm.multimodal.image_input import DecodedImage
+    from rtpllm.multimodal.inputs import MultimodalInputs
+
+
+class MultimodalPrompt(TypedDict, total=False):
+    """A prompt with images, vLLM style. `prompt` is the text as the model's chat template
+    renders it, with one image token per image (`<|image_pad|>` inside
+    `<|vision_start|>...<|vision_end|>` for Qwen2-VL, `<image>` for Idefics3), which is
+    expanded to the image's placeholder tokens. `multi_modal_data["image"]`: the images
+    (PIL images or `DecodedImage`s) in prompt order."""
+
+    prompt: str
+    multi_modal_data: dict[str, Any]
+
+
+Prompt = str | Sequence[int] | MultimodalPrompt
 Message = dict[str, Any]
 
 
@@ -80,22 +104,30 @@ class LLM:
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
-        """Generate for every prompt (a string, a token-id list, or a list of either)."""
-        if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
+        """Generate for every prompt (a string, a token-id list, a `MultimodalPrompt`
+        dict, or a list of these)."""
+        if isinstance(prompts, str | dict) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
-        prompts = list(prompts)  # type: ignore[arg-type]
+        items = [self._image_prompt(p) if isinstance(p, dict) else (p, None) for p in prompts]  # type: ignore[union-attr]
+        return self._submit(items, sampling_params)
+
+    def _submit(
+        self,
+        items: list[tuple[str | Sequence[int], MultimodalInputs | None]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None,
+    ) -> list[RequestOutput]:
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            params_list = [sampling_params or SamplingParams()] * len(prompts)
+            params_list = [sampling_params or SamplingParams()] * len(items)
         else:
             params_list = list(sampling_params)
-            if len(params_list) != len(prompts):
-                raise ValueError(f"got {len(prompts)} prompts but {len(params_list)} sampling params")
+            if len(params_list) != len(items):
+                raise ValueError(f"got {len(items)} prompts but {len(params_list)} sampling params")
         order: list[str] = []
         try:
-            for prompt, params in zip(prompts, params_list, strict=True):
+            for (prompt, mm), params in zip(items, params_list, strict=True):
                 rid = f"offline-{next(self._ids)}"
                 # Only finished results are returned here: skip per-step outputs.
-                self.engine.add_request(rid, prompt, replace(params, output_kind="final"))
+                self.engine.add_request(rid, prompt, replace(params, output_kind="final"), multimodal=mm)
                 order.append(rid)
             return self._run(order)
         except BaseException:
@@ -110,13 +142,45 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         add_generation_prompt: bool = True,
     ) -> list[RequestOutput]:
-        """Apply the model's chat template to one conversation or a list of them."""
+        """Apply the model's chat template to one conversation or a list of them.
+
+        A message's content may be a string or a list of OpenAI content parts: `text`
+        parts, and for vision-language models `image_url` parts whose url is a `data:`
+        URL (`{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}`).
+        Message text is tokenized without special tokens (see Tokenizer.encode_chat).
+        """
         tok = self.engine.tokenizer
         if tok is None:
             raise ValueError("this model has no tokenizer, so no chat template")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [tok.encode_chat(conv, add_generation_prompt) for conv in conversations]  # type: ignore[arg-type]
-        return self.generate(prompts, sampling_params)
+        items: list[tuple[str | Sequence[int], MultimodalInputs | None]] = []
+        for conv in conversations:
+            rendered, images = _take_images(conv)  # type: ignore[arg-type]
+            if images and self.engine.vision is None:
+                raise ValueError(f"model {self.engine.served_model_name!r} does not take images")
+            ids = tok.encode_chat(rendered, add_generation_prompt)
+            items.append(self._expand_images(ids, images) if images else (ids, None))
+        return self._submit(items, sampling_params)
+
+    def _image_prompt(self, prompt: MultimodalPrompt) -> tuple[list[int], MultimodalInputs | None]:
+        tok = self.engine.tokenizer
+        if tok is None:
+            raise ValueError("this model has no tokenizer; multimodal prompts are text")
+        images = (prompt.get("multi_modal_data") or {}).get("image") or []
+        images = images if isinstance(images, list | tuple) else [images]
+        # The caller writes this text, image tokens included (vLLM's convention).
+        ids = tok.encode(prompt["prompt"])
+        return self._expand_images(ids, images) if images else (ids, None)
+
+    def _expand_images(
+        self, ids: list[int], images: Sequence[Image.Image | DecodedImage]
+    ) -> tuple[list[int], MultimodalInputs]:
+        from rtpllm.multimodal.prompt import expand_image_prompt
+
+        family, tok = self.engine.vision, self.engine.tokenizer
+        if family is None or tok is None:
+            raise ValueError(f"model {self.engine.served_model_name!r} does not take images")
+        return expand_image_prompt(family, tok, ids, images)
 
     def _run(self, order: list[str]) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}
@@ -127,6 +191,33 @@ class LLM:
                 if delta.finished:
                     done[delta.request_id] = self._partial.pop(delta.request_id)
         return [done[rid] for rid in order]
+
+
+def _take_images(conversation: list[Message]) -> tuple[list[Message], list[DecodedImage]]:
+    """The conversation with each `image_url` part replaced by the `{"type": "image"}`
+    part chat templates render as an image token, and the decoded images in order."""
+    from rtpllm.multimodal.image_input import decode_data_url
+
+    images: list[DecodedImage] = []
+    out: list[Message] = []
+    for message in conversation:
+        content = message.get("content")
+        if not isinstance(content, list):
+            out.append(message)
+            continue
+        parts = []
+        for part in content:
+            if isinstance(part, dict) and part.get("type") == "image_url":
+                spec = part.get("image_url")
+                url = spec.get("url") if isinstance(spec, dict) else spec
+                if not isinstance(url, str) or not url.startswith("data:"):
+                    raise ValueError("offline chat takes images as data: URLs (image_url.url = 'data:image/...;base64,...')")
+                images.append(decode_data_url(url))
+                parts.append({"type": "image"})
+            else:
+                parts.append(part)
+        out.append({**message, "content": parts})
+    return out, images
 
 
 def _new_acc(delta: RequestOutput) -> RequestOutput:

@@ -7,6 +7,9 @@ from dataclasses import dataclass, field, replace
 # Temperatures below this are treated as greedy: dividing logits by ~0 overflows.
 GREEDY_EPS = 1e-5
 MAX_LOGPROBS = 20
+# Token ids travel as int32 (kernels, protocol); any id at or above this is no token of
+# any vocabulary and is refused up front (a huge one would not even serialize).
+MAX_TOKEN_ID = 1 << 31
 
 
 @dataclass
@@ -41,7 +44,7 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
-        if self.top_k is None or self.top_k < 0:
+        if self.top_k is None or self.top_k == -1:  # vLLM's spelling of "disabled"
             self.top_k = 0
         self._validate()
 
@@ -53,6 +56,8 @@ class SamplingParams:
             raise bad("n", "must be an integer >= 1")
         if self.temperature < 0:
             raise bad("temperature", "must be >= 0")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise bad("top_k", "must be -1 or 0 (disabled) or >= 1")
         if not 0.0 < self.top_p <= 1.0:
             raise bad("top_p", "must be in (0, 1]")
         if not 0.0 <= self.min_p <= 1.0:
@@ -75,10 +80,10 @@ class SamplingParams:
                 raise bad(name, f"must be in [0, {MAX_LOGPROBS}]")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise bad("seed", "must be an integer")
+        if any(not isinstance(t, int) or not 0 <= t < MAX_TOKEN_ID for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be token ids in [0, {MAX_TOKEN_ID}), got {self.stop_token_ids!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or not -(1 << 63) <= self.seed < 1 << 64):
+            raise bad("seed", "must be an integer that fits 64 bits")
         if self.output_kind not in ("delta", "final"):
             raise bad("output_kind", "must be 'delta' or 'final'")
 

@@ -19,9 +19,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from rtpllm.api import errors
+from rtpllm.api.auth import APIKeyMiddleware, APIKeys, open_paths
 from rtpllm.api.errors import APIError
 from rtpllm.api.generation import GatewayCore
+from rtpllm.api.openapi import describe_request_bodies
+from rtpllm.api.requests import ChatCompletionRequest, CompletionRequest
 from rtpllm.api.server import OpenAIServer, error_response, json_response
+from rtpllm.credentials import redact_url
 from rtpllm.models.registry import served_model_name
 from rtpllm.protocol import subjects
 from rtpllm.protocol.subjects import InstanceRole
@@ -60,6 +64,16 @@ def test_hooks_enabled() -> bool:
     return os.environ.get("RTPLLM_TEST_HOOKS", "") == "1"
 
 
+def _log_auth(settings: GatewaySettings, keys: APIKeys) -> None:
+    if keys:
+        guarded = "every path but /health and /ready" if settings.protect_metrics else "/v1/* (/metrics and /instances open)"
+        log.info("API keys: %d; %s need one", len(keys), guarded)
+    elif settings.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("no API key (--api-key / --api-key-file): anyone who reaches %s:%d can use the API", settings.host, settings.port)
+    else:
+        log.info("no API key: the API is open to local clients")
+
+
 def create_app(settings: GatewaySettings) -> FastAPI:
     gateway_id = settings.gateway_id or new_id("gateway")
     model = served_model_name(settings.model, settings.served_model_name)
@@ -70,8 +84,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         tokenizer = await asyncio.to_thread(load_tokenizer, settings.model)
         redis = RedisCheck(settings.redis_url)
         if settings.redis_url:
-            log.info("redis %s: %s", settings.redis_url, await redis.status())
-        nc = await connect_nats(settings.nats_url, f"rtpllm-{gateway_id}", settings.nats_connect_timeout_s)
+            log.info("redis %s: %s", redact_url(settings.redis_url), await redis.status())
+        nc = await connect_nats(settings.nats, f"rtpllm-{gateway_id}", settings.nats_connect_timeout_s)
         dispatcher = Dispatcher(
             nc,
             make_policy(
@@ -82,6 +96,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                 submit_timeout_s=settings.submit_timeout_s,
                 heartbeat_interval_s=settings.heartbeat_interval_s,
                 lease_s=settings.lease_s,
+                max_predicted_ttft_s=settings.max_predicted_ttft_s,
             ),
         )
         admission = AdmissionController(settings.max_running, settings.max_queue, settings.retry_after_s)
@@ -101,6 +116,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             settings.port,
             settings.router,
         )
+        _log_auth(settings, keys)
         try:
             yield
         finally:
@@ -109,6 +125,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             await nc.drain()
 
     app = FastAPI(title="rtpllm gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
+    describe_request_bodies(app, {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest})
+    # Outermost: a request without a valid key reaches no route and reads no body.
+    keys = APIKeys(settings.api_keys)
+    app.add_middleware(APIKeyMiddleware, keys=keys, open_paths=open_paths(settings.protect_metrics))
 
     def server(request: Request) -> OpenAIServer:
         return request.app.state.server

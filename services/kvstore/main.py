@@ -37,7 +37,7 @@ async def serve(settings: KVStoreSettings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     store = await asyncio.to_thread(build_store, settings)  # the SSD tier scans its directory
-    nc = await connect_nats(settings.nats_url, f"rtpllm-kvstore-{settings.host_id}", settings.nats_connect_timeout_s)
+    nc = await connect_nats(settings.nats, f"rtpllm-kvstore-{settings.host_id}", settings.nats_connect_timeout_s)
     config = KVStoreServerConfig(
         host_id=settings.host_id,
         kv_host=settings.kv_host,

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from rtpllm.credentials import redact_url
 from rtpllm.protocol.subjects import InstanceRole
 from rtpllm.serving.bus import connect_nats
 from rtpllm.serving.dependencies import RedisCheck
@@ -67,9 +68,9 @@ async def serve(settings: WorkerSettings) -> int:
 
     if settings.redis_url:
         redis = RedisCheck(settings.redis_url)
-        log.info("redis %s: %s", settings.redis_url, await redis.status())
+        log.info("redis %s: %s", redact_url(settings.redis_url), await redis.status())
         await redis.close()
-    nc = await connect_nats(settings.nats_url, f"rtpllm-{instance_id}", settings.nats_connect_timeout_s)
+    nc = await connect_nats(settings.nats, f"rtpllm-{instance_id}", settings.nats_connect_timeout_s)
     kv_events = KVEventPublisher(nc, loop, instance_id, model="")
     log.info("loading %s on %s ...", settings.engine.model, settings.engine.device)
     load = asyncio.create_task(

@@ -1,6 +1,6 @@
 """`docker compose up` for real: the whole topology (nats, redis, kvstore, prefill,
-decode, gateway) on the embedded SmolLM2, scaled per service, surviving a crashed decode
-replica, and leaving nothing behind.
+decode, gateway) on the embedded SmolLM2, authenticated with the secrets it made itself,
+scaled per service, surviving a crashed decode replica, and leaving nothing behind.
 
 Runs only where a Docker engine and Compose v2 answer (`.ci/run` sets them up with the
 shared local-docker tool; elsewhere the test skips). The image build reads the torch
@@ -61,9 +61,9 @@ def compose(
     return result
 
 
-def get_json(url: str) -> dict:
+def get_json(url: str, headers: dict[str, str] | None = None) -> dict:
     try:
-        with urllib.request.urlopen(url, timeout=5) as response:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=5) as response:
             return json.loads(response.read())
     except urllib.error.HTTPError as exc:  # /ready answers 503 with a body until ready
         return json.loads(exc.read() or b"{}")
@@ -87,15 +87,29 @@ class ComposeStack:
     def __init__(self, port: int, env: dict[str, str]) -> None:
         self.port, self.env = port, env
         self.url = f"http://127.0.0.1:{port}"
-        self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        self.api_key = ""
+        self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="none", max_retries=0, timeout=60)
         self.figures: dict[str, float] = {}
+
+    def read_api_key(self) -> str:
+        """The key the `secrets` service made, as the docs tell users to read it."""
+        out = compose("exec", "-T", "gateway", "cat", "/run/rtpllm-secrets/api_key", env=self.env, check=False)
+        key = out.stdout.strip() if out.returncode == 0 else ""
+        if key:
+            self.api_key = key
+            self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=60)
+        return key
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
 
     def ready_counts(self) -> tuple[int, int]:
         body = get_json(f"{self.url}/ready")
         return int(body.get("workers", 0)), int(body.get("prefill", 0))
 
     def instances(self) -> list[dict]:
-        return get_json(f"{self.url}/instances")["instances"]
+        return get_json(f"{self.url}/instances", self.headers)["instances"]
 
     def chat(self, content: str, max_tokens: int = 16) -> openai.types.chat.ChatCompletion:
         return self.client.chat.completions.create(
@@ -112,7 +126,9 @@ class ComposeStack:
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[ComposeStack]:
-    env = {**os.environ, "RTPLLM_PORT": str(free_port())}
+    # No RTPLLM_API_KEY from the caller's shell: the secrets service makes the key.
+    env = {k: v for k, v in os.environ.items() if k != "RTPLLM_API_KEY"}
+    env["RTPLLM_PORT"] = str(free_port())
     s = ComposeStack(int(env["RTPLLM_PORT"]), env)
     try:
         compose("build", env=env, timeout=900)
@@ -134,12 +150,32 @@ def test_compose_up_scale_crash_and_down(stack: ComposeStack) -> None:
     # 1. `up` to the first answer through the gateway, with the openai client.
     start = time.monotonic()
     compose("up", "-d", env=stack.env, timeout=300)
+    # The key from the secrets volume, read in the gateway's container as users do.
+    key = wait_for(stack.read_api_key, 120, "the API key in the gateway's container", 0.5)
+    assert key.startswith("rtpllm-")
     # Before any decode instance is ready the gateway answers 503 + Retry-After, never a
     # misleading error; afterwards, the answer.
     reply = wait_for(lambda: stack.chat("What is the capital of France?"), 240, "the first chat answer", 0.5)
     stack.figures["up_to_first_answer_s"] = round(time.monotonic() - start, 1)
     assert "Paris" in reply.choices[0].message.content
     assert reply.usage.prompt_tokens > 0 and reply.usage.completion_tokens > 0
+    # Without the key: 401 in OpenAI's format; the healthcheck's /ready stays open.
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}).encode()
+    for headers in ({}, {"Authorization": "Bearer wrong-key"}):
+        request = urllib.request.Request(
+            f"{stack.url}/v1/chat/completions", body, {"Content-Type": "application/json", **headers}
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        assert refused.value.code == 401
+        assert json.loads(refused.value.read())["error"]["code"] == "invalid_api_key"
+    assert get_json(f"{stack.url}/ready")["status"] == "ready"
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{stack.url}/metrics", timeout=10)
+    assert refused.value.code == 401
+    # Redis wants its password: an unauthenticated PING in its container is refused.
+    noauth = compose("exec", "-T", "redis", "redis-cli", "ping", env=stack.env, check=False)
+    assert "NOAUTH" in noauth.stdout + noauth.stderr, noauth
     image_bytes = subprocess.run(["docker", "image", "inspect", "rtpllm:latest", "--format", "{{.Size}}"],
                                  capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
     stack.figures["image_gb"] = round(int(image_bytes) / 1e9, 2)
@@ -176,7 +212,7 @@ def test_compose_up_scale_crash_and_down(stack: ComposeStack) -> None:
         )  # fmt: skip
 
     wait_for(served_by_all, 240, "every decode and prefill replica to serve requests", 0)
-    metrics = urllib.request.urlopen(f"{stack.url}/metrics", timeout=5).read().decode()
+    metrics = urllib.request.urlopen(urllib.request.Request(f"{stack.url}/metrics", headers=stack.headers), timeout=5).read().decode()
     for inst in stack.instances():
         # Per-instance metrics: every replica is there, with its KV usage reported.
         assert re.search(rf'rtpllm_kv_usage{{instance="{inst["instance_id"]}"', metrics), inst["instance_id"]

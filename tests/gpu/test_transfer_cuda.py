@@ -20,6 +20,7 @@ from rtpllm.transfer import (
     KVReceiver,
     KVSender,
     TransferAborted,
+    TransferRefused,
     faults,
 )
 from rtpllm.transfer.endpoint import shm_available
@@ -63,7 +64,7 @@ async def test_cuda_pools_over_tcp_and_shm(backend: str, src_dev: str, dst_dev: 
     sender = KVSender(src, KVLayout.of(src, NS), prefer=[backend], max_frame_bytes=1 << 20)
     try:
         incoming = receiver.expect("t", dst_ids, lease_s=60)
-        out = await sender.open(receiver.endpoint, "t", n, timeout_s=60)
+        out = await sender.open(receiver.endpoint, "t", n, timeout_s=60, token=incoming.token)
         assert out.backend == backend
         for start in range(0, n, 37):  # chunked prefill: several sends
             await out.send(src_ids[start : start + 37], start)
@@ -96,7 +97,7 @@ async def _receive(conn: Any, num_blocks: int) -> None:
         if cmd == "expect":
             transfer_id, ids, cancel_after = args
             incoming = receiver.expect(transfer_id, ids, lease_s=60)
-            conn.send("ready")
+            conn.send(("ready", incoming.token))  # the one-time token, as NATS would carry it
             if cancel_after is not None:
                 while incoming.blocks_received < cancel_after:
                     await asyncio.sleep(0.005)
@@ -136,8 +137,12 @@ async def test_cuda_ipc_between_two_processes() -> None:
         src_ids, dst_ids = rng.sample(range(257), 150), rng.sample(range(257), 150)
         try:
             # 1. A transfer in several sends, bit exact, nothing else touched.
-            assert await ask("expect", "ok", dst_ids, None) == "ready"
-            out = await sender.open(endpoint, "ok", 150, timeout_s=60)
+            ready, token = await ask("expect", "ok", dst_ids, None)
+            assert ready == "ready"
+            # Without the token the receiver hands out no IPC handle of its pool.
+            with pytest.raises(TransferRefused, match="wrong token"):
+                await sender.open(endpoint, "ok", 150, timeout_s=60, token=bytes(16))
+            out = await sender.open(endpoint, "ok", 150, timeout_s=60, token=token)
             assert out.backend == "cuda_ipc"
             for start in range(0, 150, 40):
                 await out.send(src_ids[start : start + 40], start)
@@ -152,8 +157,8 @@ async def test_cuda_ipc_between_two_processes() -> None:
             assert torch.equal(after[:, :, others], before[:, :, others])
 
             # 2. A corrupted checksum is caught on the receiver's GPU.
-            assert await ask("expect", "bad", [0, 1], None) == "ready"
-            out = await sender.open(endpoint, "bad", 2, timeout_s=60)
+            ready, token = await ask("expect", "bad", [0, 1], None)
+            out = await sender.open(endpoint, "bad", 2, timeout_s=60, token=token)
             faults.corrupt_payloads = 1
             with pytest.raises(ChecksumMismatch):
                 await out.send([5, 6], 0)
@@ -163,8 +168,8 @@ async def test_cuda_ipc_between_two_processes() -> None:
 
             # 3. Cancel on the receiver: the sender stops, confirms, and the receiver's
             # wait() raises only after that (one-sided writes).
-            assert await ask("expect", "cancel", list(range(100, 164)), 8) == "ready"
-            out = await sender.open(endpoint, "cancel", 64, timeout_s=60)
+            ready, token = await ask("expect", "cancel", list(range(100, 164)), 8)
+            out = await sender.open(endpoint, "cancel", 64, timeout_s=60, token=token)
             with pytest.raises(TransferAborted, match="cancelled"):
                 for start in range(0, 64, 8):
                     await out.send(list(range(start, start + 8)), start)

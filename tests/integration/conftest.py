@@ -17,7 +17,7 @@ import pytest
 from rtpllm.loader.random_checkpoint import write_random_checkpoint
 from rtpllm.runtime.stack import Stack
 from rtpllm.tokenizer import Tokenizer
-from tests.integration.support import MODEL_NAME, dump_logs, start_stack
+from tests.integration.support import MODEL_NAME, client_for, dump_logs, http_client, start_stack
 
 
 @pytest.fixture(scope="session")
@@ -46,10 +46,10 @@ def stack(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 @pytest.fixture(scope="session")
 def client(stack: Stack) -> openai.OpenAI:
     # max_retries=0: the tests check exact status codes, which the client would retry.
-    return openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0, timeout=60)
+    return client_for(stack)
 
 
 @pytest.fixture(scope="session")
 def http(stack: Stack) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=stack.url, timeout=60) as c:
+    with http_client(stack, timeout=60) as c:  # with the stack's API key
         yield c

@@ -6,8 +6,9 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import openai
@@ -68,22 +69,54 @@ def running_stack(tiny_model: Path, log_dir: Path, workers: int, **kwargs: Any) 
         stack.stop()
 
 
-def client_for(url: str) -> openai.OpenAI:
-    """An OpenAI client without retries (the tests check exact status codes)."""
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+class Gateway(Protocol):
+    """A gateway the tests talk to: a Stack's, an ExtraGateway, an Endpoint."""
+
+    url: str
+    api_key: str | None
+
+
+@dataclass
+class Endpoint:
+    """A gateway known by its URL and key (one `rtpllm up` started, say)."""
+
+    url: str
+    api_key: str | None
+
+
+def auth_headers(gateway: Gateway) -> dict[str, str]:
+    """The headers that authenticate to `gateway` (stacks run with an API key by default)."""
+    return {"Authorization": f"Bearer {gateway.api_key}"} if gateway.api_key else {}
+
+
+def client_for(gateway: Gateway) -> openai.OpenAI:
+    """An OpenAI client with the gateway's key, without retries (the tests check exact
+    status codes)."""
+    return openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=gateway.api_key or "none", max_retries=0, timeout=60)
+
+
+def http_client(gateway: Gateway, **kwargs: Any) -> httpx.Client:
+    """An httpx client on the gateway, with its key."""
+    return httpx.Client(base_url=gateway.url, headers=auth_headers(gateway), **kwargs)
+
+
+def get(gateway: Gateway, path: str, **kwargs: Any) -> httpx.Response:
+    """GET a path of the gateway (/instances, /metrics: they need the key too)."""
+    return httpx.get(f"{gateway.url}{path}", headers=auth_headers(gateway), **kwargs)
 
 
 class ExtraGateway:
-    """A second gateway on the shared bus, with its own flags."""
+    """A second gateway on the shared bus, with its own flags and the stack's API keys."""
 
     def __init__(self, stack: Stack, args: list[str], log_dir: Path, name: str) -> None:
         self.port = free_port()
         argv = rtpllm_command(
-            "serve", "gateway", "--nats", stack.nats_url, "--model", stack.config.model,
-            "--host", "127.0.0.1", "--port", str(self.port), *args,
+            "serve", "gateway", "--model", stack.config.model, "--host", "127.0.0.1", "--port", str(self.port), *args,
         )  # fmt: skip
-        self.proc = ManagedProcess(name, argv, log_path=log_dir / f"{name}.log").start()
+        # The bus URL (with its token) and the keys through the environment, as the stack does.
+        self.proc = ManagedProcess(name, argv, env=stack.gateway_env(), log_path=log_dir / f"{name}.log").start()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.api_key = stack.api_key
 
     def wait_up(self, timeout: float = 60) -> None:
         wait_until(lambda: http_json(f"{self.url}/health")[0] == 200, timeout, f"{self.proc.name}", [self.proc])
@@ -101,7 +134,7 @@ def ask(client: openai.OpenAI, prompt: list[int]) -> tuple[str, int]:
 
 def serving_ids(stack: Stack) -> set[str]:
     """Instance ids the gateway routes to now."""
-    return {i["instance_id"] for i in httpx.get(f"{stack.url}/instances").json()["instances"]}
+    return {i["instance_id"] for i in get(stack, "/instances").json()["instances"]}
 
 
 def restart_one_worker(stack: Stack) -> None:

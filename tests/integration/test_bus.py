@@ -375,3 +375,62 @@ async def test_full_instance_refuses_and_the_gateway_reports_busy(bus: Bus) -> N
             break
         await asyncio.sleep(0.02)
     assert (await asyncio.wait_for(collect(await d.submit(request("later", n=3))), 5))[-1].error is None
+
+
+async def test_a_stream_whose_end_was_lost_fails_and_a_quiet_running_one_does_not(bus: Bus) -> None:
+    """After a NATS restart the last delta of a request may be gone with nothing after it
+    to reveal a gap. The gateway asks the instance about quiet streams: one it no longer
+    runs fails with lost_deltas; one it still runs (slowly) is left alone."""
+    await bus.server(step_s=0.6)  # a token every 0.6 s: quiet longer than stream_quiet_s
+    nc = await nats.connect(bus.url)
+    bus.conns.append(nc)
+    d = bus.dispatcher = Dispatcher(
+        nc, LeastLoaded(),
+        DispatcherConfig(gateway_id="gw-status", heartbeat_interval_s=0.1, lease_s=1.0, stream_quiet_s=0.25),
+    )  # fmt: skip
+    await d.start()
+    await bus.wait_instances(1)
+    slow = await d.submit(request("slow", max_tokens=3))
+    # A stream the instance does not run: as if it had finished and its end was lost.
+    inst = d.candidates("synthetic")[0]
+    ghost = d._open("ghost", inst)
+    start = time.monotonic()
+    ghost_deltas = await asyncio.wait_for(collect(ghost), 5)
+    assert ghost_deltas[-1].error is not None and ghost_deltas[-1].error.code == ErrorCode.LOST_DELTAS
+    assert time.monotonic() - start < 2.0
+    slow_deltas = await asyncio.wait_for(collect(slow), 10)
+    assert slow_deltas[-1].error is None and slow_deltas[-1].finished
+
+
+async def test_a_request_predicted_to_miss_its_deadline_is_refused_early(bus: Bus) -> None:
+    """Rule 3: no instance predicted to start it in time -> 429-style refusal with a
+    Retry-After, before anything is queued; an instance with unknown speed admits."""
+    from rtpllm.serving.dispatcher import DeadlineUnreachable
+
+    await bus.server()
+    nc = await nats.connect(bus.url)
+    bus.conns.append(nc)
+    d = bus.dispatcher = Dispatcher(
+        nc, LeastLoaded(), DispatcherConfig(gateway_id="gw-ttft", heartbeat_interval_s=0.1, max_predicted_ttft_s=1.0)
+    )
+    await d.start()
+    await bus.wait_instances(1)
+    iid = d.candidates("synthetic")[0].instance_id
+    ok = await d.submit(request("unknown-speed"))  # nothing learned yet: admitted
+    await collect(ok)
+    # Seen busy: 100 prompt tokens/s; 400 of ours are still waiting for a first token.
+    d.ttft.add_pending(iid, 400)
+    # (Ahead of the clock: the instance's own heartbeats, earlier, cannot interleave.)
+    later = time.monotonic() + 10
+    d.ttft.observe(iid, 0, waiting=1, now=later)
+    d.ttft.observe(iid, 100, waiting=1, now=later + 1)
+    big = request("too-slow")
+    big.prompt_token_ids = list(range(200))
+    with pytest.raises(DeadlineUnreachable) as refused:
+        await d.submit(big)
+    assert refused.value.retry_after_s == 5  # (400 + 200) / 100 = 6 s predicted, 1 s allowed
+    assert bus.engines[0].stats().num_running == 0  # nothing was sent
+    d.ttft.remove_pending(iid, 400)
+    small = request("fits")
+    small.prompt_token_ids = list(range(50))  # 0.5 s predicted
+    assert (await collect(await d.submit(small)))[-1].error is None

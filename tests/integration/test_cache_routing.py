@@ -8,12 +8,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 
 from rtpllm.runtime.stack import Stack
-from tests.integration.support import MODEL_NAME, ExtraGateway, client_for, running_stack
+from tests.integration.support import MODEL_NAME, ExtraGateway, client_for, get, running_stack
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -33,7 +32,7 @@ def cached_tokens(client: openai.OpenAI, prompt: list[int]) -> int:
 
 def test_shared_prefixes_land_where_they_are_cached(routed: tuple[Stack, Path]) -> None:
     stack, log_dir = routed
-    client = client_for(stack.url)
+    client = client_for(stack)
     systems = [[(31 * s + i) % 300 for i in range(96)] for s in range(3)]
     hits = []
     for turn in range(4):
@@ -43,9 +42,9 @@ def test_shared_prefixes_land_where_they_are_cached(routed: tuple[Stack, Path]) 
     # 96 tokens (6 blocks of 16) cached on the instance it was routed to.
     assert hits[:3] == [0, 0, 0]
     assert all(h >= 96 for h in hits[3:]), hits
-    items = httpx.get(f"{stack.url}/instances").json()["instances"]
+    items = get(stack, "/instances").json()["instances"]
     assert sum(i["cached_blocks"] for i in items) >= 3 * 6
-    metrics = httpx.get(f"{stack.url}/metrics").text
+    metrics = get(stack, "/metrics").text
     assert 'rtpllm_routing_decisions_total{policy="cache-aware",reason="cache"} 9.0' in metrics
 
     # A gateway that starts now has seen no events: it asks the instances for snapshots.
@@ -54,12 +53,12 @@ def test_shared_prefixes_land_where_they_are_cached(routed: tuple[Stack, Path]) 
         late.wait_up()
         deadline = time.monotonic() + 15
         while True:
-            items = httpx.get(f"{late.url}/instances").json()["instances"]
+            items = get(late, "/instances").json()["instances"]
             if len(items) == 3 and sum(i["cached_blocks"] for i in items) >= 3 * 6:
                 break
             assert time.monotonic() < deadline, items
             time.sleep(0.2)
-        late_client = client_for(late.url)
+        late_client = client_for(late)
         assert all(cached_tokens(late_client, system + [9, 9]) >= 96 for system in systems)
     finally:
         late.stop()

@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 
 async def test_64_concurrent_streams_finish_with_right_token_counts(stack: Stack) -> None:
-    client = openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    client = openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key=stack.api_key, max_retries=0, timeout=120)
     max_tokens = 16
 
     async def one(i: int) -> tuple[int, int, str | None]:

@@ -18,14 +18,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 
 from rtpllm import LLM, SamplingParams
 from rtpllm.runtime.stack import Stack
 from rtpllm.serving.disagg_prefill import FAULT_STALL_ENV
-from tests.integration.support import MODEL_NAME, client_for, running_stack
+from tests.integration.support import MODEL_NAME, client_for, get, running_stack
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -42,7 +41,7 @@ def reference(tiny_model: Path, prompts: list[list[int]], max_tokens: int) -> li
 
 
 def instances(stack: Stack) -> dict[str, dict]:
-    return {i["instance_id"]: i for i in httpx.get(f"{stack.url}/instances", timeout=5).json()["instances"]}
+    return {i["instance_id"]: i for i in get(stack, "/instances", timeout=5).json()["instances"]}
 
 
 def wait_no_leaks(stack: Stack, timeout: float = 15) -> dict[str, dict]:
@@ -99,7 +98,7 @@ def test_disaggregated_greedy_equals_aggregated(pd_stack: Stack, tiny_model: Pat
     streamed = [rng.randrange(3, 300) for _ in range(120)]
     max_tokens = 24
     *want, want_streamed = reference(tiny_model, prompts + [streamed], max_tokens)
-    client = client_for(pd_stack.url)
+    client = client_for(pd_stack)
     with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
         results = list(pool.map(lambda p: complete(client, p, max_tokens), prompts))
     for prompt, resp, text in zip(prompts, results, want, strict=True):
@@ -120,7 +119,7 @@ def test_disaggregated_greedy_equals_aggregated(pd_stack: Stack, tiny_model: Pat
     assert backend == "shm" and received["transfers"] == long_prompts and received["bytes"] > 0
     assert prefill["disaggregation"]["transfers"][backend]["transfers"] == long_prompts
 
-    metrics = httpx.get(f"{pd_stack.url}/metrics").text
+    metrics = get(pd_stack, "/metrics").text
     assert f'rtpllm_kv_transfers_total{{backend="shm",instance="{decode["instance_id"]}"}}' in metrics
     assert 'kind="remote"' in metrics
 
@@ -144,7 +143,7 @@ def fault_pd(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 @pytest.fixture(scope="module")
 def fault_client(fault_pd: Stack) -> openai.OpenAI:
-    return client_for(fault_pd.url)
+    return client_for(fault_pd)
 
 
 def test_transfer_stalled_past_its_lease_is_prefilled_locally(fault_pd: Stack, fault_client: openai.OpenAI, tiny_model: Path) -> None:

@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from rtpllm.runtime.stack import Stack
-from tests.integration.support import MODEL_NAME, ExtraGateway
+from tests.integration.support import MODEL_NAME, ExtraGateway, http_client
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -167,9 +167,10 @@ def _long_stream(client: httpx.Client, url: str) -> tuple[httpx.Response, Iterat
 def test_429_when_admission_queue_is_full(
     extra_gateways: dict[str, ExtraGateway], http: httpx.Client
 ) -> None:
-    url = extra_gateways["tight"].url
+    gw = extra_gateways["tight"]
+    url = gw.url
     small = {"model": MODEL_NAME, "messages": MSG, "max_tokens": 2}
-    with httpx.Client(timeout=30) as c1, httpx.Client(timeout=30) as c2, ThreadPoolExecutor(1) as pool:
+    with http_client(gw, timeout=30) as c1, http_client(gw, timeout=30) as c2, ThreadPoolExecutor(1) as pool:
         running, _lines = _long_stream(c1, url)  # its 8 sequences take every slot
         queued = pool.submit(c2.post, f"{url}{CHAT}", json=small)
         try:

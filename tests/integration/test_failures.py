@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from rtpllm.runtime.stack import Stack
-from tests.integration.support import MODEL_NAME, client_for, running_stack
+from tests.integration.support import MODEL_NAME, auth_headers, client_for, get, running_stack
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -34,14 +34,14 @@ def fault_stack(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> I
 
 @pytest.fixture(scope="module")
 def fclient(fault_stack: Stack) -> openai.OpenAI:
-    return client_for(fault_stack.url)
+    return client_for(fault_stack)
 
 
 def _serving_instance(stack: Stack, timeout: float = 5) -> str:
     """The instance the gateway runs exactly one request on."""
     deadline = time.monotonic() + timeout
     while True:
-        items = httpx.get(f"{stack.url}/instances").json()["instances"]
+        items = get(stack, "/instances").json()["instances"]
         busy = [i["instance_id"] for i in items if i["inflight_from_this_gateway"] > 0]
         if len(busy) == 1:
             return busy[0]
@@ -109,7 +109,7 @@ def test_killed_worker_ends_stream_within_5s_and_next_request_works(fault_stack:
     assert r.choices[0].finish_reason in ("length", "stop")
     ready = httpx.get(f"{fault_stack.url}/ready").json()
     assert ready["workers"] == sum(1 for p in fault_stack.workers if p.alive)
-    metrics = httpx.get(f"{fault_stack.url}/metrics").text
+    metrics = get(fault_stack, "/metrics").text
     assert 'rtpllm_instances_lost_total{reason="worker_lost"} 1.0' in metrics
 
 
@@ -130,7 +130,7 @@ def test_no_worker_left_gives_503(fault_stack: Stack, fclient: openai.OpenAI) ->
     while httpx.get(f"{fault_stack.url}/ready").status_code != 503:
         assert time.monotonic() < deadline
         time.sleep(0.2)
-    r = httpx.post(f"{fault_stack.url}/v1/completions", json={"model": MODEL_NAME, "prompt": "x"})
+    r = httpx.post(f"{fault_stack.url}/v1/completions", json={"model": MODEL_NAME, "prompt": "x"}, headers=auth_headers(fault_stack))
     assert r.status_code == 503
     assert set(r.json()["error"]) == {"message", "type", "param", "code"}
     assert httpx.get(f"{fault_stack.url}/health").status_code == 200

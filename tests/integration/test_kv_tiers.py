@@ -8,11 +8,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from rtpllm.runtime.stack import Stack
-from tests.integration.support import ask, client_for, restart_one_worker, running_stack
+from tests.integration.support import ask, client_for, get, restart_one_worker, running_stack
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -28,13 +27,13 @@ def tiered(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 
 def test_prefix_moves_between_instances_through_redis(tiered: Stack) -> None:
-    client = client_for(tiered.url)
+    client = client_for(tiered)
     text, cached = ask(client, PROMPT + [1])  # instance A computes it (round-robin: A, B, A, ...)
     assert cached == 0
     time.sleep(1.0)  # Redis writes are write-behind
     text_b, cached_b = ask(client, PROMPT + [2])  # instance B has never seen it
     assert cached_b == 160, "B restored all 10 blocks from Redis"
-    metrics = httpx.get(f"{tiered.url}/metrics").text
+    metrics = get(tiered, "/metrics").text
     assert 'tier="redis"' in metrics
 
     # Restart B (a new process, empty pool and host tier): Redis still has the prefix.
@@ -44,7 +43,7 @@ def test_prefix_moves_between_instances_through_redis(tiered: Stack) -> None:
 
 
 def test_redis_down_degrades_to_misses(tiered: Stack) -> None:
-    client = client_for(tiered.url)
+    client = client_for(tiered)
     assert tiered.redis is not None
     tiered.redis.stop(5)
     fresh = [(23 * i + 11) % 300 for i in range(96)]

@@ -10,11 +10,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from rtpllm.runtime.stack import Stack
-from tests.integration.support import ask, client_for, restart_one_worker, running_stack
+from tests.integration.support import ask, client_for, get, restart_one_worker, running_stack
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
 
@@ -32,11 +31,11 @@ def stack(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 
 def instances(stack: Stack) -> list[dict[str, Any]]:
-    return httpx.get(f"{stack.url}/instances").json()["instances"]
+    return get(stack, "/instances").json()["instances"]
 
 
 def cache_decisions(stack: Stack) -> float:
-    for line in httpx.get(f"{stack.url}/metrics").text.splitlines():
+    for line in get(stack, "/metrics").text.splitlines():
         if line.startswith('rtpllm_routing_decisions_total{policy="cache-aware",reason="cache"}'):
             return float(line.split()[-1])
     return 0.0
@@ -50,7 +49,7 @@ def wait_for(what: str, ok: Any, timeout: float = 10) -> None:
 
 
 def test_a_prefix_only_the_kvstore_holds_routes_as_a_hit(stack: Stack) -> None:
-    client = client_for(stack.url)
+    client = client_for(stack)
     assert ask(client, PROMPT + [1])[1] == 0  # computed here, written through to the kvstore
     wait_for(
         "the gateway learns the kvstore's blocks from its KV events",

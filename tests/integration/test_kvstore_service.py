@@ -10,14 +10,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from rtpllm.protocol import subjects
 from rtpllm.protocol.messages import KVStoreHeartbeat, KVStorePing, decode, encode
 from rtpllm.runtime.stack import Stack
 from rtpllm.serving.bus import connect_nats
-from tests.integration.support import ask, client_for, restart_one_worker, running_stack
+from tests.integration.support import ask, client_for, get, restart_one_worker, running_stack
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -57,7 +56,7 @@ def wait_blocks(stack: Stack, n: int, timeout: float = 10) -> None:
 
 
 def test_prefix_moves_between_workers_through_the_kvstore(shared: Stack) -> None:
-    client = client_for(shared.url)
+    client = client_for(shared)
     _, cached = ask(client, PROMPT + [1])  # worker A computes it (round-robin: A, B, A, ...)
     assert cached == 0
     wait_blocks(shared, 10)  # written through by A (puts complete in the background)
@@ -65,7 +64,7 @@ def test_prefix_moves_between_workers_through_the_kvstore(shared: Stack) -> None
     assert cached_b == 160, "B restored all 10 blocks from the kvstore's host memory"
     beat = kvstore_beat(shared)
     assert beat.counters.blocks_sent >= 10 and beat.tiers == ["host"]
-    assert 'tier="host"' in httpx.get(f"{shared.url}/metrics").text
+    assert 'tier="host"' in get(shared, "/metrics").text
 
     # Restart B (a new process, empty pool): the kvstore still has the prefix.
     restart_one_worker(shared)
@@ -74,7 +73,7 @@ def test_prefix_moves_between_workers_through_the_kvstore(shared: Stack) -> None
 
 
 def test_killed_kvstore_degrades_to_misses(shared: Stack) -> None:
-    client = client_for(shared.url)
+    client = client_for(shared)
     assert shared.kvstore is not None
     shared.kvstore.kill()
     shared.kvstore.wait(5)

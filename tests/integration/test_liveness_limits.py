@@ -26,7 +26,7 @@ import httpx
 import pytest
 
 from rtpllm.runtime.stack import Stack
-from tests.integration.support import MODEL_NAME, running_stack
+from tests.integration.support import MODEL_NAME, http_client, running_stack
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -47,7 +47,7 @@ def live_stack(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> It
 
 @pytest.fixture(scope="module")
 def web(live_stack: Stack) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=live_stack.url, timeout=60) as c:
+    with http_client(live_stack, timeout=60) as c:
         yield c
 
 
@@ -136,7 +136,7 @@ def test_blocked_gateway_loop_loses_no_worker_and_no_request(live_stack: Stack, 
 
     def read_stream() -> None:
         with (
-            httpx.Client(base_url=live_stack.url, timeout=120) as c,
+            http_client(live_stack, timeout=120) as c,
             c.stream("POST", "/v1/chat/completions", json=body) as r,
         ):
             lines = []
@@ -173,7 +173,7 @@ def test_silent_worker_is_dropped_then_readmitted_and_its_request_reconciled(
     stopped = False
     try:
         with (
-            httpx.Client(base_url=live_stack.url, timeout=60) as c,
+            http_client(live_stack, timeout=60) as c,
             c.stream("POST", "/v1/chat/completions", json=body) as r,
         ):
             lines = (line for line in r.iter_lines() if line)

@@ -5,17 +5,18 @@ CLI, as a user starts it."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
+from rtpllm.credentials import read_secret_file
 from rtpllm.runtime.processes import free_port
-from tests.integration.support import ask, client_for, dump_logs
+from tests.integration.support import Endpoint, ask, client_for, dump_logs, get
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -30,7 +31,11 @@ def test_up_defaults_share_a_prefix_through_the_kvstore(tiny_model: Path, tmp_pa
         "--decode", "2", "--router", "round-robin", "--no-redis-server", "--log-dir", str(tmp_path),
         "--kv-host-gib", "0.05", "--block-size", "16", "--num-blocks", "1024",
     ]  # fmt: skip
-    up = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # Its own cache dir: `up` keeps the API key it makes there (not in the user's).
+    cache = tmp_path / "cache"
+    env = {k: v for k, v in os.environ.items() if k not in ("RTPLLM_API_KEY", "RTPLLM_API_KEY_FILE")}
+    env["RTPLLM_CACHE_DIR"] = str(cache)
+    up = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         lines: list[str] = []
@@ -41,12 +46,15 @@ def test_up_defaults_share_a_prefix_through_the_kvstore(tiny_model: Path, tmp_pa
                 break
         assert "ready: 1 prefill and 2 decode instance(s)" in "".join(lines), "".join(lines)
         assert (tmp_path / "kvstore.log").is_file()
-        client = client_for(url)
+        gateway = Endpoint(url, read_secret_file(cache / "api_key"))  # made by `up`, for its clients
+        assert get(gateway, "/instances").status_code == 200
+        assert get(Endpoint(url, None), "/instances").status_code == 401
+        client = client_for(gateway)
         text, cached = ask(client, PROMPT)
         assert cached == 0
         # The kvstore's KV events reach the gateway once the blocks are written through.
         deadline = time.monotonic() + 20
-        while not all(i["kvstore_cached_blocks"] >= 10 for i in httpx.get(f"{url}/instances").json()["instances"]):
+        while not all(i["kvstore_cached_blocks"] >= 10 for i in get(gateway, "/instances").json()["instances"]):
             assert time.monotonic() < deadline, "the kvstore never reported the prompt's blocks"
             time.sleep(0.1)
         repeat_text, repeat_cached = ask(client, PROMPT)
@@ -54,7 +62,7 @@ def test_up_defaults_share_a_prefix_through_the_kvstore(tiny_model: Path, tmp_pa
         assert repeat_text == text
 
         def decode_loads() -> list[dict]:
-            return [i["load"] for i in httpx.get(f"{url}/instances").json()["instances"] if i["role"] == "decode"]
+            return [i["load"] for i in get(gateway, "/instances").json()["instances"] if i["role"] == "decode"]
 
         # Each decode served one of the two (round-robin), and the second restored the
         # prefix from the kvstore's host tier: it never computed it.

@@ -99,6 +99,37 @@ def test_duplicate_content_is_not_cached_twice() -> None:
     assert bm.num_free_blocks == 16
 
 
+def test_a_background_restore_holds_its_blocks_private_until_cached() -> None:
+    """reserve_restore: the prefix hit is protected, the new blocks are referenced and
+    not findable while a restore writes them; cache_restored then offers them (a key
+    computed meanwhile keeps its first block) and freeing the owner makes them hits."""
+    bm = manager(num_blocks=8)
+    tokens = list(range(17))  # 4 full blocks
+    a = Req("a", tokens[:5])
+    assert run(bm, a)
+    bm.free("a")
+    keys = block_keys(tokens, BS, bm.namespace)
+    hit = bm.find_prefix(Req("b", tokens))
+    assert hit.num_tokens == 4
+    new = bm.reserve_restore("\0restore", hit.block_ids, 3)
+    assert len(new) == 3 and not set(new) & set(hit.block_ids)
+    assert bm.find_prefix(Req("c", tokens)).num_tokens == 4, "restoring blocks are not hits yet"
+    assert bm.num_free_blocks == 8 - 4
+    # Another request computes the second and third blocks meanwhile: theirs stay cached.
+    d = Req("d", tokens[:13])
+    assert run(bm, d)
+    bm.take_events()
+    assert bm.cache_restored(new, keys[1:4], keys[0]) == 1
+    events = [e for e in bm.take_events() if isinstance(e, BlocksStored)]
+    assert [(e.block_keys, e.parent_key) for e in events] == [([keys[3]], keys[2])]
+    for owner in ("\0restore", "b", "c", "d"):  # b, c: tables of find_prefix's keys only
+        bm.free(owner)
+    bm.check_invariants(set())
+    assert bm.find_prefix(Req("e", tokens)).num_tokens == 16
+    assert bm.num_free_blocks == 8
+    assert bm.reserve_restore("\0r2", (), 99) and bm.num_free_blocks == 0, "at most what is free"
+
+
 ops = st.lists(
     st.tuples(st.sampled_from(["add", "free", "grow"]), st.integers(0, 5), st.integers(1, 20), st.integers(0, 3)),
     max_size=60,

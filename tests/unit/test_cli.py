@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -100,9 +101,10 @@ def test_kvstore_flags() -> None:
     assert w.engine.offload.kvstore_host_id is None and w.engine.offload.write_through is False
 
 
-def test_up_kvstore_gives_the_tier_flags_to_the_kvstore(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_up_kvstore_gives_the_tier_flags_to_the_kvstore(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from rtpllm.cli import up
 
+    monkeypatch.setenv("RTPLLM_CACHE_DIR", str(tmp_path))  # where `up` keeps its API key
     seen = {}
 
     class FakeStack:

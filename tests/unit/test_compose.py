@@ -21,7 +21,9 @@ FLAGS_OF = {
     "decode": options.BUS + options.MODEL + options.ENGINE + options.WORKER + options.DISAGG,
     "kvstore": options.BUS + options.KVSTORE,
     "model": options.MODEL,
+    "secrets": options.SECRETS,
 }
+ONE_SHOT = {"model", "secrets"}
 
 
 def load(name: str) -> dict:
@@ -34,9 +36,9 @@ def compose() -> dict:
 
 
 def test_the_design_topology(compose: dict) -> None:
-    assert set(compose["services"]) == LONG_RUNNING | {"model"}
+    assert set(compose["services"]) == LONG_RUNNING | ONE_SHOT
     assert compose["services"]["redis"]["image"].startswith("redis:")
-    for name in LONG_RUNNING - {"redis"} | {"model"}:
+    for name in LONG_RUNNING - {"redis"} | ONE_SHOT:
         assert compose["services"][name]["image"] == "rtpllm:latest", name
     assert (ROOT / "Dockerfile").is_file() and (ROOT / ".dockerignore").is_file()
 
@@ -96,3 +98,29 @@ def test_healthchecks_and_conditioned_dependencies(compose: dict) -> None:
         assert compose["services"][role]["environment"]["RTPLLM_HEALTH_FILE"]
     # The gateway does not wait for a decode instance: it answers 503 + Retry-After until one is ready.
     assert "decode" not in compose["services"]["gateway"]["depends_on"]
+
+
+def test_authenticated_by_default(compose: dict) -> None:
+    """The secrets service makes every credential once into a volume; NATS and Redis
+    demand theirs (never on a command line), every rtpllm service on the bus reads them
+    from files, and the gateway wants an API key."""
+    services = compose["services"]
+    secrets = services["secrets"]
+    assert secrets["command"][:2] == ["rtpllm", "secrets"] and secrets["restart"] == "no"
+    directory = secrets["command"][2]
+    assert f"secrets:{directory}" in secrets["volumes"]
+    assert "secrets" in compose["volumes"]
+    for name in ("nats", "redis"):
+        assert services[name]["depends_on"]["secrets"]["condition"] == "service_completed_successfully"
+        assert f"secrets:{directory}:ro" in services[name]["volumes"]
+    assert services["nats"]["command"][1:3] == ["-c", f"{directory}/nats.conf"]
+    assert f"requirepass \"$$(cat {directory}/redis_password)\"" in services["redis"]["command"][2]
+    assert f"{directory}/redis_password" in services["redis"]["healthcheck"]["test"][1]
+    for name in ("kvstore", "prefill", "decode", "gateway"):
+        env = services[name]["environment"]
+        assert env["RTPLLM_NATS_TOKEN_FILE"] == f"{directory}/nats_token", name
+        assert env["RTPLLM_REDIS_PASSWORD_FILE"] == f"{directory}/redis_password", name
+        assert f"secrets:{directory}:ro" in services[name]["volumes"], name
+        # No secret in a variable: each comes from its file.
+        assert not {"RTPLLM_NATS_TOKEN", "RTPLLM_REDIS_PASSWORD", "RTPLLM_API_KEY"} & set(env), name
+    assert services["gateway"]["environment"]["RTPLLM_API_KEY_FILE"] == f"{directory}/api_key"

@@ -42,7 +42,7 @@ from rtpllm.protocol.messages import (
 from rtpllm.routing.prefix_index import PrefixIndex
 from rtpllm.runtime.processes import ManagedProcess, start_nats
 from rtpllm.serving.bus import connect_nats
-from rtpllm.transfer import KVLayout
+from rtpllm.transfer import KVEndpoint, KVLayout, KVSender, TransferRefused
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -213,6 +213,39 @@ def test_a_put_never_sent_is_dropped_after_its_lease(nats_url: str, server: Serv
     wait_for(lambda: server.server.staging_free()[layout] == 4, timeout=3)  # lease (1 s) over: reused
     assert server.server.counters.failed_transfers == 1
     assert len(server.store.host) == 0
+
+
+def test_a_put_opens_only_with_the_token_of_its_reply(nats_url: str, server: ServerThread) -> None:
+    """The kvstore's data plane takes a put only from whoever holds the one-time token
+    that came back over NATS with the endpoint, and only once."""
+    kv = make_pool(4, seed=7)
+    layout = KVLayout.of(kv, NS)
+    put_keys = keys(2, tag=9)
+
+    async def put() -> None:
+        nc = await connect_nats(nats_url, "token-engine", 5)
+        sender = KVSender(kv, layout, prefer=["tcp"])
+        try:
+            subject = subjects.kvstore_subject(HOST, subjects.KVStoreOp.PUT)
+            msg = await nc.request(subject, encode(KVStorePut(layout=layout_spec(layout), keys=put_keys)), timeout=2)
+            reply = decode(msg.data, KVStorePutReply)
+            assert reply.endpoint is not None and len(reply.transfer_token) == 16
+            endpoint = KVEndpoint(**msgspec.structs.asdict(reply.endpoint))
+            for wrong in (b"", bytes(16)):
+                with pytest.raises(TransferRefused, match="token"):
+                    await sender.open(endpoint, reply.transfer_id, 2, timeout_s=2, token=wrong)
+            out = await sender.open(endpoint, reply.transfer_id, 2, timeout_s=2, token=reply.transfer_token)
+            await out.send([0, 1], 0)
+            await out.finish()
+            with pytest.raises(TransferRefused):  # a replay
+                await sender.open(endpoint, reply.transfer_id, 2, timeout_s=2, token=reply.transfer_token)
+        finally:
+            await sender.close()
+            await nc.close()
+
+    asyncio.run(put())
+    wait_for(lambda: len(server.store.host) == 2)
+    assert server.server.counters.failed_transfers == 0
 
 
 def test_the_kvstore_reports_its_host_tier_to_routers(nats_url: str, tmp_path: Path) -> None:

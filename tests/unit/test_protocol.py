@@ -104,7 +104,7 @@ def _messages() -> list[msgspec.Struct]:
         GenerateRequest(
             request_id="r", model="m", prompt_token_ids=[1], sampling=SamplingSpec(), reply_to="s", gateway_id="g", deadline=2.0,
             handoff=Handoff(
-                decode_instance_id="d", transfer_id="r.0.ab", skip_blocks=2, num_blocks=3, lease_s=30.0,
+                decode_instance_id="d", transfer_id="r.0.ab", skip_blocks=2, num_blocks=3, lease_s=30.0, transfer_token=b"\x07" * 16,
                 endpoint=DataPlaneEndpoint(host="127.0.0.1", port=5, host_id="h", device="cpu", backends=["shm", "tcp"]),
             ),
         ),
@@ -113,10 +113,10 @@ def _messages() -> list[msgspec.Struct]:
         KVStoreLookup(layout=LAYOUT, keys=[b"k" * 16, b"j" * 16]),
         KVStoreLookupReply(tiers=["host", "ssd", "redis"]),
         KVStoreLookupReply(error=ErrorInfo(ErrorCode.INVALID_REQUEST, "bad layout")),
-        KVStoreGet(layout=LAYOUT, keys=[b"k" * 16], endpoint=ENDPOINT, transfer_id="get-1", lease_s=5.0),
+        KVStoreGet(layout=LAYOUT, keys=[b"k" * 16], endpoint=ENDPOINT, transfer_id="get-1", lease_s=5.0, transfer_token=b"t" * 16),
         KVStoreGetReply(count=3, more=True),
         KVStorePut(layout=LAYOUT, keys=[b"k" * 16, b"j" * 16]),
-        KVStorePutReply(endpoint=ENDPOINT, transfer_id="put-1", positions=[1], lease_s=10.0),
+        KVStorePutReply(endpoint=ENDPOINT, transfer_id="put-1", transfer_token=b"t" * 16, positions=[1], lease_s=10.0),
         KVStorePutReply(),
         KVStorePing(),
         KVStoreHeartbeat(

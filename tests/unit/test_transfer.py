@@ -2,7 +2,8 @@
 
 Every transfer is checked bit for bit (pools hold random bit patterns, NaNs included,
 compared as integers) and so is the rest of the receiver's pool: a transfer may write its
-target blocks and nothing else. Failure paths: layout refusal, unknown ids, leases,
+target blocks and nothing else. Failure paths: missing, wrong and replayed one-time
+tokens, layout refusal, unknown ids, leases,
 corrupted payloads, dropped connections, cancel/abort, duplicate frames, a receiver that
 never acks.
 """
@@ -38,7 +39,7 @@ from rtpllm.transfer import (
 )
 from rtpllm.transfer.checksum import WeightedSum
 from rtpllm.transfer.endpoint import SHM_DIR, shm_available
-from rtpllm.transfer.framing import Error, FrameConn, Hello, Open, Opened, Welcome
+from rtpllm.transfer.framing import PROTOCOL_VERSION, Error, FrameConn, Hello, Open, Opened, Welcome
 from rtpllm.transfer.shm import RING_PREFIX, sweep_stale_rings
 
 pytestmark = pytest.mark.timeout(30)
@@ -118,7 +119,7 @@ async def test_blocks_arrive_bit_exact_and_nothing_else_changes(
     async with pair(src, dst, backend, shm_slots=2, shm_slot_bytes=1 << 10) as (receiver, sender):
         sender.max_frame_bytes = 3 * KVLayout.of(src, NS).block_layer_bytes
         incoming = receiver.expect("t", dst_ids, lease_s=10)
-        out = await sender.open(receiver.endpoint, "t", n, timeout_s=10)
+        out = await sender.open(receiver.endpoint, "t", n, timeout_s=10, token=incoming.token)
         assert out.backend == backend
         for start, length in chunks(n, rng):
             await out.send(src_ids[start : start + length], start)
@@ -140,7 +141,7 @@ async def test_connections_are_reused_and_transfers_run_concurrently(backend: st
         for i in range(3):
             ids = [3 * i, 3 * i + 1, 3 * i + 2]
             incoming = receiver.expect(f"seq{i}", ids, lease_s=10)
-            out = await sender.open(receiver.endpoint, f"seq{i}", 3, timeout_s=10)
+            out = await sender.open(receiver.endpoint, f"seq{i}", 3, timeout_s=10, token=incoming.token)
             await out.send([10 + i, 20 + i, 30 + i], 0)
             await out.finish()
             await incoming.wait()
@@ -152,10 +153,11 @@ async def test_connections_are_reused_and_transfers_run_concurrently(backend: st
             f"c{k}": (list(range(20 + 8 * k, 28 + 8 * k)), random.Random(k).sample(range(64), 8))
             for k in range(3)
         }
-        waits = [receiver.expect(tid, dst_ids, lease_s=10).wait() for tid, (dst_ids, _) in plans.items()]
+        incomings = {tid: receiver.expect(tid, dst_ids, lease_s=10) for tid, (dst_ids, _) in plans.items()}
+        waits = [t.wait() for t in incomings.values()]
 
         async def run(tid: str, src_ids: list[int]) -> None:
-            out = await sender.open(receiver.endpoint, tid, 8, timeout_s=10)
+            out = await sender.open(receiver.endpoint, tid, 8, timeout_s=10, token=incomings[tid].token)
             for j in range(0, 8, 2):
                 await out.send(src_ids[j : j + 2], j)
                 await asyncio.sleep(0)
@@ -174,7 +176,7 @@ async def test_tensor_and_numpy_block_ids_are_accepted() -> None:
     src, dst = make_pool(8, seed=3), make_pool(8, seed=4)
     async with pair(src, dst, "tcp") as (receiver, sender):
         incoming = receiver.expect("ids", np.array([7, 6]), lease_s=10)
-        out = await sender.open(receiver.endpoint, "ids", 2, timeout_s=10)
+        out = await sender.open(receiver.endpoint, "ids", 2, timeout_s=10, token=incoming.token)
         await out.send(torch.tensor([1]), 0)
         await out.send(np.array([2]), 1)
         await out.finish()
@@ -188,18 +190,18 @@ async def test_tensor_and_numpy_block_ids_are_accepted() -> None:
 async def test_namespace_mismatch_is_refused_naming_both_values() -> None:
     src, dst = make_pool(4), make_pool(4)
     async with pair(src, dst, "tcp", ns_src=b"\x01" * 4, ns_dst=b"\x02" * 4) as (receiver, sender):
-        receiver.expect("t", [0], lease_s=10)
+        incoming = receiver.expect("t", [0], lease_s=10)
         with pytest.raises(TransferRefused, match="namespace: sender=01010101 receiver=02020202"):
-            await sender.open(receiver.endpoint, "t", 1, timeout_s=10)
+            await sender.open(receiver.endpoint, "t", 1, timeout_s=10, token=incoming.token)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 async def test_layout_mismatch_is_refused(backend: str) -> None:
     src, dst = make_pool(4, torch.float32), make_pool(4, torch.bfloat16, layers=2)
     async with pair(src, dst, backend) as (receiver, sender):
-        receiver.expect("t", [0], lease_s=10)
+        incoming = receiver.expect("t", [0], lease_s=10)
         with pytest.raises(TransferRefused) as info:
-            await sender.open(receiver.endpoint, "t", 1, timeout_s=10)
+            await sender.open(receiver.endpoint, "t", 1, timeout_s=10, token=incoming.token)
     assert "num_layers: sender=3 receiver=2" in str(info.value)
     assert "dtype: sender=float32 receiver=bfloat16" in str(info.value)
 
@@ -208,15 +210,91 @@ async def test_unknown_transfer_and_wrong_size_are_refused() -> None:
     src, dst = make_pool(4), make_pool(4)
     async with pair(src, dst, "tcp") as (receiver, sender):
         with pytest.raises(TransferRefused, match="unknown transfer 'nope'"):
-            await sender.open(receiver.endpoint, "nope", 1, timeout_s=10)
+            await sender.open(receiver.endpoint, "nope", 1, timeout_s=10, token=b"x" * 16)
         incoming = receiver.expect("t", [0, 1], lease_s=10)
         with pytest.raises(TransferRefused, match="sender has 3 blocks, receiver expects 2"):
-            await sender.open(receiver.endpoint, "t", 3, timeout_s=10)
-        # The refusal did not consume the expectation: the right sender still gets through.
-        out = await sender.open(receiver.endpoint, "t", 2, timeout_s=10)
+            await sender.open(receiver.endpoint, "t", 3, timeout_s=10, token=incoming.token)
+        # The refusal did not consume the expectation (nor its token): the right sender still gets through.
+        out = await sender.open(receiver.endpoint, "t", 2, timeout_s=10, token=incoming.token)
         await out.send([2, 3], 0)
         await out.finish()
         await incoming.wait()
+
+
+async def hello_reply(receiver: KVReceiver, src: torch.Tensor, backend: str, transfer_id: str, token: bytes) -> object:
+    """What the receiver answers a raw Hello naming `transfer_id` with `token`."""
+    layout = KVLayout.of(src, NS)
+    conn = await FrameConn.connect(receiver.endpoint.host, receiver.endpoint.port)
+    try:
+        hello = Hello(
+            PROTOCOL_VERSION, backend, receiver.endpoint.host_id, layout.namespace, layout.num_layers,
+            layout.block_size, layout.num_kv_heads, layout.head_dim, layout.dtype, 1 << 20, transfer_id, token,
+        )  # fmt: skip
+        await conn.send(hello)
+        frame, _ = await asyncio.wait_for(conn.recv_frame(), 10)
+        return frame
+    finally:
+        conn.release()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_a_connection_without_a_valid_token_is_refused(backend: str) -> None:
+    src, dst = make_pool(8, seed=8), make_pool(8, seed=9)
+    before = dst.clone()
+    async with pair(src, dst, backend) as (receiver, sender):
+        incoming = receiver.expect("t", [1, 2], lease_s=10)
+        assert len(incoming.token) == 16
+        assert receiver.expect("other", [3], lease_s=10).token != incoming.token
+        # The handshake itself is refused: no shm ring, no pool handle for a peer without the token.
+        for token, reason in [(b"", "no token presented"), (b"\0" * 16, "wrong token"), (incoming.token[:8], "wrong token")]:
+            reply = await hello_reply(receiver, src, backend, "t", token)
+            assert isinstance(reply, Error) and reply.code == TransferRefused.code and reason in reply.message, reply
+        reply = await hello_reply(receiver, src, backend, "nope", incoming.token)  # a real token, another id
+        assert isinstance(reply, Error) and "unknown transfer 'nope'" in reply.message
+        with pytest.raises(TransferRefused, match="wrong token"):
+            await sender.open(receiver.endpoint, "t", 2, timeout_s=10, token=bytes(16))
+        with pytest.raises(TransferRefused, match="no token presented"):
+            await sender.open(receiver.endpoint, "t", 2, timeout_s=10, token=b"")
+        assert incoming.state == "expected"  # refusals leave the transfer to its real sender
+        # On a connection already past its handshake, Open checks the token too.
+        first = receiver.expect("first", [0], lease_s=10)
+        out = await sender.open(receiver.endpoint, "first", 1, timeout_s=10, token=first.token)
+        await out.send([0], 0)
+        await out.finish()
+        await first.wait()
+        assert len(sender._links) == 1  # the idle connection is reused for the next open
+        with pytest.raises(TransferRefused, match="wrong token"):
+            await sender.open(receiver.endpoint, "t", 2, timeout_s=10, token=b"\1" * 16)
+        out = await sender.open(receiver.endpoint, "t", 2, timeout_s=10, token=incoming.token)
+        await out.send([5, 6], 0)
+        await out.finish()
+        await incoming.wait()
+    assert_transferred(src, [0, 5, 6], dst, before, [0, 1, 2])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_a_token_opens_its_transfer_once(backend: str) -> None:
+    src, dst = make_pool(8), make_pool(8)
+    async with pair(src, dst, backend) as (receiver, sender):
+        incoming = receiver.expect("t", [1, 2], lease_s=10)
+        token = incoming.token
+        out = await sender.open(receiver.endpoint, "t", 2, timeout_s=10, token=token)
+        assert incoming.token == b""  # forgotten once used
+        # A replay while the transfer runs: refused at the handshake, and at Open.
+        replayer = KVSender(src, KVLayout.of(src, NS), prefer=[backend])
+        try:
+            with pytest.raises(TransferRefused, match="already used"):
+                await replayer.open(receiver.endpoint, "t", 2, timeout_s=10, token=token)
+            reply = await hello_reply(receiver, src, backend, "t", token)
+            assert isinstance(reply, Error) and "already used" in reply.message
+            await out.send([3, 4], 0)
+            await out.finish()
+            await incoming.wait()
+            # And after it completed.
+            with pytest.raises(TransferRefused, match="already complete"):
+                await replayer.open(receiver.endpoint, "t", 2, timeout_s=10, token=token)
+        finally:
+            await replayer.close()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -226,16 +304,16 @@ async def test_allow_fewer_lets_the_sender_fill_a_leading_part(backend: str) -> 
     before = dst.clone()
     async with pair(src, dst, backend) as (receiver, sender):
         incoming = receiver.expect("t", [6, 1, 4, 2, 0], lease_s=10, allow_fewer=True)
-        out = await sender.open(receiver.endpoint, "t", 3, timeout_s=10)
+        out = await sender.open(receiver.endpoint, "t", 3, timeout_s=10, token=incoming.token)
         await out.send([5, 6, 7], 0)
         await out.finish()
         stats = await incoming.wait()
         assert incoming.num_blocks == stats.num_blocks == 3
         assert_transferred(src, [5, 6, 7], dst, before, [6, 1, 4])  # blocks 2 and 0 untouched
         # Without allow_fewer a shorter sender is still refused.
-        receiver.expect("u", [3, 5], lease_s=10)
+        shorter = receiver.expect("u", [3, 5], lease_s=10)
         with pytest.raises(TransferRefused, match="sender has 1 blocks, receiver expects 2"):
-            await sender.open(receiver.endpoint, "u", 1, timeout_s=10)
+            await sender.open(receiver.endpoint, "u", 1, timeout_s=10, token=shorter.token)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -244,7 +322,7 @@ async def test_duplicate_frames_are_refused(backend: str) -> None:
     before = dst.clone()
     async with pair(src, dst, backend) as (receiver, sender):
         incoming = receiver.expect("dup", [4, 5], lease_s=10)
-        out = await sender.open(receiver.endpoint, "dup", 2, timeout_s=10)
+        out = await sender.open(receiver.endpoint, "dup", 2, timeout_s=10, token=incoming.token)
         await out.send([1], 0)
         with pytest.raises(TransferRefused, match="duplicate"):
             await out.send([2], 0)  # position 0 again
@@ -266,7 +344,7 @@ async def test_bad_arguments_raise_before_anything_is_sent() -> None:
         incoming = receiver.expect("a", [0, 1], lease_s=10)
         with pytest.raises(ValueError, match="already expected"):
             receiver.expect("a", [2], lease_s=1)
-        out = await sender.open(receiver.endpoint, "a", 2, timeout_s=10)
+        out = await sender.open(receiver.endpoint, "a", 2, timeout_s=10, token=incoming.token)
         with pytest.raises(ValueError, match="source block ids out of range"):
             await out.send([9], 0)
         with pytest.raises(ValueError, match=r"positions \[1, 3\) outside \[0, 2\)"):
@@ -293,7 +371,7 @@ async def test_backend_choice_follows_preference_host_and_endpoint() -> None:
         assert sender.backends_for(far) == ["tcp"]
         tcp_only = KVSender(src, KVLayout.of(src, NS), prefer=["shm"])
         with pytest.raises(TransferRefused, match="no backend in common"):
-            await tcp_only.open(KVEndpoint(ep.host, ep.port, ep.host_id, "cpu", ["tcp"]), "x", 1, timeout_s=5)
+            await tcp_only.open(KVEndpoint(ep.host, ep.port, ep.host_id, "cpu", ["tcp"]), "x", 1, timeout_s=5, token=b"")
         await tcp_only.close()
     finally:
         await sender.close()
@@ -309,7 +387,8 @@ async def test_lease_expiry_fails_the_transfer_on_both_sides(backend: str) -> No
     before = dst.clone()
     async with pair(src, dst, backend) as (receiver, sender):
         incoming = receiver.expect("slow", [0, 1, 2], lease_s=0.4)
-        out = await sender.open(receiver.endpoint, "slow", 3, timeout_s=10)
+        token = incoming.token
+        out = await sender.open(receiver.endpoint, "slow", 3, timeout_s=10, token=token)
         await out.send([5], 0)
         with pytest.raises(TransferTimeout, match="lease"):
             await incoming.wait()
@@ -319,7 +398,7 @@ async def test_lease_expiry_fails_the_transfer_on_both_sides(backend: str) -> No
             await out.send([6, 7], 1)
         # The receiver forgot it: a new sender is refused with the reason.
         with pytest.raises(TransferTimeout, match="lease"):
-            await sender.open(receiver.endpoint, "slow", 3, timeout_s=10)
+            await sender.open(receiver.endpoint, "slow", 3, timeout_s=10, token=token)
         # A lease also runs when no sender ever shows up.
         never = receiver.expect("never", [3], lease_s=0.1)
         with pytest.raises(TransferTimeout):
@@ -352,7 +431,7 @@ async def test_sender_times_out_when_the_receiver_never_acks() -> None:
     sender = KVSender(src, layout, prefer=["tcp"])
     try:
         ep = KVEndpoint("127.0.0.1", listener.getsockname()[1], "elsewhere", "cpu", ["tcp"])
-        out = await sender.open(ep, "t", 1, timeout_s=0.3)
+        out = await sender.open(ep, "t", 1, timeout_s=0.3, token=b"x" * 16)
         await out.send([0], 0)
         with pytest.raises(TransferTimeout, match="no acknowledgement"):
             await out.finish()
@@ -370,7 +449,7 @@ async def test_connect_to_nobody_fails_cleanly() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # nobody listens here once closed
     with pytest.raises(TransferAborted, match="cannot connect"):
-        await sender.open(KVEndpoint("127.0.0.1", port, "x", "cpu", ["tcp"]), "t", 1, timeout_s=5)
+        await sender.open(KVEndpoint("127.0.0.1", port, "x", "cpu", ["tcp"]), "t", 1, timeout_s=5, token=b"x" * 16)
     await sender.close()
 
 
@@ -383,7 +462,7 @@ async def test_corrupted_payload_is_detected(backend: str, monkeypatch: pytest.M
     before = dst.clone()
     async with pair(src, dst, backend) as (receiver, sender):
         incoming = receiver.expect("bad", [2, 3, 4], lease_s=10)
-        out = await sender.open(receiver.endpoint, "bad", 3, timeout_s=10)
+        out = await sender.open(receiver.endpoint, "bad", 3, timeout_s=10, token=incoming.token)
         await out.send([0], 0)
         monkeypatch.setattr(faults, "corrupt_payloads", 1)
         with pytest.raises(ChecksumMismatch, match="checksum mismatch"):
@@ -403,7 +482,7 @@ async def test_dropped_sender_connection_aborts_the_transfer(backend: str) -> No
     src, dst = make_pool(8), make_pool(8)
     async with pair(src, dst, backend) as (receiver, sender):
         incoming = receiver.expect("drop", [0, 1], lease_s=10)
-        out = await sender.open(receiver.endpoint, "drop", 2, timeout_s=10)
+        out = await sender.open(receiver.endpoint, "drop", 2, timeout_s=10, token=incoming.token)
         await out.send([3], 0)
         sock = out._link.conn.sock  # what a crash does: the socket goes away, RST
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
@@ -420,7 +499,8 @@ async def test_receiver_cancel_makes_the_sender_fail(backend: str) -> None:
     src, dst = make_pool(8), make_pool(8)
     async with pair(src, dst, backend) as (receiver, sender):
         incoming = receiver.expect("c", [0, 1], lease_s=10)
-        out = await sender.open(receiver.endpoint, "c", 2, timeout_s=10)
+        token = incoming.token
+        out = await sender.open(receiver.endpoint, "c", 2, timeout_s=10, token=token)
         await out.send([3], 0)
         incoming.cancel()
         with pytest.raises(TransferAborted, match="cancelled by the receiver"):
@@ -430,9 +510,9 @@ async def test_receiver_cancel_makes_the_sender_fail(backend: str) -> None:
             await out.finish()
         # Later frames for it are refused, and the receiver serves the next transfer.
         with pytest.raises(TransferAborted):
-            await sender.open(receiver.endpoint, "c", 2, timeout_s=10)
+            await sender.open(receiver.endpoint, "c", 2, timeout_s=10, token=token)
         nxt = receiver.expect("d", [2], lease_s=10)
-        out = await sender.open(receiver.endpoint, "d", 1, timeout_s=10)
+        out = await sender.open(receiver.endpoint, "d", 1, timeout_s=10, token=nxt.token)
         await out.send([5], 0)
         await out.finish()
         await nxt.wait()
@@ -443,7 +523,7 @@ async def test_sender_abort_reaches_the_receiver(backend: str) -> None:
     src, dst = make_pool(8), make_pool(8)
     async with pair(src, dst, backend) as (receiver, sender):
         incoming = receiver.expect("a", [0, 1], lease_s=10)
-        out = await sender.open(receiver.endpoint, "a", 2, timeout_s=10)
+        out = await sender.open(receiver.endpoint, "a", 2, timeout_s=10, token=incoming.token)
         await out.send([3], 0)
         await out.abort("prefill failed")
         await out.abort("twice is fine")
@@ -459,7 +539,7 @@ async def test_receiver_close_fails_open_transfers_on_both_sides() -> None:
     await receiver.start()
     sender = KVSender(src, KVLayout.of(src, NS), prefer=["tcp"])
     incoming = receiver.expect("x", [0, 1], lease_s=10)
-    out = await sender.open(receiver.endpoint, "x", 2, timeout_s=10)
+    out = await sender.open(receiver.endpoint, "x", 2, timeout_s=10, token=incoming.token)
     await out.send([1], 0)
     await receiver.close()
     with pytest.raises(TransferAborted):
@@ -486,7 +566,7 @@ async def test_killed_sender_process_aborts_and_leaves_no_shm_ring() -> None:
             kv = torch.zeros(2, 2, 65, 4, 2, 8, dtype=torch.bfloat16)
             sender = KVSender(kv, KVLayout.of(kv, {NS!r}), prefer=["shm"])
             ep = KVEndpoint({ep.host!r}, {ep.port}, {ep.host_id!r}, "cpu", ["shm"])
-            out = await sender.open(ep, "crash", 64, timeout_s=10)
+            out = await sender.open(ep, "crash", 64, timeout_s=10, token={incoming.token!r})
             await out.send(list(range(10)), 0)
             print("sent", flush=True)
             await asyncio.sleep(60)
@@ -521,7 +601,7 @@ async def test_shm_rings_are_cleaned_up() -> None:
     src, dst = make_pool(4), make_pool(4)
     async with pair(src, dst, "shm") as (receiver, sender):
         incoming = receiver.expect("s", [0], lease_s=10)
-        out = await sender.open(receiver.endpoint, "s", 1, timeout_s=10)
+        out = await sender.open(receiver.endpoint, "s", 1, timeout_s=10, token=incoming.token)
         # The sender unlinked the ring's name as soon as it had mapped it.
         assert not [n for n in os.listdir(SHM_DIR) if n.startswith(mine)]
         await out.send([1], 0)
@@ -556,7 +636,7 @@ async def test_random_failures_end_consistently_and_never_touch_other_blocks(bac
             mode = rng.choice(["ok", "cancel", "abort", "kill", "close"])
             sent = received = "ok"
             try:
-                out = await sender.open(receiver.endpoint, f"r{it}", 30, timeout_s=5)
+                out = await sender.open(receiver.endpoint, f"r{it}", 30, timeout_s=5, token=incoming.token)
                 for k in range(0, 30, 10):
                     if mode == "cancel" and k == 10:
                         incoming.cancel()

@@ -105,7 +105,7 @@ class Generation:
         except InstancesBusy as exc:
             self.close()
             raise errors.overloaded(
-                admission.retry_after_s, f"Every worker is at capacity ({exc}). Retry later."
+                exc.retry_after_s or admission.retry_after_s, f"Every worker is at capacity ({exc}). Retry later."
             ) from None
         except NoInstanceError as exc:
             self.close()

@@ -13,6 +13,7 @@ from typing import Any
 
 from rtpllm.api.errors import bad_request
 from rtpllm.api.requests import ChatMessage
+from rtpllm.sampling_params import MAX_TOKEN_ID
 from rtpllm.tokenizer import Tokenizer
 from rtpllm.tokenizer.chat_template import ChatTemplateError
 
@@ -46,7 +47,13 @@ def chat_prompt(
         raise bad_request(str(exc), "messages") from None
     # The rendered text, not the messages: a template may drop or add text.
     check_text_fits(tokenizer, text, max_tokens, max_model_len, "messages")
-    ids = tokenizer.encode(text, add_special_tokens=False)
+    try:
+        # Special tokens are parsed only where the template wrote them: a client whose
+        # text spells `<|im_end|>` or an image placeholder gets plain text, not a forged
+        # turn or image slot.
+        ids = tokenizer.encode_chat(conversation, add_generation_prompt=add_generation_prompt, rendered=text)
+    except ChatTemplateError as exc:
+        raise bad_request(str(exc), "messages") from None
     if not ids:
         raise bad_request("The chat renders to an empty prompt.", "messages")
     return Prompt(ids, text)
@@ -89,8 +96,8 @@ def completion_prompts(
             ids = tokenizer.encode(item)
             out.append(Prompt(ids, item))
         else:
-            if any(t < 0 for t in item):
-                raise bad_request("prompt token ids must be non-negative.", "prompt")
+            if any(not 0 <= t < MAX_TOKEN_ID for t in item):
+                raise bad_request(f"prompt token ids must be in [0, {MAX_TOKEN_ID}).", "prompt")
             ids = list(item)
             out.append(Prompt(ids, None))
         if not ids:

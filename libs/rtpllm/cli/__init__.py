@@ -1,5 +1,5 @@
 """The `rtpllm` command: `up` (the whole stack), `serve gateway|worker|prefill|decode|kvstore` (one service),
-`convert-gguf`. Flags read `RTPLLM_*` environment variables (see `--help`)."""
+`secrets` (a compose stack's credentials), `convert-gguf`. Flags read `RTPLLM_*` environment variables (see `--help`)."""
 
 from __future__ import annotations
 
@@ -74,6 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
         "$RTPLLM_CACHE_DIR/models once; compose runs it before the services that need the model.",
     )
     add_flags(prepare, "model", options.MODEL[:1])
+    secrets = commands.add_parser(
+        "secrets",
+        help="make a stack's secrets (NATS token, Redis password, API key) into a directory, once",
+        description="Write a random NATS token (and the nats-server config that demands it), Redis password "
+        "and API key into DIR, each readable by its owner only; those already there are kept. Compose runs it "
+        "once into a volume that nats, redis and the rtpllm services read.",
+    )
+    secrets.add_argument("directory", metavar="DIR")
+    add_flags(secrets, "secrets", options.SECRETS)
     health = commands.add_parser(
         "health",
         help="exit 0 while a service's --health-file is fresh (container healthchecks)",
@@ -103,6 +112,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from rtpllm.serving.health import main as health_main
 
         return health_main(args.file, args.max_age)
+    if args.command == "secrets":
+        from rtpllm.cli.secrets import main as secrets_main
+
+        return secrets_main(args.directory, args.api_key)
     if args.command == "prepare":
         from rtpllm.models.registry import resolve_model
 

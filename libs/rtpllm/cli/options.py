@@ -11,7 +11,17 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 
 BUS = [
     Flag("--nats", "RTPLLM_NATS_URL", "NATS server URL", "nats://127.0.0.1:4222"),
-    Flag("--redis", "RTPLLM_REDIS_URL", "Redis URL (checked at startup and reported by /ready; the shared KV tier with --kv-redis)"),
+    Flag("--redis", "RTPLLM_REDIS_URL", "Redis URL (checked at startup and reported by /ready; the shared KV tier with --kv-redis); a password may be in it: redis://:PASSWORD@host:port/0"),
+    # Credentials: prefer the variables or the *-file flags, since any user of the host can read a command line.
+    Flag("--nats-token", "RTPLLM_NATS_TOKEN", "NATS auth token (also as nats://TOKEN@host:port)"),
+    Flag("--nats-token-file", "RTPLLM_NATS_TOKEN_FILE", "file holding the NATS auth token"),
+    Flag("--nats-user", "RTPLLM_NATS_USER", "NATS user, with --nats-password (also as nats://USER:PASSWORD@host:port)"),
+    Flag("--nats-password", "RTPLLM_NATS_PASSWORD", "NATS password of --nats-user"),
+    Flag("--nats-tls-ca", "RTPLLM_NATS_TLS_CA", "CA file that signed the NATS server's certificate (any --nats-tls-* makes the connection TLS-only; a tls:// URL with the system's CAs does too)"),
+    Flag("--nats-tls-cert", "RTPLLM_NATS_TLS_CERT", "client certificate for NATS mutual TLS, with --nats-tls-key"),
+    Flag("--nats-tls-key", "RTPLLM_NATS_TLS_KEY", "private key of --nats-tls-cert"),
+    Flag("--redis-password", "RTPLLM_REDIS_PASSWORD", "Redis password (put into the --redis URL)"),
+    Flag("--redis-password-file", "RTPLLM_REDIS_PASSWORD_FILE", "file holding the Redis password"),
     Flag("--nats-connect-timeout", "RTPLLM_NATS_CONNECT_TIMEOUT", "seconds to keep retrying the first NATS connection", 30.0, float),
     Flag("--log-level", "RTPLLM_LOG_LEVEL", "log level", "info", str, ["debug", "info", "warning", "error"]),
 ]
@@ -69,6 +79,13 @@ DISAGG = [
     Flag("--kv-lease", "RTPLLM_KV_LEASE", "seconds a remote prefill and its KV transfer may take before the decode instance gives up on it", 30.0, float),
 ]
 
+# The gateway's API keys; `up` passes them on (or makes one).
+API_KEYS = [
+    Flag("--api-key", "RTPLLM_API_KEY", "API key clients must send as `Authorization: Bearer KEY`; several comma-separated (no key at all: the API is open)"),
+    Flag("--api-key-file", "RTPLLM_API_KEY_FILE", "file of API keys, one per line (blank lines and # comments ignored)"),
+    Flag("--protect-metrics", "RTPLLM_PROTECT_METRICS", "with API keys, /metrics and /instances need a key too (/health and /ready never do)", True, boolean=True),
+]
+
 GATEWAY = [
     Flag("--host", "RTPLLM_HOST", "HTTP bind address", "127.0.0.1"),
     Flag("--port", "RTPLLM_PORT", "HTTP port", 8000, int),
@@ -78,6 +95,7 @@ GATEWAY = [
     Flag("--router-host-credit", "RTPLLM_ROUTER_HOST_CREDIT", "cache-aware routing: share of a prompt token's prefill saved when its KV is in an instance's host-memory tier", 0.5, float),
     Flag("--max-running", "RTPLLM_MAX_RUNNING", "sequences (prompts x n) this gateway runs at once", 1024, int),
     Flag("--max-queue", "RTPLLM_MAX_QUEUE", "sequences waiting for a slot before new requests get 429", 1024, int),
+    Flag("--max-predicted-ttft", "RTPLLM_MAX_PREDICTED_TTFT", "refuse (429 with Retry-After) a request no instance is predicted to start within this many seconds, from each instance's learned prefill rate and the prompt tokens queued on it (0: only the request's deadline counts)", 0.0, float),
     Flag("--max-body-bytes", "RTPLLM_MAX_BODY_BYTES", "largest request body accepted, bytes; larger ones get 413 (checked from Content-Length, and as a chunked body is read)", 4194304, int),
     Flag("--request-timeout", "RTPLLM_REQUEST_TIMEOUT", "seconds a request may take end to end before 504", 600.0, float),
     Flag("--submit-timeout", "RTPLLM_SUBMIT_TIMEOUT", "seconds a worker has to accept a request", 5.0, float),
@@ -85,6 +103,7 @@ GATEWAY = [
     Flag("--lease", "RTPLLM_LEASE", "seconds without a gateway heartbeat after which workers abort its requests", 3.0, float),
     Flag("--retry-after", "RTPLLM_RETRY_AFTER", "Retry-After seconds sent with 429 and 503", 1, int),
     Flag("--shutdown-timeout", "RTPLLM_SHUTDOWN_TIMEOUT", "on SIGTERM, seconds open streams may finish", 10.0, float),
+    *API_KEYS,
 ]
 
 UP = [
@@ -103,6 +122,9 @@ UP = [
     Flag("--ready-timeout", "RTPLLM_READY_TIMEOUT", "seconds to wait for the stack to become ready", 600.0, float),
     Flag("--log-dir", "RTPLLM_LOG_DIR", "write each child's log to DIR/<name>.log instead of the terminal"),
     Flag("--log-level", "RTPLLM_LOG_LEVEL", "log level of the services", "info", str, ["debug", "info", "warning", "error"]),
+    Flag("--auth", "RTPLLM_AUTH", "authentication: a fresh NATS token and Redis password for this run, and an API key for the gateway: --api-key / --api-key-file, else the key in $RTPLLM_CACHE_DIR/api_key, made there on first use (--no-auth: all open)", True, boolean=True),
+    replace(API_KEYS[0], help="the gateway's API key(s), comma-separated (default: the key in $RTPLLM_CACHE_DIR/api_key, made on first use)"),
+    *API_KEYS[1:],
 ]
 
 # `rtpllm up` starts the host's kvstore and points every engine at it unless --no-kvstore.
@@ -127,4 +149,9 @@ KVSTORE = [
     Flag("--kv-staging-mib", "RTPLLM_KV_STAGING_MIB", "host memory per KV layout for blocks in transit between engines and the tiers, MiB", 256.0, float),
     Flag("--kv-transfer-lease", "RTPLLM_KV_TRANSFER_LEASE", "seconds a put or get transfer may take before the kvstore drops it and reuses its staging blocks", 10.0, float),
     Flag("--health-file", "RTPLLM_HEALTH_FILE", "touch FILE on every heartbeat once serving (container healthchecks: `rtpllm health FILE`)"),
+]
+
+# `rtpllm secrets DIR`: the compose stack's secrets, made once into a volume.
+SECRETS = [
+    Flag("--api-key", "RTPLLM_API_KEY", "API key to store instead of a random one (replaces the stored key)"),
 ]

@@ -7,7 +7,9 @@ import argparse
 import logging
 
 from rtpllm.config import CacheConfig, EngineConfig, OffloadConfig, SchedulerConfig
+from rtpllm.credentials import read_secret_file, split_userinfo, with_userinfo
 from rtpllm.protocol.subjects import check_id, default_host_id
+from rtpllm.serving.bus import NatsConfig
 from rtpllm.serving.settings import GatewaySettings, KVStoreSettings, WorkerSettings
 
 GIB = 1 << 30
@@ -17,10 +19,55 @@ def setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def _secret(value: str | None, path: str | None, flag: str) -> str | None:
+    """A credential given directly, else read from its file flag; None if neither.
+    An empty string counts as not given (`rtpllm up` blanks inherited variables so)."""
+    if value:
+        return value
+    if not path:
+        return None
+    try:
+        return read_secret_file(path)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"error: {flag} {path}: {exc}") from None
+
+
+def nats_config(args: argparse.Namespace) -> NatsConfig:
+    """The NATS connection of the bus flags: URL, credentials, TLS files."""
+    try:
+        return NatsConfig(
+            args.nats,
+            token=_secret(args.nats_token, args.nats_token_file, "--nats-token-file"),
+            user=args.nats_user or None,
+            password=args.nats_password or None,
+            tls_ca=args.nats_tls_ca or None,
+            tls_cert=args.nats_tls_cert or None,
+            tls_key=args.nats_tls_key or None,
+        )
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
+def redis_url(args: argparse.Namespace) -> str | None:
+    """The --redis URL with the --redis-password(-file) in it, if one is given."""
+    url = getattr(args, "redis", None) or None
+    password = _secret(getattr(args, "redis_password", None), getattr(args, "redis_password_file", None), "--redis-password-file")
+    if url and password:
+        _, user, _ = split_userinfo(url)  # an ACL user in the URL stays
+        url = with_userinfo(url, user, password)
+    return url
+
+
 def gateway_settings(args: argparse.Namespace) -> GatewaySettings:
+    from rtpllm.api.auth import load_api_keys
+
+    try:
+        api_keys = load_api_keys(args.api_key, args.api_key_file)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"error: API keys: {exc}") from None
     return GatewaySettings(
-        nats_url=args.nats,
-        redis_url=args.redis,
+        nats=nats_config(args),
+        redis_url=redis_url(args),
         host=args.host,
         port=args.port,
         model=args.model,
@@ -32,6 +79,7 @@ def gateway_settings(args: argparse.Namespace) -> GatewaySettings:
         max_running=args.max_running,
         max_queue=args.max_queue,
         max_body_bytes=args.max_body_bytes,
+        max_predicted_ttft_s=args.max_predicted_ttft,
         request_timeout_s=args.request_timeout,
         submit_timeout_s=args.submit_timeout,
         heartbeat_interval_s=args.heartbeat_interval,
@@ -39,6 +87,8 @@ def gateway_settings(args: argparse.Namespace) -> GatewaySettings:
         retry_after_s=args.retry_after,
         shutdown_timeout_s=args.shutdown_timeout,
         nats_connect_timeout_s=args.nats_connect_timeout,
+        api_keys=api_keys,
+        protect_metrics=args.protect_metrics,
     )
 
 
@@ -72,11 +122,12 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
             host_bytes=int(args.kv_host_gib * GIB),
             ssd_dir=args.kv_ssd_dir,
             ssd_bytes=int(args.kv_ssd_gib * GIB),
-            redis_url=getattr(args, "redis", None) if args.kv_redis else None,
+            redis_url=redis_url(args) if args.kv_redis else None,
             redis_ttl_s=args.kv_redis_ttl,
             write_through={"auto": None, "on": True, "off": False}[args.kv_write_through],
             kvstore_host_id=_host_id(args.kvstore_host_id, "--kvstore-host-id") if args.kvstore else None,
-            kvstore_nats_url=getattr(args, "nats", None) or "nats://127.0.0.1:4222",
+            # One string for the kvstore client: credentials and TLS files ride in it.
+            kvstore_nats_url=nats_config(args).as_url() if getattr(args, "nats", None) else "nats://127.0.0.1:4222",
             kv_host=args.kv_host,
         ),
         served_model_name=args.served_model_name,
@@ -86,8 +137,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 def worker_settings(args: argparse.Namespace) -> WorkerSettings:
     return WorkerSettings(
         engine=engine_config(args),
-        nats_url=args.nats,
-        redis_url=args.redis,
+        nats=nats_config(args),
+        redis_url=redis_url(args),
         instance_id=args.instance_id or "",
         heartbeat_interval_s=args.heartbeat_interval,
         lease_s=args.lease,
@@ -106,11 +157,11 @@ def worker_settings(args: argparse.Namespace) -> WorkerSettings:
 def kvstore_settings(args: argparse.Namespace) -> KVStoreSettings:
     return KVStoreSettings(
         host_id=_host_id(args.host_id, "--host-id"),
-        nats_url=args.nats,
+        nats=nats_config(args),
         host_bytes=int(args.kv_host_gib * GIB),
         ssd_dir=args.kv_ssd_dir,
         ssd_bytes=int(args.kv_ssd_gib * GIB),
-        redis_url=args.redis if args.kv_redis else None,
+        redis_url=redis_url(args) if args.kv_redis else None,
         redis_ttl_s=args.kv_redis_ttl,
         kv_host=args.kv_host,
         kv_port=args.kv_port,

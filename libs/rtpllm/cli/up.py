@@ -12,6 +12,7 @@ from typing import Any
 
 from rtpllm.cli import options
 from rtpllm.cli.flags import Flag
+from rtpllm.credentials import new_api_key, redact_url, write_secret_file
 from rtpllm.runtime.processes import LOOPBACK, ProcessFailed, port_open
 from rtpllm.runtime.stack import Stack, StackConfig
 
@@ -68,6 +69,29 @@ def _prepare_model(model: str) -> Path:
         done.set()
 
 
+API_KEY_FILE = "api_key"  # in $RTPLLM_CACHE_DIR: the key `up` made, for clients (and the next `up`)
+
+
+def gateway_api_keys(args: argparse.Namespace) -> tuple[tuple[str, ...], str]:
+    """The gateway's API keys and where they come from: --api-key / --api-key-file, else
+    the key saved in $RTPLLM_CACHE_DIR/api_key by an earlier `up` (clients configured
+    once keep working), else a new one saved there (0600). None with --no-auth."""
+    from rtpllm.api.auth import load_api_keys
+    from rtpllm.models.registry import cache_root
+
+    if not args.auth:
+        return (), "off"
+    keys = load_api_keys(args.api_key, args.api_key_file)
+    if keys:
+        return keys, "--api-key" if args.api_key else str(args.api_key_file)
+    path = cache_root() / API_KEY_FILE
+    if path.is_file():
+        return load_api_keys(None, path), str(path)
+    key = new_api_key()
+    write_secret_file(path, key)
+    return (key,), f"{path}, new"
+
+
 def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
@@ -105,6 +129,13 @@ def run_up(args: argparse.Namespace) -> int:
             del kvstore_args[i : i + 2]
         if args.kvstore_host_id:
             kvstore_args += ["--host-id", args.kvstore_host_id]
+    try:
+        api_keys, key_source = gateway_api_keys(args)
+    except (OSError, ValueError) as exc:
+        _say(f"error: API key: {exc}")
+        return 2
+    if not args.auth:
+        _say("authentication is off (--no-auth): the API, NATS and Redis are open to anyone who reaches them")
     log_dir = Path(args.log_dir) if args.log_dir else None
     if log_dir is not None:
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -128,10 +159,13 @@ def run_up(args: argparse.Namespace) -> int:
             "--max-running", str(args.max_running),
             "--max-queue", str(args.max_queue),
             "--request-timeout", str(args.request_timeout),
+            *([] if args.protect_metrics else ["--no-protect-metrics"]),
         ],  # fmt: skip
         log_dir=log_dir,
         echo=None if log_dir else sys.stdout,
         log_level=args.log_level,
+        auth=args.auth,
+        api_keys=api_keys,
     )
     signal.signal(signal.SIGTERM, _raise_interrupt)
     # Explicitly: a process started in the background by a script inherits SIGINT ignored,
@@ -141,7 +175,8 @@ def run_up(args: argparse.Namespace) -> int:
     try:
         _say("starting nats-server" + (" and redis-server" if config.use_redis else ""))
         stack.start_infra()
-        _say(f"NATS at {stack.nats_url}" + (f", Redis at {stack.redis_url}" if stack.redis_url else ""))
+        secured = " (token and password made for this run)" if config.auth else ""
+        _say(f"NATS at {redact_url(stack.nats_url)}" + (f", Redis at {redact_url(stack.redis_url)}" if stack.redis_url else "") + secured)
         if config.kvstore:
             _say("starting the kvstore")
             stack.start_kvstore()
@@ -163,6 +198,9 @@ def run_up(args: argparse.Namespace) -> int:
         stack.wait_ready(args.ready_timeout, on_tick=progress)
         _say(f"ready: {topology} serving {served or Path(model).name!r}")
         _say(f"OpenAI-compatible API at {stack.url}/v1  (metrics: {stack.url}/metrics)  -- Ctrl-C to stop")
+        if stack.api_key:
+            # Printed on purpose: the foreground user needs it (as Jupyter prints its token).
+            _say(f"API key: {stack.api_key} ({key_source}); clients send `Authorization: Bearer <key>`")
         return _supervise(stack)
     except KeyboardInterrupt:
         _say("stopping ...")
@@ -178,19 +216,16 @@ def run_up(args: argparse.Namespace) -> int:
 
 
 def _supervise(stack: Stack) -> int:
-    """Run until interrupted; a dead gateway or NATS ends the stack, a dead worker is
-    reported (the others keep serving), and so is a dead kvstore (engines then miss)."""
-    reported: set[str] = set()
+    """Run until interrupted. A dead gateway or NATS ends the stack; an engine that dies,
+    or stays alive but unregistered with the gateway, is reported and restarted, and so
+    is a dead kvstore (rtpllm.runtime.supervisor)."""
+    from rtpllm.runtime.supervisor import Supervisor
+
+    supervisor = Supervisor(stack, _say)
     while True:
         time.sleep(0.5)
         for proc in (stack.gateway, stack.nats):
             if proc is not None and not proc.alive:
                 _say(f"{proc.name} exited (code {proc.returncode}); last output:\n{proc.tail()}")
                 return 1
-        for proc in [*stack.workers, *([stack.kvstore] if stack.kvstore else [])]:
-            if not proc.alive and proc.name not in reported:
-                reported.add(proc.name)
-                _say(f"{proc.name} exited (code {proc.returncode})")
-        if all(not p.alive for p in stack.workers):
-            _say("no worker left; stopping")
-            return 1
+        supervisor.tick()

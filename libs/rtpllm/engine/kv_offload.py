@@ -14,10 +14,14 @@ The tiers are the engine's own (`LocalKVStore`: a TieredKVStore in process) or i
 host's kvstore service (`RemoteKVStore`, chosen with `OffloadConfig.kvstore_host_id` when
 the kvstore answers at startup), behind one interface, `EngineKVStore`.
 
-Runs on the engine thread. Restores are synchronous (on CUDA they wait for the work
-already queued), and so are in-process stores (encoding); stores to the kvstore return
-after a copy into the client's outbox. Moving restores onto a side thread is the next
-step if they show up in step times.
+Runs on the engine thread, and never waits on the network there (ARCHITECTURE rule 8):
+- stores are in-process encoding (Redis writes go behind, `WriteBehind`) or a copy into
+  the kvstore client's outbox (the put goes behind);
+- with a tier on the network (Redis, the kvstore service; `OffloadConfig.background_tiers`),
+  lookups start when a request is added and run, like restores, on worker threads; the
+  request waits in the scheduler meanwhile, for a bounded time (`TierPrefetch`);
+- with host memory and SSD only, lookups and restores run on the engine thread when the
+  request is admitted (on CUDA a restore waits for the work already queued).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rtpllm.config import OffloadConfig
+from rtpllm.engine.tier_prefetch import TierPrefetch
 from rtpllm.kvcache.block_manager import BlockManager
 from rtpllm.kvcache.events import KVEvent
 from rtpllm.kvstore import HostTier, SSDTier, TieredKVStore
@@ -48,6 +53,13 @@ class OffloadStats:
     failed_restores: int = 0  # blocks that vanished or failed their checksum
     demoted_blocks: int = 0
     offered_blocks: int = 0
+    # Background tiers (TierPrefetch): answers and restores that came too late to use,
+    # blocks such late restores still cached, and work not started (too much in flight).
+    late_lookups: int = 0
+    late_restores: int = 0
+    late_restored_blocks: int = 0
+    dropped_lookups: int = 0
+    dropped_restores: int = 0
 
 
 class KVOffload:
@@ -90,6 +102,15 @@ class KVOffload:
         self.use_cost_model = True
         self.stats = OffloadStats()
         block_manager.track_blocks = True
+        # Tiers on the network answer on worker threads, never on the step loop.
+        background = config.background_tiers if config.background_tiers is not None else tiers.on_network
+        self.prefetcher = (
+            TierPrefetch(
+                tiers, block_manager, self.stats, plan=self._plan, wait_cap=self.wait_cap, before_write=self.demote_evicted
+            )
+            if background
+            else None
+        )
 
     @classmethod
     def create(cls, config: OffloadConfig, kv: torch.Tensor, block_manager: BlockManager) -> KVOffload | None:
@@ -129,16 +150,61 @@ class KVOffload:
 
     # -- out of the store ------------------------------------------------------------
 
+    def prefetch(self, request_id: str, keys: Sequence[bytes], have: int) -> None:
+        """A request was added: with background tiers, start looking up its `keys` past
+        the `have` blocks the pool holds, so the answer is there when it is admitted."""
+        if self.prefetcher is not None:
+            self.prefetcher.lookup(request_id, keys, have)
+
+    def prefix_for(self, request_id: str, keys: Sequence[bytes], hit: Sequence[int], admission: int = 0) -> int | None:
+        """The scheduler admits a request whose full-block keys (all but the last token)
+        are `keys`, of which the pool holds blocks `hit`: restore what the tiers hold
+        next. Returns how many blocks were restored and cached, or None while a
+        background lookup or restore is still under way (keep the request waiting).
+        `admission`: the request's preemption count (background tiers are asked once per
+        admission)."""
+        if self.prefetcher is not None:
+            return self.prefetcher.prefix(request_id, keys, hit, admission)
+        return self.extend_prefix(keys, len(hit), set(hit))
+
+    def forget(self, request_id: str) -> None:
+        """The request ended: drop its background lookup or restore."""
+        if self.prefetcher is not None:
+            self.prefetcher.forget(request_id)
+
+    def settle(self) -> None:
+        """Once per step, before scheduling: blocks of abandoned restores that have ended
+        go back to the pool."""
+        if self.prefetcher is not None:
+            self.prefetcher.settle()
+
+    def wait_for_tiers(self, timeout_s: float) -> bool:
+        """An engine with nothing to run: sleep until a background lookup or restore
+        ends (at most `timeout_s`) instead of spinning; False (at once) if none is under way."""
+        if self.prefetcher is None or not self.prefetcher.busy:
+            return False
+        self.prefetcher.wait(timeout_s)
+        return True
+
+    def wait_cap(self, num_blocks: int) -> float:
+        """How long a request may wait for the tiers about `num_blocks` of its blocks:
+        the time recomputing them would take (waiting longer cannot pay), within
+        [tier_wait_min_s, tier_wait_max_s]; the maximum while the prefill speed is unknown."""
+        if not self._prefill_rate:
+            return self.config.tier_wait_max_s
+        predicted = num_blocks * self.bm.block_size / self._prefill_rate
+        return min(self.config.tier_wait_max_s, max(self.config.tier_wait_min_s, predicted))
+
     def extend_prefix(self, keys: Sequence[bytes], have: int, protect: set[int]) -> int:
-        """`keys`: the request's full-block keys it may hit (all but the last token);
-        `have`: how many the pool already holds. Restores what the tiers hold after
-        those and returns how many blocks were restored and cached."""
+        """On the engine thread (tiers not on the network): `keys`: the request's
+        full-block keys it may hit (all but the last token); `have`: how many the pool
+        already holds. Restores what the tiers hold after those and returns how many
+        blocks were restored and cached."""
         rest = list(keys[have:])
         if not rest:
             return 0
         where = self.tiers.lookup(rest)
-        n = self.worth_restoring(where) if self.use_cost_model else len(where)
-        self.stats.skipped_by_cost += len(where) - n
+        n = self._plan(where)
         if n == 0:
             return 0
         parent = keys[have - 1] if have else None
@@ -171,6 +237,13 @@ class KVOffload:
         """Every block key in the in-process host tier (a router's snapshot); none when
         the tiers are the kvstore service's."""
         return self.store.host.keys() if self.store is not None else []
+
+    def _plan(self, where: Sequence[str]) -> int:
+        """How many leading blocks of a chain found in `where` to restore (counting the
+        rest as skipped by cost)."""
+        n = self.worth_restoring(where) if self.use_cost_model else len(where)
+        self.stats.skipped_by_cost += len(where) - n
+        return n
 
     def worth_restoring(self, tiers: Sequence[str]) -> int:
         """The cost model: how many leading blocks of a chain found in `tiers` (one tier
@@ -207,6 +280,8 @@ class KVOffload:
         self._prefill_rate = rate if self._prefill_rate is None else 0.8 * self._prefill_rate + 0.2 * rate
 
     def close(self) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.close()
         self.tiers.close()
 
     def tier_stats(self) -> dict[str, int]:

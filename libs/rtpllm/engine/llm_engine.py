@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -18,6 +19,7 @@ from rtpllm.attention import get_backend
 from rtpllm.config import EngineConfig, dtype_name, parse_dtype
 from rtpllm.engine.kv_offload import KVOffload
 from rtpllm.engine.model_runner import ModelRunner, PrevTokens
+from rtpllm.engine.multimodal import MultimodalRunner
 from rtpllm.engine.output_processor import Finish, LogprobRow, OutputProcessor
 from rtpllm.engine.request import Request
 from rtpllm.engine.sampler import PendingSample, Sampler, needs_history, prompt_logprobs
@@ -29,11 +31,18 @@ from rtpllm.kvcache.block_manager import BlockManager, PrefixHit
 from rtpllm.kvcache.events import CachedKeys, KVEventBatch
 from rtpllm.kvcache.kv_pool import KVPool, bytes_per_block
 from rtpllm.loader import load_checkpoint_fast
+from rtpllm.loader.checkpoint_digest import weights_identity
 from rtpllm.models import DecoderLM, ModelConfig, build_model, fill_random
-from rtpllm.models.registry import resolve_model, served_model_name
+from rtpllm.models.registry import cache_root, resolve_model, served_model_name
 from rtpllm.outputs import CompletionOutput, KVHandoff, KVReservation, PositionLogprobs, RequestOutput
 from rtpllm.sampling_params import SamplingParams
 from rtpllm.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from rtpllm.multimodal.families import VisionFamily
+    from rtpllm.multimodal.inputs import MultimodalInputs
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +148,10 @@ class LLMEngine:
         self.backend = get_backend(config.attention_backend, self.device)
         t0 = time.perf_counter()
         self.model = self._load_model(max_len)
+        # Vision-language models: the family (image token, processor) and the runner's
+        # image encoding (the vision tower, in process).
+        self.vision: VisionFamily | None = None
+        multimodal = self._load_vision() if self.model_config.vision is not None else None
         self.load_seconds = time.perf_counter() - t0
 
         num_blocks = self._num_blocks()
@@ -153,11 +166,16 @@ class LLMEngine:
             max_len = num_blocks * block_size
         self.max_model_len = max_len
         self.kv_pool = KVPool(self.model_config, num_blocks, block_size, self.dtype, self.device)
-        namespace = namespace_key(str(self.model_dir.resolve()), dtype_name(self.dtype), block_size)
+        # Named by the weights' content, not their path: new weights at an old path must
+        # never be served the old weights' KV from the SSD and Redis tiers.
+        weights = weights_identity(
+            self.model_dir, cache_root() / "digests", random_seed=config.seed if config.load_format == "dummy" else None, device=self.device
+        )
+        namespace = namespace_key(weights, dtype_name(self.dtype), block_size)
         self.block_manager = BlockManager(num_blocks, block_size, namespace, config.cache.enable_prefix_caching)
         self.offload = KVOffload.create(config.offload, self.kv_pool.kv, self.block_manager) if config.offload.enabled else None
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self._extend_prefix if self.offload else None)
-        self.runner = ModelRunner(self.model, self.kv_pool, self.block_manager, self.backend, self.device)
+        self.runner = ModelRunner(self.model, self.kv_pool, self.block_manager, self.backend, self.device, multimodal)
         if config.cuda_graphs:
             self.runner.enable_cuda_graphs(min(config.scheduler.max_num_seqs, 256), max_len)
         self.sampler = Sampler(self.device, config.seed)
@@ -199,11 +217,22 @@ class LLMEngine:
             self.model_dir,
             model.checkpoint_targets(),
             optional=model.optional_checkpoint_names(),
-            ignore=lambda name: name.endswith(DecoderLM.IGNORED_SUFFIXES),
+            ignore=model.ignores_checkpoint_tensor,
             progress=self._load_progress,
         )
         log.info("loaded %d tensors (%.2f GB) in %.2f s (%.2f GB/s)", stats.num_tensors, stats.bytes_read / 1e9, stats.seconds, stats.gb_per_s)
         return model
+
+    def _load_vision(self) -> MultimodalRunner:
+        # Imported here: text-only engines never load PIL, processors or towers.
+        from rtpllm.multimodal.families import load_vision_family
+
+        family = load_vision_family(self.model_dir, self.model_config)
+        assert family is not None
+        seed = self.config.seed if self.config.load_format == "dummy" else None
+        tower = family.build_tower(self.model_dir, self.dtype, self.device, seed)
+        self.vision = family
+        return MultimodalRunner(family, tower, self.device, self.dtype)
 
     def _num_blocks(self) -> int:
         cache = self.config.cache
@@ -228,14 +257,20 @@ class LLMEngine:
         offload, self.offload = self.offload, None  # warm-up blocks stay out of the tiers
         self.block_manager.track_blocks = False
         vocab = self.model_config.vocab_size
+        # A vision-language model refuses its image token in a prompt without images.
+        image_token = self.vision.image_token_id if self.vision is not None else -1
+
+        def token(x: int) -> int:
+            return (x + (x % vocab == image_token)) % vocab
+
         budget = self.config.scheduler.max_num_batched_tokens
         lengths = [80, 8, min(1100, self.max_model_len - 8, budget)]
         params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, output_kind="final")
         for i, length in enumerate(lengths[:2]):
-            self.add_request(f"__warmup{i}", [(7 * j + i) % vocab for j in range(length)], params)
+            self.add_request(f"__warmup{i}", [token(7 * j + i) for j in range(length)], params)
         for _ in range(3):
             self.step()
-        self.add_request("__warmup2", [(5 * j) % vocab for j in range(lengths[2])], params)  # joins decodes
+        self.add_request("__warmup2", [token(5 * j) for j in range(lengths[2])], params)  # joins decodes
         while self.has_unfinished_requests():
             self.step()
         self.block_manager.reset_prefix_cache()
@@ -256,9 +291,14 @@ class LLMEngine:
         *,
         prefill_only: bool = False,
         remote_prefill_min_tokens: int | None = None,
+        multimodal: MultimodalInputs | None = None,
     ) -> KVReservation | None:
         """Queue a request. Raises ValueError (with a message fit for an API client) for
         an empty or over-long prompt, unknown token ids or a duplicate id.
+
+        `multimodal`: the prompt's images (vision-language models), whose placeholder
+        runs must be exactly the prompt's image tokens (rtpllm.multimodal.prompt builds
+        both).
 
         Disaggregation (n == 1 only):
         - `prefill_only`: prefill side. The request stops after its first token with
@@ -285,6 +325,7 @@ class LLMEngine:
         else:
             token_ids = list(prompt)
         self._validate(token_ids, params)
+        mrope_positions, mrope_delta = self._check_images(token_ids, multimodal)
         children = [
             Request(
                 request_id=request_id if params.n == 1 else f"{request_id}#{i}",
@@ -303,6 +344,9 @@ class LLMEngine:
             if child is not children[0]:
                 child.wait_for = children[0]
             child.prefill_only = prefill_only
+            if multimodal is not None and self.runner.multimodal is not None:
+                child.mm, child.mrope_positions, child.mrope_delta = multimodal, mrope_positions, mrope_delta
+                self.runner.multimodal.add(child)
             self._requests[child.request_id] = child
             self.outputs.add(child)
         group = _Group(request_id, text, token_ids, children, stream=params.output_kind == "delta")
@@ -315,6 +359,11 @@ class LLMEngine:
                 return reservation
         for child in children:
             self.scheduler.add(child)
+        if self.offload is not None and self.offload.prefetcher is not None and params.prompt_logprobs is None:
+            # Ask the KV tiers now (in the background): the answer is there when the
+            # scheduler admits the request. Later samples of n > 1 hit the first's blocks.
+            hit = self.block_manager.find_prefix(children[0])
+            self.offload.prefetch(children[0].request_id, self._tier_keys(children[0]), len(hit.block_ids))
         return None
 
     # -- disaggregation --------------------------------------------------------------
@@ -334,15 +383,23 @@ class LLMEngine:
         skip = len(hit.block_ids)
         return KVReservation(block_ids=bm.block_table(req.request_id)[skip:], skip_blocks=skip, num_cached_tokens=hit.num_tokens)
 
-    def _extend_prefix(self, req: Request, hit: PrefixHit) -> PrefixHit:
+    def _extend_prefix(self, req: Request, hit: PrefixHit) -> PrefixHit | None:
         """Scheduler hook: restore the blocks past the pool's prefix hit that a lower KV
-        tier holds (when faster than recomputing), then look the prefix up again."""
+        tier holds (when faster than recomputing), then look the prefix up again. None
+        while the tiers' answer or restore is still on its way (background tiers): the
+        request keeps waiting, other requests run."""
         if self.offload is None:
             return hit
+        keys = self._tier_keys(req)
+        restored = self.offload.prefix_for(req.request_id, keys, hit.block_ids, req.num_preemptions)
+        if restored is None:
+            return None
+        return self.block_manager.find_prefix(req) if restored else hit
+
+    def _tier_keys(self, req: Request) -> list[bytes]:
+        """The request's block keys a prefix hit may cover (all but the last token)."""
         bm = self.block_manager
-        keys = bm.table_keys(req.request_id)[: (req.num_tokens - 1) // bm.block_size]
-        restored = self.offload.extend_prefix(keys, len(hit.block_ids), set(hit.block_ids))
-        return bm.find_prefix(req) if restored else hit
+        return bm.table_keys(req.request_id)[: (req.num_tokens - 1) // bm.block_size]
 
     def close(self) -> None:
         """Flush and close the KV tiers (pending write-behind, bounded)."""
@@ -398,6 +455,21 @@ class LLMEngine:
             raise ValueError("stop strings need a tokenizer, and this model has none")
         # max_tokens past the context window is capped to it (finish_reason "length").
 
+    def _check_images(self, token_ids: list[int], mm: MultimodalInputs | None) -> tuple[np.ndarray | None, int]:
+        """ValueError unless the images fit the prompt; then the prompt's M-RoPE
+        positions and delta (None, 0 for plain positions)."""
+        if self.vision is None:
+            if mm is not None:
+                raise ValueError(f"model {self.served_model_name!r} does not take images")
+            return None, 0
+        if mm is None:
+            # A placeholder without an image would run as a bare token embedding.
+            if self.vision.image_token_id in token_ids:
+                raise ValueError("the prompt holds image placeholder tokens but no images")
+            return None, 0
+        mm.check(token_ids, self.vision.image_token_id, self.model_config.hidden_size)
+        return self.vision.positions(len(token_ids), mm.images)
+
     def abort_request(self, request_id: str) -> bool:
         """Stop a request now, freeing its blocks; its final output says "abort"."""
         group = self._groups.get(request_id)
@@ -442,10 +514,16 @@ class LLMEngine:
         if prev is not None and (not self.async_scheduling or self._needs_history()):
             self._finish(prev, touched)
             prev = self._in_flight = None
+        if self.offload is not None:
+            self.offload.settle()  # blocks of abandoned tier restores, back to the pool
         step = self.scheduler.schedule()
         self.preemptions_total += len(step.preempted)
         if self.offload is not None:
             self.offload.demote_evicted()  # before this step's writes reuse the blocks
+            if step.is_empty and prev is None:
+                # Nothing runs: only requests waiting for the KV tiers. Nap until one
+                # answers (a few ms at most: new requests may come) instead of spinning.
+                self.offload.wait_for_tiers(0.002)
         launched = self._launch(step, prev) if not step.is_empty else None
         if prev is not None:
             self._finish(prev, touched)
@@ -590,9 +668,14 @@ class LLMEngine:
 
     def _forget(self, group: _Group) -> None:
         self._groups.pop(group.request_id, None)
+        multimodal = self.runner.multimodal
         for child in group.children:
+            if multimodal is not None:
+                multimodal.drop(child.request_id)
             self._requests.pop(child.request_id, None)
             self._awaiting.pop(child.request_id, None)
+            if self.offload is not None:
+                self.offload.forget(child.request_id)
             self._handoffs.pop(child.request_id, None)
             self.outputs.remove(child.request_id)
 

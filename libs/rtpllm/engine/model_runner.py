@@ -13,6 +13,7 @@ import torch
 
 from rtpllm.attention import AttentionBackend, AttentionMetadata
 from rtpllm.engine.cuda_graphs import DecodeGraphs
+from rtpllm.engine.multimodal import MultimodalRunner, Splice
 from rtpllm.engine.request import PLACEHOLDER
 from rtpllm.engine.scheduler import ScheduledRequest, SchedulerOutput
 from rtpllm.kvcache.block_manager import BlockManager
@@ -25,7 +26,7 @@ class HostBatch:
     """A step's inputs on the host (numpy), before they go to the device."""
 
     input_ids: np.ndarray  # [T] int64
-    positions: np.ndarray  # [T] int64
+    positions: np.ndarray  # [T] int64; [3, T] M-RoPE positions when a step has them
     slot_mapping: np.ndarray  # [T] int64
     query_start_loc: np.ndarray  # [B + 1] int32
     seq_lens: np.ndarray  # [B] int32
@@ -38,10 +39,17 @@ class HostBatch:
     # Packed positions whose input token is still on the device, and its row there.
     placeholder_idx: list[int] = field(default_factory=list)
     placeholder_rows: list[int] = field(default_factory=list)
+    # Image embeddings replacing placeholder tokens' (multimodal prefill).
+    splice: Splice | None = None
 
     @property
     def is_pure_decode(self) -> bool:
         return self.num_decodes == len(self.seq_lens)
+
+    @property
+    def is_plain(self) -> bool:
+        """No image embeddings and 1-D positions: what a captured decode graph runs."""
+        return self.splice is None and self.positions.ndim == 1
 
 
 @dataclass
@@ -85,8 +93,10 @@ class ModelRunner:
         block_manager: BlockManager,
         backend: AttentionBackend,
         device: str,
+        multimodal: MultimodalRunner | None = None,
     ) -> None:
         self.model = model
+        self.multimodal = multimodal
         self.kv_pool = kv_pool
         self.kv_caches = kv_pool.layer_caches()
         self.blocks = block_manager
@@ -157,9 +167,13 @@ class ModelRunner:
                 if first < last:
                     spans.append((item, first, slice(base + first - start, base + last - start)))
         table_arr = _pad_rows(tables)
+        pos_arr = np.asarray(positions, dtype=np.int64)
+        splice = None
+        if self.multimodal is not None and self.multimodal.active:
+            pos_arr, splice = self.multimodal.apply(step, pos_arr)
         return HostBatch(
             input_ids=np.asarray(ids, dtype=np.int64),
-            positions=np.asarray(positions, dtype=np.int64),
+            positions=pos_arr,
             slot_mapping=np.asarray(slots, dtype=np.int64),
             query_start_loc=np.asarray(qsl, dtype=np.int32),
             seq_lens=np.asarray(seq_lens, dtype=np.int32),
@@ -170,6 +184,7 @@ class ModelRunner:
             num_decodes=step.num_decodes,
             placeholder_idx=ph_idx,
             placeholder_rows=ph_rows,
+            splice=splice,
         )
 
     @torch.inference_mode()
@@ -180,6 +195,7 @@ class ModelRunner:
         if (
             graphs is not None
             and batch.is_pure_decode
+            and batch.is_plain
             and self.logits_observer is None
             and graphs.can_run(len(batch.seq_lens), batch.block_tables.shape[1])
         ):
@@ -228,7 +244,10 @@ class ModelRunner:
         input_ids = up(batch.input_ids)
         if fill is not None:
             fill(input_ids)
-        hidden = self.model(input_ids, up(batch.positions), self.kv_caches, meta)
+        embeds = None
+        if batch.splice is not None:
+            embeds = (up(batch.splice[0]), batch.splice[1])
+        hidden = self.model(input_ids, up(batch.positions), self.kv_caches, meta, embeds)
         if self.logits_observer is not None:
             self.logits_observer(step, self.model.compute_logits(hidden))
         logits = self.model.compute_logits(hidden[up(batch.sample_indices)])

@@ -5,10 +5,17 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from rtpllm.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from rtpllm.kvcache.block_hash import BlockExtras
+    from rtpllm.multimodal.inputs import MultimodalInputs
 
 # Stands for a sampled token whose value is still on the device (async scheduling).
 PLACEHOLDER = -1
@@ -61,6 +68,12 @@ class Request:
     kv_reserved: bool = False
     # Prompt tokens whose KV is known to be written (reported to the KV sender).
     num_kv_ready: int = 0
+    # Images of the prompt (vision-language models). With M-RoPE (Qwen2-VL) also the
+    # prompt's [3, num_prompt_tokens] positions and the offset `mrope_delta` of every
+    # later position (outputs), the same on all three axes.
+    mm: MultimodalInputs | None = None
+    mrope_positions: np.ndarray | None = None
+    mrope_delta: int = 0
 
     def __post_init__(self) -> None:
         self._all: list[int] = list(self.prompt_token_ids)
@@ -69,6 +82,11 @@ class Request:
     @property
     def all_token_ids(self) -> list[int]:
         return self._all
+
+    @property
+    def block_extras(self) -> BlockExtras | None:
+        """What block keys depend on besides tokens: the prompt's images, if any."""
+        return self.mm.block_extras if self.mm is not None else None
 
     @property
     def num_tokens(self) -> int:

@@ -8,7 +8,9 @@ Policy per step, under a token budget and a cap on running requests:
    from its prompt + outputs, mostly from the prefix cache); if none is left it preempts
    itself;
 3. waiting requests are admitted FCFS with whatever budget remains, taking their cached
-   prefix from the block manager, unless this step preempted someone.
+   prefix from the block manager, unless this step preempted someone. A request whose
+   prefix is still being looked up or restored from a KV tier (in the background) stays
+   waiting, in its place, while the requests behind it are admitted.
 """
 
 from __future__ import annotations
@@ -55,11 +57,12 @@ class Scheduler:
         self,
         config: SchedulerConfig,
         block_manager: BlockManager,
-        extend_prefix: Callable[[Request, PrefixHit], PrefixHit] | None = None,
+        extend_prefix: Callable[[Request, PrefixHit], PrefixHit | None] | None = None,
     ) -> None:
         self.config = config
         self.blocks = block_manager
-        # Tiered KV: lengthens a prefix hit with blocks restored from below the pool.
+        # Tiered KV: lengthens a prefix hit with blocks restored from below the pool;
+        # None while the tiers have not answered yet (the request waits, others run).
         self.extend_prefix = extend_prefix
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -128,7 +131,11 @@ class Scheduler:
                 # Prompt logprobs need the logits of every prompt position: no cache hits.
                 hit = PrefixHit((), 0)
             elif self.extend_prefix is not None:
-                hit = self.extend_prefix(req, hit)
+                extended = self.extend_prefix(req, hit)
+                if extended is None:  # its KV-tier lookup or restore is under way
+                    deferred.append(req)
+                    continue
+                hit = extended
             num_new = min(req.num_tokens - hit.num_tokens, budget)
             if not self.blocks.allocate(req, hit.num_tokens + num_new, hit):
                 self.waiting.appendleft(req)

@@ -11,17 +11,24 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from rtpllm.kvcache.block_hash import extend_block_keys
+from rtpllm.kvcache.block_hash import BlockExtras, extend_block_keys
 from rtpllm.kvcache.events import BlocksRemoved, BlocksStored, KVEvent
 
 
 class KVRequest(Protocol):
-    """What the block manager needs to know of a request."""
+    """What the block manager needs to know of a request. A request may also have a
+    `block_extras` attribute (`BlockExtras | None`): what its block keys depend on
+    besides the tokens (a multimodal prompt's images)."""
 
     request_id: str
 
     @property
     def all_token_ids(self) -> Sequence[int]: ...
+
+
+def _extras(request: KVRequest) -> BlockExtras | None:
+    # Optional on the protocol: text-only requests (and test doubles) do not carry it.
+    return getattr(request, "block_extras", None)
 
 
 @dataclass
@@ -117,7 +124,7 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return PrefixHit((), 0)
         table = self._tables.setdefault(request.request_id, _Table())
-        extend_block_keys(table.keys, tokens, self.block_size, self.namespace)
+        extend_block_keys(table.keys, tokens, self.block_size, self.namespace, _extras(request))
         max_blocks = (len(tokens) - 1) // self.block_size
         hits = self.cached_block_ids(table.keys[:max_blocks])
         return PrefixHit(tuple(hits), len(hits) * self.block_size)
@@ -167,7 +174,7 @@ class BlockManager:
         num_full = min(num_computed_tokens // self.block_size, len(table.blocks))
         if num_full <= table.num_committed:
             return
-        extend_block_keys(table.keys, request.all_token_ids[: num_full * self.block_size], self.block_size, self.namespace)
+        extend_block_keys(table.keys, request.all_token_ids[: num_full * self.block_size], self.block_size, self.namespace, _extras(request))
         stored: list[bytes] = []
         for i in range(table.num_committed, num_full):
             key = table.keys[i]
@@ -261,6 +268,56 @@ class BlockManager:
         if ids:
             self._events.append(BlocksStored(block_keys=list(keys[: len(ids)]), parent_key=parent, num_tokens=len(ids) * self.block_size))
         return ids
+
+    def reserve_restore(self, owner: str, keep: Sequence[int], count: int) -> list[int]:
+        """Blocks for a restore from a lower tier that runs in the background: reference
+        the prefix hit `keep` (nothing may evict it meanwhile) and take up to `count`
+        free blocks, all under `owner` (not a request id) until `free(owner)`. Unlike
+        `insert_cached`, the new blocks stay out of the prefix cache and referenced, so
+        nothing reads or reuses them while the restore writes them; `cache_restored`
+        offers them once their KV has landed. Returns the new block ids: fewer than
+        asked when the free pool runs short, none (and nothing changed) when it is empty."""
+        if owner in self._tables:
+            raise ValueError(f"{owner} already holds blocks")
+        revived = sum(1 for b in keep if self._blocks[b].ref_count == 0)
+        count = min(count, len(self._free) - revived)
+        if count <= 0:
+            return []
+        table = self._tables[owner] = _Table()
+        for block_id in keep:
+            self._ref(block_id)
+        table.blocks.extend(keep)
+        new = [self._take_free_block() for _ in range(count)]
+        table.blocks.extend(new)
+        return new
+
+    def cache_restored(self, block_ids: Sequence[int], keys: Sequence[bytes], parent: bytes | None) -> int:
+        """Offer blocks taken by `reserve_restore`, now holding the KV of `keys` (the
+        continuation of a chain whose last key is `parent`), to the prefix cache; they
+        become ordinary cached blocks once their owner is freed. A key cached meanwhile
+        (a request computed it) keeps its block, and this copy stays private. Returns
+        how many were cached."""
+        if not self.enable_prefix_caching:
+            return 0
+        cached = 0
+        run: list[bytes] = []
+        run_parent = parent
+        for block_id, key in zip(block_ids, keys, strict=True):
+            block = self._blocks[block_id]
+            if key in self._cached or block.key is not None:
+                self._stored_run(run, run_parent)
+                run, run_parent = [], key
+                continue
+            block.key = key
+            self._cached[key] = block_id
+            run.append(key)
+            cached += 1
+        self._stored_run(run, run_parent)
+        return cached
+
+    def _stored_run(self, keys: list[bytes], parent: bytes | None) -> None:
+        if keys:
+            self._events.append(BlocksStored(block_keys=list(keys), parent_key=parent, num_tokens=len(keys) * self.block_size))
 
     def uncache(self, block_ids: Sequence[int]) -> None:
         """Drop cached, unreferenced blocks whose restore failed (their KV is not valid)."""

@@ -1,11 +1,13 @@
 """RemoteKVStore: an engine's side of its host's kvstore service (service.py).
 
-The engine calls synchronous methods from its own thread; the work runs on an asyncio
-loop in a background thread, with its own NATS connection and two data-plane ends: a
+The engine calls synchronous methods (from its own thread and its tier threads); the
+work runs on an asyncio loop in a background thread, with its own NATS connection and two data-plane ends: a
 KVReceiver on the engine's pool (blocks fetched from the kvstore land in it) and a
 KVSender on an outbox, a small CPU staging pool of the engine's layout.
 
-- `lookup` and `fetch_into` wait for the answer (the engine needs it for this step).
+- `lookup` and `fetch_into` wait for the answer; the engine calls them from its
+  background threads (rtpllm.engine.tier_prefetch), never from its step loop, and
+  several may run at once (each get has its own transfer id).
 - `store_from` copies the blocks into the outbox and returns: the put (a NATS request,
   then the transfer from the outbox) runs in the background, so the engine never waits
   for the kvstore to store. A full outbox drops the store (counted), never blocks.
@@ -52,6 +54,7 @@ from rtpllm.protocol.messages import (
     decode,
     encode,
 )
+from rtpllm.protocol.parts import budget_for, key_runs
 from rtpllm.protocol.subjects import KVStoreOp
 from rtpllm.transfer import KVEndpoint, KVLayout, KVReceiver, KVSender, OutgoingTransfer, TransferError
 
@@ -67,8 +70,12 @@ class RemoteKVStore(EngineKVStore):
     """The kvstore of host `host_id`, for the engine pool `kv` with block-key `namespace`.
 
     Use `connect()`, which returns None when no kvstore answers. `request_timeout_s`
-    bounds each NATS request; `transfer_timeout_s` each data-plane wait.
+    bounds each NATS request; `transfer_timeout_s` each data-plane wait. `nats_url` is
+    the whole NATS connection in one string: credentials in its userinfo, TLS files in
+    its query (`rtpllm.serving.bus.NatsConfig.as_url`), as the engine's service has it.
     """
+
+    on_network = True  # every lookup and fetch is a NATS round trip (and a transfer)
 
     def __init__(
         self,
@@ -321,11 +328,22 @@ class RemoteKVStore(EngineKVStore):
             raise ProtocolError(f"kvstore refused the {op.value}: {error.message}")
         return reply
 
+    def _key_budget(self, empty: msgspec.Struct) -> int:
+        """Bytes of keys one request like `empty` (its key list empty) may carry: a long
+        prompt's keys can pass the server's max_payload, and then go in several requests."""
+        assert self._nc is not None
+        return budget_for(empty, self._nc.max_payload)
+
     async def _lookup(self, keys: list[bytes]) -> list[str]:
-        reply = await self._request(KVStoreOp.LOOKUP, KVStoreLookup(layout=self._spec, keys=keys), KVStoreLookupReply)
-        tiers = reply.tiers[: len(keys)]
-        if any(t not in TIERS for t in tiers):
-            raise ProtocolError(f"unknown tier in {tiers}")
+        tiers: list[str] = []
+        for start, end in key_runs(keys, self._key_budget(KVStoreLookup(layout=self._spec, keys=[]))):
+            reply = await self._request(KVStoreOp.LOOKUP, KVStoreLookup(layout=self._spec, keys=keys[start:end]), KVStoreLookupReply)
+            found = reply.tiers[: end - start]
+            if any(t not in TIERS for t in found):
+                raise ProtocolError(f"unknown tier in {found}")
+            tiers += found
+            if len(found) < end - start:  # the stored prefix ends in this run
+                break
         return tiers
 
     async def _fetch(self, keys: list[bytes], block_ids: list[int]) -> int:
@@ -335,13 +353,24 @@ class RemoteKVStore(EngineKVStore):
 
     async def _fetch_chunks(self, keys: list[bytes], block_ids: list[int]) -> int:
         assert self._receiver is not None
+        endpoint = DataPlaneEndpoint(**msgspec.structs.asdict(self._receiver.endpoint))
+        empty = KVStoreGet(
+            layout=self._spec, keys=[], endpoint=endpoint, transfer_id=f"get-{self._client_id}-{2**63}",
+            lease_s=self.transfer_timeout_s, transfer_token=bytes(16),
+        )  # fmt: skip
+        budget = self._key_budget(empty)
         done = 0
         while done < len(keys):
+            # At most what one message holds: the rest in the next get.
+            asked = key_runs(keys[done:], budget)[0][1]
+            upto = done + asked
             transfer_id = f"get-{self._client_id}-{next(self._ids)}"
-            incoming = self._receiver.expect(transfer_id, block_ids[done:], self.transfer_timeout_s, allow_fewer=True)
+            incoming = self._receiver.expect(transfer_id, block_ids[done:upto], self.transfer_timeout_s, allow_fewer=True)
             try:
-                endpoint = DataPlaneEndpoint(**msgspec.structs.asdict(self._receiver.endpoint))
-                get = KVStoreGet(layout=self._spec, keys=keys[done:], endpoint=endpoint, transfer_id=transfer_id, lease_s=self.transfer_timeout_s)
+                get = KVStoreGet(
+                    layout=self._spec, keys=keys[done:upto], endpoint=endpoint, transfer_id=transfer_id,
+                    lease_s=self.transfer_timeout_s, transfer_token=incoming.token,
+                )  # fmt: skip
                 reply = await self._request(KVStoreOp.GET, get, KVStoreGetReply)
                 if reply.count <= 0:
                     break
@@ -355,8 +384,8 @@ class RemoteKVStore(EngineKVStore):
                 with contextlib.suppress(TransferError):
                     await incoming.wait()
             done += reply.count
-            if not reply.more:
-                break
+            if reply.count < asked and not reply.more:
+                break  # it stopped at a key it does not have
         return done
 
     def flush(self, timeout_s: float = 10.0) -> bool:
@@ -383,7 +412,9 @@ class RemoteKVStore(EngineKVStore):
         while True:
             keys, slots = await self._put_queue.get()
             try:
-                await self._put(keys, slots)
+                # A full outbox's keys can pass the server's max_payload: several puts.
+                for start, end in key_runs(keys, self._key_budget(KVStorePut(layout=self._spec, keys=[]))):
+                    await self._put(keys[start:end], slots[start:end])
             finally:
                 self._put_queue.task_done()
 
@@ -401,7 +432,7 @@ class RemoteKVStore(EngineKVStore):
             endpoint = KVEndpoint(**msgspec.structs.asdict(reply.endpoint))
             timeout = min(self.transfer_timeout_s, reply.lease_s or self.transfer_timeout_s)
             async with asyncio.timeout(timeout):
-                out = await self._sender.open(endpoint, reply.transfer_id, len(positions), timeout_s=timeout)
+                out = await self._sender.open(endpoint, reply.transfer_id, len(positions), timeout_s=timeout, token=reply.transfer_token)
                 await out.send([slots[p] for p in positions], 0)
             # Read: the outbox blocks are free again while the acks come.
             self._outbox.give_back(slots)

@@ -24,10 +24,17 @@ log = logging.getLogger(__name__)
 class EngineKVStore(ABC):
     """The KV tiers as one engine's pool sees them.
 
-    Called from the engine thread. No method raises because a tier or the kvstore is
-    slow, gone or returned a bad block (ARCHITECTURE rule 6): a read that fails is a
+    `store_from` is called from the engine thread and never waits on the network.
+    `lookup` and `fetch_into` may wait on it when `on_network` is true; the engine then
+    calls them from its background threads (rtpllm.engine.tier_prefetch), several at a
+    time, so they must be thread-safe. No method raises because a tier or the kvstore
+    is slow, gone or returned a bad block (ARCHITECTURE rule 6): a read that fails is a
     miss, a write that fails is dropped, both logged and counted.
     """
+
+    # True when lookups and fetches may wait on the network (a Redis tier, the host's
+    # kvstore): ARCHITECTURE rule 8 keeps them off the engine's step loop.
+    on_network: bool = False
 
     @abstractmethod
     def lookup(self, keys: Sequence[bytes]) -> list[str]:
@@ -61,6 +68,8 @@ class LocalKVStore(EngineKVStore):
         self.store = store
         self.kv = kv
         self.layout = layout
+        # Host memory and the SSD index answer at once; Redis is a round trip away.
+        self.on_network = store.redis is not None
 
     def lookup(self, keys: Sequence[bytes]) -> list[str]:
         return self.store.lookup(keys)

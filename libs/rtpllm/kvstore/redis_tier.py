@@ -27,6 +27,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from rtpllm.credentials import redact_url
 from rtpllm.kvstore.block_codec import CorruptBlock, check_block
 from rtpllm.kvstore.tier import TierStats
 
@@ -66,7 +67,7 @@ class RedisTier:
         connect_timeout_s: float = 0.5,
         mget_batch: int | None = None,
     ) -> None:
-        self.url = url
+        self.url = redact_url(url)  # for log lines; the client gets the real one (with the password)
         self.ttl_s = int(ttl_s)
         self.prefix = bytes(prefix)
         self.down_backoff_s = down_backoff_s

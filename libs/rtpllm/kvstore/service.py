@@ -5,11 +5,12 @@ the data plane (ARCHITECTURE rule 2), between the engine's pool and a staging po
 
 - lookup: the tier of each key of the longest stored prefix.
 - get: the engine has called `expect(transfer_id, block_ids, allow_fewer=True)` on its
-  receiver; the kvstore fetches the blocks (`get_many`), decodes the leading present
-  ones into staging blocks, replies how many it sends, and ships them with its KVSender.
+  receiver and sent the transfer's one-time token with the get; the kvstore fetches the
+  blocks (`get_many`), decodes the leading present ones into staging blocks, replies how
+  many it sends, and ships them with its KVSender (opening with that token).
 - put: the kvstore takes staging blocks for the keys it lacks, expects a transfer into
-  them and replies with its endpoint; the engine ships the blocks; once they have
-  landed they are encoded and `put_many`ed.
+  them and replies with its endpoint and the transfer's one-time token; the engine ships
+  the blocks; once they have landed they are encoded and `put_many`ed.
 - ping and a heartbeat on `rtpllm.v1.registry.kvstore`: engines know whether it is there.
 - KV events of the host tier for routers, as an instance would publish them, under the id
   `kvstore-<host_id>` (`rtpllm.v1.kv.kvstore-<host_id>.events`, and snapshots on
@@ -63,6 +64,7 @@ from rtpllm.protocol.messages import (
     decode,
     encode,
 )
+from rtpllm.protocol.parts import events_parts, snapshot_parts
 from rtpllm.protocol.subjects import KVStoreOp
 from rtpllm.transfer import KVEndpoint, KVLayout, TransferError
 
@@ -113,6 +115,9 @@ class KVStoreServer:
         self._event_seq = -1
         self._host_events = HostTierEvents(initial=[AllBlocksCleared()])
         self._events_task: asyncio.Task[None] | None = None
+        # One batch at a time, its parts together: the events loop and a snapshot
+        # request both publish, and a router drops a batch another one interrupts.
+        self._events_lock = asyncio.Lock()
         store.host_events = self._host_events
 
     # -- lifecycle --------------------------------------------------------------------
@@ -225,7 +230,7 @@ class KVStoreServer:
                 assert pool.sender is not None
                 endpoint = KVEndpoint(**msgspec.structs.asdict(req.endpoint))
                 async with asyncio.timeout(req.lease_s):
-                    out = await pool.sender.open(endpoint, req.transfer_id, count, timeout_s=req.lease_s)
+                    out = await pool.sender.open(endpoint, req.transfer_id, count, timeout_s=req.lease_s, token=req.transfer_token)
                     await out.send(ids[:count], 0)
                     pool.give_back(ids)  # read: free for the next transfer while the acks come
                     ids = []
@@ -285,7 +290,8 @@ class KVStoreServer:
         incoming = pool.receiver.expect(transfer_id, ids, lease_s)
         try:
             endpoint = DataPlaneEndpoint(**msgspec.structs.asdict(pool.receiver.endpoint))
-            await self._respond(msg, KVStorePutReply(endpoint=endpoint, transfer_id=transfer_id, positions=wanted, lease_s=lease_s))
+            reply = KVStorePutReply(endpoint=endpoint, transfer_id=transfer_id, transfer_token=incoming.token, positions=wanted, lease_s=lease_s)
+            await self._respond(msg, reply)
             await incoming.wait()
             keys = [req.keys[i] for i in wanted]
             await asyncio.to_thread(self._commit, pool, ids, keys, layout)
@@ -305,13 +311,24 @@ class KVStoreServer:
     # -- KV events of the host tier -----------------------------------------------------
 
     async def _publish_events(self) -> None:
+        async with self._events_lock:
+            await self._publish_events_locked()
+
+    async def _publish_events_locked(self) -> None:
         events = self._host_events.take()
         if not events:
             return
         self._event_seq += 1
         batch = KVEventBatch(engine_id=self.events_id, seq=self._event_seq, events=events)
+        try:
+            # A burst of puts or evictions can pass max_payload: then it goes in parts.
+            parts = events_parts(KVEvents(instance_id=self.events_id, model="", batch=batch), self._nc.max_payload)
+        except ProtocolError as exc:  # routers see the gap and ask for a snapshot
+            log.error("kvstore KV events batch %d not published: %s", self._event_seq, exc)
+            return
         with contextlib.suppress(Exception):  # a router that misses a batch resyncs
-            await self._nc.publish(subjects.kv_events_subject(self.events_id), encode(KVEvents(instance_id=self.events_id, model="", batch=batch)))
+            for data in parts:
+                await self._nc.publish(subjects.kv_events_subject(self.events_id), data)
 
     async def _events_loop(self) -> None:
         while True:
@@ -326,7 +343,17 @@ class KVStoreServer:
             return
         await self._publish_events()  # what the keys below include is then published
         keys = self.store.host.keys()
-        await self._respond(msg, KVSnapshot(instance_id=self.events_id, seq=self._event_seq, block_keys=[], host_block_keys=keys))
+        snapshot = KVSnapshot(instance_id=self.events_id, seq=self._event_seq, block_keys=[], host_block_keys=keys)
+        try:
+            # A large host tier passes max_payload (about 58,000 keys a MiB): in parts.
+            parts = snapshot_parts(snapshot, self._nc.max_payload)
+        except ProtocolError as exc:
+            log.error("kvstore KV snapshot not sent: %s", exc)
+            return
+        if msg.reply:
+            with contextlib.suppress(Exception):
+                for data in parts:
+                    await msg.respond(data)
 
     # -- helpers ----------------------------------------------------------------------
 

@@ -13,6 +13,17 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    # Vision-language models: their language model is one of the families above.
+    "Qwen2VLForConditionalGeneration": "qwen2",
+    "Idefics3ForConditionalGeneration": "llama",
+}
+
+# Vision-language architectures -> (vision family in rtpllm.multimodal, where the
+# language model's tensors sit in the checkpoint, the prefixes of the vision tower's
+# tensors, which the language model's loader skips).
+VISION_ARCHITECTURES: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "Qwen2VLForConditionalGeneration": ("qwen2_vl", "model.", ("visual.", "model.visual.")),
+    "Idefics3ForConditionalGeneration": ("idefics3", "model.text_model.", ("model.vision_model.", "model.connector.")),
 }
 
 
@@ -31,6 +42,9 @@ class RopeConfig:
     beta_fast: float = 32.0
     beta_slow: float = 1.0
     attention_factor: float | None = None
+    # Qwen2-VL's M-RoPE: rotary pairs per axis (temporal, height, width), summing to
+    # head_dim / 2; None for 1-D positions.
+    mrope_section: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -56,6 +70,11 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     hidden_act: str = "silu"
+    # Vision-language models: the vision family ("qwen2_vl", "idefics3"), the checkpoint
+    # prefix of the language model's tensors and the prefixes of the vision tower's.
+    vision: str | None = None
+    weight_prefix: str = "model."
+    vision_prefixes: tuple[str, ...] = ()
 
     @property
     def q_size(self) -> int:
@@ -75,6 +94,14 @@ class ModelConfig:
                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
         family = SUPPORTED_ARCHITECTURES[arch]
+        vision, weight_prefix, vision_prefixes = VISION_ARCHITECTURES.get(arch, (None, "model.", ()))
+        if vision is not None:
+            # The language model's settings: in `text_config` (transformers 5), or at the
+            # top level (Qwen's original Qwen2-VL configs). The head is tied when either
+            # level says so, as transformers reads it.
+            tied = bool(raw.get("tie_word_embeddings")) or bool((raw.get("text_config") or {}).get("tie_word_embeddings"))
+            defaults = {"rms_norm_eps": 1e-5} if vision == "idefics3" else {}  # Idefics3Config's text default
+            raw = {**defaults, **raw, **(raw.get("text_config") or {}), "tie_word_embeddings": tied}
         if raw.get("hidden_act", "silu") != "silu":
             raise ValueError(f"unsupported hidden_act {raw['hidden_act']!r}; only silu is implemented")
         num_heads = int(raw["num_attention_heads"])
@@ -106,6 +133,9 @@ class ModelConfig:
             sliding_window=int(sliding) if sliding else None,
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=tuple(int(e) for e in eos_ids),
+            vision=vision,
+            weight_prefix=weight_prefix,
+            vision_prefixes=vision_prefixes,
         )
 
     @classmethod
@@ -124,6 +154,11 @@ def _rope_from_dict(raw: dict[str, Any]) -> RopeConfig:
     params = {**scaling, **params}
     theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
     rope_type = params.get("rope_type") or params.get("type") or "default"
+    # Qwen2-VL's original configs name M-RoPE a rope type; it is default RoPE whose
+    # rotary pairs take their positions from three axes (`mrope_section`).
+    if rope_type == "mrope":
+        rope_type = "default"
+    section = params.get("mrope_section")
     # "dynamic" NTK rescales with the running sequence length, which a paged engine with
     # shared prefix blocks cannot reproduce exactly; refuse it rather than drift from HF.
     known = {"default", "linear", "llama3", "yarn"}
@@ -140,4 +175,5 @@ def _rope_from_dict(raw: dict[str, Any]) -> RopeConfig:
         beta_fast=float(params.get("beta_fast", 32.0)),
         beta_slow=float(params.get("beta_slow", 1.0)),
         attention_factor=params.get("attention_factor"),
+        mrope_section=tuple(int(s) for s in section) if section else None,
     )

@@ -24,10 +24,10 @@ class DecoderLM(nn.Module):
         self.config = config
         rotary = RotaryEmbedding(config.rope, config.head_dim, max_position, dtype)
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, rotary, backend) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, backend) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, bias=False)
-        # Shared by every layer; registered once so .to() moves it once.
+        # The cos/sin tables every layer reads; registered once so .to() moves them once.
         self.rotary = rotary
 
     def forward(
@@ -36,14 +36,28 @@ class DecoderLM(nn.Module):
         positions: torch.Tensor,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         meta: AttentionMetadata,
+        embeds: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """[T] ids and positions -> [T, hidden] final-normed hidden states."""
+        """[T] ids and positions -> [T, hidden] final-normed hidden states.
+
+        Multimodal prefill: `embeds` = (packed indices [K], rows [K, hidden]) replace the
+        token embeddings of image placeholders; `positions` may be [3, T] M-RoPE
+        (temporal, height, width) positions. Neither is used by text-only steps.
+        """
         hidden = self.embed_tokens(input_ids)
+        if embeds is not None:
+            hidden.index_copy_(0, embeds[0], embeds[1])
+        if positions.dim() == 2:
+            # Per-token cos/sin rows, indexed by the token's row in the step.
+            cos, sin = self.rotary.mrope_tables(positions)
+            positions = torch.arange(positions.shape[1], device=positions.device)
+        else:
+            cos, sin = self.rotary.cos, self.rotary.sin
         residual: torch.Tensor | None = None
         # Each layer's closing residual add is fused into the next norm (and the last
         # one into the final norm): one pass over the hidden state instead of two.
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden, residual = layer(positions, hidden, residual, kv_cache, meta)
+            hidden, residual = layer(positions, hidden, residual, kv_cache, meta, cos, sin)
         return self.norm.add_and_norm(hidden, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -60,13 +74,14 @@ class DecoderLM(nn.Module):
         it directly, without building a state dict.
         """
         cfg = self.config
-        targets: dict[str, torch.Tensor] = {"model.embed_tokens.weight": self.embed_tokens.weight.data}
-        targets["model.norm.weight"] = self.norm.weight.data
+        root = cfg.weight_prefix  # "model." ("model.text_model." in Idefics3 checkpoints)
+        targets: dict[str, torch.Tensor] = {root + "embed_tokens.weight": self.embed_tokens.weight.data}
+        targets[root + "norm.weight"] = self.norm.weight.data
         if self.lm_head is not None:
             targets["lm_head.weight"] = self.lm_head.weight.data
         q, kv, inter = cfg.q_size, cfg.kv_size, cfg.intermediate_size
         for i, layer in enumerate(self.layers):
-            p = f"model.layers.{i}."
+            p = f"{root}layers.{i}."
             attn = layer.self_attn
             qkv = attn.qkv_proj.weight.data
             targets[p + "self_attn.q_proj.weight"] = qkv[:q]
@@ -92,6 +107,11 @@ class DecoderLM(nn.Module):
     # Checkpoint tensors that carry no weights we need (precomputed rope tables, a tied
     # head saved anyway).
     IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+    def ignores_checkpoint_tensor(self, name: str) -> bool:
+        """Checkpoint tensors the language model does not load: precomputed rope tables,
+        and a vision-language checkpoint's vision tower (loaded by the tower itself)."""
+        return name.endswith(self.IGNORED_SUFFIXES) or name.startswith(self.config.vision_prefixes)
 
     def optional_checkpoint_names(self) -> set[str]:
         return {"lm_head.weight"} if self.lm_head is None else set()

@@ -17,7 +17,6 @@ from rtpllm.kernels.gemv import linear
 from rtpllm.kernels.rmsnorm import fused_add_rms_norm, rms_norm
 from rtpllm.kernels.rope import apply_rope
 from rtpllm.models.config import ModelConfig
-from rtpllm.models.rope import RotaryEmbedding
 
 
 class Linear(nn.Linear):
@@ -74,7 +73,7 @@ class GatedMLP(nn.Module):
 class Attention(nn.Module):
     """Self-attention with fused qkv, optional q/k RMSNorm (Qwen3) and a paged KV cache."""
 
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend) -> None:
+    def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
         super().__init__()
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
@@ -87,7 +86,6 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.q_size, config.hidden_size, bias=False)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
-        self.rotary = rotary
         self.backend = backend
 
     def forward(
@@ -96,7 +94,11 @@ class Attention(nn.Module):
         x: torch.Tensor,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
     ) -> torch.Tensor:
+        """`cos`/`sin`: the rotary tables `positions` index (the model's shared tables,
+        or per-token rows for M-RoPE)."""
         tokens = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(tokens, self.num_heads, self.head_dim)
@@ -106,16 +108,16 @@ class Attention(nn.Module):
         qw = self.q_norm.weight if self.q_norm is not None else None
         kw = self.k_norm.weight if self.k_norm is not None else None
         eps = self.q_norm.eps if self.q_norm is not None else 0.0
-        q, k = apply_rope(positions, q, k, self.rotary.cos, self.rotary.sin, qw, kw, eps)
+        q, k = apply_rope(positions, q, k, cos, sin, qw, kw, eps)
         out = self.backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.sliding_window)
         return self.o_proj(out.reshape(tokens, self.q_size))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend) -> None:
+    def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, rotary, backend)
+        self.self_attn = Attention(config, backend)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = GatedMLP(config.hidden_size, config.intermediate_size)
 
@@ -126,6 +128,8 @@ class DecoderLayer(nn.Module):
         residual: torch.Tensor | None,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One pre-norm layer with the residual carried separately: returns (mlp output,
         residual) whose sum is the layer's output, so the caller fuses that add into the
@@ -136,6 +140,6 @@ class DecoderLayer(nn.Module):
             normed = self.input_layernorm(hidden)
         else:
             normed, residual = self.input_layernorm.add_and_norm(hidden, residual)
-        attn = self.self_attn(positions, normed, kv_cache, meta)
+        attn = self.self_attn(positions, normed, kv_cache, meta, cos, sin)
         normed, residual = self.post_attention_layernorm.add_and_norm(attn, residual)
         return self.mlp(normed), residual

@@ -76,6 +76,12 @@ class RotaryEmbedding(nn.Module):
         # Kept as buffers (not parameters) so .to(device) moves them and the loader skips them.
         self.register_buffer("cos", torch.empty(0), persistent=False)
         self.register_buffer("sin", torch.empty(0), persistent=False)
+        # M-RoPE: the axis (0 temporal, 1 height, 2 width) each rotary dim reads its
+        # position from; empty without M-RoPE.
+        self.register_buffer("mrope_axis", torch.empty(0, dtype=torch.int64), persistent=False)
+        section = rope.mrope_section
+        if section is not None and (len(section) != 3 or 2 * sum(section) != head_dim):
+            raise ValueError(f"mrope_section {section} must be 3 sizes summing to head_dim / 2 = {head_dim // 2}")
 
     def build_tables(self, device: torch.device) -> None:
         """Compute the cos/sin tables on `device` (called once the model leaves "meta")."""
@@ -85,3 +91,17 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         self.cos = (emb.cos() * scale).to(device=device, dtype=self.table_dtype)
         self.sin = (emb.sin() * scale).to(device=device, dtype=self.table_dtype)
+        if self.rope.mrope_section is not None:
+            # Pairs [0, s0) rotate with the temporal position, the next s1 with the
+            # height, the last s2 with the width; both halves of a head alike.
+            half = torch.repeat_interleave(torch.arange(3), torch.tensor(self.rope.mrope_section))
+            self.mrope_axis = torch.cat((half, half)).to(device)
+
+    def mrope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[3, T] (temporal, height, width) positions -> per-token cos/sin rows [T, head_dim].
+
+        Row t, dim d is the table entry at the position of the axis dim d belongs to: HF's
+        Qwen2-VL rotary embedding, computed by gathering from the 1-D tables.
+        """
+        index = positions.index_select(0, self.mrope_axis).t()  # [T, head_dim]
+        return self.cos.gather(0, index), self.sin.gather(0, index)

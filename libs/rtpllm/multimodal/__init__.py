@@ -9,6 +9,10 @@ Modules, bottom to top:
   image processors') and the prompt-side placeholder expansion.
 - `qwen2_vl_vision`, `idefics3_vision`: vision encoder + projector with HF parity, loaded
   from HF checkpoints through `weights`; `activations` holds the activations they name.
+- `inputs`: what a request carries for its images (hashes, placeholder runs, grids, and
+  pixels or precomputed embeddings); `mrope`: Qwen2-VL's 3-D positions of a prompt.
+- `families`: per family, the image token, its expansion, the tower and the positions;
+  `prompt`: template image tokens -> placeholder tokens + `MultimodalInputs`.
 
 Nothing is imported eagerly: a gateway validating images does not pay for torch.
 """

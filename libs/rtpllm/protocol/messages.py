@@ -24,6 +24,22 @@ class ProtocolError(ValueError):
     """A message that does not decode as the expected type or has another version."""
 
 
+class MessageTooLarge(ProtocolError):
+    """A message that does not fit the NATS server's max_payload (1 MiB by default).
+
+    Raised before anything is sent, naming the message type and both sizes: the server
+    would refuse it on every retry. What grows with a pool (snapshots, KV events, kvstore
+    key lists) goes out in parts instead (protocol/parts.py)."""
+
+    def __init__(self, message_type: str, size: int, max_payload: int) -> None:
+        super().__init__(
+            f"a {message_type} message of {size} bytes exceeds the NATS server's max_payload of {max_payload} bytes"
+        )
+        self.message_type = message_type
+        self.size = size
+        self.max_payload = max_payload
+
+
 class ErrorCode:
     """Machine-readable error codes carried by ErrorInfo (strings on the wire, so a newer
     peer's unknown code still decodes)."""
@@ -85,7 +101,8 @@ class Handoff(msgspec.Struct, kw_only=True):
     send the first token to the gateway (`reply_to`, seq 0) and to the decode instance
     (a PrefillResult on `prefilled_subject(decode_instance_id)`), and ship the prompt's
     KV blocks from `skip_blocks` on (the decode instance holds the ones before) to
-    `endpoint` as transfer `transfer_id` of `num_blocks` blocks."""
+    `endpoint` as transfer `transfer_id` of `num_blocks` blocks, opened with
+    `transfer_token` (the receiver's one-time token for it; docs/transfer.md)."""
 
     decode_instance_id: str
     transfer_id: str
@@ -93,6 +110,8 @@ class Handoff(msgspec.Struct, kw_only=True):
     skip_blocks: int
     num_blocks: int
     lease_s: float
+    # Added within v1: a sender without it is refused by the data plane, as it should be.
+    transfer_token: bytes = b""
 
 
 class GenerateRequest(msgspec.Struct, kw_only=True):
@@ -196,6 +215,23 @@ class CancelRequest(msgspec.Struct, kw_only=True):
     reason: str = ErrorCode.CANCELLED
 
 
+class StatusQuery(msgspec.Struct, kw_only=True):
+    """Gateway -> instance: which of these requests (this gateway's streams that have
+    been quiet for a while) is the instance still running? A request it no longer runs
+    whose final delta never arrived lost it in transit (a NATS restart, say)."""
+
+    v: int = PROTOCOL_VERSION
+    gateway_id: str
+    request_ids: list[str]
+
+
+class StatusReply(msgspec.Struct, kw_only=True):
+    """Instance -> gateway: the subset of the asked request ids it is still running."""
+
+    v: int = PROTOCOL_VERSION
+    running: list[str]
+
+
 class TransferCounters(msgspec.Struct, kw_only=True):
     """KV transfers of one data-plane backend since the instance started."""
 
@@ -289,12 +325,20 @@ class GatewayHeartbeat(msgspec.Struct, kw_only=True):
 
 class KVEvents(msgspec.Struct, kw_only=True):
     """One engine step's prefix-cache changes (`rtpllm.kvcache.events`), in an envelope
-    naming the instance and model; `batch.seq` increases by one per message."""
+    naming the instance and model; `batch.seq` increases by one per batch.
+
+    A batch larger than the server's max_payload goes out as `parts` messages of one
+    `seq`, `part` 0, 1, ..., each with a run of the events (a long BlocksStored or
+    BlocksRemoved cut into shorter ones); the receiver applies the batch once it has
+    every part (protocol/parts.py). Added within v1: an older reader sees each part as
+    the whole batch, and the next part as an already-applied seq."""
 
     v: int = PROTOCOL_VERSION
     instance_id: str
     model: str
     batch: KVEventBatch
+    part: int = 0
+    parts: int = 1
 
 
 class KVSnapshotRequest(msgspec.Struct, kw_only=True):
@@ -306,13 +350,21 @@ class KVSnapshotRequest(msgspec.Struct, kw_only=True):
 
 class KVSnapshot(msgspec.Struct, kw_only=True):
     """Every block key in an instance's prefix cache (and host-memory tier), as of its
-    KV event batch `seq` (later batches apply on top)."""
+    KV event batch `seq` (later batches apply on top).
+
+    A snapshot larger than the server's max_payload is answered as `parts` replies,
+    `part` 0, 1, ..., each with a run of the keys; the asker replaces its view only once
+    it has all of them, and asks again later if one is missing (protocol/parts.py).
+    Added within v1: an older asker takes the first part for the whole snapshot (a
+    partial view, which costs routing quality only, where before it got nothing)."""
 
     v: int = PROTOCOL_VERSION
     instance_id: str
     seq: int
     block_keys: list[bytes]
     host_block_keys: list[bytes] = []  # in the instance's host-memory tier
+    part: int = 0
+    parts: int = 1
 
 
 # -- the kvstore service (docs/kvstore.md): metadata here, KV bytes over the data plane --
@@ -351,7 +403,8 @@ class KVStoreGet(msgspec.Struct, kw_only=True):
     """Engine -> kvstore: send the blocks of `keys` to the engine's KVReceiver at
     `endpoint` as transfer `transfer_id`, positions 0, 1, ... in key order. The engine
     has already called `expect(transfer_id, its block ids, lease_s, allow_fewer=True)`,
-    so the kvstore may open the transfer with fewer blocks (a leading part)."""
+    so the kvstore may open the transfer with fewer blocks (a leading part), with
+    `transfer_token`, the one-time token that `expect()` issued."""
 
     v: int = PROTOCOL_VERSION
     layout: KVLayoutSpec
@@ -359,6 +412,7 @@ class KVStoreGet(msgspec.Struct, kw_only=True):
     endpoint: DataPlaneEndpoint
     transfer_id: str
     lease_s: float
+    transfer_token: bytes = b""
 
 
 class KVStoreGetReply(msgspec.Struct, kw_only=True):
@@ -383,12 +437,14 @@ class KVStorePut(msgspec.Struct, kw_only=True):
 class KVStorePutReply(msgspec.Struct, kw_only=True):
     """Where to send them: transfer `transfer_id` to the kvstore's KVReceiver at
     `endpoint`, position i carrying the block of `keys[positions[i]]` (keys the kvstore
-    already holds, or has no staging room for, are left out; none left: no endpoint).
+    already holds, or has no staging room for, are left out; none left: no endpoint),
+    opened with `transfer_token`, the one-time token the kvstore's receiver issued.
     The transfer must complete within `lease_s` or it is dropped."""
 
     v: int = PROTOCOL_VERSION
     endpoint: DataPlaneEndpoint | None = None
     transfer_id: str = ""
+    transfer_token: bytes = b""
     positions: list[int] = []
     lease_s: float = 0.0
     error: ErrorInfo | None = None
@@ -459,9 +515,14 @@ _decoders: dict[type, msgspec.msgpack.Decoder[Any]] = {}
 T = TypeVar("T")
 
 
-def encode(message: msgspec.Struct) -> bytes:
-    """Serialize a message for NATS."""
-    return _encoder.encode(message)
+def encode(message: msgspec.Struct, max_payload: int | None = None) -> bytes:
+    """Serialize a message for NATS. With `max_payload` (the connection's
+    `nc.max_payload`), a message that the server would refuse raises MessageTooLarge,
+    naming it, instead of failing the same way on every retry."""
+    data = _encoder.encode(message)
+    if max_payload is not None and len(data) > max_payload:
+        raise MessageTooLarge(type(message).__name__, len(data), max_payload)
+    return data
 
 
 def decode(data: bytes, message_type: type[T]) -> T:

@@ -61,6 +61,11 @@ def cancel_subject(instance_id: str, role: InstanceRole | str = InstanceRole.WOR
     return f"{PREFIX}.{InstanceRole(role).value}.{instance_id}.cancel"
 
 
+def status_subject(instance_id: str, role: InstanceRole | str = InstanceRole.WORKER) -> str:
+    """Gateway -> instance request/reply: which of these requests do you still run?"""
+    return f"{PREFIX}.{InstanceRole(role).value}.{instance_id}.status"
+
+
 def deltas_subject(gateway_id: str) -> str:
     return f"{PREFIX}.gateway.{gateway_id}.deltas"
 

@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -25,7 +26,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from rtpllm.credentials import with_userinfo
+
 LOOPBACK = "127.0.0.1"
+_NATS_TOKEN_ENV = "RTPLLM_NATS_SERVER_TOKEN"  # the token, for the nats-server child only
 
 
 def free_port(host: str = LOOPBACK) -> int:
@@ -65,10 +69,12 @@ class ManagedProcess:
         env: dict[str, str] | None = None,
         log_path: str | Path | None = None,
         echo: IO[str] | None = None,
+        stdin: bytes | None = None,
     ) -> None:
         self.name = name
         self.argv = list(argv)
         self.env = env
+        self.stdin = stdin  # written to the child's stdin, which is then closed (a config with a secret)
         self.log_path = Path(log_path) if log_path else None
         self.echo = echo
         self.proc: subprocess.Popen[bytes] | None = None
@@ -84,13 +90,20 @@ class ManagedProcess:
         env = {**os.environ, **(self.env or {}), "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
             self.argv,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL if self.stdin is None else subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,  # Ctrl-C reaches only the supervisor, which stops children in order
             preexec_fn=_die_with_parent,
         )
+        if self.stdin is not None:
+            assert self.proc.stdin is not None
+            try:
+                self.proc.stdin.write(self.stdin)
+                self.proc.stdin.close()
+            except BrokenPipeError:
+                pass  # it exited at once; check_alive reports it with its output
         self._pump = threading.Thread(target=self._read_output, name=f"pump-{self.name}", daemon=True)
         self._pump.start()
         return self
@@ -190,10 +203,10 @@ def wait_until(
         time.sleep(interval)
 
 
-def http_json(url: str, timeout: float = 2.0) -> tuple[int, Any]:
+def http_json(url: str, timeout: float = 2.0, headers: dict[str, str] | None = None) -> tuple[int, Any]:
     """GET a JSON endpoint: (status, body); (0, None) if nothing answers."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=timeout) as resp:
             return resp.status, json.loads(resp.read() or b"null")
     except urllib.error.HTTPError as exc:
         try:
@@ -236,38 +249,66 @@ def redis_server_binary() -> str:
     return path
 
 
-def start_nats(port: int = 0, host: str = LOOPBACK, *, log_path: str | Path | None = None, echo: IO[str] | None = None,
-               timeout: float = 10.0) -> tuple[ManagedProcess, str]:
-    """A real nats-server on `port` (0: a free one); returns it and its URL once it accepts connections."""
+def start_nats(port: int = 0, host: str = LOOPBACK, *, token: str | None = None, log_path: str | Path | None = None,
+               echo: IO[str] | None = None, timeout: float = 10.0) -> tuple[ManagedProcess, str]:
+    """A real nats-server on `port` (0: a free one); returns it and its URL once it accepts
+    connections. With `token`, clients must present it; the URL returned carries it
+    (nats://TOKEN@host:port)."""
     port = port or free_port(host)
-    proc = ManagedProcess("nats", [nats_server_binary(), "-a", host, "-p", str(port)], log_path=log_path, echo=echo).start()
+    argv = [nats_server_binary(), "-a", host, "-p", str(port)]
+    env: dict[str, str] = {}
+    config_dir = None
+    if token is not None:
+        # Not `--auth TOKEN`: argv is readable by every user (ps). The config names an
+        # environment variable, which nats-server resolves; only its owner reads environ.
+        config_dir = tempfile.mkdtemp(prefix="rtpllm-nats-")
+        config = Path(config_dir) / "nats.conf"
+        config.write_text(f"authorization {{\n  token: ${_NATS_TOKEN_ENV}\n}}\n")
+        argv += ["-c", str(config)]
+        env[_NATS_TOKEN_ENV] = token
+    proc = ManagedProcess("nats", argv, env=env, log_path=log_path, echo=echo).start()
     try:
         wait_until(lambda: port_open(host, port), timeout, f"nats-server on {host}:{port}", [proc])
     except BaseException:
         proc.stop(2)
         raise
-    return proc, f"nats://{host}:{port}"
+    finally:
+        if config_dir is not None:  # read at startup; no secret in it anyway
+            shutil.rmtree(config_dir, ignore_errors=True)
+    url = f"nats://{host}:{port}"
+    return proc, with_userinfo(url, token, None) if token is not None else url
 
 
-def start_redis(port: int = 0, host: str = LOOPBACK, *, log_path: str | Path | None = None, echo: IO[str] | None = None,
-                timeout: float = 10.0) -> tuple[ManagedProcess, str]:
-    """A real redis-server (no persistence) on `port` (0: a free one); returns it and its URL once it answers PING."""
+def start_redis(port: int = 0, host: str = LOOPBACK, *, password: str | None = None, log_path: str | Path | None = None,
+                echo: IO[str] | None = None, timeout: float = 10.0) -> tuple[ManagedProcess, str]:
+    """A real redis-server (no persistence) on `port` (0: a free one); returns it and its
+    URL once it answers. With `password`, clients must AUTH with it; the URL returned
+    carries it (redis://:PASSWORD@host:port/0)."""
     port = port or free_port(host)
     argv = [redis_server_binary(), "--port", str(port), "--bind", host, "--save", "", "--appendonly", "no", "--daemonize", "no"]
-    proc = ManagedProcess("redis", argv, log_path=log_path, echo=echo).start()
+    config = None
+    if password is not None:
+        # The password goes in a config on stdin (`-`, last: read from stdin), never on
+        # argv, which every user of the host can read.
+        argv.append("-")
+        quoted = password.replace("\\", "\\\\").replace('"', '\\"')
+        config = f'requirepass "{quoted}"\n'.encode()
+    proc = ManagedProcess("redis", argv, log_path=log_path, echo=echo, stdin=config).start()
     try:
         wait_until(lambda: _redis_ping(host, port), timeout, f"redis-server on {host}:{port}", [proc])
     except BaseException:
         proc.stop(2)
         raise
-    return proc, f"redis://{host}:{port}/0"
+    url = f"redis://{host}:{port}/0"
+    return proc, with_userinfo(url, None, password) if password is not None else url
 
 
 def _redis_ping(host: str, port: int) -> bool:
+    """The server answers (PONG, or NOAUTH when it wants a password: it is up either way)."""
     try:
         with socket.create_connection((host, port), timeout=0.5) as s:
             s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
+            return s.recv(16).startswith((b"+PONG", b"-NOAUTH"))
     except OSError:
         return False
 

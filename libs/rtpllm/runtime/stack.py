@@ -4,6 +4,10 @@ workers, gateway.
 `rtpllm up` runs one in the foreground; integration tests start them with a tiny model.
 Stop order is gateway (stops taking requests, cancels what it runs), workers (drain),
 the kvstore, then Redis and NATS.
+
+By default the stack authenticates everything it starts (docs/serving.md#security):
+nats-server wants a token and redis-server a password, both made for this stack, and
+the gateway an API key. Children get them through their environment, never on argv.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from rtpllm.credentials import new_api_key, new_secret
 from rtpllm.runtime.processes import (
     LOOPBACK,
     ManagedProcess,
@@ -28,6 +33,14 @@ from rtpllm.runtime.processes import (
 )
 
 KVSTORE_READY_LINE = "kvstore ready"  # services/kvstore/main.py logs it once it serves
+
+# Connection variables a shell may export; blanked for the children, which talk to this
+# stack's own servers with this stack's credentials.
+_INHERITED_BUS_VARS = (
+    "RTPLLM_NATS_TOKEN", "RTPLLM_NATS_TOKEN_FILE", "RTPLLM_NATS_USER", "RTPLLM_NATS_PASSWORD",
+    "RTPLLM_NATS_TLS_CA", "RTPLLM_NATS_TLS_CERT", "RTPLLM_NATS_TLS_KEY",
+    "RTPLLM_REDIS_PASSWORD", "RTPLLM_REDIS_PASSWORD_FILE",
+)  # fmt: skip
 
 
 @dataclass
@@ -57,6 +70,10 @@ class StackConfig:
     log_dir: Path | None = None  # one log file per child; else output goes to `echo`
     echo: IO[str] | None = None
     log_level: str = "info"
+    # Authentication: a token for NATS and a password for Redis, made for this stack, and
+    # the gateway's API keys (one is made when none is given). False: all open.
+    auth: bool = True
+    api_keys: tuple[str, ...] = ()
 
 
 class Stack:
@@ -69,11 +86,38 @@ class Stack:
         self.gateway: ManagedProcess | None = None
         self.kvstore: ManagedProcess | None = None
         self.workers: list[ManagedProcess] = []
+        # With their credentials in them: what a client of this stack connects with.
         self.nats_url = ""
         self.redis_url: str | None = None
+        self.nats_token = new_secret() if config.auth else None
+        self.redis_password = new_secret() if config.auth else None
+        self.api_keys: tuple[str, ...] = tuple(config.api_keys) or ((new_api_key(),) if config.auth else ())
         self.port = config.port or free_port(config.host if config.host != "0.0.0.0" else LOOPBACK)
         self._worker_ids = itertools.count()
         self.instance_ids: dict[str, str] = {}  # worker process name -> its instance id on the bus
+
+    @property
+    def api_key(self) -> str | None:
+        """The key clients of the gateway send (None: the API is open)."""
+        return self.api_keys[0] if self.api_keys else None
+
+    @property
+    def auth_headers(self) -> dict[str, str]:
+        """HTTP headers that authenticate a client to the gateway."""
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def bus_env(self) -> dict[str, str]:
+        """Environment of a service on this stack's bus: the NATS and Redis URLs with
+        their credentials. Secrets go to children this way, never on argv, which `ps`
+        shows to every user of the host."""
+        env = dict.fromkeys(_INHERITED_BUS_VARS, "")
+        env["RTPLLM_NATS_URL"] = self.nats_url
+        env["RTPLLM_REDIS_URL"] = self.redis_url or ""
+        return env
+
+    def gateway_env(self) -> dict[str, str]:
+        """`bus_env` plus the gateway's API keys."""
+        return {**self.bus_env(), "RTPLLM_API_KEY": ",".join(self.api_keys), "RTPLLM_API_KEY_FILE": ""}
 
     @property
     def url(self) -> str:
@@ -90,24 +134,23 @@ class Stack:
         return flags
 
     def _bus_flags(self) -> list[str]:
-        flags = ["--nats", self.nats_url, "--log-level", self.config.log_level]
-        if self.redis_url:
-            flags += ["--redis", self.redis_url]
-        return flags
+        return ["--log-level", self.config.log_level]  # the servers' URLs come in bus_env
 
     # -- starting --------------------------------------------------------------------
 
     def start_infra(self) -> None:
         c = self.config
-        self.nats, self.nats_url = start_nats(c.nats_port, log_path=self._log("nats"), echo=c.echo)
+        self.nats, self.nats_url = start_nats(c.nats_port, token=self.nats_token, log_path=self._log("nats"), echo=c.echo)
         if c.use_redis:
-            self.redis, self.redis_url = start_redis(c.redis_port, log_path=self._log("redis"), echo=c.echo)
+            self.redis, self.redis_url = start_redis(
+                c.redis_port, password=self.redis_password, log_path=self._log("redis"), echo=c.echo
+            )
 
     def start_kvstore(self, extra_args: Sequence[str] = (), timeout: float = 60.0) -> ManagedProcess:
         """Start the kvstore and wait until it serves (its ready line)."""
         argv = rtpllm_command("serve", "kvstore", *self._bus_flags(), *self.config.kvstore_args, *extra_args)
         ready = threading.Event()
-        proc = ManagedProcess("kvstore", argv, log_path=self._log("kvstore"), echo=self.config.echo)
+        proc = ManagedProcess("kvstore", argv, env=self.bus_env(), log_path=self._log("kvstore"), echo=self.config.echo)
         proc.on_line(lambda line: ready.set() if KVSTORE_READY_LINE in line else None)
         self.kvstore = proc.start()
         try:
@@ -126,7 +169,7 @@ class Stack:
             "serve", role, *self._bus_flags(), *self._model_flags(), "--instance-id", instance_id,
             *self.config.worker_args, *role_args, *extra_args,
         )  # fmt: skip
-        env = self.config.role_env.get(role)
+        env = {**self.bus_env(), **self.config.role_env.get(role, {})}
         proc = ManagedProcess(name, argv, env=env, log_path=self._log(name), echo=self.config.echo).start()
         self.workers.append(proc)
         self.instance_ids[name] = instance_id
@@ -142,7 +185,7 @@ class Stack:
             "serve", "gateway", *self._bus_flags(), *self._model_flags(),
             "--host", c.host, "--port", str(self.port), *c.gateway_args, *extra_args,
         )  # fmt: skip
-        self.gateway = ManagedProcess("gateway", argv, log_path=self._log("gateway"), echo=c.echo).start()
+        self.gateway = ManagedProcess("gateway", argv, env=self.gateway_env(), log_path=self._log("gateway"), echo=c.echo).start()
         return self.gateway
 
     def start(self) -> Stack:

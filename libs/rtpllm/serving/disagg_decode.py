@@ -190,6 +190,7 @@ class DecodeSide:
             skip_blocks=reservation.skip_blocks,
             num_blocks=len(reservation.block_ids),
             lease_s=lease_s,
+            transfer_token=incoming.token,
         )
         message = GenerateRequest(
             request_id=rid, model=req.model, prompt_token_ids=req.prompt_token_ids, sampling=req.sampling,
@@ -200,7 +201,7 @@ class DecodeSide:
         try:
             try:
                 msg = await self._nc.request(
-                    subjects.generate_subject(inst.instance_id, InstanceRole.PREFILL), encode(message), timeout=self.config.submit_timeout_s
+                    subjects.generate_subject(inst.instance_id, InstanceRole.PREFILL), encode(message, self._nc.max_payload), timeout=self.config.submit_timeout_s
                 )
                 reply = decode(msg.data, SubmitReply)
             except (nats.errors.NoRespondersError, nats.errors.TimeoutError, ProtocolError) as exc:

@@ -71,7 +71,9 @@ class PrefillSide:
         rid = req.request_id
         result = PrefillResult(request_id=rid, transfer_id=handoff.transfer_id, prefill_instance_id=self._instance_id)
         endpoint = KVEndpoint(**msgspec.structs.asdict(handoff.endpoint))
-        opening = asyncio.create_task(self._sender.open(endpoint, handoff.transfer_id, handoff.num_blocks, timeout_s=handoff.lease_s))
+        opening = asyncio.create_task(
+            self._sender.open(endpoint, handoff.transfer_id, handoff.num_blocks, timeout_s=handoff.lease_s, token=handoff.transfer_token)
+        )
         transfer = None
         shipped = handoff.skip_blocks  # prompt blocks the decode instance has (or was sent)
         prompt_blocks = -(-len(req.prompt_token_ids) // self._block_size)

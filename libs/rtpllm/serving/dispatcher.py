@@ -20,9 +20,10 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
+import msgspec
 import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -41,15 +42,20 @@ from rtpllm.protocol.messages import (
     KVSnapshot,
     KVSnapshotRequest,
     Leave,
+    MessageTooLarge,
     ProtocolError,
+    StatusQuery,
+    StatusReply,
     SubmitReply,
     TokenDelta,
     decode,
     encode,
 )
+from rtpllm.protocol.parts import EventParts, SnapshotParts
 from rtpllm.routing.instances import Instance, InstanceRegistry
 from rtpllm.routing.policy import CacheAware, RouteRequest, RouterPolicy
 from rtpllm.routing.prefix_index import PrefixIndex
+from rtpllm.routing.ttft import TTFTPredictor
 from rtpllm.serving.liveness import HeartbeatThread, LoopWatch
 
 log = logging.getLogger(__name__)
@@ -61,6 +67,17 @@ class NoInstanceError(RuntimeError):
 
 class InstancesBusy(NoInstanceError):
     """Every instance tried refused the request because its queue is full (HTTP 429)."""
+
+    retry_after_s: int | None = None
+
+
+class DeadlineUnreachable(InstancesBusy):
+    """No instance is predicted to give the request its first token before its deadline
+    (HTTP 429 with a Retry-After of about when one would)."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class SubmitRejected(RuntimeError):
@@ -80,9 +97,17 @@ class DispatcherConfig:
     lease_check_interval_s: float = 0.2
     max_submit_attempts: int = 3
     resync_interval_s: float = 2.0  # at most one KV snapshot request per instance per interval
+    snapshot_timeout_s: float = 5.0  # every part of a KV snapshot arrives within this
     # Our heartbeats stop once our event loop has been stalled this long (a hung gateway
     # must still lose its lease, so workers abort its requests).
     max_loop_stall_s: float = 30.0
+    # Refuse (429) a request no instance is predicted to start within this many seconds
+    # (0: only its deadline counts); rule 3 of docs/architecture.md, rtpllm.routing.ttft.
+    max_predicted_ttft_s: float = 0.0
+    # A stream without a delta for this long is checked with its instance (StatusQuery);
+    # one the instance no longer runs, twice in a row, lost its end in transit.
+    stream_quiet_s: float = 3.0
+    status_timeout_s: float = 2.0
 
 
 class RequestStream:
@@ -109,9 +134,17 @@ class RequestStream:
         self.finished = False  # nothing more will be yielded
         self.remote_finished = False  # the instance sent its final delta (nothing to cancel)
         self.cancel_sent = False
+        self.last_delta = time.monotonic()  # when a delta last arrived (or the stream opened)
+        self.pending_prompt_tokens = 0  # counted in the TTFT predictor until the first delta
+        self.on_first_delta: Callable[[RequestStream], None] | None = None
+        self.unknown_to_instance = 0  # status checks in a row that the instance did not run it
 
     def _push(self, delta: TokenDelta) -> bool:
         """Queue a delta from the bus; False if it revealed a gap (stream failed)."""
+        self.last_delta = time.monotonic()
+        self.unknown_to_instance = 0
+        if self.on_first_delta is not None:
+            self.on_first_delta(self)
         if self.finished or delta.seq < self._next_seq:
             return True
         if delta.seq > self._next_seq:
@@ -145,6 +178,8 @@ class RequestStream:
 
     def _finish(self) -> None:
         self.finished = True
+        if self.on_first_delta is not None:
+            self.on_first_delta(self)
         self._on_close(self)
 
     def __aiter__(self) -> AsyncIterator[TokenDelta]:
@@ -188,7 +223,9 @@ class Dispatcher:
         # Which instance caches which blocks: fed by KV events, read by cache-aware routing.
         self.index = policy.index if isinstance(policy, CacheAware) else PrefixIndex()
         self._resync_at: dict[str, float] = {}
+        self._event_parts = EventParts()  # KV event batches that came in parts
         self._streams: dict[str, RequestStream] = {}
+        self.ttft = TTFTPredictor()
         self._subs: list[Subscription] = []
         self._tasks: list[asyncio.Task[None]] = []
         # Fire-and-forget publishes (held: the loop holds tasks weakly).
@@ -220,7 +257,10 @@ class Dispatcher:
         # Instances answer with a heartbeat now, so a fresh gateway knows them at once.
         await self._nc.publish(subjects.DISCOVER, encode(Discover(gateway_id=self.config.gateway_id)))
         await self._nc.flush()
-        self._tasks = [asyncio.create_task(self._lease_loop(), name="instance-leases")]
+        self._tasks = [
+            asyncio.create_task(self._lease_loop(), name="instance-leases"),
+            asyncio.create_task(self._status_loop(), name="stream-status"),
+        ]
 
     async def close(self) -> None:
         """Cancel every open request on its instance and fail its stream."""
@@ -252,6 +292,12 @@ class Dispatcher:
         """
         request.reply_to = self.reply_subject
         request.gateway_id = self.config.gateway_id
+        try:
+            data = encode(request, self._nc.max_payload)
+        except MessageTooLarge as exc:  # a huge token-id prompt: no instance could take it
+            raise SubmitRejected(ErrorInfo(ErrorCode.INVALID_REQUEST, f"the prompt is too large to send to an instance: {exc}")) from exc
+        except (msgspec.EncodeError, OverflowError) as exc:  # an integer beyond 64 bits, say: the client's value
+            raise SubmitRejected(ErrorInfo(ErrorCode.INVALID_REQUEST, f"a value in the request cannot be sent on: {exc}")) from exc
         route = RouteRequest(request.request_id, request.model, request.prompt_token_ids)
         tried: set[str] = set()
         busy = 0  # instances that refused because their queue is full
@@ -259,15 +305,17 @@ class Dispatcher:
             candidates = [inst for inst in self.candidates(request.model) if inst.instance_id not in tried]
             if not candidates:
                 break
+            self._check_ttft(request, candidates)
             inst = self.policy.choose(route, candidates)
             if self.on_routed is not None:
                 self.on_routed(self.policy.name, self.policy.last_reason)
             tried.add(inst.instance_id)
             stream = self._open(request.request_id, inst)
+            self._count_pending(stream, len(request.prompt_token_ids))
             try:
                 msg = await self._nc.request(
                     subjects.generate_subject(inst.instance_id, inst.heartbeat.role),
-                    encode(request),
+                    data,
                     timeout=self.config.submit_timeout_s,
                 )
                 reply = decode(msg.data, SubmitReply)
@@ -299,6 +347,32 @@ class Dispatcher:
         if busy:
             raise InstancesBusy(f"the queue of every instance tried ({busy}) is full")
         raise NoInstanceError(f"no live instance serves model {request.model!r}")
+
+    def _check_ttft(self, request: GenerateRequest, candidates: Sequence[Instance]) -> None:
+        """Raise DeadlineUnreachable when every candidate whose speed is known is
+        predicted to miss the request's deadline (or --max-predicted-ttft). Cached
+        prefixes are not subtracted: the prediction errs towards admitting."""
+        allowed = request.deadline - time.time()
+        if self.config.max_predicted_ttft_s > 0:
+            allowed = min(allowed, self.config.max_predicted_ttft_s)
+        predictions = [self.ttft.predict(inst.instance_id, len(request.prompt_token_ids)) for inst in candidates]
+        if not predictions or any(p is None or p <= allowed for p in predictions):
+            return
+        best = min(p for p in predictions if p is not None)
+        raise DeadlineUnreachable(
+            f"no instance is predicted to start this request within {max(allowed, 0):.1f} s (best: {best:.1f} s)",
+            TTFTPredictor.retry_after_s(best, max(allowed, 0.0)),
+        )
+
+    def _count_pending(self, stream: RequestStream, tokens: int) -> None:
+        stream.pending_prompt_tokens = tokens
+        self.ttft.add_pending(stream.instance_id, tokens)
+
+        def first_delta(s: RequestStream) -> None:
+            s.on_first_delta = None
+            self.ttft.remove_pending(s.instance_id, s.pending_prompt_tokens)
+
+        stream.on_first_delta = first_delta
 
     def cancel(self, stream: RequestStream, reason: str = ErrorCode.CANCELLED) -> None:
         """Tell the instance to stop the request and free its KV, and forget the stream.
@@ -391,6 +465,7 @@ class Dispatcher:
         if not self.registry.accepts(hb.instance_id):
             return
         inst, new = self.registry.upsert(hb)
+        self.ttft.observe(hb.instance_id, hb.load.prompt_tokens, hb.load.num_waiting, time.monotonic())
         if new:
             dropped_at = self.registry.silenced_at(hb.instance_id)
             if dropped_at is not None:
@@ -401,15 +476,19 @@ class Dispatcher:
                 )
             else:
                 log.info("instance %s joined (%s, %s)", hb.instance_id, hb.role, hb.model)
-        if hb.kv_event_seq > self.index.last_seq(hb.instance_id):
-            # Its events went ahead of what we saw (we joined late or lost some).
+        if hb.kv_event_seq > self.index.last_seq(hb.instance_id) or self.index.needs_resync(hb.instance_id):
+            # Its events went ahead of what we saw (we joined late or lost some), or a
+            # snapshot asked for earlier never came whole: ask (again).
             self._maybe_resync(hb.instance_id)
 
     async def _on_kv_events(self, msg: Msg) -> None:
         try:
-            events = decode(msg.data, KVEvents)
+            part = decode(msg.data, KVEvents)
+            events = self._event_parts.add(part)
         except ProtocolError as exc:
             log.warning("dropping bad KVEvents: %s", exc)
+            return
+        if events is None:  # more parts of its batch to come
             return
         if not subjects.is_kvstore_events_id(events.instance_id) and not self.registry.accepts(
             events.instance_id
@@ -428,17 +507,42 @@ class Dispatcher:
         task.add_done_callback(self._bg.discard)
 
     async def _resync(self, instance_id: str) -> None:
-        """Replace our view of an instance's prefix cache with its snapshot."""
+        """Replace our view of an instance's prefix cache with its snapshot, which may
+        come as several replies (protocol/parts.py): one inbox collects them."""
+        parts = SnapshotParts()
+        whole: asyncio.Future[KVSnapshot] = asyncio.get_running_loop().create_future()
+
+        async def on_part(msg: Msg) -> None:
+            try:
+                snap = parts.add(decode(msg.data, KVSnapshot))
+            except ProtocolError as exc:
+                if not whole.done():
+                    whole.set_exception(exc)
+                return
+            if snap is not None and not whole.done():
+                whole.set_result(snap)
+
+        inbox = self._nc.new_inbox()
+        sub = None
         try:
-            msg = await self._nc.request(
-                subjects.kv_snapshot_subject(instance_id),
-                encode(KVSnapshotRequest(gateway_id=self.config.gateway_id)),
-                timeout=5,
-            )
-            snap = decode(msg.data, KVSnapshot)
-        except Exception as exc:  # gone, or busy: the next gap or heartbeat tries again
-            log.debug("KV snapshot of %s failed: %s", instance_id, exc)
+            sub = await self._nc.subscribe(inbox, cb=on_part)
+            request = encode(KVSnapshotRequest(gateway_id=self.config.gateway_id))
+            await self._nc.publish(subjects.kv_snapshot_subject(instance_id), request, reply=inbox)
+            snap = await asyncio.wait_for(whole, self.config.snapshot_timeout_s)
+        except TimeoutError:
+            # Gone, busy, or a part lost: our view stays marked stale, and the next gap
+            # or heartbeat asks again (at most every resync_interval_s). A lost part is
+            # worth a warning; silence was always possible (an instance on its way out).
+            level = logging.WARNING if parts.started else logging.DEBUG
+            log.log(level, "KV snapshot of %s incomplete after %.0f s (%s); asking again later", instance_id, self.config.snapshot_timeout_s, parts.describe())
             return
+        except Exception as exc:
+            log.warning("KV snapshot of %s failed: %s", instance_id, exc)
+            return
+        finally:
+            if sub is not None:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
         if self.registry.get(instance_id) is not None or subjects.is_kvstore_events_id(instance_id):
             self.index.replace(instance_id, snap.block_keys, snap.seq, host_keys=snap.host_block_keys)
 
@@ -459,6 +563,8 @@ class Dispatcher:
     def _lost(self, inst: Instance, error: ErrorInfo) -> None:
         log.warning("instance %s dropped: %s", inst.instance_id, error.message)
         self.index.drop(inst.instance_id)
+        self.ttft.forget(inst.instance_id)
+        self._event_parts.drop(inst.instance_id)
         self._resync_at.pop(inst.instance_id, None)
         for stream in [s for s in self._streams.values() if s.instance_id == inst.instance_id]:
             # Failed for good, even if the instance comes back. If it is alive after all,
@@ -482,6 +588,48 @@ class Dispatcher:
                 silent = now - inst.last_seen
                 message = f"instance {inst.instance_id} stopped responding ({silent:.1f} s without a heartbeat; lease {inst.lease_s:.1f} s)"
                 self._lost(inst, ErrorInfo(ErrorCode.WORKER_LOST, message))
+
+    async def _status_loop(self) -> None:
+        """Streams that went quiet are checked with their instance. Deltas lost in transit
+        (a NATS restart drops what was published before the gateway re-subscribed) are
+        noticed by the gap they leave, unless the lost one was the last: then nothing
+        follows, the instance has finished, and only asking tells. A request the instance
+        no longer runs in two checks in a row (a final delta still on its way arrives
+        between them) fails with `lost_deltas` instead of hanging."""
+        while True:
+            await asyncio.sleep(self.config.stream_quiet_s)
+            quiet_before = time.monotonic() - self.config.stream_quiet_s
+            by_instance: dict[str, list[RequestStream]] = {}
+            for stream in self._streams.values():
+                if not stream.finished and stream.last_delta < quiet_before:
+                    by_instance.setdefault(stream.instance_id, []).append(stream)
+            if by_instance:
+                await asyncio.gather(*(self._check_streams(iid, streams) for iid, streams in by_instance.items()))
+
+    async def _check_streams(self, instance_id: str, streams: list[RequestStream]) -> None:
+        inst = self.registry.get(instance_id)
+        if inst is None:
+            return  # not (or no longer) registered: its lease decides
+        query = StatusQuery(gateway_id=self.config.gateway_id, request_ids=[s.request_id for s in streams])
+        try:
+            msg = await self._nc.request(
+                subjects.status_subject(instance_id, inst.heartbeat.role), encode(query), timeout=self.config.status_timeout_s
+            )
+            running = set(decode(msg.data, StatusReply).running)
+        except Exception as exc:  # noqa: BLE001 - unreachable now: its lease decides
+            log.debug("status of %d stream(s) on %s: %r", len(streams), instance_id, exc)
+            return
+        for stream in streams:
+            if stream.finished or stream.request_id in running:
+                stream.unknown_to_instance = 0
+                continue
+            stream.unknown_to_instance += 1
+            if stream.unknown_to_instance >= 2:
+                log.warning("request %s: %s no longer runs it and its end never arrived", stream.request_id, instance_id)
+                stream.remote_finished = True  # nothing to cancel there
+                stream._fail(
+                    ErrorInfo(ErrorCode.LOST_DELTAS, f"the end of the request was lost in transit from {instance_id} (a NATS outage?)")
+                )
 
     def _gateway_heartbeat(self) -> bytes:
         """Our heartbeat (built on the heartbeat thread: config only)."""

@@ -43,12 +43,15 @@ from rtpllm.protocol.messages import (
     KVSnapshotRequest,
     Leave,
     ProtocolError,
+    StatusQuery,
+    StatusReply,
     SubmitReply,
     TokenDelta,
     Usage,
     decode,
     encode,
 )
+from rtpllm.protocol.parts import snapshot_parts
 from rtpllm.protocol.subjects import InstanceRole
 from rtpllm.routing.lease import BeatIntervals
 from rtpllm.sampling_params import SamplingParams
@@ -160,6 +163,7 @@ class EngineServer:
         )
         self._subs = [
             await self._nc.subscribe(subjects.cancel_subject(self.instance_id, role), cb=self._on_cancel),
+            await self._nc.subscribe(subjects.status_subject(self.instance_id, role), cb=self._on_status),
             await self._nc.subscribe(subjects.DISCOVER, cb=self._on_discover),
             await self._nc.subscribe(subjects.GATEWAY_HEARTBEAT, cb=self._on_gateway_heartbeat),
             await self._nc.subscribe(subjects.kv_snapshot_subject(self.instance_id), cb=self._on_kv_snapshot),
@@ -314,7 +318,7 @@ class EngineServer:
             self._running.pop(req.request_id, None)
 
     async def _publish(self, subject: str, delta: TokenDelta) -> None:
-        await self._nc.publish(subject, encode(delta))
+        await self._nc.publish(subject, encode(delta, self._nc.max_payload))
 
     async def _serve(self, req: GenerateRequest, params: SamplingParams) -> None:
         if req.handoff is not None:
@@ -327,8 +331,12 @@ class EngineServer:
         async def send(delta: TokenDelta) -> None:
             nonlocal seq
             delta.seq = seq
+            # A delta over the server's max_payload (prompt logprobs of a long prompt)
+            # raises MessageTooLarge, a ValueError: the request fails with an error that
+            # names it, numbered as the next delta (no gap at the gateway).
+            data = encode(delta, self._nc.max_payload)
             seq += 1
-            await self._nc.publish(req.reply_to, encode(delta))
+            await self._nc.publish(req.reply_to, data)
 
         error: ErrorInfo | None = None
         handoff: asyncio.Task[None] | None = None
@@ -390,6 +398,18 @@ class EngineServer:
             log.debug("cancel %s (%s)", cancel.request_id, cancel.reason)
             item.task.cancel()  # closing the engine stream aborts the request, freeing its KV
 
+    async def _on_status(self, msg: Msg) -> None:
+        """Which of a gateway's quiet requests this instance still runs (the gateway fails
+        the others: their final deltas were lost in transit)."""
+        try:
+            query = decode(msg.data, StatusQuery)
+        except ProtocolError as exc:
+            log.warning("bad StatusQuery: %s", exc)
+            return
+        running = [rid for rid in query.request_ids if rid in self._running]
+        with contextlib.suppress(Exception):
+            await msg.respond(encode(StatusReply(running=running)))
+
     # -- leases ----------------------------------------------------------------------
 
     async def _on_discover(self, msg: Msg) -> None:
@@ -411,7 +431,14 @@ class EngineServer:
         snapshot = KVSnapshot(
             instance_id=self.instance_id, seq=cached.seq, block_keys=cached.gpu, host_block_keys=cached.host
         )
-        await msg.respond(encode(snapshot))
+        try:
+            # A large pool's snapshot passes max_payload: it goes out in parts.
+            parts = snapshot_parts(snapshot, self._nc.max_payload)
+        except ProtocolError as exc:
+            log.error("KV snapshot not sent: %s", exc)
+            return
+        for data in parts:
+            await msg.respond(data)
 
     async def _on_gateway_heartbeat(self, msg: Msg) -> None:
         try:
@@ -479,7 +506,16 @@ class EngineServer:
                 orphans = [item for item in self._running.values() if item.gateway_id == gateway_id]
                 if orphans:
                     log.warning("gateway %s is gone; aborting its %d request(s)", gateway_id, len(orphans))
+                    silent_s = now - lease.last_seen
                     for item in orphans:
+                        # Still say so: the gateway may be alive behind a NATS outage
+                        # that only this side's lease noticed, and would otherwise wait
+                        # for a stream that will never end.
+                        item.cancel_error = item.cancel_error or ErrorInfo(
+                            ErrorCode.WORKER_LOST,
+                            f"instance {self._config.instance_id} heard nothing from gateway {gateway_id} "
+                            f"for {silent_s:.1f} s and aborted the request",
+                        )
                         item.task.cancel()
                 else:
                     del self._gateways[gateway_id]

@@ -9,7 +9,8 @@ from nats.aio.client import Client as NATS
 
 from rtpllm.kvcache.events import KVEventBatch
 from rtpllm.protocol import subjects
-from rtpllm.protocol.messages import KVEvents, encode
+from rtpllm.protocol.messages import KVEvents, ProtocolError
+from rtpllm.protocol.parts import events_parts
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,9 @@ class KVEventPublisher:
         self._model = model
         self.last_seq = -1  # announced in heartbeats so a router can spot a gap
         self._tasks: set[asyncio.Task[None]] = set()  # the loop only holds tasks weakly
+        # Batches go out in order, each one's parts together (a router drops a batch
+        # whose parts another batch interrupts); the tasks take it in creation order.
+        self._order = asyncio.Lock()
 
     def set_model(self, model: str) -> None:
         """The served model name is only known once the engine has loaded."""
@@ -39,10 +43,21 @@ class KVEventPublisher:
 
     def _publish(self, batch: KVEventBatch) -> None:
         self.last_seq = batch.seq
-        data = encode(KVEvents(instance_id=self._instance_id, model=self._model, batch=batch))
-        task = self._loop.create_task(self._nc.publish(self._subject, data))
+        message = KVEvents(instance_id=self._instance_id, model=self._model, batch=batch)
+        try:
+            # One step can store or evict more keys than max_payload holds: then parts.
+            parts = events_parts(message, self._nc.max_payload)
+        except ProtocolError as exc:  # routers see the gap and ask for a snapshot
+            log.error("KV events batch %d not published: %s", batch.seq, exc)
+            return
+        task = self._loop.create_task(self._send(parts))
         self._tasks.add(task)
         task.add_done_callback(self._done)
+
+    async def _send(self, parts: list[bytes]) -> None:
+        async with self._order:
+            for data in parts:
+                await self._nc.publish(self._subject, data)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)

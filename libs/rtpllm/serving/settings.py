@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import socket
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rtpllm.config import EngineConfig
+from rtpllm.serving.bus import NatsConfig
 
 
 @dataclass(frozen=True)
 class GatewaySettings:
     """Everything `rtpllm serve gateway` needs; see docs/serving.md for each field."""
 
-    nats_url: str = "nats://127.0.0.1:4222"
-    redis_url: str | None = None
+    nats: NatsConfig = NatsConfig()
+    redis_url: str | None = field(default=None, repr=False)  # may carry the password
     host: str = "127.0.0.1"
     port: int = 8000
     model: str = "smollm2-135m-instruct"
@@ -34,6 +35,11 @@ class GatewaySettings:
     shutdown_timeout_s: float = 10.0
     nats_connect_timeout_s: float = 30.0
     max_body_bytes: int = 4 << 20  # larger request bodies get 413
+    max_predicted_ttft_s: float = 0.0  # early 429 for requests predicted to start later (0: deadline only)
+    # With keys, every path but /health and /ready needs `Authorization: Bearer <key>`
+    # (/metrics and /instances only with protect_metrics); none: the API is open.
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    protect_metrics: bool = True
 
 
 @dataclass(frozen=True)
@@ -41,8 +47,8 @@ class WorkerSettings:
     """Everything `rtpllm serve worker` needs; see docs/serving.md for each field."""
 
     engine: EngineConfig
-    nats_url: str = "nats://127.0.0.1:4222"
-    redis_url: str | None = None
+    nats: NatsConfig = NatsConfig()
+    redis_url: str | None = field(default=None, repr=False)  # may carry the password
     instance_id: str = ""
     heartbeat_interval_s: float = 1.0
     lease_s: float = 3.0
@@ -64,11 +70,11 @@ class KVStoreSettings:
     """Everything `rtpllm serve kvstore` needs; see docs/kvstore.md for each field."""
 
     host_id: str
-    nats_url: str = "nats://127.0.0.1:4222"
+    nats: NatsConfig = NatsConfig()
     host_bytes: int = 4 << 30
     ssd_dir: str | None = None
     ssd_bytes: int = 16 << 30
-    redis_url: str | None = None  # the shared Redis tier; None: no Redis tier
+    redis_url: str | None = field(default=None, repr=False)  # the shared Redis tier (None: none); may carry the password
     redis_ttl_s: float = 3600.0
     kv_host: str = "127.0.0.1"
     kv_port: int = 0

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import re
+from collections.abc import Iterator, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,10 @@ from rtpllm.tokenizer.length_bound import LengthBound, length_bound
 # plain `encode` holds it (4-5 s for 8 MB on one core), which would stall every thread of
 # the process (the gateway's heartbeat thread included), not only the caller.
 _GIL_FREE_CHARS = 16 * 1024
+
+# Wrap message text while a guarded chat renders (private-use code points: no tokenizer
+# gives them meaning, and they are stripped from the text first).
+_OPEN, _CLOSE = "\ue000", "\ue001"
 
 
 def _token_text(value: Any) -> str | None:
@@ -64,6 +69,10 @@ class Tokenizer:
         template = cfg.get("chat_template")
         if isinstance(template, list):  # named templates: take "default"
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        # A processor's template (vision-language models) renders image parts; it wins
+        # over the tokenizer's, as in HF's processors.
+        if (root / "chat_template.json").is_file():
+            template = json.loads((root / "chat_template.json").read_text()).get("chat_template") or template
         if (root / "chat_template.jinja").is_file():
             template = (root / "chat_template.jinja").read_text()
         extra_eos: list[int] = []
@@ -107,6 +116,9 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
 
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
     def is_special(self, token_id: int) -> bool:
         return token_id in self._special_ids
 
@@ -130,8 +142,85 @@ class Tokenizer:
         )
 
     def encode_chat(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **extra: Any
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        rendered: str | None = None,
+        **extra: Any,
     ) -> list[int]:
-        return self.encode(
-            self.apply_chat_template(messages, add_generation_prompt, **extra), add_special_tokens=False
+        """Render a conversation and tokenize it, parsing special tokens only where the
+        template wrote them.
+
+        Message text is the client's: if it spells a special token (`<|im_end|>`, an
+        image placeholder such as `<|image_pad|>`), it is tokenized as plain text, so a
+        client cannot forge turns or image slots. Text without any is tokenized with
+        the rest of the prompt, exactly as HF does.
+        """
+        if not any(self._special_pattern.search(text) for text in _message_texts(messages)):
+            # `rendered`: the caller's own rendering of the same messages, not done twice.
+            text = rendered if rendered is not None else self.apply_chat_template(messages, add_generation_prompt, **extra)
+            return self.encode(text, add_special_tokens=False)
+        marked = [_mark_text(message) for message in messages]
+        rendered = self.apply_chat_template(marked, add_generation_prompt, **extra)
+        ids: list[int] = []
+        inside = False
+        for piece in re.split(f"([{_OPEN}{_CLOSE}])", rendered):
+            if piece in (_OPEN, _CLOSE):
+                if inside == (piece == _OPEN):
+                    # The template cut or reordered message text: its bounds are lost.
+                    raise ChatTemplateError("message text spells special tokens in a way this chat template cannot keep apart")
+                inside = piece == _OPEN
+            elif piece:
+                tok = self._plain_text_tokenizer if inside else self._tok
+                ids.extend(tok.encode(piece, add_special_tokens=False).ids)
+        if inside:
+            raise ChatTemplateError("message text spells special tokens in a way this chat template cannot keep apart")
+        return ids
+
+    @cached_property
+    def _special_pattern(self) -> re.Pattern[str]:
+        """Matches the text of any special token (never matches when there are none)."""
+        texts = sorted(
+            (tok.content for tok in self._tok.get_added_tokens_decoder().values() if tok.special and tok.content),
+            key=len,
+            reverse=True,
         )
+        return re.compile("|".join(map(re.escape, texts)) if texts else r"(?!)")
+
+    @cached_property
+    def _plain_text_tokenizer(self) -> HFTokenizer:
+        """A copy that tokenizes special-token text as ordinary text (a copy, because the
+        switch is a property of the tokenizer object, shared between threads)."""
+        tok = HFTokenizer.from_str(self._tok.to_str())
+        tok.encode_special_tokens = True
+        return tok
+
+
+def _message_texts(messages: list[dict[str, Any]]) -> Iterator[str]:
+    """The client-written text of a conversation: string contents and text parts."""
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            yield content
+        elif isinstance(content, list):
+            for part in content:
+                if isinstance(part, dict) and isinstance(part.get("text"), str):
+                    yield part["text"]
+
+
+def _mark_text(message: dict[str, Any]) -> dict[str, Any]:
+    """A copy of the message whose texts are wrapped in the guard characters."""
+
+    def wrap(text: str) -> str:
+        return _OPEN + text.replace(_OPEN, "").replace(_CLOSE, "") + _CLOSE
+
+    content = message.get("content")
+    if isinstance(content, str):
+        return {**message, "content": wrap(content)}
+    if isinstance(content, list):
+        parts = [
+            {**part, "text": wrap(part["text"])} if isinstance(part, dict) and isinstance(part.get("text"), str) else part
+            for part in content
+        ]
+        return {**message, "content": parts}
+    return message

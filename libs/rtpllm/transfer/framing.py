@@ -9,10 +9,16 @@ One TCP connection carries one transfer at a time (`Hello` once, then any number
 `Open` ... `Finish`/`Abort` rounds); every frame names its transfer id so a stale frame
 is refused rather than misapplied.
 
+Nothing is accepted without a one-time token: `KVReceiver.expect()` issues a random
+128-bit token per transfer, which reaches the sender over the authenticated control
+plane (NATS). `Hello` names a transfer the receiver expects and its token (checked, not
+used up: no pool handle or shm ring is handed to a peer that holds none), and `Open`
+presents the token again, which uses it up: a replay is refused.
+
     sender                          receiver
-    Hello(layout, backend)    ->
+    Hello(layout, backend, transfer_id, token)  ->
                               <-    Welcome(backend params) | Error
-    Open(transfer_id, n)      ->
+    Open(transfer_id, n, token)  ->
                               <-    Opened(...) | Error("refused")
     TcpBlocks/ShmBlocks/IpcBlocks ...  ->          (pipelined, no waiting)
                               <-    Ack(seq) ... | Error(code)   (once verified and landed)
@@ -47,6 +53,10 @@ class Hello(msgspec.Struct, tag="hello", array_like=True):
     head_dim: int
     dtype: str
     max_frame_bytes: int
+    # The first transfer this connection is opened for, and its token (checked at the
+    # handshake, used up by its Open). Defaults: a peer without one is refused.
+    transfer_id: str = ""
+    token: bytes = b""
 
 
 class IpcPoolHandle(msgspec.Struct, array_like=True):
@@ -77,6 +87,7 @@ class Welcome(msgspec.Struct, tag="welcome", array_like=True):
 class Open(msgspec.Struct, tag="open", array_like=True):
     transfer_id: str
     num_blocks: int
+    token: bytes = b""  # the transfer's one-time token (KVReceiver.expect); used up here
 
 
 class Opened(msgspec.Struct, tag="opened", array_like=True):

@@ -8,6 +8,7 @@ writes the transfer's blocks any more (see `fail`), so the decode side may free 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -34,10 +35,13 @@ class IncomingTransfer:
 
     def __init__(
         self, receiver: KVReceiver, transfer_id: str, block_ids: np.ndarray, lease_s: float,
-        ready_event: torch.cuda.Event | None, allow_fewer: bool = False,
+        ready_event: torch.cuda.Event | None, token: bytes, allow_fewer: bool = False,
     ) -> None:  # fmt: skip
         loop = asyncio.get_running_loop()
         self.transfer_id = transfer_id
+        # The one-time token a sender must present (receiver.expect issued it); None
+        # once an Open has used it, so a replay finds nothing to match.
+        self._token: bytes | None = token
         self.block_ids = block_ids
         self.num_blocks = len(block_ids)
         self.lease_s = lease_s
@@ -80,6 +84,12 @@ class IncomingTransfer:
     def active(self) -> bool:
         return self._state in ("expected", "open")
 
+    @property
+    def token(self) -> bytes:
+        """The one-time token to hand the sender over the control plane (NATS), next to
+        the endpoint and the transfer id; b"" once a sender has used it."""
+        return self._token or b""
+
     async def wait(self) -> TransferStats:
         """Return once every block is in the pool, checksums verified (CUDA: complete on
         the device, so visible to any later work). Raises TransferTimeout (lease ran
@@ -94,6 +104,22 @@ class IncomingTransfer:
         self.fail(TransferAborted(f"transfer {self.transfer_id!r} cancelled by the receiver"))
 
     # -- for links and backends ---------------------------------------------------------
+
+    def check_token(self, token: bytes) -> str | None:
+        """Why a sender presenting `token` may not open this transfer, or None. The
+        comparison takes the same time wherever the tokens differ (hmac.compare_digest),
+        so timing tells a guesser nothing about how close it came."""
+        if not token:
+            return "no token presented (a transfer is accepted only with the one-time token its receiver issued)"
+        if self._token is None:
+            return "its one-time token was already used"
+        if not hmac.compare_digest(self._token, token):
+            return "wrong token"
+        return None
+
+    def use_token(self) -> None:
+        """The token opened the transfer: forget it (a replay is refused)."""
+        self._token = None
 
     def bind(self, link: RecvLink, backend: str) -> None:
         self._link = link

@@ -1,10 +1,12 @@
 """The receiving end of the data plane: one KVReceiver per decode instance.
 
 The decode side allocates blocks for a request, calls `expect(transfer_id, block_ids,
-lease_s)`, announces `endpoint` and the transfer id to the prefill side (over NATS), and
-awaits `IncomingTransfer.wait()`. Senders connect to the receiver's TCP listener; each
+lease_s)`, announces `endpoint`, the transfer id and the transfer's one-time `token` to
+the prefill side (over NATS, the authenticated control plane), and awaits
+`IncomingTransfer.wait()`. Senders connect to the receiver's TCP listener; each
 connection (a RecvLink) carries one transfer at a time, over the backend it chose at its
-handshake.
+handshake. A connection that cannot show the token of a transfer this receiver expects
+is refused at its handshake, and a token opens its transfer once.
 
 The decode side may reuse the blocks as soon as `wait()` has returned or raised: only
 the transfer's blocks are ever written (recv_link.py checks every frame first), and no
@@ -14,6 +16,7 @@ write is in flight any more when `wait()` ends (incoming.py).
 from __future__ import annotations
 
 import asyncio
+import secrets
 import socket
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -33,6 +36,8 @@ from rtpllm.transfer.shm import sweep_stale_rings
 
 # Finished and failed transfer ids remembered, so late frames get a precise refusal.
 REMEMBERED = 4096
+# One-time transfer tokens: 128 random bits, beyond guessing within any lease.
+TOKEN_BYTES = 16
 
 
 class KVReceiver:
@@ -131,6 +136,9 @@ class KVReceiver:
         `allow_fewer`: the sender may open it with fewer blocks, which then fill the
         leading positions only (the kvstore sends what it has of a prefix); the transfer
         is complete when those have landed, `num_blocks` tells how many.
+        The returned transfer's `token` (random, 128 bits) must reach the sender over the
+        control plane with the endpoint and the id: without it the transfer cannot be
+        opened, and it opens the transfer once.
         Call from the receiver's event loop. CUDA: writes into the blocks wait for the
         work enqueued so far on the calling thread's current stream (the blocks' previous
         users: call it where the engine's stream is current, the default stream unless
@@ -148,7 +156,8 @@ class KVReceiver:
         if len(np.unique(ids)) != len(ids):
             raise ValueError("block ids of one transfer must be distinct")
         self._gone.pop(transfer_id, None)
-        transfer = IncomingTransfer(self, transfer_id, ids, lease_s, self.pool.engine_event(), allow_fewer)
+        token = secrets.token_bytes(TOKEN_BYTES)
+        transfer = IncomingTransfer(self, transfer_id, ids, lease_s, self.pool.engine_event(), token, allow_fewer)
         self._expected[transfer_id] = transfer
         return transfer
 
@@ -157,6 +166,18 @@ class KVReceiver:
     def expected(self, transfer_id: str) -> IncomingTransfer | None:
         """The expected transfer of that id (not yet done or failed), if any."""
         return self._expected.get(transfer_id)
+
+    def admit(self, transfer_id: str, token: bytes) -> Error | None:
+        """The refusal of a connection whose Hello names `transfer_id` with `token`, or
+        None if that is an expected transfer and its unused token (checked, not used
+        up: the Open that follows uses it)."""
+        transfer = self._expected.get(transfer_id)
+        if transfer is None:
+            return self.refusal(transfer_id)
+        problem = transfer.check_token(token)
+        if problem is not None:
+            return Error(transfer_id, TransferRefused.code, f"transfer {transfer_id!r}: {problem}")
+        return None
 
     def forget(self, transfer: IncomingTransfer, exc: TransferError | None) -> None:
         """A transfer is over: remember how, for frames that still come for it."""

@@ -1,8 +1,9 @@
 """The receiving end of one connection from a sender (a "link").
 
-It does the handshake (layout check, backend choice), then reads frames and checks each
-before any byte of it lands: transfer known, open on this connection and not failed;
-layer and positions in range; no (layer, position) twice. Only the pool blocks
+It does the handshake (the one-time token of an expected transfer, layout check, backend
+choice), then reads frames and checks each before any byte of it lands: transfer known
+(opened with its token), open on this connection and not failed; layer and positions in
+range; no (layer, position) twice. Only the pool blocks
 `block_ids[dest_index : dest_index + count]` of the transfer are ever written. Landing
 itself is the backend's job (tcp.py, shm.py, cuda_ipc.py); the link acks what landed.
 """
@@ -158,6 +159,13 @@ class RecvLink:
                 "", f"data-plane protocol version {frame.v}, receiver speaks {PROTOCOL_VERSION}"
             )
             return False
+        # Before anything else is checked or handed out (a shm ring, the pool's CUDA IPC
+        # handle): the peer must hold the token of a transfer this receiver expects.
+        refusal = receiver.admit(frame.transfer_id, frame.token)
+        if refusal is not None:
+            log.warning("data plane: refused a connection: %s", refusal.message)
+            await self._refuse(frame.transfer_id, refusal.message, code=refusal.code)
+            return False
         theirs = KVLayout(
             frame.namespace,
             frame.num_layers,
@@ -226,6 +234,11 @@ class RecvLink:
         if transfer is None:
             self.push(self.receiver.refusal(tid))
             return
+        problem = transfer.check_token(frame.token)
+        if problem is not None:
+            log.warning("data plane: refused to open transfer %r: %s", tid, problem)
+            self.push(Error(tid, TransferRefused.code, f"transfer {tid!r}: {problem}"))
+            return
         if transfer.state != "expected":
             self.push(
                 Error(tid, TransferRefused.code, f"transfer {tid!r} is already open on another connection")
@@ -242,6 +255,9 @@ class RecvLink:
                 )
             )
             return
+        # Used up only by an Open that succeeds: a refused one (a wrong block count) has
+        # shown the token to nobody new, and the right sender may still come.
+        transfer.use_token()
         transfer.bind(self, self.path.name)
         self._transfers[tid] = transfer
         try:

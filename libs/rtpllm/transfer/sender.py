@@ -1,10 +1,11 @@
 """The sending end of the data plane: one KVSender per prefill instance.
 
 `open()` picks a backend, takes an idle connection to the receiver (or connects and
-does the handshake) and opens the transfer; `send()` ships blocks as prefill produces
-them; `finish()` waits until the receiver has verified and landed everything. A
-connection (SendLink) carries one transfer at a time and goes back to the pool after a
-clean finish; any failure closes it.
+does the handshake) and opens the transfer with the one-time token the receiver issued
+for it (it came over NATS with the endpoint and the transfer id); `send()` ships blocks
+as prefill produces them; `finish()` waits until the receiver has verified and landed
+everything. A connection (SendLink) carries one transfer at a time and goes back to the
+pool after a clean finish; any failure closes it.
 """
 
 from __future__ import annotations
@@ -85,12 +86,14 @@ class KVSender:
         return out
 
     async def open(
-        self, endpoint: KVEndpoint, transfer_id: str, num_blocks: int, timeout_s: float
+        self, endpoint: KVEndpoint, transfer_id: str, num_blocks: int, timeout_s: float, *, token: bytes
     ) -> OutgoingTransfer:
         """Open transfer `transfer_id` (already expected by the receiver) of `num_blocks`
-        blocks. `timeout_s` bounds the handshake and, later, every wait for the receiver.
-        Raises TransferRefused (layout/namespace mismatch, unknown transfer, no common
-        backend), TransferTimeout, TransferAborted (cannot connect / connection lost)."""
+        blocks, with `token`, the one-time token the receiver's `expect()` issued for it.
+        `timeout_s` bounds the handshake and, later, every wait for the receiver.
+        Raises TransferRefused (missing, wrong or already used token, layout/namespace
+        mismatch, unknown transfer, no common backend), TransferTimeout, TransferAborted
+        (cannot connect / connection lost)."""
         if num_blocks < 1:
             raise ValueError("a transfer needs at least one block")
         candidates = self.backends_for(endpoint)
@@ -102,7 +105,7 @@ class KVSender:
         problems = []
         for backend in candidates:
             try:
-                return await self._open_on(backend, endpoint, transfer_id, num_blocks, timeout_s)
+                return await self._open_on(backend, endpoint, transfer_id, num_blocks, timeout_s, token)
             except BackendUnavailable as exc:
                 log.info("backend %s unavailable for %s:%d: %s", backend, endpoint.host, endpoint.port, exc)
                 problems.append(f"{backend}: {exc}")
@@ -139,7 +142,7 @@ class KVSender:
     # -- internals -----------------------------------------------------------------------
 
     async def _open_on(
-        self, backend: str, endpoint: KVEndpoint, transfer_id: str, num_blocks: int, timeout_s: float
+        self, backend: str, endpoint: KVEndpoint, transfer_id: str, num_blocks: int, timeout_s: float, token: bytes
     ) -> OutgoingTransfer:
         key = (endpoint.host, endpoint.port, backend)
         for pooled in (True, False):
@@ -147,12 +150,12 @@ class KVSender:
             if pooled and link is None:
                 continue
             if link is None:
-                link = await self._connect(endpoint, backend, key, timeout_s)
+                link = await self._connect(endpoint, backend, key, timeout_s, transfer_id, token)
             link.timeout_s = timeout_s
             transfer = OutgoingTransfer(self, link, transfer_id, num_blocks)
             link.current = transfer
             try:
-                reply = await link.request(Open(transfer_id, num_blocks), timeout_s)
+                reply = await link.request(Open(transfer_id, num_blocks, token), timeout_s)
             except TransferAborted:
                 link.close()
                 if pooled:  # the idle connection had died: try a fresh one
@@ -180,7 +183,9 @@ class KVSender:
                 return link
         return None
 
-    async def _connect(self, endpoint: KVEndpoint, backend: str, key: LinkKey, timeout_s: float) -> SendLink:
+    async def _connect(
+        self, endpoint: KVEndpoint, backend: str, key: LinkKey, timeout_s: float, transfer_id: str, token: bytes
+    ) -> SendLink:
         where = f"{endpoint.host}:{endpoint.port}"
         try:
             conn = await asyncio.wait_for(FrameConn.connect(endpoint.host, endpoint.port), timeout_s)
@@ -193,7 +198,7 @@ class KVSender:
         layout = self.layout
         hello = Hello(
             PROTOCOL_VERSION, backend, local_host_id(), layout.namespace, layout.num_layers, layout.block_size,
-            layout.num_kv_heads, layout.head_dim, layout.dtype, self.max_frame_bytes,
+            layout.num_kv_heads, layout.head_dim, layout.dtype, self.max_frame_bytes, transfer_id, token,
         )  # fmt: skip
         try:
             reply = await link.request(hello, timeout_s)
