@@ -30,6 +30,8 @@ def test_up_defaults_share_a_prefix_through_the_kvstore(tiny_model: Path, tmp_pa
         sys.executable, "-m", "rtpllm.cli", "up", "--model", str(tiny_model), "--port", str(port),
         "--decode", "2", "--router", "round-robin", "--no-redis-server", "--log-dir", str(tmp_path),
         "--kv-host-gib", "0.05", "--block-size", "16", "--num-blocks", "1024",
+        # A loaded CI machine must not turn the kvstore hit into a timed-out miss.
+        "--kv-tier-wait-min", "5", "--kv-tier-wait-max", "10",
     ]  # fmt: skip
     # Its own cache dir: `up` keeps the API key it makes there (not in the user's).
     cache = tmp_path / "cache"

@@ -60,6 +60,8 @@ ENGINE = [
     Flag("--kv-write-through", "RTPLLM_KV_WRITE_THROUGH", "store every newly computed full KV block at once, not only when evicted from the pool: auto (on with --kv-redis or a kvstore), on, off", "auto", str, ["auto", "on", "off"]),
     Flag("--kvstore", "RTPLLM_KVSTORE", "use this host's kvstore service (`rtpllm serve kvstore`) as the KV tiers when it answers at startup, else this engine's own --kv-* tiers; `up`: also start one kvstore, which gets the --kv-* tier flags", False, boolean=True),
     Flag("--kvstore-host-id", "RTPLLM_KVSTORE_HOST_ID", "host id of the kvstore to use (default: this host's name, the kvstore's own default)"),
+    Flag("--kv-tier-wait-min", "RTPLLM_KV_TIER_WAIT_MIN", "seconds a request may always wait for a Redis/kvstore tier lookup or restore, even when recomputing is predicted to be faster", 0.02, float),
+    Flag("--kv-tier-wait-max", "RTPLLM_KV_TIER_WAIT_MAX", "seconds a request may wait for a Redis/kvstore tier lookup or restore before it is computed as a miss (others run on meanwhile; below this the wait is the predicted prefill time saved)", 1.0, float),
     Flag("--kv-host", "RTPLLM_KV_HOST", "address this engine's KV data plane listens on (decode: KV from prefill instances; every engine: blocks from the kvstore); 0.0.0.0 listens everywhere and announces this host's IP (containers)", "127.0.0.1"),
     Flag("--gpu-claim-dir", "RTPLLM_GPU_CLAIM_DIR", "with --device cuda (no index): claim the first GPU no other process holds, by a lock file in DIR shared by every engine of the host (scaled containers each get their own GPU)"),
     Flag("--health-file", "RTPLLM_HEALTH_FILE", "touch FILE on every heartbeat once serving (container healthchecks: `rtpllm health FILE`)"),

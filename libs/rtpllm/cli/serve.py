@@ -129,6 +129,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
             # One string for the kvstore client: credentials and TLS files ride in it.
             kvstore_nats_url=nats_config(args).as_url() if getattr(args, "nats", None) else "nats://127.0.0.1:4222",
             kv_host=args.kv_host,
+            tier_wait_min_s=args.kv_tier_wait_min,
+            tier_wait_max_s=args.kv_tier_wait_max,
         ),
         served_model_name=args.served_model_name,
     )

@@ -133,7 +133,13 @@ class DecodeSide:
         try:
             await self._run(req, remote)
         except asyncio.CancelledError:
-            raise
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # really cancelled (the request ended): nothing to fall back for
+            # A CancelledError from inside (a cancelled future read) is a bug, not a stop:
+            # the request must not wait for KV forever.
+            log.exception("request %s: hand-off failed unexpectedly; prefilling here", req.request_id)
+            self._engine.fail_remote_prefill(req.request_id)
         except Exception:  # a bug here must not leave the request waiting for KV forever
             log.exception("request %s: hand-off failed unexpectedly; prefilling here", req.request_id)
             self._engine.fail_remote_prefill(req.request_id)
@@ -224,7 +230,12 @@ class DecodeSide:
             self._counters.transfers.setdefault(getattr(incoming, "backend", None) or "unknown", TransferCounters()).failures += 1
             if accepted:
                 await self._cancel_on(inst.instance_id, rid)
-            known = result_future.result() if result_future.done() and result_future.result().error is None else None
+            # _watch cancels what it waited on when the attempt fails there: a cancelled
+            # result future has no result, and asking for one raised CancelledError, which
+            # ended the hand-off task without a fallback (the request then waited for KV
+            # forever; found by bench/chaos.py killing prefill instances mid-hand-off).
+            answered = result_future.done() and not result_future.cancelled()
+            known = result_future.result() if answered and result_future.result().error is None else None
             return _Outcome(False, known)
         except asyncio.CancelledError:
             incoming.cancel()
