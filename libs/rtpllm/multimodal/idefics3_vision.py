@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rtpllm.multimodal.activations import activation
-from rtpllm.multimodal.weights import load_tower_weights
+from rtpllm.multimodal.weights import build_tower
 
 # Idefics3ForConditionalGeneration saves `model.vision_model.*` and `model.connector.*`;
 # an Idefics3Model saved on its own drops the `model.`.
@@ -243,12 +243,7 @@ class Idefics3VisionTower(nn.Module):
     ) -> Idefics3VisionTower:
         """Build from an HF Idefics3 / SmolVLM directory (config.json + safetensors)."""
         config = Idefics3VisionConfig.from_hf(json.loads((Path(model_dir) / "config.json").read_text()))
-        # Meta device first: every weight comes from the checkpoint, initializers would be waste.
-        with torch.device("meta"):
-            tower = cls(config).to(dtype)
-        tower = tower.to_empty(device=device)
-        load_tower_weights(model_dir, tower.checkpoint_targets(), CHECKPOINT_PREFIXES)
-        return tower.eval()
+        return build_tower(lambda: cls(config), model_dir, CHECKPOINT_PREFIXES, dtype, device)
 
     def checkpoint_targets(self) -> dict[str, torch.Tensor]:
         """Checkpoint tensor names (relative to the prefix) -> parameters; ours mirror HF's."""

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rtpllm.multimodal.activations import activation
-from rtpllm.multimodal.weights import load_tower_weights
+from rtpllm.multimodal.weights import build_tower
 
 # Where Qwen2-VL checkpoints keep the tower: Qwen's releases (and transformers'
 # save_pretrained) use `visual.`, transformers' in-memory layout `model.visual.`.
@@ -181,13 +181,7 @@ class Qwen2VLVisionTower(nn.Module):
     ) -> Qwen2VLVisionTower:
         """Build from an HF Qwen2-VL directory (config.json + safetensors)."""
         config = Qwen2VLVisionConfig.from_hf(json.loads((Path(model_dir) / "config.json").read_text()))
-        # Built on the meta device: every parameter comes from the checkpoint, so running
-        # torch's initializers on hundreds of millions of weights would be wasted time.
-        with torch.device("meta"):
-            tower = cls(config).to(dtype)
-        tower = tower.to_empty(device=device)
-        load_tower_weights(model_dir, tower.checkpoint_targets(), CHECKPOINT_PREFIXES)
-        return tower.eval()
+        return build_tower(lambda: cls(config), model_dir, CHECKPOINT_PREFIXES, dtype, device)
 
     def checkpoint_targets(self) -> dict[str, torch.Tensor]:
         """Checkpoint tensor names (relative to the tower's prefix) -> where they go."""

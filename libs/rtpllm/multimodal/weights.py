@@ -9,11 +9,13 @@ loader, which reports whatever is missing or misshapen.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
+from torch import nn
 
 from rtpllm.loader.weights import CheckpointError, LoadStats, load_checkpoint, safetensors_files
 
@@ -51,3 +53,21 @@ def load_tower_weights(
     with torch.no_grad():
         stats = load_checkpoint(model_dir, named, ignore=lambda name: True)
     return prefix, stats
+
+
+def build_tower(
+    make: Callable[[], nn.Module],
+    model_dir: str | Path,
+    prefixes: Sequence[str],
+    dtype: torch.dtype,
+    device: str | torch.device,
+) -> Any:
+    """A vision tower made by `make`, with every weight from the checkpoint in `model_dir`.
+
+    Built on the meta device: every parameter comes from the checkpoint, so running
+    torch's initializers on hundreds of millions of weights would be wasted time."""
+    with torch.device("meta"):
+        tower = make().to(dtype)
+    tower = tower.to_empty(device=device)
+    load_tower_weights(model_dir, tower.checkpoint_targets(), prefixes)
+    return tower.eval()
