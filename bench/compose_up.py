@@ -4,7 +4,7 @@ and how long a scaled replica takes to serve.
 
     python bench/compose_up.py [--out compose.json]
 
-Needs Docker with Compose v2 (`../shared/tools/local-docker.sh setup` on the CI-kind
+Needs Docker with Compose v2 (`.ci/run` sets a local engine up on the CI-kind
 machine, with RTPLLM_TORCH_INDEX_URL=http://127.0.0.1:8765/simple for the build). Uses
 its own compose project and a free host port; takes everything down at the end.
 """

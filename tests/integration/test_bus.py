@@ -434,3 +434,18 @@ async def test_a_request_predicted_to_miss_its_deadline_is_refused_early(bus: Bu
     small = request("fits")
     small.prompt_token_ids = list(range(50))  # 0.5 s predicted
     assert (await collect(await d.submit(small)))[-1].error is None
+
+
+async def test_pending_prompt_tokens_are_released_on_first_delta_and_on_cancel(bus: Bus) -> None:
+    """The TTFT prediction counts a request's prompt only until its first delta or its
+    close: a stream cancelled before any delta must not inflate it for good."""
+    await bus.server(step_s=0.5)
+    d = await bus.gateway()
+    await bus.wait_instances(1)
+    cancelled = await d.submit(request("gone", max_tokens=50))
+    d.cancel(cancelled)
+    assert d.ttft._pending == {}
+    done = await d.submit(request("done", max_tokens=2))
+    assert d.ttft._pending  # waiting for its first token
+    await collect(done)
+    assert d.ttft._pending == {}

@@ -135,16 +135,13 @@ class RequestStream:
         self.remote_finished = False  # the instance sent its final delta (nothing to cancel)
         self.cancel_sent = False
         self.last_delta = time.monotonic()  # when a delta last arrived (or the stream opened)
-        self.pending_prompt_tokens = 0  # counted in the TTFT predictor until the first delta
-        self.on_first_delta: Callable[[RequestStream], None] | None = None
+        self.pending_prompt_tokens = 0  # counted in the TTFT predictor until the first delta or the close
         self.unknown_to_instance = 0  # status checks in a row that the instance did not run it
 
     def _push(self, delta: TokenDelta) -> bool:
         """Queue a delta from the bus; False if it revealed a gap (stream failed)."""
         self.last_delta = time.monotonic()
         self.unknown_to_instance = 0
-        if self.on_first_delta is not None:
-            self.on_first_delta(self)
         if self.finished or delta.seq < self._next_seq:
             return True
         if delta.seq > self._next_seq:
@@ -178,8 +175,6 @@ class RequestStream:
 
     def _finish(self) -> None:
         self.finished = True
-        if self.on_first_delta is not None:
-            self.on_first_delta(self)
         self._on_close(self)
 
     def __aiter__(self) -> AsyncIterator[TokenDelta]:
@@ -311,7 +306,8 @@ class Dispatcher:
                 self.on_routed(self.policy.name, self.policy.last_reason)
             tried.add(inst.instance_id)
             stream = self._open(request.request_id, inst)
-            self._count_pending(stream, len(request.prompt_token_ids))
+            stream.pending_prompt_tokens = len(request.prompt_token_ids)
+            self.ttft.add_pending(inst.instance_id, stream.pending_prompt_tokens)
             try:
                 msg = await self._nc.request(
                     subjects.generate_subject(inst.instance_id, inst.heartbeat.role),
@@ -364,15 +360,11 @@ class Dispatcher:
             TTFTPredictor.retry_after_s(best, max(allowed, 0.0)),
         )
 
-    def _count_pending(self, stream: RequestStream, tokens: int) -> None:
-        stream.pending_prompt_tokens = tokens
-        self.ttft.add_pending(stream.instance_id, tokens)
-
-        def first_delta(s: RequestStream) -> None:
-            s.on_first_delta = None
-            self.ttft.remove_pending(s.instance_id, s.pending_prompt_tokens)
-
-        stream.on_first_delta = first_delta
+    def _release_pending(self, stream: RequestStream) -> None:
+        """Its prompt no longer waits on its instance (a first delta came, or it closed)."""
+        if stream.pending_prompt_tokens:
+            self.ttft.remove_pending(stream.instance_id, stream.pending_prompt_tokens)
+            stream.pending_prompt_tokens = 0
 
     def cancel(self, stream: RequestStream, reason: str = ErrorCode.CANCELLED) -> None:
         """Tell the instance to stop the request and free its KV, and forget the stream.
@@ -429,6 +421,7 @@ class Dispatcher:
             self._on_stream_closed(stream)
 
     def _on_stream_closed(self, stream: RequestStream) -> None:
+        self._release_pending(stream)
         if self._streams.get(stream.request_id) is stream:
             del self._streams[stream.request_id]
             inst = self.registry.get(stream.instance_id)
@@ -451,6 +444,7 @@ class Dispatcher:
                 self._publish_cancel(orphan[0], delta.request_id, ErrorCode.WORKER_LOST, orphan[1])
             return
         self.registry.touch(stream.instance_id)
+        self._release_pending(stream)
         if not stream._push(delta):
             self._send_cancel(stream, ErrorCode.LOST_DELTAS)
 
