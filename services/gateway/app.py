@@ -4,12 +4,15 @@ routes of `rtpllm.api.server.OpenAIServer` in one FastAPI app."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 from fastapi import FastAPI, Request
@@ -22,6 +25,7 @@ from rtpllm.api import errors
 from rtpllm.api.auth import APIKeyMiddleware, APIKeys, open_paths
 from rtpllm.api.errors import APIError
 from rtpllm.api.generation import GatewayCore
+from rtpllm.api.images import ImageLoader, MediaSettings
 from rtpllm.api.openapi import describe_request_bodies
 from rtpllm.api.requests import ChatCompletionRequest, CompletionRequest
 from rtpllm.api.server import OpenAIServer, error_response, json_response
@@ -37,7 +41,11 @@ from rtpllm.serving.dependencies import RedisCheck
 from rtpllm.serving.dispatcher import Dispatcher, DispatcherConfig
 from rtpllm.serving.metrics import GatewayMetrics
 from rtpllm.serving.settings import GatewaySettings, new_id
+from rtpllm.serving.vision_registry import VisionRegistry
 from rtpllm.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from rtpllm.multimodal.families import VisionFamily
 
 log = logging.getLogger("rtpllm.gateway")
 
@@ -57,6 +65,41 @@ def load_tokenizer(model: str) -> Tokenizer:
     tokenizer = Tokenizer.from_dir(model_dir(model))
     _ = tokenizer.length_bound  # computed once, here in a thread, not on a request's event loop
     return tokenizer
+
+
+def load_vision(model: str) -> VisionFamily | None:
+    """The model's vision family (placeholder tokens per image size), None for a text
+    model. Judged from config.json's architectures first, so a text model's gateway
+    never imports the multimodal stack."""
+    from rtpllm.models.config import VISION_ARCHITECTURES
+
+    root = model_dir(model)
+    config_path = root / "config.json"
+    raw = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    if not any(arch in VISION_ARCHITECTURES for arch in raw.get("architectures") or ()):
+        return None
+    from rtpllm.models.config import ModelConfig
+    from rtpllm.multimodal.families import load_vision_family
+
+    return load_vision_family(root, ModelConfig.from_dir(root))
+
+
+def media_settings(settings: GatewaySettings, max_payload: int) -> MediaSettings:
+    """The image flags, with the per-image byte cap lowered to what one NATS message
+    carries: a larger image could never reach an engine, so it is refused while it is
+    read rather than after it was fetched and decoded."""
+    media = MediaSettings(
+        allowed_domains=settings.allowed_media_domains,
+        allowed_networks=settings.allowed_media_networks,
+        local_media_path=settings.allowed_local_media_path,
+        max_images=settings.max_images_per_request,
+        max_pixels=settings.max_image_pixels,
+        max_bytes=settings.max_image_bytes,
+        fetch_timeout_s=settings.media_fetch_timeout_s,
+    )
+    if max_payload and media.max_bytes > max_payload:
+        media = replace(media, max_bytes=max_payload)
+    return media
 
 
 def test_hooks_enabled() -> bool:
@@ -82,6 +125,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Tokenizer first: on a first run it may convert the embedded model (seconds).
         tokenizer = await asyncio.to_thread(load_tokenizer, settings.model)
+        vision = await asyncio.to_thread(load_vision, settings.model)
         redis = RedisCheck(settings.redis_url)
         if settings.redis_url:
             log.info("redis %s: %s", redact_url(settings.redis_url), await redis.status())
@@ -100,12 +144,33 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             ),
         )
         admission = AdmissionController(settings.max_running, settings.max_queue, settings.retry_after_s)
-        metrics = GatewayMetrics(admission, dispatcher.registry)
+        visions = VisionRegistry()  # vision services' heartbeats, for /metrics
+        await visions.start(nc)
+        metrics = GatewayMetrics(admission, dispatcher.registry, visions)
         dispatcher.on_instance_lost = lambda inst, code: metrics.instances_lost.labels(code).inc()
         dispatcher.on_routed = lambda policy, reason: metrics.routing_decisions.labels(policy, reason).inc()
         await dispatcher.start()
         core = GatewayCore(dispatcher, admission, metrics, settings.request_timeout_s)
-        app.state.server = OpenAIServer(core, tokenizer, model, settings.max_body_bytes)
+        media = media_settings(settings, nc.max_payload)
+        if vision is not None:
+            log.info(
+                "images (%s): at most %d per request, %d bytes and %d pixels each; fetched from %s",
+                vision.name,
+                media.max_images,
+                media.max_bytes,
+                media.max_pixels,
+                ", ".join(media.allowed_domains) or "no domain (data: URLs only)",
+            )
+            if media.max_bytes < settings.max_image_bytes:
+                log.warning(
+                    "--max-image-bytes %d is above the NATS server's max_payload %d: images are capped at %d bytes "
+                    "(raise max_payload in the NATS server's configuration for larger ones)",
+                    settings.max_image_bytes,
+                    nc.max_payload,
+                    media.max_bytes,
+                )
+        images = ImageLoader(media, model, vision)
+        app.state.server = OpenAIServer(core, tokenizer, model, settings.max_body_bytes, images)
         app.state.nc = nc
         app.state.redis = redis
         log.info(
@@ -121,6 +186,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             yield
         finally:
             await dispatcher.close()
+            await visions.close()
+            await images.aclose()
             await redis.close()
             await nc.drain()
 

@@ -94,7 +94,8 @@ async def serve(settings: WorkerSettings) -> int:
         default_gateway_lease_s=settings.lease_s,
     )
     sides = await _disaggregation(settings, role, nc, engine, info, instance_id)
-    server = EngineServer(nc, engine, info, config, kv_events, prefill=sides.prefill, decode=sides.decode)
+    images = await _image_resolver(settings, nc, engine, instance_id)
+    server = EngineServer(nc, engine, info, config, kv_events, prefill=sides.prefill, decode=sides.decode, images=images)
     await server.start()
     log.info(
         "%s: %s serving %r (weights loaded in %.2f s; %.2f s from process start to ready)",
@@ -112,6 +113,8 @@ async def serve(settings: WorkerSettings) -> int:
         health.cancel()  # not healthy from here on: the file goes
     await server.drain(0 if engine_died else settings.drain_timeout_s)
     await sides.close()
+    if images is not None:
+        await images.close()
     await engine.shutdown()
     with contextlib.suppress(Exception):
         await nc.drain()
@@ -166,6 +169,32 @@ async def _disaggregation(settings: WorkerSettings, role: InstanceRole, nc: Any,
     config = DecodeConfig(local_prefill_below=settings.local_prefill_below, transfer_lease_s=settings.kv_lease_s)
     sides.decode = DecodeSide(nc, engine, instance_id, info.model, receiver, config)
     return sides
+
+
+async def _image_resolver(settings: WorkerSettings, nc: Any, engine: Any, instance_id: str) -> Any:
+    """Vision-language models: how requests' images become embeddings (the vision
+    service when one is alive, with an embedding pool and its data plane; else here)."""
+    core = engine.engine
+    if core.vision is None:
+        return None
+    from rtpllm.serving.vision_client import ImageResolver, VisionClient
+
+    client = None
+    if settings.embedding_pool_bytes > 0:
+        from rtpllm.multimodal.embedding_pool import EmbeddingPool, embedding_namespace
+        from rtpllm.transfer import KVReceiver
+
+        hidden = core.model_config.hidden_size
+        namespace = embedding_namespace(core.weights_identity, core.dtype, hidden)
+        pool = EmbeddingPool.of_bytes(settings.embedding_pool_bytes, hidden, core.dtype, core.device, namespace)
+        backends = [b for b in settings.kv_backends if b != "cuda_ipc" or pool.kv.is_cuda] or ["tcp"]
+        receiver = KVReceiver(pool.kv, pool.layout, host=settings.kv_host, port=0, backends=backends)
+        await receiver.start()
+        client = VisionClient(nc, instance_id, pool, receiver)
+        await client.start()
+        log.info("embedding data plane listening on %s:%d (%d blocks)", receiver.endpoint.host, receiver.endpoint.port, pool.num_blocks)
+    runner = core.runner.multimodal
+    return ImageResolver(core.vision, core.tokenizer, client, settings.local_encode_below, encoded_here=lambda: runner.images_encoded)
 
 
 def run(settings: WorkerSettings) -> int:

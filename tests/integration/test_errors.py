@@ -56,8 +56,8 @@ BAD_INPUTS = [
             "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
         },
         400,
-        None,
-        "messages.0.content",
+        "images_not_supported",
+        "messages.0.content.0",
     ),
     (
         CHAT,

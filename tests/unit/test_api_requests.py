@@ -138,8 +138,12 @@ def test_chat_prompt_renders_template_and_text_parts(tokenizer: Tokenizer) -> No
     with pytest.raises(APIError, match="at least one"):
         chat_prompt(tokenizer, [])
     image = chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}])
-    with pytest.raises(APIError, match="only text"):
+    with pytest.raises(APIError, match="does not take images"):
         chat_prompt(tokenizer, image.messages)
+    audio = chat(messages=[{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}])
+    with pytest.raises(APIError, match="only text and image_url") as info:
+        chat_prompt(tokenizer, audio.messages)
+    assert info.value.param == "messages.0.content.0"
 
 
 def test_completion_prompt_forms(tokenizer: Tokenizer) -> None:

@@ -23,7 +23,7 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 def test_commands_exist() -> None:
     top = _subparsers(build_parser())
     assert {"up", "serve", "convert-gguf"} <= set(top)
-    assert {"gateway", "worker", "prefill", "decode", "kvstore"} == set(_subparsers(top["serve"]))
+    assert {"gateway", "worker", "prefill", "decode", "kvstore", "vision"} == set(_subparsers(top["serve"]))
 
 
 def test_every_flag_documents_its_env_var() -> None:
@@ -99,6 +99,38 @@ def test_kvstore_flags() -> None:
     assert w.engine.offload.enabled and w.engine.offload.host_bytes == 0 and w.engine.offload.write_through is None
     w = worker_settings(build_parser().parse_args(["serve", "decode", "--device", "cpu", "--kv-write-through", "off"]))
     assert w.engine.offload.kvstore_host_id is None and w.engine.offload.write_through is False
+
+
+def test_vision_flags() -> None:
+    from rtpllm.cli.serve import vision_settings
+
+    args = build_parser().parse_args(
+        ["serve", "vision", "--model", "/m", "--device", "cpu", "--cache-gib", "0.5", "--batch-wait-ms", "5",
+         "--max-batch-images", "4", "--kvstore", "--nats", "nats://n:1", "--load-format", "dummy", "--seed", "3"]
+    )  # fmt: skip
+    v = vision_settings(args)
+    assert (v.model, v.device, v.cache_bytes, v.batch_wait_s, v.max_batch_images) == ("/m", "cpu", 1 << 29, 0.005, 4)
+    assert (v.kvstore_host_id, v.kvstore_nats_url, v.load_format, v.seed) == (default_host_id(), "nats://n:1", "dummy", 3)
+    assert vision_settings(build_parser().parse_args(["serve", "vision", "--device", "cpu"])).kvstore_host_id is None
+    w = worker_settings(build_parser().parse_args(["serve", "worker", "--device", "cpu", "--embedding-pool-mib", "8", "--local-encode-below", "64"]))
+    assert (w.embedding_pool_bytes, w.local_encode_below) == (8 << 20, 64)
+
+
+def test_up_starts_a_vision_service_for_a_vision_language_model_only(tmp_path: Path) -> None:
+    from rtpllm.cli.up import _has_vision
+    from rtpllm.loader.random_checkpoint import write_random_checkpoint
+
+    assert not _has_vision(str(write_random_checkpoint(tmp_path / "text", "llama")))
+    assert not _has_vision(str(tmp_path / "missing"))
+    vlm = tmp_path / "vlm"
+    vlm.mkdir()
+    (vlm / "config.json").write_text(
+        '{"model_type": "qwen2_vl", "architectures": ["Qwen2VLForConditionalGeneration"], "hidden_size": 64, '
+        '"num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128, '
+        '"vocab_size": 300, "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}, '
+        '"vision_config": {"depth": 1, "embed_dim": 32, "hidden_size": 64, "num_heads": 4}}'
+    )
+    assert _has_vision(str(vlm))
 
 
 def test_up_kvstore_gives_the_tier_flags_to_the_kvstore(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

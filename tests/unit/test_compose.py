@@ -14,12 +14,13 @@ import yaml
 from rtpllm.cli import build_parser, options
 
 ROOT = Path(__file__).resolve().parents[2]
-LONG_RUNNING = {"nats", "redis", "kvstore", "prefill", "decode", "gateway"}
+LONG_RUNNING = {"nats", "redis", "kvstore", "prefill", "decode", "vision", "gateway"}
 FLAGS_OF = {
     "gateway": options.BUS + options.MODEL + options.GATEWAY,
     "prefill": options.BUS + options.MODEL + options.ENGINE + options.WORKER + options.DISAGG,
     "decode": options.BUS + options.MODEL + options.ENGINE + options.WORKER + options.DISAGG,
     "kvstore": options.BUS + options.KVSTORE,
+    "vision": options.BUS + options.MODEL + options.VISION,
     "model": options.MODEL,
     "secrets": options.SECRETS,
 }
@@ -46,15 +47,15 @@ def test_the_design_topology(compose: dict) -> None:
 def test_cpu_by_default_gpu_only_in_the_override(compose: dict) -> None:
     for name, service in compose["services"].items():
         assert "deploy" not in service, f"{name} reserves devices in the base file"
-    for role in ("prefill", "decode"):
+    for role in ("prefill", "decode", "vision"):
         assert compose["services"][role]["environment"]["RTPLLM_DEVICE"] == "cpu"
     gpu = load("docker-compose.gpu.yml")["services"]
-    for role in ("prefill", "decode"):
+    for role in ("prefill", "decode", "vision"):
         assert gpu[role]["environment"]["RTPLLM_DEVICE"] == "cuda"
         # Every GPU visible, one claimed per replica: not all on GPU 0.
         assert gpu[role]["deploy"]["resources"]["reservations"]["devices"][0]["count"] == "all"
         assert gpu[role]["environment"]["RTPLLM_GPU_CLAIM_DIR"]
-    assert set(gpu) == {"prefill", "decode"}
+    assert set(gpu) == {"prefill", "decode", "vision"}
 
 
 def test_every_command_and_variable_is_the_clis(compose: dict) -> None:
@@ -79,7 +80,7 @@ def test_every_command_and_variable_is_the_clis(compose: dict) -> None:
 
 
 def test_replicas_need_no_per_replica_settings(compose: dict) -> None:
-    for role in ("prefill", "decode", "kvstore"):
+    for role in ("prefill", "decode", "vision", "kvstore"):
         env = compose["services"][role]["environment"]
         assert env["RTPLLM_KV_HOST"] == "0.0.0.0"  # the data plane announces the container's address
         assert not {"RTPLLM_INSTANCE_ID", "RTPLLM_KV_PORT"} & set(env)
@@ -116,7 +117,7 @@ def test_authenticated_by_default(compose: dict) -> None:
     assert services["nats"]["command"][1:3] == ["-c", f"{directory}/nats.conf"]
     assert f"requirepass \"$$(cat {directory}/redis_password)\"" in services["redis"]["command"][2]
     assert f"{directory}/redis_password" in services["redis"]["healthcheck"]["test"][1]
-    for name in ("kvstore", "prefill", "decode", "gateway"):
+    for name in ("kvstore", "prefill", "decode", "vision", "gateway"):
         env = services[name]["environment"]
         assert env["RTPLLM_NATS_TOKEN_FILE"] == f"{directory}/nats_token", name
         assert env["RTPLLM_REDIS_PASSWORD_FILE"] == f"{directory}/redis_password", name

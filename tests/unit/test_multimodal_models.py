@@ -1,5 +1,5 @@
 """Image prompts end to end against HF transformers: tiny random-weight Qwen2-VL and
-Idefics3 checkpoints built here (fp32, CPU), run through `LLM.chat` / `LLM.generate`
+Idefics3 checkpoints (tests/multimodal_support.py; fp32, CPU), run through `LLM.chat` / `LLM.generate`
 (in-process encoding), compared with HF's forward (logits of every computed position)
 and HF's `generate` (greedy tokens); through prefix-cache hits, chunked prefill that
 splits image placeholder runs, and with different images behind identical placeholder
@@ -7,11 +7,8 @@ tokens."""
 
 from __future__ import annotations
 
-import base64
-import io
 import json
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,16 +16,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-from transformers import (
-    Idefics3Config,
-    Idefics3ForConditionalGeneration,
-    Qwen2VLConfig,
-    Qwen2VLForConditionalGeneration,
-)
-from transformers.convert_slow_tokenizer import bytes_to_unicode
-from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from rtpllm import LLM, SamplingParams
 from rtpllm.engine.request import Request
@@ -41,216 +28,24 @@ from rtpllm.outputs import RequestOutput
 from rtpllm.tokenizer import Tokenizer as RtpTokenizer
 from rtpllm.tokenizer.byte_tokenizer import write_byte_tokenizer
 from rtpllm.tokenizer.chat_template import ChatTemplateError
+from tests.multimodal_support import TEXT_SHAPE, data_url, random_image, write_idefics3, write_qwen2_vl
+from tests.multimodal_support import TinyVLM as Family
 
 MAX_TOKENS = 8
 RTOL = 1e-4  # max |ours - HF| over max |HF|, per logits row
 GREEDY = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
-
-# The models' own chat templates (Qwen2-VL's and Idefics3's processor templates).
-QWEN2_VL_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-IDEFICS3_TEMPLATE = (
-    "<|begin_of_text|>{% for message in messages %}{{message['role'].capitalize()}}"
-    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
-    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
-    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
-)
-QWEN2_VL_SPECIALS = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-]
-IDEFICS3_SPECIALS = [
-    "<|begin_of_text|>",
-    "<end_of_utterance>",
-    "<fake_token_around_image>",
-    "<image>",
-    "<global-img>",
-] + [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
-TEXT_SHAPE = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 320,
-    "max_position_embeddings": 1024,
-}
 # (height, width): different sizes and aspect ratios.
 SIZES = [(100, 60), (56, 90), (90, 200)]
 
 
-def random_image(height: int, width: int, seed: int) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
-
-
-def data_url(image: Image.Image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")  # lossless: HF sees the same pixels
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def write_tokenizer(out: Path, specials: list[str], eos: str, template: str) -> dict[str, int]:
-    """Byte-level, no merges, with the family's special tokens; returns their ids."""
-    vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
-    tok.save(str(out / "tokenizer.json"))
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": None,
-        "eos_token": eos,
-        "add_bos_token": False,
-    }
-    (out / "tokenizer_config.json").write_text(json.dumps(config))
-    (out / "chat_template.json").write_text(json.dumps({"chat_template": template}))
-    return {s: tok.token_to_id(s) for s in specials}
-
-
-def randomize(model: torch.nn.Module, seed: int) -> None:
-    """Weights far from HF's init, so activations are O(1), generations vary and a wrong
-    op shows in the logits."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if p.dim() > 1:
-                p.copy_(noise * 0.3)
-            else:  # norm scales near 1, biases around 0
-                p.copy_(1 + 0.3 * noise if "norm" in name or "ln_" in name else 0.5 * noise)
-
-
-@dataclass
-class Family:
-    """A tiny checkpoint on disk, the same model in HF, and how to feed HF its images."""
-
-    name: str
-    path: Path
-    hf: torch.nn.Module
-    image_token_id: int
-    hf_pixels: Callable[[list[Image.Image]], dict[str, torch.Tensor]]
-
-    def hf_logits(self, ids: list[int], images: list[Image.Image]) -> torch.Tensor:
-        with torch.no_grad():
-            return self.hf(**self._inputs(ids, images)).logits[0].float()
-
-    def hf_reference(
-        self, ids: list[int], images: list[Image.Image], max_tokens: int = MAX_TOKENS
-    ) -> tuple[list[int], torch.Tensor]:
-        """HF's greedy tokens (`generate`, its own KV cache and M-RoPE deltas) and the
-        logits of every position that computes: the prompt's from a forward pass, the
-        outputs' from generate's steps (a forward over prompt + outputs would take an
-        image token the model generated for a placeholder)."""
-        inputs = self._inputs(ids, images)
-        with torch.no_grad():
-            prompt_logits = self.hf(**inputs).logits[0].float()
-            out = self.hf.generate(
-                **inputs,
-                attention_mask=torch.ones_like(inputs["input_ids"]),
-                max_new_tokens=max_tokens,
-                do_sample=False,
-                output_logits=True,
-                return_dict_in_generate=True,
-            )
-        steps = torch.stack([step[0] for step in out.logits]).float()
-        assert torch.allclose(steps[0], prompt_logits[-1], rtol=1e-4, atol=1e-4)
-        return out.sequences[0, len(ids) :].tolist(), torch.cat([prompt_logits, steps[1:]])
-
-    def _inputs(self, ids: list[int], images: list[Image.Image]) -> dict[str, Any]:
-        input_ids = torch.tensor([ids])
-        inputs: dict[str, Any] = {"input_ids": input_ids}
-        if images:
-            inputs.update(self.hf_pixels(images))
-            if self.name == "qwen2_vl":
-                inputs["mm_token_type_ids"] = (input_ids == self.image_token_id).int()
-        return inputs
-
-
 @pytest.fixture(scope="module")
 def qwen2_vl(tmp_path_factory: pytest.TempPathFactory) -> Family:
-    path = tmp_path_factory.mktemp("qwen2_vl")
-    ids = write_tokenizer(path, QWEN2_VL_SPECIALS, "<|im_end|>", QWEN2_VL_TEMPLATE)
-    config = Qwen2VLConfig(
-        vision_config={"depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 4, "mlp_ratio": 2},
-        text_config={
-            **TEXT_SHAPE,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-            "eos_token_id": ids["<|im_end|>"],
-            "bos_token_id": None,
-        },
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-    )
-    torch.manual_seed(0)
-    hf = Qwen2VLForConditionalGeneration(config).eval()
-    randomize(hf, seed=0)
-    hf.generation_config.eos_token_id = None  # the engine runs with ignore_eos
-    hf.save_pretrained(path)
-    pre = {"min_pixels": 56 * 56, "max_pixels": 28 * 28 * 16}
-    (path / "preprocessor_config.json").write_text(json.dumps(pre))
-    processor = Qwen2VLImageProcessorPil(**pre)
-
-    def pixels(images: list[Image.Image]) -> dict[str, torch.Tensor]:
-        out = processor(images, return_tensors="pt")
-        return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
-
-    return Family("qwen2_vl", path, hf, ids["<|image_pad|>"], pixels)
+    return write_qwen2_vl(tmp_path_factory.mktemp("qwen2_vl"))
 
 
 @pytest.fixture(scope="module")
 def idefics3(tmp_path_factory: pytest.TempPathFactory) -> Family:
-    path = tmp_path_factory.mktemp("idefics3")
-    ids = write_tokenizer(path, IDEFICS3_SPECIALS, "<end_of_utterance>", IDEFICS3_TEMPLATE)
-    config = Idefics3Config(
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "image_size": 56,
-            "patch_size": 14,
-        },
-        text_config={
-            "model_type": "llama",
-            **TEXT_SHAPE,
-            "rms_norm_eps": 1e-6,
-            "eos_token_id": ids["<end_of_utterance>"],
-            "bos_token_id": ids["<|begin_of_text|>"],
-        },
-        scale_factor=2,
-        image_token_id=ids["<image>"],
-    )
-    torch.manual_seed(0)
-    hf = Idefics3ForConditionalGeneration(config).eval()
-    randomize(hf, seed=1)
-    hf.generation_config.eos_token_id = None  # the engine runs with ignore_eos
-    hf.save_pretrained(path)
-    pre = {"size": {"longest_edge": 112}, "max_image_size": {"longest_edge": 56}, "do_image_splitting": True}
-    (path / "preprocessor_config.json").write_text(json.dumps(pre))
-    processor = Idefics3ImageProcessorPil(**pre)
-
-    def pixels(images: list[Image.Image]) -> dict[str, torch.Tensor]:
-        out = processor([images], return_tensors="pt")
-        return {"pixel_values": out["pixel_values"], "pixel_attention_mask": out["pixel_attention_mask"]}
-
-    return Family("idefics3", path, hf, ids["<image>"], pixels)
+    return write_idefics3(tmp_path_factory.mktemp("idefics3"))
 
 
 @pytest.fixture(params=["qwen2_vl", "idefics3"])

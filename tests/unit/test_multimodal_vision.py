@@ -250,3 +250,20 @@ def test_idefics3_config_from_checkpoint(idefics3: tuple[Path, Idefics3ForCondit
     config = Idefics3VisionConfig.from_hf(json.loads((path / "config.json").read_text()))
     assert (config.hidden_size, config.num_layers, config.image_size, config.patch_size) == (32, 2, 64, 8)
     assert (config.scale_factor, config.text_hidden_size, config.hidden_act) == (2, 48, "gelu_pytorch_tanh")
+
+
+@pytest.mark.parametrize("seq_lens", [[5], [4, 4, 4], [4, 6, 4, 6, 6], [3, 7, 3]])
+def test_block_diagonal_attention_equals_one_call_per_image(seq_lens: list[int]) -> None:
+    """Images of one size share a batched attention call (contiguous or gathered rows);
+    the result equals attending within each image on its own."""
+    from rtpllm.multimodal.qwen2_vl_vision import _block_diagonal_attention
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(sum(seq_lens), 2, 8, generator=gen) for _ in range(3))
+    ref = torch.cat(
+        [
+            torch.nn.functional.scaled_dot_product_attention(a.transpose(0, 1), b.transpose(0, 1), c.transpose(0, 1)).transpose(0, 1)
+            for a, b, c in zip(q.split(seq_lens), k.split(seq_lens), v.split(seq_lens), strict=True)
+        ]
+    )
+    torch.testing.assert_close(_block_diagonal_attention(q, k, v, seq_lens), ref)

@@ -90,6 +90,7 @@ class Generation:
                         reply_to="",  # the dispatcher fills in its own
                         gateway_id="",
                         deadline=self._deadline,
+                        images=prompt.images,
                     )
                     self.streams.append(await self._core.dispatcher.submit(req))
             # Past the deadline every stream ends with an error delta (and its instance

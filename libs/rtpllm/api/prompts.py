@@ -4,26 +4,39 @@ the tokens), and the context-length checks.
 Given the context window (`max_model_len`, None when no worker is known yet), a text is
 checked before it is tokenized: when its length alone proves it has too many tokens
 (rtpllm.tokenizer.length_bound), it is refused without paying for the tokenization.
+
+A chat with images (loaded beforehand by rtpllm.api.images, since fetching is async and
+this runs off the event loop for big bodies) is rendered with the template's own image
+token per image, and each is expanded to the image's placeholder tokens from its size
+alone: the expanded ids are what the engine runs, routes by and counts as prompt tokens.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from rtpllm.api.errors import bad_request
+from rtpllm.api.images import LoadedImage, is_image_part
 from rtpllm.api.requests import ChatMessage
+from rtpllm.protocol.messages import ImageSpec
 from rtpllm.sampling_params import MAX_TOKEN_ID
 from rtpllm.tokenizer import Tokenizer
 from rtpllm.tokenizer.chat_template import ChatTemplateError
 
+if TYPE_CHECKING:
+    from rtpllm.multimodal.families import VisionFamily
+
 
 @dataclass(frozen=True)
 class Prompt:
-    """One prompt to generate from: its token ids, and its text when known (for echo)."""
+    """One prompt to generate from: its token ids, its text when known (for echo), and
+    its images in prompt order (their runs index `token_ids`)."""
 
     token_ids: list[int]
     text: str | None = None
+    images: list[ImageSpec] = field(default_factory=list)
 
 
 def chat_prompt(
@@ -32,12 +45,21 @@ def chat_prompt(
     add_generation_prompt: bool = True,
     max_model_len: int | None = None,
     max_tokens: int | None = None,
+    images: Sequence[LoadedImage] = (),
+    vision: VisionFamily | None = None,
 ) -> Prompt:
+    """The prompt of a chat. `images`: the loaded images of its `image_url` parts, in
+    order (ImageLoader.load), with `vision` the model's family."""
     if not messages:
         raise bad_request("messages must contain at least one message.", "messages")
+    count = sum(1 for msg in messages if isinstance(msg.content, list) for part in msg.content if is_image_part(part))
+    if count and vision is None:
+        raise bad_request("This model does not take images.", "messages", "images_not_supported")
+    if count != len(images):  # the caller skipped ImageLoader.load: a bug, not the client's
+        raise ValueError(f"the chat has {count} image parts but {len(images)} images were loaded")
     conversation: list[dict[str, Any]] = []
     for i, msg in enumerate(messages):
-        item: dict[str, Any] = {"role": msg.role, "content": _content_text(msg.content, i)}
+        item: dict[str, Any] = {"role": msg.role, "content": _content(msg.content, i)}
         if msg.name is not None:
             item["name"] = msg.name
         conversation.append(item)
@@ -45,7 +67,8 @@ def chat_prompt(
         text = tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt)
     except ChatTemplateError as exc:
         raise bad_request(str(exc), "messages") from None
-    # The rendered text, not the messages: a template may drop or add text.
+    # The rendered text, not the messages: a template may drop or add text. With images
+    # it holds one image token per image, fewer than expanded: still a lower bound.
     check_text_fits(tokenizer, text, max_tokens, max_model_len, "messages")
     try:
         # Special tokens are parsed only where the template wrote them: a client whose
@@ -56,21 +79,58 @@ def chat_prompt(
         raise bad_request(str(exc), "messages") from None
     if not ids:
         raise bad_request("The chat renders to an empty prompt.", "messages")
-    return Prompt(ids, text)
+    specs: list[ImageSpec] = []
+    if images:
+        assert vision is not None
+        ids, specs = _expand_images(tokenizer, ids, images, vision)
+    return Prompt(ids, text, specs)
+
+
+def _expand_images(
+    tokenizer: Tokenizer, ids: list[int], images: Sequence[LoadedImage], vision: VisionFamily
+) -> tuple[list[int], list[ImageSpec]]:
+    # Imported here: a text-only gateway never loads the multimodal stack.
+    from rtpllm.multimodal.prompt import expand_image_placeholders
+
+    try:
+        expanded, placements = expand_image_placeholders(
+            vision, tokenizer, ids, [(image.width, image.height) for image in images]
+        )
+    except ValueError as exc:
+        # A template that drops image parts (of some role, say) or writes its own.
+        raise bad_request(f"The chat template does not place every image: {exc}.", "messages") from None
+    specs = [
+        ImageSpec(content_hash=image.content_hash, runs=list(placement.runs), grid_thw=placement.grid_thw, data=image.data)
+        for image, placement in zip(images, placements, strict=True)
+    ]
+    return expanded, specs
+
+
+def _content(content: str | list[dict[str, Any]] | None, index: int) -> str | list[dict[str, Any]]:
+    """A message's content for the template: its text, or, when it has images, its text
+    and `{"type": "image"}` parts (what chat templates render as their image token)."""
+    if isinstance(content, list) and any(is_image_part(part) for part in content):
+        return [
+            {"type": "image"} if is_image_part(part) else {"type": "text", "text": _part_text(part, index, j)}
+            for j, part in enumerate(content)
+        ]
+    return _content_text(content, index)
 
 
 def _content_text(content: str | list[dict[str, Any]] | None, index: int) -> str:
     if content is None or isinstance(content, str):
         return content or ""
-    parts = []
-    for part in content:
-        if part.get("type") != "text" or not isinstance(part.get("text"), str):
-            raise bad_request(
-                f"messages[{index}].content: only text content parts are supported, got type {part.get('type')!r}.",
-                f"messages.{index}.content",
-            )
-        parts.append(part["text"])
-    return "".join(parts)
+    return "".join(_part_text(part, index, j) for j, part in enumerate(content))
+
+
+def _part_text(part: Any, index: int, j: int) -> str:
+    if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+        kind = part.get("type") if isinstance(part, dict) else None
+        raise bad_request(
+            f"messages[{index}].content[{j}]: only text and image_url content parts are supported, got type {kind!r}.",
+            f"messages.{index}.content.{j}",
+        )
+    return part["text"]
 
 
 def completion_prompts(

@@ -1,7 +1,8 @@
 """The OpenAI-compatible endpoints' logic, independent of how routes are mounted.
 
 Order of checks, so each failure gets its status: body size (413) -> body (400) -> model
-(404) -> parameters (400) -> prompt (400; one provably too long for the context window
+(404) -> parameters (400) -> images (400: fetched on the loop, large ones decoded in a
+thread, before the prompt is built) -> prompt (400; one provably too long for the context window
 is refused before it is tokenized) -> a live instance (503) -> context length (400) ->
 sequences (400) -> admission (429) -> submit (503/429/400/504) -> stream (errors in-band
 once streaming).
@@ -28,6 +29,7 @@ from rtpllm.api.chat import chat_chunks, chat_completion
 from rtpllm.api.completions import completion, completion_chunks
 from rtpllm.api.errors import CLIENT_CLOSED, APIError
 from rtpllm.api.generation import GatewayCore, Generation, failed
+from rtpllm.api.images import ImageLoader, MediaSettings
 from rtpllm.api.logprobs import TokenText
 from rtpllm.api.params import chat_sampling_params, completion_sampling_params
 from rtpllm.api.prompts import chat_prompt, check_context_length, completion_prompts
@@ -94,11 +96,14 @@ class OpenAIServer:
         tokenizer: Tokenizer,
         model: str,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        images: ImageLoader | None = None,
     ) -> None:
         self.core = core
         self.tokenizer = tokenizer
         self.model = model
         self.max_body_bytes = max_body_bytes
+        # Default: a text model's (every image part is a 400).
+        self.images = images if images is not None else ImageLoader(MediaSettings(), model)
         self.token_text = TokenText(tokenizer)
         self.created = int(time.time())
 
@@ -115,6 +120,7 @@ class OpenAIServer:
                 req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
             )
             window = self._known_max_model_len(model)
+            images = await self.images.load(req.messages)
             prompt = await _off_loop(
                 len(body),
                 chat_prompt,
@@ -123,6 +129,8 @@ class OpenAIServer:
                 req.add_generation_prompt,
                 window,
                 explicit_max,
+                images,
+                self.images.family,
             )
             check_context_length(len(prompt.token_ids), explicit_max, self._max_model_len(model), "messages")
             gen = Generation(self.core, f"chatcmpl-{uuid.uuid4().hex}", model, [prompt], params)

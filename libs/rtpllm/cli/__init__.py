@@ -1,4 +1,4 @@
-"""The `rtpllm` command: `up` (the whole stack), `serve gateway|worker|prefill|decode|kvstore` (one service),
+"""The `rtpllm` command: `up` (the whole stack), `serve gateway|worker|prefill|decode|kvstore|vision` (one service),
 `secrets` (a compose stack's credentials), `convert-gguf`. Flags read `RTPLLM_*` environment variables (see `--help`)."""
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(up, "model", options.MODEL)
     add_flags(up, "engine (passed to every engine instance)", options.UP_ENGINE)
     add_flags(up, "disaggregation (passed to decode instances)", options.DISAGG)
+    add_flags(up, "images (passed to the gateway; vision-language models)", options.IMAGES)
 
     serve = commands.add_parser("serve", help="run one service (scale each independently)")
     services = serve.add_subparsers(dest="service", required=True, metavar="SERVICE")
@@ -66,6 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_flags(kvstore, "bus", options.BUS)
     add_flags(kvstore, "kvstore", options.KVSTORE)
+    vision = services.add_parser(
+        "vision",
+        help="a vision encoder of a vision-language model, shared by its engines",
+        description="Encode the images of engines' requests (batched across requests), keep the embeddings by "
+        "content hash in memory (and with --kvstore in the host's kvstore tiers), and ship them to the engines over "
+        "the data plane (see docs/multimodal.md).",
+    )
+    add_flags(vision, "bus", options.BUS)
+    add_flags(vision, "model", options.MODEL)
+    add_flags(vision, "vision", options.VISION)
 
     prepare = commands.add_parser(
         "prepare",
@@ -136,6 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return serve.run_gateway(args)
         if args.service == "kvstore":
             return serve.run_kvstore(args)
+        if args.service == "vision":
+            return serve.run_vision(args)
         return serve.run_worker(args)
     raise AssertionError(args.command)
 

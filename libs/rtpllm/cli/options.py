@@ -72,6 +72,8 @@ WORKER = [
     Flag("--heartbeat-interval", "RTPLLM_HEARTBEAT_INTERVAL", "seconds between heartbeats", 1.0, float),
     Flag("--lease", "RTPLLM_LEASE", "seconds without a heartbeat after which gateways drop this process and fail its streams", 3.0, float),
     Flag("--drain-timeout", "RTPLLM_DRAIN_TIMEOUT", "on SIGTERM, seconds running requests may finish before they are failed", 10.0, float),
+    Flag("--embedding-pool-mib", "RTPLLM_EMBEDDING_POOL_MIB", "vision-language models: MiB of the pool that receives image embeddings from vision services (0: never use a vision service; encode every image here)", 256.0, float),
+    Flag("--local-encode-below", "RTPLLM_LOCAL_ENCODE_BELOW", "vision-language models: requests with fewer image tokens are encoded here, not by a vision service (0: use a vision service whenever one is alive)", 0, int),
 ]
 
 DISAGG = [
@@ -81,11 +83,37 @@ DISAGG = [
     Flag("--kv-lease", "RTPLLM_KV_LEASE", "seconds a remote prefill and its KV transfer may take before the decode instance gives up on it", 30.0, float),
 ]
 
+# `serve vision`: the model flags of an engine that matter to a vision tower, and its own.
+VISION = [
+    *(f for f in ENGINE if f.name in ("--device", "--dtype", "--seed", "--load-format", "--gpu-claim-dir", "--health-file")),
+    Flag("--instance-id", "RTPLLM_INSTANCE_ID", "this vision instance's id on the bus (default: vision-<host>-<random>)"),
+    Flag("--heartbeat-interval", "RTPLLM_HEARTBEAT_INTERVAL", "seconds between heartbeats", 1.0, float),
+    Flag("--lease", "RTPLLM_LEASE", "seconds without a heartbeat after which engines treat this instance as gone (and encode its requests' images themselves)", 3.0, float),
+    Flag("--cache-gib", "RTPLLM_VISION_CACHE_GIB", "GiB of image embeddings kept in memory by content hash (the pool the data plane ships from)", 1.0, float),
+    Flag("--max-batch-images", "RTPLLM_MAX_BATCH_IMAGES", "images per tower call at most (images of concurrent requests share a call)", 16, int),
+    Flag("--batch-wait-ms", "RTPLLM_BATCH_WAIT_MS", "milliseconds a batch with room waits for more images before the tower runs", 2.0, float),
+    Flag("--kvstore", "RTPLLM_KVSTORE", "also keep embeddings in this host's kvstore tiers (host memory, SSD, Redis) when it answers at startup", False, boolean=True),
+    Flag("--kvstore-host-id", "RTPLLM_KVSTORE_HOST_ID", "host id of the kvstore to use (default: this host's name)"),
+    Flag("--kv-host", "RTPLLM_KV_HOST", "address this service's data plane listens on for blocks from the kvstore; 0.0.0.0 announces this host's IP (containers)", "127.0.0.1"),
+    Flag("--kv-backends", "RTPLLM_KV_BACKENDS", "data-plane backends, in order of preference, where both sides allow them", "cuda_ipc,shm,tcp"),
+]
+
 # The gateway's API keys; `up` passes them on (or makes one).
 API_KEYS = [
     Flag("--api-key", "RTPLLM_API_KEY", "API key clients must send as `Authorization: Bearer KEY`; several comma-separated (no key at all: the API is open)"),
     Flag("--api-key-file", "RTPLLM_API_KEY_FILE", "file of API keys, one per line (blank lines and # comments ignored)"),
     Flag("--protect-metrics", "RTPLLM_PROTECT_METRICS", "with API keys, /metrics and /instances need a key too (/health and /ready never do)", True, boolean=True),
+]
+
+# Images in chat requests (vision-language models); docs/serving.md#images.
+IMAGES = [
+    Flag("--allowed-media-domains", "RTPLLM_ALLOWED_MEDIA_DOMAINS", "comma-separated hosts whose http(s) image URLs the gateway fetches (*.example.com: its subdomains); none: only data: (and --allowed-local-media-path file:) URLs"),
+    Flag("--allowed-media-networks", "RTPLLM_ALLOWED_MEDIA_NETWORKS", "comma-separated CIDRs image fetches may reach although loopback, private or link-local (an internal image store); none: only public addresses"),
+    Flag("--allowed-local-media-path", "RTPLLM_ALLOWED_LOCAL_MEDIA_PATH", "directory whose files file: image URLs may name (symlinks resolved); none: file: URLs refused"),
+    Flag("--max-images-per-request", "RTPLLM_MAX_IMAGES_PER_REQUEST", "images one chat request may carry", 8, int),
+    Flag("--max-image-pixels", "RTPLLM_MAX_IMAGE_PIXELS", "largest width x height of an image, checked from its header before decoding", 50_000_000, int),
+    Flag("--max-image-bytes", "RTPLLM_MAX_IMAGE_BYTES", "largest encoded image, bytes (capped at the NATS server's max_payload, which a request's images must fit together)", 20 << 20, int),
+    Flag("--media-fetch-timeout", "RTPLLM_MEDIA_FETCH_TIMEOUT", "seconds to fetch and decode all of a request's images (and each fetch, redirects included)", 10.0, float),
 ]
 
 GATEWAY = [
@@ -106,11 +134,13 @@ GATEWAY = [
     Flag("--retry-after", "RTPLLM_RETRY_AFTER", "Retry-After seconds sent with 429 and 503", 1, int),
     Flag("--shutdown-timeout", "RTPLLM_SHUTDOWN_TIMEOUT", "on SIGTERM, seconds open streams may finish", 10.0, float),
     *API_KEYS,
+    *IMAGES,
 ]
 
 UP = [
     Flag("--prefill", "RTPLLM_PREFILL", "prefill instances (the default topology: 1 prefill, 1 decode)", None, int),
     Flag("--decode", "RTPLLM_DECODE", "decode instances, which take the requests (default 1)", None, int),
+    Flag("--vision", "RTPLLM_VISION", "vision services (image encoders) to start; default: 1 when the model is vision-language (Qwen2-VL, Idefics3/SmolVLM), else 0", None, int),
     Flag("--workers", "RTPLLM_WORKERS", "instead of prefill + decode: N combined worker processes, each prefilling and decoding its own requests (aggregated; see docs/architecture.md for which to choose)", 0, int),
     Flag("--host", "RTPLLM_HOST", "gateway HTTP bind address", "127.0.0.1"),
     Flag("--port", "RTPLLM_PORT", "gateway HTTP port", 8000, int),

@@ -25,6 +25,7 @@ NATS_TOKEN = "nats_token"
 REDIS_PASSWORD = "redis_password"
 API_KEY = "api_key"
 NATS_CONFIG = "nats.conf"
+NATS_MAX_PAYLOAD = 8 << 20  # bytes; NATS' default is 1 MiB
 
 
 def _kept_or_new(path: Path, make: str) -> str:
@@ -54,7 +55,12 @@ def ensure_secrets(directory: str | Path, api_keys: tuple[str, ...] = ()) -> dic
         done[API_KEY] = _kept_or_new(root / API_KEY, new_api_key())
     token = read_secret_file(root / NATS_TOKEN)
     # Quoted: the config parser would read some bare strings as numbers or variables.
-    config = f'# Written by `rtpllm secrets`: clients must present the token in {NATS_TOKEN}.\nauthorization {{\n  token: "{token}"\n}}'
+    config = (
+        f"# Written by `rtpllm secrets`: clients must present the token in {NATS_TOKEN}.\n"
+        f'authorization {{\n  token: "{token}"\n}}\n'
+        # A chat request carries its images' encoded bytes (docs/multimodal.md).
+        f"max_payload: {NATS_MAX_PAYLOAD}\n"
+    )
     write_secret_file(root / NATS_CONFIG, config)
     done[NATS_CONFIG] = "written"
     return done

@@ -4,13 +4,16 @@ service's entry point."""
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
+from pathlib import Path
+from typing import Any
 
 from rtpllm.config import CacheConfig, EngineConfig, OffloadConfig, SchedulerConfig
 from rtpllm.credentials import read_secret_file, split_userinfo, with_userinfo
 from rtpllm.protocol.subjects import check_id, default_host_id
 from rtpllm.serving.bus import NatsConfig
-from rtpllm.serving.settings import GatewaySettings, KVStoreSettings, WorkerSettings
+from rtpllm.serving.settings import GatewaySettings, KVStoreSettings, VisionSettings, WorkerSettings
 
 GIB = 1 << 30
 
@@ -89,7 +92,40 @@ def gateway_settings(args: argparse.Namespace) -> GatewaySettings:
         nats_connect_timeout_s=args.nats_connect_timeout,
         api_keys=api_keys,
         protect_metrics=args.protect_metrics,
+        **media_settings(args),
     )
+
+
+def media_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The gateway's image flags as GatewaySettings fields, checked here so a bad value
+    stops the gateway at startup rather than failing every image request."""
+    networks = _csv(args.allowed_media_networks)
+    for net in networks:
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError as exc:
+            raise SystemExit(f"error: --allowed-media-networks: {exc}") from None
+    local = args.allowed_local_media_path or None
+    if local is not None and not Path(local).expanduser().is_dir():
+        raise SystemExit(f"error: --allowed-local-media-path {local!r} is not a directory")
+    for name in ("max_images_per_request", "max_image_pixels", "max_image_bytes"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1")
+    if args.media_fetch_timeout <= 0:
+        raise SystemExit("error: --media-fetch-timeout must be positive")
+    return {
+        "allowed_media_domains": _csv(args.allowed_media_domains),
+        "allowed_media_networks": networks,
+        "allowed_local_media_path": str(Path(local).expanduser()) if local is not None else None,
+        "max_images_per_request": args.max_images_per_request,
+        "max_image_pixels": args.max_image_pixels,
+        "max_image_bytes": args.max_image_bytes,
+        "media_fetch_timeout_s": args.media_fetch_timeout,
+    }
+
+
+def _csv(value: str | None) -> tuple[str, ...]:
+    return tuple(item.strip() for item in (value or "").split(",") if item.strip())
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -152,6 +188,40 @@ def worker_settings(args: argparse.Namespace) -> WorkerSettings:
         kv_port=getattr(args, "kv_port", 0),
         kv_backends=parse_backends(getattr(args, "kv_backends", "cuda_ipc,shm,tcp")),
         kv_lease_s=getattr(args, "kv_lease", 30.0),
+        health_file=args.health_file,
+        embedding_pool_bytes=int(getattr(args, "embedding_pool_mib", 256.0) * (1 << 20)),
+        local_encode_below=getattr(args, "local_encode_below", 0),
+    )
+
+
+def vision_settings(args: argparse.Namespace) -> VisionSettings:
+    device = args.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and getattr(args, "gpu_claim_dir", None):
+        device = _claimed_cuda_device(args.gpu_claim_dir)
+    nats = nats_config(args)
+    return VisionSettings(
+        model=args.model,
+        device=device,
+        dtype=args.dtype,
+        seed=args.seed,
+        load_format=args.load_format,
+        served_model_name=args.served_model_name,
+        nats=nats,
+        instance_id=args.instance_id or "",
+        heartbeat_interval_s=args.heartbeat_interval,
+        lease_s=args.lease,
+        cache_bytes=int(args.cache_gib * GIB),
+        max_batch_images=args.max_batch_images,
+        batch_wait_s=args.batch_wait_ms / 1000.0,
+        kvstore_host_id=_host_id(args.kvstore_host_id, "--kvstore-host-id") if args.kvstore else None,
+        kvstore_nats_url=nats.as_url(),
+        kv_host=args.kv_host,
+        kv_backends=parse_backends(args.kv_backends),
+        nats_connect_timeout_s=args.nats_connect_timeout,
         health_file=args.health_file,
     )
 
@@ -221,6 +291,16 @@ def run_kvstore(args: argparse.Namespace) -> int:
         raise SystemExit("error: the kvstore needs --kv-host-gib > 0")
     if args.kv_redis and not args.redis:
         raise SystemExit("error: --kv-redis needs --redis URL")
+    return run(settings)
+
+
+def run_vision(args: argparse.Namespace) -> int:
+    from services.vision.main import run
+
+    setup_logging(args.log_level)
+    settings = vision_settings(args)
+    if settings.cache_bytes <= 0:
+        raise SystemExit("error: the vision service needs --cache-gib > 0 (its cache is the pool it ships from)")
     return run(settings)
 
 

@@ -45,6 +45,20 @@ def choose_topology(workers: int, prefill: int | None, decode: int | None) -> tu
     return 0, prefill, decode
 
 
+# Engine flags `up` passes on to its vision services too.
+_VISION_SHARED = ("--device", "--dtype", "--seed", "--load-format", "--kvstore-host-id")
+
+
+def _has_vision(model_dir: str) -> bool:
+    """Whether the (prepared) model is vision-language: `up` then starts a vision service."""
+    from rtpllm.models.config import ModelConfig
+
+    try:
+        return ModelConfig.from_dir(model_dir).vision is not None
+    except (OSError, ValueError):
+        return False  # the engines will report what is wrong with the model
+
+
 def _say(message: str) -> None:
     print(f"rtpllm up: {message}", flush=True)
 
@@ -118,6 +132,10 @@ def run_up(args: argparse.Namespace) -> int:
     except ValueError as exc:
         _say(f"error: {exc}")
         return 2
+    vision = args.vision if args.vision is not None else (1 if _has_vision(model) else 0)
+    if vision < 0:
+        _say("error: --vision takes a count >= 0")
+        return 2
     worker_flags, kvstore_args = options.UP_ENGINE, []
     if args.kvstore:
         # The tier flags configure the one kvstore; the engines use it instead of their own.
@@ -153,6 +171,9 @@ def run_up(args: argparse.Namespace) -> int:
         use_redis=args.redis_server,
         kvstore=args.kvstore,
         kvstore_args=kvstore_args,
+        vision=vision,
+        # The tower runs where the engines do, from the same weights (and seed).
+        vision_args=[*flags_to_argv([f for f in options.VISION if f.name in _VISION_SHARED], args), *(["--kvstore"] if args.kvstore else [])],
         worker_args=flags_to_argv(worker_flags, args),
         gateway_args=[
             "--router", args.router,
@@ -160,6 +181,7 @@ def run_up(args: argparse.Namespace) -> int:
             "--max-queue", str(args.max_queue),
             "--request-timeout", str(args.request_timeout),
             *([] if args.protect_metrics else ["--no-protect-metrics"]),
+            *flags_to_argv(options.IMAGES, args),
         ],  # fmt: skip
         log_dir=log_dir,
         echo=None if log_dir else sys.stdout,
@@ -180,6 +202,10 @@ def run_up(args: argparse.Namespace) -> int:
         if config.kvstore:
             _say("starting the kvstore")
             stack.start_kvstore()
+        if vision:
+            _say(f"starting {vision} vision service(s)")
+            for _ in range(vision):
+                stack.add_vision()
         topology = (
             f"{prefill} prefill and {decode} decode instance(s)" if stack.disaggregated else f"{workers} worker(s)"
         )

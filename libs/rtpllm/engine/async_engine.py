@@ -12,6 +12,7 @@ import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,6 +22,9 @@ from rtpllm.engine.stats import EngineStats
 from rtpllm.kvcache.events import CachedKeys, KVEventBatch
 from rtpllm.outputs import KVReservation, RequestOutput
 from rtpllm.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from rtpllm.multimodal.inputs import MultimodalInputs
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +40,7 @@ class _Add:
     params: SamplingParams
     prefill_only: bool = False
     remote: RemotePrefill | None = None
+    multimodal: MultimodalInputs | None = None
 
 
 @dataclass
@@ -115,13 +120,15 @@ class AsyncLLMEngine:
         *,
         prefill_only: bool = False,
         remote: RemotePrefill | None = None,
+        multimodal: MultimodalInputs | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Submit a request and yield its delta outputs. Leaving the loop early (or the
         task being cancelled) aborts the request and frees its KV blocks.
 
         `prefill_only` and `remote` are the two sides of disaggregation (see
         LLMEngine.add_request); a prefill-only request's held KV is freed by
-        `release_kv`, not by the end of its stream."""
+        `release_kv`, not by the end of its stream. `multimodal`: the prompt's images
+        (LLMEngine.add_request)."""
         if self._dead is not None or not self._thread.is_alive():
             raise EngineDeadError(f"engine is not running: {self._dead or 'shut down'}")
         stream: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
@@ -129,7 +136,7 @@ class AsyncLLMEngine:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use")
             self._streams[request_id] = (asyncio.get_running_loop(), stream)
-        self._commands.put(_Add(request_id, prompt, params or SamplingParams(), prefill_only, remote))
+        self._commands.put(_Add(request_id, prompt, params or SamplingParams(), prefill_only, remote, multimodal))
         finished = False
         try:
             while True:
@@ -242,6 +249,7 @@ class AsyncLLMEngine:
             reservation = self.engine.add_request(
                 cmd.request_id, cmd.prompt, cmd.params, prefill_only=cmd.prefill_only,
                 remote_prefill_min_tokens=cmd.remote.min_uncached_tokens if cmd.remote is not None else None,
+                multimodal=cmd.multimodal,
             )  # fmt: skip
         except ValueError as exc:
             self._send(cmd.request_id, exc)

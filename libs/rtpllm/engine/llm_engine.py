@@ -171,6 +171,7 @@ class LLMEngine:
         weights = weights_identity(
             self.model_dir, cache_root() / "digests", random_seed=config.seed if config.load_format == "dummy" else None, device=self.device
         )
+        self.weights_identity = weights  # also names this model's image embeddings (vision service)
         namespace = namespace_key(weights, dtype_name(self.dtype), block_size)
         self.block_manager = BlockManager(num_blocks, block_size, namespace, config.cache.enable_prefix_caching)
         self.offload = KVOffload.create(config.offload, self.kv_pool.kv, self.block_manager) if config.offload.enabled else None

@@ -4,7 +4,8 @@ tower and the language model.
 A `VisionFamily` answers what the prompt builder and the engine need to know:
 
 - which token the chat template writes per image, and what it expands to (the token
-  ids that replace it, with the preprocessed pixels);
+  ids that replace it, with the preprocessed pixels; or, from the image's size alone,
+  just the token ids and grid: what the gateway needs to build and route a prompt);
 - how to build the vision tower from the checkpoint and encode a batch of images;
 - the language model's positions for a prompt with images (M-RoPE for Qwen2-VL, plain
   positions for Idefics3).
@@ -56,6 +57,14 @@ class VisionFamily(ABC):
         """Preprocess an RGB image and expand its placeholder."""
 
     @abstractmethod
+    def placeholder(
+        self, width: int, height: int, tokenizer: Tokenizer
+    ) -> tuple[list[int], tuple[int, int, int] | None]:
+        """What `process` would give an RGB image of this size for its token ids and grid,
+        without touching pixels: the gateway expands prompts and computes block keys
+        with it, and leaves the preprocessing to whoever encodes."""
+
+    @abstractmethod
     def build_tower(
         self, model_dir: Path, dtype: torch.dtype, device: str, random_seed: int | None = None
     ) -> nn.Module:
@@ -87,9 +96,17 @@ class Qwen2VLFamily(VisionFamily):
 
     def process(self, image: Image.Image, tokenizer: Tokenizer) -> ProcessedImage:
         patches, grid = self.processor.preprocess(image)
+        return ProcessedImage(self._pad_run(grid), patches, None, grid)
+
+    def placeholder(
+        self, width: int, height: int, tokenizer: Tokenizer
+    ) -> tuple[list[int], tuple[int, int, int] | None]:
+        grid = self.processor.grid_thw(height, width)
+        return self._pad_run(grid), grid
+
+    def _pad_run(self, grid: tuple[int, int, int]) -> list[int]:
         t, h, w = grid
-        count = t * h * w // self.processor.config.merge_size**2
-        return ProcessedImage([self.image_token_id] * count, patches, None, grid)
+        return [self.image_token_id] * (t * h * w // self.processor.config.merge_size**2)
 
     def build_tower(
         self, model_dir: Path, dtype: torch.dtype, device: str, random_seed: int | None = None
@@ -126,17 +143,26 @@ class Idefics3Family(VisionFamily):
     def process(self, image: Image.Image, tokenizer: Tokenizer) -> ProcessedImage:
         tiles, rows, cols = self.processor.preprocess(image)
         pixels, mask = idefics3.pad_tiles(tiles)
+        return ProcessedImage(self._tile_prompt(rows, cols, tokenizer), pixels, mask, None)
+
+    def placeholder(
+        self, width: int, height: int, tokenizer: Tokenizer
+    ) -> tuple[list[int], tuple[int, int, int] | None]:
+        rows, cols = self.processor.grid(height, width)
+        return self._tile_prompt(rows, cols, tokenizer), None
+
+    def _tile_prompt(self, rows: int, cols: int, tokenizer: Tokenizer) -> list[int]:
         # Tile markers and row breaks come from our own string: parsing its special
         # tokens is what HF's processor does after expanding the text.
         token_ids = tokenizer.encode(
             idefics3.image_prompt(rows, cols, self.seq_len), add_special_tokens=False
         )
-        expected = len(tiles) * self.seq_len
+        expected = (rows * cols + 1) * self.seq_len  # the tiles and the global image
         if sum(1 for t in token_ids if t == self.image_token_id) != expected:
             raise ValueError(
                 f"the tokenizer does not map {self.image_token!r} to the config's image_token_id {self.image_token_id}"
             )
-        return ProcessedImage(token_ids, pixels, mask, None)
+        return token_ids
 
     def build_tower(
         self, model_dir: Path, dtype: torch.dtype, device: str, random_seed: int | None = None

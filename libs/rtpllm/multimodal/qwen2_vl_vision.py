@@ -97,15 +97,7 @@ class VisionAttention(nn.Module):
         n = x.shape[0]
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)  # each (N, heads, dim)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        # One attention call per image: tokens never attend across images, and nothing
-        # of size N x N over the whole batch is materialized.
-        outs = [
-            F.scaled_dot_product_attention(
-                qi.transpose(0, 1), ki.transpose(0, 1), vi.transpose(0, 1)
-            ).transpose(0, 1)
-            for qi, ki, vi in zip(q.split(seq_lens), k.split(seq_lens), v.split(seq_lens), strict=True)
-        ]
-        return self.proj(torch.cat(outs).reshape(n, -1))
+        return self.proj(_block_diagonal_attention(q, k, v, seq_lens).reshape(n, -1))
 
 
 class VisionMLP(nn.Module):
@@ -240,6 +232,35 @@ class Qwen2VLVisionTower(nn.Module):
         angles = (pos[:, :, None] * inv_freq).reshape(pos.shape[0], -1)
         angles = torch.cat([angles, angles], dim=-1)
         return angles.cos(), angles.sin()
+
+
+def _block_diagonal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: list[int]) -> torch.Tensor:
+    """Attention within each segment of `seq_lens` rows ((N, heads, dim) in and out):
+    tokens never attend across images, and nothing of size N x N over the whole batch is
+    materialized. Segments of equal length (images of one size: the common case in a
+    batch) share one batched call, so a batch of images costs a few kernel launches per
+    layer, not one per image."""
+    out = torch.empty_like(q)
+    starts = [0]
+    for length in seq_lens:
+        starts.append(starts[-1] + length)
+    by_length: dict[int, list[int]] = {}
+    for i, length in enumerate(seq_lens):
+        by_length.setdefault(length, []).append(i)
+    heads, dim = q.shape[1], q.shape[2]
+    for length, members in by_length.items():
+        first = starts[members[0]]
+        if len(members) == 1 or all(starts[j] == first + length * r for r, j in enumerate(members)):
+            rows: slice | torch.Tensor = slice(first, first + length * len(members))  # contiguous
+        else:
+            rows = torch.cat([torch.arange(starts[j], starts[j] + length, device=q.device) for j in members])
+
+        def batched(x: torch.Tensor, rows: slice | torch.Tensor = rows, count: int = len(members), length: int = length) -> torch.Tensor:
+            return x[rows].view(count, length, heads, dim).transpose(1, 2)  # (B, heads, L, dim)
+
+        att = F.scaled_dot_product_attention(batched(q), batched(k), batched(v))
+        out[rows] = att.transpose(1, 2).reshape(-1, heads, dim)
+    return out
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

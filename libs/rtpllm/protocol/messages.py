@@ -114,6 +114,22 @@ class Handoff(msgspec.Struct, kw_only=True):
     transfer_token: bytes = b""
 
 
+class ImageSpec(msgspec.Struct, kw_only=True, frozen=True):
+    """One image of a prompt (rtpllm.multimodal.inputs.ImageInput on the wire, less its
+    tensors). `content_hash`: digest of the image's bytes, the key of its embedding
+    everywhere (block-key extras, embedding caches). `runs`: (offset, length) of the
+    prompt's placeholder runs it fills, in order. `grid_thw`: Qwen2-VL's patch grid.
+    `data`: the encoded image (PNG, JPEG, ...) as the client sent it, already decoded
+    and checked against the limits once by the gateway; compressed bytes are all that
+    crosses NATS for an image (pixels and embeddings never do: rule 2). Empty where the
+    receiver needs no pixels (an embedding lookup by hash)."""
+
+    content_hash: str
+    runs: list[tuple[int, int]]
+    grid_thw: tuple[int, int, int] | None = None
+    data: bytes = b""
+
+
 class GenerateRequest(msgspec.Struct, kw_only=True):
     """Gateway -> engine instance, as a NATS request on `generate_subject(instance)`.
 
@@ -132,6 +148,8 @@ class GenerateRequest(msgspec.Struct, kw_only=True):
     gateway_id: str
     deadline: float
     handoff: Handoff | None = None
+    # Added within v1: the prompt's images, in prompt order (vision-language models).
+    images: list[ImageSpec] = []
 
 
 class PrefillResult(msgspec.Struct, kw_only=True):
@@ -250,6 +268,16 @@ class DisaggCounters(msgspec.Struct, kw_only=True):
     transfers: dict[str, TransferCounters] = {}  # backend -> counters (sent or received)
 
 
+class ImageCounters(msgspec.Struct, kw_only=True):
+    """How an instance of a vision-language model got its requests' image embeddings,
+    since it started (images)."""
+
+    remote: int = 0  # from the vision service
+    local: int = 0  # decoded here, for this engine's own tower
+    fallbacks: int = 0  # requests the vision service failed, encoded here instead
+    encoded_here: int = 0  # images this engine's tower ran (prefix-cache hits skip it)
+
+
 class InstanceLoad(msgspec.Struct, kw_only=True):
     """An instance's load as of its last engine step (EngineStats plus server counts)."""
 
@@ -297,6 +325,7 @@ class Heartbeat(msgspec.Struct, kw_only=True):
     # The host whose kvstore service holds this instance's KV tiers ("" = none or its
     # own): a router credits the kvstore's host-tier blocks (its KV events) to it.
     kvstore_host: str = ""
+    images: ImageCounters | None = None  # vision-language models only
 
 
 class Leave(msgspec.Struct, kw_only=True):
@@ -486,6 +515,82 @@ class KVStoreHeartbeat(msgspec.Struct, kw_only=True):
     counters: KVStoreCounters = msgspec.field(default_factory=KVStoreCounters)
 
 
+class EncodeRequest(msgspec.Struct, kw_only=True):
+    """Engine instance -> vision services, on `vision_encode_subject(namespace)` as a
+    NATS request to the queue group (one instance takes it and answers EncodeAccepted at
+    once). The taker encodes the images (or finds them in its caches), ships their
+    embedding rows to `endpoint` as transfer `transfer_id` (opened with `transfer_token`),
+    image i into `blocks[i]` consecutive blocks of the receiver's embedding pool, in
+    order, and then publishes EncodeDone to `reply_to`. `namespace`: the embedding
+    namespace both sides derive from the weights (a service of other weights refuses)."""
+
+    v: int = PROTOCOL_VERSION
+    request_id: str
+    namespace: bytes
+    images: list[ImageSpec]
+    blocks: list[int]
+    endpoint: DataPlaneEndpoint
+    transfer_id: str
+    transfer_token: bytes
+    reply_to: str
+    deadline: float
+
+
+class EncodeAccepted(msgspec.Struct, kw_only=True):
+    """Vision instance -> engine, the immediate answer to an EncodeRequest: taken (the
+    engine watches `instance_id`'s heartbeats from now on), or refused and why."""
+
+    v: int = PROTOCOL_VERSION
+    request_id: str
+    instance_id: str
+    error: ErrorInfo | None = None
+
+
+class EncodeDone(msgspec.Struct, kw_only=True):
+    """Vision instance -> engine, on the request's `reply_to`: the embeddings are in the
+    engine's pool (the transfer finished), or why not. `cache_hits`: images found in the
+    service's caches (memory or kvstore tiers); `encoded`: images it ran the tower for."""
+
+    v: int = PROTOCOL_VERSION
+    request_id: str
+    instance_id: str
+    cache_hits: int = 0
+    encoded: int = 0
+    error: ErrorInfo | None = None
+
+
+class VisionCounters(msgspec.Struct, kw_only=True):
+    """A vision instance's counters since it started."""
+
+    requests: int = 0
+    images_encoded: int = 0
+    memory_hits: int = 0
+    tier_hits: int = 0
+    misses: int = 0
+    batches: int = 0
+    encode_seconds: float = 0.0
+    bytes_sent: int = 0
+    failures: int = 0
+
+
+class VisionHeartbeat(msgspec.Struct, kw_only=True):
+    """A vision instance's registration and lease renewal, every interval on
+    `subjects.VISION_HEARTBEAT`. Engines send encode requests only while an instance of
+    their namespace beats, and treat a request taken by an instance silent for
+    `lease_s` as failed (they encode it themselves)."""
+
+    v: int = PROTOCOL_VERSION
+    instance_id: str
+    model: str
+    namespace: bytes
+    seq: int
+    lease_s: float
+    state: str = "ready"  # "ready" | "draining"
+    queued_images: int = 0
+    cached_images: int = 0
+    counters: VisionCounters = msgspec.field(default_factory=VisionCounters)
+
+
 Message = (
     GenerateRequest
     | PrefillResult
@@ -507,6 +612,10 @@ Message = (
     | KVStorePutReply
     | KVStorePing
     | KVStoreHeartbeat
+    | EncodeRequest
+    | EncodeAccepted
+    | EncodeDone
+    | VisionHeartbeat
 )
 
 _encoder = msgspec.msgpack.Encoder()

@@ -19,6 +19,9 @@ server during a rolling upgrade.
     rtpllm.v1.kvstore.<host>.put           engine -> kvstore: KVStorePut (KVStorePutReply back; KV over the data plane)
     rtpllm.v1.kvstore.<host>.ping          engine -> kvstore: KVStorePing (KVStoreHeartbeat back)
     rtpllm.v1.registry.kvstore             kvstore -> engines, gateways: KVStoreHeartbeat
+    rtpllm.v1.vision.<namespace>.encode    engine -> vision services (queue group "vision"): EncodeRequest (EncodeAccepted back)
+    rtpllm.v1.encoded.<instance>           vision service -> engine instance: EncodeDone
+    rtpllm.v1.registry.vision              vision service -> engines, gateways: VisionHeartbeat
 
 `<role>` is an InstanceRole: "worker" (aggregated), "decode" (both take requests from
 gateways) or "prefill" (takes hand-offs from decode instances).
@@ -118,6 +121,20 @@ def default_host_id() -> str:
     return subject_token(socket.gethostname())
 
 
+def vision_encode_subject(namespace: bytes) -> str:
+    """Where the vision services of an embedding namespace take encode requests (as the
+    queue group VISION_QUEUE): one subject per set of weights, so services of another
+    model never see them."""
+    return f"{PREFIX}.vision.{namespace.hex()[:32]}.encode"
+
+
+def encoded_subject(instance_id: str) -> str:
+    """Where an engine instance hears that its encode requests are done."""
+    return f"{PREFIX}.encoded.{instance_id}"
+
+
+VISION_QUEUE = "vision"
+VISION_HEARTBEAT = f"{PREFIX}.registry.vision"
 HEARTBEAT = f"{PREFIX}.registry.heartbeat"
 LEAVE = f"{PREFIX}.registry.leave"
 DISCOVER = f"{PREFIX}.registry.discover"

@@ -13,7 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-from rtpllm.kvcache.block_hash import block_keys
+from rtpllm.kvcache.block_hash import block_keys, image_extras
+from rtpllm.protocol.messages import ImageSpec
 from rtpllm.protocol.subjects import kvstore_events_id
 from rtpllm.routing.instances import Instance
 from rtpllm.routing.prefix_index import PrefixIndex
@@ -21,11 +22,30 @@ from rtpllm.routing.prefix_index import PrefixIndex
 
 @dataclass(frozen=True)
 class RouteRequest:
-    """What a policy may look at."""
+    """What a policy may look at. `image_spans`: (content hash, first placeholder offset,
+    one past the last) per image of the prompt, in order (`image_spans(images)`), so its
+    block keys carry the images exactly as the engine's do (MultimodalInputs.block_extras):
+    two images behind the same placeholder tokens never look like one cached prefix."""
 
     request_id: str
     model: str
     prompt_token_ids: Sequence[int]
+    image_spans: tuple[tuple[str, int, int], ...] = ()
+
+    def block_keys(self, block_size: int, namespace: bytes) -> list[bytes]:
+        """The prompt's block keys under one KV layout, images included."""
+        extras = self._block_extras if self.image_spans else None
+        return block_keys(self.prompt_token_ids, block_size, namespace, extras)
+
+    def _block_extras(self, start: int, end: int) -> bytes:
+        return image_extras(self.image_spans, start, end)
+
+
+def image_spans(images: Sequence[ImageSpec]) -> tuple[tuple[str, int, int], ...]:
+    """(content hash, first placeholder offset, end of the last run) of each image."""
+    return tuple(
+        (image.content_hash, image.runs[0][0], image.runs[-1][0] + image.runs[-1][1]) for image in images
+    )
 
 
 class RouterPolicy(ABC):
@@ -121,7 +141,7 @@ class CacheAware(RouterPolicy):
             layout = (hb.kv_namespace, hb.block_size)
             keys = keys_by_layout.get(layout)
             if keys is None:
-                keys = keys_by_layout[layout] = block_keys(request.prompt_token_ids, hb.block_size, hb.kv_namespace) if hb.kv_namespace else []
+                keys = keys_by_layout[layout] = request.block_keys(hb.block_size, hb.kv_namespace) if hb.kv_namespace else []
             shared = kvstore_events_id(hb.kvstore_host) if hb.kvstore_host else None
             match = self.index.match(inst.instance_id, keys, shared)
             saved = (match.gpu + self.host_credit * match.host) * hb.block_size

@@ -250,22 +250,25 @@ def redis_server_binary() -> str:
 
 
 def start_nats(port: int = 0, host: str = LOOPBACK, *, token: str | None = None, log_path: str | Path | None = None,
-               echo: IO[str] | None = None, timeout: float = 10.0) -> tuple[ManagedProcess, str]:
+               echo: IO[str] | None = None, timeout: float = 10.0, max_payload: int = 8 << 20) -> tuple[ManagedProcess, str]:
     """A real nats-server on `port` (0: a free one); returns it and its URL once it accepts
     connections. With `token`, clients must present it; the URL returned carries it
-    (nats://TOKEN@host:port)."""
+    (nats://TOKEN@host:port). `max_payload`: the largest message, bytes (NATS' own
+    default is 1 MiB; a chat request carries its images' encoded bytes)."""
     port = port or free_port(host)
     argv = [nats_server_binary(), "-a", host, "-p", str(port)]
     env: dict[str, str] = {}
-    config_dir = None
+    # max_payload has no command-line flag: a config file, always.
+    config_dir = tempfile.mkdtemp(prefix="rtpllm-nats-")
+    config = Path(config_dir) / "nats.conf"
+    text = f"max_payload: {int(max_payload)}\n"
     if token is not None:
         # Not `--auth TOKEN`: argv is readable by every user (ps). The config names an
         # environment variable, which nats-server resolves; only its owner reads environ.
-        config_dir = tempfile.mkdtemp(prefix="rtpllm-nats-")
-        config = Path(config_dir) / "nats.conf"
-        config.write_text(f"authorization {{\n  token: ${_NATS_TOKEN_ENV}\n}}\n")
-        argv += ["-c", str(config)]
+        text += f"authorization {{\n  token: ${_NATS_TOKEN_ENV}\n}}\n"
         env[_NATS_TOKEN_ENV] = token
+    config.write_text(text)
+    argv += ["-c", str(config)]
     proc = ManagedProcess("nats", argv, env=env, log_path=log_path, echo=echo).start()
     try:
         wait_until(lambda: port_open(host, port), timeout, f"nats-server on {host}:{port}", [proc])
@@ -273,8 +276,7 @@ def start_nats(port: int = 0, host: str = LOOPBACK, *, token: str | None = None,
         proc.stop(2)
         raise
     finally:
-        if config_dir is not None:  # read at startup; no secret in it anyway
-            shutil.rmtree(config_dir, ignore_errors=True)
+        shutil.rmtree(config_dir, ignore_errors=True)  # read at startup; no secret in it anyway
     url = f"nats://{host}:{port}"
     return proc, with_userinfo(url, token, None) if token is not None else url
 

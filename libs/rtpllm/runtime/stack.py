@@ -33,6 +33,7 @@ from rtpllm.runtime.processes import (
 )
 
 KVSTORE_READY_LINE = "kvstore ready"  # services/kvstore/main.py logs it once it serves
+VISION_READY_LINE = "vision ready"  # services/vision/main.py logs it once it serves
 
 # Connection variables a shell may export; blanked for the children, which talk to this
 # stack's own servers with this stack's credentials.
@@ -65,6 +66,10 @@ class StackConfig:
     # engines; give the engines `--kvstore` (worker_args) to use it.
     kvstore: bool = False
     kvstore_args: list[str] = field(default_factory=list)
+    # Vision services (`rtpllm serve vision`, with vision_args) of a vision-language
+    # model, started before the engines.
+    vision: int = 0
+    vision_args: list[str] = field(default_factory=list)
     worker_args: list[str] = field(default_factory=list)
     gateway_args: list[str] = field(default_factory=list)
     log_dir: Path | None = None  # one log file per child; else output goes to `echo`
@@ -85,6 +90,7 @@ class Stack:
         self.redis: ManagedProcess | None = None
         self.gateway: ManagedProcess | None = None
         self.kvstore: ManagedProcess | None = None
+        self.visions: list[ManagedProcess] = []
         self.workers: list[ManagedProcess] = []
         # With their credentials in them: what a client of this stack connects with.
         self.nats_url = ""
@@ -160,6 +166,26 @@ class Stack:
             raise
         return proc
 
+    def add_vision(self, extra_args: Sequence[str] = (), timeout: float = 120.0, wait: bool = True) -> ManagedProcess:
+        """Start a vision service (and, with `wait`, wait until it serves)."""
+        name = f"vision-{len(self.visions)}"
+        argv = rtpllm_command(
+            "serve", "vision", *self._bus_flags(), *self._model_flags(), "--instance-id", f"{name}-{uuid.uuid4().hex[:8]}",
+            *self.config.vision_args, *extra_args,
+        )  # fmt: skip
+        ready = threading.Event()
+        env = {**self.bus_env(), **self.config.role_env.get("vision", {})}
+        proc = ManagedProcess(name, argv, env=env, log_path=self._log(name), echo=self.config.echo)
+        proc.on_line(lambda line: ready.set() if VISION_READY_LINE in line else None)
+        self.visions.append(proc.start())
+        if wait:
+            try:
+                wait_until(ready.is_set, timeout, f"the vision service {name}", [proc], 0.05)
+            except BaseException:
+                proc.stop(5)
+                raise
+        return proc
+
     def add_worker(self, extra_args: Sequence[str] = (), role: str = "worker") -> ManagedProcess:
         """Start an engine service: a combined worker, or a prefill or decode instance."""
         name = f"{role}-{next(self._worker_ids)}"
@@ -194,6 +220,8 @@ class Stack:
             self.start_infra()
             if self.config.kvstore:
                 self.start_kvstore()
+            for _ in range(self.config.vision):
+                self.add_vision()
             self.add_engines()
             self.start_gateway()
         except BaseException:
@@ -243,7 +271,7 @@ class Stack:
             served, prefill = self.live_counts()
             return served >= want and prefill >= want_prefill
 
-        watch = [p for p in (self.nats, self.redis, self.kvstore, self.gateway, *self.workers) if p is not None]
+        watch = [p for p in (self.nats, self.redis, self.kvstore, self.gateway, *self.workers, *self.visions) if p is not None]
         what = f"{want} decode and {want_prefill} prefill instance(s)" if self.disaggregated else f"{want} worker(s)"
         wait_until(ready, timeout, f"{what} behind the gateway", watch, 0.2, on_tick)
 
@@ -252,9 +280,9 @@ class Stack:
     def stop(self, timeout: float = 15.0) -> None:
         if self.gateway is not None:
             self.gateway.stop(timeout)
-        for proc in self.workers:
+        for proc in (*self.workers, *self.visions):
             proc.signal(15)  # all drain in parallel
-        for proc in self.workers:
+        for proc in (*self.workers, *self.visions):
             proc.stop(timeout)
         for proc in (self.kvstore, self.redis, self.nats):
             if proc is not None:

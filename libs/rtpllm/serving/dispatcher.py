@@ -53,7 +53,7 @@ from rtpllm.protocol.messages import (
 )
 from rtpllm.protocol.parts import EventParts, SnapshotParts
 from rtpllm.routing.instances import Instance, InstanceRegistry
-from rtpllm.routing.policy import CacheAware, RouteRequest, RouterPolicy
+from rtpllm.routing.policy import CacheAware, RouteRequest, RouterPolicy, image_spans
 from rtpllm.routing.prefix_index import PrefixIndex
 from rtpllm.routing.ttft import TTFTPredictor
 from rtpllm.serving.liveness import HeartbeatThread, LoopWatch
@@ -86,6 +86,18 @@ class SubmitRejected(RuntimeError):
     def __init__(self, error: ErrorInfo) -> None:
         super().__init__(error.message)
         self.error = error
+
+
+def too_large_message(request: GenerateRequest, exc: MessageTooLarge) -> str:
+    """Why a request does not fit on the bus, in the client's terms: images are what
+    usually make it too large (their encoded bytes travel in the request)."""
+    image_bytes = sum(len(image.data) for image in request.images)
+    if image_bytes:
+        return (
+            f"the request's images total {image_bytes} bytes, more than the bus carries "
+            f"(max_payload {exc.max_payload}; the request encodes to {exc.size} bytes)"
+        )
+    return f"the prompt is too large to send to an instance: {exc}"
 
 
 @dataclass(frozen=True)
@@ -289,11 +301,11 @@ class Dispatcher:
         request.gateway_id = self.config.gateway_id
         try:
             data = encode(request, self._nc.max_payload)
-        except MessageTooLarge as exc:  # a huge token-id prompt: no instance could take it
-            raise SubmitRejected(ErrorInfo(ErrorCode.INVALID_REQUEST, f"the prompt is too large to send to an instance: {exc}")) from exc
+        except MessageTooLarge as exc:  # a huge token-id prompt or images: no instance could take it
+            raise SubmitRejected(ErrorInfo(ErrorCode.INVALID_REQUEST, too_large_message(request, exc))) from exc
         except (msgspec.EncodeError, OverflowError) as exc:  # an integer beyond 64 bits, say: the client's value
             raise SubmitRejected(ErrorInfo(ErrorCode.INVALID_REQUEST, f"a value in the request cannot be sent on: {exc}")) from exc
-        route = RouteRequest(request.request_id, request.model, request.prompt_token_ids)
+        route = RouteRequest(request.request_id, request.model, request.prompt_token_ids, image_spans(request.images))
         tried: set[str] = set()
         busy = 0  # instances that refused because their queue is full
         for _ in range(self.config.max_submit_attempts):

@@ -62,6 +62,7 @@ from rtpllm.serving.liveness import HeartbeatThread, LoopWatch
 if TYPE_CHECKING:
     from rtpllm.serving.disagg_decode import DecodeSide
     from rtpllm.serving.disagg_prefill import PrefillSide
+    from rtpllm.serving.vision_client import ImageResolver
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,7 @@ class EngineServer:
         kv_events: KVEventPublisher | None = None,
         prefill: PrefillSide | None = None,
         decode: DecodeSide | None = None,
+        images: ImageResolver | None = None,
     ) -> None:
         subjects.check_id(config.instance_id, "instance id")
         self._nc = nc
@@ -127,6 +129,8 @@ class EngineServer:
         self._kv_events = kv_events
         self._prefill = prefill
         self._decode = decode
+        # Vision-language models: how a request's images become embeddings.
+        self._images = images
         self._running: dict[str, _Running] = {}
         self._seqs = 0  # sequences of the requests in _running that count against the queue bound
         waiting = config.max_waiting_seqs if config.max_waiting_seqs is not None else 4 * info.max_num_seqs
@@ -283,6 +287,10 @@ class EngineServer:
             return None, ErrorInfo(
                 ErrorCode.INVALID_REQUEST, f"request id {req.request_id!r} is already running"
             )
+        if req.images and self._images is None:
+            return None, ErrorInfo(ErrorCode.INVALID_REQUEST, f"model {self._info.model!r} does not take images")
+        if req.images and req.handoff is not None:
+            return None, ErrorInfo(ErrorCode.INVALID_REQUEST, "prompts with images are prefilled where they land, not handed off")
         if (req.handoff is not None) != (self._prefill is not None):
             what = (
                 "takes hand-offs from decode instances only"
@@ -343,10 +351,20 @@ class EngineServer:
         try:
             loop = asyncio.get_running_loop()
             async with asyncio.timeout_at(loop.time() + (req.deadline - time.time())):
+                mm = None
+                if req.images:
+                    assert self._images is not None  # _admit refused it otherwise
+                    mm = await self._images.resolve(rid, req.images, req.deadline)
+                # Image prompts prefill here: their embeddings are here (a hand-off would
+                # have to ship them to the prefill instance too; not done yet).
                 remote = (
-                    self._decode.plan(len(req.prompt_token_ids), params) if self._decode is not None else None
+                    self._decode.plan(len(req.prompt_token_ids), params)
+                    if self._decode is not None and mm is None
+                    else None
                 )
-                if remote is None:
+                if mm is not None:
+                    stream = self._engine.generate(rid, req.prompt_token_ids, params, multimodal=mm)  # type: ignore[call-arg]
+                elif remote is None:
                     stream = self._engine.generate(rid, req.prompt_token_ids, params)
                 else:
                     stream = self._engine.generate(rid, req.prompt_token_ids, params, remote=remote)
@@ -489,6 +507,7 @@ class EngineServer:
             load=load,
             disagg=side.counters() if (side := self._prefill or self._decode) is not None else None,
             kvstore_host=getattr(stats, "kvstore_host", ""),
+            images=self._images.heartbeat_counters() if self._images is not None else None,
         )
 
     async def _watch_loop(self) -> None:

@@ -15,6 +15,7 @@ from prometheus_client.registry import Collector
 
 from rtpllm.routing.instances import InstanceRegistry
 from rtpllm.serving.admission import AdmissionController
+from rtpllm.serving.vision_registry import VisionRegistry
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 7.5, 10, 20, 40, 80)
 _ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2.5)
@@ -24,7 +25,7 @@ class GatewayMetrics:
     """All gateway metrics, in a registry of their own (several gateways may share a
     process in tests)."""
 
-    def __init__(self, admission: AdmissionController, instances: InstanceRegistry) -> None:
+    def __init__(self, admission: AdmissionController, instances: InstanceRegistry, visions: VisionRegistry | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("rtpllm_requests", "Finished HTTP requests by endpoint and status code", ["endpoint", "status"], registry=r)
@@ -37,6 +38,7 @@ class GatewayMetrics:
         self.routing_decisions = Counter("rtpllm_routing_decisions", "Requests routed, by policy and reason (cache: a cached prefix decided; load: no prefix cached anywhere; skew: load overrode the cache)", ["policy", "reason"], registry=r)
         self.instances_lost = Counter("rtpllm_instances_lost", "Engine instances dropped, by reason", ["reason"], registry=r)
         r.register(_StateCollector(admission, instances))
+        r.register(_ImageCollector(instances, visions))
 
 
 class _StateCollector(Collector):
@@ -84,3 +86,53 @@ class _StateCollector(Collector):
         for (model, state), n in counts.items():
             alive.add_metric([model, state], n)
         yield from (alive, kv, hit, running, waiting, prefills, transfers, failures, nbytes, seconds, tier_hits, tier_ratio)
+
+
+class _ImageCollector(Collector):
+    """Image encoding: the vision services' counters (their heartbeats) and how each
+    engine instance got its requests' embeddings."""
+
+    def __init__(self, instances: InstanceRegistry, visions: VisionRegistry | None) -> None:
+        self._instances = instances
+        self._visions = visions
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        images = CounterMetricFamily("rtpllm_images", "Images of requests per engine instance, by how their embeddings came: remote (a vision service), local (this engine's tower), fallback (requests the vision service failed, encoded by the engine)", labels=["instance", "path"])
+        engine_encoded = CounterMetricFamily("rtpllm_engine_images_encoded", "Images an engine instance's own tower ran (images inside a prefix-cache hit are skipped)", labels=["instance"])
+        for inst in self._instances:
+            c = inst.heartbeat.images
+            if c is None:
+                continue
+            iid = inst.heartbeat.instance_id
+            for path, value in (("remote", c.remote), ("local", c.local), ("fallback", c.fallbacks)):
+                images.add_metric([iid, path], value)
+            engine_encoded.add_metric([iid], c.encoded_here)
+        yield from (images, engine_encoded)
+        if self._visions is None:
+            return
+        live = self._visions.live()
+        alive = GaugeMetricFamily("rtpllm_vision_instances", "Live vision service instances by model", labels=["model"])
+        encoded = CounterMetricFamily("rtpllm_vision_images_encoded", "Images a vision instance ran through its tower", labels=["instance"])
+        hits = CounterMetricFamily("rtpllm_vision_cache_hits", "Images a vision instance found encoded, by cache (memory, tier: the kvstore's tiers)", labels=["instance", "cache"])
+        misses = CounterMetricFamily("rtpllm_vision_cache_misses", "Images a vision instance found in no cache", labels=["instance"])
+        seconds = CounterMetricFamily("rtpllm_vision_encode_seconds", "Seconds a vision instance's tower ran", labels=["instance"])
+        batches = CounterMetricFamily("rtpllm_vision_batches", "Tower calls of a vision instance (images per second and per batch follow)", labels=["instance"])
+        nbytes = CounterMetricFamily("rtpllm_vision_embedding_bytes", "Embedding bytes a vision instance shipped over the data plane", labels=["instance"])
+        failures = CounterMetricFamily("rtpllm_vision_failures", "Encode requests a vision instance failed (not counting bad images)", labels=["instance"])
+        queued = GaugeMetricFamily("rtpllm_vision_queued_images", "Images waiting for a vision instance's tower", labels=["instance"])
+        models: dict[str, int] = {}
+        for hb in live:
+            c = hb.counters
+            models[hb.model] = models.get(hb.model, 0) + 1
+            encoded.add_metric([hb.instance_id], c.images_encoded)
+            hits.add_metric([hb.instance_id, "memory"], c.memory_hits)
+            hits.add_metric([hb.instance_id, "tier"], c.tier_hits)
+            misses.add_metric([hb.instance_id], c.misses)
+            seconds.add_metric([hb.instance_id], c.encode_seconds)
+            batches.add_metric([hb.instance_id], c.batches)
+            nbytes.add_metric([hb.instance_id], c.bytes_sent)
+            failures.add_metric([hb.instance_id], c.failures)
+            queued.add_metric([hb.instance_id], hb.queued_images)
+        for model, n in models.items():
+            alive.add_metric([model], n)
+        yield from (alive, encoded, hits, misses, seconds, batches, nbytes, failures, queued)

@@ -40,6 +40,14 @@ class GatewaySettings:
     # (/metrics and /instances only with protect_metrics); none: the API is open.
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     protect_metrics: bool = True
+    # Images of chat requests (rtpllm.api.images.MediaSettings; docs/serving.md#images).
+    allowed_media_domains: tuple[str, ...] = ()  # http(s) image hosts; none: no fetching
+    allowed_media_networks: tuple[str, ...] = ()  # CIDRs exempt from the SSRF address ban
+    allowed_local_media_path: str | None = None  # the directory file: URLs may read
+    max_images_per_request: int = 8
+    max_image_pixels: int = 50_000_000
+    max_image_bytes: int = 20 << 20  # capped at the NATS server's max_payload
+    media_fetch_timeout_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,36 @@ class WorkerSettings:
     kv_backends: tuple[str, ...] = ("cuda_ipc", "shm", "tcp")
     kv_lease_s: float = 30.0
     health_file: str | None = None  # touched while serving (rtpllm.serving.health)
+    # Vision-language models (docs/multimodal.md): the pool vision services ship image
+    # embeddings into (0: none, encode here), and the image tokens below which a
+    # request's images are encoded here anyway.
+    embedding_pool_bytes: int = 256 << 20
+    local_encode_below: int = 0
+
+
+@dataclass(frozen=True)
+class VisionSettings:
+    """Everything `rtpllm serve vision` needs; see docs/multimodal.md for each field."""
+
+    model: str
+    device: str = "cpu"
+    dtype: str = "auto"
+    seed: int = 0
+    load_format: str = "auto"
+    served_model_name: str | None = None
+    nats: NatsConfig = NatsConfig()
+    instance_id: str = ""
+    heartbeat_interval_s: float = 1.0
+    lease_s: float = 3.0
+    cache_bytes: int = 1 << 30
+    max_batch_images: int = 16
+    batch_wait_s: float = 0.002
+    kvstore_host_id: str | None = None  # None: no kvstore tiers
+    kvstore_nats_url: str = "nats://127.0.0.1:4222"
+    kv_host: str = "127.0.0.1"
+    kv_backends: tuple[str, ...] = ("cuda_ipc", "shm", "tcp")
+    nats_connect_timeout_s: float = 30.0
+    health_file: str | None = None
 
 
 @dataclass(frozen=True)

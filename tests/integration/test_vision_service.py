@@ -1,0 +1,158 @@
+"""Images through the whole stack: real nats-server and Redis, a vision service, an
+engine and the gateway as separate processes, a tiny random-weight Qwen2-VL checkpoint,
+and the `openai` client.
+
+- Two images in one request come back with the same greedy text as in-process encoding
+  (`LLM.chat`), streaming or not, with the image tokens in `usage.prompt_tokens`.
+- The same images again do not run the encoder: the vision service's counters (through
+  the gateway's /metrics) show cache hits and no new encodes.
+- A vision service killed while it holds a request: the engine notices its heartbeats
+  stop, encodes the images itself, and the request is answered within 5 s.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rtpllm import LLM, SamplingParams
+from rtpllm.runtime.processes import wait_until
+from rtpllm.runtime.stack import Stack
+from rtpllm.serving.vision_server import FAULT_STALL_ENV
+from tests.integration.support import client_for, dump_logs, get, start_stack
+from tests.multimodal_support import data_url, random_image, write_qwen2_vl
+
+MAX_TOKENS = 6
+# Fast heartbeats: a killed vision instance is noticed in about a second.
+VISION_ARGS = ["--heartbeat-interval", "0.3", "--lease", "1.0", "--cache-gib", "0.05"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_qwen2_vl(tmp_path_factory.mktemp("vlm") / "tiny-qwen2-vl").path
+
+
+def messages(seeds: list[int], text: str = "Compare the pictures.") -> list[dict[str, Any]]:
+    parts: list[dict[str, Any]] = [
+        {"type": "image_url", "image_url": {"url": data_url(random_image(40 + 12 * s, 70 - 9 * s, seed=s))}} for s in seeds
+    ]
+    return [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir: Path) -> dict[tuple[int, ...], tuple[str, int]]:
+    """In-process encoding (`LLM.chat`): the text and prompt length of each image set."""
+    llm = LLM(str(model_dir), device="cpu", max_model_len=512, num_blocks=256)
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    out = {}
+    for seeds in ((1, 2), (3,), (4, 5)):
+        result = llm.chat([messages(list(seeds))], params)[0]
+        out[seeds] = (result.outputs[0].text, len(result.prompt_token_ids))
+    return out
+
+
+@pytest.fixture(scope="module")
+def stack(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    log_dir = tmp_path_factory.mktemp("vision-stack")
+    s = start_stack(
+        model_dir, log_dir, workers=1, vision=1, vision_args=VISION_ARGS,
+        worker_args=["--max-model-len", "512", "--num-blocks", "256"],
+        role_env={"vision": {FAULT_STALL_ENV: "0"}},
+    )  # fmt: skip
+    try:
+        yield s
+    except BaseException:
+        dump_logs(log_dir)
+        raise
+    finally:
+        s.stop()
+
+
+def metric(stack: Stack, name: str, **labels: str) -> float:
+    """Sum of a metric's samples whose labels include `labels` (0 when absent)."""
+    text = get(stack, "/metrics", timeout=5).text
+    total = 0.0
+    for line in text.splitlines():
+        m = re.match(rf"^{name}(?:_total)?(?:\{{(.*)\}})? ([0-9.e+-]+)$", line)
+        if m and all(f'{k}="{v}"' in (m.group(1) or "") for k, v in labels.items()):
+            total += float(m.group(2))
+    return total
+
+
+def ask(stack: Stack, seeds: list[int], stream: bool = False) -> tuple[str, int]:
+    client = client_for(stack)
+    kwargs: dict[str, Any] = dict(
+        model=stack.config.served_model_name or Path(stack.config.model).name, messages=messages(seeds),
+        max_tokens=MAX_TOKENS, temperature=0, extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    if not stream:
+        resp = client.chat.completions.create(**kwargs)
+        return resp.choices[0].message.content or "", resp.usage.prompt_tokens
+    text, prompt_tokens = "", 0
+    for chunk in client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}):
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+        if chunk.usage is not None:
+            prompt_tokens = chunk.usage.prompt_tokens
+    return text, prompt_tokens
+
+
+def wait_metric(stack: Stack, name: str, at_least: float, **labels: str) -> float:
+    """Heartbeats carry the counters: wait until the gateway has seen `at_least`."""
+    wait_until(lambda: metric(stack, name, **labels) >= at_least, 10, f"{name}{labels} >= {at_least}", [])
+    return metric(stack, name, **labels)
+
+
+def test_two_images_match_in_process_encoding_and_repeat_without_encoding(
+    stack: Stack, reference: dict[tuple[int, ...], tuple[str, int]]
+) -> None:
+    wait_metric(stack, "rtpllm_vision_instances", 1)
+    text, prompt_tokens = ask(stack, [1, 2])
+    assert (text, prompt_tokens) == reference[(1, 2)]  # usage counts the image tokens
+    encoded = wait_metric(stack, "rtpllm_vision_images_encoded", 2)
+    assert encoded == 2
+    assert wait_metric(stack, "rtpllm_images", 2, path="remote") == 2
+    hits = metric(stack, "rtpllm_vision_cache_hits", cache="memory")
+
+    # The same images again, streamed: same text, and the encoder does not run.
+    assert ask(stack, [1, 2], stream=True) == reference[(1, 2)]
+    assert wait_metric(stack, "rtpllm_vision_cache_hits", hits + 2, cache="memory") == hits + 2
+    assert metric(stack, "rtpllm_vision_images_encoded") == 2
+    assert metric(stack, "rtpllm_images", path="fallback") == 0
+    assert metric(stack, "rtpllm_vision_embedding_bytes") > 0
+
+
+def test_killed_vision_service_mid_request_is_answered_by_local_encoding(
+    stack: Stack, reference: dict[tuple[int, ...], tuple[str, int]]
+) -> None:
+    wait_metric(stack, "rtpllm_vision_instances", 1)
+    # A vision instance that stalls every request: killed while it holds one.
+    old = stack.visions.pop()
+    old.stop(5)
+    stack.config.role_env["vision"] = {FAULT_STALL_ENV: "30"}
+    stalled = stack.add_vision()
+    wait_until(lambda: metric(stack, "rtpllm_vision_instances") == 1 and _vision_ids(stack) == 1, 10, "one vision instance", [])
+
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(ask, stack, [4, 5])
+        time.sleep(1.5)  # taken and stalled by now
+        assert not answer.done()
+        killed_at = time.monotonic()
+        stalled.signal(9)
+        assert answer.result(timeout=10) == reference[(4, 5)]
+        assert time.monotonic() - killed_at <= 5.0
+    assert wait_metric(stack, "rtpllm_images", 1, path="fallback") == 1
+    # Without a vision service the engine encodes everything itself, and keeps serving.
+    wait_until(lambda: metric(stack, "rtpllm_vision_instances") == 0, 10, "the dead vision instance to expire", [])
+    assert ask(stack, [3]) == reference[(3,)]
+
+
+def _vision_ids(stack: Stack) -> int:
+    return int(metric(stack, "rtpllm_vision_instances"))
