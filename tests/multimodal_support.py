@@ -33,17 +33,10 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-# The models' own chat templates (Qwen2-VL's and Idefics3's processor templates).
-QWEN2_VL_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+from rtpllm.multimodal.random_checkpoint import QWEN2_VL_CHAT_TEMPLATE
+
+# The models' own chat templates (Qwen2-VL's, shared with the random checkpoints, and Idefics3's processor template).
+QWEN2_VL_TEMPLATE = QWEN2_VL_CHAT_TEMPLATE
 IDEFICS3_TEMPLATE = (
     "<|begin_of_text|>{% for message in messages %}{{message['role'].capitalize()}}"
     "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"

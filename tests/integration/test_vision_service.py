@@ -156,3 +156,22 @@ def test_killed_vision_service_mid_request_is_answered_by_local_encoding(
 
 def _vision_ids(stack: Stack) -> int:
     return int(metric(stack, "rtpllm_vision_instances"))
+
+
+def test_supervisor_restarts_a_dead_vision_service(stack: Stack, reference: dict[tuple[int, ...], tuple[str, int]]) -> None:
+    """`rtpllm up`'s supervisor replaces the vision service killed above; requests use it again."""
+    from rtpllm.runtime.supervisor import Supervisor
+
+    assert stack.visions and not any(p.alive for p in stack.visions)  # the one killed above
+    stack.config.role_env["vision"] = {}
+    said: list[str] = []
+    supervisor = Supervisor(stack, said.append)
+    deadline = time.monotonic() + 60
+    while metric(stack, "rtpllm_vision_instances") < 1:
+        assert time.monotonic() < deadline, said
+        supervisor.tick()
+        time.sleep(0.25)
+    assert supervisor.restarts == 1 and any("restarting it" in line for line in said), said
+    remote = metric(stack, "rtpllm_images", path="remote")
+    assert ask(stack, [1, 2]) == reference[(1, 2)]
+    assert wait_metric(stack, "rtpllm_images", remote + 2, path="remote") == remote + 2

@@ -1,5 +1,6 @@
 """`rtpllm up`'s watch over its engine children: report and restart the ones that die,
-and the ones that stay alive but unregistered.
+and the ones that stay alive but unregistered; a dead kvstore or vision service is
+restarted too.
 
 A child can be alive and useless: a worker whose heartbeats stopped reaching the
 gateway (wedged, or dropped and never back) serves nobody while its process looks
@@ -83,6 +84,16 @@ class Supervisor:
                 self.restarts += 1
             except Exception as exc:  # noqa: BLE001 - try again after the backoff
                 self.say(f"kvstore restart failed: {exc}")
+        for proc in list(self.stack.visions):
+            if proc.alive or not self._due("vision", now):
+                continue
+            self.say(f"{proc.name} exited (code {proc.returncode}); restarting it (engines encode images themselves meanwhile)")
+            self.stack.visions.remove(proc)
+            try:
+                self.stack.add_vision(wait=False)
+                self.restarts += 1
+            except Exception as exc:  # noqa: BLE001 - try again after the backoff
+                self.say(f"vision restart failed: {exc}")
 
     def _due(self, key: str, now: float) -> bool:
         if now < self._not_before.get(key, 0.0):
