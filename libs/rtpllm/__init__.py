@@ -7,10 +7,11 @@
 
 from rtpllm.outputs import CompletionOutput, Logprob, RequestOutput
 from rtpllm.sampling_params import SamplingParams
+from rtpllm.structured.spec import StructuredOutputsParams
 
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "AsyncLLMEngine", "CompletionOutput", "Logprob", "RequestOutput", "SamplingParams", "__version__"]
+__all__ = ["LLM", "AsyncLLMEngine", "CompletionOutput", "Logprob", "RequestOutput", "SamplingParams", "StructuredOutputsParams", "__version__"]
 
 
 def __getattr__(name: str):  # lazy: importing rtpllm must not load torch-heavy modules

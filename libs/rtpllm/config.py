@@ -156,7 +156,12 @@ class EngineConfig:
     offload: OffloadConfig = OffloadConfig()
     # Name that clients use for this model; defaults to the model path's last component.
     served_model_name: str | None = None
+    # Ranks the model is split over, one process and device each (docs/tensor_parallel.md);
+    # this process is rank 0 and starts the others.
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")

@@ -70,7 +70,11 @@ class LLM:
         cuda_graphs: bool = True,
         async_scheduling: bool | None = None,
         offload: OffloadConfig | None = None,
+        tensor_parallel_size: int = 1,
     ) -> None:
+        """`tensor_parallel_size` > 1 splits the model over that many processes (this one is
+        rank 0 and starts the others; on CUDA, devices device..device+N-1): `close()` the
+        LLM, or use it as a context manager, to end them (docs/tensor_parallel.md)."""
         config = EngineConfig(
             model=model,
             device=device or default_device(),
@@ -90,11 +94,22 @@ class LLM:
             ),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens),
             offload=offload or OffloadConfig(),
+            tensor_parallel_size=tensor_parallel_size,
         )
         self.engine = LLMEngine(config)
         self._ids = itertools.count()
         # Outputs accumulated so far for requests still running.
         self._partial: dict[str, RequestOutput] = {}
+
+    def close(self) -> None:
+        """Release the engine: flush the KV tiers, stop the other tensor-parallel ranks."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def get_tokenizer(self) -> Tokenizer | None:
         return self.engine.tokenizer

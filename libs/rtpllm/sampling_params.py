@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from rtpllm.structured.spec import StructuredOutputsParams
+
 # Temperatures below this are treated as greedy: dividing logits by ~0 overflows.
 GREEDY_EPS = 1e-5
 MAX_LOGPROBS = 20
 # Token ids travel as int32 (kernels, protocol); any id at or above this is no token of
 # any vocabulary and is refused up front (a huge one would not even serialize).
 MAX_TOKEN_ID = 1 << 31
+# OpenAI's range for logit_bias values: +-100 already bans or forces a token.
+MAX_LOGIT_BIAS = 100.0
 
 
 @dataclass
@@ -34,6 +38,13 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Added to the logits before sampling (token id -> bias in [-100, 100]); raw logprobs
+    # stay the model's, as vLLM reports them.
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None  # only these may be sampled (vLLM)
+    # The output must match a JSON schema, regex, choice or grammar (structured
+    # outputs; docs/structured_outputs.md).
+    structured_outputs: StructuredOutputsParams | None = None
     # "delta": an output after every step with what is new (streaming); "final": one
     # output when the request ends, with everything (offline generation skips the
     # per-step bookkeeping).
@@ -84,6 +95,19 @@ class SamplingParams:
             raise ValueError(f"stop_token_ids must be token ids in [0, {MAX_TOKEN_ID}), got {self.stop_token_ids!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or not -(1 << 63) <= self.seed < 1 << 64):
             raise bad("seed", "must be an integer that fits 64 bits")
+        if self.logit_bias is not None:
+            for token, bias in self.logit_bias.items():
+                if not isinstance(token, int) or not 0 <= token < MAX_TOKEN_ID:
+                    raise ValueError(f"logit_bias keys must be token ids in [0, {MAX_TOKEN_ID}), got {token!r}")
+                if not isinstance(bias, int | float) or not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                    raise ValueError(f"logit_bias values must be in [-100, 100], got {bias!r} for token {token}")
+        if self.allowed_token_ids is not None and (
+            not self.allowed_token_ids
+            or any(not isinstance(t, int) or not 0 <= t < MAX_TOKEN_ID for t in self.allowed_token_ids)
+        ):
+            raise ValueError(f"allowed_token_ids must be a non-empty list of token ids, got {self.allowed_token_ids!r}")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise bad("structured_outputs", "must be a StructuredOutputsParams")
         if self.output_kind not in ("delta", "final"):
             raise bad("output_kind", "must be 'delta' or 'final'")
 

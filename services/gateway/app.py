@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from rtpllm.api import errors
+from rtpllm.api.access_log import AccessLogMiddleware
 from rtpllm.api.auth import APIKeyMiddleware, APIKeys, open_paths
 from rtpllm.api.errors import APIError
 from rtpllm.api.generation import GatewayCore
@@ -29,6 +30,7 @@ from rtpllm.api.images import ImageLoader, MediaSettings
 from rtpllm.api.openapi import describe_request_bodies
 from rtpllm.api.requests import ChatCompletionRequest, CompletionRequest
 from rtpllm.api.server import OpenAIServer, error_response, json_response
+from rtpllm.api.tokenize import DetokenizeRequest, TokenizeCompletionRequest
 from rtpllm.credentials import redact_url
 from rtpllm.models.registry import served_model_name
 from rtpllm.protocol import subjects
@@ -41,6 +43,7 @@ from rtpllm.serving.dependencies import RedisCheck
 from rtpllm.serving.dispatcher import Dispatcher, DispatcherConfig
 from rtpllm.serving.metrics import GatewayMetrics
 from rtpllm.serving.settings import GatewaySettings, new_id
+from rtpllm.serving.stats_log import StatsLogger
 from rtpllm.serving.vision_registry import VisionRegistry
 from rtpllm.tokenizer import Tokenizer
 
@@ -146,11 +149,13 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         admission = AdmissionController(settings.max_running, settings.max_queue, settings.retry_after_s)
         visions = VisionRegistry()  # vision services' heartbeats, for /metrics
         await visions.start(nc)
-        metrics = GatewayMetrics(admission, dispatcher.registry, visions)
+        metrics = GatewayMetrics(admission, dispatcher.registry, visions, model)
         dispatcher.on_instance_lost = lambda inst, code: metrics.instances_lost.labels(code).inc()
         dispatcher.on_routed = lambda policy, reason: metrics.routing_decisions.labels(policy, reason).inc()
         await dispatcher.start()
         core = GatewayCore(dispatcher, admission, metrics, settings.request_timeout_s)
+        stats = StatsLogger(metrics, admission, dispatcher.registry, settings.stats_interval_s, model)
+        stats.start()
         media = media_settings(settings, nc.max_payload)
         if vision is not None:
             log.info(
@@ -185,6 +190,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         try:
             yield
         finally:
+            await stats.close()
             await dispatcher.close()
             await visions.close()
             await images.aclose()
@@ -192,10 +198,21 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             await nc.drain()
 
     app = FastAPI(title="rtpllm gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
-    describe_request_bodies(app, {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest})
-    # Outermost: a request without a valid key reaches no route and reads no body.
+    describe_request_bodies(
+        app,
+        {
+            "/v1/chat/completions": ChatCompletionRequest,
+            "/v1/completions": CompletionRequest,
+            # /tokenize also takes TokenizeChatRequest's `messages`; the fuzzer gets the prompt form.
+            "/tokenize": TokenizeCompletionRequest,
+            "/detokenize": DetokenizeRequest,
+        },
+    )
+    # A request without a valid key reaches no route and reads no body.
     keys = APIKeys(settings.api_keys)
     app.add_middleware(APIKeyMiddleware, keys=keys, open_paths=open_paths(settings.protect_metrics))
+    if settings.access_log:
+        app.add_middleware(AccessLogMiddleware)  # outermost: refused requests are logged too
 
     def server(request: Request) -> OpenAIServer:
         return request.app.state.server
@@ -211,6 +228,22 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
         return server(request).models()
+
+    @app.get("/v1/models/{model_id:path}")
+    async def retrieve_model(request: Request, model_id: str) -> Response:
+        return server(request).retrieve_model(model_id)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        return await server(request).tokenize(request)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> Response:
+        return await server(request).detokenize(request)
+
+    @app.get("/version")
+    async def version(request: Request) -> Response:
+        return server(request).version()
 
     @app.get("/health")
     async def health() -> Response:

@@ -67,6 +67,12 @@ async def serve(settings: VisionSettings) -> int:
         if health is not None:
             health.cancel()
         return 0
+    if settings.gpu_claim_dir:
+        from dataclasses import replace
+
+        from rtpllm.cli.serve import claimed_cuda_device
+
+        settings = replace(settings, device=claimed_cuda_device(settings.gpu_claim_dir))
     model_dir, encoder, pool = await asyncio.to_thread(_load, settings)
     nc = await connect_nats(settings.nats, f"rtpllm-{instance_id}", settings.nats_connect_timeout_s)
     tiers = None

@@ -80,9 +80,11 @@ def test_completion_mapping_and_echo_asks_prompt_logprobs() -> None:
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
-        ({"logit_bias": {"5": 1.0}}, "logit_bias"),
+        ({"logit_bias": {"5": 101}}, "logit_bias"),
+        ({"logit_bias": {"five": 1.0}}, "logit_bias"),
+        ({"allowed_token_ids": []}, "allowed_token_ids"),
         ({"tools": [{"type": "function"}]}, "tools"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "structural_tag"}}, "response_format.type"),
         ({"max_tokens": 5, "max_completion_tokens": 6}, "max_completion_tokens"),
     ],
 )
@@ -114,12 +116,17 @@ def test_malformed_bodies_are_400(raw: bytes, param: str | None) -> None:
     assert info.value.status == 400 and info.value.param == param
 
 
-def test_completion_suffix_best_of_rejected() -> None:
+def test_completion_suffix_rejected_best_of_runs_more_candidates() -> None:
     with pytest.raises(APIError):
         completion_sampling_params(completion(suffix="x"))
-    with pytest.raises(APIError):
-        completion_sampling_params(completion(best_of=3))
     assert completion_sampling_params(completion(best_of=1)).n == 1
+    # best_of candidates run, with logprobs (their sum ranks them) even if none were asked for.
+    p = completion_sampling_params(completion(best_of=3, n=2))
+    assert (p.n, p.logprobs) == (3, 0)
+    for bad in ({"best_of": 1, "n": 2}, {"best_of": 3, "stream": True}, {"best_of": 200}):
+        with pytest.raises(APIError) as info:
+            completion_sampling_params(completion(**bad))
+        assert info.value.param == "best_of"
 
 
 def test_chat_prompt_renders_template_and_text_parts(tokenizer: Tokenizer) -> None:

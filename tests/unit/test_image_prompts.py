@@ -24,6 +24,7 @@ from rtpllm.multimodal.families import Idefics3Family, Qwen2VLFamily, VisionFami
 from rtpllm.multimodal.image_input import decode_image
 from rtpllm.multimodal.prompt import expand_image_placeholders, expand_image_prompt
 from rtpllm.protocol.messages import GenerateRequest
+from rtpllm.routing.instances import InstanceRegistry
 from rtpllm.routing.policy import RouteRequest, image_spans
 from rtpllm.sampling_params import SamplingParams
 from rtpllm.serving.admission import AdmissionController
@@ -207,10 +208,11 @@ async def test_context_length_counts_image_tokens(checkpoints: dict[str, Checkpo
 class CapturingDispatcher:
     def __init__(self) -> None:
         self.requests: list[GenerateRequest] = []
+        self.registry = InstanceRegistry()  # no instance: the response fingerprint is the gateway's
 
     async def submit(self, request: GenerateRequest) -> object:
         self.requests.append(request)
-        return SimpleNamespace(finished=True, remote_finished=True)
+        return SimpleNamespace(finished=True, remote_finished=True, instance_id="w")
 
     def cancel(self, stream: object, reason: str) -> None:
         pass

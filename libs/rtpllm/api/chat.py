@@ -1,4 +1,8 @@
-"""/v1/chat/completions bodies: the whole response, or its SSE chunks."""
+"""/v1/chat/completions bodies: the whole response, or its SSE chunks.
+
+vLLM's extensions: with `echo` and a last message of the assistant's, each choice's
+content starts with that message's text; `prompt_logprobs` go at the top level.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from rtpllm.api.responses import (
     usage_info,
 )
 from rtpllm.api.sse import DONE, sse_error, sse_event
+from rtpllm.api.stream_usage import StreamUsage
 from rtpllm.protocol.messages import ChoiceDelta, PositionLogprobs
 
 
@@ -40,10 +45,19 @@ class _Choice:
             self.stop_reason = delta.stop_reason
 
 
-async def chat_completion(gen: Generation, response_id: str, token_text: TokenText) -> ChatCompletion:
+async def chat_completion(
+    gen: Generation,
+    response_id: str,
+    token_text: TokenText,
+    echo_text: str = "",
+    prompt_logprobs: int | None = None,
+) -> ChatCompletion:
     """Collect every delta into one ChatCompletion (raises APIError on failure)."""
     choices = [_Choice() for _ in range(gen.params.n)]
+    prompt_positions: list[PositionLogprobs | None] = []
     async for _, delta in gen.deltas():
+        if delta.prompt_logprobs:
+            prompt_positions.extend(delta.prompt_logprobs)
         for c in delta.choices:
             choices[c.index].add(c)
     top_k = gen.params.logprobs
@@ -55,7 +69,7 @@ async def chat_completion(gen: Generation, response_id: str, token_text: TokenTe
         choices=[
             ChatChoice(
                 index=i,
-                message=ChatMessageOut(role="assistant", content="".join(c.text)),
+                message=ChatMessageOut(role="assistant", content=echo_text + "".join(c.text)),
                 logprobs=token_text.chat(c.logprobs, top_k) if top_k is not None else None,
                 finish_reason=c.finish_reason,
                 stop_reason=c.stop_reason,
@@ -63,6 +77,8 @@ async def chat_completion(gen: Generation, response_id: str, token_text: TokenTe
             for i, c in enumerate(choices)
         ],
         usage=usage_info(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens),
+        system_fingerprint=gen.fingerprint,
+        prompt_logprobs=token_text.prompt(prompt_positions, prompt_logprobs) if prompt_logprobs is not None else UNSET,
     )
 
 
@@ -70,27 +86,41 @@ async def chat_chunks(
     gen: Generation,
     response_id: str,
     token_text: TokenText,
-    include_usage: bool,
+    usage: StreamUsage,
     on_end: Callable[[int], None],
+    echo_text: str = "",
 ) -> AsyncIterator[bytes]:
-    """SSE events of a streamed chat completion: a role chunk per choice, content chunks,
-    a finish chunk per choice, an optional usage chunk, `[DONE]`. A failure becomes an
-    error event (and no `[DONE]`). `on_end` gets the status the stream ended with."""
+    """SSE events of a streamed chat completion: a role chunk per choice (carrying the
+    echoed text, if any), content chunks, a finish chunk per choice, an optional usage
+    chunk, `[DONE]`. A failure becomes an error event (and no `[DONE]`). `on_end` gets
+    the status the stream ended with."""
     created = int(time.time())
-    usage_field = None if include_usage else UNSET
     top_k = gen.params.logprobs
+    fingerprint = gen.fingerprint
 
     def chunk(choice: ChatChunkChoice) -> bytes:
-        return sse_event(ChatCompletionChunk(id=response_id, created=created, model=gen.model, choices=[choice], usage=usage_field))
+        return sse_event(
+            ChatCompletionChunk(
+                id=response_id,
+                created=created,
+                model=gen.model,
+                choices=[choice],
+                usage=usage.chunk(),
+                system_fingerprint=fingerprint,
+            )
+        )
 
     status = 200
     try:
         for i in range(gen.params.n):
-            yield chunk(ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""), logprobs=None, finish_reason=None))
+            yield chunk(
+                ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=echo_text), logprobs=None, finish_reason=None)
+            )
         async for batch in gen.batches():
             events = []
             for _, delta in batch:
                 for c in delta.choices:
+                    usage.add(len(c.token_ids))
                     if not c.text and not c.logprobs and c.finish_reason is None:
                         continue
                     logprobs = token_text.chat(c.logprobs, top_k) if top_k is not None and c.logprobs else None
@@ -107,15 +137,11 @@ async def chat_chunks(
                     )
             if events:
                 yield b"".join(events)  # one write for all the tokens that were waiting
-        if include_usage:
-            u = gen.total_usage()
+        final = usage.final(gen.total_usage())
+        if final is not None:
             yield sse_event(
                 ChatCompletionChunk(
-                    id=response_id,
-                    created=created,
-                    model=gen.model,
-                    choices=[],
-                    usage=usage_info(u.prompt_tokens, u.completion_tokens, u.cached_tokens),
+                    id=response_id, created=created, model=gen.model, choices=[], usage=final, system_fingerprint=fingerprint
                 )
             )
         yield DONE

@@ -3,22 +3,43 @@
 Choices are numbered prompt_index * n + sample_index (several prompts may be batched).
 With `echo` the prompt text leads each choice; with `echo` and `logprobs` the prompt's
 logprobs lead the choice's logprobs (the first prompt token has none, as in OpenAI).
+With `echo` and `max_tokens: 0` the choice is the prompt alone: the engine runs one
+token (it computes the prompt's logprobs on the way) which is dropped. vLLM's
+`prompt_logprobs` go on each choice, for its prompt. `best_of` (rtpllm.api.best_of)
+picks the n returned from more candidates.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 from msgspec import UNSET
 
+from rtpllm.api.best_of import best_of
 from rtpllm.api.errors import CLIENT_CLOSED, APIError
 from rtpllm.api.generation import Generation, failed
 from rtpllm.api.logprobs import CompletionLogprobsBuilder, TokenText
 from rtpllm.api.responses import Completion, CompletionChoice, CompletionLogprobs, usage_info
 from rtpllm.api.sse import DONE, sse_error, sse_event
+from rtpllm.api.stream_usage import StreamUsage
 from rtpllm.protocol.messages import PositionLogprobs, TokenDelta
 from rtpllm.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class CompletionView:
+    """What the client sees, where it differs from what the engine runs: `n` choices
+    per prompt (best_of runs more), `logprobs` (best_of asks the engine for some to rank
+    by), `echo_only` (max_tokens 0: the engine's one token is dropped) and vLLM's
+    `prompt_logprobs`."""
+
+    n: int
+    logprobs: int | None
+    echo: bool = False
+    echo_only: bool = False
+    prompt_logprobs: int | None = None
 
 
 class _PromptEcho:
@@ -90,20 +111,29 @@ def _echoes(gen: Generation, tokenizer: Tokenizer, echo: bool) -> list[_PromptEc
     ]
 
 
-async def completion(gen: Generation, response_id: str, token_text: TokenText, tokenizer: Tokenizer, echo: bool) -> Completion:
+async def completion(
+    gen: Generation, response_id: str, token_text: TokenText, tokenizer: Tokenizer, view: CompletionView
+) -> Completion:
     """Collect every delta into one Completion (raises APIError on failure)."""
-    n = gen.params.n
-    choices = [_Choice(token_text, gen.params.logprobs) for _ in range(n * len(gen.prompts))]
-    echoes = _echoes(gen, tokenizer, echo)
+    n = view.n
+    choices = [_Choice(token_text, view.logprobs) for _ in range(n * len(gen.prompts))]
+    echoes = _echoes(gen, tokenizer, view.echo)
+    prompt_positions: list[list[PositionLogprobs | None]] = [[] for _ in gen.prompts]
     generated: list[list[tuple[str, list[PositionLogprobs] | None]]] = [[] for _ in choices]
-    async for p, delta in gen.deltas():
+    deltas = best_of(gen.deltas(), n) if gen.params.n > n else gen.deltas()
+    async for p, delta in deltas:
         if echoes is not None:
             echoes[p].add(delta)
+        if delta.prompt_logprobs:
+            prompt_positions[p].extend(delta.prompt_logprobs)
         for c in delta.choices:
             i = p * n + c.index
-            generated[i].append((c.text, c.logprobs))
+            if not view.echo_only:
+                generated[i].append((c.text, c.logprobs))
             if c.finish_reason is not None:
                 choices[i].finish_reason, choices[i].stop_reason = c.finish_reason, c.stop_reason
+                if view.echo_only:
+                    choices[i].finish_reason, choices[i].stop_reason = "length", None
     for i, choice in enumerate(choices):
         if echoes is not None:
             choice.echo(echoes[i // n])
@@ -115,10 +145,22 @@ async def completion(gen: Generation, response_id: str, token_text: TokenText, t
         created=int(time.time()),
         model=gen.model,
         choices=[
-            CompletionChoice(index=i, text="".join(c.text), logprobs=c.logprobs, finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+            CompletionChoice(
+                index=i,
+                text="".join(c.text),
+                logprobs=c.logprobs,
+                finish_reason=c.finish_reason,
+                stop_reason=c.stop_reason,
+                prompt_logprobs=(
+                    token_text.prompt(prompt_positions[i // n], view.prompt_logprobs)
+                    if view.prompt_logprobs is not None
+                    else UNSET
+                ),
+            )
             for i, c in enumerate(choices)
         ],
-        usage=usage_info(u.prompt_tokens, u.completion_tokens, u.cached_tokens),
+        usage=usage_info(u.prompt_tokens, 0 if view.echo_only else u.completion_tokens, u.cached_tokens),
+        system_fingerprint=gen.fingerprint,
     )
 
 
@@ -127,20 +169,30 @@ async def completion_chunks(
     response_id: str,
     token_text: TokenText,
     tokenizer: Tokenizer,
-    echo: bool,
-    include_usage: bool,
+    view: CompletionView,
+    usage: StreamUsage,
     on_end: Callable[[int], None],
 ) -> AsyncIterator[bytes]:
-    """SSE events of a streamed completion; see chat_chunks for the error contract."""
+    """SSE events of a streamed completion; see chat_chunks for the error contract.
+    (best_of and prompt_logprobs are refused with stream before this runs.)"""
     created = int(time.time())
-    usage_field = None if include_usage else UNSET
-    n = gen.params.n
-    choices = [_Choice(token_text, gen.params.logprobs) for _ in range(n * len(gen.prompts))]
-    echoes = _echoes(gen, tokenizer, echo)
+    n = view.n
+    choices = [_Choice(token_text, view.logprobs) for _ in range(n * len(gen.prompts))]
+    echoes = _echoes(gen, tokenizer, view.echo)
+    fingerprint = gen.fingerprint
 
     def chunk(index: int, text: str, logprobs: CompletionLogprobs | None, finish: str | None, stop: object = UNSET) -> bytes:
         choice = CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=finish, stop_reason=stop)  # type: ignore[arg-type]
-        return sse_event(Completion(id=response_id, created=created, model=gen.model, choices=[choice], usage=usage_field))
+        return sse_event(
+            Completion(
+                id=response_id,
+                created=created,
+                model=gen.model,
+                choices=[choice],
+                usage=usage.chunk(),
+                system_fingerprint=fingerprint,
+            )
+        )
 
     def echo_chunks(p: int) -> list[bytes]:
         assert echoes is not None
@@ -162,18 +214,26 @@ async def completion_chunks(
                     if echoes[p].ready or delta.finished:
                         events.extend(echo_chunks(p))
                 for c in delta.choices:
+                    i = p * n + c.index
+                    if view.echo_only:  # the prompt was the answer; the one token run is not
+                        if c.finish_reason is not None:
+                            events.append(chunk(i, "", None, "length", None))
+                        continue
+                    usage.add(len(c.token_ids))
                     if not c.text and not c.logprobs and c.finish_reason is None:
                         continue
-                    i = p * n + c.index
                     logprobs = choices[i].add(c.text, c.logprobs)
                     stop = c.stop_reason if c.finish_reason is not None else UNSET
                     events.append(chunk(i, c.text, logprobs, c.finish_reason, stop))
             if events:
                 yield b"".join(events)  # one write for all the tokens that were waiting
-        if include_usage:
-            u = gen.total_usage()
-            usage = usage_info(u.prompt_tokens, u.completion_tokens, u.cached_tokens)
-            yield sse_event(Completion(id=response_id, created=created, model=gen.model, choices=[], usage=usage))
+        final = usage.final(gen.total_usage(), 0 if view.echo_only else None)
+        if final is not None:
+            yield sse_event(
+                Completion(
+                    id=response_id, created=created, model=gen.model, choices=[], usage=final, system_fingerprint=fingerprint
+                )
+            )
         yield DONE
     except Exception as exc:
         error: APIError = failed(exc)

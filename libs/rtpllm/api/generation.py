@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from rtpllm.api import errors
 from rtpllm.api.errors import APIError
+from rtpllm.api.fingerprint import system_fingerprint
 from rtpllm.api.prompts import Prompt
 from rtpllm.protocol.convert import spec_from_params
 from rtpllm.protocol.messages import ErrorCode, ErrorInfo, GenerateRequest, TokenDelta, Usage
@@ -65,6 +66,8 @@ class Generation:
         self.usage: list[Usage | None] = [None] * len(prompts)
         self._first_token_at: float | None = None
         self._timer: asyncio.TimerHandle | None = None
+        # Until started: the gateway's own; then the serving instance's (its weights).
+        self.fingerprint = system_fingerprint(b"", model)
 
     async def start(self) -> None:
         admission = self._core.admission
@@ -93,6 +96,9 @@ class Generation:
                         images=prompt.images,
                     )
                     self.streams.append(await self._core.dispatcher.submit(req))
+            instance = self._core.dispatcher.registry.get(self.streams[0].instance_id)
+            if instance is not None:
+                self.fingerprint = system_fingerprint(instance.heartbeat.kv_namespace, self.model)
             # Past the deadline every stream ends with an error delta (and its instance
             # is told to stop). A timer rather than a timeout around `yield`s: the
             # consumer runs between them, and a cancellation must not land there.
@@ -132,6 +138,7 @@ class Generation:
         (streamed responses write a batch at once). Raises APIError if a prompt fails."""
         metrics = self._core.metrics
         last_token_at: dict[int, float] = {}
+        finish_reasons: list[str] = []
         try:
             async for batch in self._merged():
                 now = time.monotonic()
@@ -154,10 +161,18 @@ class Generation:
                         self.usage[index] = delta.usage
                         metrics.prompt_tokens.inc(delta.usage.prompt_tokens)
                         metrics.cached_tokens.inc(delta.usage.cached_tokens)
+                    finish_reasons.extend(c.finish_reason for c in delta.choices if c.finish_reason is not None)
                 yield batch
         finally:
             self.close()
         metrics.e2e.observe(time.monotonic() - self.arrival)
+        for reason in finish_reasons:
+            metrics.finished(reason)
+
+    @property
+    def ttft_s(self) -> float | None:
+        """Seconds from arrival to the first token, once there was one."""
+        return None if self._first_token_at is None else self._first_token_at - self.arrival
 
     async def _merged(self) -> AsyncIterator[list[tuple[int, TokenDelta]]]:
         if len(self.streams) == 1:

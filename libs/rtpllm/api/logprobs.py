@@ -1,13 +1,21 @@
 """Logprobs in OpenAI's two formats: chat (`content: [{token, logprob, bytes,
 top_logprobs}]`) and legacy completions (`tokens`, `token_logprobs`, `top_logprobs`,
-`text_offset`)."""
+`text_offset`); and vLLM's `prompt_logprobs` (token id -> logprob, rank, decoded
+token, per prompt position)."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
 
-from rtpllm.api.responses import ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob
+from rtpllm.api.responses import (
+    ChatLogprobs,
+    ChatTokenLogprob,
+    CompletionLogprobs,
+    PromptLogprob,
+    PromptLogprobs,
+    TopLogprob,
+)
 from rtpllm.protocol.messages import PositionLogprobs, TokenLogprob
 from rtpllm.tokenizer import Tokenizer
 from rtpllm.tokenizer.byte_tokenizer import byte_alphabet
@@ -67,6 +75,34 @@ class TokenText:
                 tops.append(TopLogprob(t, _lp(e.logprob), self.token_bytes(e, t)))
             content.append(ChatTokenLogprob(text, _lp(chosen.logprob), self.token_bytes(chosen, text), tops))
         return ChatLogprobs(content=content)
+
+    def prompt(self, positions: Sequence[PositionLogprobs | None], top_k: int) -> PromptLogprobs:
+        """vLLM's prompt_logprobs: at each position the prompt's own token and the top_k
+        most likely ones, by token id."""
+        out: PromptLogprobs = []
+        for position in positions:
+            if position is None:
+                out.append(None)
+                continue
+            entries = {position[0].token_id: self._prompt_entry(position[0])}
+            for e in _top(position, top_k):
+                entries.setdefault(e.token_id, self._prompt_entry(e))
+            out.append(entries)
+        return out
+
+    def _prompt_entry(self, entry: TokenLogprob) -> PromptLogprob:
+        return PromptLogprob(_lp(entry.logprob), entry.rank, self.text(entry))
+
+
+class TokenIdText(TokenText):
+    """vLLM's `return_tokens_as_token_ids`: every token is named `token_id:<id>`, which
+    identifies even a token that is not valid UTF-8 on its own."""
+
+    def text(self, entry: TokenLogprob) -> str:
+        return f"token_id:{entry.token_id}"
+
+    def token_bytes(self, entry: TokenLogprob, text: str) -> list[int]:
+        return list(text.encode())
 
 
 class CompletionLogprobsBuilder:

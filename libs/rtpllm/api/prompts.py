@@ -29,6 +29,16 @@ if TYPE_CHECKING:
     from rtpllm.multimodal.families import VisionFamily
 
 
+# Names a chat template gets from the server (or that name the renderer's own
+# arguments); chat_template_kwargs cannot replace them.
+RESERVED_TEMPLATE_KWARGS = frozenset(
+    {
+        "messages", "tools", "documents", "add_generation_prompt", "continue_final_message", "bos_token",
+        "eos_token", "template", "special_tokens", "rendered",
+    }
+)  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Prompt:
     """One prompt to generate from: its token ids, its text when known (for echo), and
@@ -47,9 +57,14 @@ def chat_prompt(
     max_tokens: int | None = None,
     images: Sequence[LoadedImage] = (),
     vision: VisionFamily | None = None,
+    continue_final_message: bool = False,
+    template_kwargs: dict[str, Any] | None = None,
 ) -> Prompt:
     """The prompt of a chat. `images`: the loaded images of its `image_url` parts, in
-    order (ImageLoader.load), with `vision` the model's family."""
+    order (ImageLoader.load), with `vision` the model's family. `continue_final_message`:
+    the last message is left open for the model to continue (no generation prompt);
+    `template_kwargs`: more variables for the chat template (vLLM's
+    chat_template_kwargs and documents, e.g. Qwen3's enable_thinking)."""
     if not messages:
         raise bad_request("messages must contain at least one message.", "messages")
     count = sum(1 for msg in messages if isinstance(msg.content, list) for part in msg.content if is_image_part(part))
@@ -63,8 +78,13 @@ def chat_prompt(
         if msg.name is not None:
             item["name"] = msg.name
         conversation.append(item)
+    render: dict[str, Any] = {
+        "add_generation_prompt": add_generation_prompt and not continue_final_message,
+        "continue_final_message": continue_final_message,
+        **(template_kwargs or {}),
+    }
     try:
-        text = tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt)
+        text = tokenizer.apply_chat_template(conversation, **render)
     except ChatTemplateError as exc:
         raise bad_request(str(exc), "messages") from None
     # The rendered text, not the messages: a template may drop or add text. With images
@@ -74,7 +94,7 @@ def chat_prompt(
         # Special tokens are parsed only where the template wrote them: a client whose
         # text spells `<|im_end|>` or an image placeholder gets plain text, not a forged
         # turn or image slot.
-        ids = tokenizer.encode_chat(conversation, add_generation_prompt=add_generation_prompt, rendered=text)
+        ids = tokenizer.encode_chat(conversation, rendered=text, **render)
     except ChatTemplateError as exc:
         raise bad_request(str(exc), "messages") from None
     if not ids:
@@ -84,6 +104,37 @@ def chat_prompt(
         assert vision is not None
         ids, specs = _expand_images(tokenizer, ids, images, vision)
     return Prompt(ids, text, specs)
+
+
+def template_kwargs(chat_template_kwargs: dict[str, Any] | None, documents: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """The chat template's extra variables: vLLM's `chat_template_kwargs` (Qwen3's
+    `enable_thinking`, say) and `documents` (RAG templates)."""
+    kwargs = dict(chat_template_kwargs or {})
+    clash = sorted(RESERVED_TEMPLATE_KWARGS & set(kwargs))
+    if clash:
+        raise bad_request(
+            f"chat_template_kwargs cannot set {', '.join(clash)}: use the request fields of those names.",
+            "chat_template_kwargs",
+        )
+    if documents is not None:
+        kwargs["documents"] = documents
+    return kwargs
+
+
+def truncate_prompt(prompt: Prompt, keep: int | None) -> Prompt:
+    """vLLM's truncate_prompt_tokens: only the prompt's last `keep` tokens."""
+    if keep is None or len(prompt.token_ids) <= keep:
+        return prompt
+    if prompt.images:  # cutting would move or split the images' placeholder runs
+        raise bad_request("truncate_prompt_tokens cannot cut a prompt with images.", "truncate_prompt_tokens")
+    return Prompt(prompt.token_ids[-keep:], None)
+
+
+def last_assistant_text(messages: list[ChatMessage]) -> str:
+    """The text of the last message when it is the assistant's (vLLM's chat `echo`)."""
+    if not messages or messages[-1].role != "assistant":
+        return ""
+    return _content_text(messages[-1].content, len(messages) - 1)
 
 
 def _expand_images(
@@ -138,9 +189,11 @@ def completion_prompts(
     prompt: str | list[str] | list[int] | list[list[int]],
     max_model_len: int | None = None,
     max_tokens: int | None = None,
+    add_special_tokens: bool = True,
 ) -> list[Prompt]:
     """The prompts of a /v1/completions request: a string, a batch of strings, token ids
-    or a batch of token-id lists."""
+    or a batch of token-id lists. `add_special_tokens`: the tokenizer's BOS etc. around
+    each text (vLLM's field; token ids are taken as they are)."""
     if isinstance(prompt, str):
         items: list[str | list[int]] = [prompt]
     elif prompt and all(isinstance(p, int) for p in prompt):
@@ -153,7 +206,7 @@ def completion_prompts(
     for item in items:
         if isinstance(item, str):
             check_text_fits(tokenizer, item, max_tokens, max_model_len, "prompt")
-            ids = tokenizer.encode(item)
+            ids = tokenizer.encode(item, add_special_tokens=add_special_tokens)
             out.append(Prompt(ids, item))
         else:
             if any(not 0 <= t < MAX_TOKEN_ID for t in item):

@@ -19,11 +19,26 @@ class UsageInfo(msgspec.Struct):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
-    prompt_tokens_details: PromptTokensDetails
+    # Left out of a stream's running totals (continuous_usage_stats): cached tokens are
+    # known only when the request ends.
+    prompt_tokens_details: PromptTokensDetails | UnsetType = UNSET
 
 
-def usage_info(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> UsageInfo:
-    return UsageInfo(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens, PromptTokensDetails(cached_tokens))
+def usage_info(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None) -> UsageInfo:
+    details = PromptTokensDetails(cached_tokens) if cached_tokens is not None else UNSET
+    return UsageInfo(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens, details)
+
+
+class PromptLogprob(msgspec.Struct):
+    """One entry of vLLM's `prompt_logprobs` (a list, per prompt position, of token id ->
+    this; None for the first position, which has no logprob)."""
+
+    logprob: float
+    rank: int | None
+    decoded_token: str | None
+
+
+PromptLogprobs = list[dict[int, PromptLogprob] | None]
 
 
 # -- chat ------------------------------------------------------------------------------
@@ -69,6 +84,7 @@ class ChatCompletion(msgspec.Struct):
     usage: UsageInfo
     object: str = "chat.completion"
     system_fingerprint: str | None = None
+    prompt_logprobs: PromptLogprobs | UnsetType = UNSET  # vLLM extension, when asked for
 
 
 class ChatDelta(msgspec.Struct):
@@ -110,6 +126,7 @@ class CompletionChoice(msgspec.Struct):
     logprobs: CompletionLogprobs | None
     finish_reason: str | None
     stop_reason: int | str | None | UnsetType = UNSET
+    prompt_logprobs: PromptLogprobs | UnsetType = UNSET  # vLLM extension, when asked for
 
 
 class Completion(msgspec.Struct):

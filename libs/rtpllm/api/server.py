@@ -24,18 +24,36 @@ from typing import Any, TypeVar
 from starlette.requests import Request
 from starlette.responses import Response
 
+from rtpllm import __version__
 from rtpllm.api import errors
+from rtpllm.api.access_log import AccessRecord, access_record
 from rtpllm.api.chat import chat_chunks, chat_completion
-from rtpllm.api.completions import completion, completion_chunks
+from rtpllm.api.completions import CompletionView, completion, completion_chunks
 from rtpllm.api.errors import CLIENT_CLOSED, APIError
 from rtpllm.api.generation import GatewayCore, Generation, failed
 from rtpllm.api.images import ImageLoader, MediaSettings
-from rtpllm.api.logprobs import TokenText
-from rtpllm.api.params import chat_sampling_params, completion_sampling_params
-from rtpllm.api.prompts import chat_prompt, check_context_length, completion_prompts
+from rtpllm.api.logprobs import TokenIdText, TokenText
+from rtpllm.api.params import chat_sampling_params, completion_sampling_params, echo_only
+from rtpllm.api.prompts import (
+    chat_prompt,
+    check_context_length,
+    completion_prompts,
+    last_assistant_text,
+    template_kwargs,
+    truncate_prompt,
+)
 from rtpllm.api.requests import ChatCompletionRequest, CompletionRequest, parse_body
 from rtpllm.api.responses import ModelCard, ModelList, to_json
 from rtpllm.api.sse import SSEResponse
+from rtpllm.api.stream_usage import StreamUsage
+from rtpllm.api.tokenize import (
+    DetokenizeRequest,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    check_tokenize_chat,
+    detokenize,
+    tokenize_response,
+)
 from rtpllm.tokenizer import Tokenizer
 
 T = TypeVar("T")
@@ -111,15 +129,18 @@ class OpenAIServer:
 
     async def chat(self, request: Request) -> Response | SSEResponse:
         endpoint = "chat"
+        record = access_record(request)
         try:
             body = await read_body(request, self.max_body_bytes)
             req: ChatCompletionRequest = await _off_loop(len(body), parse_body, ChatCompletionRequest, body)
             model = self._check_model(req.model)
             params = chat_sampling_params(req)
+            self._check_vocab(req.logit_bias, req.allowed_token_ids)
             explicit_max = (
                 req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
             )
-            window = self._known_max_model_len(model)
+            # A prompt to be truncated may be longer than the window: no early check then.
+            window = self._known_max_model_len(model) if req.truncate_prompt_tokens is None else None
             images = await self.images.load(req.messages)
             prompt = await _off_loop(
                 len(body),
@@ -131,64 +152,167 @@ class OpenAIServer:
                 explicit_max,
                 images,
                 self.images.family,
+                req.continue_final_message,
+                template_kwargs(req.chat_template_kwargs, req.documents),
             )
+            prompt = truncate_prompt(prompt, req.truncate_prompt_tokens)
             check_context_length(len(prompt.token_ids), explicit_max, self._max_model_len(model), "messages")
             gen = Generation(self.core, f"chatcmpl-{uuid.uuid4().hex}", model, [prompt], params)
             await gen.start()
         except APIError as exc:
             return self._error(endpoint, exc)
+        response_id = f"chatcmpl-{req.request_id}" if req.request_id else gen.request_id
+        self._track(record, response_id, gen)
+        token_text = TokenIdText(self.tokenizer) if req.return_tokens_as_token_ids else self.token_text
+        echo_text = last_assistant_text(req.messages) if req.echo else ""
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            events = chat_chunks(
-                gen, gen.request_id, self.token_text, include_usage, lambda s: self._count(endpoint, s)
-            )
+            usage = StreamUsage(req.stream_options, len(prompt.token_ids))
+            events = chat_chunks(gen, response_id, token_text, usage, self._on_end(endpoint, record), echo_text)
             return SSEResponse(events)
         return await self._complete(
-            endpoint, request, gen, chat_completion(gen, gen.request_id, self.token_text)
+            endpoint,
+            request,
+            gen,
+            chat_completion(gen, response_id, token_text, echo_text, req.prompt_logprobs),
+            record,
         )
 
     async def completions(self, request: Request) -> Response | SSEResponse:
         endpoint = "completions"
+        record = access_record(request)
         try:
             body = await read_body(request, self.max_body_bytes)
             req: CompletionRequest = await _off_loop(len(body), parse_body, CompletionRequest, body)
             model = self._check_model(req.model)
             params = completion_sampling_params(req)
-            window = self._known_max_model_len(model)
+            self._check_vocab(req.logit_bias, req.allowed_token_ids)
+            window = self._known_max_model_len(model) if req.truncate_prompt_tokens is None else None
             prompts = await _off_loop(
-                len(body), completion_prompts, self.tokenizer, req.prompt, window, req.max_tokens
+                len(body),
+                completion_prompts,
+                self.tokenizer,
+                req.prompt,
+                window,
+                req.max_tokens,
+                req.add_special_tokens,
             )
+            prompts = [truncate_prompt(p, req.truncate_prompt_tokens) for p in prompts]
             max_len = self._max_model_len(model)
             for p in prompts:
-                check_context_length(len(p.token_ids), req.max_tokens, max_len, "prompt")
+                # echo with max_tokens 0 runs one token, which must fit too.
+                explicit_max = params.max_tokens if req.max_tokens is not None else None
+                check_context_length(len(p.token_ids), explicit_max, max_len, "prompt")
             gen = Generation(self.core, f"cmpl-{uuid.uuid4().hex}", model, prompts, params)
             await gen.start()
         except APIError as exc:
             return self._error(endpoint, exc)
+        response_id = f"cmpl-{req.request_id}" if req.request_id else gen.request_id
+        view = CompletionView(
+            n=req.n,
+            logprobs=req.logprobs,
+            echo=req.echo,
+            echo_only=echo_only(req),
+            prompt_logprobs=req.prompt_logprobs,
+        )
+        self._track(record, response_id, gen, view.echo_only)
+        token_text = TokenIdText(self.tokenizer) if req.return_tokens_as_token_ids else self.token_text
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            usage = StreamUsage(req.stream_options, sum(len(p.token_ids) for p in prompts))
             events = completion_chunks(
-                gen,
-                gen.request_id,
-                self.token_text,
-                self.tokenizer,
-                req.echo,
-                include_usage,
-                lambda s: self._count(endpoint, s),
+                gen, response_id, token_text, self.tokenizer, view, usage, self._on_end(endpoint, record)
             )
             return SSEResponse(events)
         return await self._complete(
-            endpoint, request, gen, completion(gen, gen.request_id, self.token_text, self.tokenizer, req.echo)
+            endpoint, request, gen, completion(gen, response_id, token_text, self.tokenizer, view), record
         )
 
     def models(self) -> Response:
-        instances = self.core.dispatcher.candidates(self.model)
-        max_len = min((i.heartbeat.max_model_len for i in instances), default=None)
-        return json_response(
-            ModelList(data=[ModelCard(id=self.model, created=self.created, max_model_len=max_len)])
-        )
+        return json_response(ModelList(data=[self._card()]))
+
+    def retrieve_model(self, model_id: str) -> Response:
+        """GET /v1/models/{id}: the served model's card, or 404 as OpenAI answers."""
+        if model_id != self.model:
+            return error_response(errors.model_not_found(model_id))
+        return json_response(self._card())
+
+    def version(self) -> Response:
+        return json_response({"version": __version__})
+
+    async def tokenize(self, request: Request) -> Response:
+        """vLLM's POST /tokenize: a prompt, or messages rendered as chat does."""
+        try:
+            body = await read_body(request, self.max_body_bytes)
+            raw = await _off_loop(len(body), _json_object, body)
+            if "messages" in raw:
+                chat_req: TokenizeChatRequest = await _off_loop(len(body), parse_body, TokenizeChatRequest, body)
+                self._check_model(chat_req.model)
+                kwargs = check_tokenize_chat(chat_req)
+                images = await self.images.load(chat_req.messages)
+                prompt = await _off_loop(
+                    len(body),
+                    chat_prompt,
+                    self.tokenizer,
+                    chat_req.messages,
+                    chat_req.add_generation_prompt,
+                    None,
+                    None,
+                    images,
+                    self.images.family,
+                    chat_req.continue_final_message,
+                    kwargs,
+                )
+                tokens, strs = prompt.token_ids, chat_req.return_token_strs
+            else:
+                text_req: TokenizeCompletionRequest = await _off_loop(
+                    len(body), parse_body, TokenizeCompletionRequest, body
+                )
+                self._check_model(text_req.model)
+                tokens = await _off_loop(
+                    len(body), self.tokenizer.encode, text_req.prompt, text_req.add_special_tokens
+                )
+                strs = text_req.return_token_strs
+        except APIError as exc:
+            return error_response(exc)
+        window = self._known_max_model_len(self.model)
+        return json_response(tokenize_response(self.tokenizer, tokens, window, strs))
+
+    async def detokenize(self, request: Request) -> Response:
+        """vLLM's POST /detokenize: token ids back to text."""
+        try:
+            body = await read_body(request, self.max_body_bytes)
+            req: DetokenizeRequest = await _off_loop(len(body), parse_body, DetokenizeRequest, body)
+            self._check_model(req.model)
+            return json_response(await _off_loop(len(body), detokenize, self.tokenizer, req))
+        except APIError as exc:
+            return error_response(exc)
 
     # -- helpers ---------------------------------------------------------------------
+
+    def _card(self) -> ModelCard:
+        return ModelCard(id=self.model, created=self.created, max_model_len=self._known_max_model_len(self.model))
+
+    def _check_vocab(self, logit_bias: dict[str, float] | None, allowed: list[int] | None) -> None:
+        """Token ids the request names must be the model's (SamplingParams checked their
+        form); the engine checks them against its own vocabulary too."""
+        vocab = self.tokenizer.vocab_size
+        for param, ids in (("logit_bias", [int(k) for k in logit_bias or ()]), ("allowed_token_ids", allowed or [])):
+            bad = next((t for t in ids if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise errors.bad_request(f"{param}: token id {bad} is outside the vocabulary [0, {vocab}).", param)
+
+    def _track(self, record: AccessRecord | None, response_id: str, gen: Generation, echo_only: bool = False) -> None:
+        if record is not None:
+            record.response_id, record.generation, record.echo_only = response_id, gen, echo_only
+
+    def _on_end(self, endpoint: str, record: AccessRecord | None) -> Callable[[int], None]:
+        """What a stream calls with the status it ended with."""
+
+        def end(status: int) -> None:
+            self._count(endpoint, status)
+            if record is not None:
+                record.status = status
+
+        return end
 
     def _check_model(self, name: str | None) -> str:
         if name is None or name == self.model:
@@ -212,7 +336,12 @@ class OpenAIServer:
         return window
 
     async def _complete(
-        self, endpoint: str, request: Request, gen: Generation, work: Awaitable[Any]
+        self,
+        endpoint: str,
+        request: Request,
+        gen: Generation,
+        work: Awaitable[Any],
+        record: AccessRecord | None = None,
     ) -> Response:
         """Run a non-streaming request; a client that disconnects cancels it."""
         try:
@@ -220,6 +349,8 @@ class OpenAIServer:
         except ClientDisconnected:
             gen.close()
             self._count(endpoint, CLIENT_CLOSED)
+            if record is not None:
+                record.status = CLIENT_CLOSED
             return Response(status_code=CLIENT_CLOSED)
         except Exception as exc:
             return self._error(endpoint, failed(exc))
@@ -234,6 +365,17 @@ class OpenAIServer:
 
     def _count(self, endpoint: str, status: int) -> None:
         self.core.metrics.requests.labels(endpoint, str(status)).inc()
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    """The body as a JSON object, to tell /tokenize's two shapes apart (400 otherwise)."""
+    try:
+        value = json.loads(body)
+    except ValueError as exc:
+        raise errors.bad_request(f"The request body is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise errors.bad_request("The request body must be a JSON object.")
+    return value
 
 
 async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:

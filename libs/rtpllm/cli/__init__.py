@@ -1,11 +1,14 @@
 """The `rtpllm` command: `up` (the whole stack), `serve gateway|worker|prefill|decode|kvstore|vision` (one service),
-`secrets` (a compose stack's credentials), `convert-gguf`. Flags read `RTPLLM_*` environment variables (see `--help`)."""
+`serve MODEL` (vLLM's form: the whole stack with one worker), `secrets` (a compose stack's credentials),
+`convert-gguf`. Flags read `RTPLLM_*` environment variables (see `--help`)."""
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from rtpllm.cli import options
 from rtpllm.cli.flags import add_flags
@@ -28,13 +31,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(up, "disaggregation (passed to decode instances)", options.DISAGG)
     add_flags(up, "images (passed to the gateway; vision-language models)", options.IMAGES)
 
-    serve = commands.add_parser("serve", help="run one service (scale each independently)")
+    serve = commands.add_parser(
+        "serve",
+        help="run one service (scale each independently); or `serve MODEL`, vLLM's form: the whole stack with one worker",
+        description="Run one service. `rtpllm serve MODEL [FLAGS]` (MODEL not a service name) is vLLM's `vllm serve "
+        "MODEL`: `rtpllm up --model MODEL --workers 1 [FLAGS]`, one command for an OpenAI-compatible server on port 8000.",
+    )
     services = serve.add_subparsers(dest="service", required=True, metavar="SERVICE")
     gateway = services.add_parser(
         "gateway",
         help="the OpenAI-compatible HTTP gateway",
-        description="Serve /v1/chat/completions, /v1/completions, /v1/models, /health, /ready, /metrics and /instances, "
-        "routing requests to workers over NATS.",
+        description="Serve /v1/chat/completions, /v1/completions, /v1/models, /v1/models/{id}, /tokenize, /detokenize, "
+        "/version, /health, /ready, /metrics and /instances, routing requests to workers over NATS.",
     )
     add_flags(gateway, "bus", options.BUS)
     add_flags(gateway, "model", options.MODEL)
@@ -111,8 +119,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+SERVICES = ("gateway", "worker", "prefill", "decode", "kvstore", "vision")
+# What `serve MODEL` starts unless the flags choose a topology: one engine that prefills
+# and decodes, as `vllm serve` runs (the default prefill + decode pair would load the
+# weights twice, on one GPU too).
+_SERVE_MODEL_TOPOLOGY = ("--workers", "--prefill", "--decode")
+
+
+def serve_model_argv(argv: list[str]) -> list[str]:
+    """`serve MODEL [FLAGS]` (vLLM's form) as `up --model MODEL --workers 1 [FLAGS]`;
+    any other argv as it is. SystemExit for a word after `serve` that looks like a
+    mistyped service name and is no path."""
+    if len(argv) < 2 or argv[0] != "serve" or argv[1] in SERVICES or argv[1].startswith("-"):
+        return argv
+    model, flags = argv[1], argv[2:]
+    close = difflib.get_close_matches(model, SERVICES, n=1, cutoff=0.75)
+    if close and not Path(model).expanduser().exists():
+        raise SystemExit(
+            f"rtpllm serve: unknown service {model!r} (did you mean {close[0]!r}?); services: {', '.join(SERVICES)}, "
+            "or a model (a known name or a directory) to serve the whole stack"
+        )
+    if any(f == "--model" or f.startswith("--model=") for f in flags):
+        raise SystemExit(f"rtpllm serve {model}: the model is given twice (as MODEL and --model)")
+    topology = [] if any(f.split("=", 1)[0] in _SERVE_MODEL_TOPOLOGY for f in flags) else ["--workers", "1"]
+    return ["up", "--model", model, *topology, *flags]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = serve_model_argv(list(sys.argv[1:] if argv is None else argv))
     if argv[:1] == ["convert-gguf"]:
         # Handed over whole: argparse's REMAINDER would swallow neither --help nor flags.
         from rtpllm.loader.gguf_convert import main as convert_main

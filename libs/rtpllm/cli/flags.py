@@ -36,6 +36,7 @@ class Flag:
     type: Callable[[str], Any] = str
     choices: Sequence[str] | None = None
     boolean: bool = False  # --name / --no-name
+    aliases: tuple[str, ...] = ()  # short spellings (-tp)
 
     @property
     def dest(self) -> str:
@@ -54,7 +55,9 @@ class Flag:
         if self.boolean:
             parser.add_argument(self.name, dest=self.dest, default=default, action=argparse.BooleanOptionalAction, help=help_text)
         else:
-            parser.add_argument(self.name, dest=self.dest, default=default, type=self.type, choices=self.choices, help=help_text)
+            parser.add_argument(
+                self.name, *self.aliases, dest=self.dest, default=default, type=self.type, choices=self.choices, help=help_text
+            )
 
 
 def add_flags(parser: argparse.ArgumentParser, title: str, flags: Sequence[Flag]) -> None:

@@ -55,6 +55,7 @@ ENGINE = [
     Flag("--attention-backend", "RTPLLM_ATTENTION_BACKEND", "attention backend (auto picks per device)", "auto"),
     Flag("--load-format", "RTPLLM_LOAD_FORMAT", "weights: auto (the checkpoint's safetensors) or dummy (random, for benchmarks)", "auto", str, ["auto", "dummy"]),
     Flag("--cuda-graphs", "RTPLLM_CUDA_GRAPHS", "capture the decode step in CUDA graphs (CUDA only)", True, boolean=True),
+    Flag("--tensor-parallel-size", "RTPLLM_TENSOR_PARALLEL_SIZE", "split the model over N processes and devices (this process is rank 0 and starts the others; CUDA: devices --device..+N-1); one instance on the bus (docs/tensor_parallel.md)", 1, int, aliases=("-tp",)),
     Flag("--async-scheduling", "RTPLLM_ASYNC_SCHEDULING", "launch step n+1 before step n's tokens are read back: auto (on for CUDA), on, off", "auto", str, ["auto", "on", "off"]),
     *KV_TIERS,
     Flag("--kv-write-through", "RTPLLM_KV_WRITE_THROUGH", "store every newly computed full KV block at once, not only when evicted from the pool: auto (on with --kv-redis or a kvstore), on, off", "auto", str, ["auto", "on", "off"]),
@@ -116,6 +117,12 @@ IMAGES = [
     Flag("--media-fetch-timeout", "RTPLLM_MEDIA_FETCH_TIMEOUT", "seconds to fetch and decode all of a request's images (and each fetch, redirects included)", 10.0, float),
 ]
 
+# The gateway's log lines; `up` passes them on.
+GATEWAY_LOGS = [
+    Flag("--access-log", "RTPLLM_ACCESS_LOG", "log one line per HTTP request: method, path, status, response id, prompt and completion tokens, TTFT, latency (probes: /health, /ready, /metrics, /instances at debug level)", True, boolean=True),
+    Flag("--stats-interval", "RTPLLM_STATS_INTERVAL", "seconds between stats lines (prompt and generation tok/s, running/waiting at the gateway and per instance, KV usage), logged while there is traffic (0: none)", 10.0, float),
+]
+
 GATEWAY = [
     Flag("--host", "RTPLLM_HOST", "HTTP bind address", "127.0.0.1"),
     Flag("--port", "RTPLLM_PORT", "HTTP port", 8000, int),
@@ -135,6 +142,7 @@ GATEWAY = [
     Flag("--shutdown-timeout", "RTPLLM_SHUTDOWN_TIMEOUT", "on SIGTERM, seconds open streams may finish", 10.0, float),
     *API_KEYS,
     *IMAGES,
+    *GATEWAY_LOGS,
 ]
 
 UP = [
@@ -157,6 +165,7 @@ UP = [
     Flag("--auth", "RTPLLM_AUTH", "authentication: a fresh NATS token and Redis password for this run, and an API key for the gateway: --api-key / --api-key-file, else the key in $RTPLLM_CACHE_DIR/api_key, made there on first use (--no-auth: all open)", True, boolean=True),
     replace(API_KEYS[0], help="the gateway's API key(s), comma-separated (default: the key in $RTPLLM_CACHE_DIR/api_key, made on first use)"),
     *API_KEYS[1:],
+    *GATEWAY_LOGS,
 ]
 
 # `rtpllm up` starts the host's kvstore and points every engine at it unless --no-kvstore.

@@ -92,6 +92,8 @@ def gateway_settings(args: argparse.Namespace) -> GatewaySettings:
         nats_connect_timeout_s=args.nats_connect_timeout,
         api_keys=api_keys,
         protect_metrics=args.protect_metrics,
+        access_log=args.access_log,
+        stats_interval_s=args.stats_interval,
         **media_settings(args),
     )
 
@@ -134,8 +136,14 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    tp = getattr(args, "tensor_parallel_size", 1)
+    if tp > 1 and getattr(args, "service", "worker") == "prefill":
+        # Its KV ships to decode instances, and a transfer moves one rank's heads.
+        raise SystemExit("error: a prefill instance runs with --tensor-parallel-size 1 (docs/tensor_parallel.md)")
     if device == "cuda" and getattr(args, "gpu_claim_dir", None):
-        device = _claimed_cuda_device(args.gpu_claim_dir)
+        if tp > 1:
+            raise SystemExit("error: --gpu-claim-dir claims one GPU; with --tensor-parallel-size pass --device cuda:N")
+        device = claimed_cuda_device(args.gpu_claim_dir)
     return EngineConfig(
         model=args.model,
         device=device,
@@ -169,6 +177,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
             tier_wait_max_s=args.kv_tier_wait_max,
         ),
         served_model_name=args.served_model_name,
+        tensor_parallel_size=tp,
     )
 
 
@@ -200,8 +209,6 @@ def vision_settings(args: argparse.Namespace) -> VisionSettings:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and getattr(args, "gpu_claim_dir", None):
-        device = _claimed_cuda_device(args.gpu_claim_dir)
     nats = nats_config(args)
     return VisionSettings(
         model=args.model,
@@ -223,6 +230,9 @@ def vision_settings(args: argparse.Namespace) -> VisionSettings:
         kv_backends=parse_backends(args.kv_backends),
         nats_connect_timeout_s=args.nats_connect_timeout,
         health_file=args.health_file,
+        # Claimed by the service once it knows it has a tower to run: an idle one (a
+        # text model) must not hold a GPU the engines need.
+        gpu_claim_dir=getattr(args, "gpu_claim_dir", None) if device == "cuda" else None,
     )
 
 
@@ -244,7 +254,7 @@ def kvstore_settings(args: argparse.Namespace) -> KVStoreSettings:
     )
 
 
-def _claimed_cuda_device(claim_dir: str) -> str:
+def claimed_cuda_device(claim_dir: str) -> str:
     import torch
 
     from rtpllm.runtime.gpu_claim import NoFreeGPU, claim_gpu

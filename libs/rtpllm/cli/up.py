@@ -132,6 +132,10 @@ def run_up(args: argparse.Namespace) -> int:
     except ValueError as exc:
         _say(f"error: {exc}")
         return 2
+    if args.tensor_parallel_size > 1 and (not workers or args.kvstore):
+        # KV transfers and the KV tiers move one rank's heads (docs/tensor_parallel.md).
+        _say("error: --tensor-parallel-size > 1 runs aggregated workers without the kvstore: add --workers N --no-kvstore")
+        return 2
     vision = args.vision if args.vision is not None else (1 if _has_vision(model) else 0)
     if vision < 0:
         _say("error: --vision takes a count >= 0")
@@ -182,6 +186,7 @@ def run_up(args: argparse.Namespace) -> int:
             "--request-timeout", str(args.request_timeout),
             *([] if args.protect_metrics else ["--no-protect-metrics"]),
             *flags_to_argv(options.IMAGES, args),
+            *flags_to_argv(options.GATEWAY_LOGS, args),
         ],  # fmt: skip
         log_dir=log_dir,
         echo=None if log_dir else sys.stdout,

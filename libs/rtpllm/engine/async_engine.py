@@ -106,7 +106,10 @@ class AsyncLLMEngine:
 
     @property
     def is_alive(self) -> bool:
-        return self._dead is None and self._thread.is_alive()
+        """False once the engine thread died, or a tensor-parallel rank did (noticed
+        within a step, or by rank 0's watch while idle)."""
+        tp = self.engine.tp
+        return self._dead is None and self._thread.is_alive() and (tp is None or tp.error is None)
 
     def stats(self) -> EngineStats:
         """Stats as of the last step (safe to call from any thread)."""

@@ -25,6 +25,8 @@ from rtpllm.engine.request import Request
 from rtpllm.engine.sampler import PendingSample, Sampler, needs_history, prompt_logprobs
 from rtpllm.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from rtpllm.engine.stats import EngineStats
+from rtpllm.engine.structured import MaskJob, StructuredOutputs
+from rtpllm.engine.tensor_parallel import TensorParallel, TensorParallelError, closes_on_failure
 from rtpllm.engine.validation import validate_prompt
 from rtpllm.kvcache.block_hash import namespace_key
 from rtpllm.kvcache.block_manager import BlockManager, PrefixHit
@@ -120,6 +122,7 @@ class _Group:
 class LLMEngine:
     """Owns the model, KV pool, block manager, scheduler, runner and sampler of one engine."""
 
+    @closes_on_failure
     def __init__(
         self,
         config: EngineConfig,
@@ -147,6 +150,10 @@ class LLMEngine:
         max_len = config.max_model_len or self.model_config.max_position_embeddings
         self.backend = get_backend(config.attention_backend, self.device)
         t0 = time.perf_counter()
+        # Tensor parallelism: the other ranks start now and load their shards meanwhile.
+        self.tp: TensorParallel | None = None
+        if config.tensor_parallel_size > 1:
+            self.tp = TensorParallel.start(config, self.model_config, self.model_dir, self.device)
         self.model = self._load_model(max_len)
         # Vision-language models: the family (image token, processor) and the runner's
         # image encoding (the vision tower, in process).
@@ -155,6 +162,8 @@ class LLMEngine:
         self.load_seconds = time.perf_counter() - t0
 
         num_blocks = self._num_blocks()
+        if self.tp is not None:
+            num_blocks = self.tp.agree_num_blocks(num_blocks)
         block_size = config.cache.block_size
         if num_blocks * block_size < max_len:
             if config.max_model_len:
@@ -165,21 +174,25 @@ class LLMEngine:
             log.warning("capping max_model_len to the KV pool's %d tokens", num_blocks * block_size)
             max_len = num_blocks * block_size
         self.max_model_len = max_len
-        self.kv_pool = KVPool(self.model_config, num_blocks, block_size, self.dtype, self.device)
+        tp_size = config.tensor_parallel_size
+        self.kv_pool = KVPool(self.model_config, num_blocks, block_size, self.dtype, self.device, tp_size)
         # Named by the weights' content, not their path: new weights at an old path must
         # never be served the old weights' KV from the SSD and Redis tiers.
         weights = weights_identity(
             self.model_dir, cache_root() / "digests", random_seed=config.seed if config.load_format == "dummy" else None, device=self.device
         )
         self.weights_identity = weights  # also names this model's image embeddings (vision service)
-        namespace = namespace_key(weights, dtype_name(self.dtype), block_size)
+        namespace = namespace_key(weights, dtype_name(self.dtype), block_size, tp_size=tp_size)
         self.block_manager = BlockManager(num_blocks, block_size, namespace, config.cache.enable_prefix_caching)
         self.offload = KVOffload.create(config.offload, self.kv_pool.kv, self.block_manager) if config.offload.enabled else None
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self._extend_prefix if self.offload else None)
-        self.runner = ModelRunner(self.model, self.kv_pool, self.block_manager, self.backend, self.device, multimodal)
+        self.runner = ModelRunner(self.model, self.kv_pool, self.block_manager, self.backend, self.device, multimodal, self.tp)
+        if self.tp is not None:
+            self.tp.send_shape(num_blocks, max_len)  # the other ranks build their pools, graphs
         if config.cuda_graphs:
             self.runner.enable_cuda_graphs(min(config.scheduler.max_num_seqs, 256), max_len)
         self.sampler = Sampler(self.device, config.seed)
+        self.structured = StructuredOutputs(self.tokenizer, self.eos_token_ids, self.model_config.vocab_size, self.device)
         self.outputs = OutputProcessor(self.tokenizer)
         self._on_kv_events = on_kv_events
         self._event_seq = itertools.count()
@@ -210,7 +223,7 @@ class LLMEngine:
         return Tokenizer.from_dir(self.model_dir)
 
     def _load_model(self, max_len: int) -> DecoderLM:
-        model = build_model(self.model_config, self.backend, max_len, self.dtype, self.device)
+        model = build_model(self.model_config, self.backend, max_len, self.dtype, self.device, self.tp.group if self.tp else None)
         if self.config.load_format == "dummy":
             fill_random(model, self.config.seed)
             return model
@@ -239,7 +252,7 @@ class LLMEngine:
         cache = self.config.cache
         if cache.num_blocks is not None:
             return cache.num_blocks
-        per_block = bytes_per_block(self.model_config, cache.block_size, self.dtype)
+        per_block = bytes_per_block(self.model_config, cache.block_size, self.dtype, self.config.tensor_parallel_size)
         if self.device.startswith("cuda"):
             free, total = torch.cuda.mem_get_info(torch.device(self.device))
             used = total - free
@@ -313,6 +326,8 @@ class LLMEngine:
           and None is returned.
         """
         params = params or SamplingParams()
+        if prefill_only and self.tp is not None:
+            raise ValueError("prefill-only requests (a prefill instance) need tensor_parallel_size=1")
         if (prefill_only or remote_prefill_min_tokens is not None) and params.n != 1:
             raise ValueError("disaggregated prefill serves n=1 requests only")
         if request_id in self._groups:
@@ -339,6 +354,7 @@ class LLMEngine:
             )
             for i in range(params.n)
         ]
+        self.structured.add(children)  # ValueError if the constraint does not compile
         for child in children:
             if child.params.seed is not None:
                 child.generator = self.sampler.request_generator(child.params.seed)
@@ -373,6 +389,8 @@ class LLMEngine:
         """Allocate the prompt's blocks for a remote prefill if enough of it is uncached."""
         bm = self.block_manager
         hit = bm.find_prefix(req)
+        if self.tp is not None:
+            return None  # KV transfers move one rank's pool; with tensor parallelism, prefill here
         if req.params.prompt_logprobs is not None or req.num_prompt_tokens - hit.num_tokens < max(min_tokens, 1):
             return None
         if not bm.allocate(req, req.num_prompt_tokens, hit):
@@ -403,9 +421,12 @@ class LLMEngine:
         return bm.table_keys(req.request_id)[: (req.num_tokens - 1) // bm.block_size]
 
     def close(self) -> None:
-        """Flush and close the KV tiers (pending write-behind, bounded)."""
+        """Flush and close the KV tiers (pending write-behind, bounded); stop the other
+        tensor-parallel ranks."""
         if self.offload is not None:
             self.offload.close()
+        if self.tp is not None:
+            self.tp.close()
 
     def complete_remote_prefill(
         self, request_id: str, first_token: int, logprobs: LogprobRow | None = None, num_cached_tokens: int = 0
@@ -439,7 +460,8 @@ class LLMEngine:
         req.append_output(token_id)
         req.first_token_time = time.monotonic()
         self.generation_tokens_total += 1
-        finish = self.outputs.process_token(req, token_id, logprobs)
+        ends = req.grammar is not None and self.structured.advance(req, 0, token_id)
+        finish = self.outputs.process_token(req, token_id, logprobs, ends)
         if finish is not None:
             self.scheduler.finish(req, finish.reason, finish.stop_reason)
         else:
@@ -454,6 +476,11 @@ class LLMEngine:
         validate_prompt(token_ids, self.model_config.vocab_size, self.max_model_len)
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer, and this model has none")
+        vocab = self.model_config.vocab_size
+        for name, ids in (("logit_bias", params.logit_bias or ()), ("allowed_token_ids", params.allowed_token_ids or ())):
+            bad = next((t for t in ids if t >= vocab), None)
+            if bad is not None:
+                raise ValueError(f"{name} token id {bad} is outside the vocabulary [0, {vocab})")
         # max_tokens past the context window is capped to it (finish_reason "length").
 
     def _check_images(self, token_ids: list[int], mm: MultimodalInputs | None) -> tuple[np.ndarray | None, int]:
@@ -553,17 +580,21 @@ class LLMEngine:
         prev_tokens = prev.prev_tokens() if prev is not None else None
         timed = self.offload is not None and step.num_tokens > step.num_decodes
         clock = _StepClock(self.device.startswith("cuda")) if timed else None
+        masks = self._start_masks(step, prev)
         try:
             result = self.runner.execute(step, prev_tokens)
         except Exception as exc:  # a failed step must not hang its requests
             log.exception("engine step failed")
             self._fail_step(step, f"engine step failed: {exc}")
+            if isinstance(exc, TensorParallelError):
+                raise  # the ranks are out of step for good: the engine is dead
             return None
         self.scheduler.update(step)
         for item, first, logits in result.prompt_logits:
             item.request.prompt_logprobs_done = first + logits.shape[0]
         requests = [i.request for i in result.sample_items]
-        sample = self.sampler.sample(result.logits, requests) if requests else None
+        mask = masks.result() if masks is not None else None  # computed during the forward pass
+        sample = self.sampler.sample(result.logits, requests, mask) if requests else None
         for req in requests:
             req.append_placeholder()
         if clock is not None:
@@ -573,6 +604,18 @@ class LLMEngine:
             kv_written = torch.cuda.Event()
             kv_written.record()
         return _InFlight(step, requests, sample, result.prompt_logits, kv_written, clock)
+
+    def _start_masks(self, step: SchedulerOutput, prev: _InFlight | None) -> MaskJob | None:
+        """Start the grammar masks of the step's constrained rows on the worker thread
+        (None when the step has none); they are ready by the time the forward pass is."""
+        if not self.structured.num_live:
+            return None
+        rows = [item.request for item in step.scheduled if item.samples]
+        if prev is None or prev.sample is None:
+            return self.structured.start(rows, None, {})
+        # Async scheduling: tokens of the step in flight are read by the worker itself.
+        flight_rows = {r.request_id: i for i, r in enumerate(prev.requests) if r.grammar is not None}
+        return self.structured.start(rows, prev.sample.token_ids, flight_rows)
 
     def _finish(self, flight: _InFlight, touched: dict[str, _Group]) -> None:
         """Read a launched step's results back and turn them into outputs."""
@@ -596,12 +639,16 @@ class LLMEngine:
         for req, token_id, lp in zip(flight.requests, token_ids, logprob_rows, strict=True):
             if req.is_finished:  # finished or aborted while this step was in flight
                 continue
+            position = req.num_output_tokens - req.num_placeholders
             req.resolve_placeholder(token_id)
+            # Structured outputs: a complete grammar ends the request (a prefill-only
+            # request hands off instead; the decode side's matcher sees the token too).
+            ends = req.grammar is not None and self.structured.advance(req, position, token_id) and not req.prefill_only
             self.generation_tokens_total += 1
             if req.first_token_time is None:
                 req.first_token_time = now
                 self.prompt_tokens_total += req.num_prompt_tokens
-            finish = self.outputs.process_token(req, token_id, lp)
+            finish = self.outputs.process_token(req, token_id, lp, ends)
             if finish is None and req.prefill_only:
                 # Hand the KV over instead of decoding: it stays held past the finish.
                 self._handoffs[req.request_id] = KVHandoff(self.block_manager.hold(req.request_id), req.num_prompt_tokens, lp)
@@ -669,6 +716,7 @@ class LLMEngine:
 
     def _forget(self, group: _Group) -> None:
         self._groups.pop(group.request_id, None)
+        self.structured.forget(group.children)
         multimodal = self.runner.multimodal
         for child in group.children:
             if multimodal is not None:

@@ -1,12 +1,17 @@
 """Runs the model for one scheduled step: packs the batch, calls the model (or replays a
 CUDA graph for a pure decode step), returns the logits the sampler needs (and
-prompt-logprob logits when asked)."""
+prompt-logprob logits when asked).
+
+Tensor parallelism: rank 0's runner sends each packed batch to the other ranks
+(`StepSender`) before running it; their runners run the same batch through `run_batch`,
+so every collective inside the model meets its partners (docs/tensor_parallel.md)."""
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -53,6 +58,33 @@ class HostBatch:
 
 
 @dataclass
+class BatchLogits:
+    """The logits one packed batch asked for: every token's (a logits observer), the
+    sampling rows', and each prompt-logprob span's."""
+
+    all_tokens: torch.Tensor | None
+    samples: torch.Tensor
+    spans: list[torch.Tensor]
+
+
+class StepSender(Protocol):
+    """Rank 0 of a tensor-parallel engine: hands each batch to the other ranks."""
+
+    def send(
+        self,
+        batch: HostBatch,
+        spans: list[slice],
+        observe: bool,
+        use_graph: bool,
+        fill: Callable[[torch.Tensor], None] | None,
+    ) -> Callable[[torch.Tensor], None] | None: ...
+
+    def failure(self, exc: BaseException) -> Exception:
+        """A step failed on rank 0 after it was sent: end the group; the error to raise."""
+        ...
+
+
+@dataclass
 class ModelOutput:
     logits: torch.Tensor  # [num sampling rows, vocab] float32
     sample_items: list[ScheduledRequest]
@@ -90,11 +122,14 @@ class ModelRunner:
         self,
         model: DecoderLM,
         kv_pool: KVPool,
-        block_manager: BlockManager,
+        block_manager: BlockManager | None,
         backend: AttentionBackend,
         device: str,
         multimodal: MultimodalRunner | None = None,
+        tp: StepSender | None = None,
     ) -> None:
+        """`block_manager` is None on the worker ranks of a tensor-parallel engine (they
+        run batches rank 0 packed); `tp` is rank 0's sender to them."""
         self.model = model
         self.multimodal = multimodal
         self.kv_pool = kv_pool
@@ -105,6 +140,7 @@ class ModelRunner:
         self.block_size = kv_pool.block_size
         self.logits_observer: LogitsObserver | None = None
         self.graphs: DecodeGraphs | None = None
+        self.tp = tp
 
     def enable_cuda_graphs(self, max_batch: int, max_seq_len: int) -> None:
         """Capture decode graphs (CUDA with a graph-safe attention backend only)."""
@@ -123,6 +159,7 @@ class ModelRunner:
         self.graphs.capture()
 
     def prepare(self, step: SchedulerOutput, prev: PrevTokens | None = None) -> HostBatch:
+        assert self.blocks is not None, "a worker rank runs batches packed by rank 0"
         bs = self.block_size
         ph_idx: list[int] = []
         ph_rows: list[int] = []
@@ -191,19 +228,60 @@ class ModelRunner:
     def execute(self, step: SchedulerOutput, prev: PrevTokens | None = None) -> ModelOutput:
         batch = self.prepare(step, prev)
         fill = self._placeholder_fill(batch, prev)
+        spans = [span for _, _, span in batch.prompt_logprob_spans]
+        observe = self.logits_observer is not None
+        use_graph = self.fits_graph(batch, observe)
+        if self.tp is None:
+            out = self.run_batch(batch, fill, spans, observe, use_graph)
+        else:
+            fill = self.tp.send(batch, spans, observe, use_graph, fill)
+            try:
+                out = self.run_batch(batch, fill, spans, observe, use_graph)
+            except Exception as exc:
+                # The ranks no longer agree on which collective comes next.
+                raise self.tp.failure(exc) from exc
+        if self.logits_observer is not None and out.all_tokens is not None:
+            self.logits_observer(step, out.all_tokens)
+        prompt_logits = [
+            (item, first, logits) for (item, first, _), logits in zip(batch.prompt_logprob_spans, out.spans, strict=True)
+        ]
+        return ModelOutput(logits=out.samples, sample_items=batch.sample_items, prompt_logits=prompt_logits)
+
+    def fits_graph(self, batch: HostBatch, observe: bool) -> bool:
+        """Whether a captured decode graph can run this batch (rank 0 decides for all ranks)."""
         graphs = self.graphs
-        if (
+        return (
             graphs is not None
             and batch.is_pure_decode
             and batch.is_plain
-            and self.logits_observer is None
+            and not observe
             and graphs.can_run(len(batch.seq_lens), batch.block_tables.shape[1])
-        ):
-            logits = graphs.run(
+        )
+
+    @torch.inference_mode()
+    def run_batch(
+        self,
+        batch: HostBatch,
+        fill: Callable[[torch.Tensor], None] | None,
+        spans: list[slice],
+        observe: bool,
+        use_graph: bool,
+    ) -> BatchLogits:
+        """Run a packed batch: a decode graph's replay or the eager forward, then the LM
+        head for every token (`observe`), the sampling rows and each span, in that order.
+        Every tensor-parallel rank runs this with the same arguments: the order of the
+        model's collectives is the order of these calls."""
+        if use_graph:
+            assert self.graphs is not None
+            logits = self.graphs.run(
                 batch.input_ids, batch.positions, batch.slot_mapping, batch.seq_lens, batch.block_tables, fill
             )
-            return ModelOutput(logits=logits, sample_items=batch.sample_items, prompt_logits=[])
-        return self._execute_eager(step, batch, fill)
+            return BatchLogits(None, logits, [])
+        hidden = self._forward_eager(batch, fill)
+        compute = self.model.compute_logits
+        every = compute(hidden) if observe else None
+        samples = compute(hidden[self._upload(batch.sample_indices)])
+        return BatchLogits(every, samples, [compute(hidden[span]) for span in spans])
 
     def _upload(self, a: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(a)
@@ -223,9 +301,8 @@ class ModelRunner:
 
         return fill
 
-    def _execute_eager(
-        self, step: SchedulerOutput, batch: HostBatch, fill: Callable[[torch.Tensor], None] | None
-    ) -> ModelOutput:
+    def _forward_eager(self, batch: HostBatch, fill: Callable[[torch.Tensor], None] | None) -> torch.Tensor:
+        """The model's forward over a packed batch: [T, hidden]."""
         up = self._upload
         qsl_host = batch.query_start_loc.tolist()
         seq_host = batch.seq_lens.tolist()
@@ -247,11 +324,4 @@ class ModelRunner:
         embeds = None
         if batch.splice is not None:
             embeds = (up(batch.splice[0]), batch.splice[1])
-        hidden = self.model(input_ids, up(batch.positions), self.kv_caches, meta, embeds)
-        if self.logits_observer is not None:
-            self.logits_observer(step, self.model.compute_logits(hidden))
-        logits = self.model.compute_logits(hidden[up(batch.sample_indices)])
-        prompt_logits = [
-            (item, first, self.model.compute_logits(hidden[span])) for item, first, span in batch.prompt_logprob_spans
-        ]
-        return ModelOutput(logits=logits, sample_items=batch.sample_items, prompt_logits=prompt_logits)
+        return self.model(input_ids, up(batch.positions), self.kv_caches, meta, embeds)

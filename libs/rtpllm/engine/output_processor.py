@@ -46,9 +46,13 @@ class OutputProcessor:
     def remove(self, request_id: str) -> None:
         self._states.pop(request_id, None)
 
-    def process_token(self, req: Request, token_id: int, logprobs: LogprobRow | None) -> Finish | None:
+    def process_token(
+        self, req: Request, token_id: int, logprobs: LogprobRow | None, ends: bool = False
+    ) -> Finish | None:
         """Record a sampled token (already appended to the request); return why it
-        finished, if it did."""
+        finished, if it did. `ends`: the caller knows this token completes the output
+        (its grammar allows nothing more: structured outputs), a "stop" whose token,
+        unlike EOS, belongs to the text."""
         st = self._states[req.request_id]
         if logprobs is not None:
             st.cumulative_logprob += logprobs[0]
@@ -64,13 +68,15 @@ class OutputProcessor:
         # A token that ends the request (EOS, stop id) is kept in token_ids, not in text.
         if st.detok is not None and finish is None:
             delta = st.detok.step(token_id)
-            if finish is None and n_out >= req.max_output_tokens:
+            if finish is None and (n_out >= req.max_output_tokens or ends):
                 delta += st.detok.flush()
             if delta:
                 before = len(st.text)
                 st.text += delta
                 if finish is None and p.stop and n_out >= p.min_tokens:
                     finish = self._check_stop_strings(st, p.stop, before, p.include_stop_str_in_output)
+        if finish is None and ends:
+            finish = Finish("stop")
         if finish is None and n_out >= req.max_output_tokens:
             finish = Finish("length")
         return finish

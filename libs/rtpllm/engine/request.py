@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
     from rtpllm.kvcache.block_hash import BlockExtras
     from rtpllm.multimodal.inputs import MultimodalInputs
+    from rtpllm.structured.matcher import GrammarMatcher
 
 # Stands for a sampled token whose value is still on the device (async scheduling).
 PLACEHOLDER = -1
@@ -74,6 +75,9 @@ class Request:
     mm: MultimodalInputs | None = None
     mrope_positions: np.ndarray | None = None
     mrope_delta: int = 0
+    # Structured outputs: the grammar state after the output tokens consumed so far
+    # (rtpllm.engine.structured); None for unconstrained requests.
+    grammar: GrammarMatcher | None = None
 
     def __post_init__(self) -> None:
         self._all: list[int] = list(self.prompt_token_ids)

@@ -1,8 +1,10 @@
 """Turns a batch of logits into next tokens (and their logprobs), on the logits' device.
 
 Order of operations per row: raw logprobs (what the API reports), penalties
-(repetition on prompt+output, presence/frequency on output), min_tokens masking of stop
-tokens, then greedy argmax or temperature -> top-k -> top-p -> min-p -> sampling.
+(repetition on prompt+output, presence/frequency on output), logit_bias and
+allowed_token_ids, min_tokens masking of stop tokens (after the bias, so a bias cannot
+end a request early), then greedy argmax or temperature -> top-k -> top-p -> min-p ->
+sampling.
 
 Sampling draws one exponential per vocabulary entry and takes argmax(p / e), which
 samples from p exactly; a request with a seed draws from its own generator, so its
@@ -21,6 +23,7 @@ import torch
 
 from rtpllm.engine.request import Request
 from rtpllm.sampling_params import SamplingParams
+from rtpllm.structured.bitmask import TokenMask
 
 LogprobRow = tuple[float, int, list[int], list[float]]
 
@@ -42,6 +45,13 @@ class PendingSample:
     _logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None
     _logprob_rows: list[int | None]
     _event: torch.cuda.Event | None
+
+    def token_ids(self) -> list[int]:
+        """Wait for the step and return its token ids (any thread: the grammar worker
+        reads a step still in flight this way)."""
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host_tokens.tolist()
 
     def resolve(self) -> tuple[list[int], list[LogprobRow | None]]:
         """Wait for the step and return (token ids, logprob rows)."""
@@ -88,6 +98,46 @@ def _mask_stops_before_min_tokens(logits: torch.Tensor, requests: list[Request])
                 logits[row, to_device(sorted(stops), torch.long, logits.device)] = float("-inf")
 
 
+def has_token_bias(params: SamplingParams) -> bool:
+    return bool(params.logit_bias) or params.allowed_token_ids is not None
+
+
+def _apply_token_bias(logits: torch.Tensor, requests: list[Request]) -> None:
+    """logit_bias and allowed_token_ids of every row, in one scatter each: the ids and
+    values go up in one small copy, nothing is read back. Ids past the logits' width
+    (a tokenizer larger than the model's vocabulary) are no token and are skipped."""
+    vocab = logits.shape[1]
+    rows: list[int] = []
+    cols: list[int] = []
+    vals: list[float] = []
+    allow_rows: list[int] = []
+    allow_cols: list[int] = []
+    allowed: list[int] = []
+    for row, req in enumerate(requests):
+        p = req.params
+        if p.logit_bias:
+            for token, bias in p.logit_bias.items():
+                if token < vocab:
+                    rows.append(row)
+                    cols.append(token)
+                    vals.append(bias)
+        if p.allowed_token_ids is not None:
+            allowed.append(row)
+            ids = [t for t in p.allowed_token_ids if t < vocab]
+            allow_rows.extend([len(allowed) - 1] * len(ids))
+            allow_cols.extend(ids)
+    device = logits.device
+    if rows:
+        index = to_device([rows, cols], torch.long, device)
+        logits.index_put_((index[0], index[1]), to_device(vals, logits.dtype, device), accumulate=True)
+    if allowed:
+        banned = torch.ones(len(allowed), vocab, dtype=torch.bool, device=device)
+        index = to_device([allow_rows, allow_cols], torch.long, device)
+        banned[index[0], index[1]] = False
+        targets = to_device(allowed, torch.long, device)
+        logits[targets] = logits[targets].masked_fill(banned, float("-inf"))
+
+
 def _filter(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """Apply top-k, top-p and min-p (rows where they are off pass through unchanged)."""
     device = logits.device
@@ -123,14 +173,21 @@ class Sampler:
         g.manual_seed(seed)
         return g
 
-    def sample(self, logits: torch.Tensor, requests: list[Request]) -> PendingSample:
-        """logits: [B, V] float32, one row per request (modified in place)."""
+    def sample(self, logits: torch.Tensor, requests: list[Request], mask: TokenMask | None = None) -> PendingSample:
+        """logits: [B, V] float32, one row per request (modified in place). `mask`: the
+        grammar masks of constrained rows (structured outputs), applied first, so the
+        reported logprobs, penalties and filters all see only tokens the grammar allows
+        (as vLLM does)."""
+        if mask is not None:
+            mask.apply(logits)
         params = [r.params for r in requests]
         lp_k = [p.logprobs for p in params]
         raw_logprobs = logits.log_softmax(dim=-1) if any(k is not None for k in lp_k) else None
 
         if any(needs_history(p) for p in params):
             _apply_penalties(logits, requests)
+        if any(has_token_bias(p) for p in params):
+            _apply_token_bias(logits, requests)
         if any(r.num_output_tokens < r.params.min_tokens for r in requests):
             _mask_stops_before_min_tokens(logits, requests)
 

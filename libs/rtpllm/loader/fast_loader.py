@@ -70,6 +70,7 @@ from rtpllm.loader.native_ring import (
 )
 from rtpllm.loader.ring_loader import RingLoader, RingTimings
 from rtpllm.loader.safetensors_header import read_header
+from rtpllm.loader.shard import Target
 from rtpllm.loader.weights import LoadStats, safetensors_files
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ def default_ring_depth(threads: int) -> int:
 
 def load_checkpoint_fast(
     model_dir: str | Path,
-    targets: dict[str, torch.Tensor],
+    targets: dict[str, Target],
     *,
     optional: Iterable[str] = (),
     ignore: Callable[[str], bool] = lambda name: False,
@@ -107,7 +108,8 @@ def load_checkpoint_fast(
 
     Same semantics and errors as `weights.load_checkpoint`: destinations decide dtype
     and device; names in `optional` may be absent; `ignore` silences the warning about
-    checkpoint tensors the model does not use; a missing tensor, a shape mismatch or a
+    checkpoint tensors the model does not use; a `Shard` target receives its slice (a
+    tensor-parallel rank reads only its own bytes); a missing tensor, a shape mismatch or a
     truncated/corrupt file raises CheckpointError naming the file and tensor, and all of
     these except a file shrinking mid-load are found before any data is read.
 

@@ -7,6 +7,13 @@ file offset so it can be read with O_DIRECT. Adjacent tensors share an extent, a
 unneeded gap is read and discarded (one large read beats two), a large one starts a new
 extent, and a tensor larger than an extent is split across several. Each extent lists
 its pieces: (tensor, byte offset in the tensor, byte offset in the extent, length).
+
+Tensor parallelism: a target may be a `Shard`, a rank's slice of the checkpoint tensor
+along one dimension. Its bytes are one run of the file when the slice is along dim 0
+(rows of a row-major tensor: q/k/v, gate/up, vocabulary shards) and one run per row
+when along dim 1 (o_proj, down_proj columns); either way the pieces carry only the
+rank's bytes, in file order, and the executors need nothing new. The other ranks'
+columns between two runs are a small gap, read and dropped like any other.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from pathlib import Path
 import torch
 
 from rtpllm.loader.safetensors_header import SafetensorsHeader
+from rtpllm.loader.shard import Shard, Target
 from rtpllm.loader.weights import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -47,8 +55,10 @@ def align_up(value: int) -> int:
 
 @dataclass(frozen=True, eq=False)
 class TensorLoad:
-    """One checkpoint tensor and the view it is loaded into.
+    """One checkpoint tensor (or a rank's slice of it) and the view it is loaded into.
 
+    `runs` are the (file offset, length) byte ranges that, concatenated, are the
+    destination's bytes (one for a whole tensor); `shape` is the destination's.
     `direct` loads copy raw bytes straight into the destination (same dtype, contiguous);
     the others are assembled in a temporary of the source dtype and cast into place.
     """
@@ -60,6 +70,7 @@ class TensorLoad:
     start: int
     nbytes: int
     dest: torch.Tensor
+    runs: tuple[tuple[int, int], ...]
 
     @property
     def direct(self) -> bool:
@@ -116,7 +127,7 @@ class LoadPlan:
 
 def build_load_plan(
     headers: Sequence[SafetensorsHeader],
-    targets: dict[str, torch.Tensor],
+    targets: dict[str, Target],
     *,
     optional: Iterable[str] = (),
     ignore: Callable[[str], bool] = lambda name: False,
@@ -133,7 +144,7 @@ def build_load_plan(
     checkpoint in that error.
 
     To load only a subset (one tensor-parallel rank's share), pass only that subset's
-    targets; see LoadPlan for the other way.
+    targets, `Shard`s for the tensors it holds a slice of; see LoadPlan for the other way.
     """
     if extent_bytes <= 0 or extent_bytes % ALIGN:
         raise ValueError(f"extent_bytes must be a positive multiple of {ALIGN}, got {extent_bytes}")
@@ -147,11 +158,7 @@ def build_load_plan(
                 continue
             if t.name in loads:
                 continue
-            if t.shape != tuple(dest.shape):
-                raise CheckpointError(
-                    f"tensor {t.name} in {header.path} has shape {t.shape}, model expects {tuple(dest.shape)}"
-                )
-            loads[t.name] = TensorLoad(t.name, header.path, t.dtype, t.shape, t.start, t.nbytes, dest)
+            loads[t.name] = _tensor_load(t.name, header.path, t.dtype, t.shape, t.start, t.nbytes, dest)
     missing = sorted(set(targets) - set(loads) - set(optional))
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
@@ -169,6 +176,51 @@ def build_load_plan(
     return LoadPlan(extents=tuple(extents), tensors=tuple(loads.values()), extent_bytes=extent_bytes)
 
 
+def _tensor_load(
+    name: str, path: Path, dtype: torch.dtype, shape: tuple[int, ...], start: int, nbytes: int, target: Target
+) -> TensorLoad:
+    """Match one checkpoint tensor to its target: check the shape, list the byte runs."""
+    if not isinstance(target, Shard):
+        if shape != tuple(target.shape):
+            raise CheckpointError(f"tensor {name} in {path} has shape {shape}, model expects {tuple(target.shape)}")
+        return TensorLoad(name, path, dtype, shape, start, nbytes, target, ((start, nbytes),))
+    dest, dim = target.dest, target.dim
+    want = tuple(dest.shape)
+    length = want[dim] if dim < len(want) else 0
+    if (
+        len(shape) != len(want)
+        or not 0 <= dim < len(shape)
+        or shape[:dim] + shape[dim + 1 :] != want[:dim] + want[dim + 1 :]
+        or target.start < 0
+        or target.start + length > shape[dim]
+    ):
+        raise CheckpointError(
+            f"tensor {name} in {path} has shape {shape}; the model's shard of it is {want} "
+            f"from {target.start} along dim {dim}, which does not fit"
+        )
+    elem = nbytes // max(1, _numel(shape))
+    inner = _numel(shape[dim + 1 :]) * elem  # bytes of one index along `dim`
+    outer = _numel(shape[:dim])
+    first = start + target.start * inner
+    runs: tuple[tuple[int, int], ...]
+    if length == shape[dim]:
+        runs = ((start, nbytes),)
+    elif outer == 1:
+        runs = ((first, length * inner),)
+    else:
+        row = shape[dim] * inner
+        runs = tuple((first + o * row, length * inner) for o in range(outer))
+    size = sum(n for _, n in runs)
+    return TensorLoad(name, path, dtype, want, runs[0][0] if runs else start, size, dest, runs)
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
 def _cut_extents(path: Path, loads: list[TensorLoad], extent_bytes: int, max_gap: int) -> list[Extent]:
     """Greedy cut of one file's needed tensors (sorted by offset) into aligned extents."""
     extents: list[Extent] = []
@@ -181,16 +233,19 @@ def _cut_extents(path: Path, loads: list[TensorLoad], extent_bytes: int, max_gap
             pieces.clear()
 
     for load in loads:
-        pos, stop = load.start, load.start + load.nbytes
-        while pos < stop:
-            if not pieces or pos - end > max_gap or pos >= limit or len(pieces) >= MAX_PIECES_PER_EXTENT:
-                close()
-                # A split tensor continues exactly at the previous limit, which is aligned.
-                base = align_down(pos)
-                limit = base + extent_bytes
-            take = min(stop, limit) - pos
-            pieces.append(Piece(load, pos - load.start, pos - base, take))
-            pos += take
-            end = pos
+        placed = 0  # bytes of the destination covered by earlier runs
+        for run_start, run_bytes in load.runs:
+            pos, stop = run_start, run_start + run_bytes
+            while pos < stop:
+                if not pieces or pos - end > max_gap or pos >= limit or len(pieces) >= MAX_PIECES_PER_EXTENT:
+                    close()
+                    # A split tensor continues exactly at the previous limit, which is aligned.
+                    base = align_down(pos)
+                    limit = base + extent_bytes
+                take = min(stop, limit) - pos
+                pieces.append(Piece(load, placed + pos - run_start, pos - base, take))
+                pos += take
+                end = pos
+            placed += run_bytes
     close()
     return extents

@@ -9,8 +9,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from safetensors import safe_open
+
+from rtpllm.loader.shard import Shard, Target
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def safetensors_files(model_dir: str | Path) -> list[Path]:
 
 def load_checkpoint(
     model_dir: str | Path,
-    targets: dict[str, torch.Tensor],
+    targets: dict[str, Target],
     *,
     optional: Iterable[str] = (),
     ignore: Callable[[str], bool] = lambda name: False,
@@ -61,7 +62,8 @@ def load_checkpoint(
 
     Destinations decide dtype and device (the copy casts). Names in `optional` may be
     absent; names for which `ignore` is true are skipped; any other missing tensor or a
-    shape mismatch raises CheckpointError naming it.
+    shape mismatch raises CheckpointError naming it. A `Shard` target receives its slice
+    of the checkpoint tensor (tensor parallelism).
     """
     start = time.perf_counter()
     pending = dict(targets)
@@ -83,6 +85,10 @@ def load_checkpoint(
                     src = f.get_tensor(name)
                 except Exception as exc:
                     raise CheckpointError(f"cannot read tensor {name} from {path}: {exc}") from exc
+                if isinstance(dest, Shard):
+                    if not 0 <= dest.dim < src.dim() or dest.start + dest.dest.shape[dest.dim] > src.shape[dest.dim]:
+                        raise CheckpointError(f"tensor {name} in {path} has shape {tuple(src.shape)}; the model's shard does not fit")
+                    src, dest = src.narrow(dest.dim, dest.start, dest.dest.shape[dest.dim]), dest.dest
                 if tuple(src.shape) != tuple(dest.shape):
                     raise CheckpointError(
                         f"tensor {name} in {path} has shape {tuple(src.shape)}, model expects {tuple(dest.shape)}"

@@ -2,31 +2,56 @@
 
 The families differ only in switches read from config.json (qkv bias, q/k norm, tied
 embeddings, rope scaling, sliding window), so one implementation serves all four.
+
+Tensor parallelism (a `TPGroup`): the model holds rank `group.rank`'s shard
+(rtpllm.parallel.layout): its heads, KV heads and MLP columns, and a vocabulary shard of
+the embedding and the LM head. The layers sum their partial outputs over the ranks;
+`compute_logits` gathers every rank's vocabulary columns, so every rank gets the full
+logits. `checkpoint_targets` names the slice of each checkpoint tensor the rank loads.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from rtpllm.attention import AttentionBackend, AttentionMetadata
 from rtpllm.kernels.gemv import linear
+from rtpllm.loader.shard import Shard
 from rtpllm.models.config import ModelConfig
-from rtpllm.models.layers import DecoderLayer, Embedding, Linear, RMSNorm
+from rtpllm.models.layers import DecoderLayer, Linear, RMSNorm
+from rtpllm.models.parallel_layers import VocabParallelEmbedding
 from rtpllm.models.rope import RotaryEmbedding
+from rtpllm.parallel.layout import ShardLayout
+
+if TYPE_CHECKING:
+    from rtpllm.parallel.group import TPGroup
 
 
 class DecoderLM(nn.Module):
     """Token ids + positions over a paged KV cache -> hidden states -> logits."""
 
-    def __init__(self, config: ModelConfig, backend: AttentionBackend, max_position: int, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        backend: AttentionBackend,
+        max_position: int,
+        dtype: torch.dtype,
+        group: TPGroup | None = None,
+    ) -> None:
         super().__init__()
         self.config = config
+        self.group = group
+        self.layout = layout = ShardLayout.of(config, group.rank, group.size) if group is not None else ShardLayout.of(config)
         rotary = RotaryEmbedding(config.rope, config.head_dim, max_position, dtype)
-        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, backend) for _ in range(config.num_layers))
+        self.embed_tokens = VocabParallelEmbedding(
+            layout.vocab_shard, config.hidden_size, layout.vocab_start, layout.vocab_count, group
+        )
+        self.layers = nn.ModuleList(DecoderLayer(config, backend, layout, group) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, layout.vocab_shard, bias=False)
         # The cos/sin tables every layer reads; registered once so .to() moves them once.
         self.rotary = rotary
 
@@ -62,44 +87,71 @@ class DecoderLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] float32 logits (through the GEMV dispatcher, which is
-        `F.linear`, i.e. `hidden @ weight.T`, except for small batches on CUDA)."""
+        `F.linear`, i.e. `hidden @ weight.T`, except for small batches on CUDA). With
+        tensor parallelism every rank computes its vocabulary shard's columns and gathers
+        the others' (every rank must call this with the same rows)."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return linear(hidden, weight).float()
+        logits = linear(hidden, weight)
+        if self.group is not None:
+            logits = self.group.all_gather_columns(logits)[:, : self.config.vocab_size]
+        return logits.float()
 
-    def checkpoint_targets(self) -> dict[str, torch.Tensor]:
+    def zero_vocab_padding(self) -> None:
+        """Zero the padding rows of the last vocabulary shard (their logits are dropped,
+        but uninitialized memory could hold NaNs or infinities that a debugger trips on)."""
+        count = self.layout.vocab_count
+        self.embed_tokens.weight.data[count:].zero_()
+        if self.lm_head is not None:
+            self.lm_head.weight.data[count:].zero_()
+
+    def checkpoint_targets(self) -> dict[str, torch.Tensor | Shard]:
         """Map every HF checkpoint tensor name to the parameter view it is loaded into.
 
         Fused parameters (qkv_proj, gate_up_proj) are split along dim 0, so each view is
         contiguous and has exactly the checkpoint tensor's shape: a loader can copy into
         it directly, without building a state dict.
+
+        Tensor parallelism: a sharded tensor's target is a `Shard`, the view and where
+        the rank's slice starts in the checkpoint tensor: rows (dim 0) for the
+        column-parallel q/k/v (and biases), gate/up, embedding and LM head; columns
+        (dim 1) for the row-parallel o_proj and down_proj. Norms are whole on every rank.
         """
-        cfg = self.config
+        cfg, lay = self.config, self.layout
+        whole = lay.size == 1
+
+        def part(view: torch.Tensor, dim: int, start: int) -> torch.Tensor | Shard:
+            return view if whole else Shard(view, dim, start)
+
         root = cfg.weight_prefix  # "model." ("model.text_model." in Idefics3 checkpoints)
-        targets: dict[str, torch.Tensor] = {root + "embed_tokens.weight": self.embed_tokens.weight.data}
+        vocab = lay.vocab_count
+        targets: dict[str, torch.Tensor | Shard] = {
+            root + "embed_tokens.weight": part(self.embed_tokens.weight.data[:vocab], 0, lay.vocab_start)
+        }
         targets[root + "norm.weight"] = self.norm.weight.data
         if self.lm_head is not None:
-            targets["lm_head.weight"] = self.lm_head.weight.data
-        q, kv, inter = cfg.q_size, cfg.kv_size, cfg.intermediate_size
+            targets["lm_head.weight"] = part(self.lm_head.weight.data[:vocab], 0, lay.vocab_start)
+        q, kv, inter = lay.q_size, lay.kv_size, lay.intermediate
+        q_start, kv_start = lay.head_start * lay.head_dim, lay.kv_head_start * lay.head_dim
         for i, layer in enumerate(self.layers):
             p = f"{root}layers.{i}."
             attn = layer.self_attn
             qkv = attn.qkv_proj.weight.data
-            targets[p + "self_attn.q_proj.weight"] = qkv[:q]
-            targets[p + "self_attn.k_proj.weight"] = qkv[q : q + kv]
-            targets[p + "self_attn.v_proj.weight"] = qkv[q + kv :]
+            targets[p + "self_attn.q_proj.weight"] = part(qkv[:q], 0, q_start)
+            targets[p + "self_attn.k_proj.weight"] = part(qkv[q : q + kv], 0, kv_start)
+            targets[p + "self_attn.v_proj.weight"] = part(qkv[q + kv :], 0, kv_start)
             if attn.qkv_proj.bias is not None:
                 bias = attn.qkv_proj.bias.data
-                targets[p + "self_attn.q_proj.bias"] = bias[:q]
-                targets[p + "self_attn.k_proj.bias"] = bias[q : q + kv]
-                targets[p + "self_attn.v_proj.bias"] = bias[q + kv :]
-            targets[p + "self_attn.o_proj.weight"] = attn.o_proj.weight.data
+                targets[p + "self_attn.q_proj.bias"] = part(bias[:q], 0, q_start)
+                targets[p + "self_attn.k_proj.bias"] = part(bias[q : q + kv], 0, kv_start)
+                targets[p + "self_attn.v_proj.bias"] = part(bias[q + kv :], 0, kv_start)
+            targets[p + "self_attn.o_proj.weight"] = part(attn.o_proj.weight.data, 1, q_start)
             if attn.q_norm is not None and attn.k_norm is not None:
                 targets[p + "self_attn.q_norm.weight"] = attn.q_norm.weight.data
                 targets[p + "self_attn.k_norm.weight"] = attn.k_norm.weight.data
             gate_up = layer.mlp.gate_up_proj.weight.data
-            targets[p + "mlp.gate_proj.weight"] = gate_up[:inter]
-            targets[p + "mlp.up_proj.weight"] = gate_up[inter:]
-            targets[p + "mlp.down_proj.weight"] = layer.mlp.down_proj.weight.data
+            targets[p + "mlp.gate_proj.weight"] = part(gate_up[:inter], 0, lay.intermediate_start)
+            targets[p + "mlp.up_proj.weight"] = part(gate_up[inter:], 0, lay.intermediate_start)
+            targets[p + "mlp.down_proj.weight"] = part(layer.mlp.down_proj.weight.data, 1, lay.intermediate_start)
             targets[p + "input_layernorm.weight"] = layer.input_layernorm.weight.data
             targets[p + "post_attention_layernorm.weight"] = layer.post_attention_layernorm.weight.data
         return targets

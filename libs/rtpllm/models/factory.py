@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
@@ -9,18 +11,27 @@ from rtpllm.attention import AttentionBackend
 from rtpllm.models.config import ModelConfig
 from rtpllm.models.decoder import DecoderLM
 
+if TYPE_CHECKING:
+    from rtpllm.parallel.group import TPGroup
+
 
 def build_model(
-    config: ModelConfig, backend: AttentionBackend, max_position: int, dtype: torch.dtype, device: str
+    config: ModelConfig,
+    backend: AttentionBackend,
+    max_position: int,
+    dtype: torch.dtype,
+    device: str,
+    group: TPGroup | None = None,
 ) -> DecoderLM:
     """An uninitialised model on `device`: parameters are allocated, not filled.
 
     It is built on the meta device first so no time goes into random initialisation that
-    the loader overwrites anyway.
+    the loader overwrites anyway. With a tensor-parallel `group`, only this rank's shard.
     """
     with torch.device("meta"):
-        model = DecoderLM(config, backend, max_position, dtype)
+        model = DecoderLM(config, backend, max_position, dtype, group)
     _allocate(model, torch.device(device), dtype)
+    model.zero_vocab_padding()
     model.rotary.build_tables(torch.device(device))
     return model.eval().requires_grad_(False)
 
@@ -62,3 +73,4 @@ def fill_random(model: DecoderLM, seed: int, std: float = 0.02) -> None:
             param.fill_(1.0)
         else:
             param.normal_(0.0, std, generator=gen)
+    model.zero_vocab_padding()

@@ -4,9 +4,15 @@ The elementwise work goes through the fused-op dispatchers in `rtpllm.kernels`: 
 kernels on CUDA, torch references (the exact eager computation) elsewhere. The linear
 layers go through `kernels.gemv.linear`: a Triton GEMV for decode-sized batches on CUDA,
 `F.linear` otherwise.
+
+Tensor parallelism: each layer takes the rank's `ShardLayout` (its heads, KV heads and
+MLP columns) and group; o_proj and down_proj are `RowParallelLinear`, which sum their
+output over the ranks. With neither, a layer is the whole model's.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -17,6 +23,11 @@ from rtpllm.kernels.gemv import linear
 from rtpllm.kernels.rmsnorm import fused_add_rms_norm, rms_norm
 from rtpllm.kernels.rope import apply_rope
 from rtpllm.models.config import ModelConfig
+from rtpllm.models.parallel_layers import RowParallelLinear
+from rtpllm.parallel.layout import ShardLayout
+
+if TYPE_CHECKING:
+    from rtpllm.parallel.group import TPGroup
 
 
 class Linear(nn.Linear):
@@ -58,13 +69,14 @@ class RMSNorm(nn.Module):
 
 
 class GatedMLP(nn.Module):
-    """down(silu(gate(x)) * up(x)) with gate and up fused into one matmul."""
+    """down(silu(gate(x)) * up(x)) with gate and up fused into one matmul.
+    `intermediate`: the columns this rank holds (all of them without a group)."""
 
-    def __init__(self, hidden: int, intermediate: int) -> None:
+    def __init__(self, hidden: int, intermediate: int, group: TPGroup | None = None) -> None:
         super().__init__()
         self.intermediate = intermediate
         self.gate_up_proj = Linear(hidden, 2 * intermediate, bias=False)
-        self.down_proj = Linear(intermediate, hidden, bias=False)
+        self.down_proj = RowParallelLinear(intermediate, hidden, group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
@@ -73,17 +85,24 @@ class GatedMLP(nn.Module):
 class Attention(nn.Module):
     """Self-attention with fused qkv, optional q/k RMSNorm (Qwen3) and a paged KV cache."""
 
-    def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        backend: AttentionBackend,
+        layout: ShardLayout | None = None,
+        group: TPGroup | None = None,
+    ) -> None:
         super().__init__()
-        self.num_heads = config.num_heads
-        self.num_kv_heads = config.num_kv_heads
+        layout = layout or ShardLayout.of(config)
+        self.num_heads = layout.num_heads
+        self.num_kv_heads = layout.num_kv_heads
         self.head_dim = config.head_dim
-        self.q_size = config.q_size
-        self.kv_size = config.kv_size
+        self.q_size = layout.q_size
+        self.kv_size = layout.kv_size
         self.scale = config.head_dim**-0.5
         self.sliding_window = config.sliding_window
         self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
-        self.o_proj = Linear(self.q_size, config.hidden_size, bias=False)
+        self.o_proj = RowParallelLinear(self.q_size, config.hidden_size, group)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.backend = backend
@@ -114,12 +133,19 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        backend: AttentionBackend,
+        layout: ShardLayout | None = None,
+        group: TPGroup | None = None,
+    ) -> None:
         super().__init__()
+        layout = layout or ShardLayout.of(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, backend)
+        self.self_attn = Attention(config, backend, layout, group)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size)
+        self.mlp = GatedMLP(config.hidden_size, layout.intermediate, group)
 
     def forward(
         self,

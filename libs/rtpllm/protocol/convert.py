@@ -17,24 +17,37 @@ from rtpllm.protocol.messages import (
     KVLayoutSpec,
     PositionLogprobs,
     SamplingSpec,
+    StructuredOutputsSpec,
     TokenDelta,
     TokenLogprob,
 )
 from rtpllm.sampling_params import SamplingParams
+from rtpllm.structured.spec import StructuredOutputsParams
 
 if TYPE_CHECKING:
     from rtpllm.transfer.layout import KVLayout
 
 _SPEC_FIELDS = tuple(msgspec.structs.fields(SamplingSpec))
+_STRUCTURED_FIELDS = tuple(f.name for f in msgspec.structs.fields(StructuredOutputsSpec))
 
 
 def spec_from_params(params: SamplingParams) -> SamplingSpec:
-    return SamplingSpec(**{f.name: getattr(params, f.name) for f in _SPEC_FIELDS})
+    values = {f.name: getattr(params, f.name) for f in _SPEC_FIELDS}
+    structured = params.structured_outputs
+    if structured is not None:
+        wire = {name: getattr(structured, name) for name in _STRUCTURED_FIELDS}
+        wire["choice"] = list(structured.choice) if structured.choice is not None else None
+        values["structured_outputs"] = StructuredOutputsSpec(**wire)
+    return SamplingSpec(**values)
 
 
 def params_from_spec(spec: SamplingSpec) -> SamplingParams:
     """Rebuild (and so re-validate) SamplingParams; raises ValueError naming a bad field."""
     values = {f.name: getattr(spec, f.name) for f in _SPEC_FIELDS}
+    if spec.structured_outputs is not None:
+        wire = spec.structured_outputs
+        fields = {name: getattr(wire, name) for name in _STRUCTURED_FIELDS}
+        values["structured_outputs"] = StructuredOutputsParams(**fields)
     return SamplingParams(**values)
 
 

@@ -61,6 +61,17 @@ class ErrorInfo(msgspec.Struct, frozen=True):
     message: str
 
 
+class StructuredOutputsSpec(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """`rtpllm.structured.StructuredOutputsParams` on the wire: exactly one field set.
+    `json` is the schema's JSON text (as the params keep it)."""
+
+    json: str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool = False
+
+
 class SamplingSpec(msgspec.Struct, kw_only=True, omit_defaults=True):
     """`rtpllm.sampling_params.SamplingParams` on the wire: same names and defaults
     (a unit test keeps the two in step). Convert with rtpllm.protocol.convert."""
@@ -83,6 +94,9 @@ class SamplingSpec(msgspec.Struct, kw_only=True, omit_defaults=True):
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    structured_outputs: StructuredOutputsSpec | None = None
     output_kind: str = "delta"  # "final": one delta when the request ends (non-streaming)
 
 

@@ -3,11 +3,16 @@
 Counters and histograms are updated as requests run; gauges (queue depth, running
 requests, per-instance KV usage and prefix hit ratio) are read at scrape time from the
 admission controller and the instance registry, so a dropped instance disappears.
+
+The core metrics also exist under vLLM's names (`vllm:*`, label `model_name`, and
+`engine` for per-instance gauges), fed by the same observations: dashboards, alerts and
+autoscalers built for vLLM read them unchanged.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -21,24 +26,75 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0
 _ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2.5)
 
 
+class _Fanout:
+    """One observation into several metrics (rtpllm's and its vLLM alias); counters
+    also keep their total, which the periodic stats line reads."""
+
+    def __init__(self, *metrics: Any) -> None:
+        self._metrics = metrics
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        for m in self._metrics:
+            m.observe(value)
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.total += amount
+        for m in self._metrics:
+            m.inc(amount)
+
+
 class GatewayMetrics:
     """All gateway metrics, in a registry of their own (several gateways may share a
-    process in tests)."""
+    process in tests). `model`: the served model's name, vLLM's `model_name` label."""
 
-    def __init__(self, admission: AdmissionController, instances: InstanceRegistry, visions: VisionRegistry | None = None) -> None:
+    def __init__(
+        self,
+        admission: AdmissionController,
+        instances: InstanceRegistry,
+        visions: VisionRegistry | None = None,
+        model: str = "",
+    ) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        self.model = model
         self.requests = Counter("rtpllm_requests", "Finished HTTP requests by endpoint and status code", ["endpoint", "status"], registry=r)
-        self.ttft = Histogram("rtpllm_time_to_first_token_seconds", "Time from request arrival to its first token", buckets=_LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram("rtpllm_inter_token_latency_seconds", "Time between consecutive tokens of a request", buckets=_ITL_BUCKETS, registry=r)
-        self.e2e = Histogram("rtpllm_e2e_request_latency_seconds", "Time from request arrival to its last token", buckets=_LATENCY_BUCKETS, registry=r)
-        self.prompt_tokens = Counter("rtpllm_prompt_tokens", "Prompt tokens of served requests", registry=r)
-        self.cached_tokens = Counter("rtpllm_cached_prompt_tokens", "Prompt tokens served from the prefix cache", registry=r)
-        self.generation_tokens = Counter("rtpllm_generation_tokens", "Generated tokens", registry=r)
+
+        def vllm_histogram(name: str, text: str, buckets: tuple[float, ...]) -> Any:
+            return Histogram(f"vllm:{name}", text, ["model_name"], buckets=buckets, registry=r).labels(model)
+
+        self.ttft = _Fanout(
+            Histogram("rtpllm_time_to_first_token_seconds", "Time from request arrival to its first token", buckets=_LATENCY_BUCKETS, registry=r),
+            vllm_histogram("time_to_first_token_seconds", "Histogram of time to first token in seconds (rtpllm: arrival at the gateway to first token)", _LATENCY_BUCKETS),
+        )
+        self.itl = _Fanout(
+            Histogram("rtpllm_inter_token_latency_seconds", "Time between consecutive tokens of a request", buckets=_ITL_BUCKETS, registry=r),
+            vllm_histogram("inter_token_latency_seconds", "Histogram of inter-token latency in seconds", _ITL_BUCKETS),
+            vllm_histogram("time_per_output_token_seconds", "Histogram of time per output token in seconds (the inter-token latencies)", _ITL_BUCKETS),
+        )
+        self.e2e = _Fanout(
+            Histogram("rtpllm_e2e_request_latency_seconds", "Time from request arrival to its last token", buckets=_LATENCY_BUCKETS, registry=r),
+            vllm_histogram("e2e_request_latency_seconds", "Histogram of end to end request latency in seconds", _LATENCY_BUCKETS),
+        )
+        self.prompt_tokens = _Fanout(
+            Counter("rtpllm_prompt_tokens", "Prompt tokens of served requests", registry=r),
+            Counter("vllm:prompt_tokens", "Number of prefill tokens processed", ["model_name"], registry=r).labels(model),
+        )
+        self.cached_tokens = _Fanout(Counter("rtpllm_cached_prompt_tokens", "Prompt tokens served from the prefix cache", registry=r))
+        self.generation_tokens = _Fanout(
+            Counter("rtpllm_generation_tokens", "Generated tokens", registry=r),
+            Counter("vllm:generation_tokens", "Number of generation tokens processed", ["model_name"], registry=r).labels(model),
+        )
+        self._success = Counter("vllm:request_success", "Count of successfully processed sequences, by finish reason", ["model_name", "finished_reason"], registry=r)
         self.routing_decisions = Counter("rtpllm_routing_decisions", "Requests routed, by policy and reason (cache: a cached prefix decided; load: no prefix cached anywhere; skew: load overrode the cache)", ["policy", "reason"], registry=r)
         self.instances_lost = Counter("rtpllm_instances_lost", "Engine instances dropped, by reason", ["reason"], registry=r)
         r.register(_StateCollector(admission, instances))
         r.register(_ImageCollector(instances, visions))
+        r.register(_VLLMStateCollector(instances, model))
+
+    def finished(self, reason: str) -> None:
+        """A sequence finished successfully (`stop`, `length`, ...)."""
+        self._success.labels(self.model, reason).inc()
 
 
 class _StateCollector(Collector):
@@ -86,6 +142,32 @@ class _StateCollector(Collector):
         for (model, state), n in counts.items():
             alive.add_metric([model, state], n)
         yield from (alive, kv, hit, running, waiting, prefills, transfers, failures, nbytes, seconds, tier_hits, tier_ratio)
+
+
+class _VLLMStateCollector(Collector):
+    """vLLM's engine gauges, one series per engine instance (label `engine`), from the
+    instances' heartbeats."""
+
+    def __init__(self, instances: InstanceRegistry, model: str) -> None:
+        self._instances = instances
+        self._model = model
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        labels = ["model_name", "engine"]
+        running = GaugeMetricFamily("vllm:num_requests_running", "Number of requests in model execution batches", labels=labels)
+        waiting = GaugeMetricFamily("vllm:num_requests_waiting", "Number of requests waiting to be processed", labels=labels)
+        kv = GaugeMetricFamily("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage", labels=labels)
+        gpu = GaugeMetricFamily("vllm:gpu_cache_usage_perc", "GPU KV-cache usage. 1 means 100 percent usage (the older name of vllm:kv_cache_usage_perc)", labels=labels)
+        for inst in self._instances:
+            hb = inst.heartbeat
+            if self._model and hb.model != self._model:
+                continue
+            series = [hb.model, hb.instance_id]
+            running.add_metric(series, hb.load.num_running)
+            waiting.add_metric(series, hb.load.num_waiting)
+            kv.add_metric(series, hb.load.kv_usage)
+            gpu.add_metric(series, hb.load.kv_usage)
+        yield from (running, waiting, kv, gpu)
 
 
 class _ImageCollector(Collector):

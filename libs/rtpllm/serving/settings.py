@@ -48,6 +48,10 @@ class GatewaySettings:
     max_image_pixels: int = 50_000_000
     max_image_bytes: int = 20 << 20  # capped at the NATS server's max_payload
     media_fetch_timeout_s: float = 10.0
+    # Logging: a line per request (rtpllm.api.access_log), and a stats line every this
+    # many seconds while there is traffic (rtpllm.serving.stats_log; 0: none).
+    access_log: bool = True
+    stats_interval_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,7 @@ class VisionSettings:
     kv_backends: tuple[str, ...] = ("cuda_ipc", "shm", "tcp")
     nats_connect_timeout_s: float = 30.0
     health_file: str | None = None
+    gpu_claim_dir: str | None = None  # device "cuda": claim a free GPU of the host (rtpllm.runtime.gpu_claim)
 
 
 @dataclass(frozen=True)

@@ -119,6 +119,10 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
+    def backend_json(self) -> str:
+        """The HF `tokenizers` tokenizer as its JSON (what grammar engines load)."""
+        return self._tok.to_str()
+
     def is_special(self, token_id: int) -> bool:
         return token_id in self._special_ids
 
@@ -127,25 +131,30 @@ class Tokenizer:
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
         tools: list[dict[str, Any]] | None = None,
+        continue_final_message: bool = False,
         **extra: Any,
     ) -> str:
-        """Render a conversation to prompt text (tokenize it with add_special_tokens=False)."""
+        """Render a conversation to prompt text (tokenize it with add_special_tokens=False).
+        `continue_final_message`: the text ends right after the last message's text,
+        without its end-of-turn tokens, so the model continues it (as HF does)."""
         if not self.chat_template:
             raise ChatTemplateError("this model has no chat template; send a plain prompt instead")
-        return render_chat(
+        text = render_chat(
             self.chat_template,
             messages,
-            add_generation_prompt=add_generation_prompt,
+            add_generation_prompt=add_generation_prompt and not continue_final_message,
             special_tokens={"bos_token": self.bos_token or "", "eos_token": self.eos_token or ""},
             tools=tools,
             **extra,
         )
+        return _open_final_message(text, messages) if continue_final_message else text
 
     def encode_chat(
         self,
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
         rendered: str | None = None,
+        continue_final_message: bool = False,
         **extra: Any,
     ) -> list[int]:
         """Render a conversation and tokenize it, parsing special tokens only where the
@@ -158,10 +167,15 @@ class Tokenizer:
         """
         if not any(self._special_pattern.search(text) for text in _message_texts(messages)):
             # `rendered`: the caller's own rendering of the same messages, not done twice.
-            text = rendered if rendered is not None else self.apply_chat_template(messages, add_generation_prompt, **extra)
-            return self.encode(text, add_special_tokens=False)
+            if rendered is None:
+                rendered = self.apply_chat_template(
+                    messages, add_generation_prompt, continue_final_message=continue_final_message, **extra
+                )
+            return self.encode(rendered, add_special_tokens=False)
         marked = [_mark_text(message) for message in messages]
-        rendered = self.apply_chat_template(marked, add_generation_prompt, **extra)
+        rendered = self.apply_chat_template(
+            marked, add_generation_prompt, continue_final_message=continue_final_message, **extra
+        )
         ids: list[int] = []
         inside = False
         for piece in re.split(f"([{_OPEN}{_CLOSE}])", rendered):
@@ -206,6 +220,21 @@ def _message_texts(messages: list[dict[str, Any]]) -> Iterator[str]:
             for part in content:
                 if isinstance(part, dict) and isinstance(part.get("text"), str):
                     yield part["text"]
+
+
+def _open_final_message(rendered: str, messages: list[dict[str, Any]]) -> str:
+    """The rendered chat cut right after the last message's text (its last text part)."""
+    content = messages[-1].get("content") if messages else None
+    if isinstance(content, list):
+        texts = [part["text"] for part in content if isinstance(part, dict) and isinstance(part.get("text"), str)]
+        content = texts[-1] if texts else None
+    if not isinstance(content, str) or not content.strip():
+        raise ChatTemplateError("continue_final_message needs a final message with text to continue")
+    for final in (content, content.strip()):  # a template may trim the text it writes
+        end = rendered.rfind(final)
+        if end >= 0:
+            return rendered[: end + len(final)]
+    raise ChatTemplateError("the chat template does not write the final message's text as is, so it cannot be continued")
 
 
 def _mark_text(message: dict[str, Any]) -> dict[str, Any]:

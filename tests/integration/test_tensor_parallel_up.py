@@ -1,0 +1,128 @@
+"""`rtpllm up --workers 1 -tp 2` on the CPU: one instance of two ranks behind the
+gateway answers the openai client with TP=1's greedy text; killing rank 1 mid-stream
+ends the stream within seconds, leaves no process of that instance behind, and `up`
+brings a fresh instance back. The real CLI, as a user starts it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import openai
+import pytest
+
+from rtpllm import LLM, SamplingParams
+from rtpllm.credentials import read_secret_file
+from rtpllm.runtime.processes import free_port
+from tests.integration.support import MODEL_NAME, Endpoint, ask, client_for, dump_logs, get
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+
+PROMPT = [(29 * i + 7) % 300 for i in range(40)]
+
+
+def _children(pid: int) -> list[int]:
+    """Every live descendant of `pid`."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            if fields[0] != "Z":
+                parents[int(entry.name)] = int(fields[1])
+    out, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop()
+        kids = [p for p, pp in parents.items() if pp == parent]
+        out += kids
+        frontier += kids
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _tp_workers(up_pid: int) -> list[int]:
+    return [p for p in _children(up_pid) if "rtpllm.engine.tp_worker" in _cmdline(p)]
+
+
+def _instances(gateway: Endpoint) -> list[dict]:
+    return get(gateway, "/instances").json()["instances"]
+
+
+def test_up_serves_one_tp2_instance_and_survives_a_dead_rank(tiny_model: Path, tmp_path: Path) -> None:
+    want = LLM(str(tiny_model), device="cpu").generate([PROMPT], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0]
+    port = free_port()
+    argv = [
+        sys.executable, "-m", "rtpllm.cli", "up", "--model", str(tiny_model), "--port", str(port),
+        "--workers", "1", "-tp", "2", "--no-kvstore", "--device", "cpu", "--no-redis-server",
+        "--log-dir", str(tmp_path), "--num-blocks", "256",
+    ]  # fmt: skip
+    cache = tmp_path / "cache"
+    env = {k: v for k, v in os.environ.items() if k not in ("RTPLLM_API_KEY", "RTPLLM_API_KEY_FILE")}
+    env["RTPLLM_CACHE_DIR"] = str(cache)
+    up = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        lines: list[str] = []
+        assert up.stdout is not None
+        for line in up.stdout:
+            lines.append(line)
+            if "ready:" in line or up.poll() is not None:
+                break
+        assert "ready: 1 worker(s)" in "".join(lines), "".join(lines)
+        gateway = Endpoint(url, read_secret_file(cache / "api_key"))
+        [instance] = _instances(gateway)  # two ranks, one instance on the bus
+        client = client_for(gateway)
+        text, _ = ask(client, PROMPT)
+        assert text == want.outputs[0].text
+
+        [rank1] = _tp_workers(up.pid)
+        rank0 = next(p for p in _children(up.pid) if rank1 in _children(p))
+        stream = client.completions.create(
+            model=MODEL_NAME, prompt=PROMPT, max_tokens=900, temperature=0, stream=True, extra_body={"ignore_eos": True}
+        )
+        chunks = iter(stream)
+        next(chunks)
+        os.kill(rank1, signal.SIGKILL)
+        killed = time.monotonic()
+        finish = None
+        try:
+            for chunk in chunks:
+                finish = chunk.choices[0].finish_reason if chunk.choices else finish
+        except openai.APIError:
+            finish = "error"
+        assert time.monotonic() - killed < 5, "the stream outlived its dead rank by 5 s"
+        assert finish != "length", "900 tokens cannot have finished right after the kill"
+        # The old instance's processes are gone; `up` restarts the instance.
+        deadline = time.monotonic() + 10
+        while (_cmdline(rank0) or _cmdline(rank1)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _cmdline(rank0) and not _cmdline(rank1), "a process of the dead instance is left"
+        deadline = time.monotonic() + 90
+        while [i["instance_id"] for i in _instances(gateway)] in ([], [instance["instance_id"]]):
+            assert time.monotonic() < deadline, "up did not bring the instance back"
+            time.sleep(0.5)
+        assert ask(client, PROMPT)[0] == text
+        assert len(_tp_workers(up.pid)) == 1
+    except BaseException:
+        dump_logs(tmp_path)
+        raise
+    finally:
+        up.send_signal(signal.SIGINT)
+        try:
+            up.wait(30)
+        except subprocess.TimeoutExpired:
+            up.kill()
+    assert not _tp_workers(up.pid)
