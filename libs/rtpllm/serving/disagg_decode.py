@@ -201,6 +201,7 @@ class DecodeSide:
         message = GenerateRequest(
             request_id=rid, model=req.model, prompt_token_ids=req.prompt_token_ids, sampling=req.sampling,
             reply_to=req.reply_to, gateway_id=req.gateway_id, deadline=req.deadline, handoff=handoff,
+            images=req.images,  # the prefill instance gets the embeddings its own way
         )  # fmt: skip
         deadline = time.monotonic() + lease_s
         accepted = False

@@ -63,9 +63,17 @@ class PrefillSide:
     def counters(self) -> DisaggCounters:
         return self._counters
 
-    async def serve(self, req: GenerateRequest, params: SamplingParams, publish: Callable[[str, TokenDelta], Awaitable[None]]) -> None:
+    async def serve(
+        self,
+        req: GenerateRequest,
+        params: SamplingParams,
+        publish: Callable[[str, TokenDelta], Awaitable[None]],
+        images: Callable[[], Awaitable[Any]] | None = None,
+    ) -> None:
         """Run one hand-off to its end. Raises only CancelledError (the decode instance
-        or the gateway cancelled it); everything else is reported to the decode side."""
+        or the gateway cancelled it); everything else is reported to the decode side.
+        `images`: gets the prompt's MultimodalInputs (the engine server's resolver), so a
+        bad image or a failed encode is reported like any other failure."""
         handoff = req.handoff
         assert handoff is not None
         rid = req.request_id
@@ -90,7 +98,8 @@ class PrefillSide:
 
         try:
             last = None
-            stream = self._engine.generate(rid, req.prompt_token_ids, params, prefill_only=True)
+            extra = {"multimodal": await images()} if images is not None else {}
+            stream = self._engine.generate(rid, req.prompt_token_ids, params, prefill_only=True, **extra)
             async with contextlib.aclosing(stream):
                 async for out in stream:
                     if out.error:

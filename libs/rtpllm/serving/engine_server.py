@@ -20,6 +20,7 @@ import contextlib
 import itertools
 import logging
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -60,6 +61,7 @@ from rtpllm.serving.kv_events import KVEventPublisher
 from rtpllm.serving.liveness import HeartbeatThread, LoopWatch
 
 if TYPE_CHECKING:
+    from rtpllm.multimodal.inputs import MultimodalInputs
     from rtpllm.serving.disagg_decode import DecodeSide
     from rtpllm.serving.disagg_prefill import PrefillSide
     from rtpllm.serving.vision_client import ImageResolver
@@ -289,8 +291,6 @@ class EngineServer:
             )
         if req.images and self._images is None:
             return None, ErrorInfo(ErrorCode.INVALID_REQUEST, f"model {self._info.model!r} does not take images")
-        if req.images and req.handoff is not None:
-            return None, ErrorInfo(ErrorCode.INVALID_REQUEST, "prompts with images are prefilled where they land, not handed off")
         if (req.handoff is not None) != (self._prefill is not None):
             what = (
                 "takes hand-offs from decode instances only"
@@ -319,7 +319,13 @@ class EngineServer:
         try:
             loop = asyncio.get_running_loop()
             async with asyncio.timeout_at(loop.time() + (req.deadline - time.time())):
-                await self._prefill.serve(req, params, self._publish)
+                resolver = self._images
+
+                def images() -> Awaitable[MultimodalInputs]:
+                    assert resolver is not None  # _admit refused images otherwise
+                    return resolver.resolve(req.request_id, req.images, req.deadline)
+
+                await self._prefill.serve(req, params, self._publish, images if req.images else None)
         except TimeoutError:
             log.warning("hand-off %s passed its deadline", req.request_id)
         finally:
@@ -355,19 +361,16 @@ class EngineServer:
                 if req.images:
                     assert self._images is not None  # _admit refused it otherwise
                     mm = await self._images.resolve(rid, req.images, req.deadline)
-                # Image prompts prefill here: their embeddings are here (a hand-off would
-                # have to ship them to the prefill instance too; not done yet).
-                remote = (
-                    self._decode.plan(len(req.prompt_token_ids), params)
-                    if self._decode is not None and mm is None
-                    else None
-                )
-                if mm is not None:
-                    stream = self._engine.generate(rid, req.prompt_token_ids, params, multimodal=mm)  # type: ignore[call-arg]
-                elif remote is None:
-                    stream = self._engine.generate(rid, req.prompt_token_ids, params)
+                # An image prompt handed off still has its embeddings here: the hand-off
+                # carries the images to the prefill instance, which gets its own (a
+                # vision service answers it from its cache), and a failed hand-off
+                # prefills here with these.
+                remote = self._decode.plan(len(req.prompt_token_ids), params) if self._decode is not None else None
+                extra = {"multimodal": mm} if mm is not None else {}
+                if remote is None:
+                    stream = self._engine.generate(rid, req.prompt_token_ids, params, **extra)
                 else:
-                    stream = self._engine.generate(rid, req.prompt_token_ids, params, remote=remote)
+                    stream = self._engine.generate(rid, req.prompt_token_ids, params, remote=remote, **extra)
                     assert self._decode is not None
                     handoff = asyncio.create_task(self._decode.run(req, remote), name=f"handoff-{rid}")
                 async with contextlib.aclosing(stream):  # type: ignore[type-var]
