@@ -120,6 +120,15 @@ def _log_auth(settings: GatewaySettings, keys: APIKeys) -> None:
         log.info("no API key: the API is open to local clients")
 
 
+def _log_tools(server: OpenAIServer, flag: str) -> None:
+    """Which format tool calls are read in; a warning when the template shows the model
+    no tools (SmolLM2's): clients must then describe them in a message themselves."""
+    template = server.tokenizer.chat_template or ""
+    log.info("tool calls: %s parser (--tool-call-parser %s)", server.tool_parser.name, flag)
+    if template and "tools" not in template:
+        log.warning("the chat template does not render tools: requests' tools are not shown to the model")
+
+
 def create_app(settings: GatewaySettings) -> FastAPI:
     gateway_id = settings.gateway_id or new_id("gateway")
     model = served_model_name(settings.model, settings.served_model_name)
@@ -175,7 +184,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
                     media.max_bytes,
                 )
         images = ImageLoader(media, model, vision)
-        app.state.server = OpenAIServer(core, tokenizer, model, settings.max_body_bytes, images)
+        app.state.server = OpenAIServer(
+            core, tokenizer, model, settings.max_body_bytes, images, settings.tool_call_parser
+        )
+        _log_tools(app.state.server, settings.tool_call_parser)
         app.state.nc = nc
         app.state.redis = redis
         log.info(

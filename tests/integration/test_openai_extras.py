@@ -237,9 +237,9 @@ def test_request_fields_with_visible_effects(client: openai.OpenAI, tokenizer: T
     assert "Unrecognized request argument supplied: frobnicate" in info.value.body["message"]
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(
-            model=MODEL_NAME, messages=CHAT, tools=[{"type": "function", "function": {"name": "f"}}]
+            model=MODEL_NAME, messages=CHAT, tools=[{"type": "function", "function": {"name": "f f"}}]
         )
-    assert info.value.body["param"] == "tools"
+    assert info.value.body["param"] == "tools.0.function.name"
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model=MODEL_NAME, messages=CHAT, store=True)
     assert info.value.body["param"] == "store"

@@ -6,8 +6,8 @@ with a check of its effect on the engine's parameters where it has one: the rest
 rendering and response fields, are checked end to end in
 tests/integration/test_openai_extras.py) or `REFUSED` (400, `param` the field). The
 tables must cover every field the request models declare, so a new field cannot land
-unclassified. Structured outputs and tool choice belong to their own work (`OWNED`):
-those only have to be honoured or refused.
+unclassified. Structured outputs belong to their own work (`OWNED`): those only have
+to be honoured or refused.
 """
 
 from __future__ import annotations
@@ -28,9 +28,20 @@ Check = Callable[[SamplingParams], bool] | None
 
 OWNED = {  # structured outputs and tool calling: honoured or refused, as that work decides
     "response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar", "structural_tag",
-    "guided_decoding_backend", "guided_whitespace_pattern", "structured_outputs", "tool_choice",
-    "parallel_tool_calls",
+    "guided_decoding_backend", "guided_whitespace_pattern", "structured_outputs",
 }  # fmt: skip
+PARAMETERS = {"type": "object", "properties": {"x": {"type": "integer"}}}
+TOOLS = [{"type": "function", "function": {"name": "f", "parameters": PARAMETERS}}]
+
+
+def _forced(name: str | None = None) -> Callable[[SamplingParams], bool]:
+    """A check: the tool calls are forced by a grammar (naming the function, if given)."""
+
+    def check(p: SamplingParams) -> bool:
+        grammar = p.structured_outputs.grammar if p.structured_outputs is not None else None
+        return grammar is not None and (name is None or f'"const": "{name}"' in grammar)
+
+    return check
 
 # (field, sample value, expectation, check of the engine parameters)
 COMMON: list[tuple[str, Any, str, Check]] = [
@@ -92,8 +103,15 @@ CHAT: list[tuple[str, Any, str, Check]] = [
     ("modalities", ["text"], HONOURED, None),
     ("prompt_cache_key", "k", HONOURED, None),  # prefix caching is automatic
     ("safety_identifier", "user-1", HONOURED, None),
+    # Tools: "auto" reads calls from unconstrained output; "required" and a named
+    # function are forced by a grammar (rtpllm.api.tools).
+    ("tools", TOOLS, HONOURED, lambda p: p.structured_outputs is None),
+    ("tool_choice", "required", HONOURED, _forced()),
+    ("tool_choice", {"type": "function", "function": {"name": "f"}}, HONOURED, _forced("f")),
+    ("tool_choice", "none", HONOURED, lambda p: p.structured_outputs is None),
+    ("tool_choice", "sometimes", REFUSED, None),
+    ("parallel_tool_calls", False, HONOURED, None),
     ("best_of", 2, REFUSED, None),  # /v1/completions only
-    ("tools", [{"type": "function", "function": {"name": "f"}}], REFUSED, None),
     ("functions", [{"name": "f"}], REFUSED, None),
     ("function_call", "auto", REFUSED, None),
     ("audio", {"voice": "alloy", "format": "wav"}, REFUSED, None),
@@ -132,6 +150,10 @@ DEFAULTS_ACCEPTED: list[tuple[str, Any]] = [
     ("cache_salt", None),
     ("functions", None),
     ("function_call", "none"),
+    ("tools", []),
+    ("tool_choice", "none"),
+    ("tool_choice", "auto"),
+    ("parallel_tool_calls", True),
     ("audio", None),
     ("modalities", None),
 ]
@@ -140,6 +162,8 @@ DEFAULTS_ACCEPTED: list[tuple[str, Any]] = [
 COMPANIONS: dict[str, dict[str, Any]] = {
     "stream_options": {"stream": True},
     "top_logprobs": {"logprobs": True},
+    "tool_choice": {"tools": TOOLS},
+    "parallel_tool_calls": {"tools": TOOLS},
 }
 
 
@@ -198,8 +222,6 @@ def test_owned_fields_are_honoured_or_refused_by_name(endpoint: str, field: str)
         "guided_decoding_backend": "xgrammar",
         "guided_whitespace_pattern": " ",
         "structured_outputs": {"choice": ["a", "b"]},
-        "tool_choice": "auto",
-        "parallel_tool_calls": True,
     }
     try:
         _run(endpoint, _body(BASES[endpoint], field, samples[field]))
@@ -243,6 +265,8 @@ def test_unknown_field_is_openais_error() -> None:
         ("completions", {"logit_bias": {"1": 100.5}}, "logit_bias"),
         ("completions", {"logit_bias": {"-1": 1}}, "logit_bias"),
         ("completions", {"max_tokens": 0}, "max_tokens"),  # 0 only with echo
+        ("chat", {"tool_choice": "required"}, "tool_choice"),  # without tools
+        ("chat", {"tools": TOOLS, "tool_choice": "required", "guided_regex": "a"}, "tool_choice"),
     ],
 )
 def test_combinations_refused_by_name(endpoint: str, extra: dict, param: str) -> None:

@@ -83,7 +83,7 @@ def test_completion_mapping_and_echo_asks_prompt_logprobs() -> None:
         ({"logit_bias": {"5": 101}}, "logit_bias"),
         ({"logit_bias": {"five": 1.0}}, "logit_bias"),
         ({"allowed_token_ids": []}, "allowed_token_ids"),
-        ({"tools": [{"type": "function"}]}, "tools"),
+        ({"tools": [{"type": "function"}]}, "tools.0.function"),
         ({"response_format": {"type": "structural_tag"}}, "response_format.type"),
         ({"max_tokens": 5, "max_completion_tokens": 6}, "max_completion_tokens"),
     ],

@@ -202,12 +202,12 @@ def test_wrong_types_are_400_at_parse() -> None:
         assert info.value.status == 400 and info.value.param == param
 
 
-def test_tools_are_still_refused_with_response_format() -> None:
+def test_forced_tool_calls_leave_no_room_for_response_format() -> None:
+    tools = [{"type": "function", "function": {"name": "f"}}]
     with pytest.raises(APIError) as info:
-        chat_sampling_params(
-            chat(
-                tools=[{"type": "function", "function": {"name": "f"}}],
-                response_format={"type": "json_object"},
-            )
-        )
-    assert info.value.param == "tools"
+        fmt = {"type": "json_object"}
+        chat_sampling_params(chat(tools=tools, tool_choice="required", response_format=fmt))
+    assert info.value.param == "tool_choice"
+    # "auto" constrains nothing: the response format applies (and no call can be read).
+    params = chat_sampling_params(chat(tools=tools, response_format={"type": "json_object"}))
+    assert params.structured_outputs == StructuredOutputsParams(json_object=True)

@@ -2,6 +2,10 @@
 
 vLLM's extensions: with `echo` and a last message of the assistant's, each choice's
 content starts with that message's text; `prompt_logprobs` go at the top level.
+
+With tools (`tools`: a ToolParsing), each choice's text is read for tool calls
+(rtpllm.api.tool_output): the message gets `tool_calls`, the stream their deltas, and
+a choice that called tools and stopped on its own finishes with "tool_calls".
 """
 
 from __future__ import annotations
@@ -21,11 +25,13 @@ from rtpllm.api.responses import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatDelta,
+    ChatLogprobs,
     ChatMessageOut,
     usage_info,
 )
 from rtpllm.api.sse import DONE, sse_error, sse_event
 from rtpllm.api.stream_usage import StreamUsage
+from rtpllm.api.tool_output import ToolOutput, ToolParsing
 from rtpllm.protocol.messages import ChoiceDelta, PositionLogprobs
 
 
@@ -51,6 +57,7 @@ async def chat_completion(
     token_text: TokenText,
     echo_text: str = "",
     prompt_logprobs: int | None = None,
+    tools: ToolParsing | None = None,
 ) -> ChatCompletion:
     """Collect every delta into one ChatCompletion (raises APIError on failure)."""
     choices = [_Choice() for _ in range(gen.params.n)]
@@ -62,6 +69,7 @@ async def chat_completion(
             choices[c.index].add(c)
     top_k = gen.params.logprobs
     usage = gen.total_usage()
+    messages = [_message(c, echo_text, tools) for c in choices]
     return ChatCompletion(
         id=response_id,
         created=int(time.time()),
@@ -69,17 +77,30 @@ async def chat_completion(
         choices=[
             ChatChoice(
                 index=i,
-                message=ChatMessageOut(role="assistant", content=echo_text + "".join(c.text)),
+                message=message,
                 logprobs=token_text.chat(c.logprobs, top_k) if top_k is not None else None,
-                finish_reason=c.finish_reason,
+                finish_reason=finish_reason,
                 stop_reason=c.stop_reason,
             )
-            for i, c in enumerate(choices)
+            for i, (c, (message, finish_reason)) in enumerate(zip(choices, messages, strict=True))
         ],
         usage=usage_info(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens),
         system_fingerprint=gen.fingerprint,
         prompt_logprobs=token_text.prompt(prompt_positions, prompt_logprobs) if prompt_logprobs is not None else UNSET,
     )
+
+
+def _message(choice: _Choice, echo_text: str, tools: ToolParsing | None) -> tuple[ChatMessageOut, str | None]:
+    """A finished choice's message and finish reason."""
+    text = "".join(choice.text)
+    if tools is None:
+        return ChatMessageOut(role="assistant", content=echo_text + text), choice.finish_reason
+    output = tools.output()
+    output.feed(text)
+    output.finish()
+    content, calls = output.message(echo_text)
+    reason = output.finish_reason(choice.finish_reason) if choice.finish_reason is not None else None
+    return ChatMessageOut(role="assistant", content=content, tool_calls=calls if calls else UNSET), reason
 
 
 async def chat_chunks(
@@ -89,14 +110,17 @@ async def chat_chunks(
     usage: StreamUsage,
     on_end: Callable[[int], None],
     echo_text: str = "",
+    tools: ToolParsing | None = None,
 ) -> AsyncIterator[bytes]:
     """SSE events of a streamed chat completion: a role chunk per choice (carrying the
     echoed text, if any), content chunks, a finish chunk per choice, an optional usage
     chunk, `[DONE]`. A failure becomes an error event (and no `[DONE]`). `on_end` gets
-    the status the stream ended with."""
+    the status the stream ended with. With `tools`, text goes through each choice's
+    tool-call parser, and the finish comes in a chunk of its own, as OpenAI sends it."""
     created = int(time.time())
     top_k = gen.params.logprobs
     fingerprint = gen.fingerprint
+    outputs = [tools.output() for _ in range(gen.params.n)] if tools is not None else None
 
     def chunk(choice: ChatChunkChoice) -> bytes:
         return sse_event(
@@ -124,6 +148,9 @@ async def chat_chunks(
                     if not c.text and not c.logprobs and c.finish_reason is None:
                         continue
                     logprobs = token_text.chat(c.logprobs, top_k) if top_k is not None and c.logprobs else None
+                    if outputs is not None:
+                        events.extend(map(chunk, _tool_chunks(outputs[c.index], c, logprobs)))
+                        continue
                     events.append(
                         chunk(
                             ChatChunkChoice(
@@ -155,3 +182,31 @@ async def chat_chunks(
     finally:
         gen.close()
         on_end(status)
+
+
+def _tool_chunks(
+    output: ToolOutput, delta: ChoiceDelta, logprobs: ChatLogprobs | None
+) -> list[ChatChunkChoice]:
+    """A choice's chunks for one engine delta, read for tool calls: the deltas its text
+    settles (the logprobs ride on the first, or on an empty delta while text is held
+    back), then the finish in a chunk of its own."""
+    deltas = output.feed(delta.text)
+    if delta.finish_reason is not None:
+        deltas += output.finish()
+    if not deltas and logprobs is not None:
+        deltas = [ChatDelta()]
+    chunks = [
+        ChatChunkChoice(index=delta.index, delta=d, logprobs=logprobs if k == 0 else None, finish_reason=None)
+        for k, d in enumerate(deltas)
+    ]
+    if delta.finish_reason is not None:
+        chunks.append(
+            ChatChunkChoice(
+                index=delta.index,
+                delta=ChatDelta(),
+                logprobs=None,
+                finish_reason=output.finish_reason(delta.finish_reason),
+                stop_reason=delta.stop_reason,
+            )
+        )
+    return chunks

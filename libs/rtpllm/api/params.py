@@ -7,15 +7,28 @@ from typing import Any
 from rtpllm.api.errors import bad_request
 from rtpllm.api.requests import ChatCompletionRequest, CompletionRequest, _SamplingFields
 from rtpllm.api.structured import structured_outputs
+from rtpllm.api.tools import ToolRequest, tool_request
 from rtpllm.api.unsupported import check_supported
 from rtpllm.sampling_params import MAX_LOGPROBS, SamplingParams
+from rtpllm.structured.spec import StructuredOutputsParams
+from rtpllm.tools.base import CallFormat
+from rtpllm.tools.hermes import HermesParser
+
+HERMES_FORMAT = HermesParser.call_format
 
 MAX_N = 128  # samples per request: each one costs a sequence slot and KV
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
-def chat_sampling_params(req: ChatCompletionRequest) -> SamplingParams:
+def chat_sampling_params(
+    req: ChatCompletionRequest, tools: ToolRequest | None = None, call_format: CallFormat = HERMES_FORMAT
+) -> SamplingParams:
+    """`tools`: the request's (tool_request), when the caller has them already;
+    `call_format`: how the model writes calls (what "required" and named functions
+    are forced into)."""
     check_supported(req)
+    if tools is None:
+        tools = tool_request(req)
     if req.max_completion_tokens is not None and req.max_tokens is not None and req.max_completion_tokens != req.max_tokens:
         raise bad_request("Set max_completion_tokens or max_tokens, not both with different values.", "max_completion_tokens")
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
@@ -24,11 +37,14 @@ def chat_sampling_params(req: ChatCompletionRequest) -> SamplingParams:
         logprobs = req.top_logprobs or 0
     elif req.top_logprobs is not None and req.top_logprobs > 0:
         raise bad_request("top_logprobs needs logprobs to be true.", "top_logprobs")
-    if req.tools:
-        raise bad_request("Tool calling is not supported yet.", "tools")
     # Chat without max_tokens runs to the end of the context window, as OpenAI's does.
     return _build(
-        req, max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=req.prompt_logprobs, logprobs_param="top_logprobs"
+        req,
+        max_tokens=max_tokens,
+        logprobs=logprobs,
+        prompt_logprobs=req.prompt_logprobs,
+        logprobs_param="top_logprobs",
+        forced=tools.constraint(call_format) if tools is not None else None,
     )
 
 
@@ -80,7 +96,9 @@ def _build(
     prompt_logprobs: int | None = None,
     n: int | None = None,
     n_param: str = "n",
+    forced: StructuredOutputsParams | None = None,
 ) -> SamplingParams:
+    """`forced`: the tool calls' grammar, which leaves no room for another constraint."""
     n = req.n if n is None else n
     if not 1 <= n <= MAX_N:
         raise bad_request(f"{n_param} must be between 1 and {MAX_N}, got {n}.", n_param)
@@ -104,6 +122,14 @@ def _build(
         "allowed_token_ids": req.allowed_token_ids,
         "structured_outputs": structured_outputs(req),  # 400 naming the field if invalid
     }
+    if forced is not None:
+        if values["structured_outputs"] is not None:
+            raise bad_request(
+                "tool_choice 'required' or a named function forces the output into tool calls; "
+                "it cannot be combined with another structured-output constraint.",
+                "tool_choice",
+            )
+        values["structured_outputs"] = forced
     # Unset optional fields keep SamplingParams' defaults (OpenAI's: temperature 1, top_p 1).
     for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
         value = getattr(req, name)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from rtpllm.api.errors import bad_request
 from rtpllm.api.images import LoadedImage, is_image_part
 from rtpllm.api.requests import ChatMessage
+from rtpllm.api.tools import template_tool_calls
 from rtpllm.protocol.messages import ImageSpec
 from rtpllm.sampling_params import MAX_TOKEN_ID
 from rtpllm.tokenizer import Tokenizer
@@ -59,12 +60,15 @@ def chat_prompt(
     vision: VisionFamily | None = None,
     continue_final_message: bool = False,
     template_kwargs: dict[str, Any] | None = None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> Prompt:
     """The prompt of a chat. `images`: the loaded images of its `image_url` parts, in
     order (ImageLoader.load), with `vision` the model's family. `continue_final_message`:
     the last message is left open for the model to continue (no generation prompt);
     `template_kwargs`: more variables for the chat template (vLLM's
-    chat_template_kwargs and documents, e.g. Qwen3's enable_thinking)."""
+    chat_template_kwargs and documents, e.g. Qwen3's enable_thinking); `tools`: the
+    request's tools (checked: rtpllm.api.tools), which the template renders as it was
+    trained to (Qwen2.5 and Llama-3.1 in their system or first user message)."""
     if not messages:
         raise bad_request("messages must contain at least one message.", "messages")
     count = sum(1 for msg in messages if isinstance(msg.content, list) for part in msg.content if is_image_part(part))
@@ -72,17 +76,14 @@ def chat_prompt(
         raise bad_request("This model does not take images.", "messages", "images_not_supported")
     if count != len(images):  # the caller skipped ImageLoader.load: a bug, not the client's
         raise ValueError(f"the chat has {count} image parts but {len(images)} images were loaded")
-    conversation: list[dict[str, Any]] = []
-    for i, msg in enumerate(messages):
-        item: dict[str, Any] = {"role": msg.role, "content": _content(msg.content, i)}
-        if msg.name is not None:
-            item["name"] = msg.name
-        conversation.append(item)
+    conversation = [_message(msg, i) for i, msg in enumerate(messages)]
     render: dict[str, Any] = {
         "add_generation_prompt": add_generation_prompt and not continue_final_message,
         "continue_final_message": continue_final_message,
         **(template_kwargs or {}),
     }
+    if tools:
+        render["tools"] = tools
     try:
         text = tokenizer.apply_chat_template(conversation, **render)
     except ChatTemplateError as exc:
@@ -155,6 +156,23 @@ def _expand_images(
         for image, placement in zip(images, placements, strict=True)
     ]
     return expanded, specs
+
+
+def _message(msg: ChatMessage, index: int) -> dict[str, Any]:
+    """A message as HF chat templates take it. Only an assistant message that has calls
+    gets `tool_calls` (Llama-3.1's template tests for the key, not for its length)."""
+    item: dict[str, Any] = {"role": msg.role, "content": _content(msg.content, index)}
+    if msg.name is not None:
+        item["name"] = msg.name
+    if msg.tool_calls:
+        if msg.role != "assistant":
+            raise bad_request(
+                f"messages[{index}]: only assistant messages have tool_calls.", f"messages.{index}.tool_calls"
+            )
+        item["tool_calls"] = template_tool_calls(msg.tool_calls, f"messages.{index}.tool_calls")
+    if msg.tool_call_id is not None:
+        item["tool_call_id"] = msg.tool_call_id
+    return item
 
 
 def _content(content: str | list[dict[str, Any]] | None, index: int) -> str | list[dict[str, Any]]:

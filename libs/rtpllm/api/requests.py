@@ -89,6 +89,8 @@ class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # the assistant's (rtpllm.api.tools)
+    tool_call_id: str | None = None  # a tool message's: the call it answers
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -97,8 +99,10 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
+    # Tool calling (rtpllm.api.tools).
     tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     # Chat rendering (vLLM's extensions).
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None

@@ -62,10 +62,22 @@ class ChatLogprobs(msgspec.Struct):
     refusal: None = None
 
 
+class FunctionCall(msgspec.Struct):
+    name: str
+    arguments: str  # JSON text, as the model wrote it
+
+
+class ToolCall(msgspec.Struct):
+    id: str
+    function: FunctionCall
+    type: str = "function"
+
+
 class ChatMessageOut(msgspec.Struct):
     role: str
     content: str | None
     refusal: None = None
+    tool_calls: list[ToolCall] | UnsetType = UNSET  # only when the model called tools
 
 
 class ChatChoice(msgspec.Struct):
@@ -87,9 +99,25 @@ class ChatCompletion(msgspec.Struct):
     prompt_logprobs: PromptLogprobs | UnsetType = UNSET  # vLLM extension, when asked for
 
 
+class FunctionDelta(msgspec.Struct):
+    name: str | UnsetType = UNSET
+    arguments: str | UnsetType = UNSET
+
+
+class ToolCallDelta(msgspec.Struct):
+    """A streamed call: its first delta has `id`, `type` and `function.name` (and
+    `arguments: ""`); later ones only pieces of `function.arguments`."""
+
+    index: int
+    function: FunctionDelta
+    id: str | UnsetType = UNSET
+    type: str | UnsetType = UNSET
+
+
 class ChatDelta(msgspec.Struct):
     role: str | UnsetType = UNSET
     content: str | UnsetType = UNSET
+    tool_calls: list[ToolCallDelta] | UnsetType = UNSET
 
 
 class ChatChunkChoice(msgspec.Struct):

@@ -54,7 +54,10 @@ from rtpllm.api.tokenize import (
     detokenize,
     tokenize_response,
 )
+from rtpllm.api.tool_output import ToolParsing
+from rtpllm.api.tools import check_tools, tool_request
 from rtpllm.tokenizer import Tokenizer
+from rtpllm.tools import resolve_parser
 
 T = TypeVar("T")
 
@@ -115,9 +118,12 @@ class OpenAIServer:
         model: str,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         images: ImageLoader | None = None,
+        tool_call_parser: str = "auto",
     ) -> None:
         self.core = core
         self.tokenizer = tokenizer
+        # How this model writes tool calls (`auto`: read off its chat template).
+        self.tool_parser = resolve_parser(tool_call_parser, tokenizer.chat_template)
         self.model = model
         self.max_body_bytes = max_body_bytes
         # Default: a text model's (every image part is a 400).
@@ -134,7 +140,8 @@ class OpenAIServer:
             body = await read_body(request, self.max_body_bytes)
             req: ChatCompletionRequest = await _off_loop(len(body), parse_body, ChatCompletionRequest, body)
             model = self._check_model(req.model)
-            params = chat_sampling_params(req)
+            tools = tool_request(req)
+            params = chat_sampling_params(req, tools, self.tool_parser.call_format)
             self._check_vocab(req.logit_bias, req.allowed_token_ids)
             explicit_max = (
                 req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
@@ -154,6 +161,7 @@ class OpenAIServer:
                 self.images.family,
                 req.continue_final_message,
                 template_kwargs(req.chat_template_kwargs, req.documents),
+                tools.template_tools if tools is not None else None,
             )
             prompt = truncate_prompt(prompt, req.truncate_prompt_tokens)
             check_context_length(len(prompt.token_ids), explicit_max, self._max_model_len(model), "messages")
@@ -165,15 +173,20 @@ class OpenAIServer:
         self._track(record, response_id, gen)
         token_text = TokenIdText(self.tokenizer) if req.return_tokens_as_token_ids else self.token_text
         echo_text = last_assistant_text(req.messages) if req.echo else ""
+        parsing = None  # tool_choice "none" (or no tools): nothing is read as a call
+        if tools is not None and tools.parses:
+            parsing = ToolParsing(self.tool_parser, tools.max_calls)
         if req.stream:
             usage = StreamUsage(req.stream_options, len(prompt.token_ids))
-            events = chat_chunks(gen, response_id, token_text, usage, self._on_end(endpoint, record), echo_text)
+            events = chat_chunks(
+                gen, response_id, token_text, usage, self._on_end(endpoint, record), echo_text, parsing
+            )
             return SSEResponse(events)
         return await self._complete(
             endpoint,
             request,
             gen,
-            chat_completion(gen, response_id, token_text, echo_text, req.prompt_logprobs),
+            chat_completion(gen, response_id, token_text, echo_text, req.prompt_logprobs, parsing),
             record,
         )
 
@@ -247,6 +260,7 @@ class OpenAIServer:
                 chat_req: TokenizeChatRequest = await _off_loop(len(body), parse_body, TokenizeChatRequest, body)
                 self._check_model(chat_req.model)
                 kwargs = check_tokenize_chat(chat_req)
+                _, tools = check_tools(chat_req.tools)
                 images = await self.images.load(chat_req.messages)
                 prompt = await _off_loop(
                     len(body),
@@ -260,6 +274,7 @@ class OpenAIServer:
                     self.images.family,
                     chat_req.continue_final_message,
                     kwargs,
+                    tools,
                 )
                 tokens, strs = prompt.token_ids, chat_req.return_token_strs
             else:

@@ -39,7 +39,7 @@ class TokenizeChatRequest(_Strict):
     # Accepted at their defaults only, as by /v1/chat/completions.
     chat_template: str | None = None
     mm_processor_kwargs: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = None  # rendered as chat renders them
 
 
 class DetokenizeRequest(_Strict):
@@ -67,8 +67,6 @@ def check_tokenize_chat(req: TokenizeChatRequest) -> dict[str, Any]:
         )
     if req.mm_processor_kwargs:
         raise bad_request("mm_processor_kwargs is not supported.", "mm_processor_kwargs")
-    if req.tools:
-        raise bad_request("Tool calling is not supported yet.", "tools")
     if req.add_special_tokens:
         raise bad_request(
             "add_special_tokens: true is not supported for chat: the chat template writes the model's special tokens.",

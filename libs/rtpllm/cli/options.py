@@ -6,6 +6,7 @@ from dataclasses import replace
 
 from rtpllm.cli.flags import Flag
 from rtpllm.routing.policy import POLICIES
+from rtpllm.tools.registry import PARSER_NAMES
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -123,6 +124,11 @@ GATEWAY_LOGS = [
     Flag("--stats-interval", "RTPLLM_STATS_INTERVAL", "seconds between stats lines (prompt and generation tok/s, running/waiting at the gateway and per instance, KV usage), logged while there is traffic (0: none)", 10.0, float),
 ]
 
+# How the gateway reads the model's tool calls; `up` passes it on.
+TOOLS = [
+    Flag("--tool-call-parser", "RTPLLM_TOOL_CALL_PARSER", "format of the model's tool calls: hermes (<tool_call> JSON: Qwen2/2.5/3, Hermes), llama3_json (Llama 3.1+ JSON), or auto (from the chat template; hermes when it shows neither)", "auto", str, list(PARSER_NAMES)),
+]
+
 GATEWAY = [
     Flag("--host", "RTPLLM_HOST", "HTTP bind address", "127.0.0.1"),
     Flag("--port", "RTPLLM_PORT", "HTTP port", 8000, int),
@@ -142,6 +148,7 @@ GATEWAY = [
     Flag("--shutdown-timeout", "RTPLLM_SHUTDOWN_TIMEOUT", "on SIGTERM, seconds open streams may finish", 10.0, float),
     *API_KEYS,
     *IMAGES,
+    *TOOLS,
     *GATEWAY_LOGS,
 ]
 
@@ -165,6 +172,7 @@ UP = [
     Flag("--auth", "RTPLLM_AUTH", "authentication: a fresh NATS token and Redis password for this run, and an API key for the gateway: --api-key / --api-key-file, else the key in $RTPLLM_CACHE_DIR/api_key, made there on first use (--no-auth: all open)", True, boolean=True),
     replace(API_KEYS[0], help="the gateway's API key(s), comma-separated (default: the key in $RTPLLM_CACHE_DIR/api_key, made on first use)"),
     *API_KEYS[1:],
+    *TOOLS,
     *GATEWAY_LOGS,
 ]
 

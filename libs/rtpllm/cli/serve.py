@@ -94,6 +94,7 @@ def gateway_settings(args: argparse.Namespace) -> GatewaySettings:
         protect_metrics=args.protect_metrics,
         access_log=args.access_log,
         stats_interval_s=args.stats_interval,
+        tool_call_parser=args.tool_call_parser,
         **media_settings(args),
     )
 

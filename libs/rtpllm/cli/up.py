@@ -186,6 +186,7 @@ def run_up(args: argparse.Namespace) -> int:
             "--request-timeout", str(args.request_timeout),
             *([] if args.protect_metrics else ["--no-protect-metrics"]),
             *flags_to_argv(options.IMAGES, args),
+            *flags_to_argv(options.TOOLS, args),
             *flags_to_argv(options.GATEWAY_LOGS, args),
         ],  # fmt: skip
         log_dir=log_dir,

@@ -52,6 +52,8 @@ class GatewaySettings:
     # many seconds while there is traffic (rtpllm.serving.stats_log; 0: none).
     access_log: bool = True
     stats_interval_s: float = 10.0
+    # The format of the model's tool calls (rtpllm.tools): a parser name, or "auto".
+    tool_call_parser: str = "auto"
 
 
 @dataclass(frozen=True)

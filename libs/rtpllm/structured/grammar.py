@@ -71,6 +71,12 @@ def _grammar_text(kind: str, payload: str) -> str:
     raise ValueError(f"unknown structured output kind {kind!r}")
 
 
+def lark_json_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """`schema` for a `%json` rule of a Lark grammar, compiled as JSON schemas are here
+    (closed objects; fixed separators, which llguidance reads from `x-guidance`)."""
+    return {**_close_objects(schema), "x-guidance": _JSON_OPTIONS}
+
+
 # Keywords whose value is one subschema, a list of them, or a name -> subschema map.
 _ONE = (
     "items",

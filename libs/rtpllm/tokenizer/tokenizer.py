@@ -211,7 +211,8 @@ class Tokenizer:
 
 
 def _message_texts(messages: list[dict[str, Any]]) -> Iterator[str]:
-    """The client-written text of a conversation: string contents and text parts."""
+    """The client-written text of a conversation: string contents and text parts, and
+    the names and argument strings of tool calls."""
     for message in messages:
         content = message.get("content")
         if isinstance(content, str):
@@ -220,6 +221,23 @@ def _message_texts(messages: list[dict[str, Any]]) -> Iterator[str]:
             for part in content:
                 if isinstance(part, dict) and isinstance(part.get("text"), str):
                     yield part["text"]
+        for call in message.get("tool_calls") or ():
+            yield from _strings(call)
+        if isinstance(message.get("tool_call_id"), str):
+            yield message["tool_call_id"]
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """Every string in a JSON-like value, keys included."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _strings(key)
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
 
 
 def _open_final_message(rendered: str, messages: list[dict[str, Any]]) -> str:
@@ -241,15 +259,42 @@ def _mark_text(message: dict[str, Any]) -> dict[str, Any]:
     """A copy of the message whose texts are wrapped in the guard characters."""
 
     def wrap(text: str) -> str:
+        if not text:
+            return text  # nothing to guard, and a template may test it for truth
         return _OPEN + text.replace(_OPEN, "").replace(_CLOSE, "") + _CLOSE
 
+    def wrap_all(value: Any) -> Any:
+        if isinstance(value, str):
+            return wrap(value)
+        if isinstance(value, dict):
+            return {wrap(k): wrap_all(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [wrap_all(v) for v in value]
+        return value
+
+    marked = dict(message)
     content = message.get("content")
     if isinstance(content, str):
-        return {**message, "content": wrap(content)}
-    if isinstance(content, list):
-        parts = [
+        marked["content"] = wrap(content)
+    elif isinstance(content, list):
+        marked["content"] = [
             {**part, "text": wrap(part["text"])} if isinstance(part, dict) and isinstance(part.get("text"), str) else part
             for part in content
         ]
-        return {**message, "content": parts}
-    return message
+    if message.get("tool_calls"):
+        # The call's name and arguments (keys and string values): templates write them
+        # out, the arguments through tojson, which keeps these characters as they are.
+        marked["tool_calls"] = [
+            {
+                **call,
+                **({"id": wrap(call["id"])} if isinstance(call.get("id"), str) else {}),
+                "function": {
+                    "name": wrap(call["function"]["name"]),
+                    "arguments": wrap_all(call["function"]["arguments"]),
+                },
+            }
+            for call in message["tool_calls"]
+        ]
+    if isinstance(message.get("tool_call_id"), str):
+        marked["tool_call_id"] = wrap(message["tool_call_id"])
+    return marked
