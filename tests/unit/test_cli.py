@@ -166,3 +166,21 @@ def test_up_refuses_a_port_in_use(capsys: pytest.CaptureFixture[str]) -> None:
         args = build_parser().parse_args(["up", "--device", "cpu", "--port", str(port), "--model", "."])
         assert run_up(args) == 1
     assert f"port {port} on 127.0.0.1 is in use" in capsys.readouterr().out
+
+
+def test_a_gateway_never_imports_torch(tmp_path: Path) -> None:
+    """The gateway of a text model needs only the tokenizer: its settings, app and entry
+    point import no torch (a fresh interpreter, as `rtpllm serve gateway` runs)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from rtpllm.cli import build_parser\n"
+        "from rtpllm.cli.serve import gateway_settings\n"
+        f"gateway_settings(build_parser().parse_args(['serve', 'gateway', '--model', {str(tmp_path)!r}]))\n"
+        "import services.gateway.main, services.gateway.app\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr

@@ -7,13 +7,15 @@ import argparse
 import ipaddress
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rtpllm.config import CacheConfig, EngineConfig, OffloadConfig, SchedulerConfig
 from rtpllm.credentials import read_secret_file, split_userinfo, with_userinfo
 from rtpllm.protocol.subjects import check_id, default_host_id
 from rtpllm.serving.bus import NatsConfig
 from rtpllm.serving.settings import GatewaySettings, KVStoreSettings, VisionSettings, WorkerSettings
+
+if TYPE_CHECKING:
+    from rtpllm.config import EngineConfig
 
 GIB = 1 << 30
 
@@ -132,6 +134,9 @@ def _csv(value: str | None) -> tuple[str, ...]:
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
+    # Here, not at the top: rtpllm.config imports torch, which a gateway never needs.
+    from rtpllm.config import CacheConfig, EngineConfig, OffloadConfig, SchedulerConfig
+
     device = args.device
     if device == "auto":
         import torch

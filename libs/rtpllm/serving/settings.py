@@ -6,9 +6,13 @@ from __future__ import annotations
 import socket
 import uuid
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from rtpllm.config import EngineConfig
 from rtpllm.serving.bus import NatsConfig
+
+if TYPE_CHECKING:
+    # Only workers build one; the gateway's settings must not import torch with it.
+    from rtpllm.config import EngineConfig
 
 
 @dataclass(frozen=True)
