@@ -63,7 +63,9 @@ class VisionUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class VisionClientConfig:
-    accept_timeout_s: float = 1.0  # a vision instance takes the request within this
+    # A vision instance takes the request within this (it answers before any work; a
+    # loaded host can still take a second or two; no instance at all fails at once).
+    accept_timeout_s: float = 3.0
     transfer_lease_s: float = 30.0  # the embeddings land within this after sending
     watch_interval_s: float = 0.2  # how often a taken request checks its taker's lease
 
