@@ -21,7 +21,7 @@ from typing import Any
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-from rtpllm.tokenizer.byte_tokenizer import byte_alphabet
+from rtpllm.tokenizer.byte_tokenizer import byte_alphabet, write_chatml_tokenizer_config
 
 # Qwen2-VL's processor chat template (what its chat_template.json carries).
 QWEN2_VL_CHAT_TEMPLATE = (
@@ -178,17 +178,7 @@ def build_tokenizer(vocab_size: int, specials: dict[str, int]) -> Tokenizer:
 def write_tokenizer(out: Path, shape: dict[str, Any]) -> dict[str, int]:
     ids = special_token_ids(shape)
     build_tokenizer(int(shape["vocab_size"]), ids).save(str(out / "tokenizer.json"))
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": None,
-        "eos_token": "<|im_end|>",
-        "pad_token": "<|endoftext|>",
-        "unk_token": None,
-        "add_bos_token": False,
-        "chat_template": QWEN2_VL_CHAT_TEMPLATE,
-        "model_max_length": int(shape["max_position_embeddings"]),
-    }
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+    write_chatml_tokenizer_config(out, QWEN2_VL_CHAT_TEMPLATE, int(shape["max_position_embeddings"]))
     (out / "chat_template.json").write_text(json.dumps({"chat_template": QWEN2_VL_CHAT_TEMPLATE}))
     return ids
 

@@ -50,6 +50,12 @@ def write_byte_tokenizer(out_dir: str | Path, vocab_size: int) -> None:
     """tokenizer.json + tokenizer_config.json (ChatML template, eos <|im_end|>)."""
     out = Path(out_dir)
     build_byte_tokenizer(vocab_size).save(str(out / "tokenizer.json"))
+    write_chatml_tokenizer_config(out, CHATML_TEMPLATE, 1 << 20)
+
+
+def write_chatml_tokenizer_config(out_dir: str | Path, chat_template: str, model_max_length: int) -> None:
+    """tokenizer_config.json of a ChatML-style tokenizer (eos <|im_end|>, pad
+    <|endoftext|>, no BOS) with `chat_template`."""
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": None,
@@ -57,7 +63,7 @@ def write_byte_tokenizer(out_dir: str | Path, vocab_size: int) -> None:
         "pad_token": "<|endoftext|>",
         "unk_token": None,
         "add_bos_token": False,
-        "chat_template": CHATML_TEMPLATE,
-        "model_max_length": 1 << 20,
+        "chat_template": chat_template,
+        "model_max_length": model_max_length,
     }
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    (Path(out_dir) / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
