@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: carried wheels, GPU tests and benchmarks by phase,
 # full logs under $OUT, a short summary last. Usage: bash bench/gpu_session.sh PHASE...
-# Phases: env kernels model multimodal latency latency-ab engine attention ops load (SWEEP=T:E:D,... COLD_SWEEP=... METHODS=...) serveready loadsweep pinned zerocopy kvtiers routing loadtest
+# Phases: env kernels model structtest structured multimodal (MM_ARGS=... MM_LIMIT=s) latency latency-ab engine attention ops load (SWEEP=T:E:D,... COLD_SWEEP=... METHODS=...) serveready loadsweep pinned zerocopy kvtiers routing loadtest
 #         gemvtest xfertest kvxfer pd (kvxfer and pd want two GPUs: nvidia-h100-x2)
 set -u
 cd "$(dirname "$0")/.."
@@ -55,7 +55,10 @@ for phase in "$@"; do
     loadsweep) run loadsweep 400 python3 bench/load.py --dir /tmp/ckpt8b --methods raw,ours,ours-buffered --no-cold ${SWEEP:+--sweep "$SWEEP"} --out "$OUT/loadsweep.json" ;;
     routing) run routing 570 python3 bench/prefix_routing.py --device cuda --gpus 0 --conversations 128 --json "$OUT/routing.json" --log-dir /tmp/routing-logs
              tar czf "$OUT/routing-logs.tgz" -C /tmp routing-logs 2>/dev/null ;;
-    multimodal) run multimodal 560 python3 bench/multimodal.py --device cuda --json "$OUT/multimodal.json" --log-dir /tmp/mm-logs
+    structtest) run structtest 200 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_structured_cuda.py ;;
+    structured) run structured 300 python3 bench/structured_outputs.py --shape llama8b --tokenizer-from "$PWD/.whl/smollm2-tokenizer" \
+                  --skip-validity --out "$OUT/structured.json" ;;
+    multimodal) run multimodal ${MM_LIMIT:-560} python3 bench/multimodal.py --device cuda --json "$OUT/multimodal.json" --log-dir /tmp/mm-logs ${MM_ARGS:-}
                 tar czf "$OUT/mm-logs.tgz" -C /tmp mm-logs 2>/dev/null ;;
     kvtiers) run kvtiers 300 python3 bench/kv_tiers.py --device cuda --ttft --json "$OUT/kv_tiers.json" ;;
     zerocopy) run zerocopy 240 python3 bench/zero_copy_probe.py --gb 4 --threads 8,16 --out "$OUT/zero_copy.json" ;;
