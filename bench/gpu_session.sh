@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: carried wheels, GPU tests and benchmarks by phase,
 # full logs under $OUT, a short summary last. Usage: bash bench/gpu_session.sh PHASE...
-# Phases: env kernels model structtest structured multimodal (MM_ARGS=... MM_LIMIT=s) latency latency-ab engine attention ops load (SWEEP=T:E:D,... COLD_SWEEP=... METHODS=...) serveready loadsweep pinned zerocopy kvtiers routing loadtest
+# Phases: env kernels model structtest structured servingtax servingtax-cpu (ST_ARGS=...) multimodal (MM_ARGS=... MM_LIMIT=s) latency latency-ab engine attention ops load (SWEEP=T:E:D,... COLD_SWEEP=... METHODS=...) serveready loadsweep pinned zerocopy kvtiers routing loadtest
 #         gemvtest xfertest kvxfer pd (kvxfer and pd want two GPUs: nvidia-h100-x2)
 set -u
 cd "$(dirname "$0")/.."
@@ -58,6 +58,10 @@ for phase in "$@"; do
     structtest) run structtest 200 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_structured_cuda.py ;;
     structured) run structured 300 python3 bench/structured_outputs.py --shape llama8b --tokenizer-from "$PWD/.whl/smollm2-tokenizer" \
                   --skip-validity --out "$OUT/structured.json" ;;
+    servingtax) run servingtax 560 python3 bench/serving_tax.py --device cuda --shape llama8b --num-prompts 256 --input-len 100:1024 \
+                  --output-len 256 --log-dir /tmp/st-logs --out "$OUT/serving_tax.json" ;;
+    servingtax-cpu) run servingtax-cpu 560 taskset -c 0,1 env CUDA_VISIBLE_DEVICES= python3 bench/serving_tax.py --device cpu \
+                  --model "$PWD/.whl/smollm2-tokenizer" --load-format dummy --log-dir /tmp/stc-logs --out "$OUT/serving_tax_cpu.json" ${ST_ARGS:-} ;;
     multimodal) run multimodal ${MM_LIMIT:-560} python3 bench/multimodal.py --device cuda --json "$OUT/multimodal.json" --log-dir /tmp/mm-logs ${MM_ARGS:-}
                 tar czf "$OUT/mm-logs.tgz" -C /tmp mm-logs 2>/dev/null ;;
     kvtiers) run kvtiers 300 python3 bench/kv_tiers.py --device cuda --ttft --json "$OUT/kv_tiers.json" ;;
