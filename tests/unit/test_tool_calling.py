@@ -38,6 +38,7 @@ from rtpllm.tools.base import ParsedCall, ParsedOutput, collect
 from rtpllm.tools.grammar import tool_call_grammar
 from rtpllm.tools.hermes import HermesParser
 from rtpllm.tools.llama3 import Llama3JsonParser
+from rtpllm.tools.mistral import MistralParser
 from tests.tool_templates import LLAMA31_TOOLS_TEMPLATE, QWEN2_TOOLS_TEMPLATE, write_tools_tokenizer
 
 WEATHER = {
@@ -112,7 +113,47 @@ LLAMA3_CASES = [
     ("", ParsedOutput("", [])),
 ]
 
-CASES = [("hermes", *c) for c in HERMES_CASES] + [("llama3_json", *c) for c in LLAMA3_CASES]
+MISTRAL_CASES = [
+    (
+        '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}}]',
+        ParsedOutput("", [_call("get_weather", '{"city": "Paris"}')]),
+    ),
+    (  # the marker gone with skip_special_tokens; several calls
+        '[{"name": "a", "arguments": {}}, {"name": "b", "arguments": {"x": [1, {"y": "]"}]}}]',
+        ParsedOutput("", [_call("a", "{}"), _call("b", '{"x": [1, {"y": "]"}]}')]),
+    ),
+    (  # text before the marker is content
+        'Let me check. [TOOL_CALLS][{"name": "f", "arguments": {"q": 1}}]',
+        ParsedOutput("Let me check.", [_call("f", '{"q": 1}')]),
+    ),
+    (  # v11 tokenizers: name[ARGS]{arguments}, one after another
+        '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}[TOOL_CALLS]get_time[ARGS]{"zone": "UTC"}',
+        ParsedOutput("", [_call("get_weather", '{"city": "Paris"}'), _call("get_time", '{"zone": "UTC"}')]),
+    ),
+    (  # one call object without the list
+        '[TOOL_CALLS]{"name": "f", "arguments": {}}',
+        ParsedOutput("", [_call("f", "{}")]),
+    ),
+    (  # arguments first: read whole with json at the end
+        '[TOOL_CALLS][{"arguments": {"q": 1}, "name": "g"}]',
+        ParsedOutput("", [_call("g", '{"q": 1}')]),
+    ),
+    ("[1, 2, 3]", ParsedOutput("[1, 2, 3]", [])),  # an answer that is a JSON list stays content
+    ("The answer is [4].", ParsedOutput("The answer is [4].", [])),
+    ("[TOOL_CALLS] not a call", ParsedOutput("[TOOL_CALLS] not a call", [])),
+    ("a [TOOL_CA", ParsedOutput("a [TOOL_CA", [])),  # a held prefix that never became the marker
+    (  # cut by max_tokens inside the arguments
+        '[TOOL_CALLS][{"name": "f", "arguments": {"x": "ab',
+        ParsedOutput("", [_call("f", '{"x": "ab')]),
+    ),
+    ("", ParsedOutput("", [])),
+]
+
+CASES = (
+    [("hermes", *c) for c in HERMES_CASES]
+    + [("llama3_json", *c) for c in LLAMA3_CASES]
+    + [("mistral", *c) for c in MISTRAL_CASES]
+)
 
 
 def _streamed(name: str, pieces: list[str]) -> ParsedOutput:
@@ -207,8 +248,9 @@ def test_auto_reads_the_format_off_the_template() -> None:
     assert resolve_parser("auto", CHATML_TEMPLATE) is HermesParser  # no tools shown: Hermes
     assert resolve_parser("auto", None) is HermesParser
     assert resolve_parser("llama3_json", QWEN2_TOOLS_TEMPLATE) is Llama3JsonParser
+    assert resolve_parser("auto", "{{ '[AVAILABLE_TOOLS]' }}{{ '[TOOL_CALLS]' }}") is MistralParser
     with pytest.raises(ValueError, match="unknown tool-call parser"):
-        resolve_parser("mistral", None)
+        resolve_parser("mistral_v2", None)
 
 
 # -- rendering -----------------------------------------------------------------------------
@@ -441,7 +483,7 @@ def _walk(
 SCHEMAS = {"get_weather": WEATHER, "get_time": TIME}
 
 
-@pytest.mark.parametrize("parser", [HermesParser, Llama3JsonParser])
+@pytest.mark.parametrize("parser", [HermesParser, Llama3JsonParser, MistralParser])
 @pytest.mark.parametrize(
     ("choice", "several"), [("required", True), ("required", False), ("get_time", False)]
 )
@@ -490,3 +532,15 @@ def test_stream_chunks_of_an_engine_delta() -> None:
     assert start.tool_calls[0].function == FunctionDelta(name="f", arguments="")  # type: ignore[index]
     assert arguments.tool_calls[0].function == FunctionDelta(arguments='{"a": 1}')  # type: ignore[index]
     assert end == ChatDelta()
+
+
+def test_mistral_tools_keep_special_tokens_unless_the_request_says() -> None:
+    base = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": TOOLS}
+    fmt = MistralParser.call_format
+    assert chat_sampling_params(ChatCompletionRequest.model_validate(base), call_format=fmt).skip_special_tokens is False
+    explicit = ChatCompletionRequest.model_validate({**base, "skip_special_tokens": True})
+    assert chat_sampling_params(explicit, call_format=fmt).skip_special_tokens is True
+    none = ChatCompletionRequest.model_validate({**base, "tool_choice": "none"})
+    assert chat_sampling_params(none, call_format=fmt).skip_special_tokens is True
+    hermes = ChatCompletionRequest.model_validate(base)
+    assert chat_sampling_params(hermes, call_format=HermesParser.call_format).skip_special_tokens is True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from rtpllm.api.errors import bad_request
@@ -38,7 +39,7 @@ def chat_sampling_params(
     elif req.top_logprobs is not None and req.top_logprobs > 0:
         raise bad_request("top_logprobs needs logprobs to be true.", "top_logprobs")
     # Chat without max_tokens runs to the end of the context window, as OpenAI's does.
-    return _build(
+    params = _build(
         req,
         max_tokens=max_tokens,
         logprobs=logprobs,
@@ -46,6 +47,11 @@ def chat_sampling_params(
         logprobs_param="top_logprobs",
         forced=tools.constraint(call_format) if tools is not None else None,
     )
+    if tools is not None and tools.parses and call_format.special_markers and "skip_special_tokens" not in req.model_fields_set:
+        # The calls' markers are special tokens (Mistral's [TOOL_CALLS], [ARGS]): the
+        # parser must see them, as vLLM's Mistral parser does.
+        params = dataclasses.replace(params, skip_special_tokens=False)
+    return params
 
 
 def echo_only(req: CompletionRequest) -> bool:

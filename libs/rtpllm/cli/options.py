@@ -126,7 +126,7 @@ GATEWAY_LOGS = [
 
 # How the gateway reads the model's tool calls; `up` passes it on.
 TOOLS = [
-    Flag("--tool-call-parser", "RTPLLM_TOOL_CALL_PARSER", "format of the model's tool calls: hermes (<tool_call> JSON: Qwen2/2.5/3, Hermes), llama3_json (Llama 3.1+ JSON), or auto (from the chat template; hermes when it shows neither)", "auto", str, list(PARSER_NAMES)),
+    Flag("--tool-call-parser", "RTPLLM_TOOL_CALL_PARSER", "format of the model's tool calls: hermes (<tool_call> JSON: Qwen2/2.5/3, Hermes), llama3_json (Llama 3.1+ JSON), mistral ([TOOL_CALLS]), or auto (from the chat template; hermes when it shows none)", "auto", str, list(PARSER_NAMES)),
 ]
 
 GATEWAY = [

@@ -3,7 +3,7 @@ forcing that format when a request requires a call (docs/tool_calling.md).
 
 `base.py` holds the parser events and what every format shares, `json_scan.py` finds
 a call's name and the extent of its arguments in text that arrives in pieces,
-`hermes.py` and `llama3.py` are the two formats, `registry.py` picks one by name or
+`hermes.py`, `llama3.py` and `mistral.py` are the formats, `registry.py` picks one by name or
 from the chat template, and `grammar.py` writes the grammar that forces a call.
 """
 

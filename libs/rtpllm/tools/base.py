@@ -43,13 +43,19 @@ Event = Content | CallStart | CallArguments
 class CallFormat:
     """How a family's chat template has the model write its calls: each call is
     `prefix + {"name": ..., "<arguments_key>": {...}} + suffix`, several joined by
-    `separator` where the template renders several in one message (`parallel`)."""
+    `separator` where the template renders several in one message (`parallel`), all
+    between `opening` and `closing` (Mistral's list). `special_markers`: the format's
+    markers are special tokens, so a request with tools keeps special tokens in the
+    text unless it sets skip_special_tokens itself."""
 
     prefix: str
     suffix: str
     separator: str
     arguments_key: str
     parallel: bool
+    opening: str = ""
+    closing: str = ""
+    special_markers: bool = False
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,9 @@ def tool_call_grammar(
         raise ValueError("a tool-call grammar needs at least one function")
     key = call_format.arguments_key
     repeat = several and call_format.parallel
+    calls = "call" + (f" ({_literal(call_format.separator)} call)*" if repeat else "")
     lines = [
-        "start: call" + (f" ({_literal(call_format.separator)} call)*" if repeat else ""),
+        "start: " + " ".join(p for p in (_literal(call_format.opening), calls, _literal(call_format.closing)) if p),
         "call: "
         + " ".join(p for p in (_literal(call_format.prefix), "body", _literal(call_format.suffix)) if p),
         "body: " + " | ".join(f"fn_{i}" for i in range(len(functions))),
