@@ -200,7 +200,7 @@ def test_convert_refuses_existing_dir_and_leaves_nothing_on_failure(
     def crash(*args: object, **kwargs: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(gguf_convert, "save_file", crash)
+    monkeypatch.setattr(gguf_convert, "_write_safetensors", crash)
     with pytest.raises(OSError, match="disk full"):
         convert_gguf(tiny_gguf, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]  # no half dir, no temp dir

@@ -1,14 +1,18 @@
-"""Convert a llama-architecture GGUF file into an HF-format model directory.
+"""Convert a llama- or qwen2-architecture GGUF file into an HF-format model directory.
 
 The engine loads HF-format checkpoints only, so a GGUF model (such as the embedded
-SmolLM2-135M-Instruct, shipped quantized to Q4_1) is converted once: weights are
-dequantized to float32 safetensors with HF tensor names, and the tokenizer, chat template
-and generation settings are rebuilt from the GGUF metadata.
+SmolLM2-135M-Instruct, shipped quantized to Q4_1, or Qwen2.5-Coder in Q4_K_M) is converted
+once: weights are dequantized (`gguf.quants.dequantize`: legacy Q4_0..Q8_0 blocks and the
+k-quants Q2_K..Q6_K alike) to float32 safetensors with HF tensor names, and the tokenizer,
+chat template and generation settings are rebuilt from the GGUF metadata.
 
 Weights are stored as float32 on purpose: the dequantized values (`d * q + m` with fp16
-`d`/`m`) are exactly representable in float32 but not in bfloat16 or float16, so float32
-adds no error on top of the quantization. The serving path casts to its own dtype on load,
-and for a 135M-parameter model the cost is ~540 MB on disk instead of ~270 MB.
+`d`/`m`, and the k-quants' 6-bit sub-block scales times an fp16 super-block scale) are
+exactly representable in float32 but not in bfloat16 or float16, so float32 adds no error
+on top of the quantization. The serving path casts to its own dtype on load; the cost is
+disk (4 bytes a parameter: ~540 MB for SmolLM2-135M, ~6.2 GB for Qwen2.5-Coder-1.5B).
+The safetensors file is written one tensor at a time, so converting needs memory for one
+dequantized tensor, not for the whole model.
 
 The directory is written atomically: everything goes into a temporary sibling directory
 that is renamed into place only when complete, so a crashed conversion never leaves a
@@ -29,14 +33,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGUFReader
+from gguf import GGUFReader, ReaderTensor
 from gguf.quants import dequantize
-from safetensors.numpy import save_file
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +53,31 @@ CONVERSION_MARKER = "rtpllm_conversion.json"
 _TOKEN_NORMAL = 1
 _TOKEN_CONTROL = 3
 _TOKEN_USER_DEFINED = 4
+_TOKEN_UNUSED = 5  # padding rows of an embedding larger than the vocabulary ([PAD151665] ...)
 
-# Per-layer GGUF tensor names -> HF LlamaForCausalLM names (inside `model.layers.N.`).
+
+@dataclass(frozen=True)
+class _Architecture:
+    """What differs between the GGUF architectures this converter handles."""
+
+    hf_class: str
+    model_type: str
+    # llama.cpp permutes q/k rows only for the llama family (its LlamaModel converter);
+    # Qwen2 checkpoints keep HF's rotate-half row order.
+    rope_permuted: bool
+    # Control tokens that end generation besides `eos_token_id`; Qwen's HF
+    # generation_config lists <|endoftext|> with <|im_end|>, and llama.cpp treats both as
+    # end of generation.
+    extra_eos: tuple[str, ...] = ()
+
+
+_ARCHITECTURES: dict[str, _Architecture] = {
+    "llama": _Architecture("LlamaForCausalLM", "llama", rope_permuted=True),
+    "qwen2": _Architecture("Qwen2ForCausalLM", "qwen2", rope_permuted=False, extra_eos=("<|endoftext|>",)),
+}
+
+# Per-layer GGUF tensor names -> HF names (inside `model.layers.N.`); Llama and Qwen2 share
+# them, Qwen2 adding `.bias` to attn_q/k/v.
 _LAYER_TENSORS: dict[str, str] = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
@@ -122,23 +149,66 @@ def _hf_tensor_name(gguf_name: str) -> str:
         if match and match.group(1) in _GLOBAL_TENSORS:
             return f"{_GLOBAL_TENSORS[match.group(1)]}.{match.group(2)}"
     # Refuse rather than drop: an unknown tensor (e.g. llama3 `rope_freqs`) changes the math.
-    raise GGUFConversionError(f"GGUF tensor {gguf_name!r} has no HF Llama equivalent")
+    raise GGUFConversionError(f"GGUF tensor {gguf_name!r} has no HF Llama/Qwen2 equivalent")
 
 
-def _convert_tensors(reader: GGUFReader, num_heads: int, num_kv_heads: int) -> dict[str, np.ndarray]:
-    tensors: dict[str, np.ndarray] = {}
+@dataclass(frozen=True)
+class _PlannedTensor:
+    """One output tensor: its HF name and shape, and the GGUF tensor it comes from."""
+
+    name: str
+    shape: tuple[int, ...]
+    source: ReaderTensor
+    rope_heads: int | None  # heads to unpermute q/k rows over; None: leave rows as they are
+
+
+def _plan_tensors(reader: GGUFReader, arch: _Architecture, config: dict[str, Any]) -> list[_PlannedTensor]:
+    plan: list[_PlannedTensor] = []
     for t in reader.tensors:
         name = _hf_tensor_name(t.name)
         # GGUF lists dims fastest-first (ne0 = columns); numpy/HF order is the reverse.
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        # np.asarray drops the memmap subclass, whose per-slice bookkeeping dominates dequantize.
-        values = np.asarray(dequantize(np.asarray(t.data), t.tensor_type), dtype=np.float32).reshape(shape)
-        if ".self_attn.q_proj." in name:
-            values = unpermute_rope_rows(values, num_heads)
-        elif ".self_attn.k_proj." in name:
-            values = unpermute_rope_rows(values, num_kv_heads)
-        tensors[name] = np.ascontiguousarray(values)
-    return tensors
+        heads = None
+        if arch.rope_permuted and ".self_attn.q_proj." in name:
+            heads = config["num_attention_heads"]
+        elif arch.rope_permuted and ".self_attn.k_proj." in name:
+            heads = config["num_key_value_heads"]
+        plan.append(_PlannedTensor(name, shape, t, heads))
+    return sorted(plan, key=lambda p: p.name)
+
+
+def _dequantize(planned: _PlannedTensor) -> np.ndarray:
+    t = planned.source
+    # np.asarray drops the memmap subclass, whose per-slice bookkeeping dominates dequantize.
+    values = np.asarray(dequantize(np.asarray(t.data), t.tensor_type), dtype=np.float32).reshape(planned.shape)
+    if planned.rope_heads is not None:
+        values = unpermute_rope_rows(values, planned.rope_heads)
+    return np.ascontiguousarray(values)
+
+
+def _write_safetensors(path: Path, plan: Sequence[_PlannedTensor], metadata: dict[str, str]) -> None:
+    """Write float32 tensors to a safetensors file, dequantizing one tensor at a time.
+
+    `safetensors.numpy.save_file` needs every tensor in memory and copies each to bytes,
+    ~2x the float32 model at peak (12 GB for a 1.5B model); the header only needs shapes,
+    so it is written first and the data streamed after it.
+    """
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for p in plan:
+        nbytes = 4 * int(np.prod(p.shape, dtype=np.int64))
+        header[p.name] = {"dtype": "F32", "shape": list(p.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the format pads the header so the data starts 8-aligned
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for p in plan:
+            values = _dequantize(p)
+            if values.size * 4 != header[p.name]["data_offsets"][1] - header[p.name]["data_offsets"][0]:
+                raise GGUFConversionError(f"{p.source.name}: dequantized to {values.shape}, expected {p.shape}")
+            f.write(values.astype("<f4", copy=False).tobytes())
 
 
 # ----------------------------------------------------------------------------- config
@@ -150,10 +220,17 @@ def _f32(value: float) -> float:
     return float(str(np.float32(value)))
 
 
-def _build_config(meta: _Metadata, tensor_names: set[str]) -> dict[str, Any]:
+def _architecture(meta: _Metadata) -> tuple[str, _Architecture]:
     arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise GGUFConversionError(f"unsupported GGUF architecture {arch!r}; only 'llama' is converted")
+    if arch not in _ARCHITECTURES:
+        raise GGUFConversionError(
+            f"unsupported GGUF architecture {arch!r}; converted: {', '.join(_ARCHITECTURES)}"
+        )
+    return arch, _ARCHITECTURES[arch]
+
+
+def _build_config(meta: _Metadata, tensor_names: set[str]) -> dict[str, Any]:
+    arch, family = _architecture(meta)
     scaling = meta.get(f"{arch}.rope.scaling.type", "none")
     if scaling not in ("none", ""):
         raise GGUFConversionError(f"GGUF rope scaling {scaling!r} is not supported by this converter")
@@ -172,8 +249,8 @@ def _build_config(meta: _Metadata, tensor_names: set[str]) -> dict[str, Any]:
     pad = meta.get("tokenizer.ggml.padding_token_id", None)
 
     config: dict[str, Any] = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [family.hf_class],
+        "model_type": family.model_type,
         "vocab_size": vocab_size,
         "hidden_size": hidden,
         "intermediate_size": int(meta.get(f"{arch}.feed_forward_length")),
@@ -196,13 +273,37 @@ def _build_config(meta: _Metadata, tensor_names: set[str]) -> dict[str, Any]:
         "torch_dtype": "float32",
         "use_cache": True,
     }
+    if family.model_type == "qwen2":
+        # Qwen2 always has q/k/v biases and no others (Qwen2Config has no bias switches).
+        del config["attention_bias"], config["mlp_bias"]
+        # Qwen configs carry a window that is off unless use_sliding_window; GGUF has none.
+        config.update(use_sliding_window=False, sliding_window=None, max_window_layers=config["num_hidden_layers"])
     return config
+
+
+def _generation_config(meta: _Metadata, config: dict[str, Any]) -> dict[str, Any]:
+    _, family = _architecture(meta)
+    generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    tokens: list[str] = list(meta.get("tokenizer.ggml.tokens"))
+    eos = [config["eos_token_id"]] if config["eos_token_id"] is not None else []
+    eos += [tokens.index(t) for t in family.extra_eos if t in tokens and tokens.index(t) not in eos]
+    if len(eos) > 1:
+        generation["eos_token_id"] = eos
+    return generation
 
 
 # -------------------------------------------------------------------------- tokenizer
 
+# Qwen2's pre-tokenizer split (as in HF's Qwen2Tokenizer): GPT-4-style, one digit per piece,
+# letters with at most one leading non-letter, and runs of newlines kept together.
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
 # `tokenizer.ggml.pre` -> the HF pre-tokenizer that splits text the same way. "smollm"
-# isolates every digit before the GPT-2 byte-level regex; "gpt-2" is the regex alone.
+# isolates every digit before the GPT-2 byte-level regex; "gpt-2" is the regex alone;
+# "qwen2" is its own regex, then byte-level mapping without the GPT-2 regex.
 _PRE_TOKENIZERS = {
     "smollm": lambda: pre_tokenizers.Sequence(
         [
@@ -211,7 +312,15 @@ _PRE_TOKENIZERS = {
         ]
     ),
     "gpt-2": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    "qwen2": lambda: pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    ),
 }
+# Normalizers that go with a pre-tokenizer: Qwen2 composes text to NFC first, as HF's does.
+_NORMALIZERS = {"qwen2": normalizers.NFC}
 
 
 def _build_tokenizer(meta: _Metadata) -> Tokenizer:
@@ -225,14 +334,19 @@ def _build_tokenizer(meta: _Metadata) -> Tokenizer:
         )
     tokens: list[str] = list(meta.get("tokenizer.ggml.tokens"))
     types: list[int] = list(meta.get("tokenizer.ggml.token_type", [_TOKEN_NORMAL] * len(tokens)))
-    vocab = {tok: i for i, tok in enumerate(tokens)}
-    if len(vocab) != len(tokens):
+    # Unused entries only pad the token list to the embedding's row count (Qwen2: 151665
+    # tokens, 151936 rows); HF's tokenizer has no such tokens, so neither does ours.
+    kept = [(i, tok) for i, (tok, ty) in enumerate(zip(tokens, types, strict=True)) if ty != _TOKEN_UNUSED]
+    vocab = {tok: i for i, tok in kept}
+    if len(vocab) != len(kept):
         raise GGUFConversionError("GGUF token list has duplicate entries")
     # Byte-level tokens never contain a literal space (it is mapped to 'Ġ'), so one space
     # separates the two halves of each merge.
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges")]
 
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    if pre in _NORMALIZERS:
+        tok.normalizer = _NORMALIZERS[pre]()
     tok.pre_tokenizer = _PRE_TOKENIZERS[pre]()
     tok.decoder = decoders.ByteLevel()
     # Only affects offsets; matches what HF byte-level tokenizers ship with.
@@ -305,7 +419,7 @@ def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
 
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> Path:
-    """Convert a llama-architecture GGUF file into an HF-format directory at `out_dir`.
+    """Convert a llama- or qwen2-architecture GGUF file into an HF-format directory at `out_dir`.
 
     Writes config.json, model.safetensors (float32), tokenizer.json, tokenizer_config.json
     (with the chat template), generation_config.json and a conversion marker. The directory
@@ -324,18 +438,17 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, overwrite: bool 
     tensor_names = {t.name for t in reader.tensors}
     config = _build_config(meta, tensor_names)
     tokenizer = _build_tokenizer(meta)
-    tensors = _convert_tensors(reader, config["num_attention_heads"], config["num_key_value_heads"])
+    plan = _plan_tensors(reader, _architecture(meta)[1], config)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only
         _write_json(tmp / "config.json", config)
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        _write_safetensors(tmp / "model.safetensors", plan, metadata={"format": "pt"})
         tokenizer.save(str(tmp / "tokenizer.json"))
         _write_json(tmp / "tokenizer_config.json", _tokenizer_config(meta, config))
-        generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-        _write_json(tmp / "generation_config.json", generation)
+        _write_json(tmp / "generation_config.json", _generation_config(meta, config))
         _write_json(
             tmp / CONVERSION_MARKER,
             {
@@ -346,7 +459,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, overwrite: bool 
             },
         )
         for path in tmp.iterdir():
-            path.chmod(0o644)  # safetensors creates its file owner-only
+            path.chmod(0o644)  # readable by the serving user whatever the umask
         _fsync_tree(tmp)
         _publish(tmp, out, overwrite)
     except BaseException:
@@ -360,7 +473,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command line: `convert-gguf [GGUF_PATH] OUT_DIR` (default: the embedded SmolLM2 GGUF)."""
     parser = argparse.ArgumentParser(
         prog="rtpllm convert-gguf",
-        description="Convert a llama-architecture GGUF file to an HF-format model directory.",
+        description="Convert a llama- or qwen2-architecture GGUF file to an HF-format model directory.",
     )
     parser.add_argument(
         "gguf_path", nargs="?", help="GGUF file (default: the embedded SmolLM2-135M-Instruct)"
