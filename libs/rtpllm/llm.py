@@ -156,6 +156,10 @@ class LLM:
         messages: list[Message] | list[list[Message]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         add_generation_prompt: bool = True,
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        continue_final_message: bool = False,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation or a list of them.
 
@@ -163,7 +167,18 @@ class LLM:
         parts, and for vision-language models `image_url` parts whose url is a `data:`
         URL (`{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}`).
         Message text is tokenized without special tokens (see Tokenizer.encode_chat).
+
+        As vLLM's `LLM.chat`: `tools` (OpenAI function tools) are rendered by the
+        template, `continue_final_message` continues the last (assistant) message
+        instead of starting a new one, and `chat_template_kwargs` are extra template
+        variables (Qwen3's `enable_thinking`). The output is the model's text; reading
+        tool calls from it is the server's job (rtpllm.tools parses them).
         """
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message continues the last message: set add_generation_prompt=False")
+        render: dict[str, Any] = dict(chat_template_kwargs or {})
+        if tools:
+            render["tools"] = tools
         tok = self.engine.tokenizer
         if tok is None:
             raise ValueError("this model has no tokenizer, so no chat template")
@@ -173,7 +188,7 @@ class LLM:
             rendered, images = _take_images(conv)  # type: ignore[arg-type]
             if images and self.engine.vision is None:
                 raise ValueError(f"model {self.engine.served_model_name!r} does not take images")
-            ids = tok.encode_chat(rendered, add_generation_prompt)
+            ids = tok.encode_chat(rendered, add_generation_prompt, continue_final_message=continue_final_message, **render)
             items.append(self._expand_images(ids, images) if images else (ids, None))
         return self._submit(items, sampling_params)
 

@@ -544,3 +544,22 @@ def test_mistral_tools_keep_special_tokens_unless_the_request_says() -> None:
     assert chat_sampling_params(none, call_format=fmt).skip_special_tokens is True
     hermes = ChatCompletionRequest.model_validate(base)
     assert chat_sampling_params(hermes, call_format=HermesParser.call_format).skip_special_tokens is True
+
+
+def test_offline_chat_renders_tools_and_template_options_as_the_server_does(tmp_path: Path) -> None:
+    from rtpllm import LLM, SamplingParams
+    from tests.tool_templates import write_tools_checkpoint
+
+    model = write_tools_checkpoint(tmp_path / "qwen2", "qwen2")
+    llm = LLM(str(model), device="cpu", max_model_len=2048)
+    tok = llm.get_tokenizer()
+    req = ChatCompletionRequest.model_validate({"model": "m", "messages": CONVERSATION[:2], "tools": TOOLS})
+    server_ids = chat_prompt(tok, req.messages, max_model_len=2048, max_tokens=8, tools=tool_request(req).template_tools).token_ids
+    out = llm.chat(CONVERSATION[:2], SamplingParams(max_tokens=2), tools=TOOLS)[0]
+    assert out.prompt_token_ids == server_ids
+    assert "get_weather" in tok.decode(out.prompt_token_ids)
+    with pytest.raises(ValueError, match="add_generation_prompt=False"):
+        llm.chat(CONVERSATION[:2], continue_final_message=True)
+    partial = [*CONVERSATION[:2], {"role": "assistant", "content": "It is"}]
+    cont = llm.chat(partial, SamplingParams(max_tokens=2), add_generation_prompt=False, continue_final_message=True)[0]
+    assert tok.decode(cont.prompt_token_ids).endswith("It is")
