@@ -50,12 +50,21 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
-from serving_bench import new_client, pct, raise_interrupt, redis_installed, strict_json
+from serving_bench import (
+    StreamLog,
+    completion_body,
+    new_client,
+    pct,
+    raise_interrupt,
+    redis_installed,
+    stream_request,
+    strict_json,
+)
 
 from rtpllm.loader.random_checkpoint import LLAMA_3_1_8B_SHAPE, TINY_SHAPE, make_config
 from rtpllm.runtime.stack import Stack, StackConfig
@@ -112,16 +121,6 @@ class Load:
 
 
 @dataclass
-class StreamLog:
-    """One request as the client saw it: send time and each content chunk's arrival."""
-
-    sent: float
-    chunks: list[float] = field(default_factory=list)
-    finished: bool = False
-    error: str | None = None
-
-
-@dataclass
 class PhaseLogs:
     window: tuple[float, float]
     streams: list[StreamLog]
@@ -145,43 +144,8 @@ def write_model_dir(out: Path, shape: str) -> Path:
 
 # -- the client ------------------------------------------------------------------------------
 
-_JSON = {"content-type": "application/json"}
-
-
-def completion_body(model: str, prompt: list[int], max_tokens: int) -> bytes:
-    # skip_special_tokens off: random weights mostly sample the byte tokenizer's reserved
-    # special tokens, whose text would be empty, and the gateway sends no chunk for empty
-    # text, so the client would not see those tokens arrive.
-    body = {
-        "model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
-        "temperature": 0, "ignore_eos": True, "skip_special_tokens": False,
-    }  # fmt: skip
-    return json.dumps(body).encode()
-
-
 def random_prompt(rng: random.Random, length: int, vocab: int) -> list[int]:
     return [rng.randrange(vocab) for _ in range(length)]
-
-
-async def stream_request(client: httpx.AsyncClient, url: str, body: bytes, log: StreamLog) -> None:
-    """POST one streamed completion, stamping each content chunk. Parsed by string
-    search, not JSON: the client shares the machine with the stack and must stay cheap."""
-    try:
-        async with client.stream("POST", url, content=body, headers=_JSON) as r:
-            if r.status_code != 200:
-                log.error = f"HTTP {r.status_code}: {(await r.aread())[:300]!r}"
-                return
-            async for line in r.aiter_lines():
-                if not line.startswith("data: {"):
-                    continue
-                if '"text":' in line:
-                    log.chunks.append(time.perf_counter())
-                    if '"finish_reason":"' in line:
-                        log.finished = True
-                elif line.startswith('data: {"error"'):
-                    log.error = line[6:306]
-    except httpx.HTTPError as exc:
-        log.error = f"{type(exc).__name__}: {exc}"
 
 
 def long_schedule(load: Load, model: str, key: str) -> tuple[list[float], list[bytes]]:

@@ -62,7 +62,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from serving_bench import new_client, pct, raise_interrupt, redis_installed, strict_json
+from serving_bench import completion_body, new_client, pct, raise_interrupt, redis_installed, strict_json
 
 from rtpllm.loader.random_checkpoint import (
     LLAMA_3_1_8B_SHAPE,
@@ -196,17 +196,6 @@ def write_model_dir(out: Path, shape: str, device: str, max_len: int) -> Path:
 # -- the workload ----------------------------------------------------------------------------
 
 
-def completion_body(model: str, prompt: list[int], max_tokens: int) -> bytes:
-    # skip_special_tokens off: random weights mostly sample the byte tokenizer's special
-    # tokens, whose text would be empty, and the gateway sends no chunk for empty text.
-    body = {
-        "model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
-        "stream_options": {"include_usage": True}, "temperature": 0, "ignore_eos": True,
-        "skip_special_tokens": False,
-    }  # fmt: skip
-    return json.dumps(body, separators=(",", ":")).encode()
-
-
 def build_workload(w: Workload, model: str) -> list[Conversation]:
     """Every conversation's arrival, system prompt, turn bodies and think times, encoded
     before the clock starts (the same in every policy)."""
@@ -224,7 +213,7 @@ def build_workload(w: Workload, model: str) -> list[Conversation]:
         bodies = []
         for _turn in range(w.turns):
             history += tokens(w.user_len)
-            bodies.append(completion_body(model, history, w.max_tokens))
+            bodies.append(completion_body(model, history, w.max_tokens, usage=True))
             history += tokens(w.max_tokens)  # the "answer" the next turn carries
         think = tuple(
             rng.expovariate(1 / w.think_time) if w.think_time > 0 and t else 0.0 for t in range(w.turns)
@@ -296,7 +285,7 @@ async def warm_up(url: str, model: str, w: Workload, engines: int) -> None:
     async with new_client() as client:
         for _ in range(2):
             logs = [TurnLog(-1, -1, time.perf_counter()) for _ in range(engines)]
-            bodies = [completion_body(model, [rng.randrange(w.vocab) for _ in range(48)], 2) for _ in logs]
+            bodies = [completion_body(model, [rng.randrange(w.vocab) for _ in range(48)], 2, usage=True) for _ in logs]
             await asyncio.gather(
                 *(send(client, completions, b, log) for b, log in zip(bodies, logs, strict=True))
             )

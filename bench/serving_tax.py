@@ -37,14 +37,12 @@ import shlex
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import torch
 from offline_throughput import parse_range
-from serving_bench import new_client, pct, strict_json
+from serving_bench import StreamLog, completion_body, new_client, pct, stream_request, strict_json
 
 from rtpllm import LLM, SamplingParams
 from rtpllm.loader.random_checkpoint import LLAMA_3_1_8B_SHAPE, make_config
@@ -52,14 +50,6 @@ from rtpllm.runtime.stack import Stack, StackConfig
 from rtpllm.tokenizer.byte_tokenizer import write_byte_tokenizer
 
 SERVED_NAME = "bench"
-
-
-@dataclass
-class Log:
-    sent: float
-    chunks: list[float] = field(default_factory=list)
-    completion_tokens: int = 0
-    error: str | None = None
 
 
 def shaped_model_dir(root: Path, max_len: int) -> Path:
@@ -128,47 +118,16 @@ def sync() -> None:
 # -- serving ------------------------------------------------------------------------------------
 
 
-def body(prompt: list[int], max_tokens: int) -> bytes:
-    # skip_special_tokens off: random weights sample special tokens too, whose text would
-    # be empty, and the gateway sends no chunk for empty text.
-    doc = {
-        "model": SERVED_NAME, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
-        "stream_options": {"include_usage": True}, "temperature": 0, "ignore_eos": True,
-        "skip_special_tokens": False,
-    }  # fmt: skip
-    return json.dumps(doc, separators=(",", ":")).encode()
-
-
-async def send(client: httpx.AsyncClient, url: str, payload: bytes, log: Log) -> None:
-    """Stream one completion; stamp each content chunk, read the usage chunk. Lines are
-    searched, not parsed: the client shares the cores with the stack."""
-    try:
-        async with client.stream("POST", url, content=payload, headers={"content-type": "application/json"}) as r:
-            if r.status_code != 200:
-                log.error = f"HTTP {r.status_code}: {(await r.aread())[:300]!r}"
-                return
-            async for line in r.aiter_lines():
-                if not line.startswith("data: {"):
-                    continue
-                if '"text":' in line:
-                    log.chunks.append(time.perf_counter())
-                elif '"choices":[]' in line:
-                    log.completion_tokens = json.loads(line[6:])["usage"]["completion_tokens"]
-                elif line.startswith('data: {"error"'):
-                    log.error = line[6:306]
-    except httpx.HTTPError as exc:
-        log.error = f"{type(exc).__name__}: {exc}"
-
-
-async def load(url: str, prompts: list[list[int]], output_len: int) -> list[Log]:
-    payloads = [body(p, output_len) for p in prompts]  # encoded before the clock starts
+async def load(url: str, prompts: list[list[int]], output_len: int) -> list[StreamLog]:
+    payloads = [completion_body(SERVED_NAME, p, output_len, usage=True) for p in prompts]  # before the clock starts
     async with new_client() as client:
-        await asyncio.gather(*(send(client, url, body(p[:32], 2), Log(0.0)) for p in prompts[:4]))  # warm-up
-        logs = [Log(0.0) for _ in prompts]
+        warm = [completion_body(SERVED_NAME, p[:32], 2) for p in prompts[:4]]
+        await asyncio.gather(*(stream_request(client, url, body, StreamLog(0.0)) for body in warm))
+        logs = [StreamLog(0.0) for _ in prompts]
 
         async def one(i: int) -> None:
             logs[i].sent = time.perf_counter()
-            await send(client, url, payloads[i], logs[i])
+            await stream_request(client, url, payloads[i], logs[i])
 
         await asyncio.gather(*(one(i) for i in range(len(prompts))))
     return logs

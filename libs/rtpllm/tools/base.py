@@ -169,6 +169,21 @@ class JsonCallParser(ToolCallParser):
             return True
         return False
 
+    def _to_call_end(self) -> bool:
+        """After a call's arguments: skip to the call object's closing `}`, then `after`
+        (the formats without a closing tag)."""
+        k = self._pending.find("}")
+        if k < 0:
+            self._pending = ""
+            return False
+        self._pending = self._pending[k + 1 :]
+        self._state = "after"
+        return True
+
+    def _whole(self) -> bool:
+        """A call not written name first: held to the end, where finish() reads it."""
+        return False
+
 
 def calls_in_json(body: str, argument_keys: tuple[str, ...]) -> list[ParsedCall] | None:
     """The calls in a JSON text: an object with a string `name` and an object of

@@ -56,13 +56,7 @@ class Llama3JsonParser(JsonCallParser):
         return True
 
     def _tail(self) -> bool:
-        k = self._pending.find("}")
-        if k < 0:
-            self._pending = ""
-            return False
-        self._pending = self._pending[k + 1 :]
-        self._state = "after"
-        return True
+        return self._to_call_end()
 
     def _after(self) -> bool:
         rest = self._pending.lstrip()
@@ -81,6 +75,3 @@ class Llama3JsonParser(JsonCallParser):
         self._content(self._skipped + self._pending)
         self._pending = self._skipped = ""
         return False
-
-    def _whole(self) -> bool:
-        return False  # held to the end: finish() decides

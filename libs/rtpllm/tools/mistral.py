@@ -121,13 +121,7 @@ class MistralParser(JsonCallParser):
         if self._form == "v11":  # the arguments were the whole call
             self._state = "after"
             return True
-        k = self._pending.find("}")
-        if k < 0:
-            self._pending = ""
-            return False
-        self._pending = self._pending[k + 1 :]
-        self._state = "after"
-        return True
+        return self._to_call_end()
 
     def _after(self) -> bool:
         rest = self._pending.lstrip()
@@ -156,6 +150,3 @@ class MistralParser(JsonCallParser):
         self._content(self._skipped)
         self._skipped = ""
         self._state = "text"
-
-    def _whole(self) -> bool:
-        return False  # held to the end: finish() decides
