@@ -37,6 +37,10 @@ def parse_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     return resolved
 
 
+# --kv-cache-dtype values (rtpllm.kvcache.kv_format resolves them per layer).
+KV_CACHE_DTYPES = ("auto", "bf16", "fp8", "int8")
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -54,8 +58,18 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.85
     cpu_kv_bytes: int = 1 << 30
     enable_prefix_caching: bool = True
+    # KV storage format (docs/kv_quantization.md): auto = the model's dtype (the pool as
+    # before quantization), bf16, fp8 (e4m3) or int8; fp8/int8 rows carry one fp32 scale
+    # per token per KV head. The pool is sized in bytes, so fp8/int8 hold ~2x the blocks.
+    kv_cache_dtype: str = "auto"
+    # Per-layer formats from a calibration plan (rtpllm.kvcache.kv_plan); wins over
+    # kv_cache_dtype. Skipped layers stay in the model's dtype either way.
+    kv_cache_plan: str | None = None
+    kv_cache_dtype_skip_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
         if self.num_blocks is not None and self.num_blocks < 1:
@@ -133,6 +147,35 @@ class SchedulerConfig:
             raise ValueError("max_num_batched_tokens must be >= 1")
 
 
+SPECULATIVE_METHODS = ("ngram", "suffix")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding (docs/speculative_decoding.md); off unless `method` is set.
+
+    `num_speculative_tokens`: the most draft tokens a request verifies per step. With
+    `adaptive` (the default) each step takes fewer, down to none, from each request's
+    measured acceptance and the measured cost of extra tokens in a step; without it
+    every proposal is verified up to that length."""
+
+    method: str | None = None  # "ngram" | "suffix"
+    num_speculative_tokens: int = 4
+    adaptive: bool = True
+    ngram_min: int = 2
+    ngram_max: int = 4
+
+    def __post_init__(self) -> None:
+        if self.method is not None and self.method not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative method must be one of {', '.join(SPECULATIVE_METHODS)}, got {self.method!r}")
+        if not 1 <= self.num_speculative_tokens <= 32:
+            raise ValueError(f"num_speculative_tokens must be in [1, 32], got {self.num_speculative_tokens}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.method is not None
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything an engine needs to start: model location, placement, cache and batching."""
@@ -154,6 +197,7 @@ class EngineConfig:
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     offload: OffloadConfig = OffloadConfig()
+    speculative: SpeculativeConfig = SpeculativeConfig()
     # Name that clients use for this model; defaults to the model path's last component.
     served_model_name: str | None = None
     # Ranks the model is split over, one process and device each (docs/tensor_parallel.md);

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
 
-from rtpllm.config import CacheConfig, EngineConfig, OffloadConfig, SchedulerConfig
+from rtpllm.config import CacheConfig, EngineConfig, OffloadConfig, SchedulerConfig, SpeculativeConfig
 from rtpllm.engine.llm_engine import LLMEngine
 from rtpllm.outputs import CompletionOutput, RequestOutput
 from rtpllm.sampling_params import SamplingParams
@@ -62,6 +62,9 @@ class LLM:
         gpu_memory_utilization: float = 0.85,
         cpu_kv_bytes: int = 1 << 30,
         enable_prefix_caching: bool = True,
+        kv_cache_dtype: str = "auto",
+        kv_cache_plan: str | None = None,
+        kv_cache_dtype_skip_layers: tuple[int, ...] = (),
         max_num_seqs: int = 256,
         max_num_batched_tokens: int = 2048,
         seed: int = 0,
@@ -71,6 +74,7 @@ class LLM:
         async_scheduling: bool | None = None,
         offload: OffloadConfig | None = None,
         tensor_parallel_size: int = 1,
+        speculative: SpeculativeConfig | None = None,
     ) -> None:
         """`tensor_parallel_size` > 1 splits the model over that many processes (this one is
         rank 0 and starts the others; on CUDA, devices device..device+N-1): `close()` the
@@ -91,10 +95,14 @@ class LLM:
                 gpu_memory_utilization=gpu_memory_utilization,
                 cpu_kv_bytes=cpu_kv_bytes,
                 enable_prefix_caching=enable_prefix_caching,
+                kv_cache_dtype=kv_cache_dtype,
+                kv_cache_plan=kv_cache_plan,
+                kv_cache_dtype_skip_layers=tuple(kv_cache_dtype_skip_layers),
             ),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens),
             offload=offload or OffloadConfig(),
             tensor_parallel_size=tensor_parallel_size,
+            speculative=speculative or SpeculativeConfig(),
         )
         self.engine = LLMEngine(config)
         self._ids = itertools.count()

@@ -49,6 +49,9 @@ class SamplingParams:
     # output when the request ends, with everything (offline generation skips the
     # per-step bookkeeping).
     output_kind: str = "delta"
+    # False: never speculate for this request (an engine started with --speculative
+    # does by default; docs/speculative_decoding.md). Outputs are the same either way.
+    speculative: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -110,6 +113,8 @@ class SamplingParams:
             raise bad("structured_outputs", "must be a StructuredOutputsParams")
         if self.output_kind not in ("delta", "final"):
             raise bad("output_kind", "must be 'delta' or 'final'")
+        if not isinstance(self.speculative, bool):
+            raise bad("speculative", "must be a boolean")
 
     @property
     def greedy(self) -> bool:

@@ -56,10 +56,28 @@ def _cases() -> Iterator[Case]:
                 "SLIDING": True,
                 "FUSE_NEW": True,
                 "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+                "QUANT": 0,
+                "V_MUL": 1.0,
             }
             ptrs = dict.fromkeys(("Q", "K_new", "V_new", "K_cache", "V_cache", "Out"), t)
             ptrs.update(Block_tables="i32", Seq_lens="i32", Slot_mapping="i64", Mid_o="fp32", Mid_lse="fp32")
+            ptrs.update(K_scale="i32", V_scale="i32")  # unused placeholders (QUANT=0)
             label = f"decode D{head_dim} G{group} splits{splits} {t}"
+            yield label, decode_attention._decode_stage1_kernel, consts, ptrs, warps, stages
+    # Quantized KV (fp8 e4m3 / int8 values, fp32 scales): the bf16 model's launches.
+    for quant, vt in ((1, "fp8e4nv"), (2, "i8")):
+        for head_dim, group, splits in ((128, 4, 1), (128, 4, 8), (64, 8, 3)):
+            block_n, warps, stages = decode_attention.decode_config(head_dim, torch.bfloat16, True)
+            consts = {
+                "GROUP": group, "HEAD_BLOCKS": 1, "BLOCK_H": decode_attention._block_h(group), "BLOCK_N": block_n,
+                "BLOCK_D": triton.next_power_of_2(head_dim), "HEAD_DIM": head_dim, "PAGE_SIZE": 16,
+                "SINGLE": splits == 1, "SLIDING": False, "FUSE_NEW": True, "PRECISION": "tf32", "QUANT": quant,
+                "V_MUL": 448.0 if quant == 1 else 127.0,
+            }
+            ptrs = dict.fromkeys(("Q", "K_new", "V_new", "Out"), "bf16")
+            ptrs.update(K_cache=vt, V_cache=vt, K_scale="fp32", V_scale="fp32")
+            ptrs.update(Block_tables="i32", Seq_lens="i32", Slot_mapping="i64", Mid_o="fp32", Mid_lse="fp32")
+            label = f"decode D{head_dim} G{group} splits{splits} bf16 kv={vt}"
             yield label, decode_attention._decode_stage1_kernel, consts, ptrs, warps, stages
     consts = {"SPLITS_P2": 8, "BLOCK_D": 128, "HEAD_DIM": 128}
     ptrs = {"Mid_o": "fp32", "Mid_lse": "fp32", "Out": "bf16"}
@@ -88,16 +106,36 @@ def _cases() -> Iterator[Case]:
                 "SLIDING": sliding,
                 "WRITE_KV": True,
                 "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+                "QUANT": 0,
+                "V_MUL": 1.0,
             }
             ptrs = dict.fromkeys(("Q", "K", "V", "K_cache", "V_cache", "Out"), t)
             ptrs.update(Block_tables="i32", Query_start_loc="i32", Seq_lens="i32", Slot_mapping="i64")
+            ptrs.update(K_scale="i32", V_scale="i32")  # unused placeholders (QUANT=0)
             label = f"extend D{head_dim} q<={max_query_len} sliding={int(sliding)} {t} {(block_m, block_n, warps, stages)}"
+            yield label, extend_attention._extend_kernel, consts, ptrs, warps, stages
+    for quant, vt in ((1, "fp8e4nv"), (2, "i8")):
+        for head_dim, max_query_len in ((128, 4096), (128, 32), (64, 4096)):
+            block_m, block_n, warps, stages = extend_attention.extend_config(head_dim, torch.bfloat16, max_query_len, True)
+            consts = {
+                "GROUP": 4, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": triton.next_power_of_2(head_dim),
+                "HEAD_DIM": head_dim, "PAGE_SIZE": 16, "SLIDING": False, "WRITE_KV": True, "PRECISION": "tf32",
+                "QUANT": quant, "V_MUL": 448.0 if quant == 1 else 127.0,
+            }
+            ptrs = dict.fromkeys(("Q", "K", "V", "Out"), "bf16")
+            ptrs.update(K_cache=vt, V_cache=vt, K_scale="fp32", V_scale="fp32")
+            ptrs.update(Block_tables="i32", Query_start_loc="i32", Seq_lens="i32", Slot_mapping="i64")
+            label = f"extend D{head_dim} q<={max_query_len} bf16 kv={vt} {(block_m, block_n, warps, stages)}"
             yield label, extend_attention._extend_kernel, consts, ptrs, warps, stages
 
     bf = "bf16"
-    consts = {"NUM_KV_HEADS": 8, "BLOCK_H": 8, "BLOCK_D": 128, "HEAD_DIM": 128, "PAGE_SIZE": 16}
-    ptrs = {"K": bf, "V": bf, "K_cache": bf, "V_cache": bf, "Slot_mapping": "i64"}
+    consts = {"NUM_KV_HEADS": 8, "BLOCK_H": 8, "BLOCK_D": 128, "HEAD_DIM": 128, "PAGE_SIZE": 16, "QUANT": 0}
+    ptrs = {"K": bf, "V": bf, "K_cache": bf, "V_cache": bf, "Slot_mapping": "i64", "K_scale": "i32", "V_scale": "i32"}
     yield "store_kv", kv_cache._store_kv_kernel, consts, ptrs, 4, 1
+    for quant, vt in ((1, "fp8e4nv"), (2, "i8")):
+        consts = {"NUM_KV_HEADS": 8, "BLOCK_H": 8, "BLOCK_D": 128, "HEAD_DIM": 128, "PAGE_SIZE": 16, "QUANT": quant}
+        ptrs = {"K": bf, "V": bf, "K_cache": vt, "V_cache": vt, "Slot_mapping": "i64", "K_scale": "fp32", "V_scale": "fp32"}
+        yield f"store_kv kv={vt}", kv_cache._store_kv_kernel, consts, ptrs, 4, 1
     consts = {"N": 4096, "BLOCK": 4096, "HAS_RESIDUAL": True}
     ptrs = {"X": bf, "Residual": bf, "W": bf, "Out": bf, "Res_out": bf}
     yield "add_rms_norm 4096", rmsnorm._rms_norm_kernel, consts, ptrs, 8, 1

@@ -71,6 +71,8 @@ COMMON: list[tuple[str, Any, str, Check]] = [
     ("min_tokens", 2, HONOURED, lambda p: p.min_tokens == 2),
     ("skip_special_tokens", False, HONOURED, lambda p: not p.skip_special_tokens),
     ("allowed_token_ids", [1, 2], HONOURED, lambda p: p.allowed_token_ids == [1, 2]),
+    # rtpllm
+    ("speculative", False, HONOURED, lambda p: p.speculative is False),
     ("prompt_logprobs", 2, HONOURED, lambda p: p.prompt_logprobs == 2),
     ("truncate_prompt_tokens", 4, HONOURED, None),
     ("request_id", "my-request-1", HONOURED, None),

@@ -124,6 +124,7 @@ def _build(
         "prompt_logprobs": prompt_logprobs,
         "skip_special_tokens": req.skip_special_tokens,
         "include_stop_str_in_output": req.include_stop_str_in_output,
+        "speculative": req.speculative,
         "logit_bias": _logit_bias(req.logit_bias),
         "allowed_token_ids": req.allowed_token_ids,
         "structured_outputs": structured_outputs(req),  # 400 naming the field if invalid

@@ -50,6 +50,9 @@ class _SamplingFields(_Strict):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # false: no speculative decoding for this request (docs/speculative_decoding.md);
+    # outputs are the same either way, only speed differs.
+    speculative: bool = True
     # OpenAI fields honoured only at some values (rtpllm.api.unsupported says which).
     service_tier: str | None = None
     store: bool | None = None

@@ -70,12 +70,19 @@ class AttentionBackend(ABC):
         meta: AttentionMetadata,
         scale: float,
         sliding_window: int | None = None,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """q: [T, Hq, D]; k, v: [T, Hkv, D]; k_cache, v_cache: [num_blocks, block_size, Hkv, D].
 
         Stores k/v at `meta.slot_mapping`, then returns [T, Hq, D]: query t of sequence i
         sits at position seq_len_i - q_len_i + j and attends to keys 0..that position
         (and only the last `sliding_window` of them when set).
+
+        A quantized cache (fp8 / int8 dtype; docs/kv_quantization.md) comes with its
+        scales k_scale, v_scale [num_blocks, block_size, Hkv] fp32: new K/V are quantized
+        as they are stored, and every key and value (new ones too) is attended to as the
+        cache holds it, dequantized.
         """
 
 

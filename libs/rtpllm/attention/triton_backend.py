@@ -76,6 +76,8 @@ class TritonAttentionBackend(AttentionBackend):
         meta: AttentionMetadata,
         scale: float,
         sliding_window: int | None = None,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         nd = meta.num_decodes
@@ -94,9 +96,13 @@ class TritonAttentionBackend(AttentionBackend):
                 out=out[:nd],
                 num_splits=self.decode_num_splits,
                 max_seq_len=self._capture_max_seq_len or meta.max_seq_len,
+                k_scale=k_scale,
+                v_scale=v_scale,
             )
         if meta.num_seqs > nd:
-            if self._sdpa_prefill(meta, sliding_window):
+            # SDPA would attend to unquantized K/V that the cache does not hold: a quantized
+            # cache always takes the extend kernel, so every path sees the same keys.
+            if k_scale is None and self._sdpa_prefill(meta, sliding_window):
                 self._forward_sdpa(q, k, v, k_cache, v_cache, meta, scale, out)
             else:
                 paged_extend_attention_triton(
@@ -114,6 +120,8 @@ class TritonAttentionBackend(AttentionBackend):
                     meta.max_query_len,
                     seq_base=nd,
                     out=out,
+                    k_scale=k_scale,
+                    v_scale=v_scale,
                 )
         return out
 

@@ -129,13 +129,34 @@ def media_settings(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _speculative_config(args: argparse.Namespace, config: type) -> Any:
+    """--speculative and its flags as a SpeculativeConfig (SystemExit naming the flag)."""
+    method = getattr(args, "speculative", "off")
+    try:
+        return config(
+            method=None if method == "off" else method,
+            num_speculative_tokens=getattr(args, "num_speculative_tokens", 4),
+            adaptive=getattr(args, "speculative_adaptive", True),
+        )
+    except ValueError as exc:
+        raise SystemExit(f"error: --speculative / --num-speculative-tokens: {exc}") from None
+
+
 def _csv(value: str | None) -> tuple[str, ...]:
     return tuple(item.strip() for item in (value or "").split(",") if item.strip())
 
 
+def _layer_list(value: str | None) -> tuple[int, ...]:
+    """--kv-cache-dtype-skip-layers "0,1,29" -> (0, 1, 29) (SystemExit naming the flag)."""
+    try:
+        return tuple(int(item) for item in _csv(value))
+    except ValueError:
+        raise SystemExit(f"error: --kv-cache-dtype-skip-layers: expected comma-separated layer indices, got {value!r}") from None
+
+
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     # Here, not at the top: rtpllm.config imports torch, which a gateway never needs.
-    from rtpllm.config import CacheConfig, EngineConfig, OffloadConfig, SchedulerConfig
+    from rtpllm.config import CacheConfig, EngineConfig, OffloadConfig, SchedulerConfig, SpeculativeConfig
 
     device = args.device
     if device == "auto":
@@ -160,12 +181,16 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         load_format=args.load_format,
         cuda_graphs=args.cuda_graphs,
         async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
+        speculative=_speculative_config(args, SpeculativeConfig),
         cache=CacheConfig(
             block_size=args.block_size,
             num_blocks=args.num_blocks,
             gpu_memory_utilization=args.gpu_memory_utilization,
             cpu_kv_bytes=int(args.cpu_kv_gib * (1 << 30)),
             enable_prefix_caching=args.prefix_caching,
+            kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
+            kv_cache_plan=getattr(args, "kv_cache_plan", None),
+            kv_cache_dtype_skip_layers=_layer_list(getattr(args, "kv_cache_dtype_skip_layers", None)),
         ),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens),
         offload=OffloadConfig(

@@ -186,8 +186,9 @@ class AsyncLLMEngine:
 
     @property
     def kv_cache(self):
-        """The engine's KV pool tensor (the data plane reads and writes its blocks)."""
-        return self.engine.kv_pool.kv
+        """The engine's KV pool tensor (the data plane reads and writes its blocks); a
+        clear error for a mixed per-layer KV plan, which PD transfers do not carry."""
+        return self.engine.kv_pool.require_uniform("prefill/decode disaggregation (the KV data plane)")
 
     @property
     def kv_namespace(self) -> bytes:

@@ -31,6 +31,7 @@ from rtpllm.engine.validation import validate_prompt
 from rtpllm.kvcache.block_hash import namespace_key
 from rtpllm.kvcache.block_manager import BlockManager, PrefixHit
 from rtpllm.kvcache.events import CachedKeys, KVEventBatch
+from rtpllm.kvcache.kv_plan import cache_spec
 from rtpllm.kvcache.kv_pool import KVPool, bytes_per_block
 from rtpllm.loader import load_checkpoint_fast
 from rtpllm.loader.checkpoint_digest import weights_identity
@@ -38,6 +39,10 @@ from rtpllm.models import DecoderLM, ModelConfig, build_model, fill_random
 from rtpllm.models.registry import cache_root, resolve_model, served_model_name
 from rtpllm.outputs import CompletionOutput, KVHandoff, KVReservation, PositionLogprobs, RequestOutput
 from rtpllm.sampling_params import SamplingParams
+from rtpllm.speculative.adaptive import PolicyConfig
+from rtpllm.speculative.proposer import build_proposer
+from rtpllm.speculative.speculator import Speculator
+from rtpllm.speculative.verify import SpecRows, Verified, verify
 from rtpllm.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -91,6 +96,9 @@ class _InFlight:
     # Times the step for the KV tiers' cost model (prompt tokens per second); only
     # when there are tiers and the step ran prompt tokens.
     clock: _StepClock | None = None
+    # Speculative decoding: each drafted request's verified tokens (read back already:
+    # a step with drafts is synchronous).
+    verified: list[tuple[ScheduledRequest, Verified]] | None = None
 
     def prev_tokens(self) -> PrevTokens | None:
         if self.sample is None:
@@ -161,6 +169,8 @@ class LLMEngine:
         multimodal = self._load_vision() if self.model_config.vision is not None else None
         self.load_seconds = time.perf_counter() - t0
 
+        # Per-layer KV formats (docs/kv_quantization.md); the pool is sized in their bytes.
+        self.kv_spec = cache_spec(config.cache, self.model_config.num_layers, self.dtype)
         num_blocks = self._num_blocks()
         if self.tp is not None:
             num_blocks = self.tp.agree_num_blocks(num_blocks)
@@ -175,17 +185,34 @@ class LLMEngine:
             max_len = num_blocks * block_size
         self.max_model_len = max_len
         tp_size = config.tensor_parallel_size
-        self.kv_pool = KVPool(self.model_config, num_blocks, block_size, self.dtype, self.device, tp_size)
+        self.kv_pool = KVPool(self.model_config, num_blocks, block_size, self.dtype, self.device, tp_size, self.kv_spec)
         # Named by the weights' content, not their path: new weights at an old path must
         # never be served the old weights' KV from the SSD and Redis tiers.
         weights = weights_identity(
             self.model_dir, cache_root() / "digests", random_seed=config.seed if config.load_format == "dummy" else None, device=self.device
         )
         self.weights_identity = weights  # also names this model's image embeddings (vision service)
-        namespace = namespace_key(weights, dtype_name(self.dtype), block_size, tp_size=tp_size)
+        # The KV format is part of every block key: blocks of two formats never meet.
+        kv_format = self.kv_spec.namespace_format(self.dtype)
+        namespace = namespace_key(weights, dtype_name(self.dtype), block_size, kv_format, tp_size=tp_size)
         self.block_manager = BlockManager(num_blocks, block_size, namespace, config.cache.enable_prefix_caching)
-        self.offload = KVOffload.create(config.offload, self.kv_pool.kv, self.block_manager) if config.offload.enabled else None
-        self.scheduler = Scheduler(config.scheduler, self.block_manager, self._extend_prefix if self.offload else None)
+        self.offload = (
+            KVOffload.create(config.offload, self.kv_pool.require_uniform("the KV tiers"), self.block_manager)
+            if config.offload.enabled
+            else None
+        )
+        self.speculator = _build_speculator(config) if config.speculative.enabled else None
+        self._spec_generator: torch.Generator | None = None
+        if self.speculator is not None:
+            # Verification draws for unseeded requests (seeded ones use their own).
+            self._spec_generator = torch.Generator(device=torch.device(self.device))
+            self._spec_generator.manual_seed(config.seed + 1)
+        self.scheduler = Scheduler(
+            config.scheduler,
+            self.block_manager,
+            self._extend_prefix if self.offload else None,
+            self.speculator.plan if self.speculator is not None else None,
+        )
         self.runner = ModelRunner(self.model, self.kv_pool, self.block_manager, self.backend, self.device, multimodal, self.tp)
         if self.tp is not None:
             self.tp.send_shape(num_blocks, max_len)  # the other ranks build their pools, graphs
@@ -252,7 +279,9 @@ class LLMEngine:
         cache = self.config.cache
         if cache.num_blocks is not None:
             return cache.num_blocks
-        per_block = bytes_per_block(self.model_config, cache.block_size, self.dtype, self.config.tensor_parallel_size)
+        per_block = bytes_per_block(
+            self.model_config, cache.block_size, self.dtype, self.config.tensor_parallel_size, self.kv_spec
+        )
         if self.device.startswith("cuda"):
             free, total = torch.cuda.mem_get_info(torch.device(self.device))
             used = total - free
@@ -293,6 +322,10 @@ class LLMEngine:
         self.block_manager.track_blocks = offload is not None
         self.block_manager.stats = type(self.block_manager.stats)()
         self.prompt_tokens_total = self.generation_tokens_total = self.preemptions_total = 0
+        if self.speculator is not None:
+            # Fresh: warm-up steps timed Triton compiles, and their outputs are no text.
+            self.speculator = _build_speculator(self.config)
+            self.scheduler.plan_drafts = self.speculator.plan
         self._on_kv_events = on_events
 
     # -- requests --------------------------------------------------------------------
@@ -539,12 +572,17 @@ class LLMEngine:
         self._touched_ext = {}
         touched: dict[str, _Group] = {}
         prev = self._in_flight
-        if prev is not None and (not self.async_scheduling or self._needs_history()):
+        # Speculative decoding plans drafts from every running token, so a step that
+        # plans runs after the previous one is read back (docs/speculative_decoding.md).
+        speculate = self.speculator is not None and (
+            not self.async_scheduling or self.speculator.wants_step(self.scheduler.running)
+        )
+        if prev is not None and (not self.async_scheduling or self._needs_history() or speculate):
             self._finish(prev, touched)
             prev = self._in_flight = None
         if self.offload is not None:
             self.offload.settle()  # blocks of abandoned tier restores, back to the pool
-        step = self.scheduler.schedule()
+        step = self.scheduler.schedule(speculate=speculate)
         self.preemptions_total += len(step.preempted)
         if self.offload is not None:
             self.offload.demote_evicted()  # before this step's writes reuse the blocks
@@ -556,7 +594,7 @@ class LLMEngine:
         if prev is not None:
             self._finish(prev, touched)
         self._in_flight = launched
-        if launched is not None and not self.async_scheduling:
+        if launched is not None and (not self.async_scheduling or launched.verified):
             self._finish(launched, touched)
             self._in_flight = None
         if self.offload is not None:
@@ -578,7 +616,7 @@ class LLMEngine:
     def _launch(self, step: SchedulerOutput, prev: _InFlight | None) -> _InFlight | None:
         """Run the forward pass and sampling of a step on the device, without waiting."""
         prev_tokens = prev.prev_tokens() if prev is not None else None
-        timed = self.offload is not None and step.num_tokens > step.num_decodes
+        timed = (self.offload is not None and _prefill_tokens(step) > 0) or self.speculator is not None
         clock = _StepClock(self.device.startswith("cuda")) if timed else None
         masks = self._start_masks(step, prev)
         try:
@@ -592,9 +630,12 @@ class LLMEngine:
         self.scheduler.update(step)
         for item, first, logits in result.prompt_logits:
             item.request.prompt_logprobs_done = first + logits.shape[0]
-        requests = [i.request for i in result.sample_items]
+        logits, requests = result.logits, [i.request for i in result.sample_items]
+        verified = None
+        if any(i.draft for i in result.sample_items):
+            logits, requests, verified = self._verify(result.logits, result.sample_items)
         mask = masks.result() if masks is not None else None  # computed during the forward pass
-        sample = self.sampler.sample(result.logits, requests, mask) if requests else None
+        sample = self.sampler.sample(logits, requests, mask) if requests else None
         for req in requests:
             req.append_placeholder()
         if clock is not None:
@@ -603,14 +644,36 @@ class LLMEngine:
         if self.device.startswith("cuda") and any(item.request.prefill_only for item in step.scheduled):
             kv_written = torch.cuda.Event()
             kv_written.record()
-        return _InFlight(step, requests, sample, result.prompt_logits, kv_written, clock)
+        return _InFlight(step, requests, sample, result.prompt_logits, kv_written, clock, verified)
+
+    def _verify(
+        self, logits: torch.Tensor, items: list[ScheduledRequest]
+    ) -> tuple[torch.Tensor, list[Request], list[tuple[ScheduledRequest, Verified]]]:
+        """Verify the drafted requests' rows now (speculative decoding); return the
+        other rows' logits and requests, for the sampler."""
+        plain: list[int] = []
+        spec_rows: list[int] = []
+        drafted: list[ScheduledRequest] = []
+        row = 0
+        for item in items:
+            if item.draft:
+                spec_rows.extend(range(row, row + len(item.draft) + 1))
+                drafted.append(item)
+            else:
+                plain.append(row)
+            row += len(item.draft) + 1
+        assert self._spec_generator is not None
+        index = torch.tensor(spec_rows, device=logits.device)
+        results = verify(logits[index], [SpecRows(i.request, i.draft) for i in drafted], self._spec_generator)
+        rest = logits[torch.tensor(plain, dtype=torch.long, device=logits.device)]
+        return rest, [i.request for i in items if not i.draft], list(zip(drafted, results, strict=True))
 
     def _start_masks(self, step: SchedulerOutput, prev: _InFlight | None) -> MaskJob | None:
         """Start the grammar masks of the step's constrained rows on the worker thread
         (None when the step has none); they are ready by the time the forward pass is."""
         if not self.structured.num_live:
             return None
-        rows = [item.request for item in step.scheduled if item.samples]
+        rows = [item.request for item in step.scheduled if item.samples and not item.draft]
         if prev is None or prev.sample is None:
             return self.structured.start(rows, None, {})
         # Async scheduling: tokens of the step in flight are read by the worker itself.
@@ -619,9 +682,13 @@ class LLMEngine:
 
     def _finish(self, flight: _InFlight, touched: dict[str, _Group]) -> None:
         """Read a launched step's results back and turn them into outputs."""
-        if flight.clock is not None and self.offload is not None:
+        if flight.clock is not None:
             step = flight.step
-            self.offload.observe_prefill(step.num_tokens - step.num_decodes, flight.clock.seconds())
+            seconds = flight.clock.seconds()
+            if self.offload is not None and _prefill_tokens(step) > 0:
+                self.offload.observe_prefill(_prefill_tokens(step), seconds)
+            if self.speculator is not None:
+                self.speculator.observe_step(step.num_tokens, seconds)
         self._record_prompt_logprobs(flight.prompt_logits, touched)
         if flight.kv_written is not None:
             flight.kv_written.synchronize()  # the KV reported below is readable from any stream
@@ -632,6 +699,8 @@ class LLMEngine:
                 if req.prefill_only:
                     req.num_kv_ready = min(item.start + item.num_new_tokens, req.num_prompt_tokens)
                     touched[req.group_id] = self._groups[req.group_id]
+        if flight.verified:
+            self._accept_verified(flight.verified, touched)
         if flight.sample is None:
             return
         token_ids, logprob_rows = flight.sample.resolve()
@@ -656,6 +725,36 @@ class LLMEngine:
             if finish is not None:
                 self.scheduler.finish(req, finish.reason, finish.stop_reason)
             touched[req.group_id] = self._groups[req.group_id]
+
+    def _accept_verified(self, verified: list[tuple[ScheduledRequest, Verified]], touched: dict[str, _Group]) -> None:
+        """Append each drafted request's accepted tokens and its correction or bonus
+        token, one at a time through the stop checks (nothing past a stop or
+        max_tokens); then roll the KV back to what was accepted."""
+        assert self.speculator is not None
+        self.speculator.counters.speculative_steps += 1
+        for item, result in verified:
+            req = item.request
+            if req.is_finished:  # aborted meanwhile
+                continue
+            self.speculator.observe_verified(req, len(item.draft), result.num_accepted)
+            finish: Finish | None = None
+            for n, (token_id, lp) in enumerate(zip(result.tokens, result.logprobs, strict=True)):
+                if n:
+                    req.num_computed_tokens += 1  # the accepted draft before it has KV
+                req.append_output(token_id)
+                self.generation_tokens_total += 1
+                finish = self.outputs.process_token(req, token_id, lp)
+                if finish is not None:
+                    break
+            touched[req.group_id] = self._groups[req.group_id]
+            if finish is not None:
+                self.scheduler.finish(req, finish.reason, finish.stop_reason)
+                continue
+            # Blocks past the accepted tokens held only rejected drafts. The blocks kept
+            # may hold rejected KV past num_computed_tokens; it is overwritten before any
+            # block is full, and only full blocks of computed tokens are ever cached.
+            self.block_manager.truncate(req.request_id, req.num_tokens)
+            self.scheduler.commit(req)
 
     def _record_prompt_logprobs(self, spans: list, touched: dict[str, _Group]) -> None:
         for item, first, logits in spans:
@@ -719,6 +818,8 @@ class LLMEngine:
         self.structured.forget(group.children)
         multimodal = self.runner.multimodal
         for child in group.children:
+            if self.speculator is not None:
+                self.speculator.forget(child)
             if multimodal is not None:
                 multimodal.drop(child.request_id)
             self._requests.pop(child.request_id, None)
@@ -763,13 +864,38 @@ class LLMEngine:
             prefix_queried_tokens=bm.stats.queried_tokens,
             tier_hit_tokens=self._tier_hit_tokens(),
             kvstore_host=self.offload.kvstore_host if self.offload is not None else "",
+            **self._spec_stats(),
         )
+
+    def _spec_stats(self) -> dict:
+        if self.speculator is None:
+            return {}
+        c = self.speculator.counters
+        return {
+            "spec_proposed_tokens": c.proposed_tokens,
+            "spec_accepted_tokens": c.accepted_tokens,
+            "spec_acceptance_lengths": dict(c.acceptance_lengths),
+            "spec_chosen_k": dict(c.chosen_k),
+        }
 
     def _tier_hit_tokens(self) -> dict[str, int]:
         """Prompt tokens served from each KV tier instead of recomputed ("gpu": the pool)."""
         bs = self.block_manager.block_size
         tiers = {t: n * bs for t, n in self.offload.tier_stats().items()} if self.offload is not None else {}
         return {"gpu": max(self.block_manager.stats.hit_tokens - sum(tiers.values()), 0), **tiers}
+
+
+def _prefill_tokens(step: SchedulerOutput) -> int:
+    """Prompt (and recompute) tokens of a step: not decodes, not verified drafts."""
+    return step.num_tokens - step.num_decodes - sum(len(i.draft) + 1 for i in step.scheduled if i.draft)
+
+
+def _build_speculator(config: EngineConfig) -> Speculator:
+    spec = config.speculative
+    assert spec.method is not None
+    options: dict[str, int | float] = {"min_n": spec.ngram_min, "max_n": spec.ngram_max} if spec.method == "ngram" else {}
+    policy = PolicyConfig(max_k=spec.num_speculative_tokens, adaptive=spec.adaptive)
+    return Speculator(build_proposer(spec.method, **options), policy)
 
 
 def _activation_reserve(config: EngineConfig, model: ModelConfig) -> int:

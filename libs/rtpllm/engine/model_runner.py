@@ -177,7 +177,15 @@ class ModelRunner:
             start, end = item.start, item.start + item.num_new_tokens
             table = self.blocks.block_table(req.request_id)
             base = len(ids)
-            if end - start == 1:
+            if item.draft:
+                # Speculative: the last accepted token then the drafts, one extend row
+                # each; every one of them gives logits to verify.
+                ids.extend(req.all_token_ids[start : end - len(item.draft)])
+                ids.extend(item.draft)
+                positions.extend(range(start, end))
+                slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+                sample_idx.extend(range(len(ids) - len(item.draft) - 1, len(ids) - 1))
+            elif end - start == 1:
                 token = req.all_token_ids[start]
                 if token == PLACEHOLDER:
                     if prev is None or req.request_id not in prev.rows:

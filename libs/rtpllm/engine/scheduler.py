@@ -30,11 +30,14 @@ class ScheduledRequest:
     # Tokens [num_computed_tokens, num_computed_tokens + num_new_tokens) run this step.
     num_new_tokens: int
     start: int
+    # Speculative decoding: draft tokens run after the request's last token (they are
+    # the last len(draft) of num_new_tokens, and not in the request's tokens).
+    draft: tuple[int, ...] = ()
 
     @property
     def samples(self) -> bool:
         """True when this step reaches the request's last token, so it yields logits to sample."""
-        return self.start + self.num_new_tokens == self.request.num_tokens
+        return self.start + self.num_new_tokens - len(self.draft) == self.request.num_tokens
 
 
 @dataclass
@@ -52,14 +55,22 @@ class SchedulerOutput:
         return not self.scheduled
 
 
+# (decoding requests, tokens of the step without drafts, token budget left for drafts)
+# -> draft tokens per request id
+DraftPlanner = Callable[[list[Request], int, int], dict[str, tuple[int, ...]]]
+
+
 class Scheduler:
     def __init__(
         self,
         config: SchedulerConfig,
         block_manager: BlockManager,
         extend_prefix: Callable[[Request, PrefixHit], PrefixHit | None] | None = None,
+        plan_drafts: DraftPlanner | None = None,
     ) -> None:
         self.config = config
+        # Speculative decoding: the draft tokens of a step's decoding requests.
+        self.plan_drafts = plan_drafts
         self.blocks = block_manager
         # Tiered KV: lengthens a prefix hit with blocks restored from below the pool;
         # None while the tiers have not answered yet (the request waits, others run).
@@ -73,9 +84,12 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, speculate: bool = False) -> SchedulerOutput:
+        """`speculate`: plan draft tokens for decoding requests (every token of the
+        running requests is on the host: no step in flight)."""
         budget = self.config.max_num_batched_tokens
         decodes: list[ScheduledRequest] = []
+        verifies: list[ScheduledRequest] = []  # decodes with drafts: extend rows, after plain decodes
         prefills: list[ScheduledRequest] = []
         preempted: list[Request] = []
         scheduled_ids: set[str] = set()
@@ -85,6 +99,7 @@ class Scheduler:
         for r in self.running:
             (running_prefills if r.in_prefill else running_decodes).append(r)
         block_size = self.blocks.block_size
+        drafts = self._drafts(running_decodes, running_prefills, budget) if speculate and self.plan_drafts else {}
         for req in running_decodes + running_prefills:
             if budget == 0:
                 break
@@ -94,6 +109,23 @@ class Scheduler:
                 continue  # its last token is in flight: nothing left to compute
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             end = req.num_computed_tokens + num_new
+            draft = drafts.get(req.request_id, ())[: budget - num_new]
+            # Drafts never cause a preemption: they take blocks only while a block per
+            # running request stays free (what the others may need this step), else
+            # the request decodes plainly.
+            if draft and (
+                end + len(draft) <= len(self.blocks.block_table(req.request_id)) * block_size
+                or (
+                    self.blocks.num_free_blocks
+                    - (self.blocks.blocks_needed(end + len(draft)) - len(self.blocks.block_table(req.request_id)))
+                    >= len(self.running)
+                    and self.blocks.allocate(req, end + len(draft))
+                )
+            ):
+                verifies.append(ScheduledRequest(req, num_new + len(draft), req.num_computed_tokens, draft))
+                scheduled_ids.add(req.request_id)
+                budget -= num_new + len(draft)
+                continue
             # Fast path (most decode steps): the request's last block still has room.
             fits = end <= len(self.blocks.block_table(req.request_id)) * block_size
             while not fits and not self.blocks.allocate(req, end):
@@ -111,7 +143,15 @@ class Scheduler:
 
         if not preempted:
             budget = self._admit_waiting(budget, prefills)
-        return SchedulerOutput(scheduled=decodes + prefills, num_decodes=len(decodes), preempted=preempted)
+        return SchedulerOutput(scheduled=decodes + verifies + prefills, num_decodes=len(decodes), preempted=preempted)
+
+    def _drafts(self, decodes: list[Request], prefills: list[Request], budget: int) -> dict[str, tuple[int, ...]]:
+        """Draft tokens per decoding request, planned with the step's other tokens in
+        view: one per decode and the running prefills' next chunks."""
+        assert self.plan_drafts is not None
+        base = len(decodes) + sum(r.num_tokens - r.num_computed_tokens for r in prefills)
+        base = min(base, budget)
+        return self.plan_drafts(decodes, base, budget - base)
 
     def _admit_waiting(self, budget: int, prefills: list[ScheduledRequest]) -> int:
         deferred: list[Request] = []
@@ -196,7 +236,8 @@ class Scheduler:
         """Once the step is launched: its tokens count as computed (their KV is written
         before any later step reads it, the device runs steps in order)."""
         for item in output.scheduled:
-            item.request.num_computed_tokens = item.start + item.num_new_tokens
+            # Draft tokens count once verified (the engine adds the accepted ones).
+            item.request.num_computed_tokens = item.start + item.num_new_tokens - len(item.draft)
 
     def commit(self, req: Request) -> None:
         """Offer the request's finished, fully known blocks to the prefix cache."""

@@ -21,3 +21,8 @@ class EngineStats:
     prefix_queried_tokens: int = 0  # prompt tokens looked up in the prefix cache
     tier_hit_tokens: dict[str, int] = field(default_factory=dict)  # tier -> prompt tokens not recomputed
     kvstore_host: str = ""  # the host whose kvstore service holds this engine's KV tiers, if any
+    # Speculative decoding (docs/speculative_decoding.md); zero/empty when off.
+    spec_proposed_tokens: int = 0
+    spec_accepted_tokens: int = 0
+    spec_acceptance_lengths: dict[int, int] = field(default_factory=dict)  # accepted drafts -> verifications
+    spec_chosen_k: dict[int, int] = field(default_factory=dict)  # draft length chosen -> request-steps

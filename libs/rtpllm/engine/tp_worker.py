@@ -30,6 +30,7 @@ from rtpllm.config import EngineConfig, parse_dtype
 from rtpllm.engine.model_runner import ModelRunner
 from rtpllm.engine.tensor_parallel import WorkerPayload
 from rtpllm.engine.tp_step import StepChannel
+from rtpllm.kvcache.kv_plan import cache_spec
 from rtpllm.kvcache.kv_pool import KVPool, bytes_per_block
 from rtpllm.loader import load_checkpoint_fast
 from rtpllm.models import ModelConfig, build_model, fill_random
@@ -61,10 +62,11 @@ class ShardWorker:
                 optional=model.optional_checkpoint_names(),
                 ignore=model.ignores_checkpoint_tensor,
             )
-        per_block = bytes_per_block(model_config, config.cache.block_size, dtype, group.size)
+        spec = cache_spec(config.cache, model_config.num_layers, dtype)  # as rank 0's
+        per_block = bytes_per_block(model_config, config.cache.block_size, dtype, group.size, spec)
         group.min_control(_num_blocks(config, model_config, per_block, device))
         num_blocks, max_len = self.channel.recv_shape()
-        pool = KVPool(model_config, num_blocks, config.cache.block_size, dtype, device, group.size)
+        pool = KVPool(model_config, num_blocks, config.cache.block_size, dtype, device, group.size, spec)
         self.runner = ModelRunner(model, pool, None, backend, device)
         if config.cuda_graphs:
             # Captured with rank 0, collectives included: same sizes, same order.

@@ -55,7 +55,9 @@ def _patch_interpreter() -> None:
     - a scalar used as a `range` bound becomes an int through `int(ndarray)`, but its
       scalars are 1-element arrays, which numpy >= 2.4 refuses to convert;
     - `tl.dot` multiplies bf16 operands as their raw uint16 bit patterns;
-    - fp32 -> bf16 casts truncate, where the GPU rounds to nearest even.
+    - fp32 -> bf16 casts truncate, where the GPU rounds to nearest even (fp32 -> fp8 e4m3
+      casts, used by the quantized KV cache, likewise), and int -> bf16 casts keep the
+      integer as raw bits.
     """
     import numpy as np
     from triton.runtime import interpreter
@@ -84,12 +86,28 @@ def _patch_interpreter() -> None:
     original_cast = interpreter.InterpreterBuilder.cast_impl
 
     def cast_impl(self: Any, src: Any, dst_type: Any) -> Any:
+        if src.dtype.scalar.is_int() and dst_type.scalar == tl.bfloat16:
+            # int8 KV values widened for a bf16 dot: numpy would write the integers as
+            # raw bf16 bit patterns; go through fp32 (exact for int8).
+            src = original_cast(self, src, tl.float32)
         if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
             rounded = torch.from_numpy(np.ascontiguousarray(src.data)).to(torch.bfloat16)
             return interpreter.TensorHandle(rounded.view(torch.uint16).numpy(), tl.bfloat16)
         return original_cast(self, src, dst_type)
 
     interpreter.InterpreterBuilder.cast_impl = cast_impl
+
+    original_fp_to_fp = interpreter.InterpreterBuilder.create_fp_to_fp
+
+    def create_fp_to_fp(self: Any, src: Any, dst_type: Any, rounding_mode: Any) -> Any:
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.float8e4nv:
+            # The KV-cache fp8 quantizer (kv_quant.py) clamps first, so torch's RNE cast
+            # equals the GPU's cvt.rn.satfinite; the interpreter's own rounding does not.
+            rounded = torch.from_numpy(np.ascontiguousarray(src.data)).to(torch.float8_e4m3fn)
+            return interpreter.TensorHandle(rounded.view(torch.uint8).numpy(), tl.float8e4nv)
+        return original_fp_to_fp(self, src, dst_type, rounding_mode)
+
+    interpreter.InterpreterBuilder.create_fp_to_fp = create_fp_to_fp
 
 
 if HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1":

@@ -18,6 +18,13 @@ the grid depends only on the batch size and `num_splits`, so a captured CUDA gra
 correctly for any contexts as long as `num_splits` is fixed at capture time. The split
 count is a runtime argument (compiled variants: one vs several splits, and the merge per
 power-of-two bucket), so a ladder of graph sizes does not compile a kernel per count.
+
+Quantized KV (fp8 / int8 values with an fp32 scale per token and KV head,
+rtpllm.kernels.kv_quant): tiles are loaded in their 1-byte format and widened exactly to
+the query's dtype; the scales are folded in rather than multiplied into each tile: the
+K scale into the scores of its key column, the V scale into the probabilities of its
+row, so no tile is ever dequantized in memory. The new token is quantized in-register
+(stored as such) and attended to as the cache will hold it.
 """
 
 from __future__ import annotations
@@ -26,9 +33,10 @@ import math
 
 import torch
 
-from rtpllm.attention.torch_ref import gather_context, reference_attention
 from rtpllm.kernels._triton import cdiv, device_sms, dot_precision, next_power_of_2, tl, triton, use_triton
+from rtpllm.kernels.attention_ref import gather_context, reference_attention
 from rtpllm.kernels.kv_cache import store_kv_ref
+from rtpllm.kernels.kv_quant import V_MUL, quant_code, quantize_rows
 
 # A partition shorter than this costs more in the merge than its parallelism earns.
 MIN_TOKENS_PER_SPLIT = 256
@@ -38,12 +46,16 @@ WAVE_PROGRAMS_PER_SM = 4
 CONFIG_OVERRIDE: tuple[int, int, int] | None = None
 
 
-def decode_config(head_dim: int, dtype: torch.dtype = torch.bfloat16) -> tuple[int, int, int]:
+def decode_config(head_dim: int, dtype: torch.dtype = torch.bfloat16, quant: bool = False) -> tuple[int, int, int]:
     """(BLOCK_N, num_warps, num_stages) of the stage-1 launch: 64-token tiles (16 KB of K
     per tile at D=128 bf16) two deep keep ~64 KB of loads in flight per program. Each
     compiles for sm_90a without register spills (tests/gpu/test_compile_sm90.py)."""
     if CONFIG_OVERRIDE is not None:
         return CONFIG_OVERRIDE
+    if quant and dtype != torch.float32 and 64 < next_power_of_2(head_dim) <= 128:
+        # A quantized cache (widening, scale folding, the new token's quantization) needs
+        # 168 registers and spills 4 bytes at 4 warps (D=128); 8 warps: 123, no spills.
+        return 64, 8, 2
     if next_power_of_2(head_dim) <= 128:
         return 64, 4, 2
     return (16, 4, 2) if dtype == torch.float32 else (32, 4, 2)
@@ -77,6 +89,8 @@ def _decode_stage1_kernel(
     Block_tables,
     Seq_lens,
     Slot_mapping,
+    K_scale,
+    V_scale,
     Out,
     Mid_o,
     Mid_lse,
@@ -94,6 +108,10 @@ def _decode_stage1_kernel(
     stride_vcb,
     stride_vct,
     stride_vch,
+    stride_ksb,
+    stride_kst,
+    stride_vsb,
+    stride_vst,
     stride_bt,
     stride_ot,
     stride_oh,
@@ -114,6 +132,8 @@ def _decode_stage1_kernel(
     SLIDING: tl.constexpr,
     FUSE_NEW: tl.constexpr,
     PRECISION: tl.constexpr,
+    QUANT: tl.constexpr,
+    V_MUL: tl.constexpr,
 ):
     b = tl.program_id(0)
     hb = tl.program_id(1)
@@ -144,7 +164,9 @@ def _decode_stage1_kernel(
         Q + b.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
         mask=mask_h[:, None] & mask_d[None, :],
         other=0.0,
-    ).to(cache_ty)
+    )
+    if QUANT == 0:
+        q = q.to(cache_ty)
 
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -161,7 +183,11 @@ def _decode_stage1_kernel(
             mask=kv_mask,
             other=0.0,
         )
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale_log2
+        if QUANT != 0:
+            ks = tl.load(K_scale + blk * stride_ksb + within * stride_kst + kvh, mask=mask_n, other=0.0)
+            s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * (ks * sm_scale_log2)[None, :]
+        else:
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale_log2
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -172,7 +198,12 @@ def _decode_stage1_kernel(
             mask=kv_mask,
             other=0.0,
         )
-        acc = acc * alpha[:, None] + tl.dot(p.to(cache_ty), v, input_precision=PRECISION)
+        if QUANT != 0:
+            vs = tl.load(V_scale + blk * stride_vsb + within * stride_vst + kvh, mask=mask_n, other=0.0)
+            pv = (p * (vs * V_MUL)[None, :]).to(q.dtype)
+            acc = acc * alpha[:, None] + tl.dot(pv, v.to(q.dtype), input_precision=PRECISION)
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(cache_ty), v, input_precision=PRECISION)
         m_i = m_new
 
     if FUSE_NEW:
@@ -185,35 +216,60 @@ def _decode_stage1_kernel(
                 vn = tl.load(
                     V_new + b.to(tl.int64) * stride_vnt + kvh * stride_vnh + offs_d, mask=mask_d, other=0.0
                 )
-                kn = kn.to(cache_ty)
-                vn = vn.to(cache_ty)
-                s_new = tl.sum(q.to(tl.float32) * kn.to(tl.float32)[None, :], 1) * sm_scale_log2
+                slot = tl.load(Slot_mapping + b).to(tl.int64)
+                if QUANT != 0:
+                    # Quantized as the cache will hold it ([1, D] rows for the helper), and
+                    # stored at once: fewer values live across the update (no spills).
+                    kq, kn_scale = quantize_rows(kn.to(tl.float32)[None, :], QUANT)
+                    vq, vn_scale = quantize_rows(vn.to(tl.float32)[None, :], QUANT)
+                    if sub == 0:
+                        if slot >= 0:
+                            one = tl.arange(0, 1)
+                            blk_w = slot // PAGE_SIZE
+                            off_w = slot % PAGE_SIZE
+                            base_k = K_cache + blk_w * stride_kcb + off_w * stride_kct + kvh * stride_kch
+                            base_v = V_cache + blk_w * stride_vcb + off_w * stride_vct + kvh * stride_vch
+                            tl.store(base_k + one[:, None] * 0 + offs_d[None, :], kq, mask=mask_d[None, :])
+                            tl.store(base_v + one[:, None] * 0 + offs_d[None, :], vq, mask=mask_d[None, :])
+                            tl.store(K_scale + blk_w * stride_ksb + off_w * stride_kst + kvh + one, kn_scale)
+                            tl.store(V_scale + blk_w * stride_vsb + off_w * stride_vst + kvh + one, vn_scale)
+                    kn32 = tl.sum(kq.to(tl.float32) * kn_scale[:, None], 0)
+                    vn32 = tl.sum(vq.to(tl.float32) * (vn_scale * V_MUL)[:, None], 0)
+                else:
+                    kn = kn.to(cache_ty)
+                    vn = vn.to(cache_ty)
+                    kn32 = kn.to(tl.float32)
+                    vn32 = vn.to(tl.float32)
+                s_new = tl.sum(q.to(tl.float32) * kn32[None, :], 1) * sm_scale_log2
                 m_new = tl.maximum(m_i, s_new)
                 alpha = tl.exp2(m_i - m_new)
                 p_new = tl.exp2(s_new - m_new)
                 l_i = l_i * alpha + p_new
-                acc = acc * alpha[:, None] + p_new[:, None] * vn.to(tl.float32)[None, :]
+                acc = acc * alpha[:, None] + p_new[:, None] * vn32[None, :]
                 m_i = m_new
-                slot = tl.load(Slot_mapping + b).to(tl.int64)
                 # One program per KV head stores it; slot < 0 marks a padded (graph) row.
-                if sub == 0:
-                    if slot >= 0:
-                        blk_w = slot // PAGE_SIZE
-                        off_w = slot % PAGE_SIZE
-                        tl.store(
-                            K_cache + blk_w * stride_kcb + off_w * stride_kct + kvh * stride_kch + offs_d,
-                            kn,
-                            mask=mask_d,
-                        )
-                        tl.store(
-                            V_cache + blk_w * stride_vcb + off_w * stride_vct + kvh * stride_vch + offs_d,
-                            vn,
-                            mask=mask_d,
-                        )
+                if QUANT == 0:
+                    if sub == 0:
+                        if slot >= 0:
+                            blk_w = slot // PAGE_SIZE
+                            off_w = slot % PAGE_SIZE
+                            tl.store(
+                                K_cache + blk_w * stride_kcb + off_w * stride_kct + kvh * stride_kch + offs_d,
+                                kn,
+                                mask=mask_d,
+                            )
+                            tl.store(
+                                V_cache + blk_w * stride_vcb + off_w * stride_vct + kvh * stride_vch + offs_d,
+                                vn,
+                                mask=mask_d,
+                            )
 
     # Empty partitions (and padded rows with seq_len 0) leave l == 0: zeros, lse -inf.
     l_safe = tl.where(l_i > 0, l_i, 1.0)
-    o = acc / l_safe[:, None]
+    if QUANT != 0:
+        o = acc / (l_safe * V_MUL)[:, None]  # values accumulated V_MUL times too large (kv_quant.V_MUL)
+    else:
+        o = acc / l_safe[:, None]
     out_mask = mask_h[:, None] & mask_d[None, :]
     if SINGLE:
         tl.store(
@@ -290,6 +346,8 @@ def paged_decode_attention_triton(
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
     max_seq_len: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton version of `paged_decode_attention_ref` (same arguments and result).
 
@@ -310,13 +368,19 @@ def paged_decode_attention_triton(
     else:
         k = v = q  # unused placeholders (FUSE_NEW=False); keeps the signature typed
         slot_mapping = seq_lens
+    quant = quant_code(k_cache)
+    if quant:
+        assert k_scale is not None and v_scale is not None, "a quantized cache needs its scales"
+        assert k_scale.stride(-1) == 1 and v_scale.stride(-1) == 1
+    else:
+        k_scale = v_scale = seq_lens  # unused (QUANT=0)
     block_h = _block_h(group)
     head_blocks = cdiv(group, block_h)
     if num_splits is None:
         longest = max_seq_len if max_seq_len is not None else block_tables.shape[1] * page_size
         num_splits = decode_num_splits(batch, num_kv_heads, group, longest, device_sms(q))
     block_d = next_power_of_2(head_dim)
-    block_n, num_warps, num_stages = decode_config(head_dim, k_cache.dtype)
+    block_n, num_warps, num_stages = decode_config(head_dim, q.dtype if quant else k_cache.dtype, bool(quant))
     if num_splits > 1:
         mid_o = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
         mid_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
@@ -332,6 +396,8 @@ def paged_decode_attention_triton(
         block_tables,
         seq_lens,
         slot_mapping,
+        k_scale,
+        v_scale,
         out,
         mid_o,
         mid_lse,
@@ -349,6 +415,10 @@ def paged_decode_attention_triton(
         v_cache.stride(0),
         v_cache.stride(1),
         v_cache.stride(2),
+        k_scale.stride(0) if quant else 0,
+        k_scale.stride(1) if quant else 0,
+        v_scale.stride(0) if quant else 0,
+        v_scale.stride(1) if quant else 0,
         block_tables.stride(0),
         out.stride(0),
         out.stride(1),
@@ -368,7 +438,10 @@ def paged_decode_attention_triton(
         SINGLE=num_splits == 1,
         SLIDING=sliding_window is not None,
         FUSE_NEW=fuse,
-        PRECISION=dot_precision(k_cache.dtype),
+        # Quantized tiles are widened to the query's dtype before the dots.
+        PRECISION=dot_precision(q.dtype if quant else k_cache.dtype),
+        QUANT=quant,
+        V_MUL=V_MUL[quant],
         num_warps=num_warps,
         num_stages=num_stages,
     )
@@ -407,26 +480,30 @@ def paged_decode_attention_ref(
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
     max_seq_len: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention in plain torch (loops on the host).
 
     q: [B, Hq, D], one query per sequence at position seq_len - 1. When k/v [B, Hkv, D] are
     given they are first stored at `slot_mapping` [B] (slots < 0 are skipped); otherwise the
     cache must already hold every position. Returns out [B, Hq, D]. `num_splits` and
-    `max_seq_len` only steer the Triton launch.
+    `max_seq_len` only steer the Triton launch. A quantized cache (fp8/int8) comes with
+    `k_scale`/`v_scale` [num_blocks, block_size, Hkv]; attention runs on its dequantized
+    contents (the new token through the store's quantization as well).
     """
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if k is not None and v is not None and slot_mapping is not None:
-        store_kv_ref(k, v, k_cache, v_cache, slot_mapping)
+        store_kv_ref(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     for i, seq_len in enumerate(seq_lens.tolist()):
         if seq_len == 0:
             out[i] = 0
             continue
         out[i] = reference_attention(
             q[i : i + 1],
-            gather_context(k_cache, block_tables[i], seq_len),
-            gather_context(v_cache, block_tables[i], seq_len),
+            gather_context(k_cache, block_tables[i], seq_len, k_scale),
+            gather_context(v_cache, block_tables[i], seq_len, v_scale),
             scale,
             sliding_window,
         )[0]
@@ -447,6 +524,8 @@ def paged_decode_attention(
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
     max_seq_len: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dispatcher: the Triton kernel on CUDA, the torch reference elsewhere."""
     fn = paged_decode_attention_triton if use_triton(q) else paged_decode_attention_ref
@@ -464,4 +543,6 @@ def paged_decode_attention(
         out,
         num_splits,
         max_seq_len,
+        k_scale,
+        v_scale,
     )

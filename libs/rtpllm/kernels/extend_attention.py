@@ -14,6 +14,13 @@ Design (flash-attention forward over two key sources):
 
 Variable lengths cost no host work: a program reads its sequence's bounds on the device
 and exits when its m-block lies past the sequence's new tokens.
+
+Quantized KV (fp8 / int8 with an fp32 scale per token and KV head, kernels/kv_quant.py):
+cached tiles are widened exactly to the query's dtype and their scales folded into the
+scores (K) and the probabilities (V), as in the decode kernel. New tokens' tiles are
+quantized in-register the way the fused write stores them, so a token is attended to
+identically whether it is new in this step or read from the cache later (chunked
+prefill and prefix-cache hits give the same results as one whole prefill).
 """
 
 from __future__ import annotations
@@ -22,17 +29,36 @@ import math
 
 import torch
 
-from rtpllm.attention.torch_ref import gather_context, reference_attention
 from rtpllm.kernels._triton import cdiv, dot_precision, next_power_of_2, tl, triton, use_triton
+from rtpllm.kernels.attention_ref import gather_context, reference_attention
 from rtpllm.kernels.kv_cache import store_kv_ref
+from rtpllm.kernels.kv_quant import V_MUL, format_of, quant_code, quantize_rows, roundtrip_ref
 
 
 @triton.jit
 def _tile_update(
-    q, k, v, keep, m_i, l_i, acc, sm_scale_log2, APPLY_MASK: tl.constexpr, PRECISION: tl.constexpr
+    q,
+    k,
+    v,
+    ks,
+    vs,
+    keep,
+    m_i,
+    l_i,
+    acc,
+    sm_scale_log2,
+    APPLY_MASK: tl.constexpr,
+    PRECISION: tl.constexpr,
+    QUANT: tl.constexpr,
+    V_MUL: tl.constexpr,
 ):
-    """One online-softmax step of a [BLOCK_M] query tile over a [BLOCK_N] key tile."""
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale_log2
+    """One online-softmax step of a [BLOCK_M] query tile over a [BLOCK_N] key tile.
+    Quantized (QUANT != 0): k, v are raw fp8/int8 tiles and ks, vs their [BLOCK_N] scales;
+    the values accumulate V_MUL times too large (kv_quant.V_MUL), divided out at the end."""
+    if QUANT != 0:
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * (ks * sm_scale_log2)[None, :]
+    else:
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale_log2
     if APPLY_MASK:
         s = tl.where(keep, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -41,7 +67,11 @@ def _tile_update(
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    if QUANT != 0:
+        pv = (p * (vs * V_MUL)[None, :]).to(q.dtype)
+        acc = acc * alpha[:, None] + tl.dot(pv, v.to(q.dtype), input_precision=PRECISION)
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return m_new, l_i, acc
 
 
@@ -58,6 +88,8 @@ def _extend_kernel(
     Query_start_loc,
     Seq_lens,
     Slot_mapping,
+    K_scale,
+    V_scale,
     Out,
     sm_scale_log2,
     window,
@@ -74,6 +106,10 @@ def _extend_kernel(
     stride_vcb,
     stride_vct,
     stride_vch,
+    stride_ksb,
+    stride_kst,
+    stride_vsb,
+    stride_vst,
     stride_bt,
     stride_ot,
     stride_oh,
@@ -86,6 +122,8 @@ def _extend_kernel(
     SLIDING: tl.constexpr,
     WRITE_KV: tl.constexpr,
     PRECISION: tl.constexpr,
+    QUANT: tl.constexpr,
+    V_MUL: tl.constexpr,
 ):
     hq = tl.program_id(0)
     mblk = tl.num_programs(1) - 1 - tl.program_id(1)
@@ -106,7 +144,9 @@ def _extend_kernel(
             Q + rows[:, None] * stride_qt + hq * stride_qh + offs_d[None, :],
             mask=mask_m[:, None] & mask_d[None, :],
             other=0.0,
-        ).to(cache_ty)
+        )
+        if QUANT == 0:
+            q = q.to(cache_ty)
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -137,10 +177,17 @@ def _extend_kernel(
                 mask=kv_mask,
                 other=0.0,
             )
+            ks = sm_scale_log2
+            vs = sm_scale_log2
+            if QUANT != 0:
+                ks = tl.load(K_scale + blk * stride_ksb + within * stride_kst + kvh, mask=mask_n, other=0.0)
+                vs = tl.load(V_scale + blk * stride_vsb + within * stride_vst + kvh, mask=mask_n, other=0.0)
             keep = mask_n[None, :]
             if SLIDING:
                 keep = keep & (offs_n[None, :] > (prefix + offs_m)[:, None] - window)
-            m_i, l_i, acc = _tile_update(q, k, v, keep, m_i, l_i, acc, sm_scale_log2, True, PRECISION)
+            m_i, l_i, acc = _tile_update(
+                q, k, v, ks, vs, keep, m_i, l_i, acc, sm_scale_log2, True, PRECISION, QUANT, V_MUL
+            )
 
         # Phase 2: the new tokens, from the k/v inputs (index j = position - prefix).
         diag = mblk * BLOCK_M
@@ -163,9 +210,17 @@ def _extend_kernel(
                 other=0.0,
             )
             keep = offs_n[None, :] > offs_m[:, None] - window
-            m_i, l_i, acc = _tile_update(
-                q, k.to(cache_ty), v.to(cache_ty), keep, m_i, l_i, acc, sm_scale_log2, SLIDING, PRECISION
-            )
+            if QUANT != 0:
+                kq, ks = quantize_rows(k.to(tl.float32), QUANT)
+                vq, vs = quantize_rows(v.to(tl.float32), QUANT)
+                m_i, l_i, acc = _tile_update(
+                    q, kq, vq, ks, vs, keep, m_i, l_i, acc, sm_scale_log2, SLIDING, PRECISION, QUANT, V_MUL
+                )
+            else:
+                m_i, l_i, acc = _tile_update(
+                    q, k.to(cache_ty), v.to(cache_ty), 0.0, 0.0, keep, m_i, l_i, acc, sm_scale_log2, SLIDING,
+                    PRECISION, QUANT, V_MUL,
+                )
         # 2b: the diagonal block, causally masked.
         hi2 = tl.minimum(q_len, diag + BLOCK_M)
         for n0 in range(diag, hi2, BLOCK_N):
@@ -182,12 +237,23 @@ def _extend_kernel(
             keep = mask_n[None, :] & (offs_n[None, :] <= offs_m[:, None])
             if SLIDING:
                 keep = keep & (offs_n[None, :] > offs_m[:, None] - window)
-            m_i, l_i, acc = _tile_update(
-                q, k.to(cache_ty), v.to(cache_ty), keep, m_i, l_i, acc, sm_scale_log2, True, PRECISION
-            )
+            if QUANT != 0:
+                kq, ks = quantize_rows(k.to(tl.float32), QUANT)
+                vq, vs = quantize_rows(v.to(tl.float32), QUANT)
+                m_i, l_i, acc = _tile_update(
+                    q, kq, vq, ks, vs, keep, m_i, l_i, acc, sm_scale_log2, True, PRECISION, QUANT, V_MUL
+                )
+            else:
+                m_i, l_i, acc = _tile_update(
+                    q, k.to(cache_ty), v.to(cache_ty), 0.0, 0.0, keep, m_i, l_i, acc, sm_scale_log2, True,
+                    PRECISION, QUANT, V_MUL,
+                )
 
         l_safe = tl.where(l_i > 0, l_i, 1.0)
-        o = acc / l_safe[:, None]
+        if QUANT != 0:
+            o = acc / (l_safe * V_MUL)[:, None]  # values accumulated V_MUL times too large
+        else:
+            o = acc / l_safe[:, None]
         tl.store(
             Out + rows[:, None] * stride_ot + hq * stride_oh + offs_d[None, :],
             o.to(Out.dtype.element_ty),
@@ -201,8 +267,17 @@ def _extend_kernel(
                 w_mask = ok[:, None] & mask_d[None, :]
                 blk_w = slots // PAGE_SIZE
                 off_w = slots % PAGE_SIZE
-                kn = tl.load(K + rows[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :], mask=w_mask)
-                vn = tl.load(V + rows[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :], mask=w_mask)
+                kn = tl.load(
+                    K + rows[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :], mask=w_mask, other=0.0
+                )
+                vn = tl.load(
+                    V + rows[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :], mask=w_mask, other=0.0
+                )
+                if QUANT != 0:
+                    kn, kn_scale = quantize_rows(kn.to(tl.float32), QUANT)
+                    vn, vn_scale = quantize_rows(vn.to(tl.float32), QUANT)
+                    tl.store(K_scale + blk_w * stride_ksb + off_w * stride_kst + kvh, kn_scale, mask=ok)
+                    tl.store(V_scale + blk_w * stride_vsb + off_w * stride_vst + kvh, vn_scale, mask=ok)
                 tl.store(
                     K_cache
                     + (blk_w * stride_kcb + off_w * stride_kct + kvh * stride_kch)[:, None]
@@ -223,7 +298,9 @@ def _extend_kernel(
 CONFIG_OVERRIDE: tuple[int, int, int, int] | None = None
 
 
-def extend_config(head_dim: int, dtype: torch.dtype, max_query_len: int) -> tuple[int, int, int, int]:
+def extend_config(
+    head_dim: int, dtype: torch.dtype, max_query_len: int, quant: bool = False
+) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a head size and cache dtype.
 
     BLOCK_M must be a multiple of BLOCK_N (the unmasked tiles end at the diagonal). Each
@@ -233,6 +310,10 @@ def extend_config(head_dim: int, dtype: torch.dtype, max_query_len: int) -> tupl
     """
     if CONFIG_OVERRIDE is not None:
         return CONFIG_OVERRIDE
+    if quant and dtype != torch.float32 and head_dim > 64 and head_dim <= 128:
+        # Quantizing the new tokens' tiles in registers needs more of them: at D=128,
+        # (128, 64, 8, 3) spills 16 bytes and (128, 64, 8, 2) 4; 64-row tiles do not.
+        return 64, 64, 8, 3
     if dtype == torch.float32:  # CUDA-core fp32 dots (tests only): small tiles
         return (32, 16, 4, 2) if head_dim <= 64 else (16, 16, 4, 2)
     if head_dim > 128:
@@ -257,6 +338,8 @@ def paged_extend_attention_triton(
     max_query_len: int,
     seq_base: int = 0,
     out: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton version of `paged_extend_attention_ref` (same arguments and result)."""
     num_tokens, num_heads, head_dim = q.shape
@@ -268,7 +351,15 @@ def paged_extend_attention_triton(
         return out
     for t in (q, k, v, k_cache, v_cache, out):
         assert t.stride(-1) == 1, "head_dim must be contiguous"
-    block_m, block_n, num_warps, num_stages = extend_config(head_dim, k_cache.dtype, max_query_len)
+    quant = quant_code(k_cache)
+    if quant:
+        assert k_scale is not None and v_scale is not None, "a quantized cache needs its scales"
+        assert k_scale.stride(-1) == 1 and v_scale.stride(-1) == 1
+    else:
+        k_scale = v_scale = seq_lens  # unused (QUANT=0)
+    # Quantized tiles are widened to the query's dtype: size the tiles for that.
+    dot_dtype = q.dtype if quant else k_cache.dtype
+    block_m, block_n, num_warps, num_stages = extend_config(head_dim, dot_dtype, max_query_len, bool(quant))
     grid = (num_heads, cdiv(max_query_len, block_m), num_seqs)
     _extend_kernel[grid](
         q,
@@ -280,6 +371,8 @@ def paged_extend_attention_triton(
         query_start_loc,
         seq_lens,
         slot_mapping if slot_mapping is not None else query_start_loc,
+        k_scale,
+        v_scale,
         out,
         scale * math.log2(math.e),
         sliding_window or 0,
@@ -296,6 +389,10 @@ def paged_extend_attention_triton(
         v_cache.stride(0),
         v_cache.stride(1),
         v_cache.stride(2),
+        k_scale.stride(0) if quant else 0,
+        k_scale.stride(1) if quant else 0,
+        v_scale.stride(0) if quant else 0,
+        v_scale.stride(1) if quant else 0,
         block_tables.stride(0),
         out.stride(0),
         out.stride(1),
@@ -307,7 +404,9 @@ def paged_extend_attention_triton(
         PAGE_SIZE=page_size,
         SLIDING=sliding_window is not None,
         WRITE_KV=slot_mapping is not None,
-        PRECISION=dot_precision(k_cache.dtype),
+        PRECISION=dot_precision(dot_dtype),
+        QUANT=quant,
+        V_MUL=V_MUL[quant],
         num_warps=num_warps,
         num_stages=num_stages,
     )
@@ -329,6 +428,8 @@ def paged_extend_attention_ref(
     max_query_len: int,
     seq_base: int = 0,
     out: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Extend attention in plain torch (loops on the host).
 
@@ -337,7 +438,9 @@ def paged_extend_attention_ref(
     is in the cache. Only sequences seq_base..B-1 are processed (the backend puts decodes
     first and hands them to the decode kernel); their new K/V are stored at `slot_mapping`
     [T] (when given; slots < 0 skipped) and their rows of `out` written; other rows of
-    `out` are left untouched.
+    `out` are left untouched. A quantized cache (fp8/int8) comes with `k_scale`/`v_scale`
+    [num_blocks, block_size, Hkv]; attention then runs on dequantized K/V, the new
+    tokens' through the same quantization as the store.
     """
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -345,7 +448,9 @@ def paged_extend_attention_ref(
     lens = seq_lens.tolist()
     first, last = qsl[seq_base], qsl[-1]
     if slot_mapping is not None:
-        store_kv_ref(k[first:last], v[first:last], k_cache, v_cache, slot_mapping[first:last])
+        store_kv_ref(k[first:last], v[first:last], k_cache, v_cache, slot_mapping[first:last], k_scale, v_scale)
+    fmt = format_of(k_cache)
+    new_dtype = torch.float32 if fmt is not None else k_cache.dtype
     for i in range(seq_base, len(lens)):
         start, end = qsl[i], qsl[i + 1]
         if end == start:
@@ -354,8 +459,10 @@ def paged_extend_attention_ref(
         prefix = seq_len - q_len
         # The new tokens come from k/v, the prefix from the cache (as the kernel does), so
         # the reference also holds when no slots are written.
-        k_ctx = torch.cat([gather_context(k_cache, block_tables[i], prefix), k[start:end].to(k_cache.dtype)])
-        v_ctx = torch.cat([gather_context(v_cache, block_tables[i], prefix), v[start:end].to(v_cache.dtype)])
+        k_new = roundtrip_ref(k[start:end], fmt, new_dtype).to(new_dtype)
+        v_new = roundtrip_ref(v[start:end], fmt, new_dtype).to(new_dtype)
+        k_ctx = torch.cat([gather_context(k_cache, block_tables[i], prefix, k_scale), k_new])
+        v_ctx = torch.cat([gather_context(v_cache, block_tables[i], prefix, v_scale), v_new])
         out[start:end] = reference_attention(q[start:end], k_ctx, v_ctx, scale, sliding_window)
     return out
 
@@ -375,6 +482,8 @@ def paged_extend_attention(
     max_query_len: int,
     seq_base: int = 0,
     out: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dispatcher: the Triton kernel on CUDA, the torch reference elsewhere."""
     fn = paged_extend_attention_triton if use_triton(q) else paged_extend_attention_ref
@@ -393,4 +502,6 @@ def paged_extend_attention(
         max_query_len,
         seq_base,
         out,
+        k_scale,
+        v_scale,
     )

@@ -194,6 +194,20 @@ class BlockManager:
             self._events.append(BlocksStored(block_keys=stored, parent_key=parent, num_tokens=len(stored) * self.block_size))
         table.num_committed = num_full
 
+    def truncate(self, request_id: str, num_tokens: int) -> int:
+        """Shrink the request's table to the blocks `num_tokens` tokens need, freeing the
+        tail (speculative decoding: blocks allocated for rejected draft tokens). Only
+        blocks past every committed one can go: committed blocks hold accepted tokens.
+        Returns how many blocks were freed."""
+        table = self._tables[request_id]
+        keep = max(self.blocks_needed(num_tokens), table.num_committed)
+        tail = table.blocks[keep:]
+        if not tail:
+            return 0
+        del table.blocks[keep:]
+        self._free_table(_Table(blocks=tail))
+        return len(tail)
+
     def free(self, request_id: str) -> None:
         """Release all of the request's blocks (tail first, so tails are evicted first)."""
         table = self._tables.pop(request_id, None)

@@ -59,7 +59,7 @@ class DecoderLM(nn.Module):
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
-        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        kv_caches: list[tuple[torch.Tensor, ...]],
         meta: AttentionMetadata,
         embeds: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:

@@ -111,7 +111,7 @@ class Attention(nn.Module):
         self,
         positions: torch.Tensor,
         x: torch.Tensor,
-        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: tuple[torch.Tensor, ...],
         meta: AttentionMetadata,
         cos: torch.Tensor,
         sin: torch.Tensor,
@@ -128,7 +128,8 @@ class Attention(nn.Module):
         kw = self.k_norm.weight if self.k_norm is not None else None
         eps = self.q_norm.eps if self.q_norm is not None else 0.0
         q, k = apply_rope(positions, q, k, cos, sin, qw, kw, eps)
-        out = self.backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.sliding_window)
+        # A quantized layer's cache is (k, v, k_scale, v_scale) (rtpllm.kvcache.kv_pool).
+        out = self.backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.sliding_window, *kv_cache[2:])
         return self.o_proj(out.reshape(tokens, self.q_size))
 
 
@@ -152,7 +153,7 @@ class DecoderLayer(nn.Module):
         positions: torch.Tensor,
         hidden: torch.Tensor,
         residual: torch.Tensor | None,
-        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: tuple[torch.Tensor, ...],
         meta: AttentionMetadata,
         cos: torch.Tensor,
         sin: torch.Tensor,

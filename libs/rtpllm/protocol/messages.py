@@ -98,6 +98,8 @@ class SamplingSpec(msgspec.Struct, kw_only=True, omit_defaults=True):
     allowed_token_ids: list[int] | None = None
     structured_outputs: StructuredOutputsSpec | None = None
     output_kind: str = "delta"  # "final": one delta when the request ends (non-streaming)
+    # Added within v1 (omitted at its default, so older peers see the same messages).
+    speculative: bool = True  # False: the engine never speculates for this request
 
 
 class DataPlaneEndpoint(msgspec.Struct, kw_only=True):
@@ -310,6 +312,12 @@ class InstanceLoad(msgspec.Struct, kw_only=True):
     prefix_queried_tokens: int = 0
     # KV tier ("gpu", "host", "ssd", "redis") -> prompt tokens not recomputed
     tier_hit_tokens: dict[str, int] = {}
+    # Speculative decoding (zero/empty when off): draft tokens proposed and accepted,
+    # verifications by accepted drafts, and draft lengths chosen per request-step.
+    spec_proposed_tokens: int = 0
+    spec_accepted_tokens: int = 0
+    spec_acceptance_lengths: dict[int, int] = {}
+    spec_chosen_k: dict[int, int] = {}
 
 
 class Heartbeat(msgspec.Struct, kw_only=True):

@@ -91,6 +91,9 @@ class DecodeSide:
         self._subs: list[Subscription] = []
         self._expire_task: asyncio.Task[None] | None = None
         self._counters = DisaggCounters()
+        # Prefill instances whose KV namespace (model, dtype, KV cache format, TP, block
+        # size) is not ours: never asked to prefill, reported once each.
+        self._foreign: set[str] = set()
 
     def counters(self) -> DisaggCounters:
         return self._counters
@@ -296,6 +299,17 @@ class DecodeSide:
         except ProtocolError:
             return
         if hb.role == InstanceRole.PREFILL.value and self._prefills.accepts(hb.instance_id):
+            if hb.kv_namespace and hb.kv_namespace != self._receiver.layout.namespace:
+                # Its blocks mean other bytes (e.g. another --kv-cache-dtype): refuse its KV.
+                if hb.instance_id not in self._foreign:
+                    self._foreign.add(hb.instance_id)
+                    log.error(
+                        "prefill instance %s is not used: its KV namespace differs from this decode "
+                        "instance's (model, dtype, KV cache format --kv-cache-dtype/--kv-cache-plan, "
+                        "TP size or block size); start both with the same KV settings",
+                        hb.instance_id,
+                    )
+                return
             self._prefills.upsert(hb)
 
     async def _on_leave(self, msg: Msg) -> None:

@@ -493,6 +493,10 @@ class EngineServer:
             num_held_kv=getattr(stats, "num_held_kv", 0),
             prefix_queried_tokens=getattr(stats, "prefix_queried_tokens", 0),
             tier_hit_tokens=dict(getattr(stats, "tier_hit_tokens", {})),
+            spec_proposed_tokens=getattr(stats, "spec_proposed_tokens", 0),
+            spec_accepted_tokens=getattr(stats, "spec_accepted_tokens", 0),
+            spec_acceptance_lengths=dict(getattr(stats, "spec_acceptance_lengths", {})),
+            spec_chosen_k=dict(getattr(stats, "spec_chosen_k", {})),
         )
         return Heartbeat(
             instance_id=self.instance_id,

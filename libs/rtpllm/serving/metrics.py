@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from rtpllm.routing.instances import InstanceRegistry
@@ -117,9 +117,14 @@ class _StateCollector(Collector):
         seconds = CounterMetricFamily("rtpllm_kv_transfer_seconds", "Seconds spent in KV transfers", labels=["instance", "backend"])
         tier_hits = CounterMetricFamily("rtpllm_kv_tier_hit_tokens", "Prompt tokens served from a KV tier instead of recomputed, per instance and tier (gpu, host, ssd, redis)", labels=["instance", "tier"])
         tier_ratio = GaugeMetricFamily("rtpllm_kv_tier_hit_ratio", "Share of looked-up prompt tokens served from each KV tier, per instance", labels=["instance", "tier"])
+        spec_proposed = CounterMetricFamily("rtpllm_spec_proposed_tokens", "Speculative decoding: draft tokens verified, per instance", labels=["instance"])
+        spec_accepted = CounterMetricFamily("rtpllm_spec_accepted_tokens", "Speculative decoding: draft tokens accepted, per instance", labels=["instance"])
+        spec_lengths = HistogramMetricFamily("rtpllm_spec_acceptance_length", "Speculative decoding: draft tokens accepted per request-step that verified drafts, per instance", labels=["instance"])
+        spec_k = CounterMetricFamily("rtpllm_spec_chosen_k", "Speculative decoding: draft lengths the adaptive policy chose (0: none), per instance and length", labels=["instance", "k"])
         counts: dict[tuple[str, str], int] = {}
         for inst in self._instances:
             hb = inst.heartbeat
+            _add_spec_metrics(hb.instance_id, hb.load, spec_proposed, spec_accepted, spec_lengths, spec_k)
             for tier, tokens in hb.load.tier_hit_tokens.items():
                 tier_hits.add_metric([hb.instance_id, tier], tokens)
                 tier_ratio.add_metric([hb.instance_id, tier], tokens / hb.load.prefix_queried_tokens if hb.load.prefix_queried_tokens else 0.0)
@@ -142,6 +147,24 @@ class _StateCollector(Collector):
         for (model, state), n in counts.items():
             alive.add_metric([model, state], n)
         yield from (alive, kv, hit, running, waiting, prefills, transfers, failures, nbytes, seconds, tier_hits, tier_ratio)
+        yield from (spec_proposed, spec_accepted, spec_lengths, spec_k)
+
+
+def _add_spec_metrics(instance: str, load: Any, proposed: Any, accepted: Any, lengths: Any, chosen: Any) -> None:
+    """An instance's speculative-decoding counters (none for an instance without them)."""
+    if not load.spec_proposed_tokens and not load.spec_chosen_k:
+        return
+    proposed.add_metric([instance], load.spec_proposed_tokens)
+    accepted.add_metric([instance], load.spec_accepted_tokens)
+    hist = sorted(load.spec_acceptance_lengths.items())
+    buckets, running = [], 0
+    for length, n in hist:
+        running += n
+        buckets.append((str(float(length)), running))
+    buckets.append(("+Inf", running))
+    lengths.add_metric([instance], buckets, sum_value=float(sum(length * n for length, n in hist)))
+    for k, n in sorted(load.spec_chosen_k.items()):
+        chosen.add_metric([instance, str(k)], n)
 
 
 class _VLLMStateCollector(Collector):

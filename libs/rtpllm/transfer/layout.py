@@ -67,4 +67,10 @@ class KVLayout:
                 if isinstance(a, bytes):
                     a, b = a.hex(), b.hex()
                 diffs.append(f"{f.name}: {mine}={a} {theirs}={b}")
+        if diffs and (self.namespace != other.namespace or self.dtype != other.dtype):
+            # The namespace is a digest: say what it names. fp8/int8 pools are uint8 pages.
+            diffs.append(
+                "(the namespace names model, dtype, KV cache format (--kv-cache-dtype / --kv-cache-plan), "
+                "TP size and block size: both ends must use the same)"
+            )
         return "; ".join(diffs) or None

@@ -1,0 +1,26 @@
+"""bench/speculative.py runs end to end (tiny random shape, CPU): off and on side by
+side, outputs identical, the replay proposer at full acceptance accepting drafts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import speculative
+
+
+@pytest.mark.timeout(300)
+def test_speculative_bench_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "spec.json"
+    # --no-adaptive: what the adaptive policy chooses depends on this machine's timings.
+    argv = ["--shape", "tiny", "--device", "cpu", "--methods", "replay,ngram", "--acceptance", "1.0",
+            "--batch", "1", "3", "--max-tokens", "12", "--prompt-len", "20", "--no-adaptive", "--out", str(out)]  # fmt: skip
+    assert speculative.main(argv) == 0  # 0: every run identical to speculation off
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["method"], r["batch"]) for r in rows] == [
+        ("off", 1), ("replay", 1), ("ngram", 1), ("off", 3), ("replay", 3), ("ngram", 3),
+    ]  # fmt: skip
+    replay = [r for r in rows if r["method"] == "replay"]
+    assert all(r["identical_to_off"] and r["accepted"] > 0 and r["tokens_per_request_step"] > 1.5 for r in replay)
