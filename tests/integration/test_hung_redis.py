@@ -21,13 +21,14 @@ import random
 import signal
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import httpx
 import pytest
 
+from bench.serving_bench import StreamLog, stream_request
 from rtpllm.runtime.processes import ManagedProcess
 from rtpllm.runtime.stack import Stack
 from tests.integration.support import MODEL_NAME, auth_headers, running_stack
@@ -48,14 +49,6 @@ MAX_GAP_S = 1.5  # below the tiers' 2 s timeouts
 ATTEMPTS = 2
 REDIS_ARGS = ["--kv-host-gib", "0.004", "--kv-redis", "--kv-write-through", "on", "--block-size", "16"]
 KVSTORE_ARGS = ["--kvstore", "--kv-write-through", "on", "--block-size", "16"]
-
-
-@dataclass
-class StreamLog:
-    sent: float
-    chunks: list[float] = field(default_factory=list)
-    finished: bool = False
-    error: str | None = None
 
 
 @dataclass
@@ -104,22 +97,7 @@ def body(prompt: list[int], max_tokens: int) -> bytes:
 
 async def stream(client: httpx.AsyncClient, data: bytes, log: StreamLog) -> None:
     """One streamed completion, each content chunk stamped on arrival."""
-    try:
-        async with client.stream("POST", "/v1/completions", content=data) as r:
-            if r.status_code != 200:
-                log.error = f"HTTP {r.status_code}: {(await r.aread())[:300]!r}"
-                return
-            async for line in r.aiter_lines():
-                if not line.startswith("data: {"):
-                    continue
-                if '"text":' in line:
-                    log.chunks.append(time.perf_counter())
-                    if '"finish_reason":"' in line:
-                        log.finished = True
-                elif line.startswith('data: {"error"'):
-                    log.error = line[6:306]
-    except httpx.HTTPError as exc:
-        log.error = f"{type(exc).__name__}: {exc}"
+    await stream_request(client, "/v1/completions", data, log)
 
 
 async def run_phase(stack: Stack, seed: str, fault: Callable[[], None] | None, tokens: int) -> Phase:
