@@ -77,15 +77,19 @@ class AsyncLLMEngine:
     with EngineDeadError if the engine thread dies.
     """
 
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine, thread: threading.Thread | None = None) -> None:
+        """`thread`: the thread that built `engine` and runs `_run` next (see `create`);
+        None starts a thread of its own."""
         self.engine = engine
         self._commands: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[RequestOutput | BaseException]]] = {}
         self._lock = threading.Lock()
         self._stats = engine.stats()
         self._dead: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="rtpllm-engine", daemon=True)
-        self._thread.start()
+        if thread is None:
+            thread = threading.Thread(target=self._run, name="rtpllm-engine", daemon=True)
+            thread.start()
+        self._thread = thread
 
     @classmethod
     async def create(
@@ -95,10 +99,33 @@ class AsyncLLMEngine:
         engine_id: str = "engine-0",
         load_progress: Callable[[int, int], None] | None = None,
     ) -> AsyncLLMEngine:
-        """Load the model off the event loop (it takes seconds) and start the engine thread.
-        `load_progress(bytes_done, bytes_total)` is called from the loader's thread."""
-        engine = await asyncio.to_thread(LLMEngine, config, on_kv_events, engine_id, load_progress)
-        return cls(engine)
+        """Load the model off the event loop (it takes seconds) on the thread that then
+        runs the engine. `load_progress(bytes_done, bytes_total)` is called from the
+        loader's thread.
+
+        One thread for both, because on CPU every thread that runs torch ops gets its own
+        OpenMP team, and once the teams hold more threads than there are cores, libgomp
+        stops spinning between parallel regions: each small op then waits for sleeping
+        workers to wake. Loading on an executor thread and stepping on another made the
+        engine ~1.6x slower on 2 cores (docs/benchmarks.md, Serving tax)."""
+        loop = asyncio.get_running_loop()
+        built: asyncio.Future[AsyncLLMEngine] = loop.create_future()
+
+        def run() -> None:
+            try:
+                engine = LLMEngine(config, on_kv_events, engine_id, load_progress)
+            except BaseException as exc:  # noqa: BLE001 - the awaiting coroutine raises it
+                loop.call_soon_threadsafe(_fail, built, exc)
+                return
+            if built.cancelled():  # the caller stopped waiting (shutdown during load)
+                engine.close()
+                return
+            this = cls(engine, threading.current_thread())
+            loop.call_soon_threadsafe(_resolve, built, this)
+            this._run()
+
+        threading.Thread(target=run, name="rtpllm-engine", daemon=True).start()
+        return await built
 
     @property
     def tokenizer(self):
@@ -278,3 +305,8 @@ class AsyncLLMEngine:
 def _resolve(future: asyncio.Future, value: object) -> None:
     if not future.done():
         future.set_result(value)
+
+
+def _fail(future: asyncio.Future, error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)
