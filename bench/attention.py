@@ -166,8 +166,8 @@ def _sdpa_variants(
     return variants
 
 
-def prefill_rows(device: str, smoke: bool, flex: bool) -> list[dict[str, Any]]:
-    length = 64 if smoke else 4096
+def prefill_rows(device: str, smoke: bool, flex: bool, length: int = 4096) -> list[dict[str, Any]]:
+    length = 64 if smoke else length
     num_blocks = length // BLOCK + 1
     pool = torch.randn(1, 2, num_blocks, BLOCK, HKV, D, device=device, dtype=DT)
     kc, vc = pool[0, 0], pool[0, 1]
@@ -286,9 +286,14 @@ def extend_case(batch: int, chunk: int, prefix: int, device: str, gen: torch.Gen
     }
 
 
-def extend_rows(device: str, smoke: bool, gen: torch.Generator) -> list[dict[str, Any]]:
+def extend_rows(device: str, smoke: bool, gen: torch.Generator, long: bool = False) -> list[dict[str, Any]]:
+    """Chunks over a cached prefix (a prefix hit, or chunked prefill): 512 over 4k, and with
+    `long` a 4k chunk ending at 16k and 32k tokens."""
     chunk, prefix = (24, 40) if smoke else (512, 4096)
-    return [extend_case(batch, chunk, prefix, device, gen) for batch in (1, 8)]
+    rows = [extend_case(batch, chunk, prefix, device, gen) for batch in (1, 8)]
+    if long and not smoke:
+        rows += [extend_case(1, 4096, total - 4096, device, gen) for total in (16384, 32768)]
+    return rows
 
 
 def sweep_rows(device: str, gen: torch.Generator, smoke: bool) -> list[dict[str, Any]]:
@@ -451,12 +456,13 @@ def table(rows: list[dict[str, Any]], bw: float) -> str:
         if r["case"] == "sweep_prefill":
             res = f"{r['ms']:>9.3f} ms {r['tflops']:>6.1f} TFLOP/s" if "ms" in r else f"error: {r['error']}"
             lines.append(f"prefill cfg (BLOCK_M, BLOCK_N, warps, stages) {r['cfg']!s:>16} {res}")
-    prefill = {r["impl"]: r["ms"] for r in rows if r["case"] == "prefill" and "ms" in r}
-    if "triton_extend" in prefill:
-        best = min((v, k) for k, v in prefill.items() if k != "store_kv")
-        lines.append(
-            f"\nfastest prefill: {best[1]} ({best[0]:.3f} ms); triton_extend {prefill['triton_extend']:.3f} ms"
-        )
+    for tokens in sorted({r["tokens"] for r in rows if r["case"] == "prefill" and "ms" in r}):
+        prefill = {r["impl"]: r["ms"] for r in rows if r["case"] == "prefill" and "ms" in r and r["tokens"] == tokens}
+        if "triton_extend" in prefill:
+            best = min((v, k) for k, v in prefill.items() if k != "store_kv")
+            lines.append(
+                f"fastest prefill of {tokens}: {best[1]} ({best[0]:.3f} ms); triton_extend {prefill['triton_extend']:.3f} ms"
+            )
     return "\n".join(lines)
 
 
@@ -466,6 +472,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="write all rows as JSON here")
     parser.add_argument("--sweep", action="store_true", help="also sweep decode launch configs")
     parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compile takes ~30 s)")
+    parser.add_argument(
+        "--prefill-lens", type=int, nargs="+", default=[4096], help="uncached prompt lengths for the prefill rows"
+    )
+    parser.add_argument("--long", action="store_true", help="also 4k-token chunks over 12k and 28k cached tokens")
     parser.add_argument("--bw", type=float, default=COPY_BW_GBS, help="copy bandwidth to compare with, GB/s")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -475,8 +485,9 @@ def main() -> None:
     torch.manual_seed(0)
     started = time.perf_counter()
     rows = decode_rows(device, args.smoke, gen)
-    rows += prefill_rows(device, args.smoke, flex=not args.no_flex and not args.smoke)
-    rows += extend_rows(device, args.smoke, gen)
+    for length in args.prefill_lens:
+        rows += prefill_rows(device, args.smoke, flex=not args.no_flex and not args.smoke, length=length)
+    rows += extend_rows(device, args.smoke, gen, long=args.long)
     if args.sweep:
         rows += sweep_rows(device, gen, args.smoke)
         rows += prefill_sweep_rows(device, args.smoke)

@@ -14,6 +14,7 @@ Usage: python bench/engine.py all --out results.json [--hf]
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import random
@@ -37,13 +38,32 @@ SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen06b": ("qwen3", QWEN3_0_6B_SHAPE),
     "tiny": ("llama", TINY_SHAPE),
 }
-# Device-copy bandwidth measured in this workplace (bytes/s, read + write counted).
+# Device-copy bandwidth measured in this workplace (bytes/s, read + write counted): the
+# fallback where no GPU is present to measure it on (CPU smoke runs).
 COPY_BANDWIDTH = {"H100": 3.03e12, "H200": 4.3e12}
 
 
+@functools.cache
 def copy_bandwidth() -> float:
-    name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
-    return next((bw for card, bw in COPY_BANDWIDTH.items() if card in name), COPY_BANDWIDTH["H100"])
+    """The card's device-to-device copy bandwidth, measured now (read + write bytes per
+    second of a 2 GiB copy, median of 20): the limit batch-1 decode is quoted against."""
+    if not torch.cuda.is_available():
+        return COPY_BANDWIDTH["H100"]
+    src = torch.empty(1 << 30, dtype=torch.int16, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    times = []
+    for _ in range(20):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * (1 << 31) / sorted(times)[len(times) // 2]
 
 
 def model_dir(shape: str, root: Path) -> Path:
@@ -254,12 +274,41 @@ def hf_baselines(path: Path, device: str, new_tokens: int = 256) -> dict[str, An
     return {"hf_decode_tok_per_s": decode, "hf_prefill_4096_ms": sorted(times)[1] * 1e3}
 
 
+def hf_generate_batch(path: Path, device: str, num_requests: int, output_len: int, seed: int = 0) -> dict[str, Any]:
+    """HF transformers continuous batching (`generate_batch`, paged SDPA) on the offline
+    workload's distribution (inputs 100-1024, seeded like run_throughput; greedy). Output
+    tok/s counts the tokens it generated (random weights rarely stop early)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.generation import GenerationConfig
+
+    cfg = AutoConfig.from_pretrained(path)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="paged|sdpa")
+    model.eval()
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(cfg.vocab_size) for _ in range(rng.randint(100, 1024))] for _ in range(num_requests)]
+    gen = GenerationConfig(max_new_tokens=output_len, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    with torch.no_grad():
+        model.generate_batch(inputs=[p[:32] for p in prompts[:8]], generation_config=GenerationConfig(max_new_tokens=4, do_sample=False, eos_token_id=-1, pad_token_id=0), progress_bar=False)
+        sync()
+        start = time.perf_counter()
+        outs = model.generate_batch(inputs=prompts, generation_config=gen, progress_bar=False)
+        sync()
+        elapsed = time.perf_counter() - start
+    out_tokens = sum(len(o.generated_tokens) for o in outs.values())
+    del model
+    release()
+    return {"requests": num_requests, "output_tokens": out_tokens, "seconds": elapsed, "output_tok_per_s": out_tokens / elapsed}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=["latency", "throughput", "prefill", "step", "all", "profile"])
     ap.add_argument("--shape", default=None, help="override the model shape (llama8b, qwen06b, tiny)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--hf", action="store_true", help="also run the HF transformers baselines")
+    ap.add_argument("--hf-batch", type=int, default=0, metavar="N", help="throughput: also HF generate_batch on N requests of each workload")
+    ap.add_argument("--prefill-lens", type=int, nargs="+", default=[4096], help="prefill: prompt lengths")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes and counts (CPU check of the script)")
     ap.add_argument("--out", default=None, help="write results as JSON here")
     ap.add_argument("--profile", default=None, help="directory: write a batch-1 decode profile (table + trace) there")
@@ -269,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     small = args.shape or ("tiny" if args.smoke else "qwen06b")
     n_req = 8 if args.smoke else 256
     results: dict[str, Any] = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "date": time.strftime("%Y-%m-%d")}
+    if args.device == "cuda":
+        results["copy_bandwidth_GBps"] = copy_bandwidth() / 1e9
+        print(f"copy bandwidth: {results['copy_bandwidth_GBps']:.0f} GB/s", flush=True)
     rows: list[tuple[str, str]] = []
 
     def record(name: str, res: dict[str, Any], summary: str) -> None:
@@ -281,8 +333,9 @@ def main(argv: list[str] | None = None) -> int:
         r = bench_latency(model_dir(big, root), args.device, new_tokens=32 if args.smoke else 256)
         record(f"latency[{big}]", r, f"{r['tok_per_s']:.1f} tok/s, {r['achieved_GBps']:.0f} GB/s (limit {r['bandwidth_limit_tok_per_s']:.0f} tok/s; graph alone {r['graph_replay_ms']} ms)")
     if args.what in ("prefill", "all"):
-        r = bench_prefill(model_dir(big, root), args.device, prompt_len=256 if args.smoke else 4096)
-        record(f"prefill[{big}]", r, f"{r['median_ms']:.1f} ms for {r['prompt_tokens']} tokens")
+        for length in [256] if args.smoke else args.prefill_lens:
+            r = bench_prefill(model_dir(big, root), args.device, prompt_len=length)
+            record(f"prefill[{big},{length}]", r, f"{r['median_ms']:.1f} ms for {r['prompt_tokens']} tokens")
     if args.what in ("step", "all"):
         for batch in (4, 8) if args.smoke else (64, 256):
             r = bench_step(model_dir(big, root), args.device, batch, ctx=64 if args.smoke else 1024, steps=8 if args.smoke else 32)
@@ -292,6 +345,13 @@ def main(argv: list[str] | None = None) -> int:
         record(f"throughput[{big}]", r, f"{r['output_tok_per_s']:.0f} output tok/s ({r['seconds']:.1f} s)")
         r = bench_throughput(model_dir(small, root), args.device, n_req, 16 if args.smoke else 512)
         record(f"throughput[{small}]", r, f"{r['output_tok_per_s']:.0f} output tok/s ({r['seconds']:.1f} s)")
+        if args.hf_batch:
+            for shape, out_len in ((big, 16 if args.smoke else 256), (small, 16 if args.smoke else 512)):
+                try:
+                    r = hf_generate_batch(model_dir(shape, root), args.device, args.hf_batch, out_len)
+                    record(f"hf_generate_batch[{shape}]", r, f"{r['output_tok_per_s']:.0f} output tok/s ({r['requests']} requests, {r['seconds']:.1f} s)")
+                except Exception as exc:  # a transformers without it: say so, keep the rest
+                    record(f"hf_generate_batch[{shape}]", {"error": repr(exc)[:300]}, f"error: {exc!r}"[:200])
     if args.hf:
         r = hf_baselines(model_dir(big, root), args.device, new_tokens=16 if args.smoke else 256)
         record(f"hf[{big}]", r, f"decode {r['hf_decode_tok_per_s']:.1f} tok/s, prefill 4096 {r['hf_prefill_4096_ms']:.0f} ms")

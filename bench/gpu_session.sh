@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: carried wheels, GPU tests and benchmarks by phase,
 # full logs under $OUT, a short summary last. Usage: bash bench/gpu_session.sh PHASE...
-# Phases: env kernels model structtest structured servingtax servingtax-cpu (ST_ARGS=...) multimodal (MM_ARGS=... MM_LIMIT=s) latency latency-ab engine attention ops load (SWEEP=T:E:D,... COLD_SWEEP=... METHODS=...) serveready loadsweep pinned zerocopy kvtiers routing loadtest
+# Phases: env kernels model gptfast prefill (PREFILL_LENS) attnlong hfbatch (HF_BATCH) spec (SPEC_ACC SPEC_BATCH SPEC_SHAPE SPEC_TOKENS) kvqspeed (KVQ_CTX)
+#          structtest structured servingtax servingtax-cpu (ST_ARGS=...) multimodal (MM_ARGS=... MM_LIMIT=s) latency latency-ab engine attention ops load (SWEEP=T:E:D,... COLD_SWEEP=... METHODS=...) serveready loadsweep pinned zerocopy kvtiers routing loadtest
 #         gemvtest xfertest kvxfer pd (kvxfer and pd want two GPUs: nvidia-h100-x2)
 set -u
 cd "$(dirname "$0")/.."
@@ -67,6 +68,13 @@ for phase in "$@"; do
     kvtiers) run kvtiers 300 python3 bench/kv_tiers.py --device cuda --ttft --json "$OUT/kv_tiers.json" ;;
     zerocopy) run zerocopy 240 python3 bench/zero_copy_probe.py --gb 4 --threads 8,16 --out "$OUT/zero_copy.json" ;;
     pinned) run pinned 120 python3 bench/pinned_alloc.py --out "$OUT/pinned.json" ;;
+    gptfast) run gptfast 400 python3 bench/gpt_fast_peer.py --gpt-fast .whl/gpt-fast --out "$OUT/gpt_fast.json" ;;
+    prefill) run prefill 300 python3 bench/engine.py prefill --prefill-lens ${PREFILL_LENS:-4096 16384 32768} --out "$OUT/prefill.json" ;;
+    attnlong) run attnlong 300 python3 bench/attention.py --no-flex --prefill-lens 4096 16384 32768 --long --out "$OUT/attention_long.json" ;;
+    hfbatch) run hfbatch 400 python3 bench/engine.py throughput --hf-batch ${HF_BATCH:-64} --out "$OUT/throughput_hf.json" ;;
+    spec) run spec 500 python3 bench/speculative.py --shape ${SPEC_SHAPE:-llama8b} --device cuda --methods replay \
+            --acceptance ${SPEC_ACC:-0.7} --batch ${SPEC_BATCH:-1 64} --max-tokens ${SPEC_TOKENS:-128} --out "$OUT/speculative.json" ;;
+    kvqspeed) run kvqspeed 500 python3 bench/kv_quant.py speed --batch 32 --context ${KVQ_CTX:-16384} --out "$OUT/kv_quant_speed.json" ;;
     *) echo "unknown phase $phase" ;;
   esac
 done

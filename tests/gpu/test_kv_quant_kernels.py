@@ -221,6 +221,24 @@ def test_backend_quantized_matches_torch_backend(kernel_device: str, fmt: str) -
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backend_quantized_sdpa_prefill_matches_torch_backend(kernel_device: str, fmt: str, dtype: torch.dtype) -> None:
+    """A lone uncached prompt beside decodes goes to SDPA (forced here; on its own from
+    1,024 tokens): it attends to the rows read back from the quantized cache, so it equals
+    the torch backend, which attends to the stored KV, and leaves the same cache."""
+    case = make_case([50, 31, 75], [1, 1, 75], 8, 2, 64, 16, dtype, kernel_device, seed=23)
+    qc = QuantCase(case, fmt)
+    _, k2, v2, ks2, vs2 = qc.clone_pool()
+    out = TritonAttentionBackend(prefill_impl="sdpa").forward(
+        case.q, case.k, case.v, qc.k_cache, qc.v_cache, case.meta, case.scale, None, qc.k_scale, qc.v_scale
+    )
+    ref = TorchReferenceBackend().forward(case.q, case.k, case.v, k2, v2, case.meta, case.scale, None, ks2, vs2)
+    assert rel_err(out, ref) < TOL[dtype]
+    _assert_quantized_equal(qc.k_cache, qc.k_scale, k2, ks2)
+    _assert_quantized_equal(qc.v_cache, qc.v_scale, v2, vs2)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_model_with_quantized_kv_triton_matches_torch(cuda_device: str, tmp_path: Path, fmt: str, dtype: str) -> None:
     """A whole tiny model on the GPU with fp8/int8 KV: greedy tokens of the Triton backend

@@ -27,6 +27,7 @@ from rtpllm.kernels._triton import HAS_TRITON
 from rtpllm.kernels.decode_attention import paged_decode_attention_triton
 from rtpllm.kernels.extend_attention import paged_extend_attention_triton
 from rtpllm.kernels.kv_cache import store_kv_triton
+from rtpllm.kernels.kv_quant import dequantize_ref
 
 # A lone prompt without cached prefix at least this long is handed to SDPA (flash) in
 # "auto" mode. Set from bench/attention.py's prefill rows on the H100 (docs/kernels.md).
@@ -100,10 +101,8 @@ class TritonAttentionBackend(AttentionBackend):
                 v_scale=v_scale,
             )
         if meta.num_seqs > nd:
-            # SDPA would attend to unquantized K/V that the cache does not hold: a quantized
-            # cache always takes the extend kernel, so every path sees the same keys.
-            if k_scale is None and self._sdpa_prefill(meta, sliding_window):
-                self._forward_sdpa(q, k, v, k_cache, v_cache, meta, scale, out)
+            if self._sdpa_prefill(meta, sliding_window):
+                self._forward_sdpa(q, k, v, k_cache, v_cache, meta, scale, out, k_scale, v_scale)
             else:
                 paged_extend_attention_triton(
                     q,
@@ -147,15 +146,33 @@ class TritonAttentionBackend(AttentionBackend):
         meta: AttentionMetadata,
         scale: float,
         out: torch.Tensor,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
     ) -> None:
         start, end = meta.query_start_loc_host[-2], meta.query_start_loc_host[-1]
-        store_kv_triton(k[start:end], v[start:end], k_cache, v_cache, meta.slot_mapping[start:end])
+        slots = meta.slot_mapping[start:end]
+        k, v = k[start:end], v[start:end]
+        store_kv_triton(k, v, k_cache, v_cache, slots, k_scale, v_scale)
+        if k_scale is not None and v_scale is not None:
+            # A quantized cache: attend to what it now holds (the rows read back and
+            # dequantized), not to the unrounded K/V, so the prompt's decode steps and a
+            # later prefix hit on it see the keys its prefill saw.
+            k, v = _read_back(k_cache, k_scale, slots, q.dtype), _read_back(v_cache, v_scale, slots, q.dtype)
         # [L, H, D] -> [1, H, L, D] views; enable_gqa keeps the flash kernel on GQA shapes.
         qt = q[start:end].transpose(0, 1).unsqueeze(0)
-        kt = k[start:end].transpose(0, 1).unsqueeze(0)
-        vt = v[start:end].transpose(0, 1).unsqueeze(0)
+        kt = k.transpose(0, 1).unsqueeze(0)
+        vt = v.transpose(0, 1).unsqueeze(0)
         res = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=True)
         out[start:end] = res[0].transpose(0, 1)
+
+
+def _read_back(cache: torch.Tensor, scales: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Rows [T, Hkv, D] of a quantized cache at `slots`, dequantized to `dtype`."""
+    block_size = cache.shape[1]
+    blocks, offsets = slots // block_size, slots % block_size
+    # Gathered as bytes: index of float8 dtypes is missing from some torch builds.
+    values = cache.view(torch.uint8)[blocks, offsets].view(cache.dtype)
+    return dequantize_ref(values, scales[blocks, offsets], dtype)
 
 
 if HAS_TRITON and torch.cuda.is_available():
