@@ -180,6 +180,23 @@ def profile_decode(path: Path, device: str, out_dir: Path, steps: int = 10) -> s
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
 
 
+def profile_prefill(path: Path, device: str, out_dir: Path, prompt_len: int = 4096) -> str:
+    """Per-kernel GPU time of one uncached prompt's prefill (torch.profiler), as a table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    llm = make_llm(path, device, max_model_len=prompt_len + 16, max_num_batched_tokens=prompt_len, enable_prefix_caching=False)
+    vocab = llm.engine.model_config.vocab_size
+    rng = random.Random(1)
+    params = SamplingParams(temperature=0, max_tokens=1)
+    llm.generate([[rng.randrange(vocab) for _ in range(prompt_len)]], params)
+    sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        llm.generate([[rng.randrange(vocab) for _ in range(prompt_len)]], params)
+        sync()
+    prof.export_chrome_trace(str(out_dir / "prefill_trace.json"))
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
+
+
 def bench_throughput(path: Path, device: str, num_requests: int, output_len: int, seed: int = 0) -> dict[str, Any]:
     llm = make_llm(path, device, max_model_len=1024 + output_len + 16, max_num_seqs=256, max_num_batched_tokens=8192)
     res = run_throughput(llm, num_requests, (100, 1024), output_len, seed)
@@ -303,7 +320,7 @@ def hf_generate_batch(path: Path, device: str, num_requests: int, output_len: in
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["latency", "throughput", "prefill", "step", "all", "profile"])
+    ap.add_argument("what", choices=["latency", "throughput", "prefill", "step", "all", "profile", "profile-prefill"])
     ap.add_argument("--shape", default=None, help="override the model shape (llama8b, qwen06b, tiny)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--hf", action="store_true", help="also run the HF transformers baselines")
@@ -355,7 +372,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.hf:
         r = hf_baselines(model_dir(big, root), args.device, new_tokens=16 if args.smoke else 256)
         record(f"hf[{big}]", r, f"decode {r['hf_decode_tok_per_s']:.1f} tok/s, prefill 4096 {r['hf_prefill_4096_ms']:.0f} ms")
-    if args.what == "profile" or args.profile:
+    if args.what == "profile-prefill":
+        out_dir = Path(args.profile or ".")
+        table = profile_prefill(model_dir(big, root), args.device, out_dir, prompt_len=256 if args.smoke else args.prefill_lens[0])
+        (out_dir / "prefill_profile.txt").write_text(table)
+        print(table)
+    elif args.what == "profile" or args.profile:
         args.profile = args.profile or "."
         table = profile_decode(model_dir(big, root), args.device, Path(args.profile))
         (Path(args.profile) / "decode_profile.txt").write_text(table)

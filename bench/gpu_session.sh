@@ -68,6 +68,7 @@ for phase in "$@"; do
     kvtiers) run kvtiers 300 python3 bench/kv_tiers.py --device cuda --ttft --json "$OUT/kv_tiers.json" ;;
     zerocopy) run zerocopy 240 python3 bench/zero_copy_probe.py --gb 4 --threads 8,16 --out "$OUT/zero_copy.json" ;;
     pinned) run pinned 120 python3 bench/pinned_alloc.py --out "$OUT/pinned.json" ;;
+    profprefill) run profprefill 200 python3 bench/engine.py profile-prefill --profile "$OUT" ;;
     gptfast) run gptfast 400 python3 bench/gpt_fast_peer.py --gpt-fast .whl/gpt-fast --out "$OUT/gpt_fast.json" ;;
     prefill) run prefill 300 python3 bench/engine.py prefill --prefill-lens ${PREFILL_LENS:-4096 16384 32768} --out "$OUT/prefill.json" ;;
     attnlong) run attnlong 300 python3 bench/attention.py --no-flex --prefill-lens 4096 16384 32768 --long --out "$OUT/attention_long.json" ;;
