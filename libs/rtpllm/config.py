@@ -147,7 +147,7 @@ class SchedulerConfig:
             raise ValueError("max_num_batched_tokens must be >= 1")
 
 
-SPECULATIVE_METHODS = ("ngram", "suffix")
+SPECULATIVE_METHODS = ("ngram", "suffix", "draft")
 
 
 @dataclass(frozen=True)
@@ -157,19 +157,31 @@ class SpeculativeConfig:
     `num_speculative_tokens`: the most draft tokens a request verifies per step. With
     `adaptive` (the default) each step takes fewer, down to none, from each request's
     measured acceptance and the measured cost of extra tokens in a step; without it
-    every proposal is verified up to that length."""
+    every proposal is verified up to that length.
 
-    method: str | None = None  # "ngram" | "suffix"
+    Method "draft": `draft_model` (a model directory or known name whose vocabulary is
+    the target's) proposes the drafts, with its own KV pool taking `draft_kv_share` of
+    the KV memory (None: the share that holds as many tokens as the target's pool)."""
+
+    method: str | None = None  # "ngram" | "suffix" | "draft"
     num_speculative_tokens: int = 4
     adaptive: bool = True
     ngram_min: int = 2
     ngram_max: int = 4
+    draft_model: str | None = None
+    draft_kv_share: float | None = None
 
     def __post_init__(self) -> None:
         if self.method is not None and self.method not in SPECULATIVE_METHODS:
             raise ValueError(f"speculative method must be one of {', '.join(SPECULATIVE_METHODS)}, got {self.method!r}")
         if not 1 <= self.num_speculative_tokens <= 32:
             raise ValueError(f"num_speculative_tokens must be in [1, 32], got {self.num_speculative_tokens}")
+        if self.method == "draft" and not self.draft_model:
+            raise ValueError("speculative method 'draft' needs draft_model, the draft model's directory or name (draft:PATH)")
+        if self.method != "draft" and self.draft_model is not None:
+            raise ValueError(f"draft_model is for speculative method 'draft', not {self.method!r}")
+        if self.draft_kv_share is not None and not 0.0 < self.draft_kv_share < 1.0:
+            raise ValueError(f"draft_kv_share must be in (0, 1), got {self.draft_kv_share}")
 
     @property
     def enabled(self) -> bool:

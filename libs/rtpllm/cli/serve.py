@@ -131,15 +131,28 @@ def media_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def _speculative_config(args: argparse.Namespace, config: type) -> Any:
     """--speculative and its flags as a SpeculativeConfig (SystemExit naming the flag)."""
-    method = getattr(args, "speculative", "off")
+    raw = (getattr(args, "speculative", None) or "off").strip()
+    method: str | None = raw
+    draft = None
+    if raw.startswith("draft:"):
+        method, draft = "draft", raw.removeprefix("draft:").strip()
+        if not draft:
+            raise SystemExit("error: --speculative draft:PATH: PATH (the draft model's directory or name) is empty")
+    elif raw == "off":
+        method = None
+    elif raw not in ("ngram", "suffix"):
+        hint = " (a draft model is draft:PATH)" if raw == "draft" else ""
+        raise SystemExit(f"error: --speculative: expected off, ngram, suffix or draft:PATH, got {raw!r}{hint}")
     try:
         return config(
-            method=None if method == "off" else method,
+            method=method,
             num_speculative_tokens=getattr(args, "num_speculative_tokens", 4),
             adaptive=getattr(args, "speculative_adaptive", True),
+            draft_model=draft,
+            draft_kv_share=getattr(args, "speculative_draft_kv_share", None),
         )
     except ValueError as exc:
-        raise SystemExit(f"error: --speculative / --num-speculative-tokens: {exc}") from None
+        raise SystemExit(f"error: --speculative / --num-speculative-tokens / --speculative-draft-kv-share: {exc}") from None
 
 
 def _csv(value: str | None) -> tuple[str, ...]:
@@ -171,6 +184,9 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         if tp > 1:
             raise SystemExit("error: --gpu-claim-dir claims one GPU; with --tensor-parallel-size pass --device cuda:N")
         device = claimed_cuda_device(args.gpu_claim_dir)
+    speculative = _speculative_config(args, SpeculativeConfig)
+    if speculative.method == "draft" and getattr(args, "service", "worker") == "prefill":
+        speculative = SpeculativeConfig()  # a prefill instance never decodes: no draft model to load
     return EngineConfig(
         model=args.model,
         device=device,
@@ -181,7 +197,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         load_format=args.load_format,
         cuda_graphs=args.cuda_graphs,
         async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
-        speculative=_speculative_config(args, SpeculativeConfig),
+        speculative=speculative,
         cache=CacheConfig(
             block_size=args.block_size,
             num_blocks=args.num_blocks,

@@ -72,6 +72,10 @@ class DecodeGraphs:
         """Capture every size, largest first so the smaller ones reuse its memory."""
         self._reset_padding(self.max_batch)
         stream = torch.cuda.Stream()
+        # The input buffers were filled on the current stream (torch.zeros, the reset
+        # above); the capture stream must not read them before those fills ran, or the
+        # warm-up forward embeds whatever the allocator's reused memory held.
+        stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for size in reversed(self.sizes):
                 with self.backend.graph_capture(size, self.max_seq_len):

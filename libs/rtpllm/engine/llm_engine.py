@@ -25,6 +25,7 @@ from rtpllm.engine.request import Request
 from rtpllm.engine.sampler import PendingSample, Sampler, needs_history, prompt_logprobs
 from rtpllm.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from rtpllm.engine.stats import EngineStats
+from rtpllm.engine.step_clock import StepClock
 from rtpllm.engine.structured import MaskJob, StructuredOutputs
 from rtpllm.engine.tensor_parallel import TensorParallel, TensorParallelError, closes_on_failure
 from rtpllm.engine.validation import validate_prompt
@@ -40,6 +41,7 @@ from rtpllm.models.registry import cache_root, resolve_model, served_model_name
 from rtpllm.outputs import CompletionOutput, KVHandoff, KVReservation, PositionLogprobs, RequestOutput
 from rtpllm.sampling_params import SamplingParams
 from rtpllm.speculative.adaptive import PolicyConfig
+from rtpllm.speculative.draft import DraftModelProposer
 from rtpllm.speculative.proposer import build_proposer
 from rtpllm.speculative.speculator import Speculator
 from rtpllm.speculative.verify import SpecRows, Verified, verify
@@ -52,34 +54,6 @@ if TYPE_CHECKING:
     from rtpllm.multimodal.inputs import MultimodalInputs
 
 log = logging.getLogger(__name__)
-
-
-class _StepClock:
-    """How long a launched step's forward pass and sampling took: on CUDA the device
-    time between two events (the launch returns long before the GPU is done, and with
-    async scheduling the step is read back in a later `step()`), on CPU the wall time
-    of the launch, which is the work."""
-
-    def __init__(self, cuda: bool) -> None:
-        self._events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
-        if cuda:
-            self._events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-            self._events[0].record()
-        self._start = time.perf_counter()
-        self._seconds = 0.0
-
-    def stop(self) -> None:
-        if self._events is not None:
-            self._events[1].record()
-        else:
-            self._seconds = time.perf_counter() - self._start
-
-    def seconds(self) -> float:
-        """Once the step is read back (on CUDA this waits for its last kernel)."""
-        if self._events is None:
-            return self._seconds
-        self._events[1].synchronize()
-        return self._events[0].elapsed_time(self._events[1]) / 1e3
 
 
 @dataclass
@@ -95,7 +69,7 @@ class _InFlight:
     kv_written: torch.cuda.Event | None = None
     # Times the step for the KV tiers' cost model (prompt tokens per second); only
     # when there are tiers and the step ran prompt tokens.
-    clock: _StepClock | None = None
+    clock: StepClock | None = None
     # Speculative decoding: each drafted request's verified tokens (read back already:
     # a step with drafts is synchronous).
     verified: list[tuple[ScheduledRequest, Verified]] | None = None
@@ -171,6 +145,11 @@ class LLMEngine:
 
         # Per-layer KV formats (docs/kv_quantization.md); the pool is sized in their bytes.
         self.kv_spec = cache_spec(config.cache, self.model_config.num_layers, self.dtype)
+        # A draft model (speculative decoding) loads now: its weights count as used
+        # memory and its own KV pool takes a share of the budget `_num_blocks` splits.
+        self._draft: DraftModelProposer | None = None
+        if config.speculative.method == "draft":
+            self._draft = DraftModelProposer.load(config, self.model_config, max_len)
         num_blocks = self._num_blocks()
         if self.tp is not None:
             num_blocks = self.tp.agree_num_blocks(num_blocks)
@@ -201,7 +180,7 @@ class LLMEngine:
             if config.offload.enabled
             else None
         )
-        self.speculator = _build_speculator(config) if config.speculative.enabled else None
+        self.speculator = _build_speculator(config, self._draft) if config.speculative.enabled else None
         self._spec_generator: torch.Generator | None = None
         if self.speculator is not None:
             # Verification draws for unseeded requests (seeded ones use their own).
@@ -218,6 +197,8 @@ class LLMEngine:
             self.tp.send_shape(num_blocks, max_len)  # the other ranks build their pools, graphs
         if config.cuda_graphs:
             self.runner.enable_cuda_graphs(min(config.scheduler.max_num_seqs, 256), max_len)
+            if self._draft is not None:
+                self._draft.enable_cuda_graphs(min(config.scheduler.max_num_seqs, 256))
         self.sampler = Sampler(self.device, config.seed)
         self.structured = StructuredOutputs(self.tokenizer, self.eos_token_ids, self.model_config.vocab_size, self.device)
         self.outputs = OutputProcessor(self.tokenizer)
@@ -276,20 +257,43 @@ class LLMEngine:
         return MultimodalRunner(family, tower, self.device, self.dtype)
 
     def _num_blocks(self) -> int:
+        """The KV pool's blocks; with a draft model, also allocates the draft's pool from
+        its share of the same budget."""
         cache = self.config.cache
         if cache.num_blocks is not None:
+            if self._draft is not None:
+                self._draft.allocate_kv(cache.num_blocks)  # as many tokens as the target's pool
             return cache.num_blocks
         per_block = bytes_per_block(
             self.model_config, cache.block_size, self.dtype, self.config.tensor_parallel_size, self.kv_spec
         )
-        if self.device.startswith("cuda"):
+        cuda = self.device.startswith("cuda")
+        if cuda:
             free, total = torch.cuda.mem_get_info(torch.device(self.device))
             used = total - free
             budget = int(total * cache.gpu_memory_utilization) - used - _activation_reserve(self.config, self.model_config)
             if budget < per_block:
                 raise RuntimeError("no GPU memory left for the KV cache; raise gpu_memory_utilization")
+        else:
+            budget = cache.cpu_kv_bytes
+        if self._draft is not None:
+            budget -= self._allocate_draft_kv(budget, per_block, scratch=1 if cuda else 0)
+        if cuda:
             return budget // per_block - 1  # the pool adds one scratch block
-        return max(1, cache.cpu_kv_bytes // per_block)
+        return max(1, budget // per_block)
+
+    def _allocate_draft_kv(self, budget: int, per_block: int, scratch: int) -> int:
+        """Give the draft model's pool its share of the KV budget (by default the share
+        that holds as many tokens as the target's pool: every running sequence needs
+        both); return the bytes it took."""
+        assert self._draft is not None
+        draft_block = self._draft.bytes_per_block
+        share = self.config.speculative.draft_kv_share
+        if share is None:
+            share = draft_block / (draft_block + per_block)
+        taken = int(budget * share)
+        self._draft.allocate_kv(taken // draft_block - scratch)
+        return taken
 
     def _warm_up(self) -> None:
         """Run a few real steps on throwaway requests so Triton compiles the kernel
@@ -324,7 +328,10 @@ class LLMEngine:
         self.prompt_tokens_total = self.generation_tokens_total = self.preemptions_total = 0
         if self.speculator is not None:
             # Fresh: warm-up steps timed Triton compiles, and their outputs are no text.
-            self.speculator = _build_speculator(self.config)
+            # A draft model is kept (its weights and pool), its state reset.
+            if self._draft is not None:
+                self._draft.reset()
+            self.speculator = _build_speculator(self.config, self._draft)
             self.scheduler.plan_drafts = self.speculator.plan
         self._on_kv_events = on_events
 
@@ -571,6 +578,7 @@ class LLMEngine:
                 self._forget(group)
         self._touched_ext = {}
         touched: dict[str, _Group] = {}
+        started = time.perf_counter()
         prev = self._in_flight
         # Speculative decoding plans drafts from every running token, so a step that
         # plans runs after the previous one is read back (docs/speculative_decoding.md).
@@ -597,6 +605,12 @@ class LLMEngine:
         if launched is not None and (not self.async_scheduling or launched.verified):
             self._finish(launched, touched)
             self._in_flight = None
+        if self.speculator is not None and launched is not None:
+            # The step's cost for the adaptive policy is this call's wall time: a
+            # verifying step is synchronous and runs eagerly, so its host work (planning,
+            # launches, verification) is part of what drafts cost; for pipelined steps
+            # the call's wall time is the pipeline's time per step.
+            self.speculator.observe_step(step.num_tokens, time.perf_counter() - started)
         if self.offload is not None:
             self.offload.offer_committed()
         self._flush_events()
@@ -616,8 +630,8 @@ class LLMEngine:
     def _launch(self, step: SchedulerOutput, prev: _InFlight | None) -> _InFlight | None:
         """Run the forward pass and sampling of a step on the device, without waiting."""
         prev_tokens = prev.prev_tokens() if prev is not None else None
-        timed = (self.offload is not None and _prefill_tokens(step) > 0) or self.speculator is not None
-        clock = _StepClock(self.device.startswith("cuda")) if timed else None
+        timed = self.offload is not None and _prefill_tokens(step) > 0
+        clock = StepClock(self.device.startswith("cuda")) if timed else None
         masks = self._start_masks(step, prev)
         try:
             result = self.runner.execute(step, prev_tokens)
@@ -664,7 +678,9 @@ class LLMEngine:
             row += len(item.draft) + 1
         assert self._spec_generator is not None
         index = torch.tensor(spec_rows, device=logits.device)
-        results = verify(logits[index], [SpecRows(i.request, i.draft) for i in drafted], self._spec_generator)
+        assert self.speculator is not None
+        rows = [SpecRows(i.request, i.draft, self.speculator.draft_probs(i.request.request_id, len(i.draft))) for i in drafted]
+        results = verify(logits[index], rows, self._spec_generator)
         rest = logits[torch.tensor(plain, dtype=torch.long, device=logits.device)]
         return rest, [i.request for i in items if not i.draft], list(zip(drafted, results, strict=True))
 
@@ -687,8 +703,6 @@ class LLMEngine:
             seconds = flight.clock.seconds()
             if self.offload is not None and _prefill_tokens(step) > 0:
                 self.offload.observe_prefill(_prefill_tokens(step), seconds)
-            if self.speculator is not None:
-                self.speculator.observe_step(step.num_tokens, seconds)
         self._record_prompt_logprobs(flight.prompt_logits, touched)
         if flight.kv_written is not None:
             flight.kv_written.synchronize()  # the KV reported below is readable from any stream
@@ -890,15 +904,24 @@ def _prefill_tokens(step: SchedulerOutput) -> int:
     return step.num_tokens - step.num_decodes - sum(len(i.draft) + 1 for i in step.scheduled if i.draft)
 
 
-def _build_speculator(config: EngineConfig) -> Speculator:
+def _build_speculator(config: EngineConfig, draft: DraftModelProposer | None) -> Speculator:
+    """The speculator of `config.speculative`; `draft`: the loaded draft model (method "draft")."""
     spec = config.speculative
     assert spec.method is not None
-    options: dict[str, int | float] = {"min_n": spec.ngram_min, "max_n": spec.ngram_max} if spec.method == "ngram" else {}
     policy = PolicyConfig(max_k=spec.num_speculative_tokens, adaptive=spec.adaptive)
+    if spec.method == "draft":
+        assert draft is not None
+        return Speculator(draft, policy)
+    options: dict[str, int | float] = {"min_n": spec.ngram_min, "max_n": spec.ngram_max} if spec.method == "ngram" else {}
     return Speculator(build_proposer(spec.method, **options), policy)
 
 
 def _activation_reserve(config: EngineConfig, model: ModelConfig) -> int:
-    """Bytes kept free for activations of the largest step (logits dominate)."""
+    """Bytes kept free for activations of the largest step (logits dominate); with a
+    draft model, also its proposal distributions (k rows of float32 per request)."""
     tokens = config.scheduler.max_num_batched_tokens
-    return tokens * (model.hidden_size * 16 + model.intermediate_size * 4) * 2 + config.scheduler.max_num_seqs * model.vocab_size * 8
+    seqs, vocab = config.scheduler.max_num_seqs, model.vocab_size
+    reserve = tokens * (model.hidden_size * 16 + model.intermediate_size * 4) * 2 + seqs * vocab * 8
+    if config.speculative.method == "draft":
+        reserve += seqs * config.speculative.num_speculative_tokens * vocab * 4 * 2
+    return reserve

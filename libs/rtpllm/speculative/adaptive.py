@@ -14,6 +14,11 @@ acceptance, per step from what extra tokens cost on this machine.
   few hundred tokens cost about what one does, so drafts are nearly free; when the
   batch is compute-bound every token costs its share and drafts must be likely to pay,
   so k falls, down to 0 (no speculation, and the step keeps async scheduling).
+- A proposer that runs a model (a draft model) costs time of its own: one batched pass
+  per draft position over the requests drafting that far. `PassCost` adds those passes,
+  from the proposer's own measured pass times, to the step time the allotment weighs,
+  so a draft is taken only when it pays for its share of the target step and of the
+  draft passes both.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import bisect
 import math
 import statistics
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 
@@ -95,6 +101,37 @@ class StepCostModel:
         return y * num_tokens / x
 
 
+class PassCost:
+    """The seconds a model proposer's passes add to a step, for an allotment being
+    built draft by draft: position j of every request drafting at least j tokens runs in
+    one batched pass, so a request's j-th draft adds its tokens to pass j (one, or for
+    pass 1 the tokens the proposer must catch up on first: `first_pass_tokens`), and
+    the first one adds the whole pass (its fixed cost: launches, weights read once).
+    Each pass costs what the proposer measured (`model`, by tokens in the pass); before
+    any measurement passes count as free, so the first allotments run and measure them."""
+
+    def __init__(self, model: StepCostModel, first_pass_tokens: Sequence[int] | None = None) -> None:
+        self.model = model
+        self.first_pass_tokens = first_pass_tokens
+        self._tokens: list[int] = []  # tokens of pass j + 1 so far
+        self.seconds = 0.0
+
+    def add(self, candidate: int, depth: int) -> float:
+        """Candidate `candidate` takes its draft at position `depth` (1-based; its
+        earlier drafts are already in). Returns the passes' total seconds."""
+        while len(self._tokens) < depth:
+            self._tokens.append(0)
+        first = self.first_pass_tokens
+        tokens = first[candidate] if depth == 1 and first is not None else 1
+        before = self._tokens[depth - 1]
+        self._tokens[depth - 1] = before + tokens
+        after_s = self.model.seconds(before + tokens)
+        if after_s is not None:
+            before_s = self.model.seconds(before) if before else 0.0
+            self.seconds += after_s - (before_s or 0.0)
+        return self.seconds
+
+
 @dataclass
 class Candidate:
     """A request that could speculate: the expected value of each of its proposed
@@ -119,10 +156,19 @@ class SpeculationPolicy:
         self.config = config
         self.cost = cost
 
-    def allot(self, candidates: list[Candidate], base_tokens: int, base_emitted: int, max_extra: int) -> list[int]:
+    def allot(
+        self,
+        candidates: list[Candidate],
+        base_tokens: int,
+        base_emitted: int,
+        max_extra: int,
+        proposer_cost: PassCost | None = None,
+    ) -> list[int]:
         """Draft tokens for each candidate. `base_tokens`: the step's tokens without
         drafts (one per decode, prefill chunks); `base_emitted`: tokens the step emits
-        without drafts (one per decode); `max_extra`: the token budget left."""
+        without drafts (one per decode); `max_extra`: the token budget left;
+        `proposer_cost`: what proposing the drafts costs, for a proposer that runs a
+        model (None: free)."""
         counts = [0] * len(candidates)
         if max_extra <= 0:
             return counts
@@ -147,10 +193,14 @@ class SpeculationPolicy:
         emitted = float(max(base_emitted, 1))
         best_rate, best_n = emitted / base_time, 0
         gained = 0.0
-        for n, (value, _) in enumerate(order, start=1):
+        depth = [0] * len(candidates)
+        for n, (value, i) in enumerate(order, start=1):
             gained += value
+            depth[i] += 1
             t = self.cost.seconds(base_tokens + n)
             assert t is not None
+            if proposer_cost is not None:
+                t += proposer_cost.add(i, depth[i])
             rate = (emitted + gained) / t
             if rate > best_rate * (1 + 1e-6):
                 best_rate, best_n = rate, n

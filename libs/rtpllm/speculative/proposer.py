@@ -1,26 +1,40 @@
 """The proposer interface and the registry that builds one from `--speculative`.
 
 A proposer guesses the next tokens of a sequence cheaply; the target model checks
-them all in one pass (verify.py). Proposers here are model-free: they return token ids
-only, so their proposal distribution is a point mass on each guessed token (what
-rejection sampling needs to know about them).
+them all in one pass (verify.py). Model-free proposers (n-gram, suffix) return token
+ids only, so their proposal distribution is a point mass on each guessed token. A draft
+model samples its tokens from a distribution and returns it with them (`Proposal.probs`),
+which rejection sampling needs to stay exact.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from rtpllm.speculative.adaptive import PassCost
+
+if TYPE_CHECKING:
+    from rtpllm.engine.request import Request
 
 
 @dataclass(frozen=True)
 class Proposal:
     """Guessed continuation of a sequence and the proposer's confidence in each token
     (its estimate of the chance the token is right given the ones before it; 1.0 when
-    the proposer has no estimate). `tokens` may be shorter than asked, or empty."""
+    the proposer has no estimate). `tokens` may be shorter than asked, or empty.
+
+    `probs`: the distribution each token was sampled from ([len(tokens), vocab]
+    probabilities on the target's device), for a proposer that samples (a draft model
+    on a sampled request); None means a point mass on each token."""
 
     tokens: tuple[int, ...] = ()
     confidence: tuple[float, ...] = ()
+    probs: torch.Tensor | None = field(default=None, compare=False)
 
 
 NO_PROPOSAL = Proposal()
@@ -39,6 +53,23 @@ class Proposer(ABC):
         proposal depends on this sequence alone (seeded sampled requests stay
         reproducible whatever ran before them)."""
 
+    def propose_batch(self, batch: Sequence[tuple[Request, int]]) -> list[Proposal]:
+        """Proposals for a step's requests at once: up to `k` tokens after each
+        request's tokens so far (every one of them known on the host), in batch order.
+        The default asks `propose` request by request; a proposer that runs a model
+        overrides it to run one batched pass per draft position for the whole batch."""
+        return [
+            self.propose(req.request_id, req.all_token_ids, k, private=req.generator is not None and not req.params.greedy)
+            for req, k in batch
+        ]
+
+    def cost(self, requests: Sequence[Request]) -> PassCost | None:
+        """For a proposer that runs a model (a batched pass per draft position): what
+        its passes would add to a step if these requests drafted, from its measured pass
+        times, for the adaptive policy to weigh. None (the default) where proposing
+        costs next to nothing beside a target step (model-free proposers)."""
+        return None
+
     @abstractmethod
     def forget(self, request_id: str, output_tokens: Sequence[int] | None = None) -> None:
         """The request is gone: drop its state. `output_tokens`: its outputs, when it
@@ -46,8 +77,9 @@ class Proposer(ABC):
 
 
 def build_proposer(method: str, **options: int | float) -> Proposer:
-    """The proposer named by `--speculative` ("ngram", "suffix"). Raises ValueError
-    naming the choices for anything else."""
+    """The model-free proposer named by `--speculative` ("ngram", "suffix"). Raises
+    ValueError naming the choices for anything else. A draft model ("draft") is loaded
+    by the engine (`DraftModelProposer.load`): its KV shares the engine's memory."""
     # Imported here: each proposer module stays independent of the others.
     if method == "ngram":
         from rtpllm.speculative.ngram import NgramProposer
@@ -57,4 +89,6 @@ def build_proposer(method: str, **options: int | float) -> Proposer:
         from rtpllm.speculative.suffix import SuffixProposer
 
         return SuffixProposer(**options)  # type: ignore[arg-type]
-    raise ValueError(f"unknown speculative method {method!r}; use 'ngram' or 'suffix'")
+    if method == "draft":
+        raise ValueError("a draft-model proposer is built by the engine, from SpeculativeConfig.draft_model")
+    raise ValueError(f"unknown speculative method {method!r}; use 'ngram', 'suffix' or 'draft'")

@@ -4,20 +4,24 @@ each step's drafts; the engine reports what was verified and how long steps took
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+import torch
 
 from rtpllm.engine.request import Request
 from rtpllm.engine.sampler import needs_history
 from rtpllm.speculative.adaptive import (
     AcceptanceEMA,
     Candidate,
+    PassCost,
     PolicyConfig,
     SpeculationPolicy,
     StepCostModel,
     draft_values,
 )
-from rtpllm.speculative.proposer import Proposer
+from rtpllm.speculative.proposer import NO_PROPOSAL, Proposal, Proposer
 
 
 @dataclass
@@ -50,6 +54,10 @@ class Speculator:
         self._ema: dict[str, AcceptanceEMA] = {}
         self._steps_without = 0  # plans in a row that chose no drafts
         self._async_steps = 0  # steps since, left asynchronous
+        self.separately_charged_s = 0.0  # draft passes since the last observed step
+        # The last plan's proposal distributions (request id -> [drafts, vocab]), read
+        # by verification in the same step.
+        self._probs: dict[str, torch.Tensor] = {}
 
     # -- which requests, which steps ------------------------------------------------
 
@@ -85,8 +93,10 @@ class Speculator:
     # -- planning ----------------------------------------------------------------------
 
     def plan(self, decodes: Sequence[Request], base_tokens: int, max_extra: int) -> dict[str, tuple[int, ...]]:
-        """Drafts for the step's decoding requests (only those that get any)."""
-        cands: list[tuple[Request, tuple[int, ...], Candidate]] = []
+        """Drafts for the step's decoding requests (only those that get any). The
+        proposal distributions of sampled drafts wait in `draft_probs` for verification."""
+        self._probs = {}
+        ready: list[tuple[Request, int, float]] = []  # (request, most drafts, acceptance rate)
         for req in decodes:
             if req.num_placeholders or not self.eligible(req):
                 continue
@@ -95,29 +105,87 @@ class Speculator:
             if room <= 0:
                 continue
             ema = self._ema.setdefault(req.request_id, AcceptanceEMA())
-            private = req.generator is not None and not req.params.greedy
-            proposal = self.proposer.propose(req.request_id, req.all_token_ids, room, private=private)
             ema.steps_idle += 1
-            if not proposal.tokens:
-                continue
             rate = ema.rate
             if ema.steps_idle > self.probe_every:
                 rate = max(rate, 0.5)
-            cands.append((req, proposal.tokens, Candidate(draft_values(rate, proposal.confidence))))
+            ready.append((req, room, rate))
+        cost = self.proposer.cost([req for req, _, _ in ready]) if ready else None
+        if cost is None:
+            chosen = self._plan_free(ready, base_tokens, len(decodes), max_extra)
+        else:
+            chosen = self._plan_costly(ready, base_tokens, len(decodes), max_extra, cost)
+        drafts: dict[str, tuple[int, ...]] = {}
+        for req, proposal, n in chosen:
+            self.counters.chosen_k[n] = self.counters.chosen_k.get(n, 0) + 1
+            if n:
+                drafts[req.request_id] = proposal.tokens[:n]
+                if proposal.probs is not None:
+                    self._probs[req.request_id] = proposal.probs[:n]
+        self._steps_without = 0 if drafts else self._steps_without + 1
+        return drafts
+
+    def _plan_free(
+        self, ready: list[tuple[Request, int, float]], base_tokens: int, base_emitted: int, max_extra: int
+    ) -> list[tuple[Request, Proposal, int]]:
+        """Proposing is free next to a step (model-free proposers): propose for every
+        request, then choose lengths from the proposals' values, confidence included."""
+        proposals = self.proposer.propose_batch([(req, room) for req, room, _ in ready]) if ready else []
+        kept = [(req, p, rate) for (req, _, rate), p in zip(ready, proposals, strict=True) if p.tokens]
+        cands = [Candidate(draft_values(rate, p.confidence)) for _, p, rate in kept]
+        counts = self._allot(cands, [len(p.tokens) for _, p, _ in kept], base_tokens, base_emitted, max_extra, None)
+        return [(req, p, n) for (req, p, _), n in zip(kept, counts, strict=True)]
+
+    def _plan_costly(
+        self,
+        ready: list[tuple[Request, int, float]],
+        base_tokens: int,
+        base_emitted: int,
+        max_extra: int,
+        cost: PassCost,
+    ) -> list[tuple[Request, Proposal, int]]:
+        """Proposing runs a model (a pass per draft position): choose lengths first,
+        from acceptance alone with the passes' cost in the step's, then propose exactly
+        those (a draft never computed costs nothing)."""
+        cands = [Candidate(draft_values(rate, (1.0,) * room)) for _, room, rate in ready]
+        counts = self._allot(cands, [room for _, room, _ in ready], base_tokens, base_emitted, max_extra, cost)
+        asked = [(req, n) for (req, _, _), n in zip(ready, counts, strict=True) if n]
+        started = time.perf_counter()
+        proposals = iter(self.proposer.propose_batch(asked) if asked else [])
+        # The passes are charged by their own cost model (PassCost): kept out of the
+        # step's wall time, which `observe_step` measures.
+        self.separately_charged_s += time.perf_counter() - started
+        chosen: list[tuple[Request, Proposal, int]] = []
+        for (req, _, _), n in zip(ready, counts, strict=True):
+            proposal = next(proposals) if n else NO_PROPOSAL
+            chosen.append((req, proposal, min(n, len(proposal.tokens))))
+        return chosen
+
+    def _allot(
+        self,
+        cands: list[Candidate],
+        lengths: list[int],
+        base_tokens: int,
+        base_emitted: int,
+        max_extra: int,
+        cost: PassCost | None,
+    ) -> list[int]:
         if not cands:
-            self._steps_without += 1
-            return {}
-        counts = self.policy.allot([c for _, _, c in cands], base_tokens, len(decodes), max_extra)
+            return []
+        counts = self.policy.allot(cands, base_tokens, base_emitted, max_extra, cost)
         if not any(counts) and self._steps_without % self.probe_every == self.probe_every - 1:
             # Explore: the cost of a size the policy avoids is never measured again, so
             # now and then the most promising request verifies its drafts anyway.
-            best = max(range(len(cands)), key=lambda i: sum(cands[i][2].values))
-            counts[best] = min(len(cands[best][1]), self.config.max_k, max_extra)
-        drafts = {req.request_id: tokens[:n] for (req, tokens, _), n in zip(cands, counts, strict=True) if n}
-        for n in counts:
-            self.counters.chosen_k[n] = self.counters.chosen_k.get(n, 0) + 1
-        self._steps_without = 0 if drafts else self._steps_without + 1
-        return drafts
+            best = max(range(len(cands)), key=lambda i: sum(cands[i].values))
+            counts[best] = min(lengths[best], self.config.max_k, max_extra)
+        return counts
+
+    def draft_probs(self, request_id: str, num_drafts: int) -> torch.Tensor | None:
+        """The proposal distribution of a request's first `num_drafts` drafts in this
+        step's plan ([num_drafts, vocab]), or None for point masses (model-free
+        proposers, greedy requests)."""
+        probs = self._probs.get(request_id)
+        return probs[:num_drafts] if probs is not None else None
 
     # -- feedback ----------------------------------------------------------------------
 
@@ -132,7 +200,11 @@ class Speculator:
             ema.observe(num_proposed, num_accepted)
 
     def observe_step(self, num_tokens: int, seconds: float) -> None:
-        self.cost.observe(num_tokens, seconds)
+        """A step of `num_tokens` tokens took `seconds` of wall time (the engine's
+        `step()` call, less a draft model's passes, which have their own model)."""
+        seconds -= self.separately_charged_s
+        self.separately_charged_s = 0.0
+        self.cost.observe(num_tokens, max(seconds, 1e-6))
 
     def forget(self, req: Request) -> None:
         self._ema.pop(req.request_id, None)

@@ -66,7 +66,7 @@ class Verified:
 
 
 @dataclass
-class _RowView:
+class RowView:
     """A request as one verification row sees it: the sampler's processing functions
     read only these fields, and min_tokens must count the drafts before this row."""
 
@@ -86,12 +86,12 @@ def residual(probs: torch.Tensor, draft: torch.Tensor, draft_probs: torch.Tensor
 def verify(logits: torch.Tensor, batch: Sequence[SpecRows], generator: torch.Generator) -> list[Verified]:
     """logits: [sum of num_rows, vocab] float32, each request's rows together, in batch
     order (modified in place). `generator`: draws for requests without a seed."""
-    views: list[_RowView] = []
+    views: list[RowView] = []
     draft_col: list[int] = []  # per row: the draft it checks, -1 for a bonus row
     for spec in batch:
         req = spec.request
         for i in range(spec.num_rows):
-            views.append(_RowView(req.params, req.num_output_tokens + i, req.eos_token_ids))
+            views.append(RowView(req.params, req.num_output_tokens + i, req.eos_token_ids))
             draft_col.append(spec.draft[i] if i < len(spec.draft) else -1)
     want_logprobs = any(s.request.params.logprobs is not None for s in batch)
     raw_logprobs = logits.log_softmax(dim=-1) if want_logprobs else None
@@ -136,7 +136,7 @@ def verify(logits: torch.Tensor, batch: Sequence[SpecRows], generator: torch.Gen
 
 def _sample_rows(
     logits: torch.Tensor,
-    views: list[_RowView],
+    views: list[RowView],
     draft_col: list[int],
     random_rows: list[int],
     batch: Sequence[SpecRows],
@@ -173,9 +173,11 @@ def _sample_rows(
         noise[first : first + n].exponential_(generator=g)
 
     p_draft = probs.gather(1, draft.unsqueeze(1)).squeeze(1)
-    q_draft = _proposal_prob(batch, cols, random_rows, probs)
-    accept = (uniforms * q_draft < p_draft) & has_draft  # u < p/q, i.e. min(1, p/q)
     full_q = _proposal_rows(batch, random_rows, probs)
+    # q(d) of each row's draft, gathered on the device (1 for point masses; bonus rows
+    # have no draft and are never accepted).
+    q_draft = full_q.gather(1, draft.unsqueeze(1)).squeeze(1) if full_q is not None else torch.ones_like(p_draft)
+    accept = (uniforms * q_draft < p_draft) & has_draft  # u < p/q, i.e. min(1, p/q)
     res = torch.where(has_draft.unsqueeze(1), residual(probs, draft, full_q), probs)
     picked = (res / noise).argmax(dim=-1)
     return picked.tolist(), accept.tolist()
@@ -200,21 +202,6 @@ def _proposal_rows(batch: Sequence[SpecRows], random_rows: list[int], probs: tor
                 rows.append(spec.draft_probs[i].to(probs.dtype))
     assert len(rows) == len(random_rows)
     return torch.stack(rows)
-
-
-def _proposal_prob(batch: Sequence[SpecRows], cols: list[int], random_rows: list[int], probs: torch.Tensor) -> torch.Tensor:
-    """q(d) of each sampled row's draft (1 for model-free proposers and bonus rows)."""
-    values: list[float] = []
-    for spec in batch:
-        if spec.request.params.greedy:
-            continue
-        for i in range(spec.num_rows):
-            if i < len(spec.draft) and spec.draft_probs is not None:
-                values.append(float(spec.draft_probs[i, spec.draft[i]]))
-            else:
-                values.append(1.0)
-    assert len(values) == len(cols) == len(random_rows)
-    return to_device(values, probs.dtype, probs.device)
 
 
 def _fill_logprobs(raw: torch.Tensor, batch: Sequence[SpecRows], out: list[Verified]) -> None:
