@@ -352,6 +352,49 @@ def sweep_rows(device: str, gen: torch.Generator, smoke: bool) -> list[dict[str,
     return rows
 
 
+QUANT_DECODE_CONFIGS = tuple((n, w, st) for n in (32, 64, 128) for w in (4, 8) for st in (2, 3, 4))
+
+
+def quant_sweep_rows(device: str, smoke: bool, fmt: str = "fp8") -> list[dict[str, Any]]:
+    """Decode over a quantized cache (1-byte K/V, one fp32 scale per token per KV head) at
+    the KV-quantization issue's shape, batch 32 x 16k: every (BLOCK_N, warps, stages) and a
+    few split counts, beside the bf16 cache with its default launch."""
+    from rtpllm.kernels.kv_quant import storage_dtype
+
+    batch, ctx = (2, 70) if smoke else (32, 16384)
+    gen = torch.Generator().manual_seed(7)
+    kc, vc, tables, seq_lens, slots = paged_cache(batch, ctx, device, gen)
+    q = torch.randn(batch, HQ, D, device=device, dtype=DT)
+    kn = torch.randn(batch, HKV, D, device=device, dtype=DT)
+    out = torch.empty_like(q)
+    rows: list[dict[str, Any]] = []
+    ms = bench(lambda: decode_mod.paged_decode_attention_triton(q, kn, kn, kc, vc, tables, seq_lens, slots, D**-0.5, None, out=out, max_seq_len=ctx), device)
+    bf16_bytes = batch * ctx * HKV * D * 2 * 2
+    rows.append({"case": "quant_sweep", "fmt": "bf16", "cfg": decode_mod.decode_config(D), "ms": ms, "gbs": bf16_bytes / ms / 1e6})
+    qk, qv = kc.to(storage_dtype(fmt)), vc.to(storage_dtype(fmt))
+    ks = torch.rand(qk.shape[:3], device=device, dtype=torch.float32) / 100
+    vs = torch.rand(qk.shape[:3], device=device, dtype=torch.float32) / 100
+    q_bytes = batch * ctx * HKV * (D + 4) * 2
+    default_splits = decode_mod.decode_num_splits(batch, HKV, HQ // HKV, ctx, device_sms(q))
+    for cfg in ((64, 8, 2),) if smoke else QUANT_DECODE_CONFIGS:
+        for splits in (default_splits,) if smoke else (default_splits, max(1, default_splits // 2), default_splits * 2):
+            decode_mod.CONFIG_OVERRIDE = cfg
+            try:
+                ms = bench(
+                    lambda: decode_mod.paged_decode_attention_triton(  # noqa: B023
+                        q, kn, kn, qk, qv, tables, seq_lens, slots, D**-0.5, None, out=out, num_splits=splits,  # noqa: B023
+                        max_seq_len=ctx, k_scale=ks, v_scale=vs,
+                    ),
+                    device,
+                )
+                rows.append({"case": "quant_sweep", "fmt": fmt, "cfg": cfg, "splits": splits, "ms": ms, "gbs": q_bytes / ms / 1e6})
+            except Exception as exc:
+                rows.append({"case": "quant_sweep", "fmt": fmt, "cfg": cfg, "splits": splits, "error": repr(exc)[:120]})
+            finally:
+                decode_mod.CONFIG_OVERRIDE = None
+    return rows
+
+
 def prefill_sweep_rows(device: str, smoke: bool) -> list[dict[str, Any]]:
     """Extend-kernel launch configs on the 4096-token prefill."""
     length = 64 if smoke else 4096
@@ -475,6 +518,7 @@ def main() -> None:
     parser.add_argument(
         "--prefill-lens", type=int, nargs="+", default=[4096], help="uncached prompt lengths for the prefill rows"
     )
+    parser.add_argument("--quant-sweep", action="store_true", help="only: decode launch configs over an fp8 cache at batch 32 x 16k")
     parser.add_argument("--long", action="store_true", help="also 4k-token chunks over 12k and 28k cached tokens")
     parser.add_argument("--bw", type=float, default=COPY_BW_GBS, help="copy bandwidth to compare with, GB/s")
     args = parser.parse_args()
@@ -484,6 +528,15 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     started = time.perf_counter()
+    if args.quant_sweep:
+        rows = quant_sweep_rows(device, args.smoke)
+        good = sorted((r for r in rows if "ms" in r and r["fmt"] != "bf16"), key=lambda r: r["ms"])
+        for r in [rows[0], *good]:
+            print(f"{r['fmt']:>5} cfg {r['cfg']!s:>14} splits {r.get('splits', '-')!s:>3} {r['ms']:>8.3f} ms {r['gbs']:>6.0f} GB/s")
+        print(f"default quantized cfg {decode_mod.decode_config(D, DT, True)}")
+        if args.out:
+            args.out.write_text(json.dumps({"rows": rows}, indent=1))
+        return
     rows = decode_rows(device, args.smoke, gen)
     for length in args.prefill_lens:
         rows += prefill_rows(device, args.smoke, flex=not args.no_flex and not args.smoke, length=length)

@@ -76,6 +76,26 @@ def model_dir(shape: str, root: Path) -> Path:
     return out
 
 
+def decisive_dummy_weights(model: torch.nn.Module) -> None:
+    """Make random weights answer greedily with a wide margin, for benchmarks that compare
+    greedy outputs across kernel paths (speculative verification vs one-token decode).
+
+    Plain random weights give near-flat logits over 128k tokens: a bf16 difference
+    between two kernels flips the argmax within a few tokens. Here every layer's output
+    projections are scaled by 1e-3 (the residual stream stays the input embedding), the
+    final norm weight is 1 and the head equals the embedding, so the next token is the
+    current one by a margin of ||e||^2 against e.e' (~||e||^2 / sqrt(hidden) at most).
+    Shapes, kernels and bytes read are unchanged, so timings are those of any weights.
+    """
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.mul_(1e-3)
+        model.norm.weight.fill_(1.0)  # type: ignore[union-attr, operator]
+        if model.lm_head is not None:
+            model.lm_head.weight.copy_(model.embed_tokens.weight)  # type: ignore[union-attr, operator]
+
+
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()

