@@ -341,3 +341,26 @@ def test_cli_parses_draft_path(monkeypatch: pytest.MonkeyPatch) -> None:
     # A prefill instance never decodes: it loads no draft model.
     args = build_parser().parse_args(["serve", "prefill", "--device", "cpu", "--speculative", "draft:/models/small"])
     assert not worker_settings(args).engine.speculative.enabled
+
+
+def test_a_failing_draft_costs_its_drafts_not_the_step(tiny_llama: Path, drafts: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A draft pass that raises (an allocation, a kernel) leaves the step to run without
+    drafts: outputs still equal speculation off, and drafting resumes afterwards."""
+    base = run(draft_engine(tiny_llama, None), PROMPTS, [GREEDY] * len(PROMPTS))
+    eng = draft_engine(tiny_llama, drafts["same"])
+    draft = proposer(eng)
+    real = draft.propose_batch
+    calls = {"n": 0}
+
+    def flaky(batch):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] in (2, 3):
+            raise RuntimeError("injected draft failure")
+        return real(batch)
+
+    monkeypatch.setattr(draft, "propose_batch", flaky)
+    assert tokens(run(eng, PROMPTS, [GREEDY] * len(PROMPTS))) == tokens(base)
+    c = eng.speculator.counters  # type: ignore[union-attr]
+    assert c.proposer_failures == 2
+    assert calls["n"] > 3 and c.accepted_tokens > 0, "drafting resumed after the failures"
+    assert_all_freed(eng)

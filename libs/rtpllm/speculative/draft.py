@@ -220,6 +220,12 @@ class DraftModelProposer(Proposer):
 
     # -- the Proposer interface ------------------------------------------------------
 
+    def recover(self) -> None:
+        """After a failed proposal: every draft sequence is dropped (their KV may be
+        half-written); requests catch up again, from the draft's prefix cache."""
+        for rid in list(self._seqs):
+            self._drop(rid)
+
     @property
     def pass_cost(self) -> StepCostModel:
         """Measured seconds of one draft pass by the tokens in it."""

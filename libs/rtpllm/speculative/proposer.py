@@ -75,6 +75,11 @@ class Proposer(ABC):
         """The request is gone: drop its state. `output_tokens`: its outputs, when it
         finished normally (a proposer that learns across requests may keep them)."""
 
+    def recover(self) -> None:  # noqa: B027  (a hook: most proposers keep nothing to drop)
+        """A proposal failed part-way: drop whatever per-request state it may have left
+        half-updated (every request starts over on its next proposal). Default: none
+        to drop."""
+
 
 def build_proposer(method: str, **options: int | float) -> Proposer:
     """The model-free proposer named by `--speculative` ("ngram", "suffix"). Raises

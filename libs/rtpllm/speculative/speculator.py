@@ -4,6 +4,7 @@ each step's drafts; the engine reports what was verified and how long steps took
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from rtpllm.speculative.adaptive import (
 )
 from rtpllm.speculative.proposer import NO_PROPOSAL, Proposal, Proposer
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class SpecCounters:
@@ -32,6 +35,7 @@ class SpecCounters:
     accepted_tokens: int = 0
     verified_requests: int = 0  # request-steps that verified at least one draft
     speculative_steps: int = 0
+    proposer_failures: int = 0  # proposals that raised (the step ran without drafts)
     # accepted drafts per verification -> count; draft length chosen -> count
     acceptance_lengths: dict[int, int] = field(default_factory=dict)
     chosen_k: dict[int, int] = field(default_factory=dict)
@@ -130,7 +134,7 @@ class Speculator:
     ) -> list[tuple[Request, Proposal, int]]:
         """Proposing is free next to a step (model-free proposers): propose for every
         request, then choose lengths from the proposals' values, confidence included."""
-        proposals = self.proposer.propose_batch([(req, room) for req, room, _ in ready]) if ready else []
+        proposals = self._propose([(req, room) for req, room, _ in ready])
         kept = [(req, p, rate) for (req, _, rate), p in zip(ready, proposals, strict=True) if p.tokens]
         cands = [Candidate(draft_values(rate, p.confidence)) for _, p, rate in kept]
         counts = self._allot(cands, [len(p.tokens) for _, p, _ in kept], base_tokens, base_emitted, max_extra, None)
@@ -151,7 +155,7 @@ class Speculator:
         counts = self._allot(cands, [room for _, room, _ in ready], base_tokens, base_emitted, max_extra, cost)
         asked = [(req, n) for (req, _, _), n in zip(ready, counts, strict=True) if n]
         started = time.perf_counter()
-        proposals = iter(self.proposer.propose_batch(asked) if asked else [])
+        proposals = iter(self._propose(asked))
         # The passes are charged by their own cost model (PassCost): kept out of the
         # step's wall time, which `observe_step` measures.
         self.separately_charged_s += time.perf_counter() - started
@@ -160,6 +164,20 @@ class Speculator:
             proposal = next(proposals) if n else NO_PROPOSAL
             chosen.append((req, proposal, min(n, len(proposal.tokens))))
         return chosen
+
+    def _propose(self, batch: list[tuple[Request, int]]) -> list[Proposal]:
+        """The proposer's proposals; none when it fails. A failing proposer (a draft
+        model's allocation or kernel) costs the step its drafts, never the step: the
+        requests decode without them and the proposer starts over."""
+        if not batch:
+            return []
+        try:
+            return self.proposer.propose_batch(batch)
+        except Exception:
+            log.exception("speculative proposer %s failed: this step runs without drafts", self.proposer.name or type(self.proposer).__name__)
+            self.counters.proposer_failures += 1
+            self.proposer.recover()
+            return [NO_PROPOSAL] * len(batch)
 
     def _allot(
         self,
