@@ -36,7 +36,7 @@ import torch
 from rtpllm.kernels._triton import cdiv, device_sms, dot_precision, next_power_of_2, tl, triton, use_triton
 from rtpllm.kernels.attention_ref import gather_context, reference_attention
 from rtpllm.kernels.kv_cache import store_kv_ref
-from rtpllm.kernels.kv_quant import V_MUL, quant_code, quantize_rows
+from rtpllm.kernels.kv_quant import V_MUL, kernel_scales, quantize_rows
 
 # A partition shorter than this costs more in the merge than its parallelism earns.
 MIN_TOKENS_PER_SPLIT = 256
@@ -368,12 +368,7 @@ def paged_decode_attention_triton(
     else:
         k = v = q  # unused placeholders (FUSE_NEW=False); keeps the signature typed
         slot_mapping = seq_lens
-    quant = quant_code(k_cache)
-    if quant:
-        assert k_scale is not None and v_scale is not None, "a quantized cache needs its scales"
-        assert k_scale.stride(-1) == 1 and v_scale.stride(-1) == 1
-    else:
-        k_scale = v_scale = seq_lens  # unused (QUANT=0)
+    quant, k_scale, v_scale = kernel_scales(k_cache, k_scale, v_scale, seq_lens)
     block_h = _block_h(group)
     head_blocks = cdiv(group, block_h)
     if num_splits is None:

@@ -32,7 +32,7 @@ import torch
 from rtpllm.kernels._triton import cdiv, dot_precision, next_power_of_2, tl, triton, use_triton
 from rtpllm.kernels.attention_ref import gather_context, reference_attention
 from rtpllm.kernels.kv_cache import store_kv_ref
-from rtpllm.kernels.kv_quant import V_MUL, format_of, quant_code, quantize_rows, roundtrip_ref
+from rtpllm.kernels.kv_quant import V_MUL, format_of, kernel_scales, quantize_rows, roundtrip_ref
 
 
 @triton.jit
@@ -351,12 +351,7 @@ def paged_extend_attention_triton(
         return out
     for t in (q, k, v, k_cache, v_cache, out):
         assert t.stride(-1) == 1, "head_dim must be contiguous"
-    quant = quant_code(k_cache)
-    if quant:
-        assert k_scale is not None and v_scale is not None, "a quantized cache needs its scales"
-        assert k_scale.stride(-1) == 1 and v_scale.stride(-1) == 1
-    else:
-        k_scale = v_scale = seq_lens  # unused (QUANT=0)
+    quant, k_scale, v_scale = kernel_scales(k_cache, k_scale, v_scale, seq_lens)
     # Quantized tiles are widened to the query's dtype: size the tiles for that.
     dot_dtype = q.dtype if quant else k_cache.dtype
     block_m, block_n, num_warps, num_stages = extend_config(head_dim, dot_dtype, max_query_len, bool(quant))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from rtpllm.kernels._triton import next_power_of_2, tl, triton, use_triton
-from rtpllm.kernels.kv_quant import format_of, quant_code, quantize_ref, quantize_rows
+from rtpllm.kernels.kv_quant import format_of, kernel_scales, quantize_ref, quantize_rows
 
 
 @triton.jit
@@ -91,12 +91,7 @@ def store_kv_triton(
         return
     for t in (k, v, k_cache, v_cache):
         assert t.stride(-1) == 1, "head_dim must be contiguous"
-    quant = quant_code(k_cache)
-    if quant:
-        assert k_scale is not None and v_scale is not None, "a quantized cache needs its scales"
-        assert k_scale.stride(-1) == 1 and v_scale.stride(-1) == 1
-    else:
-        k_scale = v_scale = slot_mapping  # unused (QUANT=0)
+    quant, k_scale, v_scale = kernel_scales(k_cache, k_scale, v_scale, slot_mapping)
     _store_kv_kernel[(num_tokens,)](
         k,
         v,

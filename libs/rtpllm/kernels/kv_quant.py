@@ -57,6 +57,20 @@ def quant_code(cache: torch.Tensor) -> int:
 V_MUL = {0: 1.0, 1: FP8_MAX, 2: INT8_MAX}
 
 
+def kernel_scales(
+    cache: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, placeholder: torch.Tensor
+) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """A kernel launch's (QUANT code, K scales, V scales): a quantized cache must come
+    with its scale views (unit-stride rows); a plain one passes `placeholder`, an
+    unused tensor, so every launch has the same argument types."""
+    quant = quant_code(cache)
+    if not quant:
+        return 0, placeholder, placeholder
+    assert k_scale is not None and v_scale is not None, "a quantized cache needs its scales"
+    assert k_scale.stride(-1) == 1 and v_scale.stride(-1) == 1
+    return quant, k_scale, v_scale
+
+
 def _qmax(fmt: str) -> float:
     return FP8_MAX if fmt == "fp8" else INT8_MAX
 
