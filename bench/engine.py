@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from offline_throughput import run_throughput  # noqa: E402
+from offline_throughput import random_prompts, run_throughput  # noqa: E402
 
 from rtpllm import LLM, SamplingParams
 from rtpllm.loader.random_checkpoint import LLAMA_3_1_8B_SHAPE, QWEN3_0_6B_SHAPE, TINY_SHAPE, make_config
@@ -313,7 +313,7 @@ def hf_baselines(path: Path, device: str, new_tokens: int = 256) -> dict[str, An
 
 def hf_generate_batch(path: Path, device: str, num_requests: int, output_len: int, seed: int = 0) -> dict[str, Any]:
     """HF transformers continuous batching (`generate_batch`, paged SDPA) on the offline
-    workload's distribution (inputs 100-1024, seeded like run_throughput; greedy). Output
+    workload's prompts (inputs 100-1024, the same seeded prompts; greedy). Output
     tok/s counts the tokens it generated (random weights rarely stop early)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.generation import GenerationConfig
@@ -322,14 +322,16 @@ def hf_generate_batch(path: Path, device: str, num_requests: int, output_len: in
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="paged|sdpa")
     model.eval()
-    rng = random.Random(seed)
-    prompts = [[rng.randrange(cfg.vocab_size) for _ in range(rng.randint(100, 1024))] for _ in range(num_requests)]
-    gen = GenerationConfig(max_new_tokens=output_len, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    prompts = random_prompts(cfg.vocab_size, num_requests, (100, 1024), seed)
+
+    def greedy(tokens: int) -> GenerationConfig:  # eos -1: every request runs to its length
+        return GenerationConfig(max_new_tokens=tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
+
     with torch.no_grad():
-        model.generate_batch(inputs=[p[:32] for p in prompts[:8]], generation_config=GenerationConfig(max_new_tokens=4, do_sample=False, eos_token_id=-1, pad_token_id=0), progress_bar=False)
+        model.generate_batch(inputs=[p[:32] for p in prompts[:8]], generation_config=greedy(4), progress_bar=False)
         sync()
         start = time.perf_counter()
-        outs = model.generate_batch(inputs=prompts, generation_config=gen, progress_bar=False)
+        outs = model.generate_batch(inputs=prompts, generation_config=greedy(output_len), progress_bar=False)
         sync()
         elapsed = time.perf_counter() - start
     out_tokens = sum(len(o.generated_tokens) for o in outs.values())

@@ -255,9 +255,9 @@ def bench_offline(path: Path, device: str, fmt: str, requests: int, lo: int, hi:
     llm = LLM(str(path), device=device, load_format="dummy", kv_cache_dtype=fmt, max_model_len=hi + output + 64,
               max_num_batched_tokens=16384)
     try:
-        rng = random.Random(0)
-        vocab = llm.engine.model_config.vocab_size
-        prompts = [[rng.randrange(vocab) for _ in range(rng.randint(lo, hi))] for _ in range(requests)]
+        from bench.offline_throughput import random_prompts
+
+        prompts = random_prompts(llm.engine.model_config.vocab_size, requests, (lo, hi), 0)
         params = SamplingParams(temperature=0, max_tokens=output, ignore_eos=True)
         sync()
         start = time.perf_counter()

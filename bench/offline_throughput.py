@@ -22,13 +22,18 @@ import torch
 from rtpllm import LLM, SamplingParams
 
 
+def random_prompts(vocab: int, n: int, input_len: tuple[int, int], seed: int) -> list[list[int]]:
+    """`n` prompts of random token ids, lengths uniform in `input_len` (inclusive),
+    seeded: every bench that names the same workload gets the same prompts."""
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab) for _ in range(rng.randint(*input_len))] for _ in range(n)]
+
+
 def run_throughput(
     llm: LLM, num_prompts: int, input_len: tuple[int, int], output_len: int, seed: int = 0, temperature: float = 0.0
 ) -> dict[str, Any]:
     """Generate for a seeded random workload; return counts, seconds and tok/s."""
-    rng = random.Random(seed)
-    vocab = llm.engine.model_config.vocab_size
-    prompts = [[rng.randrange(vocab) for _ in range(rng.randint(*input_len))] for _ in range(num_prompts)]
+    prompts = random_prompts(llm.engine.model_config.vocab_size, num_prompts, input_len, seed)
     params = SamplingParams(temperature=temperature, seed=seed if temperature else None, max_tokens=output_len, ignore_eos=True)
     # Warm-up: kernel compilation and allocator growth stay out of the timing.
     llm.generate([p[:32] for p in prompts[: min(8, num_prompts)]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))

@@ -32,7 +32,6 @@ import gc
 import json
 import os
 import platform
-import random
 import shlex
 import sys
 import tempfile
@@ -41,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from offline_throughput import parse_range
+from offline_throughput import parse_range, random_prompts
 from serving_bench import StreamLog, completion_body, new_client, pct, stream_request, strict_json
 
 from rtpllm import LLM, SamplingParams
@@ -61,11 +60,6 @@ def shaped_model_dir(root: Path, max_len: int) -> Path:
     write_byte_tokenizer(root, cfg["vocab_size"])
     (root / "generation_config.json").write_text(json.dumps({"eos_token_id": cfg["eos_token_id"]}))
     return root
-
-
-def make_prompts(vocab: int, n: int, input_len: tuple[int, int], seed: int) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(vocab) for _ in range(rng.randint(*input_len))] for _ in range(n)]
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -228,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     from rtpllm.models.registry import resolve_model  # noqa: PLC0415
 
     vocab = ModelConfig.from_dir(resolve_model(model)).vocab_size
-    prompts = make_prompts(vocab, args.num_prompts, args.input_len, args.seed)
+    prompts = random_prompts(vocab, args.num_prompts, args.input_len, args.seed)
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="rtpllm-serving-tax-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {
