@@ -67,6 +67,8 @@ from rtpllm.sampling_params import SamplingParams
 from rtpllm.speculative.replay import ReplayProposer
 
 ROOT = Path(__file__).resolve().parent.parent
+# `bench.datasets` / `bench.real_models` and bench/engine.py, imported where used.
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 CODE = '''def moving_average(values, window):
     result = []
@@ -112,7 +114,6 @@ class Run:
 def resolve(model: str) -> str:
     """A bench/real_models.py name (converted once into the bench cache) as its
     directory; anything else (an embedded name, a directory) as given."""
-    sys.path.insert(0, str(ROOT))
     from bench import real_models  # noqa: PLC0415
 
     return str(real_models.model_dir(model)) if model in real_models.MODELS else model
@@ -126,7 +127,6 @@ def chat_prompts(model: str, source: str, n: int) -> list[list[int]]:
     if source == "builtin":
         texts = BUILTIN
     else:
-        sys.path.insert(0, str(ROOT))
         from bench import datasets  # noqa: PLC0415  (fetches ShareGPT once)
 
         if source == "mtbench":  # first turns of the 80 MT-bench questions, in order
@@ -138,7 +138,6 @@ def chat_prompts(model: str, source: str, n: int) -> list[list[int]]:
 
 
 def shaped_model(shape: str, root: Path) -> Path:
-    sys.path.insert(0, str(ROOT / "bench"))
     from engine import model_dir  # bench/engine.py: a config.json of the shape
 
     return model_dir(shape, root)
@@ -173,7 +172,6 @@ def make_engine(args: argparse.Namespace, model: str, method: str, share: float 
         # Random weights' near-flat logits let a bf16 difference between the verify and
         # decode kernels flip greedy tokens, after which the replayed drafts never match:
         # give them a decisive argmax (bench/engine.py; same shapes, same timings).
-        sys.path.insert(0, str(ROOT / "bench"))
         from engine import decisive_dummy_weights  # noqa: PLC0415
 
         decisive_dummy_weights(eng.model)
