@@ -153,9 +153,7 @@ def speculative_config(args: argparse.Namespace, method: str) -> SpeculativeConf
     return SpeculativeConfig(method="ngram" if method == "replay" else method, **common)
 
 
-def make_engine(args: argparse.Namespace, model: str, method: str, share: float = 1.0) -> LLMEngine:
-    """`share`: the fraction of the GPU's usable memory this engine may fill, counting
-    the engines alive in this process (their memory is "used" to it)."""
+def make_engine(args: argparse.Namespace, model: str, method: str) -> LLMEngine:
     eng = LLMEngine(
         EngineConfig(
             model=model,
@@ -163,7 +161,7 @@ def make_engine(args: argparse.Namespace, model: str, method: str, share: float 
             dtype=args.dtype,
             load_format="dummy" if args.shape else "auto",
             max_model_len=args.max_model_len,
-            cache=CacheConfig(cpu_kv_bytes=args.cpu_kv_gib << 30, gpu_memory_utilization=0.85 * share),
+            cache=CacheConfig(cpu_kv_bytes=args.cpu_kv_gib << 30, gpu_memory_utilization=0.85),
             scheduler=SchedulerConfig(max_num_seqs=max(args.batch), max_num_batched_tokens=args.max_num_batched_tokens),
             speculative=speculative_config(args, method),
         )
@@ -339,10 +337,12 @@ def main(argv: list[str] | None = None) -> int:
 
     tmp = tempfile.TemporaryDirectory()
     model = str(shaped_model(args.shape, Path(tmp.name))) if args.shape else resolve(args.model)
-    # The off engine lives through every run (its second runs come last); each
-    # speculating run builds its own engine beside it, so each takes half a GPU.
-    off_engine = make_engine(args, model, "off", 0.5)
+    # One engine at a time, each with the whole GPU: two 8B engines at batch 64 (the
+    # verify rows' activations, the graphs) do not fit beside each other. The off engine
+    # is built again for its second runs, from the same seeded weights.
+    off_engine = make_engine(args, model, "off")
     vocab = off_engine.model_config.vocab_size
+    dtype = str(off_engine.dtype).removeprefix("torch.")
     pool: list[list[int]] = [] if args.shape else chat_prompts(model, args.prompts, args.num_prompts or max(args.batch))
     if args.num_prompts and len(pool) < args.num_prompts:
         raise SystemExit(f"only {len(pool)} {args.prompts} prompts, asked for {args.num_prompts}")
@@ -357,15 +357,18 @@ def main(argv: list[str] | None = None) -> int:
 
     warm_up(off_engine, [p for batch in args.batch for p in prompts_of[batch]])
     base = {b: run_once(off_engine, "off", prompts_of[b], b, args.max_tokens, None, args.acceptance) for b in args.batch}
+    drop(off_engine)
     runs: dict[int, list[Run]] = {b: [] for b in args.batch}
     for method in methods:
         for batch in args.batch:
-            eng = make_engine(args, model, method, 1.0)
+            eng = make_engine(args, model, method)
             warm_up(eng, prompts_of[batch])
             runs[batch].append(run_once(eng, method, prompts_of[batch], batch, args.max_tokens, base[batch].outputs, args.acceptance))
             drop(eng)
             print(f"batch {batch} {method}: {runs[batch][-1].tok_s:.2f} tok/s", file=sys.stderr, flush=True)
     rows: list[dict[str, Any]] = []
+    off_engine = make_engine(args, model, "off")
+    warm_up(off_engine, [p for batch in args.batch for p in prompts_of[batch]])
     for batch in args.batch:
         # Off again after the others, timed as the mean of both: on a shared machine
         # the load drifts between runs, and one baseline would carry all of its drift.
@@ -389,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine,
         "command": "python bench/speculative.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "model": args.shape or args.model,
-        "dtype": str(off_engine.dtype).removeprefix("torch."),
+        "dtype": dtype,
         "prompts": args.prompts,
         "prompt_tokens": {"distinct_prompts": len(lens), "min": lens[0], "median": lens[len(lens) // 2], "max": lens[-1]},
         "num_speculative_tokens": args.num_speculative_tokens,

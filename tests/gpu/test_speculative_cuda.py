@@ -2,7 +2,7 @@
 defaults), greedy outputs with each proposer equal speculation off, token for token,
 in a mixed batch; the draft model's own graphs and device-side token feeding included.
 fp32 weights, so the target's argmax has no bf16 near-ties between its decode and verify
-kernels."""
+kernels. Verify steps replay the decode graphs (each token a decode row)."""
 
 from __future__ import annotations
 
@@ -49,6 +49,17 @@ def _run(model: Path, device: str, spec: SpeculativeConfig) -> tuple[list[list[i
             speculative=spec,
         )
     )
+    # Verify steps (more sampling rows than requests) and whether a graph replayed them.
+    verify_graphs: list[bool] = []
+    run_batch = eng.runner.run_batch
+
+    def record(batch, fill, spans, observe, use_graph):  # type: ignore[no-untyped-def]
+        if len(batch.sample_indices) > len(batch.sample_items):
+            verify_graphs.append(use_graph)
+        return run_batch(batch, fill, spans, observe, use_graph)
+
+    eng.runner.run_batch = record  # type: ignore[method-assign]
+    eng.verify_graphs = verify_graphs  # type: ignore[attr-defined]
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, output_kind="final")
     for i, p in enumerate(PROMPTS):
         eng.add_request(f"r{i}", p, params)
@@ -74,6 +85,8 @@ def test_greedy_equals_off_with_graphs(cuda_device: str, tmp_path: Path, method:
     assert eng.speculator is not None
     counters = eng.speculator.counters
     assert counters.proposed_tokens > 0, "nothing was proposed: the test would pass without speculation"
+    # Verify steps without a prefill chunk replay the decode graphs.
+    assert any(eng.verify_graphs), f"no verify step replayed a graph ({len(eng.verify_graphs)} verify steps)"  # type: ignore[attr-defined]
     if method == "draft-same":
         # The target's own weights as draft: every draft is accepted.
         assert counters.accepted_tokens == counters.proposed_tokens

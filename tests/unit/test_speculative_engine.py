@@ -257,3 +257,26 @@ def test_sampled_n_samples_speculate_and_stay_valid(tiny_llama: Path) -> None:
     assert tokens(a) == tokens(b)  # seeded: reproducible run to run
     for out in a.values():
         assert len(out.outputs) == 3 and all(len(c.token_ids) == 20 for c in out.outputs)
+
+
+def test_verify_steps_pack_as_decode_rows(tiny_llama: Path) -> None:
+    """A verify step is packed as one decode row per token (each reading the context up to
+    its own position), so a captured decode graph can replay it: the batch is pure decode
+    and every row is a sampling row, in order."""
+    base = run(engine(tiny_llama, None), PROMPTS, GREEDY)
+    eng = replay_engine(tiny_llama, base, PROMPTS, 0.8)
+    seen: list[tuple[bool, int, int]] = []
+    run_batch = eng.runner.run_batch
+
+    def record(batch, fill, spans, observe, use_graph):  # type: ignore[no-untyped-def]
+        if len(batch.sample_indices) > len(batch.sample_items):  # drafts are verified in this step
+            rows = batch.num_decodes  # decodes, then verify rows, then any prefill chunks
+            assert batch.query_start_loc[: rows + 1].tolist() == list(range(rows + 1))
+            assert batch.sample_indices[:rows].tolist() == list(range(rows))
+            assert (batch.seq_lens[:rows] == batch.positions[:rows] + 1).all()  # each row ends at its token
+            seen.append((batch.is_pure_decode, rows, len(batch.sample_items)))
+        return run_batch(batch, fill, spans, observe, use_graph)
+
+    eng.runner.run_batch = record  # type: ignore[method-assign]
+    assert tokens(run(eng, PROMPTS, GREEDY)) == tokens(base)
+    assert any(pure and rows > seqs for pure, rows, seqs in seen)

@@ -1,5 +1,8 @@
 """The decode step (one new token per sequence) captured as CUDA graphs.
 
+A speculative verify step is one too: the model runner packs each of its k + 1 tokens
+as a decode row of its own (rtpllm.engine.model_runner), so the same graphs replay it.
+
 A graph per batch size on a ladder (1, 2, 4, 8, 16, 24, ... max); a step of B sequences
 replays the smallest graph >= B with the extra rows padded: they write their K/V into
 the pool's scratch block and their logits are ignored. Inputs live in static device
@@ -19,9 +22,22 @@ import numpy as np
 import torch
 
 from rtpllm.attention import AttentionBackend, AttentionMetadata
+from rtpllm.config import EngineConfig
 from rtpllm.models import DecoderLM
 
 log = logging.getLogger(__name__)
+
+
+# Past this many rows a step is compute-bound and its launches are a small part of it.
+MAX_GRAPH_ROWS = 512
+
+
+def graph_rows_for(config: EngineConfig) -> int:
+    """The rows the largest decode graph holds: every running sequence (up to 256), each
+    with its k + 1 rows when the engine speculates k tokens (up to MAX_GRAPH_ROWS)."""
+    seqs = config.scheduler.max_num_seqs
+    per_seq = 1 + (config.speculative.num_speculative_tokens if config.speculative.method else 0)
+    return max(min(seqs, 256), min(seqs * per_seq, MAX_GRAPH_ROWS))
 
 
 def batch_ladder(max_batch: int) -> list[int]:

@@ -17,6 +17,7 @@ import torch
 
 from rtpllm.attention import get_backend
 from rtpllm.config import EngineConfig, dtype_name, parse_dtype
+from rtpllm.engine.cuda_graphs import graph_rows_for
 from rtpllm.engine.kv_offload import KVOffload
 from rtpllm.engine.model_runner import ModelRunner, PrevTokens
 from rtpllm.engine.multimodal import MultimodalRunner
@@ -196,7 +197,7 @@ class LLMEngine:
         if self.tp is not None:
             self.tp.send_shape(num_blocks, max_len)  # the other ranks build their pools, graphs
         if config.cuda_graphs:
-            self.runner.enable_cuda_graphs(min(config.scheduler.max_num_seqs, 256), max_len)
+            self.runner.enable_cuda_graphs(graph_rows_for(config), max_len)
             if self._draft is not None:
                 self._draft.enable_cuda_graphs(min(config.scheduler.max_num_seqs, 256))
         self.sampler = Sampler(self.device, config.seed)

@@ -172,19 +172,27 @@ class ModelRunner:
         sample_idx: list[int] = []
         sample_items: list[ScheduledRequest] = []
         spans: list[tuple[ScheduledRequest, int, slice]] = []
+        verify_rows = 0
         for item in step.scheduled:
             req = item.request
             start, end = item.start, item.start + item.num_new_tokens
             table = self.blocks.block_table(req.request_id)
             base = len(ids)
             if item.draft:
-                # Speculative: the last accepted token then the drafts, one extend row
-                # each; every one of them gives logits to verify.
+                # Speculative: the last accepted token then the drafts, each its own
+                # decode row reading the context up to itself. Every row's K/V is stored
+                # before any row attends, so row j sees drafts 0..j-1 of this step: the
+                # same attention as an extend row, run by the decode kernel, so a verify
+                # step is a pure decode step a captured graph replays.
                 ids.extend(req.all_token_ids[start : end - len(item.draft)])
                 ids.extend(item.draft)
                 positions.extend(range(start, end))
                 slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-                sample_idx.extend(range(len(ids) - len(item.draft) - 1, len(ids) - 1))
+                sample_idx.extend(range(base, len(ids) - 1))  # the last row below, as any sampling row
+                qsl.extend(range(base + 1, len(ids)))
+                seq_lens.extend(range(start + 1, end))
+                tables.extend([table] * (end - start - 1))
+                verify_rows += end - start
             elif end - start == 1:
                 token = req.all_token_ids[start]
                 if token == PLACEHOLDER:
@@ -226,7 +234,7 @@ class ModelRunner:
             sample_indices=np.asarray(sample_idx, dtype=np.int64),
             sample_items=sample_items,
             prompt_logprob_spans=spans,
-            num_decodes=step.num_decodes,
+            num_decodes=step.num_decodes + verify_rows,  # verifies follow the decodes
             placeholder_idx=ph_idx,
             placeholder_rows=ph_rows,
             splice=splice,
@@ -263,6 +271,7 @@ class ModelRunner:
             and batch.is_pure_decode
             and batch.is_plain
             and not observe
+            and len(batch.sample_indices) == len(batch.seq_lens)  # a graph returns every row's logits
             and graphs.can_run(len(batch.seq_lens), batch.block_tables.shape[1])
         )
 
