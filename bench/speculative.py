@@ -26,8 +26,9 @@ is replaced by the next).
 
 Every speculating run gets a fresh engine: the suffix proposer's global trie learns
 from finished outputs, and a run must not draft from an earlier run's outputs of the
-same prompt. The off engine stays for its second run, so at most two engines (two
-copies of the weights) live at once; on a GPU each takes half of it. Before a run is
+same prompt. Off runs twice, first and last, each time in an engine of its own. On CUDA
+each engine lives in a process of its own (spawned), so it has the whole GPU and its
+memory is gone when the process ends. Before a run is
 timed, its engine prefills every prompt once (one output token): timed runs then find
 their prompts in the prefix cache, and the timings are of decoding, which is what
 speculation changes.
@@ -50,21 +51,27 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import multiprocessing
 import platform
 import random
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from rtpllm.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
 from rtpllm.engine.llm_engine import LLMEngine
+from rtpllm.models import ModelConfig
 from rtpllm.sampling_params import SamplingParams
 from rtpllm.speculative.replay import ReplayProposer
+
+T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parent.parent
 # `bench.datasets` / `bench.real_models` and bench/engine.py, imported where used.
@@ -177,7 +184,8 @@ def make_engine(args: argparse.Namespace, model: str, method: str) -> LLMEngine:
 
 
 def drop(eng: LLMEngine) -> None:
-    """Free an engine's weights and KV before the next one is built."""
+    """Free an engine's weights and KV before the next one is built (the caller deletes
+    its own reference too: a name still bound keeps the engine's memory)."""
     eng.close()
     del eng
     gc.collect()
@@ -185,14 +193,52 @@ def drop(eng: LLMEngine) -> None:
         torch.cuda.empty_cache()
 
 
+def engine_runs(
+    args: argparse.Namespace,
+    model: str,
+    method: str,
+    prompts_of: dict[int, list[list[int]]],
+    reference: dict[int, dict[str, list[int]]] | None,
+) -> tuple[list[Run], str]:
+    """One engine: warm up on every prompt, then one timed run per batch size; the runs
+    and the engine's dtype."""
+    eng = make_engine(args, model, method)
+    warm_up(eng, [p for prompts in prompts_of.values() for p in prompts])
+    runs = [
+        run_once(eng, method, prompts, batch, args.max_tokens, reference[batch] if reference else None, args.acceptance)
+        for batch, prompts in prompts_of.items()
+    ]
+    dtype = str(eng.dtype).removeprefix("torch.")
+    drop(eng)
+    return runs, dtype
+
+
+def isolated(args: argparse.Namespace, fn: Callable[..., T], *fn_args: Any) -> T:
+    """`fn(*fn_args)`, on CUDA in a process of its own: each engine then has the whole
+    GPU, and its memory (weights, KV pool, graph pools) is gone when the process ends,
+    whatever still referred to it."""
+    if not args.device.startswith("cuda"):
+        return fn(*fn_args)
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *fn_args).result()
+
+
 def warm_up(eng: LLMEngine, prompts: list[list[int]]) -> None:
     """Prefill every distinct prompt once (one output token, so the suffix proposer's
     global trie learns nothing from it): timed runs then find their prompts in the
-    prefix cache and time decoding."""
+    prefix cache and time decoding. Then a few decode steps of one of them, aborted
+    (an aborted request teaches the proposer nothing either): the first decode steps
+    of a process pay one-time costs the timed runs must not carry."""
     params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, output_kind="final")
     distinct = {tuple(p): p for p in prompts}
     for i, prompt in enumerate(distinct.values()):
         eng.add_request(f"warm{i}", prompt, params)
+    while eng.has_unfinished_requests():
+        eng.step()
+    eng.add_request("warm-decode", prompts[0], replace(params, max_tokens=64))
+    for _ in range(24):
+        eng.step()
+    eng.abort_request("warm-decode")
     while eng.has_unfinished_requests():
         eng.step()
 
@@ -340,9 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     # One engine at a time, each with the whole GPU: two 8B engines at batch 64 (the
     # verify rows' activations, the graphs) do not fit beside each other. The off engine
     # is built again for its second runs, from the same seeded weights.
-    off_engine = make_engine(args, model, "off")
-    vocab = off_engine.model_config.vocab_size
-    dtype = str(off_engine.dtype).removeprefix("torch.")
+    vocab = ModelConfig.from_dir(Path(model)).vocab_size
     pool: list[list[int]] = [] if args.shape else chat_prompts(model, args.prompts, args.num_prompts or max(args.batch))
     if args.num_prompts and len(pool) < args.num_prompts:
         raise SystemExit(f"only {len(pool)} {args.prompts} prompts, asked for {args.num_prompts}")
@@ -355,24 +399,22 @@ def main(argv: list[str] | None = None) -> int:
         else:
             prompts_of[batch] = [pool[i % len(pool)] for i in range(count)]
 
-    warm_up(off_engine, [p for batch in args.batch for p in prompts_of[batch]])
-    base = {b: run_once(off_engine, "off", prompts_of[b], b, args.max_tokens, None, args.acceptance) for b in args.batch}
-    drop(off_engine)
+    base_runs, dtype = isolated(args, engine_runs, args, model, "off", prompts_of, None)
+    base = {r.batch: r for r in base_runs}
     runs: dict[int, list[Run]] = {b: [] for b in args.batch}
     for method in methods:
         for batch in args.batch:
-            eng = make_engine(args, model, method)
-            warm_up(eng, prompts_of[batch])
-            runs[batch].append(run_once(eng, method, prompts_of[batch], batch, args.max_tokens, base[batch].outputs, args.acceptance))
-            drop(eng)
-            print(f"batch {batch} {method}: {runs[batch][-1].tok_s:.2f} tok/s", file=sys.stderr, flush=True)
+            reference = {batch: base[batch].outputs}
+            (run,), _ = isolated(args, engine_runs, args, model, method, {batch: prompts_of[batch]}, reference)
+            runs[batch].append(run)
+            print(f"batch {batch} {method}: {run.tok_s:.2f} tok/s", file=sys.stderr, flush=True)
+    again_runs, _ = isolated(args, engine_runs, args, model, "off", prompts_of, None)
+    again_of = {r.batch: r for r in again_runs}
     rows: list[dict[str, Any]] = []
-    off_engine = make_engine(args, model, "off")
-    warm_up(off_engine, [p for batch in args.batch for p in prompts_of[batch]])
     for batch in args.batch:
         # Off again after the others, timed as the mean of both: on a shared machine
         # the load drifts between runs, and one baseline would carry all of its drift.
-        again = run_once(off_engine, "off", prompts_of[batch], batch, args.max_tokens, None, args.acceptance)
+        again = again_of[batch]
         first = base[batch]
         if again.outputs != first.outputs:
             print(f"batch {batch}: off's two runs differ", file=sys.stderr)
@@ -399,7 +441,6 @@ def main(argv: list[str] | None = None) -> int:
         "adaptive": not args.no_adaptive,
         "rows": rows,
     }
-    drop(off_engine)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2))

@@ -16,6 +16,7 @@ import torch
 from gpu_env import ON_GPU
 from paged_cases import TOLERANCE, PagedCase, make_case, rel_err
 
+from rtpllm.attention.backend import AttentionMetadata
 from rtpllm.attention.torch_ref import TorchReferenceBackend
 from rtpllm.attention.triton_backend import TritonAttentionBackend
 from rtpllm.kernels.activation import silu_and_mul_ref, silu_and_mul_triton
@@ -316,6 +317,46 @@ def test_backend_mixed_step(kernel_device: str, prefill_impl: str, window: int |
             err = rel_err(out, ref)
             assert err < TOLERANCE[dtype], f"rel err {err:.2e}"
             assert torch.equal(case.k_cache, exp_k) and torch.equal(case.v_cache, exp_v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backend_verify_rows_as_decode_rows(kernel_device: str, dtype: torch.dtype) -> None:
+    """A speculative verify step packs each of a sequence's k + 1 new tokens as a decode
+    row ending at its own position (decode_rows_share_seqs): the result equals the same
+    tokens attended as extend rows (the fp32 reference), and the cache holds every row's
+    K/V. Fused store-and-attend would let a row read a sibling's slot before it is written."""
+    big = 700 if ON_GPU else 40
+    seq_lens, q_lens = [12, big, 33], [1, 5, 3]  # a plain decode, then two verifies
+    case = make_case(seq_lens, q_lens, 8, 2, 64, 16, dtype, kernel_device, seed=5)
+    q32, k32, v32, kc32, vc32 = _fp32_inputs(case)
+    ref = TorchReferenceBackend().forward(q32, k32, v32, kc32, vc32, case.meta, case.scale)
+    exp_k, exp_v = _expected_caches(case, case.meta.slot_mapping, slice(None))
+    rows = [(i, s - q + j + 1) for i, (s, q) in enumerate(zip(seq_lens, q_lens, strict=True)) for j in range(q)]
+    # Rows in reverse: no kernel may rely on a sibling row's program having run first (the
+    # interpreter runs programs in order, and would hide a fused store's race otherwise).
+    order = list(reversed(range(len(rows))))
+    rows = [rows[t] for t in order]
+    tables = case.meta.block_tables[[i for i, _ in rows]]
+    lens = [n for _, n in rows]
+    dev = case.meta.seq_lens.device
+    idx = torch.tensor(order, device=dev)
+    meta = AttentionMetadata(
+        slot_mapping=case.meta.slot_mapping[idx],
+        query_start_loc=torch.arange(len(rows) + 1, dtype=torch.int32, device=dev),
+        seq_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
+        block_tables=tables,
+        num_decodes=len(rows),
+        max_query_len=1,
+        max_seq_len=max(lens),
+        block_size=case.meta.block_size,
+        query_start_loc_host=list(range(len(rows) + 1)),
+        seq_lens_host=lens,
+        decode_rows_share_seqs=True,
+    )
+    out = TritonAttentionBackend().forward(case.q[idx], case.k[idx], case.v[idx], case.k_cache, case.v_cache, meta, case.scale)
+    err = rel_err(out, ref[idx])
+    assert err < TOLERANCE[dtype], f"rel err {err:.2e}"
+    assert torch.equal(case.k_cache, exp_k) and torch.equal(case.v_cache, exp_v)
 
 
 def test_decode_cuda_graph_replay(cuda_device: str) -> None:

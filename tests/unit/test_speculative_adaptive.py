@@ -5,10 +5,13 @@ manager's rollback of rejected drafts."""
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 
 import pytest
 
+from rtpllm.engine.request import Request
 from rtpllm.kvcache.block_manager import BlockManager
+from rtpllm.sampling_params import SamplingParams
 from rtpllm.speculative.adaptive import (
     AcceptanceEMA,
     Candidate,
@@ -17,6 +20,8 @@ from rtpllm.speculative.adaptive import (
     StepCostModel,
     draft_values,
 )
+from rtpllm.speculative.proposer import Proposal, Proposer
+from rtpllm.speculative.speculator import Speculator
 
 
 def test_acceptance_estimate_converges_to_the_geometric_rate() -> None:
@@ -108,3 +113,44 @@ def test_truncate_frees_only_uncommitted_tail_blocks() -> None:
     assert len(bm.block_table("r")) == 1
     bm.check_invariants({"r"})
     assert len(bm.cached_keys()) == 1
+
+
+class _FixedProposer(Proposer):
+    """Always proposes the same four tokens."""
+
+    def propose(self, request_id: str, tokens: Sequence[int], k: int, private: bool = False) -> Proposal:
+        return Proposal(tokens=(1, 2, 3, 4)[:k], confidence=(1.0,) * min(k, 4))
+
+    def forget(self, request_id: str, output_tokens: Sequence[int] | None = None) -> None:
+        pass
+
+
+def test_a_request_that_stopped_drafting_tries_again_within_probe_every_steps() -> None:
+    """Once a plan chooses nothing, steps stay asynchronous and plan only every
+    `probe_every` steps: a request's idle time counts those steps (not the plans), and
+    each such re-plan explores, so a request whose early drafts were rejected (or
+    whose step size looked costly once) speculates again within probe_every steps,
+    not probe_every plans (probe_every^2 steps, past most requests' ends)."""
+    spec = Speculator(_FixedProposer(), PolicyConfig(max_k=4), probe_every=16)
+    req = Request("r", list(range(8)), SamplingParams(temperature=0, max_tokens=1000), max_model_len=4096)
+    req.num_computed_tokens = len(req.prompt_token_ids)
+    # Verify steps once measured at 3x a plain one: drafts do not pay at a = 0.5.
+    for _ in range(9):
+        spec.observe_step(1, 0.010)
+        spec.observe_step(5, 0.030)
+    assert spec.plan([req], base_tokens=1, max_extra=16) == {}
+    drafted_at = []
+    for step in range(1, 60):
+        if spec.wants_step([req]) and (drafts := spec.plan([req], base_tokens=1, max_extra=16)):
+            drafted_at.append(step)
+            spec.observe_verified(req, len(drafts["r"]), 0)
+    assert drafted_at and drafted_at[0] <= 16, drafted_at
+    assert len(drafted_at) >= 3 and all(b - a <= 17 for a, b in zip(drafted_at, drafted_at[1:], strict=False)), drafted_at
+    # Cheap verify steps now (graphs): the request, idle for probe_every steps, is
+    # optimistic again (a >= 0.5) though its last drafts were all rejected.
+    for _ in range(9):
+        spec.observe_step(5, 0.011)
+    for _ in range(17):
+        if spec.wants_step([req]):
+            spec.plan([req], base_tokens=1, max_extra=16)
+    assert spec.wants_step([req]) or spec.plan([req], base_tokens=1, max_extra=16)

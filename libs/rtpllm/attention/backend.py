@@ -39,6 +39,10 @@ class AttentionMetadata:
     # Host copies of query_start_loc / seq_lens, for backends that loop on the host.
     query_start_loc_host: list[int]
     seq_lens_host: list[int]
+    # Some decode rows are tokens of one sequence (a speculative verify step packs its
+    # k + 1 tokens as decode rows): every decode row's K/V must be in the cache before any
+    # decode row attends, so a backend must not fuse a row's store into its attention.
+    decode_rows_share_seqs: bool = False
 
     @property
     def num_seqs(self) -> int:

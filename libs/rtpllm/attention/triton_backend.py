@@ -83,10 +83,15 @@ class TritonAttentionBackend(AttentionBackend):
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         nd = meta.num_decodes
         if nd > 0:
+            # The decode kernel stores each row's new K/V itself and attends to it from
+            # registers; rows of one sequence need each other's K/V in the cache first.
+            fused = not meta.decode_rows_share_seqs
+            if not fused:
+                store_kv_triton(k[:nd], v[:nd], k_cache, v_cache, meta.slot_mapping[:nd], k_scale, v_scale)
             paged_decode_attention_triton(
                 q[:nd],
-                k[:nd],
-                v[:nd],
+                k[:nd] if fused else None,
+                v[:nd] if fused else None,
                 k_cache,
                 v_cache,
                 meta.block_tables[:nd],

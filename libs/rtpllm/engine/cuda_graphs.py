@@ -1,7 +1,10 @@
 """The decode step (one new token per sequence) captured as CUDA graphs.
 
 A speculative verify step is one too: the model runner packs each of its k + 1 tokens
-as a decode row of its own (rtpllm.engine.model_runner), so the same graphs replay it.
+as a decode row of its own (rtpllm.engine.model_runner). Those rows need each other's
+K/V in the cache before they attend, which the fused store-and-attend decode kernel
+does not give, so verify steps replay a second set of graphs captured with
+`decode_rows_share_seqs` (the K/V stored first); both sets share one memory pool.
 
 A graph per batch size on a ladder (1, 2, 4, 8, 16, 24, ... max); a step of B sequences
 replays the smallest graph >= B with the extra rows padded: they write their K/V into
@@ -32,12 +35,17 @@ log = logging.getLogger(__name__)
 MAX_GRAPH_ROWS = 512
 
 
-def graph_rows_for(config: EngineConfig) -> int:
-    """The rows the largest decode graph holds: every running sequence (up to 256), each
-    with its k + 1 rows when the engine speculates k tokens (up to MAX_GRAPH_ROWS)."""
-    seqs = config.scheduler.max_num_seqs
-    per_seq = 1 + (config.speculative.num_speculative_tokens if config.speculative.method else 0)
-    return max(min(seqs, 256), min(seqs * per_seq, MAX_GRAPH_ROWS))
+def plain_graph_rows(config: EngineConfig) -> int:
+    """The rows the largest decode graph holds: every running sequence, up to 256."""
+    return min(config.scheduler.max_num_seqs, 256)
+
+
+def verify_graph_rows(config: EngineConfig) -> int:
+    """The rows the largest verify graph holds (0: the engine does not speculate): every
+    running sequence with its k + 1 rows, up to MAX_GRAPH_ROWS."""
+    if not config.speculative.method:
+        return 0
+    return min(config.scheduler.max_num_seqs * (1 + config.speculative.num_speculative_tokens), MAX_GRAPH_ROWS)
 
 
 def batch_ladder(max_batch: int) -> list[int]:
@@ -64,7 +72,12 @@ class DecodeGraphs:
         block_size: int,
         scratch_block: int,
         device: str,
+        verify: bool = False,
+        memory_pool: tuple[int, int] | None = None,
     ) -> None:
+        """`verify`: graphs for steps whose decode rows include several tokens of one
+        sequence (see the module docstring). `memory_pool`: another set's `pool`, to
+        share its memory (the sets never replay at once)."""
         self.model = model
         self.kv_caches = kv_caches
         self.backend = backend
@@ -81,8 +94,14 @@ class DecodeGraphs:
         self.seq_lens = torch.ones(max_batch, dtype=torch.int32, device=dev)
         self.query_start_loc = torch.arange(max_batch + 1, dtype=torch.int32, device=dev)
         self.block_tables = torch.full((max_batch, self.max_blocks), scratch_block, dtype=torch.int32, device=dev)
+        self.verify = verify
         self._graphs: dict[int, _Graph] = {}
-        self._pool = None
+        self._pool = memory_pool
+
+    @property
+    def pool(self) -> tuple[int, int] | None:
+        """The graphs' memory pool (after `capture`)."""
+        return self._pool
 
     def capture(self) -> None:
         """Capture every size, largest first so the smaller ones reuse its memory."""
@@ -103,8 +122,14 @@ class DecodeGraphs:
                     if self._pool is None:
                         self._pool = graph.pool()
                 self._graphs[size] = _Graph(graph, logits)
+            # A graph's first replay uploads it to the device (milliseconds for ~400
+            # nodes): do it now, not in a request's step, where it would also make the
+            # speculation policy's cost model price that step size too high. The
+            # inputs are still the padding: every row writes the scratch block.
+            for entry in self._graphs.values():
+                entry.graph.replay()
         torch.cuda.synchronize()
-        log.info("captured decode CUDA graphs for batch sizes %s", self.sizes)
+        log.info("captured %s CUDA graphs for batch sizes %s", "verify" if self.verify else "decode", self.sizes)
 
     def _forward(self, size: int) -> torch.Tensor:
         meta = AttentionMetadata(
@@ -118,6 +143,7 @@ class DecodeGraphs:
             block_size=self.block_size,
             query_start_loc_host=list(range(size + 1)),
             seq_lens_host=[self.max_seq_len] * size,
+            decode_rows_share_seqs=self.verify,
         )
         hidden = self.model(self.input_ids[:size], self.positions[:size], self.kv_caches, meta)
         return self.model.compute_logits(hidden)

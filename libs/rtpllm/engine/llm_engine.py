@@ -17,7 +17,7 @@ import torch
 
 from rtpllm.attention import get_backend
 from rtpllm.config import EngineConfig, dtype_name, parse_dtype
-from rtpllm.engine.cuda_graphs import graph_rows_for
+from rtpllm.engine.cuda_graphs import plain_graph_rows, verify_graph_rows
 from rtpllm.engine.kv_offload import KVOffload
 from rtpllm.engine.model_runner import ModelRunner, PrevTokens
 from rtpllm.engine.multimodal import MultimodalRunner
@@ -197,9 +197,9 @@ class LLMEngine:
         if self.tp is not None:
             self.tp.send_shape(num_blocks, max_len)  # the other ranks build their pools, graphs
         if config.cuda_graphs:
-            self.runner.enable_cuda_graphs(graph_rows_for(config), max_len)
+            self.runner.enable_cuda_graphs(plain_graph_rows(config), max_len, verify_graph_rows(config))
             if self._draft is not None:
-                self._draft.enable_cuda_graphs(min(config.scheduler.max_num_seqs, 256))
+                self._draft.enable_cuda_graphs(plain_graph_rows(config))
         self.sampler = Sampler(self.device, config.seed)
         self.structured = StructuredOutputs(self.tokenizer, self.eos_token_ids, self.model_config.vocab_size, self.device)
         self.outputs = OutputProcessor(self.tokenizer)
@@ -579,7 +579,6 @@ class LLMEngine:
                 self._forget(group)
         self._touched_ext = {}
         touched: dict[str, _Group] = {}
-        started = time.perf_counter()
         prev = self._in_flight
         # Speculative decoding plans drafts from every running token, so a step that
         # plans runs after the previous one is read back (docs/speculative_decoding.md).
@@ -589,6 +588,10 @@ class LLMEngine:
         if prev is not None and (not self.async_scheduling or self._needs_history() or speculate):
             self._finish(prev, touched)
             prev = self._in_flight = None
+        # Timed from here: a step that must first drain the one in flight (the first
+        # speculating step after asynchronous ones) is not charged that step's tail,
+        # or the policy would price its size at about two steps.
+        started = time.perf_counter()
         if self.offload is not None:
             self.offload.settle()  # blocks of abandoned tier restores, back to the pool
         step = self.scheduler.schedule(speculate=speculate)
@@ -608,9 +611,9 @@ class LLMEngine:
             self._in_flight = None
         if self.speculator is not None and launched is not None:
             # The step's cost for the adaptive policy is this call's wall time: a
-            # verifying step is synchronous and runs eagerly, so its host work (planning,
-            # launches, verification) is part of what drafts cost; for pipelined steps
-            # the call's wall time is the pipeline's time per step.
+            # verifying step is synchronous, so its host work (planning, packing,
+            # verification) is part of what drafts cost; for pipelined steps the call's
+            # wall time is the pipeline's time per step.
             self.speculator.observe_step(step.num_tokens, time.perf_counter() - started)
         if self.offload is not None:
             self.offload.offer_committed()

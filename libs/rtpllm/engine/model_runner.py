@@ -46,6 +46,9 @@ class HostBatch:
     placeholder_rows: list[int] = field(default_factory=list)
     # Image embeddings replacing placeholder tokens' (multimodal prefill).
     splice: Splice | None = None
+    # Decode rows that are a verify step's tokens (after the plain decodes): rows of one
+    # sequence, which attend to each other's K/V (AttentionMetadata.decode_rows_share_seqs).
+    verify_rows: int = 0
 
     @property
     def is_pure_decode(self) -> bool:
@@ -140,13 +143,20 @@ class ModelRunner:
         self.block_size = kv_pool.block_size
         self.logits_observer: LogitsObserver | None = None
         self.graphs: DecodeGraphs | None = None
+        self.verify_graphs: DecodeGraphs | None = None
         self.tp = tp
 
-    def enable_cuda_graphs(self, max_batch: int, max_seq_len: int) -> None:
-        """Capture decode graphs (CUDA with a graph-safe attention backend only)."""
+    def enable_cuda_graphs(self, max_batch: int, max_seq_len: int, max_verify_rows: int = 0) -> None:
+        """Capture decode graphs of up to `max_batch` rows, and verify-step graphs of up to
+        `max_verify_rows` (CUDA with a graph-safe attention backend only)."""
         if not self.device.startswith("cuda") or not self.backend.supports_cuda_graphs:
             return
-        self.graphs = DecodeGraphs(
+        self.graphs = self._capture(max_batch, max_seq_len, verify=False)
+        if max_verify_rows:
+            self.verify_graphs = self._capture(max_verify_rows, max_seq_len, verify=True)
+
+    def _capture(self, max_batch: int, max_seq_len: int, verify: bool) -> DecodeGraphs:
+        graphs = DecodeGraphs(
             self.model,
             self.kv_caches,
             self.backend,
@@ -155,8 +165,11 @@ class ModelRunner:
             block_size=self.block_size,
             scratch_block=self.kv_pool.scratch_block,
             device=self.device,
+            verify=verify,
+            memory_pool=self.graphs.pool if self.graphs is not None else None,
         )
-        self.graphs.capture()
+        graphs.capture()
+        return graphs
 
     def prepare(self, step: SchedulerOutput, prev: PrevTokens | None = None) -> HostBatch:
         assert self.blocks is not None, "a worker rank runs batches packed by rank 0"
@@ -235,6 +248,7 @@ class ModelRunner:
             sample_items=sample_items,
             prompt_logprob_spans=spans,
             num_decodes=step.num_decodes + verify_rows,  # verifies follow the decodes
+            verify_rows=verify_rows,
             placeholder_idx=ph_idx,
             placeholder_rows=ph_rows,
             splice=splice,
@@ -263,9 +277,12 @@ class ModelRunner:
         ]
         return ModelOutput(logits=out.samples, sample_items=batch.sample_items, prompt_logits=prompt_logits)
 
+    def _graphs_for(self, batch: HostBatch) -> DecodeGraphs | None:
+        return self.verify_graphs if batch.verify_rows else self.graphs
+
     def fits_graph(self, batch: HostBatch, observe: bool) -> bool:
-        """Whether a captured decode graph can run this batch (rank 0 decides for all ranks)."""
-        graphs = self.graphs
+        """Whether a captured graph can run this batch (rank 0 decides for all ranks)."""
+        graphs = self._graphs_for(batch)
         return (
             graphs is not None
             and batch.is_pure_decode
@@ -289,8 +306,9 @@ class ModelRunner:
         Every tensor-parallel rank runs this with the same arguments: the order of the
         model's collectives is the order of these calls."""
         if use_graph:
-            assert self.graphs is not None
-            logits = self.graphs.run(
+            graphs = self._graphs_for(batch)
+            assert graphs is not None
+            logits = graphs.run(
                 batch.input_ids, batch.positions, batch.slot_mapping, batch.seq_lens, batch.block_tables, fill
             )
             return BatchLogits(None, logits, [])
@@ -334,6 +352,7 @@ class ModelRunner:
             block_size=self.block_size,
             query_start_loc_host=qsl_host,
             seq_lens_host=seq_host,
+            decode_rows_share_seqs=batch.verify_rows > 0,
         )
         input_ids = up(batch.input_ids)
         if fill is not None:

@@ -61,9 +61,9 @@ class StepChannel:
         width = batch.block_tables.shape[1]
         pos_rows = 1 if batch.positions.ndim == 1 else batch.positions.shape[0]
         header = np.zeros(_HEADER, dtype=np.int64)
-        header[:11] = (
+        header[:] = (
             _STEP, tokens, seqs, width, len(batch.sample_indices), len(spans), batch.num_decodes,
-            observe, use_graph, fill is not None, pos_rows,
+            observe, use_graph, fill is not None, pos_rows, batch.verify_rows,
         )  # fmt: skip
         bounds = np.asarray([(s.start, s.stop) for s in spans], dtype=np.int64).reshape(-1)
         payload = np.concatenate(
@@ -110,7 +110,7 @@ class StepChannel:
     def recv(self) -> ReceivedStep | None:
         """The next step, or None when rank 0 says stop."""
         header = self.group.broadcast_control(torch.empty(_HEADER, dtype=torch.int64)).tolist()
-        kind, tokens, seqs, width, samples, num_spans, decodes, observe, use_graph, filled, pos_rows, _ = (
+        kind, tokens, seqs, width, samples, num_spans, decodes, observe, use_graph, filled, pos_rows, verify_rows = (
             header
         )
         if kind == _STOP:
@@ -131,6 +131,7 @@ class StepChannel:
             sample_indices=sample_idx,
             sample_items=[],
             num_decodes=decodes,
+            verify_rows=verify_rows,
         )
         spans = [slice(int(a), int(b)) for a, b in bounds.reshape(-1, 2)]
         fill = None

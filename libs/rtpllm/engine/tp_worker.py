@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from rtpllm.attention import get_backend
 from rtpllm.config import EngineConfig, parse_dtype
-from rtpllm.engine.cuda_graphs import graph_rows_for
+from rtpllm.engine.cuda_graphs import plain_graph_rows, verify_graph_rows
 from rtpllm.engine.model_runner import ModelRunner
 from rtpllm.engine.tensor_parallel import WorkerPayload
 from rtpllm.engine.tp_step import StepChannel
@@ -71,7 +71,7 @@ class ShardWorker:
         self.runner = ModelRunner(model, pool, None, backend, device)
         if config.cuda_graphs:
             # Captured with rank 0, collectives included: same sizes, same order.
-            self.runner.enable_cuda_graphs(graph_rows_for(config), max_len)
+            self.runner.enable_cuda_graphs(plain_graph_rows(config), max_len, verify_graph_rows(config))
 
     def serve(self) -> None:
         """Run rank 0's steps until it says stop."""

@@ -58,6 +58,7 @@ class Speculator:
         self._ema: dict[str, AcceptanceEMA] = {}
         self._steps_without = 0  # plans in a row that chose no drafts
         self._async_steps = 0  # steps since, left asynchronous
+        self._skipped = 0  # steps since the last plan (they planned nothing)
         self.separately_charged_s = 0.0  # draft passes since the last observed step
         # The last plan's proposal distributions (request id -> [drafts, vocab]), read
         # by verification in the same step.
@@ -92,6 +93,7 @@ class Speculator:
         if self._async_steps >= self.probe_every:
             self._async_steps = 0
             return True
+        self._skipped += 1
         return False
 
     # -- planning ----------------------------------------------------------------------
@@ -100,6 +102,8 @@ class Speculator:
         """Drafts for the step's decoding requests (only those that get any). The
         proposal distributions of sampled drafts wait in `draft_probs` for verification."""
         self._probs = {}
+        # Steps, not plans: while nothing is drafted, a plan comes only every probe_every steps.
+        elapsed, self._skipped = 1 + self._skipped, 0
         ready: list[tuple[Request, int, float]] = []  # (request, most drafts, acceptance rate)
         for req in decodes:
             if req.num_placeholders or not self.eligible(req):
@@ -109,7 +113,7 @@ class Speculator:
             if room <= 0:
                 continue
             ema = self._ema.setdefault(req.request_id, AcceptanceEMA())
-            ema.steps_idle += 1
+            ema.steps_idle += elapsed
             rate = ema.rate
             if ema.steps_idle > self.probe_every:
                 rate = max(rate, 0.5)
@@ -191,9 +195,10 @@ class Speculator:
         if not cands:
             return []
         counts = self.policy.allot(cands, base_tokens, base_emitted, max_extra, cost)
-        if not any(counts) and self._steps_without % self.probe_every == self.probe_every - 1:
+        if not any(counts) and self._steps_without > 0:
             # Explore: the cost of a size the policy avoids is never measured again, so
-            # now and then the most promising request verifies its drafts anyway.
+            # on each periodic re-plan (every probe_every steps, once a plan chose
+            # nothing) the most promising request verifies its drafts anyway.
             best = max(range(len(cands)), key=lambda i: sum(cands[i].values))
             counts[best] = min(lengths[best], self.config.max_k, max_extra)
         return counts
