@@ -148,21 +148,25 @@ async def _disaggregation(settings: WorkerSettings, role: InstanceRole, nc: Any,
     sides = _Sides()
     if role is InstanceRole.WORKER:
         return sides
-    from rtpllm.transfer import KVLayout, KVReceiver, KVSender
+    from rtpllm.transfer import KVReceiver, KVSender
 
-    layout = KVLayout.of(engine.kv_cache, engine.kv_namespace)
+    # Whole blocks; with tensor parallelism the ranks' KV heads pass through this
+    # process (rank 0), so cuda_ipc, which writes one pool tensor in place, never applies.
+    blocks = engine.kv_blocks
+    if not blocks.direct:
+        log.info("KV data plane: the %d tensor-parallel ranks' KV heads go through rank 0", engine.engine.tp.size)
     if role is InstanceRole.PREFILL:
         from rtpllm.serving.disagg_prefill import PrefillSide
 
-        sender = KVSender(engine.kv_cache, layout, prefer=settings.kv_backends)
+        sender = KVSender(blocks, prefer=settings.kv_backends)
         sides.closers.append(sender.close)
         sides.prefill = PrefillSide(nc, engine, instance_id, sender, info.block_size)
         return sides
     from rtpllm.serving.disagg_decode import DecodeConfig, DecodeSide
 
-    # CUDA IPC needs the pool on a GPU; the other backends apply anywhere.
-    backends = [b for b in settings.kv_backends if b != "cuda_ipc" or engine.kv_cache.is_cuda] or ["tcp"]
-    receiver = KVReceiver(engine.kv_cache, layout, host=settings.kv_host, port=settings.kv_port, backends=backends)
+    # CUDA IPC needs the pool on a GPU, in this process; the other backends apply anywhere.
+    backends = [b for b in settings.kv_backends if b != "cuda_ipc" or (blocks.is_cuda and blocks.direct)] or ["tcp"]
+    receiver = KVReceiver(blocks, host=settings.kv_host, port=settings.kv_port, backends=backends)
     await receiver.start()
     sides.closers.append(receiver.close)
     log.info("KV data plane listening on %s:%d (%s)", receiver.endpoint.host, receiver.endpoint.port, ", ".join(receiver.endpoint.backends))

@@ -157,6 +157,36 @@ def test_up_kvstore_gives_the_tier_flags_to_the_kvstore(monkeypatch: pytest.Monk
     assert kv.kv_ssd_dir == "/tmp/kv" and kv.kv_host_gib == 4.0
 
 
+def test_tensor_parallel_prefill_and_decode_instances(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from rtpllm.cli import up
+
+    # PD transfers move every rank's KV heads (docs/tensor_parallel.md): prefill and decode
+    # instances take -tp like workers; only the KV tiers (the kvstore) still need TP 1.
+    for role in ("prefill", "decode"):
+        settings = worker_settings(build_parser().parse_args(["serve", role, "--device", "cpu", "-tp", "2"]))
+        assert settings.engine.tensor_parallel_size == 2 and settings.role == role
+    monkeypatch.setenv("RTPLLM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(up.signal, "signal", lambda *a: None)
+    assert up.run_up(build_parser().parse_args(["up", "--model", "/", "--device", "cpu", "-tp", "2"])) == 2
+    assert "add --no-kvstore" in capsys.readouterr().out
+    seen = {}
+
+    class FakeStack:
+        def __init__(self, config: object) -> None:
+            seen["config"] = config
+            raise KeyboardInterrupt  # stop before anything starts
+
+    monkeypatch.setattr(up, "Stack", FakeStack)
+    with pytest.raises(KeyboardInterrupt):
+        up.run_up(build_parser().parse_args(["up", "--model", "/", "--device", "cpu", "-tp", "2", "--no-kvstore"]))
+    config = seen["config"]
+    assert config.prefill == 1 and config.decode == 1
+    i = config.worker_args.index("--tensor-parallel-size")
+    assert config.worker_args[i + 1] == "2"
+
+
 def test_up_refuses_a_port_in_use(capsys: pytest.CaptureFixture[str]) -> None:
     # Another server's /ready must not pass for ours: `up` stops before starting anything.
     with socket.socket() as busy:

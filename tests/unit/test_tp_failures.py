@@ -1,7 +1,8 @@
 """Tensor parallelism when things are not plain: async scheduling (input ids broadcast on
 the device group), more ranks than KV heads (replicated KV heads), a rank that dies
-(idle or inside a step: an error within seconds, no process left) and rank 0 killed
-(its workers exit). Each test owns its engines: one torch.distributed group per process."""
+(idle, inside a step or during KV transfers: an error within seconds, no process left)
+and rank 0 killed (its workers exit). Each test owns its engines: one torch.distributed
+group per process."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -76,6 +79,50 @@ def test_a_rank_that_dies_mid_step_fails_the_step(tiny_llama: Path) -> None:
     with pytest.raises(TensorParallelError):
         llm.generate(prompts_of(2, 10, seed=5), GREEDY)
     assert time.monotonic() - start < 5
+    llm.close()
+    assert not live([worker])
+
+
+def test_a_rank_killed_during_kv_transfers_fails_them(tiny_llama: Path) -> None:
+    llm = LLM(str(tiny_llama), tensor_parallel_size=2, **ENGINE)  # type: ignore[arg-type]
+    tp = llm.engine.tp
+    assert tp is not None
+    worker = tp.workers.pids[0]
+    blocks = llm.engine.kv_blocks()  # the PD data plane's view: every rank's heads through rank 0
+    ids = np.arange(16)
+    buf = blocks.host_buffer(blocks.payload_bytes(len(ids)))
+    # A rank that cannot read its part (an id past every pool) is an error on rank 0,
+    # and the group stays in step.
+    with pytest.raises(RuntimeError, match=r"rank\(s\) \[0, 1\] could not read"):
+        blocks.gather(0, np.asarray([10_000]), buf)
+    assert tp.error is None
+    rounds: list[int] = []
+    errors: list[BaseException] = []
+
+    def transfers() -> None:
+        try:
+            while True:
+                layer = len(rounds) % 2
+                blocks.gather(layer, ids, buf)
+                blocks.scatter(layer, ids, buf, None)
+                rounds.append(1)
+        except BaseException as exc:  # noqa: BLE001 - what the data plane would see
+            errors.append(exc)
+
+    thread = threading.Thread(target=transfers, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while len(rounds) < 5 and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(rounds) >= 5 and not errors, errors
+    os.kill(worker, signal.SIGKILL)
+    killed = time.monotonic()
+    thread.join(5)
+    assert not thread.is_alive(), "a KV transfer hangs on a dead rank"
+    assert time.monotonic() - killed < 5
+    assert errors and isinstance(errors[0], TensorParallelError), errors
+    with pytest.raises(TensorParallelError):  # and every later one fails at once
+        blocks.scatter(0, ids, buf, None)
     llm.close()
     assert not live([worker])
 

@@ -177,9 +177,6 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     tp = getattr(args, "tensor_parallel_size", 1)
-    if tp > 1 and getattr(args, "service", "worker") == "prefill":
-        # Its KV ships to decode instances, and a transfer moves one rank's heads.
-        raise SystemExit("error: a prefill instance runs with --tensor-parallel-size 1 (docs/tensor_parallel.md)")
     if device == "cuda" and getattr(args, "gpu_claim_dir", None):
         if tp > 1:
             raise SystemExit("error: --gpu-claim-dir claims one GPU; with --tensor-parallel-size pass --device cuda:N")

@@ -22,6 +22,7 @@ from rtpllm.engine.stats import EngineStats
 from rtpllm.kvcache.events import CachedKeys, KVEventBatch
 from rtpllm.outputs import KVReservation, RequestOutput
 from rtpllm.sampling_params import SamplingParams
+from rtpllm.transfer.blocks import KVBlocks
 
 if TYPE_CHECKING:
     from rtpllm.multimodal.inputs import MultimodalInputs
@@ -212,14 +213,10 @@ class AsyncLLMEngine:
         self._commands.put(_Call(lambda e: e.release_kv(request_id)))
 
     @property
-    def kv_cache(self):
-        """The engine's KV pool tensor (the data plane reads and writes its blocks); a
-        clear error for a mixed per-layer KV plan, which PD transfers do not carry."""
-        return self.engine.kv_pool.require_uniform("prefill/decode disaggregation (the KV data plane)")
-
-    @property
-    def kv_namespace(self) -> bytes:
-        return self.engine.block_manager.namespace
+    def kv_blocks(self) -> KVBlocks:
+        """The engine's KV pool as the data plane moves it (LLMEngine.kv_blocks: whole
+        blocks, the ranks' heads through rank 0 with tensor parallelism)."""
+        return self.engine.kv_blocks()
 
     async def shutdown(self) -> None:
         """Stop the engine thread; streams still open end with EngineDeadError."""

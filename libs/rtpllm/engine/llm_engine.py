@@ -10,7 +10,7 @@ import itertools
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -25,6 +25,7 @@ from rtpllm.engine.output_processor import Finish, LogprobRow, OutputProcessor
 from rtpllm.engine.request import Request
 from rtpllm.engine.sampler import PendingSample, Sampler, needs_history, prompt_logprobs
 from rtpllm.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
+from rtpllm.engine.sharded_blocks import ShardedPoolBlocks
 from rtpllm.engine.stats import EngineStats
 from rtpllm.engine.step_clock import StepClock
 from rtpllm.engine.structured import MaskJob, StructuredOutputs
@@ -40,6 +41,7 @@ from rtpllm.loader.checkpoint_digest import weights_identity
 from rtpllm.models import DecoderLM, ModelConfig, build_model, fill_random
 from rtpllm.models.registry import cache_root, resolve_model, served_model_name
 from rtpllm.outputs import CompletionOutput, KVHandoff, KVReservation, PositionLogprobs, RequestOutput
+from rtpllm.parallel.layout import ShardLayout
 from rtpllm.sampling_params import SamplingParams
 from rtpllm.speculative.adaptive import PolicyConfig
 from rtpllm.speculative.draft import DraftModelProposer
@@ -47,6 +49,8 @@ from rtpllm.speculative.proposer import build_proposer
 from rtpllm.speculative.speculator import Speculator
 from rtpllm.speculative.verify import SpecRows, Verified, verify
 from rtpllm.tokenizer import Tokenizer
+from rtpllm.transfer.blocks import KVBlocks, PoolBlocks
+from rtpllm.transfer.layout import KVLayout
 
 if TYPE_CHECKING:
     import numpy as np
@@ -215,6 +219,7 @@ class LLMEngine:
         self._awaiting: dict[str, Request] = {}
         self._touched_ext: dict[str, _Group] = {}
         self._handoffs: dict[str, KVHandoff] = {}
+        self._kv_blocks: KVBlocks | None = None  # the data plane's view of the pool (kv_blocks)
         self._in_flight: _InFlight | None = None
         self.async_scheduling = config.async_scheduling if config.async_scheduling is not None else self.device.startswith("cuda")
         self.prompt_tokens_total = 0
@@ -367,8 +372,6 @@ class LLMEngine:
           and None is returned.
         """
         params = params or SamplingParams()
-        if prefill_only and self.tp is not None:
-            raise ValueError("prefill-only requests (a prefill instance) need tensor_parallel_size=1")
         if (prefill_only or remote_prefill_min_tokens is not None) and params.n != 1:
             raise ValueError("disaggregated prefill serves n=1 requests only")
         if request_id in self._groups:
@@ -430,8 +433,6 @@ class LLMEngine:
         """Allocate the prompt's blocks for a remote prefill if enough of it is uncached."""
         bm = self.block_manager
         hit = bm.find_prefix(req)
-        if self.tp is not None:
-            return None  # KV transfers move one rank's pool; with tensor parallelism, prefill here
         if req.params.prompt_logprobs is not None or req.num_prompt_tokens - hit.num_tokens < max(min_tokens, 1):
             return None
         if not bm.allocate(req, req.num_prompt_tokens, hit):
@@ -442,6 +443,26 @@ class LLMEngine:
         self._awaiting[req.request_id] = req
         skip = len(hit.block_ids)
         return KVReservation(block_ids=bm.block_table(req.request_id)[skip:], skip_blocks=skip, num_cached_tokens=hit.num_tokens)
+
+    def kv_blocks(self) -> KVBlocks:
+        """The KV pool as the PD data plane moves it (built on first use): payloads of
+        whole blocks, every KV head of the model. With tensor parallelism the other
+        ranks' heads come and go through rank 0 over the KV group (engine/sharded_blocks.py).
+        A clear error for a mixed per-layer KV plan, which transfers do not carry."""
+        if self._kv_blocks is not None:
+            return self._kv_blocks
+        kv = self.kv_pool.require_uniform("prefill/decode disaggregation (the KV data plane)")
+        layout = KVLayout.of(kv, self.block_manager.namespace)
+        if self.tp is None:
+            self._kv_blocks = PoolBlocks(kv, layout)
+            return self._kv_blocks
+        size = self.tp.size
+        shards = [ShardLayout.of(self.model_config, rank, size) for rank in range(size)]
+        whole = replace(layout, num_kv_heads=self.model_config.num_kv_heads)
+        quantized = self.model_config.head_dim if self.kv_spec.is_quantized(0) else None
+        heads = [(s.kv_head_start, s.num_kv_heads) for s in shards]
+        self._kv_blocks = ShardedPoolBlocks(kv, whole, heads, self.tp.kv, self.tp.guard, quantized)
+        return self._kv_blocks
 
     def _extend_prefix(self, req: Request, hit: PrefixHit) -> PrefixHit | None:
         """Scheduler hook: restore the blocks past the pool's prefix hit that a lower KV

@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from rtpllm.config import EngineConfig
 from rtpllm.engine.model_runner import HostBatch
+from rtpllm.engine.tp_kv import KVChannel
 from rtpllm.engine.tp_step import StepChannel
 from rtpllm.models.config import ModelConfig
 from rtpllm.parallel.group import TPGroup, init_tp_group
@@ -74,12 +75,14 @@ def check_supported(config: EngineConfig, model: ModelConfig) -> None:
 
 
 class TensorParallel:
-    """Rank 0 of `size` ranks: the group, the worker processes and the step channel."""
+    """Rank 0 of `size` ranks: the group, the worker processes, the step channel and the
+    KV channel (the ranks' KV blocks for the PD data plane, engine/sharded_blocks.py)."""
 
     def __init__(self, group: TPGroup, workers: WorkerProcesses) -> None:
         self.group = group
         self.workers = workers
         self.channel = StepChannel(group)
+        self.kv = KVChannel(group)
         self.size = group.size
         self.error: str | None = None  # why the group broke (None while it is whole)
         # Called once, from any thread, when the group breaks (services: stop serving).
@@ -115,10 +118,10 @@ class TensorParallel:
 
     def agree_num_blocks(self, num_blocks: int) -> int:
         """The KV pool size every rank can hold (the smallest rank's)."""
-        return self._guard(lambda: self.group.min_control(num_blocks))
+        return self.guard(lambda: self.group.min_control(num_blocks))
 
     def send_shape(self, num_blocks: int, max_model_len: int) -> None:
-        self._guard(lambda: self.channel.send_shape(num_blocks, max_model_len))
+        self.guard(lambda: self.channel.send_shape(num_blocks, max_model_len))
 
     # -- steps (ModelRunner's StepSender) --------------------------------------------
 
@@ -130,7 +133,7 @@ class TensorParallel:
         use_graph: bool,
         fill: Callable[[torch.Tensor], None] | None,
     ) -> Callable[[torch.Tensor], None] | None:
-        return self._guard(lambda: self.channel.send(batch, spans, observe, use_graph, fill))
+        return self.guard(lambda: self.channel.send(batch, spans, observe, use_graph, fill))
 
     def failure(self, exc: BaseException) -> TensorParallelError:
         """A step failed on rank 0 while the ranks were in it: break the group, and the
@@ -140,7 +143,10 @@ class TensorParallel:
 
     # -- failure and shutdown ----------------------------------------------------------
 
-    def _guard(self, fn: Callable[[], T]) -> T:
+    def guard(self, fn: Callable[[], T]) -> T:
+        """Run `fn` (collectives of the group): TensorParallelError at once if the group
+        is broken, and any error of `fn` breaks it (the ranks no longer agree on which
+        collective comes next)."""
         if self.error is not None:
             raise TensorParallelError(self.error)
         try:
@@ -183,6 +189,9 @@ class TensorParallel:
             whole = self.error is None and polite
         if whole:
             try:
+                # The KV channel first: its server threads end before the workers leave the groups.
+                if not self.kv.stop():
+                    log.warning("a KV transfer between the tensor-parallel ranks did not end; stopping them anyway")
                 self.channel.stop()
             except Exception:  # noqa: BLE001 - a rank died meanwhile; stop() below ends the rest
                 log.warning("could not tell the tensor-parallel ranks to stop", exc_info=True)

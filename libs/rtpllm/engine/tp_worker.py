@@ -4,7 +4,9 @@ Started by rank 0 (rtpllm.parallel.launch) with the torchrun variables in its
 environment (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE) and a start-up payload on
 stdin (the engine config, the resolved model directory, torch's thread count). It
 builds and loads its shard of the model, sizes its KV pool with rank 0, then runs
-every batch rank 0 sends until told to stop. No scheduler, sampler or tokenizer here.
+every batch rank 0 sends until told to stop; meanwhile a thread of its own reads and
+writes the pool's blocks for rank 0's PD data plane (engine/tp_kv.py). No scheduler,
+sampler or tokenizer here.
 
 It exits when rank 0 says stop, when rank 0 is gone (stdin reaches end of file, or the
 parent process changes), or on any error (a peer's death ends its waits at once), and
@@ -30,6 +32,7 @@ from rtpllm.config import EngineConfig, parse_dtype
 from rtpllm.engine.cuda_graphs import plain_graph_rows, verify_graph_rows
 from rtpllm.engine.model_runner import ModelRunner
 from rtpllm.engine.tensor_parallel import WorkerPayload
+from rtpllm.engine.tp_kv import KVShardServer
 from rtpllm.engine.tp_step import StepChannel
 from rtpllm.kvcache.kv_plan import cache_spec
 from rtpllm.kvcache.kv_pool import KVPool, bytes_per_block
@@ -69,14 +72,21 @@ class ShardWorker:
         num_blocks, max_len = self.channel.recv_shape()
         pool = KVPool(model_config, num_blocks, config.cache.block_size, dtype, device, group.size, spec)
         self.runner = ModelRunner(model, pool, None, backend, device)
+        # Rank 0's KV reads and writes (built on the thread that runs the steps: on CUDA
+        # its copies follow this thread's stream).
+        self.kv_server = KVShardServer(group, pool.kv)
         if config.cuda_graphs:
             # Captured with rank 0, collectives included: same sizes, same order.
             self.runner.enable_cuda_graphs(plain_graph_rows(config), max_len, verify_graph_rows(config))
+        # After the capture: no other thread may use the device while a graph is captured.
+        self.kv_server.start()
 
-    def serve(self) -> None:
-        """Run rank 0's steps until it says stop."""
+    def serve(self) -> bool:
+        """Run rank 0's steps until it says stop; False if the KV server thread did not
+        end (rank 0 stops it first), so leaving the groups could wait on it."""
         while (step := self.channel.recv()) is not None:
             self.runner.run_batch(step.batch, step.fill, step.spans, step.observe, step.use_graph)
+        return self.kv_server.join(timeout_s=5.0)
 
 
 def _num_blocks(config: EngineConfig, model_config: ModelConfig, per_block: int, device: str) -> int:
@@ -149,8 +159,8 @@ def main() -> None:
         )
         store.set(JOINED_KEY.format(rank=rank), "1")
         group = init_tp_group(rank, size, store, device)
-        ShardWorker(payload, group, device).serve()
-        group.destroy()
+        if ShardWorker(payload, group, device).serve():
+            group.destroy()
     except BaseException:
         log.exception("tensor-parallel rank %d failed", rank)
         sys.stderr.flush()

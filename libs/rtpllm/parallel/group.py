@@ -1,6 +1,6 @@
 """The torch.distributed groups of one tensor-parallel engine, and its two collectives.
 
-Two groups over the same ranks:
+Three groups over the same ranks:
 - the device group (NCCL on CUDA, gloo on CPU) carries the model's collectives: an
   all-reduce after each row-parallel matmul and the vocabulary embedding, an all-gather
   of the LM head's logits. On CUDA these are captured in the decode CUDA graphs.
@@ -8,6 +8,10 @@ Two groups over the same ranks:
   each step's inputs, the KV pool's size, stop. Its timeout is effectively infinite
   because workers wait on it while the engine is idle, for as long as that lasts; a
   dead peer still ends every wait at once (gloo sees the socket close).
+- the KV group (always gloo, on the host, the control group's timeout) carries KV blocks
+  between the ranks' pools and rank 0 for the PD data plane (engine/tp_kv.py). Its own
+  group, served by a thread of each worker, so a transfer never waits for a step and a
+  step never waits for a transfer.
 
 One engine per process: torch.distributed's default group is process-wide, so the
 engine owns it from `init_tp_group` to `TPGroup.destroy`.
@@ -38,6 +42,7 @@ class TPGroup:
     size: int
     device_group: dist.ProcessGroup
     control_group: dist.ProcessGroup
+    kv_group: dist.ProcessGroup
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum `x` over the ranks, in place (row-parallel partial products)."""
@@ -82,5 +87,7 @@ def init_tp_group(rank: int, size: int, store: dist.Store, device: str) -> TPGro
     dist.init_process_group(
         "nccl" if cuda else "gloo", store=store, rank=rank, world_size=size, timeout=DEVICE_TIMEOUT
     )
+    # Every rank creates the groups in this order (new_group is collective).
     control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
-    return TPGroup(rank, size, dist.group.WORLD, control)  # type: ignore[arg-type]
+    kv = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+    return TPGroup(rank, size, dist.group.WORLD, control, kv)  # type: ignore[arg-type]

@@ -10,9 +10,16 @@ host buffer: gathered with `index_select`, scattered with a numpy fancy assignme
 byte view (twice as fast as `index_copy_` on CPU, and it releases the GIL). CUDA pools
 gather/scatter on a side stream, through pinned host buffers, so transfers overlap the
 engine's own work.
+
+`KVBlocks` is what the backends see; `PoolBlocks` is one pool tensor in this process. A
+tensor-parallel engine's pool is spread over its ranks' processes
+(`rtpllm.engine.sharded_blocks.ShardedPoolBlocks`): the same payloads, every KV head of
+the model, gathered from and scattered to the ranks.
 """
 
 from __future__ import annotations
+
+from abc import ABC, abstractmethod
 
 import numpy as np
 import torch
@@ -35,8 +42,73 @@ def block_runs(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ids[starts], ends - starts
 
 
-class PoolBlocks:
-    """One side's pool, seen as payloads (see the module docstring)."""
+class KVBlocks(ABC):
+    """A KV pool seen as payloads of its `layout`: the interface the backends use.
+
+    `num_blocks` counts every block id a transfer may name; `unit` is the payload bytes
+    of one block in one layer. `direct` is True when `kv` is the whole pool of `layout`
+    in this process's memory, so cuda_ipc may share it and write it in place; a pool
+    spread over processes is not (`kv` and `stream` exist only where `direct`)."""
+
+    layout: KVLayout
+    device: torch.device
+    is_cuda: bool
+    num_blocks: int
+    unit: int
+    direct: bool = True
+
+    def payload_bytes(self, count: int) -> int:
+        return count * self.unit
+
+    def check_ids(self, ids: np.ndarray, what: str) -> None:
+        if len(ids) and (ids.min() < 0 or ids.max() >= self.num_blocks):
+            raise ValueError(f"{what} out of range [0, {self.num_blocks}): {ids.tolist()[:16]}")
+
+    def views(self, layer: int, ids: np.ndarray, max_runs: int | None = None) -> list[memoryview] | None:
+        """The payload as byte ranges of the pool itself, when it can be read and written
+        in place (no copy); None otherwise."""
+        return None
+
+    def host_buffer(self, nbytes: int) -> torch.Tensor:
+        """A staging buffer (uint8) for `gather` and `scatter`."""
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    @abstractmethod
+    def gather(self, layer: int, ids: np.ndarray, out: torch.Tensor) -> None:
+        """Copy the payload of blocks `ids` into host buffer `out` (uint8); returns once
+        the bytes are there. Run it off the event loop for large payloads."""
+
+    @abstractmethod
+    def scatter(self, layer: int, ids: np.ndarray, src: torch.Tensor, after: torch.cuda.Event | None) -> None:
+        """Write the payload in host buffer `src` (uint8) to blocks `ids`; returns once it
+        is in the pool (CUDA: complete on the device, so visible to any later work).
+        `after`: a CUDA event the write must follow (the blocks' previous users)."""
+
+    @abstractmethod
+    def follow_engine(self) -> None:
+        """Order later gathers after everything the caller's current stream has enqueued
+        so far (the engine's writes of the blocks about to be sent)."""
+
+    @abstractmethod
+    def engine_event(self) -> torch.cuda.Event | None:
+        """An event on the caller's current stream (None on CPU): writes into blocks
+        allocated just now wait for it, i.e. for the blocks' previous readers."""
+
+
+def as_blocks(kv: torch.Tensor | KVBlocks, layout: KVLayout | None) -> KVBlocks:
+    """What KVSender and KVReceiver take: a pool tensor with its layout, or a ready
+    KVBlocks (whose layout, if `layout` is given too, must be that one)."""
+    if isinstance(kv, KVBlocks):
+        if layout is not None and layout != kv.layout:
+            raise ValueError(f"layout does not match the pool's: {layout.mismatch(kv.layout, 'given', 'pool')}")
+        return kv
+    if layout is None:
+        raise ValueError("a KV pool tensor needs its KVLayout")
+    return PoolBlocks(kv, layout)
+
+
+class PoolBlocks(KVBlocks):
+    """One pool tensor in this process, seen as payloads (see the module docstring)."""
 
     def __init__(self, kv: torch.Tensor, layout: KVLayout) -> None:
         layout.check_pool(kv)
@@ -51,13 +123,6 @@ class PoolBlocks:
             # [layer, K/V, block, bytes of one block's K (or V)]
             self._bytes = kv.view(-1).view(torch.uint8).numpy().reshape(kv.shape[0], 2, self.num_blocks, -1)
             self._memory = memoryview(self._bytes.reshape(-1))
-
-    def payload_bytes(self, count: int) -> int:
-        return count * self.unit
-
-    def check_ids(self, ids: np.ndarray, what: str) -> None:
-        if len(ids) and (ids.min() < 0 or ids.max() >= self.num_blocks):
-            raise ValueError(f"{what} out of range [0, {self.num_blocks}): {ids.tolist()[:16]}")
 
     def ids_tensor(self, ids: np.ndarray) -> torch.Tensor:
         """Block ids as an index tensor on the pool's device (uploaded on the side stream,
@@ -92,8 +157,6 @@ class PoolBlocks:
         return buf[: self.payload_bytes(count)].view(self.kv.dtype).view(2, count, *self.kv.shape[3:])
 
     def gather(self, layer: int, ids: np.ndarray, out: torch.Tensor) -> None:
-        """Copy the payload of blocks `ids` into host buffer `out` (uint8); returns once
-        the bytes are there. Run it off the event loop for large payloads."""
         dst = self._typed(out, len(ids))
         if not self.is_cuda:
             torch.index_select(self.kv[layer], 1, self.ids_tensor(ids), out=dst)
@@ -105,9 +168,6 @@ class PoolBlocks:
         done.synchronize()
 
     def scatter(self, layer: int, ids: np.ndarray, src: torch.Tensor, after: torch.cuda.Event | None) -> None:
-        """Write the payload in host buffer `src` (uint8) to blocks `ids`; returns once it
-        is in the pool (CUDA: complete on the device, so visible to any later work).
-        `after`: a CUDA event the write must follow (the blocks' previous users)."""
         if not self.is_cuda:
             payload = src[: self.payload_bytes(len(ids))].numpy().reshape(2, len(ids), -1)
             self._bytes[layer][:, ids] = payload
@@ -122,14 +182,11 @@ class PoolBlocks:
         done.synchronize()
 
     def follow_engine(self) -> None:
-        """Order the side stream after everything the caller's current stream has
-        enqueued so far (the engine's writes of the blocks about to be sent)."""
+        # The side stream, after the engine's writes.
         if self.is_cuda:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
 
     def engine_event(self) -> torch.cuda.Event | None:
-        """An event on the caller's current stream (None on CPU): writes into blocks
-        allocated just now wait for it, i.e. for the blocks' previous readers."""
         if not self.is_cuda:
             return None
         event = torch.cuda.Event()

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from rtpllm.transfer.blocks import PoolBlocks
+from rtpllm.transfer.blocks import KVBlocks, as_blocks
 from rtpllm.transfer.endpoint import BACKENDS, KVEndpoint, advertised_address, local_host_id, shm_available
 from rtpllm.transfer.errors import TransferAborted, TransferError, TransferRefused
 from rtpllm.transfer.framing import Error, FrameConn
@@ -43,8 +43,10 @@ TOKEN_BYTES = 16
 class KVReceiver:
     """The receiving end of the data plane for one KV pool (one per decode instance).
 
-    `backends`: what to accept (default: every one that applies: "tcp" always, "shm"
-    where /dev/shm exists, "cuda_ipc" for a CUDA pool). `advertise_host`: the address put
+    `kv`: the pool tensor with its `layout`, or a ready KVBlocks (a tensor-parallel
+    engine's pool, spread over its ranks). `backends`: what to accept (default: every
+    one that applies: "tcp" always, "shm" where /dev/shm exists, "cuda_ipc" for a CUDA
+    pool in this process). `advertise_host`: the address put
     in `endpoint` when listening on a wildcard address. `shm_slots` x `shm_slot_bytes`:
     the shared-memory ring of each shm connection. `max_pending_frames`: frames per
     connection being verified/copied at once (bounds staging memory). `threads`: worker
@@ -53,8 +55,8 @@ class KVReceiver:
 
     def __init__(
         self,
-        kv: torch.Tensor,
-        layout: KVLayout,
+        kv: torch.Tensor | KVBlocks,
+        layout: KVLayout | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
         backends: Sequence[str] | None = None,
@@ -65,12 +67,12 @@ class KVReceiver:
         max_pending_frames: int = 4,
         threads: int = 2,
     ) -> None:
-        self.pool = PoolBlocks(kv, layout)
-        self.layout = layout
+        self.pool = as_blocks(kv, layout)
+        self.layout = self.pool.layout
         usable = ["tcp"]
         if shm_available():
             usable.append("shm")
-        if kv.is_cuda:
+        if self.pool.is_cuda and self.pool.direct:  # cuda_ipc shares and writes the pool tensor itself
             usable.append("cuda_ipc")
         if backends is None:
             backends = usable

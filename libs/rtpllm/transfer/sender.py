@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from rtpllm.transfer.backend import BackendUnavailable
-from rtpllm.transfer.blocks import PoolBlocks
+from rtpllm.transfer.blocks import KVBlocks, as_blocks
 from rtpllm.transfer.endpoint import BACKENDS, KVEndpoint, local_host_id, shm_available
 from rtpllm.transfer.errors import (
     UNAVAILABLE,
@@ -38,9 +38,10 @@ log = logging.getLogger(__name__)
 class KVSender:
     """The sending end of the data plane for one KV pool (one per prefill instance).
 
-    `prefer`: backends in order of preference; `open()` takes the first one the endpoint
-    accepts and that applies (cuda_ipc: same host and both pools on CUDA; shm: same host;
-    tcp: always), falling back to the next if it cannot be set up. `max_frame_bytes`:
+    `kv`: the pool tensor with its `layout`, or a ready KVBlocks (a tensor-parallel
+    engine's pool, spread over its ranks). `prefer`: backends in order of preference;
+    `open()` takes the first one the endpoint accepts and that applies (cuda_ipc: same
+    host and both pools on CUDA, this one in this process; shm: same host; tcp: always), falling back to the next if it cannot be set up. `max_frame_bytes`:
     payload bytes per frame (one layer of a group of blocks). `max_idle_links`: idle
     connections kept per receiver and backend. `threads`: worker threads for gathers and
     checksums.
@@ -48,8 +49,8 @@ class KVSender:
 
     def __init__(
         self,
-        kv: torch.Tensor,
-        layout: KVLayout,
+        kv: torch.Tensor | KVBlocks,
+        layout: KVLayout | None = None,
         prefer: Sequence[str] = ("cuda_ipc", "shm", "tcp"),
         *,
         max_frame_bytes: int = 16 << 20,
@@ -59,8 +60,8 @@ class KVSender:
         for b in prefer:
             if b not in BACKENDS:
                 raise ValueError(f"unknown backend {b!r}; known: {BACKENDS}")
-        self.pool = PoolBlocks(kv, layout)
-        self.layout = layout
+        self.pool = as_blocks(kv, layout)
+        self.layout = self.pool.layout
         self.prefer = list(prefer)
         self.max_frame_bytes = max(max_frame_bytes, self.pool.unit)
         self.max_idle_links = max_idle_links
@@ -77,7 +78,7 @@ class KVSender:
             if b not in endpoint.backends:
                 continue
             if b == "cuda_ipc" and not (
-                same_host and self.pool.is_cuda and endpoint.device.startswith("cuda")
+                same_host and self.pool.is_cuda and self.pool.direct and endpoint.device.startswith("cuda")
             ):
                 continue
             if b == "shm" and not (same_host and shm_available()):
