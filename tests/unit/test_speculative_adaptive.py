@@ -125,32 +125,47 @@ class _FixedProposer(Proposer):
         pass
 
 
-def test_a_request_that_stopped_drafting_tries_again_within_probe_every_steps() -> None:
-    """Once a plan chooses nothing, steps stay asynchronous and plan only every
-    `probe_every` steps: a request's idle time counts those steps (not the plans), and
-    each such re-plan explores, so a request whose early drafts were rejected (or
-    whose step size looked costly once) speculates again within probe_every steps,
-    not probe_every plans (probe_every^2 steps, past most requests' ends)."""
+def test_a_request_that_stopped_drafting_tries_again_and_re_plans_back_off() -> None:
+    """Once a plan chooses nothing, steps stay asynchronous and plan only now and then:
+    first after probe_every steps, then, while the policy keeps choosing nothing, after
+    twice as many each time (up to probe_every * 2**MAX_BACKOFF), each re-plan exploring
+    with the most promising request. A request's idle time counts steps, not plans, so
+    one whose drafts were all rejected is optimistic again once idle probe_every steps."""
     spec = Speculator(_FixedProposer(), PolicyConfig(max_k=4), probe_every=16)
-    req = Request("r", list(range(8)), SamplingParams(temperature=0, max_tokens=1000), max_model_len=4096)
+    req = Request("r", list(range(8)), SamplingParams(temperature=0, max_tokens=10_000), max_model_len=20_000)
     req.num_computed_tokens = len(req.prompt_token_ids)
-    # Verify steps once measured at 3x a plain one: drafts do not pay at a = 0.5.
+    # Verify steps measured at 3x a plain one: drafts do not pay at a = 0.5.
     for _ in range(9):
         spec.observe_step(1, 0.010)
         spec.observe_step(5, 0.030)
     assert spec.plan([req], base_tokens=1, max_extra=16) == {}
     drafted_at = []
-    for step in range(1, 60):
+    for step in range(1, 1200):
         if spec.wants_step([req]) and (drafts := spec.plan([req], base_tokens=1, max_extra=16)):
             drafted_at.append(step)
             spec.observe_verified(req, len(drafts["r"]), 0)
-    assert drafted_at and drafted_at[0] <= 16, drafted_at
-    assert len(drafted_at) >= 3 and all(b - a <= 17 for a, b in zip(drafted_at, drafted_at[1:], strict=False)), drafted_at
+    gaps = [b - a for a, b in zip([0, *drafted_at], drafted_at, strict=False)]
+    assert gaps[:6] == [16, 33, 65, 129, 257, 257], gaps  # each explore's own plan, then the wait
     # Cheap verify steps now (graphs): the request, idle for probe_every steps, is
-    # optimistic again (a >= 0.5) though its last drafts were all rejected.
+    # optimistic again (a >= 0.5) though its drafts were all rejected, and the
+    # policy's own choice resets the back-off.
     for _ in range(9):
         spec.observe_step(5, 0.011)
-    for _ in range(17):
-        if spec.wants_step([req]):
-            spec.plan([req], base_tokens=1, max_extra=16)
-    assert spec.wants_step([req]) or spec.plan([req], base_tokens=1, max_extra=16)
+    chose = [step for step in range(1, 300) if spec.wants_step([req]) and spec.plan([req], base_tokens=1, max_extra=16)]
+    assert chose and chose[0] <= 257 and len(chose) > 3 and chose[1] - chose[0] == 1, chose
+
+
+def test_no_drafts_when_they_lose_to_pipelined_steps() -> None:
+    """Drafting nothing returns a batch to pipelined (asynchronous) steps, so drafts are
+    weighed against those: with synchronous 64-token steps at 12 ms, 160-token verify
+    steps at 15 ms and pipelined 64-token steps at 8 ms, drafts of value 0.3 lose
+    (64 + 29 tokens in 15 ms against 64 in 8), though against a synchronous plain step
+    they would seem to win (64 in 12 ms)."""
+    sync, pipelined = StepCostModel(), StepCostModel()
+    for _ in range(5):
+        sync.observe(64, 0.012)
+        sync.observe(160, 0.015)
+        pipelined.observe(64, 0.008)
+    cands = [Candidate([0.3, 0.09, 0.03]) for _ in range(64)]
+    assert sum(SpeculationPolicy(PolicyConfig(), sync).allot(cands, 64, 64, 1000)) > 0
+    assert sum(SpeculationPolicy(PolicyConfig(), sync, pipelined).allot(cands, 64, 64, 1000)) == 0

@@ -635,7 +635,8 @@ class LLMEngine:
             # verifying step is synchronous, so its host work (planning, packing,
             # verification) is part of what drafts cost; for pipelined steps the call's
             # wall time is the pipeline's time per step.
-            self.speculator.observe_step(step.num_tokens, time.perf_counter() - started)
+            pipelined = prev is not None and launched is not None and not launched.verified
+            self.speculator.observe_step(step.num_tokens, time.perf_counter() - started, pipelined=pipelined)
         if self.offload is not None:
             self.offload.offer_committed()
         self._flush_events()

@@ -8,7 +8,8 @@ acceptance, per step from what extra tokens cost on this machine.
   rejection, or j accepted with the drafts exhausted).
 - Per step, `StepCostModel` holds the measured step time as a function of the tokens
   in the batch (online: every step's time goes in, the median of recent steps per
-  bucket of sizes). `SpeculationPolicy.allot` adds draft
+  bucket of sizes), one for steps that plan drafts (synchronous) and one for pipelined
+  steps (async scheduling), which price the no-draft alternative. `SpeculationPolicy.allot` adds draft
   tokens in order of their expected value (the chance they are accepted) while that
   raises the expected tokens emitted per second of step time. On a memory-bound GPU a
   few hundred tokens cost about what one does, so drafts are nearly free; when the
@@ -152,9 +153,13 @@ class PolicyConfig:
 class SpeculationPolicy:
     """Chooses each step's draft lengths from the requests' values and the cost model."""
 
-    def __init__(self, config: PolicyConfig, cost: StepCostModel) -> None:
+    def __init__(self, config: PolicyConfig, cost: StepCostModel, pipelined: StepCostModel | None = None) -> None:
+        """`cost`: steps that plan drafts (synchronous); `pipelined`: steps launched
+        while the previous one runs (async scheduling), which is what a batch that
+        drafts nothing goes back to, so the no-draft alternative is priced from it."""
         self.config = config
         self.cost = cost
+        self.pipelined = pipelined
 
     def allot(
         self,
@@ -179,13 +184,13 @@ class SpeculationPolicy:
                 counts[i] = take
                 max_extra -= take
             return counts
-        # Values of a request's drafts decrease along it, so taking the best values
-        # first always takes a prefix of each request's drafts.
-        order = sorted(
-            ((v, i) for i, c in enumerate(candidates) for v in c.values[: cfg.max_k] if v >= cfg.min_value),
-            key=lambda vi: -vi[0],
-        )[:max_extra]
+        order = self._by_value(candidates, max_extra)
         base_time = self.cost.seconds(base_tokens)
+        if base_time is not None and self.pipelined is not None:
+            # Drafting nothing returns the batch to pipelined steps: the alternative
+            # the drafts must beat. (A synchronous step of the same size costs more: the
+            # host work the pipeline hides; at batch 64 on an H100 about 1.5x.)
+            base_time = self.pipelined.seconds(base_tokens) or base_time
         if base_time is None:  # nothing measured yet: take everything, and measure it
             for _, i in order:
                 counts[i] += 1
@@ -207,6 +212,25 @@ class SpeculationPolicy:
         for _, i in order[:best_n]:
             counts[i] += 1
         return counts
+
+
+    def allot_all(self, candidates: list[Candidate], max_extra: int) -> list[int]:
+        """Every draft worth proposing at all (value >= min_value), whatever it costs: an
+        exploratory step, which measures what the whole batch's drafts cost."""
+        counts = [0] * len(candidates)
+        for _, i in self._by_value(candidates, max_extra):
+            counts[i] += 1
+        return counts
+
+    def _by_value(self, candidates: list[Candidate], max_extra: int) -> list[tuple[float, int]]:
+        """(value, candidate) of every draft worth proposing, best first, within the
+        budget. Values of a request's drafts decrease along it, so taking the best
+        values first always takes a prefix of each request's drafts."""
+        cfg = self.config
+        return sorted(
+            ((v, i) for i, c in enumerate(candidates) for v in c.values[: cfg.max_k] if v >= cfg.min_value),
+            key=lambda vi: -vi[0],
+        )[: max(max_extra, 0)]
 
 
 def draft_values(rate: float, confidence: tuple[float, ...]) -> list[float]:

@@ -26,6 +26,8 @@ from rtpllm.speculative.proposer import NO_PROPOSAL, Proposal, Proposer
 
 log = logging.getLogger(__name__)
 
+MAX_BACKOFF = 4  # re-plans at most every probe_every * 16 steps
+
 
 @dataclass
 class SpecCounters:
@@ -47,8 +49,9 @@ class Speculator:
     def __init__(self, proposer: Proposer, policy: PolicyConfig, probe_every: int = 16) -> None:
         self.proposer = proposer
         self.config = policy
-        self.cost = StepCostModel()
-        self.policy = SpeculationPolicy(policy, self.cost)
+        self.cost = StepCostModel()  # steps that planned drafts (synchronous)
+        self.pipelined_cost = StepCostModel()  # steps launched behind the previous one
+        self.policy = SpeculationPolicy(policy, self.cost, self.pipelined_cost)
         self.counters = SpecCounters()
         # A request whose estimate keeps it from speculating gets one optimistic try
         # after this many steps (acceptance changes along a text: a copied passage
@@ -58,6 +61,10 @@ class Speculator:
         self._ema: dict[str, AcceptanceEMA] = {}
         self._steps_without = 0  # plans in a row that chose no drafts
         self._async_steps = 0  # steps since, left asynchronous
+        # Re-plans that chose nothing (exploration aside) double the wait for the next,
+        # up to probe_every * 2**MAX_BACKOFF steps: on a loaded server where drafts
+        # never pay, each re-plan is a synchronous step, which costs its hidden host work.
+        self._backoff = 0
         self._skipped = 0  # steps since the last plan (they planned nothing)
         self.separately_charged_s = 0.0  # draft passes since the last observed step
         # The last plan's proposal distributions (request id -> [drafts, vocab]), read
@@ -85,16 +92,15 @@ class Speculator:
         """Whether the next step should plan drafts, which needs every running token on
         the host (a synchronous step). False keeps async scheduling: when the last plan
         chose no drafts, until a periodic re-plan."""
-        if not any(not r.in_prefill and self.eligible(r) for r in running):
-            return False
-        if self._steps_without == 0:
-            return True
-        self._async_steps += 1
-        if self._async_steps >= self.probe_every:
+        if self._steps_without > 0:
+            # Counted before the scan below: most steps of a loaded batch stop here, and
+            # a pipelined step's host work is on the critical path once it matches the GPU's.
+            self._async_steps += 1
+            if self._async_steps < self.probe_every << self._backoff:
+                self._skipped += 1
+                return False
             self._async_steps = 0
-            return True
-        self._skipped += 1
-        return False
+        return any(not r.in_prefill and self.eligible(r) for r in running)
 
     # -- planning ----------------------------------------------------------------------
 
@@ -132,6 +138,13 @@ class Speculator:
                     self._probs[req.request_id] = proposal.probs[:n]
         self._steps_without = 0 if drafts else self._steps_without + 1
         return drafts
+
+    def _policy_chose(self, chose: bool) -> None:
+        """After a re-plan: back off while the policy itself keeps choosing nothing."""
+        if chose:
+            self._backoff = 0
+        elif self._steps_without > 0:
+            self._backoff = min(self._backoff + 1, MAX_BACKOFF)
 
     def _plan_free(
         self, ready: list[tuple[Request, int, float]], base_tokens: int, base_emitted: int, max_extra: int
@@ -195,13 +208,17 @@ class Speculator:
         if not cands:
             return []
         counts = self.policy.allot(cands, base_tokens, base_emitted, max_extra, cost)
+        self._policy_chose(any(counts))
         if not any(counts) and self._steps_without > 0:
-            # Explore: the cost of a size the policy avoids is never measured again, so
-            # on each periodic re-plan (every probe_every steps, once a plan chose
-            # nothing) the most promising request verifies its drafts anyway.
-            best = max(range(len(cands)), key=lambda i: sum(cands[i].values))
-            counts[best] = min(lengths[best], self.config.max_k, max_extra)
-        return counts
+            # Explore: the cost of a size the policy avoids is never measured again (and
+            # extrapolating from small steps overprices large ones where the GPU is
+            # memory-bound), so each periodic re-plan (every probe_every steps or more,
+            # once a plan chose nothing) verifies every draft worth proposing.
+            counts = self.policy.allot_all(cands, max_extra)
+            if not any(counts):  # nothing is worth min_value: the most promising request
+                best = max(range(len(cands)), key=lambda i: sum(cands[i].values))
+                counts[best] = min(lengths[best], self.config.max_k, max_extra)
+        return [min(n, length) for n, length in zip(counts, lengths, strict=True)]
 
     def draft_probs(self, request_id: str, num_drafts: int) -> torch.Tensor | None:
         """The proposal distribution of a request's first `num_drafts` drafts in this
@@ -222,12 +239,13 @@ class Speculator:
         if ema is not None:
             ema.observe(num_proposed, num_accepted)
 
-    def observe_step(self, num_tokens: int, seconds: float) -> None:
+    def observe_step(self, num_tokens: int, seconds: float, pipelined: bool = False) -> None:
         """A step of `num_tokens` tokens took `seconds` of wall time (the engine's
-        `step()` call, less a draft model's passes, which have their own model)."""
+        `step()` call, less a draft model's passes, which have their own model).
+        `pipelined`: launched while the previous step ran (it planned nothing)."""
         seconds -= self.separately_charged_s
         self.separately_charged_s = 0.0
-        self.cost.observe(num_tokens, max(seconds, 1e-6))
+        (self.pipelined_cost if pipelined else self.cost).observe(num_tokens, max(seconds, 1e-6))
 
     def forget(self, req: Request) -> None:
         self._ema.pop(req.request_id, None)
