@@ -162,15 +162,14 @@ def test_tensor_parallel_prefill_and_decode_instances(
 ) -> None:
     from rtpllm.cli import up
 
-    # PD transfers move every rank's KV heads (docs/tensor_parallel.md): prefill and decode
-    # instances take -tp like workers; only the KV tiers (the kvstore) still need TP 1.
+    # PD transfers and the KV tiers move every rank's KV heads (docs/tensor_parallel.md):
+    # prefill and decode instances take -tp like workers, with the kvstore (the default)
+    # or without it.
     for role in ("prefill", "decode"):
         settings = worker_settings(build_parser().parse_args(["serve", role, "--device", "cpu", "-tp", "2"]))
         assert settings.engine.tensor_parallel_size == 2 and settings.role == role
     monkeypatch.setenv("RTPLLM_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(up.signal, "signal", lambda *a: None)
-    assert up.run_up(build_parser().parse_args(["up", "--model", "/", "--device", "cpu", "-tp", "2"])) == 2
-    assert "add --no-kvstore" in capsys.readouterr().out
     seen = {}
 
     class FakeStack:
@@ -179,12 +178,15 @@ def test_tensor_parallel_prefill_and_decode_instances(
             raise KeyboardInterrupt  # stop before anything starts
 
     monkeypatch.setattr(up, "Stack", FakeStack)
-    with pytest.raises(KeyboardInterrupt):
-        up.run_up(build_parser().parse_args(["up", "--model", "/", "--device", "cpu", "-tp", "2", "--no-kvstore"]))
-    config = seen["config"]
-    assert config.prefill == 1 and config.decode == 1
-    i = config.worker_args.index("--tensor-parallel-size")
-    assert config.worker_args[i + 1] == "2"
+    for kvstore in ([], ["--no-kvstore"]):
+        with pytest.raises(KeyboardInterrupt):
+            up.run_up(build_parser().parse_args(["up", "--model", "/", "--device", "cpu", "-tp", "2", *kvstore]))
+        config = seen["config"]
+        assert config.prefill == 1 and config.decode == 1 and config.kvstore == (not kvstore)
+        assert ("--kvstore" in config.worker_args) == (not kvstore)
+        i = config.worker_args.index("--tensor-parallel-size")
+        assert config.worker_args[i + 1] == "2"
+    assert "error" not in capsys.readouterr().out
 
 
 def test_up_refuses_a_port_in_use(capsys: pytest.CaptureFixture[str]) -> None:

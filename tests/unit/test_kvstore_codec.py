@@ -24,6 +24,7 @@ from rtpllm.kvstore.block_codec import (
     header_len,
     parse_header,
 )
+from rtpllm.transfer.blocks import PoolBlocks
 from rtpllm.transfer.layout import KVLayout
 
 pytestmark = pytest.mark.timeout(30)
@@ -51,6 +52,37 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 
 def same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(bits(a), bits(b))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_pool_seen_through_its_blocks_view_encodes_and_decodes_the_same_bytes(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A KVBlocks view (how a tensor-parallel pool is passed: whole blocks read and written
+    through `read_blocks`/`write_blocks`) gives the bytes of the direct tensor path, in
+    chunks too, and a refused batch writes nothing through it either."""
+    src = make_pool(10, dtype, seed=1)
+    layout = KVLayout.of(src, NS)
+    ids = [7, 0, 3, 9, 4]
+    direct = encode_blocks(src, ids, layout)
+    monkeypatch.setattr(block_codec, "CHUNK_BYTES", 2 * block_payload_bytes(layout))  # chunks of 2 blocks
+    assert encode_blocks(PoolBlocks(src, layout), ids, layout) == direct
+    dst = make_pool(6, dtype, seed=2)
+    want = dst.clone()
+    decode_into(want, [5, 1, 0, 2, 6], direct, layout)
+    view = PoolBlocks(dst, layout)
+    bad = bytearray(direct[3])
+    bad[-1] ^= 0xFF
+    before = dst.clone()
+    with pytest.raises(CorruptBlock) as err:
+        decode_into(view, [5, 1, 0, 2, 6], [*direct[:3], bytes(bad), direct[4]], layout)
+    assert err.value.index == 3 and same(dst, before)
+    decode_into(view, [5, 1, 0, 2, 6], direct, layout)
+    assert same(dst, want)
+    with pytest.raises(ValueError, match="layout does not match"):
+        encode_blocks(view, [0], KVLayout.of(src, b"another-namespace"))
+    with pytest.raises(ValueError, match="out of range"):
+        encode_blocks(view, [7], layout)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -132,10 +132,6 @@ def run_up(args: argparse.Namespace) -> int:
     except ValueError as exc:
         _say(f"error: {exc}")
         return 2
-    if args.tensor_parallel_size > 1 and args.kvstore:
-        # The KV tiers copy one pool; PD transfers move every rank's heads (docs/tensor_parallel.md).
-        _say("error: --tensor-parallel-size > 1 runs without the KV tiers: add --no-kvstore")
-        return 2
     vision = args.vision if args.vision is not None else (1 if _has_vision(model) else 0)
     if vision < 0:
         _say("error: --vision takes a count >= 0")

@@ -14,6 +14,12 @@ The tiers are the engine's own (`LocalKVStore`: a TieredKVStore in process) or i
 host's kvstore service (`RemoteKVStore`, chosen with `OffloadConfig.kvstore_host_id` when
 the kvstore answers at startup), behind one interface, `EngineKVStore`.
 
+The pool is the engine's pool tensor (TP=1: copied directly, as it always was) or, with
+tensor parallelism, its `KVBlocks` view (`LLMEngine.kv_blocks()`): whole blocks, every
+rank's KV heads read and written through rank 0, so every tier holds whole blocks
+whatever the split (the block-key namespace names the TP size, so TP=1 and TP=N blocks
+never meet anyway).
+
 Runs on the engine thread, and never waits on the network there (ARCHITECTURE rule 8):
 - stores are in-process encoding (Redis writes go behind, `WriteBehind`) or a copy into
   the kvstore client's outbox (the put goes behind);
@@ -37,8 +43,10 @@ from rtpllm.engine.tier_prefetch import TierPrefetch
 from rtpllm.kvcache.block_manager import BlockManager
 from rtpllm.kvcache.events import KVEvent
 from rtpllm.kvstore import HostTier, SSDTier, TieredKVStore
+from rtpllm.kvstore.block_codec import block_payload_bytes
 from rtpllm.kvstore.engine_store import EngineKVStore, LocalKVStore
 from rtpllm.kvstore.store import HostTierEvents
+from rtpllm.transfer.blocks import KVBlocks
 from rtpllm.transfer.layout import KVLayout
 
 log = logging.getLogger(__name__)
@@ -67,13 +75,19 @@ class KVOffload:
     or the host's kvstore service)."""
 
     def __init__(
-        self, config: OffloadConfig, kv: torch.Tensor, block_manager: BlockManager, tiers: EngineKVStore | None = None
+        self,
+        config: OffloadConfig,
+        kv: torch.Tensor | KVBlocks,
+        block_manager: BlockManager,
+        tiers: EngineKVStore | None = None,
     ) -> None:
         self.config = config
         self.kv = kv
         self.bm = block_manager
-        self.layout = KVLayout.of(kv, block_manager.namespace)
-        self.block_bytes = kv[:, :, 0].numel() * kv.element_size()
+        self.layout = kv.layout if isinstance(kv, KVBlocks) else KVLayout.of(kv, block_manager.namespace)
+        if self.layout.namespace != block_manager.namespace:
+            raise ValueError("the KV pool's view names another block-key namespace than the block manager")
+        self.block_bytes = block_payload_bytes(self.layout)  # a whole block, every KV head
         self.store: TieredKVStore | None = None  # the in-process tiers, when they are used
         if tiers is None:
             ssd = SSDTier(config.ssd_dir, config.ssd_bytes) if config.ssd_dir and config.ssd_bytes > 0 else None
@@ -113,10 +127,11 @@ class KVOffload:
         )
 
     @classmethod
-    def create(cls, config: OffloadConfig, kv: torch.Tensor, block_manager: BlockManager) -> KVOffload | None:
+    def create(cls, config: OffloadConfig, kv: torch.Tensor | KVBlocks, block_manager: BlockManager) -> KVOffload | None:
         """The engine's offload as configured: the host's kvstore service if
         `kvstore_host_id` is set and it answers within `kvstore_wait_s`, else the
-        in-process tiers if `host_bytes` > 0, else None (no tiers)."""
+        in-process tiers if `host_bytes` > 0, else None (no tiers). `kv`: the pool
+        tensor, or a tensor-parallel pool's whole-block view."""
         if config.kvstore_host_id:
             from rtpllm.kvstore.client import RemoteKVStore
 

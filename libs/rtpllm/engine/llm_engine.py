@@ -180,10 +180,9 @@ class LLMEngine:
         kv_format = self.kv_spec.namespace_format(self.dtype)
         namespace = namespace_key(weights, dtype_name(self.dtype), block_size, kv_format, tp_size=tp_size)
         self.block_manager = BlockManager(num_blocks, block_size, namespace, config.cache.enable_prefix_caching)
+        self._kv_blocks: KVBlocks | None = None  # the pool as whole blocks (kv_blocks)
         self.offload = (
-            KVOffload.create(config.offload, self.kv_pool.require_uniform("the KV tiers"), self.block_manager)
-            if config.offload.enabled
-            else None
+            KVOffload.create(config.offload, self._tier_pool(), self.block_manager) if config.offload.enabled else None
         )
         self.speculator = _build_speculator(config, self._draft) if config.speculative.enabled else None
         self._spec_generator: torch.Generator | None = None
@@ -219,7 +218,6 @@ class LLMEngine:
         self._awaiting: dict[str, Request] = {}
         self._touched_ext: dict[str, _Group] = {}
         self._handoffs: dict[str, KVHandoff] = {}
-        self._kv_blocks: KVBlocks | None = None  # the data plane's view of the pool (kv_blocks)
         self._in_flight: _InFlight | None = None
         self.async_scheduling = config.async_scheduling if config.async_scheduling is not None else self.device.startswith("cuda")
         self.prompt_tokens_total = 0
@@ -444,14 +442,15 @@ class LLMEngine:
         skip = len(hit.block_ids)
         return KVReservation(block_ids=bm.block_table(req.request_id)[skip:], skip_blocks=skip, num_cached_tokens=hit.num_tokens)
 
-    def kv_blocks(self) -> KVBlocks:
-        """The KV pool as the PD data plane moves it (built on first use): payloads of
+    def kv_blocks(self, purpose: str = "prefill/decode disaggregation (the KV data plane)") -> KVBlocks:
+        """The KV pool as the PD data plane and the KV tiers move it (built on first use):
         whole blocks, every KV head of the model. With tensor parallelism the other
         ranks' heads come and go through rank 0 over the KV group (engine/sharded_blocks.py).
-        A clear error for a mixed per-layer KV plan, which transfers do not carry."""
+        A clear error, naming `purpose`, for a mixed per-layer KV plan, which neither
+        transfers nor tiers carry."""
         if self._kv_blocks is not None:
             return self._kv_blocks
-        kv = self.kv_pool.require_uniform("prefill/decode disaggregation (the KV data plane)")
+        kv = self.kv_pool.require_uniform(purpose)
         layout = KVLayout.of(kv, self.block_manager.namespace)
         if self.tp is None:
             self._kv_blocks = PoolBlocks(kv, layout)
@@ -463,6 +462,14 @@ class LLMEngine:
         heads = [(s.kv_head_start, s.num_kv_heads) for s in shards]
         self._kv_blocks = ShardedPoolBlocks(kv, whole, heads, self.tp.kv, self.tp.guard, quantized)
         return self._kv_blocks
+
+    def _tier_pool(self) -> torch.Tensor | KVBlocks:
+        """What the KV tiers read and write: with one rank the pool tensor itself (direct
+        copies, no view in between); with tensor parallelism the whole-block view, so the
+        tiers hold whole blocks (every KV head, through rank 0) whatever the split."""
+        if self.tp is None:
+            return self.kv_pool.require_uniform("the KV tiers")
+        return self.kv_blocks("the KV tiers")
 
     def _extend_prefix(self, req: Request, hit: PrefixHit) -> PrefixHit | None:
         """Scheduler hook: restore the blocks past the pool's prefix hit that a lower KV

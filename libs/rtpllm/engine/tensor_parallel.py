@@ -70,8 +70,6 @@ def check_supported(config: EngineConfig, model: ModelConfig) -> None:
         raise ValueError(
             "tensor parallelism serves text models only; vision-language models run with tensor_parallel_size=1"
         )
-    if config.offload.enabled:
-        raise ValueError("the KV tiers below the pool (offload, kvstore) need tensor_parallel_size=1")
 
 
 class TensorParallel:

@@ -1,8 +1,9 @@
 """KV blocks between the tensor-parallel ranks' pools and rank 0, over the KV group.
 
-The PD data plane (rtpllm.transfer) runs in rank 0's process only, while each rank's
-pool holds its own KV heads. So rank 0 reads and writes the other ranks' slices of a
-block through this channel (engine/sharded_blocks.py joins them into whole blocks).
+The PD data plane (rtpllm.transfer) and the KV tiers (offload, kvstore) run in rank 0's
+process only, while each rank's pool holds its own KV heads. So rank 0 reads and writes
+the other ranks' slices of a block through this channel (engine/sharded_blocks.py joins
+them into whole blocks).
 
 Every operation is a few collectives of the KV group (gloo, host memory), in this order:
 - a header [op, layer, count, slice bytes] and the `count` block ids (two broadcasts);
@@ -12,7 +13,9 @@ Every operation is a few collectives of the KV group (gloo, host memory), in thi
   and `dist.gather`s its status, so a write returns only once every rank has it;
 - stop: the workers' server thread ends (rank 0 sends it before the control group's stop).
 A rank's slice is `kv[layer].index_select(1, ids)` of its own pool, [2, count,
-block_size, its KV heads, row] as bytes: the same size on every rank.
+block_size, its KV heads, row] as bytes: the same size on every rank. With layer
+`ALL_LAYERS` (the tiers' whole blocks) it is every layer of the blocks, block-major:
+[count, layers, 2, block_size, its KV heads, row], one operation instead of one per layer.
 
 Rank 0 runs one operation at a time (a lock: the data plane calls from several threads).
 Each worker serves them on a thread of its own beside its step loop: the KV group is not
@@ -42,6 +45,7 @@ log = logging.getLogger(__name__)
 _HEADER = 4
 _STOP, _READ, _WRITE = 0, 1, 2
 _STATUS = 8  # bytes of the int64 status in front of a read slice
+ALL_LAYERS = -1  # the layer of an operation on whole blocks (every layer, block-major)
 # How long a polite stop waits for an operation in progress (a transfer's layer).
 _STOP_WAIT_S = 10.0
 
@@ -57,8 +61,9 @@ class KVChannel:
     def read(
         self, layer: int, ids: np.ndarray, nbytes: int, mine: Callable[[torch.Tensor], None]
     ) -> tuple[list[torch.Tensor], list[int]]:
-        """Every rank's slice (`nbytes` each, uint8) of blocks `ids` in `layer`, rank 0's
-        filled by `mine(buffer)`, and the ranks that failed to read theirs."""
+        """Every rank's slice (`nbytes` each, uint8) of blocks `ids` in `layer` (or every
+        layer: `ALL_LAYERS`), rank 0's filled by `mine(buffer)`, and the ranks that failed
+        to read theirs."""
         with self._lock:
             self._announce(_READ, layer, ids, nbytes)
             own = torch.empty(_STATUS + nbytes, dtype=torch.uint8)
@@ -168,40 +173,51 @@ class KVShardServer:
             raise RuntimeError(f"unknown KV message {op} from rank 0")
         return True
 
-    def _slice(self, buf: torch.Tensor, count: int) -> torch.Tensor:
-        """`buf` (uint8) as this rank's slice of `count` blocks of one layer."""
+    def _source(self, layer: int) -> tuple[torch.Tensor, int]:
+        """The pool (view) an operation on `layer` indexes and the dim of its blocks:
+        one layer [2, blocks, ...] (dim 1), or with `ALL_LAYERS` the block-major view
+        [blocks, layers, 2, ...] (dim 0)."""
         kv = self.kv
         if kv is None:
             raise RuntimeError("this rank's KV pool has mixed per-layer formats: its blocks are not moved")
-        shape = (2, count, *kv.shape[3:])
+        if layer == ALL_LAYERS:
+            return kv.permute(2, 0, 1, 3, 4, 5), 0
+        return kv[layer], 1
+
+    def _slice(self, buf: torch.Tensor, layer: int, count: int) -> torch.Tensor:
+        """`buf` (uint8) as this rank's slice of `count` blocks of `layer` (or all layers)."""
+        kv = self.kv
+        if kv is None:
+            raise RuntimeError("this rank's KV pool has mixed per-layer formats: its blocks are not moved")
+        shape = (count, kv.shape[0], 2, *kv.shape[3:]) if layer == ALL_LAYERS else (2, count, *kv.shape[3:])
         need = int(np.prod(shape)) * kv.element_size()
         if buf.numel() != need:
             raise RuntimeError(f"rank 0 sent a slice of {buf.numel()} bytes, this rank's is {need}")
         return buf.view(kv.dtype).view(shape)
 
     def _read(self, layer: int, ids: torch.Tensor, out: torch.Tensor) -> None:
-        dst = self._slice(out, len(ids))
-        assert self.kv is not None
+        dst = self._slice(out, layer, len(ids))
+        pool, dim = self._source(layer)
         if not self.cuda:
-            torch.index_select(self.kv[layer], 1, ids, out=dst)
+            torch.index_select(pool, dim, ids, out=dst)
             return
         assert self._stream is not None and self._engine_stream is not None
         with torch.cuda.stream(self._stream):
             self._stream.wait_stream(self._engine_stream)
-            dst.copy_(self.kv[layer].index_select(1, ids.to(self.kv.device, non_blocking=True)), non_blocking=True)
+            dst.copy_(pool.index_select(dim, ids.to(pool.device, non_blocking=True)), non_blocking=True)
         self._stream.synchronize()
 
     def _write(self, layer: int, ids: torch.Tensor, src: torch.Tensor) -> None:
-        data = self._slice(src, len(ids))
-        assert self.kv is not None
+        data = self._slice(src, layer, len(ids))
+        pool, dim = self._source(layer)
         if not self.cuda:
-            self.kv[layer].index_copy_(1, ids, data)
+            pool.index_copy_(dim, ids, data)
             return
         assert self._stream is not None and self._engine_stream is not None
         with torch.cuda.stream(self._stream):
             self._stream.wait_stream(self._engine_stream)
-            device = self.kv.device
-            self.kv[layer].index_copy_(1, ids.to(device, non_blocking=True), data.to(device, non_blocking=True))
+            device = pool.device
+            pool.index_copy_(dim, ids.to(device, non_blocking=True), data.to(device, non_blocking=True))
         self._stream.synchronize()
 
 

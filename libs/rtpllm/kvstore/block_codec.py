@@ -30,6 +30,13 @@ COPY_THREADS threads (CRC checks too). CUDA pools go
 through one pinned staging buffer per device: one gather + one device->host copy for all
 blocks (encode), one host->device copy + one scatter for all blocks (decode), in chunks of
 at most CHUNK_BYTES so a large restore does not need as much free GPU memory as it moves.
+
+A pool that is not one tensor of this process -- a tensor-parallel engine's, each rank
+holding its own KV heads -- is passed as its `KVBlocks` view
+(rtpllm.engine.sharded_blocks.ShardedPoolBlocks): whole blocks are read into and written
+from a host buffer through `KVBlocks.read_blocks` / `write_blocks` (every rank's heads via
+rank 0), in the same chunks, so the encoded block is the same whole block, every KV head,
+whatever the pool's split.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from rtpllm.transfer.blocks import KVBlocks
 from rtpllm.transfer.layout import KVLayout
 
 MAGIC = b"RKVB"
@@ -245,13 +253,41 @@ def _encode_rows(fields: bytes, rows: memoryview, count: int, per_block: int) ->
     ]
 
 
-def encode_blocks(kv: torch.Tensor, block_ids: Sequence[int], layout: KVLayout) -> list[bytes]:
-    """Encode blocks `block_ids` of pool `kv` (of `layout`), one bytes object each.
+def _check_view(blocks: KVBlocks, block_ids: Sequence[int], layout: KVLayout) -> np.ndarray:
+    if blocks.layout != layout:
+        raise ValueError(f"layout does not match the pool's: {layout.mismatch(blocks.layout, 'given', 'pool')}")
+    ids = np.asarray([int(b) for b in block_ids], dtype=np.int64)
+    blocks.check_ids(ids, "block ids")
+    return ids
+
+
+def _encode_view(blocks: KVBlocks, block_ids: Sequence[int], layout: KVLayout) -> list[bytes]:
+    """encode_blocks for a pool seen through its KVBlocks view (see the module docstring)."""
+    ids = _check_view(blocks, block_ids, layout)
+    if not len(ids):
+        return []
+    per_block = block_payload_bytes(layout)
+    fields = _header_fields(layout, per_block)
+    blocks.follow_engine()  # CUDA: after the engine's writes enqueued so far
+    out: list[bytes] = []
+    for chunk in _chunks(len(ids), per_block):
+        host = blocks.host_buffer(len(chunk) * per_block)
+        blocks.read_blocks(ids[chunk.start : chunk.stop], host)
+        out.extend(_encode_rows(fields, memoryview(host.numpy()).cast("B"), len(chunk), per_block))
+    return out
+
+
+def encode_blocks(kv: torch.Tensor | KVBlocks, block_ids: Sequence[int], layout: KVLayout) -> list[bytes]:
+    """Encode blocks `block_ids` of pool `kv` (of `layout`), one bytes object each. `kv`
+    is the pool tensor, or a `KVBlocks` view of a pool spread over processes (tensor
+    parallelism: whole blocks through rank 0).
 
     CUDA pools: the gather runs on a side stream ordered after the caller's current
     stream (so it sees the engine's writes enqueued so far); returns once the bytes are
     on the host.
     """
+    if isinstance(kv, KVBlocks):
+        return _encode_view(kv, block_ids, layout)
     layout.check_pool(kv)
     ids = _check_ids(kv, block_ids)
     if not ids:
@@ -320,15 +356,40 @@ def _check_one(
     return None
 
 
+def _decode_view(
+    blocks: KVBlocks, block_ids: Sequence[int], payloads: Sequence[bytes | memoryview], layout: KVLayout, verify_checksum: bool
+) -> None:
+    """decode_into for a pool seen through its KVBlocks view (see the module docstring)."""
+    ids = _check_view(blocks, block_ids, layout)
+    if len(ids) != len(payloads):
+        raise ValueError(f"{len(ids)} block ids for {len(payloads)} payloads")
+    if not len(ids):
+        return
+    hlen = _validate(payloads, layout, verify_checksum)
+    per_block = block_payload_bytes(layout)
+    after = blocks.engine_event()  # CUDA: the blocks' previous readers
+    for chunk in _chunks(len(ids), per_block):
+        host = blocks.host_buffer(len(chunk) * per_block)
+        rows = host.numpy().reshape(len(chunk), per_block)
+
+        def stage(part: range, rows: np.ndarray = rows, first: int = chunk.start) -> None:
+            for row in part:
+                rows[row] = np.frombuffer(payloads[first + row], dtype=np.uint8, count=per_block, offset=hlen)
+
+        _parallel(stage, len(chunk), per_block)
+        blocks.write_blocks(ids[chunk.start : chunk.stop], host, after)
+
+
 def decode_into(
-    kv: torch.Tensor,
+    kv: torch.Tensor | KVBlocks,
     block_ids: Sequence[int],
     payloads: Sequence[bytes | memoryview],
     layout: KVLayout,
     *,
     verify_checksum: bool = True,
 ) -> None:
-    """Write encoded blocks `payloads[i]` into block `block_ids[i]` of pool `kv`.
+    """Write encoded blocks `payloads[i]` into block `block_ids[i]` of pool `kv` (the pool
+    tensor, or a `KVBlocks` view of a pool spread over processes, as `encode_blocks`).
 
     Every payload is validated first (magic, version, length, CRC unless
     `verify_checksum=False`, then layout and namespace equal to `layout`); if any fails,
@@ -340,6 +401,9 @@ def decode_into(
     CUDA pools: the copy runs on a side stream ordered after the caller's current stream
     (the blocks' previous readers); returns once the blocks are in the pool.
     """
+    if isinstance(kv, KVBlocks):
+        _decode_view(kv, block_ids, payloads, layout, verify_checksum)
+        return
     layout.check_pool(kv)
     ids = _check_ids(kv, block_ids)
     if len(ids) != len(payloads):

@@ -3,7 +3,10 @@
 The engine calls synchronous methods (from its own thread and its tier threads); the
 work runs on an asyncio loop in a background thread, with its own NATS connection and two data-plane ends: a
 KVReceiver on the engine's pool (blocks fetched from the kvstore land in it) and a
-KVSender on an outbox, a small CPU staging pool of the engine's layout.
+KVSender on an outbox, a small CPU staging pool of the engine's layout. A
+tensor-parallel engine's pool is its `KVBlocks` view (whole blocks, every rank's KV
+heads through rank 0): the receiver writes through it and the outbox copy reads through
+it, so the kvstore sees the whole blocks a TP=1 engine would send.
 
 - `lookup` and `fetch_into` wait for the answer; the engine calls them from its
   background threads (rtpllm.engine.tier_prefetch), never from its step loop, and
@@ -32,6 +35,7 @@ from typing import Any, TypeVar
 
 import msgspec
 import nats.errors
+import numpy as np
 import torch
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -57,6 +61,7 @@ from rtpllm.protocol.messages import (
 from rtpllm.protocol.parts import budget_for, key_runs
 from rtpllm.protocol.subjects import KVStoreOp
 from rtpllm.transfer import KVEndpoint, KVLayout, KVReceiver, KVSender, OutgoingTransfer, TransferError
+from rtpllm.transfer.blocks import KVBlocks
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +72,9 @@ _FAILURES = (nats.errors.Error, TransferError, ProtocolError, OSError, TimeoutEr
 
 
 class RemoteKVStore(EngineKVStore):
-    """The kvstore of host `host_id`, for the engine pool `kv` with block-key `namespace`.
+    """The kvstore of host `host_id`, for the engine pool `kv` with block-key `namespace`
+    (`kv`: the pool tensor, or a tensor-parallel pool's `KVBlocks` view, whose layout
+    must carry that namespace).
 
     Use `connect()`, which returns None when no kvstore answers. `request_timeout_s`
     bounds each NATS request; `transfer_timeout_s` each data-plane wait. `nats_url` is
@@ -81,7 +88,7 @@ class RemoteKVStore(EngineKVStore):
         self,
         nats_url: str,
         host_id: str,
-        kv: torch.Tensor,
+        kv: torch.Tensor | KVBlocks,
         namespace: bytes,
         *,
         request_timeout_s: float = 2.0,
@@ -94,7 +101,12 @@ class RemoteKVStore(EngineKVStore):
         self.host_id = subjects.check_id(host_id, "kvstore host id")
         self.nats_url = nats_url
         self.kv = kv
-        self.layout = KVLayout.of(kv, namespace)
+        if isinstance(kv, KVBlocks):
+            if kv.layout.namespace != namespace:
+                raise ValueError("the pool's KVBlocks layout has another namespace than the one given")
+            self.layout = kv.layout
+        else:
+            self.layout = KVLayout.of(kv, namespace)
         self._spec = layout_spec(self.layout)
         self.request_timeout_s = request_timeout_s
         self.transfer_timeout_s = transfer_timeout_s
@@ -129,7 +141,14 @@ class RemoteKVStore(EngineKVStore):
 
     @classmethod
     def connect(
-        cls, nats_url: str, host_id: str, kv: torch.Tensor, namespace: bytes, *, wait_s: float = 5.0, **kwargs: Any
+        cls,
+        nats_url: str,
+        host_id: str,
+        kv: torch.Tensor | KVBlocks,
+        namespace: bytes,
+        *,
+        wait_s: float = 5.0,
+        **kwargs: Any,
     ) -> RemoteKVStore | None:
         """A client whose kvstore answered a ping within `wait_s`, or None (nothing left running)."""
         client = cls(nats_url, host_id, kv, namespace, **kwargs)
@@ -149,6 +168,7 @@ class RemoteKVStore(EngineKVStore):
         self._nc = await connect_nats(self.nats_url, f"rtpllm-kvstore-client-{self._client_id}", wait_s)
         await self._nc.subscribe(subjects.KVSTORE_HEARTBEAT, cb=self._on_heartbeat)
         backends = [b for b in self._backends if b != "cuda_ipc"]  # the kvstore's pools are in host memory
+        # Fetched blocks land in the pool: a tensor-parallel pool's through its view.
         self._receiver = KVReceiver(self.kv, self.layout, host=self._kv_host, port=0, backends=backends)
         await self._receiver.start()
         self._sender = KVSender(self._outbox.kv, self.layout, prefer=backends, max_idle_links=1)
@@ -256,12 +276,23 @@ class RemoteKVStore(EngineKVStore):
     def _copy_out(self, block_ids: list[int], slots: list[int]) -> None:
         """Pool blocks -> outbox blocks. A copy_ per block: on CPU twice as fast as
         index_select + index_copy_ (one pass, no temporary); CUDA pools gather on the
-        device first, then one device->host copy (which waits for the engine's work)."""
+        device first, then one device->host copy (which waits for the engine's work).
+        A tensor-parallel pool's view reads whole blocks through rank 0 first."""
+        out = self._outbox.kv
+        if isinstance(self.kv, KVBlocks):
+            blocks = self.kv
+            host = blocks.host_buffer(blocks.block_bytes * len(block_ids))
+            blocks.follow_engine()  # CUDA: after the engine's writes enqueued so far
+            blocks.read_blocks(np.asarray(block_ids, dtype=np.int64), host)
+            lay = self.layout
+            whole = host.view(lay.torch_dtype).view(len(block_ids), lay.num_layers, 2, lay.block_size, lay.num_kv_heads, lay.head_dim)
+            for i, slot in enumerate(slots):
+                out[:, :, slot].copy_(whole[i])
+            return
         src = self.kv
         if self.kv.is_cuda:
             src = self.kv.index_select(2, torch.as_tensor(block_ids, device=self.kv.device)).cpu()
             block_ids = list(range(len(block_ids)))
-        out = self._outbox.kv
         for slot, block in zip(slots, block_ids, strict=True):
             out[:, :, slot].copy_(src[:, :, block])
 

@@ -16,6 +16,7 @@ import torch
 
 from rtpllm.kvstore.block_codec import InvalidBlock, decode_into, encode_blocks
 from rtpllm.kvstore.store import TieredKVStore
+from rtpllm.transfer.blocks import KVBlocks
 from rtpllm.transfer.layout import KVLayout
 
 log = logging.getLogger(__name__)
@@ -62,12 +63,19 @@ class EngineKVStore(ABC):
 
 
 class LocalKVStore(EngineKVStore):
-    """An in-process TieredKVStore around one engine's pool: encode/put_many, get_many/decode."""
+    """An in-process TieredKVStore around one engine's pool: encode/put_many, get_many/decode.
 
-    def __init__(self, store: TieredKVStore, kv: torch.Tensor, layout: KVLayout) -> None:
+    `kv`: the pool tensor (copied directly), or the `KVBlocks` view of a tensor-parallel
+    engine's pool (whole blocks, every rank's KV heads through rank 0): the tiers hold
+    whole blocks either way. Through a view the other ranks read and write their part,
+    and one may fail it: that store is dropped, that restore a miss, logged (a broken
+    group fails the engine's next step anyway)."""
+
+    def __init__(self, store: TieredKVStore, kv: torch.Tensor | KVBlocks, layout: KVLayout) -> None:
         self.store = store
         self.kv = kv
         self.layout = layout
+        self._ranks = isinstance(kv, KVBlocks) and not kv.direct  # blocks pass through other processes
         # Host memory and the SSD index answer at once; Redis is a round trip away.
         self.on_network = store.redis is not None
 
@@ -79,23 +87,43 @@ class LocalKVStore(EngineKVStore):
         good = 0
         while good < len(payloads) and payloads[good] is not None:
             good += 1
-        if good:
-            try:
-                decode_into(self.kv, list(block_ids[:good]), payloads[:good], self.layout, verify_checksum=False)  # type: ignore[arg-type]
-            except InvalidBlock as exc:  # the store hands out checked blocks; stay safe anyway
-                log.warning("restored KV block failed its check: %s", exc)
-                good = exc.index if exc.index is not None else 0
-                if good:  # nothing was written: restore the good prefix alone
-                    decode_into(self.kv, list(block_ids[:good]), payloads[:good], self.layout, verify_checksum=False)  # type: ignore[arg-type]
+        if not good:
+            return 0
+        try:
+            return self._restore(list(block_ids[:good]), payloads[:good])  # type: ignore[arg-type]
+        except Exception:
+            if not self._ranks:
+                raise
+            # Some ranks may hold the blocks, others not: the caller uncaches them all.
+            log.exception("restoring KV blocks through the tensor-parallel ranks failed: a miss")
+            return 0
+
+    def _restore(self, block_ids: list[int], payloads: list[bytes]) -> int:
+        """Decode `payloads` into `block_ids`; how many leading ones were restored."""
+        try:
+            decode_into(self.kv, block_ids, payloads, self.layout, verify_checksum=False)
+            return len(block_ids)
+        except InvalidBlock as exc:  # the store hands out checked blocks; stay safe anyway
+            log.warning("restored KV block failed its check: %s", exc)
+            good = exc.index if exc.index is not None else 0
+        if good:  # nothing was written: restore the good prefix alone
+            decode_into(self.kv, block_ids[:good], payloads[:good], self.layout, verify_checksum=False)
         return good
 
     def store_from(self, keys: Sequence[bytes], block_ids: Sequence[int], *, only_new: bool = False) -> None:
         items = list(zip(keys, block_ids, strict=True))
         if only_new:
             items = [(k, b) for k, b in items if not self.store.host.contains(k)]
-        if items:
+        if not items:
+            return
+        try:
             payloads = encode_blocks(self.kv, [b for _, b in items], self.layout)
-            self.store.put_many([k for k, _ in items], payloads)
+        except Exception:
+            if not self._ranks:
+                raise
+            log.exception("reading KV blocks through the tensor-parallel ranks failed: %d stores dropped", len(items))
+            return
+        self.store.put_many([k for k, _ in items], payloads)
 
     def close(self) -> None:
         self.store.close()

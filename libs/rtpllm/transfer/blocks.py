@@ -15,6 +15,10 @@ engine's own work.
 tensor-parallel engine's pool is spread over its ranks' processes
 (`rtpllm.engine.sharded_blocks.ShardedPoolBlocks`): the same payloads, every KV head of
 the model, gathered from and scattered to the ranks.
+
+The KV tiers move whole blocks, every layer at once (`read_blocks`, `write_blocks`):
+block-major host buffers, one block's bytes `[layers, 2, block_size, kv_heads,
+head_dim]` after another, which is the block codec's payload (kvstore/block_codec.py).
 """
 
 from __future__ import annotations
@@ -83,6 +87,34 @@ class KVBlocks(ABC):
         """Write the payload in host buffer `src` (uint8) to blocks `ids`; returns once it
         is in the pool (CUDA: complete on the device, so visible to any later work).
         `after`: a CUDA event the write must follow (the blocks' previous users)."""
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one whole block: every layer, K and V."""
+        return self.unit * self.layout.num_layers
+
+    @abstractmethod
+    def read_blocks(self, ids: np.ndarray, out: torch.Tensor) -> None:
+        """Copy whole blocks `ids` (every layer) into host buffer `out` (uint8), block-major:
+        block `ids[i]` is `out[i * block_bytes:(i + 1) * block_bytes]`, laid out [layers,
+        2, block_size, kv_heads, head_dim]. Returns once the bytes are there. Orders after
+        nothing by itself: call `follow_engine()` first where the engine's writes of the
+        blocks may still be queued (CUDA)."""
+
+    @abstractmethod
+    def write_blocks(self, ids: np.ndarray, src: torch.Tensor, after: torch.cuda.Event | None) -> None:
+        """Write whole blocks from host buffer `src` (uint8, block-major as `read_blocks`
+        gives them) into blocks `ids`; returns once they are in the pool (CUDA: complete
+        on the device). `after`: a CUDA event the writes must follow."""
+
+    def _block_major(self, buf: torch.Tensor, count: int) -> torch.Tensor:
+        """Host buffer `buf` (uint8) as [count, layers, 2, block_size, kv_heads, head_dim]."""
+        lay = self.layout
+        return (
+            buf[: count * self.block_bytes]
+            .view(lay.torch_dtype)
+            .view(count, lay.num_layers, 2, lay.block_size, lay.num_kv_heads, lay.head_dim)
+        )
 
     @abstractmethod
     def follow_engine(self) -> None:
@@ -177,6 +209,36 @@ class PoolBlocks(KVBlocks):
             if after is not None:
                 self.stream.wait_event(after)
             self.kv[layer].index_copy_(1, self.ids_tensor(ids), data.to(self.device, non_blocking=True))
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        done.synchronize()
+
+    def read_blocks(self, ids: np.ndarray, out: torch.Tensor) -> None:
+        # One gather over a block-major view of the pool, all layers at once.
+        dst = self._block_major(out, len(ids))
+        by_block = self.kv.permute(2, 0, 1, 3, 4, 5)
+        if not self.is_cuda:
+            torch.index_select(by_block, 0, self.ids_tensor(ids), out=dst)
+            return
+        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+            dst.copy_(by_block.index_select(0, self.ids_tensor(ids)), non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        done.synchronize()
+
+    def write_blocks(self, ids: np.ndarray, src: torch.Tensor, after: torch.cuda.Event | None) -> None:
+        count = len(ids)
+        if not self.is_cuda:
+            # [count, layer, K/V, bytes] -> the pool's [layer, K/V, block, bytes]
+            rows = src[: count * self.block_bytes].numpy().reshape(count, self.kv.shape[0], 2, -1)
+            self._bytes[:, :, ids] = rows.transpose(1, 2, 0, 3)
+            return
+        data = self._block_major(src, count)
+        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+            if after is not None:
+                self.stream.wait_event(after)
+            by_block = self.kv.permute(2, 0, 1, 3, 4, 5)
+            by_block.index_copy_(0, self.ids_tensor(ids), data.to(self.device, non_blocking=True))
             done = torch.cuda.Event()
             done.record(self.stream)
         done.synchronize()
