@@ -56,20 +56,15 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "libs"))
 
+if __package__ in (None, ""):  # run as a script: bench/ is on sys.path, the repository root is not
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.kv_transfer import cpu_name
 from rtpllm import LLM
 from rtpllm.kvstore.block_codec import decode_into, encode_blocks
 from rtpllm.loader.random_checkpoint import write_random_checkpoint
 from rtpllm.transfer import KVLayout, KVReceiver, KVSender
 from rtpllm.transfer.blocks import KVBlocks, PoolBlocks
 from rtpllm.transfer.endpoint import shm_available
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "cpu"
 
 
 def checkpoint(args: argparse.Namespace, root: Path) -> Path:

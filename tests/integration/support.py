@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -24,6 +26,26 @@ WORKER_ARGS = ["--num-blocks", "1024", "--max-num-seqs", "128", "--drain-timeout
 def dump_logs(log_dir: Path) -> None:
     for path in sorted(log_dir.glob("*.log")):
         sys.stderr.write(f"\n===== {path.name} (tail) =====\n{path.read_text(errors='replace')[-4000:]}\n")
+
+
+def wait_until_ready(up: subprocess.Popen[str]) -> str:
+    """`rtpllm up`'s output up to its "ready:" line (or its exit)."""
+    lines: list[str] = []
+    assert up.stdout is not None
+    for line in up.stdout:
+        lines.append(line)
+        if "ready:" in line or up.poll() is not None:
+            break
+    return "".join(lines)
+
+
+def stop_up(up: subprocess.Popen[str]) -> None:
+    """Stop `rtpllm up` as a user does (Ctrl-C); killed if it is not gone in 30 s."""
+    up.send_signal(signal.SIGINT)
+    try:
+        up.wait(30)
+    except subprocess.TimeoutExpired:
+        up.kill()
 
 
 def start_stack(

@@ -28,7 +28,16 @@ import pytest
 from rtpllm import LLM, SamplingParams
 from rtpllm.credentials import read_secret_file
 from rtpllm.runtime.processes import free_port
-from tests.integration.support import MODEL_NAME, Endpoint, ask, client_for, dump_logs, get
+from tests.integration.support import (
+    MODEL_NAME,
+    Endpoint,
+    ask,
+    client_for,
+    dump_logs,
+    get,
+    stop_up,
+    wait_until_ready,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -85,23 +94,14 @@ def _up(tiny_model: Path, tmp_path: Path, args: list[str]) -> Iterator[tuple[sub
     env["RTPLLM_CACHE_DIR"] = str(cache)
     up = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
-        lines: list[str] = []
-        assert up.stdout is not None
-        for line in up.stdout:
-            lines.append(line)
-            if "ready:" in line or up.poll() is not None:
-                break
-        assert "ready: 1 worker(s)" in "".join(lines), "".join(lines)
+        output = wait_until_ready(up)
+        assert "ready: 1 worker(s)" in output, output
         yield up, Endpoint(f"http://127.0.0.1:{port}", read_secret_file(cache / "api_key"))
     except BaseException:
         dump_logs(tmp_path)
         raise
     finally:
-        up.send_signal(signal.SIGINT)
-        try:
-            up.wait(30)
-        except subprocess.TimeoutExpired:
-            up.kill()
+        stop_up(up)
     assert not _tp_workers(up.pid)
 
 

@@ -6,7 +6,6 @@ CLI, as a user starts it."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ import pytest
 
 from rtpllm.credentials import read_secret_file
 from rtpllm.runtime.processes import free_port
-from tests.integration.support import Endpoint, ask, client_for, dump_logs, get
+from tests.integration.support import Endpoint, ask, client_for, dump_logs, get, stop_up, wait_until_ready
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -40,13 +39,8 @@ def test_up_defaults_share_a_prefix_through_the_kvstore(tiny_model: Path, tmp_pa
     up = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        lines: list[str] = []
-        assert up.stdout is not None
-        for line in up.stdout:
-            lines.append(line)
-            if "ready:" in line or up.poll() is not None:
-                break
-        assert "ready: 1 prefill and 2 decode instance(s)" in "".join(lines), "".join(lines)
+        output = wait_until_ready(up)
+        assert "ready: 1 prefill and 2 decode instance(s)" in output, output
         assert (tmp_path / "kvstore.log").is_file()
         gateway = Endpoint(url, read_secret_file(cache / "api_key"))  # made by `up`, for its clients
         assert get(gateway, "/instances").status_code == 200
@@ -78,8 +72,4 @@ def test_up_defaults_share_a_prefix_through_the_kvstore(tiny_model: Path, tmp_pa
         dump_logs(tmp_path)
         raise
     finally:
-        up.send_signal(signal.SIGINT)
-        try:
-            up.wait(30)
-        except subprocess.TimeoutExpired:
-            up.kill()
+        stop_up(up)
