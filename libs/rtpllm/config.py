@@ -147,7 +147,9 @@ class SchedulerConfig:
             raise ValueError("max_num_batched_tokens must be >= 1")
 
 
-SPECULATIVE_METHODS = ("ngram", "suffix", "draft")
+SPECULATIVE_METHODS = ("ngram", "suffix", "draft", "eagle")
+# Methods that load a model from `SpeculativeConfig.draft_model`.
+MODEL_METHODS = ("draft", "eagle")
 
 
 @dataclass(frozen=True)
@@ -161,9 +163,11 @@ class SpeculativeConfig:
 
     Method "draft": `draft_model` (a model directory or known name whose vocabulary is
     the target's) proposes the drafts, with its own KV pool taking `draft_kv_share` of
-    the KV memory (None: the share that holds as many tokens as the target's pool)."""
+    the KV memory (None: the share that holds as many tokens as the target's pool).
+    Method "eagle": `draft_model` is an EAGLE or EAGLE-3 head's directory, trained for
+    the target; its KV pool is split off the same way."""
 
-    method: str | None = None  # "ngram" | "suffix" | "draft"
+    method: str | None = None  # "ngram" | "suffix" | "draft" | "eagle"
     num_speculative_tokens: int = 4
     adaptive: bool = True
     ngram_min: int = 2
@@ -178,8 +182,10 @@ class SpeculativeConfig:
             raise ValueError(f"num_speculative_tokens must be in [1, 32], got {self.num_speculative_tokens}")
         if self.method == "draft" and not self.draft_model:
             raise ValueError("speculative method 'draft' needs draft_model, the draft model's directory or name (draft:PATH)")
-        if self.method != "draft" and self.draft_model is not None:
-            raise ValueError(f"draft_model is for speculative method 'draft', not {self.method!r}")
+        if self.method == "eagle" and not self.draft_model:
+            raise ValueError("speculative method 'eagle' needs draft_model, the EAGLE head's directory (eagle:PATH)")
+        if self.method not in MODEL_METHODS and self.draft_model is not None:
+            raise ValueError(f"draft_model is for speculative methods 'draft' and 'eagle', not {self.method!r}")
         if self.draft_kv_share is not None and not 0.0 < self.draft_kv_share < 1.0:
             raise ValueError(f"draft_kv_share must be in (0, 1), got {self.draft_kv_share}")
 
@@ -221,3 +227,5 @@ class EngineConfig:
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.speculative.method == "eagle" and self.tensor_parallel_size > 1:
+            raise ValueError("speculative EAGLE heads are not supported with tensor parallelism (tensor_parallel_size > 1)")

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from rtpllm.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
 from rtpllm.engine.llm_engine import LLMEngine
-from rtpllm.loader.random_checkpoint import write_random_checkpoint
+from rtpllm.loader.random_checkpoint import write_random_checkpoint, write_random_eagle_head
 from rtpllm.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.gpu
@@ -71,11 +71,15 @@ def _run(model: Path, device: str, spec: SpeculativeConfig) -> tuple[list[list[i
     return [outs[f"r{i}"] for i in range(len(PROMPTS))], eng
 
 
-@pytest.mark.parametrize("method", ["ngram", "suffix", "draft-same", "draft-perturbed"])
+@pytest.mark.parametrize("method", ["ngram", "suffix", "draft-same", "draft-perturbed", "eagle", "eagle3"])
 def test_greedy_equals_off_with_graphs(cuda_device: str, tmp_path: Path, method: str) -> None:
     model = write_random_checkpoint(tmp_path / "llama", "llama", seed=0)
     off, _ = _run(model, cuda_device, SpeculativeConfig())
-    if method.startswith("draft"):
+    if method.startswith("eagle"):
+        # Random heads: the target's decode and verify graphs also output its features.
+        head = write_random_eagle_head(tmp_path / "head", model, method, seed=1, aux_layer_ids=[0, 1, 2])
+        spec = SpeculativeConfig(method="eagle", draft_model=str(head), num_speculative_tokens=4, adaptive=False)
+    elif method.startswith("draft"):
         draft = model if method == "draft-same" else _perturbed(model, tmp_path / "draft", 0.05)
         spec = SpeculativeConfig(method="draft", draft_model=str(draft), num_speculative_tokens=4, adaptive=False)
     else:
@@ -90,3 +94,37 @@ def test_greedy_equals_off_with_graphs(cuda_device: str, tmp_path: Path, method:
     if method == "draft-same":
         # The target's own weights as draft: every draft is accepted.
         assert counters.accepted_tokens == counters.proposed_tokens
+
+
+def test_eagle_features_from_graphs_equal_eager(cuda_device: str, tmp_path: Path) -> None:
+    """The features the decode and verify graphs write to their static output are the
+    eager forward's (the proposer copies them out before the next replay)."""
+    model = write_random_checkpoint(tmp_path / "llama", "llama", seed=0)
+    head = write_random_eagle_head(tmp_path / "head", model, "eagle3", seed=1, aux_layer_ids=[0, 1, 2])
+    spec = SpeculativeConfig(method="eagle", draft_model=str(head), num_speculative_tokens=4, adaptive=False)
+    seen: list[dict[tuple[int, int], torch.Tensor]] = []
+    for graphs in (True, False):
+        eng = LLMEngine(EngineConfig(model=str(model), device=cuda_device, dtype="float32", max_model_len=256, cuda_graphs=graphs,
+                                     cache=CacheConfig(num_blocks=128), speculative=spec))
+        rows: dict[tuple[int, int], torch.Tensor] = {}
+        real = eng.speculator.observe_features  # type: ignore[union-attr]
+
+        def record(step, features, accepted, real=real, rows=rows):  # type: ignore[no-untyped-def]
+            row = 0
+            for item in step.scheduled:
+                n = item.num_new_tokens if not item.draft else 1 + accepted[item.request.request_id]
+                for j in range(n):
+                    rows[(int(item.request.request_id[1:]), item.start + j)] = features[row + j].float().cpu()
+                row += item.num_new_tokens
+            real(step, features, accepted)
+
+        eng.speculator.observe_features = record  # type: ignore[union-attr, method-assign]
+        params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, output_kind="final")
+        for i, p in enumerate(PROMPTS):
+            eng.add_request(f"r{i}", p, params)
+        while eng.has_unfinished_requests():
+            eng.step()
+        seen.append(rows)
+    assert seen[0].keys() == seen[1].keys()
+    for key, row in seen[0].items():
+        assert torch.allclose(row, seen[1][key], rtol=1e-4, atol=1e-4), key

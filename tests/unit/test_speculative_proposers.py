@@ -111,4 +111,6 @@ def test_registry() -> None:
     assert build_proposer("ngram").name == "ngram"
     assert build_proposer("suffix").name == "suffix"
     with pytest.raises(ValueError, match="ngram"):
-        build_proposer("eagle")
+        build_proposer("medusa")
+    with pytest.raises(ValueError, match="built by the engine"):
+        build_proposer("eagle")  # loaded with the target (EagleProposer.load)

@@ -62,10 +62,10 @@ ENGINE = [
     Flag("--cuda-graphs", "RTPLLM_CUDA_GRAPHS", "capture the decode step in CUDA graphs (CUDA only)", True, boolean=True),
     Flag("--tensor-parallel-size", "RTPLLM_TENSOR_PARALLEL_SIZE", "split the model over N processes and devices (this process is rank 0 and starts the others; CUDA: devices --device..+N-1); one instance on the bus (docs/tensor_parallel.md)", 1, int, aliases=("-tp",)),
     Flag("--async-scheduling", "RTPLLM_ASYNC_SCHEDULING", "launch step n+1 before step n's tokens are read back: auto (on for CUDA), on, off", "auto", str, ["auto", "on", "off"]),
-    # No argparse choices: draft:PATH carries a path (checked in serve.py, naming the flag).
-    Flag("--speculative", "RTPLLM_SPECULATIVE", "speculative decoding: off, ngram (prompt lookup), suffix (suffix decoding) or draft:PATH (a smaller model with the target's vocabulary: a model directory or known name); outputs are unchanged, only speed (docs/speculative_decoding.md)", "off"),
+    # No argparse choices: draft:PATH and eagle:PATH carry a path (checked in serve.py, naming the flag).
+    Flag("--speculative", "RTPLLM_SPECULATIVE", "speculative decoding: off, ngram (prompt lookup), suffix (suffix decoding), draft:PATH (a smaller model with the target's vocabulary: a model directory or known name) or eagle:PATH (an EAGLE or EAGLE-3 head trained for the target: a local checkpoint directory); outputs are unchanged, only speed (docs/speculative_decoding.md)", "off"),
     Flag("--num-speculative-tokens", "RTPLLM_NUM_SPECULATIVE_TOKENS", "with --speculative: the most draft tokens a request verifies per step (1-32)", 4, int),
-    Flag("--speculative-draft-kv-share", "RTPLLM_SPECULATIVE_DRAFT_KV_SHARE", "with --speculative draft:PATH: fraction of the KV memory for the draft model's own KV pool, in (0, 1) (default: the share that holds as many tokens as the target's pool)", None, float),
+    Flag("--speculative-draft-kv-share", "RTPLLM_SPECULATIVE_DRAFT_KV_SHARE", "with --speculative draft:PATH or eagle:PATH: fraction of the KV memory for the draft model's (or head's) own KV pool, in (0, 1) (default: the share that holds as many tokens as the target's pool)", None, float),
     Flag("--speculative-adaptive", "RTPLLM_SPECULATIVE_ADAPTIVE", "with --speculative: choose fewer draft tokens per step, down to none, from each request's acceptance and the measured cost of a step's tokens (--no-speculative-adaptive: always up to --num-speculative-tokens)", True, boolean=True),
     *KV_TIERS,
     Flag("--kv-write-through", "RTPLLM_KV_WRITE_THROUGH", "store every newly computed full KV block at once, not only when evicted from the pool: auto (on with --kv-redis or a kvstore), on, off", "auto", str, ["auto", "on", "off"]),

@@ -134,15 +134,17 @@ def _speculative_config(args: argparse.Namespace, config: type) -> Any:
     raw = (getattr(args, "speculative", None) or "off").strip()
     method: str | None = raw
     draft = None
-    if raw.startswith("draft:"):
-        method, draft = "draft", raw.removeprefix("draft:").strip()
+    what = {"draft": "the draft model's directory or name", "eagle": "the EAGLE head's directory"}
+    prefix = raw.split(":", 1)[0]
+    if ":" in raw and prefix in what:
+        method, draft = prefix, raw.split(":", 1)[1].strip()
         if not draft:
-            raise SystemExit("error: --speculative draft:PATH: PATH (the draft model's directory or name) is empty")
+            raise SystemExit(f"error: --speculative {prefix}:PATH: PATH ({what[prefix]}) is empty")
     elif raw == "off":
         method = None
     elif raw not in ("ngram", "suffix"):
-        hint = " (a draft model is draft:PATH)" if raw == "draft" else ""
-        raise SystemExit(f"error: --speculative: expected off, ngram, suffix or draft:PATH, got {raw!r}{hint}")
+        hint = f" (a {'draft model' if raw == 'draft' else 'EAGLE head'} is {raw}:PATH)" if raw in what else ""
+        raise SystemExit(f"error: --speculative: expected off, ngram, suffix, draft:PATH or eagle:PATH, got {raw!r}{hint}")
     try:
         return config(
             method=method,
@@ -182,8 +184,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
             raise SystemExit("error: --gpu-claim-dir claims one GPU; with --tensor-parallel-size pass --device cuda:N")
         device = claimed_cuda_device(args.gpu_claim_dir)
     speculative = _speculative_config(args, SpeculativeConfig)
-    if speculative.method == "draft" and getattr(args, "service", "worker") == "prefill":
-        speculative = SpeculativeConfig()  # a prefill instance never decodes: no draft model to load
+    if speculative.method in ("draft", "eagle") and getattr(args, "service", "worker") == "prefill":
+        speculative = SpeculativeConfig()  # a prefill instance never decodes: no draft model or head to load
     return EngineConfig(
         model=args.model,
         device=device,

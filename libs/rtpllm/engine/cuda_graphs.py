@@ -6,6 +6,10 @@ K/V in the cache before they attend, which the fused store-and-attend decode ker
 does not give, so verify steps replay a second set of graphs captured with
 `decode_rows_share_seqs` (the K/V stored first); both sets share one memory pool.
 
+With `features` (a speculative EAGLE head reads the target's hidden states) each graph
+also writes the rows' features (`DecoderLM.forward_with_features`) to a static output
+beside the logits; without it the captured step is the plain forward.
+
 A graph per batch size on a ladder (1, 2, 4, 8, 16, 24, ... max); a step of B sequences
 replays the smallest graph >= B with the extra rows padded: they write their K/V into
 the pool's scratch block and their logits are ignored. Inputs live in static device
@@ -58,6 +62,7 @@ def batch_ladder(max_batch: int) -> list[int]:
 class _Graph:
     graph: torch.cuda.CUDAGraph
     logits: torch.Tensor
+    features: torch.Tensor | None = None
 
 
 class DecodeGraphs:
@@ -74,10 +79,12 @@ class DecodeGraphs:
         device: str,
         verify: bool = False,
         memory_pool: tuple[int, int] | None = None,
+        features: bool = False,
     ) -> None:
         """`verify`: graphs for steps whose decode rows include several tokens of one
         sequence (see the module docstring). `memory_pool`: another set's `pool`, to
-        share its memory (the sets never replay at once)."""
+        share its memory (the sets never replay at once). `features`: also output the
+        rows' hidden-state features (the model's `feature_layers`)."""
         self.model = model
         self.kv_caches = kv_caches
         self.backend = backend
@@ -95,6 +102,7 @@ class DecodeGraphs:
         self.query_start_loc = torch.arange(max_batch + 1, dtype=torch.int32, device=dev)
         self.block_tables = torch.full((max_batch, self.max_blocks), scratch_block, dtype=torch.int32, device=dev)
         self.verify = verify
+        self.features = features
         self._graphs: dict[int, _Graph] = {}
         self._pool = memory_pool
 
@@ -118,10 +126,10 @@ class DecodeGraphs:
                     torch.cuda.synchronize()
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph, pool=self._pool, stream=stream):
-                        logits = self._forward(size)
+                        logits, features = self._forward(size)
                     if self._pool is None:
                         self._pool = graph.pool()
-                self._graphs[size] = _Graph(graph, logits)
+                self._graphs[size] = _Graph(graph, logits, features)
             # A graph's first replay uploads it to the device (milliseconds for ~400
             # nodes): do it now, not in a request's step, where it would also make the
             # speculation policy's cost model price that step size too high. The
@@ -131,7 +139,7 @@ class DecodeGraphs:
         torch.cuda.synchronize()
         log.info("captured %s CUDA graphs for batch sizes %s", "verify" if self.verify else "decode", self.sizes)
 
-    def _forward(self, size: int) -> torch.Tensor:
+    def _forward(self, size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         meta = AttentionMetadata(
             slot_mapping=self.slot_mapping[:size],
             query_start_loc=self.query_start_loc[: size + 1],
@@ -145,8 +153,11 @@ class DecodeGraphs:
             seq_lens_host=[self.max_seq_len] * size,
             decode_rows_share_seqs=self.verify,
         )
+        if self.features:
+            hidden, features = self.model.forward_with_features(self.input_ids[:size], self.positions[:size], self.kv_caches, meta)
+            return self.model.compute_logits(hidden), features
         hidden = self.model(self.input_ids[:size], self.positions[:size], self.kv_caches, meta)
-        return self.model.compute_logits(hidden)
+        return self.model.compute_logits(hidden), None
 
     def _reset_padding(self, size: int) -> None:
         self.input_ids[:size].zero_()
@@ -166,9 +177,10 @@ class DecodeGraphs:
         seq_lens: np.ndarray,
         block_tables: np.ndarray,
         fill: Callable[[torch.Tensor], None] | None = None,
-    ) -> torch.Tensor:
-        """Replay for a decode batch; returns logits [batch, vocab] (a view, valid until the
-        next replay). `fill` patches the input ids on the device (async scheduling)."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Replay for a decode batch; returns logits [batch, vocab] and, with `features`,
+        the rows' features [batch, width] (views, valid until the next replay). `fill`
+        patches the input ids on the device (async scheduling)."""
         batch, width = block_tables.shape
         size = next(s for s in self.sizes if s >= batch)
         pad = size - batch
@@ -188,7 +200,7 @@ class DecodeGraphs:
             fill(self.input_ids[:size])
         entry = self._graphs[size]
         entry.graph.replay()
-        return entry.logits[:batch]
+        return entry.logits[:batch], entry.features[:batch] if entry.features is not None else None
 
 
 def _pinned(array: np.ndarray) -> torch.Tensor:

@@ -45,6 +45,7 @@ from rtpllm.parallel.layout import ShardLayout
 from rtpllm.sampling_params import SamplingParams
 from rtpllm.speculative.adaptive import PolicyConfig
 from rtpllm.speculative.draft import DraftModelProposer
+from rtpllm.speculative.eagle import EagleProposer
 from rtpllm.speculative.proposer import build_proposer
 from rtpllm.speculative.speculator import Speculator
 from rtpllm.speculative.verify import SpecRows, Verified, verify
@@ -150,11 +151,15 @@ class LLMEngine:
 
         # Per-layer KV formats (docs/kv_quantization.md); the pool is sized in their bytes.
         self.kv_spec = cache_spec(config.cache, self.model_config.num_layers, self.dtype)
-        # A draft model (speculative decoding) loads now: its weights count as used
-        # memory and its own KV pool takes a share of the budget `_num_blocks` splits.
-        self._draft: DraftModelProposer | None = None
+        # A draft model or EAGLE head (speculative decoding) loads now: its weights (and
+        # an EAGLE head's feature store) count as used memory and its own KV pool takes a
+        # share of the budget `_num_blocks` splits.
+        self._draft: DraftModelProposer | EagleProposer | None = None
         if config.speculative.method == "draft":
             self._draft = DraftModelProposer.load(config, self.model_config, max_len)
+        elif config.speculative.method == "eagle":
+            self._draft = EagleProposer.load(config, self.model_config, self.model, max_len)
+            self.model.set_feature_layers(self._draft.feature_layers)
         num_blocks = self._num_blocks()
         if self.tp is not None:
             num_blocks = self.tp.agree_num_blocks(num_blocks)
@@ -197,6 +202,8 @@ class LLMEngine:
             self.speculator.plan if self.speculator is not None else None,
         )
         self.runner = ModelRunner(self.model, self.kv_pool, self.block_manager, self.backend, self.device, multimodal, self.tp)
+        if isinstance(self._draft, EagleProposer):
+            self.runner.enable_features()  # the head reads the target's hidden states
         if self.tp is not None:
             self.tp.send_shape(num_blocks, max_len)  # the other ranks build their pools, graphs
         if config.cuda_graphs:
@@ -681,6 +688,10 @@ class LLMEngine:
         verified = None
         if any(i.draft for i in result.sample_items):
             logits, requests, verified = self._verify(result.logits, result.sample_items)
+        if result.features is not None and self.speculator is not None:
+            # An EAGLE head's input: the rows' hidden states, of drafted rows the accepted.
+            accepted = {item.request.request_id: v.num_accepted for item, v in verified or ()}
+            self.speculator.observe_features(step, result.features, accepted)
         mask = masks.result() if masks is not None else None  # computed during the forward pass
         sample = self.sampler.sample(logits, requests, mask) if requests else None
         for req in requests:
@@ -937,12 +948,13 @@ def _prefill_tokens(step: SchedulerOutput) -> int:
     return step.num_tokens - step.num_decodes - sum(len(i.draft) + 1 for i in step.scheduled if i.draft)
 
 
-def _build_speculator(config: EngineConfig, draft: DraftModelProposer | None) -> Speculator:
-    """The speculator of `config.speculative`; `draft`: the loaded draft model (method "draft")."""
+def _build_speculator(config: EngineConfig, draft: DraftModelProposer | EagleProposer | None) -> Speculator:
+    """The speculator of `config.speculative`; `draft`: the loaded draft model or EAGLE
+    head (methods "draft", "eagle")."""
     spec = config.speculative
     assert spec.method is not None
     policy = PolicyConfig(max_k=spec.num_speculative_tokens, adaptive=spec.adaptive)
-    if spec.method == "draft":
+    if spec.method in ("draft", "eagle"):
         assert draft is not None
         return Speculator(draft, policy)
     options: dict[str, int | float] = {"min_n": spec.ngram_min, "max_n": spec.ngram_max} if spec.method == "ngram" else {}
@@ -951,10 +963,13 @@ def _build_speculator(config: EngineConfig, draft: DraftModelProposer | None) ->
 
 def _activation_reserve(config: EngineConfig, model: ModelConfig) -> int:
     """Bytes kept free for activations of the largest step (logits dominate); with a
-    draft model, also its proposal distributions (k rows of float32 per request)."""
+    draft model or EAGLE head, also its proposal distributions (k rows of float32 per
+    request); with an EAGLE head, the step's features (up to 3 hidden states a token)."""
     tokens = config.scheduler.max_num_batched_tokens
     seqs, vocab = config.scheduler.max_num_seqs, model.vocab_size
     reserve = tokens * (model.hidden_size * 16 + model.intermediate_size * 4) * 2 + seqs * vocab * 8
-    if config.speculative.method == "draft":
+    if config.speculative.method in ("draft", "eagle"):
         reserve += seqs * config.speculative.num_speculative_tokens * vocab * 4 * 2
+    if config.speculative.method == "eagle":
+        reserve += tokens * model.hidden_size * 3 * 4
     return reserve

@@ -1,6 +1,7 @@
 """Runs the model for one scheduled step: packs the batch, calls the model (or replays a
 CUDA graph for a pure decode step), returns the logits the sampler needs (and
-prompt-logprob logits when asked).
+prompt-logprob logits when asked). With `enable_features` (speculative EAGLE heads) it
+also returns every packed row's hidden-state features (`DecoderLM.feature_layers`).
 
 Tensor parallelism: rank 0's runner sends each packed batch to the other ranks
 (`StepSender`) before running it; their runners run the same batch through `run_batch`,
@@ -68,6 +69,8 @@ class BatchLogits:
     all_tokens: torch.Tensor | None
     samples: torch.Tensor
     spans: list[torch.Tensor]
+    # Every packed row's features (rows in packed order), when the runner captures them.
+    features: torch.Tensor | None = None
 
 
 class StepSender(Protocol):
@@ -92,6 +95,10 @@ class ModelOutput:
     logits: torch.Tensor  # [num sampling rows, vocab] float32
     sample_items: list[ScheduledRequest]
     prompt_logits: list[tuple[ScheduledRequest, int, torch.Tensor]]
+    # [packed rows, width]: the features of every packed row (`enable_features`), in the
+    # order `prepare` packs them (each scheduled item's rows in turn); None when off.
+    # A view of a graph's static buffer on the graph path: valid until the next step.
+    features: torch.Tensor | None = None
 
 
 def _pad_rows(rows: list[list[int]]) -> np.ndarray:
@@ -145,6 +152,15 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.verify_graphs: DecodeGraphs | None = None
         self.tp = tp
+        self.capture_features = False
+
+    def enable_features(self) -> None:
+        """Return every packed row's features from each step (the model's
+        `feature_layers`, for a speculative head). Set once at engine start, before
+        `enable_cuda_graphs`: the graphs then write them to a static output too."""
+        if self.tp is not None:
+            raise ValueError("hidden-state features (EAGLE heads) are not supported with tensor parallelism")
+        self.capture_features = True
 
     def enable_cuda_graphs(self, max_batch: int, max_seq_len: int, max_verify_rows: int = 0) -> None:
         """Capture decode graphs of up to `max_batch` rows, and verify-step graphs of up to
@@ -167,6 +183,7 @@ class ModelRunner:
             device=self.device,
             verify=verify,
             memory_pool=self.graphs.pool if self.graphs is not None else None,
+            features=self.capture_features,
         )
         graphs.capture()
         return graphs
@@ -275,7 +292,7 @@ class ModelRunner:
         prompt_logits = [
             (item, first, logits) for (item, first, _), logits in zip(batch.prompt_logprob_spans, out.spans, strict=True)
         ]
-        return ModelOutput(logits=out.samples, sample_items=batch.sample_items, prompt_logits=prompt_logits)
+        return ModelOutput(out.samples, batch.sample_items, prompt_logits, out.features)
 
     def _graphs_for(self, batch: HostBatch) -> DecodeGraphs | None:
         return self.verify_graphs if batch.verify_rows else self.graphs
@@ -308,15 +325,15 @@ class ModelRunner:
         if use_graph:
             graphs = self._graphs_for(batch)
             assert graphs is not None
-            logits = graphs.run(
+            logits, features = graphs.run(
                 batch.input_ids, batch.positions, batch.slot_mapping, batch.seq_lens, batch.block_tables, fill
             )
-            return BatchLogits(None, logits, [])
-        hidden = self._forward_eager(batch, fill)
+            return BatchLogits(None, logits, [], features)
+        hidden, features = self._forward_eager(batch, fill)
         compute = self.model.compute_logits
         every = compute(hidden) if observe else None
         samples = compute(hidden[self._upload(batch.sample_indices)])
-        return BatchLogits(every, samples, [compute(hidden[span]) for span in spans])
+        return BatchLogits(every, samples, [compute(hidden[span]) for span in spans], features)
 
     def _upload(self, a: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(a)
@@ -336,12 +353,29 @@ class ModelRunner:
 
         return fill
 
-    def _forward_eager(self, batch: HostBatch, fill: Callable[[torch.Tensor], None] | None) -> torch.Tensor:
-        """The model's forward over a packed batch: [T, hidden]."""
+    def _forward_eager(
+        self, batch: HostBatch, fill: Callable[[torch.Tensor], None] | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The model's forward over a packed batch: [T, hidden], and [T, width] features
+        when the runner captures them."""
+        up = self._upload
+        meta = self.attention_metadata(batch)
+        input_ids = up(batch.input_ids)
+        if fill is not None:
+            fill(input_ids)
+        embeds = None
+        if batch.splice is not None:
+            embeds = (up(batch.splice[0]), batch.splice[1])
+        if self.capture_features:
+            return self.model.forward_with_features(input_ids, up(batch.positions), self.kv_caches, meta, embeds)
+        return self.model(input_ids, up(batch.positions), self.kv_caches, meta, embeds), None
+
+    def attention_metadata(self, batch: HostBatch) -> AttentionMetadata:
+        """The attention metadata of a packed batch (uploaded to the device)."""
         up = self._upload
         qsl_host = batch.query_start_loc.tolist()
         seq_host = batch.seq_lens.tolist()
-        meta = AttentionMetadata(
+        return AttentionMetadata(
             slot_mapping=up(batch.slot_mapping),
             query_start_loc=up(batch.query_start_loc),
             seq_lens=up(batch.seq_lens),
@@ -354,10 +388,3 @@ class ModelRunner:
             seq_lens_host=seq_host,
             decode_rows_share_seqs=batch.verify_rows > 0,
         )
-        input_ids = up(batch.input_ids)
-        if fill is not None:
-            fill(input_ids)
-        embeds = None
-        if batch.splice is not None:
-            embeds = (up(batch.splice[0]), batch.splice[1])
-        return self.model(input_ids, up(batch.positions), self.kv_caches, meta, embeds)

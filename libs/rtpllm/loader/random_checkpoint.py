@@ -173,3 +173,91 @@ def _save_shards(out: Path, weights: dict[str, torch.Tensor], num_shards: int) -
             total += weights[n].numel() * weights[n].element_size()
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def write_random_eagle_head(
+    out_dir: str | Path,
+    target_dir: str | Path,
+    kind: str = "eagle",
+    *,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    std: float = 0.2,
+    draft_vocab_size: int | None = None,
+    aux_layer_ids: list[int] | None = None,
+    fc_bias: bool = True,
+    torch_bin: bool = False,
+    **overrides: Any,
+) -> Path:
+    """A random EAGLE ("eagle") or EAGLE-3 ("eagle3") head for the model at
+    `target_dir`, in the layout the EAGLE repository publishes (docs/speculative_decoding.md,
+    "EAGLE heads"): config.json and model.safetensors (`torch_bin`: pytorch_model.bin, as
+    most published heads ship). EAGLE-3 with `draft_vocab_size` below the target's
+    vocabulary drafts over a random subset of it (d2t / t2d). `overrides` replace config
+    fields (e.g. hidden_size, to write a head that does not fit)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    target = json.loads((Path(target_dir) / "config.json").read_text())
+    eagle3 = kind == "eagle3"
+    if kind not in ("eagle", "eagle3"):
+        raise ValueError(f"kind must be 'eagle' or 'eagle3', got {kind!r}")
+    keys = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "vocab_size",
+            "max_position_embeddings", "rms_norm_eps", "rope_theta", "bos_token_id", "eos_token_id")
+    cfg: dict[str, Any] = {k: target[k] for k in keys if k in target}
+    cfg.update({"architectures": ["LlamaForCausalLMEagle3" if eagle3 else "LlamaForCausalLM"], "model_type": "llama",
+                "hidden_act": "silu", "num_hidden_layers": 1, "tie_word_embeddings": False,
+                "torch_dtype": str(dtype).removeprefix("torch.")})
+    if eagle3:
+        cfg["draft_vocab_size"] = draft_vocab_size or cfg["vocab_size"]
+        if aux_layer_ids is not None:
+            cfg["eagle_aux_hidden_state_layer_ids"] = aux_layer_ids
+    else:
+        cfg["bias"] = fc_bias
+    cfg.update(overrides)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    g = torch.Generator().manual_seed(seed)
+    hidden, inter, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    head_dim = hidden // heads
+    q, kv = heads * head_dim, kv_heads * head_dim
+
+    def rand(*shape: int, scale: float = std) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+    def norm(dim: int) -> torch.Tensor:
+        return (1.0 + torch.randn(dim, generator=g) * 0.1).to(dtype)
+
+    p = "midlayer." if eagle3 else "layers.0."
+    attn_in = 2 * hidden if eagle3 else hidden
+    w: dict[str, torch.Tensor] = {
+        "embed_tokens.weight": rand(vocab, hidden, scale=1.0),  # the target's copy in real heads; unused
+        p + "self_attn.q_proj.weight": rand(q, attn_in),
+        p + "self_attn.k_proj.weight": rand(kv, attn_in),
+        p + "self_attn.v_proj.weight": rand(kv, attn_in),
+        p + "self_attn.o_proj.weight": rand(hidden, q),
+        p + "mlp.gate_proj.weight": rand(inter, hidden),
+        p + "mlp.up_proj.weight": rand(inter, hidden),
+        p + "mlp.down_proj.weight": rand(hidden, inter),
+        p + "post_attention_layernorm.weight": norm(hidden),
+    }
+    if eagle3:
+        draft_vocab = cfg["draft_vocab_size"]
+        w["fc.weight"] = rand(hidden, 3 * cfg.get("target_hidden_size", hidden), scale=std / 2)
+        w[p + "input_layernorm.weight"] = norm(hidden)
+        w[p + "hidden_norm.weight"] = norm(hidden)
+        w["norm.weight"] = norm(hidden)
+        w["lm_head.weight"] = rand(draft_vocab, hidden)
+        ids = torch.randperm(vocab, generator=g)[:draft_vocab].sort().values
+        w["d2t"] = ids - torch.arange(draft_vocab)
+        t2d = torch.zeros(vocab, dtype=torch.bool)
+        t2d[ids] = True
+        w["t2d"] = t2d
+    else:
+        w["fc.weight"] = rand(hidden, 2 * hidden)
+        if fc_bias:
+            w["fc.bias"] = rand(hidden)
+    if torch_bin:
+        torch.save(w, out / "pytorch_model.bin")
+    else:
+        save_file(w, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out

@@ -27,6 +27,11 @@ VISION_ARCHITECTURES: dict[str, tuple[str, str, tuple[str, ...]]] = {
 }
 
 
+# A feature layer (DecoderLM.set_feature_layers) naming the model's final-normed output,
+# what the LM head reads; layer indices name the residual stream entering a layer.
+FINAL_HIDDEN = -1
+
+
 @dataclass(frozen=True)
 class RopeConfig:
     """Rotary embedding parameters; `rope_type` is one of default, linear, llama3, yarn."""

@@ -8,6 +8,10 @@ Tensor parallelism (a `TPGroup`): the model holds rank `group.rank`'s shard
 the embedding and the LM head. The layers sum their partial outputs over the ranks;
 `compute_logits` gathers every rank's vocabulary columns, so every rank gets the full
 logits. `checkpoint_targets` names the slice of each checkpoint tensor the rank loads.
+
+Speculative heads (EAGLE) read the target's hidden states: `set_feature_layers` picks
+them once at engine start and `forward_with_features` returns them beside the output.
+`forward` never computes them.
 """
 
 from __future__ import annotations
@@ -20,13 +24,15 @@ from torch import nn
 from rtpllm.attention import AttentionBackend, AttentionMetadata
 from rtpllm.kernels.gemv import linear
 from rtpllm.loader.shard import Shard
-from rtpllm.models.config import ModelConfig
+from rtpllm.models.config import FINAL_HIDDEN, ModelConfig
 from rtpllm.models.layers import DecoderLayer, Linear, RMSNorm
 from rtpllm.models.parallel_layers import VocabParallelEmbedding
 from rtpllm.models.rope import RotaryEmbedding
 from rtpllm.parallel.layout import ShardLayout
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from rtpllm.parallel.group import TPGroup
 
 
@@ -54,6 +60,18 @@ class DecoderLM(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, layout.vocab_shard, bias=False)
         # The cos/sin tables every layer reads; registered once so .to() moves them once.
         self.rotary = rotary
+        self.feature_layers: tuple[int, ...] = ()
+
+    def set_feature_layers(self, layers: Sequence[int]) -> None:
+        """The hidden states `forward_with_features` returns, concatenated in this order:
+        i in [0, num_layers] is the input of layer i (the residual stream: layer 0's is the
+        token embedding, num_layers the last layer's output before the final norm);
+        FINAL_HIDDEN is the final-normed output. Set once, before CUDA graphs are captured."""
+        n = self.config.num_layers
+        bad = [i for i in layers if not (0 <= i <= n or i == FINAL_HIDDEN)]
+        if bad or not layers:
+            raise ValueError(f"feature layers must be in [0, {n}] or FINAL_HIDDEN ({FINAL_HIDDEN}), got {list(layers)}")
+        self.feature_layers = tuple(layers)
 
     def forward(
         self,
@@ -69,6 +87,34 @@ class DecoderLM(nn.Module):
         token embeddings of image placeholders; `positions` may be [3, T] M-RoPE
         (temporal, height, width) positions. Neither is used by text-only steps.
         """
+        return self._run(input_ids, positions, kv_caches, meta, embeds, None)
+
+    def forward_with_features(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[tuple[torch.Tensor, ...]],
+        meta: AttentionMetadata,
+        embeds: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward`'s output and [T, width] features: the hidden states of
+        `feature_layers`, concatenated along the last dim in their order."""
+        taps: dict[int, torch.Tensor] = {}
+        out = self._run(input_ids, positions, kv_caches, meta, embeds, taps)
+        taps[FINAL_HIDDEN] = out
+        parts = [taps[i] for i in self.feature_layers]
+        return out, parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+    def _run(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[tuple[torch.Tensor, ...]],
+        meta: AttentionMetadata,
+        embeds: tuple[torch.Tensor, torch.Tensor] | None,
+        taps: dict[int, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        """The forward pass; with `taps`, also the inputs of the feature layers into it."""
         hidden = self.embed_tokens(input_ids)
         if embeds is not None:
             hidden.index_copy_(0, embeds[0], embeds[1])
@@ -78,11 +124,19 @@ class DecoderLM(nn.Module):
             positions = torch.arange(positions.shape[1], device=positions.device)
         else:
             cos, sin = self.rotary.cos, self.rotary.sin
+        want = self.feature_layers if taps is not None else ()
         residual: torch.Tensor | None = None
         # Each layer's closing residual add is fused into the next norm (and the last
         # one into the final norm): one pass over the hidden state instead of two.
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
+            if i in want:
+                assert taps is not None
+                # The residual stream entering layer i (the add the layer fuses into its norm).
+                taps[i] = hidden if residual is None else hidden + residual
             hidden, residual = layer(positions, hidden, residual, kv_cache, meta, cos, sin)
+        if len(self.layers) in want:
+            assert taps is not None and residual is not None
+            taps[len(self.layers)] = hidden + residual
         return self.norm.add_and_norm(hidden, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

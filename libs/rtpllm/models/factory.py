@@ -30,13 +30,13 @@ def build_model(
     """
     with torch.device("meta"):
         model = DecoderLM(config, backend, max_position, dtype, group)
-    _allocate(model, torch.device(device), dtype)
+    allocate_parameters(model, torch.device(device), dtype)
     model.zero_vocab_padding()
     model.rotary.build_tables(torch.device(device))
     return model.eval().requires_grad_(False)
 
 
-def _allocate(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+def allocate_parameters(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
     """Give every meta parameter and buffer uninitialized memory on `device` (floating
     ones in `dtype`), keeping shared tensors shared.
 

@@ -4,7 +4,8 @@ A proposer guesses the next tokens of a sequence cheaply; the target model check
 them all in one pass (verify.py). Model-free proposers (n-gram, suffix) return token
 ids only, so their proposal distribution is a point mass on each guessed token. A draft
 model samples its tokens from a distribution and returns it with them (`Proposal.probs`),
-which rejection sampling needs to stay exact.
+which rejection sampling needs to stay exact. An EAGLE head also reads the target's
+hidden states, which the engine hands over after each step (`observe_features`).
 """
 
 from __future__ import annotations
@@ -40,11 +41,25 @@ class Proposal:
 NO_PROPOSAL = Proposal()
 
 
+@dataclass(frozen=True)
+class FeatureRows:
+    """A request's rows in a target step's features (`Proposer.observe_features`):
+    `count` target positions from `position`, at packed row `row`."""
+
+    request: Request
+    position: int
+    row: int
+    count: int
+
+
 class Proposer(ABC):
     """Proposes draft tokens per sequence. One instance serves every request of an
     engine; per-request state is keyed by request id and dropped by `forget`."""
 
     name: str = ""
+    # The target hidden states the proposer reads (DecoderLM.set_feature_layers), for a
+    # head that drafts from them (EAGLE); None: the proposer reads tokens only.
+    feature_layers: tuple[int, ...] | None = None
 
     @abstractmethod
     def propose(self, request_id: str, tokens: Sequence[int], k: int, private: bool = False) -> Proposal:
@@ -70,6 +85,12 @@ class Proposer(ABC):
         costs next to nothing beside a target step (model-free proposers)."""
         return None
 
+    def observe_features(self, rows: Sequence[FeatureRows], features: torch.Tensor) -> None:  # noqa: B027  (a hook)
+        """After a target step, for a proposer with `feature_layers`: `features` holds
+        every packed row's hidden states ([rows, width], on the device; valid only during
+        this call), `rows` say which belong to requests that may speculate (only a
+        verified request's accepted positions). Default: nothing to keep."""
+
     @abstractmethod
     def forget(self, request_id: str, output_tokens: Sequence[int] | None = None) -> None:
         """The request is gone: drop its state. `output_tokens`: its outputs, when it
@@ -83,8 +104,9 @@ class Proposer(ABC):
 
 def build_proposer(method: str, **options: int | float) -> Proposer:
     """The model-free proposer named by `--speculative` ("ngram", "suffix"). Raises
-    ValueError naming the choices for anything else. A draft model ("draft") is loaded
-    by the engine (`DraftModelProposer.load`): its KV shares the engine's memory."""
+    ValueError naming the choices for anything else. A draft model ("draft") or an EAGLE
+    head ("eagle") is loaded by the engine (`DraftModelProposer.load`,
+    `EagleProposer.load`): its KV shares the engine's memory."""
     # Imported here: each proposer module stays independent of the others.
     if method == "ngram":
         from rtpllm.speculative.ngram import NgramProposer
@@ -94,6 +116,6 @@ def build_proposer(method: str, **options: int | float) -> Proposer:
         from rtpllm.speculative.suffix import SuffixProposer
 
         return SuffixProposer(**options)  # type: ignore[arg-type]
-    if method == "draft":
-        raise ValueError("a draft-model proposer is built by the engine, from SpeculativeConfig.draft_model")
-    raise ValueError(f"unknown speculative method {method!r}; use 'ngram', 'suffix' or 'draft'")
+    if method in ("draft", "eagle"):
+        raise ValueError(f"a {method!r} proposer is built by the engine, from SpeculativeConfig.draft_model")
+    raise ValueError(f"unknown speculative method {method!r}; use 'ngram', 'suffix', 'draft' or 'eagle'")

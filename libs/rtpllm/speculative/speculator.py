@@ -13,6 +13,7 @@ import torch
 
 from rtpllm.engine.request import Request
 from rtpllm.engine.sampler import needs_history
+from rtpllm.engine.scheduler import SchedulerOutput
 from rtpllm.speculative.adaptive import (
     AcceptanceEMA,
     Candidate,
@@ -22,7 +23,7 @@ from rtpllm.speculative.adaptive import (
     StepCostModel,
     draft_values,
 )
-from rtpllm.speculative.proposer import NO_PROPOSAL, Proposal, Proposer
+from rtpllm.speculative.proposer import NO_PROPOSAL, FeatureRows, Proposal, Proposer
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +247,21 @@ class Speculator:
         seconds -= self.separately_charged_s
         self.separately_charged_s = 0.0
         (self.pipelined_cost if pipelined else self.cost).observe(num_tokens, max(seconds, 1e-6))
+
+    def observe_features(self, step: SchedulerOutput, features: torch.Tensor, accepted: dict[str, int]) -> None:
+        """A step's hidden-state features ([packed rows, width], rows in packing order)
+        for a proposer that reads them: the rows of requests that may speculate, of a
+        verified request only its last token and its `accepted` drafts."""
+        rows: list[FeatureRows] = []
+        row = 0
+        for item in step.scheduled:
+            req = item.request
+            if self.eligible(req) and not req.is_finished:
+                count = 1 + accepted.get(req.request_id, 0) if item.draft else item.num_new_tokens
+                rows.append(FeatureRows(req, item.start, row, count))
+            row += item.num_new_tokens
+        if rows:
+            self.proposer.observe_features(rows, features)
 
     def forget(self, req: Request) -> None:
         self._ema.pop(req.request_id, None)
