@@ -50,7 +50,7 @@ async def _through_the_service(url: str, family: TinyVLM, specs: list[ImageSpec]
     namespace = embedding_namespace("test-weights", torch.float32, encoder.hidden_size)
     server_nc = await connect_nats(NatsConfig(url), "vision", 5)
     engine_nc = await connect_nats(NatsConfig(url), "engine", 5)
-    server = VisionServer(server_nc, encoder, EmbeddingPool(256, encoder.hidden_size, torch.float32, "cpu", namespace), VisionServerConfig(f"vision-{family.name}", family.name, heartbeat_interval_s=0.1))
+    server = VisionServer(server_nc, encoder, EmbeddingPool(256, encoder.hidden_size, torch.float32, "cpu", namespace), VisionServerConfig(f"vision-{family.name}", family.name, heartbeat_interval_s=0.1, batch_wait_s=0.25))
     pool = EmbeddingPool(256, encoder.hidden_size, torch.float32, "cpu", namespace)
     receiver = KVReceiver(pool.kv, pool.layout)
     await receiver.start()
@@ -64,6 +64,8 @@ async def _through_the_service(url: str, family: TinyVLM, specs: list[ImageSpec]
             await asyncio.sleep(0.05)
         rows = await client.encode("parity", specs, time.time() + 30)
         assert pool.num_free == pool.num_blocks  # the engine's blocks are back
+        # One batch: the request's images are queued together (the wait gives a loaded
+        # machine's image preparation time to queue them all before the tower starts).
         assert server.counters.images_encoded == len(specs) and server.counters.batches == 1
         return rows
     finally:

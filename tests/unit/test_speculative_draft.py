@@ -222,12 +222,11 @@ def marginals(small_vocab: Path) -> list[torch.Tensor]:  # noqa: F811
     return exact_marginals(small_vocab)
 
 
-def sampled_counts(model: Path, draft: Path) -> tuple[list[list[int]], LLMEngine]:
-    eng = LLMEngine(
-        EngineConfig(
-            model=str(model), seed=3, speculative=SpeculativeConfig(method="draft", draft_model=str(draft), num_speculative_tokens=3, adaptive=False)
-        )
-    )
+def sampled_counts(model: Path, draft: Path, method: str = "draft") -> tuple[list[list[int]], LLMEngine]:
+    """Per output position, how often each token was sampled over SAMPLES requests of
+    PROMPT, with `draft` proposing (a draft model, or an EAGLE head with method "eagle")."""
+    spec = SpeculativeConfig(method=method, draft_model=str(draft), num_speculative_tokens=3, adaptive=False)
+    eng = LLMEngine(EngineConfig(model=str(model), seed=3, speculative=spec))
     for i in range(SAMPLES):
         eng.add_request(str(i), PROMPT, SAMPLED)
     counts = [[0] * VOCAB for _ in range(MAX_TOKENS)]

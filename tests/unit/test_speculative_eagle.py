@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_speculative_draft import exact_marginals
+from test_speculative_draft import MAX_TOKENS, SAMPLES, exact_marginals, sampled_counts
 from test_speculative_engine import GREEDY, PROMPTS, run, tokens
 from test_speculative_sampling import PROMPT, VOCAB, small_vocab  # noqa: F401  (a fixture)
 from test_speculative_verify import chi_square_p
@@ -520,10 +520,6 @@ def test_features_shifted_by_a_row_fail(chain: Path, tmp_path: Path, kind: str, 
 
 # -- sampling -------------------------------------------------------------------------
 
-SAMPLES = 1500
-MAX_TOKENS = 4
-SAMPLED = SamplingParams(temperature=1.0, top_k=6, max_tokens=MAX_TOKENS, ignore_eos=True, output_kind="final")
-
 
 @pytest.fixture(scope="module")
 def small_head(small_vocab: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
@@ -547,21 +543,8 @@ def marginals(small_vocab: Path) -> list[torch.Tensor]:  # noqa: F811
     return exact_marginals(small_vocab)
 
 
-def sampled_counts(model: Path, head: Path) -> tuple[list[list[int]], LLMEngine]:
-    spec = SpeculativeConfig(method="eagle", draft_model=str(head), num_speculative_tokens=3, adaptive=False)
-    eng = LLMEngine(EngineConfig(model=str(model), seed=3, speculative=spec))
-    for i in range(SAMPLES):
-        eng.add_request(str(i), PROMPT, SAMPLED)
-    counts = [[0] * VOCAB for _ in range(MAX_TOKENS)]
-    while eng.has_unfinished_requests():
-        for out in eng.step():
-            for pos, token in enumerate(out.outputs[0].token_ids):
-                counts[pos][token] += 1
-    return counts, eng
-
-
 def test_sampling_with_the_heads_q_is_exact(small_vocab: Path, small_head: Path, marginals: list[torch.Tensor]) -> None:  # noqa: F811
-    counts, eng = sampled_counts(small_vocab, small_head)
+    counts, eng = sampled_counts(small_vocab, small_head, "eagle")
     proposed, accepted = counters(eng)
     assert proposed > SAMPLES and 0.3 * proposed < accepted < 0.9 * proposed
     for pos in range(MAX_TOKENS):
@@ -572,7 +555,7 @@ def test_a_verifier_ignoring_q_after_a_rejection_fails(
     small_vocab: Path, small_head: Path, marginals: list[torch.Tensor], monkeypatch: pytest.MonkeyPatch  # noqa: F811
 ) -> None:
     monkeypatch.setattr(verify_mod, "residual", lambda probs, draft, q: probs)
-    counts, _ = sampled_counts(small_vocab, small_head)
+    counts, _ = sampled_counts(small_vocab, small_head, "eagle")
     assert min(chi_square_p(counts[pos], marginals[pos]) for pos in range(1, MAX_TOKENS)) < 1e-6
 
 

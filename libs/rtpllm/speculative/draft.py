@@ -55,7 +55,7 @@ from rtpllm.models import DecoderLM, ModelConfig, build_model, fill_random
 from rtpllm.models.registry import resolve_model
 from rtpllm.sampling_params import SamplingParams
 from rtpllm.speculative.adaptive import PassCost, StepCostModel
-from rtpllm.speculative.draft_passes import DraftStats, Work, position_seed, run_passes
+from rtpllm.speculative.draft_passes import DraftStats, Work, collect_works, position_seed, run_passes
 from rtpllm.speculative.proposer import NO_PROPOSAL, Proposal, Proposer
 from rtpllm.speculative.proposer_kv import DraftSeq, ProposerKV
 
@@ -213,16 +213,7 @@ class DraftModelProposer(Proposer):
     def propose_batch(self, batch: Sequence[tuple[Request, int]]) -> list[Proposal]:
         assert self.kv.blocks is not None, "allocate_kv first"
         self.kv.tick += 1
-        protect = {req.request_id for req, _ in batch}
-        budget = self.max_pass_tokens
-        works: list[Work] = []
-        for index, (req, k) in enumerate(batch):
-            k = min(k, self.max_len - req.num_tokens + 1)
-            if k > 0 and budget > 0:
-                work = self._prepare(index, req, k, budget, protect)
-                if work is not None:
-                    works.append(work)
-                    budget -= work.feed
+        works = collect_works(batch, self.max_len, self.max_pass_tokens, self._prepare)
         proposals = [NO_PROPOSAL] * len(batch)
         if works:
             done = run_passes(works, self._forward, self._generator, self._cost, self.stats, self.device.startswith("cuda"))

@@ -19,7 +19,7 @@ so its drafts depend on its tokens alone, never on the batch.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -78,6 +78,27 @@ class DraftStats:
 # Runs one pass: (its step, the previous pass's drawn tokens (None for pass 1), the works
 # drafting in it, in order, and the pass's depth) -> those works' logits rows, in order.
 PassForward = Callable[[SchedulerOutput, PrevTokens | None, list[Work], int], torch.Tensor]
+
+
+def collect_works(
+    batch: Sequence[tuple[Request, int]],
+    max_len: int,
+    budget: int,
+    prepare: Callable[[int, Request, int, int, set[str]], Work | None],
+) -> list[Work]:
+    """The requests of a proposal batch that draft this time, each `prepare(index,
+    request, k, tokens left, protected ids)`-d while the catch-up token budget lasts
+    (k capped so no draft reaches past `max_len`)."""
+    protect = {req.request_id for req, _ in batch}
+    works: list[Work] = []
+    for index, (req, k) in enumerate(batch):
+        k = min(k, max_len - req.num_tokens + 1)
+        if k > 0 and budget > 0:
+            work = prepare(index, req, k, budget, protect)
+            if work is not None:
+                works.append(work)
+                budget -= work.feed
+    return works
 
 
 def run_passes(

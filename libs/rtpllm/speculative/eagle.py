@@ -51,7 +51,7 @@ from rtpllm.models.eagle import EagleHead, TargetParts, build_eagle_head
 from rtpllm.models.eagle_config import EagleConfig
 from rtpllm.sampling_params import SamplingParams
 from rtpllm.speculative.adaptive import PassCost, StepCostModel
-from rtpllm.speculative.draft_passes import DraftStats, Work, run_passes
+from rtpllm.speculative.draft_passes import DraftStats, Work, collect_works, run_passes
 from rtpllm.speculative.feature_store import FeatureSpan, FeatureStore
 from rtpllm.speculative.head_runner import HeadRunner
 from rtpllm.speculative.proposer import NO_PROPOSAL, FeatureRows, Proposal, Proposer
@@ -198,16 +198,7 @@ class EagleProposer(Proposer):
     def propose_batch(self, batch: Sequence[tuple[Request, int]]) -> list[Proposal]:
         assert self.kv.blocks is not None, "allocate_kv first"
         self.kv.tick += 1
-        protect = {req.request_id for req, _ in batch}
-        budget = self.max_pass_tokens
-        works: list[Work] = []
-        for index, (req, k) in enumerate(batch):
-            k = min(k, self.max_len - req.num_tokens + 1)
-            if k > 0 and budget > 0:
-                work = self._prepare(index, req, k, budget, protect)
-                if work is not None:
-                    works.append(work)
-                    budget -= work.feed
+        works = collect_works(batch, self.max_len, self.max_pass_tokens, self._prepare)
         proposals = [NO_PROPOSAL] * len(batch)
         if works:
             self._last = {}
