@@ -59,10 +59,14 @@ def drafts(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     }
 
 
-def draft_engine(model: Path, draft: Path | None, *, adaptive: bool = False, k: int = K, **kwargs: object) -> LLMEngine:
+def draft_engine(
+    model: Path, draft: Path | None, *, adaptive: bool = False, k: int = K, method: str = "draft", **kwargs: object
+) -> LLMEngine:
+    """An engine whose `draft` (a draft model, or an EAGLE head with method "eagle")
+    proposes; speculation off without one."""
     cache = kwargs.pop("cache", CacheConfig())
     scheduler = kwargs.pop("scheduler", SchedulerConfig(max_num_batched_tokens=64))
-    spec = SpeculativeConfig(method="draft", draft_model=str(draft), num_speculative_tokens=k, adaptive=adaptive) if draft else SpeculativeConfig()
+    spec = SpeculativeConfig(method=method, draft_model=str(draft), num_speculative_tokens=k, adaptive=adaptive) if draft else SpeculativeConfig()
     return LLMEngine(EngineConfig(model=str(model), cache=cache, scheduler=scheduler, speculative=spec, **kwargs))  # type: ignore[arg-type]
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_speculative_draft import MAX_TOKENS, SAMPLES, exact_marginals, sampled_counts
+from test_speculative_draft import MAX_TOKENS, SAMPLES, draft_engine, exact_marginals, sampled_counts
 from test_speculative_engine import GREEDY, PROMPTS, run, tokens
 from test_speculative_sampling import PROMPT, VOCAB, small_vocab  # noqa: F401  (a fixture)
 from test_speculative_verify import chi_square_p
@@ -68,10 +68,7 @@ def heads(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[st
 
 
 def eagle_engine(model: Path, head: Path | None, *, adaptive: bool = False, k: int = K, **kwargs: object) -> LLMEngine:
-    cache = kwargs.pop("cache", CacheConfig())
-    scheduler = kwargs.pop("scheduler", SchedulerConfig(max_num_batched_tokens=64))
-    spec = SpeculativeConfig(method="eagle", draft_model=str(head), num_speculative_tokens=k, adaptive=adaptive) if head else SpeculativeConfig()
-    return LLMEngine(EngineConfig(model=str(model), cache=cache, scheduler=scheduler, speculative=spec, **kwargs))  # type: ignore[arg-type]
+    return draft_engine(model, head, adaptive=adaptive, k=k, method="eagle", **kwargs)
 
 
 def proposer(eng: LLMEngine) -> EagleProposer:
