@@ -9,4 +9,4 @@ bash scripts/setup.sh
 if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   export TRITON_INTERPRET=1
 fi
-exec python -m pytest -q "$@"
+exec python -m pytest -q --durations=25 "$@"

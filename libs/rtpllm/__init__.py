@@ -5,9 +5,12 @@
     print(llm.chat([{"role": "user", "content": "Hi!"}])[0].outputs[0].text)
 """
 
+from rtpllm.openmp import default_spin_count
 from rtpllm.outputs import CompletionOutput, Logprob, RequestOutput
 from rtpllm.sampling_params import SamplingParams
 from rtpllm.structured.spec import StructuredOutputsParams
+
+default_spin_count()  # before anything loads torch (none of the above does; rtpllm.openmp says why)
 
 __version__ = "0.1.0"
 

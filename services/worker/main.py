@@ -83,7 +83,13 @@ async def serve(settings: WorkerSettings) -> int:
         await nc.close()
         return 0
     stopping.cancel()
-    engine = load.result()
+    try:
+        engine = load.result()
+    except ValueError as exc:  # a setting the model cannot take (-tp, --max-model-len, ...)
+        log.error("cannot serve %s: %s", settings.engine.model, exc)
+        log.debug("engine start failed", exc_info=True)
+        await nc.close()
+        return 2
     info = engine_info(engine)
     kv_events.set_model(info.model)
     config = EngineServerConfig(

@@ -134,7 +134,7 @@ def stack() -> Iterator[ComposeStack]:
         compose("build", env=env, timeout=900)
         yield s
     finally:
-        logs = compose("logs", "--no-color", "--tail", "40", env=env, check=False).stdout
+        logs = compose("logs", "--no-color", "--timestamps", "--tail", "60", env=env, check=False).stdout
         compose("down", "-v", "--remove-orphans", "-t", "10", env=env, check=False)
         leftover = subprocess.run(
             ["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={PROJECT}"],
@@ -143,6 +143,7 @@ def stack() -> Iterator[ComposeStack]:
         ).stdout.split()
         if s.figures:
             print("\ncompose figures:", json.dumps(s.figures))
+        print("\nthe services' last log lines:\n" + logs)  # pytest shows them when the test failed
         assert not leftover, f"containers left after down: {leftover}\n{logs}"
 
 

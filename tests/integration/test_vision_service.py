@@ -28,8 +28,11 @@ from tests.integration.support import client_for, dump_logs, get, start_stack
 from tests.multimodal_support import data_url, random_image, write_qwen2_vl
 
 MAX_TOKENS = 6
-# Fast heartbeats: a killed vision instance is noticed in about a second.
-VISION_ARGS = ["--heartbeat-interval", "0.3", "--lease", "1.0", "--cache-gib", "0.05"]
+# Fast heartbeats. A 3 s lease: on a loaded 2-core machine a heartbeat can come a second
+# late, and an engine that thinks the vision instance dead encodes the images itself (the
+# metrics these tests read then never move). The kill test's instance takes a 1.5 s lease.
+VISION_ARGS = ["--heartbeat-interval", "0.3", "--lease", "3.0", "--cache-gib", "0.05"]
+KILLED_LEASE_S = 1.5
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +139,7 @@ def test_killed_vision_service_mid_request_is_answered_by_local_encoding(
     old = stack.visions.pop()
     old.stop(5)
     stack.config.role_env["vision"] = {FAULT_STALL_ENV: "30"}
-    stalled = stack.add_vision()
+    stalled = stack.add_vision(["--lease", str(KILLED_LEASE_S)])
     wait_until(lambda: metric(stack, "rtpllm_vision_instances") == 1 and _vision_ids(stack) == 1, 10, "one vision instance", [])
 
     import concurrent.futures

@@ -216,3 +216,42 @@ def test_a_gateway_never_imports_torch(tmp_path: Path) -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize(
+    "preset, expected",
+    [({}, {"GOMP_SPINCOUNT": "1000"}), ({"OMP_WAIT_POLICY": "PASSIVE"}, {}), ({"GOMP_SPINCOUNT": "5"}, {"GOMP_SPINCOUNT": "5"})],
+)
+def test_openmp_threads_spin_briefly_unless_the_user_chose(preset: dict[str, str], expected: dict[str, str]) -> None:
+    from rtpllm.openmp import default_spin_count
+
+    environ = dict(preset)
+    default_spin_count(environ)
+    assert environ == {**preset, **expected}
+
+
+def test_importing_rtpllm_sets_the_spin_count_before_torch_loads() -> None:
+    """A fresh interpreter, as every service starts: the setting is there before torch."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import os, sys, rtpllm; assert 'torch' not in sys.modules; print(os.environ['GOMP_SPINCOUNT'])"
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "1000"
+
+
+def test_up_refuses_a_tensor_parallel_size_the_model_cannot_split(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """One line before anything starts (it was every worker's traceback, later)."""
+    from rtpllm.loader.random_checkpoint import write_random_checkpoint
+    from rtpllm.models.config import ModelConfig
+
+    model = write_random_checkpoint(tmp_path / "m", "llama")
+    heads = ModelConfig.from_dir(model).num_heads
+    size = next(n for n in range(2, 64) if heads % n)
+    args = build_parser().parse_args(["up", "--device", "cpu", "--model", str(model), "-tp", str(size)])
+    assert run_up(args) == 2
+    out = capsys.readouterr().out
+    assert f"error: tensor_parallel_size={size} does not divide the model's {heads} attention heads" in out
+    assert "starting" not in out

@@ -168,3 +168,17 @@ def test_make_policy() -> None:
     assert isinstance(make_policy("round-robin"), RoundRobin)
     with pytest.raises(ValueError, match="unknown router"):
         make_policy("cache-aware-someday")
+
+
+def test_a_decode_instance_spreads_hand_offs_over_idle_prefill_instances() -> None:
+    """Between heartbeats every prefill instance reports no load: ties rotate, and the
+    decode instance's own hand-offs in flight count (the lowest id took every request
+    before, so a second prefill replica sat idle)."""
+    from rtpllm.serving.disagg_decode import choose_prefill
+
+    a, b = Instance(hb("a", role="prefill"), 0.0), Instance(hb("b", role="prefill"), 0.0)
+    assert {choose_prefill([a, b], turn).instance_id for turn in range(2)} == {"a", "b"}
+    a.inflight = 1
+    assert [choose_prefill([a, b], turn).instance_id for turn in range(4)] == ["b"] * 4
+    busy = Instance(hb("c", role="prefill", running=3), 0.0)
+    assert choose_prefill([busy, b], 0).instance_id == "b"

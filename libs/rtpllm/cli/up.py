@@ -106,6 +106,25 @@ def gateway_api_keys(args: argparse.Namespace) -> tuple[tuple[str, ...], str]:
     return (key,), f"{path}, new"
 
 
+def _tensor_parallel_error(model: str, size: int) -> str | None:
+    """Why `size` ranks cannot split the model, found before any service starts (else every
+    worker would fail the same way, later, in its log), or None."""
+    if size <= 1:
+        return None
+    from rtpllm.models.config import ModelConfig
+    from rtpllm.parallel.layout import check_divisible
+
+    try:
+        config = ModelConfig.from_dir(model)
+    except Exception:  # noqa: BLE001 - a layout this check does not read: the workers say what is wrong
+        return None
+    try:
+        check_divisible(config, size)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
@@ -131,6 +150,10 @@ def run_up(args: argparse.Namespace) -> int:
         workers, prefill, decode = choose_topology(args.workers, args.prefill, args.decode)
     except ValueError as exc:
         _say(f"error: {exc}")
+        return 2
+    tp_error = _tensor_parallel_error(model, args.tensor_parallel_size)
+    if tp_error:
+        _say(f"error: {tp_error}")
         return 2
     vision = args.vision if args.vision is not None else (1 if _has_vision(model) else 0)
     if vision < 0:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 import uuid
@@ -56,6 +57,16 @@ from rtpllm.transfer import KVReceiver, TransferError
 log = logging.getLogger(__name__)
 
 
+def choose_prefill(candidates: list[Instance], turn: int) -> Instance:
+    """The least loaded prefill instance. Load counts this decode instance's own hand-offs
+    in flight (`inflight`: exact and current) or the heartbeat's, whichever is larger; ties
+    rotate with `turn`, so idle instances share the work instead of the lowest id taking
+    every request between heartbeats (each decode instance would pick the same one)."""
+    ordered = sorted(candidates, key=lambda i: i.instance_id)
+    start = turn % len(ordered)
+    return min(ordered[start:] + ordered[:start], key=lambda i: i.pending)
+
+
 @dataclass(frozen=True)
 class DecodeConfig:
     local_prefill_below: int = 512  # uncached prompt tokens below which we prefill here
@@ -87,6 +98,7 @@ class DecodeSide:
         # No tombstones: a prefill instance whose heartbeats were late (a loaded host) comes
         # back with its next one instead of being shunned for good.
         self._prefills = InstanceRegistry(tombstones=0)
+        self._turns = itertools.count()  # rotates ties among equally loaded prefill instances
         self._results: dict[str, asyncio.Future[PrefillResult]] = {}
         self._subs: list[Subscription] = []
         self._expire_task: asyncio.Task[None] | None = None
@@ -159,9 +171,13 @@ class DecodeSide:
             candidates = [i for i in self.prefill_instances() if i.instance_id not in tried]
             if not candidates:
                 break
-            inst = min(candidates, key=lambda i: (i.pending, i.instance_id))
+            inst = choose_prefill(candidates, next(self._turns))
             tried.add(inst.instance_id)
-            outcome = await self._attempt(req, reservation, inst, attempt)
+            inst.inflight += 1
+            try:
+                outcome = await self._attempt(req, reservation, inst, attempt)
+            finally:
+                inst.inflight -= 1
             if outcome.ok:
                 assert outcome.result is not None
                 r = outcome.result
