@@ -68,7 +68,8 @@ async def load(url: str, api_key: str | None, model: str, requests: int, max_tok
         (i % 4 == 0, f"{i}: " + (word * 150 if i % 4 == 0 else word * 8) + "Summarize.") for i in range(requests)
     ]
     start = time.perf_counter()
-    results = await asyncio.gather(*(one_request(client, model, p, max_tokens) for _, p in prompts))
+    async with client:  # closed inside this loop (else its cleanup runs after the loop closed)
+        results = await asyncio.gather(*(one_request(client, model, p, max_tokens) for _, p in prompts))
     elapsed = time.perf_counter() - start
     long_ttft = [r["ttft"] for (is_long, _), r in zip(prompts, results, strict=True) if is_long]
     short = [r for (is_long, _), r in zip(prompts, results, strict=True) if not is_long]
