@@ -21,6 +21,7 @@ from rtpllm.serving.dependencies import RedisCheck
 from rtpllm.serving.engine_info import engine_info
 from rtpllm.serving.engine_server import EngineServer, EngineServerConfig
 from rtpllm.serving.kv_events import KVEventPublisher
+from rtpllm.serving.liveness import LoopWatch
 from rtpllm.serving.settings import WorkerSettings, new_id
 
 log = logging.getLogger("rtpllm.worker")
@@ -99,9 +100,11 @@ async def serve(settings: WorkerSettings) -> int:
         lease_s=settings.lease_s,
         default_gateway_lease_s=settings.lease_s,
     )
-    sides = await _disaggregation(settings, role, nc, engine, info, instance_id)
-    images = await _image_resolver(settings, nc, engine, instance_id)
-    server = EngineServer(nc, engine, info, config, kv_events, prefill=sides.prefill, decode=sides.decode, images=images)
+    # One clock for every lease this process holds, standing still while its loop stalls.
+    watch = LoopWatch()
+    sides = await _disaggregation(settings, role, nc, engine, info, instance_id, watch.clock)
+    images = await _image_resolver(settings, nc, engine, instance_id, watch.clock)
+    server = EngineServer(nc, engine, info, config, kv_events, prefill=sides.prefill, decode=sides.decode, images=images, watch=watch)
     await server.start()
     log.info(
         "%s: %s serving %r (weights loaded in %.2f s; %.2f s from process start to ready)",
@@ -150,7 +153,9 @@ class _Sides:
                 await close()
 
 
-async def _disaggregation(settings: WorkerSettings, role: InstanceRole, nc: Any, engine: Any, info: Any, instance_id: str) -> _Sides:
+async def _disaggregation(
+    settings: WorkerSettings, role: InstanceRole, nc: Any, engine: Any, info: Any, instance_id: str, clock: Callable[[], float]
+) -> _Sides:
     sides = _Sides()
     if role is InstanceRole.WORKER:
         return sides
@@ -177,11 +182,11 @@ async def _disaggregation(settings: WorkerSettings, role: InstanceRole, nc: Any,
     sides.closers.append(receiver.close)
     log.info("KV data plane listening on %s:%d (%s)", receiver.endpoint.host, receiver.endpoint.port, ", ".join(receiver.endpoint.backends))
     config = DecodeConfig(local_prefill_below=settings.local_prefill_below, transfer_lease_s=settings.kv_lease_s)
-    sides.decode = DecodeSide(nc, engine, instance_id, info.model, receiver, config)
+    sides.decode = DecodeSide(nc, engine, instance_id, info.model, receiver, config, clock)
     return sides
 
 
-async def _image_resolver(settings: WorkerSettings, nc: Any, engine: Any, instance_id: str) -> Any:
+async def _image_resolver(settings: WorkerSettings, nc: Any, engine: Any, instance_id: str, clock: Callable[[], float]) -> Any:
     """Vision-language models: how requests' images become embeddings (the vision
     service when one is alive, with an embedding pool and its data plane; else here)."""
     core = engine.engine
@@ -200,7 +205,7 @@ async def _image_resolver(settings: WorkerSettings, nc: Any, engine: Any, instan
         backends = [b for b in settings.kv_backends if b != "cuda_ipc" or pool.kv.is_cuda] or ["tcp"]
         receiver = KVReceiver(pool.kv, pool.layout, host=settings.kv_host, port=0, backends=backends)
         await receiver.start()
-        client = VisionClient(nc, instance_id, pool, receiver)
+        client = VisionClient(nc, instance_id, pool, receiver, clock=clock)
         await client.start()
         log.info("embedding data plane listening on %s:%d (%d blocks)", receiver.endpoint.host, receiver.endpoint.port, pool.num_blocks)
     runner = core.runner.multimodal

@@ -21,6 +21,7 @@ import itertools
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,7 +89,10 @@ class _Outcome:
 class DecodeSide:
     """Hand-off orchestration of one decode instance (used by its EngineServer)."""
 
-    def __init__(self, nc: NATS, engine: Any, instance_id: str, model: str, receiver: KVReceiver, config: DecodeConfig) -> None:
+    def __init__(
+        self, nc: NATS, engine: Any, instance_id: str, model: str, receiver: KVReceiver, config: DecodeConfig,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:  # fmt: skip
         self._nc = nc
         self._engine = engine
         self._instance_id = instance_id
@@ -96,8 +100,10 @@ class DecodeSide:
         self._receiver = receiver
         self.config = config
         # No tombstones: a prefill instance whose heartbeats were late (a loaded host) comes
-        # back with its next one instead of being shunned for good.
-        self._prefills = InstanceRegistry(tombstones=0)
+        # back with its next one instead of being shunned for good. `clock`: the engine
+        # server's, which stands still while this process's loop is stalled (no prefill
+        # instance is dropped for heartbeats this process could not read).
+        self._prefills = InstanceRegistry(clock, tombstones=0)
         self._turns = itertools.count()  # rotates ties among equally loaded prefill instances
         self._results: dict[str, asyncio.Future[PrefillResult]] = {}
         self._subs: list[Subscription] = []

@@ -122,6 +122,7 @@ class EngineServer:
         prefill: PrefillSide | None = None,
         decode: DecodeSide | None = None,
         images: ImageResolver | None = None,
+        watch: LoopWatch | None = None,
     ) -> None:
         subjects.check_id(config.instance_id, "instance id")
         self._nc = nc
@@ -144,8 +145,9 @@ class EngineServer:
         self._state = "ready"
         self._hb_seq = itertools.count(1)  # next() is atomic: heartbeats are built on another thread
         self._started_at = time.time()
-        # Gateways' leases are judged on a clock that stops while our loop is stalled.
-        self.watch = LoopWatch()
+        # Gateways' leases are judged on a clock that stops while our loop is stalled (the
+        # worker shares it with its decode side and vision client: `watch`).
+        self.watch = watch or LoopWatch()
         self._beats = HeartbeatThread(
             nc, subjects.HEARTBEAT, lambda: encode(self.heartbeat_message()), config.heartbeat_interval_s,
             f"heartbeat-{config.instance_id}", self.watch, config.max_loop_stall_s,

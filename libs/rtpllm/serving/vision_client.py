@@ -26,7 +26,7 @@ import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from nats.aio.client import Client as NATS
@@ -51,6 +51,7 @@ from rtpllm.protocol.messages import (
     decode,
     encode,
 )
+from rtpllm.routing.lease import BeatIntervals
 from rtpllm.tokenizer import Tokenizer
 from rtpllm.transfer import KVReceiver
 
@@ -73,14 +74,26 @@ class VisionClientConfig:
 @dataclass
 class _Vision:
     last_seen: float
-    lease_s: float
+    announced_lease_s: float
     state: str
+    beats: BeatIntervals = field(default_factory=BeatIntervals)
+
+    @property
+    def lease_s(self) -> float:
+        """Its announced lease, stretched to the heartbeat intervals observed (rtpllm.routing.lease)."""
+        return self.beats.lease_s(self.announced_lease_s)
 
 
 class VisionClient:
     """The engine's way to the vision services of its model (embedding namespace)."""
 
-    def __init__(self, nc: NATS, instance_id: str, pool: EmbeddingPool, receiver: KVReceiver, config: VisionClientConfig = VisionClientConfig()) -> None:
+    def __init__(
+        self, nc: NATS, instance_id: str, pool: EmbeddingPool, receiver: KVReceiver,
+        config: VisionClientConfig = VisionClientConfig(), clock: Callable[[], float] = time.monotonic,
+    ) -> None:  # fmt: skip
+        # `clock`: the engine server's, which stands still while this process's loop is
+        # stalled, so a vision instance is never presumed dead for heartbeats we could not read.
+        self._clock = clock
         self._nc = nc
         self._instance_id = instance_id
         self.pool = pool
@@ -106,12 +119,12 @@ class VisionClient:
 
     def available(self) -> bool:
         """Whether a vision instance of this model is alive and taking requests."""
-        now = time.monotonic()
+        now = self._clock()
         return any(v.state == "ready" and now - v.last_seen <= v.lease_s for v in self._visions.values())
 
     def _alive(self, instance_id: str) -> bool:
         v = self._visions.get(instance_id)
-        return v is not None and time.monotonic() - v.last_seen <= v.lease_s
+        return v is not None and self._clock() - v.last_seen <= v.lease_s
 
     async def encode(self, request_id: str, images: list[ImageSpec], deadline: float) -> list[torch.Tensor]:
         """The embedding rows of each image. ValueError for a bad image; VisionUnavailable
@@ -186,7 +199,12 @@ class VisionClient:
             return
         if hb.namespace != self.namespace:
             return
-        self._visions[hb.instance_id] = _Vision(time.monotonic(), hb.lease_s, hb.state)
+        now = self._clock()
+        known = self._visions.get(hb.instance_id)
+        if known is None:
+            known = self._visions[hb.instance_id] = _Vision(now, hb.lease_s, hb.state)
+        known.last_seen, known.announced_lease_s, known.state = max(known.last_seen, now), hb.lease_s, hb.state
+        known.beats.beat(now)
 
     async def _on_done(self, msg: Msg) -> None:
         try:
