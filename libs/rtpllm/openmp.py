@@ -7,8 +7,9 @@ region. On CPU, measured on the 2-core VM (docs/deployment.md, "CPU threads"):
   prefill replicas took 24-38 s a round; with 1,000 spins, 12.7-13.4 s;
 - one engine alone decoding 16 sequences of SmolLM2 is no slower: 47-49 tok/s against
   the default's 37-56 (`OMP_WAIT_POLICY=PASSIVE`, no spinning at all, gave the shared
-  rounds 11.4-11.6 s but this one 27-29 tok/s). libgomp itself drops to 1,000 spins once one process has more
-  threads than cores; it cannot see other processes' threads.
+  rounds 11.4-11.6 s but this one 27-29 tok/s).
+libgomp itself drops to 1,000 spins once one process has more threads than cores; it
+cannot see other processes' threads.
 
 libgomp reads the setting once, when torch loads it: importing rtpllm before torch
 applies it to this process, and to every process it starts either way.

@@ -48,3 +48,23 @@ class BeatIntervals:
 
     def lease_s(self, announced_s: float) -> float:
         return max(announced_s, min(LEASE_BEATS * self.observed_s, MAX_STRETCH * announced_s))
+
+
+@dataclass
+class PeerLease:
+    """One peer's lease as its holder sees it: when it was last heard from, the lease it
+    announced, and when its recent heartbeats arrived."""
+
+    last_seen: float
+    announced_s: float
+    beats: BeatIntervals = field(default_factory=BeatIntervals)
+
+    def renew(self, now: float, announced_s: float) -> None:
+        """A heartbeat announcing `announced_s` arrived at `now`."""
+        self.last_seen = max(self.last_seen, now)
+        self.announced_s = announced_s
+        self.beats.beat(now)
+
+    @property
+    def expires_at(self) -> float:
+        return self.last_seen + self.beats.lease_s(self.announced_s)

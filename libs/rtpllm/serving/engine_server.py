@@ -21,7 +21,7 @@ import itertools
 import logging
 import time
 from collections.abc import Awaitable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from nats.aio.client import Client as NATS
@@ -54,7 +54,7 @@ from rtpllm.protocol.messages import (
 )
 from rtpllm.protocol.parts import snapshot_parts
 from rtpllm.protocol.subjects import InstanceRole
-from rtpllm.routing.lease import BeatIntervals
+from rtpllm.routing.lease import PeerLease
 from rtpllm.sampling_params import SamplingParams
 from rtpllm.serving.engine_info import EngineInfo, ServedEngine
 from rtpllm.serving.kv_events import KVEventPublisher
@@ -96,19 +96,6 @@ class _Running:
     cancel_error: ErrorInfo | None = None
 
 
-@dataclass
-class _GatewayLease:
-    """One gateway's lease as this instance sees it (rtpllm.routing.lease)."""
-
-    last_seen: float
-    announced_s: float
-    beats: BeatIntervals = field(default_factory=BeatIntervals)
-
-    @property
-    def expires_at(self) -> float:
-        return self.last_seen + self.beats.lease_s(self.announced_s)
-
-
 class EngineServer:
     """NATS front of one engine instance. `start()`, then `drain()` to stop."""
 
@@ -138,7 +125,7 @@ class EngineServer:
         self._seqs = 0  # sequences of the requests in _running that count against the queue bound
         waiting = config.max_waiting_seqs if config.max_waiting_seqs is not None else 4 * info.max_num_seqs
         self.max_seqs = info.max_num_seqs + waiting
-        self._gateways: dict[str, _GatewayLease] = {}
+        self._gateways: dict[str, PeerLease] = {}  # each gateway's lease as this instance sees it
         self._subs: list[Subscription] = []
         self._generate_sub: Subscription | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -263,7 +250,7 @@ class EngineServer:
             self._seqs += seqs
             task.add_done_callback(lambda _, n=seqs: self._release_seqs(n))
             if req.gateway_id not in self._gateways:
-                self._gateways[req.gateway_id] = _GatewayLease(
+                self._gateways[req.gateway_id] = PeerLease(
                     self.watch.clock(), self._config.default_gateway_lease_s
                 )
         if msg.reply:
@@ -469,12 +456,7 @@ class EngineServer:
         except ProtocolError:
             return
         now = self.watch.clock()
-        lease = self._gateways.get(hb.gateway_id)
-        if lease is None:
-            lease = self._gateways[hb.gateway_id] = _GatewayLease(now, hb.lease_s)
-        lease.last_seen = max(lease.last_seen, now)
-        lease.announced_s = hb.lease_s
-        lease.beats.beat(now)
+        self._gateways.setdefault(hb.gateway_id, PeerLease(now, hb.lease_s)).renew(now, hb.lease_s)
 
     def heartbeat_message(self) -> Heartbeat:
         """This instance's heartbeat, from the engine's current stats (called on the

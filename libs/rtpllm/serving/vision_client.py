@@ -26,7 +26,7 @@ import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from nats.aio.client import Client as NATS
@@ -51,7 +51,7 @@ from rtpllm.protocol.messages import (
     decode,
     encode,
 )
-from rtpllm.routing.lease import BeatIntervals
+from rtpllm.routing.lease import PeerLease
 from rtpllm.tokenizer import Tokenizer
 from rtpllm.transfer import KVReceiver
 
@@ -73,15 +73,8 @@ class VisionClientConfig:
 
 @dataclass
 class _Vision:
-    last_seen: float
-    announced_lease_s: float
+    lease: PeerLease  # stretched to the heartbeat intervals observed (rtpllm.routing.lease)
     state: str
-    beats: BeatIntervals = field(default_factory=BeatIntervals)
-
-    @property
-    def lease_s(self) -> float:
-        """Its announced lease, stretched to the heartbeat intervals observed (rtpllm.routing.lease)."""
-        return self.beats.lease_s(self.announced_lease_s)
 
 
 class VisionClient:
@@ -120,11 +113,11 @@ class VisionClient:
     def available(self) -> bool:
         """Whether a vision instance of this model is alive and taking requests."""
         now = self._clock()
-        return any(v.state == "ready" and now - v.last_seen <= v.lease_s for v in self._visions.values())
+        return any(v.state == "ready" and now <= v.lease.expires_at for v in self._visions.values())
 
     def _alive(self, instance_id: str) -> bool:
         v = self._visions.get(instance_id)
-        return v is not None and self._clock() - v.last_seen <= v.lease_s
+        return v is not None and self._clock() <= v.lease.expires_at
 
     async def encode(self, request_id: str, images: list[ImageSpec], deadline: float) -> list[torch.Tensor]:
         """The embedding rows of each image. ValueError for a bad image; VisionUnavailable
@@ -200,11 +193,9 @@ class VisionClient:
         if hb.namespace != self.namespace:
             return
         now = self._clock()
-        known = self._visions.get(hb.instance_id)
-        if known is None:
-            known = self._visions[hb.instance_id] = _Vision(now, hb.lease_s, hb.state)
-        known.last_seen, known.announced_lease_s, known.state = max(known.last_seen, now), hb.lease_s, hb.state
-        known.beats.beat(now)
+        known = self._visions.setdefault(hb.instance_id, _Vision(PeerLease(now, hb.lease_s), hb.state))
+        known.lease.renew(now, hb.lease_s)
+        known.state = hb.state
 
     async def _on_done(self, msg: Msg) -> None:
         try:
