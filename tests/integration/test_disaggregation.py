@@ -180,18 +180,23 @@ def test_prefill_killed_mid_transfer(fault_pd: Stack, fault_client: openai.OpenA
             got["error"] = exc
         got["text"] = "".join(parts)
 
+    # The prefill instance that serves it logs the stall as it begins: holding the KV it
+    # has not sent, after the first token. Its log line, not a heartbeat (one a second,
+    # later on a loaded machine), says which one to kill before the decode's lease ends.
+    stalled: list[str] = []
+    stalling = threading.Event()
+    for iid, item in instances(fault_pd).items():
+        if item["role"] == "prefill":
+            def watch(line: str, iid: str = iid) -> None:
+                if "fault injection: stalling transfer" in line:
+                    stalled.append(iid)
+                    stalling.set()
+            fault_pd.worker_by_instance(iid).on_line(watch)
     thread = threading.Thread(target=consume)
     thread.start()
     assert first.wait(30), "no first token"
-    # The first token came from a prefill instance, which now stalls with blocks unsent.
-    busy = None
-    deadline = time.monotonic() + 5
-    while busy is None and time.monotonic() < deadline:
-        for iid, item in instances(fault_pd).items():
-            if item["role"] == "prefill" and item["load"]["num_held_kv"] > 0:
-                busy = iid
-        time.sleep(0.1)
-    assert busy is not None, f"no prefill instance holds KV: {instances(fault_pd)}"
+    assert stalling.wait(LEASE_S), "no prefill instance stalled holding KV"
+    busy = stalled[0]
     start = time.monotonic()
     fault_pd.worker_by_instance(busy).signal(signal.SIGKILL)
     thread.join(30)
