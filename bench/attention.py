@@ -352,6 +352,70 @@ def sweep_rows(device: str, gen: torch.Generator, smoke: bool) -> list[dict[str,
     return rows
 
 
+VERIFY_CONFIGS = ((64, 4, 2), (64, 8, 2), (32, 4, 2), (32, 8, 2), (128, 8, 2))
+
+
+def verify_attention_rows(device: str, smoke: bool, k: int = 4) -> list[dict[str, Any]]:
+    """A speculative verify step's attention, one layer: `batch` sequences of `ctx`
+    tokens, each with k + 1 rows ending at its last k + 1 positions. The verify kernel
+    (a sequence's KV read once for its rows, default launch and a few others) against
+    the decode kernel run row by row (the KV read k + 1 times), and a plain decode step
+    of the same sequences (one row each) for scale. GB/s counts the KV bytes a step must
+    read at least (each sequence's context once)."""
+    rows: list[dict[str, Any]] = []
+    gen = torch.Generator().manual_seed(3)
+    for batch, ctx in ((2, 40),) if smoke else ((1, 512), (16, 512), (64, 512), (64, 2048), (32, 8192)):
+        rows.append(_verify_case(batch, ctx, k, device, gen, smoke))
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _verify_case(batch: int, ctx: int, k: int, device: str, gen: torch.Generator, smoke: bool) -> dict[str, Any]:
+    from rtpllm.attention.backend import decode_spans
+    from rtpllm.kernels import verify_attention as verify_mod
+
+    kc, vc, tables, _, _ = paged_cache(batch, ctx, device, gen)
+    n = k + 1
+    row_tables = tables.repeat_interleave(n, 0)
+    lens = torch.arange(ctx - k, ctx + 1, dtype=torch.int32, device=device).repeat(batch)
+    spans = torch.tensor(decode_spans([n] * batch), dtype=torch.int32, device=device)
+    q = torch.randn(batch * n, HQ, D, device=device, dtype=DT)
+    out = torch.empty_like(q)
+    scale = D**-0.5
+    kv_bytes = batch * ctx * HKV * D * 2 * 2
+
+    def per_row() -> None:
+        decode_mod.paged_decode_attention_triton(q, None, None, kc, vc, row_tables, lens, None, scale, None, out=out, max_seq_len=ctx)
+
+    def grouped() -> None:
+        verify_mod.paged_verify_attention_triton(q, kc, vc, row_tables, lens, spans, scale, n, out=out, max_seq_len=ctx, num_groups=batch)
+
+    def plain() -> None:
+        decode_mod.paged_decode_attention_triton(
+            q[:batch], None, None, kc, vc, tables, lens[n - 1 :: n], None, scale, None, out=out[:batch], max_seq_len=ctx
+        )
+
+    row: dict[str, Any] = {"case": "verify", "batch": batch, "ctx": ctx, "k": k}
+    # Both paths compute the same attention; the bench refuses to time a wrong kernel.
+    per_row()
+    want = out.clone()
+    grouped()
+    row["max_abs_diff"] = float((out.float() - want.float()).abs().max())
+    if row["max_abs_diff"] > 2e-2:
+        raise SystemExit(f"verify kernel differs from the row-by-row decode kernel by {row['max_abs_diff']:.3g}")
+    for name, fn in (("rows", per_row), ("verify", grouped), ("plain_decode", plain)):
+        ms = bench(fn, device)
+        row[f"{name}_ms"], row[f"{name}_gbs"] = ms, kv_bytes / ms / 1e6
+    for cfg in () if smoke else VERIFY_CONFIGS:
+        verify_mod.CONFIG_OVERRIDE = cfg
+        try:
+            row[f"verify_ms_{cfg[0]}_{cfg[1]}_{cfg[2]}"] = bench(grouped, device)
+        finally:
+            verify_mod.CONFIG_OVERRIDE = None
+    return row
+
+
 QUANT_DECODE_CONFIGS = tuple((n, w, st) for n in (32, 64, 128) for w in (4, 8) for st in (2, 3, 4))
 
 
@@ -520,6 +584,7 @@ def main() -> None:
     )
     parser.add_argument("--quant-sweep", action="store_true", help="only: decode launch configs over an fp8 cache at batch 32 x 16k")
     parser.add_argument("--long", action="store_true", help="also 4k-token chunks over 12k and 28k cached tokens")
+    parser.add_argument("--verify", action="store_true", help="only: a speculative verify step's attention, verify kernel vs row by row")
     parser.add_argument("--bw", type=float, default=COPY_BW_GBS, help="copy bandwidth to compare with, GB/s")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -528,6 +593,17 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     started = time.perf_counter()
+    if args.verify:
+        rows = verify_attention_rows(device, args.smoke)
+        print("batch x ctx (k=4) | rows kernel ms | verify kernel ms | plain decode ms | verify GB/s | best verify cfg")
+        for r in rows:
+            cfgs = {key: v for key, v in r.items() if key.startswith("verify_ms_")}
+            best = min(cfgs, key=cfgs.__getitem__) if cfgs else "-"
+            print(f"{r['batch']} x {r['ctx']} | {r['rows_ms']:.3f} | {r['verify_ms']:.3f} | {r['plain_decode_ms']:.3f} | "
+                  f"{r['verify_gbs']:.0f} | {best} {cfgs.get(best, float('nan')):.3f}")  # fmt: skip
+        if args.out:
+            args.out.write_text(json.dumps({"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "rows": rows}, indent=1))
+        return
     if args.quant_sweep:
         rows = quant_sweep_rows(device, args.smoke)
         good = sorted((r for r in rows if "ms" in r and r["fmt"] != "bf16"), key=lambda r: r["ms"])

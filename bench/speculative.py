@@ -201,11 +201,18 @@ def engine_runs(
     reference: dict[int, dict[str, list[int]]] | None,
 ) -> tuple[list[Run], str]:
     """One engine: warm up on every prompt, then one timed run per batch size; the runs
-    and the engine's dtype."""
+    and the engine's dtype. `method` may end in "@rows": verify steps then read the KV
+    once per row (the decode kernel) instead of once per sequence (the verify kernel)."""
+    label = method
+    method, _, kernel = method.partition("@")
+    if args.device.startswith("cuda"):
+        from rtpllm.attention import triton_backend
+
+        triton_backend.GROUPED_VERIFY = kernel != "rows"
     eng = make_engine(args, model, method)
     warm_up(eng, [p for prompts in prompts_of.values() for p in prompts])
     runs = [
-        run_once(eng, method, prompts, batch, args.max_tokens, reference[batch] if reference else None, args.acceptance)
+        replace(run_once(eng, method, prompts, batch, args.max_tokens, reference[batch] if reference else None, args.acceptance), method=label)
         for batch, prompts in prompts_of.items()
     ]
     dtype = str(eng.dtype).removeprefix("torch.")
@@ -362,7 +369,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--num-prompts", type=int, help="run these many distinct prompts per batch size, at most BATCH at a time")
     ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--methods", default="ngram,suffix", help="comma-separated: ngram, suffix, replay, draft:MODEL")
+    ap.add_argument(
+        "--methods", default="ngram,suffix",
+        help="comma-separated: ngram, suffix, replay, draft:MODEL; METHOD@rows: verify attention row by row (the A/B baseline of the verify kernel)",
+    )  # fmt: skip
     ap.add_argument("--raw-weights", action="store_true", help="--shape: plain random weights (near-flat logits; greedy outputs may then differ between kernel paths)")
     ap.add_argument("--acceptance", type=float, default=0.7, help="replay: chance each replayed token is right")
     ap.add_argument("--num-speculative-tokens", type=int, default=4)

@@ -38,7 +38,15 @@ def _cases() -> Iterator[Case]:
     """The launch configs the dispatchers choose, for the shapes the engine runs."""
     import triton
 
-    from rtpllm.kernels import activation, decode_attention, extend_attention, kv_cache, rmsnorm, rope
+    from rtpllm.kernels import (
+        activation,
+        decode_attention,
+        extend_attention,
+        kv_cache,
+        rmsnorm,
+        rope,
+        verify_attention,
+    )
 
     for dtype in (torch.bfloat16, torch.float32):
         for head_dim, group, splits in ((128, 4, 1), (128, 4, 8), (64, 8, 3), (256, 2, 2), (16, 2, 1)):
@@ -79,6 +87,25 @@ def _cases() -> Iterator[Case]:
             ptrs.update(Block_tables="i32", Seq_lens="i32", Slot_mapping="i64", Mid_o="fp32", Mid_lse="fp32")
             label = f"decode D{head_dim} G{group} splits{splits} bf16 kv={vt}"
             yield label, decode_attention._decode_stage1_kernel, consts, ptrs, warps, stages
+    # Verify attention (a sequence's k + 1 rows over its KV at once): k = 4 and k = 7 on
+    # the 8B shape (group 4), a group-8 shape, fp32 and the quantized caches.
+    for (head_dim, group, span, splits), (dt, vt, quant) in (
+        ((128, 4, 5, 1), ("bf16", "bf16", 0)), ((128, 4, 8, 8), ("bf16", "bf16", 0)), ((64, 8, 5, 3), ("bf16", "bf16", 0)),
+        ((128, 4, 5, 2), ("fp32", "fp32", 0)), ((128, 4, 5, 8), ("bf16", "fp8e4nv", 1)), ((128, 4, 5, 8), ("bf16", "i8", 2)),
+    ):  # fmt: skip
+        tile = verify_attention.verify_tile_rows(group, span)
+        block_n, warps, stages = verify_attention.verify_config(tile, torch.float32 if dt == "fp32" else torch.bfloat16, quant != 0)
+        consts = {
+            "GROUP": group, "GROUP_P2": triton.next_power_of_2(group), "BLOCK_M": tile, "BLOCK_N": block_n,
+            "BLOCK_D": triton.next_power_of_2(head_dim), "HEAD_DIM": head_dim, "PAGE_SIZE": 16, "SINGLE": splits == 1,
+            "SLIDING": quant == 0, "PRECISION": "ieee" if dt == "fp32" else "tf32", "QUANT": quant,
+            "V_MUL": {0: 1.0, 1: 448.0, 2: 127.0}[quant],
+        }  # fmt: skip
+        ptrs = dict.fromkeys(("Q", "Out"), dt)
+        ptrs.update(K_cache=vt, V_cache=vt, K_scale="fp32" if quant else "i32", V_scale="fp32" if quant else "i32")
+        ptrs.update(Block_tables="i32", Seq_lens="i32", Spans="i32", Mid_o="fp32", Mid_lse="fp32")
+        label = f"verify D{head_dim} G{group} rows{span} splits{splits} {dt} kv={vt}"
+        yield label, verify_attention._verify_stage1_kernel, consts, ptrs, warps, stages
     consts = {"SPLITS_P2": 8, "BLOCK_D": 128, "HEAD_DIM": 128}
     ptrs = {"Mid_o": "fp32", "Mid_lse": "fp32", "Out": "bf16"}
     yield "decode merge splits8", decode_attention._decode_reduce_kernel, consts, ptrs, 4, 1

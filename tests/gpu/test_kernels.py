@@ -16,7 +16,7 @@ import torch
 from gpu_env import ON_GPU
 from paged_cases import TOLERANCE, PagedCase, make_case, rel_err
 
-from rtpllm.attention.backend import AttentionMetadata
+from rtpllm.attention.backend import AttentionMetadata, decode_spans
 from rtpllm.attention.torch_ref import TorchReferenceBackend
 from rtpllm.attention.triton_backend import TritonAttentionBackend
 from rtpllm.kernels.activation import silu_and_mul_ref, silu_and_mul_triton
@@ -320,11 +320,14 @@ def test_backend_mixed_step(kernel_device: str, prefill_impl: str, window: int |
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_backend_verify_rows_as_decode_rows(kernel_device: str, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("grouped", [True, False])
+def test_backend_verify_rows_as_decode_rows(kernel_device: str, dtype: torch.dtype, grouped: bool) -> None:
     """A speculative verify step packs each of a sequence's k + 1 new tokens as a decode
     row ending at its own position (decode_rows_share_seqs): the result equals the same
     tokens attended as extend rows (the fp32 reference), and the cache holds every row's
-    K/V. Fused store-and-attend would let a row read a sibling's slot before it is written."""
+    K/V. Fused store-and-attend would let a row read a sibling's slot before it is written.
+    `grouped`: with decode_spans, each sequence's rows read its KV once (the verify
+    kernel); without, row by row (the decode kernel)."""
     big = 700 if ON_GPU else 40
     seq_lens, q_lens = [12, big, 33], [1, 5, 3]  # a plain decode, then two verifies
     case = make_case(seq_lens, q_lens, 8, 2, 64, 16, dtype, kernel_device, seed=5)
@@ -353,6 +356,10 @@ def test_backend_verify_rows_as_decode_rows(kernel_device: str, dtype: torch.dty
         seq_lens_host=lens,
         decode_rows_share_seqs=True,
     )
+    if grouped:
+        meta.decode_spans = torch.tensor(decode_spans(list(reversed(q_lens))), dtype=torch.int32, device=dev)
+        meta.max_decode_span = max(q_lens)
+        meta.num_decode_groups = len(q_lens)
     out = TritonAttentionBackend().forward(case.q[idx], case.k[idx], case.v[idx], case.k_cache, case.v_cache, meta, case.scale)
     err = rel_err(out, ref[idx])
     assert err < TOLERANCE[dtype], f"rel err {err:.2e}"

@@ -85,6 +85,35 @@ def test_greedy_equals_speculation_off(tiny_checkpoints: dict[str, Path], family
     assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
 
 
+def test_verify_steps_group_each_sequences_rows(tiny_llama: Path) -> None:
+    """What a verify step tells the attention backend: each sequence's decode rows are
+    one group (decode_spans), consecutive, at consecutive positions, on one block table:
+    what lets the GPU's verify kernel read a sequence's KV once for all its rows."""
+    eng = engine(tiny_llama, "ngram")
+    seen: list[tuple[list[int], list[int], list[list[int]], int, int]] = []
+    forward = eng.backend.forward
+
+    def spy(q, k, v, k_cache, v_cache, meta, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if meta.decode_rows_share_seqs:
+            nd = meta.num_decodes
+            assert meta.decode_spans is not None
+            seen.append((meta.decode_spans.tolist(), meta.seq_lens_host[:nd], meta.block_tables[:nd].tolist(),
+                         meta.max_decode_span, meta.num_decode_groups))  # fmt: skip
+        return forward(q, k, v, k_cache, v_cache, meta, *args, **kwargs)
+
+    eng.backend.forward = spy  # type: ignore[method-assign]
+    run(eng, PROMPTS, GREEDY)
+    assert seen and any(max_span > 1 for *_, max_span, _ in seen)
+    for spans, lens, tables, max_span, groups in seen:
+        assert len(spans) == len(lens) and sum(spans) == len(spans)
+        starts = [i for i, n in enumerate(spans) if n]
+        assert starts[0] == 0 and len(starts) == groups and max(spans) == max_span
+        for i in starts:
+            n = spans[i]
+            assert spans[i + 1 : i + n] == [0] * (n - 1)
+            assert lens[i : i + n] == list(range(lens[i], lens[i] + n))
+            assert all(t == tables[i] for t in tables[i : i + n])
+
 def test_adaptive_policy_keeps_greedy_outputs(tiny_llama: Path) -> None:
     base = run(engine(tiny_llama, None), PROMPTS, GREEDY)
     eng = engine(tiny_llama, "suffix", adaptive=True)

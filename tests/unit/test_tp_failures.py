@@ -184,3 +184,18 @@ def test_an_engine_that_fails_to_start_ends_its_ranks(tiny_llama: Path) -> None:
         LLM(str(tiny_llama), device="cpu", tensor_parallel_size=3)
     with LLM(str(tiny_llama), tensor_parallel_size=2, **ENGINE) as llm:  # type: ignore[arg-type]
         assert llm.generate([[1, 2, 3]], GREEDY)[0].outputs[0].token_ids
+
+
+def test_speculative_verify_steps_reach_every_rank(tiny_llama: Path) -> None:
+    # A verify step carries its row groups (decode_spans) to the other ranks in the
+    # step's payload; a misread payload would desynchronise the ranks' batches.
+    from rtpllm.config import SpeculativeConfig
+
+    spec = SpeculativeConfig(method="ngram", num_speculative_tokens=3, adaptive=False, ngram_min=1)
+    prompts = [[11, 12, 13, 14] * 5, [7] * 12, [40, 41, 42] * 6]
+    ref = LLM(str(tiny_llama), **ENGINE)  # type: ignore[arg-type]
+    want = [o.outputs[0].token_ids for o in ref.generate(prompts, GREEDY)]
+    assert all(len(w) == GREEDY.max_tokens for w in want)
+    with LLM(str(tiny_llama), tensor_parallel_size=2, speculative=spec, **ENGINE) as two:  # type: ignore[arg-type]
+        assert [o.outputs[0].token_ids for o in two.generate(prompts, GREEDY)] == want
+        assert two.engine.stats().spec_proposed_tokens > 0

@@ -1,5 +1,11 @@
 """Attention backends over the paged KV cache, behind one interface (see backend.py)."""
 
-from rtpllm.attention.backend import AttentionBackend, AttentionMetadata, get_backend, register_backend
+from rtpllm.attention.backend import (
+    AttentionBackend,
+    AttentionMetadata,
+    decode_spans,
+    get_backend,
+    register_backend,
+)
 
-__all__ = ["AttentionBackend", "AttentionMetadata", "get_backend", "register_backend"]
+__all__ = ["AttentionBackend", "AttentionMetadata", "decode_spans", "get_backend", "register_backend"]

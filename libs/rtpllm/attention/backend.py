@@ -43,11 +43,29 @@ class AttentionMetadata:
     # k + 1 tokens as decode rows): every decode row's K/V must be in the cache before any
     # decode row attends, so a backend must not fuse a row's store into its attention.
     decode_rows_share_seqs: bool = False
+    # With decode_rows_share_seqs, where the sequences' groups of decode rows start
+    # ([num_decodes] int32; rtpllm.kernels.verify_attention): each row's group size when
+    # the group starts there, else 0. A backend may then read a sequence's KV once for
+    # all its rows. `max_decode_span` bounds the groups (fixed when a graph is captured);
+    # `num_decode_groups` counts them (host int, sizes the kernel's split count).
+    decode_spans: torch.Tensor | None = None
+    max_decode_span: int = 1
+    num_decode_groups: int = 0
 
     @property
     def num_seqs(self) -> int:
         return len(self.seq_lens_host)
 
+
+
+def decode_spans(group_sizes: list[int]) -> list[int]:
+    """`AttentionMetadata.decode_spans` of consecutive groups of these many rows:
+    [3, 1] -> [3, 0, 0, 1]."""
+    spans: list[int] = []
+    for n in group_sizes:
+        spans.append(n)
+        spans.extend([0] * (n - 1))
+    return spans
 
 class AttentionBackend(ABC):
     """Writes new K/V into the paged cache and computes causal attention over it."""

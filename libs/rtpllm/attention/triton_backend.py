@@ -28,10 +28,15 @@ from rtpllm.kernels.decode_attention import paged_decode_attention_triton
 from rtpllm.kernels.extend_attention import paged_extend_attention_triton
 from rtpllm.kernels.kv_cache import store_kv_triton
 from rtpllm.kernels.kv_quant import dequantize_ref
+from rtpllm.kernels.verify_attention import paged_verify_attention_triton, verify_fits
 
 # A lone prompt without cached prefix at least this long is handed to SDPA (flash) in
 # "auto" mode. Set from bench/attention.py's prefill rows on the H100 (docs/kernels.md).
 SDPA_PREFILL_MIN_TOKENS = 1024
+# Verify steps whose metadata groups each sequence's rows read its KV once per group
+# (the verify kernel); False: once per row (the decode kernel), for A/B runs
+# (bench/speculative.py --verify-kernel rows).
+GROUPED_VERIFY = True
 
 
 class TritonAttentionBackend(AttentionBackend):
@@ -88,23 +93,43 @@ class TritonAttentionBackend(AttentionBackend):
             fused = not meta.decode_rows_share_seqs
             if not fused:
                 store_kv_triton(k[:nd], v[:nd], k_cache, v_cache, meta.slot_mapping[:nd], k_scale, v_scale)
-            paged_decode_attention_triton(
-                q[:nd],
-                k[:nd] if fused else None,
-                v[:nd] if fused else None,
-                k_cache,
-                v_cache,
-                meta.block_tables[:nd],
-                meta.seq_lens[:nd],
-                meta.slot_mapping[:nd],
-                scale,
-                sliding_window,
-                out=out[:nd],
-                num_splits=self.decode_num_splits,
-                max_seq_len=self._capture_max_seq_len or meta.max_seq_len,
-                k_scale=k_scale,
-                v_scale=v_scale,
-            )
+            if not fused and self._grouped(q, k, meta):
+                assert meta.decode_spans is not None
+                paged_verify_attention_triton(
+                    q[:nd],
+                    k_cache,
+                    v_cache,
+                    meta.block_tables[:nd],
+                    meta.seq_lens[:nd],
+                    meta.decode_spans[:nd],
+                    scale,
+                    meta.max_decode_span,
+                    sliding_window,
+                    out=out[:nd],
+                    num_splits=self.decode_num_splits,
+                    max_seq_len=self._capture_max_seq_len or meta.max_seq_len,
+                    num_groups=meta.num_decode_groups or None,
+                    k_scale=k_scale,
+                    v_scale=v_scale,
+                )
+            else:
+                paged_decode_attention_triton(
+                    q[:nd],
+                    k[:nd] if fused else None,
+                    v[:nd] if fused else None,
+                    k_cache,
+                    v_cache,
+                    meta.block_tables[:nd],
+                    meta.seq_lens[:nd],
+                    meta.slot_mapping[:nd],
+                    scale,
+                    sliding_window,
+                    out=out[:nd],
+                    num_splits=self.decode_num_splits,
+                    max_seq_len=self._capture_max_seq_len or meta.max_seq_len,
+                    k_scale=k_scale,
+                    v_scale=v_scale,
+                )
         if meta.num_seqs > nd:
             if self._sdpa_prefill(meta, sliding_window):
                 self._forward_sdpa(q, k, v, k_cache, v_cache, meta, scale, out, k_scale, v_scale)
@@ -128,6 +153,15 @@ class TritonAttentionBackend(AttentionBackend):
                     v_scale=v_scale,
                 )
         return out
+
+    @staticmethod
+    def _grouped(q: torch.Tensor, k: torch.Tensor, meta: AttentionMetadata) -> bool:
+        """Whether a verify step's rows go to the verify kernel, grouped by sequence."""
+        return (
+            GROUPED_VERIFY
+            and meta.decode_spans is not None
+            and verify_fits(q.shape[1], k.shape[1], meta.max_decode_span)
+        )
 
     def _sdpa_prefill(self, meta: AttentionMetadata, sliding_window: int | None) -> bool:
         """True when the prefill part is one prompt with nothing cached (host values only)."""

@@ -4,7 +4,10 @@ A speculative verify step is one too: the model runner packs each of its k + 1 t
 as a decode row of its own (rtpllm.engine.model_runner). Those rows need each other's
 K/V in the cache before they attend, which the fused store-and-attend decode kernel
 does not give, so verify steps replay a second set of graphs captured with
-`decode_rows_share_seqs` (the K/V stored first); both sets share one memory pool.
+`decode_rows_share_seqs` (the K/V stored first); both sets share one memory pool. Their
+attention reads each sequence's KV once for all its rows (the verify kernel), grouped by
+`decode_spans`, a per-row input like the others, for groups of up to the `verify_span`
+rows (k + 1) they were captured with.
 
 With `features` (a speculative EAGLE head reads the target's hidden states) each graph
 also writes the rows' features (`DecoderLM.forward_with_features`) to a static output
@@ -52,6 +55,11 @@ def verify_graph_rows(config: EngineConfig) -> int:
     return min(config.scheduler.max_num_seqs * (1 + config.speculative.num_speculative_tokens), MAX_GRAPH_ROWS)
 
 
+def verify_span(config: EngineConfig) -> int:
+    """The most decode rows one sequence has in a verify step: its k + 1 tokens."""
+    return 1 + config.speculative.num_speculative_tokens if config.speculative.method else 1
+
+
 def batch_ladder(max_batch: int) -> list[int]:
     sizes = [s for s in (1, 2, 4, 8) if s < max_batch]
     sizes += list(range(16, max_batch, 8 if max_batch <= 64 else 16))
@@ -78,13 +86,15 @@ class DecodeGraphs:
         scratch_block: int,
         device: str,
         verify: bool = False,
+        verify_span: int = 1,
         memory_pool: tuple[int, int] | None = None,
         features: bool = False,
     ) -> None:
         """`verify`: graphs for steps whose decode rows include several tokens of one
-        sequence (see the module docstring). `memory_pool`: another set's `pool`, to
-        share its memory (the sets never replay at once). `features`: also output the
-        rows' hidden-state features (the model's `feature_layers`)."""
+        sequence (see the module docstring), up to `verify_span` rows per sequence.
+        `memory_pool`: another set's `pool`, to share its memory (the sets never replay
+        at once). `features`: also output the rows' hidden-state features (the model's
+        `feature_layers`)."""
         self.model = model
         self.kv_caches = kv_caches
         self.backend = backend
@@ -101,7 +111,9 @@ class DecodeGraphs:
         self.seq_lens = torch.ones(max_batch, dtype=torch.int32, device=dev)
         self.query_start_loc = torch.arange(max_batch + 1, dtype=torch.int32, device=dev)
         self.block_tables = torch.full((max_batch, self.max_blocks), scratch_block, dtype=torch.int32, device=dev)
+        self.decode_spans = torch.ones(max_batch, dtype=torch.int32, device=dev)
         self.verify = verify
+        self.verify_span = verify_span if verify else 1
         self.features = features
         self._graphs: dict[int, _Graph] = {}
         self._pool = memory_pool
@@ -152,6 +164,9 @@ class DecodeGraphs:
             query_start_loc_host=list(range(size + 1)),
             seq_lens_host=[self.max_seq_len] * size,
             decode_rows_share_seqs=self.verify,
+            decode_spans=self.decode_spans[:size] if self.verify else None,
+            max_decode_span=self.verify_span,
+            num_decode_groups=-(-size // self.verify_span),
         )
         if self.features:
             hidden, features = self.model.forward_with_features(self.input_ids[:size], self.positions[:size], self.kv_caches, meta)
@@ -165,9 +180,10 @@ class DecodeGraphs:
         self.slot_mapping[:size].fill_(self.scratch_block * self.block_size)
         self.seq_lens[:size].fill_(1)
         self.block_tables[:size].fill_(self.scratch_block)
+        self.decode_spans[:size].fill_(1)
 
-    def can_run(self, batch: int, max_blocks: int) -> bool:
-        return batch <= self.max_batch and max_blocks <= self.max_blocks and bool(self._graphs)
+    def can_run(self, batch: int, max_blocks: int, max_span: int = 1) -> bool:
+        return batch <= self.max_batch and max_blocks <= self.max_blocks and max_span <= self.verify_span and bool(self._graphs)
 
     def run(
         self,
@@ -177,10 +193,12 @@ class DecodeGraphs:
         seq_lens: np.ndarray,
         block_tables: np.ndarray,
         fill: Callable[[torch.Tensor], None] | None = None,
+        decode_spans: np.ndarray | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Replay for a decode batch; returns logits [batch, vocab] and, with `features`,
         the rows' features [batch, width] (views, valid until the next replay). `fill`
-        patches the input ids on the device (async scheduling)."""
+        patches the input ids on the device (async scheduling); `decode_spans`: a verify
+        step's row groups (None: every row its own)."""
         batch, width = block_tables.shape
         size = next(s for s in self.sizes if s >= batch)
         pad = size - batch
@@ -196,6 +214,10 @@ class DecodeGraphs:
         self.seq_lens[:size].copy_(_pinned(lens), non_blocking=True)
         # Columns past `width` keep stale ids; the kernels never read past seq_len.
         self.block_tables[:size, :width].copy_(_pinned(table), non_blocking=True)
+        if self.verify:
+            spans = decode_spans if decode_spans is not None else np.ones(batch, np.int32)
+            spans = np.concatenate([spans, np.ones(pad, np.int32)]) if pad else spans
+            self.decode_spans[:size].copy_(_pinned(spans.astype(np.int32)), non_blocking=True)
         if fill is not None:
             fill(self.input_ids[:size])
         entry = self._graphs[size]

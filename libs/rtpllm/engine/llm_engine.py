@@ -17,7 +17,7 @@ import torch
 
 from rtpllm.attention import get_backend
 from rtpllm.config import EngineConfig, dtype_name, parse_dtype
-from rtpllm.engine.cuda_graphs import plain_graph_rows, verify_graph_rows
+from rtpllm.engine.cuda_graphs import plain_graph_rows, verify_graph_rows, verify_span
 from rtpllm.engine.kv_offload import KVOffload
 from rtpllm.engine.model_runner import ModelRunner, PrevTokens
 from rtpllm.engine.multimodal import MultimodalRunner
@@ -207,7 +207,7 @@ class LLMEngine:
         if self.tp is not None:
             self.tp.send_shape(num_blocks, max_len)  # the other ranks build their pools, graphs
         if config.cuda_graphs:
-            self.runner.enable_cuda_graphs(plain_graph_rows(config), max_len, verify_graph_rows(config))
+            self.runner.enable_cuda_graphs(plain_graph_rows(config), max_len, verify_graph_rows(config), verify_span(config))
             if self._draft is not None:
                 self._draft.enable_cuda_graphs(plain_graph_rows(config))
         self.sampler = Sampler(self.device, config.seed)

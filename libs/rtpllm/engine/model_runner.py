@@ -17,7 +17,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from rtpllm.attention import AttentionBackend, AttentionMetadata
+from rtpllm.attention import AttentionBackend, AttentionMetadata, decode_spans
 from rtpllm.engine.cuda_graphs import DecodeGraphs
 from rtpllm.engine.multimodal import MultimodalRunner, Splice
 from rtpllm.engine.request import PLACEHOLDER
@@ -50,6 +50,9 @@ class HostBatch:
     # Decode rows that are a verify step's tokens (after the plain decodes): rows of one
     # sequence, which attend to each other's K/V (AttentionMetadata.decode_rows_share_seqs).
     verify_rows: int = 0
+    # With verify rows: where each sequence's decode rows start ([num_decodes] int32,
+    # AttentionMetadata.decode_spans), so its KV is read once for all of them.
+    decode_spans: np.ndarray | None = None
 
     @property
     def is_pure_decode(self) -> bool:
@@ -162,16 +165,17 @@ class ModelRunner:
             raise ValueError("hidden-state features (EAGLE heads) are not supported with tensor parallelism")
         self.capture_features = True
 
-    def enable_cuda_graphs(self, max_batch: int, max_seq_len: int, max_verify_rows: int = 0) -> None:
+    def enable_cuda_graphs(self, max_batch: int, max_seq_len: int, max_verify_rows: int = 0, max_verify_span: int = 1) -> None:
         """Capture decode graphs of up to `max_batch` rows, and verify-step graphs of up to
-        `max_verify_rows` (CUDA with a graph-safe attention backend only)."""
+        `max_verify_rows` rows in groups of up to `max_verify_span` per sequence (CUDA
+        with a graph-safe attention backend only)."""
         if not self.device.startswith("cuda") or not self.backend.supports_cuda_graphs:
             return
         self.graphs = self._capture(max_batch, max_seq_len, verify=False)
         if max_verify_rows:
-            self.verify_graphs = self._capture(max_verify_rows, max_seq_len, verify=True)
+            self.verify_graphs = self._capture(max_verify_rows, max_seq_len, verify=True, verify_span=max_verify_span)
 
-    def _capture(self, max_batch: int, max_seq_len: int, verify: bool) -> DecodeGraphs:
+    def _capture(self, max_batch: int, max_seq_len: int, verify: bool, verify_span: int = 1) -> DecodeGraphs:
         graphs = DecodeGraphs(
             self.model,
             self.kv_caches,
@@ -182,6 +186,7 @@ class ModelRunner:
             scratch_block=self.kv_pool.scratch_block,
             device=self.device,
             verify=verify,
+            verify_span=verify_span,
             memory_pool=self.graphs.pool if self.graphs is not None else None,
             features=self.capture_features,
         )
@@ -203,6 +208,7 @@ class ModelRunner:
         sample_items: list[ScheduledRequest] = []
         spans: list[tuple[ScheduledRequest, int, slice]] = []
         verify_rows = 0
+        groups: list[int] = []  # rows of each sequence, while the rows are decode rows
         for item in step.scheduled:
             req = item.request
             start, end = item.start, item.start + item.num_new_tokens
@@ -223,7 +229,9 @@ class ModelRunner:
                 seq_lens.extend(range(start + 1, end))
                 tables.extend([table] * (end - start - 1))
                 verify_rows += end - start
+                groups.append(end - start)
             elif end - start == 1:
+                groups.append(1)
                 token = req.all_token_ids[start]
                 if token == PLACEHOLDER:
                     if prev is None or req.request_id not in prev.rows:
@@ -249,6 +257,8 @@ class ModelRunner:
                 first = max(start, req.prompt_logprobs_done)
                 if first < last:
                     spans.append((item, first, slice(base + first - start, base + last - start)))
+        num_decodes = step.num_decodes + verify_rows  # verifies follow the decodes
+        row_groups = np.asarray(decode_spans(groups)[:num_decodes], dtype=np.int32) if verify_rows else None
         table_arr = _pad_rows(tables)
         pos_arr = np.asarray(positions, dtype=np.int64)
         splice = None
@@ -264,8 +274,9 @@ class ModelRunner:
             sample_indices=np.asarray(sample_idx, dtype=np.int64),
             sample_items=sample_items,
             prompt_logprob_spans=spans,
-            num_decodes=step.num_decodes + verify_rows,  # verifies follow the decodes
+            num_decodes=num_decodes,
             verify_rows=verify_rows,
+            decode_spans=row_groups,
             placeholder_idx=ph_idx,
             placeholder_rows=ph_rows,
             splice=splice,
@@ -306,7 +317,7 @@ class ModelRunner:
             and batch.is_plain
             and not observe
             and len(batch.sample_indices) == len(batch.seq_lens)  # a graph returns every row's logits
-            and graphs.can_run(len(batch.seq_lens), batch.block_tables.shape[1])
+            and graphs.can_run(len(batch.seq_lens), batch.block_tables.shape[1], _max_span(batch))
         )
 
     @torch.inference_mode()
@@ -326,8 +337,9 @@ class ModelRunner:
             graphs = self._graphs_for(batch)
             assert graphs is not None
             logits, features = graphs.run(
-                batch.input_ids, batch.positions, batch.slot_mapping, batch.seq_lens, batch.block_tables, fill
-            )
+                batch.input_ids, batch.positions, batch.slot_mapping, batch.seq_lens, batch.block_tables, fill,
+                batch.decode_spans,
+            )  # fmt: skip
             return BatchLogits(None, logits, [], features)
         hidden, features = self._forward_eager(batch, fill)
         compute = self.model.compute_logits
@@ -387,4 +399,12 @@ class ModelRunner:
             query_start_loc_host=qsl_host,
             seq_lens_host=seq_host,
             decode_rows_share_seqs=batch.verify_rows > 0,
+            decode_spans=up(batch.decode_spans) if batch.decode_spans is not None else None,
+            max_decode_span=_max_span(batch),
+            num_decode_groups=int(np.count_nonzero(batch.decode_spans)) if batch.decode_spans is not None else 0,
         )
+
+
+def _max_span(batch: HostBatch) -> int:
+    """The most decode rows one sequence has in the batch (1 without verify rows)."""
+    return int(batch.decode_spans.max()) if batch.decode_spans is not None and len(batch.decode_spans) else 1

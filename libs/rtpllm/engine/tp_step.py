@@ -66,6 +66,9 @@ class StepChannel:
             observe, use_graph, fill is not None, pos_rows, batch.verify_rows,
         )  # fmt: skip
         bounds = np.asarray([(s.start, s.stop) for s in spans], dtype=np.int64).reshape(-1)
+        # A verify step's row groups ride along (one per decode row), so every rank's
+        # attention groups its rows alike.
+        groups = batch.decode_spans if batch.decode_spans is not None else np.zeros(0, np.int64)
         payload = np.concatenate(
             [
                 batch.input_ids,
@@ -76,6 +79,7 @@ class StepChannel:
                 batch.block_tables.astype(np.int64).reshape(-1),
                 batch.sample_indices,
                 bounds,
+                groups.astype(np.int64),
             ]
         )
         self.group.broadcast_control(torch.from_numpy(header))
@@ -117,10 +121,11 @@ class StepChannel:
             return None
         if kind != _STEP:
             raise RuntimeError(f"expected a step from rank 0, got message kind {kind}")
-        sizes = [tokens, tokens * pos_rows, tokens, seqs + 1, seqs, seqs * width, samples, 2 * num_spans]
+        num_groups = decodes if verify_rows else 0
+        sizes = [tokens, tokens * pos_rows, tokens, seqs + 1, seqs, seqs * width, samples, 2 * num_spans, num_groups]
         payload = self.group.broadcast_control(torch.empty(sum(sizes), dtype=torch.int64)).numpy()
         parts = np.split(payload, np.cumsum(sizes)[:-1])
-        ids, positions, slots, qsl, seq_lens, tables, sample_idx, bounds = parts
+        ids, positions, slots, qsl, seq_lens, tables, sample_idx, bounds, groups = parts
         batch = HostBatch(
             input_ids=ids,
             positions=positions if pos_rows == 1 else positions.reshape(pos_rows, tokens),
@@ -132,6 +137,7 @@ class StepChannel:
             sample_items=[],
             num_decodes=decodes,
             verify_rows=verify_rows,
+            decode_spans=groups.astype(np.int32) if verify_rows else None,
         )
         spans = [slice(int(a), int(b)) for a, b in bounds.reshape(-1, 2)]
         fill = None

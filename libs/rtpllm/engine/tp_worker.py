@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from rtpllm.attention import get_backend
 from rtpllm.config import EngineConfig, parse_dtype
-from rtpllm.engine.cuda_graphs import plain_graph_rows, verify_graph_rows
+from rtpllm.engine.cuda_graphs import plain_graph_rows, verify_graph_rows, verify_span
 from rtpllm.engine.model_runner import ModelRunner
 from rtpllm.engine.tensor_parallel import WorkerPayload
 from rtpllm.engine.tp_kv import KVShardServer
@@ -77,7 +77,7 @@ class ShardWorker:
         self.kv_server = KVShardServer(group, pool.kv)
         if config.cuda_graphs:
             # Captured with rank 0, collectives included: same sizes, same order.
-            self.runner.enable_cuda_graphs(plain_graph_rows(config), max_len, verify_graph_rows(config))
+            self.runner.enable_cuda_graphs(plain_graph_rows(config), max_len, verify_graph_rows(config), verify_span(config))
         # After the capture: no other thread may use the device while a graph is captured.
         self.kv_server.start()
 
