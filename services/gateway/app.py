@@ -156,7 +156,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             ),
         )
         admission = AdmissionController(settings.max_running, settings.max_queue, settings.retry_after_s)
-        visions = VisionRegistry()  # vision services' heartbeats, for /metrics
+        visions = VisionRegistry(dispatcher.watch.clock)  # vision services' heartbeats, for /metrics
         await visions.start(nc)
         metrics = GatewayMetrics(admission, dispatcher.registry, visions, model)
         dispatcher.on_instance_lost = lambda inst, code: metrics.instances_lost.labels(code).inc()
