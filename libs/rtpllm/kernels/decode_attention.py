@@ -332,6 +332,39 @@ def _decode_reduce_kernel(
     )
 
 
+def split_buffers(out: torch.Tensor, num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage 1's per-partition outputs and log-sum-exps for `out` [rows, heads, D]; with
+    one partition stage 1 writes `out` itself and these are unused placeholders."""
+    if num_splits == 1:
+        return out, out
+    rows, num_heads, head_dim = out.shape
+    mid_o = torch.empty(rows, num_heads, num_splits, head_dim, dtype=torch.float32, device=out.device)
+    mid_lse = torch.empty(rows, num_heads, num_splits, dtype=torch.float32, device=out.device)
+    return mid_o, mid_lse
+
+
+def merge_splits(mid_o: torch.Tensor, mid_lse: torch.Tensor, out: torch.Tensor, num_splits: int) -> None:
+    """Stage 2: merge each row's and head's partitions into `out` by their log-sum-exp."""
+    rows, num_heads, head_dim = out.shape
+    _decode_reduce_kernel[(rows, num_heads)](
+        mid_o,
+        mid_lse,
+        out,
+        mid_o.stride(0),
+        mid_o.stride(1),
+        mid_o.stride(2),
+        mid_lse.stride(0),
+        mid_lse.stride(1),
+        out.stride(0),
+        out.stride(1),
+        num_splits,
+        SPLITS_P2=next_power_of_2(num_splits),
+        BLOCK_D=next_power_of_2(head_dim),
+        HEAD_DIM=head_dim,
+        num_warps=4,
+    )
+
+
 def paged_decode_attention_triton(
     q: torch.Tensor,
     k: torch.Tensor | None,
@@ -376,12 +409,7 @@ def paged_decode_attention_triton(
         num_splits = decode_num_splits(batch, num_kv_heads, group, longest, device_sms(q))
     block_d = next_power_of_2(head_dim)
     block_n, num_warps, num_stages = decode_config(head_dim, q.dtype if quant else k_cache.dtype, bool(quant))
-    if num_splits > 1:
-        mid_o = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
-        mid_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
-    else:
-        mid_o = out  # unused
-        mid_lse = out
+    mid_o, mid_lse = split_buffers(out, num_splits)
     _decode_stage1_kernel[(batch, num_kv_heads * head_blocks, num_splits)](
         q,
         k,
@@ -441,23 +469,7 @@ def paged_decode_attention_triton(
         num_stages=num_stages,
     )
     if num_splits > 1:
-        _decode_reduce_kernel[(batch, num_heads)](
-            mid_o,
-            mid_lse,
-            out,
-            mid_o.stride(0),
-            mid_o.stride(1),
-            mid_o.stride(2),
-            mid_lse.stride(0),
-            mid_lse.stride(1),
-            out.stride(0),
-            out.stride(1),
-            num_splits,
-            SPLITS_P2=next_power_of_2(num_splits),
-            BLOCK_D=block_d,
-            HEAD_DIM=head_dim,
-            num_warps=4,
-        )
+        merge_splits(mid_o, mid_lse, out, num_splits)
     return out
 
 

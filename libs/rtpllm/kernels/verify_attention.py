@@ -34,9 +34,10 @@ import torch
 
 from rtpllm.kernels._triton import cdiv, device_sms, dot_precision, next_power_of_2, tl, triton
 from rtpllm.kernels.decode_attention import (
-    _decode_reduce_kernel,
     decode_num_splits,
+    merge_splits,
     paged_decode_attention_ref,
+    split_buffers,
 )
 from rtpllm.kernels.kv_quant import V_MUL, kernel_scales
 
@@ -262,12 +263,7 @@ def paged_verify_attention_triton(
         num_splits = decode_num_splits(groups, num_kv_heads, 1, longest, device_sms(q))
     block_d = next_power_of_2(head_dim)
     block_n, num_warps, num_stages = verify_config(tile_rows, q.dtype, bool(quant))
-    if num_splits > 1:
-        mid_o = torch.empty(rows, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
-        mid_lse = torch.empty(rows, num_heads, num_splits, dtype=torch.float32, device=q.device)
-    else:
-        mid_o = out  # unused
-        mid_lse = out
+    mid_o, mid_lse = split_buffers(out, num_splits)
     _verify_stage1_kernel[(rows, num_kv_heads, num_splits)](
         q,
         k_cache,
@@ -319,23 +315,7 @@ def paged_verify_attention_triton(
         num_stages=num_stages,
     )
     if num_splits > 1:
-        _decode_reduce_kernel[(rows, num_heads)](
-            mid_o,
-            mid_lse,
-            out,
-            mid_o.stride(0),
-            mid_o.stride(1),
-            mid_o.stride(2),
-            mid_lse.stride(0),
-            mid_lse.stride(1),
-            out.stride(0),
-            out.stride(1),
-            num_splits,
-            SPLITS_P2=next_power_of_2(num_splits),
-            BLOCK_D=block_d,
-            HEAD_DIM=head_dim,
-            num_warps=4,
-        )
+        merge_splits(mid_o, mid_lse, out, num_splits)
     return out
 
 
