@@ -77,6 +77,52 @@ def _block_h(group: int) -> int:
     return min(max(16, next_power_of_2(group)), 64)
 
 
+@triton.jit
+def tile_scores(
+    q, K_cache, K_scale, blk, within, kvh, offs_d, kv_mask, mask_n,
+    stride_kcb, stride_kct, stride_kch, stride_ksb, stride_kst, sm_scale_log2,
+    PRECISION: tl.constexpr, QUANT: tl.constexpr,
+):  # fmt: skip
+    """Scores (log2 domain) of the query tile against one paged K tile; a quantized
+    tile is widened to the query's dtype and its per-token scale folded into the
+    scores' columns. Shared by the decode and verify kernels."""
+    k = tl.load(
+        K_cache + (blk * stride_kcb + within * stride_kct + kvh * stride_kch)[:, None] + offs_d[None, :],
+        mask=kv_mask,
+        other=0.0,
+    )
+    if QUANT != 0:
+        ks = tl.load(K_scale + blk * stride_ksb + within * stride_kst + kvh, mask=mask_n, other=0.0)
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * (ks * sm_scale_log2)[None, :]
+    else:
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale_log2
+    return s
+
+
+@triton.jit
+def tile_values(
+    acc, alpha, p, q, V_cache, V_scale, blk, within, kvh, offs_d, kv_mask, mask_n,
+    stride_vcb, stride_vct, stride_vch, stride_vsb, stride_vst,
+    PRECISION: tl.constexpr, QUANT: tl.constexpr, V_MUL: tl.constexpr,
+):  # fmt: skip
+    """acc * alpha + p @ V for one paged V tile (the rescaled accumulator goes into the
+    dot, as one expression: the compiled code is the same as written inline); a quantized
+    tile's per-token scale is folded into the probabilities' columns (values then come
+    V_MUL times too large: kv_quant.V_MUL)."""
+    v = tl.load(
+        V_cache + (blk * stride_vcb + within * stride_vct + kvh * stride_vch)[:, None] + offs_d[None, :],
+        mask=kv_mask,
+        other=0.0,
+    )
+    if QUANT != 0:
+        vs = tl.load(V_scale + blk * stride_vsb + within * stride_vst + kvh, mask=mask_n, other=0.0)
+        pv = (p * (vs * V_MUL)[None, :]).to(q.dtype)
+        acc = acc * alpha[:, None] + tl.dot(pv, v.to(q.dtype), input_precision=PRECISION)
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(V_cache.dtype.element_ty), v, input_precision=PRECISION)
+    return acc
+
+
 # Step-varying ints (block-table width, split count and the strides it sets) are not
 # specialised on, so eager decode steps never recompile (graphs fix them anyway).
 @triton.jit(do_not_specialize=["window", "stride_bt", "stride_mb", "stride_mh", "stride_lb", "stride_lh", "num_splits"])
@@ -178,32 +224,19 @@ def _decode_stage1_kernel(
         blk = tl.load(table + offs_n // PAGE_SIZE, mask=mask_n, other=0).to(tl.int64)
         within = offs_n % PAGE_SIZE
         kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(
-            K_cache + (blk * stride_kcb + within * stride_kct + kvh * stride_kch)[:, None] + offs_d[None, :],
-            mask=kv_mask,
-            other=0.0,
-        )
-        if QUANT != 0:
-            ks = tl.load(K_scale + blk * stride_ksb + within * stride_kst + kvh, mask=mask_n, other=0.0)
-            s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * (ks * sm_scale_log2)[None, :]
-        else:
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale_log2
+        s = tile_scores(
+            q, K_cache, K_scale, blk, within, kvh, offs_d, kv_mask, mask_n,
+            stride_kcb, stride_kct, stride_kch, stride_ksb, stride_kst, sm_scale_log2, PRECISION, QUANT,
+        )  # fmt: skip
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
-            V_cache + (blk * stride_vcb + within * stride_vct + kvh * stride_vch)[:, None] + offs_d[None, :],
-            mask=kv_mask,
-            other=0.0,
-        )
-        if QUANT != 0:
-            vs = tl.load(V_scale + blk * stride_vsb + within * stride_vst + kvh, mask=mask_n, other=0.0)
-            pv = (p * (vs * V_MUL)[None, :]).to(q.dtype)
-            acc = acc * alpha[:, None] + tl.dot(pv, v.to(q.dtype), input_precision=PRECISION)
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(cache_ty), v, input_precision=PRECISION)
+        acc = tile_values(
+            acc, alpha, p, q, V_cache, V_scale, blk, within, kvh, offs_d, kv_mask, mask_n,
+            stride_vcb, stride_vct, stride_vch, stride_vsb, stride_vst, PRECISION, QUANT, V_MUL,
+        )  # fmt: skip
         m_i = m_new
 
     if FUSE_NEW:

@@ -38,6 +38,8 @@ from rtpllm.kernels.decode_attention import (
     merge_splits,
     paged_decode_attention_ref,
     split_buffers,
+    tile_scores,
+    tile_values,
 )
 from rtpllm.kernels.kv_quant import V_MUL, kernel_scales
 
@@ -166,16 +168,10 @@ def _verify_stage1_kernel(
             blk = tl.load(table + offs_n // PAGE_SIZE, mask=mask_n, other=0).to(tl.int64)
             within = offs_n % PAGE_SIZE
             kv_mask = mask_n[:, None] & mask_d[None, :]
-            k = tl.load(
-                K_cache + (blk * stride_kcb + within * stride_kct + kvh * stride_kch)[:, None] + offs_d[None, :],
-                mask=kv_mask,
-                other=0.0,
-            )
-            if QUANT != 0:
-                ks = tl.load(K_scale + blk * stride_ksb + within * stride_kst + kvh, mask=mask_n, other=0.0)
-                s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * (ks * sm_scale_log2)[None, :]
-            else:
-                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale_log2
+            s = tile_scores(
+                q, K_cache, K_scale, blk, within, kvh, offs_d, kv_mask, mask_n,
+                stride_kcb, stride_kct, stride_kch, stride_ksb, stride_kst, sm_scale_log2, PRECISION, QUANT,
+            )  # fmt: skip
             valid = mask_n[None, :] & (offs_n[None, :] < row_len[:, None])
             if SLIDING:
                 valid = valid & (offs_n[None, :] >= row_lo[:, None])
@@ -187,17 +183,10 @@ def _verify_stage1_kernel(
             alpha = tl.exp2(m_i - m_use)
             p = tl.exp2(s - m_use[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(
-                V_cache + (blk * stride_vcb + within * stride_vct + kvh * stride_vch)[:, None] + offs_d[None, :],
-                mask=kv_mask,
-                other=0.0,
-            )
-            if QUANT != 0:
-                vs = tl.load(V_scale + blk * stride_vsb + within * stride_vst + kvh, mask=mask_n, other=0.0)
-                pv = (p * (vs * V_MUL)[None, :]).to(q.dtype)
-                acc = acc * alpha[:, None] + tl.dot(pv, v.to(q.dtype), input_precision=PRECISION)
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(cache_ty), v, input_precision=PRECISION)
+            acc = tile_values(
+                acc, alpha, p, q, V_cache, V_scale, blk, within, kvh, offs_d, kv_mask, mask_n,
+                stride_vcb, stride_vct, stride_vch, stride_vsb, stride_vst, PRECISION, QUANT, V_MUL,
+            )  # fmt: skip
             m_i = m_new
 
         # Rows with nothing in this partition keep l == 0: zeros, lse -inf.
