@@ -416,6 +416,65 @@ def _verify_case(batch: int, ctx: int, k: int, device: str, gen: torch.Generator
     return row
 
 
+def quant_chunk_rows(device: str, smoke: bool, fmt: str = "fp8") -> list[dict[str, Any]]:
+    """A prefill chunk over a cached prefix, one sequence (chunked prefill of a long prompt):
+    the bf16 extend kernel, the quantized extend kernel, and SDPA over the context read
+    back from the quantized cache and dequantized (the backend's
+    QUANT_CHUNK_SDPA_MIN_TOKENS path). TFLOP/s counts the chunk's causal attention."""
+    rows: list[dict[str, Any]] = []
+    gen = torch.Generator().manual_seed(5)
+    for chunk, prefix in ((16, 48),) if smoke else ((512, 4096), (2048, 6144), (2048, 14336), (4096, 12288)):
+        rows.append(_quant_chunk_case(chunk, prefix, fmt, device, gen))
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _quant_chunk_case(chunk: int, prefix: int, fmt: str, device: str, gen: torch.Generator) -> dict[str, Any]:
+    from rtpllm.attention import triton_backend
+    from rtpllm.attention.backend import AttentionMetadata
+    from rtpllm.kernels.kv_quant import quantize_ref
+
+    ctx = prefix + chunk
+    kc, vc, tables, seq_lens, _ = paged_cache(1, ctx, device, gen)
+    pos = torch.arange(prefix, ctx, device=device)
+    slots = tables[0, pos // BLOCK].long() * BLOCK + pos % BLOCK
+    q = torch.randn(chunk, HQ, D, device=device, dtype=DT)
+    k = torch.randn(chunk, HKV, D, device=device, dtype=DT)
+    v = torch.randn(chunk, HKV, D, device=device, dtype=DT)
+    qsl = torch.tensor([0, chunk], dtype=torch.int32, device=device)
+    out = torch.empty_like(q)
+    scale = D**-0.5
+    kq, ks = quantize_ref(kc, fmt)
+    vq, vs = quantize_ref(vc, fmt)
+    meta = AttentionMetadata(
+        slot_mapping=slots, query_start_loc=qsl, seq_lens=seq_lens, block_tables=tables, num_decodes=0,
+        max_query_len=chunk, max_seq_len=ctx, block_size=BLOCK, query_start_loc_host=[0, chunk], seq_lens_host=[ctx],
+    )  # fmt: skip
+    flops = 4 * chunk * (prefix + chunk / 2) * D * HQ
+
+    def bf16_extend() -> None:
+        extend_mod.paged_extend_attention_triton(q, k, v, kc, vc, tables, qsl, seq_lens, slots, scale, None, chunk, 0, out)
+
+    def quant_extend() -> None:
+        extend_mod.paged_extend_attention_triton(
+            q, k, v, kq, vq, tables, qsl, seq_lens, slots, scale, None, chunk, 0, out, k_scale=ks, v_scale=vs
+        )
+
+    def quant_sdpa() -> None:
+        triton_backend._forward_sdpa_over_prefix(q, k, v, kq, vq, meta, scale, out, ks, vs)
+
+    quant_extend()
+    want = out.clone()
+    quant_sdpa()
+    row: dict[str, Any] = {"case": "quant_chunk", "fmt": fmt, "chunk": chunk, "prefix": prefix}
+    row["max_abs_diff"] = float((out.float() - want.float()).abs().max())
+    for name, fn in (("bf16_extend", bf16_extend), ("quant_extend", quant_extend), ("quant_sdpa", quant_sdpa)):
+        ms = bench(fn, device)
+        row[f"{name}_ms"], row[f"{name}_tflops"] = ms, flops / ms / 1e9
+    return row
+
+
 QUANT_DECODE_CONFIGS = tuple((n, w, st) for n in (32, 64, 128) for w in (4, 8) for st in (2, 3, 4))
 
 
@@ -585,6 +644,7 @@ def main() -> None:
     parser.add_argument("--quant-sweep", action="store_true", help="only: decode launch configs over an fp8 cache at batch 32 x 16k")
     parser.add_argument("--long", action="store_true", help="also 4k-token chunks over 12k and 28k cached tokens")
     parser.add_argument("--verify", action="store_true", help="only: a speculative verify step's attention, verify kernel vs row by row")
+    parser.add_argument("--quant-chunk", action="store_true", help="only: a chunk over a cached prefix, quantized extend kernel vs SDPA over the dequantized context")
     parser.add_argument("--bw", type=float, default=COPY_BW_GBS, help="copy bandwidth to compare with, GB/s")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -593,6 +653,15 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     started = time.perf_counter()
+    if args.quant_chunk:
+        rows = quant_chunk_rows(device, args.smoke)
+        print("chunk over prefix | bf16 extend ms | fp8 extend ms | fp8 SDPA-over-context ms | max |diff|")
+        for r in rows:
+            print(f"{r['chunk']} over {r['prefix']} | {r['bf16_extend_ms']:.3f} | {r['quant_extend_ms']:.3f} | "
+                  f"{r['quant_sdpa_ms']:.3f} | {r['max_abs_diff']:.3g}")  # fmt: skip
+        if args.out:
+            args.out.write_text(json.dumps({"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "rows": rows}, indent=1))
+        return
     if args.verify:
         rows = verify_attention_rows(device, args.smoke)
         print("batch x ctx (k=4) | rows kernel ms | verify kernel ms | plain decode ms | verify GB/s | best verify cfg")

@@ -275,10 +275,13 @@ def bench_offline(path: Path, device: str, fmt: str, requests: int, lo: int, hi:
 
 def bench_speed(
     path: Path, device: str, batch: int, context: int, steps: int, requests: int, lo: int, hi: int, output: int,
-    itl_only: bool = False, decode_config: tuple[int, int, int] | None = None,
+    itl_only: bool = False, decode_config: tuple[int, int, int] | None = None, chunk_sdpa: int | None = None,
 ) -> dict[str, Any]:
     """`decode_config`: (BLOCK_N, warps, stages) forced on the quantized caches' decode
-    kernel (a launch found by `bench/attention.py --quant-sweep`), bf16 keeps its own."""
+    kernel (a launch found by `bench/attention.py --quant-sweep`), bf16 keeps its own.
+    `chunk_sdpa`: also run the quantized offline workloads with prefill chunks of at
+    least this many tokens over a cached prefix sent to SDPA (rows "fp8+chunk_sdpa"...)."""
+    from rtpllm.attention import triton_backend
     from rtpllm.kernels import decode_attention
 
     out: dict[str, Any] = {"itl": {}, "offline": {}}
@@ -292,13 +295,23 @@ def bench_speed(
                 out["offline"][fmt] = bench_offline(path, device, fmt, requests, lo, hi, output)
         finally:
             decode_attention.CONFIG_OVERRIDE = None
+    if chunk_sdpa is not None and not itl_only:
+        for fmt in ("fp8", "int8"):
+            triton_backend.QUANT_CHUNK_SDPA_MIN_TOKENS = chunk_sdpa
+            try:
+                out["offline"][f"{fmt}+chunk_sdpa"] = bench_offline(path, device, fmt, requests, lo, hi, output)
+            finally:
+                triton_backend.QUANT_CHUNK_SDPA_MIN_TOKENS = None
     base_itl = out["itl"]["bf16"].get("itl_ms")
     for fmt in ("fp8", "int8"):
         itl = out["itl"][fmt].get("itl_ms")
         if base_itl and itl:
             out["itl"][fmt]["itl_change_vs_bf16_pct"] = 100 * (itl / base_itl - 1)
-        if not itl_only:
-            out["offline"][fmt]["throughput_vs_bf16"] = out["offline"][fmt]["output_tok_per_s"] / out["offline"]["bf16"]["output_tok_per_s"]
+    if not itl_only:
+        base = out["offline"]["bf16"]["output_tok_per_s"]
+        for name, row in out["offline"].items():
+            if name != "bf16":
+                row["throughput_vs_bf16"] = row["output_tok_per_s"] / base
     return out
 
 
@@ -402,6 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=64, help="offline throughput: prompts")
     p.add_argument("--itl-only", action="store_true", help="speed: decode ITL only, no offline run")
     p.add_argument("--decode-config", help="speed: BLOCK_N,warps,stages forced on the quantized decode kernel")
+    p.add_argument("--quant-chunk-sdpa", type=int, metavar="TOKENS", help="speed: also run fp8/int8 offline with chunks of >= TOKENS over a cached prefix through SDPA")
     p.add_argument("--smoke", action="store_true", help="capacity/speed on the tiny shape with small sizes (CPU check of the code)")
     p.add_argument("--out", help="write the results here (JSON)")
     args = p.parse_args(argv)
@@ -430,7 +444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cfg = tuple(int(x) for x in args.decode_config.split(",")) if args.decode_config else None
                 result["speed"] = bench_speed(
                     path, device, args.batch, args.context, args.steps, args.requests, 4096, 16384, 256,
-                    itl_only=args.itl_only, decode_config=cfg,  # type: ignore[arg-type]
+                    itl_only=args.itl_only, decode_config=cfg, chunk_sdpa=args.quant_chunk_sdpa,  # type: ignore[arg-type]
                 )
     text = json.dumps(result, indent=2, default=lambda o: list(o) if isinstance(o, tuple) else str(o))
     if args.out:

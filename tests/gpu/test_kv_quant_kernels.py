@@ -239,6 +239,35 @@ def test_backend_quantized_sdpa_prefill_matches_torch_backend(kernel_device: str
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("route", ["sdpa", "auto-threshold", "auto-off"])
+def test_backend_quantized_chunk_over_prefix_through_sdpa(
+    kernel_device: str, fmt: str, dtype: torch.dtype, route: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chunk over a cached prefix on a quantized cache (chunked prefill, a prefix hit)
+    through SDPA over the context read back and dequantized, beside decodes: equal to the
+    torch backend, the same cache afterwards, and taken exactly when the switches say
+    (prefill_impl "sdpa"; "auto" from QUANT_CHUNK_SDPA_MIN_TOKENS new tokens, never when
+    it is None)."""
+    from rtpllm.attention import triton_backend
+
+    taken: list[int] = []
+    real = triton_backend._forward_sdpa_over_prefix
+    monkeypatch.setattr(triton_backend, "_forward_sdpa_over_prefix", lambda *a: (taken.append(1), real(*a))[1])
+    monkeypatch.setattr(triton_backend, "QUANT_CHUNK_SDPA_MIN_TOKENS", None if route == "auto-off" else 30)
+    case = make_case([50, 31, 100], [1, 1, 37], 8, 2, 64, 16, dtype, kernel_device, seed=29)  # 37 new over 63 cached
+    qc = QuantCase(case, fmt)
+    _, k2, v2, ks2, vs2 = qc.clone_pool()
+    backend = TritonAttentionBackend(prefill_impl="sdpa" if route == "sdpa" else "auto")
+    out = backend.forward(case.q, case.k, case.v, qc.k_cache, qc.v_cache, case.meta, case.scale, None, qc.k_scale, qc.v_scale)
+    ref = TorchReferenceBackend().forward(case.q, case.k, case.v, k2, v2, case.meta, case.scale, None, ks2, vs2)
+    assert rel_err(out, ref) < TOL[dtype]
+    _assert_quantized_equal(qc.k_cache, qc.k_scale, k2, ks2)
+    _assert_quantized_equal(qc.v_cache, qc.v_scale, v2, vs2)
+    assert taken == ([] if route == "auto-off" else [1])
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_model_with_quantized_kv_triton_matches_torch(cuda_device: str, tmp_path: Path, fmt: str, dtype: str) -> None:
     """A whole tiny model on the GPU with fp8/int8 KV: greedy tokens of the Triton backend
@@ -294,3 +323,14 @@ def test_engine_with_quantized_kv_triton_equals_torch_on_cpu(kernel_device: str,
         assert outs[-1].num_cached_tokens == 64
         tokens[backend] = [o.outputs[0].token_ids for o in outs]
     assert tokens["triton-interpreter"] == tokens["torch"]
+
+
+def test_bench_quant_chunk_rows_run(kernel_device: str) -> None:
+    """bench/attention.py --quant-chunk: the quantized extend kernel and the SDPA path it
+    times agree (smoke shape off the GPU, where the timings mean nothing)."""
+    from bench import attention
+
+    if kernel_device != "cpu":
+        pytest.skip("the GPU runs the bench itself (bench/gpu_session.sh quantchunk)")
+    (row,) = attention.quant_chunk_rows(kernel_device, smoke=True)
+    assert row["quant_extend_ms"] > 0 and row["quant_sdpa_ms"] > 0 and row["max_abs_diff"] < 2e-2

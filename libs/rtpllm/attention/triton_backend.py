@@ -2,9 +2,11 @@
 
 A step's sequences come decodes first: they go to the split-KV decode kernel, the rest
 (prefill and chunked-prefill/extend chunks) to the extend kernel, each in one launch, with
-the KV-cache write fused into both. One exception, to be settled by measurement on the
-H100 (bench/attention.py's prefill rows; docs/kernels.md): a single long prompt with no
-cached prefix goes to PyTorch's SDPA flash kernel when `prefill_impl` allows it.
+the KV-cache write fused into both. Exceptions, settled by measurement on the GPU
+(bench/attention.py's prefill rows; docs/kernels.md): a single long prompt with no cached
+prefix goes to PyTorch's SDPA when `prefill_impl` allows it; on a quantized cache, a
+single chunk over a cached prefix may go to SDPA over the context read back
+(QUANT_CHUNK_SDPA_MIN_TOKENS, off until measured).
 
 forward() never synchronises with the host: every size it needs comes from tensor shapes
 or the host copies in the metadata, so a decode step can be captured in a CUDA graph. For
@@ -21,6 +23,7 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from rtpllm.attention.backend import AttentionBackend, AttentionMetadata, register_backend
 from rtpllm.kernels._triton import HAS_TRITON
@@ -37,6 +40,11 @@ SDPA_PREFILL_MIN_TOKENS = 1024
 # (the verify kernel); False: once per row (the decode kernel), for A/B runs
 # (bench/speculative.py --verify-kernel rows).
 GROUPED_VERIFY = True
+# A quantized cache's prefill chunk over a cached prefix (chunked prefill of a long
+# prompt, a prefix hit) goes to SDPA over the whole context read back and dequantized,
+# instead of the quantized extend kernel, from this many new tokens. Off (None) until a
+# GPU run decides: bench/kv_quant.py speed --quant-chunk-sdpa (docs/kv_quantization.md).
+QUANT_CHUNK_SDPA_MIN_TOKENS: int | None = None
 
 
 class TritonAttentionBackend(AttentionBackend):
@@ -133,6 +141,9 @@ class TritonAttentionBackend(AttentionBackend):
         if meta.num_seqs > nd:
             if self._sdpa_prefill(meta, sliding_window):
                 self._forward_sdpa(q, k, v, k_cache, v_cache, meta, scale, out, k_scale, v_scale)
+            elif k_scale is not None and self._sdpa_chunk(meta, sliding_window):
+                assert v_scale is not None
+                _forward_sdpa_over_prefix(q, k, v, k_cache, v_cache, meta, scale, out, k_scale, v_scale)
             else:
                 paged_extend_attention_triton(
                     q,
@@ -162,6 +173,17 @@ class TritonAttentionBackend(AttentionBackend):
             and meta.decode_spans is not None
             and verify_fits(q.shape[1], k.shape[1], meta.max_decode_span)
         )
+
+    def _sdpa_chunk(self, meta: AttentionMetadata, sliding_window: int | None) -> bool:
+        """For a quantized cache: true when the prefill part is one chunk over a cached
+        prefix that SDPA takes: always with prefill_impl "sdpa", from
+        QUANT_CHUNK_SDPA_MIN_TOKENS new tokens with "auto" (host values only)."""
+        if self.prefill_impl == "triton" or sliding_window is not None or meta.num_seqs - meta.num_decodes != 1:
+            return False
+        if self.prefill_impl == "sdpa":
+            return True
+        qsl = meta.query_start_loc_host
+        return QUANT_CHUNK_SDPA_MIN_TOKENS is not None and qsl[-1] - qsl[-2] >= QUANT_CHUNK_SDPA_MIN_TOKENS
 
     def _sdpa_prefill(self, meta: AttentionMetadata, sliding_window: int | None) -> bool:
         """True when the prefill part is one prompt with nothing cached (host values only)."""
@@ -203,6 +225,36 @@ class TritonAttentionBackend(AttentionBackend):
         vt = v.transpose(0, 1).unsqueeze(0)
         res = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=True)
         out[start:end] = res[0].transpose(0, 1)
+
+
+def _forward_sdpa_over_prefix(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    out: torch.Tensor,
+    k_scale: torch.Tensor,
+    v_scale: torch.Tensor,
+) -> None:
+    """The last sequence's chunk over its cached prefix, on a quantized cache: store the
+    chunk's K/V, read the whole context back dequantized (what the quantized extend
+    kernel attends to as well), and attend with SDPA under a bottom-right causal mask
+    (the chunk's row i sees the prefix and the chunk up to itself)."""
+    start, end = meta.query_start_loc_host[-2], meta.query_start_loc_host[-1]
+    seq_len = meta.seq_lens_host[-1]
+    store_kv_triton(k[start:end], v[start:end], k_cache, v_cache, meta.slot_mapping[start:end], k_scale, v_scale)
+    block_size = k_cache.shape[1]
+    pos = torch.arange(seq_len, device=q.device)
+    slots = meta.block_tables[meta.num_seqs - 1][pos // block_size].long() * block_size + pos % block_size
+    kt = _read_back(k_cache, k_scale, slots, q.dtype).transpose(0, 1).unsqueeze(0)  # [1, Hkv, S, D]
+    vt = _read_back(v_cache, v_scale, slots, q.dtype).transpose(0, 1).unsqueeze(0)
+    qt = q[start:end].transpose(0, 1).unsqueeze(0)
+    mask = causal_lower_right(end - start, seq_len)
+    res = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale, enable_gqa=True)
+    out[start:end] = res[0].transpose(0, 1)
 
 
 def _read_back(cache: torch.Tensor, scales: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
