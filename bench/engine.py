@@ -217,10 +217,16 @@ def profile_prefill(path: Path, device: str, out_dir: Path, prompt_len: int = 40
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
 
 
-def bench_throughput(path: Path, device: str, num_requests: int, output_len: int, seed: int = 0) -> dict[str, Any]:
-    llm = make_llm(path, device, max_model_len=1024 + output_len + 16, max_num_seqs=256, max_num_batched_tokens=8192)
-    res = run_throughput(llm, num_requests, (100, 1024), output_len, seed)
-    res["kv_blocks"] = llm.engine.block_manager.num_blocks
+def bench_throughput(
+    path: Path, device: str, num_requests: int, output_len: int, seed: int = 0, input_len: tuple[int, int] = (100, 1024), **llm_kw: Any
+) -> dict[str, Any]:
+    """`llm_kw`: more engine arguments (tensor_parallel_size, ...)."""
+    llm = make_llm(path, device, max_model_len=input_len[1] + output_len + 16, max_num_seqs=256, max_num_batched_tokens=8192, **llm_kw)
+    try:
+        res = run_throughput(llm, num_requests, input_len, output_len, seed)
+        res["kv_blocks"] = llm.engine.block_manager.num_blocks
+    finally:
+        llm.close()  # a tensor-parallel engine's other ranks end with it
     return res
 
 
