@@ -252,8 +252,8 @@ def test_backend_quantized_chunk_over_prefix_through_sdpa(
     from rtpllm.attention import triton_backend
 
     taken: list[int] = []
-    real = triton_backend._forward_sdpa_over_prefix
-    monkeypatch.setattr(triton_backend, "_forward_sdpa_over_prefix", lambda *a: (taken.append(1), real(*a))[1])
+    real = TritonAttentionBackend._forward_sdpa
+    monkeypatch.setattr(TritonAttentionBackend, "_forward_sdpa", staticmethod(lambda *a: (taken.append(1), real(*a))[1]))
     monkeypatch.setattr(triton_backend, "QUANT_CHUNK_SDPA_MIN_TOKENS", None if route == "auto-off" else 30)
     case = make_case([50, 31, 100], [1, 1, 37], 8, 2, 64, 16, dtype, kernel_device, seed=29)  # 37 new over 63 cached
     qc = QuantCase(case, fmt)

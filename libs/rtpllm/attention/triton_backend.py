@@ -139,11 +139,8 @@ class TritonAttentionBackend(AttentionBackend):
                     v_scale=v_scale,
                 )
         if meta.num_seqs > nd:
-            if self._sdpa_prefill(meta, sliding_window):
+            if self._sdpa_prefill(meta, sliding_window) or (k_scale is not None and self._sdpa_chunk(meta, sliding_window)):
                 self._forward_sdpa(q, k, v, k_cache, v_cache, meta, scale, out, k_scale, v_scale)
-            elif k_scale is not None and self._sdpa_chunk(meta, sliding_window):
-                assert v_scale is not None
-                _forward_sdpa_over_prefix(q, k, v, k_cache, v_cache, meta, scale, out, k_scale, v_scale)
             else:
                 paged_extend_attention_triton(
                     q,
@@ -210,51 +207,33 @@ class TritonAttentionBackend(AttentionBackend):
         k_scale: torch.Tensor | None = None,
         v_scale: torch.Tensor | None = None,
     ) -> None:
+        """The step's last sequence through SDPA: a prompt with nothing cached, or, on a
+        quantized cache, a chunk over its cached prefix (`_sdpa_chunk`)."""
         start, end = meta.query_start_loc_host[-2], meta.query_start_loc_host[-1]
+        seq_len = meta.seq_lens_host[-1]
         slots = meta.slot_mapping[start:end]
         k, v = k[start:end], v[start:end]
         store_kv_triton(k, v, k_cache, v_cache, slots, k_scale, v_scale)
         if k_scale is not None and v_scale is not None:
             # A quantized cache: attend to what it now holds (the rows read back and
             # dequantized), not to the unrounded K/V, so the prompt's decode steps and a
-            # later prefix hit on it see the keys its prefill saw.
+            # later prefix hit on it see the keys its prefill saw; with a cached prefix,
+            # the whole context is read back.
+            if seq_len > end - start:
+                block_size = k_cache.shape[1]
+                pos = torch.arange(seq_len, device=q.device)
+                slots = meta.block_tables[meta.num_seqs - 1][pos // block_size].long() * block_size + pos % block_size
             k, v = _read_back(k_cache, k_scale, slots, q.dtype), _read_back(v_cache, v_scale, slots, q.dtype)
         # [L, H, D] -> [1, H, L, D] views; enable_gqa keeps the flash kernel on GQA shapes.
         qt = q[start:end].transpose(0, 1).unsqueeze(0)
         kt = k.transpose(0, 1).unsqueeze(0)
         vt = v.transpose(0, 1).unsqueeze(0)
-        res = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=True)
+        if seq_len == end - start:
+            res = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=True)
+        else:  # the chunk's row i sees the prefix and the chunk up to itself
+            mask = causal_lower_right(end - start, seq_len)
+            res = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale, enable_gqa=True)
         out[start:end] = res[0].transpose(0, 1)
-
-
-def _forward_sdpa_over_prefix(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    meta: AttentionMetadata,
-    scale: float,
-    out: torch.Tensor,
-    k_scale: torch.Tensor,
-    v_scale: torch.Tensor,
-) -> None:
-    """The last sequence's chunk over its cached prefix, on a quantized cache: store the
-    chunk's K/V, read the whole context back dequantized (what the quantized extend
-    kernel attends to as well), and attend with SDPA under a bottom-right causal mask
-    (the chunk's row i sees the prefix and the chunk up to itself)."""
-    start, end = meta.query_start_loc_host[-2], meta.query_start_loc_host[-1]
-    seq_len = meta.seq_lens_host[-1]
-    store_kv_triton(k[start:end], v[start:end], k_cache, v_cache, meta.slot_mapping[start:end], k_scale, v_scale)
-    block_size = k_cache.shape[1]
-    pos = torch.arange(seq_len, device=q.device)
-    slots = meta.block_tables[meta.num_seqs - 1][pos // block_size].long() * block_size + pos % block_size
-    kt = _read_back(k_cache, k_scale, slots, q.dtype).transpose(0, 1).unsqueeze(0)  # [1, Hkv, S, D]
-    vt = _read_back(v_cache, v_scale, slots, q.dtype).transpose(0, 1).unsqueeze(0)
-    qt = q[start:end].transpose(0, 1).unsqueeze(0)
-    mask = causal_lower_right(end - start, seq_len)
-    res = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale, enable_gqa=True)
-    out[start:end] = res[0].transpose(0, 1)
 
 
 def _read_back(cache: torch.Tensor, scales: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
