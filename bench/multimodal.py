@@ -208,39 +208,44 @@ def encoder_part(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
 # -- stacks ------------------------------------------------------------------------------
 
 
-def start_stack(model_dir: Path, args: argparse.Namespace, vision: int, log_dir: Path) -> Stack:
-    common = [
-        "--device",
-        args.device,
-        "--load-format",
-        "dummy",
-        "--seed",
-        str(args.seed),
-        "--dtype",
-        args.dtype,
-    ]
+def service_args(args: argparse.Namespace, device_flags: list[str], cuda: bool, embeddings: bool) -> tuple[list[str], list[str]]:
+    """(engine flags, vision-service flags) of a bench stack: random weights of --shape,
+    the device flags given (empty: set per process), and with `embeddings` (a vision
+    service feeds the engine) room for every in-flight request's embeddings."""
+    common = [*device_flags, "--load-format", "dummy", "--seed", str(args.seed), "--dtype", args.dtype]
     engine = list(common)
-    if args.device.startswith("cuda"):
+    if cuda:
         engine += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
     if args.no_cuda_graphs:
         engine.append("--no-cuda-graphs")
-    if vision and args.shape == "2b":
+    if embeddings and args.shape == "2b":
         # Room for every concurrent request's embeddings (up to 4 x 3 MiB each) in the
         # engine's receiving pool (256 MiB by default).
         engine += ["--embedding-pool-mib", "1024"]
+    return engine + shlex.split(args.engine_args), common + shlex.split(args.vision_args)
+
+
+def stack_config(model_dir: Path, engine: list[str], vision_args: list[str], workers: int, vision: int, log_dir: Path) -> StackConfig:
+    """An open (no keys, no Redis) stack serving the bench's model, whose gateway admits
+    every request the load sends."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    config = StackConfig(
+    return StackConfig(
         model=str(model_dir),
         served_model_name=SERVED,
-        workers=1,
+        workers=workers,
         vision=vision,
-        vision_args=common + shlex.split(args.vision_args),
-        worker_args=engine + shlex.split(args.engine_args),
+        vision_args=vision_args,
+        worker_args=engine,
         gateway_args=["--max-running", "4096", "--max-queue", "4096"],
         log_dir=log_dir,
         use_redis=False,
         auth=False,  # open: the client sends no key
     )
+
+
+def start_stack(model_dir: Path, args: argparse.Namespace, vision: int, log_dir: Path) -> Stack:
+    engine, vision_args = service_args(args, ["--device", args.device], args.device.startswith("cuda"), vision > 0)
+    config = stack_config(model_dir, engine, vision_args, 1, vision, log_dir)
     stack = Stack(config)
     t0 = time.perf_counter()
     try:

@@ -64,7 +64,6 @@ import os
 import platform
 import random
 import re
-import shlex
 import signal
 import subprocess
 import sys
@@ -77,7 +76,7 @@ import multimodal as mm  # sets PYTHONPATH for the stacks' children, sys.path fo
 from serving_bench import new_client, pct, raise_interrupt, strict_json
 
 from rtpllm.multimodal.random_checkpoint import write_qwen2_vl_checkpoint
-from rtpllm.runtime.stack import Stack, StackConfig
+from rtpllm.runtime.stack import Stack
 
 ROOT = mm.ROOT
 SETUPS = ("colocated", "decoupled")
@@ -543,29 +542,11 @@ def placement(device: str, pin: str) -> tuple[list[str], dict[str, str]]:
 
 
 def start_setup(name: str, model_dir: Path, args: argparse.Namespace, log_dir: Path) -> Stack:
-    common = ["--load-format", "dummy", "--seed", str(args.seed), "--dtype", args.dtype]
-    engine = list(common)
-    cuda = any(d.startswith("cuda") for d in args.device_list)
-    if cuda:
-        engine += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
-    if args.no_cuda_graphs:
-        engine.append("--no-cuda-graphs")
     decoupled = name == "decoupled"
-    if decoupled and args.shape == "2b":
-        engine += ["--embedding-pool-mib", "1024"]  # room for every in-flight request's embeddings
-    log_dir.mkdir(parents=True, exist_ok=True)
-    config = StackConfig(
-        model=str(model_dir),
-        served_model_name=mm.SERVED,
-        workers=1 if decoupled else 2,
-        vision=0,  # added here, on its own device
-        vision_args=common + shlex.split(args.vision_args),
-        worker_args=engine + shlex.split(args.engine_args),
-        gateway_args=["--max-running", "4096", "--max-queue", "4096"],
-        log_dir=log_dir,
-        use_redis=False,
-        auth=False,  # open: the client sends no key
-    )
+    cuda = any(d.startswith("cuda") for d in args.device_list)
+    engine, vision_args = mm.service_args(args, [], cuda, decoupled)  # devices: per process below
+    # The vision service is added here, on its own device.
+    config = mm.stack_config(model_dir, engine, vision_args, 1 if decoupled else 2, 0, log_dir)
     stack = Stack(config)
     t0 = time.perf_counter()
     try:
