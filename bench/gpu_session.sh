@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: carried wheels, GPU tests and benchmarks by phase,
 # full logs under $OUT, a short summary last. Usage: bash bench/gpu_session.sh PHASE...
-# Phases: env kernels model gptfast prefill (PREFILL_LENS) attnlong hfbatch (HF_BATCH) spec (SPEC_ACC SPEC_BATCH SPEC_SHAPE SPEC_TOKENS SPEC_MAX_LEN) specab (the verify kernel against row-by-row verify attention; SPEC_ARGS) verifyattn spectest quantsweep kvqitl (KVQ_BATCH KVQ_CTX KVQ_CFG) profprefill kvqspeed (KVQ_CTX) quantchunk kvqchunk (KVQ_CTX KVQ_CHUNK) tpdry (one GPU) tp8b tp70b (two GPUs)
+# Phases: env kernels model gptfast prefill (PREFILL_LENS) attnlong hfbatch (HF_BATCH) spec (SPEC_ACC SPEC_BATCH SPEC_SHAPE SPEC_TOKENS SPEC_MAX_LEN) specab (the verify kernel against row-by-row verify attention; SPEC_ARGS) verifyattn spectest quantsweep kvqitl (KVQ_BATCH KVQ_CTX KVQ_CFG) profprefill kvqspeed (KVQ_CTX) quantchunk kvqchunk (KVQ_CTX KVQ_CHUNK) kvqprof (KVQ_BATCH KVQ_CTX) tpdry (one GPU) tp8b tp70b (two GPUs)
 #          structtest structured servingtax servingtax-cpu (ST_ARGS=...) multimodal (MM_ARGS=... MM_LIMIT=s) latency latency-ab engine attention ops load (SWEEP=T:E:D,... COLD_SWEEP=... METHODS=...) serveready loadsweep pinned zerocopy kvtiers routing loadtest
 #         gemvtest xfertest kvxfer pd (kvxfer and pd want two GPUs: nvidia-h100-x2)
 set -u
@@ -74,6 +74,8 @@ for phase in "$@"; do
     tpdry) run tpdry 400 python3 bench/tensor_parallel.py decode8b allreduce check --tp 1 --out "$OUT/tensor_parallel_tp1.json" ;;
     tp8b) run tp8b 500 python3 bench/tensor_parallel.py decode8b allreduce check --tp 2 --out "$OUT/tensor_parallel_8b.json" ;;
     tp70b) run tp70b 580 python3 bench/tensor_parallel.py decode70b offline70b load70b --tp 2 --out "$OUT/tensor_parallel_70b.json" ;;
+    kvqprof) run kvqprof 400 python3 bench/kv_quant.py profile --batch ${KVQ_BATCH:-16} --context ${KVQ_CTX:-16384} \
+               --profile-dir "$OUT/kvqprof" --out "$OUT/kv_quant_profile.json" ;;
     quantchunk) run quantchunk 200 python3 bench/attention.py --quant-chunk --out "$OUT/quant_chunk.json" ;;
     kvqchunk) run kvqchunk 560 python3 bench/kv_quant.py speed --batch 32 --context ${KVQ_CTX:-16384} --quant-chunk-sdpa ${KVQ_CHUNK:-512} \
                 --out "$OUT/kv_quant_speed_chunk_sdpa.json" ;;

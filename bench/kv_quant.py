@@ -215,11 +215,16 @@ def bench_capacity(path: Path, device: str, cpu_bytes: int = 1 << 30, engine: bo
     return out
 
 
-def bench_decode_itl(path: Path, device: str, fmt: str, batch: int, context: int, steps: int) -> dict[str, Any]:
+def bench_decode_itl(
+    path: Path, device: str, fmt: str, batch: int, context: int, steps: int, profile_dir: Path | None = None, cuda_graphs: bool = True
+) -> dict[str, Any]:
     """Mean decode step time (inter-token latency) with `batch` sequences of `context`
-    tokens, after their prefill; None-valued when the pool cannot hold them."""
+    tokens, after their prefill; None-valued when the pool cannot hold them. With
+    `profile_dir`, the timed steps run under torch.profiler and its per-kernel table is
+    written there (`decode_profile_{fmt}.txt`); `cuda_graphs=False` profiles eager steps,
+    whose kernels every profiler sees."""
     llm = LLM(str(path), device=device, load_format="dummy", kv_cache_dtype=fmt, max_model_len=context + steps + 64,
-              max_num_seqs=batch, max_num_batched_tokens=16384)
+              max_num_seqs=batch, max_num_batched_tokens=16384, cuda_graphs=cuda_graphs)
     eng = llm.engine
     try:
         need = batch * -(-(context + steps + 16) // eng.kv_pool.block_size)
@@ -235,11 +240,23 @@ def bench_decode_itl(path: Path, device: str, fmt: str, batch: int, context: int
         for _ in range(4):
             eng.step()
         sync()
+        prof = None
+        if profile_dir is not None:
+            from torch.profiler import ProfilerActivity, profile
+
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+            prof = profile(activities=activities).__enter__()
         start = time.perf_counter()
         for _ in range(steps):
             eng.step()
         sync()
         itl = (time.perf_counter() - start) / steps
+        if prof is not None and profile_dir is not None:
+            prof.__exit__(None, None, None)
+            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+            (profile_dir / f"decode_profile_{fmt}{'' if cuda_graphs else '_eager'}.txt").write_text(
+                f"{batch} x {context} tokens, {steps} steps, {itl * 1e3:.2f} ms per step\n{table}\n"
+            )
         while eng.has_unfinished_requests():
             eng.step()
         return {"fits": True, "itl_ms": itl * 1e3, "tok_per_s": batch / itl}
@@ -403,7 +420,7 @@ def machine() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=["accuracy", "capacity", "speed", "tiers", "all"])
+    p.add_argument("what", choices=["accuracy", "capacity", "speed", "tiers", "profile", "all"])
     p.add_argument("--repeats", type=int, default=5, help="tiers: timed repeats")
     p.add_argument("--model", default="smollm2-135m-instruct", help="accuracy: the real-weights model")
     p.add_argument("--texts", type=int, default=16, help="accuracy: evaluation texts")
@@ -416,6 +433,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--itl-only", action="store_true", help="speed: decode ITL only, no offline run")
     p.add_argument("--decode-config", help="speed: BLOCK_N,warps,stages forced on the quantized decode kernel")
     p.add_argument("--quant-chunk-sdpa", type=int, metavar="TOKENS", help="speed: also run fp8/int8 offline with chunks of >= TOKENS over a cached prefix through SDPA")
+    p.add_argument("--profile-dir", type=Path, help="profile: where the per-kernel tables go")
     p.add_argument("--smoke", action="store_true", help="capacity/speed on the tiny shape with small sizes (CPU check of the code)")
     p.add_argument("--out", help="write the results here (JSON)")
     args = p.parse_args(argv)
@@ -437,6 +455,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         if args.what in ("tiers", "all"):
             result["tiers"] = bench_tiers(path, device, 256 if args.smoke else 4096, 2 if args.smoke else args.repeats)
+        if args.what == "profile":
+            # Where a quantized decode step's time goes, beside bf16's: per-kernel tables
+            # of eager steps (every kernel visible) and the graph steps' times.
+            out_dir = args.profile_dir or Path(".")
+            out_dir.mkdir(parents=True, exist_ok=True)
+            batch, context, steps = (2, 64, 2) if args.smoke else (args.batch, args.context, 8)
+            result["profile"] = {
+                f"{fmt}{'' if graphs else '_eager'}": bench_decode_itl(path, device, fmt, batch, context, steps, out_dir, graphs)
+                for fmt in ("bf16", "fp8") for graphs in ((False,) if args.smoke else (True, False))
+            }  # fmt: skip
         if args.what == "speed" or (args.what == "all" and device == "cuda"):
             if args.smoke:
                 result["speed"] = bench_speed(path, device, 2, 64, 2, 2, 32, 64, 4)

@@ -37,3 +37,13 @@ def test_kv_quant_bench_tiers_smoke(tmp_path: Path) -> None:
         # Restored and transferred bit for bit (checked inside), at (D + 4) / 2D the bytes.
         assert tiers[fmt]["bytes_vs_bf16"] == pytest.approx((head_dim + 4) / (2 * head_dim))
         assert tiers[fmt]["host_restore_ms"] > 0 and tiers[fmt]["pd_transfer_tcp_ms"] > 0
+
+
+@pytest.mark.timeout(120)
+def test_kv_quant_bench_profile_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "kvq.json"
+    assert kv_quant.main(["profile", "--smoke", "--profile-dir", str(tmp_path / "prof"), "--out", str(out)]) == 0
+    prof = json.loads(out.read_text())["profile"]
+    for fmt in ("bf16", "fp8"):
+        assert prof[f"{fmt}_eager"]["itl_ms"] > 0
+        assert "ms per step" in (tmp_path / "prof" / f"decode_profile_{fmt}_eager.txt").read_text()
