@@ -7,7 +7,7 @@
   all         every one of them (with --hf, the HF transformers baselines where cheap)
   profile     per-kernel GPU time of batch-1 decode steps (torch.profiler) into --profile DIR
 
-Shapes: llama8b (Llama-3.1-8B), qwen06b (Qwen3-0.6B), tiny (CPU smoke test).
+Shapes: llama8b (Llama-3.1-8B), qwen06b (Qwen3-0.6B), qwen15b (Qwen2.5-Coder-1.5B), tiny (CPU smoke test).
 Usage: python bench/engine.py all --out results.json [--hf]
 """
 
@@ -30,12 +30,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from offline_throughput import random_prompts, run_throughput  # noqa: E402
 
 from rtpllm import LLM, SamplingParams
-from rtpllm.loader.random_checkpoint import LLAMA_3_1_8B_SHAPE, QWEN3_0_6B_SHAPE, TINY_SHAPE, make_config
+from rtpllm.loader.random_checkpoint import (
+    LLAMA_3_1_8B_SHAPE,
+    QWEN2_5_1_5B_SHAPE,
+    QWEN3_0_6B_SHAPE,
+    TINY_SHAPE,
+    make_config,
+)
 from rtpllm.models import ModelConfig
 
 SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
     "llama8b": ("llama", LLAMA_3_1_8B_SHAPE),
     "qwen06b": ("qwen3", QWEN3_0_6B_SHAPE),
+    "qwen15b": ("qwen2", QWEN2_5_1_5B_SHAPE),
     "tiny": ("llama", TINY_SHAPE),
 }
 # Device-copy bandwidth measured in this workplace (bytes/s, read + write counted): the

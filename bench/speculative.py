@@ -363,7 +363,10 @@ def summarize(run: Run, base: Run, k: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct", help="a known name, a model directory, or a bench/real_models.py name")
-    ap.add_argument("--shape", choices=["llama8b", "qwen06b", "tiny"], help="random weights of this shape instead of --model")
+    ap.add_argument(
+        "--shape", choices=["llama8b", "qwen06b", "qwen15b", "tiny"],
+        help="random weights of this shape instead of --model (qwen15b: Qwen2.5-Coder-1.5B, for its speed at a replayed real acceptance)",
+    )  # fmt: skip
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bfloat16, float32, ...")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 64])

@@ -65,6 +65,22 @@ QWEN3_0_6B_SHAPE: dict[str, Any] = {
     "tie_word_embeddings": True,
 }
 
+# Qwen2.5-Coder-1.5B-Instruct (qwen2: q/k/v biases), as its GGUF converts
+# (bench/real_models.py): the real-weights target of the speculative decoding issue.
+QWEN2_5_1_5B_SHAPE: dict[str, Any] = {
+    "hidden_size": 1536,
+    "intermediate_size": 8960,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 12,
+    "num_key_value_heads": 2,
+    "head_dim": 128,
+    "vocab_size": 151936,
+    "max_position_embeddings": 32768,
+    "rope_theta": 1000000.0,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+}
+
 
 def make_config(family: str, **overrides: Any) -> dict[str, Any]:
     arch, model_type = _FAMILY[family]
