@@ -23,7 +23,6 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 from rtpllm.attention.backend import AttentionBackend, AttentionMetadata, register_backend
 from rtpllm.kernels._triton import HAS_TRITON
@@ -231,6 +230,10 @@ class TritonAttentionBackend(AttentionBackend):
         if seq_len == end - start:
             res = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=True)
         else:  # the chunk's row i sees the prefix and the chunk up to itself
+            # Imported here: torch.nn.attention.bias imports torch._dynamo and sympy,
+            # seconds of every engine start (tests/unit/test_build_model.py).
+            from torch.nn.attention.bias import causal_lower_right
+
             mask = causal_lower_right(end - start, seq_len)
             res = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale, enable_gqa=True)
         out[start:end] = res[0].transpose(0, 1)
