@@ -242,8 +242,8 @@ def checkpoint_bytes(shape: dict[str, Any], dtype: torch.dtype, layers: int | No
 
 def layers_that_fit(shape: dict[str, Any], where: Path, dtype: torch.dtype) -> int:
     """How many of the shape's layers a checkpoint in `where` can hold, with 10% of the
-    free space to spare (a 2x H200 host has 128 GB of disk and half its 256 GB of memory
-    in /dev/shm: less than 70B's 141 GB)."""
+    free space to spare (the lent 2x H200 host has 128 GB of disk and, usually, half of
+    its 256 GB of memory in /dev/shm: both less than 70B's 141 GB)."""
     where.mkdir(parents=True, exist_ok=True)
     fixed, per_layer = checkpoint_bytes(shape, dtype)
     free = shutil.disk_usage(where).free * 0.9
