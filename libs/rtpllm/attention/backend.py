@@ -57,7 +57,6 @@ class AttentionMetadata:
         return len(self.seq_lens_host)
 
 
-
 def decode_spans(group_sizes: list[int]) -> list[int]:
     """`AttentionMetadata.decode_spans` of consecutive groups of these many rows:
     [3, 1] -> [3, 0, 0, 1]."""
@@ -66,6 +65,7 @@ def decode_spans(group_sizes: list[int]) -> list[int]:
         spans.append(n)
         spans.extend([0] * (n - 1))
     return spans
+
 
 class AttentionBackend(ABC):
     """Writes new K/V into the paged cache and computes causal attention over it."""

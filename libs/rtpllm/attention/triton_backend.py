@@ -37,7 +37,7 @@ from rtpllm.kernels.verify_attention import paged_verify_attention_triton, verif
 SDPA_PREFILL_MIN_TOKENS = 1024
 # Verify steps whose metadata groups each sequence's rows read its KV once per group
 # (the verify kernel); False: once per row (the decode kernel), for A/B runs
-# (bench/speculative.py --verify-kernel rows).
+# (bench/speculative.py --methods METHOD@rows).
 GROUPED_VERIFY = True
 # A quantized cache's prefill chunk over a cached prefix (chunked prefill of a long
 # prompt, a prefix hit) goes to SDPA over the whole context read back and dequantized,
