@@ -32,6 +32,7 @@ from offline_throughput import random_prompts, run_throughput  # noqa: E402
 from rtpllm import LLM, SamplingParams
 from rtpllm.loader.random_checkpoint import (
     LLAMA_3_1_8B_SHAPE,
+    LLAMA_3_1_70B_SHAPE,
     QWEN2_5_1_5B_SHAPE,
     QWEN3_0_6B_SHAPE,
     TINY_SHAPE,
@@ -41,6 +42,7 @@ from rtpllm.models import ModelConfig
 
 SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
     "llama8b": ("llama", LLAMA_3_1_8B_SHAPE),
+    "llama70b": ("llama", LLAMA_3_1_70B_SHAPE),
     "qwen06b": ("qwen3", QWEN3_0_6B_SHAPE),
     "qwen15b": ("qwen2", QWEN2_5_1_5B_SHAPE),
     "tiny": ("llama", TINY_SHAPE),
@@ -133,40 +135,47 @@ def release() -> None:
         torch.cuda.empty_cache()
 
 
-def bench_latency(path: Path, device: str, prompt_len: int = 128, new_tokens: int = 256) -> dict[str, Any]:
-    llm = make_llm(path, device, max_model_len=prompt_len + new_tokens + 64, max_num_seqs=8)
-    cfg = llm.engine.model_config
-    rng = random.Random(0)
-    warm, prompt = ([rng.randrange(cfg.vocab_size) for _ in range(prompt_len)] for _ in range(2))
-    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
-    # Warm-up on another prompt: the timed one must not hit the prefix cache.
-    llm.generate([warm], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
-    eng = llm.engine
-    eng.add_request("lat", prompt, params)
-    times: list[float] = []
-    sync()
-    start = time.perf_counter()
-    while eng.has_unfinished_requests():
-        for out in eng.step():
-            if out.outputs[0].token_ids:
-                times.append(time.perf_counter())
-    sync()
-    total = time.perf_counter() - start
-    # Decode rate from the first token to the last: prefill excluded, as tok/s is quoted.
-    decode_s = times[-1] - times[0]
-    tok_s = (new_tokens - 1) / decode_s
-    elem = torch.empty((), dtype=eng.dtype).element_size()
-    avg_ctx = prompt_len + new_tokens / 2
-    step_bytes = weight_bytes(cfg, elem) + avg_ctx * kv_bytes_per_token(cfg, elem)
-    res = {
-        "tok_per_s": tok_s,
-        "graph_replay_ms": graph_replay_ms(llm),
-        "ttft_ms": (times[0] - start) * 1e3,
-        "total_s": total,
-        "achieved_GBps": step_bytes * tok_s / 1e9,
-        "bandwidth_limit_tok_per_s": copy_bandwidth() / step_bytes,
-    }
-    return res
+def bench_latency(path: Path, device: str, prompt_len: int = 128, new_tokens: int = 256, **llm_kw: Any) -> dict[str, Any]:
+    """Batch-1 decode. `llm_kw`: more engine arguments; with `tensor_parallel_size` N the
+    bandwidth limit is N cards' (each reads 1/N of the weights and of the KV a token)."""
+    cards = llm_kw.get("tensor_parallel_size", 1)
+    llm = make_llm(path, device, max_model_len=prompt_len + new_tokens + 64, max_num_seqs=8, **llm_kw)
+    try:
+        cfg = llm.engine.model_config
+        rng = random.Random(0)
+        warm, prompt = ([rng.randrange(cfg.vocab_size) for _ in range(prompt_len)] for _ in range(2))
+        params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+        # Warm-up on another prompt: the timed one must not hit the prefix cache.
+        llm.generate([warm], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+        eng = llm.engine
+        eng.add_request("lat", prompt, params)
+        times: list[float] = []
+        sync()
+        start = time.perf_counter()
+        while eng.has_unfinished_requests():
+            for out in eng.step():
+                if out.outputs[0].token_ids:
+                    times.append(time.perf_counter())
+        sync()
+        total = time.perf_counter() - start
+        # Decode rate from the first token to the last: prefill excluded, as tok/s is quoted.
+        decode_s = times[-1] - times[0]
+        tok_s = (new_tokens - 1) / decode_s
+        elem = torch.empty((), dtype=eng.dtype).element_size()
+        avg_ctx = prompt_len + new_tokens / 2
+        step_bytes = weight_bytes(cfg, elem) + avg_ctx * kv_bytes_per_token(cfg, elem)
+        return {
+            "tok_per_s": tok_s,
+            # Rank 0's graph alone would wait on the other ranks' collectives.
+            "graph_replay_ms": graph_replay_ms(llm) if cards == 1 else None,
+            "ttft_ms": (times[0] - start) * 1e3,
+            "total_s": total,
+            "load_s": eng.load_seconds,
+            "achieved_GBps": step_bytes * tok_s / 1e9,
+            "bandwidth_limit_tok_per_s": cards * copy_bandwidth() / step_bytes,
+        }
+    finally:
+        llm.close()  # a tensor-parallel engine's other ranks end with it
 
 
 def graph_replay_ms(llm: LLM, iters: int = 50) -> float | None:

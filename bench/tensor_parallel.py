@@ -37,20 +37,12 @@ import torch.multiprocessing as mp
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine import bench_throughput, copy_bandwidth, kv_bytes_per_token, release, weight_bytes  # noqa: E402
+from engine import SHAPES, bench_latency, bench_throughput, model_dir, release  # noqa: E402
 
 from rtpllm import LLM, SamplingParams
-from rtpllm.loader.random_checkpoint import LLAMA_3_1_8B_SHAPE, TINY_SHAPE, make_config, write_byte_tokenizer
+from rtpllm.loader.random_checkpoint import make_config, weight_specs, write_byte_tokenizer
 from rtpllm.models import ModelConfig
 
-LLAMA_3_1_70B_SHAPE: dict[str, Any] = {
-    **LLAMA_3_1_8B_SHAPE,
-    "hidden_size": 8192,
-    "intermediate_size": 28672,
-    "num_hidden_layers": 80,
-    "num_attention_heads": 64,
-    "num_key_value_heads": 8,
-}
 PHASES = ("decode8b", "allreduce", "decode70b", "offline70b", "load70b", "check")
 TIE_GAP = {torch.bfloat16: 0.25, torch.float32: 1e-3}  # as tests/gpu/test_model_triton.py
 SHARD_BYTES = 4 << 30
@@ -58,31 +50,14 @@ SHARD_BYTES = 4 << 30
 
 def write_checkpoint(out: Path, shape: dict[str, Any], dtype: torch.dtype, seed: int = 0, std: float = 0.02) -> Path:
     """A random Llama checkpoint in HF layout, written tensor by tensor into ~4 GB shards
-    (the whole 70B never sits in host memory at once); random numbers come from the GPU
-    where there is one. std 0.02 keeps activations in range across 80 layers."""
+    (the whole 70B never sits in host memory at once; rtpllm.loader.random_checkpoint
+    holds a whole model); random numbers come from the GPU where there is one. std 0.02
+    keeps activations in range across 80 layers; norms are ones."""
     out.mkdir(parents=True, exist_ok=True)
     cfg = make_config("llama", **shape)
     cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     write_byte_tokenizer(out, cfg["vocab_size"])
-    hidden, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
-    head_dim = hidden // cfg["num_attention_heads"]
-    q, kv = cfg["num_attention_heads"] * head_dim, cfg["num_key_value_heads"] * head_dim
-    shapes: list[tuple[str, tuple[int, ...], float]] = [("model.embed_tokens.weight", (cfg["vocab_size"], hidden), 1.0)]
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        shapes += [
-            (p + "self_attn.q_proj.weight", (q, hidden), std),
-            (p + "self_attn.k_proj.weight", (kv, hidden), std),
-            (p + "self_attn.v_proj.weight", (kv, hidden), std),
-            (p + "self_attn.o_proj.weight", (hidden, q), std),
-            (p + "mlp.gate_proj.weight", (inter, hidden), std),
-            (p + "mlp.up_proj.weight", (inter, hidden), std),
-            (p + "mlp.down_proj.weight", (hidden, inter), std),
-            (p + "input_layernorm.weight", (hidden,), 0.0),
-            (p + "post_attention_layernorm.weight", (hidden,), 0.0),
-        ]
-    shapes += [("model.norm.weight", (hidden,), 0.0), ("lm_head.weight", (cfg["vocab_size"], hidden), std)]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator(device=device).manual_seed(seed)
     shard: dict[str, torch.Tensor] = {}
@@ -98,10 +73,11 @@ def write_checkpoint(out: Path, shape: dict[str, Any], dtype: torch.dtype, seed:
         weight_map.update(dict.fromkeys(shard, name))
         shard, size = {}, 0
 
-    for name, dims, scale in shapes:
-        if scale == 0.0:  # norms: ones
+    for name, dims, kind in weight_specs(cfg):
+        if kind == "norm":
             t = torch.ones(dims, dtype=dtype)
         else:
+            scale = 1.0 if kind == "embed" else std
             t = (torch.randn(dims, generator=gen, device=device, dtype=torch.float32) * scale).to(dtype).cpu()
         shard[name] = t
         size += t.numel() * t.element_size()
@@ -114,38 +90,12 @@ def write_checkpoint(out: Path, shape: dict[str, Any], dtype: torch.dtype, seed:
     return out
 
 
-def config_dir(out: Path, shape: dict[str, Any]) -> Path:
-    """A config-only model directory (load_format="dummy": random weights per rank)."""
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = make_config("llama", **shape)
-    cfg["torch_dtype"] = "bfloat16"
-    (out / "config.json").write_text(json.dumps(cfg))
-    write_byte_tokenizer(out, cfg["vocab_size"])
-    return out
-
-
-def decode_run(path: Path, device: str, tp: int, prompt_len: int, new_tokens: int, **kw: Any) -> dict[str, Any]:
-    """Batch-1 decode after a warm-up prompt: tok/s from the first token to the last, and
-    the bandwidth limit of `tp` cards (each reads 1/tp of the weights and KV per token)."""
-    with LLM(str(path), device=device, tensor_parallel_size=tp, max_model_len=prompt_len + new_tokens + 64, max_num_seqs=8, **kw) as llm:
-        cfg = llm.engine.model_config
-        rng = random.Random(0)
-        warm, prompt = ([rng.randrange(cfg.vocab_size) for _ in range(prompt_len)] for _ in range(2))
-        llm.generate([warm], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
-        eng = llm.engine
-        eng.add_request("tp-lat", prompt, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))
-        times: list[float] = []
-        while eng.has_unfinished_requests():
-            for out in eng.step():
-                if out.outputs[0].token_ids:
-                    times.append(time.perf_counter())
-        tok_s = (new_tokens - 1) / (times[-1] - times[0])
-        elem = torch.empty((), dtype=eng.dtype).element_size()
-        step_bytes = weight_bytes(cfg, elem) + (prompt_len + new_tokens / 2) * kv_bytes_per_token(cfg, elem)
-        limit = tp * copy_bandwidth() / step_bytes if device.startswith("cuda") else None
-        res = {"tp": tp, "tok_per_s": tok_s, "load_s": eng.load_seconds, "bandwidth_limit_tok_per_s": limit}
-        if limit:
-            res["pct_of_limit"] = 100 * tok_s / limit
+def decode_run(path: Path, device: str, tp: int, prompt_len: int, new_tokens: int) -> dict[str, Any]:
+    """Batch-1 decode at TP=tp (bench/engine.py's latency run): tok/s and the share of
+    the `tp` cards' bandwidth limit."""
+    res = {"tp": tp, **bench_latency(path, device, prompt_len, new_tokens, tensor_parallel_size=tp)}
+    if device.startswith("cuda"):
+        res["pct_of_limit"] = 100 * res["tok_per_s"] / res["bandwidth_limit_tok_per_s"]
     release()
     return res
 
@@ -276,10 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     device = "cpu" if args.smoke else "cuda"
     if device == "cuda" and torch.cuda.device_count() < args.tp:
         raise SystemExit(f"TP={args.tp} needs {args.tp} GPUs, this host has {torch.cuda.device_count()}")
-    small, big = (TINY_SHAPE, TINY_SHAPE) if args.smoke else (LLAMA_3_1_8B_SHAPE, LLAMA_3_1_70B_SHAPE)
+    small, big = ("tiny", "tiny") if args.smoke else ("llama8b", "llama70b")  # bench/engine.py's shapes
     dtype = torch.float32 if args.smoke else torch.bfloat16
     new_tokens = 8 if args.smoke else args.new_tokens
-    extra: dict[str, Any] = {"load_format": "dummy"}
     root = args.ckpt_dir / f"run-{os.getpid()}"
     result: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d"),
@@ -289,32 +238,31 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         if "decode8b" in phases:
-            path = config_dir(root / "8b", small)
-            one = decode_run(path, device, 1, 128, new_tokens, **extra)
-            many = decode_run(path, device, args.tp, 128, new_tokens, **extra)
+            path = model_dir(small, root)
+            one = decode_run(path, device, 1, 128, new_tokens)
+            many = decode_run(path, device, args.tp, 128, new_tokens)
             result["decode8b"] = {"tp1": one, f"tp{args.tp}": many, "speedup": many["tok_per_s"] / one["tok_per_s"]}
         if "allreduce" in phases:
-            result["allreduce"] = allreduce_step_ms(args.tp, ModelConfig.from_dir(config_dir(root / "8b", small)), device)
+            result["allreduce"] = allreduce_step_ms(args.tp, ModelConfig.from_dir(model_dir(small, root)), device)
         if "decode70b" in phases:
-            path = config_dir(root / "70b", big)
-            result["decode70b"] = decode_run(path, device, args.tp, 128, new_tokens, **extra)
+            result["decode70b"] = decode_run(model_dir(big, root), device, args.tp, 128, new_tokens)
         if "offline70b" in phases:
-            path = config_dir(root / "70b", big)
             n, out_len, lens = (4, 8, (10, 100)) if args.smoke else (128, 256, (100, 1024))
-            result["offline70b"] = bench_throughput(path, device, n, out_len, input_len=lens, tensor_parallel_size=args.tp)
+            result["offline70b"] = bench_throughput(model_dir(big, root), device, n, out_len, input_len=lens, tensor_parallel_size=args.tp)
         if "load70b" in phases:
             # Where the whole checkpoint does not fit, as many layers as do: the load rate
             # (GB/s) is the figure, the full model's time projected from it.
-            layers = layers_that_fit(big, root, dtype)
-            path = write_checkpoint(root / "70b-ckpt", {**big, "num_hidden_layers": layers}, dtype)
+            shape = SHAPES[big][1]
+            layers = layers_that_fit(shape, root, dtype)
+            path = write_checkpoint(root / "70b-ckpt", {**shape, "num_hidden_layers": layers}, dtype)
             res = load_run(path, device, args.tp)
-            fixed, per_layer = checkpoint_bytes(big, dtype)
-            full_gb = (fixed + big["num_hidden_layers"] * per_layer) / 1e9
-            res.update(layers_written=layers, layers=big["num_hidden_layers"], projected_full_load_s=full_gb / res["GBps"])
+            fixed, per_layer = checkpoint_bytes(shape, dtype)
+            full_gb = (fixed + shape["num_hidden_layers"] * per_layer) / 1e9
+            res.update(layers_written=layers, layers=shape["num_hidden_layers"], projected_full_load_s=full_gb / res["GBps"])
             result["load70b"] = res
             shutil.rmtree(path, ignore_errors=True)
         if "check" in phases:
-            path = write_checkpoint(root / "8b-ckpt", small, dtype)
+            path = write_checkpoint(root / "8b-ckpt", SHAPES[small][1], dtype)
             result["check"] = check_greedy(path, device, args.tp, dtype, min(new_tokens, 64))
             shutil.rmtree(path, ignore_errors=True)
     finally:

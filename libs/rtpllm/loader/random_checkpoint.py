@@ -51,6 +51,16 @@ LLAMA_3_1_8B_SHAPE: dict[str, Any] = {
     "rms_norm_eps": 1e-5,
 }
 
+# Llama-3.1-70B (141 GB in bf16): the two-GPU tensor-parallel run (bench/tensor_parallel.py).
+LLAMA_3_1_70B_SHAPE: dict[str, Any] = {
+    **LLAMA_3_1_8B_SHAPE,
+    "hidden_size": 8192,
+    "intermediate_size": 28672,
+    "num_hidden_layers": 80,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 8,
+}
+
 QWEN3_0_6B_SHAPE: dict[str, Any] = {
     "hidden_size": 1024,
     "intermediate_size": 3072,
@@ -105,43 +115,49 @@ def make_config(family: str, **overrides: Any) -> dict[str, Any]:
     return cfg
 
 
-def random_weights(cfg: dict[str, Any], dtype: torch.dtype, seed: int, std: float) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
+def weight_specs(cfg: dict[str, Any]) -> list[tuple[str, tuple[int, ...], str]]:
+    """(name, shape, kind) of every tensor of a checkpoint of `cfg`, in HF layout and in
+    file order; kind is "embed", "linear", "bias" or "norm"."""
     hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     head_dim = cfg.get("head_dim") or hidden // heads
     q, kv = heads * head_dim, kv_heads * head_dim
-    qwen2 = cfg["model_type"] == "qwen2"
+    bias = cfg["model_type"] == "qwen2" or cfg.get("attention_bias")
     qk_norm = cfg["model_type"] == "qwen3"
-
-    def rand(*shape: int, scale: float = std) -> torch.Tensor:
-        return (torch.randn(*shape, generator=g) * scale).to(dtype)
-
-    def norm(dim: int) -> torch.Tensor:
-        return (1.0 + torch.randn(dim, generator=g) * 0.1).to(dtype)
-
-    w: dict[str, torch.Tensor] = {"model.embed_tokens.weight": rand(cfg["vocab_size"], hidden, scale=1.0)}
+    specs: list[tuple[str, tuple[int, ...], str]] = [("model.embed_tokens.weight", (cfg["vocab_size"], hidden), "embed")]
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        w[p + "self_attn.q_proj.weight"] = rand(q, hidden)
-        w[p + "self_attn.k_proj.weight"] = rand(kv, hidden)
-        w[p + "self_attn.v_proj.weight"] = rand(kv, hidden)
-        w[p + "self_attn.o_proj.weight"] = rand(hidden, q)
-        if qwen2 or cfg.get("attention_bias"):
-            w[p + "self_attn.q_proj.bias"] = rand(q)
-            w[p + "self_attn.k_proj.bias"] = rand(kv)
-            w[p + "self_attn.v_proj.bias"] = rand(kv)
+        specs += [
+            (p + "self_attn.q_proj.weight", (q, hidden), "linear"),
+            (p + "self_attn.k_proj.weight", (kv, hidden), "linear"),
+            (p + "self_attn.v_proj.weight", (kv, hidden), "linear"),
+            (p + "self_attn.o_proj.weight", (hidden, q), "linear"),
+        ]
+        if bias:
+            specs += [(p + f"self_attn.{n}_proj.bias", (size,), "bias") for n, size in (("q", q), ("k", kv), ("v", kv))]
         if qk_norm:
-            w[p + "self_attn.q_norm.weight"] = norm(head_dim)
-            w[p + "self_attn.k_norm.weight"] = norm(head_dim)
-        w[p + "mlp.gate_proj.weight"] = rand(inter, hidden)
-        w[p + "mlp.up_proj.weight"] = rand(inter, hidden)
-        w[p + "mlp.down_proj.weight"] = rand(hidden, inter)
-        w[p + "input_layernorm.weight"] = norm(hidden)
-        w[p + "post_attention_layernorm.weight"] = norm(hidden)
-    w["model.norm.weight"] = norm(hidden)
+            specs += [(p + "self_attn.q_norm.weight", (head_dim,), "norm"), (p + "self_attn.k_norm.weight", (head_dim,), "norm")]
+        specs += [
+            (p + "mlp.gate_proj.weight", (inter, hidden), "linear"),
+            (p + "mlp.up_proj.weight", (inter, hidden), "linear"),
+            (p + "mlp.down_proj.weight", (hidden, inter), "linear"),
+            (p + "input_layernorm.weight", (hidden,), "norm"),
+            (p + "post_attention_layernorm.weight", (hidden,), "norm"),
+        ]
+    specs.append(("model.norm.weight", (hidden,), "norm"))
     if not cfg.get("tie_word_embeddings"):
-        w["lm_head.weight"] = rand(cfg["vocab_size"], hidden)
+        specs.append(("lm_head.weight", (cfg["vocab_size"], hidden), "linear"))
+    return specs
+
+
+def random_weights(cfg: dict[str, Any], dtype: torch.dtype, seed: int, std: float) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    w: dict[str, torch.Tensor] = {}
+    for name, shape, kind in weight_specs(cfg):
+        if kind == "norm":
+            w[name] = (1.0 + torch.randn(*shape, generator=g) * 0.1).to(dtype)
+        else:
+            w[name] = (torch.randn(*shape, generator=g) * (1.0 if kind == "embed" else std)).to(dtype)
     return w
 
 
