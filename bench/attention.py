@@ -352,6 +352,42 @@ def sweep_rows(device: str, gen: torch.Generator, smoke: bool) -> list[dict[str,
     return rows
 
 
+# --short-decode: the configs above plus deeper pipelines, which a program streaming a
+# short context (a few tiles) may need to keep enough loads in flight.
+SHORT_DECODE_CONFIGS = DECODE_CONFIGS + ((32, 4, 3), (32, 4, 4), (64, 4, 4), (16, 4, 4))
+
+
+def short_decode_rows(device: str, smoke: bool) -> list[dict[str, Any]]:
+    """The decode kernel where offline runs spend their decode steps: large batches over
+    short contexts, for the 8B's 32 query heads and the 0.6B's 16 (8 KV heads both):
+    each launch config at the split count the heuristic picks and at 2 and 4."""
+    gen = torch.Generator().manual_seed(1)
+    rows: list[dict[str, Any]] = []
+    shapes = ((2, 70, 16),) if smoke else ((256, 512, 32), (256, 768, 32), (256, 768, 16), (128, 1024, 16), (64, 2048, 32))
+    for batch, ctx, hq in shapes:
+        kc, vc, tables, seq_lens, slots = paged_cache(batch, ctx, device, gen)
+        q = torch.randn(batch, hq, D, device=device, dtype=DT)
+        kn = torch.randn(batch, HKV, D, device=device, dtype=DT)
+        out = torch.empty_like(q)
+        kv_bytes = batch * ctx * HKV * D * 4
+        heuristic = decode_mod.decode_num_splits(batch, HKV, hq // HKV, ctx, device_sms(q))
+        default_cfg = decode_mod.decode_config(D)
+        for cfg in ((32, 4, 2), (64, 4, 2)) if smoke else SHORT_DECODE_CONFIGS:
+            for splits in sorted({heuristic, 2, 4}):
+                decode_mod.CONFIG_OVERRIDE = cfg
+                args = (q, kn, kn, kc, vc, tables, seq_lens, slots, D**-0.5, None, out, splits, ctx)
+                row = {"case": "short_decode", "batch": batch, "ctx": ctx, "q_heads": hq, "cfg": cfg, "splits": splits,
+                       "default": cfg == default_cfg and splits == heuristic}  # fmt: skip
+                try:
+                    ms = bench(lambda: decode_mod.paged_decode_attention_triton(*args), device)  # noqa: B023
+                    rows.append({**row, "ms": ms, "gbs": kv_bytes / ms / 1e6})
+                except Exception as exc:
+                    rows.append({**row, "error": repr(exc)[:120]})
+                finally:
+                    decode_mod.CONFIG_OVERRIDE = None
+    return rows
+
+
 VERIFY_CONFIGS = ((64, 4, 2), (64, 8, 2), (32, 4, 2), (32, 8, 2), (128, 8, 2))
 
 
@@ -645,6 +681,7 @@ def main() -> None:
     parser.add_argument("--long", action="store_true", help="also 4k-token chunks over 12k and 28k cached tokens")
     parser.add_argument("--verify", action="store_true", help="only: a speculative verify step's attention, verify kernel vs row by row")
     parser.add_argument("--quant-chunk", action="store_true", help="only: a chunk over a cached prefix, quantized extend kernel vs SDPA over the dequantized context")
+    parser.add_argument("--short-decode", action="store_true", help="only: decode launch configs and splits at large batches over short contexts")
     parser.add_argument("--bw", type=float, default=COPY_BW_GBS, help="copy bandwidth to compare with, GB/s")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -659,6 +696,15 @@ def main() -> None:
         for r in rows:
             print(f"{r['chunk']} over {r['prefix']} | {r['bf16_extend_ms']:.3f} | {r['quant_extend_ms']:.3f} | "
                   f"{r['quant_sdpa_ms']:.3f} | {r['max_abs_diff']:.3g}")  # fmt: skip
+        if args.out:
+            args.out.write_text(json.dumps({"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "rows": rows}, indent=1))
+        return
+    if args.short_decode:
+        rows = short_decode_rows(device, args.smoke)
+        print("batch x ctx, q heads | cfg (BLOCK_N, warps, stages) | splits | ms | GB/s | default")
+        for r in rows:
+            timing = f"{r['ms']:.4f} | {r['gbs']:.0f}" if "ms" in r else f"error {r['error']}"
+            print(f"{r['batch']} x {r['ctx']}, {r['q_heads']} | {r['cfg']} | {r['splits']} | {timing} | {'*' if r['default'] else ''}")
         if args.out:
             args.out.write_text(json.dumps({"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "rows": rows}, indent=1))
         return

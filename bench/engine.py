@@ -21,6 +21,7 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -233,13 +234,60 @@ def profile_prefill(path: Path, device: str, out_dir: Path, prompt_len: int = 40
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
 
 
+def step_timeline(llm: LLM) -> Callable[[], dict[str, Any]]:
+    """Record every step the engine's runner launches: its tokens, its decode rows and the
+    wall time to the next launch (with async scheduling, the slower of the CPU's work on
+    a step and the GPU's). Returns the function that summarizes the steps so far, split
+    into pure-decode steps and steps with prefill tokens (the last step, with no next
+    launch, is left out)."""
+    runner = llm.engine.runner
+    execute = runner.execute
+    marks: list[tuple[float, int, int]] = []
+
+    def timed(step: Any, prev: Any = None) -> Any:
+        marks.append((time.perf_counter(), step.num_tokens, step.num_decodes))
+        return execute(step, prev)
+
+    runner.execute = timed  # type: ignore[method-assign]
+
+    def summary() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        steps = [(t1 - t0, tokens, decodes) for (t0, tokens, decodes), (t1, _, _) in zip(marks, marks[1:], strict=False)]
+        for kind, chosen in (("decode", [s for s in steps if s[1] == s[2]]), ("prefill", [s for s in steps if s[1] > s[2]])):
+            if not chosen:
+                continue
+            secs = sum(s[0] for s in chosen)
+            out[kind] = {
+                "steps": len(chosen),
+                "seconds": secs,
+                "mean_ms": 1e3 * secs / len(chosen),
+                "mean_tokens": sum(s[1] for s in chosen) / len(chosen),
+                "mean_decode_rows": sum(s[2] for s in chosen) / len(chosen),
+                "tokens_per_s": sum(s[1] for s in chosen) / secs,
+            }
+        return out
+
+    return summary
+
+
 def bench_throughput(
-    path: Path, device: str, num_requests: int, output_len: int, seed: int = 0, input_len: tuple[int, int] = (100, 1024), **llm_kw: Any
+    path: Path,
+    device: str,
+    num_requests: int,
+    output_len: int,
+    seed: int = 0,
+    input_len: tuple[int, int] = (100, 1024),
+    timeline: bool = False,
+    **llm_kw: Any,
 ) -> dict[str, Any]:
-    """`llm_kw`: more engine arguments (tensor_parallel_size, ...)."""
+    """`llm_kw`: more engine arguments (tensor_parallel_size, ...). `timeline`: also the
+    steps' split into decode and prefill time (`step_timeline`)."""
     llm = make_llm(path, device, max_model_len=input_len[1] + output_len + 16, max_num_seqs=256, max_num_batched_tokens=8192, **llm_kw)
     try:
+        summary = step_timeline(llm) if timeline else None
         res = run_throughput(llm, num_requests, input_len, output_len, seed)
+        if summary is not None:
+            res["timeline"] = summary()  # the warm-up's few steps included
         res["kv_blocks"] = llm.engine.block_manager.num_blocks
     finally:
         llm.close()  # a tensor-parallel engine's other ranks end with it
@@ -371,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hf-batch", type=int, default=0, metavar="N", help="throughput: also HF generate_batch on N requests of each workload")
     ap.add_argument("--prefill-lens", type=int, nargs="+", default=[4096], help="prefill: prompt lengths")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes and counts (CPU check of the script)")
+    ap.add_argument("--mixed-cuda-graphs", action="store_true", help="throughput: steps with prefill tokens replay piecewise graphs")
+    ap.add_argument("--timeline", action="store_true", help="throughput: also the time in decode steps and in steps with prefill tokens")
     ap.add_argument("--out", default=None, help="write results as JSON here")
     ap.add_argument("--profile", default=None, help="directory: write a batch-1 decode profile (table + trace) there")
     args = ap.parse_args(argv)
@@ -402,9 +452,13 @@ def main(argv: list[str] | None = None) -> int:
             r = bench_step(model_dir(big, root), args.device, batch, ctx=64 if args.smoke else 1024, steps=8 if args.smoke else 32)
             record(f"step[{big},b{batch}]", r, f"{r['step_ms']:.2f} ms, {r['achieved_GBps']:.0f} GB/s = {r['pct_of_copy_bandwidth']:.0f}% of copy bw")
     if args.what in ("throughput", "all"):
-        r = bench_throughput(model_dir(big, root), args.device, n_req, 16 if args.smoke else 256)
+        mixed: dict[str, Any] = {"timeline": args.timeline}
+        if args.mixed_cuda_graphs:
+            mixed["mixed_cuda_graphs"] = True
+        results["mixed_cuda_graphs"] = args.mixed_cuda_graphs
+        r = bench_throughput(model_dir(big, root), args.device, n_req, 16 if args.smoke else 256, **mixed)
         record(f"throughput[{big}]", r, f"{r['output_tok_per_s']:.0f} output tok/s ({r['seconds']:.1f} s)")
-        r = bench_throughput(model_dir(small, root), args.device, n_req, 16 if args.smoke else 512)
+        r = bench_throughput(model_dir(small, root), args.device, n_req, 16 if args.smoke else 512, **mixed)
         record(f"throughput[{small}]", r, f"{r['output_tok_per_s']:.0f} output tok/s ({r['seconds']:.1f} s)")
         if args.hf_batch:
             for shape, out_len in ((big, 16 if args.smoke else 256), (small, 16 if args.smoke else 512)):

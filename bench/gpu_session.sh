@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: carried wheels, GPU tests and benchmarks by phase,
 # full logs under $OUT, a short summary last. Usage: bash bench/gpu_session.sh PHASE...
-# Phases: env kernels model gptfast prefill (PREFILL_LENS) attnlong hfbatch (HF_BATCH) spec (SPEC_ACC SPEC_BATCH SPEC_SHAPE SPEC_TOKENS SPEC_MAX_LEN) specab (the verify kernel against row-by-row verify attention; SPEC_ARGS) verifyattn spectest quantsweep kvqitl (KVQ_BATCH KVQ_CTX KVQ_CFG) profprefill kvqspeed (KVQ_CTX) quantchunk kvqchunk (KVQ_CTX KVQ_CHUNK) kvqprof (KVQ_BATCH KVQ_CTX) tpdry (one GPU) tp8b tp70b (two GPUs)
+# Phases: env kernels model gptfast prefill (PREFILL_LENS) attnlong hfbatch (HF_BATCH) spec (SPEC_ACC SPEC_BATCH SPEC_SHAPE SPEC_TOKENS SPEC_MAX_LEN SPEC_ARGS SPEC_TAG: output name suffix) specab (the verify kernel against row-by-row verify attention; SPEC_ARGS) verifyattn spectest quantsweep kvqitl (KVQ_BATCH KVQ_CTX KVQ_CFG) profprefill kvqspeed (KVQ_CTX) quantchunk kvqchunk (KVQ_CTX KVQ_CHUNK) kvqprof (KVQ_BATCH KVQ_CTX) tpdry (one GPU) tp8b tp70b (two GPUs)
+#          pwtest mixed (MIXED_SHAPE MIXED_ARGS) throughput-mixed (mixed-step graphs, issue 23) shortdecode
 #          structtest structured servingtax servingtax-cpu (ST_ARGS=...) multimodal (MM_ARGS=... MM_LIMIT=s) latency latency-ab engine attention ops load (SWEEP=T:E:D,... COLD_SWEEP=... METHODS=...) serveready loadsweep pinned zerocopy kvtiers routing loadtest
 #         gemvtest xfertest kvxfer pd (kvxfer and pd want two GPUs: nvidia-h100-x2)
 set -u
@@ -43,7 +44,7 @@ for phase in "$@"; do
         tar czf "$OUT/pd-logs.tgz" -C /tmp pd-logs 2>/dev/null ;;
     engine) run engine 290 python3 bench/engine.py all --hf --out "$OUT/engine.json" ;;
     profile) run profile 120 python3 bench/engine.py profile --profile "$OUT" ;;
-    throughput) run throughput 200 python3 bench/engine.py throughput --out "$OUT/throughput.json" ;;
+    throughput) run throughput 200 python3 bench/engine.py throughput --timeline --out "$OUT/throughput.json" ;;
     kernels3) run kernels3 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_kernels.py -k "decode or extend or backend or prefill" ;;
     kernels2) run kernels2 200 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_kernels.py -k "rms_norm or rope or silu or store_kv or backend_mixed or cuda_graph" ;;
     attention) run attention 240 python3 bench/attention.py --no-flex --out "$OUT/attention.json" ;;
@@ -79,20 +80,25 @@ for phase in "$@"; do
     quantchunk) run quantchunk 200 python3 bench/attention.py --quant-chunk --out "$OUT/quant_chunk.json" ;;
     kvqchunk) run kvqchunk 560 python3 bench/kv_quant.py speed --batch 32 --context ${KVQ_CTX:-16384} --quant-chunk-sdpa ${KVQ_CHUNK:-512} \
                 --out "$OUT/kv_quant_speed_chunk_sdpa.json" ;;
+    shortdecode) run shortdecode 200 python3 bench/attention.py --short-decode --out "$OUT/short_decode.json" ;;
     verifyattn) run verifyattn 200 python3 bench/attention.py --verify --out "$OUT/verify_attention.json" ;;
     quantsweep) run quantsweep 300 python3 bench/attention.py --quant-sweep --out "$OUT/quant_sweep.json" ;;
     gptfast) run gptfast 400 python3 bench/gpt_fast_peer.py --gpt-fast .whl/gpt-fast --out "$OUT/gpt_fast.json" ;;
     prefill) run prefill 300 python3 bench/engine.py prefill --prefill-lens ${PREFILL_LENS:-4096 16384 32768} --out "$OUT/prefill.json" ;;
     attnlong) run attnlong 300 python3 bench/attention.py --no-flex --prefill-lens 4096 16384 32768 --long --out "$OUT/attention_long.json" ;;
     hfbatch) run hfbatch 400 python3 bench/engine.py throughput --hf-batch ${HF_BATCH:-64} --out "$OUT/throughput_hf.json" ;;
-    spec) run "spec_a${SPEC_ACC:-0.7}" 500 python3 bench/speculative.py --shape ${SPEC_SHAPE:-llama8b} --device cuda --methods replay \
+    spec) run "spec_${SPEC_SHAPE:-llama8b}_a${SPEC_ACC:-0.7}${SPEC_TAG:-}" 500 python3 bench/speculative.py --shape ${SPEC_SHAPE:-llama8b} --device cuda --methods replay \
             --acceptance ${SPEC_ACC:-0.7} --batch ${SPEC_BATCH:-1 64} --max-tokens ${SPEC_TOKENS:-128} \
-            --max-model-len ${SPEC_MAX_LEN:-1024} --out "$OUT/speculative_a${SPEC_ACC:-0.7}.json" ;;
+            --max-model-len ${SPEC_MAX_LEN:-1024} ${SPEC_ARGS:-} --out "$OUT/speculative_${SPEC_SHAPE:-llama8b}_a${SPEC_ACC:-0.7}${SPEC_TAG:-}.json" ;;
     specab) run "specab_a${SPEC_ACC:-0.7}" 560 python3 bench/speculative.py --shape ${SPEC_SHAPE:-llama8b} --device cuda \
               --methods replay,replay@rows --acceptance ${SPEC_ACC:-0.7} --batch ${SPEC_BATCH:-64} --max-tokens ${SPEC_TOKENS:-128} \
               --max-model-len ${SPEC_MAX_LEN:-1024} ${SPEC_ARGS:-} --out "$OUT/speculative_ab_a${SPEC_ACC:-0.7}.json" ;;
     spectest) run spectest 300 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_speculative_cuda.py tests/gpu/test_verify_attention.py \
                 tests/gpu/test_kernels.py tests/gpu/test_kv_quant_kernels.py -k "speculative or greedy or backend or verify" ;;
+    pwtest) run pwtest 300 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_piecewise_cuda.py ;;
+    mixed) run "mixed_${MIXED_SHAPE:-llama8b}" 560 python3 bench/mixed_steps.py --shape ${MIXED_SHAPE:-llama8b} ${MIXED_ARGS:-} \
+             --out "$OUT/mixed_steps_${MIXED_SHAPE:-llama8b}.json" ;;
+    throughput-mixed) run throughput-mixed 300 python3 bench/engine.py throughput --timeline --mixed-cuda-graphs --out "$OUT/throughput_mixed.json" ;;
     kvqspeed) run kvqspeed 500 python3 bench/kv_quant.py speed --batch 32 --context ${KVQ_CTX:-16384} --out "$OUT/kv_quant_speed.json" ;;
     *) echo "unknown phase $phase" ;;
   esac

@@ -209,6 +209,10 @@ class EngineConfig:
     load_format: str = "auto"
     # Capture the decode step in CUDA graphs (CUDA with a graph-safe attention backend).
     cuda_graphs: bool = True
+    # With cuda_graphs, also replay steps with prefill tokens (up to the step's token
+    # budget) from graphs captured in pieces, attention eager between them
+    # (engine/piecewise_graphs.py).
+    mixed_cuda_graphs: bool = False
     # Launch step n+1 before reading step n's tokens back (None: on for CUDA, off for CPU,
     # where nothing runs asynchronously and the extra step of a finished request is waste).
     async_scheduling: bool | None = None

@@ -71,6 +71,7 @@ class LLM:
         attention_backend: str = "auto",
         load_format: str = "auto",
         cuda_graphs: bool = True,
+        mixed_cuda_graphs: bool = False,
         async_scheduling: bool | None = None,
         offload: OffloadConfig | None = None,
         tensor_parallel_size: int = 1,
@@ -88,6 +89,7 @@ class LLM:
             attention_backend=attention_backend,
             load_format=load_format,
             cuda_graphs=cuda_graphs,
+            mixed_cuda_graphs=mixed_cuda_graphs,
             async_scheduling=async_scheduling,
             cache=CacheConfig(
                 block_size=block_size,

@@ -195,6 +195,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         attention_backend=args.attention_backend,
         load_format=args.load_format,
         cuda_graphs=args.cuda_graphs,
+        mixed_cuda_graphs=args.mixed_cuda_graphs,
         async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
         speculative=speculative,
         cache=CacheConfig(

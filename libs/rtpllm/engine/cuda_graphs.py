@@ -208,16 +208,16 @@ class DecodeGraphs:
         lens = np.concatenate([seq_lens, np.ones(pad, np.int32)]) if pad else seq_lens
         table = np.full((size, width), self.scratch_block, dtype=np.int32)
         table[:batch] = block_tables
-        self.input_ids[:size].copy_(_pinned(ids), non_blocking=True)
-        self.positions[:size].copy_(_pinned(pos), non_blocking=True)
-        self.slot_mapping[:size].copy_(_pinned(slots), non_blocking=True)
-        self.seq_lens[:size].copy_(_pinned(lens), non_blocking=True)
+        self.input_ids[:size].copy_(pinned(ids), non_blocking=True)
+        self.positions[:size].copy_(pinned(pos), non_blocking=True)
+        self.slot_mapping[:size].copy_(pinned(slots), non_blocking=True)
+        self.seq_lens[:size].copy_(pinned(lens), non_blocking=True)
         # Columns past `width` keep stale ids; the kernels never read past seq_len.
-        self.block_tables[:size, :width].copy_(_pinned(table), non_blocking=True)
+        self.block_tables[:size, :width].copy_(pinned(table), non_blocking=True)
         if self.verify:
             spans = decode_spans if decode_spans is not None else np.ones(batch, np.int32)
             spans = np.concatenate([spans, np.ones(pad, np.int32)]) if pad else spans
-            self.decode_spans[:size].copy_(_pinned(spans.astype(np.int32)), non_blocking=True)
+            self.decode_spans[:size].copy_(pinned(spans.astype(np.int32)), non_blocking=True)
         if fill is not None:
             fill(self.input_ids[:size])
         entry = self._graphs[size]
@@ -225,5 +225,6 @@ class DecodeGraphs:
         return entry.logits[:batch], entry.features[:batch] if entry.features is not None else None
 
 
-def _pinned(array: np.ndarray) -> torch.Tensor:
+def pinned(array: np.ndarray) -> torch.Tensor:
+    """`array` copied to pinned host memory, for an asynchronous upload."""
     return torch.from_numpy(np.ascontiguousarray(array)).pin_memory()

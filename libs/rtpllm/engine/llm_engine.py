@@ -22,6 +22,7 @@ from rtpllm.engine.kv_offload import KVOffload
 from rtpllm.engine.model_runner import ModelRunner, PrevTokens
 from rtpllm.engine.multimodal import MultimodalRunner
 from rtpllm.engine.output_processor import Finish, LogprobRow, OutputProcessor
+from rtpllm.engine.piecewise_graphs import mixed_graph_tokens
 from rtpllm.engine.request import Request
 from rtpllm.engine.sampler import PendingSample, Sampler, needs_history, prompt_logprobs
 from rtpllm.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
@@ -207,7 +208,9 @@ class LLMEngine:
         if self.tp is not None:
             self.tp.send_shape(num_blocks, max_len)  # the other ranks build their pools, graphs
         if config.cuda_graphs:
-            self.runner.enable_cuda_graphs(plain_graph_rows(config), max_len, verify_graph_rows(config), verify_span(config))
+            self.runner.enable_cuda_graphs(
+                plain_graph_rows(config), max_len, verify_graph_rows(config), verify_span(config), mixed_graph_tokens(config)
+            )
             if self._draft is not None:
                 self._draft.enable_cuda_graphs(plain_graph_rows(config))
         self.sampler = Sampler(self.device, config.seed)

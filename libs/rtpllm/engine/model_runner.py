@@ -1,5 +1,6 @@
 """Runs the model for one scheduled step: packs the batch, calls the model (or replays a
-CUDA graph for a pure decode step), returns the logits the sampler needs (and
+CUDA graph: the whole step for a pure decode step, pieces around attention for a step with
+prefill tokens when mixed-step graphs are on), returns the logits the sampler needs (and
 prompt-logprob logits when asked). With `enable_features` (speculative EAGLE heads) it
 also returns every packed row's hidden-state features (`DecoderLM.feature_layers`).
 
@@ -20,6 +21,7 @@ import torch
 from rtpllm.attention import AttentionBackend, AttentionMetadata, decode_spans
 from rtpllm.engine.cuda_graphs import DecodeGraphs
 from rtpllm.engine.multimodal import MultimodalRunner, Splice
+from rtpllm.engine.piecewise_graphs import PiecewiseGraphs
 from rtpllm.engine.request import PLACEHOLDER
 from rtpllm.engine.scheduler import ScheduledRequest, SchedulerOutput
 from rtpllm.kvcache.block_manager import BlockManager
@@ -154,6 +156,7 @@ class ModelRunner:
         self.logits_observer: LogitsObserver | None = None
         self.graphs: DecodeGraphs | None = None
         self.verify_graphs: DecodeGraphs | None = None
+        self.mixed_graphs: PiecewiseGraphs | None = None
         self.tp = tp
         self.capture_features = False
 
@@ -165,15 +168,30 @@ class ModelRunner:
             raise ValueError("hidden-state features (EAGLE heads) are not supported with tensor parallelism")
         self.capture_features = True
 
-    def enable_cuda_graphs(self, max_batch: int, max_seq_len: int, max_verify_rows: int = 0, max_verify_span: int = 1) -> None:
-        """Capture decode graphs of up to `max_batch` rows, and verify-step graphs of up to
-        `max_verify_rows` rows in groups of up to `max_verify_span` per sequence (CUDA
-        with a graph-safe attention backend only)."""
+    def enable_cuda_graphs(
+        self,
+        max_batch: int,
+        max_seq_len: int,
+        max_verify_rows: int = 0,
+        max_verify_span: int = 1,
+        max_mixed_tokens: int = 0,
+    ) -> None:
+        """Capture decode graphs of up to `max_batch` rows, verify-step graphs of up to
+        `max_verify_rows` rows in groups of up to `max_verify_span` per sequence, and
+        piecewise graphs of the other steps of up to `max_mixed_tokens` tokens (CUDA with
+        a graph-safe attention backend only; no mixed-step graphs while the runner
+        returns features)."""
         if not self.device.startswith("cuda") or not self.backend.supports_cuda_graphs:
             return
         self.graphs = self._capture(max_batch, max_seq_len, verify=False)
         if max_verify_rows:
             self.verify_graphs = self._capture(max_verify_rows, max_seq_len, verify=True, verify_span=max_verify_span)
+        if max_mixed_tokens and not self.capture_features:
+            self.mixed_graphs = PiecewiseGraphs(
+                self.model, self.kv_caches, self.backend, max_tokens=max_mixed_tokens, device=self.device,
+                memory_pool=self.graphs.pool,
+            )  # fmt: skip
+            self.mixed_graphs.capture()
 
     def _capture(self, max_batch: int, max_seq_len: int, verify: bool, verify_span: int = 1) -> DecodeGraphs:
         graphs = DecodeGraphs(
@@ -372,6 +390,9 @@ class ModelRunner:
         when the runner captures them."""
         up = self._upload
         meta = self.attention_metadata(batch)
+        mixed = self.mixed_graphs
+        if mixed is not None and batch.is_plain and mixed.fits(len(batch.input_ids)):
+            return mixed.run(batch.input_ids, batch.positions, meta, fill), None
         input_ids = up(batch.input_ids)
         if fill is not None:
             fill(input_ids)

@@ -31,6 +31,7 @@ from rtpllm.attention import get_backend
 from rtpllm.config import EngineConfig, parse_dtype
 from rtpllm.engine.cuda_graphs import plain_graph_rows, verify_graph_rows, verify_span
 from rtpllm.engine.model_runner import ModelRunner
+from rtpllm.engine.piecewise_graphs import mixed_graph_tokens
 from rtpllm.engine.tensor_parallel import WorkerPayload
 from rtpllm.engine.tp_kv import KVShardServer
 from rtpllm.engine.tp_step import StepChannel
@@ -77,7 +78,9 @@ class ShardWorker:
         self.kv_server = KVShardServer(group, pool.kv)
         if config.cuda_graphs:
             # Captured with rank 0, collectives included: same sizes, same order.
-            self.runner.enable_cuda_graphs(plain_graph_rows(config), max_len, verify_graph_rows(config), verify_span(config))
+            self.runner.enable_cuda_graphs(
+                plain_graph_rows(config), max_len, verify_graph_rows(config), verify_span(config), mixed_graph_tokens(config)
+            )
         # After the capture: no other thread may use the device while a graph is captured.
         self.kv_server.start()
 
