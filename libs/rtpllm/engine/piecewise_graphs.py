@@ -17,11 +17,10 @@ in static buffers (storing the step's K/V as any eager step does), replays piece
 so on. The logits of the sampling rows are computed eagerly from the last piece's output,
 as on the eager path.
 
-Pieces are captured per token count on a ladder (16, 32, ..., 256, 288, ... up to the step
-budget: `token_ladder`); a
-step of T tokens replays the smallest size >= T with the extra rows padded. Attention and
-the KV cache see only the real rows; padded rows pass through per-token ops alone, so
-they cannot change a real row's result.
+Pieces are captured per token count on a ladder (16, 32, ..., 256, 288, ... up to the
+step budget: `token_ladder`); a step of T tokens replays the smallest size >= T with the
+extra rows padded. Attention and the KV cache see only the real rows; padded rows pass
+through per-token ops alone, so they cannot change a real row's result.
 
 Capture ends and begins pieces from inside the model's forward: while the model is
 captured, every layer's attention backend is swapped for a `_Cut`, which copies q/k/v to
@@ -29,8 +28,9 @@ the static buffers, ends the piece being captured, records the layer's call (its
 scale, window) and begins the next piece. Nothing in the model changes for this.
 
 Why: eager, each of a step's ~15 launches per layer costs the CPU several microseconds;
-with a small model or a small step the GPU waits on them (docs/benchmarks.md, "Mixed
-steps").
+with a small model or a small step the GPU waits on them. Measured on an H100 (8B shape,
+2k-token prompts arriving beside 32 decoding streams): decode ITL p99 20.2 ms eager,
+13.7 ms with the pieces (docs/benchmarks.md, "Mixed-step CUDA graphs").
 """
 
 from __future__ import annotations
