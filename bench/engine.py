@@ -234,12 +234,12 @@ def profile_prefill(path: Path, device: str, out_dir: Path, prompt_len: int = 40
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
 
 
-def step_timeline(llm: LLM) -> Callable[[], dict[str, Any]]:
+def step_timeline(llm: LLM) -> tuple[Callable[[], dict[str, Any]], Callable[[], None]]:
     """Record every step the engine's runner launches: its tokens, its decode rows and the
     wall time to the next launch (with async scheduling, the slower of the CPU's work on
-    a step and the GPU's). Returns the function that summarizes the steps so far, split
-    into pure-decode steps and steps with prefill tokens (the last step, with no next
-    launch, is left out)."""
+    a step and the GPU's). Returns (summary, reset): the summary of the steps since the
+    last reset, split into pure-decode steps and steps with prefill tokens (the last
+    step, with no next launch, is left out)."""
     runner = llm.engine.runner
     execute = runner.execute
     marks: list[tuple[float, int, int]] = []
@@ -267,7 +267,7 @@ def step_timeline(llm: LLM) -> Callable[[], dict[str, Any]]:
             }
         return out
 
-    return summary
+    return summary, marks.clear
 
 
 def bench_throughput(
@@ -284,10 +284,10 @@ def bench_throughput(
     steps' split into decode and prefill time (`step_timeline`)."""
     llm = make_llm(path, device, max_model_len=input_len[1] + output_len + 16, max_num_seqs=256, max_num_batched_tokens=8192, **llm_kw)
     try:
-        summary = step_timeline(llm) if timeline else None
-        res = run_throughput(llm, num_requests, input_len, output_len, seed)
+        summary, reset = step_timeline(llm) if timeline else (None, None)
+        res = run_throughput(llm, num_requests, input_len, output_len, seed, on_timed_start=reset)
         if summary is not None:
-            res["timeline"] = summary()  # the warm-up's few steps included
+            res["timeline"] = summary()
         res["kv_blocks"] = llm.engine.block_manager.num_blocks
     finally:
         llm.close()  # a tensor-parallel engine's other ranks end with it

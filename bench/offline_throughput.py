@@ -15,6 +15,7 @@ import json
 import random
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -30,15 +31,24 @@ def random_prompts(vocab: int, n: int, input_len: tuple[int, int], seed: int) ->
 
 
 def run_throughput(
-    llm: LLM, num_prompts: int, input_len: tuple[int, int], output_len: int, seed: int = 0, temperature: float = 0.0
+    llm: LLM,
+    num_prompts: int,
+    input_len: tuple[int, int],
+    output_len: int,
+    seed: int = 0,
+    temperature: float = 0.0,
+    on_timed_start: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
-    """Generate for a seeded random workload; return counts, seconds and tok/s."""
+    """Generate for a seeded random workload; return counts, seconds and tok/s.
+    `on_timed_start`: called after the warm-up, as the timed run starts."""
     prompts = random_prompts(llm.engine.model_config.vocab_size, num_prompts, input_len, seed)
     params = SamplingParams(temperature=temperature, seed=seed if temperature else None, max_tokens=output_len, ignore_eos=True)
     # Warm-up: kernel compilation and allocator growth stay out of the timing.
     llm.generate([p[:32] for p in prompts[: min(8, num_prompts)]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+    if on_timed_start is not None:
+        on_timed_start()
     start = time.perf_counter()
     outs = llm.generate(prompts, params)
     if torch.cuda.is_available():

@@ -1,0 +1,34 @@
+"""bench/engine.py throughput --timeline on the CPU (tiny shape): the step timeline that
+splits an offline run into decode steps and steps with prefill tokens adds up. In a
+subprocess, as the bench is run (engines built in the test process would leave their
+OpenMP settings to later tests' subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.timeout(180)
+def test_throughput_timeline_adds_up(tmp_path: Path) -> None:
+    out = tmp_path / "engine.json"
+    argv = [sys.executable, "bench/engine.py", "throughput", "--smoke", "--timeline", "--device", "cpu", "--out", str(out)]
+    proc = subprocess.run(argv, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=170)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    res = json.loads(out.read_text())
+    run = res["throughput[tiny]"]
+    timeline = run["timeline"]
+    decode, prefill = timeline["decode"], timeline["prefill"]
+    assert decode["steps"] > 0 and prefill["steps"] > 0
+    assert decode["mean_tokens"] == decode["mean_decode_rows"]  # pure decode steps
+    assert prefill["mean_tokens"] > prefill["mean_decode_rows"]
+    # The timed run's steps, from the first launch to the last: within its wall time.
+    assert 0.5 * run["seconds"] < decode["seconds"] + prefill["seconds"] <= run["seconds"]
+    assert run["output_tokens"] == run["requests"] * 16
