@@ -73,17 +73,21 @@ def bench(fn: Callable[[], Any], device: str, graph: bool = False) -> float:
     return float(triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median"))
 
 
-def paged_cache(batch: int, ctx: int, device: str, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+def paged_cache(
+    batch: int, ctx: int, device: str, gen: torch.Generator, lens: list[int] | None = None
+) -> tuple[torch.Tensor, ...]:
     """A layer's K/V views of a [1, 2, blocks, 16, 8, 128] pool, shuffled block tables,
-    and the decode metadata for contexts of `ctx` (the newest token included)."""
+    and the decode metadata for contexts of `ctx` (the newest token included); `lens`:
+    each sequence's own context instead (at most `ctx`)."""
     per_seq = -(-ctx // BLOCK)
     num_blocks = batch * per_seq + 1
     pool = torch.randn(1, 2, num_blocks, BLOCK, HKV, D, device=device, dtype=DT)
     perm = torch.randperm(num_blocks, device="cpu", generator=gen)[: batch * per_seq]
     tables = perm.view(batch, per_seq).to(torch.int32).to(device)
-    seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
-    last = ctx - 1
-    slots = tables[:, last // BLOCK].long() * BLOCK + last % BLOCK
+    lengths = torch.tensor(lens if lens is not None else [ctx] * batch, dtype=torch.int64, device=device)
+    seq_lens = lengths.to(torch.int32)
+    last = lengths - 1
+    slots = tables.gather(1, (last // BLOCK).view(-1, 1)).view(-1).long() * BLOCK + last % BLOCK
     return pool[0, 0], pool[0, 1], tables, seq_lens, slots
 
 
@@ -360,24 +364,31 @@ SHORT_DECODE_CONFIGS = DECODE_CONFIGS + ((32, 4, 3), (32, 4, 4), (64, 4, 4), (16
 def short_decode_rows(device: str, smoke: bool) -> list[dict[str, Any]]:
     """The decode kernel where offline runs spend their decode steps: large batches over
     short contexts, for the 8B's 32 query heads and the 0.6B's 16 (8 KV heads both):
-    each launch config at the split count the heuristic picks and at 2 and 4."""
+    each launch config at the split count the heuristic picks and at 2 and 4. The
+    "mixed" rows give the sequences lengths uniform in 100..ctx (seeded), as an offline
+    batch has: the longest sequences' programs then set the kernel's tail."""
     gen = torch.Generator().manual_seed(1)
     rows: list[dict[str, Any]] = []
-    shapes = ((2, 70, 16),) if smoke else ((256, 512, 32), (256, 768, 32), (256, 768, 16), (128, 1024, 16), (64, 2048, 32))
-    for batch, ctx, hq in shapes:
-        kc, vc, tables, seq_lens, slots = paged_cache(batch, ctx, device, gen)
+    shapes = (
+        ((2, 70, 16, False), (3, 70, 16, True)) if smoke
+        else ((256, 512, 32, False), (256, 768, 32, False), (256, 768, 16, False), (128, 1024, 16, False),
+              (64, 2048, 32, False), (256, 1300, 16, True), (256, 1300, 32, True))
+    )  # fmt: skip
+    for batch, ctx, hq, mixed in shapes:
+        lens = [int(n) for n in torch.randint(min(100, ctx), ctx + 1, (batch,), generator=gen)] if mixed else None
+        kc, vc, tables, seq_lens, slots = paged_cache(batch, ctx, device, gen, lens)
         q = torch.randn(batch, hq, D, device=device, dtype=DT)
         kn = torch.randn(batch, HKV, D, device=device, dtype=DT)
         out = torch.empty_like(q)
-        kv_bytes = batch * ctx * HKV * D * 4
+        kv_bytes = sum(lens or [ctx] * batch) * HKV * D * 4
         heuristic = decode_mod.decode_num_splits(batch, HKV, hq // HKV, ctx, device_sms(q))
         default_cfg = decode_mod.decode_config(D)
         for cfg in ((32, 4, 2), (64, 4, 2)) if smoke else SHORT_DECODE_CONFIGS:
             for splits in sorted({heuristic, 2, 4}):
                 decode_mod.CONFIG_OVERRIDE = cfg
                 args = (q, kn, kn, kc, vc, tables, seq_lens, slots, D**-0.5, None, out, splits, ctx)
-                row = {"case": "short_decode", "batch": batch, "ctx": ctx, "q_heads": hq, "cfg": cfg, "splits": splits,
-                       "default": cfg == default_cfg and splits == heuristic}  # fmt: skip
+                row = {"case": "short_decode", "batch": batch, "ctx": ctx, "mixed_lengths": mixed, "q_heads": hq, "cfg": cfg,
+                       "splits": splits, "default": cfg == default_cfg and splits == heuristic}  # fmt: skip
                 try:
                     ms = bench(lambda: decode_mod.paged_decode_attention_triton(*args), device)  # noqa: B023
                     rows.append({**row, "ms": ms, "gbs": kv_bytes / ms / 1e6})
@@ -701,10 +712,11 @@ def main() -> None:
         return
     if args.short_decode:
         rows = short_decode_rows(device, args.smoke)
-        print("batch x ctx, q heads | cfg (BLOCK_N, warps, stages) | splits | ms | GB/s | default")
+        print("batch x ctx (mixed: lengths 100..ctx), q heads | cfg (BLOCK_N, warps, stages) | splits | ms | GB/s | default")
         for r in rows:
             timing = f"{r['ms']:.4f} | {r['gbs']:.0f}" if "ms" in r else f"error {r['error']}"
-            print(f"{r['batch']} x {r['ctx']}, {r['q_heads']} | {r['cfg']} | {r['splits']} | {timing} | {'*' if r['default'] else ''}")
+            ctx = f"{r['ctx']}{' mixed' if r['mixed_lengths'] else ''}"
+            print(f"{r['batch']} x {ctx}, {r['q_heads']} | {r['cfg']} | {r['splits']} | {timing} | {'*' if r['default'] else ''}")
         if args.out:
             args.out.write_text(json.dumps({"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "rows": rows}, indent=1))
         return
