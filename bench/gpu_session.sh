@@ -76,7 +76,7 @@ for phase in "$@"; do
     tp8b) run tp8b 500 python3 bench/tensor_parallel.py decode8b allreduce check --tp 2 --out "$OUT/tensor_parallel_8b.json" ;;
     tp70b) run tp70b 580 python3 bench/tensor_parallel.py decode70b offline70b load70b --tp 2 --out "$OUT/tensor_parallel_70b.json" ;;
     kvqprof) run kvqprof 400 python3 bench/kv_quant.py profile --batch ${KVQ_BATCH:-16} --context ${KVQ_CTX:-16384} \
-               --profile-dir "$OUT/kvqprof" --out "$OUT/kv_quant_profile.json" ;;
+               --quant-store-first --profile-dir "$OUT/kvqprof" --out "$OUT/kv_quant_profile.json" ;;
     quantchunk) run quantchunk 200 python3 bench/attention.py --quant-chunk --out "$OUT/quant_chunk.json" ;;
     kvqchunk) run kvqchunk 560 python3 bench/kv_quant.py speed --batch 32 --context ${KVQ_CTX:-16384} --quant-chunk-sdpa ${KVQ_CHUNK:-512} \
                 --out "$OUT/kv_quant_speed_chunk_sdpa.json" ;;

@@ -216,7 +216,15 @@ def bench_capacity(path: Path, device: str, cpu_bytes: int = 1 << 30, engine: bo
 
 
 def bench_decode_itl(
-    path: Path, device: str, fmt: str, batch: int, context: int, steps: int, profile_dir: Path | None = None, cuda_graphs: bool = True
+    path: Path,
+    device: str,
+    fmt: str,
+    batch: int,
+    context: int,
+    steps: int,
+    profile_dir: Path | None = None,
+    cuda_graphs: bool = True,
+    tag: str = "",
 ) -> dict[str, Any]:
     """Mean decode step time (inter-token latency) with `batch` sequences of `context`
     tokens, after their prefill; None-valued when the pool cannot hold them. With
@@ -254,7 +262,7 @@ def bench_decode_itl(
         if prof is not None and profile_dir is not None:
             prof.__exit__(None, None, None)
             table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
-            (profile_dir / f"decode_profile_{fmt}{'' if cuda_graphs else '_eager'}.txt").write_text(
+            (profile_dir / f"decode_profile_{fmt}{tag}{'' if cuda_graphs else '_eager'}.txt").write_text(
                 f"{batch} x {context} tokens, {steps} steps, {itl * 1e3:.2f} ms per step\n{table}\n"
             )
         while eng.has_unfinished_requests():
@@ -434,6 +442,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--decode-config", help="speed: BLOCK_N,warps,stages forced on the quantized decode kernel")
     p.add_argument("--quant-chunk-sdpa", type=int, metavar="TOKENS", help="speed: also run fp8/int8 offline with chunks of >= TOKENS over a cached prefix through SDPA")
     p.add_argument("--profile-dir", type=Path, help="profile: where the per-kernel tables go")
+    p.add_argument("--quant-store-first", action="store_true", help="profile: also fp8 with the decode rows' K/V stored before attention (triton_backend.QUANT_DECODE_STORE_FIRST)")
     p.add_argument("--smoke", action="store_true", help="capacity/speed on the tiny shape with small sizes (CPU check of the code)")
     p.add_argument("--out", help="write the results here (JSON)")
     args = p.parse_args(argv)
@@ -461,10 +470,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             out_dir = args.profile_dir or Path(".")
             out_dir.mkdir(parents=True, exist_ok=True)
             batch, context, steps = (2, 64, 2) if args.smoke else (args.batch, args.context, 8)
+            modes = (False,) if args.smoke else (True, False)
             result["profile"] = {
                 f"{fmt}{'' if graphs else '_eager'}": bench_decode_itl(path, device, fmt, batch, context, steps, out_dir, graphs)
-                for fmt in ("bf16", "fp8") for graphs in ((False,) if args.smoke else (True, False))
+                for fmt in ("bf16", "fp8") for graphs in modes
             }  # fmt: skip
+            if args.quant_store_first:
+                from rtpllm.attention import triton_backend
+
+                triton_backend.QUANT_DECODE_STORE_FIRST = True
+                try:
+                    for graphs in modes:
+                        result["profile"][f"fp8_store_first{'' if graphs else '_eager'}"] = bench_decode_itl(
+                            path, device, "fp8", batch, context, steps, out_dir, graphs, tag="_store_first"
+                        )
+                finally:
+                    triton_backend.QUANT_DECODE_STORE_FIRST = False
         if args.what == "speed" or (args.what == "all" and device == "cuda"):
             if args.smoke:
                 result["speed"] = bench_speed(path, device, 2, 64, 2, 2, 32, 64, 4)

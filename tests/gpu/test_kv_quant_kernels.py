@@ -205,9 +205,16 @@ def test_extend_quantized_prefill_and_chunks(kernel_device: str, fmt: str) -> No
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_backend_quantized_matches_torch_backend(kernel_device: str, fmt: str) -> None:
+@pytest.mark.parametrize("store_first", [False, True])
+def test_backend_quantized_matches_torch_backend(
+    kernel_device: str, fmt: str, store_first: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The Triton backend on a mixed decode + extend step equals the torch backend (the
-    CPU engine's path) on the same quantized pool: both attend to the stored KV."""
+    CPU engine's path) on the same quantized pool: both attend to the stored KV. With
+    QUANT_DECODE_STORE_FIRST the decode rows' K/V go through the store kernel first."""
+    from rtpllm.attention import triton_backend
+
+    monkeypatch.setattr(triton_backend, "QUANT_DECODE_STORE_FIRST", store_first)
     case = make_case([50, 31, 90, 40], [1, 1, 30, 40], 8, 2, 64, 16, torch.float32, kernel_device, seed=21)
     qc = QuantCase(case, fmt)
     _, k2, v2, ks2, vs2 = qc.clone_pool()

@@ -46,6 +46,13 @@ GROUPED_VERIFY = True
 # 4,096, and 3.3 against 13.7 ms for 4,096 over 12,288 (bench/attention.py --quant-chunk,
 # docs/kv_quantization.md); shorter chunks were not measured and stay on the kernel.
 QUANT_CHUNK_SDPA_MIN_TOKENS: int | None = 512
+# A quantized cache's decode rows: True stores their K/V (quantized) with the store
+# kernel first and attends from the cache alone, instead of the decode kernel quantizing
+# and storing the new token itself. In the engine the fused quantized decode kernel ran
+# 17% slower than the bf16 one per layer on an H100 (docs/kv_quantization.md); whether
+# the lighter kernel pays for the extra launch is for a GPU run to say
+# (bench/kv_quant.py profile --quant-store-first). Off until then.
+QUANT_DECODE_STORE_FIRST = False
 
 
 class TritonAttentionBackend(AttentionBackend):
@@ -99,7 +106,7 @@ class TritonAttentionBackend(AttentionBackend):
         if nd > 0:
             # The decode kernel stores each row's new K/V itself and attends to it from
             # registers; rows of one sequence need each other's K/V in the cache first.
-            fused = not meta.decode_rows_share_seqs
+            fused = not meta.decode_rows_share_seqs and not (k_scale is not None and QUANT_DECODE_STORE_FIRST)
             if not fused:
                 store_kv_triton(k[:nd], v[:nd], k_cache, v_cache, meta.slot_mapping[:nd], k_scale, v_scale)
             if not fused and self._grouped(q, k, meta):
