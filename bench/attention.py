@@ -300,6 +300,25 @@ def extend_rows(device: str, smoke: bool, gen: torch.Generator, long: bool = Fal
     return rows
 
 
+def with_decode_config(cfg: tuple[int, int, int], fn: Callable[[], Any], device: str, nbytes: int) -> dict[str, Any]:
+    """{"ms", "gbs"} of fn() with the decode kernel's launch forced to `cfg` (gbs: `nbytes`
+    per call), or {"error"} where that launch fails (a config the card cannot run)."""
+    decode_mod.CONFIG_OVERRIDE = cfg
+    try:
+        ms = bench(fn, device)
+        return {"ms": ms, "gbs": nbytes / ms / 1e6}
+    except Exception as exc:
+        return {"error": repr(exc)[:120]}
+    finally:
+        decode_mod.CONFIG_OVERRIDE = None
+
+
+def write_rows(path: Path | None, device: str, rows: list[dict[str, Any]]) -> None:
+    """The rows of an "only:" mode as JSON, with the device they ran on."""
+    if path is not None:
+        path.write_text(json.dumps({"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "rows": rows}, indent=1))
+
+
 def sweep_rows(device: str, gen: torch.Generator, smoke: bool) -> list[dict[str, Any]]:
     """Decode launch configs (BLOCK_N, num_warps, num_stages) and split counts at a few
     shapes, to pick the defaults."""
@@ -314,25 +333,8 @@ def sweep_rows(device: str, gen: torch.Generator, smoke: bool) -> list[dict[str,
         args = (q, kn, kn, kc, vc, tables, seq_lens, slots, D**-0.5, None, out, None, ctx)
         configs = ((32, 4, 2), (64, 4, 2)) if smoke else DECODE_CONFIGS
         for cfg in configs:
-            decode_mod.CONFIG_OVERRIDE = cfg
-            try:
-                ms = bench(lambda: decode_mod.paged_decode_attention_triton(*args), device)  # noqa: B023
-                rows.append(
-                    {
-                        "case": "sweep",
-                        "batch": batch,
-                        "ctx": ctx,
-                        "cfg": cfg,
-                        "ms": ms,
-                        "gbs": kv_bytes / ms / 1e6,
-                    }
-                )
-            except Exception as exc:
-                rows.append(
-                    {"case": "sweep", "batch": batch, "ctx": ctx, "cfg": cfg, "error": repr(exc)[:120]}
-                )
-            finally:
-                decode_mod.CONFIG_OVERRIDE = None
+            timing = with_decode_config(cfg, lambda: decode_mod.paged_decode_attention_triton(*args), device, kv_bytes)  # noqa: B023
+            rows.append({"case": "sweep", "batch": batch, "ctx": ctx, "cfg": cfg, **timing})
     for batch, ctx in ((2, 70),) if smoke else ((1, 4096), (16, 4096), (64, 1024), (64, 4096)):
         kc, vc, tables, seq_lens, slots = paged_cache(batch, ctx, device, gen)
         q = torch.randn(batch, HQ, D, device=device, dtype=DT)
@@ -385,17 +387,10 @@ def short_decode_rows(device: str, smoke: bool) -> list[dict[str, Any]]:
         default_cfg = decode_mod.decode_config(D)
         for cfg in ((32, 4, 2), (64, 4, 2)) if smoke else SHORT_DECODE_CONFIGS:
             for splits in sorted({heuristic, 2, 4}):
-                decode_mod.CONFIG_OVERRIDE = cfg
                 args = (q, kn, kn, kc, vc, tables, seq_lens, slots, D**-0.5, None, out, splits, ctx)
-                row = {"case": "short_decode", "batch": batch, "ctx": ctx, "mixed_lengths": mixed, "q_heads": hq, "cfg": cfg,
-                       "splits": splits, "default": cfg == default_cfg and splits == heuristic}  # fmt: skip
-                try:
-                    ms = bench(lambda: decode_mod.paged_decode_attention_triton(*args), device)  # noqa: B023
-                    rows.append({**row, "ms": ms, "gbs": kv_bytes / ms / 1e6})
-                except Exception as exc:
-                    rows.append({**row, "error": repr(exc)[:120]})
-                finally:
-                    decode_mod.CONFIG_OVERRIDE = None
+                timing = with_decode_config(cfg, lambda: decode_mod.paged_decode_attention_triton(*args), device, kv_bytes)  # noqa: B023
+                rows.append({"case": "short_decode", "batch": batch, "ctx": ctx, "mixed_lengths": mixed, "q_heads": hq, "cfg": cfg,
+                             "splits": splits, "default": cfg == default_cfg and splits == heuristic, **timing})  # fmt: skip
     return rows
 
 
@@ -548,20 +543,16 @@ def quant_sweep_rows(device: str, smoke: bool, fmt: str = "fp8") -> list[dict[st
     default_splits = decode_mod.decode_num_splits(batch, HKV, HQ // HKV, ctx, device_sms(q))
     for cfg in ((64, 8, 2),) if smoke else QUANT_DECODE_CONFIGS:
         for splits in (default_splits,) if smoke else (default_splits, max(1, default_splits // 2), default_splits * 2):
-            decode_mod.CONFIG_OVERRIDE = cfg
-            try:
-                ms = bench(
-                    lambda: decode_mod.paged_decode_attention_triton(  # noqa: B023
-                        q, kn, kn, qk, qv, tables, seq_lens, slots, D**-0.5, None, out=out, num_splits=splits,  # noqa: B023
-                        max_seq_len=ctx, k_scale=ks, v_scale=vs,
-                    ),
-                    device,
-                )
-                rows.append({"case": "quant_sweep", "fmt": fmt, "cfg": cfg, "splits": splits, "ms": ms, "gbs": q_bytes / ms / 1e6})
-            except Exception as exc:
-                rows.append({"case": "quant_sweep", "fmt": fmt, "cfg": cfg, "splits": splits, "error": repr(exc)[:120]})
-            finally:
-                decode_mod.CONFIG_OVERRIDE = None
+            timing = with_decode_config(
+                cfg,
+                lambda: decode_mod.paged_decode_attention_triton(  # noqa: B023
+                    q, kn, kn, qk, qv, tables, seq_lens, slots, D**-0.5, None, out=out, num_splits=splits,  # noqa: B023
+                    max_seq_len=ctx, k_scale=ks, v_scale=vs,
+                ),
+                device,
+                q_bytes,
+            )
+            rows.append({"case": "quant_sweep", "fmt": fmt, "cfg": cfg, "splits": splits, **timing})
     return rows
 
 
@@ -707,8 +698,7 @@ def main() -> None:
         for r in rows:
             print(f"{r['chunk']} over {r['prefix']} | {r['bf16_extend_ms']:.3f} | {r['quant_extend_ms']:.3f} | "
                   f"{r['quant_sdpa_ms']:.3f} | {r['max_abs_diff']:.3g}")  # fmt: skip
-        if args.out:
-            args.out.write_text(json.dumps({"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "rows": rows}, indent=1))
+        write_rows(args.out, device, rows)
         return
     if args.short_decode:
         rows = short_decode_rows(device, args.smoke)
@@ -717,8 +707,7 @@ def main() -> None:
             timing = f"{r['ms']:.4f} | {r['gbs']:.0f}" if "ms" in r else f"error {r['error']}"
             ctx = f"{r['ctx']}{' mixed' if r['mixed_lengths'] else ''}"
             print(f"{r['batch']} x {ctx}, {r['q_heads']} | {r['cfg']} | {r['splits']} | {timing} | {'*' if r['default'] else ''}")
-        if args.out:
-            args.out.write_text(json.dumps({"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "rows": rows}, indent=1))
+        write_rows(args.out, device, rows)
         return
     if args.verify:
         rows = verify_attention_rows(device, args.smoke)
@@ -728,8 +717,7 @@ def main() -> None:
             best = min(cfgs, key=cfgs.__getitem__) if cfgs else "-"
             print(f"{r['batch']} x {r['ctx']} | {r['rows_ms']:.3f} | {r['verify_ms']:.3f} | {r['plain_decode_ms']:.3f} | "
                   f"{r['verify_gbs']:.0f} | {best} {cfgs.get(best, float('nan')):.3f}")  # fmt: skip
-        if args.out:
-            args.out.write_text(json.dumps({"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "rows": rows}, indent=1))
+        write_rows(args.out, device, rows)
         return
     if args.quant_sweep:
         rows = quant_sweep_rows(device, args.smoke)

@@ -164,7 +164,7 @@ class PiecewiseGraphs:
         hidden states (a view of a static buffer, valid until the next replay). `meta` is
         the step's own (uploaded) metadata; `fill` patches input ids on the device."""
         tokens = len(input_ids)
-        size = next(s for s in self.sizes if s >= tokens)
+        size = self._size_for(tokens)
         pad = size - tokens
         ids = np.concatenate([input_ids, np.zeros(pad, np.int64)]) if pad else input_ids
         pos = np.concatenate([positions, np.zeros(pad, np.int64)]) if pad else positions
@@ -173,7 +173,7 @@ class PiecewiseGraphs:
         if fill is not None:
             fill(self.input_ids[:size])
         bucket = self._buckets[size]
-        for piece, call in zip(bucket.pieces, self.calls, strict=False):
+        for piece, call in zip(bucket.pieces[:-1], self.calls, strict=True):
             piece.replay()
             self.attend(call, meta, tokens)
         bucket.pieces[-1].replay()
@@ -184,7 +184,7 @@ class PiecewiseGraphs:
         """What `run` computes, without graphs: the forward through the same cuts, static
         buffers and padding (any device; the CPU tests check the plumbing with it)."""
         tokens = input_ids.shape[0]
-        size = next(s for s in self.sizes if s >= tokens)
+        size = self._size_for(tokens)
         self.input_ids[:size].zero_()
         self.positions[:size].zero_()
         self.input_ids[:tokens].copy_(input_ids)
@@ -199,6 +199,10 @@ class PiecewiseGraphs:
             call.scale, call.sliding_window, call.k_scale, call.v_scale,
         )  # fmt: skip
         self.out[:tokens].copy_(out)
+
+    def _size_for(self, tokens: int) -> int:
+        """The captured token count a step of `tokens` tokens pads to."""
+        return next(s for s in self.sizes if s >= tokens)
 
     def _forward(self, size: int, cut: _Cut) -> torch.Tensor:
         with _attention_through(self.model, cut):
