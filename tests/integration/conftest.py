@@ -17,7 +17,25 @@ import pytest
 from rtpllm.loader.random_checkpoint import write_random_checkpoint
 from rtpllm.runtime.stack import Stack
 from rtpllm.tokenizer import Tokenizer
-from tests.integration.support import MODEL_NAME, client_for, dump_logs, http_client, start_stack
+from tests.integration.support import (
+    MODEL_NAME,
+    client_for,
+    dump_logs,
+    http_client,
+    running_stacks_logs,
+    start_stack,
+)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed test's report carries the logs of the stacks still running: module and
+    session fixtures outlive the test, so their own dump-on-error never sees it fail."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if report.when == "call" and report.failed:
+        for log_dir, tails in running_stacks_logs():
+            report.sections.append((f"logs of the stack in {log_dir}", tails))
 
 
 @pytest.fixture(scope="session")

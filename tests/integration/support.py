@@ -23,9 +23,29 @@ MODEL_NAME = "tiny-llama"
 WORKER_ARGS = ["--num-blocks", "1024", "--max-num-seqs", "128", "--drain-timeout", "5"]
 
 
+# The stacks `start_stack` started that may still run: a failed test gets their logs'
+# tails in its report (tests/integration/conftest.py), since a test's failure never
+# reaches its fixture's `except`.
+_STARTED: dict[Path, Stack] = {}
+
+
+def log_tails(log_dir: Path, chars: int = 4000) -> str:
+    return "".join(f"\n===== {path.name} (tail) =====\n{path.read_text(errors='replace')[-chars:]}\n" for path in sorted(log_dir.glob("*.log")))
+
+
 def dump_logs(log_dir: Path) -> None:
-    for path in sorted(log_dir.glob("*.log")):
-        sys.stderr.write(f"\n===== {path.name} (tail) =====\n{path.read_text(errors='replace')[-4000:]}\n")
+    sys.stderr.write(log_tails(log_dir))
+
+
+def running_stacks_logs() -> list[tuple[str, str]]:
+    """(log dir, the tails of its logs) of each started stack whose gateway still runs."""
+    out = []
+    for log_dir, stack in list(_STARTED.items()):
+        if stack.gateway is None or not stack.gateway.alive:
+            del _STARTED[log_dir]
+            continue
+        out.append((str(log_dir), log_tails(log_dir)))
+    return out
 
 
 def wait_until_ready(up: subprocess.Popen[str]) -> str:
@@ -75,6 +95,7 @@ def start_stack(
         stack.stop()
         dump_logs(log_dir)
         raise
+    _STARTED[log_dir] = stack
     return stack
 
 
