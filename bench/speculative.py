@@ -298,6 +298,11 @@ def run_once(
         # Histograms since the engine started: a fresh engine per run, and the warm-up verifies nothing.
         counters["chosen_k"] = dict(sorted(after.chosen_k.items()))
         counters["acceptance_lengths"] = dict(sorted(after.acceptance_lengths.items()))
+        # What the adaptive policy saw: its step-cost models (bucket -> mean tokens,
+        # median seconds, observations) and how often a re-plan explored.
+        spec = eng.speculator
+        counters["explorations"] = spec.explorations
+        counters["cost_model"] = {"sync": spec.cost.describe(), "pipelined": spec.pipelined_cost.describe()}
     return Run(method, batch, seconds, sum(len(t) for t in outputs.values()), outputs, counters)
 
 
@@ -357,6 +362,8 @@ def summarize(run: Run, base: Run, k: int) -> dict[str, Any]:
         "seconds": round(run.seconds, 3),
         "chosen_k": c.get("chosen_k", {}),  # draft length chosen -> request-steps
         "acceptance_lengths": c.get("acceptance_lengths", {}),  # drafts accepted -> verifications
+        "explorations": c.get("explorations", 0),
+        "cost_model": c.get("cost_model", {}),
     }
 
 

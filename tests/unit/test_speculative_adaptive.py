@@ -125,34 +125,94 @@ class _FixedProposer(Proposer):
         pass
 
 
+def decoding(request_id: str) -> Request:
+    req = Request(request_id, list(range(8)), SamplingParams(temperature=0, max_tokens=100_000), max_model_len=200_000)
+    req.num_computed_tokens = len(req.prompt_token_ids)
+    return req
+
+
 def test_a_request_that_stopped_drafting_tries_again_and_re_plans_back_off() -> None:
     """Once a plan chooses nothing, steps stay asynchronous and plan only now and then:
     first after probe_every steps, then, while the policy keeps choosing nothing, after
-    twice as many each time (up to probe_every * 2**MAX_BACKOFF), each re-plan exploring
-    with the most promising request. A request's idle time counts steps, not plans, so
-    one whose drafts were all rejected is optimistic again once idle probe_every steps."""
+    twice as many each time (up to probe_every * 2**MAX_BACKOFF). A re-plan explores a
+    verify size only while its cost is unmeasured or stale (measured more than
+    explore_stale_steps ago), the smallest first. A request's idle time counts steps, not
+    plans, so one whose drafts were all rejected is optimistic again once idle
+    probe_every steps."""
     spec = Speculator(_FixedProposer(), PolicyConfig(max_k=4), probe_every=16)
-    req = Request("r", list(range(8)), SamplingParams(temperature=0, max_tokens=10_000), max_model_len=20_000)
-    req.num_computed_tokens = len(req.prompt_token_ids)
-    # Verify steps measured at 3x a plain one: drafts do not pay at a = 0.5.
+    req = decoding("r")
+    # Verify steps of 5 tokens measured at 3x a pipelined one: drafts do not pay at a = 0.5.
     for _ in range(9):
-        spec.observe_step(1, 0.010)
+        spec.observe_step(1, 0.010, pipelined=True)
         spec.observe_step(5, 0.030)
-    assert spec.plan([req], base_tokens=1, max_extra=16) == {}
-    drafted_at = []
-    for step in range(1, 1200):
-        if spec.wants_step([req]) and (drafts := spec.plan([req], base_tokens=1, max_extra=16)):
-            drafted_at.append(step)
+    assert spec.plan([req], base_tokens=1, max_extra=4) == {}
+    replans, drafted = [], []
+    for step in range(1, 1100):
+        drafts = {}
+        if spec.wants_step([req]):
+            replans.append(step)
+            drafts = spec.plan([req], base_tokens=1, max_extra=4)
+        if drafts:
+            drafted.append((step, len(drafts["r"])))
             spec.observe_verified(req, len(drafts["r"]), 0)
-    gaps = [b - a for a, b in zip([0, *drafted_at], drafted_at, strict=False)]
-    assert gaps[:6] == [16, 33, 65, 129, 257, 257], gaps  # each explore's own plan, then the wait
+            spec.observe_step(1 + len(drafts["r"]), 0.030)
+        else:
+            spec.observe_step(1, 0.010, pipelined=True)
+    # Step 16 explores 2 tokens (never measured: one draft) and finds it as dear as 5;
+    # the next step's plan declines, and the waits double. At 497 the 2-token size is
+    # stale and explored again; at 754 it is fresh, and the 4- and 8-token sizes cannot
+    # pay by what 2 tokens cost: no exploration; at 1010 the 2-token size again.
+    assert replans == [16, 17, 49, 113, 241, 497, 498, 754, 1010, 1011], replans
+    assert drafted == [(16, 1), (497, 1), (1010, 1)], drafted
     # Cheap verify steps now (graphs): the request, idle for probe_every steps, is
     # optimistic again (a >= 0.5) though its drafts were all rejected, and the
     # policy's own choice resets the back-off.
     for _ in range(9):
+        spec.observe_step(2, 0.0105)
         spec.observe_step(5, 0.011)
-    chose = [step for step in range(1, 300) if spec.wants_step([req]) and spec.plan([req], base_tokens=1, max_extra=16)]
+    chose = [step for step in range(1, 300) if spec.wants_step([req]) and spec.plan([req], base_tokens=1, max_extra=4)]
     assert chose and chose[0] <= 257 and len(chose) > 3 and chose[1] - chose[0] == 1, chose
+
+
+def test_exploration_goes_one_size_at_a_time_and_stops_where_drafts_cannot_pay() -> None:
+    """At batch 64, with only pipelined 64-token steps measured after a first verify
+    step: a re-plan explores 128 tokens (each request's best draft), not the whole
+    batch's drafts; once 128 is measured at a cost that even every draft up to 256
+    tokens could not repay, nothing bigger is explored until 128 goes stale."""
+    policy = SpeculationPolicy(PolicyConfig(max_k=4), StepCostModel(), StepCostModel())
+    assert policy.pipelined is not None
+    for _ in range(5):
+        policy.pipelined.observe(64, 0.0075, at=10)
+    cands = [Candidate(draft_values(0.3, (1.0,) * 4)) for _ in range(64)]
+    first = policy.explore(cands, 64, 64, 1000, fresh_since=0)
+    assert first == [1] * 64  # 128 tokens: the smallest unmeasured size
+    policy.cost.observe(128, 0.012, at=20)  # 64 + 19 tokens in 12 ms against 64 in 7.5
+    assert policy.allot(cands, 64, 64, 1000) == [0] * 64
+    assert policy.explore(cands, 64, 64, 1000, fresh_since=0) == [0] * 64
+    # At a = 0.7 the 256-token size could pay: it is explored next.
+    rich = [Candidate(draft_values(0.7, (1.0,) * 4)) for _ in range(64)]
+    assert sum(policy.explore(rich, 64, 64, 1000, fresh_since=0)) == 192
+    # 128 measured long ago: explored again.
+    assert policy.explore(cands, 64, 64, 1000, fresh_since=21) == [1] * 64
+
+
+def test_a_step_without_drafts_is_never_priced_from_bigger_steps() -> None:
+    """Below its smallest measurement a cost model answers with that measurement, so a
+    plain step priced from verify steps alone would look as dear as one, and every draft
+    free. With verify steps measured and plain ones not, the policy drafts nothing (which
+    measures a plain step); with nothing measured at all it drafts everything."""
+    cands = [Candidate(draft_values(0.3, (1.0,) * 4)) for _ in range(64)]
+    policy = SpeculationPolicy(PolicyConfig(max_k=4), StepCostModel(), StepCostModel())
+    assert sum(policy.allot(cands, 64, 64, 1000)) == 64 * 2  # values >= min_value
+    policy.cost.observe(192, 0.013)
+    assert policy.pipelined is not None
+    policy.pipelined.observe(2048, 0.060)  # a prefill chunk
+    assert policy.allot(cands, 64, 64, 1000) == [0] * 64
+    policy.pipelined.observe(64, 0.0075)
+    assert policy.allot(cands, 64, 64, 1000) == [0] * 64  # (64 + 24) / 13 ms < 64 / 7.5 ms
+    policy.cost.observe(192, 0.008)
+    policy.cost.observe(192, 0.008)  # now the median: drafts pay
+    assert sum(policy.allot(cands, 64, 64, 1000)) > 0
 
 
 def test_no_drafts_when_they_lose_to_pipelined_steps() -> None:
@@ -169,3 +229,22 @@ def test_no_drafts_when_they_lose_to_pipelined_steps() -> None:
     cands = [Candidate([0.3, 0.09, 0.03]) for _ in range(64)]
     assert sum(SpeculationPolicy(PolicyConfig(), sync).allot(cands, 64, 64, 1000)) > 0
     assert sum(SpeculationPolicy(PolicyConfig(), sync, pipelined).allot(cands, 64, 64, 1000)) == 0
+
+
+def test_a_batch_smaller_than_any_measured_plain_step_measures_one_and_re_plans_at_once() -> None:
+    """A batch that shrank below every plain step measured is not priced from them: the
+    plan drafts nothing, and the next plan comes as soon as a pipelined step of the new
+    size is timed (the step after the restart), not probe_every steps later."""
+    spec = Speculator(_FixedProposer(), PolicyConfig(max_k=4), probe_every=16)
+    for _ in range(5):
+        spec.observe_step(64, 0.0075, pipelined=True)
+        spec.observe_step(320, 0.0148)
+    reqs = [decoding(f"r{i}") for i in range(20)]
+    assert spec.plan(reqs, base_tokens=20, max_extra=1000) == {}
+    assert spec.policy.measuring_plain
+    spec.observe_step(20, None, pipelined=True)  # the restart: not timed
+    assert not spec.wants_step(reqs)
+    spec.observe_step(20, 0.0072, pipelined=True)
+    assert spec.wants_step(reqs)
+    spec.plan(reqs, base_tokens=20, max_extra=1000)
+    assert not spec.policy.measuring_plain

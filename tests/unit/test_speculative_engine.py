@@ -309,3 +309,40 @@ def test_verify_steps_pack_as_decode_rows(tiny_llama: Path) -> None:
     eng.runner.run_batch = record  # type: ignore[method-assign]
     assert tokens(run(eng, PROMPTS, GREEDY)) == tokens(base)
     assert any(pure and rows > seqs for pure, rows, seqs in seen)
+
+
+def test_the_policy_times_only_whole_steps(tiny_llama: Path) -> None:
+    """With async scheduling, a step that drafts nothing and is left in flight with
+    none before it (the pipeline restarting, after a verify step or a re-plan) costs
+    its call only host work: the step-cost model must not take that for a step's time.
+    Steps finished in the call are timed as synchronous, pipelined ones as pipelined."""
+    base = run(engine(tiny_llama, None), PROMPTS, GREEDY)
+    eng = replay_engine(tiny_llama, base, PROMPTS, 0.3, adaptive=True, async_scheduling=True)
+    spec = eng.speculator
+    assert spec is not None and eng.async_scheduling
+    spec.probe_every = 2  # many re-plans in a short run
+    seen: list[tuple[float | None, bool]] = []
+    observe = spec.observe_step
+    spec.observe_step = lambda n, seconds, pipelined=False: (seen.append((seconds, pipelined)), observe(n, seconds, pipelined))[1]  # type: ignore[method-assign]
+    step = eng.step
+    kinds: list[str] = []
+
+    def checked_step() -> list[RequestOutput]:
+        before, calls = eng._in_flight, len(seen)
+        out = step()
+        if len(seen) > calls:
+            seconds, pipelined = seen[-1]
+            after = eng._in_flight
+            if after is None:  # finished in the call
+                kinds.append("sync")
+                assert seconds is not None and not pipelined
+            elif seconds is None:  # left in flight, nothing finished while timed
+                kinds.append("restart")
+            else:  # left in flight while the one before finished
+                kinds.append("pipelined")
+                assert pipelined and before is not None and before is not after
+        return out
+
+    eng.step = checked_step  # type: ignore[method-assign]
+    assert tokens(run(eng, PROMPTS, GREEDY)) == tokens(base)
+    assert {"sync", "restart", "pipelined"} <= set(kinds), kinds

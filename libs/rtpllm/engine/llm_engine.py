@@ -648,12 +648,15 @@ class LLMEngine:
             self._finish(launched, touched)
             self._in_flight = None
         if self.speculator is not None and launched is not None:
-            # The step's cost for the adaptive policy is this call's wall time: a
-            # verifying step is synchronous, so its host work (planning, packing,
-            # verification) is part of what drafts cost; for pipelined steps the call's
-            # wall time is the pipeline's time per step.
-            pipelined = prev is not None and launched is not None and not launched.verified
-            self.speculator.observe_step(step.num_tokens, time.perf_counter() - started, pipelined=pipelined)
+            # The step's cost for the adaptive policy is this call's wall time: a step
+            # finished here (verifying steps are synchronous) costs its host work
+            # (planning, packing, verification) and its device time; for pipelined steps
+            # the call's wall time is the pipeline's time per step. A step left in
+            # flight with none before it (the pipeline restarting) cost this call only
+            # its host work: not a step's time.
+            finished = self._in_flight is None
+            elapsed = time.perf_counter() - started if finished or prev is not None else None
+            self.speculator.observe_step(step.num_tokens, elapsed, pipelined=not finished)
         if self.offload is not None:
             self.offload.offer_committed()
         self._flush_events()

@@ -20,6 +20,12 @@ acceptance, per step from what extra tokens cost on this machine.
   from the proposer's own measured pass times, to the step time the allotment weighs,
   so a draft is taken only when it pays for its share of the target step and of the
   draft passes both.
+- A size the policy avoids is never measured again, and the model prices unmeasured
+  sizes from the neighbours it has (flat below the smallest, in proportion to tokens
+  above the largest), which on a GPU overprices most of them. So a re-plan that chooses
+  nothing may explore (`SpeculationPolicy.explore`): the smallest size whose cost is
+  unmeasured or stale, reached with the best drafts only, and only if that size could
+  pay at all given what smaller steps are known to cost.
 """
 
 from __future__ import annotations
@@ -66,19 +72,48 @@ class StepCostModel:
         self.window = window
         self._sizes: list[int] = []  # bucket sizes, sorted
         self._obs: dict[int, deque[tuple[int, float]]] = {}  # bucket -> (tokens, seconds)
+        self._last: dict[int, int] = {}  # bucket -> the caller's step count at its newest observation
 
     @property
     def num_buckets(self) -> int:
         return len(self._sizes)
 
-    def observe(self, num_tokens: int, seconds: float) -> None:
+    @staticmethod
+    def bucket(num_tokens: int) -> int:
+        """The bucket holding `num_tokens`: the power of two at or above it (sizes in (b/2, b])."""
+        return 1 << max(num_tokens - 1, 0).bit_length()
+
+    def observe(self, num_tokens: int, seconds: float, at: int = 0) -> None:
+        """A step of `num_tokens` took `seconds`; `at`: the caller's step count (for `measured_since`)."""
         if num_tokens <= 0 or seconds <= 0:
             return
-        bucket = 1 << max(num_tokens - 1, 0).bit_length()
+        bucket = self.bucket(num_tokens)
         if bucket not in self._obs:
             bisect.insort(self._sizes, bucket)
             self._obs[bucket] = deque(maxlen=self.window)
         self._obs[bucket].append((num_tokens, seconds))
+        self._last[bucket] = at
+
+    def covers(self, num_tokens: int) -> bool:
+        """Whether a step of at most `num_tokens`' bucket was measured (so `seconds` does
+        not price it from bigger steps alone)."""
+        return bool(self._sizes) and self._sizes[0] <= self.bucket(num_tokens)
+
+    def measured_since(self, num_tokens: int, step: int) -> bool:
+        """Whether the bucket of `num_tokens` has an observation made at `step` or later."""
+        last = self._last.get(self.bucket(num_tokens))
+        return last is not None and last >= step
+
+    def floor(self, num_tokens: int, since: int) -> float | None:
+        """The least a step of `num_tokens` can cost by what smaller steps were measured
+        to cost at step `since` or later: the dearest of the fresh buckets below its
+        own (steps never get cheaper with tokens); None when there is none."""
+        below = [b for b in self._sizes if b < self.bucket(num_tokens) and self._last[b] >= since]
+        return max(self._point(b)[1] for b in below) if below else None
+
+    def describe(self) -> dict[int, list[float]]:
+        """bucket -> [mean tokens, median seconds, observations] (for benchmarks' records)."""
+        return {b: [*self._point(b), len(self._obs[b])] for b in self._sizes}
 
     def _point(self, bucket: int) -> tuple[float, float]:
         obs = self._obs[bucket]
@@ -117,6 +152,12 @@ class PassCost:
         self._tokens: list[int] = []  # tokens of pass j + 1 so far
         self.seconds = 0.0
 
+    def fork(self) -> PassCost:
+        """A copy to go on adding to (the same measured model)."""
+        copy = PassCost(self.model, self.first_pass_tokens)
+        copy._tokens, copy.seconds = list(self._tokens), self.seconds
+        return copy
+
     def add(self, candidate: int, depth: int) -> float:
         """Candidate `candidate` takes its draft at position `depth` (1-based; its
         earlier drafts are already in). Returns the passes' total seconds."""
@@ -139,6 +180,13 @@ class Candidate:
     draft tokens, in order (the chance that it and all before it are accepted)."""
 
     values: list[float] = field(default_factory=list)
+    # For a request idle long enough to try again: its drafts' values at the retry's
+    # optimistic acceptance (see `SpeculationPolicy.allot`); None otherwise.
+    retry: list[float] | None = None
+
+    @property
+    def hopeful(self) -> list[float]:
+        return self.retry if self.retry is not None else self.values
 
 
 @dataclass(frozen=True)
@@ -160,6 +208,8 @@ class SpeculationPolicy:
         self.config = config
         self.cost = cost
         self.pipelined = pipelined
+        self.on_estimates = False  # whether the last `allot` drafted on the requests' own estimates
+        self.measuring_plain = False  # whether it drafted nothing to measure a step without drafts
 
     def allot(
         self,
@@ -168,12 +218,23 @@ class SpeculationPolicy:
         base_emitted: int,
         max_extra: int,
         proposer_cost: PassCost | None = None,
+        margin: float = 0.0,
     ) -> list[int]:
         """Draft tokens for each candidate. `base_tokens`: the step's tokens without
         drafts (one per decode, prefill chunks); `base_emitted`: tokens the step emits
         without drafts (one per decode); `max_extra`: the token budget left;
         `proposer_cost`: what proposing the drafts costs, for a proposer that runs a
-        model (None: free)."""
+        model (None: free); `margin`: how much better than the no-draft rate drafting
+        must be (a batch that is not drafting pays for switching: see the Speculator).
+
+        Whether the step drafts at all is decided on the requests' own estimates
+        (`Candidate.values`); `on_estimates` says whether it did. Requests idle long
+        enough to try again then ride along where their hopeful values raise the step's
+        rate (a few more tokens in a step that is synchronous anyway). Only a step
+        that drafts nothing on estimates is decided on the hopeful values: a retry,
+        which the caller backs off from, since at a big batch every request idles
+        together and a whole batch valued hopefully would draft for nothing."""
+        self.on_estimates = self.measuring_plain = False
         counts = [0] * len(candidates)
         if max_extra <= 0:
             return counts
@@ -184,28 +245,67 @@ class SpeculationPolicy:
                 counts[i] = take
                 max_extra -= take
             return counts
-        order = self._by_value(candidates, max_extra)
-        base_time = self.cost.seconds(base_tokens)
-        if base_time is not None and self.pipelined is not None:
-            # Drafting nothing returns the batch to pipelined steps: the alternative
-            # the drafts must beat. (A synchronous step of the same size costs more: the
-            # host work the pipeline hides; at batch 64 on an H100 about 1.5x.)
-            base_time = self.pipelined.seconds(base_tokens) or base_time
-        if base_time is None:  # nothing measured yet: take everything, and measure it
+        hopeful = [c.hopeful for c in candidates]
+        if not self.cost.num_buckets:  # no verify step measured yet: take everything, and measure it
+            return self._prefix(hopeful, counts, base_tokens, base_emitted, None, max_extra, None)
+        # Drafting nothing returns the batch to pipelined steps: the alternative the
+        # drafts must beat. (A synchronous step of the same size costs more: the host
+        # work the pipeline hides; at batch 64 on an H100 about 1.5x.)
+        base_time = self._no_draft_seconds(base_tokens)
+        self.measuring_plain = base_time is None
+        if base_time is None:
+            # No step without drafts of this size measured (a model would price it from
+            # bigger ones, and drafts would look free for good): none this time, which
+            # measures one.
+            return counts
+        own = self._prefix([c.values for c in candidates], counts, base_tokens, base_emitted, base_time / (1 + margin), max_extra, proposer_cost)
+        self.on_estimates = any(own)
+        if not self.on_estimates:
+            base_time /= 1 + margin
+        return self._prefix(hopeful, own, base_tokens, base_emitted, base_time, max_extra, proposer_cost)
+
+    def _prefix(
+        self,
+        values: list[list[float]],
+        start: list[int],
+        base_tokens: int,
+        base_emitted: int,
+        base_time: float | None,
+        max_extra: int,
+        proposer_cost: PassCost | None,
+    ) -> list[int]:
+        """`start` plus the drafts, best value first, whose count maximizes the step's
+        expected tokens per second (`values[i]`: request i's drafts' values), where that
+        beats `start` itself; with `base_time` None, every draft worth proposing."""
+        counts = list(start)
+        drafted = sum(start)
+        order = self._ranked(values, counts, max_extra - drafted)
+        if base_time is None:
             for _, i in order:
                 counts[i] += 1
             return counts
-        emitted = float(max(base_emitted, 1))
-        best_rate, best_n = emitted / base_time, 0
-        gained = 0.0
-        depth = [0] * len(candidates)
+        cost = proposer_cost.fork() if proposer_cost is not None else None
+        passes = 0.0
+        if cost is not None:
+            for i, n in enumerate(start):
+                for depth in range(1, n + 1):
+                    passes = cost.add(i, depth)
+        emitted = float(max(base_emitted, 1)) + sum(sum(vs[:n]) for vs, n in zip(values, start, strict=True))
+        if drafted:
+            t0 = self.cost.seconds(base_tokens + drafted)
+            assert t0 is not None
+            best_rate = emitted / (t0 + passes)
+        else:
+            best_rate = emitted / base_time
+        best_n, gained = 0, 0.0
+        depth = list(start)
         for n, (value, i) in enumerate(order, start=1):
             gained += value
             depth[i] += 1
-            t = self.cost.seconds(base_tokens + n)
+            t = self.cost.seconds(base_tokens + drafted + n)
             assert t is not None
-            if proposer_cost is not None:
-                t += proposer_cost.add(i, depth[i])
+            if cost is not None:
+                t += cost.add(i, depth[i])
             rate = (emitted + gained) / t
             if rate > best_rate * (1 + 1e-6):
                 best_rate, best_n = rate, n
@@ -213,24 +313,58 @@ class SpeculationPolicy:
             counts[i] += 1
         return counts
 
-
-    def allot_all(self, candidates: list[Candidate], max_extra: int) -> list[int]:
-        """Every draft worth proposing at all (value >= min_value), whatever it costs: an
-        exploratory step, which measures what the whole batch's drafts cost."""
+    def explore(
+        self, candidates: list[Candidate], base_tokens: int, base_emitted: int, max_extra: int, fresh_since: int
+    ) -> list[int]:
+        """Drafts for an exploratory step (a re-plan that chose nothing): the best drafts
+        up to the smallest step size above `base_tokens` whose synchronous cost was not
+        measured at step `fresh_since` or later, if drafting that far could pay at all
+        (its drafts' whole value over the least such a step can cost, by the smaller
+        steps measured, beats the no-draft rate); no drafts when no size qualifies (the
+        policy's "no" stands on measurements). One bucket at a time, smallest first:
+        each exploration costs at most one step of that size, and a batch at low
+        acceptance stops at the first size that shows drafts cannot pay."""
         counts = [0] * len(candidates)
-        for _, i in self._by_value(candidates, max_extra):
-            counts[i] += 1
+        order = self.ranked(candidates, max_extra)
+        top = base_tokens + len(order)
+        base_time = self._no_draft_seconds(base_tokens)
+        bucket = StepCostModel.bucket(base_tokens + 1)
+        while order and bucket // 2 < top:
+            n = min(len(order), bucket - base_tokens)
+            if not self.cost.measured_since(base_tokens + n, fresh_since):
+                floor = self.cost.floor(base_tokens + n, fresh_since)
+                gain = sum(v for v, _ in order[:n])
+                if base_time is None or floor is None or (max(base_emitted, 1) + gain) / floor > max(base_emitted, 1) / base_time:
+                    for _, i in order[:n]:
+                        counts[i] += 1
+                    return counts
+            bucket *= 2
         return counts
 
-    def _by_value(self, candidates: list[Candidate], max_extra: int) -> list[tuple[float, int]]:
-        """(value, candidate) of every draft worth proposing, best first, within the
-        budget. Values of a request's drafts decrease along it, so taking the best
-        values first always takes a prefix of each request's drafts."""
+    def _no_draft_seconds(self, base_tokens: int) -> float | None:
+        """What the step costs without drafts: a pipelined step where measured (drafting
+        nothing returns the batch to those), else a synchronous one; None when neither
+        model measured a step of this size or smaller (below its smallest measurement a
+        model answers with that measurement's time, which for a bigger step would make
+        every draft look free)."""
+        for model in (self.pipelined, self.cost):
+            if model is not None and model.covers(base_tokens):
+                return model.seconds(base_tokens)
+        return None
+
+    def ranked(self, candidates: list[Candidate], max_extra: int) -> list[tuple[float, int]]:
+        """(value, candidate) of every draft worth proposing, best first, within the budget."""
+        return self._ranked([c.values for c in candidates], [0] * len(candidates), max_extra)
+
+    def _ranked(self, values: list[list[float]], start: list[int], budget: int) -> list[tuple[float, int]]:
+        """(value, i) of request i's drafts after its first start[i], worth proposing,
+        best first, at most `budget`. Values of a request's drafts decrease along it, so
+        taking the best values first always takes a prefix of each request's drafts."""
         cfg = self.config
         return sorted(
-            ((v, i) for i, c in enumerate(candidates) for v in c.values[: cfg.max_k] if v >= cfg.min_value),
+            ((v, i) for i, vs in enumerate(values) for v in vs[start[i] : cfg.max_k] if v >= cfg.min_value),
             key=lambda vi: -vi[0],
-        )[: max(max_extra, 0)]
+        )[: max(budget, 0)]
 
 
 def draft_values(rate: float, confidence: tuple[float, ...]) -> list[float]:

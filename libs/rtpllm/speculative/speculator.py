@@ -28,6 +28,22 @@ from rtpllm.speculative.proposer import NO_PROPOSAL, FeatureRows, Proposal, Prop
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF = 4  # re-plans at most every probe_every * 16 steps
+# A request idle for probe_every steps hopes for at least this acceptance (see `plan`).
+RETRY_RATE = 0.5
+START_MARGIN = 0.1
+
+
+@dataclass
+class _Spell:
+    """Consecutive drafting steps: their time, and what pipelined steps would have
+    taken to emit the same tokens."""
+
+    seconds: float = 0.0
+    pipelined_seconds: float = 0.0
+
+    def add(self, seconds: float, pipelined_seconds: float) -> None:
+        self.seconds += seconds
+        self.pipelined_seconds += pipelined_seconds
 
 
 @dataclass
@@ -60,6 +76,7 @@ class Speculator:
         # this often (its steps otherwise stay asynchronous and plan nothing).
         self.probe_every = probe_every
         self._ema: dict[str, AcceptanceEMA] = {}
+        self._retrying: set[str] = set()  # this plan's requests idle long enough to try again
         self._steps_without = 0  # plans in a row that chose no drafts
         self._async_steps = 0  # steps since, left asynchronous
         # Re-plans that chose nothing (exploration aside) double the wait for the next,
@@ -67,6 +84,18 @@ class Speculator:
         # never pay, each re-plan is a synchronous step, which costs its hidden host work.
         self._backoff = 0
         self._skipped = 0  # steps since the last plan (they planned nothing)
+        self._steps = 0  # steps observed: the cost models' clock
+        self._drafted: tuple[int, int] | None = None  # (tokens without drafts, decodes) of the step planned
+        self._spell = _Spell()  # the drafting steps since the last plan that drafted nothing
+        self._step_accepted = 0  # drafts accepted in the step being verified
+        # A verify-step size measured longer ago than this may be explored again (the
+        # contexts grow, the batch changes): once per longest re-plan wait.
+        self.explore_stale_steps = probe_every << MAX_BACKOFF
+        self.explorations = 0
+        # A batch that is not drafting starts only for drafts this much better than its
+        # pipelined steps: a drafting spell ends with a step that planned synchronously
+        # and drafted nothing, which the spell's gain must repay.
+        self.start_margin = START_MARGIN
         self.separately_charged_s = 0.0  # draft passes since the last observed step
         # The last plan's proposal distributions (request id -> [drafts, vocab]), read
         # by verification in the same step.
@@ -97,7 +126,10 @@ class Speculator:
             # Counted before the scan below: most steps of a loaded batch stop here, and
             # a pipelined step's host work is on the critical path once it matches the GPU's.
             self._async_steps += 1
-            if self._async_steps < self.probe_every << self._backoff:
+            # Drafts declined only to measure a plain step of a new size (the batch
+            # shrank below any measured): re-plan once a pipelined one is timed.
+            wait = 2 if self.policy.measuring_plain else self.probe_every << self._backoff
+            if self._async_steps < wait:
                 self._skipped += 1
                 return False
             self._async_steps = 0
@@ -112,6 +144,7 @@ class Speculator:
         # Steps, not plans: while nothing is drafted, a plan comes only every probe_every steps.
         elapsed, self._skipped = 1 + self._skipped, 0
         ready: list[tuple[Request, int, float]] = []  # (request, most drafts, acceptance rate)
+        self._retrying: set[str] = set()
         for req in decodes:
             if req.num_placeholders or not self.eligible(req):
                 continue
@@ -122,8 +155,8 @@ class Speculator:
             ema = self._ema.setdefault(req.request_id, AcceptanceEMA())
             ema.steps_idle += elapsed
             rate = ema.rate
-            if ema.steps_idle > self.probe_every:
-                rate = max(rate, 0.5)
+            if ema.steps_idle > self.probe_every and rate < RETRY_RATE:
+                self._retrying.add(req.request_id)
             ready.append((req, room, rate))
         cost = self.proposer.cost([req for req, _, _ in ready]) if ready else None
         if cost is None:
@@ -137,15 +170,20 @@ class Speculator:
                 drafts[req.request_id] = proposal.tokens[:n]
                 if proposal.probs is not None:
                     self._probs[req.request_id] = proposal.probs[:n]
+                if req.request_id in self._retrying:
+                    # A retry starts the estimate afresh: its premise is that the old
+                    # evidence is out of date, and an estimate that only moves when it
+                    # drafts would otherwise stay low long after acceptance recovered.
+                    self._ema[req.request_id] = AcceptanceEMA()
         self._steps_without = 0 if drafts else self._steps_without + 1
+        self._drafted = (base_tokens, len(decodes)) if drafts else None
+        if not drafts:
+            self._end_spell()
         return drafts
 
-    def _policy_chose(self, chose: bool) -> None:
-        """After a re-plan: back off while the policy itself keeps choosing nothing."""
-        if chose:
-            self._backoff = 0
-        elif self._steps_without > 0:
-            self._backoff = min(self._backoff + 1, MAX_BACKOFF)
+    def _candidate(self, req: Request, rate: float, confidence: tuple[float, ...]) -> Candidate:
+        retry = draft_values(RETRY_RATE, confidence) if req.request_id in self._retrying else None
+        return Candidate(draft_values(rate, confidence), retry)
 
     def _plan_free(
         self, ready: list[tuple[Request, int, float]], base_tokens: int, base_emitted: int, max_extra: int
@@ -154,7 +192,7 @@ class Speculator:
         request, then choose lengths from the proposals' values, confidence included."""
         proposals = self._propose([(req, room) for req, room, _ in ready])
         kept = [(req, p, rate) for (req, _, rate), p in zip(ready, proposals, strict=True) if p.tokens]
-        cands = [Candidate(draft_values(rate, p.confidence)) for _, p, rate in kept]
+        cands = [self._candidate(req, rate, p.confidence) for req, p, rate in kept]
         counts = self._allot(cands, [len(p.tokens) for _, p, _ in kept], base_tokens, base_emitted, max_extra, None)
         return [(req, p, n) for (req, p, _), n in zip(kept, counts, strict=True)]
 
@@ -169,7 +207,7 @@ class Speculator:
         """Proposing runs a model (a pass per draft position): choose lengths first,
         from acceptance alone with the passes' cost in the step's, then propose exactly
         those (a draft never computed costs nothing)."""
-        cands = [Candidate(draft_values(rate, (1.0,) * room)) for _, room, rate in ready]
+        cands = [self._candidate(req, rate, (1.0,) * room) for req, room, rate in ready]
         counts = self._allot(cands, [room for _, room, _ in ready], base_tokens, base_emitted, max_extra, cost)
         asked = [(req, n) for (req, _, _), n in zip(ready, counts, strict=True) if n]
         started = time.perf_counter()
@@ -208,17 +246,16 @@ class Speculator:
     ) -> list[int]:
         if not cands:
             return []
-        counts = self.policy.allot(cands, base_tokens, base_emitted, max_extra, cost)
-        self._policy_chose(any(counts))
+        margin = self.start_margin if self._steps_without > 0 else 0.0
+        counts = self.policy.allot(cands, base_tokens, base_emitted, max_extra, cost, margin)
         if not any(counts) and self._steps_without > 0:
-            # Explore: the cost of a size the policy avoids is never measured again (and
-            # extrapolating from small steps overprices large ones where the GPU is
-            # memory-bound), so each periodic re-plan (every probe_every steps or more,
-            # once a plan chose nothing) verifies every draft worth proposing.
-            counts = self.policy.allot_all(cands, max_extra)
-            if not any(counts):  # nothing is worth min_value: the most promising request
-                best = max(range(len(cands)), key=lambda i: sum(cands[i].values))
-                counts[best] = min(lengths[best], self.config.max_k, max_extra)
+            # A periodic re-plan (every probe_every steps or more, once a plan chose
+            # nothing) may explore a size whose cost is unmeasured or stale
+            # (SpeculationPolicy.explore).
+            counts = self.policy.explore(cands, base_tokens, base_emitted, max_extra, self._steps - self.explore_stale_steps)
+            self.explorations += any(counts)
+            if not any(counts):  # drafting spells are judged when they end (`_end_spell`)
+                self._backoff = min(self._backoff + 1, MAX_BACKOFF)
         return [min(n, length) for n, length in zip(counts, lengths, strict=True)]
 
     def draft_probs(self, request_id: str, num_drafts: int) -> torch.Tensor | None:
@@ -235,18 +272,44 @@ class Speculator:
         c.proposed_tokens += num_proposed
         c.accepted_tokens += num_accepted
         c.verified_requests += 1
+        self._step_accepted += num_accepted
         c.acceptance_lengths[num_accepted] = c.acceptance_lengths.get(num_accepted, 0) + 1
         ema = self._ema.get(req.request_id)
         if ema is not None:
             ema.observe(num_proposed, num_accepted)
 
-    def observe_step(self, num_tokens: int, seconds: float, pipelined: bool = False) -> None:
-        """A step of `num_tokens` tokens took `seconds` of wall time (the engine's
-        `step()` call, less a draft model's passes, which have their own model).
-        `pipelined`: launched while the previous step ran (it planned nothing)."""
-        seconds -= self.separately_charged_s
-        self.separately_charged_s = 0.0
-        (self.pipelined_cost if pipelined else self.cost).observe(num_tokens, max(seconds, 1e-6))
+    def observe_step(self, num_tokens: int, seconds: float | None, pipelined: bool = False) -> None:
+        """A step of `num_tokens` tokens ran. `seconds`: its wall time (the engine's
+        `step()` call, less a draft model's passes, which have their own model), or None
+        when that time is not a whole step's (a step launched with nothing in flight and
+        left in flight: the call measured only its host work). `pipelined`: launched
+        while the previous step ran (it planned nothing)."""
+        self._steps += 1
+        charged, self.separately_charged_s = self.separately_charged_s, 0.0
+        drafted, self._drafted = self._drafted, None
+        accepted, self._step_accepted = self._step_accepted, 0
+        if seconds is None:
+            return
+        seconds = max(seconds - charged, 1e-6)
+        (self.pipelined_cost if pipelined else self.cost).observe(num_tokens, seconds, at=self._steps)
+        if drafted is not None and not pipelined:
+            base_tokens, decodes = drafted
+            base = self.pipelined_cost.seconds(base_tokens) if self.pipelined_cost.covers(base_tokens) else None
+            if base is not None:
+                self._spell.add(seconds + charged, base * (decodes + accepted) / max(decodes, 1))
+
+    def _end_spell(self) -> None:
+        """The back-off follows what drafting yielded, judged over a whole spell of
+        drafting steps (one step at a small batch is a coin toss): a spell that emitted
+        its tokens faster than pipelined steps would have clears it; one that did not
+        adds to it, as a re-plan that drafts nothing does."""
+        spell, self._spell = self._spell, _Spell()
+        if spell.seconds <= 0:
+            return
+        if spell.seconds <= spell.pipelined_seconds:
+            self._backoff = 0
+        else:
+            self._backoff = min(self._backoff + 1, MAX_BACKOFF)
 
     def observe_features(self, step: SchedulerOutput, features: torch.Tensor, accepted: dict[str, int]) -> None:
         """A step's hidden-state features ([packed rows, width], rows in packing order)

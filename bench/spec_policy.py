@@ -1,0 +1,169 @@
+"""The adaptive speculation policy against step costs measured on a GPU, on the CPU.
+
+The real `Speculator` (acceptance estimates, step-cost models, allotment, exploration,
+retries and back-off) plans every step of a simulated closed batch; only the device is
+a model: a step of n tokens takes `device(n)`, and a step that plans or verifies
+synchronously adds the host work a pipelined step hides (`host`). Draft acceptance is
+geometric with rate A, as `bench/speculative.py`'s replay proposer makes it. The engine's
+timing rules are kept: a verified step is timed whole, a pipelined one as the pipeline's
+time per step, and a step left in flight with nothing before it not at all.
+
+This is how the policy is developed between GPU sessions; the figures that count come
+from `bench/speculative.py` on the GPU. The device curves are calibrated from H100 runs
+(bench/results/2026-12-06-h100/, docs/benchmarks.md):
+
+- llama8b-b64: 64 plain rows 7.45 ms (8,592 tok/s off), 320 verify rows 14.75 ms (fixed
+  k = 4 at A = 0.7: 11,889 tok/s), a synchronous step about 1.5x a pipelined one;
+- llama8b-b1: 5.54 ms a token (180.6 tok/s off), 6.63 ms a 5-row verify step (410 tok/s
+  at 2.72 tokens a step);
+- qwen15b-b1: 1.82 ms a token (548.5 tok/s off), 2.71 ms a 5-row verify step (909 tok/s at
+  2.46 tokens a step);
+- compute-bound: every token costs its share (a CPU), where drafts never pay.
+
+    python bench/spec_policy.py [--tokens 128 512] [--acceptance 0 0.29 0.5 0.7 0.9]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "libs"))
+
+from rtpllm.engine.request import Request  # noqa: E402
+from rtpllm.sampling_params import SamplingParams  # noqa: E402
+from rtpllm.speculative.adaptive import PolicyConfig  # noqa: E402
+from rtpllm.speculative.proposer import Proposal, Proposer  # noqa: E402
+from rtpllm.speculative.speculator import Speculator  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Device:
+    """Step costs: `device(n)` = base + per_token * (n - batch) seconds, plus `host`
+    seconds for a step that plans or verifies synchronously."""
+
+    name: str
+    batch: int
+    base: float
+    per_token: float
+    host: float
+
+    def seconds(self, tokens: int) -> float:
+        return self.base + self.per_token * (tokens - self.batch)
+
+
+DEVICES = {
+    d.name: d
+    for d in (
+        Device("llama8b-b64", 64, 7.45e-3, 1.4e-5, 3.7e-3),
+        Device("llama8b-b1", 1, 5.54e-3, 3.0e-5, 0.97e-3),
+        Device("qwen15b-b1", 1, 1.82e-3, 1.0e-5, 0.85e-3),
+        Device("compute-b64", 64, 12.8e-3, 2.0e-4, 1.0e-3),
+    )
+}
+
+
+class _Drafts(Proposer):
+    """Always has k drafts; whether they are right is drawn at verification."""
+
+    def propose(self, request_id: str, tokens: Sequence[int], k: int, private: bool = False) -> Proposal:
+        return Proposal(tokens=(1,) * k, confidence=(1.0,) * k)
+
+    def forget(self, request_id: str, output_tokens: Sequence[int] | None = None) -> None:
+        pass
+
+
+@dataclass
+class Result:
+    device: str
+    acceptance: float
+    tokens: int
+    policy: str
+    speedup: float  # against every step pipelined without drafts
+    steps: int
+    drafting_steps: int
+    explorations: int
+    chosen_k: dict[int, int]
+
+
+def simulate(device: Device, acceptance: float, tokens: int, config: PolicyConfig, seed: int = 0) -> Result:
+    """A closed batch of `device.batch` requests of `tokens` output tokens each."""
+    rng = random.Random(seed)
+    spec = Speculator(_Drafts(), config)
+    batch = device.batch
+    requests = []
+    for i in range(batch):
+        req = Request(f"r{i}", [0] * 8, SamplingParams(temperature=0, max_tokens=1 << 20), max_model_len=1 << 21)
+        req.num_computed_tokens = 8
+        requests.append(req)
+    for _ in range(9):  # the pipelined steps of the prompts' run-up, as in the engine
+        spec.observe_step(batch, device.seconds(batch), pipelined=True)
+    left = {r.request_id: tokens for r in requests}
+    elapsed, steps, drafting, in_flight = 0.0, 0, 0, False
+    while left:
+        active = [r for r in requests if r.request_id in left]
+        n = len(active)
+        planned = spec.wants_step(active)
+        drafts = spec.plan(active, base_tokens=n, max_extra=1 << 16) if planned else {}
+        if drafts:
+            size = n + sum(len(d) for d in drafts.values())
+            seconds = device.seconds(size) + device.host
+            for req in active:
+                d = drafts.get(req.request_id)
+                accepted = 0
+                if d:
+                    while accepted < len(d) and rng.random() < acceptance:
+                        accepted += 1
+                    spec.observe_verified(req, len(d), accepted)
+                left[req.request_id] -= 1 + accepted
+            spec.observe_step(size, seconds)
+            drafting += 1
+            in_flight = False
+        else:
+            seconds = device.seconds(n) + (device.host if planned else 0.0)
+            for req in active:
+                left[req.request_id] -= 1
+            # A plan drained the pipeline before it was timed: this step restarts it.
+            spec.observe_step(n, seconds if in_flight and not planned else None, pipelined=True)
+            in_flight = True
+        elapsed += seconds
+        steps += 1
+        for req in active:
+            if left[req.request_id] <= 0:
+                del left[req.request_id]
+                spec.forget(req)
+    off = tokens * device.seconds(batch)
+    policy = "adaptive" if config.adaptive else f"fixed k={config.max_k}"
+    chosen = dict(sorted(spec.counters.chosen_k.items()))
+    return Result(device.name, acceptance, tokens, policy, off / elapsed, steps, drafting, spec.explorations, chosen)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--devices", nargs="+", default=list(DEVICES), choices=list(DEVICES))
+    ap.add_argument("--acceptance", nargs="+", type=float, default=[0.0, 0.29, 0.5, 0.7, 0.9])
+    ap.add_argument("--tokens", nargs="+", type=int, default=[128, 512])
+    ap.add_argument("--fixed", nargs="*", type=int, default=[4], help="fixed draft lengths to compare")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+    configs = [PolicyConfig(max_k=4)] + [PolicyConfig(max_k=k, adaptive=False) for k in args.fixed]
+    results: list[Result] = []
+    print("device | A | tokens | policy | speedup | steps | drafting steps | explorations")
+    for name in args.devices:
+        for acceptance in args.acceptance:
+            for tokens in args.tokens:
+                for config in configs:
+                    r = simulate(DEVICES[name], acceptance, tokens, config)
+                    results.append(r)
+                    print(f"{r.device} | {r.acceptance} | {r.tokens} | {r.policy} | {r.speedup:.3f} | {r.steps} | {r.drafting_steps} | {r.explorations}")
+    if args.out:
+        args.out.write_text(json.dumps({"devices": {n: asdict(DEVICES[n]) for n in args.devices}, "rows": [asdict(r) for r in results]}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""The adaptive policy, run step by step against step costs calibrated on an H100
+(bench/spec_policy.py): it must not slow a loaded batch whatever the acceptance, and
+must take the gains where drafts pay. Averages over seeds: single runs at batch 1 are
+a few dozen coin tosses."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+
+from bench.spec_policy import DEVICES, simulate
+from rtpllm.speculative.adaptive import PolicyConfig
+
+ADAPTIVE = PolicyConfig(max_k=4)
+
+
+def speedup(device: str, acceptance: float, tokens: int, seeds: int = 4) -> float:
+    return statistics.mean(simulate(DEVICES[device], acceptance, tokens, ADAPTIVE, seed=s).speedup for s in range(seeds))
+
+
+@pytest.mark.parametrize("acceptance", [0.0, 0.29])
+def test_low_acceptance_at_batch_64_costs_at_most_3_percent(acceptance: float) -> None:
+    # Fixed k = 4 here: 0.51x at A = 0, 0.65x at A = 0.29 (128 tokens).
+    assert speedup("llama8b-b64", acceptance, 128) >= 0.97
+    assert speedup("llama8b-b64", acceptance, 512) >= 0.98
+
+
+@pytest.mark.parametrize("acceptance", [0.0, 0.5, 0.9])
+def test_a_compute_bound_batch_never_drafts_for_long(acceptance: float) -> None:
+    assert speedup("compute-b64", acceptance, 512, seeds=2) >= 0.98
+
+
+def test_drafts_that_pay_are_taken() -> None:
+    assert speedup("llama8b-b64", 0.7, 512, seeds=2) >= 1.2  # fixed k = 4: 1.31x
+    assert speedup("llama8b-b64", 0.9, 512, seeds=2) >= 1.7  # fixed k = 4: 1.96x
+    assert speedup("llama8b-b1", 0.7, 128) >= 1.9  # fixed k = 4: 2.02x
+    assert speedup("qwen15b-b1", 0.7, 512) >= 1.7  # fixed k = 4: 1.80x
+
+
+def test_batch_one_at_low_acceptance() -> None:
+    assert speedup("llama8b-b1", 0.0, 128) >= 0.96
+    assert speedup("qwen15b-b1", 0.29, 128) >= 0.96  # fixed k = 4: 0.84x
+    assert speedup("llama8b-b1", 0.29, 512) >= 1.03  # drafts are cheap at the 8B's batch 1
