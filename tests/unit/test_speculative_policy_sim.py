@@ -5,7 +5,9 @@ a few dozen coin tosses."""
 
 from __future__ import annotations
 
+import json
 import statistics
+from pathlib import Path
 
 import pytest
 
@@ -42,3 +44,14 @@ def test_batch_one_at_low_acceptance() -> None:
     assert speedup("llama8b-b1", 0.0, 128) >= 0.96
     assert speedup("qwen15b-b1", 0.29, 128) >= 0.96  # fixed k = 4: 0.84x
     assert speedup("llama8b-b1", 0.29, 512) >= 1.03  # drafts are cheap at the 8B's batch 1
+
+
+def test_the_command_writes_its_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.spec_policy import main
+
+    out = tmp_path / "policy.json"
+    main(["--devices", "llama8b-b1", "--acceptance", "0.7", "--tokens", "32", "--fixed", "4", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["policy"] for r in rows] == ["adaptive", "fixed k=4"]
+    assert all(r["speedup"] > 1 for r in rows)
+    assert "llama8b-b1 | 0.7 | 32 | adaptive" in capsys.readouterr().out
