@@ -13,7 +13,17 @@ import pytest
 from rtpllm import LLM, SamplingParams
 from rtpllm.runtime.stack import Stack
 from tests.integration.support import dump_logs, start_stack
-from tests.integration.test_vision_service import MAX_TOKENS, VISION_ARGS, ask, messages, metric, wait_metric
+from tests.integration.test_vision_service import (
+    MAX_TOKENS,
+    VISION_ARGS,
+    ask,
+    image_paths,
+    messages,
+    metric,
+    settled,
+    wait_metric,
+    warm_remote_path,
+)
 from tests.multimodal_support import write_qwen2_vl
 
 
@@ -52,11 +62,18 @@ def stack(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 def test_image_prompts_are_handed_off_and_match_in_process(stack: Stack, reference: dict[tuple[int, ...], tuple[str, int]]) -> None:
     wait_metric(stack, "rtpllm_vision_instances", 1)
+    warm_remote_path(stack, seed=1, engines=2)  # counted from here
+    prefills, encoded, hits, paths = settled(
+        lambda: (
+            metric(stack, "rtpllm_prefills", kind="remote"), metric(stack, "rtpllm_vision_images_encoded"),
+            metric(stack, "rtpllm_vision_cache_hits", cache="memory"), image_paths(stack),
+        )
+    )  # fmt: skip
     assert ask(stack, [0, 2]) == reference[(0, 2)]
     assert ask(stack, [5], stream=True) == reference[(5,)]
-    assert wait_metric(stack, "rtpllm_prefills", 2, kind="remote") == 2
+    assert wait_metric(stack, "rtpllm_prefills", prefills + 2, kind="remote") == prefills + 2
     assert metric(stack, "rtpllm_prefills", kind="fallback") == 0
     # Each image went through the tower once (the decode instance's request); the prefill
     # instance's were cache hits.
-    assert metric(stack, "rtpllm_vision_images_encoded") == 3
-    assert wait_metric(stack, "rtpllm_vision_cache_hits", 3, cache="memory") == 3
+    assert wait_metric(stack, "rtpllm_vision_images_encoded", encoded + 3) == encoded + 3
+    assert wait_metric(stack, "rtpllm_vision_cache_hits", hits + 3, cache="memory") == hits + 3, (paths, image_paths(stack))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +112,19 @@ def wait_metric(stack: Stack, name: str, at_least: float, **labels: str) -> floa
     return metric(stack, name, **labels)
 
 
+def settled(read: Callable[[], Any], quiet_s: float = 2.5, timeout: float = 30) -> Any:
+    """`read()` once it has not changed for `quiet_s` (over two engine heartbeats, 1 s
+    apart): a baseline taken while a heartbeat is still on its way would be off by it."""
+    value, since, start = read(), time.monotonic(), time.monotonic()
+    while time.monotonic() - since < quiet_s:
+        assert time.monotonic() - start < timeout, f"still changing after {timeout} s: {value}"
+        time.sleep(0.2)
+        now = read()
+        if now != value:
+            value, since = now, time.monotonic()
+    return value
+
+
 def image_paths(stack: Stack) -> dict[str, float]:
     """Images by how the engine got their embeddings (`local` includes the fallbacks')."""
     return {path: metric(stack, "rtpllm_images", path=path) for path in ("remote", "local", "fallback")}
@@ -122,15 +135,17 @@ def counted(stack: Stack) -> float:
     return paths["remote"] + paths["local"]
 
 
-def warm_remote_path(stack: Stack, tries: int = 3) -> None:
-    """One image through the vision service before the counted requests: a first request
-    can meet a service still warming up on a loaded machine, and an engine that gives up
-    on it encodes the images itself (correct, but it moves other counters)."""
+def warm_remote_path(stack: Stack, seed: int = 0, engines: int = 1, tries: int = 3) -> None:
+    """One image (`seed`) through the vision service before the counted requests, for
+    each of the `engines` that resolve it (a disaggregated request: the decode and the
+    prefill instance): a first request can meet a service still warming up on a loaded
+    machine, and an engine that gives up on it encodes the images itself (correct, but
+    it moves other counters). The engines log why (vision_client.ImageResolver)."""
     for _ in range(tries):
         before = image_paths(stack)
-        ask(stack, [0])  # a retry may find it in the service's cache: encoded by an earlier try
-        wait_until(lambda b=before: counted(stack) > b["remote"] + b["local"], 30, "the warm-up image counted", [])
-        if image_paths(stack)["remote"] > before["remote"]:
+        ask(stack, [seed])  # a retry may find it in the service's cache: encoded by an earlier try
+        wait_until(lambda b=before: counted(stack) >= b["remote"] + b["local"] + engines, 30, "the warm-up image counted", [])
+        if image_paths(stack)["remote"] >= before["remote"] + engines:
             return
     raise AssertionError(f"no warm-up image went through the vision service in {tries} tries: {image_paths(stack)}")
 
@@ -140,8 +155,8 @@ def test_two_images_match_in_process_encoding_and_repeat_without_encoding(
 ) -> None:
     wait_metric(stack, "rtpllm_vision_instances", 1)
     warm_remote_path(stack)
-    paths = image_paths(stack)
-    encoded = wait_metric(stack, "rtpllm_vision_images_encoded", 1)  # the warm-up's
+    paths = settled(lambda: image_paths(stack))
+    encoded = settled(lambda: metric(stack, "rtpllm_vision_images_encoded"))
     text, prompt_tokens = ask(stack, [1, 2])
     assert (text, prompt_tokens) == reference[(1, 2)]  # usage counts the image tokens
     wait_until(lambda: counted(stack) >= paths["remote"] + paths["local"] + 2, 30, "both images counted", [])

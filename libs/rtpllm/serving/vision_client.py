@@ -115,6 +115,17 @@ class VisionClient:
         now = self._clock()
         return any(v.state == "ready" and now <= v.lease.expires_at for v in self._visions.values())
 
+    def describe(self) -> str:
+        """The vision instances known, for a log line: state, seconds since last heard,
+        and the lease they hold."""
+        now = self._clock()
+        if not self._visions:
+            return "no heartbeat seen"
+        return ", ".join(
+            f"{iid}: {v.state}, heard {now - v.lease.last_seen:.1f} s ago, lease {v.lease.expires_at - v.lease.last_seen:.1f} s"
+            for iid, v in self._visions.items()
+        )
+
     def _alive(self, instance_id: str) -> bool:
         v = self._visions.get(instance_id)
         return v is not None and self._clock() <= v.lease.expires_at
@@ -234,11 +245,21 @@ class ImageResolver:
         threads = prepare_threads or max(2, min(8, (os.cpu_count() or 2) // 2))
         self._prepare = ThreadPoolExecutor(threads, thread_name_prefix="image-prepare")
         self.counters = ResolverCounters()
+        self._said_unavailable = False
 
     async def resolve(self, request_id: str, images: list[ImageSpec], deadline: float) -> MultimodalInputs:
         tokens = sum(length for spec in images for _, length in spec.runs)
         client = self.client
-        if client is not None and tokens >= self.local_encode_below and client.available():
+        available = client is not None and client.available()
+        if client is not None and available == self._said_unavailable:
+            # Once per change, not per request: a model served without a vision service
+            # would say it for every image.
+            self._said_unavailable = not available
+            if available:
+                log.info("a vision instance is alive again: images go to the vision service")
+            else:
+                log.warning("no live vision instance (%s): encoding images here", client.describe())
+        if client is not None and tokens >= self.local_encode_below and available:
             try:
                 rows = await client.encode(request_id, images, deadline)
             except VisionUnavailable as exc:
