@@ -20,7 +20,7 @@ from `bench/speculative.py` on the GPU. The device curves are calibrated from H1
   2.46 tokens a step);
 - compute-bound: every token costs its share (a CPU), where drafts never pay.
 
-    python bench/spec_policy.py [--tokens 128 512] [--acceptance 0 0.29 0.5 0.7 0.9]
+    python bench/spec_policy.py [--tokens 128 512] [--acceptance 0 0.29 0.5 0.7 0.9] [--mixed 0.9,0.1 0.7,0.2]
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ class _Drafts(Proposer):
 @dataclass
 class Result:
     device: str
-    acceptance: float
+    acceptance: float | list[float]  # a list: a mixed batch, request i at acceptance[i % len]
     tokens: int
     policy: str
     speedup: float  # against every step pipelined without drafts
@@ -91,22 +91,34 @@ class Result:
     chosen_k: dict[int, int]
 
 
-def simulate(device: Device, acceptance: float, tokens: int, config: PolicyConfig, seed: int = 0) -> Result:
-    """A closed batch of `device.batch` requests of `tokens` output tokens each."""
+def _request(i: int) -> Request:
+    req = Request(f"r{i}", [0] * 8, SamplingParams(temperature=0, max_tokens=1 << 20), max_model_len=1 << 21)
+    req.num_computed_tokens = 8
+    return req
+
+
+def simulate(
+    device: Device, acceptance: float | Sequence[float], tokens: int, config: PolicyConfig, seed: int = 0, open_batch: bool = False
+) -> Result:
+    """`device.batch` requests of `tokens` output tokens each; request i accepts at
+    `acceptance`, or at acceptance[i % len] for a mixed batch. Closed (default): the
+    batch runs until its last request is done, tail included, as `bench/speculative.py`
+    runs it. `open_batch`: a finished request's place goes to a new one of the same
+    acceptance until batch x tokens tokens are out, as on a server that always has work
+    queued (no tail)."""
     rng = random.Random(seed)
+    rates = [acceptance] if isinstance(acceptance, float | int) else list(acceptance)
     spec = Speculator(_Drafts(), config)
     batch = device.batch
-    requests = []
-    for i in range(batch):
-        req = Request(f"r{i}", [0] * 8, SamplingParams(temperature=0, max_tokens=1 << 20), max_model_len=1 << 21)
-        req.num_computed_tokens = 8
-        requests.append(req)
+    active = [_request(i) for i in range(batch)]
+    accepts = {r.request_id: float(rates[i % len(rates)]) for i, r in enumerate(active)}
+    left = {r.request_id: tokens for r in active}
+    started = batch
+    total = batch * tokens  # what the run emits, either way
     for _ in range(9):  # the pipelined steps of the prompts' run-up, as in the engine
         spec.observe_step(batch, device.seconds(batch), pipelined=True)
-    left = {r.request_id: tokens for r in requests}
-    elapsed, steps, drafting, in_flight = 0.0, 0, 0, False
-    while left:
-        active = [r for r in requests if r.request_id in left]
+    elapsed, emitted, steps, drafting, in_flight = 0.0, 0, 0, 0, False
+    while active and emitted < total:
         n = len(active)
         planned = spec.wants_step(active)
         drafts = spec.plan(active, base_tokens=n, max_extra=1 << 16) if planned else {}
@@ -117,10 +129,13 @@ def simulate(device: Device, acceptance: float, tokens: int, config: PolicyConfi
                 d = drafts.get(req.request_id)
                 accepted = 0
                 if d:
-                    while accepted < len(d) and rng.random() < acceptance:
+                    while accepted < len(d) and rng.random() < accepts[req.request_id]:
                         accepted += 1
                     spec.observe_verified(req, len(d), accepted)
-                left[req.request_id] -= 1 + accepted
+                # max_tokens caps a request's last drafts in the engine: none emitted past it
+                out = min(1 + accepted, left[req.request_id])
+                left[req.request_id] -= out
+                emitted += out
             spec.observe_step(size, seconds)
             drafting += 1
             in_flight = False
@@ -128,39 +143,50 @@ def simulate(device: Device, acceptance: float, tokens: int, config: PolicyConfi
             seconds = device.seconds(n) + (device.host if planned else 0.0)
             for req in active:
                 left[req.request_id] -= 1
+            emitted += n
             # A plan drained the pipeline before it was timed: this step restarts it.
             spec.observe_step(n, seconds if in_flight and not planned else None, pipelined=True)
             in_flight = True
         elapsed += seconds
         steps += 1
-        for req in active:
+        for req in list(active):
             if left[req.request_id] <= 0:
-                del left[req.request_id]
                 spec.forget(req)
-    off = tokens * device.seconds(batch)
+                active.remove(req)
+                if open_batch:
+                    new = _request(started)
+                    accepts[new.request_id] = accepts[req.request_id]
+                    left[new.request_id] = tokens
+                    active.append(new)
+                    started += 1
+    off = total / batch * device.seconds(batch)  # every step pipelined, the batch always full
     policy = "adaptive" if config.adaptive else f"fixed k={config.max_k}"
     chosen = dict(sorted(spec.counters.chosen_k.items()))
-    return Result(device.name, acceptance, tokens, policy, off / elapsed, steps, drafting, spec.explorations, chosen)
+    speedup = (emitted / elapsed) / (total / off)
+    return Result(device.name, rates[0] if len(rates) == 1 else rates, tokens, policy, speedup, steps, drafting, spec.explorations, chosen)
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--devices", nargs="+", default=list(DEVICES), choices=list(DEVICES))
     ap.add_argument("--acceptance", nargs="+", type=float, default=[0.0, 0.29, 0.5, 0.7, 0.9])
+    ap.add_argument("--mixed", nargs="*", default=["0.9,0.1", "0.7,0.2"], help="mixed batches: comma-separated acceptances, request i at the (i mod n)-th")
     ap.add_argument("--tokens", nargs="+", type=int, default=[128, 512])
     ap.add_argument("--fixed", nargs="*", type=int, default=[4], help="fixed draft lengths to compare")
+    ap.add_argument("--open", action="store_true", help="finished requests replaced by new ones (no tail)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     configs = [PolicyConfig(max_k=4)] + [PolicyConfig(max_k=k, adaptive=False) for k in args.fixed]
     results: list[Result] = []
     print("device | A | tokens | policy | speedup | steps | drafting steps | explorations")
     for name in args.devices:
-        for acceptance in args.acceptance:
+        for acceptance in [*args.acceptance, *([float(a) for a in m.split(",")] for m in args.mixed)]:
             for tokens in args.tokens:
                 for config in configs:
-                    r = simulate(DEVICES[name], acceptance, tokens, config)
+                    r = simulate(DEVICES[name], acceptance, tokens, config, open_batch=args.open)
                     results.append(r)
-                    print(f"{r.device} | {r.acceptance} | {r.tokens} | {r.policy} | {r.speedup:.3f} | {r.steps} | {r.drafting_steps} | {r.explorations}")
+                    shown = "/".join(map(str, r.acceptance)) if isinstance(r.acceptance, list) else r.acceptance
+                    print(f"{r.device} | {shown} | {r.tokens} | {r.policy} | {r.speedup:.3f} | {r.steps} | {r.drafting_steps} | {r.explorations}")
     if args.out:
         args.out.write_text(json.dumps({"devices": {n: asdict(DEVICES[n]) for n in args.devices}, "rows": [asdict(r) for r in results]}, indent=1))
 

@@ -46,7 +46,10 @@ def test_cost_model_interpolates_and_never_gets_cheaper_with_tokens() -> None:
     assert cost.seconds(1) == pytest.approx(0.010)  # below the smallest: its time
     assert cost.seconds(32) == pytest.approx(0.010)  # made monotone
     assert cost.seconds(48) == pytest.approx(0.030)
-    assert cost.seconds(128) == pytest.approx(0.100)  # extrapolated per token
+    assert cost.seconds(128) == pytest.approx(0.130)  # the last segment's slope, 0.04 s per 32 tokens
+    one = StepCostModel()
+    one.observe(64, 0.050)
+    assert one.seconds(128) == pytest.approx(0.100)  # one point: in proportion to tokens
 
 
 def linear_cost(fixed: float, per_token: float, up_to: int = 4096) -> StepCostModel:
@@ -231,20 +234,23 @@ def test_no_drafts_when_they_lose_to_pipelined_steps() -> None:
     assert sum(SpeculationPolicy(PolicyConfig(), sync, pipelined).allot(cands, 64, 64, 1000)) == 0
 
 
-def test_a_batch_smaller_than_any_measured_plain_step_measures_one_and_re_plans_at_once() -> None:
-    """A batch that shrank below every plain step measured is not priced from them: the
-    plan drafts nothing, and the next plan comes as soon as a pipelined step of the new
-    size is timed (the step after the restart), not probe_every steps later."""
+def test_a_batch_far_smaller_than_any_measured_plain_step_measures_one_and_re_plans_at_once() -> None:
+    """A batch that shrank to under a quarter of every plain step measured is not priced
+    from them: the plan drafts nothing, and the next plan comes as soon as a pipelined
+    step of the new size is timed (the step after the restart), not probe_every steps
+    later. One that shrank less is priced from the size it shrank from."""
     spec = Speculator(_FixedProposer(), PolicyConfig(max_k=4), probe_every=16)
     for _ in range(5):
         spec.observe_step(64, 0.0075, pipelined=True)
         spec.observe_step(320, 0.0148)
-    reqs = [decoding(f"r{i}") for i in range(20)]
-    assert spec.plan(reqs, base_tokens=20, max_extra=1000) == {}
+    reqs = [decoding(f"r{i}") for i in range(8)]
+    spec.plan(reqs[:5] * 4, base_tokens=20, max_extra=1000)
+    assert not spec.policy.measuring_plain
+    assert spec.plan(reqs, base_tokens=8, max_extra=1000) == {}
     assert spec.policy.measuring_plain
-    spec.observe_step(20, None, pipelined=True)  # the restart: not timed
+    spec.observe_step(8, None, pipelined=True)  # the restart: not timed
     assert not spec.wants_step(reqs)
-    spec.observe_step(20, 0.0072, pipelined=True)
+    spec.observe_step(8, 0.0070, pipelined=True)
     assert spec.wants_step(reqs)
-    spec.plan(reqs, base_tokens=20, max_extra=1000)
+    spec.plan(reqs, base_tokens=8, max_extra=1000)
     assert not spec.policy.measuring_plain

@@ -21,8 +21,8 @@ acceptance, per step from what extra tokens cost on this machine.
   so a draft is taken only when it pays for its share of the target step and of the
   draft passes both.
 - A size the policy avoids is never measured again, and the model prices unmeasured
-  sizes from the neighbours it has (flat below the smallest, in proportion to tokens
-  above the largest), which on a GPU overprices most of them. So a re-plan that chooses
+  sizes from the neighbours it has (flat below the smallest, along the last segment
+  above the largest), which on a GPU overprices many of them. So a re-plan that chooses
   nothing may explore (`SpeculationPolicy.explore`): the smallest size whose cost is
   unmeasured or stale, reached with the best drafts only, and only if that size could
   pay at all given what smaller steps are known to cost.
@@ -36,6 +36,11 @@ import statistics
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+# A plain step is priced from pipelined steps of at most this many times its bucket's
+# size (StepCostModel.covers): a batch that shrank a little costs about what it did on a
+# memory-bound GPU, while a prefill chunk would make every draft look free.
+COVER_FACTOR = 4
 
 
 @dataclass
@@ -61,9 +66,10 @@ class AcceptanceEMA:
 class StepCostModel:
     """Step seconds as a function of tokens in the batch, measured on the running
     machine: per power-of-two bucket of token counts, the median of its last steps,
-    interpolated linearly between measured buckets. Sizes above the largest measurement extrapolate in
-    proportion to tokens (never cheaper per token than measured); below the smallest,
-    the smallest's time (a step never costs less than a smaller one)."""
+    interpolated linearly between measured buckets. Sizes above the largest measurement
+    extrapolate along the last segment (in proportion to tokens from a single
+    measurement); below the smallest, the smallest's time (a step never costs less than a
+    smaller one)."""
 
     def __init__(self, window: int = 9) -> None:
         # The median of a bucket's last `window` steps: a step slowed by something else
@@ -94,10 +100,10 @@ class StepCostModel:
         self._obs[bucket].append((num_tokens, seconds))
         self._last[bucket] = at
 
-    def covers(self, num_tokens: int) -> bool:
-        """Whether a step of at most `num_tokens`' bucket was measured (so `seconds` does
-        not price it from bigger steps alone)."""
-        return bool(self._sizes) and self._sizes[0] <= self.bucket(num_tokens)
+    def covers(self, num_tokens: int, factor: int = 1) -> bool:
+        """Whether this model measured a step of at most `factor` times the bucket of
+        `num_tokens` (so `seconds` does not price it from much bigger steps alone)."""
+        return bool(self._sizes) and self._sizes[0] <= factor * self.bucket(num_tokens)
 
     def measured_since(self, num_tokens: int, step: int) -> bool:
         """Whether the bucket of `num_tokens` has an observation made at `step` or later."""
@@ -134,7 +140,13 @@ class StepCostModel:
             if num_tokens <= x1:
                 return y0 + (y1 - y0) * (num_tokens - x0) / max(x1 - x0, 1e-9)
         x, y = mono[-1]
-        return y * num_tokens / x
+        if len(mono) == 1:
+            return y * num_tokens / x
+        # Past the largest measurement, the last segment's slope: in proportion to tokens
+        # would price a memory-bound GPU step's fixed cost into every token, and a size
+        # priced too high is never chosen, so never measured to correct it.
+        (x0, y0) = mono[-2]
+        return y + (y - y0) * (num_tokens - x) / max(x - x0, 1e-9)
 
 
 class PassCost:
@@ -343,13 +355,15 @@ class SpeculationPolicy:
 
     def _no_draft_seconds(self, base_tokens: int) -> float | None:
         """What the step costs without drafts: a pipelined step where measured (drafting
-        nothing returns the batch to those), else a synchronous one; None when neither
-        model measured a step of this size or smaller (below its smallest measurement a
-        model answers with that measurement's time, which for a bigger step would make
-        every draft look free)."""
-        for model in (self.pipelined, self.cost):
-            if model is not None and model.covers(base_tokens):
-                return model.seconds(base_tokens)
+        nothing returns the batch to those), else a plain synchronous one; None when
+        neither measured a step of about this size or smaller (below its smallest
+        measurement a model answers with that measurement's time, which for a much
+        bigger step would make every draft look free)."""
+        if self.pipelined is not None and self.pipelined.covers(base_tokens, COVER_FACTOR):
+            return self.pipelined.seconds(base_tokens)
+        # The synchronous model holds verify steps too: only a plain step's own bucket.
+        if self.cost.covers(base_tokens):
+            return self.cost.seconds(base_tokens)
         return None
 
     def ranked(self, candidates: list[Candidate], max_extra: int) -> list[tuple[float, int]]:

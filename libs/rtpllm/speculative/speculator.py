@@ -248,7 +248,7 @@ class Speculator:
             return []
         margin = self.start_margin if self._steps_without > 0 else 0.0
         counts = self.policy.allot(cands, base_tokens, base_emitted, max_extra, cost, margin)
-        if not any(counts) and self._steps_without > 0:
+        if not any(counts) and self._steps_without > 0 and not self.policy.measuring_plain:
             # A periodic re-plan (every probe_every steps or more, once a plan chose
             # nothing) may explore a size whose cost is unmeasured or stale
             # (SpeculationPolicy.explore).
