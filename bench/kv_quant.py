@@ -248,6 +248,12 @@ def bench_decode_itl(
         for _ in range(4):
             eng.step()
         sync()
+        # What a decode step must read, to check the timing against the card's bandwidth:
+        # the KV of the blocks the sequences hold, and the weights.
+        bm = eng.block_manager
+        held = bm.num_blocks - bm.num_free_blocks
+        kv_bytes = held * eng.kv_pool.nbytes / eng.kv_pool.num_blocks
+        weight_bytes = sum(t.numel() * t.element_size() for t in eng.model.parameters())
         prof = None
         if profile_dir is not None:
             from torch.profiler import ProfilerActivity, profile
@@ -259,15 +265,18 @@ def bench_decode_itl(
             eng.step()
         sync()
         itl = (time.perf_counter() - start) / steps
+        reads = {"blocks_held": held, "kv_GB": kv_bytes / 1e9, "weights_GB": weight_bytes / 1e9,
+                 "implied_GB_per_s": (kv_bytes + weight_bytes) / itl / 1e9}  # fmt: skip
         if prof is not None and profile_dir is not None:
             prof.__exit__(None, None, None)
             table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
             (profile_dir / f"decode_profile_{fmt}{tag}{'' if cuda_graphs else '_eager'}.txt").write_text(
-                f"{batch} x {context} tokens, {steps} steps, {itl * 1e3:.2f} ms per step\n{table}\n"
+                f"{batch} x {context} tokens, {steps} steps, {itl * 1e3:.2f} ms per step; a step reads {reads['kv_GB']:.2f} GB of KV "
+                f"({held} blocks held) and {reads['weights_GB']:.2f} GB of weights: {reads['implied_GB_per_s']:.0f} GB/s\n{table}\n"
             )
         while eng.has_unfinished_requests():
             eng.step()
-        return {"fits": True, "itl_ms": itl * 1e3, "tok_per_s": batch / itl}
+        return {"fits": True, "itl_ms": itl * 1e3, "tok_per_s": batch / itl, **reads}
     finally:
         llm.close()
         del llm, eng

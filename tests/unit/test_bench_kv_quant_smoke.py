@@ -46,4 +46,6 @@ def test_kv_quant_bench_profile_smoke(tmp_path: Path) -> None:
     prof = json.loads(out.read_text())["profile"]
     for fmt in ("bf16", "fp8"):
         assert prof[f"{fmt}_eager"]["itl_ms"] > 0
-        assert "ms per step" in (tmp_path / "prof" / f"decode_profile_{fmt}_eager.txt").read_text()
+        # 2 sequences of 64 prompt tokens and 4 decoded: 5 blocks of 16 each, all read.
+        assert prof[f"{fmt}_eager"]["blocks_held"] == 10 and prof[f"{fmt}_eager"]["kv_GB"] > 0
+        assert "GB/s" in (tmp_path / "prof" / f"decode_profile_{fmt}_eager.txt").read_text()
