@@ -155,8 +155,7 @@ def test_two_images_match_in_process_encoding_and_repeat_without_encoding(
 ) -> None:
     wait_metric(stack, "rtpllm_vision_instances", 1)
     warm_remote_path(stack)
-    paths = settled(lambda: image_paths(stack))
-    encoded = settled(lambda: metric(stack, "rtpllm_vision_images_encoded"))
+    paths, encoded = settled(lambda: (image_paths(stack), metric(stack, "rtpllm_vision_images_encoded")))
     text, prompt_tokens = ask(stack, [1, 2])
     assert (text, prompt_tokens) == reference[(1, 2)]  # usage counts the image tokens
     wait_until(lambda: counted(stack) >= paths["remote"] + paths["local"] + 2, 30, "both images counted", [])

@@ -263,17 +263,16 @@ class SpeculationPolicy:
         # Drafting nothing returns the batch to pipelined steps: the alternative the
         # drafts must beat. (A synchronous step of the same size costs more: the host
         # work the pipeline hides; at batch 64 on an H100 about 1.5x.)
-        base_time = self._no_draft_seconds(base_tokens)
+        base_time = self.no_draft_seconds(base_tokens)
         self.measuring_plain = base_time is None
         if base_time is None:
             # No step without drafts of this size measured (a model would price it from
             # bigger ones, and drafts would look free for good): none this time, which
             # measures one.
             return counts
-        own = self._prefix([c.values for c in candidates], counts, base_tokens, base_emitted, base_time / (1 + margin), max_extra, proposer_cost)
+        base_time /= 1 + margin  # the riders' pass below starts from `own`'s step when it drafts
+        own = self._prefix([c.values for c in candidates], counts, base_tokens, base_emitted, base_time, max_extra, proposer_cost)
         self.on_estimates = any(own)
-        if not self.on_estimates:
-            base_time /= 1 + margin
         return self._prefix(hopeful, own, base_tokens, base_emitted, base_time, max_extra, proposer_cost)
 
     def _prefix(
@@ -339,7 +338,7 @@ class SpeculationPolicy:
         counts = [0] * len(candidates)
         order = self.ranked(candidates, max_extra)
         top = base_tokens + len(order)
-        base_time = self._no_draft_seconds(base_tokens)
+        base_time = self.no_draft_seconds(base_tokens)
         bucket = StepCostModel.bucket(base_tokens + 1)
         while order and bucket // 2 < top:
             n = min(len(order), bucket - base_tokens)
@@ -353,7 +352,7 @@ class SpeculationPolicy:
             bucket *= 2
         return counts
 
-    def _no_draft_seconds(self, base_tokens: int) -> float | None:
+    def no_draft_seconds(self, base_tokens: int) -> float | None:
         """What the step costs without drafts: a pipelined step where measured (drafting
         nothing returns the batch to those), else a plain synchronous one; None when
         neither measured a step of about this size or smaller (below its smallest

@@ -144,7 +144,7 @@ class Speculator:
         # Steps, not plans: while nothing is drafted, a plan comes only every probe_every steps.
         elapsed, self._skipped = 1 + self._skipped, 0
         ready: list[tuple[Request, int, float]] = []  # (request, most drafts, acceptance rate)
-        self._retrying: set[str] = set()
+        self._retrying = set()
         for req in decodes:
             if req.num_placeholders or not self.eligible(req):
                 continue
@@ -294,7 +294,7 @@ class Speculator:
         (self.pipelined_cost if pipelined else self.cost).observe(num_tokens, seconds, at=self._steps)
         if drafted is not None and not pipelined:
             base_tokens, decodes = drafted
-            base = self.pipelined_cost.seconds(base_tokens) if self.pipelined_cost.covers(base_tokens) else None
+            base = self.policy.no_draft_seconds(base_tokens)  # what the policy weighed the drafts against
             if base is not None:
                 self._spell.add(seconds + charged, base * (decodes + accepted) / max(decodes, 1))
 
