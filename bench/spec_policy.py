@@ -13,14 +13,19 @@ from `bench/speculative.py` on the GPU. The device curves are calibrated from H1
 (bench/results/2026-12-06-h100/, docs/benchmarks.md):
 
 - llama8b-b64: 64 plain rows 7.45 ms (8,592 tok/s off), 320 verify rows 14.75 ms (fixed
-  k = 4 at A = 0.7: 11,889 tok/s), a synchronous step about 1.5x a pipelined one;
+  k = 4 at A = 0.7: 11,889 tok/s); a synchronous step's host time 2.3 ms, as the
+  adaptive policy's verify steps took once its allotment stopped rebuilding the cost
+  curve for every price (2026-12-06, session 6: 99 rows 9.0 ms, 274 rows 12.8 ms);
 - llama8b-b1: 5.54 ms a token (180.6 tok/s off), 6.63 ms a 5-row verify step (410 tok/s
   at 2.72 tokens a step);
 - qwen15b-b1: 1.82 ms a token (548.5 tok/s off), 2.71 ms a 5-row verify step (909 tok/s at
   2.46 tokens a step);
-- compute-bound: every token costs its share (a CPU), where drafts never pay.
+- compute-bound: every token costs its share (a CPU), where drafts never pay;
+- before the run, what the bench's warm-up leaves in the cost models (H100, 2026-12-06
+  runs' `cost_model`): 2-token verify steps of 6.52 ms (8B), 1-token pipelined steps of
+  5.58 ms.
 
-    python bench/spec_policy.py [--tokens 128 512] [--acceptance 0 0.29 0.5 0.7 0.9] [--mixed 0.9,0.1 0.7,0.2]
+    python bench/spec_policy.py [--tokens 128 512] [--acceptance 0 0.29 0.5 0.7 0.9] [--mixed 0.9,0.1 0.7,0.2] [--open | --warm] [--seed N]
 """
 
 from __future__ import annotations
@@ -45,13 +50,18 @@ from rtpllm.speculative.speculator import Speculator  # noqa: E402
 @dataclass(frozen=True)
 class Device:
     """Step costs: `device(n)` = base + per_token * (n - batch) seconds, plus `host`
-    seconds for a step that plans or verifies synchronously."""
+    seconds for a step that plans or verifies synchronously. `warm_sync`, `warm_plain`:
+    what the bench's warm-up leaves in the cost models before the run, one request
+    decoding with n-gram drafts (a 2-token synchronous verify step; a 1-token pipelined
+    step), whatever the batch of the run."""
 
     name: str
     batch: int
     base: float
     per_token: float
     host: float
+    warm_sync: float
+    warm_plain: float
 
     def seconds(self, tokens: int) -> float:
         return self.base + self.per_token * (tokens - self.batch)
@@ -60,10 +70,10 @@ class Device:
 DEVICES = {
     d.name: d
     for d in (
-        Device("llama8b-b64", 64, 7.45e-3, 1.4e-5, 3.7e-3),
-        Device("llama8b-b1", 1, 5.54e-3, 3.0e-5, 0.97e-3),
-        Device("qwen15b-b1", 1, 1.82e-3, 1.0e-5, 0.85e-3),
-        Device("compute-b64", 64, 12.8e-3, 2.0e-4, 1.0e-3),
+        Device("llama8b-b64", 64, 7.45e-3, 1.4e-5, 2.3e-3, 6.52e-3, 5.58e-3),
+        Device("llama8b-b1", 1, 5.54e-3, 3.0e-5, 0.97e-3, 6.52e-3, 5.58e-3),
+        Device("qwen15b-b1", 1, 1.82e-3, 1.0e-5, 0.85e-3, 2.68e-3, 1.79e-3),
+        Device("compute-b64", 64, 12.8e-3, 2.0e-4, 1.0e-3, 1.4e-3, 0.6e-3),
     )
 }
 
@@ -98,25 +108,53 @@ def _request(i: int) -> Request:
 
 
 def simulate(
-    device: Device, acceptance: float | Sequence[float], tokens: int, config: PolicyConfig, seed: int = 0, open_batch: bool = False
+    device: Device,
+    acceptance: float | Sequence[float],
+    tokens: int,
+    config: PolicyConfig,
+    seed: int = 0,
+    open_batch: bool = False,
+    warm: bool = False,
 ) -> Result:
     """`device.batch` requests of `tokens` output tokens each; request i accepts at
     `acceptance`, or at acceptance[i % len] for a mixed batch. Closed (default): the
     batch runs until its last request is done, tail included, as `bench/speculative.py`
     runs it. `open_batch`: a finished request's place goes to a new one of the same
     acceptance until batch x tokens tokens are out, as on a server that always has work
-    queued (no tail)."""
+    queued (no tail). `warm`: an untimed batch of the same kind first, on the same
+    speculator (`bench/speculative.py --warm-batch`)."""
     rng = random.Random(seed)
     rates = [acceptance] if isinstance(acceptance, float | int) else list(acceptance)
     spec = Speculator(_Drafts(), config)
     batch = device.batch
-    active = [_request(i) for i in range(batch)]
-    accepts = {r.request_id: float(rates[i % len(rates)]) for i, r in enumerate(active)}
-    left = {r.request_id: tokens for r in active}
-    started = batch
-    total = batch * tokens  # what the run emits, either way
+    for _ in range(9):  # the bench's warm-up: one request decoding with n-gram drafts
+        spec.observe_step(2, device.warm_sync)
+        spec.observe_step(1, device.warm_plain, pipelined=True)
     for _ in range(9):  # the pipelined steps of the prompts' run-up, as in the engine
         spec.observe_step(batch, device.seconds(batch), pipelined=True)
+    if warm:
+        _run(spec, device, rates, tokens, rng, open_batch, first=batch)
+        spec.counters.chosen_k.clear()
+        spec.explorations = 0
+    elapsed, emitted, steps, drafting = _run(spec, device, rates, tokens, rng, open_batch, first=2 * batch if warm else 0)
+    total = batch * tokens
+    off = total / batch * device.seconds(batch)  # every step pipelined, the batch always full
+    policy = "adaptive" if config.adaptive else f"fixed k={config.max_k}"
+    chosen = dict(sorted(spec.counters.chosen_k.items()))
+    speedup = (emitted / elapsed) / (total / off)
+    return Result(device.name, rates[0] if len(rates) == 1 else rates, tokens, policy, speedup, steps, drafting, spec.explorations, chosen)
+
+
+def _run(
+    spec: Speculator, device: Device, rates: list[float], tokens: int, rng: random.Random, open_batch: bool, first: int
+) -> tuple[float, int, int, int]:
+    """One batch (request ids from `first`): (seconds, tokens emitted, steps, drafting steps)."""
+    batch = device.batch
+    active = [_request(first + i) for i in range(batch)]
+    accepts = {r.request_id: float(rates[i % len(rates)]) for i, r in enumerate(active)}
+    left = {r.request_id: tokens for r in active}
+    started = first + batch
+    total = batch * tokens  # what the run emits, either way
     elapsed, emitted, steps, drafting, in_flight = 0.0, 0, 0, 0, False
     while active and emitted < total:
         n = len(active)
@@ -159,11 +197,7 @@ def simulate(
                     left[new.request_id] = tokens
                     active.append(new)
                     started += 1
-    off = total / batch * device.seconds(batch)  # every step pipelined, the batch always full
-    policy = "adaptive" if config.adaptive else f"fixed k={config.max_k}"
-    chosen = dict(sorted(spec.counters.chosen_k.items()))
-    speedup = (emitted / elapsed) / (total / off)
-    return Result(device.name, rates[0] if len(rates) == 1 else rates, tokens, policy, speedup, steps, drafting, spec.explorations, chosen)
+    return elapsed, emitted, steps, drafting
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -174,6 +208,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tokens", nargs="+", type=int, default=[128, 512])
     ap.add_argument("--fixed", nargs="*", type=int, default=[4], help="fixed draft lengths to compare")
     ap.add_argument("--open", action="store_true", help="finished requests replaced by new ones (no tail)")
+    ap.add_argument("--seed", type=int, default=0, help="the acceptance draws' seed")
+    ap.add_argument("--warm", action="store_true", help="an untimed batch first, on the same speculator (speculative.py --warm-batch)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     configs = [PolicyConfig(max_k=4)] + [PolicyConfig(max_k=k, adaptive=False) for k in args.fixed]
@@ -183,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
         for acceptance in [*args.acceptance, *([float(a) for a in m.split(",")] for m in args.mixed)]:
             for tokens in args.tokens:
                 for config in configs:
-                    r = simulate(DEVICES[name], acceptance, tokens, config, open_batch=args.open)
+                    r = simulate(DEVICES[name], acceptance, tokens, config, open_batch=args.open, seed=args.seed, warm=args.warm)
                     results.append(r)
                     shown = "/".join(map(str, r.acceptance)) if isinstance(r.acceptance, list) else r.acceptance
                     print(f"{r.device} | {shown} | {r.tokens} | {r.policy} | {r.speedup:.3f} | {r.steps} | {r.drafting_steps} | {r.explorations}")

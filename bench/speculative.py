@@ -199,10 +199,14 @@ def engine_runs(
     method: str,
     prompts_of: dict[int, list[list[int]]],
     reference: dict[int, dict[str, list[int]]] | None,
+    warm_of: dict[int, list[list[int]]] | None = None,
 ) -> tuple[list[Run], str]:
     """One engine: warm up on every prompt, then one timed run per batch size; the runs
     and the engine's dtype. `method` may end in "@rows": verify steps then read the KV
-    once per row (the decode kernel) instead of once per sequence (the verify kernel)."""
+    once per row (the decode kernel) instead of once per sequence (the verify kernel).
+    `warm_of`: per batch size, prompts of an untimed run just before the timed one (its
+    outputs come back as run "warm", for the replay references; `reference` then holds
+    theirs under the key -batch)."""
     label = method
     method, _, kernel = method.partition("@")
     if args.device.startswith("cuda"):
@@ -210,11 +214,15 @@ def engine_runs(
 
         triton_backend.GROUPED_VERIFY = kernel != "rows"
     eng = make_engine(args, model, method)
-    warm_up(eng, [p for prompts in prompts_of.values() for p in prompts])
-    runs = [
-        replace(run_once(eng, method, prompts, batch, args.max_tokens, reference[batch] if reference else None, args.acceptance), method=label)
-        for batch, prompts in prompts_of.items()
-    ]
+    warm_up(eng, [p for prompts in [*prompts_of.values(), *(warm_of or {}).values()] for p in prompts])
+    runs: list[Run] = []
+    for batch, prompts in prompts_of.items():
+        if warm_of:
+            warm = run_once(eng, method, warm_of[batch], batch, args.max_tokens, reference[-batch] if reference else None, args.acceptance)
+            runs.append(replace(warm, method="warm"))
+        before = spec_totals(eng)
+        run = run_once(eng, method, prompts, batch, args.max_tokens, reference[batch] if reference else None, args.acceptance)
+        runs.append(replace(run, method=label, counters=since(run.counters, before)))
     dtype = str(eng.dtype).removeprefix("torch.")
     drop(eng)
     return runs, dtype
@@ -228,6 +236,27 @@ def isolated(args: argparse.Namespace, fn: Callable[..., T], *fn_args: Any) -> T
         return fn(*fn_args)
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(fn, *fn_args).result()
+
+
+def spec_totals(eng: LLMEngine) -> dict[str, Any]:
+    """The speculator's histograms and exploration count so far (an engine that ran a
+    warm batch carries them into the timed run's)."""
+    spec = eng.speculator
+    if spec is None:
+        return {}
+    c = spec.counters
+    return {"chosen_k": dict(c.chosen_k), "acceptance_lengths": dict(c.acceptance_lengths), "explorations": spec.explorations}
+
+
+def since(counters: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
+    """`counters` less what `before` (spec_totals) held."""
+    out = dict(counters)
+    for key in ("chosen_k", "acceptance_lengths"):
+        if key in out:
+            out[key] = {k: v - before[key].get(k, 0) for k, v in out[key].items() if v - before[key].get(k, 0)}
+    if "explorations" in out:
+        out["explorations"] -= before["explorations"]
+    return out
 
 
 def warm_up(eng: LLMEngine, prompts: list[list[int]]) -> None:
@@ -295,7 +324,8 @@ def run_once(
     if eng.speculator is not None:
         after = eng.speculator.counters
         counters = {k: after.__dict__[k] - before.get(k, 0) for k in ("proposed_tokens", "accepted_tokens", "verified_requests", "speculative_steps")}
-        # Histograms since the engine started: a fresh engine per run, and the warm-up verifies nothing.
+        # Histograms since the engine started (a fresh engine per method; the caller takes
+        # out a warm batch's: `since`), and the warm-up verifies nothing.
         counters["chosen_k"] = dict(sorted(after.chosen_k.items()))
         counters["acceptance_lengths"] = dict(sorted(after.acceptance_lengths.items()))
         # What the adaptive policy saw: its step-cost models (bucket -> mean tokens,
@@ -378,6 +408,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bfloat16, float32, ...")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--num-prompts", type=int, help="run these many distinct prompts per batch size, at most BATCH at a time")
+    ap.add_argument(
+        "--warm-batch",
+        action="store_true",
+        help="--shape: before each timed run, an untimed one of the same size over other prompts, in every engine (the "
+        "step-cost models then start measured, as a serving engine's are)",
+    )
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument(
         "--methods", default="ngram,suffix",
@@ -408,28 +444,34 @@ def main(argv: list[str] | None = None) -> int:
     # is built again for its second runs, from the same seeded weights.
     vocab = ModelConfig.from_dir(Path(model)).vocab_size
     pool: list[list[int]] = [] if args.shape else chat_prompts(model, args.prompts, args.num_prompts or max(args.batch))
-    if args.num_prompts and len(pool) < args.num_prompts:
+    if args.num_prompts and not args.shape and len(pool) < args.num_prompts:
         raise SystemExit(f"only {len(pool)} {args.prompts} prompts, asked for {args.num_prompts}")
+    if args.warm_batch and not args.shape:
+        raise SystemExit("--warm-batch needs --shape (random prompts)")
     prompts_of: dict[int, list[list[int]]] = {}
+    warm_of: dict[int, list[list[int]]] = {}
     for batch in args.batch:
         count = args.num_prompts or batch
         if args.shape:
             rng = random.Random(batch)
             prompts_of[batch] = [[rng.randrange(vocab) for _ in range(args.prompt_len)] for _ in range(count)]
+            if args.warm_batch:
+                warm_of[batch] = [[rng.randrange(vocab) for _ in range(args.prompt_len)] for _ in range(count)]
         else:
             prompts_of[batch] = [pool[i % len(pool)] for i in range(count)]
 
-    base_runs, dtype = isolated(args, engine_runs, args, model, "off", prompts_of, None)
-    base = {r.batch: r for r in base_runs}
+    base_runs, dtype = isolated(args, engine_runs, args, model, "off", prompts_of, None, warm_of)
+    base = {r.batch: r for r in base_runs if r.method == "off"}
+    warm_ref = {-r.batch: r.outputs for r in base_runs if r.method == "warm"}
     runs: dict[int, list[Run]] = {b: [] for b in args.batch}
     for method in methods:
         for batch in args.batch:
-            reference = {batch: base[batch].outputs}
-            (run,), _ = isolated(args, engine_runs, args, model, method, {batch: prompts_of[batch]}, reference)
+            reference = {batch: base[batch].outputs, **({-batch: warm_ref[-batch]} if warm_of else {})}
+            *_, run = isolated(args, engine_runs, args, model, method, {batch: prompts_of[batch]}, reference, warm_of)[0]
             runs[batch].append(run)
             print(f"batch {batch} {method}: {run.tok_s:.2f} tok/s", file=sys.stderr, flush=True)
-    again_runs, _ = isolated(args, engine_runs, args, model, "off", prompts_of, None)
-    again_of = {r.batch: r for r in again_runs}
+    again_runs, _ = isolated(args, engine_runs, args, model, "off", prompts_of, None, warm_of)
+    again_of = {r.batch: r for r in again_runs if r.method == "off"}
     rows: list[dict[str, Any]] = []
     for batch in args.batch:
         # Off again after the others, timed as the mean of both: on a shared machine
@@ -459,6 +501,7 @@ def main(argv: list[str] | None = None) -> int:
         "prompt_tokens": {"distinct_prompts": len(lens), "min": lens[0], "median": lens[len(lens) // 2], "max": lens[-1]},
         "num_speculative_tokens": args.num_speculative_tokens,
         "adaptive": not args.no_adaptive,
+        "warm_batch": args.warm_batch,
         "rows": rows,
     }
     if args.out:

@@ -24,3 +24,23 @@ def test_speculative_bench_smoke(tmp_path: Path) -> None:
     ]  # fmt: skip
     replay = [r for r in rows if r["method"] == "replay"]
     assert all(r["identical_to_off"] and r["accepted"] > 0 and r["tokens_per_request_step"] > 1.5 for r in replay)
+
+
+@pytest.mark.timeout(300)
+def test_speculative_bench_warm_batch_and_more_prompts_than_the_batch(tmp_path: Path) -> None:
+    """--warm-batch: an untimed batch over other prompts first, in every engine; the
+    timed run's histograms leave it out. --num-prompts past the batch: finished requests
+    replaced (an open batch), on a random shape too."""
+    out = tmp_path / "spec.json"
+    argv = ["--shape", "tiny", "--device", "cpu", "--methods", "replay", "--acceptance", "1.0", "--batch", "2",
+            "--num-prompts", "4", "--warm-batch", "--max-tokens", "10", "--prompt-len", "16", "--no-adaptive",
+            "--out", str(out)]  # fmt: skip
+    assert speculative.main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["warm_batch"] is True
+    off, replay = result["rows"]
+    assert (off["method"], replay["method"]) == ("off", "replay")
+    assert replay["identical_to_off"] and replay["requests"] == 4 and replay["output_tokens"] == 40
+    # One chosen k per request per decode step of the timed run (its first step is the
+    # prefill's), none of the warm batch's.
+    assert sum(replay["chosen_k"].values()) == replay["request_steps"] - replay["requests"]

@@ -16,6 +16,7 @@ from rtpllm.speculative.adaptive import (
     AcceptanceEMA,
     Candidate,
     PolicyConfig,
+    RecentAcceptance,
     SpeculationPolicy,
     StepCostModel,
     draft_values,
@@ -49,7 +50,9 @@ def test_cost_model_interpolates_and_never_gets_cheaper_with_tokens() -> None:
     assert cost.seconds(128) == pytest.approx(0.130)  # the last segment's slope, 0.04 s per 32 tokens
     one = StepCostModel()
     one.observe(64, 0.050)
-    assert one.seconds(128) == pytest.approx(0.100)  # one point: in proportion to tokens
+    # One point: its own time above it (in proportion to tokens, a warm-up's one 2-token
+    # verify step priced k = 4 at 2.5x and held an H100 batch at k = 1 for good).
+    assert one.seconds(128) == pytest.approx(0.050)
 
 
 def linear_cost(fixed: float, per_token: float, up_to: int = 4096) -> StepCostModel:
@@ -254,3 +257,54 @@ def test_a_batch_far_smaller_than_any_measured_plain_step_measures_one_and_re_pl
     assert spec.wants_step(reqs)
     spec.plan(reqs, base_tokens=8, max_extra=1000)
     assert not spec.policy.measuring_plain
+
+
+def test_a_request_leans_on_the_others_recent_acceptance_until_it_has_its_own() -> None:
+    recent = RecentAcceptance()
+    mine, other = AcceptanceEMA(), AcceptanceEMA()
+    assert mine.rate_given(recent.rate_without(mine)) == pytest.approx(0.5)  # nothing known: even
+    for _ in range(40):  # the other request: 3 of 4 drafts accepted, then a rejection
+        other.observe(4, 3)
+        recent.observe(other, 4, 3)
+    assert recent.rate_without(mine) == pytest.approx(0.75, abs=0.03)
+    assert mine.rate_given(recent.rate_without(mine)) == pytest.approx(0.75, abs=0.03)
+    # Its own rejections lower its estimate, not its prior (at batch 1, a prior that
+    # counted them twice stopped a request at A = 0.7 after two misses).
+    for _ in range(2):
+        mine.observe(4, 0)
+        recent.observe(mine, 4, 0)
+    assert recent.rate_without(mine) == pytest.approx(0.75, abs=0.03)
+    assert recent.rate_without(other) < 0.75
+    low = mine.rate_given(recent.rate_without(mine))
+    assert 0.3 < low < 0.6
+    for _ in range(30):  # evidence of its own outweighs the prior
+        mine.observe(4, 0)
+        recent.observe(mine, 4, 0)
+    assert mine.rate_given(recent.rate_without(mine)) < 0.05
+    mine.restart()  # a retry: the prior whole again, its own share still left out of it
+    assert mine.rate_given(recent.rate_without(mine)) == pytest.approx(0.75, abs=0.05)
+
+
+def test_the_cost_curve_follows_new_observations() -> None:
+    cost = StepCostModel()
+    cost.observe(8, 0.010)
+    cost.observe(64, 0.050)
+    assert cost.seconds(36) == pytest.approx(0.030)
+    for _ in range(9):  # the 64 bucket's median moves: the cached curve with it
+        cost.observe(64, 0.030)
+    assert cost.seconds(36) == pytest.approx(0.020)
+
+
+def test_a_step_goes_at_most_one_doubling_past_what_was_measured() -> None:
+    """Past the largest measured size a step is priced on a guess (flat from one
+    measurement): the allotment goes no further than twice that size, or twice the
+    batch's own, so a compute-bound machine pays for one guess of 2x, not 5x."""
+    sync, pipelined = StepCostModel(), StepCostModel()
+    sync.observe(2, 0.006)  # a warm-up's 2-token verify step
+    pipelined.observe(64, 0.007)
+    policy = SpeculationPolicy(PolicyConfig(max_k=4), sync, pipelined)
+    counts = policy.allot([Candidate([0.9, 0.8, 0.7, 0.6]) for _ in range(64)], 64, 64, 1 << 16)
+    assert sum(counts) == 64  # 128 tokens: twice the batch's bucket
+    sync.observe(128, 0.009)
+    counts = policy.allot([Candidate([0.9, 0.8, 0.7, 0.6]) for _ in range(64)], 64, 64, 1 << 16)
+    assert sum(counts) == 192  # now up to 256 tokens

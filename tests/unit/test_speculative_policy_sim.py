@@ -17,15 +17,24 @@ from rtpllm.speculative.adaptive import PolicyConfig
 ADAPTIVE = PolicyConfig(max_k=4)
 
 
-def speedup(device: str, acceptance: float, tokens: int, seeds: int = 4) -> float:
-    return statistics.mean(simulate(DEVICES[device], acceptance, tokens, ADAPTIVE, seed=s).speedup for s in range(seeds))
+def speedup(device: str, acceptance: float, tokens: int, seeds: int = 4, warm: bool = False) -> float:
+    return statistics.mean(simulate(DEVICES[device], acceptance, tokens, ADAPTIVE, seed=s, warm=warm).speedup for s in range(seeds))
 
 
 @pytest.mark.parametrize("acceptance", [0.0, 0.29])
 def test_low_acceptance_at_batch_64_costs_at_most_3_percent(acceptance: float) -> None:
-    # Fixed k = 4 here: 0.51x at A = 0, 0.65x at A = 0.29 (128 tokens).
+    # Fixed k = 4 here: 0.56x at A = 0, 0.73x at A = 0.29 (128 tokens).
     assert speedup("llama8b-b64", acceptance, 128) >= 0.97
-    assert speedup("llama8b-b64", acceptance, 512) >= 0.98
+    assert speedup("llama8b-b64", acceptance, 512) >= 0.985
+
+
+def test_a_warm_batch_starts_from_what_drafts_achieved_for_the_last_one() -> None:
+    """A second batch on the same engine (a serving engine's steady state): its new
+    requests lean on the acceptance the others had, so at A = 0.7 they draft from
+    the first step (an even prior kept them from it on the H100: 0.95x, with the
+    batch backed off for good) and at A = 0.29 they hardly try."""
+    assert speedup("llama8b-b64", 0.7, 128, seeds=2, warm=True) >= 1.15
+    assert speedup("llama8b-b64", 0.29, 128, seeds=2, warm=True) >= 0.985
 
 
 @pytest.mark.parametrize("acceptance", [0.0, 0.5, 0.9])
@@ -34,15 +43,15 @@ def test_a_compute_bound_batch_never_drafts_for_long(acceptance: float) -> None:
 
 
 def test_drafts_that_pay_are_taken() -> None:
-    assert speedup("llama8b-b64", 0.7, 512, seeds=2) >= 1.2  # fixed k = 4: 1.31x
-    assert speedup("llama8b-b64", 0.9, 512, seeds=2) >= 1.7  # fixed k = 4: 1.96x
-    assert speedup("llama8b-b1", 0.7, 128) >= 1.9  # fixed k = 4: 2.02x
-    assert speedup("qwen15b-b1", 0.7, 512) >= 1.7  # fixed k = 4: 1.80x
+    assert speedup("llama8b-b64", 0.7, 512, seeds=2) >= 1.3  # fixed k = 4: 1.45x
+    assert speedup("llama8b-b64", 0.9, 512, seeds=2) >= 2.0  # fixed k = 4: 2.17x
+    assert speedup("llama8b-b1", 0.7, 128) >= 1.9  # fixed k = 4: 2.12x
+    assert speedup("qwen15b-b1", 0.7, 512) >= 1.7  # fixed k = 4: 1.81x
 
 
 def test_batch_one_at_low_acceptance() -> None:
     assert speedup("llama8b-b1", 0.0, 128) >= 0.96
-    assert speedup("qwen15b-b1", 0.29, 128) >= 0.96  # fixed k = 4: 0.84x
+    assert speedup("qwen15b-b1", 0.29, 128) >= 0.96  # fixed k = 4: 0.90x
     assert speedup("llama8b-b1", 0.29, 512) >= 1.03  # drafts are cheap at the 8B's batch 1
 
 
@@ -60,10 +69,9 @@ def test_the_command_writes_its_table(tmp_path: Path, capsys: pytest.CaptureFixt
 def test_a_served_batch_of_mixed_acceptance_drafts_for_those_it_pays_for() -> None:
     """Open batches (a finished request's place taken at once, as on a busy server):
     half the requests accept 0.9 of drafts, half 0.1; drafting for the first half only
-    beats both no drafts and fixed k = 4 for everyone (1.31x here)."""
+    beats both no drafts and fixed k = 4 for everyone (1.46x here)."""
 
     def open_speedup(config: PolicyConfig) -> float:
         return statistics.mean(simulate(DEVICES["llama8b-b64"], [0.9, 0.1], 256, config, seed=s, open_batch=True).speedup for s in range(2))
 
-    assert open_speedup(ADAPTIVE) >= 1.4
-    assert open_speedup(PolicyConfig(max_k=4, adaptive=False)) < 1.35
+    assert open_speedup(ADAPTIVE) >= open_speedup(PolicyConfig(max_k=4, adaptive=False)) + 0.1

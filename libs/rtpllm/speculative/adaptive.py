@@ -45,31 +45,86 @@ COVER_FACTOR = 4
 
 @dataclass
 class AcceptanceEMA:
-    """Per-request acceptance estimate (see the module docstring)."""
+    """Per-request acceptance estimate (see the module docstring). The estimate starts
+    at a prior worth two observations, which fades as observations come in (by `decay`
+    each, as they do): `rate(prior)` takes the prior's rate when asked, so a request
+    with little evidence of its own leans on what the proposer achieves for the others
+    now, not on what it achieved when the request arrived."""
 
     decay: float = 0.8
-    accepted: float = 1.0  # prior: a = 0.5 ...
-    rejected: float = 1.0  # ... worth two observations
+    accepted: float = 0.0  # the observations' part of the averages
+    rejected: float = 0.0
+    fade: float = 1.0  # what is left of the prior's weight: decay ** observations
     steps_idle: int = 0  # steps since the request last verified a draft
+    # Its share of RecentAcceptance's counts (as of that one's clock), which its prior
+    # leaves out.
+    own_accepted: float = 0.0
+    own_rejected: float = 0.0
+    clock: int = 0
+
+    PRIOR_WEIGHT = 2.0
+
+    def rate_given(self, prior: float) -> float:
+        w = self.PRIOR_WEIGHT * self.fade
+        return (self.accepted + w * prior) / (self.accepted + self.rejected + w)
 
     @property
     def rate(self) -> float:
-        return self.accepted / (self.accepted + self.rejected)
+        """The estimate under an even prior (a = 0.5)."""
+        return self.rate_given(0.5)
+
+    def restart(self) -> None:
+        """Drop the evidence (a retry: see the Speculator); the prior is whole again."""
+        self.accepted = self.rejected = 0.0
+        self.fade = 1.0
 
     def observe(self, num_proposed: int, num_accepted: int) -> None:
         d = self.decay
         self.accepted = d * self.accepted + (1 - d) * num_accepted
         self.rejected = d * self.rejected + (1 - d) * (1.0 if num_accepted < num_proposed else 0.0)
+        self.fade *= d
         self.steps_idle = 0
+
+
+@dataclass
+class RecentAcceptance:
+    """Acceptance of the recent verifications of all requests together: decayed counts
+    (by `decay` per verification, about the last 1 / (1 - decay)). A request's prior
+    (`AcceptanceEMA.rate_given`) is `rate_without` it: the others' recent acceptance, under
+    an even prior worth two. Without its own, since at a small batch the recent
+    verifications are mostly the request's, and counting them in its prior as well as
+    in its estimate made two early rejections stop it for good."""
+
+    decay: float = 0.99
+    accepted: float = 0.0
+    rejected: float = 0.0
+    clock: int = 0  # verifications so far
+
+    def rate_without(self, own: AcceptanceEMA) -> float:
+        fade = self.decay ** (self.clock - own.clock)
+        accepted = max(self.accepted - own.own_accepted * fade, 0.0)
+        rejected = max(self.rejected - own.own_rejected * fade, 0.0)
+        return (accepted + 1.0) / (accepted + rejected + 2.0)
+
+    def observe(self, own: AcceptanceEMA, num_proposed: int, num_accepted: int) -> None:
+        """A verification of the request `own` estimates (which keeps its share)."""
+        d = self.decay
+        rejected = 1.0 if num_accepted < num_proposed else 0.0
+        self.accepted = d * self.accepted + num_accepted
+        self.rejected = d * self.rejected + rejected
+        self.clock += 1
+        fade = d ** (self.clock - own.clock)
+        own.own_accepted = own.own_accepted * fade + num_accepted
+        own.own_rejected = own.own_rejected * fade + rejected
+        own.clock = self.clock
 
 
 class StepCostModel:
     """Step seconds as a function of tokens in the batch, measured on the running
     machine: per power-of-two bucket of token counts, the median of its last steps,
     interpolated linearly between measured buckets. Sizes above the largest measurement
-    extrapolate along the last segment (in proportion to tokens from a single
-    measurement); below the smallest, the smallest's time (a step never costs less than a
-    smaller one)."""
+    extrapolate along the last segment (from a single measurement, its time); below the
+    smallest, the smallest's time (a step never costs less than a smaller one)."""
 
     def __init__(self, window: int = 9) -> None:
         # The median of a bucket's last `window` steps: a step slowed by something else
@@ -79,6 +134,11 @@ class StepCostModel:
         self._sizes: list[int] = []  # bucket sizes, sorted
         self._obs: dict[int, deque[tuple[int, float]]] = {}  # bucket -> (tokens, seconds)
         self._last: dict[int, int] = {}  # bucket -> the caller's step count at its newest observation
+        # The curve `seconds` reads, (tokens, seconds) per bucket made non-decreasing:
+        # rebuilt only after an observation. An allotment prices hundreds of sizes in
+        # a synchronous step's host time (at batch 64, 4.3 ms on a CPU core when each
+        # price took every bucket's median afresh).
+        self._curve: list[tuple[float, float]] | None = None
 
     @property
     def num_buckets(self) -> int:
@@ -99,6 +159,12 @@ class StepCostModel:
             self._obs[bucket] = deque(maxlen=self.window)
         self._obs[bucket].append((num_tokens, seconds))
         self._last[bucket] = at
+        self._curve = None
+
+    def reach(self, num_tokens: int) -> int:
+        """The most tokens a step may take on this model's prices, for a step of at least
+        `num_tokens`: twice the bucket of the largest measured step or of `num_tokens`."""
+        return 2 * max(self._sizes[-1] if self._sizes else 0, self.bucket(num_tokens))
 
     def covers(self, num_tokens: int, factor: int = 1) -> bool:
         """Whether this model measured a step of at most `factor` times the bucket of
@@ -129,22 +195,28 @@ class StepCostModel:
         """Predicted step time; None before any measurement."""
         if not self._sizes:
             return None
-        points = [self._point(b) for b in self._sizes]
-        # Keep the curve non-decreasing: noise must not make more tokens look cheaper.
-        mono: list[tuple[float, float]] = []
-        for x, y in points:
-            mono.append((x, max(y, mono[-1][1]) if mono else y))
+        mono = self._curve
+        if mono is None:
+            # Keep the curve non-decreasing: noise must not make more tokens look cheaper.
+            mono = []
+            for x, y in (self._point(b) for b in self._sizes):
+                mono.append((x, max(y, mono[-1][1]) if mono else y))
+            self._curve = mono
         if num_tokens <= mono[0][0]:
             return mono[0][1]
-        for (x0, y0), (x1, y1) in zip(mono, mono[1:], strict=False):
-            if num_tokens <= x1:
-                return y0 + (y1 - y0) * (num_tokens - x0) / max(x1 - x0, 1e-9)
+        i = bisect.bisect_left(mono, num_tokens, key=lambda p: p[0])
+        if i < len(mono):
+            (x0, y0), (x1, y1) = mono[i - 1], mono[i]
+            return y0 + (y1 - y0) * (num_tokens - x0) / max(x1 - x0, 1e-9)
         x, y = mono[-1]
+        # Past the largest measurement: the last segment's slope, or with a single
+        # measurement its own time. In proportion to tokens would price a memory-bound
+        # GPU step's fixed cost into every token, and a size priced too high is never
+        # chosen, so never measured to correct it (one 2-token verify step from a
+        # warm-up then held a batch at k = 1 for good); a size priced too low is chosen
+        # once and measured.
         if len(mono) == 1:
-            return y * num_tokens / x
-        # Past the largest measurement, the last segment's slope: in proportion to tokens
-        # would price a memory-bound GPU step's fixed cost into every token, and a size
-        # priced too high is never chosen, so never measured to correct it.
+            return y
         (x0, y0) = mono[-2]
         return y + (y - y0) * (num_tokens - x) / max(x - x0, 1e-9)
 
@@ -290,7 +362,12 @@ class SpeculationPolicy:
         beats `start` itself; with `base_time` None, every draft worth proposing."""
         counts = list(start)
         drafted = sum(start)
-        order = self._ranked(values, counts, max_extra - drafted)
+        budget = max_extra - drafted
+        if base_time is not None:
+            # A step past twice the largest size measured is priced on a guess: go no
+            # further than that, and the guess is measured before the next doubling.
+            budget = min(budget, self.cost.reach(base_tokens) - base_tokens - drafted)
+        order = self._ranked(values, counts, budget)
         if base_time is None:
             for _, i in order:
                 counts[i] += 1
