@@ -171,6 +171,7 @@ def make_engine(args: argparse.Namespace, model: str, method: str) -> LLMEngine:
             cache=CacheConfig(cpu_kv_bytes=args.cpu_kv_gib << 30, gpu_memory_utilization=0.85),
             scheduler=SchedulerConfig(max_num_seqs=max(args.batch), max_num_batched_tokens=args.max_num_batched_tokens),
             speculative=speculative_config(args, method),
+            mixed_cuda_graphs=args.mixed_cuda_graphs,
         )
     )
     if args.shape and not args.raw_weights:
@@ -408,6 +409,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bfloat16, float32, ...")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--num-prompts", type=int, help="run these many distinct prompts per batch size, at most BATCH at a time")
+    ap.add_argument(
+        "--mixed-cuda-graphs",
+        action="store_true",
+        help="every engine replays steps with prefill chunks from piecewise graphs (an open batch's arrivals run "
+        "eagerly otherwise)",
+    )
     ap.add_argument(
         "--warm-batch",
         action="store_true",

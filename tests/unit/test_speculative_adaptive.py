@@ -13,6 +13,7 @@ from rtpllm.engine.request import Request
 from rtpllm.kvcache.block_manager import BlockManager
 from rtpllm.sampling_params import SamplingParams
 from rtpllm.speculative.adaptive import (
+    SETTLED,
     AcceptanceEMA,
     Candidate,
     PolicyConfig,
@@ -140,8 +141,9 @@ def decoding(request_id: str) -> Request:
 def test_a_request_that_stopped_drafting_tries_again_and_re_plans_back_off() -> None:
     """Once a plan chooses nothing, steps stay asynchronous and plan only now and then:
     first after probe_every steps, then, while the policy keeps choosing nothing, after
-    twice as many each time (up to probe_every * 2**MAX_BACKOFF). A re-plan explores a
-    verify size only while its cost is unmeasured or stale (measured more than
+    twice as many each time (up to probe_every * 2**MAX_BACKOFF). A re-plan (and the
+    first plan of all) explores a verify size only while its cost is unmeasured,
+    unsettled (fewer than SETTLED steps) or stale (measured more than
     explore_stale_steps ago), the smallest first. A request's idle time counts steps, not
     plans, so one whose drafts were all rejected is optimistic again once idle
     probe_every steps."""
@@ -151,7 +153,10 @@ def test_a_request_that_stopped_drafting_tries_again_and_re_plans_back_off() -> 
     for _ in range(9):
         spec.observe_step(1, 0.010, pipelined=True)
         spec.observe_step(5, 0.030)
-    assert spec.plan([req], base_tokens=1, max_extra=4) == {}
+    # The first plan of all explores the unmeasured 2-token size (one draft).
+    assert spec.plan([req], base_tokens=1, max_extra=4) == {"r": (1,)}
+    spec.observe_verified(req, 1, 0)
+    spec.observe_step(2, 0.030)
     replans, drafted = [], []
     for step in range(1, 1100):
         drafts = {}
@@ -164,12 +169,13 @@ def test_a_request_that_stopped_drafting_tries_again_and_re_plans_back_off() -> 
             spec.observe_step(1 + len(drafts["r"]), 0.030)
         else:
             spec.observe_step(1, 0.010, pipelined=True)
-    # Step 16 explores 2 tokens (never measured: one draft) and finds it as dear as 5;
-    # the next step's plan declines, and the waits double. At 497 the 2-token size is
-    # stale and explored again; at 754 it is fresh, and the 4- and 8-token sizes cannot
-    # pay by what 2 tokens cost: no exploration; at 1010 the 2-token size again.
-    assert replans == [16, 17, 49, 113, 241, 497, 498, 754, 1010, 1011], replans
-    assert drafted == [(16, 1), (497, 1), (1010, 1)], drafted
+    # The 2-token size is explored until settled (SETTLED = 3 steps: the first plan, 33,
+    # 98), each exploration followed by a plan that declines, and the waits double (the
+    # spells did not pay). At 227 it is settled and fresh, and the 4- and 8-token sizes
+    # cannot pay by what 2 tokens cost: no exploration. At 483 it is stale and explored
+    # again, at 740 fresh, at 996 stale again.
+    assert replans == [1, 33, 34, 98, 99, 227, 483, 484, 740, 996, 997], replans
+    assert drafted == [(33, 1), (98, 1), (483, 1), (996, 1)], drafted
     # Cheap verify steps now (graphs): the request, idle for probe_every steps, is
     # optimistic again (a >= 0.5) though its drafts were all rejected, and the
     # policy's own choice resets the back-off.
@@ -194,6 +200,10 @@ def test_exploration_goes_one_size_at_a_time_and_stops_where_drafts_cannot_pay()
     assert first == [1] * 64  # 128 tokens: the smallest unmeasured size
     policy.cost.observe(128, 0.012, at=20)  # 64 + 19 tokens in 12 ms against 64 in 7.5
     assert policy.allot(cands, 64, 64, 1000) == [0] * 64
+    # One step is not a settled cost (SETTLED): 128 is explored until it is.
+    assert policy.explore(cands, 64, 64, 1000, fresh_since=0) == [1] * 64
+    for _ in range(SETTLED - 1):
+        policy.cost.observe(128, 0.012, at=20)
     assert policy.explore(cands, 64, 64, 1000, fresh_since=0) == [0] * 64
     # At a = 0.7 the 256-token size could pay: it is explored next.
     rich = [Candidate(draft_values(0.7, (1.0,) * 4)) for _ in range(64)]

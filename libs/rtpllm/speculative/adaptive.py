@@ -41,6 +41,12 @@ from dataclasses import dataclass, field
 # size (StepCostModel.covers): a batch that shrank a little costs about what it did on a
 # memory-bound GPU, while a prefill chunk would make every draft look free.
 COVER_FACTOR = 4
+# A bucket's cost is settled after this many steps: before, one slow step (the first of
+# its size in a process, a neighbour's load) is its median, and a size priced too high
+# is never chosen again. Exploration re-measures unsettled sizes, and a floor is taken
+# only from settled ones. (The 1.5B shape's warm-up timed one 2-token verify step at 3.57
+# ms on the H100, twice a pipelined step; on that alone batch 1 never drafted.)
+SETTLED = 3
 
 
 @dataclass
@@ -172,15 +178,17 @@ class StepCostModel:
         return bool(self._sizes) and self._sizes[0] <= factor * self.bucket(num_tokens)
 
     def measured_since(self, num_tokens: int, step: int) -> bool:
-        """Whether the bucket of `num_tokens` has an observation made at `step` or later."""
-        last = self._last.get(self.bucket(num_tokens))
-        return last is not None and last >= step
+        """Whether the bucket of `num_tokens` is settled (SETTLED observations or more)
+        with one made at `step` or later."""
+        bucket = self.bucket(num_tokens)
+        last = self._last.get(bucket)
+        return last is not None and last >= step and len(self._obs[bucket]) >= SETTLED
 
     def floor(self, num_tokens: int, since: int) -> float | None:
         """The least a step of `num_tokens` can cost by what smaller steps were measured
         to cost at step `since` or later: the dearest of the fresh buckets below its
         own (steps never get cheaper with tokens); None when there is none."""
-        below = [b for b in self._sizes if b < self.bucket(num_tokens) and self._last[b] >= since]
+        below = [b for b in self._sizes if b < self.bucket(num_tokens) and self._last[b] >= since and len(self._obs[b]) >= SETTLED]
         return max(self._point(b)[1] for b in below) if below else None
 
     def describe(self) -> dict[int, list[float]]:

@@ -102,6 +102,7 @@ class Speculator:
         # contexts grow, the batch changes): once per longest re-plan wait.
         self.explore_stale_steps = probe_every << MAX_BACKOFF
         self.explorations = 0
+        self._planned = False  # whether any plan was made yet
         # A batch that is not drafting starts only for drafts this much better than its
         # pipelined steps: a drafting spell ends with a step that planned synchronously
         # and drafted nothing, which the spell's gain must repay.
@@ -258,10 +259,11 @@ class Speculator:
             return []
         margin = self.start_margin if self._steps_without > 0 else 0.0
         counts = self.policy.allot(cands, base_tokens, base_emitted, max_extra, cost, margin)
-        if not any(counts) and self._steps_without > 0 and not self.policy.measuring_plain:
+        first, self._planned = not self._planned, True
+        if not any(counts) and (self._steps_without > 0 or first) and not self.policy.measuring_plain:
             # A periodic re-plan (every probe_every steps or more, once a plan chose
-            # nothing) may explore a size whose cost is unmeasured or stale
-            # (SpeculationPolicy.explore).
+            # nothing), or the first plan of all, may explore a size whose cost is
+            # unmeasured, unsettled or stale (SpeculationPolicy.explore).
             counts = self.policy.explore(cands, base_tokens, base_emitted, max_extra, self._steps - self.explore_stale_steps)
             self.explorations += any(counts)
             if not any(counts):  # drafting spells are judged when they end (`_end_spell`)
