@@ -28,6 +28,16 @@ class StreamLog:
     finished: bool = False
     completion_tokens: int = 0
     error: str | None = None
+    done: bool = False  # the stream's `data: [DONE]` arrived
+
+    def describe(self) -> str:
+        """What went wrong, for a test's failure message ("" when nothing did)."""
+        if self.error:
+            return self.error
+        if self.finished:
+            return ""
+        ended = "then [DONE]" if self.done else "and no [DONE]"
+        return f"no finish_reason: {len(self.chunks)} chunks, {ended} (sent at {self.sent:.3f})"
 
 
 def completion_body(model: str, prompt: list[int], max_tokens: int, usage: bool = False) -> bytes:
@@ -59,6 +69,7 @@ async def stream_request(client: httpx.AsyncClient, url: str, body: bytes, log: 
                 return
             async for line in r.aiter_lines():
                 if not line.startswith("data: {"):
+                    log.done = log.done or line == "data: [DONE]"
                     continue
                 if '"text":' in line:
                     log.chunks.append(time.perf_counter())

@@ -74,9 +74,7 @@ class Phase:
         )
 
     def failures(self) -> list[str]:
-        return [
-            f"{s.error or 'no finish'}" for s in self.streams + self.arrivals if s.error or not s.finished
-        ]
+        return [s.describe() for s in self.streams + self.arrivals if s.error or not s.finished]
 
 
 def body(prompt: list[int], max_tokens: int) -> bytes:

@@ -53,7 +53,7 @@ SETTLED = 3
 class AcceptanceEMA:
     """Per-request acceptance estimate (see the module docstring). The estimate starts
     at a prior worth two observations, which fades as observations come in (by `decay`
-    each, as they do): `rate(prior)` takes the prior's rate when asked, so a request
+    each, as they do): `rate_given(prior)` takes the prior's rate when asked, so a request
     with little evidence of its own leans on what the proposer achieves for the others
     now, not on what it achieved when the request arrived."""
 
