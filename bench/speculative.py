@@ -49,6 +49,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import multiprocessing
@@ -221,9 +222,8 @@ def engine_runs(
         if warm_of:
             warm = run_once(eng, method, warm_of[batch], batch, args.max_tokens, reference[-batch] if reference else None, args.acceptance)
             runs.append(replace(warm, method="warm"))
-        before = spec_totals(eng)
         run = run_once(eng, method, prompts, batch, args.max_tokens, reference[batch] if reference else None, args.acceptance)
-        runs.append(replace(run, method=label, counters=since(run.counters, before)))
+        runs.append(replace(run, method=label))
     dtype = str(eng.dtype).removeprefix("torch.")
     drop(eng)
     return runs, dtype
@@ -237,27 +237,6 @@ def isolated(args: argparse.Namespace, fn: Callable[..., T], *fn_args: Any) -> T
         return fn(*fn_args)
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(fn, *fn_args).result()
-
-
-def spec_totals(eng: LLMEngine) -> dict[str, Any]:
-    """The speculator's histograms and exploration count so far (an engine that ran a
-    warm batch carries them into the timed run's)."""
-    spec = eng.speculator
-    if spec is None:
-        return {}
-    c = spec.counters
-    return {"chosen_k": dict(c.chosen_k), "acceptance_lengths": dict(c.acceptance_lengths), "explorations": spec.explorations}
-
-
-def since(counters: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
-    """`counters` less what `before` (spec_totals) held."""
-    out = dict(counters)
-    for key in ("chosen_k", "acceptance_lengths"):
-        if key in out:
-            out[key] = {k: v - before[key].get(k, 0) for k, v in out[key].items() if v - before[key].get(k, 0)}
-    if "explorations" in out:
-        out["explorations"] -= before["explorations"]
-    return out
 
 
 def warm_up(eng: LLMEngine, prompts: list[list[int]]) -> None:
@@ -297,7 +276,8 @@ def run_once(
         for i, prompt in enumerate(prompts):
             replay.add_reference(f"b{i}", len(prompt), reference[f"b{i}"])
         eng.speculator.proposer = replay
-    before = eng.speculator.counters.__dict__.copy() if eng.speculator is not None else {}
+    before = copy.deepcopy(eng.speculator.counters.__dict__) if eng.speculator is not None else {}
+    explored = eng.speculator.explorations if eng.speculator is not None else 0
     waiting = list(enumerate(prompts))[::-1]  # popped from the end: prompt order
 
     def admit(in_flight: int) -> int:
@@ -325,14 +305,14 @@ def run_once(
     if eng.speculator is not None:
         after = eng.speculator.counters
         counters = {k: after.__dict__[k] - before.get(k, 0) for k in ("proposed_tokens", "accepted_tokens", "verified_requests", "speculative_steps")}
-        # Histograms since the engine started (a fresh engine per method; the caller takes
-        # out a warm batch's: `since`), and the warm-up verifies nothing.
-        counters["chosen_k"] = dict(sorted(after.chosen_k.items()))
-        counters["acceptance_lengths"] = dict(sorted(after.acceptance_lengths.items()))
+        # This run's histograms (an engine may have run a warm batch before it).
+        for key in ("chosen_k", "acceptance_lengths"):
+            now, then = getattr(after, key), before[key]
+            counters[key] = {k: v - then.get(k, 0) for k, v in sorted(now.items()) if v > then.get(k, 0)}
         # What the adaptive policy saw: its step-cost models (bucket -> mean tokens,
         # median seconds, observations) and how often a re-plan explored.
         spec = eng.speculator
-        counters["explorations"] = spec.explorations
+        counters["explorations"] = spec.explorations - explored
         counters["cost_model"] = {"sync": spec.cost.describe(), "pipelined": spec.pipelined_cost.describe()}
     return Run(method, batch, seconds, sum(len(t) for t in outputs.values()), outputs, counters)
 

@@ -182,14 +182,17 @@ class StepCostModel:
         with one made at `step` or later."""
         bucket = self.bucket(num_tokens)
         last = self._last.get(bucket)
-        return last is not None and last >= step and len(self._obs[bucket]) >= SETTLED
+        return last is not None and last >= step and self._settled(bucket)
 
     def floor(self, num_tokens: int, since: int) -> float | None:
         """The least a step of `num_tokens` can cost by what smaller steps were measured
         to cost at step `since` or later: the dearest of the fresh buckets below its
         own (steps never get cheaper with tokens); None when there is none."""
-        below = [b for b in self._sizes if b < self.bucket(num_tokens) and self._last[b] >= since and len(self._obs[b]) >= SETTLED]
+        below = [b for b in self._sizes if b < self.bucket(num_tokens) and self._last[b] >= since and self._settled(b)]
         return max(self._point(b)[1] for b in below) if below else None
+
+    def _settled(self, bucket: int) -> bool:
+        return len(self._obs[bucket]) >= SETTLED
 
     def describe(self) -> dict[int, list[float]]:
         """bucket -> [mean tokens, median seconds, observations] (for benchmarks' records)."""
