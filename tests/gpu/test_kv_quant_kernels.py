@@ -274,6 +274,52 @@ def test_backend_quantized_chunk_over_prefix_through_sdpa(
     assert taken == ([] if route == "auto-off" else [1])
 
 
+def _sdpa_taken(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The prefill sequences the backend sends to SDPA, in order (the real path still runs)."""
+    taken: list[int] = []
+    real = TritonAttentionBackend._forward_sdpa
+
+    def spy(*args: object) -> None:
+        taken.append(args[6])  # type: ignore[arg-type]  # the sequence index
+        real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(TritonAttentionBackend, "_forward_sdpa", staticmethod(spy))
+    return taken
+
+
+@pytest.mark.parametrize("fmt", FORMATS + ["plain"])
+def test_backend_routes_each_prefill_sequence_on_its_own(kernel_device: str, fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step with decodes and several prefill sequences: each long one goes to SDPA on its
+    own (two uncached prompts, and on a quantized cache a chunk over a cached prefix), the
+    short ones between them to the extend kernel in runs; the result equals the torch
+    backend's and the cache holds what its store would."""
+    from rtpllm.attention import triton_backend
+
+    taken = _sdpa_taken(monkeypatch)
+    monkeypatch.setattr(triton_backend, "SDPA_PREFILL_MIN_TOKENS", 40)
+    monkeypatch.setattr(triton_backend, "QUANT_CHUNK_SDPA_MIN_TOKENS", 30)
+    # seqs: 2 decodes | 45 uncached | 5 over 40 | 37 over 63 | 3 uncached | 50 uncached | 8 over 20
+    seq_lens, q_lens = [50, 31, 45, 45, 100, 3, 50, 28], [1, 1, 45, 5, 37, 3, 50, 8]
+    case = make_case(seq_lens, q_lens, 8, 2, 64, 16, torch.float32, kernel_device, seed=31)
+    backend = TritonAttentionBackend(prefill_impl="auto")
+    if fmt == "plain":
+        k2, v2 = case.k_cache.clone(), case.v_cache.clone()
+        out = backend.forward(case.q, case.k, case.v, case.k_cache, case.v_cache, case.meta, case.scale)
+        ref = TorchReferenceBackend().forward(case.q, case.k, case.v, k2, v2, case.meta, case.scale)
+        torch.testing.assert_close(case.k_cache, k2)
+        torch.testing.assert_close(case.v_cache, v2)
+        assert taken == [2, 6]
+    else:
+        qc = QuantCase(case, fmt)
+        _, k2, v2, ks2, vs2 = qc.clone_pool()
+        out = backend.forward(case.q, case.k, case.v, qc.k_cache, qc.v_cache, case.meta, case.scale, None, qc.k_scale, qc.v_scale)
+        ref = TorchReferenceBackend().forward(case.q, case.k, case.v, k2, v2, case.meta, case.scale, None, ks2, vs2)
+        _assert_quantized_equal(qc.k_cache, qc.k_scale, k2, ks2)
+        _assert_quantized_equal(qc.v_cache, qc.v_scale, v2, vs2)
+        assert taken == [2, 4, 6]
+    assert rel_err(out, ref) < TOL[torch.float32]
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_model_with_quantized_kv_triton_matches_torch(cuda_device: str, tmp_path: Path, fmt: str, dtype: str) -> None:

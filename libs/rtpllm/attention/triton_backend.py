@@ -147,27 +147,17 @@ class TritonAttentionBackend(AttentionBackend):
                     v_scale=v_scale,
                 )
         if meta.num_seqs > nd:
-            if self._sdpa_prefill(meta, sliding_window) or (k_scale is not None and self._sdpa_chunk(meta, sliding_window)):
-                self._forward_sdpa(q, k, v, k_cache, v_cache, meta, scale, out, k_scale, v_scale)
-            else:
-                paged_extend_attention_triton(
-                    q,
-                    k,
-                    v,
-                    k_cache,
-                    v_cache,
-                    meta.block_tables,
-                    meta.query_start_loc,
-                    meta.seq_lens,
-                    meta.slot_mapping,
-                    scale,
-                    sliding_window,
-                    meta.max_query_len,
-                    seq_base=nd,
-                    out=out,
-                    k_scale=k_scale,
-                    v_scale=v_scale,
-                )
+            quantized = k_scale is not None
+            # Consecutive sequences the extend kernel takes go to it in one launch each run.
+            run_start = nd
+            for i in range(nd, meta.num_seqs + 1):
+                to_sdpa = i < meta.num_seqs and self._takes_sdpa(meta, i, sliding_window, quantized)
+                if i == meta.num_seqs or to_sdpa:
+                    if i > run_start:
+                        self._forward_extend(q, k, v, k_cache, v_cache, meta, scale, out, sliding_window, run_start, i, k_scale, v_scale)
+                    run_start = i + 1
+                if to_sdpa:
+                    self._forward_sdpa(q, k, v, k_cache, v_cache, meta, i, scale, out, k_scale, v_scale)
         return out
 
     @staticmethod
@@ -179,28 +169,64 @@ class TritonAttentionBackend(AttentionBackend):
             and verify_fits(q.shape[1], k.shape[1], meta.max_decode_span)
         )
 
-    def _sdpa_chunk(self, meta: AttentionMetadata, sliding_window: int | None) -> bool:
-        """For a quantized cache: true when the prefill part is one chunk over a cached
-        prefix that SDPA takes: always with prefill_impl "sdpa", from
-        QUANT_CHUNK_SDPA_MIN_TOKENS new tokens with "auto" (host values only)."""
-        if self.prefill_impl == "triton" or sliding_window is not None or meta.num_seqs - meta.num_decodes != 1:
-            return False
-        if self.prefill_impl == "sdpa":
-            return True
-        qsl = meta.query_start_loc_host
-        return QUANT_CHUNK_SDPA_MIN_TOKENS is not None and qsl[-1] - qsl[-2] >= QUANT_CHUNK_SDPA_MIN_TOKENS
-
-    def _sdpa_prefill(self, meta: AttentionMetadata, sliding_window: int | None) -> bool:
-        """True when the prefill part is one prompt with nothing cached (host values only)."""
+    def _takes_sdpa(self, meta: AttentionMetadata, i: int, sliding_window: int | None, quantized: bool) -> bool:
+        """Whether prefill sequence `i` goes to SDPA (host values only): a prompt with
+        nothing cached from SDPA_PREFILL_MIN_TOKENS new tokens (any length with
+        prefill_impl "sdpa"); on a quantized cache also a chunk over a cached prefix, from
+        QUANT_CHUNK_SDPA_MIN_TOKENS new tokens (any with "sdpa"), whose context is read
+        back. Each sequence is judged alone: a step holding several long prompts sends
+        each of them to SDPA, where the quantized extend kernel is 2-4x slower."""
         if self.prefill_impl == "triton" or sliding_window is not None:
             return False
-        if meta.num_seqs - meta.num_decodes != 1:
+        q_len = meta.query_start_loc_host[i + 1] - meta.query_start_loc_host[i]
+        if meta.seq_lens_host[i] == q_len:
+            return self.prefill_impl == "sdpa" or q_len >= SDPA_PREFILL_MIN_TOKENS or (
+                quantized and QUANT_CHUNK_SDPA_MIN_TOKENS is not None and q_len >= QUANT_CHUNK_SDPA_MIN_TOKENS
+            )
+        if not quantized:
             return False
+        return self.prefill_impl == "sdpa" or (QUANT_CHUNK_SDPA_MIN_TOKENS is not None and q_len >= QUANT_CHUNK_SDPA_MIN_TOKENS)
+
+    @staticmethod
+    def _forward_extend(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        out: torch.Tensor,
+        sliding_window: int | None,
+        first: int,
+        end: int,
+        k_scale: torch.Tensor | None,
+        v_scale: torch.Tensor | None,
+    ) -> None:
+        """Sequences first..end-1 (prefill chunks) through the extend kernel, one launch."""
         qsl = meta.query_start_loc_host
-        q_len = qsl[-1] - qsl[-2]
-        if meta.seq_lens_host[-1] != q_len:
-            return False
-        return self.prefill_impl == "sdpa" or q_len >= SDPA_PREFILL_MIN_TOKENS
+        if first == meta.num_decodes and end == meta.num_seqs:
+            max_query_len = meta.max_query_len
+        else:
+            max_query_len = max(qsl[i + 1] - qsl[i] for i in range(first, end))
+        paged_extend_attention_triton(
+            q,
+            k,
+            v,
+            k_cache,
+            v_cache,
+            meta.block_tables,
+            meta.query_start_loc,
+            meta.seq_lens[:end],
+            meta.slot_mapping,
+            scale,
+            sliding_window,
+            max_query_len,
+            seq_base=first,
+            out=out,
+            k_scale=k_scale,
+            v_scale=v_scale,
+        )
 
     @staticmethod
     def _forward_sdpa(
@@ -210,15 +236,16 @@ class TritonAttentionBackend(AttentionBackend):
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
+        i: int,
         scale: float,
         out: torch.Tensor,
         k_scale: torch.Tensor | None = None,
         v_scale: torch.Tensor | None = None,
     ) -> None:
-        """The step's last sequence through SDPA: a prompt with nothing cached, or, on a
-        quantized cache, a chunk over its cached prefix (`_sdpa_chunk`)."""
-        start, end = meta.query_start_loc_host[-2], meta.query_start_loc_host[-1]
-        seq_len = meta.seq_lens_host[-1]
+        """Prefill sequence `i` through SDPA: a prompt with nothing cached, or, on a
+        quantized cache, a chunk over its cached prefix (`_takes_sdpa`)."""
+        start, end = meta.query_start_loc_host[i], meta.query_start_loc_host[i + 1]
+        seq_len = meta.seq_lens_host[i]
         slots = meta.slot_mapping[start:end]
         k, v = k[start:end], v[start:end]
         store_kv_triton(k, v, k_cache, v_cache, slots, k_scale, v_scale)
@@ -230,7 +257,7 @@ class TritonAttentionBackend(AttentionBackend):
             if seq_len > end - start:
                 block_size = k_cache.shape[1]
                 pos = torch.arange(seq_len, device=q.device)
-                slots = meta.block_tables[meta.num_seqs - 1][pos // block_size].long() * block_size + pos % block_size
+                slots = meta.block_tables[i][pos // block_size].long() * block_size + pos % block_size
             k, v = _read_back(k_cache, k_scale, slots, q.dtype), _read_back(v_cache, v_scale, slots, q.dtype)
         # [L, H, D] -> [1, H, L, D] views; enable_gqa keeps the flash kernel on GQA shapes.
         qt = q[start:end].transpose(0, 1).unsqueeze(0)
