@@ -504,7 +504,7 @@ def _quant_chunk_case(chunk: int, prefix: int, fmt: str, device: str, gen: torch
         )
 
     def quant_sdpa() -> None:
-        triton_backend.TritonAttentionBackend._forward_sdpa(q, k, v, kq, vq, meta, scale, out, ks, vs)
+        triton_backend.TritonAttentionBackend._forward_sdpa(q, k, v, kq, vq, meta, 0, scale, out, ks, vs)
 
     quant_extend()
     want = out.clone()
