@@ -291,16 +291,23 @@ def bench_offline(path: Path, device: str, fmt: str, requests: int, lo: int, hi:
     try:
         from bench.offline_throughput import random_prompts
 
+        from bench.engine import step_timeline
+
         prompts = random_prompts(llm.engine.model_config.vocab_size, requests, (lo, hi), 0)
         params = SamplingParams(temperature=0, max_tokens=output, ignore_eos=True)
+        # A short warm-up: the format's kernels compile outside the timed run.
+        llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+        summary, reset = step_timeline(llm)
         sync()
+        reset()
         start = time.perf_counter()
         llm.generate(prompts, params)
         sync()
         seconds = time.perf_counter() - start
         in_tok = sum(len(p) for p in prompts)
         return {"seconds": seconds, "output_tok_per_s": requests * output / seconds,
-                "total_tok_per_s": (in_tok + requests * output) / seconds, "requests": requests}
+                "total_tok_per_s": (in_tok + requests * output) / seconds, "requests": requests,
+                "timeline": summary()}  # fmt: skip
     finally:
         llm.close()
         del llm
@@ -310,13 +317,17 @@ def bench_offline(path: Path, device: str, fmt: str, requests: int, lo: int, hi:
 def bench_speed(
     path: Path, device: str, batch: int, context: int, steps: int, requests: int, lo: int, hi: int, output: int,
     itl_only: bool = False, decode_config: tuple[int, int, int] | None = None, chunk_sdpa: int | None = None,
+    v_slot_major: bool = False,
 ) -> dict[str, Any]:
     """`decode_config`: (BLOCK_N, warps, stages) forced on the quantized caches' decode
     kernel (a launch found by `bench/attention.py --quant-sweep`), bf16 keeps its own.
     `chunk_sdpa`: also run the quantized offline workloads with prefill chunks of at
-    least this many tokens over a cached prefix sent to SDPA (rows "fp8+chunk_sdpa"...)."""
+    least this many tokens over a cached prefix sent to SDPA (rows "fp8+chunk_sdpa"...).
+    `v_slot_major`: also the quantized formats with slot-major V pages
+    (kv_format.V_SLOT_MAJOR; rows "fp8+v_slot_major"...)."""
     from rtpllm.attention import triton_backend
     from rtpllm.kernels import decode_attention
+    from rtpllm.kvcache import kv_format
 
     out: dict[str, Any] = {"itl": {}, "offline": {}}
     for fmt in FORMATS:
@@ -329,6 +340,15 @@ def bench_speed(
                 out["offline"][fmt] = bench_offline(path, device, fmt, requests, lo, hi, output)
         finally:
             decode_attention.CONFIG_OVERRIDE = None
+    if v_slot_major:
+        for fmt in ("fp8", "int8"):
+            kv_format.V_SLOT_MAJOR = True
+            try:
+                out["itl"][f"{fmt}+v_slot_major"] = bench_decode_itl(path, device, fmt, batch, context, steps)
+                if not itl_only:
+                    out["offline"][f"{fmt}+v_slot_major"] = bench_offline(path, device, fmt, requests, lo, hi, output)
+            finally:
+                kv_format.V_SLOT_MAJOR = False
     if chunk_sdpa is not None and not itl_only:
         for fmt in ("fp8", "int8"):
             triton_backend.QUANT_CHUNK_SDPA_MIN_TOKENS = chunk_sdpa
@@ -337,7 +357,7 @@ def bench_speed(
             finally:
                 triton_backend.QUANT_CHUNK_SDPA_MIN_TOKENS = None
     base_itl = out["itl"]["bf16"].get("itl_ms")
-    for fmt in ("fp8", "int8"):
+    for fmt in [name for name in out["itl"] if name != "bf16"]:
         itl = out["itl"][fmt].get("itl_ms")
         if base_itl and itl:
             out["itl"][fmt]["itl_change_vs_bf16_pct"] = 100 * (itl / base_itl - 1)
@@ -449,6 +469,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=64, help="offline throughput: prompts")
     p.add_argument("--itl-only", action="store_true", help="speed: decode ITL only, no offline run")
     p.add_argument("--decode-config", help="speed: BLOCK_N,warps,stages forced on the quantized decode kernel")
+    p.add_argument("--v-slot-major", action="store_true", help="speed: also fp8/int8 with slot-major V pages (kv_format.V_SLOT_MAJOR)")
     p.add_argument("--quant-chunk-sdpa", type=int, metavar="TOKENS", help="speed: also run fp8/int8 offline with chunks of >= TOKENS over a cached prefix through SDPA")
     p.add_argument("--profile-dir", type=Path, help="profile: where the per-kernel tables go")
     p.add_argument("--quant-store-first", action="store_true", help="profile: also fp8 with the decode rows' K/V stored before attention (triton_backend.QUANT_DECODE_STORE_FIRST)")
@@ -497,12 +518,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     triton_backend.QUANT_DECODE_STORE_FIRST = False
         if args.what == "speed" or (args.what == "all" and device == "cuda"):
             if args.smoke:
-                result["speed"] = bench_speed(path, device, 2, 64, 2, 2, 32, 64, 4)
+                result["speed"] = bench_speed(path, device, 2, 64, 2, 2, 32, 64, 4, v_slot_major=args.v_slot_major)
             else:
                 cfg = tuple(int(x) for x in args.decode_config.split(",")) if args.decode_config else None
                 result["speed"] = bench_speed(
                     path, device, args.batch, args.context, args.steps, args.requests, 4096, 16384, 256,
                     itl_only=args.itl_only, decode_config=cfg, chunk_sdpa=args.quant_chunk_sdpa,  # type: ignore[arg-type]
+                    v_slot_major=args.v_slot_major,
                 )
     text = json.dumps(result, indent=2, default=lambda o: list(o) if isinstance(o, tuple) else str(o))
     if args.out:
