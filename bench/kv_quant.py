@@ -289,9 +289,8 @@ def bench_offline(path: Path, device: str, fmt: str, requests: int, lo: int, hi:
     llm = LLM(str(path), device=device, load_format="dummy", kv_cache_dtype=fmt, max_model_len=hi + output + 64,
               max_num_batched_tokens=16384)
     try:
-        from bench.offline_throughput import random_prompts
-
         from bench.engine import step_timeline
+        from bench.offline_throughput import random_prompts
 
         prompts = random_prompts(llm.engine.model_config.vocab_size, requests, (lo, hi), 0)
         params = SamplingParams(temperature=0, max_tokens=output, ignore_eos=True)
