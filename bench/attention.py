@@ -472,15 +472,6 @@ def quant_chunk_rows(device: str, smoke: bool, fmt: str = "fp8") -> list[dict[st
     return rows
 
 
-def slot_major_copy(values: torch.Tensor) -> torch.Tensor:
-    """A cache [blocks, block_size, Hkv, D] copied into slot-major memory ([blocks, Hkv, D,
-    block_size], kv_format.V_SLOT_MAJOR's V pages), same shape and values."""
-    n, bs, heads, dim = values.shape
-    out = torch.empty(n, heads, dim, bs, dtype=torch.uint8, device=values.device).permute(0, 3, 1, 2)
-    out.copy_(values.view(torch.uint8))
-    return out.view(values.dtype)
-
-
 def _quant_chunk_case(chunk: int, prefix: int, fmt: str, device: str, gen: torch.Generator) -> dict[str, Any]:
     from rtpllm.attention import triton_backend
     from rtpllm.attention.backend import AttentionMetadata
@@ -512,13 +503,6 @@ def _quant_chunk_case(chunk: int, prefix: int, fmt: str, device: str, gen: torch
             q, k, v, kq, vq, tables, qsl, seq_lens, slots, scale, None, chunk, 0, out, k_scale=ks, v_scale=vs
         )
 
-    vq_slot = slot_major_copy(vq)
-
-    def quant_extend_slot_major() -> None:
-        extend_mod.paged_extend_attention_triton(
-            q, k, v, kq, vq_slot, tables, qsl, seq_lens, slots, scale, None, chunk, 0, out, k_scale=ks, v_scale=vs
-        )
-
     def quant_sdpa() -> None:
         triton_backend.TritonAttentionBackend._forward_sdpa(q, k, v, kq, vq, meta, 0, scale, out, ks, vs)
 
@@ -527,10 +511,7 @@ def _quant_chunk_case(chunk: int, prefix: int, fmt: str, device: str, gen: torch
     quant_sdpa()
     row: dict[str, Any] = {"case": "quant_chunk", "fmt": fmt, "chunk": chunk, "prefix": prefix}
     row["max_abs_diff"] = float((out.float() - want.float()).abs().max())
-    quant_extend_slot_major()
-    row["slot_major_max_abs_diff"] = float((out.float() - want.float()).abs().max())
-    timed = (("bf16_extend", bf16_extend), ("quant_extend", quant_extend), ("quant_extend_slot_major", quant_extend_slot_major), ("quant_sdpa", quant_sdpa))
-    for name, fn in timed:
+    for name, fn in (("bf16_extend", bf16_extend), ("quant_extend", quant_extend), ("quant_sdpa", quant_sdpa)):
         ms = bench(fn, device)
         row[f"{name}_ms"], row[f"{name}_tflops"] = ms, flops / ms / 1e9
     return row
@@ -572,27 +553,6 @@ def quant_sweep_rows(device: str, smoke: bool, fmt: str = "fp8") -> list[dict[st
                 q_bytes,
             )
             rows.append({"case": "quant_sweep", "fmt": fmt, "cfg": cfg, "splits": splits, **timing})
-    # The same launches over slot-major V pages (kv_format.V_SLOT_MAJOR), default splits;
-    # first the check that both layouts give the same attention.
-    qv_slot = slot_major_copy(qv)
-
-    def slot_major(splits: int) -> Callable[[], Any]:
-        return lambda: decode_mod.paged_decode_attention_triton(
-            q, kn, kn, qk, qv_slot, tables, seq_lens, slots, D**-0.5, None, out=out, num_splits=splits,
-            max_seq_len=ctx, k_scale=ks, v_scale=vs,
-        )  # fmt: skip
-
-    decode_mod.paged_decode_attention_triton(
-        q, kn, kn, qk, qv, tables, seq_lens, slots, D**-0.5, None, out=out, max_seq_len=ctx, k_scale=ks, v_scale=vs
-    )
-    want = out.clone()
-    slot_major(default_splits)()
-    diff = float((out.float() - want.float()).abs().max())
-    if diff > 1e-2:
-        raise SystemExit(f"slot-major V pages give attention {diff:.3g} away from the dim-major ones")
-    for cfg in ((64, 8, 2),) if smoke else QUANT_DECODE_CONFIGS:
-        timing = with_decode_config(cfg, slot_major(default_splits), device, q_bytes)
-        rows.append({"case": "quant_sweep", "fmt": fmt, "layout": "v-slot-major", "cfg": cfg, "splits": default_splits, "max_abs_diff": diff, **timing})
     return rows
 
 
@@ -734,10 +694,10 @@ def main() -> None:
     started = time.perf_counter()
     if args.quant_chunk:
         rows = quant_chunk_rows(device, args.smoke)
-        print("chunk over prefix | bf16 extend ms | fp8 extend ms | fp8 extend, slot-major V ms | fp8 SDPA-over-context ms | max |diff|")
+        print("chunk over prefix | bf16 extend ms | fp8 extend ms | fp8 SDPA-over-context ms | max |diff|")
         for r in rows:
             print(f"{r['chunk']} over {r['prefix']} | {r['bf16_extend_ms']:.3f} | {r['quant_extend_ms']:.3f} | "
-                  f"{r['quant_extend_slot_major_ms']:.3f} | {r['quant_sdpa_ms']:.3f} | {r['max_abs_diff']:.3g}")  # fmt: skip
+                  f"{r['quant_sdpa_ms']:.3f} | {r['max_abs_diff']:.3g}")  # fmt: skip
         write_rows(args.out, device, rows)
         return
     if args.short_decode:
@@ -763,7 +723,7 @@ def main() -> None:
         rows = quant_sweep_rows(device, args.smoke)
         good = sorted((r for r in rows if "ms" in r and r["fmt"] != "bf16"), key=lambda r: r["ms"])
         for r in [rows[0], *good]:
-            print(f"{r['fmt']:>5} {r.get('layout', 'v-dim-major'):>12} cfg {r['cfg']!s:>14} splits {r.get('splits', '-')!s:>3} {r['ms']:>8.3f} ms {r['gbs']:>6.0f} GB/s")
+            print(f"{r['fmt']:>5} cfg {r['cfg']!s:>14} splits {r.get('splits', '-')!s:>3} {r['ms']:>8.3f} ms {r['gbs']:>6.0f} GB/s")
         print(f"default quantized cfg {decode_mod.decode_config(D, DT, True)}")
         if args.out:
             args.out.write_text(json.dumps({"rows": rows}, indent=1))

@@ -316,38 +316,29 @@ def bench_offline(path: Path, device: str, fmt: str, requests: int, lo: int, hi:
 def bench_speed(
     path: Path, device: str, batch: int, context: int, steps: int, requests: int, lo: int, hi: int, output: int,
     itl_only: bool = False, decode_config: tuple[int, int, int] | None = None, chunk_sdpa: int | None = None,
-    v_slot_major: bool = False, formats: Sequence[str] = FORMATS,
+    formats: Sequence[str] = FORMATS,
 ) -> dict[str, Any]:
     """`decode_config`: (BLOCK_N, warps, stages) forced on the quantized caches' decode
     kernel (a launch found by `bench/attention.py --quant-sweep`), bf16 keeps its own.
     `chunk_sdpa`: also run the quantized offline workloads with prefill chunks of at
     least this many tokens over a cached prefix sent to SDPA (rows "fp8+chunk_sdpa"...).
-    `formats`: the rows to run, a format or FORMAT+v_slot_major (slot-major V pages,
-    kv_format.V_SLOT_MAJOR); `v_slot_major` adds fp8 and int8 that way. bf16 always runs
-    first (the baseline of the ratios)."""
+    `formats`: the formats to run; bf16 always runs first (the baseline of the ratios)."""
     from rtpllm.attention import triton_backend
     from rtpllm.kernels import decode_attention
-    from rtpllm.kvcache import kv_format
 
-    rows = ["bf16", *(f for f in formats if f != "bf16")]
-    if v_slot_major:
-        rows += [f"{fmt}+v_slot_major" for fmt in ("fp8", "int8") if f"{fmt}+v_slot_major" not in rows]
     out: dict[str, Any] = {"itl": {}, "offline": {}}
-    for name in rows:
-        fmt, _, variant = name.partition("+")
-        if fmt not in FORMATS or variant not in ("", "v_slot_major") or (variant and fmt == "bf16"):
-            raise SystemExit(f"unknown format row {name!r}: use bf16, fp8, int8, fp8+v_slot_major or int8+v_slot_major")
+    for fmt in ["bf16", *(f for f in formats if f != "bf16")]:
+        if fmt not in FORMATS:
+            raise SystemExit(f"unknown format {fmt!r}: use {', '.join(FORMATS)}")
         decode_attention.CONFIG_OVERRIDE = decode_config if fmt != "bf16" else None
-        kv_format.V_SLOT_MAJOR = variant == "v_slot_major"
         try:
-            out["itl"][name] = bench_decode_itl(path, device, fmt, batch, context, steps)
+            out["itl"][fmt] = bench_decode_itl(path, device, fmt, batch, context, steps)
             if decode_config and fmt != "bf16":
-                out["itl"][name]["decode_config"] = list(decode_config)
+                out["itl"][fmt]["decode_config"] = list(decode_config)
             if not itl_only:
-                out["offline"][name] = bench_offline(path, device, fmt, requests, lo, hi, output)
+                out["offline"][fmt] = bench_offline(path, device, fmt, requests, lo, hi, output)
         finally:
             decode_attention.CONFIG_OVERRIDE = None
-            kv_format.V_SLOT_MAJOR = False
     if chunk_sdpa is not None and not itl_only:
         for fmt in ("fp8", "int8"):
             triton_backend.QUANT_CHUNK_SDPA_MIN_TOKENS = chunk_sdpa
@@ -468,8 +459,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=64, help="offline throughput: prompts")
     p.add_argument("--itl-only", action="store_true", help="speed: decode ITL only, no offline run")
     p.add_argument("--decode-config", help="speed: BLOCK_N,warps,stages forced on the quantized decode kernel")
-    p.add_argument("--formats", default=",".join(FORMATS), help="speed: rows to run, comma-separated (bf16 always): bf16 fp8 int8 fp8+v_slot_major int8+v_slot_major")
-    p.add_argument("--v-slot-major", action="store_true", help="speed: also fp8/int8 with slot-major V pages (kv_format.V_SLOT_MAJOR)")
+    p.add_argument("--formats", default=",".join(FORMATS), help="speed: formats to run, comma-separated (bf16 always runs)")
     p.add_argument("--quant-chunk-sdpa", type=int, metavar="TOKENS", help="speed: also run fp8/int8 offline with chunks of >= TOKENS over a cached prefix through SDPA")
     p.add_argument("--profile-dir", type=Path, help="profile: where the per-kernel tables go")
     p.add_argument("--quant-store-first", action="store_true", help="profile: also fp8 with the decode rows' K/V stored before attention (triton_backend.QUANT_DECODE_STORE_FIRST)")
@@ -518,15 +508,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     triton_backend.QUANT_DECODE_STORE_FIRST = False
         if args.what == "speed" or (args.what == "all" and device == "cuda"):
             if args.smoke:
-                result["speed"] = bench_speed(
-                    path, device, 2, 64, 2, 2, 32, 64, 4, v_slot_major=args.v_slot_major, formats=args.formats.split(",")
-                )
+                result["speed"] = bench_speed(path, device, 2, 64, 2, 2, 32, 64, 4, formats=args.formats.split(","))
             else:
                 cfg = tuple(int(x) for x in args.decode_config.split(",")) if args.decode_config else None
                 result["speed"] = bench_speed(
                     path, device, args.batch, args.context, args.steps, args.requests, 4096, 16384, 256,
                     itl_only=args.itl_only, decode_config=cfg, chunk_sdpa=args.quant_chunk_sdpa,  # type: ignore[arg-type]
-                    v_slot_major=args.v_slot_major, formats=args.formats.split(","),
+                    formats=args.formats.split(","),
                 )
     text = json.dumps(result, indent=2, default=lambda o: list(o) if isinstance(o, tuple) else str(o))
     if args.out:

@@ -110,12 +110,3 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 # ||out - ref|| / ||ref|| bounds against an fp32 reference (METHOD.md: 16-bit operands land
 # between 1e-3 and 1e-2; fp32 is computed with IEEE products).
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 1.2e-2, torch.float16: 3e-3}
-
-
-def slot_major(values: torch.Tensor) -> torch.Tensor:
-    """A copy of a cache [blocks, block_size, Hkv, D] stored slot-major (kv_format's
-    V_SLOT_MAJOR pages: [blocks, Hkv, D, block_size] in memory), with the same shape."""
-    n, bs, heads, dim = values.shape
-    out = torch.empty(n, heads, dim, bs, dtype=torch.uint8, device=values.device).permute(0, 3, 1, 2)
-    out.copy_(values.view(torch.uint8))
-    return out.view(values.dtype)

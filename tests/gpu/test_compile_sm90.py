@@ -66,7 +66,6 @@ def _cases() -> Iterator[Case]:
                 "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
                 "QUANT": 0,
                 "V_MUL": 1.0,
-                "V_RUN": 0,
             }
             ptrs = dict.fromkeys(("Q", "K_new", "V_new", "K_cache", "V_cache", "Out"), t)
             ptrs.update(Block_tables="i32", Seq_lens="i32", Slot_mapping="i64", Mid_o="fp32", Mid_lse="fp32")
@@ -74,27 +73,25 @@ def _cases() -> Iterator[Case]:
             label = f"decode D{head_dim} G{group} splits{splits} {t}"
             yield label, decode_attention._decode_stage1_kernel, consts, ptrs, warps, stages
     # Quantized KV (fp8 e4m3 / int8 values, fp32 scales): the bf16 model's launches.
-    # V_RUN 16: the slot-major V pages (kv_format.V_SLOT_MAJOR), with and without a window.
     for quant, vt in ((1, "fp8e4nv"), (2, "i8")):
-        for head_dim, group, splits, v_run in ((128, 4, 1, 0), (128, 4, 8, 0), (64, 8, 3, 0), (128, 4, 8, 16), (64, 8, 3, 16)):
+        for head_dim, group, splits in ((128, 4, 1), (128, 4, 8), (64, 8, 3)):
             block_n, warps, stages = decode_attention.decode_config(head_dim, torch.bfloat16, True)
             consts = {
                 "GROUP": group, "HEAD_BLOCKS": 1, "BLOCK_H": decode_attention._block_h(group), "BLOCK_N": block_n,
                 "BLOCK_D": triton.next_power_of_2(head_dim), "HEAD_DIM": head_dim, "PAGE_SIZE": 16,
-                "SINGLE": splits == 1, "SLIDING": head_dim == 64 and v_run > 0, "FUSE_NEW": True, "PRECISION": "tf32",
-                "QUANT": quant, "V_MUL": 448.0 if quant == 1 else 127.0, "V_RUN": v_run,
+                "SINGLE": splits == 1, "SLIDING": False, "FUSE_NEW": True, "PRECISION": "tf32", "QUANT": quant,
+                "V_MUL": 448.0 if quant == 1 else 127.0,
             }
             ptrs = dict.fromkeys(("Q", "K_new", "V_new", "Out"), "bf16")
             ptrs.update(K_cache=vt, V_cache=vt, K_scale="fp32", V_scale="fp32")
             ptrs.update(Block_tables="i32", Seq_lens="i32", Slot_mapping="i64", Mid_o="fp32", Mid_lse="fp32")
-            label = f"decode D{head_dim} G{group} splits{splits} bf16 kv={vt}" + (f" v_run={v_run}" if v_run else "")
+            label = f"decode D{head_dim} G{group} splits{splits} bf16 kv={vt}"
             yield label, decode_attention._decode_stage1_kernel, consts, ptrs, warps, stages
     # Verify attention (a sequence's k + 1 rows over its KV at once): k = 4 and k = 7 on
     # the 8B shape (group 4), a group-8 shape, fp32 and the quantized caches.
-    for (head_dim, group, span, splits), (dt, vt, quant), v_run in (
-        ((128, 4, 5, 1), ("bf16", "bf16", 0), 0), ((128, 4, 8, 8), ("bf16", "bf16", 0), 0), ((64, 8, 5, 3), ("bf16", "bf16", 0), 0),
-        ((128, 4, 5, 2), ("fp32", "fp32", 0), 0), ((128, 4, 5, 8), ("bf16", "fp8e4nv", 1), 0), ((128, 4, 5, 8), ("bf16", "i8", 2), 0),
-        ((128, 4, 5, 8), ("bf16", "fp8e4nv", 1), 16),
+    for (head_dim, group, span, splits), (dt, vt, quant) in (
+        ((128, 4, 5, 1), ("bf16", "bf16", 0)), ((128, 4, 8, 8), ("bf16", "bf16", 0)), ((64, 8, 5, 3), ("bf16", "bf16", 0)),
+        ((128, 4, 5, 2), ("fp32", "fp32", 0)), ((128, 4, 5, 8), ("bf16", "fp8e4nv", 1)), ((128, 4, 5, 8), ("bf16", "i8", 2)),
     ):  # fmt: skip
         tile = verify_attention.verify_tile_rows(group, span)
         block_n, warps, stages = verify_attention.verify_config(tile, torch.float32 if dt == "fp32" else torch.bfloat16, quant != 0)
@@ -102,12 +99,12 @@ def _cases() -> Iterator[Case]:
             "GROUP": group, "GROUP_P2": triton.next_power_of_2(group), "BLOCK_M": tile, "BLOCK_N": block_n,
             "BLOCK_D": triton.next_power_of_2(head_dim), "HEAD_DIM": head_dim, "PAGE_SIZE": 16, "SINGLE": splits == 1,
             "SLIDING": quant == 0, "PRECISION": "ieee" if dt == "fp32" else "tf32", "QUANT": quant,
-            "V_MUL": {0: 1.0, 1: 448.0, 2: 127.0}[quant], "V_RUN": v_run,
+            "V_MUL": {0: 1.0, 1: 448.0, 2: 127.0}[quant],
         }  # fmt: skip
         ptrs = dict.fromkeys(("Q", "Out"), dt)
         ptrs.update(K_cache=vt, V_cache=vt, K_scale="fp32" if quant else "i32", V_scale="fp32" if quant else "i32")
         ptrs.update(Block_tables="i32", Seq_lens="i32", Spans="i32", Mid_o="fp32", Mid_lse="fp32")
-        label = f"verify D{head_dim} G{group} rows{span} splits{splits} {dt} kv={vt}" + (f" v_run={v_run}" if v_run else "")
+        label = f"verify D{head_dim} G{group} rows{span} splits{splits} {dt} kv={vt}"
         yield label, verify_attention._verify_stage1_kernel, consts, ptrs, warps, stages
     consts = {"SPLITS_P2": 8, "BLOCK_D": 128, "HEAD_DIM": 128}
     ptrs = {"Mid_o": "fp32", "Mid_lse": "fp32", "Out": "bf16"}
@@ -138,7 +135,6 @@ def _cases() -> Iterator[Case]:
                 "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
                 "QUANT": 0,
                 "V_MUL": 1.0,
-                "V_RUN": 0,
             }
             ptrs = dict.fromkeys(("Q", "K", "V", "K_cache", "V_cache", "Out"), t)
             ptrs.update(Block_tables="i32", Query_start_loc="i32", Seq_lens="i32", Slot_mapping="i64")
@@ -146,17 +142,17 @@ def _cases() -> Iterator[Case]:
             label = f"extend D{head_dim} q<={max_query_len} sliding={int(sliding)} {t} {(block_m, block_n, warps, stages)}"
             yield label, extend_attention._extend_kernel, consts, ptrs, warps, stages
     for quant, vt in ((1, "fp8e4nv"), (2, "i8")):
-        for head_dim, max_query_len, v_run in ((128, 4096, 0), (128, 32, 0), (64, 4096, 0), (128, 4096, 16), (128, 32, 16)):
-            block_m, block_n, warps, stages = extend_attention.extend_config(head_dim, torch.bfloat16, max_query_len, True, v_run > 0)
+        for head_dim, max_query_len in ((128, 4096), (128, 32), (64, 4096)):
+            block_m, block_n, warps, stages = extend_attention.extend_config(head_dim, torch.bfloat16, max_query_len, True)
             consts = {
                 "GROUP": 4, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": triton.next_power_of_2(head_dim),
                 "HEAD_DIM": head_dim, "PAGE_SIZE": 16, "SLIDING": False, "WRITE_KV": True, "PRECISION": "tf32",
-                "QUANT": quant, "V_MUL": 448.0 if quant == 1 else 127.0, "V_RUN": v_run,
+                "QUANT": quant, "V_MUL": 448.0 if quant == 1 else 127.0,
             }
             ptrs = dict.fromkeys(("Q", "K", "V", "Out"), "bf16")
             ptrs.update(K_cache=vt, V_cache=vt, K_scale="fp32", V_scale="fp32")
             ptrs.update(Block_tables="i32", Query_start_loc="i32", Seq_lens="i32", Slot_mapping="i64")
-            label = f"extend D{head_dim} q<={max_query_len} bf16 kv={vt} {(block_m, block_n, warps, stages)}" + (f" v_run={v_run}" if v_run else "")
+            label = f"extend D{head_dim} q<={max_query_len} bf16 kv={vt} {(block_m, block_n, warps, stages)}"
             yield label, extend_attention._extend_kernel, consts, ptrs, warps, stages
 
     bf = "bf16"
@@ -199,9 +195,6 @@ def _compile(case: Case) -> dict[str, Any]:
     from triton.compiler import ASTSource
 
     label, fn, consts, ptrs, num_warps, num_stages = case
-    if "stride_vcd" in fn.arg_names and not consts.get("V_RUN"):
-        # A V cache with head_dim contiguous: launches pass 1, which Triton specialises on.
-        consts = {**consts, "stride_vcd": 1}
     signature: dict[str, str] = {}
     attrs: dict[tuple[int, ...], list[list[Any]]] = {}
     for i, name in enumerate(fn.arg_names):

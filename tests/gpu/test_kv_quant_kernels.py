@@ -29,7 +29,6 @@ from rtpllm.kernels.decode_attention import paged_decode_attention_triton
 from rtpllm.kernels.extend_attention import paged_extend_attention_triton
 from rtpllm.kernels.kv_cache import store_kv_ref, store_kv_triton
 from rtpllm.kernels.kv_quant import dequantize_ref, quantize_ref
-from rtpllm.kvcache import kv_format
 from rtpllm.kvcache.kv_format import quantized_views
 
 pytestmark = pytest.mark.gpu
@@ -42,15 +41,6 @@ NUM_RANDOM = 24 if ON_GPU else 6
 TOL = {torch.float32: 3e-5, torch.bfloat16: 1.5e-2, torch.float16: 4e-3}
 
 
-@pytest.fixture(autouse=True, params=["v-dim-major", "v-slot-major"])
-def v_layout(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
-    """Every test here runs with both layouts of a quantized V page (kv_format.V_SLOT_MAJOR):
-    the cases' pools below and the engine's pool alike."""
-    slot_major = request.param == "v-slot-major"
-    monkeypatch.setattr(kv_format, "V_SLOT_MAJOR", slot_major)
-    return slot_major
-
-
 class QuantCase:
     """A PagedCase whose caches are quantized pages of one byte pool."""
 
@@ -59,7 +49,7 @@ class QuantCase:
         blocks, bs, heads, dim = case.k_cache.shape
         self.pool = torch.zeros(blocks, 2, bs, heads, dim + 4, dtype=torch.uint8, device=case.q.device)
         self.k_cache, self.k_scale = quantized_views(self.pool[:, 0], fmt, bs, heads, dim)
-        self.v_cache, self.v_scale = quantized_views(self.pool[:, 1], fmt, bs, heads, dim, kv_format.V_SLOT_MAJOR)
+        self.v_cache, self.v_scale = quantized_views(self.pool[:, 1], fmt, bs, heads, dim)
         # The random plain caches become the cached prefix, quantized as the store would.
         for src, vals, scales in ((case.k_cache, self.k_cache, self.k_scale), (case.v_cache, self.v_cache, self.v_scale)):
             q, s = quantize_ref(src, fmt)
@@ -70,7 +60,7 @@ class QuantCase:
         blocks, bs, heads, dim = self.case.k_cache.shape
         pool = self.pool.clone()
         k, ks = quantized_views(pool[:, 0], self.fmt, bs, heads, dim)
-        v, vs = quantized_views(pool[:, 1], self.fmt, bs, heads, dim, kv_format.V_SLOT_MAJOR)
+        v, vs = quantized_views(pool[:, 1], self.fmt, bs, heads, dim)
         return pool, k, v, ks, vs
 
     def reference_out(self, window: int | None) -> torch.Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from gpu_env import ON_GPU
-from paged_cases import TOLERANCE, make_case, rel_err, slot_major
+from paged_cases import TOLERANCE, make_case, rel_err
 
 from rtpllm.attention.backend import decode_spans
 from rtpllm.kernels.kv_quant import quantize_ref, storage_dtype
@@ -84,15 +84,11 @@ def test_rows_in_any_order_within_a_group(kernel_device: str) -> None:
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "int8"])
-@pytest.mark.parametrize("v_slot_major", [False, True])
-def test_verify_quantized_cache(kernel_device: str, fmt: str, v_slot_major: bool) -> None:
-    """A quantized cache is attended as its dequantized contents (the reference), with
-    either layout of its V pages (kv_format.V_SLOT_MAJOR)."""
+def test_verify_quantized_cache(kernel_device: str, fmt: str) -> None:
+    """A quantized cache is attended as its dequantized contents (the reference)."""
     q, kc, vc, tables, lens, spans, scale = verify_case([50, 21], [5, 3], (8, 2), torch.bfloat16, kernel_device, 5)
     kq, ks = quantize_ref(kc, fmt)
     vq, vs = quantize_ref(vc, fmt)
-    if v_slot_major:
-        vq = slot_major(vq)
     assert kq.dtype == storage_dtype(fmt)
     ref = paged_verify_attention_ref(q.float(), kq, vq, tables, lens, spans, scale, 5, k_scale=ks, v_scale=vs)
     for splits in (1, 2):

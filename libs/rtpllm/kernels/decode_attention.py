@@ -72,21 +72,6 @@ def decode_num_splits(batch: int, num_kv_heads: int, group: int, max_seq_len: in
     return max(1, min(want, by_len, MAX_SPLITS))
 
 
-def v_slot_run(v_cache: torch.Tensor, block_n: int) -> int:
-    """The kernels' V_RUN for a V cache view [blocks, block_size, Hkv, D]: 0 when head_dim
-    is contiguous; for a slot-major view (kv_format: the block's slots contiguous for each
-    head and dim) the slots a tile of `block_n` loads as one aligned run."""
-    if v_cache.stride(-1) == 1:
-        return 0
-    blocks, page, heads, dim = v_cache.shape
-    assert v_cache.stride(1) == 1 and v_cache.stride(3) == page and v_cache.stride(2) == dim * page, (
-        "a V cache needs head_dim or the block's slots contiguous"
-    )
-    run = min(page, block_n)
-    assert v_cache.stride(0) % run == 0 and v_cache.storage_offset() % run == 0, "V pages must be aligned to a run"
-    return run
-
-
 def _block_h(group: int) -> int:
     # tl.dot needs >= 16 rows; the padded rows cost tensor-core time only, which decode has spare.
     return min(max(16, next_power_of_2(group)), 64)
@@ -116,37 +101,14 @@ def tile_scores(
 
 @triton.jit
 def tile_values(
-    acc, alpha, p, q, V_cache, V_scale, blk, within, kvh, offs_d, mask_d, kv_mask, mask_n,
-    stride_vcb, stride_vct, stride_vch, stride_vcd, stride_vsb, stride_vst,
-    PRECISION: tl.constexpr, QUANT: tl.constexpr, V_MUL: tl.constexpr, V_RUN: tl.constexpr,
+    acc, alpha, p, q, V_cache, V_scale, blk, within, kvh, offs_d, kv_mask, mask_n,
+    stride_vcb, stride_vct, stride_vch, stride_vsb, stride_vst,
+    PRECISION: tl.constexpr, QUANT: tl.constexpr, V_MUL: tl.constexpr,
 ):  # fmt: skip
     """acc * alpha + p @ V for one paged V tile (the rescaled accumulator goes into the
     dot, as one expression: the compiled code is the same as written inline); a quantized
     tile's per-token scale is folded into the probabilities' columns (values then come
-    V_MUL times too large: kv_quant.V_MUL).
-
-    V_RUN > 0: a slot-major V cache (kv_format: each head's dim d holds the block's slots
-    contiguously), read as a [D, BLOCK_N] tile whose runs of V_RUN slots are contiguous and
-    V_RUN-aligned (the caller's tiles start at multiples of V_RUN, and `blk` is the same
-    for every slot of a block). The dot's reduction runs along the slots, so 1-byte tiles
-    reach the tensor cores through wide shared-memory reads instead of one byte per value.
-    Whole runs are loaded (blocks past the context read block 0 or stale slots) and the
-    slots past `mask_n` are zeroed, so their junk never meets a zero probability."""
-    if V_RUN > 0:
-        run = tl.max_contiguous(tl.multiple_of(blk * stride_vcb + within, V_RUN), V_RUN)
-        vt = tl.load(
-            V_cache + run[None, :] + kvh * stride_vch + offs_d[:, None] * stride_vcd,
-            mask=mask_d[:, None],
-            other=0.0,
-        )
-        vt = tl.where(mask_n[None, :], vt.to(q.dtype), 0.0)
-        if QUANT != 0:
-            vs = tl.load(V_scale + blk * stride_vsb + within * stride_vst + kvh, mask=mask_n, other=0.0)
-            pv = (p * (vs * V_MUL)[None, :]).to(q.dtype)
-        else:
-            pv = p.to(q.dtype)
-        acc = acc * alpha[:, None] + tl.dot(pv, tl.trans(vt), input_precision=PRECISION)
-        return acc
+    V_MUL times too large: kv_quant.V_MUL)."""
     v = tl.load(
         V_cache + (blk * stride_vcb + within * stride_vct + kvh * stride_vch)[:, None] + offs_d[None, :],
         mask=kv_mask,
@@ -159,20 +121,6 @@ def tile_values(
     else:
         acc = acc * alpha[:, None] + tl.dot(p.to(V_cache.dtype.element_ty), v, input_precision=PRECISION)
     return acc
-
-
-@triton.jit
-def tile_blocks(table, offs_n, end, PAGE_SIZE: tl.constexpr, V_RUN: tl.constexpr):
-    """Block ids and in-block slots of a tile's positions `offs_n`, those < `end` valid.
-    With a slot-major V (V_RUN > 0) every slot of a block that holds a valid position
-    gets the block's id, so whole runs of slots load from one block (tile_values)."""
-    within = offs_n % PAGE_SIZE
-    if V_RUN > 0:
-        ok = offs_n - within < end
-    else:
-        ok = offs_n < end
-    blk = tl.load(table + offs_n // PAGE_SIZE, mask=ok, other=0).to(tl.int64)
-    return blk, within
 
 
 # Step-varying ints (block-table width, split count and the strides it sets) are not
@@ -206,7 +154,6 @@ def _decode_stage1_kernel(
     stride_vcb,
     stride_vct,
     stride_vch,
-    stride_vcd,
     stride_ksb,
     stride_kst,
     stride_vsb,
@@ -233,7 +180,6 @@ def _decode_stage1_kernel(
     PRECISION: tl.constexpr,
     QUANT: tl.constexpr,
     V_MUL: tl.constexpr,
-    V_RUN: tl.constexpr,
 ):
     b = tl.program_id(0)
     hb = tl.program_id(1)
@@ -249,12 +195,8 @@ def _decode_stage1_kernel(
 
     seq_len = tl.load(Seq_lens + b)
     start = 0
-    first = 0
     if SLIDING:
-        first = tl.maximum(seq_len - window, 0)
-        start = first
-        if V_RUN > 0:
-            start = first - first % V_RUN  # tiles start on runs of slots (tile_values)
+        start = tl.maximum(seq_len - window, 0)
     # Partitions are whole tiles so only the last tile of a partition is ragged.
     chunk = tl.cdiv(tl.cdiv(seq_len - start, num_splits), BLOCK_N) * BLOCK_N
     lo = start + split * chunk
@@ -279,9 +221,8 @@ def _decode_stage1_kernel(
     for n0 in range(lo, cache_hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < cache_hi
-        if SLIDING:
-            mask_n = mask_n & (offs_n >= first)
-        blk, within = tile_blocks(table, offs_n, cache_hi, PAGE_SIZE, V_RUN)
+        blk = tl.load(table + offs_n // PAGE_SIZE, mask=mask_n, other=0).to(tl.int64)
+        within = offs_n % PAGE_SIZE
         kv_mask = mask_n[:, None] & mask_d[None, :]
         s = tile_scores(
             q, K_cache, K_scale, blk, within, kvh, offs_d, kv_mask, mask_n,
@@ -293,8 +234,8 @@ def _decode_stage1_kernel(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = tile_values(
-            acc, alpha, p, q, V_cache, V_scale, blk, within, kvh, offs_d, mask_d, kv_mask, mask_n,
-            stride_vcb, stride_vct, stride_vch, stride_vcd, stride_vsb, stride_vst, PRECISION, QUANT, V_MUL, V_RUN,
+            acc, alpha, p, q, V_cache, V_scale, blk, within, kvh, offs_d, kv_mask, mask_n,
+            stride_vcb, stride_vct, stride_vch, stride_vsb, stride_vst, PRECISION, QUANT, V_MUL,
         )  # fmt: skip
         m_i = m_new
 
@@ -322,7 +263,7 @@ def _decode_stage1_kernel(
                             base_k = K_cache + blk_w * stride_kcb + off_w * stride_kct + kvh * stride_kch
                             base_v = V_cache + blk_w * stride_vcb + off_w * stride_vct + kvh * stride_vch
                             tl.store(base_k + one[:, None] * 0 + offs_d[None, :], kq, mask=mask_d[None, :])
-                            tl.store(base_v + one[:, None] * 0 + offs_d[None, :] * stride_vcd, vq, mask=mask_d[None, :])
+                            tl.store(base_v + one[:, None] * 0 + offs_d[None, :], vq, mask=mask_d[None, :])
                             tl.store(K_scale + blk_w * stride_ksb + off_w * stride_kst + kvh + one, kn_scale)
                             tl.store(V_scale + blk_w * stride_vsb + off_w * stride_vst + kvh + one, vn_scale)
                     kn32 = tl.sum(kq.to(tl.float32) * kn_scale[:, None], 0)
@@ -351,7 +292,7 @@ def _decode_stage1_kernel(
                                 mask=mask_d,
                             )
                             tl.store(
-                                V_cache + blk_w * stride_vcb + off_w * stride_vct + kvh * stride_vch + offs_d * stride_vcd,
+                                V_cache + blk_w * stride_vcb + off_w * stride_vct + kvh * stride_vch + offs_d,
                                 vn,
                                 mask=mask_d,
                             )
@@ -485,7 +426,7 @@ def paged_decode_attention_triton(
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if batch == 0:
         return out
-    for t in (q, k_cache, out) + ((k, v) if k is not None else ()):
+    for t in (q, k_cache, v_cache, out) + ((k, v) if k is not None else ()):
         assert t is not None and t.stride(-1) == 1, "head_dim must be contiguous"
     fuse = k is not None
     if fuse:
@@ -501,7 +442,6 @@ def paged_decode_attention_triton(
         num_splits = decode_num_splits(batch, num_kv_heads, group, longest, device_sms(q))
     block_d = next_power_of_2(head_dim)
     block_n, num_warps, num_stages = decode_config(head_dim, q.dtype if quant else k_cache.dtype, bool(quant))
-    v_run = v_slot_run(v_cache, block_n)
     mid_o, mid_lse = split_buffers(out, num_splits)
     _decode_stage1_kernel[(batch, num_kv_heads * head_blocks, num_splits)](
         q,
@@ -531,7 +471,6 @@ def paged_decode_attention_triton(
         v_cache.stride(0),
         v_cache.stride(1),
         v_cache.stride(2),
-        v_cache.stride(3),
         k_scale.stride(0) if quant else 0,
         k_scale.stride(1) if quant else 0,
         v_scale.stride(0) if quant else 0,
@@ -559,7 +498,6 @@ def paged_decode_attention_triton(
         PRECISION=dot_precision(q.dtype if quant else k_cache.dtype),
         QUANT=quant,
         V_MUL=V_MUL[quant],
-        V_RUN=v_run,
         num_warps=num_warps,
         num_stages=num_stages,
     )

@@ -31,7 +31,6 @@ import torch
 
 from rtpllm.kernels._triton import cdiv, dot_precision, next_power_of_2, tl, triton, use_triton
 from rtpllm.kernels.attention_ref import gather_context, reference_attention
-from rtpllm.kernels.decode_attention import tile_blocks, v_slot_run
 from rtpllm.kernels.kv_cache import store_kv_ref
 from rtpllm.kernels.kv_quant import V_MUL, format_of, kernel_scales, quantize_rows, roundtrip_ref
 
@@ -52,12 +51,10 @@ def _tile_update(
     PRECISION: tl.constexpr,
     QUANT: tl.constexpr,
     V_MUL: tl.constexpr,
-    V_T: tl.constexpr = False,
 ):
     """One online-softmax step of a [BLOCK_M] query tile over a [BLOCK_N] key tile.
     Quantized (QUANT != 0): k, v are raw fp8/int8 tiles and ks, vs their [BLOCK_N] scales;
-    the values accumulate V_MUL times too large (kv_quant.V_MUL), divided out at the end.
-    V_T: v comes transposed, [D, BLOCK_N] (a slot-major cache's tile)."""
+    the values accumulate V_MUL times too large (kv_quant.V_MUL), divided out at the end."""
     if QUANT != 0:
         s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * (ks * sm_scale_log2)[None, :]
     else:
@@ -72,12 +69,7 @@ def _tile_update(
     l_i = l_i * alpha + tl.sum(p, 1)
     if QUANT != 0:
         pv = (p * (vs * V_MUL)[None, :]).to(q.dtype)
-        if V_T:
-            acc = acc * alpha[:, None] + tl.dot(pv, tl.trans(v.to(q.dtype)), input_precision=PRECISION)
-        else:
-            acc = acc * alpha[:, None] + tl.dot(pv, v.to(q.dtype), input_precision=PRECISION)
-    elif V_T:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), tl.trans(v), input_precision=PRECISION)
+        acc = acc * alpha[:, None] + tl.dot(pv, v.to(q.dtype), input_precision=PRECISION)
     else:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return m_new, l_i, acc
@@ -114,7 +106,6 @@ def _extend_kernel(
     stride_vcb,
     stride_vct,
     stride_vch,
-    stride_vcd,
     stride_ksb,
     stride_kst,
     stride_vsb,
@@ -133,7 +124,6 @@ def _extend_kernel(
     PRECISION: tl.constexpr,
     QUANT: tl.constexpr,
     V_MUL: tl.constexpr,
-    V_RUN: tl.constexpr,
 ):
     hq = tl.program_id(0)
     mblk = tl.num_programs(1) - 1 - tl.program_id(1)
@@ -166,13 +156,12 @@ def _extend_kernel(
         lo1 = 0
         if SLIDING:
             lo1 = tl.maximum(prefix + mblk * BLOCK_M - window + 1, 0)
-            if V_RUN > 0:
-                lo1 = lo1 - lo1 % V_RUN  # tiles start on runs of slots; `keep` masks the window
         table = Block_tables + b.to(tl.int64) * stride_bt
         for n0 in range(lo1, prefix, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             mask_n = offs_n < prefix
-            blk, within = tile_blocks(table, offs_n, prefix, PAGE_SIZE, V_RUN)
+            blk = tl.load(table + offs_n // PAGE_SIZE, mask=mask_n, other=0).to(tl.int64)
+            within = offs_n % PAGE_SIZE
             kv_mask = mask_n[:, None] & mask_d[None, :]
             k = tl.load(
                 K_cache
@@ -181,23 +170,13 @@ def _extend_kernel(
                 mask=kv_mask,
                 other=0.0,
             )
-            if V_RUN > 0:
-                # A slot-major V: whole aligned runs of slots, [D, BLOCK_N] (decode's tile_values).
-                run = tl.max_contiguous(tl.multiple_of(blk * stride_vcb + within, V_RUN), V_RUN)
-                v = tl.load(
-                    V_cache + run[None, :] + kvh * stride_vch + offs_d[:, None] * stride_vcd,
-                    mask=mask_d[:, None],
-                    other=0.0,
-                )
-                v = tl.where(mask_n[None, :], v, tl.zeros_like(v))
-            else:
-                v = tl.load(
-                    V_cache
-                    + (blk * stride_vcb + within * stride_vct + kvh * stride_vch)[:, None]
-                    + offs_d[None, :],
-                    mask=kv_mask,
-                    other=0.0,
-                )
+            v = tl.load(
+                V_cache
+                + (blk * stride_vcb + within * stride_vct + kvh * stride_vch)[:, None]
+                + offs_d[None, :],
+                mask=kv_mask,
+                other=0.0,
+            )
             ks = sm_scale_log2
             vs = sm_scale_log2
             if QUANT != 0:
@@ -207,7 +186,7 @@ def _extend_kernel(
             if SLIDING:
                 keep = keep & (offs_n[None, :] > (prefix + offs_m)[:, None] - window)
             m_i, l_i, acc = _tile_update(
-                q, k, v, ks, vs, keep, m_i, l_i, acc, sm_scale_log2, True, PRECISION, QUANT, V_MUL, V_RUN > 0
+                q, k, v, ks, vs, keep, m_i, l_i, acc, sm_scale_log2, True, PRECISION, QUANT, V_MUL
             )
 
         # Phase 2: the new tokens, from the k/v inputs (index j = position - prefix).
@@ -309,7 +288,7 @@ def _extend_kernel(
                 tl.store(
                     V_cache
                     + (blk_w * stride_vcb + off_w * stride_vct + kvh * stride_vch)[:, None]
-                    + offs_d[None, :] * stride_vcd,
+                    + offs_d[None, :],
                     vn.to(cache_ty),
                     mask=w_mask,
                 )
@@ -320,7 +299,7 @@ CONFIG_OVERRIDE: tuple[int, int, int, int] | None = None
 
 
 def extend_config(
-    head_dim: int, dtype: torch.dtype, max_query_len: int, quant: bool = False, v_slot_major: bool = False
+    head_dim: int, dtype: torch.dtype, max_query_len: int, quant: bool = False
 ) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a head size and cache dtype.
 
@@ -334,8 +313,7 @@ def extend_config(
     if quant and dtype != torch.float32 and head_dim > 64 and head_dim <= 128:
         # Quantizing the new tokens' tiles in registers needs more of them: at D=128,
         # (128, 64, 8, 3) spills 16 bytes and (128, 64, 8, 2) 4; 64-row tiles do not.
-        # With slot-major V tiles (64, 64, 8, 2|3) spill 4-12 bytes, 32-wide key tiles not.
-        return (64, 32, 8, 3) if v_slot_major else (64, 64, 8, 3)
+        return 64, 64, 8, 3
     if dtype == torch.float32:  # CUDA-core fp32 dots (tests only): small tiles
         return (32, 16, 4, 2) if head_dim <= 64 else (16, 16, 4, 2)
     if head_dim > 128:
@@ -371,15 +349,12 @@ def paged_extend_attention_triton(
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if num_seqs <= 0 or num_tokens == 0 or max_query_len <= 0:
         return out
-    for t in (q, k, v, k_cache, out):
+    for t in (q, k, v, k_cache, v_cache, out):
         assert t.stride(-1) == 1, "head_dim must be contiguous"
     quant, k_scale, v_scale = kernel_scales(k_cache, k_scale, v_scale, seq_lens)
     # Quantized tiles are widened to the query's dtype: size the tiles for that.
     dot_dtype = q.dtype if quant else k_cache.dtype
-    block_m, block_n, num_warps, num_stages = extend_config(
-        head_dim, dot_dtype, max_query_len, bool(quant), v_cache.stride(-1) != 1
-    )
-    v_run = v_slot_run(v_cache, block_n)
+    block_m, block_n, num_warps, num_stages = extend_config(head_dim, dot_dtype, max_query_len, bool(quant))
     grid = (num_heads, cdiv(max_query_len, block_m), num_seqs)
     _extend_kernel[grid](
         q,
@@ -409,7 +384,6 @@ def paged_extend_attention_triton(
         v_cache.stride(0),
         v_cache.stride(1),
         v_cache.stride(2),
-        v_cache.stride(3),
         k_scale.stride(0) if quant else 0,
         k_scale.stride(1) if quant else 0,
         v_scale.stride(0) if quant else 0,
@@ -428,7 +402,6 @@ def paged_extend_attention_triton(
         PRECISION=dot_precision(dot_dtype),
         QUANT=quant,
         V_MUL=V_MUL[quant],
-        V_RUN=v_run,
         num_warps=num_warps,
         num_stages=num_stages,
     )

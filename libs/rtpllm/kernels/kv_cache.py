@@ -36,7 +36,6 @@ def _store_kv_kernel(
     stride_vcb,
     stride_vct,
     stride_vch,
-    stride_vcd,
     stride_ksb,
     stride_kst,
     stride_vsb,
@@ -71,7 +70,7 @@ def _store_kv_kernel(
             mask=mask,
         )
         tl.store(
-            V_cache + blk * stride_vcb + off * stride_vct + offs_h[:, None] * stride_vch + offs_d[None, :] * stride_vcd,
+            V_cache + blk * stride_vcb + off * stride_vct + offs_h[:, None] * stride_vch + offs_d[None, :],
             v.to(V_cache.dtype.element_ty),
             mask=mask,
         )
@@ -90,7 +89,7 @@ def store_kv_triton(
     num_tokens, num_kv_heads, head_dim = k.shape
     if num_tokens == 0:
         return
-    for t in (k, v, k_cache):
+    for t in (k, v, k_cache, v_cache):
         assert t.stride(-1) == 1, "head_dim must be contiguous"
     quant, k_scale, v_scale = kernel_scales(k_cache, k_scale, v_scale, slot_mapping)
     _store_kv_kernel[(num_tokens,)](
@@ -111,7 +110,6 @@ def store_kv_triton(
         v_cache.stride(0),
         v_cache.stride(1),
         v_cache.stride(2),
-        v_cache.stride(3),
         k_scale.stride(0) if quant else 0,
         k_scale.stride(1) if quant else 0,
         v_scale.stride(0) if quant else 0,

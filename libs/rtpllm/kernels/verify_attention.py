@@ -38,10 +38,8 @@ from rtpllm.kernels.decode_attention import (
     merge_splits,
     paged_decode_attention_ref,
     split_buffers,
-    tile_blocks,
     tile_scores,
     tile_values,
-    v_slot_run,
 )
 from rtpllm.kernels.kv_quant import V_MUL, kernel_scales
 
@@ -98,7 +96,6 @@ def _verify_stage1_kernel(
     stride_vcb,
     stride_vct,
     stride_vch,
-    stride_vcd,
     stride_ksb,
     stride_kst,
     stride_vsb,
@@ -124,7 +121,6 @@ def _verify_stage1_kernel(
     PRECISION: tl.constexpr,
     QUANT: tl.constexpr,
     V_MUL: tl.constexpr,
-    V_RUN: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -150,8 +146,6 @@ def _verify_stage1_kernel(
         if SLIDING:
             row_lo = tl.maximum(row_len - window, 0)
             start = tl.min(tl.where(mask_m, row_lo, seq_len), 0)
-            if V_RUN > 0:
-                start = start - start % V_RUN  # tiles start on runs of slots (tile_values)
         chunk = tl.cdiv(tl.cdiv(seq_len - start, num_splits), BLOCK_N) * BLOCK_N
         lo = start + split * chunk
         hi = tl.minimum(lo + chunk, seq_len)
@@ -171,7 +165,8 @@ def _verify_stage1_kernel(
         for n0 in range(lo, hi, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             mask_n = offs_n < hi
-            blk, within = tile_blocks(table, offs_n, hi, PAGE_SIZE, V_RUN)
+            blk = tl.load(table + offs_n // PAGE_SIZE, mask=mask_n, other=0).to(tl.int64)
+            within = offs_n % PAGE_SIZE
             kv_mask = mask_n[:, None] & mask_d[None, :]
             s = tile_scores(
                 q, K_cache, K_scale, blk, within, kvh, offs_d, kv_mask, mask_n,
@@ -189,8 +184,8 @@ def _verify_stage1_kernel(
             p = tl.exp2(s - m_use[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = tile_values(
-                acc, alpha, p, q, V_cache, V_scale, blk, within, kvh, offs_d, mask_d, kv_mask, mask_n,
-                stride_vcb, stride_vct, stride_vch, stride_vcd, stride_vsb, stride_vst, PRECISION, QUANT, V_MUL, V_RUN,
+                acc, alpha, p, q, V_cache, V_scale, blk, within, kvh, offs_d, kv_mask, mask_n,
+                stride_vcb, stride_vct, stride_vch, stride_vsb, stride_vst, PRECISION, QUANT, V_MUL,
             )  # fmt: skip
             m_i = m_new
 
@@ -246,7 +241,7 @@ def paged_verify_attention_triton(
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if rows == 0:
         return out
-    for t in (q, k_cache, out):
+    for t in (q, k_cache, v_cache, out):
         assert t.stride(-1) == 1, "head_dim must be contiguous"
     tile_rows = verify_tile_rows(group, max_span)
     assert tile_rows <= MAX_TILE_ROWS, f"groups of {max_span} rows x {group} heads exceed one program's tile"
@@ -257,7 +252,6 @@ def paged_verify_attention_triton(
         num_splits = decode_num_splits(groups, num_kv_heads, 1, longest, device_sms(q))
     block_d = next_power_of_2(head_dim)
     block_n, num_warps, num_stages = verify_config(tile_rows, q.dtype, bool(quant))
-    v_run = v_slot_run(v_cache, block_n)
     mid_o, mid_lse = split_buffers(out, num_splits)
     _verify_stage1_kernel[(rows, num_kv_heads, num_splits)](
         q,
@@ -281,7 +275,6 @@ def paged_verify_attention_triton(
         v_cache.stride(0),
         v_cache.stride(1),
         v_cache.stride(2),
-        v_cache.stride(3),
         k_scale.stride(0) if quant else 0,
         k_scale.stride(1) if quant else 0,
         v_scale.stride(0) if quant else 0,
@@ -307,7 +300,6 @@ def paged_verify_attention_triton(
         PRECISION=dot_precision(q.dtype if quant else k_cache.dtype),
         QUANT=quant,
         V_MUL=V_MUL[quant],
-        V_RUN=v_run,
         num_warps=num_warps,
         num_stages=num_stages,
     )

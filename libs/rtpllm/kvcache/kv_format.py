@@ -13,14 +13,6 @@ its scales with it, and a uniformly quantized pool is still one tensor
 `[layers, 2, blocks + 1, block_size, kv_heads, head_dim + 4]` of bytes, which every
 block mover handles as opaque bytes. The values come first so their rows stay 16-byte
 aligned for the kernels' vector loads (head_dim a multiple of 16).
-
-With `V_SLOT_MAJOR` a quantized V page holds its values `[kv_heads, head_dim,
-block_size]` instead: for each head and dim the block's slots are contiguous. The
-attention kernels reduce p @ V along the slots, and tensor cores want the reduction
-dimension packed in each register: 2-byte values get it from a transposing shared-memory
-load (ldmatrix.trans), 1-byte values have none on Hopper and were read one byte per value.
-The view handed out keeps the [blocks, block_size, kv_heads, head_dim] shape with those
-strides, so torch code reads and writes either layout alike; the kernels take the strides.
 """
 
 from __future__ import annotations
@@ -33,10 +25,6 @@ import torch
 from rtpllm.config import KV_CACHE_DTYPES
 from rtpllm.kernels.kv_quant import QUANT_FORMATS, SCALE_DTYPE, storage_dtype
 
-# Quantized V pages slot-major (module docstring). Off until a GPU run shows the kernels'
-# gain (bench/attention.py --quant-sweep times both layouts); the kernels and the torch
-# paths support both.
-V_SLOT_MAJOR = False
 _PLAIN = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SCALE_BYTES = torch.empty((), dtype=SCALE_DTYPE).element_size()
 
@@ -119,7 +107,7 @@ class KVCacheSpec:
             return "model"
         fmt = self.uniform_format
         layers = fmt if fmt is not None else "layers=" + ",".join(self.formats)
-        return f"{layers};scales=f32-token-head" + (";v=slot-major" if V_SLOT_MAJOR else "")
+        return f"{layers};scales=f32-token-head"
 
     def row_bytes(self, layer: int, head_dim: int) -> int:
         """Bytes of one (token, KV head) row of a page, its scale included."""
@@ -146,19 +134,14 @@ class KVCacheSpec:
 
 
 def quantized_views(
-    page: torch.Tensor, fmt: str, block_size: int, num_kv_heads: int, head_dim: int, slot_major: bool = False
+    page: torch.Tensor, fmt: str, block_size: int, num_kv_heads: int, head_dim: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(values [blocks, block_size, Hkv, D] in the format's dtype, scales [blocks,
     block_size, Hkv] fp32) of the byte pages [blocks, block_size, Hkv, D + 4] of one
-    layer's K or V: two strided views of the same memory (see the module docstring).
-    `slot_major`: the values are stored [Hkv, D, block_size] (V_SLOT_MAJOR's V pages)."""
+    layer's K or V: two strided views of the same memory (see the module docstring)."""
     n = page.shape[0]
     flat = page.reshape(n, -1)
     split = block_size * num_kv_heads * head_dim
-    if slot_major:
-        values = flat[:, :split].view(n, num_kv_heads, head_dim, block_size).permute(0, 3, 1, 2)
-    else:
-        values = flat[:, :split].view(n, block_size, num_kv_heads, head_dim)
-    values = values.view(storage_dtype(fmt))
+    values = flat[:, :split].view(n, block_size, num_kv_heads, head_dim).view(storage_dtype(fmt))
     scales = flat[:, split:].view(SCALE_DTYPE).view(n, block_size, num_kv_heads)
     return values, scales

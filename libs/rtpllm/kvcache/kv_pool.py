@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from rtpllm.kvcache import kv_format
 from rtpllm.kvcache.kv_format import KVCacheSpec, quantized_views
 from rtpllm.models.config import ModelConfig
 from rtpllm.parallel.layout import local_kv_heads
@@ -99,7 +98,7 @@ class KVPool:
         for i, page in enumerate(pages):
             if self.spec.is_quantized(i):
                 k, ks = quantized_views(page[0], self.spec.formats[i], block_size, heads, head_dim)
-                v, vs = quantized_views(page[1], self.spec.formats[i], block_size, heads, head_dim, kv_format.V_SLOT_MAJOR)
+                v, vs = quantized_views(page[1], self.spec.formats[i], block_size, heads, head_dim)
                 self._caches.append((k, v, ks, vs))
             else:
                 self._caches.append((page[0], page[1]))
