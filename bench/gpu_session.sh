@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: carried wheels, GPU tests and benchmarks by phase,
 # full logs under $OUT, a short summary last. Usage: bash bench/gpu_session.sh PHASE...
-# Phases: env kvqtest (quantized-KV kernel tests) kernels model gptfast prefill (PREFILL_LENS) attnlong hfbatch (HF_BATCH) spec (SPEC_ACC SPEC_BATCH SPEC_SHAPE SPEC_TOKENS SPEC_MAX_LEN SPEC_ARGS SPEC_TAG: output name suffix) specab (the verify kernel against row-by-row verify attention; SPEC_ARGS) verifyattn spectest quantsweep kvqitl (KVQ_BATCH KVQ_CTX KVQ_CFG) profprefill kvqspeed (KVQ_CTX KVQ_ARGS: e.g. --itl-only --formats fp8; KVQ_TAG KVQ_LIMIT) quantchunk kvqchunk (KVQ_CTX KVQ_CHUNK) kvqprof (KVQ_BATCH KVQ_CTX) tpdry (one GPU) tp8b tp70b (two GPUs)
+# Phases: env kvqtest (quantized-KV kernel tests) kernels model gptfast prefill (PREFILL_LENS) attnlong hfbatch (HF_BATCH) spec (SPEC_ACC SPEC_BATCH SPEC_SHAPE SPEC_TOKENS SPEC_MAX_LEN SPEC_ARGS SPEC_TAG: output name suffix) specab (the verify kernel against row-by-row verify attention; SPEC_ARGS) verifyattn spectest quantsweep kvqitl (KVQ_BATCH KVQ_CTX KVQ_CFG KVQ_ARGS) profprefill kvqspeed (KVQ_CTX KVQ_ARGS: e.g. --itl-only --formats fp8; KVQ_TAG KVQ_LIMIT) quantchunk kvqchunk (KVQ_CTX KVQ_CHUNK) kvqprof (KVQ_BATCH KVQ_CTX) tpdry (one GPU) tp8b tp70b (two GPUs)
 #          pwtest mixed (MIXED_SHAPE MIXED_ARGS) throughput-mixed (mixed-step graphs, issue 23) shortdecode
 #          structtest structured servingtax servingtax-cpu (ST_ARGS=...) multimodal (MM_ARGS=... MM_LIMIT=s) latency latency-ab engine attention ops load (SWEEP=T:E:D,... COLD_SWEEP=... METHODS=...) serveready loadsweep pinned zerocopy kvtiers routing loadtest
 #         gemvtest xfertest kvxfer pd (kvxfer and pd want two GPUs: nvidia-h100-x2)
@@ -71,7 +71,7 @@ for phase in "$@"; do
     pinned) run pinned 120 python3 bench/pinned_alloc.py --out "$OUT/pinned.json" ;;
     profprefill) run profprefill 200 python3 bench/engine.py profile-prefill --profile "$OUT" ;;
     kvqitl) run kvqitl 300 python3 bench/kv_quant.py speed --itl-only --batch ${KVQ_BATCH:-32} --context ${KVQ_CTX:-16384} \
-              ${KVQ_CFG:+--decode-config $KVQ_CFG} --out "$OUT/kv_quant_itl${KVQ_CFG:+_$KVQ_CFG}.json" ;;
+              ${KVQ_CFG:+--decode-config $KVQ_CFG} ${KVQ_ARGS:-} --out "$OUT/kv_quant_itl${KVQ_CFG:+_$KVQ_CFG}.json" ;;
     tpdry) run tpdry 400 python3 bench/tensor_parallel.py decode8b allreduce check --tp 1 --out "$OUT/tensor_parallel_tp1.json" ;;
     tp8b) run tp8b 500 python3 bench/tensor_parallel.py decode8b allreduce check --tp 2 --out "$OUT/tensor_parallel_8b.json" ;;
     tp70b) run tp70b 580 python3 bench/tensor_parallel.py decode70b offline70b load70b --tp 2 --out "$OUT/tensor_parallel_70b.json" ;;

@@ -72,6 +72,10 @@ DEVICES = {
     d.name: d
     for d in (
         Device("llama8b-b64", 64, 7.45e-3, 1.4e-5, 2.3e-3, 6.52e-3, 5.58e-3),
+        # Session 7's H100 (2026-12-06, bench/results/2026-12-06-h100-s7/): verify steps
+        # cheaper than above (97 tokens 9.43 ms, 185 tokens 11.59 ms, pipelined 64 rows
+        # 7.03 ms; 7.45 ms a step off): 2.45e-5 s a token, 1.6 ms of host time.
+        Device("llama8b-b64-s7", 64, 7.45e-3, 2.45e-5, 1.6e-3, 6.46e-3, 5.61e-3),
         Device("llama8b-b1", 1, 5.54e-3, 3.0e-5, 0.97e-3, 6.52e-3, 5.58e-3),
         # The 1.5B's warm-up timed one 2-token verify step, at 3.57 ms (and 3.77 in an
         # earlier call): twice a pipelined step, where 5-token ones take 2.71 ms.
