@@ -13,6 +13,8 @@ from rtpllm.engine.request import Request
 from rtpllm.kvcache.block_manager import BlockManager
 from rtpllm.sampling_params import SamplingParams
 from rtpllm.speculative.adaptive import (
+    POOL_MAX_TRIALS,
+    POOL_MIN_REQUESTS,
     SETTLED,
     AcceptanceEMA,
     Candidate,
@@ -21,6 +23,7 @@ from rtpllm.speculative.adaptive import (
     SpeculationPolicy,
     StepCostModel,
     draft_values,
+    pooling_weight,
 )
 from rtpllm.speculative.proposer import Proposal, Proposer
 from rtpllm.speculative.speculator import Speculator
@@ -293,6 +296,36 @@ def test_a_request_leans_on_the_others_recent_acceptance_until_it_has_its_own() 
     assert mine.rate_given(recent.rate_without(mine)) < 0.05
     mine.restart()  # a retry: the prior whole again, its own share still left out of it
     assert mine.rate_given(recent.rate_without(mine)) == pytest.approx(0.75, abs=0.05)
+
+
+def _verified(rng: random.Random, rate: float, times: int) -> AcceptanceEMA:
+    ema = AcceptanceEMA()
+    for _ in range(times):
+        accepted = 0
+        while accepted < 4 and rng.random() < rate:
+            accepted += 1
+        ema.observe(4, accepted)
+    return ema
+
+
+def test_requests_lean_on_each_other_as_much_as_they_are_alike() -> None:
+    """The prior's lasting weight (`pooling_weight`) is large for a batch whose requests
+    share one acceptance (their estimates differ by luck alone), about none for one whose
+    requests differ, and none for too few requests to tell; a request's estimate keeps
+    that weight on its prior."""
+    rng = random.Random(3)
+    alike = [_verified(rng, 0.5, 30) for _ in range(64)]
+    differ = [_verified(rng, 0.9 if i % 2 else 0.1, 30) for i in range(64)]
+    full = POOL_MAX_TRIALS * (1 - alike[0].decay)
+    assert pooling_weight(alike) >= 0.5 * full
+    assert pooling_weight(differ) <= 0.15 * full  # about one trial: a beta prior over rates this far apart
+    assert pooling_weight(alike[: POOL_MIN_REQUESTS - 1]) == 0.0
+    # One unlucky request among alike ones is pulled toward the batch's rate.
+    unlucky = AcceptanceEMA()
+    for _ in range(30):
+        unlucky.observe(4, 0)
+    assert unlucky.rate_given(0.5) < 0.05
+    assert unlucky.rate_given(0.5, pooling_weight(alike)) > 0.25
 
 
 def test_the_cost_curve_follows_new_observations() -> None:

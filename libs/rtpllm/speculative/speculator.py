@@ -23,6 +23,7 @@ from rtpllm.speculative.adaptive import (
     SpeculationPolicy,
     StepCostModel,
     draft_values,
+    pooling_weight,
 )
 from rtpllm.speculative.proposer import NO_PROPOSAL, FeatureRows, Proposal, Proposer
 
@@ -156,6 +157,7 @@ class Speculator:
         elapsed, self._skipped = 1 + self._skipped, 0
         ready: list[tuple[Request, int, float]] = []  # (request, most drafts, acceptance rate)
         self._retrying = set()
+        rooms: list[tuple[Request, int, AcceptanceEMA]] = []
         for req in decodes:
             if req.num_placeholders or not self.eligible(req):
                 continue
@@ -165,7 +167,11 @@ class Speculator:
                 continue
             ema = self._ema.setdefault(req.request_id, AcceptanceEMA())
             ema.steps_idle += elapsed
-            rate = ema.rate_given(self._recent.rate_without(ema))
+            rooms.append((req, room, ema))
+        # How alike the batch's requests are sets how much each leans on the others.
+        floor = pooling_weight([ema for _, _, ema in rooms])
+        for req, room, ema in rooms:
+            rate = ema.rate_given(self._recent.rate_without(ema), floor)
             if ema.steps_idle > self.probe_every and rate < RETRY_RATE:
                 self._retrying.add(req.request_id)
             ready.append((req, room, rate))
