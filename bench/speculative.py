@@ -288,11 +288,13 @@ def run_once(
         return in_flight
 
     outputs: dict[str, list[int]] = {}
+    steps = 0
     if eng.device.startswith("cuda"):
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     in_flight = admit(0)
     while eng.has_unfinished_requests():
+        steps += 1
         for out in eng.step():
             if out.finished:
                 outputs[out.request_id] = out.outputs[0].token_ids
@@ -301,10 +303,11 @@ def run_once(
     if eng.device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    counters: dict[str, Any] = {}
+    counters: dict[str, Any] = {"engine_steps": steps}
     if eng.speculator is not None:
         after = eng.speculator.counters
-        counters = {k: after.__dict__[k] - before.get(k, 0) for k in ("proposed_tokens", "accepted_tokens", "verified_requests", "speculative_steps")}
+        keys = ("proposed_tokens", "accepted_tokens", "verified_requests", "speculative_steps", "empty_plans")
+        counters.update({k: after.__dict__[k] - before.get(k, 0) for k in keys})
         # This run's histograms (an engine may have run a warm batch before it).
         for key in ("chosen_k", "acceptance_lengths"):
             now, then = getattr(after, key), before[key]
@@ -374,6 +377,11 @@ def summarize(run: Run, base: Run, k: int) -> dict[str, Any]:
         "chosen_k": c.get("chosen_k", {}),  # draft length chosen -> request-steps
         "acceptance_lengths": c.get("acceptance_lengths", {}),  # drafts accepted -> verifications
         "explorations": c.get("explorations", 0),
+        # The run's engine steps, those that verified drafts, and the plans that drafted
+        # nothing (each sends the batch back to pipelined steps until a re-plan).
+        "engine_steps": c.get("engine_steps", 0),
+        "verify_steps": c.get("speculative_steps", 0),
+        "empty_plans": c.get("empty_plans", 0),
         "cost_model": c.get("cost_model", {}),
     }
 

@@ -24,6 +24,12 @@ def test_speculative_bench_smoke(tmp_path: Path) -> None:
     ]  # fmt: skip
     replay = [r for r in rows if r["method"] == "replay"]
     assert all(r["identical_to_off"] and r["accepted"] > 0 and r["tokens_per_request_step"] > 1.5 for r in replay)
+    # Steps counted: every verify step is an engine step, and at batch 1 with every draft
+    # right (12 tokens, up to 5 a step) fewer steps than tokens. (Plans near max_tokens,
+    # with no room left for drafts, draft nothing: empty plans.)
+    one = replay[0]
+    assert 0 < one["verify_steps"] <= one["engine_steps"] < 12 and 0 <= one["empty_plans"] < one["engine_steps"]
+    assert rows[0]["engine_steps"] >= 12 and rows[0]["verify_steps"] == 0
 
 
 @pytest.mark.timeout(300)

@@ -59,6 +59,7 @@ class SpecCounters:
     accepted_tokens: int = 0
     verified_requests: int = 0  # request-steps that verified at least one draft
     speculative_steps: int = 0
+    empty_plans: int = 0  # plans that drafted for no request (the batch goes back to pipelined steps)
     proposer_failures: int = 0  # proposals that raised (the step ran without drafts)
     # accepted drafts per verification -> count; draft length chosen -> count
     acceptance_lengths: dict[int, int] = field(default_factory=dict)
@@ -195,6 +196,7 @@ class Speculator:
         self._steps_without = 0 if drafts else self._steps_without + 1
         self._drafted = (base_tokens, len(decodes)) if drafts else None
         if not drafts:
+            self.counters.empty_plans += 1
             self._end_spell()
         return drafts
 
