@@ -122,6 +122,7 @@ def simulate(
     seed: int = 0,
     open_batch: bool = False,
     warm: bool = False,
+    jitter: float = 0.0,
 ) -> Result:
     """`device.batch` requests of `tokens` output tokens each; request i accepts at
     `acceptance`, or at acceptance[i % len] for a mixed batch. Closed (default): the
@@ -129,7 +130,9 @@ def simulate(
     runs it. `open_batch`: a finished request's place goes to a new one of the same
     acceptance until batch x tokens tokens are out, as on a server that always has work
     queued (no tail). `warm`: an untimed batch of the same kind first, on the same
-    speculator (`bench/speculative.py --warm-batch`)."""
+    speculator (`bench/speculative.py --warm-batch`). `jitter`: every step takes its
+    time times (1 + jitter x a standard normal draw, at least -0.5), as steps on a real
+    host vary."""
     rng = random.Random(seed)
     rates = [acceptance] if isinstance(acceptance, float | int) else list(acceptance)
     spec = Speculator(_Drafts(), config)
@@ -141,10 +144,10 @@ def simulate(
     for _ in range(9):  # the pipelined steps of the prompts' run-up, as in the engine
         spec.observe_step(batch, device.seconds(batch), pipelined=True)
     if warm:
-        _run(spec, device, rates, tokens, rng, open_batch, first=batch)
+        _run(spec, device, rates, tokens, rng, open_batch, first=batch, jitter=jitter)
         spec.counters.chosen_k.clear()
         spec.explorations = 0
-    elapsed, emitted, steps, drafting = _run(spec, device, rates, tokens, rng, open_batch, first=2 * batch if warm else 0)
+    elapsed, emitted, steps, drafting = _run(spec, device, rates, tokens, rng, open_batch, first=2 * batch if warm else 0, jitter=jitter)
     total = batch * tokens
     off = total / batch * device.seconds(batch)  # every step pipelined, the batch always full
     policy = "adaptive" if config.adaptive else f"fixed k={config.max_k}"
@@ -153,8 +156,13 @@ def simulate(
     return Result(device.name, rates[0] if len(rates) == 1 else rates, tokens, policy, speedup, steps, drafting, spec.explorations, chosen)
 
 
+def _noise(rng: random.Random, jitter: float) -> float:
+    return max(1.0 + jitter * rng.gauss(0.0, 1.0), 0.5) if jitter else 1.0
+
+
 def _run(
-    spec: Speculator, device: Device, rates: list[float], tokens: int, rng: random.Random, open_batch: bool, first: int
+    spec: Speculator, device: Device, rates: list[float], tokens: int, rng: random.Random, open_batch: bool, first: int,
+    jitter: float = 0.0,
 ) -> tuple[float, int, int, int]:
     """One batch (request ids from `first`): (seconds, tokens emitted, steps, drafting steps)."""
     batch = device.batch
@@ -170,7 +178,7 @@ def _run(
         drafts = spec.plan(active, base_tokens=n, max_extra=1 << 16) if planned else {}
         if drafts:
             size = n + sum(len(d) for d in drafts.values())
-            seconds = device.seconds(size) + device.host
+            seconds = (device.seconds(size) + device.host) * _noise(rng, jitter)
             for req in active:
                 d = drafts.get(req.request_id)
                 accepted = 0
@@ -186,7 +194,7 @@ def _run(
             drafting += 1
             in_flight = False
         else:
-            seconds = device.seconds(n) + (device.host if planned else 0.0)
+            seconds = (device.seconds(n) + (device.host if planned else 0.0)) * _noise(rng, jitter)
             for req in active:
                 left[req.request_id] -= 1
             emitted += n
@@ -217,6 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--fixed", nargs="*", type=int, default=[4], help="fixed draft lengths to compare")
     ap.add_argument("--open", action="store_true", help="finished requests replaced by new ones (no tail)")
     ap.add_argument("--seed", type=int, default=0, help="the acceptance draws' seed")
+    ap.add_argument("--jitter", type=float, default=0.0, help="relative spread of every step's time (a normal draw)")
     ap.add_argument("--warm", action="store_true", help="an untimed batch first, on the same speculator (speculative.py --warm-batch)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
@@ -227,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
         for acceptance in [*args.acceptance, *([float(a) for a in m.split(",")] for m in args.mixed)]:
             for tokens in args.tokens:
                 for config in configs:
-                    r = simulate(DEVICES[name], acceptance, tokens, config, open_batch=args.open, seed=args.seed, warm=args.warm)
+                    r = simulate(DEVICES[name], acceptance, tokens, config, open_batch=args.open, seed=args.seed, warm=args.warm, jitter=args.jitter)
                     results.append(r)
                     shown = "/".join(map(str, r.acceptance)) if isinstance(r.acceptance, list) else r.acceptance
                     print(f"{r.device} | {shown} | {r.tokens} | {r.policy} | {r.speedup:.3f} | {r.steps} | {r.drafting_steps} | {r.explorations}")

@@ -47,11 +47,12 @@ def test_cost_model_interpolates_and_never_gets_cheaper_with_tokens() -> None:
     assert cost.seconds(10) is None
     cost.observe(8, 0.010)
     cost.observe(64, 0.050)
-    cost.observe(32, 0.005)  # noise: cheaper than 8 tokens
-    assert cost.seconds(1) == pytest.approx(0.010)  # below the smallest: its time
-    assert cost.seconds(32) == pytest.approx(0.010)  # made monotone
-    assert cost.seconds(48) == pytest.approx(0.030)
-    assert cost.seconds(128) == pytest.approx(0.130)  # the last segment's slope, 0.04 s per 32 tokens
+    cost.observe(32, 0.005)  # cheaper than 8 tokens: the 8-token price is the likelier error
+    assert cost.seconds(1) == pytest.approx(0.005)  # below the smallest: its (monotone) time
+    assert cost.seconds(8) == pytest.approx(0.005)  # made monotone from the largest down
+    assert cost.seconds(32) == pytest.approx(0.005)
+    assert cost.seconds(48) == pytest.approx(0.0275)
+    assert cost.seconds(128) == pytest.approx(0.140)  # the last segment's slope, 0.045 s per 32 tokens
     one = StepCostModel()
     one.observe(64, 0.050)
     # One point: its own time above it (in proportion to tokens, a warm-up's one 2-token

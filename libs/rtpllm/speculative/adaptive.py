@@ -184,7 +184,8 @@ class StepCostModel:
         self._sizes: list[int] = []  # bucket sizes, sorted
         self._obs: dict[int, deque[tuple[int, float]]] = {}  # bucket -> (tokens, seconds)
         self._last: dict[int, int] = {}  # bucket -> the caller's step count at its newest observation
-        # The curve `seconds` reads, (tokens, seconds) per bucket made non-decreasing:
+        # The curve `seconds` reads, (tokens, seconds) per bucket made non-decreasing
+        # (`_monotone`):
         # rebuilt only after an observation. An allotment prices hundreds of sizes in
         # a synchronous step's host time (at batch 64, 4.3 ms on a CPU core when each
         # price took every bucket's median afresh).
@@ -231,9 +232,28 @@ class StepCostModel:
     def floor(self, num_tokens: int, since: int) -> float | None:
         """The least a step of `num_tokens` can cost by what smaller steps were measured
         to cost at step `since` or later: the dearest of the fresh buckets below its
-        own (steps never get cheaper with tokens); None when there is none."""
+        own (steps never get cheaper with tokens), each at its place on the monotone
+        curve; None when there is none."""
+        curve = dict(zip(self._sizes, (y for _, y in self._monotone()), strict=True))
         below = [b for b in self._sizes if b < self.bucket(num_tokens) and self._last[b] >= since and self._settled(b)]
-        return max(self._point(b)[1] for b in below) if below else None
+        return max(curve[b] for b in below) if below else None
+
+    def _monotone(self) -> list[tuple[float, float]]:
+        """(tokens, seconds) per bucket, made non-decreasing from the largest down: where
+        a bigger step was measured cheaper than a smaller one, the smaller is priced at
+        the bigger's time. Of the two, the higher one is the likelier error (slow
+        outliers: a warm-up's first verify step, a collection, a busy host), and an
+        error upward is never corrected: a size priced too high is not chosen, so not
+        measured again, while one priced too low is chosen once and measured. (Taking
+        the dearer one kept the 1.5B shape at batch 1 from drafting for good behind its
+        warm-up's slow 2-token step, simulated with 20% step-time jitter.)"""
+        if self._curve is None:
+            points = [self._point(b) for b in self._sizes]
+            mono: list[tuple[float, float]] = []
+            for x, y in reversed(points):
+                mono.append((x, min(y, mono[-1][1]) if mono else y))
+            self._curve = mono[::-1]
+        return self._curve
 
     def _settled(self, bucket: int) -> bool:
         return len(self._obs[bucket]) >= SETTLED
@@ -250,13 +270,7 @@ class StepCostModel:
         """Predicted step time; None before any measurement."""
         if not self._sizes:
             return None
-        mono = self._curve
-        if mono is None:
-            # Keep the curve non-decreasing: noise must not make more tokens look cheaper.
-            mono = []
-            for x, y in (self._point(b) for b in self._sizes):
-                mono.append((x, max(y, mono[-1][1]) if mono else y))
-            self._curve = mono
+        mono = self._monotone()
         if num_tokens <= mono[0][0]:
             return mono[0][1]
         i = bisect.bisect_left(mono, num_tokens, key=lambda p: p[0])
