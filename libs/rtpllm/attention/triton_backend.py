@@ -148,16 +148,16 @@ class TritonAttentionBackend(AttentionBackend):
                 )
         if meta.num_seqs > nd:
             quantized = k_scale is not None
-            # Consecutive sequences the extend kernel takes go to it in one launch each run.
+            # The sequences between two that SDPA takes go to the extend kernel in one launch.
             run_start = nd
-            for i in range(nd, meta.num_seqs + 1):
-                to_sdpa = i < meta.num_seqs and self._takes_sdpa(meta, i, sliding_window, quantized)
-                if i == meta.num_seqs or to_sdpa:
+            for i in range(nd, meta.num_seqs):
+                if self._takes_sdpa(meta, i, sliding_window, quantized):
                     if i > run_start:
                         self._forward_extend(q, k, v, k_cache, v_cache, meta, scale, out, sliding_window, run_start, i, k_scale, v_scale)
-                    run_start = i + 1
-                if to_sdpa:
                     self._forward_sdpa(q, k, v, k_cache, v_cache, meta, i, scale, out, k_scale, v_scale)
+                    run_start = i + 1
+            if meta.num_seqs > run_start:
+                self._forward_extend(q, k, v, k_cache, v_cache, meta, scale, out, sliding_window, run_start, meta.num_seqs, k_scale, v_scale)
         return out
 
     @staticmethod
@@ -179,13 +179,12 @@ class TritonAttentionBackend(AttentionBackend):
         if self.prefill_impl == "triton" or sliding_window is not None:
             return False
         q_len = meta.query_start_loc_host[i + 1] - meta.query_start_loc_host[i]
-        if meta.seq_lens_host[i] == q_len:
-            return self.prefill_impl == "sdpa" or q_len >= SDPA_PREFILL_MIN_TOKENS or (
-                quantized and QUANT_CHUNK_SDPA_MIN_TOKENS is not None and q_len >= QUANT_CHUNK_SDPA_MIN_TOKENS
-            )
-        if not quantized:
-            return False
-        return self.prefill_impl == "sdpa" or (QUANT_CHUNK_SDPA_MIN_TOKENS is not None and q_len >= QUANT_CHUNK_SDPA_MIN_TOKENS)
+        uncached = meta.seq_lens_host[i] == q_len
+        if self.prefill_impl == "sdpa":
+            return uncached or quantized
+        if uncached and q_len >= SDPA_PREFILL_MIN_TOKENS:
+            return True
+        return quantized and QUANT_CHUNK_SDPA_MIN_TOKENS is not None and q_len >= QUANT_CHUNK_SDPA_MIN_TOKENS
 
     @staticmethod
     def _forward_extend(
@@ -205,10 +204,7 @@ class TritonAttentionBackend(AttentionBackend):
     ) -> None:
         """Sequences first..end-1 (prefill chunks) through the extend kernel, one launch."""
         qsl = meta.query_start_loc_host
-        if first == meta.num_decodes and end == meta.num_seqs:
-            max_query_len = meta.max_query_len
-        else:
-            max_query_len = max(qsl[i + 1] - qsl[i] for i in range(first, end))
+        max_query_len = max(qsl[i + 1] - qsl[i] for i in range(first, end))
         paged_extend_attention_triton(
             q,
             k,

@@ -184,11 +184,9 @@ class StepCostModel:
         self._sizes: list[int] = []  # bucket sizes, sorted
         self._obs: dict[int, deque[tuple[int, float]]] = {}  # bucket -> (tokens, seconds)
         self._last: dict[int, int] = {}  # bucket -> the caller's step count at its newest observation
-        # The curve `seconds` reads, (tokens, seconds) per bucket made non-decreasing
-        # (`_monotone`):
-        # rebuilt only after an observation. An allotment prices hundreds of sizes in
-        # a synchronous step's host time (at batch 64, 4.3 ms on a CPU core when each
-        # price took every bucket's median afresh).
+        # The curve `seconds` reads (`_monotone`), rebuilt only after an observation. An
+        # allotment prices hundreds of sizes in a synchronous step's host time (at batch
+        # 64, 4.3 ms on a CPU core when each price took every bucket's median afresh).
         self._curve: list[tuple[float, float]] | None = None
 
     @property
