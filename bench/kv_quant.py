@@ -45,7 +45,6 @@ if __package__ in (None, ""):
 from rtpllm import LLM, SamplingParams
 from rtpllm.engine.kv_calibrate import DEFAULT_PROMPTS, choose_plan, measure
 from rtpllm.kvcache.kv_format import KVCacheSpec
-from rtpllm.kvcache.kv_plan import KVCachePlan
 from rtpllm.loader.random_checkpoint import LLAMA_3_1_8B_SHAPE, TINY_SHAPE, make_config
 from rtpllm.models import ModelConfig
 
@@ -108,24 +107,27 @@ def bench_accuracy(model: str, num_texts: int, max_tokens: int, num_calib: int) 
     tok = Tokenizer.from_dir(resolve_model(model))
     ids = [tok.encode(t)[:max_tokens] for t in eval_texts]
     t0 = time.perf_counter()
-    errors, calib_tokens, identity = measure(model, [tok.encode(t)[:max_tokens] for t in calib_texts])
+    found = measure(model, [tok.encode(t)[:max_tokens] for t in calib_texts])
+    errors, calib_tokens = found.errors, found.tokens
     # The plan's unquantized layers as a bf16 deployment would keep them ("auto" would be
-    # fp32 in this fp32 CPU run); and the best quantized format per layer, no layer kept:
-    # the plan at exactly uniform fp8's bytes.
+    # fp32 in this fp32 CPU run); the best quantized format per layer, no layer kept: the
+    # plan at exactly uniform fp8's bytes; and uniform int8 with the calibrated K smoothing.
     chosen, threshold = choose_plan(errors)
     plans = {
         "plan": ["bf16" if f == "auto" else f for f in chosen],
         "plan_same_bytes": choose_plan(errors, max_skip_fraction=0.0)[0],
+        "int8_smoothed": ["int8"] * len(chosen),
     }
     runs: dict[str, dict[str, Any]] = {"fp32": score(model, ids)}
     for fmt in FORMATS:
         runs[fmt] = score(model, ids, kv_cache_dtype=fmt)
     for name, layers in plans.items():
-        if name != "plan" and layers == plans["plan"]:
-            runs[name] = runs["plan"]
+        same = next((n for n in runs if plans.get(n) == layers), None)
+        if same is not None:  # the same layers as a plan already scored
+            runs[name] = runs[same]
             continue
         plan_path = Path(tempfile.mkdtemp()) / f"{name}.json"
-        KVCachePlan(tuple(layers), model=identity, threshold=threshold, errors=errors).save(plan_path)
+        found.plan(layers, threshold).save(plan_path)
         runs[name] = score(model, ids, kv_cache_plan=str(plan_path))
     layers = plans["plan"]
     cfg = ModelConfig.from_dir(resolve_model(model))
@@ -145,6 +147,8 @@ def bench_accuracy(model: str, num_texts: int, max_tokens: int, num_calib: int) 
         "plan_threshold": threshold,
         "plan_bytes_vs_bf16": plan_spec.bytes_per_block(16, cfg.num_kv_heads, cfg.head_dim) / bf16_block,
         "per_layer_attention_error": errors,
+        "int8_smoothing_candidates": found.candidates,
+        "k_smooth_alpha": found.k_smooth_alpha,
         "formats": {},
         "seconds": 0.0,
     }

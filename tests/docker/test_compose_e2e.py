@@ -124,8 +124,38 @@ class ComposeStack:
         return next(c for c in ids if c.startswith(host))
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_stacks() -> list[str]:
+    """Take down the stacks of earlier runs whose pytest died before its teardown (a
+    killed CI run): the engine restarts their containers, which then hold the memory
+    this run's replicas need. A stack whose pytest still runs is left alone."""
+    labels = subprocess.run(
+        ["docker", "ps", "-a", "--format", '{{.Label "com.docker.compose.project"}}'], capture_output=True, text=True, timeout=30
+    ).stdout.split()
+    stale = []
+    for project in sorted(set(labels)):
+        prefix, _, pid = project.rpartition("-")
+        if prefix == "rtpllm-e2e" and pid.isdigit() and project != PROJECT and not _alive(int(pid)):
+            cmd = ["docker", "compose", "-p", project, "-f", str(ROOT / "docker-compose.yml"), "down", "-v", "--remove-orphans", "-t", "5"]
+            subprocess.run(cmd, capture_output=True, timeout=120)
+            stale.append(project)
+    return stale
+
+
 @pytest.fixture(scope="module")
 def stack() -> Iterator[ComposeStack]:
+    stale = remove_stale_stacks()
+    if stale:
+        print(f"\ntook down stale stacks of dead test runs: {stale}")
     # No RTPLLM_API_KEY from the caller's shell: the secrets service makes the key.
     env = {k: v for k, v in os.environ.items() if k != "RTPLLM_API_KEY"}
     env["RTPLLM_PORT"] = str(free_port())

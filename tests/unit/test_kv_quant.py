@@ -401,15 +401,18 @@ def test_calibration_measures_every_layer_and_its_plan_serves(tiny_llama: Path, 
     from rtpllm.engine.kv_calibrate import choose_plan, measure
 
     prompts = [[(11 * i + 7 * j) % 300 for i in range(50)] for j in range(3)]
-    errors, tokens, identity = measure(str(tiny_llama), prompts)
+    found = measure(str(tiny_llama), prompts)
+    errors = found.errors
     layers = ModelConfig.from_dir(tiny_llama).num_layers
-    assert tokens == 150 and identity
+    assert found.tokens == 150 and found.identity
     assert set(errors) == {"fp8", "int8"} and all(len(e) == layers for e in errors.values())
     assert all(0 < x < 0.5 for e in errors.values() for x in e), errors
     # Gaussian-like K/V of random weights: int8's uniform step beats e4m3's 3 mantissa bits.
     assert all(i < f for i, f in zip(errors["int8"], errors["fp8"], strict=True))
+    # int8's error is its best K smoothing's (tests/unit/test_k_smoothing.py), never above unsmoothed.
+    assert all(e <= u for e, u in zip(errors["int8"], found.candidates["int8~0"], strict=True))
     plan, threshold = choose_plan(errors, threshold=errors["int8"][0] * 0.999)
-    KVCachePlan(tuple(plan), model=identity, threshold=threshold, errors=errors).save(tmp_path / "p.json")
+    found.plan(plan, threshold).save(tmp_path / "p.json")
     llm = LLM(str(tiny_llama), device="cpu", num_blocks=32, kv_cache_plan=str(tmp_path / "p.json"))
     assert llm.engine.kv_pool.spec.formats == tuple("float32" if f == "auto" else f for f in plan)
     assert _generate(llm, prompts[:1])[0]

@@ -12,6 +12,12 @@ relative L2 error of its attention output, sqrt(sum ||o_fmt - o||^2 / sum ||o||^
 every layer fed the unquantized model's activations, so errors do not compound and each
 layer is judged on its own.
 
+K smoothing (rtpllm.models.k_smoothing): with int8 among the formats, the prompts run
+twice. The first run records each layer's largest |k| per KV head and channel; the
+second also measures int8 with keys stored as k / s for s made from those ranges under
+each of a few alphas, and a layer's int8 error is its best (alpha 0, no smoothing,
+included). The plan file carries the chosen vectors of its int8 layers.
+
 The plan: each layer takes the format of lowest error (fp8 and int8 cost the same
 bytes); a layer whose lowest error exceeds the threshold stays in the model's dtype
 ("auto"). The default threshold is `relative_threshold` times the median layer error
@@ -35,6 +41,7 @@ from rtpllm.attention.torch_ref import TorchReferenceBackend
 from rtpllm.kernels.attention_ref import gather_context, reference_attention
 from rtpllm.kernels.kv_quant import QUANT_FORMATS, roundtrip_ref
 from rtpllm.kvcache.kv_plan import KVCachePlan
+from rtpllm.models.k_smoothing import CALIBRATION_ALPHAS, smoothing_vectors
 
 BACKEND_NAME = "kv-calibrate"
 
@@ -90,13 +97,22 @@ class MeasuringBackend(AttentionBackend):
     """The torch reference backend that also measures what each KV format would change.
 
     Layers call the backend in order, once per model forward: call c is layer
-    c % num_layers (the engine runs nothing else through it)."""
+    c % num_layers (the engine runs nothing else through it). Every call also records
+    each layer's largest |k| per KV head and channel (what K smoothing is made from).
+    `smoothed`: int8 candidates with K smoothing, name -> per layer [Hkv, D] vectors."""
 
     name = BACKEND_NAME
 
-    def __init__(self, num_layers: int, formats: Sequence[str] = QUANT_FORMATS) -> None:
+    def __init__(
+        self,
+        num_layers: int,
+        formats: Sequence[str] = QUANT_FORMATS,
+        smoothed: dict[str, list[torch.Tensor]] | None = None,
+    ) -> None:
         self.inner = TorchReferenceBackend()
-        self.errors = LayerErrors(num_layers, tuple(formats))
+        self.smoothed = smoothed or {}
+        self.errors = LayerErrors(num_layers, (*formats, *self.smoothed))
+        self.k_amax: list[torch.Tensor | None] = [None] * num_layers
         self.calls = 0
 
     def forward(
@@ -123,17 +139,53 @@ class MeasuringBackend(AttentionBackend):
             table = meta.block_tables[i]
             k_ctx = gather_context(k_cache, table, seq_len).float()
             v_ctx = gather_context(v_cache, table, seq_len).float()
+            amax = k_ctx.abs().amax(0)
+            seen = self.k_amax[layer]
+            self.k_amax[layer] = amax if seen is None else torch.maximum(seen, amax)
             ref = out[start:end].float()
             qf = q[start:end].float()
             self.errors.sq_ref[layer] += float(ref.square().sum())
             for fmt in self.errors.formats:
-                kq = roundtrip_ref(k_ctx, fmt, torch.float32)
-                vq = roundtrip_ref(v_ctx, fmt, torch.float32)
+                vectors = self.smoothed.get(fmt)
+                if vectors is None:
+                    kq = roundtrip_ref(k_ctx, fmt, torch.float32)
+                    vq = roundtrip_ref(v_ctx, fmt, torch.float32)
+                else:
+                    # Stored k / s, attended with q * s: the same as (k / s)-roundtrip * s with q.
+                    s = vectors[layer].to(k_ctx.device)
+                    kq = roundtrip_ref(k_ctx / s, "int8", torch.float32) * s
+                    vq = roundtrip_ref(v_ctx, "int8", torch.float32)
                 o = reference_attention(qf, kq, vq, scale, sliding_window)
                 self.errors.sq_err[fmt][layer] += float((o - ref).square().sum())
             if layer == 0:
                 self.errors.tokens += end - start
         return out
+
+
+@dataclass
+class Measurement:
+    """What `measure` found: per format and layer the relative attention-output error
+    (int8's with the layer's best K smoothing), and the smoothing that achieved it."""
+
+    errors: dict[str, list[float]]
+    tokens: int
+    identity: str  # the model's weights identity
+    k_smooth: dict[int, list[list[float]]] = field(default_factory=dict)
+    k_smooth_alpha: dict[int, float] = field(default_factory=dict)
+    # Every int8 smoothing candidate's errors, "int8~0" the unsmoothed (informative).
+    candidates: dict[str, list[float]] = field(default_factory=dict)
+
+    def plan(self, layers: Sequence[str], threshold: float | None) -> KVCachePlan:
+        """The plan file for `layers`: smoothing kept on its int8 layers only."""
+        keep = {i for i, f in enumerate(layers) if f == "int8"}
+        return KVCachePlan(
+            tuple(layers),
+            model=self.identity,
+            threshold=threshold,
+            errors=self.errors,
+            k_smooth={i: v for i, v in self.k_smooth.items() if i in keep},
+            k_smooth_alpha={i: a for i, a in self.k_smooth_alpha.items() if i in keep},
+        )
 
 
 def measure(
@@ -143,27 +195,52 @@ def measure(
     dtype: str = "auto",
     formats: Sequence[str] = QUANT_FORMATS,
     max_prompt_tokens: int = 1024,
-) -> tuple[dict[str, list[float]], int, str]:
+    smooth_alphas: Sequence[float] = CALIBRATION_ALPHAS,
+) -> Measurement:
     """Per-format, per-layer relative attention-output errors over `prompts` (text or
-    token ids), the number of tokens measured, and the model's weights identity."""
+    token ids). With int8 among the formats and `smooth_alphas`, the prompts run twice:
+    once to find K's channel ranges, once to measure int8 under each smoothing too."""
     # Here: the engine layer is above this module's measuring backend.
     from rtpllm.llm import LLM
     from rtpllm.models.config import ModelConfig
     from rtpllm.models.registry import resolve_model
     from rtpllm.sampling_params import SamplingParams
 
-    num_layers = ModelConfig.from_dir(resolve_model(model)).num_layers
-    backend = MeasuringBackend(num_layers, formats)
+    cfg = ModelConfig.from_dir(resolve_model(model))
+    backend = MeasuringBackend(cfg.num_layers, formats)
     register_backend(BACKEND_NAME, lambda: backend)
     llm = LLM(model, device=device, dtype=dtype, attention_backend=BACKEND_NAME, enable_prefix_caching=False, cuda_graphs=False)
     try:
         tok = llm.engine.tokenizer
         ids = [p if isinstance(p, list) else tok.encode(p) for p in prompts]  # type: ignore[union-attr]
         ids = [p[:max_prompt_tokens] for p in ids if len(p) >= 2]
-        llm.generate(ids, SamplingParams(temperature=0, max_tokens=1))
-        return backend.errors.relative(), backend.errors.tokens, llm.engine.weights_identity
+        greedy = SamplingParams(temperature=0, max_tokens=1)
+        smooth = "int8" in formats and bool(smooth_alphas)
+        if smooth:
+            llm.generate(ids, greedy)  # K's channel ranges first
+            amax = [a if a is not None else torch.ones(cfg.num_kv_heads, cfg.head_dim) for a in backend.k_amax]
+            smoothed = {
+                f"int8~{a:g}": [smoothing_vectors(m, a, shared=cfg.qk_norm) for m in amax] for a in smooth_alphas
+            }
+            backend.smoothed = smoothed
+            backend.errors = LayerErrors(cfg.num_layers, (*formats, *smoothed))
+            backend.calls = 0
+        llm.generate(ids, greedy)
+        identity = llm.engine.weights_identity
     finally:
         llm.close()
+    measured = backend.errors.relative()
+    errors = {f: measured[f] for f in formats}
+    result = Measurement(errors, backend.errors.tokens, identity)
+    if smooth:
+        result.candidates = {"int8~0": list(errors["int8"])} | {n: measured[n] for n in backend.smoothed}
+        for layer in range(cfg.num_layers):
+            name = min(backend.smoothed, key=lambda n: measured[n][layer])
+            if measured[name][layer] < errors["int8"][layer]:
+                errors["int8"][layer] = measured[name][layer]
+                result.k_smooth[layer] = backend.smoothed[name][layer].tolist()
+                result.k_smooth_alpha[layer] = float(name.split("~")[1])
+    return result
 
 
 def choose_plan(
@@ -202,15 +279,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threshold", type=float, help="relative attention-output error above which a layer stays in the model's dtype (default: 3x the median layer's)")
     parser.add_argument("--max-skip-fraction", type=float, default=0.25, help="at most this fraction of layers stays unquantized")
     parser.add_argument("--formats", default="fp8,int8", help="formats to consider, comma-separated")
+    parser.add_argument("--no-k-smoothing", action="store_true", help="do not try per-channel K smoothing for int8 layers")
     args = parser.parse_args(argv)
     formats = [f for f in args.formats.split(",") if f]
-    errors, tokens, identity = measure(args.model, read_prompts(args.prompts), args.device, args.dtype, formats)
-    layers, threshold = choose_plan(errors, args.threshold, max_skip_fraction=args.max_skip_fraction)
-    KVCachePlan(tuple(layers), model=identity, threshold=threshold, errors=errors).save(args.out)
-    print(f"measured {tokens} tokens over {len(layers)} layers; threshold {threshold:.4g}")
+    alphas = [] if args.no_k_smoothing else list(CALIBRATION_ALPHAS)
+    found = measure(args.model, read_prompts(args.prompts), args.device, args.dtype, formats, smooth_alphas=alphas)
+    layers, threshold = choose_plan(found.errors, args.threshold, max_skip_fraction=args.max_skip_fraction)
+    plan = found.plan(layers, threshold)
+    plan.save(args.out)
+    print(f"measured {found.tokens} tokens over {len(layers)} layers; threshold {threshold:.4g}")
     for i, fmt in enumerate(layers):
-        row = "  ".join(f"{f}={errors[f][i]:.4f}" for f in errors)
-        print(f"layer {i:3d}: {row}  -> {fmt}")
+        row = "  ".join(f"{f}={found.errors[f][i]:.4f}" for f in found.errors)
+        smooth = f"  (K smoothing, alpha {plan.k_smooth_alpha[i]:g}; unsmoothed int8 {found.candidates['int8~0'][i]:.4f})" if i in plan.k_smooth else ""
+        print(f"layer {i:3d}: {row}  -> {fmt}{smooth}")
     print(f"wrote {args.out}")
     return 0
 

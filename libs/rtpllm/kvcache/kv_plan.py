@@ -6,15 +6,21 @@
       "num_layers": 30,
       "layers": ["fp8", "auto", "int8", ...],      # one per layer: auto | bf16 | fp8 | int8
       "threshold": 0.02,                            # what the calibration chose by
-      "errors": {"fp8": [...], "int8": [...]}       # measured per layer (informative)
+      "errors": {"fp8": [...], "int8": [...]},      # measured per layer (informative)
+      "k_smooth": {"0": [[...head_dim], ...]},      # optional: per layer, one vector per KV head
+      "k_smooth_alpha": {"0": 0.75}                 # what each vector was made with (informative)
     }
 
-"auto" keeps a layer in the model's dtype. The engine resolves a plan together with
+"auto" keeps a layer in the model's dtype. `k_smooth` holds the per-channel K smoothing
+vectors the calibration chose (rtpllm.models.k_smoothing): the engine folds them into
+the model's q/k projections, and their digest joins the block-key namespace, since the
+stored keys are then k / s. The engine resolves a plan together with
 --kv-cache-dtype and --kv-cache-dtype-skip-layers into a `KVCacheSpec` (`cache_spec`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,11 +42,29 @@ class KVCachePlan:
     model: str = ""
     threshold: float | None = None
     errors: dict[str, list[float]] = field(default_factory=dict)
+    k_smooth: dict[int, list[list[float]]] = field(default_factory=dict)
+    k_smooth_alpha: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for i, fmt in enumerate(self.layers):
             if fmt not in KV_CACHE_DTYPES:
                 raise ValueError(f"KV cache plan: layer {i} has format {fmt!r}; use one of {', '.join(KV_CACHE_DTYPES)}")
+        for i, rows in self.k_smooth.items():
+            if not 0 <= i < len(self.layers):
+                raise ValueError(f"KV cache plan: K smoothing for layer {i}, but the plan has {len(self.layers)} layers")
+            if not rows or any(not isinstance(r, list) or len(r) != len(rows[0]) for r in rows):
+                raise ValueError(f"KV cache plan: layer {i}'s K smoothing is not a list of equal-length vectors")
+
+    def smoothing_vectors(self) -> dict[int, torch.Tensor]:
+        """Layer -> [Hkv, D] fp32 vectors (checked against the model when folded)."""
+        return {i: torch.tensor(rows, dtype=torch.float32) for i, rows in sorted(self.k_smooth.items())}
+
+    def k_smooth_id(self) -> str:
+        """A digest of the vectors ("" without any): stored keys depend on them."""
+        if not self.k_smooth:
+            return ""
+        doc = json.dumps({str(i): self.k_smooth[i] for i in sorted(self.k_smooth)}, separators=(",", ":"))
+        return hashlib.sha256(doc.encode()).hexdigest()[:16]
 
     def to_json(self) -> str:
         doc = {
@@ -51,6 +75,9 @@ class KVCachePlan:
             "threshold": self.threshold,
             "errors": self.errors,
         }
+        if self.k_smooth:
+            doc["k_smooth"] = {str(i): self.k_smooth[i] for i in sorted(self.k_smooth)}
+            doc["k_smooth_alpha"] = {str(i): a for i, a in sorted(self.k_smooth_alpha.items())}
         return json.dumps(doc, indent=2) + "\n"
 
     def save(self, path: str | Path) -> None:
@@ -64,17 +91,31 @@ class KVCachePlan:
             raise ValueError(f"cannot read the KV cache plan {path}: {exc}") from None
         if doc.get("version") != PLAN_VERSION or not isinstance(doc.get("layers"), list):
             raise ValueError(f"{path} is not a version-{PLAN_VERSION} KV cache plan (no 'layers' list)")
+        try:
+            k_smooth = {int(i): [list(map(float, r)) for r in rows] for i, rows in (doc.get("k_smooth") or {}).items()}
+            k_smooth_alpha = {int(i): float(a) for i, a in (doc.get("k_smooth_alpha") or {}).items()}
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: 'k_smooth' must map layer numbers to lists of vectors ({exc})") from None
         return cls(
             tuple(doc["layers"]),
             model=str(doc.get("model", "")),
             threshold=doc.get("threshold"),
             errors={k: list(v) for k, v in (doc.get("errors") or {}).items()},
+            k_smooth=k_smooth,
+            k_smooth_alpha=k_smooth_alpha,
         )
+
+
+def load_plan(cache: CacheConfig) -> KVCachePlan | None:
+    """The plan file the cache options name, if any."""
+    return KVCachePlan.load(cache.kv_cache_plan) if cache.kv_cache_plan else None
 
 
 def cache_spec(cache: CacheConfig, num_layers: int, model_dtype: torch.dtype) -> KVCacheSpec:
     """The engine's per-layer KV formats from its cache options (plan file included)."""
-    plan: Sequence[str] | None = None
-    if cache.kv_cache_plan:
-        plan = KVCachePlan.load(cache.kv_cache_plan).layers
-    return KVCacheSpec.resolve(num_layers, model_dtype, cache.kv_cache_dtype, cache.kv_cache_dtype_skip_layers, plan)
+    plan = load_plan(cache)
+    layers: Sequence[str] | None = plan.layers if plan is not None else None
+    k_smooth_id = plan.k_smooth_id() if plan is not None else ""
+    return KVCacheSpec.resolve(
+        num_layers, model_dtype, cache.kv_cache_dtype, cache.kv_cache_dtype_skip_layers, layers, k_smooth_id
+    )
