@@ -306,7 +306,7 @@ def run_once(
     counters: dict[str, Any] = {"engine_steps": steps}
     if eng.speculator is not None:
         after = eng.speculator.counters
-        keys = ("proposed_tokens", "accepted_tokens", "verified_requests", "speculative_steps", "empty_plans")
+        keys = ("proposed_tokens", "accepted_tokens", "verified_requests", "speculative_steps", "empty_plans", "prechecked_plans")
         counters.update({k: after.__dict__[k] - before.get(k, 0) for k in keys})
         # This run's histograms (an engine may have run a warm batch before it).
         for key in ("chosen_k", "acceptance_lengths"):
@@ -382,6 +382,7 @@ def summarize(run: Run, base: Run, k: int) -> dict[str, Any]:
         "engine_steps": c.get("engine_steps", 0),
         "verify_steps": c.get("speculative_steps", 0),
         "empty_plans": c.get("empty_plans", 0),
+        "prechecked_plans": c.get("prechecked_plans", 0),
         "cost_model": c.get("cost_model", {}),
     }
 

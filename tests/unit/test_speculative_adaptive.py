@@ -4,6 +4,7 @@ manager's rollback of rejected drafts."""
 
 from __future__ import annotations
 
+import copy
 import random
 from collections.abc import Sequence
 
@@ -26,7 +27,7 @@ from rtpllm.speculative.adaptive import (
     pooling_weight,
 )
 from rtpllm.speculative.proposer import Proposal, Proposer
-from rtpllm.speculative.speculator import Speculator
+from rtpllm.speculative.speculator import MARGINAL_GAIN, Speculator
 
 
 def test_acceptance_estimate_converges_to_the_geometric_rate() -> None:
@@ -161,12 +162,15 @@ def test_a_request_that_stopped_drafting_tries_again_and_re_plans_back_off() -> 
     assert spec.plan([req], base_tokens=1, max_extra=4) == {"r": (1,)}
     spec.observe_verified(req, 1, 0)
     spec.observe_step(2, 0.030)
-    replans, drafted = [], []
+    replans, declined, drafted = [], [], []
     for step in range(1, 1100):
         drafts = {}
+        before = spec.counters.prechecked_plans
         if spec.wants_step([req]):
             replans.append(step)
             drafts = spec.plan([req], base_tokens=1, max_extra=4)
+        if spec.counters.prechecked_plans > before:
+            declined.append(step)
         if drafts:
             drafted.append((step, len(drafts["r"])))
             spec.observe_verified(req, len(drafts["r"]), 0)
@@ -177,8 +181,11 @@ def test_a_request_that_stopped_drafting_tries_again_and_re_plans_back_off() -> 
     # 98), each exploration followed by a plan that declines, and the waits double (the
     # spells did not pay). At 227 it is settled and fresh, and the 4- and 8-token sizes
     # cannot pay by what 2 tokens cost: no exploration. At 483 it is stale and explored
-    # again, at 740 fresh, at 996 stale again.
-    assert replans == [1, 33, 34, 98, 99, 227, 483, 484, 740, 996, 997], replans
+    # again, at 740 fresh, at 996 stale again. Every re-plan that would decline is
+    # decided in wants_step, from the estimates, without the synchronous step a plan
+    # needs: only the explorations plan.
+    assert replans == [33, 98, 483, 996], replans
+    assert declined == [1, 34, 99, 227, 484, 740, 997], declined
     assert drafted == [(33, 1), (98, 1), (483, 1), (996, 1)], drafted
     # Cheap verify steps now (graphs): the request, idle for probe_every steps, is
     # optimistic again (a >= 0.5) though its drafts were all rejected, and the
@@ -188,6 +195,56 @@ def test_a_request_that_stopped_drafting_tries_again_and_re_plans_back_off() -> 
         spec.observe_step(5, 0.011)
     chose = [step for step in range(1, 300) if spec.wants_step([req]) and spec.plan([req], base_tokens=1, max_extra=4)]
     assert chose and chose[0] <= 257 and len(chose) > 3 and chose[1] - chose[0] == 1, chose
+
+
+def test_a_re_plan_declined_without_a_step_is_one_the_plan_would_decline() -> None:
+    """`wants_step` skips the synchronous step of a plan it can tell, from the estimates
+    alone, would draft nothing. Over random batches, acceptance histories and step
+    costs, whenever it says so, the plan (run on an identical copy) indeed drafts
+    nothing; and the check does decline some of them."""
+    rng = random.Random(5)
+    declined = agreed = 0
+    for _ in range(300):
+        spec = Speculator(_FixedProposer(), PolicyConfig(max_k=4), probe_every=4)
+        batch = rng.choice([1, 4, 16, 64])
+        reqs = [decoding(f"r{i}") for i in range(batch)]
+        plain, per_token = rng.uniform(0.005, 0.02), rng.uniform(0.0, 0.0005)
+        for _ in range(9):
+            spec.observe_step(batch, plain, pipelined=True)
+            for extra in (1, batch, 4 * batch):
+                spec.observe_step(batch + extra, plain * rng.uniform(1.0, 1.5) + per_token * extra)
+        spec.plan(reqs, base_tokens=batch, max_extra=4 * batch)
+        rate = rng.random()
+        for req in reqs:  # a history of verifications at this acceptance
+            for _ in range(rng.randint(0, 6)):
+                n = 4
+                accepted = next((j for j in range(n) if rng.random() > rate), n)
+                spec.observe_verified(req, n, accepted)
+        spec._steps_without = rng.choice([0, 1, 2])
+        spec._last_gain = 1.0
+        twin = copy.deepcopy(spec)
+        if not spec._could_draft(reqs):
+            declined += 1
+            agreed += not twin.plan(reqs, base_tokens=batch, max_extra=4 * batch)
+    assert declined > 30 and agreed == declined, (declined, agreed)
+
+
+def test_a_spell_that_clearly_pays_plans_without_the_check() -> None:
+    """The check costs host time in a synchronous step: a drafting spell whose plan
+    expected a clear gain (>= MARGINAL_GAIN) skips it; a marginal one runs it."""
+    spec = Speculator(_FixedProposer(), PolicyConfig(max_k=4), probe_every=16)
+    reqs = [decoding(f"r{i}") for i in range(8)]
+    for _ in range(9):
+        spec.observe_step(8, 0.010, pipelined=True)
+        for size in (9, 16, 24, 40):
+            spec.observe_step(size, 0.0101)  # drafts nearly free
+    calls = []
+    real = spec._could_draft
+    spec._could_draft = lambda running: calls.append(1) or real(running)  # type: ignore[method-assign]
+    assert spec.plan(reqs, base_tokens=8, max_extra=32) and spec._last_gain >= MARGINAL_GAIN
+    assert spec.wants_step(reqs) and not calls
+    spec._last_gain = 1.05
+    assert spec.wants_step(reqs) and calls == [1]
 
 
 def test_exploration_goes_one_size_at_a_time_and_stops_where_drafts_cannot_pay() -> None:

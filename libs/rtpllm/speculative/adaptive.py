@@ -361,6 +361,10 @@ class SpeculationPolicy:
         self.pipelined = pipelined
         self.on_estimates = False  # whether the last `allot` drafted on the requests' own estimates
         self.measuring_plain = False  # whether it drafted nothing to measure a step without drafts
+        # The expected tokens per second of the last `allot`'s drafts on estimates over the
+        # no-draft rate (1.0: it drafted nothing on estimates).
+        self.expected_gain = 1.0
+        self._best_rate = 0.0  # `_prefix`'s chosen rate
 
     def allot(
         self,
@@ -386,6 +390,7 @@ class SpeculationPolicy:
         which the caller backs off from, since at a big batch every request idles
         together and a whole batch valued hopefully would draft for nothing."""
         self.on_estimates = self.measuring_plain = False
+        self.expected_gain = 1.0
         counts = [0] * len(candidates)
         if max_extra <= 0:
             return counts
@@ -412,6 +417,8 @@ class SpeculationPolicy:
         base_time /= 1 + margin  # the riders' pass below starts from `own`'s step when it drafts
         own = self._prefix([c.values for c in candidates], counts, base_tokens, base_emitted, base_time, max_extra, proposer_cost)
         self.on_estimates = any(own)
+        if self.on_estimates:
+            self.expected_gain = self._best_rate * base_time / max(base_emitted, 1)
         return self._prefix(hopeful, own, base_tokens, base_emitted, base_time, max_extra, proposer_cost)
 
     def _prefix(
@@ -466,6 +473,7 @@ class SpeculationPolicy:
                 best_rate, best_n = rate, n
         for _, i in order[:best_n]:
             counts[i] += 1
+        self._best_rate = best_rate
         return counts
 
     def explore(
