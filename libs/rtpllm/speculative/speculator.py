@@ -172,9 +172,11 @@ class Speculator:
 
     def _could_draft(self, running: Sequence[Request]) -> bool:
         """Whether a re-plan now could draft for any request, from the estimates alone:
-        the plan's allotment and exploration over drafts of full length and confidence 1,
-        with no proposer cost and no prefill tokens in the step, all of which only lower
-        a real plan's drafts. So False means the plan would draft nothing."""
+        the plan's allotment and exploration over drafts of full length and confidence 1
+        with no proposer cost, which can only lower a real plan's drafts, so False means
+        the plan would draft nothing. One difference: the step is priced without prefill
+        chunks (their size is the scheduler's to choose), and next to a chunk drafts can
+        look cheaper; a start missed that way waits for the next re-plan."""
         elapsed = 1 + self._skipped
         decodes = [r for r in running if not r.in_prefill]
         rooms: list[tuple[int, AcceptanceEMA]] = []
