@@ -141,7 +141,8 @@ class Speculator:
     def wants_step(self, running: Sequence[Request]) -> bool:
         """Whether the next step should plan drafts, which needs every running token on
         the host (a synchronous step). False keeps async scheduling: when the last plan
-        chose no drafts, until a periodic re-plan."""
+        chose no drafts, until a periodic re-plan; and where the estimates alone show
+        that a plan would draft nothing (`_could_draft`)."""
         if self._steps_without > 0:
             # Counted before the scan below: most steps of a loaded batch stop here, and
             # a pipelined step's host work is on the critical path once it matches the GPU's.
@@ -179,18 +180,12 @@ class Speculator:
         look cheaper; a start missed that way waits for the next re-plan."""
         elapsed = 1 + self._skipped
         decodes = [r for r in running if not r.in_prefill]
-        rooms: list[tuple[int, AcceptanceEMA]] = []
-        for req in decodes:
-            if req.num_placeholders or not self.eligible(req):
-                continue
-            room = min(self.config.max_k, req.max_output_tokens - req.num_output_tokens - 1)
-            if room > 0:
-                rooms.append((room, self._ema.setdefault(req.request_id, AcceptanceEMA())))
+        rooms = self._rooms(decodes)
         if not rooms:
             return False
-        floor = pooling_weight([ema for _, ema in rooms])
+        floor = pooling_weight([ema for _, _, ema in rooms])
         cands = []
-        for room, ema in rooms:
+        for _, room, ema in rooms:
             rate = ema.rate_given(self._recent.rate_without(ema), floor)
             idle = ema.steps_idle + elapsed > self.probe_every and rate < RETRY_RATE
             conf = (1.0,) * room
@@ -213,17 +208,9 @@ class Speculator:
         elapsed, self._skipped = 1 + self._skipped, 0
         ready: list[tuple[Request, int, float]] = []  # (request, most drafts, acceptance rate)
         self._retrying = set()
-        rooms: list[tuple[Request, int, AcceptanceEMA]] = []
-        for req in decodes:
-            if req.num_placeholders or not self.eligible(req):
-                continue
-            # The bonus token is one more: drafts never reach past max_tokens.
-            room = min(self.config.max_k, req.max_output_tokens - req.num_output_tokens - 1)
-            if room <= 0:
-                continue
-            ema = self._ema.setdefault(req.request_id, AcceptanceEMA())
+        rooms = self._rooms(decodes)
+        for _, _, ema in rooms:
             ema.steps_idle += elapsed
-            rooms.append((req, room, ema))
         # How alike the batch's requests are sets how much each leans on the others.
         floor = pooling_weight([ema for _, _, ema in rooms])
         for req, room, ema in rooms:
@@ -254,6 +241,19 @@ class Speculator:
             self.counters.empty_plans += 1
             self._end_spell()
         return drafts
+
+    def _rooms(self, decodes: Sequence[Request]) -> list[tuple[Request, int, AcceptanceEMA]]:
+        """The requests that may draft this step, with how many drafts each has room
+        for (the bonus token is one more: drafts never reach past max_tokens) and its
+        acceptance estimate."""
+        rooms: list[tuple[Request, int, AcceptanceEMA]] = []
+        for req in decodes:
+            if req.num_placeholders or not self.eligible(req):
+                continue
+            room = min(self.config.max_k, req.max_output_tokens - req.num_output_tokens - 1)
+            if room > 0:
+                rooms.append((req, room, self._ema.setdefault(req.request_id, AcceptanceEMA())))
+        return rooms
 
     def _candidate(self, req: Request, rate: float, confidence: tuple[float, ...]) -> Candidate:
         retry = draft_values(RETRY_RATE, confidence) if req.request_id in self._retrying else None
