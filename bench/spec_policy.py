@@ -174,7 +174,14 @@ def _run(
     elapsed, emitted, steps, drafting, in_flight = 0.0, 0, 0, 0, False
     while active and emitted < total:
         n = len(active)
+        # As in the engine: behind a pipelined step, every request's last token is still
+        # in flight (a placeholder) when the next step is decided; it resolves before a
+        # plan. (The count alone: these requests hold no tokens.)
+        for req in active:
+            req.num_placeholders = int(in_flight)
         planned = spec.wants_step(active)
+        for req in active:
+            req.num_placeholders = 0
         drafts = spec.plan(active, base_tokens=n, max_extra=1 << 16) if planned else {}
         if drafts:
             size = n + sum(len(d) for d in drafts.values())

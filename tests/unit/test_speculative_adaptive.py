@@ -201,7 +201,8 @@ def test_a_re_plan_declined_without_a_step_is_one_the_plan_would_decline() -> No
     """`wants_step` skips the synchronous step of a plan it can tell, from the estimates
     alone, would draft nothing. Over random batches, acceptance histories and step
     costs, whenever it says so, the plan (run on an identical copy) indeed drafts
-    nothing; and the check does decline some of them."""
+    nothing; and the check does decline some of them. The check runs with every
+    request's last token in flight (async scheduling), the plan after it resolved."""
     rng = random.Random(5)
     declined = agreed = 0
     for _ in range(300):
@@ -223,7 +224,12 @@ def test_a_re_plan_declined_without_a_step_is_one_the_plan_would_decline() -> No
         spec._steps_without = rng.choice([0, 1, 2])
         spec._last_gain = 1.0
         twin = copy.deepcopy(spec)
-        if not spec._could_draft(reqs):
+        for req in reqs:
+            req.append_placeholder()
+        could = spec._could_draft(reqs)
+        for req in reqs:
+            req.resolve_placeholder(7)
+        if not could:
             declined += 1
             agreed += not twin.plan(reqs, base_tokens=batch, max_extra=4 * batch)
     assert declined > 30 and agreed == declined, (declined, agreed)

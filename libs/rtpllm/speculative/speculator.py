@@ -180,7 +180,8 @@ class Speculator:
         look cheaper; a start missed that way waits for the next re-plan."""
         elapsed = 1 + self._skipped
         decodes = [r for r in running if not r.in_prefill]
-        rooms = self._rooms(decodes)
+        # Under async scheduling every running request has its last token in flight here.
+        rooms = self._rooms(decodes, in_flight=True)
         if not rooms:
             return False
         floor = pooling_weight([ema for _, _, ema in rooms])
@@ -242,13 +243,15 @@ class Speculator:
             self._end_spell()
         return drafts
 
-    def _rooms(self, decodes: Sequence[Request]) -> list[tuple[Request, int, AcceptanceEMA]]:
+    def _rooms(self, decodes: Sequence[Request], in_flight: bool = False) -> list[tuple[Request, int, AcceptanceEMA]]:
         """The requests that may draft this step, with how many drafts each has room
         for (the bonus token is one more: drafts never reach past max_tokens) and its
-        acceptance estimate."""
+        acceptance estimate. A request with a token still in flight (a placeholder)
+        cannot be proposed for, so a plan leaves it out; `in_flight` keeps it, for
+        `_could_draft`, which runs before the synchronous step resolves it."""
         rooms: list[tuple[Request, int, AcceptanceEMA]] = []
         for req in decodes:
-            if req.num_placeholders or not self.eligible(req):
+            if (req.num_placeholders and not in_flight) or not self.eligible(req):
                 continue
             room = min(self.config.max_k, req.max_output_tokens - req.num_output_tokens - 1)
             if room > 0:
