@@ -352,6 +352,41 @@ def test_model_with_quantized_kv_triton_matches_torch(cuda_device: str, tmp_path
         _assert_same_greedy(ours, ref, dtype, tie_gap)
 
 
+def test_k_smoothing_folds_on_the_gpu_and_its_quantized_cache_serves(cuda_device: str, tmp_path: Path) -> None:
+    """K smoothing (rtpllm.models.k_smoothing) on the GPU with the Triton backend: with
+    plain KV a plan's vectors leave greedy outputs as they were; with int8 KV and the
+    vectors, the Triton backend gives the torch backend's greedy tokens (both attend to
+    the same quantized k / s), near-ties excepted as in test_model_triton.py."""
+    from test_model_triton import _assert_same_greedy, _prompts
+
+    from rtpllm import LLM, SamplingParams
+    from rtpllm.kvcache.kv_plan import KVCachePlan
+    from rtpllm.loader.random_checkpoint import write_random_checkpoint
+    from rtpllm.models.config import ModelConfig
+    from rtpllm.models.k_smoothing import smoothing_vectors
+
+    model_dir = write_random_checkpoint(tmp_path / "qwen2", "qwen2", hidden_size=256, num_attention_heads=4, num_key_value_heads=2)
+    cfg = ModelConfig.from_dir(model_dir)
+    g = torch.Generator().manual_seed(0)
+    vectors = {i: smoothing_vectors(torch.rand(cfg.num_kv_heads, cfg.head_dim, generator=g) * 8 + 0.1, 1.0).tolist() for i in range(cfg.num_layers)}
+    for name, layers in (("plain", "auto"), ("int8", "int8")):
+        KVCachePlan((layers,) * cfg.num_layers, k_smooth=vectors).save(tmp_path / f"{name}.json")
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=2)
+    first, _ = _prompts(1)
+
+    def run(backend: str, **kv: object) -> list:
+        llm = LLM(str(model_dir), dtype="float32", device="cuda", attention_backend=backend, max_num_batched_tokens=64,
+                  block_size=16, max_model_len=1024, num_blocks=256, **kv)  # type: ignore[arg-type]
+        try:
+            return llm.generate(first, params)
+        finally:
+            llm.close()
+
+    _assert_same_greedy(run("triton", kv_cache_plan=str(tmp_path / "plain.json")), run("triton"), "float32")
+    quantized = str(tmp_path / "int8.json")
+    _assert_same_greedy(run("triton", kv_cache_plan=quantized), run("torch", kv_cache_plan=quantized), "float32")
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_engine_with_quantized_kv_triton_equals_torch_on_cpu(kernel_device: str, tmp_path: Path, fmt: str) -> None:
     """The same on the CPU interpreter (fp32, exact): the engine with the Triton backend
