@@ -20,7 +20,7 @@ from rtpllm.kernels.kv_cache import store_kv_ref
 from rtpllm.kernels.kv_quant import dequantize_ref, quantize_ref
 from rtpllm.kvcache.block_hash import namespace_key
 from rtpllm.kvcache.kv_format import KVCacheSpec, quantized_views
-from rtpllm.kvcache.kv_plan import KVCachePlan, cache_spec
+from rtpllm.kvcache.kv_plan import KVCachePlan, cache_spec, load_plan
 from rtpllm.kvcache.kv_pool import KVPool, bytes_per_block
 from rtpllm.kvstore.block_codec import decode_into, encode_blocks
 from rtpllm.models.config import ModelConfig
@@ -130,20 +130,23 @@ def test_mixed_plan_pool_has_per_layer_formats() -> None:
 
 
 def test_spec_from_options_and_plan_file(tmp_path: Path) -> None:
-    assert cache_spec(CacheConfig(), 4, torch.bfloat16).formats == ("bfloat16",) * 4
-    spec = cache_spec(CacheConfig(kv_cache_dtype="int8", kv_cache_dtype_skip_layers=(0, 3)), 4, torch.bfloat16)
+    def spec_of(cache: CacheConfig, num_layers: int) -> KVCacheSpec:
+        return cache_spec(cache, num_layers, torch.bfloat16, load_plan(cache))
+
+    assert spec_of(CacheConfig(), 4).formats == ("bfloat16",) * 4
+    spec = spec_of(CacheConfig(kv_cache_dtype="int8", kv_cache_dtype_skip_layers=(0, 3)), 4)
     assert spec.formats == ("bfloat16", "int8", "int8", "bfloat16")
     plan = KVCachePlan(("fp8", "fp8", "auto", "int8"), model="m", threshold=0.01, errors={"fp8": [0.1] * 4})
     plan.save(tmp_path / "plan.json")
     assert KVCachePlan.load(tmp_path / "plan.json") == plan
-    spec = cache_spec(CacheConfig(kv_cache_plan=str(tmp_path / "plan.json"), kv_cache_dtype_skip_layers=(0,)), 4, torch.bfloat16)
+    spec = spec_of(CacheConfig(kv_cache_plan=str(tmp_path / "plan.json"), kv_cache_dtype_skip_layers=(0,)), 4)
     assert spec.formats == ("bfloat16", "fp8", "bfloat16", "int8")
     with pytest.raises(ValueError, match="plan has 4 layers, the model 5"):
-        cache_spec(CacheConfig(kv_cache_plan=str(tmp_path / "plan.json")), 5, torch.bfloat16)
+        spec_of(CacheConfig(kv_cache_plan=str(tmp_path / "plan.json")), 5)
     with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
         CacheConfig(kv_cache_dtype="fp4")
     with pytest.raises(ValueError, match="layer 9 is not in"):
-        cache_spec(CacheConfig(kv_cache_dtype="fp8", kv_cache_dtype_skip_layers=(9,)), 4, torch.bfloat16)
+        spec_of(CacheConfig(kv_cache_dtype="fp8", kv_cache_dtype_skip_layers=(9,)), 4)
 
 
 def test_namespace_names_the_format() -> None:

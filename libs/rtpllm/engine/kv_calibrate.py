@@ -98,21 +98,23 @@ class MeasuringBackend(AttentionBackend):
 
     Layers call the backend in order, once per model forward: call c is layer
     c % num_layers (the engine runs nothing else through it). Every call also records
-    each layer's largest |k| per KV head and channel (what K smoothing is made from).
-    `smoothed`: int8 candidates with K smoothing, name -> per layer [Hkv, D] vectors."""
+    each layer's largest |k| per KV head and channel (what K smoothing is made from)."""
 
     name = BACKEND_NAME
 
-    def __init__(
-        self,
-        num_layers: int,
-        formats: Sequence[str] = QUANT_FORMATS,
-        smoothed: dict[str, list[torch.Tensor]] | None = None,
-    ) -> None:
+    def __init__(self, num_layers: int, formats: Sequence[str] = QUANT_FORMATS) -> None:
         self.inner = TorchReferenceBackend()
-        self.smoothed = smoothed or {}
-        self.errors = LayerErrors(num_layers, (*formats, *self.smoothed))
+        self.formats = tuple(formats)
+        # int8 candidates with K smoothing: name -> per layer [Hkv, D] vectors.
+        self.smoothed: dict[str, list[torch.Tensor]] = {}
+        self.errors = LayerErrors(num_layers, self.formats)
         self.k_amax: list[torch.Tensor | None] = [None] * num_layers
+        self.calls = 0
+
+    def measure_smoothed(self, smoothed: dict[str, list[torch.Tensor]]) -> None:
+        """Start the measurement afresh, with these K-smoothing candidates besides the formats."""
+        self.smoothed = smoothed
+        self.errors = LayerErrors(self.errors.num_layers, (*self.formats, *smoothed))
         self.calls = 0
 
     def forward(
@@ -219,12 +221,9 @@ def measure(
         if smooth:
             llm.generate(ids, greedy)  # K's channel ranges first
             amax = [a if a is not None else torch.ones(cfg.num_kv_heads, cfg.head_dim) for a in backend.k_amax]
-            smoothed = {
-                f"int8~{a:g}": [smoothing_vectors(m, a, shared=cfg.qk_norm) for m in amax] for a in smooth_alphas
-            }
-            backend.smoothed = smoothed
-            backend.errors = LayerErrors(cfg.num_layers, (*formats, *smoothed))
-            backend.calls = 0
+            backend.measure_smoothed(
+                {f"int8~{a:g}": [smoothing_vectors(m, a, shared=cfg.qk_norm) for m in amax] for a in smooth_alphas}
+            )
         llm.generate(ids, greedy)
         identity = llm.engine.weights_identity
     finally:

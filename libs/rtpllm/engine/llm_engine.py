@@ -152,8 +152,8 @@ class LLMEngine:
         self.load_seconds = time.perf_counter() - t0
 
         # Per-layer KV formats (docs/kv_quantization.md); the pool is sized in their bytes.
-        self.kv_spec = cache_spec(config.cache, self.model_config.num_layers, self.dtype)
         plan = load_plan(config.cache)
+        self.kv_spec = cache_spec(config.cache, self.model_config.num_layers, self.dtype, plan)
         if plan is not None and plan.k_smooth:
             # The plan's K smoothing goes into the q/k weights (exact; no per-step cost).
             folded = fold_k_smoothing(self.model, plan.smoothing_vectors())

@@ -68,8 +68,8 @@ class ShardWorker:
                 optional=model.optional_checkpoint_names(),
                 ignore=model.ignores_checkpoint_tensor,
             )
-        spec = cache_spec(config.cache, model_config.num_layers, dtype)  # as rank 0's
         plan = load_plan(config.cache)
+        spec = cache_spec(config.cache, model_config.num_layers, dtype, plan)  # as rank 0's
         if plan is not None and plan.k_smooth:
             fold_k_smoothing(model, plan.smoothing_vectors())  # as rank 0, for this rank's heads
         per_block = bytes_per_block(model_config, config.cache.block_size, dtype, group.size, spec)

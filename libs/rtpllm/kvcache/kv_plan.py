@@ -111,9 +111,10 @@ def load_plan(cache: CacheConfig) -> KVCachePlan | None:
     return KVCachePlan.load(cache.kv_cache_plan) if cache.kv_cache_plan else None
 
 
-def cache_spec(cache: CacheConfig, num_layers: int, model_dtype: torch.dtype) -> KVCacheSpec:
-    """The engine's per-layer KV formats from its cache options (plan file included)."""
-    plan = load_plan(cache)
+def cache_spec(cache: CacheConfig, num_layers: int, model_dtype: torch.dtype, plan: KVCachePlan | None) -> KVCacheSpec:
+    """The engine's per-layer KV formats from its cache options and `plan`, the plan
+    file they name (`load_plan`; loaded once by the caller, which also folds its K
+    smoothing into the model)."""
     layers: Sequence[str] | None = plan.layers if plan is not None else None
     k_smooth_id = plan.k_smooth_id() if plan is not None else ""
     return KVCacheSpec.resolve(

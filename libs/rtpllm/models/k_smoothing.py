@@ -24,7 +24,7 @@ vectors (rtpllm.kvcache.kv_plan).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import torch
@@ -93,13 +93,12 @@ def fold_into_attention(
         bias.copy_((bias.float() * rows.to(bias.device)).to(bias.dtype))
 
 
-def fold_k_smoothing(model: DecoderLM, vectors: Mapping[int, torch.Tensor] | Sequence[torch.Tensor | None]) -> list[int]:
+def fold_k_smoothing(model: DecoderLM, vectors: Mapping[int, torch.Tensor]) -> list[int]:
     """Fold each layer's vectors (layer -> [Hkv, D]) into `model`; returns the layers
     folded. Validates every vector against the model first, so a bad plan changes nothing."""
     cfg = model.config
     layout = model.layout
-    items = vectors.items() if isinstance(vectors, Mapping) else enumerate(vectors)
-    todo = {int(i): v for i, v in items if v is not None}
+    todo = dict(vectors)
     for i, v in todo.items():
         if not 0 <= i < cfg.num_layers:
             raise ValueError(f"K smoothing for layer {i}: the model has layers 0..{cfg.num_layers - 1}")

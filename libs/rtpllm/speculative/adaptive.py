@@ -364,7 +364,6 @@ class SpeculationPolicy:
         # The expected tokens per second of the last `allot`'s drafts on estimates over the
         # no-draft rate (1.0: it drafted nothing on estimates).
         self.expected_gain = 1.0
-        self._best_rate = 0.0  # `_prefix`'s chosen rate
 
     def allot(
         self,
@@ -403,7 +402,7 @@ class SpeculationPolicy:
             return counts
         hopeful = [c.hopeful for c in candidates]
         if not self.cost.num_buckets:  # no verify step measured yet: take everything, and measure it
-            return self._prefix(hopeful, counts, base_tokens, base_emitted, None, max_extra, None)
+            return self._prefix(hopeful, counts, base_tokens, base_emitted, None, max_extra, None)[0]
         # Drafting nothing returns the batch to pipelined steps: the alternative the
         # drafts must beat. (A synchronous step of the same size costs more: the host
         # work the pipeline hides; at batch 64 on an H100 about 1.5x.)
@@ -415,11 +414,11 @@ class SpeculationPolicy:
             # measures one.
             return counts
         base_time /= 1 + margin  # the riders' pass below starts from `own`'s step when it drafts
-        own = self._prefix([c.values for c in candidates], counts, base_tokens, base_emitted, base_time, max_extra, proposer_cost)
+        own, rate = self._prefix([c.values for c in candidates], counts, base_tokens, base_emitted, base_time, max_extra, proposer_cost)
         self.on_estimates = any(own)
         if self.on_estimates:
-            self.expected_gain = self._best_rate * base_time / max(base_emitted, 1)
-        return self._prefix(hopeful, own, base_tokens, base_emitted, base_time, max_extra, proposer_cost)
+            self.expected_gain = rate * base_time / max(base_emitted, 1)
+        return self._prefix(hopeful, own, base_tokens, base_emitted, base_time, max_extra, proposer_cost)[0]
 
     def _prefix(
         self,
@@ -430,10 +429,11 @@ class SpeculationPolicy:
         base_time: float | None,
         max_extra: int,
         proposer_cost: PassCost | None,
-    ) -> list[int]:
+    ) -> tuple[list[int], float]:
         """`start` plus the drafts, best value first, whose count maximizes the step's
         expected tokens per second (`values[i]`: request i's drafts' values), where that
-        beats `start` itself; with `base_time` None, every draft worth proposing."""
+        beats `start` itself; with `base_time` None, every draft worth proposing. Also
+        the expected tokens per second chosen (0.0 with `base_time` None: not priced)."""
         counts = list(start)
         drafted = sum(start)
         budget = max_extra - drafted
@@ -445,7 +445,7 @@ class SpeculationPolicy:
         if base_time is None:
             for _, i in order:
                 counts[i] += 1
-            return counts
+            return counts, 0.0
         cost = proposer_cost.fork() if proposer_cost is not None else None
         passes = 0.0
         if cost is not None:
@@ -473,8 +473,7 @@ class SpeculationPolicy:
                 best_rate, best_n = rate, n
         for _, i in order[:best_n]:
             counts[i] += 1
-        self._best_rate = best_rate
-        return counts
+        return counts, best_rate
 
     def explore(
         self, candidates: list[Candidate], base_tokens: int, base_emitted: int, max_extra: int, fresh_since: int

@@ -184,20 +184,13 @@ class Speculator:
         rooms = self._rooms(decodes, in_flight=True)
         if not rooms:
             return False
-        floor = pooling_weight([ema for _, _, ema in rooms])
         cands = []
-        for _, room, ema in rooms:
-            rate = ema.rate_given(self._recent.rate_without(ema), floor)
-            idle = ema.steps_idle + elapsed > self.probe_every and rate < RETRY_RATE
+        for _, room, rate, retrying in self._rates(rooms, unseen_steps=elapsed):
             conf = (1.0,) * room
-            cands.append(Candidate(draft_values(rate, conf), draft_values(RETRY_RATE, conf) if idle else None))
-        base, budget = len(decodes), len(decodes) * self.config.max_k
-        margin = self.start_margin if self._steps_without > 0 else 0.0
-        if any(self.policy.allot(cands, base, base, budget, None, margin)):
-            return True
-        if self._steps_without == 0 or self.policy.measuring_plain:  # as `_allot`: only a re-plan explores
-            return False
-        return any(self.policy.explore(cands, base, base, budget, self._steps - self.explore_stale_steps))
+            cands.append(Candidate(draft_values(rate, conf), draft_values(RETRY_RATE, conf) if retrying else None))
+        base = len(decodes)
+        counts, _ = self._choose(cands, base, base, base * self.config.max_k, None)
+        return any(counts)
 
     # -- planning ----------------------------------------------------------------------
 
@@ -212,11 +205,8 @@ class Speculator:
         rooms = self._rooms(decodes)
         for _, _, ema in rooms:
             ema.steps_idle += elapsed
-        # How alike the batch's requests are sets how much each leans on the others.
-        floor = pooling_weight([ema for _, _, ema in rooms])
-        for req, room, ema in rooms:
-            rate = ema.rate_given(self._recent.rate_without(ema), floor)
-            if ema.steps_idle > self.probe_every and rate < RETRY_RATE:
+        for req, room, rate, retrying in self._rates(rooms):
+            if retrying:
                 self._retrying.add(req.request_id)
             ready.append((req, room, rate))
         cost = self.proposer.cost([req for req, _, _ in ready]) if ready else None
@@ -257,6 +247,20 @@ class Speculator:
             if room > 0:
                 rooms.append((req, room, self._ema.setdefault(req.request_id, AcceptanceEMA())))
         return rooms
+
+    def _rates(
+        self, rooms: list[tuple[Request, int, AcceptanceEMA]], unseen_steps: int = 0
+    ) -> list[tuple[Request, int, float, bool]]:
+        """(request, room, acceptance estimate, whether it is idle long enough to try
+        again) for `_rooms`' requests. How alike the batch's requests are sets how much
+        each leans on the others. `unseen_steps`: steps not yet counted in the requests'
+        idle time (a plan counts them first)."""
+        floor = pooling_weight([ema for _, _, ema in rooms])
+        rated = []
+        for req, room, ema in rooms:
+            rate = ema.rate_given(self._recent.rate_without(ema), floor)
+            rated.append((req, room, rate, ema.steps_idle + unseen_steps > self.probe_every and rate < RETRY_RATE))
+        return rated
 
     def _candidate(self, req: Request, rate: float, confidence: tuple[float, ...]) -> Candidate:
         retry = draft_values(RETRY_RATE, confidence) if req.request_id in self._retrying else None
@@ -323,19 +327,33 @@ class Speculator:
     ) -> list[int]:
         if not cands:
             return []
-        margin = self.start_margin if self._steps_without > 0 else 0.0
-        counts = self.policy.allot(cands, base_tokens, base_emitted, max_extra, cost, margin)
-        self._last_gain = self.policy.expected_gain
         first, self._planned = not self._planned, True
-        if not any(counts) and (self._steps_without > 0 or first) and not self.policy.measuring_plain:
-            # A periodic re-plan (every probe_every steps or more, once a plan chose
-            # nothing), or the first plan of all, may explore a size whose cost is
-            # unmeasured, unsettled or stale (SpeculationPolicy.explore).
-            counts = self.policy.explore(cands, base_tokens, base_emitted, max_extra, self._steps - self.explore_stale_steps)
+        counts, explored = self._choose(cands, base_tokens, base_emitted, max_extra, cost, first)
+        self._last_gain = self.policy.expected_gain
+        if explored:
             self.explorations += any(counts)
             if not any(counts):  # drafting spells are judged when they end (`_end_spell`)
                 self._backoff = min(self._backoff + 1, MAX_BACKOFF)
         return [min(n, length) for n, length in zip(counts, lengths, strict=True)]
+
+    def _choose(
+        self,
+        cands: list[Candidate],
+        base_tokens: int,
+        base_emitted: int,
+        max_extra: int,
+        cost: PassCost | None,
+        first: bool = False,
+    ) -> tuple[list[int], bool]:
+        """The policy's drafts and whether they come from an exploration: the
+        allotment; where it drafts nothing, a periodic re-plan (every probe_every steps
+        or more, once a plan chose nothing), or the `first` plan of all, may explore a
+        size whose cost is unmeasured, unsettled or stale (SpeculationPolicy.explore)."""
+        margin = self.start_margin if self._steps_without > 0 else 0.0
+        counts = self.policy.allot(cands, base_tokens, base_emitted, max_extra, cost, margin)
+        if any(counts) or not (self._steps_without > 0 or first) or self.policy.measuring_plain:
+            return counts, False
+        return self.policy.explore(cands, base_tokens, base_emitted, max_extra, self._steps - self.explore_stale_steps), True
 
     def draft_probs(self, request_id: str, num_drafts: int) -> torch.Tensor | None:
         """The proposal distribution of a request's first `num_drafts` drafts in this
