@@ -13,32 +13,21 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rtpllm import LLM, SamplingParams
-from rtpllm.engine.scheduler import SchedulerOutput
 from rtpllm.kvcache.kv_plan import KVCachePlan
 from rtpllm.loader.random_checkpoint import write_random_checkpoint
 from rtpllm.models.config import ModelConfig
 from rtpllm.models.k_smoothing import smoothing_vectors
 from tests.conftest import FAMILIES
+from tests.unit.test_tensor_parallel import Pair, Recorder
 
 ENGINE = {"device": "cpu", "num_blocks": 32, "enable_prefix_caching": False}
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 
 
-class Logits:
-    """Every step's logits, in step order."""
-
-    def __init__(self, llm: LLM) -> None:
-        self.steps: list[torch.Tensor] = []
-        llm.engine.runner.logits_observer = self
-
-    def __call__(self, step: SchedulerOutput, logits: torch.Tensor) -> None:
-        self.steps.append(logits.clone())
-
-
 def run(model: Path, prompts: list[list[int]], **engine: object) -> tuple[list[list[int]], list[torch.Tensor], LLM]:
     """Greedy tokens, every step's logits, and the (closed) engine."""
     llm = LLM(str(model), **{**ENGINE, **engine})  # type: ignore[arg-type]
-    rec = Logits(llm)
+    rec = Recorder(llm)
     try:
         tokens = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)]
     finally:
@@ -183,8 +172,6 @@ def test_k_smoothing_folds_into_each_ranks_own_heads(tiny_checkpoints: dict[str,
     share of the q/k rows: TP=2 computes what TP=1 does with the same plan. On int8
     KV, since any vector keeps plain attention exact: the stored keys are k / s, so a
     rank folding another head's vector quantizes other values."""
-    from tests.unit.test_tensor_parallel import Pair
-
     model = tiny_checkpoints["qwen2"]
     cfg = ModelConfig.from_dir(model)
     g = torch.Generator().manual_seed(3)
