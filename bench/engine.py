@@ -217,6 +217,51 @@ def profile_decode(path: Path, device: str, out_dir: Path, steps: int = 10) -> s
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
 
 
+def profile_batch_decode(path: Path, device: str, out_dir: Path, batch: int = 256, steps: int = 10, seed: int = 0) -> tuple[str, dict[str, Any]]:
+    """Per-kernel GPU time of pure-decode steps at the offline workload's batch: `batch`
+    requests of 100..1024-token prompts (seeded), profiled once all are decoding. Also
+    what says whether the step is the GPU's or the host's: the steps' wall time against
+    the GPU time of their kernels (a step whose kernels take less than its wall time
+    left the GPU idle: host work on the critical path)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    llm = make_llm(path, device, max_model_len=1024 + 64 + steps, max_num_seqs=batch, max_num_batched_tokens=8192)
+    try:
+        eng = llm.engine
+        vocab = eng.model_config.vocab_size
+        rng = random.Random(seed)
+        params = SamplingParams(temperature=0, max_tokens=steps + 48, ignore_eos=True)
+        for i in range(batch):
+            eng.add_request(f"p{i}", [rng.randrange(vocab) for _ in range(rng.randint(100, 1024))], params)
+        while eng.scheduler.waiting or any(r.in_prefill for r in eng.scheduler.running):
+            eng.step()
+        for _ in range(8):
+            eng.step()
+        sync()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            start = time.perf_counter()
+            for _ in range(steps):
+                eng.step()
+            sync()
+        wall_ms = (time.perf_counter() - start) * 1e3 / steps
+        # Unprofiled, for the step time without the profiler's own host cost.
+        sync()
+        start = time.perf_counter()
+        for _ in range(steps):
+            eng.step()
+        sync()
+        plain_ms = (time.perf_counter() - start) * 1e3 / steps
+        while eng.has_unfinished_requests():
+            eng.step()
+    finally:
+        llm.close()
+    prof.export_chrome_trace(str(out_dir / "batch_decode_trace.json"))
+    events = prof.key_averages()
+    gpu_us = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)) for e in events)
+    summary = {"batch": batch, "steps": steps, "step_ms": plain_ms, "profiled_step_ms": wall_ms, "gpu_kernel_ms_per_step": gpu_us / 1e3 / steps}
+    return events.table(sort_by="cuda_time_total", row_limit=40), summary
+
+
 def profile_prefill(path: Path, device: str, out_dir: Path, prompt_len: int = 4096) -> str:
     """Per-kernel GPU time of one uncached prompt's prefill (torch.profiler), as a table."""
     from torch.profiler import ProfilerActivity, profile
@@ -412,7 +457,7 @@ def hf_generate_batch(path: Path, device: str, num_requests: int, output_len: in
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["latency", "throughput", "prefill", "step", "all", "profile", "profile-prefill"])
+    ap.add_argument("what", choices=["latency", "throughput", "prefill", "step", "all", "profile", "profile-prefill", "profile-batch"])
     ap.add_argument("--shape", default=None, help="override the model shape (llama8b, qwen06b, tiny)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--hf", action="store_true", help="also run the HF transformers baselines")
@@ -475,6 +520,12 @@ def main(argv: list[str] | None = None) -> int:
         table = profile_prefill(model_dir(big, root), args.device, out_dir, prompt_len=256 if args.smoke else args.prefill_lens[0])
         (out_dir / "prefill_profile.txt").write_text(table)
         print(table)
+    elif args.what == "profile-batch":
+        out_dir = Path(args.profile or ".")
+        table, summary = profile_batch_decode(model_dir(small, root), args.device, out_dir, batch=8 if args.smoke else 256, steps=3 if args.smoke else 10)
+        (out_dir / "batch_decode_profile.txt").write_text(table)
+        print(table)
+        record(f"profile-batch[{small}]", summary, f"{summary['step_ms']:.2f} ms a step, kernels {summary['gpu_kernel_ms_per_step']:.2f} ms")
     elif args.what == "profile" or args.profile:
         args.profile = args.profile or "."
         table = profile_decode(model_dir(big, root), args.device, Path(args.profile))

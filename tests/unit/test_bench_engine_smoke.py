@@ -32,3 +32,17 @@ def test_throughput_timeline_adds_up(tmp_path: Path) -> None:
     # The timed run's steps, from the first launch to the last: within its wall time.
     assert 0.5 * run["seconds"] < decode["seconds"] + prefill["seconds"] <= run["seconds"]
     assert run["output_tokens"] == run["requests"] * 16
+
+
+@pytest.mark.timeout(180)
+def test_batch_decode_profile_runs(tmp_path: Path) -> None:
+    """bench/engine.py profile-batch: the per-kernel table and the step summary are
+    written (on the CPU the kernels' GPU time is 0: the summary still says so)."""
+    out = tmp_path / "profile.json"
+    argv = [sys.executable, "bench/engine.py", "profile-batch", "--smoke", "--device", "cpu", "--profile", str(tmp_path), "--out", str(out)]
+    proc = subprocess.run(argv, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=170)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    summary = json.loads(out.read_text())["profile-batch[tiny]"]
+    assert summary["batch"] == 8 and summary["steps"] == 3
+    assert 0 < summary["step_ms"] and summary["gpu_kernel_ms_per_step"] == 0.0
+    assert "aten::" in (tmp_path / "batch_decode_profile.txt").read_text()
