@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: carried wheels, GPU tests and benchmarks by phase,
 # full logs under $OUT, a short summary last. Usage: bash bench/gpu_session.sh PHASE...
-# Phases: env kvqtest (quantized-KV kernel tests) kernels model gptfast prefill (PREFILL_LENS) attnlong hfbatch (HF_BATCH) spec (SPEC_ACC SPEC_BATCH SPEC_SHAPE SPEC_TOKENS SPEC_MAX_LEN SPEC_ARGS SPEC_TAG: output name suffix) specab (the verify kernel against row-by-row verify attention; SPEC_ARGS) verifyattn spectest quantsweep kvqitl (KVQ_BATCH KVQ_CTX KVQ_CFG KVQ_ARGS) profprefill profbatch (PB_SHAPE: the offline workload's batch-256 decode step, per kernel) kvqspeed (KVQ_CTX KVQ_ARGS: e.g. --itl-only --formats fp8; KVQ_TAG KVQ_LIMIT) quantchunk kvqchunk (KVQ_CTX KVQ_CHUNK) kvqprof (KVQ_BATCH KVQ_CTX) tpdry (one GPU) tp8b tp70b (two GPUs)
+# Phases: env kvqtest (quantized-KV kernel tests) ropetest (the RoPE kernel, K shift included) kernels model gptfast prefill (PREFILL_LENS) attnlong hfbatch (HF_BATCH) spec (SPEC_ACC SPEC_BATCH SPEC_SHAPE SPEC_TOKENS SPEC_MAX_LEN SPEC_ARGS SPEC_TAG: output name suffix) specab (the verify kernel against row-by-row verify attention; SPEC_ARGS) verifyattn spectest quantsweep kvqitl (KVQ_BATCH KVQ_CTX KVQ_CFG KVQ_ARGS) profprefill profbatch (PB_SHAPE: the offline workload's batch-256 decode step, per kernel) kvqspeed (KVQ_CTX KVQ_ARGS: e.g. --itl-only --formats fp8; KVQ_TAG KVQ_LIMIT) quantchunk kvqchunk (KVQ_CTX KVQ_CHUNK) kvqprof (KVQ_BATCH KVQ_CTX) tpdry (one GPU) tp8b tp70b (two GPUs)
 #          pwtest mixed (MIXED_SHAPE MIXED_ARGS) throughput-mixed (mixed-step graphs, issue 23) shortdecode
 #          structtest structured servingtax servingtax-cpu (ST_ARGS=...) multimodal (MM_ARGS=... MM_LIMIT=s) latency latency-ab engine attention ops load (SWEEP=T:E:D,... COLD_SWEEP=... METHODS=...) serveready loadsweep pinned zerocopy kvtiers routing loadtest
 #         gemvtest xfertest kvxfer pd (kvxfer and pd want two GPUs: nvidia-h100-x2)
@@ -96,6 +96,7 @@ for phase in "$@"; do
               --max-model-len ${SPEC_MAX_LEN:-1024} ${SPEC_ARGS:-} --out "$OUT/speculative_ab_a${SPEC_ACC:-0.7}.json" ;;
     kvqtest) run kvqtest 240 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_kv_quant_kernels.py tests/gpu/test_verify_attention.py \
                -k "random or edges or quantized_cache or backend or prefill_and_chunks" ;;
+    ropetest) run ropetest 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_kernels.py -k test_rope ;;
     spectest) run spectest 300 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_speculative_cuda.py tests/gpu/test_verify_attention.py \
                 tests/gpu/test_kernels.py tests/gpu/test_kv_quant_kernels.py -k "speculative or greedy or backend or verify" ;;
     pwtest) run pwtest 300 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_piecewise_cuda.py ;;

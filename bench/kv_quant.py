@@ -111,12 +111,15 @@ def bench_accuracy(model: str, num_texts: int, max_tokens: int, num_calib: int) 
     errors, calib_tokens = found.errors, found.tokens
     # The plan's unquantized layers as a bf16 deployment would keep them ("auto" would be
     # fp32 in this fp32 CPU run); the best quantized format per layer, no layer kept: the
-    # plan at exactly uniform fp8's bytes; and uniform int8 with the calibrated K smoothing.
+    # plan at exactly uniform fp8's bytes; uniform fp8 with the calibrated K centering;
+    # and uniform int8 with the calibrated K centering and smoothing. (Plain "fp8" and
+    # "int8" below are the uncalibrated formats: no key transforms.)
     chosen, threshold = choose_plan(errors)
     plans = {
         "plan": ["bf16" if f == "auto" else f for f in chosen],
         "plan_same_bytes": choose_plan(errors, max_skip_fraction=0.0)[0],
-        "int8_smoothed": ["int8"] * len(chosen),
+        "fp8_centered": ["fp8"] * len(chosen),
+        "int8_centered_smoothed": ["int8"] * len(chosen),
     }
     runs: dict[str, dict[str, Any]] = {"fp32": score(model, ids)}
     for fmt in FORMATS:
@@ -147,7 +150,7 @@ def bench_accuracy(model: str, num_texts: int, max_tokens: int, num_calib: int) 
         "plan_threshold": threshold,
         "plan_bytes_vs_bf16": plan_spec.bytes_per_block(16, cfg.num_kv_heads, cfg.head_dim) / bf16_block,
         "per_layer_attention_error": errors,
-        "int8_smoothing_candidates": found.candidates,
+        "calibration_candidates": found.candidates,
         "k_smooth_alpha": found.k_smooth_alpha,
         "formats": {},
         "seconds": 0.0,

@@ -174,9 +174,11 @@ def _cases() -> Iterator[Case]:
         "HALF": 64,
         "BLOCK_HALF": 64,
         "HAS_NORM": True,
+        "HAS_SHIFT": False,
     }
-    ptrs = {"Q": bf, "K": bf, "Positions": "i64", "Cos": bf, "Sin": bf, "Qw": bf, "Kw": bf}
+    ptrs = {"Q": bf, "K": bf, "Positions": "i64", "Cos": bf, "Sin": bf, "Qw": bf, "Kw": bf, "KShift": bf}
     yield "rope+qk_norm", rope._rope_kernel, consts, ptrs, 4, 1
+    yield "rope+k_shift", rope._rope_kernel, {**consts, "HAS_NORM": False, "HAS_SHIFT": True}, ptrs, 4, 1
     yield (
         "silu_and_mul",
         activation._silu_and_mul_kernel,

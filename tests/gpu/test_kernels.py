@@ -481,9 +481,18 @@ def test_rms_norm(kernel_device: str, dtype: torch.dtype, hidden: int, rows: int
     ("num_heads", "num_kv_heads", "head_dim"), [(32, 8, 128), (16, 8, 128), (4, 2, 16), (6, 2, 64)]
 )
 @pytest.mark.parametrize("qk_norm", [False, True])
+@pytest.mark.parametrize("k_shift", [False, True])
 def test_rope(
-    kernel_device: str, dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int, qk_norm: bool
+    kernel_device: str,
+    dtype: torch.dtype,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    qk_norm: bool,
+    k_shift: bool,
 ) -> None:
+    """In place, like the reference's rounding; with a K shift (K centering) subtracted
+    from the rotated keys only."""
     tokens, max_pos = (257 if ON_GPU else 5), 4096
     gen = torch.Generator().manual_seed(num_heads + head_dim)
     qkv = (
@@ -501,10 +510,12 @@ def test_rope(
     positions = torch.randint(0, max_pos, (tokens,), generator=gen).to(kernel_device)
     qw = torch.randn(head_dim, generator=gen).to(dtype).to(kernel_device) if qk_norm else None
     kw = torch.randn(head_dim, generator=gen).to(dtype).to(kernel_device) if qk_norm else None
+    shift = (torch.randn(num_kv_heads, head_dim, generator=gen) * 3).to(dtype).to(kernel_device) if k_shift else None
     f32 = [t.float() if t is not None else None for t in (qw, kw)]
-    exact_q, exact_k = apply_rope_ref(positions, q.float(), k.float(), cos.float(), sin.float(), *f32, 1e-6)
-    ref_q, ref_k = apply_rope_ref(positions, q, k, cos, sin, qw, kw, 1e-6)
-    out_q, out_k = apply_rope_triton(positions, q, k, cos, sin, qw, kw, 1e-6)
+    exact_shift = shift.float() if shift is not None else None
+    exact_q, exact_k = apply_rope_ref(positions, q.float(), k.float(), cos.float(), sin.float(), *f32, 1e-6, exact_shift)
+    ref_q, ref_k = apply_rope_ref(positions, q, k, cos, sin, qw, kw, 1e-6, shift)
+    out_q, out_k = apply_rope_triton(positions, q, k, cos, sin, qw, kw, 1e-6, shift)
     assert out_q.data_ptr() == q.data_ptr() and out_k.data_ptr() == k.data_ptr(), "not in place"
     assert_like_eager(out_q, ref_q, exact_q)
     assert_like_eager(out_k, ref_k, exact_k)

@@ -352,11 +352,12 @@ def test_model_with_quantized_kv_triton_matches_torch(cuda_device: str, tmp_path
         _assert_same_greedy(ours, ref, dtype, tie_gap)
 
 
-def test_k_smoothing_folds_on_the_gpu_and_its_quantized_cache_serves(cuda_device: str, tmp_path: Path) -> None:
-    """K smoothing (rtpllm.models.k_smoothing) on the GPU with the Triton backend: with
-    plain KV a plan's vectors leave greedy outputs as they were; with int8 KV and the
-    vectors, the Triton backend gives the torch backend's greedy tokens (both attend to
-    the same quantized k / s), near-ties excepted as in test_model_triton.py."""
+def test_key_transforms_on_the_gpu_and_their_quantized_cache_serves(cuda_device: str, tmp_path: Path) -> None:
+    """K smoothing and K centering (rtpllm.models.k_smoothing, k_centering: the shift in
+    the Triton RoPE kernel) on the GPU with the Triton backend: with plain KV a plan's
+    vectors leave greedy outputs as they were; with int8 KV and the vectors, the Triton
+    backend gives the torch backend's greedy tokens (both attend to the same quantized
+    (k - m) / s), near-ties excepted as in test_model_triton.py."""
     from test_model_triton import _assert_same_greedy, _prompts
 
     from rtpllm import LLM, SamplingParams
@@ -369,8 +370,9 @@ def test_k_smoothing_folds_on_the_gpu_and_its_quantized_cache_serves(cuda_device
     cfg = ModelConfig.from_dir(model_dir)
     g = torch.Generator().manual_seed(0)
     vectors = {i: smoothing_vectors(torch.rand(cfg.num_kv_heads, cfg.head_dim, generator=g) * 8 + 0.1, 1.0).tolist() for i in range(cfg.num_layers)}
+    shifts = {i: (torch.randn(cfg.num_kv_heads, cfg.head_dim, generator=g) * 4).tolist() for i in range(cfg.num_layers)}
     for name, layers in (("plain", "auto"), ("int8", "int8")):
-        KVCachePlan((layers,) * cfg.num_layers, k_smooth=vectors).save(tmp_path / f"{name}.json")
+        KVCachePlan((layers,) * cfg.num_layers, k_smooth=vectors, k_center=shifts).save(tmp_path / f"{name}.json")
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=2)
     first, _ = _prompts(1)
 

@@ -81,7 +81,7 @@ def test_folding_keeps_the_model_exact(tiny_checkpoints: dict[str, Path], family
     changed = a.k_norm.weight if cfg.qk_norm else a.qkv_proj.weight, b.k_norm.weight if cfg.qk_norm else b.qkv_proj.weight
     assert not torch.equal(*changed)
     # Stored keys are k / s: the block-key namespace says so.
-    assert llm.engine.kv_spec.namespace_format(torch.float32) == f"model;ksmooth={plan.k_smooth_id()}"
+    assert llm.engine.kv_spec.namespace_format(torch.float32) == f"model;ktransform={plan.k_transform_id()}"
     assert ref.engine.kv_spec.namespace_format(torch.float32) == "model"
 
 

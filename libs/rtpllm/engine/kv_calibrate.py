@@ -12,11 +12,15 @@ relative L2 error of its attention output, sqrt(sum ||o_fmt - o||^2 / sum ||o||^
 every layer fed the unquantized model's activations, so errors do not compound and each
 layer is judged on its own.
 
-K smoothing (rtpllm.models.k_smoothing): with int8 among the formats, the prompts run
-twice. The first run records each layer's largest |k| per KV head and channel; the
-second also measures int8 with keys stored as k / s for s made from those ranges under
-each of a few alphas, and a layer's int8 error is its best (alpha 0, no smoothing,
-included). The plan file carries the chosen vectors of its int8 layers.
+Key transforms: the prompts run twice. The first run records each layer's mean rotated
+key and every channel's range per KV head. The second measures the formats on centered
+keys, k - m with m that mean (K centering, rtpllm.models.k_centering: exact, and on
+Qwen2.5-Coder-1.5B it takes fp8's perplexity change from +8% to +0.3%), and int8 also
+with keys stored as (k - m) / s, for s made from the centered ranges under each of a
+few alphas (K smoothing, rtpllm.models.k_smoothing); a layer's int8 error is its best
+(alpha 0, no smoothing, included). The uncentered formats are measured beside them
+(`Measurement.candidates`, informative). The plan file carries the shifts of its
+quantized layers and the smoothing of its int8 layers.
 
 The plan: each layer takes the format of lowest error (fp8 and int8 cost the same
 bytes); a layer whose lowest error exceeds the threshold stays in the model's dtype
@@ -93,29 +97,82 @@ class LayerErrors:
         }
 
 
+@dataclass
+class KeyStats:
+    """One layer's rotated keys so far, per KV head and channel: their sum (for the
+    mean), count, largest and smallest."""
+
+    total: torch.Tensor
+    count: int
+    high: torch.Tensor
+    low: torch.Tensor
+
+    @classmethod
+    def of(cls, k: torch.Tensor) -> KeyStats:
+        k = k.double()
+        return cls(k.sum(0), k.shape[0], k.amax(0), k.amin(0))
+
+    def add(self, k: torch.Tensor) -> None:
+        k = k.double()
+        self.total += k.sum(0)
+        self.count += k.shape[0]
+        self.high = torch.maximum(self.high, k.amax(0))
+        self.low = torch.minimum(self.low, k.amin(0))
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return (self.total / self.count).float()
+
+    def amax(self, center: torch.Tensor | None) -> torch.Tensor:
+        """The largest |k - center| per KV head and channel (|k| without a center)."""
+        c = center.double() if center is not None else torch.zeros_like(self.high)
+        return torch.maximum(self.high - c, c - self.low).float()
+
+
 class MeasuringBackend(AttentionBackend):
     """The torch reference backend that also measures what each KV format would change.
 
     Layers call the backend in order, once per model forward: call c is layer
     c % num_layers (the engine runs nothing else through it). Every call also records
-    each layer's largest |k| per KV head and channel (what K smoothing is made from)."""
+    each layer's key statistics (`KeyStats`: what the key transforms are made from)."""
 
     name = BACKEND_NAME
 
     def __init__(self, num_layers: int, formats: Sequence[str] = QUANT_FORMATS) -> None:
         self.inner = TorchReferenceBackend()
         self.formats = tuple(formats)
+        # Per layer [Hkv, D] shifts the formats are measured on (K centering); None: raw keys.
+        self.centers: list[torch.Tensor] | None = None
         # int8 candidates with K smoothing: name -> per layer [Hkv, D] vectors.
         self.smoothed: dict[str, list[torch.Tensor]] = {}
         self.errors = LayerErrors(num_layers, self.formats)
-        self.k_amax: list[torch.Tensor | None] = [None] * num_layers
+        self.key_stats: list[KeyStats | None] = [None] * num_layers
         self.calls = 0
 
-    def measure_smoothed(self, smoothed: dict[str, list[torch.Tensor]]) -> None:
-        """Start the measurement afresh, with these K-smoothing candidates besides the formats."""
+    def measure_transformed(self, centers: list[torch.Tensor] | None, smoothed: dict[str, list[torch.Tensor]]) -> None:
+        """Start the measurement afresh: the formats on keys centered by `centers` (None:
+        not centered), the uncentered formats beside them as "<format>~raw", and these
+        int8 K-smoothing candidates (centered too)."""
+        self.centers = centers
         self.smoothed = smoothed
-        self.errors = LayerErrors(self.errors.num_layers, (*self.formats, *smoothed))
+        raw = tuple(f"{f}~raw" for f in self.formats) if centers is not None else ()
+        self.errors = LayerErrors(self.errors.num_layers, (*self.formats, *raw, *smoothed))
         self.calls = 0
+
+    def _roundtrip_keys(self, k: torch.Tensor, name: str, layer: int) -> torch.Tensor:
+        """What attention would see of keys `k` stored under candidate `name`, shifted
+        back (softmax ignores the shift; the error is then comparable with the reference)."""
+        fmt, _, variant = name.partition("~")
+        center = None if variant == "raw" or self.centers is None else self.centers[layer].to(k.device)
+        vectors = self.smoothed.get(name)
+        x = k - center if center is not None else k
+        if vectors is None:
+            x = roundtrip_ref(x, fmt, torch.float32)
+        else:
+            # Stored (k - m) / s, attended with q * s: the same as the roundtrip times s with q.
+            s = vectors[layer].to(k.device)
+            x = roundtrip_ref(x / s, fmt, torch.float32) * s
+        return x + center if center is not None else x
 
     def forward(
         self,
@@ -135,30 +192,26 @@ class MeasuringBackend(AttentionBackend):
         layer = self.calls % self.errors.num_layers
         self.calls += 1
         out = self.inner.forward(q, k, v, k_cache, v_cache, meta, scale, sliding_window)
+        # The step's new keys, each counted once (a context is gathered again by every chunk).
+        stats = self.key_stats[layer]
+        if stats is None:
+            self.key_stats[layer] = KeyStats.of(k.float())
+        else:
+            stats.add(k.float())
         qsl = meta.query_start_loc_host
         for i, seq_len in enumerate(meta.seq_lens_host):
             start, end = qsl[i], qsl[i + 1]
             table = meta.block_tables[i]
             k_ctx = gather_context(k_cache, table, seq_len).float()
             v_ctx = gather_context(v_cache, table, seq_len).float()
-            amax = k_ctx.abs().amax(0)
-            seen = self.k_amax[layer]
-            self.k_amax[layer] = amax if seen is None else torch.maximum(seen, amax)
             ref = out[start:end].float()
             qf = q[start:end].float()
             self.errors.sq_ref[layer] += float(ref.square().sum())
-            for fmt in self.errors.formats:
-                vectors = self.smoothed.get(fmt)
-                if vectors is None:
-                    kq = roundtrip_ref(k_ctx, fmt, torch.float32)
-                    vq = roundtrip_ref(v_ctx, fmt, torch.float32)
-                else:
-                    # Stored k / s, attended with q * s: the same as (k / s)-roundtrip * s with q.
-                    s = vectors[layer].to(k_ctx.device)
-                    kq = roundtrip_ref(k_ctx / s, "int8", torch.float32) * s
-                    vq = roundtrip_ref(v_ctx, "int8", torch.float32)
+            for name in self.errors.formats:
+                kq = self._roundtrip_keys(k_ctx, name, layer)
+                vq = roundtrip_ref(v_ctx, name.partition("~")[0], torch.float32)
                 o = reference_attention(qf, kq, vq, scale, sliding_window)
-                self.errors.sq_err[fmt][layer] += float((o - ref).square().sum())
+                self.errors.sq_err[name][layer] += float((o - ref).square().sum())
             if layer == 0:
                 self.errors.tokens += end - start
         return out
@@ -167,26 +220,39 @@ class MeasuringBackend(AttentionBackend):
 @dataclass
 class Measurement:
     """What `measure` found: per format and layer the relative attention-output error
-    (int8's with the layer's best K smoothing), and the smoothing that achieved it."""
+    (on centered keys where `k_mean` is set; int8's with the layer's best K smoothing),
+    and the transforms that achieved it."""
 
     errors: dict[str, list[float]]
     tokens: int
     identity: str  # the model's weights identity
     k_smooth: dict[int, list[list[float]]] = field(default_factory=dict)
     k_smooth_alpha: dict[int, float] = field(default_factory=dict)
-    # Every int8 smoothing candidate's errors, "int8~0" the unsmoothed (informative).
+    # Per layer the mean rotated key of the unsmoothed model (the K centering shift).
+    k_mean: dict[int, list[list[float]]] = field(default_factory=dict)
+    # The other candidates' errors (informative): "int8~0" centered int8 unsmoothed,
+    # "int8~<alpha>" each smoothing, "<format>~raw" uncentered.
     candidates: dict[str, list[float]] = field(default_factory=dict)
 
     def plan(self, layers: Sequence[str], threshold: float | None) -> KVCachePlan:
-        """The plan file for `layers`: smoothing kept on its int8 layers only."""
-        keep = {i for i, f in enumerate(layers) if f == "int8"}
+        """The plan file for `layers`: smoothing kept on its int8 layers only, shifts on
+        its quantized layers (in the smoothed keys' units where the layer is smoothed)."""
+        smooth = {i: v for i, v in self.k_smooth.items() if layers[i] == "int8"}
+        center: dict[int, list[list[float]]] = {}
+        for i, m in self.k_mean.items():
+            if layers[i] in QUANT_FORMATS:
+                shift = torch.tensor(m)
+                if i in smooth:
+                    shift = shift / torch.tensor(smooth[i])
+                center[i] = shift.tolist()
         return KVCachePlan(
             tuple(layers),
             model=self.identity,
             threshold=threshold,
             errors=self.errors,
-            k_smooth={i: v for i, v in self.k_smooth.items() if i in keep},
-            k_smooth_alpha={i: a for i, a in self.k_smooth_alpha.items() if i in keep},
+            k_smooth=smooth,
+            k_smooth_alpha={i: a for i, a in self.k_smooth_alpha.items() if i in smooth},
+            k_center=center,
         )
 
 
@@ -198,10 +264,12 @@ def measure(
     formats: Sequence[str] = QUANT_FORMATS,
     max_prompt_tokens: int = 1024,
     smooth_alphas: Sequence[float] = CALIBRATION_ALPHAS,
+    center: bool = True,
 ) -> Measurement:
     """Per-format, per-layer relative attention-output errors over `prompts` (text or
-    token ids). With int8 among the formats and `smooth_alphas`, the prompts run twice:
-    once to find K's channel ranges, once to measure int8 under each smoothing too."""
+    token ids). With `center`, or int8 among the formats and `smooth_alphas`, the
+    prompts run twice: once for the keys' statistics, once to measure the formats on
+    centered keys and int8 under each smoothing too."""
     # Here: the engine layer is above this module's measuring backend.
     from rtpllm.llm import LLM
     from rtpllm.models.config import ModelConfig
@@ -218,12 +286,19 @@ def measure(
         ids = [p[:max_prompt_tokens] for p in ids if len(p) >= 2]
         greedy = SamplingParams(temperature=0, max_tokens=1)
         smooth = "int8" in formats and bool(smooth_alphas)
-        if smooth:
-            llm.generate(ids, greedy)  # K's channel ranges first
-            amax = [a if a is not None else torch.ones(cfg.num_kv_heads, cfg.head_dim) for a in backend.k_amax]
-            backend.measure_smoothed(
-                {f"int8~{a:g}": [smoothing_vectors(m, a, shared=cfg.qk_norm) for m in amax] for a in smooth_alphas}
-            )
+        centers: list[torch.Tensor] | None = None
+        if smooth or center:
+            llm.generate(ids, greedy)  # the keys' statistics first
+            stats = backend.key_stats
+            shape = (cfg.num_kv_heads, cfg.head_dim)
+            if center:
+                centers = [st.mean if st is not None else torch.zeros(shape) for st in stats]
+            ranges = [
+                st.amax(centers[i] if centers is not None else None) if st is not None else torch.ones(shape)
+                for i, st in enumerate(stats)
+            ]
+            candidates = {f"int8~{a:g}": [smoothing_vectors(r, a, shared=cfg.qk_norm) for r in ranges] for a in smooth_alphas} if smooth else {}
+            backend.measure_transformed(centers, candidates)
         llm.generate(ids, greedy)
         identity = llm.engine.weights_identity
     finally:
@@ -231,8 +306,11 @@ def measure(
     measured = backend.errors.relative()
     errors = {f: measured[f] for f in formats}
     result = Measurement(errors, backend.errors.tokens, identity)
+    result.candidates = {n: e for n, e in measured.items() if n not in formats}
+    if centers is not None:
+        result.k_mean = {i: c.tolist() for i, c in enumerate(centers)}
     if smooth:
-        result.candidates = {"int8~0": list(errors["int8"])} | {n: measured[n] for n in backend.smoothed}
+        result.candidates["int8~0"] = list(errors["int8"])
         for layer in range(cfg.num_layers):
             name = min(backend.smoothed, key=lambda n: measured[n][layer])
             if measured[name][layer] < errors["int8"][layer]:
@@ -279,18 +357,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-skip-fraction", type=float, default=0.25, help="at most this fraction of layers stays unquantized")
     parser.add_argument("--formats", default="fp8,int8", help="formats to consider, comma-separated")
     parser.add_argument("--no-k-smoothing", action="store_true", help="do not try per-channel K smoothing for int8 layers")
+    parser.add_argument("--no-k-centering", action="store_true", help="do not center the keys of quantized layers")
     args = parser.parse_args(argv)
     formats = [f for f in args.formats.split(",") if f]
     alphas = [] if args.no_k_smoothing else list(CALIBRATION_ALPHAS)
-    found = measure(args.model, read_prompts(args.prompts), args.device, args.dtype, formats, smooth_alphas=alphas)
+    found = measure(
+        args.model, read_prompts(args.prompts), args.device, args.dtype, formats, smooth_alphas=alphas, center=not args.no_k_centering
+    )
     layers, threshold = choose_plan(found.errors, args.threshold, max_skip_fraction=args.max_skip_fraction)
     plan = found.plan(layers, threshold)
     plan.save(args.out)
     print(f"measured {found.tokens} tokens over {len(layers)} layers; threshold {threshold:.4g}")
     for i, fmt in enumerate(layers):
         row = "  ".join(f"{f}={found.errors[f][i]:.4f}" for f in found.errors)
-        smooth = f"  (K smoothing, alpha {plan.k_smooth_alpha[i]:g}; unsmoothed int8 {found.candidates['int8~0'][i]:.4f})" if i in plan.k_smooth else ""
-        print(f"layer {i:3d}: {row}  -> {fmt}{smooth}")
+        notes = []
+        if i in plan.k_center:
+            notes.append(f"K centering; uncentered {fmt} {found.candidates[f'{fmt}~raw'][i]:.4f}")
+        if i in plan.k_smooth:
+            notes.append(f"K smoothing, alpha {plan.k_smooth_alpha[i]:g}; unsmoothed int8 {found.candidates['int8~0'][i]:.4f}")
+        print(f"layer {i:3d}: {row}  -> {fmt}" + (f"  ({'; '.join(notes)})" if notes else ""))
     print(f"wrote {args.out}")
     return 0
 

@@ -40,7 +40,7 @@ from rtpllm.kvcache.kv_pool import KVPool, bytes_per_block
 from rtpllm.loader import load_checkpoint_fast
 from rtpllm.loader.checkpoint_digest import weights_identity
 from rtpllm.models import DecoderLM, ModelConfig, build_model, fill_random
-from rtpllm.models.k_smoothing import fold_k_smoothing
+from rtpllm.models.k_centering import apply_key_transforms
 from rtpllm.models.registry import cache_root, resolve_model, served_model_name
 from rtpllm.outputs import CompletionOutput, KVHandoff, KVReservation, PositionLogprobs, RequestOutput
 from rtpllm.parallel.layout import ShardLayout
@@ -154,10 +154,12 @@ class LLMEngine:
         # Per-layer KV formats (docs/kv_quantization.md); the pool is sized in their bytes.
         plan = load_plan(config.cache)
         self.kv_spec = cache_spec(config.cache, self.model_config.num_layers, self.dtype, plan)
-        if plan is not None and plan.k_smooth:
-            # The plan's K smoothing goes into the q/k weights (exact; no per-step cost).
-            folded = fold_k_smoothing(self.model, plan.smoothing_vectors())
-            log.info("K smoothing folded into layers %s", folded)
+        if plan is not None:
+            # The plan's K smoothing goes into the q/k weights and its K centering into
+            # the RoPE kernel (both exact; docs/kv_quantization.md).
+            smoothed, centered = apply_key_transforms(self.model, plan)
+            if smoothed or centered:
+                log.info("KV plan: K smoothing folded into layers %s, K centering on layers %s", smoothed, centered)
         # A draft model or EAGLE head (speculative decoding) loads now: its weights (and
         # an EAGLE head's feature store) count as used memory and its own KV pool takes a
         # share of the budget `_num_blocks` splits.

@@ -39,7 +39,7 @@ from rtpllm.kvcache.kv_plan import cache_spec, load_plan
 from rtpllm.kvcache.kv_pool import KVPool, bytes_per_block
 from rtpllm.loader import load_checkpoint_fast
 from rtpllm.models import ModelConfig, build_model, fill_random
-from rtpllm.models.k_smoothing import fold_k_smoothing
+from rtpllm.models.k_centering import apply_key_transforms
 from rtpllm.parallel.group import TPGroup, init_tp_group
 from rtpllm.parallel.launch import JOINED_KEY, STORE_TIMEOUT, rank_device
 
@@ -70,8 +70,8 @@ class ShardWorker:
             )
         plan = load_plan(config.cache)
         spec = cache_spec(config.cache, model_config.num_layers, dtype, plan)  # as rank 0's
-        if plan is not None and plan.k_smooth:
-            fold_k_smoothing(model, plan.smoothing_vectors())  # as rank 0, for this rank's heads
+        if plan is not None:
+            apply_key_transforms(model, plan)  # as rank 0, for this rank's heads
         per_block = bytes_per_block(model_config, config.cache.block_size, dtype, group.size, spec)
         group.min_control(_num_blocks(config, model_config, per_block, device))
         num_blocks, max_len = self.channel.recv_shape()

@@ -7,6 +7,11 @@ fused-qkv layout q and k are strided views into the qkv projection's output, so 
 is made. The eager version makes ~10 passes (norm, gather cos/sin, two halves, negate,
 concatenate, multiply, add) over q and k.
 
+With a K shift (`k_shift`, [Hkv, D]: the K centering of a calibrated quantized KV cache,
+rtpllm.models.k_centering) the rotated keys have it subtracted before they are written
+back, so every consumer of k (the KV store, attention over the fresh keys) sees the
+same shifted keys.
+
 The rotate-half (non-interleaved) convention of the Llama/Qwen families is used, and the
 reference's rounding steps in the model dtype are reproduced.
 """
@@ -31,11 +36,13 @@ def _rope_heads(
     cos2,
     sin2,
     eps,
+    Shift,
     NUM_HEADS: tl.constexpr,
     BLOCK_H: tl.constexpr,
     HALF: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
     HAS_NORM: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
 ):
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_HALF)
@@ -56,6 +63,13 @@ def _rope_heads(
     # out = x * cos + rotate_half(x) * sin, each product rounded as the eager ops round it.
     o1 = (a * cos1[None, :]).to(dtype).to(tl.float32) + (-b * sin1[None, :]).to(dtype).to(tl.float32)
     o2 = (b * cos2[None, :]).to(dtype).to(tl.float32) + (a * sin2[None, :]).to(dtype).to(tl.float32)
+    if HAS_SHIFT:
+        # Rounded to the model dtype first, as the reference's separate subtraction sees it.
+        sptr = Shift + offs_h[:, None] * (2 * HALF) + offs_d[None, :]
+        s1 = tl.load(sptr, mask=mask, other=0.0).to(tl.float32)
+        s2 = tl.load(sptr + HALF, mask=mask, other=0.0).to(tl.float32)
+        o1 = o1.to(dtype).to(tl.float32) - s1
+        o2 = o2.to(dtype).to(tl.float32) - s2
     tl.store(ptr1, o1.to(dtype), mask=mask)
     tl.store(ptr1 + HALF, o2.to(dtype), mask=mask)
 
@@ -69,6 +83,7 @@ def _rope_kernel(
     Sin,
     Qw,
     Kw,
+    KShift,
     eps,
     stride_qt,
     stride_qh,
@@ -82,6 +97,7 @@ def _rope_kernel(
     HALF: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
     HAS_NORM: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     pos = tl.load(Positions + row).to(tl.int64)
@@ -102,11 +118,13 @@ def _rope_kernel(
         cos2,
         sin2,
         eps,
+        Qw,
         NUM_Q_HEADS,
         BLOCK_HQ,
         HALF,
         BLOCK_HALF,
         HAS_NORM,
+        False,
     )
     _rope_heads(
         K,
@@ -119,11 +137,13 @@ def _rope_kernel(
         cos2,
         sin2,
         eps,
+        KShift,
         NUM_K_HEADS,
         BLOCK_HK,
         HALF,
         BLOCK_HALF,
         HAS_NORM,
+        HAS_SHIFT,
     )
 
 
@@ -136,6 +156,7 @@ def apply_rope_triton(
     q_norm_weight: torch.Tensor | None = None,
     k_norm_weight: torch.Tensor | None = None,
     eps: float = 1e-6,
+    k_shift: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton version of `apply_rope_ref`; rotates q and k in place and returns them."""
     num_tokens, num_q_heads, head_dim = q.shape
@@ -145,6 +166,8 @@ def apply_rope_triton(
     if num_tokens == 0:
         return q, k
     has_norm = q_norm_weight is not None and k_norm_weight is not None
+    if k_shift is not None:
+        assert k_shift.shape == (num_k_heads, head_dim) and k_shift.is_contiguous()
     half = head_dim // 2
     _rope_kernel[(num_tokens,)](
         q,
@@ -154,6 +177,7 @@ def apply_rope_triton(
         sin,
         q_norm_weight if has_norm else cos,
         k_norm_weight if has_norm else cos,
+        k_shift if k_shift is not None else cos,
         eps,
         q.stride(0),
         q.stride(1),
@@ -167,6 +191,7 @@ def apply_rope_triton(
         HALF=half,
         BLOCK_HALF=next_power_of_2(half),
         HAS_NORM=has_norm,
+        HAS_SHIFT=k_shift is not None,
         num_warps=4,
     )
     return q, k
@@ -186,16 +211,21 @@ def apply_rope_ref(
     q_norm_weight: torch.Tensor | None = None,
     k_norm_weight: torch.Tensor | None = None,
     eps: float = 1e-6,
+    k_shift: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q: [T, Hq, D], k: [T, Hkv, D], positions: [T], cos/sin: [max_pos, D] tables ->
     (rotated q, rotated k), as new tensors. With norm weights, each head is RMSNormed
-    (Qwen3 q_norm / k_norm) before the rotation."""
+    (Qwen3 q_norm / k_norm) before the rotation; with `k_shift` ([Hkv, D]) the rotated
+    keys have it subtracted."""
     if q_norm_weight is not None and k_norm_weight is not None:
         q = rms_norm_ref(q, q_norm_weight, eps)
         k = rms_norm_ref(k, k_norm_weight, eps)
     c = cos[positions].unsqueeze(1)
     s = sin[positions].unsqueeze(1)
-    return q * c + _rotate_half(q) * s, k * c + _rotate_half(k) * s
+    k = k * c + _rotate_half(k) * s
+    if k_shift is not None:
+        k = k - k_shift.to(k.dtype)
+    return q * c + _rotate_half(q) * s, k
 
 
 def apply_rope(
@@ -207,11 +237,12 @@ def apply_rope(
     q_norm_weight: torch.Tensor | None = None,
     k_norm_weight: torch.Tensor | None = None,
     eps: float = 1e-6,
+    k_shift: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dispatcher: the in-place Triton kernel on CUDA, the torch reference elsewhere.
 
     Use the returned tensors: the reference returns new ones, the kernel the inputs.
     """
     if use_triton(q) and q.stride(-1) == 1 and k.stride(-1) == 1 and q.dtype == cos.dtype:
-        return apply_rope_triton(positions, q, k, cos, sin, q_norm_weight, k_norm_weight, eps)
-    return apply_rope_ref(positions, q, k, cos, sin, q_norm_weight, k_norm_weight, eps)
+        return apply_rope_triton(positions, q, k, cos, sin, q_norm_weight, k_norm_weight, eps, k_shift)
+    return apply_rope_ref(positions, q, k, cos, sin, q_norm_weight, k_norm_weight, eps, k_shift)

@@ -50,9 +50,10 @@ class KVCacheSpec:
     """The stored format of every layer's KV: "fp8", "int8" or a plain dtype name."""
 
     formats: tuple[str, ...]
-    # The digest of the plan's K smoothing vectors ("" for none; rtpllm.models.k_smoothing):
-    # smoothed layers store k / s, so their blocks are not the unsmoothed model's.
-    k_smooth_id: str = ""
+    # The digest of the plan's key transforms ("" for none): K smoothing
+    # (rtpllm.models.k_smoothing) stores k / s and K centering (rtpllm.models.k_centering)
+    # k - m, so those layers' blocks are not the untransformed model's.
+    k_transform_id: str = ""
 
     def __post_init__(self) -> None:
         for fmt in self.formats:
@@ -67,7 +68,7 @@ class KVCacheSpec:
         kv_cache_dtype: str = "auto",
         skip_layers: Sequence[int] = (),
         plan: Sequence[str] | None = None,
-        k_smooth_id: str = "",
+        k_transform_id: str = "",
     ) -> KVCacheSpec:
         """Formats from the engine's options: a per-layer `plan` (rtpllm.kvcache.kv_plan)
         wins over `kv_cache_dtype`; `skip_layers` keep the model's dtype either way."""
@@ -81,7 +82,7 @@ class KVCacheSpec:
             if not 0 <= layer < num_layers:
                 raise ValueError(f"--kv-cache-dtype-skip-layers: layer {layer} is not in 0..{num_layers - 1}")
             choices[layer] = "auto"
-        return cls(tuple(resolve_layer_format(c, model_dtype) for c in choices), k_smooth_id)
+        return cls(tuple(resolve_layer_format(c, model_dtype) for c in choices), k_transform_id)
 
     def is_quantized(self, layer: int) -> bool:
         return self.formats[layer] in QUANT_FORMATS
@@ -106,8 +107,8 @@ class KVCacheSpec:
         """The KV-format part of the block-key namespace: "model" when every layer stores
         the model's dtype (the keys of engines before KV quantization), else a name of
         every layer's format and the scale layout, so blocks of two formats never share
-        a key, in any tier or transfer; K smoothing adds its vectors' digest."""
-        smooth = f";ksmooth={self.k_smooth_id}" if self.k_smooth_id else ""
+        a key, in any tier or transfer; key transforms add their vectors' digest."""
+        smooth = f";ktransform={self.k_transform_id}" if self.k_transform_id else ""
         if all(f == _dtype_name(model_dtype) for f in self.formats):
             return "model" + smooth
         fmt = self.uniform_format

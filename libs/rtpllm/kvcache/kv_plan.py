@@ -8,14 +8,17 @@
       "threshold": 0.02,                            # what the calibration chose by
       "errors": {"fp8": [...], "int8": [...]},      # measured per layer (informative)
       "k_smooth": {"0": [[...head_dim], ...]},      # optional: per layer, one vector per KV head
-      "k_smooth_alpha": {"0": 0.75}                 # what each vector was made with (informative)
+      "k_smooth_alpha": {"0": 0.75},                # what each vector was made with (informative)
+      "k_center": {"0": [[...head_dim], ...]}       # optional: per layer, one vector per KV head
     }
 
 "auto" keeps a layer in the model's dtype. `k_smooth` holds the per-channel K smoothing
 vectors the calibration chose (rtpllm.models.k_smoothing): the engine folds them into
-the model's q/k projections, and their digest joins the block-key namespace, since the
-stored keys are then k / s. The engine resolves a plan together with
---kv-cache-dtype and --kv-cache-dtype-skip-layers into a `KVCacheSpec` (`cache_spec`).
+the model's q/k projections. `k_center` holds the K centering shifts
+(rtpllm.models.k_centering): the engine subtracts them from the rotated keys. Both
+change the stored keys (k / s - m), so their digest joins the block-key namespace. The
+engine resolves a plan together with --kv-cache-dtype and --kv-cache-dtype-skip-layers
+into a `KVCacheSpec` (`cache_spec`).
 """
 
 from __future__ import annotations
@@ -44,27 +47,36 @@ class KVCachePlan:
     errors: dict[str, list[float]] = field(default_factory=dict)
     k_smooth: dict[int, list[list[float]]] = field(default_factory=dict)
     k_smooth_alpha: dict[int, float] = field(default_factory=dict)
+    k_center: dict[int, list[list[float]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for i, fmt in enumerate(self.layers):
             if fmt not in KV_CACHE_DTYPES:
                 raise ValueError(f"KV cache plan: layer {i} has format {fmt!r}; use one of {', '.join(KV_CACHE_DTYPES)}")
-        for i, rows in self.k_smooth.items():
-            if not 0 <= i < len(self.layers):
-                raise ValueError(f"KV cache plan: K smoothing for layer {i}, but the plan has {len(self.layers)} layers")
-            if not rows or any(not isinstance(r, list) or len(r) != len(rows[0]) for r in rows):
-                raise ValueError(f"KV cache plan: layer {i}'s K smoothing is not a list of equal-length vectors")
+        for what, vectors in (("K smoothing", self.k_smooth), ("K centering", self.k_center)):
+            for i, rows in vectors.items():
+                if not 0 <= i < len(self.layers):
+                    raise ValueError(f"KV cache plan: {what} for layer {i}, but the plan has {len(self.layers)} layers")
+                if not rows or any(not isinstance(r, list) or len(r) != len(rows[0]) for r in rows):
+                    raise ValueError(f"KV cache plan: layer {i}'s {what} is not a list of equal-length vectors")
 
     def smoothing_vectors(self) -> dict[int, torch.Tensor]:
         """Layer -> [Hkv, D] fp32 vectors (checked against the model when folded)."""
         return {i: torch.tensor(rows, dtype=torch.float32) for i, rows in sorted(self.k_smooth.items())}
 
-    def k_smooth_id(self) -> str:
-        """A digest of the vectors ("" without any): stored keys depend on them."""
-        if not self.k_smooth:
+    def centering_vectors(self) -> dict[int, torch.Tensor]:
+        """Layer -> [Hkv, D] fp32 K shifts (checked against the model when set)."""
+        return {i: torch.tensor(rows, dtype=torch.float32) for i, rows in sorted(self.k_center.items())}
+
+    def k_transform_id(self) -> str:
+        """A digest of the key transforms ("" without any): stored keys depend on them."""
+        if not self.k_smooth and not self.k_center:
             return ""
-        doc = json.dumps({str(i): self.k_smooth[i] for i in sorted(self.k_smooth)}, separators=(",", ":"))
-        return hashlib.sha256(doc.encode()).hexdigest()[:16]
+        doc = {
+            "smooth": {str(i): self.k_smooth[i] for i in sorted(self.k_smooth)},
+            "center": {str(i): self.k_center[i] for i in sorted(self.k_center)},
+        }
+        return hashlib.sha256(json.dumps(doc, separators=(",", ":")).encode()).hexdigest()[:16]
 
     def to_json(self) -> str:
         doc = {
@@ -78,6 +90,8 @@ class KVCachePlan:
         if self.k_smooth:
             doc["k_smooth"] = {str(i): self.k_smooth[i] for i in sorted(self.k_smooth)}
             doc["k_smooth_alpha"] = {str(i): a for i, a in sorted(self.k_smooth_alpha.items())}
+        if self.k_center:
+            doc["k_center"] = {str(i): self.k_center[i] for i in sorted(self.k_center)}
         return json.dumps(doc, indent=2) + "\n"
 
     def save(self, path: str | Path) -> None:
@@ -94,8 +108,9 @@ class KVCachePlan:
         try:
             k_smooth = {int(i): [list(map(float, r)) for r in rows] for i, rows in (doc.get("k_smooth") or {}).items()}
             k_smooth_alpha = {int(i): float(a) for i, a in (doc.get("k_smooth_alpha") or {}).items()}
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"{path}: 'k_smooth' must map layer numbers to lists of vectors ({exc})") from None
+            k_center = {int(i): [list(map(float, r)) for r in rows] for i, rows in (doc.get("k_center") or {}).items()}
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"{path}: 'k_smooth' and 'k_center' must map layer numbers to lists of vectors ({exc})") from None
         return cls(
             tuple(doc["layers"]),
             model=str(doc.get("model", "")),
@@ -103,6 +118,7 @@ class KVCachePlan:
             errors={k: list(v) for k, v in (doc.get("errors") or {}).items()},
             k_smooth=k_smooth,
             k_smooth_alpha=k_smooth_alpha,
+            k_center=k_center,
         )
 
 
@@ -113,10 +129,10 @@ def load_plan(cache: CacheConfig) -> KVCachePlan | None:
 
 def cache_spec(cache: CacheConfig, num_layers: int, model_dtype: torch.dtype, plan: KVCachePlan | None) -> KVCacheSpec:
     """The engine's per-layer KV formats from its cache options and `plan`, the plan
-    file they name (`load_plan`; loaded once by the caller, which also folds its K
-    smoothing into the model)."""
+    file they name (`load_plan`; loaded once by the caller, which also applies its key
+    transforms to the model)."""
     layers: Sequence[str] | None = plan.layers if plan is not None else None
-    k_smooth_id = plan.k_smooth_id() if plan is not None else ""
+    k_transform_id = plan.k_transform_id() if plan is not None else ""
     return KVCacheSpec.resolve(
-        num_layers, model_dtype, cache.kv_cache_dtype, cache.kv_cache_dtype_skip_layers, layers, k_smooth_id
+        num_layers, model_dtype, cache.kv_cache_dtype, cache.kv_cache_dtype_skip_layers, layers, k_transform_id
     )

@@ -106,6 +106,8 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.backend = backend
+        # [Hkv, D] subtracted from the rotated keys: K centering (rtpllm.models.k_centering).
+        self.k_shift: torch.Tensor | None = None
 
     def forward(
         self,
@@ -127,7 +129,7 @@ class Attention(nn.Module):
         qw = self.q_norm.weight if self.q_norm is not None else None
         kw = self.k_norm.weight if self.k_norm is not None else None
         eps = self.q_norm.eps if self.q_norm is not None else 0.0
-        q, k = apply_rope(positions, q, k, cos, sin, qw, kw, eps)
+        q, k = apply_rope(positions, q, k, cos, sin, qw, kw, eps, self.k_shift)
         # A quantized layer's cache is (k, v, k_scale, v_scale) (rtpllm.kvcache.kv_pool).
         out = self.backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.sliding_window, *kv_cache[2:])
         return self.o_proj(out.reshape(tokens, self.q_size))
