@@ -18,7 +18,7 @@ from rtpllm.kvcache.kv_plan import KVCachePlan
 from rtpllm.loader.random_checkpoint import write_random_checkpoint
 from rtpllm.models.config import ModelConfig
 from tests.conftest import FAMILIES
-from tests.unit.test_k_smoothing import GREEDY, prompts_of, random_vectors, run
+from tests.unit.test_k_smoothing import GREEDY, assert_plan_keeps_model_exact, prompts_of, random_vectors, run
 from tests.unit.test_tensor_parallel import Pair
 
 
@@ -34,14 +34,7 @@ def test_centering_keeps_the_model_exact(tiny_checkpoints: dict[str, Path], fami
     model = tiny_checkpoints[family]
     cfg = ModelConfig.from_dir(model)
     plan = KVCachePlan(("auto",) * cfg.num_layers, k_center=random_shifts(cfg, seed=1))
-    plan.save(tmp_path / "plan.json")
-    prompts = prompts_of(3, 20, seed=2)
-    ref_tokens, ref_logits, ref = run(model, prompts)
-    tokens, logits, llm = run(model, prompts, kv_cache_plan=str(tmp_path / "plan.json"))
-    assert tokens == ref_tokens
-    logits, ref_logits = torch.cat(logits), torch.cat(ref_logits)
-    err = ((logits - ref_logits).abs().max() / ref_logits.abs().max()).item()
-    assert err < 1e-4, err
+    ref, llm = assert_plan_keeps_model_exact(model, plan, tmp_path / "plan.json", 1e-4)
     shift = llm.engine.model.layers[0].self_attn.k_shift
     assert shift is not None and torch.equal(shift, torch.tensor(plan.k_center[0]))
     assert ref.engine.model.layers[0].self_attn.k_shift is None
@@ -52,13 +45,7 @@ def test_centering_and_smoothing_together_keep_the_model_exact(tiny_checkpoints:
     model = tiny_checkpoints["qwen2"]
     cfg = ModelConfig.from_dir(model)
     plan = KVCachePlan(("auto",) * cfg.num_layers, k_smooth=random_vectors(cfg, seed=3), k_center=random_shifts(cfg, seed=4))
-    plan.save(tmp_path / "plan.json")
-    prompts = prompts_of(2, 24, seed=5)
-    ref_tokens, ref_logits, _ = run(model, prompts)
-    tokens, logits, _ = run(model, prompts, kv_cache_plan=str(tmp_path / "plan.json"))
-    assert tokens == ref_tokens
-    err = ((torch.cat(logits) - torch.cat(ref_logits)).abs().max() / torch.cat(ref_logits).abs().max()).item()
-    assert err < 1e-4, err
+    assert_plan_keeps_model_exact(model, plan, tmp_path / "plan.json", 1e-4)
 
 
 def test_the_digest_follows_the_shifts(tiny_checkpoints: dict[str, Path]) -> None:

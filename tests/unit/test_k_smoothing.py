@@ -35,6 +35,20 @@ def run(model: Path, prompts: list[list[int]], **engine: object) -> tuple[list[l
     return tokens, rec.steps, llm
 
 
+def assert_plan_keeps_model_exact(model: Path, plan: KVCachePlan, path: Path, tol: float) -> tuple[LLM, LLM]:
+    """Serve prompts without and with `plan` (saved at `path`): the same greedy tokens,
+    and every step's logits within `tol` relative; the two (closed) engines."""
+    plan.save(path)
+    prompts = prompts_of(3, 20, seed=2)
+    ref_tokens, ref_logits, ref = run(model, prompts)
+    tokens, logits, llm = run(model, prompts, kv_cache_plan=str(path))
+    assert tokens == ref_tokens
+    got, want = torch.cat(logits), torch.cat(ref_logits)
+    err = ((got - want).abs().max() / want.abs().max()).item()
+    assert err < tol, err
+    return ref, llm
+
+
 def prompts_of(n: int, length: int, seed: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(1, 250, (n, length), generator=g).tolist()
@@ -69,14 +83,7 @@ def test_folding_keeps_the_model_exact(tiny_checkpoints: dict[str, Path], family
     model = tiny_checkpoints[family]
     cfg = ModelConfig.from_dir(model)
     plan = KVCachePlan(("auto",) * cfg.num_layers, k_smooth=random_vectors(cfg, seed=1))
-    plan.save(tmp_path / "plan.json")
-    prompts = prompts_of(3, 20, seed=2)
-    ref_tokens, ref_logits, ref = run(model, prompts)
-    tokens, logits, llm = run(model, prompts, kv_cache_plan=str(tmp_path / "plan.json"))
-    assert tokens == ref_tokens
-    logits, ref_logits = torch.cat(logits), torch.cat(ref_logits)
-    err = ((logits - ref_logits).abs().max() / ref_logits.abs().max()).item()
-    assert err < 1e-5, err
+    ref, llm = assert_plan_keeps_model_exact(model, plan, tmp_path / "plan.json", 1e-5)
     a, b = ref.engine.model.layers[0].self_attn, llm.engine.model.layers[0].self_attn
     changed = a.k_norm.weight if cfg.qk_norm else a.qkv_proj.weight, b.k_norm.weight if cfg.qk_norm else b.qkv_proj.weight
     assert not torch.equal(*changed)
