@@ -89,8 +89,12 @@ def test_calibration_centers_a_key_offset_and_the_cache_gets_closer(offset_qwen2
     raw = found.candidates[f"{fmt}~raw"]
     # Layer 0's error falls severalfold once its keys are centered.
     assert found.errors[fmt][0] < raw[0] / 3, (found.errors, raw)
+    # Each layer keeps the better of centered and raw, and the plan shifts exactly the
+    # layers that measured better centered.
+    for i, err in enumerate(found.errors[fmt]):
+        assert err <= raw[i] and (i in found.centered[fmt]) == (err < raw[i])
     plan = found.plan([fmt] * len(raw), None)
-    assert sorted(plan.k_center) == list(range(len(raw)))
+    assert set(plan.k_center) == found.centered[fmt] and 0 in plan.k_center
     mean = torch.tensor(plan.k_center[0])
     assert mean[0, -1] > 30 and mean[0, mean.shape[1] // 2 - 1] > 30  # the offset, found
     plan.save(tmp_path / "plan.json")
@@ -117,12 +121,15 @@ def test_plan_centers_only_quantized_layers_in_their_smoothed_units(offset_qwen2
     n = len(found.errors["int8"])
     assert sorted(found.k_mean) == list(range(n))
     layers = ["int8"] + ["auto"] * (n - 2) + ["fp8"]
+    found.centered["fp8"].add(n - 1)  # as if its fp8 keys had measured better centered
     plan = found.plan(layers, None)
-    assert sorted(plan.k_center) == [0, n - 1]
+    assert 0 in found.centered["int8"] and sorted(plan.k_center) == [0, n - 1]
     mean = torch.tensor(found.k_mean[0])
     expected = mean / torch.tensor(plan.k_smooth[0]) if 0 in plan.k_smooth else mean
     torch.testing.assert_close(torch.tensor(plan.k_center[0]), expected)
     torch.testing.assert_close(torch.tensor(plan.k_center[n - 1]), torch.tensor(found.k_mean[n - 1]))
+    found.centered["fp8"].discard(n - 1)
+    assert sorted(found.plan(layers, None).k_center) == [0]
 
 
 def test_calibration_cli_centers_by_default(offset_qwen2: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -132,7 +139,7 @@ def test_calibration_cli_centers_by_default(offset_qwen2: Path, tmp_path: Path, 
     assert main([str(offset_qwen2), "--out", str(out), "--formats", "fp8", "--threshold", "1.0"]) == 0
     assert "K centering; uncentered fp8" in capsys.readouterr().out
     plan = KVCachePlan.load(out)
-    assert sorted(plan.k_center) == list(range(len(plan.layers)))
+    assert 0 in plan.k_center
     tokens, _, _ = run(offset_qwen2, prompts_of(2, 16, seed=6), kv_cache_plan=str(out))
     assert all(len(t) == GREEDY.max_tokens for t in tokens)
     main([str(offset_qwen2), "--out", str(out), "--formats", "fp8", "--no-k-centering"])

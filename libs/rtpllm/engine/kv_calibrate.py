@@ -15,12 +15,12 @@ layer is judged on its own.
 Key transforms: the prompts run twice. The first run records each layer's mean rotated
 key and every channel's range per KV head. The second measures the formats on centered
 keys, k - m with m that mean (K centering, rtpllm.models.k_centering: exact, and on
-Qwen2.5-Coder-1.5B it takes fp8's perplexity change from +8% to +0.3%), and int8 also
-with keys stored as (k - m) / s, for s made from the centered ranges under each of a
-few alphas (K smoothing, rtpllm.models.k_smoothing); a layer's int8 error is its best
-(alpha 0, no smoothing, included). The uncentered formats are measured beside them
-(`Measurement.candidates`, informative). The plan file carries the shifts of its
-quantized layers and the smoothing of its int8 layers.
+Qwen2.5-Coder-1.5B it takes fp8's perplexity change from +8% to +0.3%), uncentered
+beside them, and int8 also with keys stored as (k - m) / s, for s made from the centered
+ranges under each of a few alphas (K smoothing, rtpllm.models.k_smoothing). A layer's
+error in a format is its best candidate's (the others stay in `Measurement.candidates`).
+The plan file carries the shifts of its quantized layers that measured better centered
+and the smoothing of its int8 layers.
 
 The plan: each layer takes the format of lowest error (fp8 and int8 cost the same
 bytes); a layer whose lowest error exceeds the threshold stays in the model's dtype
@@ -228,19 +228,22 @@ class Measurement:
     identity: str  # the model's weights identity
     k_smooth: dict[int, list[list[float]]] = field(default_factory=dict)
     k_smooth_alpha: dict[int, float] = field(default_factory=dict)
-    # Per layer the mean rotated key of the unsmoothed model (the K centering shift).
+    # Per layer the mean rotated key of the unsmoothed model (the K centering shift), and
+    # per format the layers whose keys measured better centered than not.
     k_mean: dict[int, list[list[float]]] = field(default_factory=dict)
+    centered: dict[str, set[int]] = field(default_factory=dict)
     # The other candidates' errors (informative): "int8~0" centered int8 unsmoothed,
     # "int8~<alpha>" each smoothing, "<format>~raw" uncentered.
     candidates: dict[str, list[float]] = field(default_factory=dict)
 
     def plan(self, layers: Sequence[str], threshold: float | None) -> KVCachePlan:
         """The plan file for `layers`: smoothing kept on its int8 layers only, shifts on
-        its quantized layers (in the smoothed keys' units where the layer is smoothed)."""
+        its quantized layers that measured better centered in their format (in the
+        smoothed keys' units where the layer is smoothed)."""
         smooth = {i: v for i, v in self.k_smooth.items() if layers[i] == "int8"}
         center: dict[int, list[list[float]]] = {}
         for i, m in self.k_mean.items():
-            if layers[i] in QUANT_FORMATS:
+            if i in self.centered.get(layers[i], ()):
                 shift = torch.tensor(m)
                 if i in smooth:
                     shift = shift / torch.tensor(smooth[i])
@@ -307,16 +310,28 @@ def measure(
     errors = {f: measured[f] for f in formats}
     result = Measurement(errors, backend.errors.tokens, identity)
     result.candidates = {n: e for n, e in measured.items() if n not in formats}
-    if centers is not None:
-        result.k_mean = {i: c.tolist() for i, c in enumerate(centers)}
     if smooth:
         result.candidates["int8~0"] = list(errors["int8"])
+    if centers is not None:
+        result.k_mean = {i: c.tolist() for i, c in enumerate(centers)}
+    # Each format's error per layer is its best candidate's: centered or not (a shift
+    # by the mean can hurt a channel whose keys mostly sit at zero), and for int8 the
+    # smoothings (all centered).
+    for fmt in formats:
+        result.centered[fmt] = set()
         for layer in range(cfg.num_layers):
-            name = min(backend.smoothed, key=lambda n: measured[n][layer])
-            if measured[name][layer] < errors["int8"][layer]:
-                errors["int8"][layer] = measured[name][layer]
-                result.k_smooth[layer] = backend.smoothed[name][layer].tolist()
-                result.k_smooth_alpha[layer] = float(name.split("~")[1])
+            options = {fmt: measured[fmt][layer]}
+            if fmt == "int8":
+                options |= {name: measured[name][layer] for name in backend.smoothed}
+            if centers is not None:
+                options[f"{fmt}~raw"] = measured[f"{fmt}~raw"][layer]
+            best = min(options, key=lambda n: options[n])
+            errors[fmt][layer] = options[best]
+            if centers is not None and best != f"{fmt}~raw":
+                result.centered[fmt].add(layer)
+            if best in backend.smoothed:
+                result.k_smooth[layer] = backend.smoothed[best][layer].tolist()
+                result.k_smooth_alpha[layer] = float(best.split("~")[1])
     return result
 
 
