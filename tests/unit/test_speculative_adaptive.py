@@ -27,7 +27,7 @@ from rtpllm.speculative.adaptive import (
     pooling_weight,
 )
 from rtpllm.speculative.proposer import Proposal, Proposer
-from rtpllm.speculative.speculator import MARGINAL_GAIN, Speculator
+from rtpllm.speculative.speculator import MARGINAL_GAIN, SMALL_BATCH, Speculator
 
 
 def test_acceptance_estimate_converges_to_the_geometric_rate() -> None:
@@ -222,7 +222,6 @@ def test_a_re_plan_declined_without_a_step_is_one_the_plan_would_decline() -> No
                 accepted = next((j for j in range(n) if rng.random() > rate), n)
                 spec.observe_verified(req, n, accepted)
         spec._steps_without = rng.choice([0, 1, 2])
-        spec._last_gain = 1.0
         twin = copy.deepcopy(spec)
         for req in reqs:
             req.append_placeholder()
@@ -235,22 +234,28 @@ def test_a_re_plan_declined_without_a_step_is_one_the_plan_would_decline() -> No
     assert declined > 30 and agreed == declined, (declined, agreed)
 
 
-def test_a_spell_that_clearly_pays_plans_without_the_check() -> None:
-    """The check costs host time in a synchronous step: a drafting spell whose plan
-    expected a clear gain (>= MARGINAL_GAIN) skips it; a marginal one runs it."""
-    spec = Speculator(_FixedProposer(), PolicyConfig(max_k=4), probe_every=16)
-    reqs = [decoding(f"r{i}") for i in range(8)]
-    for _ in range(9):
-        spec.observe_step(8, 0.010, pipelined=True)
-        for size in (9, 16, 24, 40):
-            spec.observe_step(size, 0.0101)  # drafts nearly free
-    calls = []
-    real = spec._could_draft
-    spec._could_draft = lambda running: calls.append(1) or real(running)  # type: ignore[method-assign]
-    assert spec.plan(reqs, base_tokens=8, max_extra=32) and spec._last_gain >= MARGINAL_GAIN
-    assert spec.wants_step(reqs) and not calls
-    spec._last_gain = 1.05
-    assert spec.wants_step(reqs) and calls == [1]
+def test_the_check_runs_where_it_is_cheap_or_the_spell_uncertain() -> None:
+    """The check costs host time in a synchronous step. A spell drafting on estimates
+    that clearly pay (>= MARGINAL_GAIN) skips it; a marginal one runs it at a small
+    batch only (at batch 64 it would cost every step of the spell); after a step that
+    drafted on hope (an exploration, a retry) it runs at any batch."""
+    for batch in (8, 64):
+        spec = Speculator(_FixedProposer(), PolicyConfig(max_k=4), probe_every=16)
+        reqs = [decoding(f"r{i}") for i in range(batch)]
+        for _ in range(9):
+            spec.observe_step(batch, 0.010, pipelined=True)
+            for extra in (1, batch, 2 * batch, 4 * batch):
+                spec.observe_step(batch + extra, 0.0101)  # drafts nearly free
+        calls = []
+        real = spec._could_draft
+        spec._could_draft = lambda running, calls=calls, real=real: calls.append(1) or real(running)  # type: ignore[method-assign]
+        assert spec.plan(reqs, base_tokens=batch, max_extra=4 * batch) and spec._last_gain >= MARGINAL_GAIN
+        assert spec.policy.on_estimates
+        assert spec.wants_step(reqs) and not calls
+        spec._last_gain = 1.05
+        assert spec.wants_step(reqs) and calls == ([1] if batch <= SMALL_BATCH else [])
+        spec.policy.on_estimates = False  # as after an exploration or a retry
+        assert spec.wants_step(reqs) and len(calls) == (2 if batch <= SMALL_BATCH else 1)
 
 
 def test_exploration_goes_one_size_at_a_time_and_stops_where_drafts_cannot_pay() -> None:

@@ -33,11 +33,13 @@ MAX_BACKOFF = 4  # re-plans at most every probe_every * 16 steps
 # A request idle for probe_every steps hopes for at least this acceptance (see `plan`).
 RETRY_RATE = 0.5
 START_MARGIN = 0.1
-# A drafting step whose plan expected less than this gain over pipelined steps may be
-# the spell's last: the next step first checks, from the estimates alone, whether a plan
-# could draft (`wants_step`). Above it the check is skipped: at batch 64 it costs ~0.5 ms
-# of host time, each step of a spell that clearly pays.
+# A spell drafting on its estimates whose plan expected less than this gain over
+# pipelined steps may be ending: at a small batch (at most SMALL_BATCH decoding) its next
+# step first checks from the estimates whether a plan could draft (`wants_step`). At a
+# big batch the check's host time would be on the critical path of every step of the
+# spell (~0.5 ms at batch 64 on a CPU core) to save one step at its end.
 MARGINAL_GAIN = 1.15
+SMALL_BATCH = 16
 # The acceptance of recent verifications, all requests together, is every request's
 # prior: about the last hundred verifications.
 RECENT_DECAY = 0.99
@@ -142,7 +144,9 @@ class Speculator:
         """Whether the next step should plan drafts, which needs every running token on
         the host (a synchronous step). False keeps async scheduling: when the last plan
         chose no drafts, until a periodic re-plan; and where the estimates alone show
-        that a plan would draft nothing (`_could_draft`)."""
+        that a plan would draft nothing (`_could_draft`), checked before a re-plan,
+        after a step that drafted on hope (an exploration or a retry: often a spell's
+        only step), and in a marginal spell at a small batch (MARGINAL_GAIN)."""
         if self._steps_without > 0:
             # Counted before the scan below: most steps of a loaded batch stop here, and
             # a pipelined step's host work is on the critical path once it matches the GPU's.
@@ -156,8 +160,9 @@ class Speculator:
             self._async_steps = 0
         if not any(not r.in_prefill and self.eligible(r) for r in running):
             return False
-        marginal = self._steps_without > 0 or self._last_gain < MARGINAL_GAIN
-        if self._planned and marginal and not self._could_draft(running):
+        uncertain = self._steps_without > 0 or not self.policy.on_estimates
+        marginal = self._last_gain < MARGINAL_GAIN and len(running) <= SMALL_BATCH
+        if self._planned and (uncertain or marginal) and not self._could_draft(running):
             # Decided here, without the synchronous step a plan needs (its host work,
             # which the pipeline hides, ~2 ms a step at batch 64 on an H100, and the
             # pipeline's restart after it): the bookkeeping of a plan that drafted nothing.
