@@ -76,6 +76,10 @@ DEVICES = {
         # cheaper than above (97 tokens 9.43 ms, 185 tokens 11.59 ms, pipelined 64 rows
         # 7.03 ms; 7.45 ms a step off): 2.45e-5 s a token, 1.6 ms of host time.
         Device("llama8b-b64-s7", 64, 7.45e-3, 2.45e-5, 1.6e-3, 6.46e-3, 5.61e-3),
+        # Session 9's H100 (2026-12-06, bench/results/2026-12-06-h100-s9/, c464d89): 128-token
+        # verify steps 12.0-12.4 ms, 212-token ones 13.9 ms (2.0e-5 s a token over ~10.9 ms
+        # at 64 rows), pipelined 64-row steps 7.2-7.4 ms: 3.5 ms of synchronous-step cost.
+        Device("llama8b-b64-s9", 64, 7.35e-3, 2.0e-5, 3.5e-3, 6.8e-3, 5.53e-3),
         Device("llama8b-b1", 1, 5.54e-3, 3.0e-5, 0.97e-3, 6.52e-3, 5.58e-3),
         # The 1.5B's warm-up timed one 2-token verify step, at 3.57 ms (and 3.77 in an
         # earlier call): twice a pipelined step, where 5-token ones take 2.71 ms.
