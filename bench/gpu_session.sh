@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: carried wheels, GPU tests and benchmarks by phase,
 # full logs under $OUT, a short summary last. Usage: bash bench/gpu_session.sh PHASE...
-# Phases: env kvqtest (quantized-KV kernel tests) ropetest (the RoPE kernel, K shift included) kernels model gptfast prefill (PREFILL_LENS) attnlong hfbatch (HF_BATCH) spec (SPEC_ACC SPEC_BATCH SPEC_SHAPE SPEC_TOKENS SPEC_MAX_LEN SPEC_ARGS SPEC_TAG: output name suffix) specab (the verify kernel against row-by-row verify attention; SPEC_ARGS) verifyattn spectest quantsweep kvqitl (KVQ_BATCH KVQ_CTX KVQ_CFG KVQ_ARGS) profprefill profbatch (PB_SHAPE: the offline workload's batch-256 decode step, per kernel) kvqspeed (KVQ_CTX KVQ_ARGS: e.g. --itl-only --formats fp8; KVQ_TAG KVQ_LIMIT) quantchunk kvqchunk (KVQ_CTX KVQ_CHUNK) kvqprof (KVQ_BATCH KVQ_CTX) tpdry (one GPU) tp8b tp70b (two GPUs)
+# Phases: env kvqtest (quantized-KV kernel tests) ropetest (the RoPE kernel, K shift included) kernels model gptfast prefill (PREFILL_LENS) attnlong hfbatch (HF_BATCH) spec (SPEC_ACC SPEC_BATCH SPEC_SHAPE SPEC_TOKENS SPEC_MAX_LEN SPEC_ARGS SPEC_TAG: output name suffix) specab (the verify kernel against row-by-row verify attention; SPEC_ARGS) specidle (off, a speculating engine with no request speculating, and replay: what is lost outside plans) verifyattn spectest quantsweep kvqitl (KVQ_BATCH KVQ_CTX KVQ_CFG KVQ_ARGS) profprefill profbatch (PB_SHAPE: the offline workload's batch-256 decode step, per kernel) kvqspeed (KVQ_CTX KVQ_ARGS: e.g. --itl-only --formats fp8; KVQ_TAG KVQ_LIMIT) quantchunk kvqchunk (KVQ_CTX KVQ_CHUNK) kvqprof (KVQ_BATCH KVQ_CTX) tpdry (one GPU) tp8b tp70b (two GPUs)
 #          pwtest mixed (MIXED_SHAPE MIXED_ARGS) throughput-mixed (mixed-step graphs, issue 23) shortdecode
 #          structtest structured servingtax servingtax-cpu (ST_ARGS=...) multimodal (MM_ARGS=... MM_LIMIT=s) latency latency-ab engine attention ops load (SWEEP=T:E:D,... COLD_SWEEP=... METHODS=...) serveready loadsweep pinned zerocopy kvtiers routing loadtest
 #         gemvtest xfertest kvxfer pd (kvxfer and pd want two GPUs: nvidia-h100-x2)
@@ -91,6 +91,9 @@ for phase in "$@"; do
     spec) run "spec_${SPEC_SHAPE:-llama8b}_a${SPEC_ACC:-0.7}${SPEC_TAG:-}" 500 python3 bench/speculative.py --shape ${SPEC_SHAPE:-llama8b} --device cuda --methods replay \
             --acceptance ${SPEC_ACC:-0.7} --batch ${SPEC_BATCH:-1 64} --max-tokens ${SPEC_TOKENS:-128} \
             --max-model-len ${SPEC_MAX_LEN:-1024} ${SPEC_ARGS:-} --out "$OUT/speculative_${SPEC_SHAPE:-llama8b}_a${SPEC_ACC:-0.7}${SPEC_TAG:-}.json" ;;
+    specidle) run "specidle_a${SPEC_ACC:-0.29}" 300 python3 bench/speculative.py --shape ${SPEC_SHAPE:-llama8b} --device cuda \
+                --methods idle,replay --acceptance ${SPEC_ACC:-0.29} --batch ${SPEC_BATCH:-64} --max-tokens ${SPEC_TOKENS:-128} \
+                --max-model-len ${SPEC_MAX_LEN:-1024} ${SPEC_ARGS:-} --out "$OUT/speculative_idle_a${SPEC_ACC:-0.29}.json" ;;
     specab) run "specab_a${SPEC_ACC:-0.7}" 560 python3 bench/speculative.py --shape ${SPEC_SHAPE:-llama8b} --device cuda \
               --methods replay,replay@rows --acceptance ${SPEC_ACC:-0.7} --batch ${SPEC_BATCH:-64} --max-tokens ${SPEC_TOKENS:-128} \
               --max-model-len ${SPEC_MAX_LEN:-1024} ${SPEC_ARGS:-} --out "$OUT/speculative_ab_a${SPEC_ACC:-0.7}.json" ;;

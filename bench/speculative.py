@@ -157,8 +157,9 @@ def speculative_config(args: argparse.Namespace, method: str) -> SpeculativeConf
     common = {"num_speculative_tokens": args.num_speculative_tokens, "adaptive": not args.no_adaptive}
     if method.startswith("draft:"):
         return SpeculativeConfig(method="draft", draft_model=resolve(method.removeprefix("draft:")), **common)
-    # replay rides on the engine's speculation machinery under any model-free method.
-    return SpeculativeConfig(method="ngram" if method == "replay" else method, **common)
+    # replay (and idle: the same engine, no request speculating) rides on the engine's
+    # speculation machinery under any model-free method.
+    return SpeculativeConfig(method="ngram" if method in ("replay", "idle") else method, **common)
 
 
 def make_engine(args: argparse.Namespace, model: str, method: str) -> LLMEngine:
@@ -269,7 +270,11 @@ def run_once(
     acceptance: float,
 ) -> Run:
     """All `prompts`, greedy, at most `batch` in flight (a finished one is replaced)."""
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, output_kind="final")
+    # idle: a speculating engine whose requests all opt out (what speculation's presence
+    # costs a step that drafts nothing, apart from any plan).
+    params = SamplingParams(
+        temperature=0, max_tokens=max_tokens, ignore_eos=True, output_kind="final", speculative=method != "idle"
+    )
     if method == "replay":
         assert eng.speculator is not None and reference is not None
         replay = ReplayProposer(acceptance, eng.model_config.vocab_size, seed=0)
@@ -413,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument(
         "--methods", default="ngram,suffix",
-        help="comma-separated: ngram, suffix, replay, draft:MODEL; METHOD@rows: verify attention row by row (the A/B baseline of the verify kernel)",
+        help="comma-separated: ngram, suffix, replay, draft:MODEL, idle (a speculating engine whose requests all opt out); METHOD@rows: verify attention row by row (the A/B baseline of the verify kernel)",
     )  # fmt: skip
     ap.add_argument("--raw-weights", action="store_true", help="--shape: plain random weights (near-flat logits; greedy outputs may then differ between kernel paths)")
     ap.add_argument("--acceptance", type=float, default=0.7, help="replay: chance each replayed token is right")

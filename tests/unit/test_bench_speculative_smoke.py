@@ -15,13 +15,17 @@ from bench import speculative
 def test_speculative_bench_smoke(tmp_path: Path) -> None:
     out = tmp_path / "spec.json"
     # --no-adaptive: what the adaptive policy chooses depends on this machine's timings.
-    argv = ["--shape", "tiny", "--device", "cpu", "--methods", "replay,ngram", "--acceptance", "1.0",
+    argv = ["--shape", "tiny", "--device", "cpu", "--methods", "replay,ngram,idle", "--acceptance", "1.0",
             "--batch", "1", "3", "--max-tokens", "12", "--prompt-len", "20", "--no-adaptive", "--out", str(out)]  # fmt: skip
     assert speculative.main(argv) == 0  # 0: every run identical to speculation off
     rows = json.loads(out.read_text())["rows"]
     assert [(r["method"], r["batch"]) for r in rows] == [
-        ("off", 1), ("replay", 1), ("ngram", 1), ("off", 3), ("replay", 3), ("ngram", 3),
+        ("off", 1), ("replay", 1), ("ngram", 1), ("idle", 1), ("off", 3), ("replay", 3), ("ngram", 3), ("idle", 3),
     ]  # fmt: skip
+    # idle: the speculating engine with every request opted out drafts nothing (on the
+    # CPU, without async scheduling, every step still asks for a plan: empty ones).
+    idle = [r for r in rows if r["method"] == "idle"]
+    assert all(r["identical_to_off"] and r["proposed"] == 0 and r["verify_steps"] == 0 for r in idle)
     replay = [r for r in rows if r["method"] == "replay"]
     assert all(r["identical_to_off"] and r["accepted"] > 0 and r["tokens_per_request_step"] > 1.5 for r in replay)
     # Steps counted: every verify step is an engine step, and at batch 1 with every draft
