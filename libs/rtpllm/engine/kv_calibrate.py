@@ -389,7 +389,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if i in plan.k_center:
             notes.append(f"K centering; uncentered {fmt} {found.candidates[f'{fmt}~raw'][i]:.4f}")
         if i in plan.k_smooth:
-            notes.append(f"K smoothing, alpha {plan.k_smooth_alpha[i]:g}; unsmoothed int8 {found.candidates['int8~0'][i]:.4f}")
+            unsmoothed = "centered unsmoothed" if found.k_mean else "unsmoothed"
+            notes.append(f"K smoothing, alpha {plan.k_smooth_alpha[i]:g}; {unsmoothed} int8 {found.candidates['int8~0'][i]:.4f}")
         print(f"layer {i:3d}: {row}  -> {fmt}" + (f"  ({'; '.join(notes)})" if notes else ""))
     print(f"wrote {args.out}")
     return 0
