@@ -346,3 +346,35 @@ def test_the_policy_times_only_whole_steps(tiny_llama: Path) -> None:
     eng.step = checked_step  # type: ignore[method-assign]
     assert tokens(run(eng, PROMPTS, GREEDY)) == tokens(base)
     assert {"sync", "restart", "pipelined"} <= set(kinds), kinds
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8"])
+def test_replayed_drafts_on_a_quantized_cache_with_key_transforms(tiny_llama: Path, tmp_path: Path, fmt: str) -> None:
+    """Speculation over quantized KV whose plan centers and smooths the keys: verify
+    steps write drafts' keys (k - m) / s quantized with their own scales, rejected ones
+    are rewritten later, and greedy outputs equal speculation off's on the same cache,
+    through preemption and prefix hits."""
+    from rtpllm.kvcache.kv_plan import KVCachePlan
+    from rtpllm.models.config import ModelConfig
+    from rtpllm.models.k_smoothing import smoothing_vectors
+
+    cfg = ModelConfig.from_dir(tiny_llama)
+    g = torch.Generator().manual_seed(4)
+    smooth = {i: smoothing_vectors(torch.rand(cfg.num_kv_heads, cfg.head_dim, generator=g) * 8 + 0.1, 1.0).tolist() for i in range(cfg.num_layers)}
+    center = {i: (torch.randn(cfg.num_kv_heads, cfg.head_dim, generator=g) * 3).tolist() for i in range(cfg.num_layers)}
+    plan = tmp_path / "plan.json"
+    KVCachePlan((fmt,) * cfg.num_layers, k_smooth=smooth if fmt == "int8" else {}, k_center=center).save(plan)
+    shared = list(range(200, 232))
+    prompts = [shared + [i, i + 1, i + 2] for i in range(6)] + PROMPTS[:2]
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, output_kind="final")
+    small = {
+        "cache": CacheConfig(num_blocks=24, kv_cache_plan=str(plan)),
+        "scheduler": SchedulerConfig(max_num_batched_tokens=96),
+    }
+    base = run(engine(tiny_llama, None, **small), prompts, params)
+    eng = replay_engine(tiny_llama, base, prompts, 0.6, **small)
+    assert eng.model.layers[0].self_attn.k_shift is not None
+    assert tokens(run(eng, prompts, params)) == tokens(base)
+    counters = eng.speculator.counters  # type: ignore[union-attr]
+    assert 0 < counters.accepted_tokens < counters.proposed_tokens
+    assert eng.preemptions_total > 0 and eng.block_manager.stats.hit_tokens > 0
