@@ -223,6 +223,7 @@ def profile_batch_decode(path: Path, device: str, out_dir: Path, batch: int = 25
     what says whether the step is the GPU's or the host's: the steps' wall time against
     the GPU time of their kernels (a step whose kernels take less than its wall time
     left the GPU idle: host work on the critical path)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     llm = make_llm(path, device, max_model_len=1024 + 64 + steps, max_num_seqs=batch, max_num_batched_tokens=8192)
@@ -257,7 +258,13 @@ def profile_batch_decode(path: Path, device: str, out_dir: Path, batch: int = 25
         llm.close()
     prof.export_chrome_trace(str(out_dir / "batch_decode_trace.json"))
     events = prof.key_averages()
-    gpu_us = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)) for e in events)
+    # The kernels' own events only, as the table's "Self CUDA time total" counts them: a
+    # CPU op (aten::argmax) also reports its kernel's time as its self device time.
+    gpu_us = sum(
+        e.self_device_time_total
+        for e in events
+        if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+    )
     summary = {"batch": batch, "steps": steps, "step_ms": plain_ms, "profiled_step_ms": wall_ms, "gpu_kernel_ms_per_step": gpu_us / 1e3 / steps}
     return events.table(sort_by="cuda_time_total", row_limit=40), summary
 
