@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from rtpllm import LLM, SamplingParams
+from rtpllm.config import SpeculativeConfig
 from rtpllm.outputs import RequestOutput
 
 
@@ -221,3 +222,35 @@ async def test_async_engine_streams_end_on_shutdown(tiny_llama: Path) -> None:
     with pytest.raises(EngineDeadError):
         async for _ in eng.generate("after", [1], SamplingParams(max_tokens=1)):
             pass
+
+
+def test_bf16_engine_samples_from_native_logits_as_from_float32(tiny_llama: Path) -> None:
+    """The runner hands the sampler bf16 logits (`native_logits`); the outputs of a mixed
+    batch (plain greedy, logprobs, penalties, a sampled seeded row, n-gram speculation's
+    verify rows) equal those of float32 logits, and the runner did return bf16."""
+    prompts = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6], [9, 10, 11], [12, 13, 14, 15], [3, 4]]
+    params = [
+        SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2),
+        SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, repetition_penalty=1.3),
+        SamplingParams(temperature=0.9, seed=7, max_tokens=12, ignore_eos=True),
+    ]
+    results = []
+    for native in (True, False):
+        spec = SpeculativeConfig(method="ngram", num_speculative_tokens=3, adaptive=False, ngram_min=1)
+        llm = LLM(str(tiny_llama), device="cpu", dtype="bfloat16", speculative=spec)
+        llm.engine.runner.native_logits = native
+        dtypes: list[torch.dtype] = []
+        execute = llm.engine.runner.execute
+
+        def spy(step, prev=None, execute=execute, dtypes=dtypes):  # type: ignore[no-untyped-def]
+            out = execute(step, prev)
+            dtypes.append(out.logits.dtype)
+            return out
+
+        llm.engine.runner.execute = spy  # type: ignore[method-assign]
+        outs = llm.generate(prompts, params)
+        results.append([(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outs])
+        assert set(dtypes) == {torch.bfloat16 if native else torch.float32}
+        llm.close()
+    assert results[0] == results[1]

@@ -99,3 +99,49 @@ def test_temperature_sharpens() -> None:
     hot = sum(sampler.sample(logits.clone(), [Request("r", [0], SamplingParams(temperature=2.0))]).resolve()[0][0] == 0 for _ in range(2000))
     cold = sum(sampler.sample(logits.clone(), [Request("r", [0], SamplingParams(temperature=0.2))]).resolve()[0][0] == 0 for _ in range(2000))
     assert cold > hot + 400
+
+
+def _rows_of_every_kind() -> list[Request]:
+    return [
+        _req([1], [], temperature=0),
+        _req([1], [], temperature=0, logprobs=2),
+        _req([1, 2, 3], [3, 4], temperature=0, repetition_penalty=1.5),
+        _req([1], [], temperature=0, logit_bias={5: 3.0}),
+        _req([1], [], temperature=0, min_tokens=2, stop_token_ids=[7]),
+        _req([1], [], temperature=0.8, top_p=0.9, seed=3),
+    ]
+
+
+@pytest.mark.parametrize("kinds", [[0], [0, 0, 0], [0, 1], [0, 2], [0, 3], [0, 4], [0, 5], [0, 1, 2, 3, 4, 5]])
+def test_bf16_logits_sample_as_their_float32_copy(kinds: list[int]) -> None:
+    """The engine hands the sampler the model's bf16 logits (ModelRunner.native_logits):
+    a plain greedy batch takes the argmax on them, anything else their float32 copy. Both
+    must pick the tokens, and report the logprobs, that float32 logits give."""
+    torch.manual_seed(0)
+    logits = (torch.randn(len(kinds), V) * 4).to(torch.bfloat16)
+    logits[:, 5] = logits[:, 6]  # a tie: the first index wins either way
+    results = []
+    for batch in (logits.clone(), logits.float()):
+        reqs = [_rows_of_every_kind()[k] for k in kinds]
+        results.append(Sampler("cpu", seed=0).sample(batch, reqs).resolve())
+    assert results[0] == results[1]
+
+
+def test_a_plain_greedy_batch_is_not_cast(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The point of native logits: a [256, 151936] float32 copy and its argmax cost ~2.6%
+    of a Qwen3-0.6B batch-256 decode step on an H100 (docs/benchmarks.md)."""
+    logits = torch.randn(3, V).to(torch.bfloat16)
+    expected = logits.float().argmax(-1)
+    reqs = [_req([1], [], temperature=0) for _ in range(3)]
+
+    def no_cast(self: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("a plain greedy batch was cast to float32")
+
+    monkeypatch.setattr(torch.Tensor, "float", no_cast)
+    out = Sampler("cpu", seed=0).sample(logits, reqs)
+    monkeypatch.undo()
+    assert torch.equal(out.tokens, expected)
+    # One row that needs more than the argmax makes it cast.
+    monkeypatch.setattr(torch.Tensor, "float", no_cast)
+    with pytest.raises(AssertionError, match="cast"):
+        Sampler("cpu", seed=0).sample(logits, [*reqs, _req([1], [], temperature=0, logprobs=1)])

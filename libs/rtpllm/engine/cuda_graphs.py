@@ -89,12 +89,14 @@ class DecodeGraphs:
         verify_span: int = 1,
         memory_pool: tuple[int, int] | None = None,
         features: bool = False,
+        native_logits: bool = False,
     ) -> None:
         """`verify`: graphs for steps whose decode rows include several tokens of one
         sequence (see the module docstring), up to `verify_span` rows per sequence.
         `memory_pool`: another set's `pool`, to share its memory (the sets never replay
         at once). `features`: also output the rows' hidden-state features (the model's
-        `feature_layers`)."""
+        `feature_layers`). `native_logits`: output the logits in the model's dtype (see
+        `ModelRunner.native_logits`)."""
         self.model = model
         self.kv_caches = kv_caches
         self.backend = backend
@@ -115,6 +117,7 @@ class DecodeGraphs:
         self.verify = verify
         self.verify_span = verify_span if verify else 1
         self.features = features
+        self.native_logits = native_logits
         self._graphs: dict[int, _Graph] = {}
         self._pool = memory_pool
 
@@ -170,9 +173,9 @@ class DecodeGraphs:
         )
         if self.features:
             hidden, features = self.model.forward_with_features(self.input_ids[:size], self.positions[:size], self.kv_caches, meta)
-            return self.model.compute_logits(hidden), features
+            return self.model.compute_logits(hidden, self.native_logits), features
         hidden = self.model(self.input_ids[:size], self.positions[:size], self.kv_caches, meta)
-        return self.model.compute_logits(hidden), None
+        return self.model.compute_logits(hidden, self.native_logits), None
 
     def _reset_padding(self, size: int) -> None:
         self.input_ids[:size].zero_()

@@ -211,6 +211,7 @@ class LLMEngine:
             self.speculator.plan if self.speculator is not None else None,
         )
         self.runner = ModelRunner(self.model, self.kv_pool, self.block_manager, self.backend, self.device, multimodal, self.tp)
+        self.runner.native_logits = True  # the sampler and the verifier cast what they need
         if isinstance(self._draft, EagleProposer):
             self.runner.enable_features()  # the head reads the target's hidden states
         if self.tp is not None:
@@ -738,7 +739,7 @@ class LLMEngine:
         index = torch.tensor(spec_rows, device=logits.device)
         assert self.speculator is not None
         rows = [SpecRows(i.request, i.draft, self.speculator.draft_probs(i.request.request_id, len(i.draft))) for i in drafted]
-        results = verify(logits[index], rows, self._spec_generator)
+        results = verify(logits[index].float(), rows, self._spec_generator)
         rest = logits[torch.tensor(plain, dtype=torch.long, device=logits.device)]
         return rest, [i.request for i in items if not i.draft], list(zip(drafted, results, strict=True))
 

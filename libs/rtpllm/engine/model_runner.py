@@ -97,7 +97,8 @@ class StepSender(Protocol):
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # [num sampling rows, vocab] float32
+    # [num sampling rows, vocab]: float32, or the model's dtype with `native_logits`
+    logits: torch.Tensor
     sample_items: list[ScheduledRequest]
     prompt_logits: list[tuple[ScheduledRequest, int, torch.Tensor]]
     # [packed rows, width]: the features of every packed row (`enable_features`), in the
@@ -159,6 +160,11 @@ class ModelRunner:
         self.mixed_graphs: PiecewiseGraphs | None = None
         self.tp = tp
         self.capture_features = False
+        # The sampling rows' logits in the model's dtype, not float32: the engine's
+        # sampler casts them only when it needs more than a greedy argmax (which is the
+        # same on bf16, whose float32 values are exact). Set before enable_cuda_graphs.
+        # Prompt-logprob and observed logits stay float32.
+        self.native_logits = False
 
     def enable_features(self) -> None:
         """Return every packed row's features from each step (the model's
@@ -207,6 +213,7 @@ class ModelRunner:
             verify_span=verify_span,
             memory_pool=self.graphs.pool if self.graphs is not None else None,
             features=self.capture_features,
+            native_logits=self.native_logits,
         )
         graphs.capture()
         return graphs
@@ -362,7 +369,7 @@ class ModelRunner:
         hidden, features = self._forward_eager(batch, fill)
         compute = self.model.compute_logits
         every = compute(hidden) if observe else None
-        samples = compute(hidden[self._upload(batch.sample_indices)])
+        samples = compute(hidden[self._upload(batch.sample_indices)], self.native_logits)
         return BatchLogits(every, samples, [compute(hidden[span]) for span in spans], features)
 
     def _upload(self, a: np.ndarray) -> torch.Tensor:

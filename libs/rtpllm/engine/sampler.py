@@ -81,6 +81,19 @@ def _apply_penalties(logits: torch.Tensor, requests: list[Request]) -> None:
             logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
 
 
+def _argmax_only(req: Request) -> bool:
+    """True when the request's next token is the argmax of its raw logits: greedy, no
+    logprobs, nothing that edits the logits (penalties, biases, min_tokens)."""
+    p = req.params
+    return (
+        p.greedy
+        and p.logprobs is None
+        and not needs_history(p)
+        and not has_token_bias(p)
+        and req.num_output_tokens >= p.min_tokens
+    )
+
+
 def needs_history(params: SamplingParams) -> bool:
     """True when sampling reads the request's previous tokens (penalties)."""
     return params.repetition_penalty != 1.0 or bool(params.presence_penalty) or bool(params.frequency_penalty)
@@ -174,13 +187,16 @@ class Sampler:
         return g
 
     def sample(self, logits: torch.Tensor, requests: list[Request], mask: TokenMask | None = None) -> PendingSample:
-        """logits: [B, V] float32, one row per request (modified in place). `mask`: the
-        grammar masks of constrained rows (structured outputs), applied first, so the
-        reported logprobs, penalties and filters all see only tokens the grammar allows
-        (as vLLM does)."""
+        """logits: [B, V], one row per request (modified in place): float32, or the
+        model's dtype, which is cast here unless every row is a plain greedy argmax.
+        `mask`: the grammar masks of constrained rows (structured outputs), applied
+        first, so the reported logprobs, penalties and filters all see only tokens the
+        grammar allows (as vLLM does)."""
+        params = [r.params for r in requests]
+        if logits.dtype != torch.float32 and (mask is not None or not all(_argmax_only(r) for r in requests)):
+            logits = logits.float()
         if mask is not None:
             mask.apply(logits)
-        params = [r.params for r in requests]
         lp_k = [p.logprobs for p in params]
         raw_logprobs = logits.log_softmax(dim=-1) if any(k is not None for k in lp_k) else None
 

@@ -77,6 +77,7 @@ class ShardWorker:
         num_blocks, max_len = self.channel.recv_shape()
         pool = KVPool(model_config, num_blocks, config.cache.block_size, dtype, device, group.size, spec)
         self.runner = ModelRunner(model, pool, None, backend, device)
+        self.runner.native_logits = True  # as rank 0's (its logits are dropped here)
         # Rank 0's KV reads and writes (built on the thread that runs the steps: on CUDA
         # its copies follow this thread's stream).
         self.kv_server = KVShardServer(group, pool.kv)

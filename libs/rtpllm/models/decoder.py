@@ -139,16 +139,18 @@ class DecoderLM(nn.Module):
             taps[len(self.layers)] = hidden + residual
         return self.norm.add_and_norm(hidden, residual)[0]
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, native: bool = False) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] float32 logits (through the GEMV dispatcher, which is
         `F.linear`, i.e. `hidden @ weight.T`, except for small batches on CUDA). With
         tensor parallelism every rank computes its vocabulary shard's columns and gathers
-        the others' (every rank must call this with the same rows)."""
+        the others' (every rank must call this with the same rows). `native`: leave them
+        in the model's dtype, for a caller that casts only when it needs more than an
+        argmax (the float32 copy of a large batch's logits costs more than the argmax)."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         logits = linear(hidden, weight)
         if self.group is not None:
             logits = self.group.all_gather_columns(logits)[:, : self.config.vocab_size]
-        return logits.float()
+        return logits if native else logits.float()
 
     def zero_vocab_padding(self) -> None:
         """Zero the padding rows of the last vocabulary shard (their logits are dropped,
