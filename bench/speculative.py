@@ -26,7 +26,9 @@ is replaced by the next).
 
 Every speculating run gets a fresh engine: the suffix proposer's global trie learns
 from finished outputs, and a run must not draft from an earlier run's outputs of the
-same prompt. Off runs twice, first and last, each time in an engine of its own. On CUDA
+same prompt; for that reason `--repeats N` (N timed runs per engine, each side's median
+reported) is refused with the suffix proposer. Off runs twice, first and last, each time
+in an engine of its own. On CUDA
 each engine lives in a process of its own (spawned), so it has the whole GPU and its
 memory is gone when the process ends. Before a run is
 timed, its engine prefills every prompt once (one output token): timed runs then find
@@ -55,6 +57,7 @@ import json
 import multiprocessing
 import platform
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -113,6 +116,8 @@ class Run:
     output_tokens: int
     outputs: dict[str, list[int]]
     counters: dict[str, Any] = field(default_factory=dict)
+    # Every timed run's seconds (--repeats); `seconds` is their median's run.
+    all_seconds: list[float] = field(default_factory=list)
 
     @property
     def tok_s(self) -> float:
@@ -223,11 +228,24 @@ def engine_runs(
         if warm_of:
             warm = run_once(eng, method, warm_of[batch], batch, args.max_tokens, reference[-batch] if reference else None, args.acceptance)
             runs.append(replace(warm, method="warm"))
-        run = run_once(eng, method, prompts, batch, args.max_tokens, reference[batch] if reference else None, args.acceptance)
-        runs.append(replace(run, method=label))
+        timed = [
+            run_once(eng, method, prompts, batch, args.max_tokens, reference[batch] if reference else None, args.acceptance)
+            for _ in range(args.repeats)
+        ]
+        runs.append(replace(median_run(timed), method=label))
     dtype = str(eng.dtype).removeprefix("torch.")
     drop(eng)
     return runs, dtype
+
+
+def median_run(runs: list[Run]) -> Run:
+    """The run of median time (the lower middle one of an even count), carrying every
+    run's seconds. Repeats on one engine: the later ones start with the policy's cost
+    models and acceptance prior measured, as a serving engine's are."""
+    middle = sorted(runs, key=lambda r: r.seconds)[(len(runs) - 1) // 2]
+    if any(r.outputs != runs[0].outputs for r in runs):
+        print(f"{runs[0].method} batch {runs[0].batch}: repeated runs' outputs differ", file=sys.stderr)
+    return replace(middle, all_seconds=[round(r.seconds, 4) for r in runs])
 
 
 def isolated(args: argparse.Namespace, fn: Callable[..., T], *fn_args: Any) -> T:
@@ -379,6 +397,7 @@ def summarize(run: Run, base: Run, k: int) -> dict[str, Any]:
         "identical_requests": sum(run.outputs.get(r) == out for r, out in base.outputs.items()),
         "tokens_before_difference": [common_prefix(run.outputs.get(r, []), out) for r, out in sorted(base.outputs.items())],
         "seconds": round(run.seconds, 3),
+        "all_seconds": run.all_seconds,
         "chosen_k": c.get("chosen_k", {}),  # draft length chosen -> request-steps
         "acceptance_lengths": c.get("acceptance_lengths", {}),  # drafts accepted -> verifications
         "explorations": c.get("explorations", 0),
@@ -417,6 +436,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument(
+        "--repeats", type=int, default=1,
+        help="timed runs per engine and batch size; each side's figure is its median run, and off's the median of "
+        "its runs before and after the methods (off's own figure moves 2-3%% between runs on an H100)",
+    )  # fmt: skip
+    ap.add_argument(
         "--methods", default="ngram,suffix",
         help="comma-separated: ngram, suffix, replay, draft:MODEL, idle (a speculating engine whose requests all opt out); METHOD@rows: verify attention row by row (the A/B baseline of the verify kernel)",
     )  # fmt: skip
@@ -437,6 +461,10 @@ def main(argv: list[str] | None = None) -> int:
         # steps then vary several-fold with the neighbours' load.
         torch.set_num_threads(args.threads)
     methods = [m for m in args.methods.split(",") if m]
+    if args.repeats < 1:
+        raise SystemExit("--repeats must be at least 1")
+    if args.repeats > 1 and any(m.partition("@")[0] == "suffix" for m in methods):
+        raise SystemExit("--repeats with suffix: its global trie would draft from the earlier runs' outputs")
 
     tmp = tempfile.TemporaryDirectory()
     model = str(shaped_model(args.shape, Path(tmp.name))) if args.shape else resolve(args.model)
@@ -481,7 +509,9 @@ def main(argv: list[str] | None = None) -> int:
         first = base[batch]
         if again.outputs != first.outputs:
             print(f"batch {batch}: off's two runs differ", file=sys.stderr)
-        off = Run("off", batch, (first.seconds + again.seconds) / 2, first.output_tokens, first.outputs, first.counters)
+        offs = first.all_seconds + again.all_seconds
+        seconds = (first.seconds + again.seconds) / 2 if args.repeats == 1 else statistics.median(offs)
+        off = Run("off", batch, seconds, first.output_tokens, first.outputs, first.counters, offs)
         rows.append(summarize(off, off, args.num_speculative_tokens))
         rows += [summarize(r, off, args.num_speculative_tokens) for r in runs[batch]]
     header = ["method", "batch", "output_tok_s", "speedup", "acceptance_length", "accepted_per_request_step",

@@ -54,3 +54,21 @@ def test_speculative_bench_warm_batch_and_more_prompts_than_the_batch(tmp_path: 
     # One chosen k per request per decode step of the timed run (its first step is the
     # prefill's), none of the warm batch's.
     assert sum(replay["chosen_k"].values()) == replay["request_steps"] - replay["requests"]
+
+
+@pytest.mark.timeout(300)
+def test_speculative_bench_repeats_report_the_median_run(tmp_path: Path) -> None:
+    """--repeats N: N timed runs per engine; each row is its median run, with every run's
+    seconds (off's: both engines' runs). Refused with the suffix proposer, whose global
+    trie would draft from the earlier runs' outputs."""
+    out = tmp_path / "spec.json"
+    argv = ["--shape", "tiny", "--device", "cpu", "--methods", "replay", "--acceptance", "1.0", "--batch", "2",
+            "--max-tokens", "8", "--prompt-len", "16", "--no-adaptive", "--repeats", "3", "--out", str(out)]  # fmt: skip
+    assert speculative.main(argv) == 0
+    off, replay = json.loads(out.read_text())["rows"]
+    assert len(off["all_seconds"]) == 6 and len(replay["all_seconds"]) == 3
+    assert replay["seconds"] == round(sorted(replay["all_seconds"])[1], 3)
+    assert off["seconds"] == round(sorted(off["all_seconds"])[2:4][0] / 2 + sorted(off["all_seconds"])[2:4][1] / 2, 3)
+    assert replay["identical_to_off"] and replay["accepted"] > 0
+    with pytest.raises(SystemExit, match="suffix"):
+        speculative.main([*argv[:5], "suffix", *argv[6:]])
