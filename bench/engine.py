@@ -471,7 +471,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hf-batch", type=int, default=0, metavar="N", help="throughput: also HF generate_batch on N requests of each workload")
     ap.add_argument("--prefill-lens", type=int, nargs="+", default=[4096], help="prefill: prompt lengths")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes and counts (CPU check of the script)")
-    ap.add_argument("--mixed-cuda-graphs", action="store_true", help="throughput: steps with prefill tokens replay piecewise graphs")
+    ap.add_argument(
+        "--mixed-cuda-graphs", action=argparse.BooleanOptionalAction,
+        help="throughput: steps with prefill tokens replay piecewise graphs, or run eagerly (default: the engine's, on)",
+    )  # fmt: skip
     ap.add_argument("--timeline", action="store_true", help="throughput: also the time in decode steps and in steps with prefill tokens")
     ap.add_argument("--out", default=None, help="write results as JSON here")
     ap.add_argument("--profile", default=None, help="directory: write a batch-1 decode profile (table + trace) there")
@@ -505,8 +508,8 @@ def main(argv: list[str] | None = None) -> int:
             record(f"step[{big},b{batch}]", r, f"{r['step_ms']:.2f} ms, {r['achieved_GBps']:.0f} GB/s = {r['pct_of_copy_bandwidth']:.0f}% of copy bw")
     if args.what in ("throughput", "all"):
         mixed: dict[str, Any] = {"timeline": args.timeline}
-        if args.mixed_cuda_graphs:
-            mixed["mixed_cuda_graphs"] = True
+        if args.mixed_cuda_graphs is not None:
+            mixed["mixed_cuda_graphs"] = args.mixed_cuda_graphs
         results["mixed_cuda_graphs"] = args.mixed_cuda_graphs
         r = bench_throughput(model_dir(big, root), args.device, n_req, 16 if args.smoke else 256, **mixed)
         record(f"throughput[{big}]", r, f"{r['output_tok_per_s']:.0f} output tok/s ({r['seconds']:.1f} s)")

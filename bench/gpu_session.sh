@@ -102,7 +102,7 @@ for phase in "$@"; do
     ropetest) run ropetest 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_kernels.py -k test_rope ;;
     spectest) run spectest 300 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_speculative_cuda.py tests/gpu/test_verify_attention.py \
                 tests/gpu/test_kernels.py tests/gpu/test_kv_quant_kernels.py -k "speculative or greedy or backend or verify" ;;
-    pwtest) run pwtest 300 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_piecewise_cuda.py ;;
+    pwtest) run pwtest 300 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_piecewise_cuda.py tests/gpu/test_speculative_cuda.py -k "mixed or piecewise or eager" ;;
     mixed) run "mixed_${MIXED_SHAPE:-llama8b}" 560 python3 bench/mixed_steps.py --shape ${MIXED_SHAPE:-llama8b} ${MIXED_ARGS:-} \
              --out "$OUT/mixed_steps_${MIXED_SHAPE:-llama8b}.json" ;;
     throughput-mixed) run throughput-mixed 300 python3 bench/engine.py throughput --timeline --mixed-cuda-graphs --out "$OUT/throughput_mixed.json" ;;

@@ -116,8 +116,9 @@ class Run:
     output_tokens: int
     outputs: dict[str, list[int]]
     counters: dict[str, Any] = field(default_factory=dict)
-    # Every timed run's seconds (--repeats); `seconds` is their median's run.
+    # Every timed run's seconds (--repeats), and each run's step counts in run order.
     all_seconds: list[float] = field(default_factory=list)
+    all_steps: list[dict[str, int]] = field(default_factory=list)
 
     @property
     def tok_s(self) -> float:
@@ -239,13 +240,17 @@ def engine_runs(
 
 
 def median_run(runs: list[Run]) -> Run:
-    """The run of median time (the lower middle one of an even count), carrying every
-    run's seconds. Repeats on one engine: the later ones start with the policy's cost
-    models and acceptance prior measured, as a serving engine's are."""
-    middle = sorted(runs, key=lambda r: r.seconds)[(len(runs) - 1) // 2]
+    """The runs' median time (of an even count, the mean of the two middle ones), with
+    the counters of the middle run (the slower of the two middle ones) and every run's
+    seconds. Repeats on one engine: the later ones start with the policy's cost models
+    and acceptance prior measured, as a serving engine's are; the first is the cold one."""
+    middle = sorted(runs, key=lambda r: r.seconds)[len(runs) // 2]
     if any(r.outputs != runs[0].outputs for r in runs):
         print(f"{runs[0].method} batch {runs[0].batch}: repeated runs' outputs differ", file=sys.stderr)
-    return replace(middle, all_seconds=[round(r.seconds, 4) for r in runs])
+    seconds = statistics.median(r.seconds for r in runs)
+    keys = ("engine_steps", "speculative_steps", "explorations", "empty_plans", "prechecked_plans", "accepted_tokens")
+    steps = [{k: r.counters[k] for k in keys if k in r.counters} for r in runs]
+    return replace(middle, seconds=seconds, all_seconds=[round(r.seconds, 4) for r in runs], all_steps=steps)
 
 
 def isolated(args: argparse.Namespace, fn: Callable[..., T], *fn_args: Any) -> T:
@@ -398,6 +403,7 @@ def summarize(run: Run, base: Run, k: int) -> dict[str, Any]:
         "tokens_before_difference": [common_prefix(run.outputs.get(r, []), out) for r, out in sorted(base.outputs.items())],
         "seconds": round(run.seconds, 3),
         "all_seconds": run.all_seconds,
+        "all_steps": run.all_steps,  # each run's engine steps, verify steps ("speculative_steps"), plans
         "chosen_k": c.get("chosen_k", {}),  # draft length chosen -> request-steps
         "acceptance_lengths": c.get("acceptance_lengths", {}),  # drafts accepted -> verifications
         "explorations": c.get("explorations", 0),
@@ -424,9 +430,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-prompts", type=int, help="run these many distinct prompts per batch size, at most BATCH at a time")
     ap.add_argument(
         "--mixed-cuda-graphs",
-        action="store_true",
-        help="every engine replays steps with prefill chunks from piecewise graphs (an open batch's arrivals run "
-        "eagerly otherwise)",
+        action=argparse.BooleanOptionalAction,
+        help="every engine replays steps with prefill chunks from piecewise graphs, or not (an open batch's arrivals "
+        "then run eagerly); default: the engine's (on without tensor parallelism)",
     )
     ap.add_argument(
         "--warm-batch",

@@ -71,7 +71,7 @@ class LLM:
         attention_backend: str = "auto",
         load_format: str = "auto",
         cuda_graphs: bool = True,
-        mixed_cuda_graphs: bool = False,
+        mixed_cuda_graphs: bool | None = None,
         async_scheduling: bool | None = None,
         offload: OffloadConfig | None = None,
         tensor_parallel_size: int = 1,

@@ -35,7 +35,11 @@ def test_token_ladder_pads_little() -> None:
 def test_mixed_graph_tokens_follow_the_switches() -> None:
     on = EngineConfig(cuda_graphs=True, mixed_cuda_graphs=True, scheduler=SchedulerConfig(max_num_batched_tokens=512))
     assert mixed_graph_tokens(on) == 512
-    assert mixed_graph_tokens(EngineConfig(cuda_graphs=True)) == 0  # off by default
+    assert mixed_graph_tokens(EngineConfig(cuda_graphs=True, scheduler=SchedulerConfig(max_num_batched_tokens=512))) == 512  # on by default
+    # ... except with tensor parallelism, unless asked for.
+    assert mixed_graph_tokens(EngineConfig(cuda_graphs=True, tensor_parallel_size=2)) == 0
+    assert mixed_graph_tokens(EngineConfig(cuda_graphs=True, tensor_parallel_size=2, mixed_cuda_graphs=True)) > 0
+    assert mixed_graph_tokens(EngineConfig(cuda_graphs=True, mixed_cuda_graphs=False)) == 0
     assert mixed_graph_tokens(EngineConfig(cuda_graphs=False, mixed_cuda_graphs=True)) == 0
 
 

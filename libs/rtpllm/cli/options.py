@@ -60,7 +60,7 @@ ENGINE = [
     Flag("--attention-backend", "RTPLLM_ATTENTION_BACKEND", "attention backend (auto picks per device)", "auto"),
     Flag("--load-format", "RTPLLM_LOAD_FORMAT", "weights: auto (the checkpoint's safetensors) or dummy (random, for benchmarks)", "auto", str, ["auto", "dummy"]),
     Flag("--cuda-graphs", "RTPLLM_CUDA_GRAPHS", "capture the decode step in CUDA graphs (CUDA only)", True, boolean=True),
-    Flag("--mixed-cuda-graphs", "RTPLLM_MIXED_CUDA_GRAPHS", "with --cuda-graphs: also replay steps with prefill tokens (up to --max-num-batched-tokens) from graphs captured in pieces, attention run eagerly between them", False, boolean=True),
+    Flag("--mixed-cuda-graphs", "RTPLLM_MIXED_CUDA_GRAPHS", "with --cuda-graphs: also replay steps with prefill tokens (up to --max-num-batched-tokens) from graphs captured in pieces, attention run eagerly between them (default: on, except with --tensor-parallel-size > 1)", None, boolean=True),
     Flag("--tensor-parallel-size", "RTPLLM_TENSOR_PARALLEL_SIZE", "split the model over N processes and devices (this process is rank 0 and starts the others; CUDA: devices --device..+N-1); one instance on the bus (docs/tensor_parallel.md)", 1, int, aliases=("-tp",)),
     Flag("--async-scheduling", "RTPLLM_ASYNC_SCHEDULING", "launch step n+1 before step n's tokens are read back: auto (on for CUDA), on, off", "auto", str, ["auto", "on", "off"]),
     # No argparse choices: draft:PATH and eagle:PATH carry a path (checked in serve.py, naming the flag).

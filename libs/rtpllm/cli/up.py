@@ -23,7 +23,8 @@ def flags_to_argv(flags: list[Flag], args: argparse.Namespace) -> list[str]:
     for flag in flags:
         value = getattr(args, flag.dest)
         if flag.boolean:
-            argv.append(flag.name if value else f"--no-{flag.name[2:]}")
+            if value is not None:  # None: the child's own default
+                argv.append(flag.name if value else f"--no-{flag.name[2:]}")
         elif value is not None:
             argv += [flag.name, str(value)]
     return argv

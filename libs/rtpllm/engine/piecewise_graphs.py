@@ -59,7 +59,8 @@ _STEP = 16
 
 def mixed_graph_tokens(config: EngineConfig) -> int:
     """The largest step mixed-step graphs are captured for (0: none): the step budget."""
-    return config.scheduler.max_num_batched_tokens if config.cuda_graphs and config.mixed_cuda_graphs else 0
+    on = config.mixed_cuda_graphs if config.mixed_cuda_graphs is not None else config.tensor_parallel_size == 1
+    return config.scheduler.max_num_batched_tokens if config.cuda_graphs and on else 0
 
 
 def token_ladder(max_tokens: int) -> list[int]:
