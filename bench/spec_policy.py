@@ -26,6 +26,7 @@ from `bench/speculative.py` on the GPU. The device curves are calibrated from H1
   5.58 ms; for the 1.5B one verify step of 3.57 ms and pipelined ones of 1.79 ms.
 
     python bench/spec_policy.py [--tokens 128 512] [--acceptance 0 0.29 0.5 0.7 0.9] [--mixed 0.9,0.1 0.7,0.2] [--open | --warm] [--seed N]
+    python bench/spec_policy.py --devices llama8b-b64-s9 --prompts 256 --runs 3   # as speculative.py --num-prompts 256 --repeats 3
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -110,6 +112,8 @@ class Result:
     drafting_steps: int
     explorations: int
     chosen_k: dict[int, int]
+    # --runs: every timed run's speedup, in order (`speedup` is their median).
+    run_speedups: list[float] | None = None
 
 
 def _request(i: int) -> Request:
@@ -127,6 +131,8 @@ def simulate(
     open_batch: bool = False,
     warm: bool = False,
     jitter: float = 0.0,
+    prompts: int | None = None,
+    runs: int = 1,
 ) -> Result:
     """`device.batch` requests of `tokens` output tokens each; request i accepts at
     `acceptance`, or at acceptance[i % len] for a mixed batch. Closed (default): the
@@ -136,7 +142,10 @@ def simulate(
     queued (no tail). `warm`: an untimed batch of the same kind first, on the same
     speculator (`bench/speculative.py --warm-batch`). `jitter`: every step takes its
     time times (1 + jitter x a standard normal draw, at least -0.5), as steps on a real
-    host vary."""
+    host vary. `prompts`: `bench/speculative.py --num-prompts`: that many requests, at
+    most a batch at a time, each finished one replaced while any wait, then the tail.
+    `runs`: that many timed runs one after another on the same speculator (the bench's
+    `--repeats`); the steps, drafting steps and explorations are the last run's."""
     rng = random.Random(seed)
     rates = [acceptance] if isinstance(acceptance, float | int) else list(acceptance)
     spec = Speculator(_Drafts(), config)
@@ -147,17 +156,27 @@ def simulate(
         spec.observe_step(1, device.warm_plain, pipelined=True)
     for _ in range(9):  # the pipelined steps of the prompts' run-up, as in the engine
         spec.observe_step(batch, device.seconds(batch), pipelined=True)
+    count = prompts or batch
     if warm:
-        _run(spec, device, rates, tokens, rng, open_batch, first=batch, jitter=jitter)
+        _run(spec, device, rates, tokens, rng, open_batch, first=count, jitter=jitter, prompts=prompts)
         spec.counters.chosen_k.clear()
         spec.explorations = 0
-    elapsed, emitted, steps, drafting = _run(spec, device, rates, tokens, rng, open_batch, first=2 * batch if warm else 0, jitter=jitter)
-    total = batch * tokens
-    off = total / batch * device.seconds(batch)  # every step pipelined, the batch always full
+    # Off: every step pipelined, full waves of `batch` (the last one what is left).
+    waves = [min(batch, count - w) for w in range(0, count, batch)]
+    off = sum(tokens * device.seconds(n) for n in waves) if prompts else tokens * device.seconds(batch)
+    speedups: list[float] = []
+    for run in range(runs):
+        spec.explorations = 0
+        first = (run + 1 + warm) * count
+        elapsed, emitted, steps, drafting = _run(spec, device, rates, tokens, rng, open_batch, first=first, jitter=jitter, prompts=prompts)
+        speedups.append((emitted / elapsed) / (count * tokens / off))
     policy = "adaptive" if config.adaptive else f"fixed k={config.max_k}"
     chosen = dict(sorted(spec.counters.chosen_k.items()))
-    speedup = (emitted / elapsed) / (total / off)
-    return Result(device.name, rates[0] if len(rates) == 1 else rates, tokens, policy, speedup, steps, drafting, spec.explorations, chosen)
+    speedup = statistics.median(speedups)
+    return Result(
+        device.name, rates[0] if len(rates) == 1 else rates, tokens, policy, speedup, steps, drafting, spec.explorations, chosen,
+        [round(x, 4) for x in speedups] if runs > 1 else None,
+    )  # fmt: skip
 
 
 def _noise(rng: random.Random, jitter: float) -> float:
@@ -166,15 +185,16 @@ def _noise(rng: random.Random, jitter: float) -> float:
 
 def _run(
     spec: Speculator, device: Device, rates: list[float], tokens: int, rng: random.Random, open_batch: bool, first: int,
-    jitter: float = 0.0,
+    jitter: float = 0.0, prompts: int | None = None,
 ) -> tuple[float, int, int, int]:
-    """One batch (request ids from `first`): (seconds, tokens emitted, steps, drafting steps)."""
+    """One batch (request ids from `first`): (seconds, tokens emitted, steps, drafting
+    steps). `prompts`: that many requests through the batch, then its tail."""
     batch = device.batch
-    active = [_request(first + i) for i in range(batch)]
+    active = [_request(first + i) for i in range(min(batch, prompts or batch))]
     accepts = {r.request_id: float(rates[i % len(rates)]) for i, r in enumerate(active)}
     left = {r.request_id: tokens for r in active}
-    started = first + batch
-    total = batch * tokens  # what the run emits, either way
+    started = first + len(active)
+    total = (prompts or batch) * tokens  # what the run emits, either way
     elapsed, emitted, steps, drafting, in_flight = 0.0, 0, 0, 0, False
     while active and emitted < total:
         n = len(active)
@@ -218,7 +238,7 @@ def _run(
             if left[req.request_id] <= 0:
                 spec.forget(req)
                 active.remove(req)
-                if open_batch:
+                if open_batch or (prompts and started < first + prompts):
                     new = _request(started)
                     accepts[new.request_id] = accepts[req.request_id]
                     left[new.request_id] = tokens
@@ -238,6 +258,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0, help="the acceptance draws' seed")
     ap.add_argument("--jitter", type=float, default=0.0, help="relative spread of every step's time (a normal draw)")
     ap.add_argument("--warm", action="store_true", help="an untimed batch first, on the same speculator (speculative.py --warm-batch)")
+    ap.add_argument("--prompts", type=int, help="that many requests through the batch, then its tail (speculative.py --num-prompts)")
+    ap.add_argument("--runs", type=int, default=1, help="timed runs one after another on one speculator (speculative.py --repeats)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     configs = [PolicyConfig(max_k=4)] + [PolicyConfig(max_k=k, adaptive=False) for k in args.fixed]
@@ -247,10 +269,14 @@ def main(argv: list[str] | None = None) -> None:
         for acceptance in [*args.acceptance, *([float(a) for a in m.split(",")] for m in args.mixed)]:
             for tokens in args.tokens:
                 for config in configs:
-                    r = simulate(DEVICES[name], acceptance, tokens, config, open_batch=args.open, seed=args.seed, warm=args.warm, jitter=args.jitter)
+                    r = simulate(
+                        DEVICES[name], acceptance, tokens, config, open_batch=args.open, seed=args.seed, warm=args.warm,
+                        jitter=args.jitter, prompts=args.prompts, runs=args.runs,
+                    )  # fmt: skip
                     results.append(r)
                     shown = "/".join(map(str, r.acceptance)) if isinstance(r.acceptance, list) else r.acceptance
-                    print(f"{r.device} | {shown} | {r.tokens} | {r.policy} | {r.speedup:.3f} | {r.steps} | {r.drafting_steps} | {r.explorations}")
+                    runs = f" ({', '.join(f'{x:.3f}' for x in r.run_speedups)})" if r.run_speedups else ""
+                    print(f"{r.device} | {shown} | {r.tokens} | {r.policy} | {r.speedup:.3f}{runs} | {r.steps} | {r.drafting_steps} | {r.explorations}")
     if args.out:
         args.out.write_text(json.dumps({"devices": {n: asdict(DEVICES[n]) for n in args.devices}, "rows": [asdict(r) for r in results]}, indent=1))
 
