@@ -57,14 +57,7 @@ class Probe:
 
     def forward(self, attn: Any, positions: torch.Tensor, x: torch.Tensor, kv_cache: Any, meta: Any, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         tokens = x.shape[0]
-        q, k, v = attn.qkv_proj(x).split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
-        q = q.view(tokens, attn.num_heads, attn.head_dim)
-        k = k.view(tokens, attn.num_kv_heads, attn.head_dim)
-        v = v.view(tokens, attn.num_kv_heads, attn.head_dim)
-        qw = attn.q_norm.weight if attn.q_norm is not None else None
-        kw = attn.k_norm.weight if attn.k_norm is not None else None
-        eps = attn.q_norm.eps if attn.q_norm is not None else 0.0
-        q, k = layers.apply_rope(positions, q, k, cos, sin, qw, kw, eps)
+        q, k, v = attn.rotated_qkv(positions, x, cos, sin)  # no K shift: the model has no plan
         layer = attn.probe_index
         if self.capture:
             ks, vs, n = self.sums.get(layer, (0.0, 0.0, 0))

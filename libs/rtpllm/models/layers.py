@@ -120,6 +120,16 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """`cos`/`sin`: the rotary tables `positions` index (the model's shared tables,
         or per-token rows for M-RoPE)."""
+        q, k, v = self.rotated_qkv(positions, x, cos, sin)
+        # A quantized layer's cache is (k, v, k_scale, v_scale) (rtpllm.kvcache.kv_pool).
+        out = self.backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.sliding_window, *kv_cache[2:])
+        return self.o_proj(out.reshape(x.shape[0], self.q_size))
+
+    def rotated_qkv(
+        self, positions: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What attention reads: q [T, H, D] and k, v [T, Hkv, D], with q/k norm, RoPE and
+        the K shift applied."""
         tokens = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(tokens, self.num_heads, self.head_dim)
@@ -130,9 +140,7 @@ class Attention(nn.Module):
         kw = self.k_norm.weight if self.k_norm is not None else None
         eps = self.q_norm.eps if self.q_norm is not None else 0.0
         q, k = apply_rope(positions, q, k, cos, sin, qw, kw, eps, self.k_shift)
-        # A quantized layer's cache is (k, v, k_scale, v_scale) (rtpllm.kvcache.kv_pool).
-        out = self.backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.sliding_window, *kv_cache[2:])
-        return self.o_proj(out.reshape(tokens, self.q_size))
+        return q, k, v
 
 
 class DecoderLayer(nn.Module):
