@@ -250,7 +250,7 @@ def median_run(runs: list[Run]) -> Run:
     seconds = statistics.median(r.seconds for r in runs)
     keys = ("engine_steps", "speculative_steps", "explorations", "empty_plans", "prechecked_plans", "accepted_tokens")
     steps = [{k: r.counters[k] for k in keys if k in r.counters} for r in runs]
-    return replace(middle, seconds=seconds, all_seconds=[round(r.seconds, 4) for r in runs], all_steps=steps)
+    return replace(middle, seconds=seconds, all_seconds=[r.seconds for r in runs], all_steps=steps)
 
 
 def isolated(args: argparse.Namespace, fn: Callable[..., T], *fn_args: Any) -> T:
@@ -402,7 +402,7 @@ def summarize(run: Run, base: Run, k: int) -> dict[str, Any]:
         "identical_requests": sum(run.outputs.get(r) == out for r, out in base.outputs.items()),
         "tokens_before_difference": [common_prefix(run.outputs.get(r, []), out) for r, out in sorted(base.outputs.items())],
         "seconds": round(run.seconds, 3),
-        "all_seconds": run.all_seconds,
+        "all_seconds": [round(x, 4) for x in run.all_seconds],
         "all_steps": run.all_steps,  # each run's engine steps, verify steps ("speculative_steps"), plans
         "chosen_k": c.get("chosen_k", {}),  # draft length chosen -> request-steps
         "acceptance_lengths": c.get("acceptance_lengths", {}),  # drafts accepted -> verifications
@@ -515,9 +515,8 @@ def main(argv: list[str] | None = None) -> int:
         first = base[batch]
         if again.outputs != first.outputs:
             print(f"batch {batch}: off's two runs differ", file=sys.stderr)
-        offs = first.all_seconds + again.all_seconds
-        seconds = (first.seconds + again.seconds) / 2 if args.repeats == 1 else statistics.median(offs)
-        off = Run("off", batch, seconds, first.output_tokens, first.outputs, first.counters, offs)
+        offs = first.all_seconds + again.all_seconds  # one run each: the median is their mean
+        off = Run("off", batch, statistics.median(offs), first.output_tokens, first.outputs, first.counters, offs)
         rows.append(summarize(off, off, args.num_speculative_tokens))
         rows += [summarize(r, off, args.num_speculative_tokens) for r in runs[batch]]
     header = ["method", "batch", "output_tok_s", "speedup", "acceptance_length", "accepted_per_request_step",
