@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from offline_throughput import random_prompts, run_throughput  # noqa: E402
 
 from rtpllm import LLM, SamplingParams
+from rtpllm.config import KV_CACHE_DTYPES
 from rtpllm.loader.random_checkpoint import (
     LLAMA_3_1_8B_SHAPE,
     LLAMA_3_1_70B_SHAPE,
@@ -217,7 +218,9 @@ def profile_decode(path: Path, device: str, out_dir: Path, steps: int = 10) -> s
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
 
 
-def profile_batch_decode(path: Path, device: str, out_dir: Path, batch: int = 256, steps: int = 10, seed: int = 0) -> tuple[str, dict[str, Any]]:
+def profile_batch_decode(
+    path: Path, device: str, out_dir: Path, batch: int = 256, steps: int = 10, seed: int = 0, kv_cache_dtype: str = "auto"
+) -> tuple[str, dict[str, Any]]:
     """Per-kernel GPU time of pure-decode steps at the offline workload's batch: `batch`
     requests of 100..1024-token prompts (seeded), profiled once all are decoding. Also
     what says whether the step is the GPU's or the host's: the steps' wall time against
@@ -226,7 +229,9 @@ def profile_batch_decode(path: Path, device: str, out_dir: Path, batch: int = 25
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    llm = make_llm(path, device, max_model_len=1024 + 64 + steps, max_num_seqs=batch, max_num_batched_tokens=8192)
+    llm = make_llm(
+        path, device, max_model_len=1024 + 64 + steps, max_num_seqs=batch, max_num_batched_tokens=8192, kv_cache_dtype=kv_cache_dtype
+    )  # fmt: skip
     try:
         eng = llm.engine
         vocab = eng.model_config.vocab_size
@@ -475,6 +480,14 @@ def main(argv: list[str] | None = None) -> int:
         "--mixed-cuda-graphs", action=argparse.BooleanOptionalAction,
         help="throughput: steps with prefill tokens replay piecewise graphs, or run eagerly (default: the engine's, on)",
     )  # fmt: skip
+    ap.add_argument(
+        "--kv-cache-dtype", default=None, choices=KV_CACHE_DTYPES,
+        help="throughput, profile-batch: the KV cache's format (default: the engine's, the model's dtype)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--workloads", nargs="+", default=["big", "small"], choices=["big", "small"],
+        help="throughput: the 8B-shape workload (256 out), the 0.6B-shape one (512 out), or both",
+    )  # fmt: skip
     ap.add_argument("--timeline", action="store_true", help="throughput: also the time in decode steps and in steps with prefill tokens")
     ap.add_argument("--out", default=None, help="write results as JSON here")
     ap.add_argument("--profile", default=None, help="directory: write a batch-1 decode profile (table + trace) there")
@@ -511,10 +524,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.mixed_cuda_graphs is not None:
             mixed["mixed_cuda_graphs"] = args.mixed_cuda_graphs
         results["mixed_cuda_graphs"] = args.mixed_cuda_graphs
-        r = bench_throughput(model_dir(big, root), args.device, n_req, 16 if args.smoke else 256, **mixed)
-        record(f"throughput[{big}]", r, f"{r['output_tok_per_s']:.0f} output tok/s ({r['seconds']:.1f} s)")
-        r = bench_throughput(model_dir(small, root), args.device, n_req, 16 if args.smoke else 512, **mixed)
-        record(f"throughput[{small}]", r, f"{r['output_tok_per_s']:.0f} output tok/s ({r['seconds']:.1f} s)")
+        if args.kv_cache_dtype is not None:
+            mixed["kv_cache_dtype"] = args.kv_cache_dtype
+        results["kv_cache_dtype"] = args.kv_cache_dtype
+        kv = f",{args.kv_cache_dtype}" if args.kv_cache_dtype else ""
+        for workload in args.workloads:
+            shape, out_len = (big, 256) if workload == "big" else (small, 512)
+            r = bench_throughput(model_dir(shape, root), args.device, n_req, 16 if args.smoke else out_len, **mixed)
+            record(f"throughput[{shape}{kv}]", r, f"{r['output_tok_per_s']:.0f} output tok/s ({r['seconds']:.1f} s)")
         if args.hf_batch:
             for shape, out_len in ((big, 16 if args.smoke else 256), (small, 16 if args.smoke else 512)):
                 try:
@@ -532,7 +549,10 @@ def main(argv: list[str] | None = None) -> int:
         print(table)
     elif args.what == "profile-batch":
         out_dir = Path(args.profile or ".")
-        table, summary = profile_batch_decode(model_dir(small, root), args.device, out_dir, batch=8 if args.smoke else 256, steps=3 if args.smoke else 10)
+        table, summary = profile_batch_decode(
+            model_dir(small, root), args.device, out_dir, batch=8 if args.smoke else 256, steps=3 if args.smoke else 10,
+            kv_cache_dtype=args.kv_cache_dtype or "auto",
+        )  # fmt: skip
         (out_dir / "batch_decode_profile.txt").write_text(table)
         print(table)
         record(f"profile-batch[{small}]", summary, f"{summary['step_ms']:.2f} ms a step, kernels {summary['gpu_kernel_ms_per_step']:.2f} ms")

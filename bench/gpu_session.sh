@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: carried wheels, GPU tests and benchmarks by phase,
 # full logs under $OUT, a short summary last. Usage: bash bench/gpu_session.sh PHASE...
-# Phases: env kvqtest (quantized-KV kernel tests) ropetest (the RoPE kernel, K shift included) kernels model gptfast prefill (PREFILL_LENS) attnlong hfbatch (HF_BATCH) spec (SPEC_ACC SPEC_BATCH SPEC_SHAPE SPEC_TOKENS SPEC_MAX_LEN SPEC_ARGS SPEC_TAG: output name suffix) specab (the verify kernel against row-by-row verify attention; SPEC_ARGS) specidle (off, a speculating engine with no request speculating, and replay: what is lost outside plans) verifyattn spectest quantsweep kvqitl (KVQ_BATCH KVQ_CTX KVQ_CFG KVQ_ARGS) profprefill profbatch (PB_SHAPE: the offline workload's batch-256 decode step, per kernel) kvqspeed (KVQ_CTX KVQ_ARGS: e.g. --itl-only --formats fp8; KVQ_TAG KVQ_LIMIT) quantchunk kvqchunk (KVQ_CTX KVQ_CHUNK) kvqprof (KVQ_BATCH KVQ_CTX) tpdry (one GPU) tp8b tp70b (two GPUs)
+# Phases: env kvqtest (quantized-KV kernel tests) ropetest (the RoPE kernel, K shift included) kernels model gptfast prefill (PREFILL_LENS) attnlong hfbatch (HF_BATCH) spec (SPEC_ACC SPEC_BATCH SPEC_SHAPE SPEC_TOKENS SPEC_MAX_LEN SPEC_ARGS SPEC_TAG: output name suffix) specab (the verify kernel against row-by-row verify attention; SPEC_ARGS) specidle (off, a speculating engine with no request speculating, and replay: what is lost outside plans) verifyattn spectest quantsweep kvqitl (KVQ_BATCH KVQ_CTX KVQ_CFG KVQ_ARGS) profprefill profbatch (PB_SHAPE PB_KV: the offline workload's batch-256 decode step, per kernel) throughput-kv (KVT_WORKLOAD=big|small KVT_DTYPES: the offline workload per KV format) kvqspeed (KVQ_CTX KVQ_ARGS: e.g. --itl-only --formats fp8; KVQ_TAG KVQ_LIMIT) quantchunk kvqchunk (KVQ_CTX KVQ_CHUNK) kvqprof (KVQ_BATCH KVQ_CTX) tpdry (one GPU) tp8b tp70b (two GPUs)
 #          pwtest mixed (MIXED_SHAPE MIXED_ARGS) throughput-mixed (mixed-step graphs, issue 23) shortdecode
 #          structtest structured servingtax servingtax-cpu (ST_ARGS=...) multimodal (MM_ARGS=... MM_LIMIT=s) latency latency-ab engine attention ops load (SWEEP=T:E:D,... COLD_SWEEP=... METHODS=...) serveready loadsweep pinned zerocopy kvtiers routing loadtest
 #         gemvtest xfertest kvxfer pd (kvxfer and pd want two GPUs: nvidia-h100-x2)
@@ -69,7 +69,10 @@ for phase in "$@"; do
     kvtiers) run kvtiers 300 python3 bench/kv_tiers.py --device cuda --ttft --json "$OUT/kv_tiers.json" ;;
     zerocopy) run zerocopy 240 python3 bench/zero_copy_probe.py --gb 4 --threads 8,16 --out "$OUT/zero_copy.json" ;;
     pinned) run pinned 120 python3 bench/pinned_alloc.py --out "$OUT/pinned.json" ;;
-    profbatch) run profbatch 200 python3 bench/engine.py profile-batch --shape ${PB_SHAPE:-qwen06b} --profile "$OUT" --out "$OUT/batch_decode_profile.json" ;;
+    profbatch) run profbatch${PB_KV:+_$PB_KV} 200 python3 bench/engine.py profile-batch --shape ${PB_SHAPE:-qwen06b} ${PB_KV:+--kv-cache-dtype $PB_KV} --profile "$OUT" --out "$OUT/batch_decode_profile${PB_KV:+_$PB_KV}.json" ;;
+    throughput-kv) for dt in ${KVT_DTYPES:-auto fp8 int8}; do
+        run "throughput_${KVT_WORKLOAD:-small}_$dt" 300 python3 bench/engine.py throughput --workloads ${KVT_WORKLOAD:-small} --kv-cache-dtype $dt --out "$OUT/throughput_${KVT_WORKLOAD:-small}_$dt.json"
+      done ;;
     profprefill) run profprefill 200 python3 bench/engine.py profile-prefill --profile "$OUT" ;;
     kvqitl) run kvqitl 300 python3 bench/kv_quant.py speed --itl-only --batch ${KVQ_BATCH:-32} --context ${KVQ_CTX:-16384} \
               ${KVQ_CFG:+--decode-config $KVQ_CFG} ${KVQ_ARGS:-} --out "$OUT/kv_quant_itl${KVQ_CFG:+_$KVQ_CFG}.json" ;;

@@ -420,3 +420,41 @@ def test_a_step_goes_at_most_one_doubling_past_what_was_measured() -> None:
     sync.observe(128, 0.009)
     counts = policy.allot([Candidate([0.9, 0.8, 0.7, 0.6]) for _ in range(64)], 64, 64, 1 << 16)
     assert sum(counts) == 192  # now up to 256 tokens
+
+
+def test_a_lull_clears_the_re_plan_wait() -> None:
+    """Once the last request that could speculate leaves, the next ones are planned at
+    their first decode step, as by a fresh engine, not after the re-plan wait (and its
+    back-off) that the batch before them ran up; while any request stays, the wait holds.
+    What was measured stays: a plan is still priced by the step costs seen."""
+
+    def backed_off() -> tuple[Speculator, Request]:
+        spec = Speculator(_FixedProposer(), PolicyConfig(max_k=4), probe_every=16)
+        old = decoding("old")
+        # Drafts do not pay: verify steps at 3x a pipelined one, every draft rejected.
+        for _ in range(9):
+            spec.observe_step(1, 0.010, pipelined=True)
+            spec.observe_step(5, 0.030)
+        for _ in range(200):
+            drafts = spec.plan([old], base_tokens=1, max_extra=4) if spec.wants_step([old]) else {}
+            if drafts:
+                spec.observe_verified(old, len(drafts["old"]), 0)
+            spec.observe_step(1 + len(drafts.get("old", ())), 0.030 if drafts else 0.010, pipelined=not drafts)
+        # Now drafts pay (cheap verify steps): only the wait keeps a plan away.
+        for _ in range(9):
+            spec.observe_step(1, 0.010, pipelined=True)
+            spec.observe_step(5, 0.0101)
+        return spec, old
+
+    def first_plan(spec: Speculator, reqs: list[Request]) -> int:
+        return next(step for step in range(1, 600) if spec.wants_step(reqs))
+
+    spec, old = backed_off()
+    assert first_plan(spec, [old, decoding("new")]) > 16  # the old request stays: the wait holds
+    spec, old = backed_off()
+    old.finish_reason = "stop"
+    spec.forget(old)
+    new = decoding("new")
+    assert first_plan(spec, [new]) == 1
+    # It drafts, though short: its prior is the recent acceptance (every draft rejected).
+    assert spec.plan([new], base_tokens=1, max_extra=4) == {"new": (1,)}
