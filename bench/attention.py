@@ -556,6 +556,51 @@ def quant_sweep_rows(device: str, smoke: bool, fmt: str = "fp8") -> list[dict[st
     return rows
 
 
+def scale_layout_rows(device: str, smoke: bool) -> list[dict[str, Any]]:
+    """Decode over a quantized cache with its per-token scales laid out two ways: as the
+    pool holds them today, token-major ([blocks, 16 tokens, 8 KV heads]: one program's
+    16 scales of a block sit 32 bytes apart, every 128-byte line of the block's 512
+    touched), and head-major (a head's 16 scales in 64 contiguous bytes), beside bf16,
+    each with its default launch and split count. The 8B shape at batch 32 x 16k (the
+    KV-quantization issue's) and batch 256 x 1024; GB/s count K, V and scale bytes."""
+    rows: list[dict[str, Any]] = []
+    for batch, ctx in ((2, 70),) if smoke else ((32, 16384), (256, 1024)):
+        rows += _scale_layout_case(batch, ctx, device, ("fp8",) if smoke else ("fp8", "int8"))
+    return rows
+
+
+def _scale_layout_case(batch: int, ctx: int, device: str, formats: tuple[str, ...]) -> list[dict[str, Any]]:
+    from rtpllm.kernels.kv_quant import storage_dtype
+
+    kc, vc, tables, seq_lens, slots = paged_cache(batch, ctx, device, torch.Generator().manual_seed(11))
+    q = torch.randn(batch, HQ, D, device=device, dtype=DT)
+    kn = torch.randn(batch, HKV, D, device=device, dtype=DT)
+    out = torch.empty_like(q)
+
+    def decode(k: torch.Tensor, v: torch.Tensor, **kw: Any) -> torch.Tensor:
+        decode_mod.paged_decode_attention_triton(
+            q, kn, kn, k, v, tables, seq_lens, slots, D**-0.5, None, out=out, max_seq_len=ctx, **kw
+        )  # fmt: skip
+        return out
+
+    ms = bench(lambda: decode(kc, vc), device)
+    rows = [{"batch": batch, "ctx": ctx, "fmt": "bf16", "layout": "-", "ms": ms, "gbs": batch * ctx * HKV * D * 4 / ms / 1e6}]
+    for fmt in formats:
+        qk, qv = kc.to(storage_dtype(fmt)), vc.to(storage_dtype(fmt))
+        token_major = [torch.rand(qk.shape[:3], device=device) / 100 for _ in range(2)]
+        head_major = []
+        for t in token_major:
+            h = torch.empty(t.shape[0], t.shape[2], t.shape[1], device=device).transpose(1, 2)
+            head_major.append(h.copy_(t))
+        outs = {}
+        for layout, (ks, vs) in (("token-major", token_major), ("head-major", head_major)):
+            outs[layout] = decode(qk, qv, k_scale=ks, v_scale=vs).clone()
+            ms = bench(lambda k=qk, v=qv, ks=ks, vs=vs: decode(k, v, k_scale=ks, v_scale=vs), device)
+            rows.append({"batch": batch, "ctx": ctx, "fmt": fmt, "layout": layout, "ms": ms, "gbs": batch * ctx * HKV * (D + 4) * 2 / ms / 1e6})
+        rows[-1]["max_abs_diff"] = float((outs["head-major"].float() - outs["token-major"].float()).abs().max())
+    return rows
+
+
 def prefill_sweep_rows(device: str, smoke: bool) -> list[dict[str, Any]]:
     """Extend-kernel launch configs on the 4096-token prefill."""
     length = 64 if smoke else 4096
@@ -680,6 +725,7 @@ def main() -> None:
         "--prefill-lens", type=int, nargs="+", default=[4096], help="uncached prompt lengths for the prefill rows"
     )
     parser.add_argument("--quant-sweep", action="store_true", help="only: decode launch configs over an fp8 cache at batch 32 x 16k")
+    parser.add_argument("--scale-layout", action="store_true", help="only: decode over fp8/int8 caches with token-major and head-major scales")
     parser.add_argument("--long", action="store_true", help="also 4k-token chunks over 12k and 28k cached tokens")
     parser.add_argument("--verify", action="store_true", help="only: a speculative verify step's attention, verify kernel vs row by row")
     parser.add_argument("--quant-chunk", action="store_true", help="only: a chunk over a cached prefix, quantized extend kernel vs SDPA over the dequantized context")
@@ -717,6 +763,13 @@ def main() -> None:
             best = min(cfgs, key=cfgs.__getitem__) if cfgs else "-"
             print(f"{r['batch']} x {r['ctx']} | {r['rows_ms']:.3f} | {r['verify_ms']:.3f} | {r['plain_decode_ms']:.3f} | "
                   f"{r['verify_gbs']:.0f} | {best} {cfgs.get(best, float('nan')):.3f}")  # fmt: skip
+        write_rows(args.out, device, rows)
+        return
+    if args.scale_layout:
+        rows = scale_layout_rows(device, args.smoke)
+        print("batch x ctx | KV | scales | ms | GB/s | max |diff| head- vs token-major")
+        for r in rows:
+            print(f"{r['batch']} x {r['ctx']} | {r['fmt']} | {r['layout']} | {r['ms']:.4f} | {r['gbs']:.0f} | {r.get('max_abs_diff', '')}")
         write_rows(args.out, device, rows)
         return
     if args.quant_sweep:

@@ -28,6 +28,9 @@ import torch
 pytestmark = pytest.mark.gpu
 
 SMEM_LIMIT = 227 * 1024
+# The pool's scale views are token-major (kv_format.quantized_views): their head stride
+# is 1, which a launch specialises on (Triton makes an int argument of 1 a constant).
+TOKEN_MAJOR_SCALES = {"stride_ksh": 1, "stride_vsh": 1}
 TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 Case = tuple[
     str, Any, dict[str, Any], dict[str, str], int, int
@@ -80,7 +83,7 @@ def _cases() -> Iterator[Case]:
                 "GROUP": group, "HEAD_BLOCKS": 1, "BLOCK_H": decode_attention._block_h(group), "BLOCK_N": block_n,
                 "BLOCK_D": triton.next_power_of_2(head_dim), "HEAD_DIM": head_dim, "PAGE_SIZE": 16,
                 "SINGLE": splits == 1, "SLIDING": False, "FUSE_NEW": True, "PRECISION": "tf32", "QUANT": quant,
-                "V_MUL": 448.0 if quant == 1 else 127.0,
+                "V_MUL": 448.0 if quant == 1 else 127.0, **TOKEN_MAJOR_SCALES,
             }
             ptrs = dict.fromkeys(("Q", "K_new", "V_new", "Out"), "bf16")
             ptrs.update(K_cache=vt, V_cache=vt, K_scale="fp32", V_scale="fp32")
@@ -99,7 +102,7 @@ def _cases() -> Iterator[Case]:
             "GROUP": group, "GROUP_P2": triton.next_power_of_2(group), "BLOCK_M": tile, "BLOCK_N": block_n,
             "BLOCK_D": triton.next_power_of_2(head_dim), "HEAD_DIM": head_dim, "PAGE_SIZE": 16, "SINGLE": splits == 1,
             "SLIDING": quant == 0, "PRECISION": "ieee" if dt == "fp32" else "tf32", "QUANT": quant,
-            "V_MUL": {0: 1.0, 1: 448.0, 2: 127.0}[quant],
+            "V_MUL": {0: 1.0, 1: 448.0, 2: 127.0}[quant], **(TOKEN_MAJOR_SCALES if quant else {}),
         }  # fmt: skip
         ptrs = dict.fromkeys(("Q", "Out"), dt)
         ptrs.update(K_cache=vt, V_cache=vt, K_scale="fp32" if quant else "i32", V_scale="fp32" if quant else "i32")
@@ -147,7 +150,7 @@ def _cases() -> Iterator[Case]:
             consts = {
                 "GROUP": 4, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": triton.next_power_of_2(head_dim),
                 "HEAD_DIM": head_dim, "PAGE_SIZE": 16, "SLIDING": False, "WRITE_KV": True, "PRECISION": "tf32",
-                "QUANT": quant, "V_MUL": 448.0 if quant == 1 else 127.0,
+                "QUANT": quant, "V_MUL": 448.0 if quant == 1 else 127.0, **TOKEN_MAJOR_SCALES,
             }
             ptrs = dict.fromkeys(("Q", "K", "V", "Out"), "bf16")
             ptrs.update(K_cache=vt, V_cache=vt, K_scale="fp32", V_scale="fp32")
@@ -160,7 +163,7 @@ def _cases() -> Iterator[Case]:
     ptrs = {"K": bf, "V": bf, "K_cache": bf, "V_cache": bf, "Slot_mapping": "i64", "K_scale": "i32", "V_scale": "i32"}
     yield "store_kv", kv_cache._store_kv_kernel, consts, ptrs, 4, 1
     for quant, vt in ((1, "fp8e4nv"), (2, "i8")):
-        consts = {"NUM_KV_HEADS": 8, "BLOCK_H": 8, "BLOCK_D": 128, "HEAD_DIM": 128, "PAGE_SIZE": 16, "QUANT": quant}
+        consts = {"NUM_KV_HEADS": 8, "BLOCK_H": 8, "BLOCK_D": 128, "HEAD_DIM": 128, "PAGE_SIZE": 16, "QUANT": quant, **TOKEN_MAJOR_SCALES}
         ptrs = {"K": bf, "V": bf, "K_cache": vt, "V_cache": vt, "Slot_mapping": "i64", "K_scale": "fp32", "V_scale": "fp32"}
         yield f"store_kv kv={vt}", kv_cache._store_kv_kernel, consts, ptrs, 4, 1
     consts = {"N": 4096, "BLOCK": 4096, "HAS_RESIDUAL": True}

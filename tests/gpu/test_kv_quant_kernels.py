@@ -204,6 +204,60 @@ def test_extend_quantized_prefill_and_chunks(kernel_device: str, fmt: str) -> No
         _check(qc, _run_extend(qc, None), None)
 
 
+def _head_major(scale: torch.Tensor) -> torch.Tensor:
+    """The same scales as a head-major view: [blocks, block_size, Hkv] over [blocks, Hkv,
+    block_size] memory (a head's tokens contiguous: token stride 1, head stride block_size)."""
+    blocks, block_size, heads = scale.shape
+    out = torch.full((blocks, heads, block_size), float("nan"), dtype=scale.dtype, device=scale.device)
+    out = out.transpose(1, 2)
+    out.copy_(scale)
+    assert out.stride() == (heads * block_size, 1, block_size)
+    return out
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("kernel", ["store", "decode", "extend", "verify"])
+def test_head_major_scales_give_the_contiguous_results(kernel_device: str, fmt: str, kernel: str) -> None:
+    """The kernels take the scales' head stride (stride_ksh / stride_vsh) rather than
+    assume 1: head-major scale views give bit for bit the outputs, stored values and
+    scales of the pool's [block, token, head] ones, and match the torch reference."""
+    if kernel == "verify":
+        from test_verify_attention import verify_case
+
+        from rtpllm.kernels.verify_attention import paged_verify_attention_ref, paged_verify_attention_triton
+
+        q, kc, vc, tables, lens, spans, scale = verify_case([50, 21], [5, 3], (8, 4), torch.float32, kernel_device, 5)
+        (kq, ks), (vq, vs) = quantize_ref(kc, fmt), quantize_ref(vc, fmt)
+        ks2, vs2 = _head_major(ks), _head_major(vs)
+        outs = [
+            paged_verify_attention_triton(q, kq, vq, tables, lens, spans, scale, 5, num_splits=2, k_scale=a, v_scale=b)
+            for a, b in ((ks, vs), (ks2, vs2))
+        ]
+        ref = paged_verify_attention_ref(q, kq, vq, tables, lens, spans, scale, 5, k_scale=ks2, v_scale=vs2)
+        assert torch.equal(outs[0], outs[1])
+        assert rel_err(outs[1], ref) < TOL[torch.float32]
+        return
+    seq_lens, q_lens = ([2, 17, 40], [1, 1, 1]) if kernel == "decode" else ([40, 9, 33], [40, 5, 16])
+    case = make_case(seq_lens, q_lens, 8, 4, 32, 16, torch.float32, kernel_device, seed=41)
+    runs = []
+    for head_major in (False, True):
+        qc = QuantCase(case, fmt)
+        if head_major:
+            qc.k_scale, qc.v_scale = _head_major(qc.k_scale), _head_major(qc.v_scale)
+        qc.snapshot()
+        out = None
+        if kernel == "store":
+            store_kv_triton(case.k, case.v, qc.k_cache, qc.v_cache, case.meta.slot_mapping, qc.k_scale, qc.v_scale)
+            qc.check_cache_matches_reference_store()
+        else:
+            out = _run_decode(qc, None, 2) if kernel == "decode" else _run_extend(qc, None)
+            _check(qc, out, None)  # the stores and the output against the torch reference
+        runs.append((out, qc.k_cache.view(torch.uint8), qc.v_cache.view(torch.uint8), qc.k_scale, qc.v_scale))
+    (out0, *stored0), (out1, *stored1) = runs
+    assert out0 is None or torch.equal(out0, out1)
+    assert all(torch.equal(a, b) for a, b in zip(stored0, stored1, strict=True))
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("store_first", [False, True])
 def test_backend_quantized_matches_torch_backend(

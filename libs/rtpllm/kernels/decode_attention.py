@@ -81,7 +81,7 @@ def _block_h(group: int) -> int:
 @triton.jit
 def tile_scores(
     q, K_cache, K_scale, blk, within, kvh, offs_d, kv_mask, mask_n,
-    stride_kcb, stride_kct, stride_kch, stride_ksb, stride_kst, sm_scale_log2,
+    stride_kcb, stride_kct, stride_kch, stride_ksb, stride_kst, stride_ksh, sm_scale_log2,
     PRECISION: tl.constexpr, QUANT: tl.constexpr,
 ):  # fmt: skip
     """Scores (log2 domain) of the query tile against one paged K tile; a quantized
@@ -93,7 +93,9 @@ def tile_scores(
         other=0.0,
     )
     if QUANT != 0:
-        ks = tl.load(K_scale + blk * stride_ksb + within * stride_kst + kvh, mask=mask_n, other=0.0)
+        ks = tl.load(
+            K_scale + blk * stride_ksb + within * stride_kst + kvh * stride_ksh, mask=mask_n, other=0.0
+        )
         s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * (ks * sm_scale_log2)[None, :]
     else:
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale_log2
@@ -103,7 +105,7 @@ def tile_scores(
 @triton.jit
 def tile_values(
     acc, alpha, p, q, V_cache, V_scale, blk, within, kvh, offs_d, kv_mask, mask_n,
-    stride_vcb, stride_vct, stride_vch, stride_vsb, stride_vst,
+    stride_vcb, stride_vct, stride_vch, stride_vsb, stride_vst, stride_vsh,
     PRECISION: tl.constexpr, QUANT: tl.constexpr, V_MUL: tl.constexpr,
 ):  # fmt: skip
     """acc * alpha + p @ V for one paged V tile (the rescaled accumulator goes into the
@@ -116,7 +118,9 @@ def tile_values(
         other=0.0,
     )
     if QUANT != 0:
-        vs = tl.load(V_scale + blk * stride_vsb + within * stride_vst + kvh, mask=mask_n, other=0.0)
+        vs = tl.load(
+            V_scale + blk * stride_vsb + within * stride_vst + kvh * stride_vsh, mask=mask_n, other=0.0
+        )
         pv = (p * (vs * V_MUL)[None, :]).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(pv, v.to(q.dtype), input_precision=PRECISION)
     else:
@@ -157,8 +161,10 @@ def _decode_stage1_kernel(
     stride_vch,
     stride_ksb,
     stride_kst,
+    stride_ksh,
     stride_vsb,
     stride_vst,
+    stride_vsh,
     stride_bt,
     stride_ot,
     stride_oh,
@@ -227,7 +233,7 @@ def _decode_stage1_kernel(
         kv_mask = mask_n[:, None] & mask_d[None, :]
         s = tile_scores(
             q, K_cache, K_scale, blk, within, kvh, offs_d, kv_mask, mask_n,
-            stride_kcb, stride_kct, stride_kch, stride_ksb, stride_kst, sm_scale_log2, PRECISION, QUANT,
+            stride_kcb, stride_kct, stride_kch, stride_ksb, stride_kst, stride_ksh, sm_scale_log2, PRECISION, QUANT,
         )  # fmt: skip
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -236,7 +242,7 @@ def _decode_stage1_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = tile_values(
             acc, alpha, p, q, V_cache, V_scale, blk, within, kvh, offs_d, kv_mask, mask_n,
-            stride_vcb, stride_vct, stride_vch, stride_vsb, stride_vst, PRECISION, QUANT, V_MUL,
+            stride_vcb, stride_vct, stride_vch, stride_vsb, stride_vst, stride_vsh, PRECISION, QUANT, V_MUL,
         )  # fmt: skip
         m_i = m_new
 
@@ -265,8 +271,14 @@ def _decode_stage1_kernel(
                             base_v = V_cache + blk_w * stride_vcb + off_w * stride_vct + kvh * stride_vch
                             tl.store(base_k + one[:, None] * 0 + offs_d[None, :], kq, mask=mask_d[None, :])
                             tl.store(base_v + one[:, None] * 0 + offs_d[None, :], vq, mask=mask_d[None, :])
-                            tl.store(K_scale + blk_w * stride_ksb + off_w * stride_kst + kvh + one, kn_scale)
-                            tl.store(V_scale + blk_w * stride_vsb + off_w * stride_vst + kvh + one, vn_scale)
+                            tl.store(
+                                K_scale + blk_w * stride_ksb + off_w * stride_kst + kvh * stride_ksh + one,
+                                kn_scale,
+                            )
+                            tl.store(
+                                V_scale + blk_w * stride_vsb + off_w * stride_vst + kvh * stride_vsh + one,
+                                vn_scale,
+                            )
                     kn32 = tl.sum(kq.to(tl.float32) * kn_scale[:, None], 0)
                     vn32 = tl.sum(vq.to(tl.float32) * (vn_scale * V_MUL)[:, None], 0)
                 else:
@@ -474,8 +486,10 @@ def paged_decode_attention_triton(
         v_cache.stride(2),
         k_scale.stride(0) if quant else 0,
         k_scale.stride(1) if quant else 0,
+        k_scale.stride(2) if quant else 0,
         v_scale.stride(0) if quant else 0,
         v_scale.stride(1) if quant else 0,
+        v_scale.stride(2) if quant else 0,
         block_tables.stride(0),
         out.stride(0),
         out.stride(1),

@@ -108,8 +108,10 @@ def _extend_kernel(
     stride_vch,
     stride_ksb,
     stride_kst,
+    stride_ksh,
     stride_vsb,
     stride_vst,
+    stride_vsh,
     stride_bt,
     stride_ot,
     stride_oh,
@@ -180,8 +182,16 @@ def _extend_kernel(
             ks = sm_scale_log2
             vs = sm_scale_log2
             if QUANT != 0:
-                ks = tl.load(K_scale + blk * stride_ksb + within * stride_kst + kvh, mask=mask_n, other=0.0)
-                vs = tl.load(V_scale + blk * stride_vsb + within * stride_vst + kvh, mask=mask_n, other=0.0)
+                ks = tl.load(
+                    K_scale + blk * stride_ksb + within * stride_kst + kvh * stride_ksh,
+                    mask=mask_n,
+                    other=0.0,
+                )
+                vs = tl.load(
+                    V_scale + blk * stride_vsb + within * stride_vst + kvh * stride_vsh,
+                    mask=mask_n,
+                    other=0.0,
+                )
             keep = mask_n[None, :]
             if SLIDING:
                 keep = keep & (offs_n[None, :] > (prefix + offs_m)[:, None] - window)
@@ -276,8 +286,16 @@ def _extend_kernel(
                 if QUANT != 0:
                     kn, kn_scale = quantize_rows(kn.to(tl.float32), QUANT)
                     vn, vn_scale = quantize_rows(vn.to(tl.float32), QUANT)
-                    tl.store(K_scale + blk_w * stride_ksb + off_w * stride_kst + kvh, kn_scale, mask=ok)
-                    tl.store(V_scale + blk_w * stride_vsb + off_w * stride_vst + kvh, vn_scale, mask=ok)
+                    tl.store(
+                        K_scale + blk_w * stride_ksb + off_w * stride_kst + kvh * stride_ksh,
+                        kn_scale,
+                        mask=ok,
+                    )
+                    tl.store(
+                        V_scale + blk_w * stride_vsb + off_w * stride_vst + kvh * stride_vsh,
+                        vn_scale,
+                        mask=ok,
+                    )
                 tl.store(
                     K_cache
                     + (blk_w * stride_kcb + off_w * stride_kct + kvh * stride_kch)[:, None]
@@ -386,8 +404,10 @@ def paged_extend_attention_triton(
         v_cache.stride(2),
         k_scale.stride(0) if quant else 0,
         k_scale.stride(1) if quant else 0,
+        k_scale.stride(2) if quant else 0,
         v_scale.stride(0) if quant else 0,
         v_scale.stride(1) if quant else 0,
+        v_scale.stride(2) if quant else 0,
         block_tables.stride(0),
         out.stride(0),
         out.stride(1),

@@ -38,8 +38,10 @@ def _store_kv_kernel(
     stride_vch,
     stride_ksb,
     stride_kst,
+    stride_ksh,
     stride_vsb,
     stride_vst,
+    stride_vsh,
     NUM_KV_HEADS: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -58,12 +60,16 @@ def _store_kv_kernel(
         k = tl.load(K + t * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask, other=0.0)
         v = tl.load(V + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask, other=0.0)
         if QUANT != 0:
-            # Scale views are [blocks, block_size, heads] with the heads contiguous.
+            # Scale views are [blocks, block_size, heads], any strides (stride_ksh: heads).
             k, k_scale = quantize_rows(k.to(tl.float32), QUANT)
             v, v_scale = quantize_rows(v.to(tl.float32), QUANT)
             mask_s = offs_h < NUM_KV_HEADS
-            tl.store(K_scale + blk * stride_ksb + off * stride_kst + offs_h, k_scale, mask=mask_s)
-            tl.store(V_scale + blk * stride_vsb + off * stride_vst + offs_h, v_scale, mask=mask_s)
+            tl.store(
+                K_scale + blk * stride_ksb + off * stride_kst + offs_h * stride_ksh, k_scale, mask=mask_s
+            )
+            tl.store(
+                V_scale + blk * stride_vsb + off * stride_vst + offs_h * stride_vsh, v_scale, mask=mask_s
+            )
         tl.store(
             K_cache + blk * stride_kcb + off * stride_kct + offs_h[:, None] * stride_kch + offs_d[None, :],
             k.to(K_cache.dtype.element_ty),
@@ -112,8 +118,10 @@ def store_kv_triton(
         v_cache.stride(2),
         k_scale.stride(0) if quant else 0,
         k_scale.stride(1) if quant else 0,
+        k_scale.stride(2) if quant else 0,
         v_scale.stride(0) if quant else 0,
         v_scale.stride(1) if quant else 0,
+        v_scale.stride(2) if quant else 0,
         NUM_KV_HEADS=num_kv_heads,
         BLOCK_H=next_power_of_2(num_kv_heads),
         BLOCK_D=next_power_of_2(head_dim),

@@ -61,13 +61,15 @@ def kernel_scales(
     cache: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, placeholder: torch.Tensor
 ) -> tuple[int, torch.Tensor, torch.Tensor]:
     """A kernel launch's (QUANT code, K scales, V scales): a quantized cache must come
-    with its scale views (unit-stride rows); a plain one passes `placeholder`, an
-    unused tensor, so every launch has the same argument types."""
+    with its scale views [blocks, block_size, kv_heads] fp32 (any strides: the kernels
+    take all three); a plain one passes `placeholder`, an unused tensor, so every launch
+    has the same argument types."""
     quant = quant_code(cache)
     if not quant:
         return 0, placeholder, placeholder
     assert k_scale is not None and v_scale is not None, "a quantized cache needs its scales"
-    assert k_scale.stride(-1) == 1 and v_scale.stride(-1) == 1
+    for s in (k_scale, v_scale):
+        assert s.dim() == 3 and s.dtype == SCALE_DTYPE, "scales are [blocks, block_size, kv_heads] fp32"
     return quant, k_scale, v_scale
 
 

@@ -98,8 +98,10 @@ def _verify_stage1_kernel(
     stride_vch,
     stride_ksb,
     stride_kst,
+    stride_ksh,
     stride_vsb,
     stride_vst,
+    stride_vsh,
     stride_bt,
     stride_ot,
     stride_oh,
@@ -170,7 +172,7 @@ def _verify_stage1_kernel(
             kv_mask = mask_n[:, None] & mask_d[None, :]
             s = tile_scores(
                 q, K_cache, K_scale, blk, within, kvh, offs_d, kv_mask, mask_n,
-                stride_kcb, stride_kct, stride_kch, stride_ksb, stride_kst, sm_scale_log2, PRECISION, QUANT,
+                stride_kcb, stride_kct, stride_kch, stride_ksb, stride_kst, stride_ksh, sm_scale_log2, PRECISION, QUANT,
             )  # fmt: skip
             valid = mask_n[None, :] & (offs_n[None, :] < row_len[:, None])
             if SLIDING:
@@ -185,7 +187,7 @@ def _verify_stage1_kernel(
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = tile_values(
                 acc, alpha, p, q, V_cache, V_scale, blk, within, kvh, offs_d, kv_mask, mask_n,
-                stride_vcb, stride_vct, stride_vch, stride_vsb, stride_vst, PRECISION, QUANT, V_MUL,
+                stride_vcb, stride_vct, stride_vch, stride_vsb, stride_vst, stride_vsh, PRECISION, QUANT, V_MUL,
             )  # fmt: skip
             m_i = m_new
 
@@ -277,8 +279,10 @@ def paged_verify_attention_triton(
         v_cache.stride(2),
         k_scale.stride(0) if quant else 0,
         k_scale.stride(1) if quant else 0,
+        k_scale.stride(2) if quant else 0,
         v_scale.stride(0) if quant else 0,
         v_scale.stride(1) if quant else 0,
+        v_scale.stride(2) if quant else 0,
         block_tables.stride(0),
         out.stride(0),
         out.stride(1),
