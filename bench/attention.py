@@ -593,11 +593,20 @@ def _scale_layout_case(batch: int, ctx: int, device: str, formats: tuple[str, ..
             h = torch.empty(t.shape[0], t.shape[2], t.shape[1], device=device).transpose(1, 2)
             head_major.append(h.copy_(t))
         outs = {}
-        for layout, (ks, vs) in (("token-major", token_major), ("head-major", head_major)):
-            outs[layout] = decode(qk, qv, k_scale=ks, v_scale=vs).clone()
-            ms = bench(lambda k=qk, v=qv, ks=ks, vs=vs: decode(k, v, k_scale=ks, v_scale=vs), device)
-            rows.append({"batch": batch, "ctx": ctx, "fmt": fmt, "layout": layout, "ms": ms, "gbs": batch * ctx * HKV * (D + 4) * 2 / ms / 1e6})
-        rows[-1]["max_abs_diff"] = float((outs["head-major"].float() - outs["token-major"].float()).abs().max())
+        # fp8 also with its dots in fp16 (decode_attention.FP8_F16_DOTS).
+        variants = [("token-major", token_major, False), ("head-major", head_major, False)]
+        if fmt == "fp8":
+            variants += [("token-major, fp16 dots", token_major, True), ("head-major, fp16 dots", head_major, True)]
+        default = decode_mod.FP8_F16_DOTS
+        for layout, (ks, vs), f16 in variants:
+            decode_mod.FP8_F16_DOTS = f16
+            try:
+                outs[layout] = decode(qk, qv, k_scale=ks, v_scale=vs).clone()
+                ms = bench(lambda k=qk, v=qv, ks=ks, vs=vs: decode(k, v, k_scale=ks, v_scale=vs), device)
+            finally:
+                decode_mod.FP8_F16_DOTS = default
+            diff = float((outs[layout].float() - outs["token-major"].float()).abs().max())
+            rows.append({"batch": batch, "ctx": ctx, "fmt": fmt, "layout": layout, "ms": ms, "gbs": batch * ctx * HKV * (D + 4) * 2 / ms / 1e6, "max_abs_diff": diff})
     return rows
 
 
@@ -767,7 +776,7 @@ def main() -> None:
         return
     if args.scale_layout:
         rows = scale_layout_rows(device, args.smoke)
-        print("batch x ctx | KV | scales | ms | GB/s | max |diff| head- vs token-major")
+        print("batch x ctx | KV | scales | ms | GB/s | max |diff| vs token-major")
         for r in rows:
             print(f"{r['batch']} x {r['ctx']} | {r['fmt']} | {r['layout']} | {r['ms']:.4f} | {r['gbs']:.0f} | {r.get('max_abs_diff', '')}")
         write_rows(args.out, device, rows)

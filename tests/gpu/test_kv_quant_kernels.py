@@ -258,6 +258,51 @@ def test_head_major_scales_give_the_contiguous_results(kernel_device: str, fmt: 
     assert all(torch.equal(a, b) for a, b in zip(stored0, stored1, strict=True))
 
 
+@pytest.mark.parametrize("kernel", ["decode", "verify"])
+def test_fp8_dots_in_fp16_match_the_reference_as_closely_as_in_bf16(
+    kernel_device: str, kernel: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With FP8_F16_DOTS the fp8 tiles and a bf16 query meet in fp16 dots: the output
+    matches the torch reference within the bf16 tolerance and no worse than the bf16
+    dots do (fp16 keeps more mantissa; the query is clamped to its range), over
+    several split counts; a query beyond fp16's range stays finite."""
+    from rtpllm.kernels import decode_attention
+
+    def run(f16: bool, huge: bool = False) -> tuple[float, torch.Tensor]:
+        monkeypatch.setattr(decode_attention, "FP8_F16_DOTS", f16)
+        if kernel == "verify":
+            from test_verify_attention import verify_case
+
+            from rtpllm.kernels.verify_attention import (
+                paged_verify_attention_ref,
+                paged_verify_attention_triton,
+            )
+
+            q, kc, vc, tables, lens, spans, scale = verify_case([50, 21], [5, 3], (8, 4), torch.bfloat16, kernel_device, 9)
+            if huge:
+                q[0, 0, 0] = 1e6
+            (kq, ks), (vq, vs) = quantize_ref(kc, "fp8"), quantize_ref(vc, "fp8")
+            out = paged_verify_attention_triton(q, kq, vq, tables, lens, spans, scale, 5, num_splits=2, k_scale=ks, v_scale=vs)
+            ref = paged_verify_attention_ref(q, kq, vq, tables, lens, spans, scale, 5, k_scale=ks, v_scale=vs)
+            return rel_err(out, ref), out
+        case = make_case([2, 17, 40, 70], [1] * 4, 8, 2, 64, 16, torch.bfloat16, kernel_device, seed=43)
+        if huge:
+            case.q[0, 0, 0] = 1e6
+        errs, outs = [], []
+        for splits in (1, 3):
+            qc = QuantCase(case, "fp8")
+            qc.snapshot()
+            out = _run_decode(qc, None, splits)
+            errs.append(rel_err(out, qc.reference_out(None)))
+            outs.append(out)
+        return max(errs), torch.stack(outs)
+
+    (err16, _), (err_bf, _) = run(True), run(False)
+    assert err16 < TOL[torch.bfloat16], f"fp16 dots: rel err {err16:.2e}"
+    assert err16 <= err_bf * 1.25 + 1e-4, f"fp16 dots {err16:.2e} against bf16 dots {err_bf:.2e}"
+    assert torch.isfinite(run(True, huge=True)[1]).all()
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("store_first", [False, True])
 def test_backend_quantized_matches_torch_backend(

@@ -44,6 +44,19 @@ MAX_SPLITS = 64
 WAVE_PROGRAMS_PER_SM = 4
 # (BLOCK_N, num_warps, num_stages) forced by bench/attention.py --sweep; None: decode_config().
 CONFIG_OVERRIDE: tuple[int, int, int] | None = None
+# On: fp8 tiles widen to fp16 for the dots, the query with them (clamped to fp16's
+# range; its mantissa has room for bf16's). sm_90 converts two e4m3 values to fp16 in
+# one instruction, and to bf16 only through fp16, one more instruction per value, which
+# in the decode loop outnumber every other instruction (its PTX: 256 cvt.bf16.f16 and
+# 130 cvt.rn.f16x2.e4m3x2 a tile); but the fp16 form holds more registers (208 against
+# 168 at the default launch: tests/gpu/test_compile_sm90.py). Off until a GPU run of
+# bench/attention.py --scale-layout, which times both, says which is faster.
+FP8_F16_DOTS = False
+
+
+def f16_dots(quant: int, q_dtype: torch.dtype) -> bool:
+    """Whether a launch over a cache of QUANT code `quant` runs its dots in fp16."""
+    return FP8_F16_DOTS and quant == 1 and q_dtype in (torch.bfloat16, torch.float16)
 
 
 def decode_config(head_dim: int, dtype: torch.dtype = torch.bfloat16, quant: bool = False) -> tuple[int, int, int]:
@@ -76,6 +89,12 @@ def decode_num_splits(batch: int, num_kv_heads: int, group: int, max_seq_len: in
 def _block_h(group: int) -> int:
     # tl.dot needs >= 16 rows; the padded rows cost tensor-core time only, which decode has spare.
     return min(max(16, next_power_of_2(group)), 64)
+
+
+@triton.jit
+def widen_query_f16(q):
+    """The query as fp16 for dots with fp8 tiles (FP8_F16_DOTS), clamped to fp16's range."""
+    return tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
 
 
 @triton.jit
@@ -187,6 +206,7 @@ def _decode_stage1_kernel(
     PRECISION: tl.constexpr,
     QUANT: tl.constexpr,
     V_MUL: tl.constexpr,
+    F16_DOTS: tl.constexpr,
 ):
     b = tl.program_id(0)
     hb = tl.program_id(1)
@@ -220,6 +240,8 @@ def _decode_stage1_kernel(
     )
     if QUANT == 0:
         q = q.to(cache_ty)
+    elif F16_DOTS:
+        q = widen_query_f16(q)
 
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -513,6 +535,7 @@ def paged_decode_attention_triton(
         PRECISION=dot_precision(q.dtype if quant else k_cache.dtype),
         QUANT=quant,
         V_MUL=V_MUL[quant],
+        F16_DOTS=f16_dots(quant, q.dtype),
         num_warps=num_warps,
         num_stages=num_stages,
     )

@@ -35,11 +35,13 @@ import torch
 from rtpllm.kernels._triton import cdiv, device_sms, dot_precision, next_power_of_2, tl, triton
 from rtpllm.kernels.decode_attention import (
     decode_num_splits,
+    f16_dots,
     merge_splits,
     paged_decode_attention_ref,
     split_buffers,
     tile_scores,
     tile_values,
+    widen_query_f16,
 )
 from rtpllm.kernels.kv_quant import V_MUL, kernel_scales
 
@@ -123,6 +125,7 @@ def _verify_stage1_kernel(
     PRECISION: tl.constexpr,
     QUANT: tl.constexpr,
     V_MUL: tl.constexpr,
+    F16_DOTS: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -159,6 +162,8 @@ def _verify_stage1_kernel(
         )
         if QUANT == 0:
             q = q.to(cache_ty)
+        elif F16_DOTS:
+            q = widen_query_f16(q)
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -304,6 +309,7 @@ def paged_verify_attention_triton(
         PRECISION=dot_precision(q.dtype if quant else k_cache.dtype),
         QUANT=quant,
         V_MUL=V_MUL[quant],
+        F16_DOTS=f16_dots(quant, q.dtype),
         num_warps=num_warps,
         num_stages=num_stages,
     )
