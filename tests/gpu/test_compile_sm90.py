@@ -84,7 +84,7 @@ def _cases() -> Iterator[Case]:
                 "BLOCK_D": triton.next_power_of_2(head_dim), "HEAD_DIM": head_dim, "PAGE_SIZE": 16,
                 "SINGLE": splits == 1, "SLIDING": False, "FUSE_NEW": True, "PRECISION": "tf32", "QUANT": quant,
                 "V_MUL": 448.0 if quant == 1 else 127.0, **TOKEN_MAJOR_SCALES,
-                "F16_DOTS": quant == 1,
+                "F16_DOTS": decode_attention.f16_dots(quant, torch.bfloat16),  # as launches set it
             }
             ptrs = dict.fromkeys(("Q", "K_new", "V_new", "Out"), "bf16")
             ptrs.update(K_cache=vt, V_cache=vt, K_scale="fp32", V_scale="fp32")
@@ -104,7 +104,7 @@ def _cases() -> Iterator[Case]:
             "BLOCK_D": triton.next_power_of_2(head_dim), "HEAD_DIM": head_dim, "PAGE_SIZE": 16, "SINGLE": splits == 1,
             "SLIDING": quant == 0, "PRECISION": "ieee" if dt == "fp32" else "tf32", "QUANT": quant,
             "V_MUL": {0: 1.0, 1: 448.0, 2: 127.0}[quant], **(TOKEN_MAJOR_SCALES if quant else {}),
-            "F16_DOTS": quant == 1 and dt == "bf16",
+            "F16_DOTS": decode_attention.f16_dots(quant, torch.float32 if dt == "fp32" else torch.bfloat16),
         }  # fmt: skip
         ptrs = dict.fromkeys(("Q", "Out"), dt)
         ptrs.update(K_cache=vt, V_cache=vt, K_scale="fp32" if quant else "i32", V_scale="fp32" if quant else "i32")
