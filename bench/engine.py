@@ -520,17 +520,17 @@ def main(argv: list[str] | None = None) -> int:
             r = bench_step(model_dir(big, root), args.device, batch, ctx=64 if args.smoke else 1024, steps=8 if args.smoke else 32)
             record(f"step[{big},b{batch}]", r, f"{r['step_ms']:.2f} ms, {r['achieved_GBps']:.0f} GB/s = {r['pct_of_copy_bandwidth']:.0f}% of copy bw")
     if args.what in ("throughput", "all"):
-        mixed: dict[str, Any] = {"timeline": args.timeline}
+        engine_kw: dict[str, Any] = {"timeline": args.timeline}
         if args.mixed_cuda_graphs is not None:
-            mixed["mixed_cuda_graphs"] = args.mixed_cuda_graphs
+            engine_kw["mixed_cuda_graphs"] = args.mixed_cuda_graphs
         results["mixed_cuda_graphs"] = args.mixed_cuda_graphs
         if args.kv_cache_dtype is not None:
-            mixed["kv_cache_dtype"] = args.kv_cache_dtype
+            engine_kw["kv_cache_dtype"] = args.kv_cache_dtype
         results["kv_cache_dtype"] = args.kv_cache_dtype
         kv = f",{args.kv_cache_dtype}" if args.kv_cache_dtype else ""
         for workload in args.workloads:
             shape, out_len = (big, 256) if workload == "big" else (small, 512)
-            r = bench_throughput(model_dir(shape, root), args.device, n_req, 16 if args.smoke else out_len, **mixed)
+            r = bench_throughput(model_dir(shape, root), args.device, n_req, 16 if args.smoke else out_len, **engine_kw)
             record(f"throughput[{shape}{kv}]", r, f"{r['output_tok_per_s']:.0f} output tok/s ({r['seconds']:.1f} s)")
         if args.hf_batch:
             for shape, out_len in ((big, 16 if args.smoke else 256), (small, 16 if args.smoke else 512)):

@@ -36,7 +36,7 @@ import torch
 from rtpllm.kernels._triton import cdiv, device_sms, dot_precision, next_power_of_2, tl, triton, use_triton
 from rtpllm.kernels.attention_ref import gather_context, reference_attention
 from rtpllm.kernels.kv_cache import store_kv_ref
-from rtpllm.kernels.kv_quant import V_MUL, kernel_scales, quantize_rows
+from rtpllm.kernels.kv_quant import V_MUL, kernel_scales, quantize_rows, scale_strides
 
 # A partition shorter than this costs more in the merge than its parallelism earns.
 MIN_TOKENS_PER_SPLIT = 256
@@ -506,12 +506,7 @@ def paged_decode_attention_triton(
         v_cache.stride(0),
         v_cache.stride(1),
         v_cache.stride(2),
-        k_scale.stride(0) if quant else 0,
-        k_scale.stride(1) if quant else 0,
-        k_scale.stride(2) if quant else 0,
-        v_scale.stride(0) if quant else 0,
-        v_scale.stride(1) if quant else 0,
-        v_scale.stride(2) if quant else 0,
+        *scale_strides(quant, k_scale, v_scale),
         block_tables.stride(0),
         out.stride(0),
         out.stride(1),

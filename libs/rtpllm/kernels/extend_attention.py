@@ -32,7 +32,14 @@ import torch
 from rtpllm.kernels._triton import cdiv, dot_precision, next_power_of_2, tl, triton, use_triton
 from rtpllm.kernels.attention_ref import gather_context, reference_attention
 from rtpllm.kernels.kv_cache import store_kv_ref
-from rtpllm.kernels.kv_quant import V_MUL, format_of, kernel_scales, quantize_rows, roundtrip_ref
+from rtpllm.kernels.kv_quant import (
+    V_MUL,
+    format_of,
+    kernel_scales,
+    quantize_rows,
+    roundtrip_ref,
+    scale_strides,
+)
 
 
 @triton.jit
@@ -402,12 +409,7 @@ def paged_extend_attention_triton(
         v_cache.stride(0),
         v_cache.stride(1),
         v_cache.stride(2),
-        k_scale.stride(0) if quant else 0,
-        k_scale.stride(1) if quant else 0,
-        k_scale.stride(2) if quant else 0,
-        v_scale.stride(0) if quant else 0,
-        v_scale.stride(1) if quant else 0,
-        v_scale.stride(2) if quant else 0,
+        *scale_strides(quant, k_scale, v_scale),
         block_tables.stride(0),
         out.stride(0),
         out.stride(1),

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from rtpllm.kernels._triton import next_power_of_2, tl, triton, use_triton
-from rtpllm.kernels.kv_quant import format_of, kernel_scales, quantize_ref, quantize_rows
+from rtpllm.kernels.kv_quant import format_of, kernel_scales, quantize_ref, quantize_rows, scale_strides
 
 
 @triton.jit
@@ -116,12 +116,7 @@ def store_kv_triton(
         v_cache.stride(0),
         v_cache.stride(1),
         v_cache.stride(2),
-        k_scale.stride(0) if quant else 0,
-        k_scale.stride(1) if quant else 0,
-        k_scale.stride(2) if quant else 0,
-        v_scale.stride(0) if quant else 0,
-        v_scale.stride(1) if quant else 0,
-        v_scale.stride(2) if quant else 0,
+        *scale_strides(quant, k_scale, v_scale),
         NUM_KV_HEADS=num_kv_heads,
         BLOCK_H=next_power_of_2(num_kv_heads),
         BLOCK_D=next_power_of_2(head_dim),

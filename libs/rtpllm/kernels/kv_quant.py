@@ -73,6 +73,12 @@ def kernel_scales(
     return quant, k_scale, v_scale
 
 
+def scale_strides(quant: int, k_scale: torch.Tensor, v_scale: torch.Tensor) -> tuple[int, ...]:
+    """The six scale strides every quantized-KV launch passes, K's then V's (block,
+    token, KV head: `kernel_scales`' views); zeros for a plain cache's placeholders."""
+    return (*k_scale.stride(), *v_scale.stride()) if quant else (0,) * 6
+
+
 def _qmax(fmt: str) -> float:
     return FP8_MAX if fmt == "fp8" else INT8_MAX
 

@@ -43,7 +43,7 @@ from rtpllm.kernels.decode_attention import (
     tile_values,
     widen_query_f16,
 )
-from rtpllm.kernels.kv_quant import V_MUL, kernel_scales
+from rtpllm.kernels.kv_quant import V_MUL, kernel_scales, scale_strides
 
 # A group's tile (rows x query heads of a KV head, padded to powers of two) larger than
 # this would spill registers: such steps take the per-row decode kernel instead.
@@ -282,12 +282,7 @@ def paged_verify_attention_triton(
         v_cache.stride(0),
         v_cache.stride(1),
         v_cache.stride(2),
-        k_scale.stride(0) if quant else 0,
-        k_scale.stride(1) if quant else 0,
-        k_scale.stride(2) if quant else 0,
-        v_scale.stride(0) if quant else 0,
-        v_scale.stride(1) if quant else 0,
-        v_scale.stride(2) if quant else 0,
+        *scale_strides(quant, k_scale, v_scale),
         block_tables.stride(0),
         out.stride(0),
         out.stride(1),

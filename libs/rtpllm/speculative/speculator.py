@@ -440,7 +440,7 @@ class Speculator:
         """The last request that could speculate left: the batch whose drafts did not
         pay (the re-plan wait and its back-off) is gone, so the next requests are planned
         at once, as by a fresh engine. What was measured (step costs, recent acceptance)
-        stays. Without this, an open H100 run at batch 64 began its second pass with 32
+        stays. Without this, an open H100 run at batch 64 began its second pass with 35
         plain steps: its first pass's tail had ended in plans that drafted nothing."""
         self._steps_without = self._async_steps = self._skipped = self._backoff = 0
         self._spell = _Spell()
