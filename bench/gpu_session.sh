@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: carried wheels, GPU tests and benchmarks by phase,
 # full logs under $OUT, a short summary last. Usage: bash bench/gpu_session.sh PHASE...
-# Phases: env kvqtest (quantized-KV kernel tests) ropetest (the RoPE kernel, K shift included) kernels model gptfast prefill (PREFILL_LENS) attnlong hfbatch (HF_BATCH) spec (SPEC_ACC SPEC_BATCH SPEC_SHAPE SPEC_TOKENS SPEC_MAX_LEN SPEC_ARGS SPEC_TAG: output name suffix) specab (the verify kernel against row-by-row verify attention; SPEC_ARGS) specidle (off, a speculating engine with no request speculating, and replay: what is lost outside plans) verifyattn spectest quantsweep scalelayout (the quantized decode with token- and head-major scales) kvqitl (KVQ_BATCH KVQ_CTX KVQ_CFG KVQ_ARGS) profprefill profbatch (PB_SHAPE PB_KV: the offline workload's batch-256 decode step, per kernel) throughput-kv (KVT_WORKLOAD=big|small KVT_DTYPES: the offline workload per KV format) kvqspeed (KVQ_CTX KVQ_ARGS: e.g. --itl-only --formats fp8; KVQ_TAG KVQ_LIMIT) quantchunk kvqchunk (KVQ_CTX KVQ_CHUNK) kvqprof (KVQ_BATCH KVQ_CTX) tpdry (one GPU) tp8b tp70b (two GPUs)
+# Phases: env kvqtest (quantized-KV kernel tests) ropetest (the RoPE kernel, K shift included) kernels model gptfast prefill (PREFILL_LENS) attnlong hfbatch (HF_BATCH) spec (SPEC_ACC SPEC_BATCH SPEC_SHAPE SPEC_TOKENS SPEC_MAX_LEN SPEC_ARGS SPEC_TAG: output name suffix) specab (the verify kernel against row-by-row verify attention; SPEC_ARGS) specidle (off, a speculating engine with no request speculating, and replay: what is lost outside plans) verifyattn spectest quantsweep scalelayout (the quantized decode with token- and head-major scales) kvqitl (KVQ_BATCH KVQ_CTX KVQ_CFG KVQ_ARGS) profprefill profbatch (PB_SHAPE PB_KV: the offline workload's batch-256 decode step, per kernel) throughput-kv (KVT_WORKLOAD=big|small KVT_DTYPES: the offline workload per KV format) kvqcap (the pool's blocks per format, the tiers' and PD's 4096-token times) kvqspeed (KVQ_CTX KVQ_ARGS: e.g. --itl-only --formats fp8; KVQ_TAG KVQ_LIMIT) quantchunk kvqchunk (KVQ_CTX KVQ_CHUNK) kvqprof (KVQ_BATCH KVQ_CTX) tpdry (one GPU) tp8b tp70b (two GPUs)
 #          pwtest mixed (MIXED_SHAPE MIXED_ARGS) throughput-mixed (mixed-step graphs, issue 23) shortdecode
 #          structtest structured servingtax servingtax-cpu (ST_ARGS=...) multimodal (MM_ARGS=... MM_LIMIT=s) latency latency-ab engine attention ops load (SWEEP=T:E:D,... COLD_SWEEP=... METHODS=...) serveready loadsweep pinned zerocopy kvtiers routing loadtest
 #         gemvtest xfertest kvxfer pd (kvxfer and pd want two GPUs: nvidia-h100-x2)
@@ -110,6 +110,8 @@ for phase in "$@"; do
     mixed) run "mixed_${MIXED_SHAPE:-llama8b}" 560 python3 bench/mixed_steps.py --shape ${MIXED_SHAPE:-llama8b} ${MIXED_ARGS:-} \
              --out "$OUT/mixed_steps_${MIXED_SHAPE:-llama8b}.json" ;;
     throughput-mixed) run throughput-mixed 300 python3 bench/engine.py throughput --timeline --mixed-cuda-graphs --out "$OUT/throughput_mixed.json" ;;
+    kvqcap) run kvqcap 300 python3 bench/kv_quant.py capacity --out "$OUT/kv_quant_capacity.json"
+            run kvqtiers 300 python3 bench/kv_quant.py tiers --out "$OUT/kv_quant_tiers.json" ;;
     kvqspeed) run kvqspeed${KVQ_TAG:-} ${KVQ_LIMIT:-500} python3 bench/kv_quant.py speed --batch 32 --context ${KVQ_CTX:-16384} ${KVQ_ARGS:-} --out "$OUT/kv_quant_speed${KVQ_TAG:-}.json" ;;
     *) echo "unknown phase $phase" ;;
   esac
