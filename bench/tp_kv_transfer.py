@@ -88,7 +88,7 @@ def layer_payloads(blocks: KVBlocks, ids: list[int]) -> list[torch.Tensor]:
     """Every layer's payload of blocks `ids`, gathered (bytes)."""
     out = []
     for layer in range(blocks.layout.num_layers):
-        buf = blocks.host_buffer(blocks.payload_bytes(len(ids)))
+        buf = blocks.host_buffer(blocks.payload_bytes(len(ids), layer))
         blocks.gather(layer, np.asarray(ids, dtype=np.int64), buf)
         out.append(buf.clone())
     return out
@@ -99,7 +99,7 @@ def fill_random(blocks: KVBlocks, ids: list[int], seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     lay = blocks.layout
     for layer in range(lay.num_layers):
-        values = torch.randn(blocks.payload_bytes(len(ids)) // lay.torch_dtype.itemsize, generator=gen)
+        values = torch.randn(blocks.payload_bytes(len(ids), layer) // lay.torch_dtype.itemsize, generator=gen)
         blocks.scatter(layer, np.asarray(ids, dtype=np.int64), values.to(lay.torch_dtype).view(torch.uint8), None)
 
 
@@ -177,7 +177,7 @@ def bench_transfers(args: argparse.Namespace, e: Engines) -> dict[str, Any]:
                 torch.equal(a, b)
                 for a, b in zip(layer_payloads(src, e.src_ids), layer_payloads(dst, e.dst_ids), strict=True)
             )
-            nbytes = src.payload_bytes(len(e.src_ids)) * src.layout.num_layers
+            nbytes = len(e.src_ids) * src.block_bytes
             row = {**stats_ms(times[args.warmup :]), "mib": nbytes / 2**20, "verified": verified}
             row["gbps_median"] = nbytes / (row["ms_median"] / 1e3) / 1e9
             results[backend][name] = row
@@ -190,7 +190,7 @@ def bench_view(args: argparse.Namespace, e: Engines) -> dict[str, Any]:
     ids = np.asarray(e.src_ids, dtype=np.int64)
     dst_ids = np.asarray(e.dst_ids, dtype=np.int64)  # scattered into: what the transfers left there is spent
     for name, blocks in (("TP=1", e.plain), (f"TP={args.tp}", e.sharded)):
-        buf = blocks.host_buffer(blocks.payload_bytes(len(ids)))
+        buf = blocks.host_buffer(blocks.payload_bytes(len(ids), 0))
 
         def gather(blocks: KVBlocks = blocks, buf: torch.Tensor = buf) -> None:
             for layer in range(blocks.layout.num_layers):
@@ -205,7 +205,7 @@ def bench_view(args: argparse.Namespace, e: Engines) -> dict[str, Any]:
         for op, fn in (("gather", gather), ("scatter", scatter)):
             times = timed(fn, args.warmup, args.repeats)
             row[op] = stats_ms([t / blocks.layout.num_layers for t in times])
-        row["layer_mib"] = blocks.payload_bytes(len(ids)) / 2**20
+        row["layer_mib"] = blocks.payload_bytes(len(ids), 0) / 2**20
         results[name] = row
     return results
 

@@ -1,6 +1,8 @@
 """The KV data plane with CUDA pools: tcp and shm through pinned staging on side streams,
 and cuda_ipc device to device between two processes (a spawned receiver: a process
 cannot open its own IPC handles). Bit-exact, nothing else in the receiver's pool changes.
+The same for mixed per-layer pools (`LayerPoolBlocks`: one page tensor per layer, each
+layer's own size), whose whole blocks (the tiers' path) round-trip too.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from rtpllm.transfer import (
     TransferRefused,
     faults,
 )
+from rtpllm.transfer.blocks import LayerPoolBlocks
 from rtpllm.transfer.endpoint import shm_available
 
 pytestmark = [
@@ -177,6 +180,162 @@ async def test_cuda_ipc_between_two_processes() -> None:
                 await out.finish()
             reply = await loop.run_in_executor(None, parent.recv)
             assert reply[:2] == ("error", "TransferAborted")
+        finally:
+            faults.corrupt_payloads = 0
+            await sender.close()
+        parent.send(("quit",))
+    finally:
+        proc.join(timeout=30)
+        if proc.is_alive():
+            proc.kill()
+
+
+# ------------------------------------------------- mixed per-layer pools (layer pages)
+
+MIXED = KVLayout.of_layers(NS, ("fp8", "bfloat16", "int8", "bfloat16"), 16, 8, 128)
+
+
+def make_mixed(num_blocks: int, device: str, seed: int) -> LayerPoolBlocks:
+    """A mixed per-layer pool of `num_blocks + 1` blocks of random bytes (Llama-8B-sized
+    pages: fp8/int8 layers 132 bytes a row, bf16 256)."""
+    blocks = LayerPoolBlocks.allocate(MIXED, num_blocks + 1, device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for page in blocks.pages:
+        page.view(torch.uint8).random_(generator=gen)
+    return blocks
+
+
+def mixed_bytes(blocks: LayerPoolBlocks, ids: list[int]) -> list[torch.Tensor]:
+    return [p.view(torch.uint8)[:, ids].cpu() for p in blocks.pages]
+
+
+@pytest.mark.parametrize(
+    ("backend", "src_dev", "dst_dev"),
+    [("tcp", "cuda", "cuda"), ("tcp", "cuda", "cpu"), ("tcp", "cpu", "cuda"), ("shm", "cuda", "cuda")],
+)
+async def test_mixed_cuda_pools_over_tcp_and_shm(backend: str, src_dev: str, dst_dev: str) -> None:
+    if backend == "shm" and not shm_available():
+        pytest.skip("needs /dev/shm")
+    rng = random.Random(1)
+    src, dst = make_mixed(300, src_dev, 1), make_mixed(400, dst_dev, 2)
+    n = 200
+    src_ids, dst_ids = rng.sample(range(301), n), rng.sample(range(401), n)
+    others = sorted(set(range(401)) - set(dst_ids))
+    before = mixed_bytes(dst, others)
+    receiver = KVReceiver(dst)
+    await receiver.start()
+    sender = KVSender(src, prefer=[backend], max_frame_bytes=1 << 20)
+    try:
+        incoming = receiver.expect("t", dst_ids, lease_s=60)
+        out = await sender.open(receiver.endpoint, "t", n, timeout_s=60, token=incoming.token)
+        assert out.backend == backend
+        for start in range(0, n, 37):
+            await out.send(src_ids[start : start + 37], start)
+        stats = await out.finish()
+        await incoming.wait()
+    finally:
+        await sender.close()
+        await receiver.close()
+    assert stats.nbytes == n * MIXED.block_bytes
+    for layer, (a, b) in enumerate(zip(mixed_bytes(src, src_ids), mixed_bytes(dst, dst_ids), strict=True)):
+        assert torch.equal(a, b), layer
+    assert all(torch.equal(a, b) for a, b in zip(mixed_bytes(dst, others), before, strict=True))
+
+
+def test_mixed_cuda_pool_whole_blocks_round_trip() -> None:
+    """read_blocks / write_blocks on CUDA layer pages (the tiers' path): block-major host
+    bytes, each block's layers in order, back into other blocks bit for bit."""
+    src, dst = make_mixed(64, "cuda", 3), make_mixed(64, "cuda", 4)
+    ids, targets = [5, 63, 0, 17, 64, 9], [1, 2, 3, 40, 41, 64]
+    host = src.host_buffer(len(ids) * src.block_bytes)
+    src.follow_engine()
+    src.read_blocks(np.asarray(ids), host)
+    rows = host.numpy().reshape(len(ids), -1)
+    for layer, offset in enumerate(MIXED.layer_offsets):
+        size = MIXED.layer_bytes(layer)
+        want = src.pages[layer].view(torch.uint8)[:, ids].transpose(0, 1).reshape(len(ids), size).cpu()
+        assert np.array_equal(rows[:, offset : offset + size], want.numpy()), layer
+    others = sorted(set(range(65)) - set(targets))
+    before = mixed_bytes(dst, others)
+    dst.write_blocks(np.asarray(targets), host, dst.engine_event())
+    for a, b in zip(mixed_bytes(src, ids), mixed_bytes(dst, targets), strict=True):
+        assert torch.equal(a, b)
+    assert all(torch.equal(a, b) for a, b in zip(mixed_bytes(dst, others), before, strict=True))
+
+
+def _mixed_receiver_child(conn: Any, num_blocks: int) -> None:
+    asyncio.run(_receive_mixed(conn, num_blocks))
+
+
+async def _receive_mixed(conn: Any, num_blocks: int) -> None:
+    loop = asyncio.get_running_loop()
+    blocks = make_mixed(num_blocks, "cuda", 2)
+    receiver = KVReceiver(blocks, backends=["cuda_ipc"])
+    await receiver.start()
+    conn.send(receiver.endpoint)
+    while True:
+        cmd, *args = await loop.run_in_executor(None, conn.recv)
+        if cmd == "expect":
+            incoming = receiver.expect(args[0], args[1], lease_s=60)
+            conn.send(("ready", incoming.token))
+            try:
+                stats = await incoming.wait()
+                conn.send(("ok", stats.backend, stats.num_blocks))
+            except Exception as exc:  # noqa: BLE001 -- reported to the parent
+                conn.send(("error", type(exc).__name__, str(exc)))
+        elif cmd == "pool":
+            conn.send([p.view(torch.uint8).cpu().numpy().tobytes() for p in blocks.pages])
+        else:
+            break
+    await receiver.close()
+
+
+async def test_cuda_ipc_of_a_mixed_pool_between_two_processes() -> None:
+    """cuda_ipc shares a mixed pool's byte buffer with per-layer offsets: the sender
+    writes every layer's pages in place, the receiver's checksum over its pages agrees."""
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_mixed_receiver_child, args=(child, 256), daemon=True)
+    proc.start()
+    loop = asyncio.get_running_loop()
+
+    async def ask(*msg: object) -> Any:
+        parent.send(msg)
+        return await loop.run_in_executor(None, parent.recv)
+
+    def as_pages(raw: list[bytes]) -> list[torch.Tensor]:
+        return [torch.frombuffer(bytearray(b), dtype=torch.uint8).view(2, 257, -1) for b in raw]
+
+    try:
+        endpoint = await loop.run_in_executor(None, parent.recv)
+        src = make_mixed(256, "cuda", 1)
+        before = as_pages(await ask("pool"))
+        sender = KVSender(src, max_frame_bytes=4 << 20)
+        rng = random.Random(5)
+        src_ids, dst_ids = rng.sample(range(257), 150), rng.sample(range(257), 150)
+        try:
+            _, token = await ask("expect", "ok", dst_ids)
+            out = await sender.open(endpoint, "ok", 150, timeout_s=60, token=token)
+            assert out.backend == "cuda_ipc"
+            for start in range(0, 150, 40):
+                await out.send(src_ids[start : start + 40], start)
+            stats = await out.finish()
+            assert stats.nbytes == 150 * MIXED.block_bytes
+            assert await loop.run_in_executor(None, parent.recv) == ("ok", "cuda_ipc", 150)
+            after = as_pages(await ask("pool"))
+            others = sorted(set(range(257)) - set(dst_ids))
+            for layer, (a, s) in enumerate(zip(after, mixed_bytes(src, src_ids), strict=True)):
+                assert torch.equal(a[:, dst_ids], s), layer
+                assert torch.equal(a[:, others], before[layer][:, others]), layer
+            # A corrupted checksum is caught on the receiver's GPU.
+            _, token = await ask("expect", "bad", [0, 1])
+            out = await sender.open(endpoint, "bad", 2, timeout_s=60, token=token)
+            faults.corrupt_payloads = 1
+            with pytest.raises(ChecksumMismatch):
+                await out.send([5, 6], 0)
+                await out.finish()
+            reply = await loop.run_in_executor(None, parent.recv)
+            assert reply[:2] == ("error", "ChecksumMismatch")
         finally:
             faults.corrupt_payloads = 0
             await sender.close()

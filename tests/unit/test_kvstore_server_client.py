@@ -24,7 +24,7 @@ from rtpllm.kvstore import HostTier, SSDTier, TieredKVStore
 from rtpllm.kvstore.client import RemoteKVStore
 from rtpllm.kvstore.service import KVStoreServer, KVStoreServerConfig
 from rtpllm.protocol import subjects
-from rtpllm.protocol.convert import layout_spec
+from rtpllm.protocol.convert import layout_from_spec, layout_spec
 from rtpllm.protocol.messages import (
     DataPlaneEndpoint,
     KVEvents,
@@ -407,7 +407,14 @@ def test_messages_carry_the_layout(nats_url: str) -> None:
     spec = layout_spec(KVLayout.of(kv, NS))
     assert msgspec.structs.asdict(spec) == {
         "namespace": NS, "num_layers": 2, "block_size": 4, "num_kv_heads": 2, "head_dim": 8, "dtype": "float32",
+        "layer_formats": (),
     }  # fmt: skip
+    # A mixed per-layer plan's layout names every layer's format, and comes back equal.
+    mixed = KVLayout.of_layers(NS, ("float32", "int8"), 4, 2, 8)
+    wire = decode(encode(KVStorePut(layout=layout_spec(mixed), keys=[])), KVStorePut).layout
+    assert wire.layer_formats == ("float32", "int8") and layout_from_spec(wire) == mixed
+    with pytest.raises(ValueError, match="unknown stored KV format"):
+        layout_from_spec(msgspec.structs.replace(wire, layer_formats=("float32", "int4")))
 
 
 # -- engines using the kvstore (KVOffload with a RemoteKVStore) ---------------------------

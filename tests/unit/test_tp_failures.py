@@ -90,7 +90,7 @@ def test_a_rank_killed_during_kv_transfers_fails_them(tiny_llama: Path) -> None:
     worker = tp.workers.pids[0]
     blocks = llm.engine.kv_blocks()  # the PD data plane's view: every rank's heads through rank 0
     ids = np.arange(16)
-    buf = blocks.host_buffer(blocks.payload_bytes(len(ids)))
+    buf = blocks.host_buffer(blocks.payload_bytes(len(ids), 0))
     # A rank that cannot read its part (an id past every pool) is an error on rank 0,
     # and the group stays in step.
     with pytest.raises(RuntimeError, match=r"rank\(s\) \[0, 1\] could not read"):

@@ -95,7 +95,7 @@ def prefill_only(engine: LLMEngine, rid: str, prompt: list[int]) -> tuple[list[i
 def payload(blocks: KVBlocks, layer: int, ids: list[int]) -> torch.Tensor:
     """Blocks `ids` of `layer`, gathered: [2, n, block_size, all KV heads, row]."""
     lay = blocks.layout
-    out = blocks.host_buffer(blocks.payload_bytes(len(ids)))
+    out = blocks.host_buffer(blocks.payload_bytes(len(ids), layer))
     blocks.gather(layer, np.asarray(ids, dtype=np.int64), out)
     return out.view(lay.torch_dtype).view(2, len(ids), lay.block_size, lay.num_kv_heads, lay.head_dim).clone()
 
@@ -152,7 +152,7 @@ def test_scatter_then_gather_round_trips_and_lands_each_rank_its_heads(pair: Pai
     ids = [7, 3, 20, 21, 30]
     g = torch.Generator().manual_seed(5)
     for layer in range(lay.num_layers):
-        src = torch.randint(0, 256, (pair.sharded.payload_bytes(len(ids)),), dtype=torch.uint8, generator=g)
+        src = torch.randint(0, 256, (pair.sharded.payload_bytes(len(ids), layer),), dtype=torch.uint8, generator=g)
         before = engine.kv_pool.kv.clone()  # type: ignore[union-attr]
         pair.sharded.scatter(layer, np.asarray(ids), src, None)
         got = torch.empty_like(src)
@@ -192,7 +192,7 @@ async def ship(src: KVBlocks, src_ids: list[int], dst: KVBlocks, dst_ids: list[i
     """One transfer of blocks `src_ids` into `dst_ids`, as a prefill and a decode instance run it."""
     receiver = KVReceiver(dst, backends=[backend])
     await receiver.start()
-    sender = KVSender(src, prefer=[backend], max_frame_bytes=src.unit * 2)  # several frames per layer
+    sender = KVSender(src, prefer=[backend], max_frame_bytes=src.layout.block_layer_bytes * 2)  # several frames per layer
     try:
         incoming = receiver.expect("t", dst_ids, lease_s=30)
         out = await sender.open(receiver.endpoint, "t", len(dst_ids), 30, token=incoming.token)
@@ -200,7 +200,7 @@ async def ship(src: KVBlocks, src_ids: list[int], dst: KVBlocks, dst_ids: list[i
         await out.send(np.asarray(src_ids[3:]), 3)
         stats = await out.finish()
         await incoming.wait()
-        assert stats.backend == backend and stats.nbytes == src.payload_bytes(len(src_ids)) * src.layout.num_layers
+        assert stats.backend == backend and stats.nbytes == len(src_ids) * src.block_bytes
     finally:
         await sender.close()
         await receiver.close()

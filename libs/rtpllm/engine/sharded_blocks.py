@@ -74,7 +74,7 @@ class ShardedPoolBlocks(KVBlocks):
         self.device = kv.device
         self.is_cuda = kv.is_cuda
         self.num_blocks = kv.shape[2]
-        self.unit = layout.block_layer_bytes
+        self._unit = layout.block_layer_bytes  # K + V of one block in one layer (ValueError if mixed)
         self._heads = list(heads)
         self._channel = channel
         self._guard = guard
@@ -89,11 +89,11 @@ class ShardedPoolBlocks(KVBlocks):
 
     def gather(self, layer: int, ids: np.ndarray, out: torch.Tensor) -> None:
         local = self.local
-        self._read(layer, ids, out, local.payload_bytes(len(ids)), lambda buf: local.gather(layer, ids, buf))
+        self._read(layer, ids, out, local.payload_bytes(len(ids), layer), lambda buf: local.gather(layer, ids, buf))
 
     def scatter(self, layer: int, ids: np.ndarray, src: torch.Tensor, after: torch.cuda.Event | None) -> None:
         local = self.local
-        self._write(layer, ids, src, local.payload_bytes(len(ids)), lambda buf: local.scatter(layer, ids, buf, after))
+        self._write(layer, ids, src, local.payload_bytes(len(ids), layer), lambda buf: local.scatter(layer, ids, buf, after))
 
     def read_blocks(self, ids: np.ndarray, out: torch.Tensor) -> None:
         # Every layer in one operation of the KV group (not one per layer): the tiers
@@ -163,7 +163,7 @@ class ShardedPoolBlocks(KVBlocks):
         pool's dtype (a payload's [2, count] or whole blocks' [count, layers, 2] flattened:
         the heads split the same way in every page)."""
         lay = self.layout
-        nbytes = self.unit // 2 // lay.num_kv_heads * heads * pages
+        nbytes = self._unit // 2 // lay.num_kv_heads * heads * pages
         return buf[:nbytes].view(lay.torch_dtype).view(pages, lay.block_size, heads, lay.head_dim)
 
     def _parts(self, t: torch.Tensor) -> list[torch.Tensor]:

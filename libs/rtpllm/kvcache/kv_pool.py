@@ -37,9 +37,11 @@ class KVPool:
     a layer's K (or V) is one strided view that attention kernels index by block id, and a
     transfer can ship layer by layer while the next layer computes.
 
-    Mixed per-layer formats (a calibrated plan): one byte buffer with a region per layer,
-    and no `kv` tensor (None): the block movers (tiers, PD transfers) need one tensor and
-    refuse such a pool (`require_uniform`).
+    Mixed per-layer formats (a calibrated plan): one byte buffer (`buffer`) with a region
+    per layer, and no `kv` tensor (None). The block movers (tiers, PD transfers) see it
+    as one page tensor per layer (`layer_pages()`, rtpllm.transfer.blocks.LayerPoolBlocks):
+    the same block ids in every layer, each layer's pages in its own format. What needs
+    one tensor (tensor parallelism's KV channel) refuses it (`require_uniform`).
 
     One extra block past `num_blocks`, never handed out by the block manager, is the
     scratch block: padded rows of a CUDA-graph batch write their K/V there.
@@ -63,6 +65,8 @@ class KVPool:
         self.spec = spec or default_spec(config, dtype)
         self.scratch_block = num_blocks
         heads, head_dim, layers = local_kv_heads(config, tp_size), config.head_dim, config.num_layers
+        self.num_kv_heads, self.head_dim = heads, head_dim
+        self.buffer: torch.Tensor | None = None  # a mixed pool's one allocation
         if len(self.spec.formats) != layers:
             raise ValueError(f"KV cache spec has {len(self.spec.formats)} layers, the model {layers}")
         self.kv: torch.Tensor | None
@@ -86,14 +90,15 @@ class KVPool:
             for size in sizes:
                 offsets.append(total)
                 total += -(-size // _REGION_ALIGN) * _REGION_ALIGN
-            self._buffer = torch.zeros(total, dtype=torch.uint8, device=device)
+            self.buffer = torch.zeros(total, dtype=torch.uint8, device=device)
             self._nbytes = total
             for i, (off, size) in enumerate(zip(offsets, sizes, strict=True)):
-                region = self._buffer[off : off + size]
+                region = self.buffer[off : off + size]
                 if self.spec.is_quantized(i):
                     pages.append(region.view(2, num_blocks + 1, block_size, heads, head_dim + 4))
                 else:
                     pages.append(region.view(self.spec.plain_dtype(i)).view(2, num_blocks + 1, block_size, heads, head_dim))
+        self._pages = pages
         self._caches: list[tuple[torch.Tensor, ...]] = []
         for i, page in enumerate(pages):
             if self.spec.is_quantized(i):
@@ -108,9 +113,14 @@ class KVPool:
         (k_scale, v_scale) [blocks + 1, block_size, kv_heads] fp32 for a quantized layer."""
         return list(self._caches)
 
+    def layer_pages(self) -> list[torch.Tensor]:
+        """Per layer its pages [2 (K, V), blocks + 1, block_size, kv_heads, row] in the
+        layer's stored format (views of `kv` or of `buffer`): what the block movers copy."""
+        return list(self._pages)
+
     def require_uniform(self, what: str) -> torch.Tensor:
-        """The pool tensor, for block movers (tiers, transfers); a clear error for a
-        mixed-format pool, which has none."""
+        """The pool tensor, for what needs one (tensor parallelism's KV channel); a clear
+        error for a mixed-format pool, which has none."""
         if self.kv is None:
             raise ValueError(
                 f"{what} needs one KV format for every layer; this pool is {self.spec.describe()} "

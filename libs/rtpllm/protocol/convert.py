@@ -107,4 +107,10 @@ def layout_from_spec(spec: KVLayoutSpec) -> KVLayout:
         raise ValueError(f"bad KV layout: {spec}")
     if not isinstance(getattr(torch, spec.dtype, None), torch.dtype):
         raise ValueError(f"bad KV layout: unknown dtype {spec.dtype!r}")
-    return KVLayout(**msgspec.structs.asdict(spec))
+    layout = KVLayout(**msgspec.structs.asdict(spec))
+    if layout.mixed:
+        try:
+            layout.block_bytes  # noqa: B018 -- sizes every layer: unknown formats raise here
+        except (ValueError, KeyError) as exc:
+            raise ValueError(f"bad KV layout: layer formats {list(spec.layer_formats)}: {exc}") from None
+    return layout

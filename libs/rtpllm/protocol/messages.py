@@ -431,6 +431,8 @@ class KVLayoutSpec(msgspec.Struct, kw_only=True, frozen=True):
     num_kv_heads: int
     head_dim: int
     dtype: str
+    # A mixed per-layer KV plan: each layer's stored format (empty: one format).
+    layer_formats: tuple[str, ...] = ()
 
 
 class KVStoreLookup(msgspec.Struct, kw_only=True):

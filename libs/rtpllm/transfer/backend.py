@@ -111,7 +111,7 @@ async def verify_and_scatter(
     """tcp (staged) and shm: check the CRC of a payload in host buffer `src`, then
     write it into the transfer's blocks. Corrupt data never reaches the pool."""
     pool = link.pool
-    nbytes = pool.payload_bytes(frame.count)
+    nbytes = pool.payload_bytes(frame.count, frame.layer)
     crc = await link.run(crc32, [memoryview(src[:nbytes].numpy())])
     if crc != frame.crc:
         link.frame_done(frame, transfer, ChecksumMismatch(crc_message(frame, crc)))

@@ -4,7 +4,10 @@ into the receiver's pool, device to device; only a descriptor travels.
 At the handshake the receiver shares its pool tensor through CUDA IPC (the fields of
 `torch.multiprocessing.reductions.reduce_tensor`, rebuilt on the sender with
 `rebuild_cuda_tensor`: the same calls torch.multiprocessing makes, stable across torch
-2.x). At `Open` it sends the transfer's target block ids and an IPC event recorded on its
+2.x). A mixed per-layer pool (`LayerPoolBlocks`) shares its one byte buffer instead,
+with where each layer's pages start in it; the sender views the layers' pages there
+with its own pages' shapes (the handshake checked both ends have the same per-layer
+formats) and the receiver's block count. At `Open` it sends the transfer's target block ids and an IPC event recorded on its
 current stream, after which the blocks are free to overwrite. The sender copies layer by
 layer on a side stream that waits for that event and for its own engine's stream,
 synchronises, and sends `IpcBlocks` with a position-weighted checksum (checksum.py) of
@@ -19,6 +22,7 @@ CUDA IPC needs two processes: a process cannot open its own IPC handles.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -32,13 +36,15 @@ from rtpllm.transfer.framing import IpcBlocks, IpcPoolHandle, Opened, Welcome
 from rtpllm.transfer.layout import dtype_name
 
 if TYPE_CHECKING:
+    from rtpllm.transfer.blocks import KVBlocks
     from rtpllm.transfer.incoming import IncomingTransfer
     from rtpllm.transfer.outgoing import OutgoingTransfer
     from rtpllm.transfer.send_link import SendLink
 
 
-def share_pool(kv: torch.Tensor) -> IpcPoolHandle:
-    """The receiver's pool as an IPC handle (reduce_tensor's fields that go on the wire)."""
+def share_pool(kv: torch.Tensor, layer_offsets: Sequence[int] = (), num_blocks: int = 0) -> IpcPoolHandle:
+    """The receiver's pool as an IPC handle (reduce_tensor's fields that go on the wire).
+    `layer_offsets`, `num_blocks`: a mixed pool's layer pages in `kv`, its byte buffer."""
     from torch.multiprocessing.reductions import reduce_tensor
 
     _, args = reduce_tensor(kv)
@@ -57,6 +63,8 @@ def share_pool(kv: torch.Tensor) -> IpcPoolHandle:
         stride=list(stride),
         offset=int(offset),
         dtype=dtype_name(kv.dtype),
+        layer_offsets=list(layer_offsets),
+        num_blocks=num_blocks,
     )
 
 
@@ -71,12 +79,42 @@ def open_pool(h: IpcPoolHandle) -> torch.Tensor:
     )  # fmt: skip
 
 
+def remote_pages(remote: torch.Tensor, h: IpcPoolHandle, pool: KVBlocks) -> tuple[list[torch.Tensor], int]:
+    """The receiver's layer pages [2, its blocks, ...] in its shared tensor `remote`, and
+    its number of blocks; BackendUnavailable unless they are pages of `pool`'s layout."""
+    local: list[torch.Tensor] = pool.pages  # type: ignore[attr-defined]
+    if bool(h.layer_offsets) != pool.layout.mixed:
+        raise BackendUnavailable("one end shares a pool tensor, the other a mixed pool's layer pages")
+    if not h.layer_offsets:
+        if remote.dim() != 6 or remote.shape[:2] != (len(local), 2) or remote.shape[3:] != local[0].shape[2:]:
+            raise BackendUnavailable(
+                f"receiver pool shape {tuple(remote.shape)} does not match [{len(local)}, 2, blocks, "
+                f"{', '.join(map(str, local[0].shape[2:]))}]"
+            )
+        return [remote[layer] for layer in range(len(local))], remote.shape[2]
+    size = remote.numel() * remote.element_size()
+    if len(h.layer_offsets) != len(local) or h.num_blocks < 1 or remote.dtype != torch.uint8:
+        raise BackendUnavailable(f"receiver shared {len(h.layer_offsets)} layers of {h.num_blocks} blocks")
+    pages = []
+    for layer, (offset, page) in enumerate(zip(h.layer_offsets, local, strict=True)):
+        shape = (2, h.num_blocks, *page.shape[2:])
+        nbytes = page.element_size() * shape[0] * shape[1] * page[0, 0].numel()
+        if offset < 0 or offset % page.element_size() or offset + nbytes > size:
+            raise BackendUnavailable(
+                f"receiver's layer {layer} ({nbytes} bytes at {offset}) is outside its buffer"
+            )
+        pages.append(remote[offset : offset + nbytes].view(page.dtype).view(shape))
+    return pages, h.num_blocks
+
+
 class IpcSendPath(SendPath):
     name = "cuda_ipc"
 
     def __init__(self, link: SendLink) -> None:
         super().__init__(link)
         self._remote: torch.Tensor | None = None
+        self._remote_pages: list[torch.Tensor] = []
+        self._remote_blocks = 0
         self._remote_stream: torch.cuda.Stream | None = None
         self._dest_ids: torch.Tensor | None = None
         self._ready: torch.cuda.Event | None = None
@@ -89,10 +127,7 @@ class IpcSendPath(SendPath):
             remote = open_pool(welcome.ipc_pool)
         except Exception as exc:  # noqa: BLE001 -- any failure means: use another backend
             raise BackendUnavailable(f"cannot open the receiver's pool over CUDA IPC: {exc}") from exc
-        if remote.shape[:2] != pool.kv.shape[:2] or remote.shape[3:] != pool.kv.shape[3:]:
-            raise BackendUnavailable(
-                f"receiver pool shape {tuple(remote.shape)} does not match {tuple(pool.kv.shape)}"
-            )
+        self._remote_pages, self._remote_blocks = remote_pages(remote, welcome.ipc_pool, pool)
         self._remote = remote
         if remote.device != pool.device:
             self._remote_stream = torch.cuda.Stream(remote.device)
@@ -101,7 +136,7 @@ class IpcSendPath(SendPath):
         assert self._remote is not None
         ids = np.asarray(opened.block_ids, dtype=np.int64)
         if len(ids) != transfer.num_blocks or (
-            len(ids) and (ids.min() < 0 or ids.max() >= self._remote.shape[2])
+            len(ids) and (ids.min() < 0 or ids.max() >= self._remote_blocks)
         ):
             raise BackendUnavailable("receiver sent invalid block ids")
         self._dest_ids = torch.from_numpy(ids)  # host tensor; each copy uploads its slice
@@ -113,7 +148,7 @@ class IpcSendPath(SendPath):
 
     def _copy(
         self,
-        remote: torch.Tensor,
+        remote: list[torch.Tensor],
         dest_ids: torch.Tensor,
         src_ids: np.ndarray,
         dest_index: int,
@@ -132,13 +167,15 @@ class IpcSendPath(SendPath):
                     # stream of the receiver's device (a wait from another device's
                     # stream on an IPC event crashes torch 2.11).
                     streams[-1].wait_event(ready)
-                dst = dest_ids[dest_index : dest_index + len(src_ids)].to(remote.device, non_blocking=True)
+                device = remote[0].device
+                dst = dest_ids[dest_index : dest_index + len(src_ids)].to(device, non_blocking=True)
                 src = torch.from_numpy(src_ids).to(pool.device, non_blocking=True)
                 checksum = WeightedSum(pool.device)
-                for layer in range(pool.layout.num_layers):
-                    blocks = pool.kv[layer].index_select(1, src)
+                # Layer by layer: the pool tensor's layers, or a mixed pool's layer pages.
+                for page, remote_page in zip(pool.pages, remote, strict=True):
+                    blocks = page.index_select(1, src)
                     checksum.update(blocks)
-                    remote[layer].index_copy_(1, dst, blocks.to(remote.device, non_blocking=True))
+                    remote_page.index_copy_(1, dst, blocks.to(device, non_blocking=True))
                 events = []
                 for s in streams:
                     events.append(torch.cuda.Event())
@@ -150,8 +187,8 @@ class IpcSendPath(SendPath):
 
     async def send(self, transfer: OutgoingTransfer, src_ids: np.ndarray, dest_index: int) -> int:
         link, pool = self.link, self.link.pool
-        remote, dest_ids = self._remote, self._dest_ids
-        if remote is None or dest_ids is None:  # the connection closed meanwhile
+        remote, dest_ids = self._remote_pages, self._dest_ids
+        if not remote or dest_ids is None:  # the connection closed meanwhile
             link.check()
             raise TransferAborted("connection to the receiver was closed")
         pool.follow_engine()
@@ -169,7 +206,7 @@ class IpcSendPath(SendPath):
             await link.send_frame(
                 IpcBlocks(transfer.transfer_id, seq, dest_index + start, len(ids), checksum)
             )
-            shipped += pool.payload_bytes(len(ids)) * pool.layout.num_layers
+            shipped += len(ids) * pool.block_bytes
         return shipped
 
     async def quiesce(self) -> None:
@@ -179,6 +216,7 @@ class IpcSendPath(SendPath):
 
     def close(self) -> None:
         self._remote = None
+        self._remote_pages = []
         self._dest_ids = None
         self._ready = None
 
@@ -188,7 +226,9 @@ class IpcRecvPath(RecvPath):
     frame_type = IpcBlocks
 
     def welcome(self) -> Welcome:
-        return Welcome("cuda_ipc", ipc_pool=share_pool(self.link.pool.kv))
+        pool = self.link.pool
+        shared, offsets = pool.ipc_tensor()  # type: ignore[attr-defined]  # direct pools only
+        return Welcome("cuda_ipc", ipc_pool=share_pool(shared, offsets, pool.num_blocks if offsets else 0))
 
     def on_open(self, transfer: IncomingTransfer) -> Opened:
         pool = self.link.pool
@@ -204,8 +244,8 @@ class IpcRecvPath(RecvPath):
         with torch.cuda.device(pool.device), torch.cuda.stream(pool.stream):
             idx = pool.ids_tensor(ids)
             checksum = WeightedSum(pool.device)
-            for layer in range(pool.layout.num_layers):
-                checksum.update(pool.kv[layer].index_select(1, idx))
+            for page in pool.pages:
+                checksum.update(page.index_select(1, idx))
             return checksum.value()
 
     async def land(self, frame: IpcBlocks, transfer: IncomingTransfer) -> None:

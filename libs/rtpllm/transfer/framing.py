@@ -57,6 +57,9 @@ class Hello(msgspec.Struct, tag="hello", array_like=True):
     # handshake, used up by its Open). Defaults: a peer without one is refused.
     transfer_id: str = ""
     token: bytes = b""
+    # A mixed per-layer KV pool: each layer's stored format (KVLayout.layer_formats);
+    # empty for a uniform pool (so a uniform Hello is what it always was, plus []).
+    layer_formats: list[str] = []
 
 
 class IpcPoolHandle(msgspec.Struct, array_like=True):
@@ -74,6 +77,10 @@ class IpcPoolHandle(msgspec.Struct, array_like=True):
     stride: list[int]
     offset: int
     dtype: str
+    # A mixed per-layer pool: the shared tensor is its byte buffer, layer i's pages
+    # [2, num_blocks, ...] start `layer_offsets[i]` bytes into it; empty for a pool tensor.
+    layer_offsets: list[int] = []
+    num_blocks: int = 0
 
 
 class Welcome(msgspec.Struct, tag="welcome", array_like=True):
@@ -100,7 +107,8 @@ class Opened(msgspec.Struct, tag="opened", array_like=True):
 
 class TcpBlocks(msgspec.Struct, tag="tcp", array_like=True):
     """Layer `layer` of positions [dest_index, dest_index + count); payload follows:
-    [2 (K, V), count, block_size, kv_heads, head_dim] in the pool's dtype."""
+    [2 (K, V), count, block_size, kv_heads, head_dim] in the pool's dtype (a mixed
+    pool: the layer's pages, `KVLayout.layer_bytes(layer)` per block)."""
 
     transfer_id: str
     seq: int

@@ -133,7 +133,12 @@ class RecvLink:
             transfer.fail(error, seq=frame.seq)
         elif transfer.active:
             first, num = self._layers(frame)
-            nbytes = self.pool.payload_bytes(frame.count) * num
+            # One layer (tcp, shm) or every layer (cuda_ipc).
+            nbytes = (
+                self.pool.payload_bytes(frame.count, first)
+                if num == 1
+                else frame.count * self.pool.block_bytes
+            )
             transfer.mark_verified(first, num, frame.dest_index, frame.count, nbytes)
             self.push(Ack(frame.transfer_id, frame.seq))
         else:
@@ -173,6 +178,7 @@ class RecvLink:
             frame.num_kv_heads,
             frame.head_dim,
             frame.dtype,
+            tuple(frame.layer_formats),
         )
         diff = theirs.mismatch(receiver.layout, "sender", "receiver")
         if diff:
@@ -184,7 +190,7 @@ class RecvLink:
             )
             return False
         self.max_frame_bytes = min(frame.max_frame_bytes, MAX_FRAME_BYTES)
-        if self.max_frame_bytes < self.pool.unit:
+        if self.max_frame_bytes < self.pool.max_layer_bytes:
             await self._refuse(
                 "", f"max frame of {frame.max_frame_bytes} bytes is smaller than one block layer"
             )
@@ -281,13 +287,16 @@ class RecvLink:
                 refusal.seq = frame.seq
                 self.push(refusal)
             return
-        expected = self.path.payload_bytes(frame)
-        if plen != expected:
+        first, num = self._layers(frame)
+        layers = self.pool.layout.num_layers
+        if first < 0 or first + num > layers:  # before sizing its payload: layers differ in size
+            problem = f"layers [{first}, {first + num}) outside [0, {layers})"
+        elif plen != (expected := self.path.payload_bytes(frame)):
             problem = f"payload of {plen} bytes, expected {expected}"
         elif expected > self.max_frame_bytes:
             problem = f"payload of {expected} bytes over the {self.max_frame_bytes} byte frame limit"
         else:
-            problem = transfer.claim(*self._layers(frame), frame.dest_index, frame.count)
+            problem = transfer.claim(first, num, frame.dest_index, frame.count)
         if problem:
             await self.conn.skip(plen)
             transfer.fail(TransferRefused(f"transfer {tid!r}: {problem}"), seq=frame.seq)

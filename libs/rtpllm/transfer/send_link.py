@@ -66,7 +66,7 @@ class SendLink:
 
     @property
     def blocks_per_frame(self) -> int:
-        return max(1, self.max_frame_bytes // self.pool.unit)
+        return max(1, self.max_frame_bytes // self.pool.max_layer_bytes)
 
     def limit_frame_bytes(self, nbytes: int) -> None:
         self.max_frame_bytes = min(self.max_frame_bytes, nbytes)

@@ -63,7 +63,7 @@ class KVSender:
         self.pool = as_blocks(kv, layout)
         self.layout = self.pool.layout
         self.prefer = list(prefer)
-        self.max_frame_bytes = max(max_frame_bytes, self.pool.unit)
+        self.max_frame_bytes = max(max_frame_bytes, self.pool.max_layer_bytes)
         self.max_idle_links = max_idle_links
         self.threads = threads
         self.executor = ThreadPoolExecutor(threads, thread_name_prefix="kv-send")
@@ -200,6 +200,7 @@ class KVSender:
         hello = Hello(
             PROTOCOL_VERSION, backend, local_host_id(), layout.namespace, layout.num_layers, layout.block_size,
             layout.num_kv_heads, layout.head_dim, layout.dtype, self.max_frame_bytes, transfer_id, token,
+            list(layout.layer_formats),
         )  # fmt: skip
         try:
             reply = await link.request(hello, timeout_s)

@@ -176,7 +176,7 @@ class ShmSendPath(SendPath):
             raise TransferAborted("connection to the receiver was closed")
         index = self._free.popleft()
         fill = link.submit(
-            self._fill, ring.slot(index, link.pool.payload_bytes(len(ids))), layer, ids, corrupt
+            self._fill, ring.slot(index, link.pool.payload_bytes(len(ids), layer)), layer, ids, corrupt
         )
         try:
             crc = await asyncio.shield(fill)
@@ -214,7 +214,7 @@ class ShmSendPath(SendPath):
                 top_up()
                 link.check()
                 await link.send_frame(ShmBlocks(transfer.transfer_id, seq, layer, dest, len(ids), crc, index))
-                shipped += pool.payload_bytes(len(ids))
+                shipped += pool.payload_bytes(len(ids), layer)
         finally:
             for fut in pending:
                 fut.cancel()
@@ -239,7 +239,7 @@ class ShmRecvPath(RecvPath):
 
     def welcome(self) -> Welcome:
         link = self.link
-        unit = link.pool.unit
+        unit = link.pool.max_layer_bytes  # a slot holds a frame of any layer
         slot_bytes = max(unit, min(link.max_frame_bytes, link.receiver.shm_slot_bytes) // unit * unit)
         self._ring = ShmRing.create(link.receiver.shm_slots, slot_bytes)
         if link.pool.is_cuda:
@@ -249,7 +249,7 @@ class ShmRecvPath(RecvPath):
     async def land(self, frame: ShmBlocks, transfer: IncomingTransfer) -> None:
         ring = self._ring
         assert ring is not None
-        nbytes = self.link.pool.payload_bytes(frame.count)
+        nbytes = self.link.pool.payload_bytes(frame.count, frame.layer)
         if not 0 <= frame.slot < ring.slots or nbytes > ring.slot_bytes:
             transfer.fail(
                 TransferRefused(f"shm frame slot {frame.slot} / {nbytes} bytes outside the ring"),

@@ -67,7 +67,7 @@ class TcpSendPath(SendPath):
     ) -> tuple[TcpBlocks, list[memoryview], int]:
         link, pool = self.link, self.link.pool
         ids, dest, layer = frame
-        nbytes = pool.payload_bytes(len(ids))
+        nbytes = pool.payload_bytes(len(ids), layer)
         corrupt = faults.take_corruption()
         views = pool.views(layer, ids)
         if views is None:
@@ -131,7 +131,7 @@ class TcpRecvPath(RecvPath):
         return Welcome("tcp")
 
     def payload_bytes(self, frame: TcpBlocks) -> int:
-        return self.link.pool.payload_bytes(frame.count)
+        return self.link.pool.payload_bytes(frame.count, frame.layer)
 
     def _take_buffer(self, nbytes: int) -> torch.Tensor:
         for i, buf in enumerate(self._staging):
@@ -141,7 +141,7 @@ class TcpRecvPath(RecvPath):
 
     async def land(self, frame: TcpBlocks, transfer: IncomingTransfer) -> None:
         link, pool = self.link, self.link.pool
-        nbytes = pool.payload_bytes(frame.count)
+        nbytes = pool.payload_bytes(frame.count, frame.layer)
         ids = transfer.block_ids[frame.dest_index : frame.dest_index + frame.count]
         views = pool.views(frame.layer, ids)
         await link.slots.acquire()
