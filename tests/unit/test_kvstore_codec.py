@@ -24,7 +24,7 @@ from rtpllm.kvstore.block_codec import (
     header_len,
     parse_header,
 )
-from rtpllm.transfer.blocks import PoolBlocks
+from rtpllm.transfer.blocks import LayerPoolBlocks, PoolBlocks
 from rtpllm.transfer.layout import KVLayout
 
 pytestmark = pytest.mark.timeout(30)
@@ -196,8 +196,12 @@ def test_bad_magic_and_version_are_corrupt() -> None:
     layout = KVLayout.of(src, NS)
     (payload,) = encode_blocks(src, [3], layout)
     _refused(dst, [b"XKVB" + payload[4:]], layout, CorruptBlock, "magic", 0)
-    newer = payload[:4] + struct.pack("<H", 2) + payload[6:]
-    _refused(dst, [newer], layout, CorruptBlock, "version 2", 0)
+    newer = payload[:4] + struct.pack("<H", 3) + payload[6:]
+    _refused(dst, [newer], layout, CorruptBlock, "version 3", 0)
+    # Version 2 is a mixed pool's block (its header names the layers' formats): a
+    # uniform block relabeled so names none.
+    relabeled = payload[:4] + struct.pack("<H", 2) + payload[6:]
+    _refused(dst, [relabeled], layout, CorruptBlock, "without layer formats", 0)
     _refused(dst, [b"not a block at all"], layout, CorruptBlock, "truncated", 0)
 
 
@@ -278,3 +282,92 @@ def test_cuda_round_trip(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) ->
         assert same(dst[:, :, d], src[:, :, s])
     rest = [b for b in range(dst.shape[2]) if b not in ids]
     assert same(dst[:, :, rest], before[:, :, rest])
+
+
+# -- mixed per-layer pools (a per-layer KV plan) -----------------------------------------
+
+MIXED = ("fp8", "bfloat16", "int8")
+
+
+def make_mixed(num_blocks: int = 8, seed: int = 0, formats: tuple[str, ...] = MIXED) -> LayerPoolBlocks:
+    """A mixed pool's layer pages of `num_blocks + 1` blocks (block_size 4, heads 2,
+    head_dim 8) of random bytes."""
+    blocks = LayerPoolBlocks.allocate(KVLayout.of_layers(NS, formats, 4, 2, 8), num_blocks + 1)
+    gen = torch.Generator().manual_seed(seed)
+    for page in blocks.pages:
+        page.view(torch.uint8).random_(generator=gen)
+    return blocks
+
+
+def layer_bytes(blocks: LayerPoolBlocks, ids: list[int]) -> list[torch.Tensor]:
+    return [p.view(torch.uint8)[:, ids].clone() for p in blocks.pages]
+
+
+def test_mixed_pool_blocks_round_trip_bit_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A block's payload is every layer's pages, each its own size; the header (version
+    2) names the formats; chunked or not, the bytes come back where they belong."""
+    src, dst = make_mixed(10, seed=1), make_mixed(6, seed=2)
+    layout = src.layout
+    assert block_payload_bytes(layout) == 2 * 4 * 2 * (12 + 16 + 12)  # fp8 rows 8 + 4 bytes, bf16 16
+    ids, targets = [7, 0, 3, 10, 4], [5, 1, 0, 2, 6]
+    payloads = encode_blocks(src, ids, layout)
+    header = check_block(payloads[0])
+    assert header.version == 2 and header.layout == layout
+    assert header.payload_len == block_payload_bytes(layout)
+    first = payloads[0][header.header_len :]
+    # Layer by layer, each layer's K page then its V page.
+    want = b"".join(p.view(torch.uint8)[:, 7].numpy().tobytes() for p in src.pages)
+    assert first == want
+    monkeypatch.setattr(block_codec, "CHUNK_BYTES", 2 * block_payload_bytes(layout))  # chunks of 2 blocks
+    assert encode_blocks(src, ids, layout) == payloads
+    untouched = [b for b in range(dst.num_blocks) if b not in targets]
+    before = layer_bytes(dst, untouched)
+    decode_into(dst, targets, payloads, layout)
+    for a, b in zip(layer_bytes(src, ids), layer_bytes(dst, targets), strict=True):
+        assert torch.equal(a, b)
+    assert all(torch.equal(a, b) for a, b in zip(layer_bytes(dst, untouched), before, strict=True))
+
+
+def test_mixed_blocks_of_other_formats_are_a_layout_mismatch() -> None:
+    src = make_mixed(4, seed=1, formats=("int8", "bfloat16", "fp8"))  # same sizes, other formats
+    dst = make_mixed(4, seed=2)
+    before = layer_bytes(dst, list(range(5)))
+    payloads = encode_blocks(src, [1], src.layout)
+    with pytest.raises(LayoutMismatch, match="layer_formats: block=int8,bfloat16,fp8 pool=fp8,bfloat16,int8"):
+        decode_into(dst, [1], payloads, dst.layout)
+    # A uniform pool's block is not a mixed pool's either, whatever its size.
+    uniform = make_pool(4, torch.uint8, layers=3, head_dim=12)
+    with pytest.raises(LayoutMismatch, match="layer_formats"):
+        decode_into(dst, [1], encode_blocks(uniform, [0], KVLayout.of(uniform, NS)), dst.layout)
+    assert all(torch.equal(a, b) for a, b in zip(layer_bytes(dst, list(range(5))), before, strict=True))
+
+
+def test_a_flipped_bit_in_the_layer_formats_is_corrupt() -> None:
+    src, dst = make_mixed(4, seed=1), make_mixed(4, seed=2)
+    (payload,) = encode_blocks(src, [2], src.layout)
+    at = payload.index(b"fp8,bfloat16,int8")
+    bad = bytearray(payload)
+    bad[at] ^= 0x01  # "gp8": the CRC covers the header's fields, the formats included
+    before = layer_bytes(dst, [2])
+    with pytest.raises(CorruptBlock, match="checksum"):
+        decode_into(dst, [2], [bytes(bad)], dst.layout)
+    assert torch.equal(layer_bytes(dst, [2])[0], before[0])
+
+
+@pytest.mark.gpu
+def test_cuda_mixed_round_trip(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Layer pages on CUDA: the same encoded bytes as on the CPU, chunked, and back."""
+    host = make_mixed(12, seed=1)
+    src = LayerPoolBlocks.allocate(host.layout, 13, "cuda")
+    for page, cpu in zip(src.pages, host.pages, strict=True):
+        page.copy_(cpu)
+    monkeypatch.setattr(block_codec, "CHUNK_BYTES", 3 * block_payload_bytes(src.layout))
+    ids = [11, 0, 4, 7, 3, 2, 9]
+    payloads = encode_blocks(src, ids, src.layout)
+    assert payloads == encode_blocks(host, ids, host.layout)
+    dst = LayerPoolBlocks.allocate(src.layout, 13, "cuda")
+    decode_into(dst, ids[::-1], payloads, dst.layout)
+    for a, b in zip(layer_bytes(host, ids), layer_bytes(dst, ids[::-1]), strict=True):
+        assert torch.equal(a, b.cpu())
+    rest = [b for b in range(13) if b not in ids]
+    assert all(not p.view(torch.uint8)[:, rest].any() for p in dst.pages)

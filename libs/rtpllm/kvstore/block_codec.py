@@ -3,11 +3,14 @@
 A block is `kv[:, :, b]` of a pool [layers, 2, num_blocks + 1, block_size, kv_heads,
 head_dim] (rtpllm.kvcache.kv_pool): K and V of all layers, `num_layers * 2 * block_size *
 kv_heads * head_dim` elements. Encoded, it is a header then the raw payload bytes in that
-order ([layers, 2, block_size, kv_heads, head_dim], the pool's dtype):
+order ([layers, 2, block_size, kv_heads, head_dim], the pool's dtype). A block of a mixed
+per-layer pool (`KVLayout.layer_formats`) is every layer's pages one after the other,
+each [2, block_size, kv_heads, row] in the layer's format: its payload is the sum of the
+layers' bytes (`KVLayout.block_bytes`), and its header is version 2, which names them:
 
     offset  size  field
     0       4     magic b"RKVB"
-    4       2     format version (1)
+    4       2     format version (1; 2 for a mixed per-layer pool)
     6       2     header length H (a multiple of 16, so the payload starts aligned)
     8       4     CRC-32 (zlib) of bytes [12, H + payload length): the header fields
                   below, then the payload
@@ -16,8 +19,14 @@ order ([layers, 2, block_size, kv_heads, head_dim], the pool's dtype):
     36      16    dtype name, ASCII, NUL-padded ("bfloat16")
     52      2     namespace length N
     54      N     namespace (the block-key seed: model, dtype, KV format, TP, block size)
-    54 + N  ...   zero padding up to H
+    version 2 only:
+    54 + N  2     layer formats length F
+    56 + N  F     the layers' formats, ASCII, comma-separated ("fp8,bfloat16,int8")
+    ...     ...   zero padding up to H
     H       ...   payload
+
+A uniform pool's blocks are version 1, byte for byte what they were before mixed pools
+moved (blocks already in the SSD and Redis tiers stay readable).
 
 All integers little-endian. The CRC covers the header fields too, so a flipped bit
 anywhere reads as `CorruptBlock`, never as a plausible other layout. A well-formed block
@@ -32,11 +41,12 @@ blocks (encode), one host->device copy + one scatter for all blocks (decode), in
 at most CHUNK_BYTES so a large restore does not need as much free GPU memory as it moves.
 
 A pool that is not one tensor of this process -- a tensor-parallel engine's, each rank
-holding its own KV heads -- is passed as its `KVBlocks` view
-(rtpllm.engine.sharded_blocks.ShardedPoolBlocks): whole blocks are read into and written
-from a host buffer through `KVBlocks.read_blocks` / `write_blocks` (every rank's heads via
-rank 0), in the same chunks, so the encoded block is the same whole block, every KV head,
-whatever the pool's split.
+holding its own KV heads, or a mixed per-layer pool, one page tensor per layer -- is
+passed as its `KVBlocks` view (rtpllm.engine.sharded_blocks.ShardedPoolBlocks,
+rtpllm.transfer.blocks.LayerPoolBlocks): whole blocks are read into and written from a
+host buffer through `KVBlocks.read_blocks` / `write_blocks` (every rank's heads via rank
+0; every layer's pages), in the same chunks, so the encoded block is the same whole
+block, every KV head, whatever the pool's split.
 """
 
 from __future__ import annotations
@@ -56,7 +66,9 @@ from rtpllm.transfer.blocks import KVBlocks
 from rtpllm.transfer.layout import KVLayout
 
 MAGIC = b"RKVB"
-VERSION = 1
+VERSION = 1  # a uniform pool's block
+VERSION_LAYERS = 2  # a mixed per-layer pool's block: the header names every layer's format
+_FORMATS_LEN = struct.Struct("<H")
 _PREFIX = struct.Struct("<4sHHI")  # magic, version, header length, crc32
 _FIELDS = struct.Struct("<QIIII16sH")  # payload length, layers, block_size, heads, head_dim, dtype, ns length
 _CRC_FROM = _PREFIX.size  # the CRC covers everything after the prefix
@@ -99,11 +111,25 @@ class BlockHeader:
 
 def block_payload_bytes(layout: KVLayout) -> int:
     """Payload bytes of one block of `layout` (all layers, K and V)."""
-    return layout.num_layers * layout.block_layer_bytes
+    return layout.block_bytes
+
+
+def _version(layout: KVLayout) -> int:
+    return VERSION_LAYERS if layout.mixed else VERSION
+
+
+def _formats_field(layout: KVLayout) -> bytes:
+    """Version 2's layer formats (length-prefixed); nothing for a uniform layout."""
+    if not layout.mixed:
+        return b""
+    names = ",".join(layout.layer_formats).encode("ascii")
+    if len(names) > 0xFFFF:
+        raise ValueError("layer formats longer than 65535 bytes")
+    return _FORMATS_LEN.pack(len(names)) + names
 
 
 def header_len(layout: KVLayout) -> int:
-    raw = _PREFIX.size + _FIELDS.size + len(layout.namespace)
+    raw = _PREFIX.size + _FIELDS.size + len(layout.namespace) + len(_formats_field(layout))
     return -(-raw // _ALIGN) * _ALIGN
 
 
@@ -125,6 +151,7 @@ def _header_fields(layout: KVLayout, payload_len: int) -> bytes:
             len(layout.namespace),
         )
         + layout.namespace
+        + _formats_field(layout)
     )
     return fields + bytes(header_len(layout) - _PREFIX.size - len(fields))
 
@@ -137,8 +164,8 @@ def parse_header(data: bytes | memoryview) -> BlockHeader:
     magic, version, hlen, crc = _PREFIX.unpack_from(data, 0)
     if magic != MAGIC:
         raise CorruptBlock(f"not a KV block: magic {bytes(magic)!r}, expected {MAGIC!r}")
-    if version != VERSION:
-        raise CorruptBlock(f"KV block format version {version}, this reader knows {VERSION}")
+    if version not in (VERSION, VERSION_LAYERS):
+        raise CorruptBlock(f"KV block format version {version}, this reader knows {VERSION} and {VERSION_LAYERS}")
     payload_len, layers, block_size, heads, head_dim, dtype, ns_len = _FIELDS.unpack_from(data, _PREFIX.size)
     ns_at = _PREFIX.size + _FIELDS.size
     if hlen < ns_at + ns_len or hlen % _ALIGN or len(data) < hlen:
@@ -149,8 +176,25 @@ def parse_header(data: bytes | memoryview) -> BlockHeader:
         dtype_name = dtype.rstrip(b"\0").decode("ascii")
     except UnicodeDecodeError:
         raise CorruptBlock(f"bad dtype field in block header: {dtype!r}") from None
-    layout = KVLayout(bytes(data[ns_at : ns_at + ns_len]), layers, block_size, heads, head_dim, dtype_name)
+    formats = _parse_formats(data, ns_at + ns_len, hlen) if version == VERSION_LAYERS else ()
+    layout = KVLayout(bytes(data[ns_at : ns_at + ns_len]), layers, block_size, heads, head_dim, dtype_name, formats)
     return BlockHeader(version, hlen, crc, payload_len, layout)
+
+
+def _parse_formats(data: bytes | memoryview, at: int, hlen: int) -> tuple[str, ...]:
+    """Version 2's layer formats at offset `at` of a header of `hlen` bytes."""
+    if at + _FORMATS_LEN.size > hlen:
+        raise CorruptBlock(f"truncated header: no layer formats in its {hlen} bytes")
+    (flen,) = _FORMATS_LEN.unpack_from(data, at)
+    start = at + _FORMATS_LEN.size
+    if start + flen > hlen:
+        raise CorruptBlock(f"truncated header: {flen} bytes of layer formats past its {hlen} bytes")
+    if not flen:  # the version field is outside the CRC: a version 1 block relabeled
+        raise CorruptBlock("version 2 block without layer formats")
+    try:
+        return tuple(bytes(data[start : start + flen]).decode("ascii").split(","))
+    except UnicodeDecodeError:
+        raise CorruptBlock("bad layer formats in block header") from None
 
 
 def check_block(data: bytes | memoryview, verify_checksum: bool = True) -> BlockHeader:
@@ -234,7 +278,7 @@ def _chunks(n: int, per_block: int) -> list[range]:
     return [range(i, min(n, i + step)) for i in range(0, n, step)]
 
 
-def _encode_rows(fields: bytes, rows: memoryview, count: int, per_block: int) -> list[bytes]:
+def _encode_rows(fields: bytes, rows: memoryview, count: int, per_block: int, version: int = VERSION) -> list[bytes]:
     """Blocks from `count` consecutive payloads in `rows`: CRCs on the copy threads
     (zlib releases the GIL), then header + payload joined into one bytes object each."""
     payloads = [rows[i * per_block : (i + 1) * per_block] for i in range(count)]
@@ -248,7 +292,7 @@ def _encode_rows(fields: bytes, rows: memoryview, count: int, per_block: int) ->
     _parallel(crc, count, per_block)
     hlen = _PREFIX.size + len(fields)
     return [
-        b"".join((_PREFIX.pack(MAGIC, VERSION, hlen, c), fields, p))
+        b"".join((_PREFIX.pack(MAGIC, version, hlen, c), fields, p))
         for c, p in zip(crcs, payloads, strict=True)
     ]
 
@@ -273,14 +317,14 @@ def _encode_view(blocks: KVBlocks, block_ids: Sequence[int], layout: KVLayout) -
     for chunk in _chunks(len(ids), per_block):
         host = blocks.host_buffer(len(chunk) * per_block)
         blocks.read_blocks(ids[chunk.start : chunk.stop], host)
-        out.extend(_encode_rows(fields, memoryview(host.numpy()).cast("B"), len(chunk), per_block))
+        out.extend(_encode_rows(fields, memoryview(host.numpy()).cast("B"), len(chunk), per_block, _version(layout)))
     return out
 
 
 def encode_blocks(kv: torch.Tensor | KVBlocks, block_ids: Sequence[int], layout: KVLayout) -> list[bytes]:
     """Encode blocks `block_ids` of pool `kv` (of `layout`), one bytes object each. `kv`
-    is the pool tensor, or a `KVBlocks` view of a pool spread over processes (tensor
-    parallelism: whole blocks through rank 0).
+    is the pool tensor, or a `KVBlocks` view of a pool that is not one tensor here (tensor
+    parallelism: whole blocks through rank 0; a mixed per-layer pool's layer pages).
 
     CUDA pools: the gather runs on a side stream ordered after the caller's current
     stream (so it sees the engine's writes enqueued so far); returns once the bytes are
@@ -389,7 +433,7 @@ def decode_into(
     verify_checksum: bool = True,
 ) -> None:
     """Write encoded blocks `payloads[i]` into block `block_ids[i]` of pool `kv` (the pool
-    tensor, or a `KVBlocks` view of a pool spread over processes, as `encode_blocks`).
+    tensor, or a `KVBlocks` view of a pool that is not one tensor here, as `encode_blocks`).
 
     Every payload is validated first (magic, version, length, CRC unless
     `verify_checksum=False`, then layout and namespace equal to `layout`); if any fails,

@@ -277,13 +277,17 @@ class RemoteKVStore(EngineKVStore):
         """Pool blocks -> outbox blocks. A copy_ per block: on CPU twice as fast as
         index_select + index_copy_ (one pass, no temporary); CUDA pools gather on the
         device first, then one device->host copy (which waits for the engine's work).
-        A tensor-parallel pool's view reads whole blocks through rank 0 first."""
+        A pool's view (tensor parallelism, a mixed per-layer plan) reads whole blocks
+        first (through rank 0; every layer's pages)."""
         out = self._outbox.kv
         if isinstance(self.kv, KVBlocks):
             blocks = self.kv
             host = blocks.host_buffer(blocks.block_bytes * len(block_ids))
             blocks.follow_engine()  # CUDA: after the engine's writes enqueued so far
             blocks.read_blocks(np.asarray(block_ids, dtype=np.int64), host)
+            if isinstance(out, KVBlocks):  # a mixed layout's outbox: its layer pages
+                out.write_blocks(np.asarray(slots, dtype=np.int64), host, None)
+                return
             lay = self.layout
             whole = host.view(lay.torch_dtype).view(len(block_ids), lay.num_layers, 2, lay.block_size, lay.num_kv_heads, lay.head_dim)
             for i, slot in enumerate(slots):

@@ -1,7 +1,8 @@
 """The kvstore's staging pools: where blocks wait between the data plane and the codec.
 
 One per KV layout the kvstore serves: a CPU tensor shaped like an engine's pool
-(`[layers, 2, num_blocks, block_size, kv_heads, head_dim]`), a free list of its blocks,
+(`[layers, 2, num_blocks, block_size, kv_heads, head_dim]`; for a mixed per-layer
+layout one page tensor per layer, `LayerPoolBlocks`), a free list of its blocks,
 and the data-plane ends on it: a KVReceiver (engines put blocks into it) and a KVSender
 (the kvstore gets blocks out of it to an engine). Blocks are taken for one transfer and
 given back when nothing reads or writes them any more (the transfer ended, or failed
@@ -17,6 +18,7 @@ from collections import deque
 import torch
 
 from rtpllm.transfer import KVLayout, KVReceiver, KVSender
+from rtpllm.transfer.blocks import KVBlocks, LayerPoolBlocks
 
 
 class StagingPool:
@@ -28,10 +30,16 @@ class StagingPool:
         self.layout = layout
         self.num_blocks = num_blocks
         # torch.zeros is calloc-backed: pages become resident only once a transfer uses them.
-        self.kv = torch.zeros(
-            layout.num_layers, 2, num_blocks, layout.block_size, layout.num_kv_heads, layout.head_dim,
-            dtype=layout.torch_dtype,
-        )  # fmt: skip
+        # What the data plane and the block codec move: the pool tensor, or a mixed
+        # layout's layer pages.
+        self.kv: torch.Tensor | KVBlocks
+        if layout.mixed:
+            self.kv = LayerPoolBlocks.allocate(layout, num_blocks)
+        else:
+            self.kv = torch.zeros(
+                layout.num_layers, 2, num_blocks, layout.block_size, layout.num_kv_heads, layout.head_dim,
+                dtype=layout.torch_dtype,
+            )  # fmt: skip
         self._free: deque[int] = deque(range(num_blocks))
         self._released = asyncio.Event()
         self.receiver: KVReceiver | None = None
@@ -40,7 +48,7 @@ class StagingPool:
     @staticmethod
     def blocks_for(layout: KVLayout, budget_bytes: int) -> int:
         """Blocks of `layout` in `budget_bytes` (at least one)."""
-        return max(1, budget_bytes // (layout.num_layers * layout.block_layer_bytes))
+        return max(1, budget_bytes // layout.block_bytes)
 
     async def start(self, host: str, port: int) -> None:
         """Open the data-plane ends (on the running event loop)."""
