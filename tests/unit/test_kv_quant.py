@@ -2,12 +2,13 @@
 dequantize math, the pool's page layout (values and scales of a block together), the
 per-layer spec and plan, block-key namespaces, the torch attention backend on quantized
 KV, and an engine with fp8/int8 KV: capacity in bytes, tiers moving quantized blocks
-exactly, and refusals where a format cannot go."""
+(uniform and mixed per-layer plans) exactly, and refusals where a format cannot go."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,7 +19,7 @@ from rtpllm.config import CacheConfig, OffloadConfig
 from rtpllm.kernels.attention_ref import gather_context, reference_attention
 from rtpllm.kernels.kv_cache import store_kv_ref
 from rtpllm.kernels.kv_quant import dequantize_ref, quantize_ref
-from rtpllm.kvcache.block_hash import namespace_key
+from rtpllm.kvcache.block_hash import block_keys, namespace_key
 from rtpllm.kvcache.kv_format import KVCacheSpec, quantized_views
 from rtpllm.kvcache.kv_plan import KVCachePlan, cache_spec, load_plan
 from rtpllm.kvcache.kv_pool import KVPool, bytes_per_block
@@ -124,9 +125,15 @@ def test_mixed_plan_pool_has_per_layer_formats() -> None:
     # Layers do not overlap: writing one layer leaves the others zero.
     caches[1][0].fill_(1.0)
     assert caches[0][0].float().abs().sum() == 0 and caches[2][2].abs().sum() == 0
+    # The block movers' pages are the caches' memory: K then V, every block, per layer.
+    pages = pool.layer_pages()
+    assert [tuple(p.shape) for p in pages] == [(2, 5, 16, 2, 68), (2, 5, 16, 2, 64), (2, 5, 16, 2, 68)]
+    assert pages[1][0].data_ptr() == caches[1][0].data_ptr() and pages[1][1].data_ptr() == caches[1][1].data_ptr()
+    assert pages[2][1].data_ptr() == caches[2][1].data_ptr()
+    assert all(pool.buffer is not None and p.untyped_storage().data_ptr() == pool.buffer.data_ptr() for p in pages)
     assert pool.kv is None
     with pytest.raises(ValueError, match="one KV format for every layer"):
-        pool.require_uniform("the KV tiers")
+        pool.require_uniform("tensor parallelism")
 
 
 def test_spec_from_options_and_plan_file(tmp_path: Path) -> None:
@@ -159,8 +166,11 @@ def test_namespace_names_the_format() -> None:
     # bf16 KV under a bf16 model is the model's dtype: same blocks, same keys.
     assert KVCacheSpec.resolve(4, dt, "bf16").namespace_format(dt) == "model"
     assert KVCacheSpec.resolve(4, torch.float32, "bf16").namespace_format(torch.float32) != "model"
-    keys = {namespace_key("w", "bfloat16", 16, f) for f in [auto, *formats.values()]}
-    assert len(keys) == 4
+    # Two mixed plans of the same formats in other layers are other blocks too.
+    other_plan = KVCacheSpec.resolve(4, dt, "fp8", skip_layers=(1,)).namespace_format(dt)
+    assert other_plan != formats["mixed"]
+    keys = {namespace_key("w", "bfloat16", 16, f) for f in [auto, *formats.values(), other_plan]}
+    assert len(keys) == 5
     assert namespace_key("w", "bfloat16", 16) == namespace_key("w", "bfloat16", 16, auto)
 
 
@@ -292,14 +302,57 @@ def test_engine_kv_tiers_restore_quantized_blocks_exactly(tiny_llama: Path) -> N
     assert llm.engine.offload is not None and llm.engine.offload.stats.restored_blocks["host"] >= 1
 
 
-def test_engine_refuses_tiers_for_a_mixed_plan(tiny_llama: Path) -> None:
-    with pytest.raises(ValueError, match="one KV format for every layer"):
-        LLM(str(tiny_llama), device="cpu", num_blocks=16, kv_cache_dtype="fp8", kv_cache_dtype_skip_layers=(0,),
-            offload=OffloadConfig(host_bytes=1 << 20))
-    # Without tiers a mixed plan serves.
-    llm = LLM(str(tiny_llama), device="cpu", num_blocks=16, kv_cache_dtype="fp8", kv_cache_dtype_skip_layers=(0,))
-    assert llm.engine.kv_pool.spec.formats[0] == "float32"
-    assert _generate(llm, PROMPTS[:1])[0]
+def _mixed_plan(tmp_path: Path, kind: str) -> dict[str, object]:
+    """Engine options of a mixed per-layer plan on the 2-layer tiny model: layer 0 kept
+    in the model's dtype (skip layers), or fp8 and int8 layers (a plan file)."""
+    if kind == "skip":
+        return {"kv_cache_dtype": "int8", "kv_cache_dtype_skip_layers": (0,)}
+    KVCachePlan(("fp8", "int8"), model="m", threshold=0.1, errors={}).save(tmp_path / "plan.json")
+    return {"kv_cache_plan": str(tmp_path / "plan.json")}
+
+
+@pytest.mark.parametrize("kind", ["skip", "plan"])
+def test_engine_kv_tiers_restore_mixed_plan_blocks_exactly(tiny_llama: Path, tmp_path: Path, kind: str) -> None:
+    """A mixed per-layer pool demotes evicted blocks to the host tier and restores them:
+    the same bytes in every layer's pages, the same greedy tokens as without the tier."""
+    system = [(13 * i + 5) % 300 for i in range(64)]
+    others = [[(7 * i + j) % 300 for i in range(64)] for j in range(1, 4)]
+    plan = _mixed_plan(tmp_path, kind)
+
+    def make(**offload: object) -> LLM:
+        return LLM(str(tiny_llama), device="cpu", block_size=8, num_blocks=24, max_num_batched_tokens=128,
+                   offload=OffloadConfig(**offload) if offload else None, **plan)  # type: ignore[arg-type]
+
+    reference = _generate(make(), [system + [1, 2, 3]])[0]
+    llm = make(host_bytes=64 << 20)
+    engine = llm.engine
+    assert engine.kv_pool.kv is None and engine.kv_pool.spec.uniform_format is None
+    assert _generate(llm, [system + [1, 2, 3]])[0] == reference
+    keys = block_keys(system, 8, engine.block_manager.namespace)
+    blocks = engine.kv_blocks()
+    assert blocks.layout.layer_formats == engine.kv_pool.spec.formats
+
+    def stored(ids: list[int]) -> torch.Tensor:
+        out = blocks.host_buffer(len(ids) * blocks.block_bytes)
+        blocks.read_blocks(np.asarray(ids), out)
+        return out.clone()
+
+    before = stored(engine.block_manager.cached_block_ids(keys))
+    for other in others:  # push the system prompt out of the pool
+        _generate(llm, [other])
+    assert len(engine.block_manager.cached_block_ids(keys)) < 8
+    out = llm.generate([system + [1, 2, 3]], PARAMS)[0]
+    assert out.outputs[0].token_ids == reference
+    assert out.num_cached_tokens == 64, "every full block restored, none recomputed"
+    assert engine.offload is not None and engine.offload.stats.restored_blocks["host"] >= 1
+    assert torch.equal(stored(engine.block_manager.cached_block_ids(keys)), before)
+
+
+@pytest.mark.timeout(60)
+def test_tensor_parallel_still_refuses_to_move_a_mixed_plan(tiny_llama: Path) -> None:
+    with pytest.raises(ValueError, match="with tensor parallelism needs one KV format for every layer"):
+        LLM(str(tiny_llama), device="cpu", num_blocks=16, tensor_parallel_size=2, kv_cache_dtype="fp8",
+            kv_cache_dtype_skip_layers=(0,), offload=OffloadConfig(host_bytes=1 << 20))
 
 
 # ----------------------------------------------------------------------------- PD data plane

@@ -14,11 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import numpy as np
 import pytest
 import torch
 
 from rtpllm import LLM, SamplingParams
 from rtpllm.config import OffloadConfig
+from rtpllm.kvcache.block_hash import block_keys
 from rtpllm.kvcache.events import AllBlocksCleared, BlocksStored
 from rtpllm.kvstore import HostTier, SSDTier, TieredKVStore
 from rtpllm.kvstore.client import RemoteKVStore
@@ -448,6 +450,48 @@ def test_an_engine_restores_what_another_wrote_through(tiny_llama: Path, nats_ur
         a.engine.close()
         b.engine.close()
         server.stop()
+
+
+def test_engines_with_a_mixed_plan_share_blocks_through_the_kvstore(tiny_llama: Path, nats_url: str) -> None:
+    """A mixed per-layer KV plan (layer 0 in the model's dtype, layer 1 int8) through the
+    kvstore: the engine's layer pages go out through its outbox and come back into
+    another engine's, staged in the kvstore's per-layout staging pool in between."""
+    plan = {"kv_cache_dtype": "int8", "kv_cache_dtype_skip_layers": (0,)}
+    reference = LLM(str(tiny_llama), device="cpu", block_size=8, num_blocks=24, **plan).generate([PROMPT], PARAMS)[0]  # type: ignore[arg-type]
+    server = ServerThread(nats_url)
+
+    def make() -> LLM:
+        config = OffloadConfig(kvstore_nats_url=nats_url, kvstore_wait_s=5.0, kvstore_host_id=HOST)
+        return LLM(str(tiny_llama), device="cpu", block_size=8, num_blocks=24, max_num_batched_tokens=128, offload=config, **plan)  # type: ignore[arg-type]
+
+    a, b = make(), make()
+    try:
+        assert a.engine.kv_pool.kv is None and isinstance(a.engine.offload.tiers, RemoteKVStore)  # type: ignore[union-attr]
+        assert a.generate([PROMPT], PARAMS)[0].outputs[0].token_ids == reference.outputs[0].token_ids
+        wait_for(lambda: len(server.store.host) >= 8)
+        (layout,) = server.server.staging_free()
+        assert layout.layer_formats == ("float32", "int8")
+        out_b = b.generate([PROMPT], PARAMS)[0]
+        assert out_b.num_cached_tokens == 64, "every full block came from the kvstore"
+        assert out_b.outputs[0].token_ids == reference.outputs[0].token_ids
+        assert b.engine.offload is not None and b.engine.offload.stats.restored_blocks["host"] == 8
+        # Bit for bit: b's restored blocks hold a's bytes, every layer's pages.
+        assert torch.equal(whole_blocks(b, PROMPT[:64]), whole_blocks(a, PROMPT[:64]))
+    finally:
+        a.engine.close()
+        b.engine.close()
+        server.stop()
+
+
+def whole_blocks(llm: LLM, tokens: list[int]) -> torch.Tensor:
+    """The bytes of the blocks `llm`'s pool caches for `tokens` (whole blocks, in order)."""
+    engine = llm.engine
+    ids = engine.block_manager.cached_block_ids(block_keys(tokens, 8, engine.block_manager.namespace))
+    assert len(ids) == len(tokens) // 8
+    blocks = engine.kv_blocks()
+    out = blocks.host_buffer(len(ids) * blocks.block_bytes)
+    blocks.read_blocks(np.asarray(ids), out)
+    return out
 
 
 def test_without_a_kvstore_the_engine_falls_back_to_its_own_tiers(tiny_llama: Path, nats_url: str) -> None:

@@ -52,7 +52,7 @@ from rtpllm.speculative.proposer import build_proposer
 from rtpllm.speculative.speculator import Speculator
 from rtpllm.speculative.verify import SpecRows, Verified, verify
 from rtpllm.tokenizer import Tokenizer
-from rtpllm.transfer.blocks import KVBlocks, PoolBlocks
+from rtpllm.transfer.blocks import KVBlocks, pool_blocks
 from rtpllm.transfer.layout import KVLayout
 
 if TYPE_CHECKING:
@@ -463,17 +463,18 @@ class LLMEngine:
 
     def kv_blocks(self, purpose: str = "prefill/decode disaggregation (the KV data plane)") -> KVBlocks:
         """The KV pool as the PD data plane and the KV tiers move it (built on first use):
-        whole blocks, every KV head of the model. With tensor parallelism the other
-        ranks' heads come and go through rank 0 over the KV group (engine/sharded_blocks.py).
-        A clear error, naming `purpose`, for a mixed per-layer KV plan, which neither
-        transfers nor tiers carry."""
+        whole blocks, every KV head of the model. One rank: the pool tensor, or its layer
+        pages for a mixed per-layer KV plan (transfer/blocks.py). With tensor parallelism
+        the other ranks' heads come and go through rank 0 over the KV group
+        (engine/sharded_blocks.py), which needs one pool tensor: a clear error, naming
+        `purpose`, for a mixed plan there."""
         if self._kv_blocks is not None:
             return self._kv_blocks
-        kv = self.kv_pool.require_uniform(purpose)
-        layout = KVLayout.of(kv, self.block_manager.namespace)
         if self.tp is None:
-            self._kv_blocks = PoolBlocks(kv, layout)
+            self._kv_blocks = pool_blocks(self.kv_pool, self.block_manager.namespace)
             return self._kv_blocks
+        kv = self.kv_pool.require_uniform(f"{purpose} with tensor parallelism")
+        layout = KVLayout.of(kv, self.block_manager.namespace)
         size = self.tp.size
         shards = [ShardLayout.of(self.model_config, rank, size) for rank in range(size)]
         whole = replace(layout, num_kv_heads=self.model_config.num_kv_heads)
@@ -484,10 +485,11 @@ class LLMEngine:
 
     def _tier_pool(self) -> torch.Tensor | KVBlocks:
         """What the KV tiers read and write: with one rank the pool tensor itself (direct
-        copies, no view in between); with tensor parallelism the whole-block view, so the
-        tiers hold whole blocks (every KV head, through rank 0) whatever the split."""
-        if self.tp is None:
-            return self.kv_pool.require_uniform("the KV tiers")
+        copies, no view in between), or a mixed plan's layer pages (`kv_blocks()`); with
+        tensor parallelism the whole-block view, so the tiers hold whole blocks (every KV
+        head, through rank 0) whatever the split."""
+        if self.tp is None and self.kv_pool.kv is not None:
+            return self.kv_pool.kv
         return self.kv_blocks("the KV tiers")
 
     def _extend_prefix(self, req: Request, hit: PrefixHit) -> PrefixHit | None:
