@@ -1,17 +1,23 @@
 """Disaggregation at the engine level: a prefill-only request on one engine hands its
 KV and first token to a reserved request on another; greedy outputs equal one engine
-doing both. The KV is copied by tensor indexing here (the data plane has its own tests)."""
+doing both. The KV is copied by tensor indexing here (the data plane has its own tests),
+except for a mixed per-layer KV plan, whose layer pages go over the data plane."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from rtpllm import LLM, SamplingParams
 from rtpllm.engine.llm_engine import LLMEngine
 from rtpllm.outputs import KVReservation, RequestOutput
+from rtpllm.transfer import KVReceiver, KVSender
+from rtpllm.transfer.blocks import KVBlocks
+from rtpllm.transfer.endpoint import shm_available
 
 
 def make_engine(ckpt: Path, **kw) -> LLMEngine:
@@ -141,3 +147,51 @@ def test_prefill_only_refuses_n_above_one(tiny_llama: Path) -> None:
     engine = make_engine(tiny_llama)
     with pytest.raises(ValueError, match="n=1"):
         engine.add_request("r", [1, 2, 3], SamplingParams(n=2), prefill_only=True)
+
+
+async def _ship(src: KVBlocks, src_ids: list[int], dst: KVBlocks, dst_ids: list[int], backend: str) -> None:
+    """The prefill's blocks `src_ids` into the decode's `dst_ids` over the data plane."""
+    receiver = KVReceiver(dst, backends=[backend])
+    await receiver.start()
+    sender = KVSender(src, prefer=[backend])
+    try:
+        incoming = receiver.expect("r", dst_ids, lease_s=10)
+        out = await sender.open(receiver.endpoint, "r", len(dst_ids), 10, token=incoming.token)
+        assert out.backend == backend
+        await out.send(np.asarray(src_ids), 0)
+        await out.finish()
+        await incoming.wait()
+    finally:
+        await sender.close()
+        await receiver.close()
+
+
+def _whole(blocks: KVBlocks, ids: list[int]) -> bytes:
+    out = blocks.host_buffer(len(ids) * blocks.block_bytes)
+    blocks.read_blocks(np.asarray(ids), out)
+    return out.numpy().tobytes()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("backend", ["tcp", "shm"] if shm_available() else ["tcp"])
+def test_handoff_of_a_mixed_kv_plan_over_the_data_plane(tiny_llama: Path, backend: str) -> None:
+    """A mixed per-layer KV plan (layer 0 fp8, layer 1 in the model's dtype) on both
+    sides: the prefill's layer pages reach the decode's reserved blocks over the data
+    plane bit for bit, and the decode continues as one engine would."""
+    plan = {"kv_cache_dtype": "fp8", "kv_cache_dtype_skip_layers": (1,)}
+    prompt = [random.Random(7).randrange(1, 300) for _ in range(40)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    want = LLM(str(tiny_llama), device="cpu", block_size=8, max_num_batched_tokens=24, **plan).generate([prompt], params)[0]  # type: ignore[arg-type]
+    prefill, decode = make_engine(tiny_llama, **plan), make_engine(tiny_llama, **plan)
+    assert prefill.kv_pool.kv is None and prefill.kv_pool.spec.formats == ("fp8", "float32")
+    res = decode.add_request("r", prompt, params, remote_prefill_min_tokens=1)
+    assert res is not None
+    last = prefill_remote(prefill, "r", prompt, params, res)
+    assert last.kv is not None
+    src = list(last.kv.block_ids[res.skip_blocks :])
+    asyncio.run(_ship(prefill.kv_blocks(), src, decode.kv_blocks(), list(res.block_ids), backend))
+    assert _whole(decode.kv_blocks(), list(res.block_ids)) == _whole(prefill.kv_blocks(), src)
+    first = last.outputs[0].token_ids
+    assert decode.complete_remote_prefill("r", first[0], None, num_cached_tokens=0)
+    tokens = [t for o in drain(decode, "r") for t in o.outputs[0].token_ids]
+    assert tokens == want.outputs[0].token_ids
