@@ -22,13 +22,16 @@ from rtpllm.kvcache.kv_format import KVCacheSpec
 from rtpllm.kvcache.kv_pool import KVPool
 from rtpllm.models.config import ModelConfig
 from rtpllm.transfer import KVLayout, KVReceiver, KVSender, TransferRefused
+from rtpllm.transfer.backend import BackendUnavailable
 from rtpllm.transfer.blocks import LayerPoolBlocks, PoolBlocks, pool_blocks
+from rtpllm.transfer.cuda_ipc import remote_pages
 from rtpllm.transfer.endpoint import shm_available
 from rtpllm.transfer.framing import (
     PROTOCOL_VERSION,
     Error,
     FrameConn,
     Hello,
+    IpcPoolHandle,
     Open,
     Opened,
     TcpBlocks,
@@ -248,3 +251,46 @@ async def test_a_frame_naming_a_layer_past_the_pool_is_refused() -> None:
     finally:
         await receiver.close()
     assert all(torch.equal(a, b) for a, b in zip(pages(dst, range(dst.num_blocks)), before, strict=True))
+
+
+def _handle(shared: torch.Tensor, offsets: list[int], num_blocks: int) -> IpcPoolHandle:
+    """What `share_pool` would put on the wire, minus the CUDA handles (not used here)."""
+    return IpcPoolHandle(
+        device=0, handle=b"", storage_bytes=shared.numel() * shared.element_size(), storage_offset_bytes=0,
+        ref_counter_handle=b"", ref_counter_offset=0, event_handle=b"", event_sync_required=False,
+        shape=list(shared.shape), stride=list(shared.stride()), offset=0, dtype=str(shared.dtype)[6:],
+        layer_offsets=offsets, num_blocks=num_blocks,
+    )  # fmt: skip
+
+
+def test_cuda_ipc_views_the_receivers_layer_pages_in_its_shared_buffer() -> None:
+    """cuda_ipc's tensor logic, on CPU tensors: the receiver shares its pool's one buffer
+    with each layer's offset, and the sender finds the receiver's layer pages there (its
+    own pages' shapes, the receiver's block count); anything else is BackendUnavailable."""
+    cfg = ModelConfig(
+        architecture="LlamaForCausalLM", family="llama", hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2,
+        head_dim=16, intermediate_size=64, vocab_size=100, max_position_embeddings=512, rms_norm_eps=1e-6,
+    )  # fmt: skip
+    spec = KVCacheSpec.resolve(3, torch.bfloat16, plan=["fp8", "auto", "int8"])
+    receiver = pool_blocks(KVPool(cfg, 9, 4, torch.bfloat16, "cpu", spec=spec), NS)
+    sender = pool_blocks(KVPool(cfg, 5, 4, torch.bfloat16, "cpu", spec=spec), NS)
+    assert isinstance(receiver, LayerPoolBlocks) and isinstance(sender, LayerPoolBlocks)
+    shared, offsets = receiver.ipc_tensor()
+    assert offsets[0] == 0 and all(off % 256 == 0 for off in offsets)  # KVPool's aligned regions
+    pages, num_blocks = remote_pages(shared, _handle(shared, offsets, receiver.num_blocks), sender)
+    assert num_blocks == 10
+    for mine, theirs in zip(pages, receiver.pages, strict=True):
+        assert (
+            mine.data_ptr() == theirs.data_ptr() and mine.shape == theirs.shape and mine.dtype == theirs.dtype
+        )
+    with pytest.raises(BackendUnavailable, match="outside its buffer"):
+        remote_pages(shared, _handle(shared, offsets, receiver.num_blocks + 1), sender)
+    with pytest.raises(BackendUnavailable, match="mixed pool's layer pages"):
+        remote_pages(shared, _handle(shared, [], 0), sender)  # a pool tensor's handle
+    # A uniform pool's tensor: one tensor, its layers the pages, as before.
+    kv = torch.zeros(3, 2, 7, 4, 2, 12, dtype=torch.uint8)
+    uniform = PoolBlocks(torch.zeros(3, 2, 5, 4, 2, 12, dtype=torch.uint8), KVLayout.of(kv, NS))
+    pages, num_blocks = remote_pages(kv, _handle(kv, [], 0), uniform)
+    assert num_blocks == 7 and [p.data_ptr() for p in pages] == [kv[i].data_ptr() for i in range(3)]
+    with pytest.raises(BackendUnavailable, match="does not match"):
+        remote_pages(kv[:2], _handle(kv[:2], [], 0), uniform)
