@@ -14,11 +14,12 @@ The tiers are the engine's own (`LocalKVStore`: a TieredKVStore in process) or i
 host's kvstore service (`RemoteKVStore`, chosen with `OffloadConfig.kvstore_host_id` when
 the kvstore answers at startup), behind one interface, `EngineKVStore`.
 
-The pool is the engine's pool tensor (TP=1: copied directly, as it always was) or, with
-tensor parallelism, its `KVBlocks` view (`LLMEngine.kv_blocks()`): whole blocks, every
+The pool is the engine's pool tensor (TP=1: copied directly, as it always was) or its
+`KVBlocks` view (`LLMEngine.kv_blocks()`): with tensor parallelism whole blocks, every
 rank's KV heads read and written through rank 0, so every tier holds whole blocks
 whatever the split (the block-key namespace names the TP size, so TP=1 and TP=N blocks
-never meet anyway).
+never meet anyway); with a mixed per-layer KV plan its layer pages, a block being every
+layer's pages (kvstore/block_codec.py).
 
 Runs on the engine thread, and never waits on the network there (ARCHITECTURE rule 8):
 - stores are in-process encoding (Redis writes go behind, `WriteBehind`) or a copy into

@@ -6,7 +6,8 @@ KVReceiver on the engine's pool (blocks fetched from the kvstore land in it) and
 KVSender on an outbox, a small CPU staging pool of the engine's layout. A
 tensor-parallel engine's pool is its `KVBlocks` view (whole blocks, every rank's KV
 heads through rank 0): the receiver writes through it and the outbox copy reads through
-it, so the kvstore sees the whole blocks a TP=1 engine would send.
+it, so the kvstore sees the whole blocks a TP=1 engine would send. A mixed per-layer
+pool is its layer pages' view (`LayerPoolBlocks`), and so is its outbox.
 
 - `lookup` and `fetch_into` wait for the answer; the engine calls them from its
   background threads (rtpllm.engine.tier_prefetch), never from its step loop, and

@@ -66,8 +66,8 @@ class LocalKVStore(EngineKVStore):
     """An in-process TieredKVStore around one engine's pool: encode/put_many, get_many/decode.
 
     `kv`: the pool tensor (copied directly), or the `KVBlocks` view of a tensor-parallel
-    engine's pool (whole blocks, every rank's KV heads through rank 0): the tiers hold
-    whole blocks either way. Through a view the other ranks read and write their part,
+    engine's pool (whole blocks, every rank's KV heads through rank 0) or of a mixed
+    per-layer pool (its layer pages): the tiers hold whole blocks either way. Through a view the other ranks read and write their part,
     and one may fail it: that store is dropped, that restore a miss, logged (a broken
     group fails the engine's next step anyway)."""
 
