@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -159,10 +159,14 @@ def as_blocks(kv: torch.Tensor | KVBlocks, layout: KVLayout | None) -> KVBlocks:
 
 class _LocalBlocks(KVBlocks):
     """What the pools of this process share: block ids on the pool's device, pinned
-    staging for CUDA, and a side stream ordered after the engine's."""
+    staging for CUDA, a side stream ordered after the engine's, and one layer's payload
+    moved between `pages[layer]` and a host buffer (`_payload` says how the buffer is
+    typed and shaped)."""
 
     stream: torch.cuda.Stream | None
     pages: list[torch.Tensor]  # per layer [2, num_blocks, ...]
+    _bytes: Any  # CPU pools: indexed by layer, [K/V, block, page bytes] (numpy)
+    _memory: list[memoryview]  # CPU pools: per layer, its pages' bytes
 
     def ids_tensor(self, ids: np.ndarray) -> torch.Tensor:
         """Block ids as an index tensor on the pool's device (uploaded on the side stream,
@@ -190,6 +194,55 @@ class _LocalBlocks(KVBlocks):
         event.record(torch.cuda.current_stream(self.device))
         return event
 
+    def views(self, layer: int, ids: np.ndarray, max_runs: int | None = None) -> list[memoryview] | None:
+        """CPU pool: the payload as byte ranges of the layer's pages themselves (K runs,
+        then V runs); None for a CUDA pool or more than `max_runs` runs."""
+        if self.is_cuda:
+            return None
+        starts, lengths = block_runs(ids)
+        if max_runs is not None and len(starts) > max_runs:
+            return None
+        half = self.layout.layer_bytes(layer) // 2
+        memory = self._memory[layer]
+        out = []
+        for kv_half in (0, 1):
+            base = kv_half * self.num_blocks
+            for start, n in zip(((base + starts) * half).tolist(), (lengths * half).tolist(), strict=True):
+                out.append(memory[start : start + n])
+        return out
+
+    def _payload(self, buf: torch.Tensor, layer: int, count: int) -> torch.Tensor:
+        """Host buffer `buf` (uint8) as a payload of `count` blocks of `layer`, shaped and
+        typed like `pages[layer][:, :count]`."""
+        raise NotImplementedError
+
+    def gather(self, layer: int, ids: np.ndarray, out: torch.Tensor) -> None:
+        dst = self._payload(out, layer, len(ids))
+        page = self.pages[layer]
+        if not self.is_cuda:
+            torch.index_select(page, 1, self.ids_tensor(ids), out=dst)
+            return
+        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+            dst.copy_(page.index_select(1, self.ids_tensor(ids)), non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        done.synchronize()
+
+    def scatter(self, layer: int, ids: np.ndarray, src: torch.Tensor, after: torch.cuda.Event | None) -> None:
+        if not self.is_cuda:
+            payload = src[: self.payload_bytes(len(ids), layer)].numpy().reshape(2, len(ids), -1)
+            self._bytes[layer][:, ids] = payload
+            return
+        data = self._payload(src, layer, len(ids))
+        assert self.stream is not None
+        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+            if after is not None:
+                self.stream.wait_event(after)
+            self.pages[layer].index_copy_(1, self.ids_tensor(ids), data.to(self.device, non_blocking=True))
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        done.synchronize()
+
     def ipc_tensor(self) -> tuple[torch.Tensor, list[int]]:
         """What cuda_ipc shares: the one tensor the pages live in, and where each layer's
         page starts in it (bytes; empty where the tensor is [layers, ...] itself)."""
@@ -212,54 +265,13 @@ class PoolBlocks(_LocalBlocks):
         if not self.is_cuda:
             # [layer, K/V, block, bytes of one block's K (or V)]
             self._bytes = kv.view(-1).view(torch.uint8).numpy().reshape(kv.shape[0], 2, self.num_blocks, -1)
-            self._memory = memoryview(self._bytes.reshape(-1))
+            self._memory = [memoryview(layer.reshape(-1)) for layer in self._bytes]
 
     def ipc_tensor(self) -> tuple[torch.Tensor, list[int]]:
         return self.kv, []
 
-    def views(self, layer: int, ids: np.ndarray, max_runs: int | None = None) -> list[memoryview] | None:
-        """CPU pool: the payload as byte ranges of the pool itself (K runs, then V
-        runs); None for a CUDA pool or more than `max_runs` runs."""
-        if self.is_cuda:
-            return None
-        starts, lengths = block_runs(ids)
-        if max_runs is not None and len(starts) > max_runs:
-            return None
-        half = self._unit // 2
-        out = []
-        for kv_half in (0, 1):
-            base = (layer * 2 + kv_half) * self.num_blocks
-            for start, n in zip(((base + starts) * half).tolist(), (lengths * half).tolist(), strict=True):
-                out.append(self._memory[start : start + n])
-        return out
-
-    def _typed(self, buf: torch.Tensor, count: int) -> torch.Tensor:
+    def _payload(self, buf: torch.Tensor, layer: int, count: int) -> torch.Tensor:
         return buf[: count * self._unit].view(self.kv.dtype).view(2, count, *self.kv.shape[3:])
-
-    def gather(self, layer: int, ids: np.ndarray, out: torch.Tensor) -> None:
-        dst = self._typed(out, len(ids))
-        if not self.is_cuda:
-            torch.index_select(self.kv[layer], 1, self.ids_tensor(ids), out=dst)
-            return
-        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
-            dst.copy_(self.kv[layer].index_select(1, self.ids_tensor(ids)), non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(self.stream)
-        done.synchronize()
-
-    def scatter(self, layer: int, ids: np.ndarray, src: torch.Tensor, after: torch.cuda.Event | None) -> None:
-        if not self.is_cuda:
-            payload = src[: len(ids) * self._unit].numpy().reshape(2, len(ids), -1)
-            self._bytes[layer][:, ids] = payload
-            return
-        data = self._typed(src, len(ids))
-        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
-            if after is not None:
-                self.stream.wait_event(after)
-            self.kv[layer].index_copy_(1, self.ids_tensor(ids), data.to(self.device, non_blocking=True))
-            done = torch.cuda.Event()
-            done.record(self.stream)
-        done.synchronize()
 
     def read_blocks(self, ids: np.ndarray, out: torch.Tensor) -> None:
         # One gather over a block-major view of the pool, all layers at once.
@@ -373,53 +385,9 @@ class LayerPoolBlocks(_LocalBlocks):
                 raise RuntimeError("a layer page lies outside the pool's buffer")
         return self._buffer, offsets
 
-    def views(self, layer: int, ids: np.ndarray, max_runs: int | None = None) -> list[memoryview] | None:
-        """CPU pool: the payload as byte ranges of the layer's pages (K runs, then V
-        runs); None for a CUDA pool or more than `max_runs` runs."""
-        if self.is_cuda:
-            return None
-        starts, lengths = block_runs(ids)
-        if max_runs is not None and len(starts) > max_runs:
-            return None
-        half = self.layout.layer_bytes(layer) // 2
-        memory = self._memory[layer]
-        out = []
-        for kv_half in (0, 1):
-            base = kv_half * self.num_blocks
-            for start, n in zip(((base + starts) * half).tolist(), (lengths * half).tolist(), strict=True):
-                out.append(memory[start : start + n])
-        return out
-
     def _payload(self, buf: torch.Tensor, layer: int, count: int) -> torch.Tensor:
         """Host buffer `buf` (uint8) as a payload [2, count, page words] of `layer`."""
         return buf[: self.payload_bytes(count, layer)].view(self._word).view(2, count, -1)
-
-    def gather(self, layer: int, ids: np.ndarray, out: torch.Tensor) -> None:
-        dst = self._payload(out, layer, len(ids))
-        page = self.pages[layer]
-        if not self.is_cuda:
-            torch.index_select(page, 1, self.ids_tensor(ids), out=dst)
-            return
-        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
-            dst.copy_(page.index_select(1, self.ids_tensor(ids)), non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(self.stream)
-        done.synchronize()
-
-    def scatter(self, layer: int, ids: np.ndarray, src: torch.Tensor, after: torch.cuda.Event | None) -> None:
-        if not self.is_cuda:
-            payload = src[: self.payload_bytes(len(ids), layer)].numpy().reshape(2, len(ids), -1)
-            self._bytes[layer][:, ids] = payload
-            return
-        data = self._payload(src, layer, len(ids))
-        assert self.stream is not None
-        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
-            if after is not None:
-                self.stream.wait_event(after)
-            self.pages[layer].index_copy_(1, self.ids_tensor(ids), data.to(self.device, non_blocking=True))
-            done = torch.cuda.Event()
-            done.record(self.stream)
-        done.synchronize()
 
     def _layer_columns(self, rows: torch.Tensor, layer: int) -> torch.Tensor:
         """Layer `layer` of block-major rows [count, block words] as [2, count, page words]
