@@ -367,7 +367,7 @@ def bench_speed(
 
 
 async def _transfer_seconds(
-    src: torch.Tensor, dst: torch.Tensor, layout: Any, ids: list[int], backend: str, repeats: int
+    src: Any, dst: Any, layout: Any, ids: list[int], backend: str, repeats: int
 ) -> float:
     """Median seconds to send blocks `ids` of `src` into the same ids of `dst` over the
     data plane (a PD hand-off's transfer), connection already open."""
@@ -396,7 +396,9 @@ async def _transfer_seconds(
 
 
 def bench_tiers(shape_path: Path, device: str, prompt_tokens: int = 4096, repeats: int = 5) -> dict[str, Any]:
-    """Restore from the host tier and PD-transfer one prompt's blocks, per format."""
+    """Restore from the host tier and PD-transfer one prompt's blocks, per format, and
+    for a mixed per-layer plan (int8 with layer 0 in bf16: its blocks move as layer
+    pages, each layer its own size)."""
     import asyncio
     import statistics
 
@@ -404,20 +406,23 @@ def bench_tiers(shape_path: Path, device: str, prompt_tokens: int = 4096, repeat
     from rtpllm.kvcache.kv_pool import KVPool
     from rtpllm.kvstore.block_codec import decode_into, encode_blocks
     from rtpllm.kvstore.host_tier import HostTier
-    from rtpllm.transfer import KVLayout
+    from rtpllm.transfer.blocks import pool_blocks
     from rtpllm.transfer.endpoint import shm_available
 
     cfg = ModelConfig.from_dir(shape_path)
     n = prompt_tokens // 16
     ids = list(range(n))
     out: dict[str, Any] = {"prompt_tokens": prompt_tokens, "blocks": n}
-    for fmt in FORMATS:
-        spec = KVCacheSpec.resolve(cfg.num_layers, torch.bfloat16, fmt)
-        src = KVPool(cfg, n, 16, torch.bfloat16, device, spec=spec).require_uniform("bench")
-        dst = KVPool(cfg, n, 16, torch.bfloat16, device, spec=spec).require_uniform("bench")
-        src.view(torch.uint8).random_(0, 256, generator=torch.Generator(device=device).manual_seed(0))
+    cases = {fmt: KVCacheSpec.resolve(cfg.num_layers, torch.bfloat16, fmt) for fmt in FORMATS}
+    cases["int8_layer0_bf16"] = KVCacheSpec.resolve(cfg.num_layers, torch.bfloat16, "int8", skip_layers=[0])
+    for name, spec in cases.items():
         ns = namespace_key("bench-kv-quant", "bfloat16", 16, spec.namespace_format(torch.bfloat16))
-        layout = KVLayout.of(src, ns)
+        src_pool, dst_pool = (KVPool(cfg, n, 16, torch.bfloat16, device, spec=spec) for _ in range(2))
+        gen = torch.Generator(device=device).manual_seed(0)
+        for page in src_pool.layer_pages():
+            page.view(torch.uint8).random_(0, 256, generator=gen)
+        src, dst = pool_blocks(src_pool, ns), pool_blocks(dst_pool, ns)
+        layout = src.layout
         tier = HostTier(1 << 40)
         keys = [i.to_bytes(16, "little") for i in ids]
         tier.put_many(list(zip(keys, encode_blocks(src, ids, layout), strict=True)))
@@ -428,18 +433,18 @@ def bench_tiers(shape_path: Path, device: str, prompt_tokens: int = 4096, repeat
             decode_into(dst, ids, tier.get_many(keys), layout)  # type: ignore[arg-type]
             sync()
             restore.append(time.perf_counter() - t0)
-        assert torch.equal(dst[:, :, :n].view(torch.uint8), src[:, :, :n].view(torch.uint8))  # random bits: NaNs too
-        row: dict[str, Any] = {"bytes": n * layout.block_layer_bytes * cfg.num_layers,
-                               "host_restore_ms": 1e3 * statistics.median(restore)}
+        for a, b in zip(src_pool.layer_pages(), dst_pool.layer_pages(), strict=True):  # random bits: NaNs too
+            assert torch.equal(a[:, :n].view(torch.uint8), b[:, :n].view(torch.uint8))
+        row: dict[str, Any] = {"bytes": n * layout.block_bytes, "host_restore_ms": 1e3 * statistics.median(restore)}
         for backend in ["tcp", "shm"] if shm_available() and device == "cpu" else ["tcp"]:
             seconds = asyncio.run(_transfer_seconds(src, dst, layout, ids, backend, repeats))
             row[f"pd_transfer_{backend}_ms"] = 1e3 * seconds
-        out[fmt] = row
-        del src, dst, tier
+        out[name] = row
+        del src, dst, src_pool, dst_pool, tier
         release()
-    for fmt in ("fp8", "int8"):
-        for k in [k for k in out[fmt] if k.endswith("_ms") or k == "bytes"]:
-            out[fmt][k.removesuffix("_ms") + "_vs_bf16"] = out[fmt][k] / out["bf16"][k]
+    for name in [k for k in cases if k != "bf16"]:
+        for k in [k for k in out[name] if k.endswith("_ms") or k == "bytes"]:
+            out[name][k.removesuffix("_ms") + "_vs_bf16"] = out[name][k] / out["bf16"][k]
     return out
 
 

@@ -39,6 +39,12 @@ def test_kv_quant_bench_tiers_smoke(tmp_path: Path) -> None:
         # Restored and transferred bit for bit (checked inside), at (D + 4) / 2D the bytes.
         assert tiers[fmt]["bytes_vs_bf16"] == pytest.approx((head_dim + 4) / (2 * head_dim))
         assert tiers[fmt]["host_restore_ms"] > 0 and tiers[fmt]["pd_transfer_tcp_ms"] > 0
+    # The mixed plan (layer 0 bf16, the rest int8) moves as layer pages, each its own size.
+    layers = TINY_SHAPE["num_hidden_layers"]
+    int8_share = (head_dim + 4) / (2 * head_dim)
+    mixed = tiers["int8_layer0_bf16"]
+    assert mixed["bytes_vs_bf16"] == pytest.approx((1 + (layers - 1) * int8_share) / layers)
+    assert mixed["host_restore_ms"] > 0 and mixed["pd_transfer_tcp_ms"] > 0
 
 
 @pytest.mark.timeout(120)
