@@ -319,6 +319,35 @@ def test_backend_mixed_step(kernel_device: str, prefill_impl: str, window: int |
             assert torch.equal(case.k_cache, exp_k) and torch.equal(case.v_cache, exp_v)
 
 
+def test_sdpa_lengths_fall_in_few_buckets() -> None:
+    """A prompt's causal SDPA call runs at a bucketed length (cuDNN builds a graph per
+    shape): never shorter, at most a quarter longer from 4 buckets an octave, 64-aligned,
+    and few distinct lengths over a wide range."""
+    from rtpllm.attention.triton_backend import bucketed_len
+
+    lengths = {bucketed_len(n, 4) for n in range(1, 32769)}
+    for n in (1, 63, 64, 65, 700, 1024, 1025, 4096, 4097, 32768):
+        b = bucketed_len(n, 4)
+        assert b >= n and b % 64 == 0 and (b - n) <= max(63, n // 4), (n, b)
+    assert bucketed_len(4096, 4) == 4096 and bucketed_len(700, 4) == 768
+    assert len(lengths) <= 4 * 10  # 64 ... 32768: about 4 per octave
+
+
+@pytest.mark.parametrize("n", [5, 45, 77, 130])
+def test_causal_sdpa_padded_equals_exact(n: int) -> None:
+    """Zero rows padded after the prompt change no real row's output (causal), with GQA."""
+    from rtpllm.attention.triton_backend import bucketed_len, causal_sdpa
+
+    gen = torch.Generator().manual_seed(n)
+    q = torch.randn(1, 8, n, 64, generator=gen)
+    k, v = (torch.randn(1, 2, n, 64, generator=gen) for _ in range(2))
+    exact = causal_sdpa(q, k, v, 0.125, None)
+    padded = causal_sdpa(q, k, v, 0.125, 4)
+    assert bucketed_len(n, 4) > n  # the padded path ran
+    assert padded.shape == exact.shape
+    torch.testing.assert_close(padded, exact, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("grouped", [True, False])
 def test_backend_verify_rows_as_decode_rows(kernel_device: str, dtype: torch.dtype, grouped: bool) -> None:

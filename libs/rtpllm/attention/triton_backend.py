@@ -53,6 +53,15 @@ QUANT_CHUNK_SDPA_MIN_TOKENS: int | None = 512
 # the lighter kernel pays for the extra launch is for a GPU run to say
 # (bench/kv_quant.py profile --quant-store-first). Off until then.
 QUANT_DECODE_STORE_FIRST = False
+# A prompt's causal SDPA call runs over its length rounded up to one of this many sizes
+# per octave (CUDA only). cuDNN's attention (SDPA's first choice on Hopper) builds an
+# execution graph per shape, hundreds of milliseconds, and caches it by shape: at every
+# new prompt length a step stalled. On an H100 the Qwen3-0.6B offline workload (256
+# prompts of 100-1024 tokens) with an fp8 cache, whose 512-1023-token prompts go to
+# SDPA, spent 499 ms per prefill step against 23 ms with bf16 (docs/benchmarks.md).
+# Rows past the prompt come after every real row, so the causal mask keeps them out of
+# the real rows' attention; their outputs are dropped. None: exact lengths.
+SDPA_LEN_BUCKETS_PER_OCTAVE: int | None = 4
 
 
 class TritonAttentionBackend(AttentionBackend):
@@ -260,7 +269,7 @@ class TritonAttentionBackend(AttentionBackend):
         kt = k.transpose(0, 1).unsqueeze(0)
         vt = v.transpose(0, 1).unsqueeze(0)
         if seq_len == end - start:
-            res = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=True)
+            res = causal_sdpa(qt, kt, vt, scale, SDPA_LEN_BUCKETS_PER_OCTAVE if q.is_cuda else None)
         else:  # the chunk's row i sees the prefix and the chunk up to itself
             # Imported here: torch.nn.attention.bias imports torch._dynamo and sympy,
             # seconds of every engine start (tests/unit/test_build_model.py).
@@ -269,6 +278,27 @@ class TritonAttentionBackend(AttentionBackend):
             mask = causal_lower_right(end - start, seq_len)
             res = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale, enable_gqa=True)
         out[start:end] = res[0].transpose(0, 1)
+
+
+def bucketed_len(n: int, per_octave: int) -> int:
+    """`n` rounded up to one of `per_octave` evenly spaced sizes per power of two (at
+    least 64-aligned): at most 1/per_octave more rows, and few distinct shapes."""
+    step = max(64, (1 << max(n - 1, 1).bit_length()) // (2 * per_octave))
+    return -(-n // step) * step
+
+
+def causal_sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, per_octave: int | None
+) -> torch.Tensor:
+    """Causal SDPA over [1, H, L, D] views, with L padded at the end to `bucketed_len`
+    (`per_octave` None: as is). The padded rows are zeros after every real row, so no
+    real row sees them (causal); their outputs are cut off."""
+    n = q.shape[2]
+    padded = n if per_octave is None else bucketed_len(n, per_octave)
+    if padded == n:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    q, k, v = (F.pad(t, (0, 0, 0, padded - n)) for t in (q, k, v))
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)[:, :, :n]
 
 
 def _read_back(cache: torch.Tensor, scales: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
