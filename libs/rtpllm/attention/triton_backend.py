@@ -295,9 +295,8 @@ def causal_sdpa(
     real row sees them (causal); their outputs are cut off."""
     n = q.shape[2]
     padded = n if per_octave is None else bucketed_len(n, per_octave)
-    if padded == n:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
-    q, k, v = (F.pad(t, (0, 0, 0, padded - n)) for t in (q, k, v))
+    if padded > n:
+        q, k, v = (F.pad(t, (0, 0, 0, padded - n)) for t in (q, k, v))
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)[:, :, :n]
 
 

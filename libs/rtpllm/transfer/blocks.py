@@ -29,7 +29,8 @@ the block codec's payload (kvstore/block_codec.py).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -194,6 +195,19 @@ class _LocalBlocks(KVBlocks):
         event.record(torch.cuda.current_stream(self.device))
         return event
 
+    @contextmanager
+    def _side_stream(self, after: torch.cuda.Event | None = None) -> Iterator[None]:
+        """CUDA: what the body enqueues runs on the side stream (after `after`, if given);
+        the block returns once that work is done on the device."""
+        assert self.stream is not None
+        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+            if after is not None:
+                self.stream.wait_event(after)
+            yield
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        done.synchronize()
+
     def views(self, layer: int, ids: np.ndarray, max_runs: int | None = None) -> list[memoryview] | None:
         """CPU pool: the payload as byte ranges of the layer's pages themselves (K runs,
         then V runs); None for a CUDA pool or more than `max_runs` runs."""
@@ -211,10 +225,10 @@ class _LocalBlocks(KVBlocks):
                 out.append(memory[start : start + n])
         return out
 
+    @abstractmethod
     def _payload(self, buf: torch.Tensor, layer: int, count: int) -> torch.Tensor:
         """Host buffer `buf` (uint8) as a payload of `count` blocks of `layer`, shaped and
         typed like `pages[layer][:, :count]`."""
-        raise NotImplementedError
 
     def gather(self, layer: int, ids: np.ndarray, out: torch.Tensor) -> None:
         dst = self._payload(out, layer, len(ids))
@@ -222,11 +236,8 @@ class _LocalBlocks(KVBlocks):
         if not self.is_cuda:
             torch.index_select(page, 1, self.ids_tensor(ids), out=dst)
             return
-        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+        with self._side_stream():
             dst.copy_(page.index_select(1, self.ids_tensor(ids)), non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(self.stream)
-        done.synchronize()
 
     def scatter(self, layer: int, ids: np.ndarray, src: torch.Tensor, after: torch.cuda.Event | None) -> None:
         if not self.is_cuda:
@@ -234,19 +245,13 @@ class _LocalBlocks(KVBlocks):
             self._bytes[layer][:, ids] = payload
             return
         data = self._payload(src, layer, len(ids))
-        assert self.stream is not None
-        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
-            if after is not None:
-                self.stream.wait_event(after)
+        with self._side_stream(after):
             self.pages[layer].index_copy_(1, self.ids_tensor(ids), data.to(self.device, non_blocking=True))
-            done = torch.cuda.Event()
-            done.record(self.stream)
-        done.synchronize()
 
+    @abstractmethod
     def ipc_tensor(self) -> tuple[torch.Tensor, list[int]]:
         """What cuda_ipc shares: the one tensor the pages live in, and where each layer's
         page starts in it (bytes; empty where the tensor is [layers, ...] itself)."""
-        raise NotImplementedError
 
 
 class PoolBlocks(_LocalBlocks):
@@ -280,11 +285,8 @@ class PoolBlocks(_LocalBlocks):
         if not self.is_cuda:
             torch.index_select(by_block, 0, self.ids_tensor(ids), out=dst)
             return
-        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+        with self._side_stream():
             dst.copy_(by_block.index_select(0, self.ids_tensor(ids)), non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(self.stream)
-        done.synchronize()
 
     def write_blocks(self, ids: np.ndarray, src: torch.Tensor, after: torch.cuda.Event | None) -> None:
         count = len(ids)
@@ -294,14 +296,9 @@ class PoolBlocks(_LocalBlocks):
             self._bytes[:, :, ids] = rows.transpose(1, 2, 0, 3)
             return
         data = self._block_major(src, count)
-        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
-            if after is not None:
-                self.stream.wait_event(after)
+        with self._side_stream(after):
             by_block = self.kv.permute(2, 0, 1, 3, 4, 5)
             by_block.index_copy_(0, self.ids_tensor(ids), data.to(self.device, non_blocking=True))
-            done = torch.cuda.Event()
-            done.record(self.stream)
-        done.synchronize()
 
 
 # Layer regions of a mixed pool's buffer start at this alignment (rtpllm.kvcache.kv_pool).
@@ -405,15 +402,12 @@ class LayerPoolBlocks(_LocalBlocks):
             for layer, page in enumerate(self.pages):
                 torch.index_select(page, 1, index, out=self._layer_columns(rows, layer))
             return
-        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+        with self._side_stream():
             # Joined block-major on the device, then one contiguous copy to the host.
             joined = torch.empty(rows.shape, dtype=self._word, device=self.device)
             for layer, page in enumerate(self.pages):
                 self._layer_columns(joined, layer).copy_(page.index_select(1, index))
             rows.copy_(joined, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(self.stream)
-        done.synchronize()
 
     def write_blocks(self, ids: np.ndarray, src: torch.Tensor, after: torch.cuda.Event | None) -> None:
         count = len(ids)
@@ -425,17 +419,11 @@ class LayerPoolBlocks(_LocalBlocks):
                 dst[:, ids] = rows[:, start : start + size].reshape(count, 2, -1).transpose(1, 0, 2)
             return
         rows = src[: count * self.block_bytes].view(self._word).view(count, -1)
-        assert self.stream is not None
-        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
-            if after is not None:
-                self.stream.wait_event(after)
+        with self._side_stream(after):
             joined = rows.to(self.device, non_blocking=True)
             index = self.ids_tensor(ids)
             for layer, page in enumerate(self.pages):
                 page.index_copy_(1, index, self._layer_columns(joined, layer))
-            done = torch.cuda.Event()
-            done.record(self.stream)
-        done.synchronize()
 
 
 def pool_blocks(pool: KVPool, namespace: bytes) -> KVBlocks:

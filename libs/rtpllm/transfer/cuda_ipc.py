@@ -112,7 +112,7 @@ class IpcSendPath(SendPath):
 
     def __init__(self, link: SendLink) -> None:
         super().__init__(link)
-        self._remote: torch.Tensor | None = None
+        # The receiver's layer pages: views of its shared memory, which they keep open.
         self._remote_pages: list[torch.Tensor] = []
         self._remote_blocks = 0
         self._remote_stream: torch.cuda.Stream | None = None
@@ -128,12 +128,11 @@ class IpcSendPath(SendPath):
         except Exception as exc:  # noqa: BLE001 -- any failure means: use another backend
             raise BackendUnavailable(f"cannot open the receiver's pool over CUDA IPC: {exc}") from exc
         self._remote_pages, self._remote_blocks = remote_pages(remote, welcome.ipc_pool, pool)
-        self._remote = remote
         if remote.device != pool.device:
             self._remote_stream = torch.cuda.Stream(remote.device)
 
     def on_opened(self, opened: Opened, transfer: OutgoingTransfer) -> None:
-        assert self._remote is not None
+        assert self._remote_pages
         ids = np.asarray(opened.block_ids, dtype=np.int64)
         if len(ids) != transfer.num_blocks or (
             len(ids) and (ids.min() < 0 or ids.max() >= self._remote_blocks)
@@ -141,7 +140,7 @@ class IpcSendPath(SendPath):
             raise BackendUnavailable("receiver sent invalid block ids")
         self._dest_ids = torch.from_numpy(ids)  # host tensor; each copy uploads its slice
         self._ready = (
-            torch.cuda.Event.from_ipc_handle(self._remote.device, opened.ipc_event)
+            torch.cuda.Event.from_ipc_handle(self._remote_pages[0].device, opened.ipc_event)
             if opened.ipc_event
             else None
         )
@@ -215,7 +214,6 @@ class IpcSendPath(SendPath):
         await self.link.drain()
 
     def close(self) -> None:
-        self._remote = None
         self._remote_pages = []
         self._dest_ids = None
         self._ready = None
