@@ -654,6 +654,70 @@ def prefill_sweep_rows(device: str, smoke: bool) -> list[dict[str, Any]]:
     return rows
 
 
+def new_shape_rows(device: str, smoke: bool) -> list[dict[str, Any]]:
+    """What a new sequence length costs SDPA: the first call at each of a series of
+    lengths never seen before in this process (sync, call, sync: any per-shape plan or
+    graph build lands here) against the same call's steady time. Rows: the prompt's
+    causal SDPA (8B shape) at the exact length and padded to buckets (`causal_sdpa`, as
+    the backend runs it), and a vision encoder's non-causal SDPA (Qwen2-VL ViT: 16
+    heads of 80, two images of the length in one call) by default dispatch and with
+    each backend pinned."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from rtpllm.attention.triton_backend import SDPA_LEN_BUCKETS_PER_OCTAVE, causal_sdpa
+
+    lengths = (70, 130) if smoke else (517, 733, 1021, 1499, 2011, 3001, 4093, 5417)
+    pinned = {
+        "default": None,
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+    }
+
+    def timed_first(fn: Callable[[], Any]) -> float:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t) * 1e3
+
+    cases: list[tuple[str, Callable[[int], Callable[[], Any]]]] = []
+    for name, per_octave in (("causal_exact", None), ("causal_bucketed", SDPA_LEN_BUCKETS_PER_OCTAVE)):
+
+        def prompt(n: int, per_octave: int | None = per_octave) -> Callable[[], Any]:
+            q = torch.randn(1, HQ, n, D, device=device, dtype=DT)
+            k, v = (torch.randn(1, HKV, n, D, device=device, dtype=DT) for _ in range(2))
+            return lambda: causal_sdpa(q, k, v, D**-0.5, per_octave)
+
+        cases.append((name, prompt))
+    for name, backend in pinned.items():
+
+        def vision(n: int, backend: SDPBackend | None = backend) -> Callable[[], Any]:
+            q, k, v = (torch.randn(2, 16, n, 80, device=device, dtype=DT) for _ in range(3))
+            if backend is None:
+                return lambda: F.scaled_dot_product_attention(q, k, v)
+
+            def run() -> Any:
+                with sdpa_kernel(backend):
+                    return F.scaled_dot_product_attention(q, k, v)
+
+            return run
+
+        cases.append((f"vision_{name}", vision))
+    rows: list[dict[str, Any]] = []
+    for name, make in cases:
+        for n in lengths:
+            fn = make(n)
+            try:
+                first = timed_first(fn)
+                rows.append({"case": name, "len": n, "first_ms": first, "ms": bench(fn, device)})
+            except Exception as exc:  # a pinned backend may not take the shape
+                rows.append({"case": name, "len": n, "error": repr(exc)[:120]})
+    return rows
+
+
 def table(rows: list[dict[str, Any]], bw: float) -> str:
     lines = [
         "",
@@ -739,6 +803,7 @@ def main() -> None:
     parser.add_argument("--verify", action="store_true", help="only: a speculative verify step's attention, verify kernel vs row by row")
     parser.add_argument("--quant-chunk", action="store_true", help="only: a chunk over a cached prefix, quantized extend kernel vs SDPA over the dequantized context")
     parser.add_argument("--short-decode", action="store_true", help="only: decode launch configs and splits at large batches over short contexts")
+    parser.add_argument("--new-shapes", action="store_true", help="only: SDPA's first call at lengths new to the process against its steady time (prompt causal, vision non-causal)")
     parser.add_argument("--bw", type=float, default=COPY_BW_GBS, help="copy bandwidth to compare with, GB/s")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -747,6 +812,14 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     started = time.perf_counter()
+    if args.new_shapes:
+        rows = new_shape_rows(device, args.smoke)
+        print("case | len | first call ms | steady ms")
+        for r in rows:
+            timing = f"{r['first_ms']:.2f} | {r['ms']:.3f}" if "ms" in r else f"error {r['error']}"
+            print(f"{r['case']} | {r['len']} | {timing}")
+        write_rows(args.out, device, rows)
+        return
     if args.quant_chunk:
         rows = quant_chunk_rows(device, args.smoke)
         print("chunk over prefix | bf16 extend ms | fp8 extend ms | fp8 SDPA-over-context ms | max |diff|")

@@ -348,6 +348,21 @@ def test_causal_sdpa_padded_equals_exact(n: int) -> None:
     torch.testing.assert_close(padded, exact, rtol=1e-5, atol=1e-5)
 
 
+def test_bench_new_shape_rows_run(kernel_device: str) -> None:
+    """bench/attention.py --new-shapes: every case times its first and steady call at
+    each length (smoke lengths off the GPU, where the timings mean nothing); a pinned
+    backend that cannot take the shape is a row with its error, not a crash."""
+    from bench import attention
+
+    if kernel_device != "cpu":
+        pytest.skip("the GPU runs the bench itself (bench/gpu_session.sh newshapes)")
+    rows = attention.new_shape_rows(kernel_device, smoke=True)
+    timed = {(r["case"], r["len"]) for r in rows if r.get("first_ms", 0) > 0 and r.get("ms", 0) > 0}
+    for case in ("causal_exact", "causal_bucketed", "vision_default", "vision_flash"):
+        assert {(case, 70), (case, 130)} <= timed, case
+    assert all("error" in r for r in rows if (r["case"], r["len"]) not in timed)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("grouped", [True, False])
 def test_backend_verify_rows_as_decode_rows(kernel_device: str, dtype: torch.dtype, grouped: bool) -> None:

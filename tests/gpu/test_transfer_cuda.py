@@ -8,8 +8,10 @@ layer's own size), whose whole blocks (the tiers' path) round-trip too.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing as mp
 import random
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import numpy as np
@@ -85,14 +87,21 @@ async def test_cuda_pools_over_tcp_and_shm(backend: str, src_dev: str, dst_dev: 
 # ------------------------------------------------------------- cuda_ipc, two processes
 
 
-def _receiver_child(conn: Any, num_blocks: int) -> None:
-    asyncio.run(_receive(conn, num_blocks))
+def _receiver_child(conn: Any, num_blocks: int, mixed: bool) -> None:
+    asyncio.run(_receive(conn, num_blocks, mixed))
 
 
-async def _receive(conn: Any, num_blocks: int) -> None:
+async def _receive(conn: Any, num_blocks: int, mixed: bool) -> None:
+    """The spawned receiver: answers the parent's `expect` (with the one-time token, as
+    NATS would carry it; optionally cancelling after some blocks), `pool` (its pool's
+    bytes) and anything else as quit."""
     loop = asyncio.get_running_loop()
-    kv = make_pool(num_blocks, "cuda", 2)
-    receiver = KVReceiver(kv, KVLayout.of(kv, NS), backends=["cuda_ipc"])
+    if mixed:
+        blocks = make_mixed(num_blocks, "cuda", 2)
+        receiver = KVReceiver(blocks, backends=["cuda_ipc"])
+    else:
+        kv = make_pool(num_blocks, "cuda", 2)
+        receiver = KVReceiver(kv, KVLayout.of(kv, NS), backends=["cuda_ipc"])
     await receiver.start()
     conn.send(receiver.endpoint)
     while True:
@@ -100,7 +109,7 @@ async def _receive(conn: Any, num_blocks: int) -> None:
         if cmd == "expect":
             transfer_id, ids, cancel_after = args
             incoming = receiver.expect(transfer_id, ids, lease_s=60)
-            conn.send(("ready", incoming.token))  # the one-time token, as NATS would carry it
+            conn.send(("ready", incoming.token))
             if cancel_after is not None:
                 while incoming.blocks_received < cancel_after:
                     await asyncio.sleep(0.005)
@@ -111,25 +120,47 @@ async def _receive(conn: Any, num_blocks: int) -> None:
             except Exception as exc:  # noqa: BLE001 -- reported to the parent
                 conn.send(("error", type(exc).__name__, str(exc)))
         elif cmd == "pool":
-            conn.send(kv.view(torch.int16).cpu().numpy().tobytes())
+            if mixed:
+                conn.send([p.view(torch.uint8).cpu().numpy().tobytes() for p in blocks.pages])
+            else:
+                conn.send(kv.view(torch.int16).cpu().numpy().tobytes())
         else:
             break
     await receiver.close()
 
 
-async def test_cuda_ipc_between_two_processes() -> None:
+@contextlib.asynccontextmanager
+async def spawned_receiver(
+    num_blocks: int, mixed: bool
+) -> AsyncIterator[tuple[Any, Callable[..., Awaitable[Any]], Callable[[], Awaitable[Any]]]]:
+    """A cuda_ipc receiver in a spawned process (a process cannot open its own IPC
+    handles): yields its endpoint, `ask(*msg)` (send, then await the reply) and `reply()`
+    (await the next message); it is told to quit and joined (killed if stuck) after."""
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_receiver_child, args=(child, 256), daemon=True)
+    proc = ctx.Process(target=_receiver_child, args=(child, num_blocks, mixed), daemon=True)
     proc.start()
     loop = asyncio.get_running_loop()
 
-    async def ask(*msg: object) -> Any:
-        parent.send(msg)
+    async def reply() -> Any:
         return await loop.run_in_executor(None, parent.recv)
 
+    async def ask(*msg: object) -> Any:
+        parent.send(msg)
+        return await reply()
+
     try:
-        endpoint = await loop.run_in_executor(None, parent.recv)
+        endpoint = await reply()
+        yield endpoint, ask, reply
+        parent.send(("quit",))
+    finally:
+        proc.join(timeout=30)
+        if proc.is_alive():
+            proc.kill()
+
+
+async def test_cuda_ipc_between_two_processes() -> None:
+    async with spawned_receiver(256, mixed=False) as (endpoint, ask, reply):
         assert endpoint.backends == ["cuda_ipc"]
         src = make_pool(256, "cuda", 1)
         before = torch.from_numpy(np.frombuffer(await ask("pool"), dtype=np.int16).copy()).view(
@@ -151,7 +182,7 @@ async def test_cuda_ipc_between_two_processes() -> None:
                 await out.send(src_ids[start : start + 40], start)
             stats = await out.finish()
             assert stats.nbytes == 150 * KVLayout.of(src, NS).block_layer_bytes * 4
-            assert await loop.run_in_executor(None, parent.recv) == ("ok", "cuda_ipc", 150)
+            assert await reply() == ("ok", "cuda_ipc", 150)
             after = torch.from_numpy(np.frombuffer(await ask("pool"), dtype=np.int16).copy()).view(
                 before.shape
             )
@@ -166,8 +197,8 @@ async def test_cuda_ipc_between_two_processes() -> None:
             with pytest.raises(ChecksumMismatch):
                 await out.send([5, 6], 0)
                 await out.finish()
-            reply = await loop.run_in_executor(None, parent.recv)
-            assert reply[:2] == ("error", "ChecksumMismatch")
+            answer = await reply()
+            assert answer[:2] == ("error", "ChecksumMismatch")
 
             # 3. Cancel on the receiver: the sender stops, confirms, and the receiver's
             # wait() raises only after that (one-sided writes).
@@ -178,16 +209,11 @@ async def test_cuda_ipc_between_two_processes() -> None:
                     await out.send(list(range(start, start + 8)), start)
                     await asyncio.sleep(0.05)
                 await out.finish()
-            reply = await loop.run_in_executor(None, parent.recv)
-            assert reply[:2] == ("error", "TransferAborted")
+            answer = await reply()
+            assert answer[:2] == ("error", "TransferAborted")
         finally:
             faults.corrupt_payloads = 0
             await sender.close()
-        parent.send(("quit",))
-    finally:
-        proc.join(timeout=30)
-        if proc.is_alive():
-            proc.kill()
 
 
 # ------------------------------------------------- mixed per-layer pools (layer pages)
@@ -263,84 +289,42 @@ def test_mixed_cuda_pool_whole_blocks_round_trip() -> None:
     assert all(torch.equal(a, b) for a, b in zip(mixed_bytes(dst, others), before, strict=True))
 
 
-def _mixed_receiver_child(conn: Any, num_blocks: int) -> None:
-    asyncio.run(_receive_mixed(conn, num_blocks))
-
-
-async def _receive_mixed(conn: Any, num_blocks: int) -> None:
-    loop = asyncio.get_running_loop()
-    blocks = make_mixed(num_blocks, "cuda", 2)
-    receiver = KVReceiver(blocks, backends=["cuda_ipc"])
-    await receiver.start()
-    conn.send(receiver.endpoint)
-    while True:
-        cmd, *args = await loop.run_in_executor(None, conn.recv)
-        if cmd == "expect":
-            incoming = receiver.expect(args[0], args[1], lease_s=60)
-            conn.send(("ready", incoming.token))
-            try:
-                stats = await incoming.wait()
-                conn.send(("ok", stats.backend, stats.num_blocks))
-            except Exception as exc:  # noqa: BLE001 -- reported to the parent
-                conn.send(("error", type(exc).__name__, str(exc)))
-        elif cmd == "pool":
-            conn.send([p.view(torch.uint8).cpu().numpy().tobytes() for p in blocks.pages])
-        else:
-            break
-    await receiver.close()
-
-
 async def test_cuda_ipc_of_a_mixed_pool_between_two_processes() -> None:
     """cuda_ipc shares a mixed pool's byte buffer with per-layer offsets: the sender
     writes every layer's pages in place, the receiver's checksum over its pages agrees."""
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_mixed_receiver_child, args=(child, 256), daemon=True)
-    proc.start()
-    loop = asyncio.get_running_loop()
-
-    async def ask(*msg: object) -> Any:
-        parent.send(msg)
-        return await loop.run_in_executor(None, parent.recv)
 
     def as_pages(raw: list[bytes]) -> list[torch.Tensor]:
         return [torch.frombuffer(bytearray(b), dtype=torch.uint8).view(2, 257, -1) for b in raw]
 
-    try:
-        endpoint = await loop.run_in_executor(None, parent.recv)
+    async with spawned_receiver(256, mixed=True) as (endpoint, ask, reply):
         src = make_mixed(256, "cuda", 1)
         before = as_pages(await ask("pool"))
         sender = KVSender(src, max_frame_bytes=4 << 20)
         rng = random.Random(5)
         src_ids, dst_ids = rng.sample(range(257), 150), rng.sample(range(257), 150)
         try:
-            _, token = await ask("expect", "ok", dst_ids)
+            _, token = await ask("expect", "ok", dst_ids, None)
             out = await sender.open(endpoint, "ok", 150, timeout_s=60, token=token)
             assert out.backend == "cuda_ipc"
             for start in range(0, 150, 40):
                 await out.send(src_ids[start : start + 40], start)
             stats = await out.finish()
             assert stats.nbytes == 150 * MIXED.block_bytes
-            assert await loop.run_in_executor(None, parent.recv) == ("ok", "cuda_ipc", 150)
+            assert await reply() == ("ok", "cuda_ipc", 150)
             after = as_pages(await ask("pool"))
             others = sorted(set(range(257)) - set(dst_ids))
             for layer, (a, s) in enumerate(zip(after, mixed_bytes(src, src_ids), strict=True)):
                 assert torch.equal(a[:, dst_ids], s), layer
                 assert torch.equal(a[:, others], before[layer][:, others]), layer
             # A corrupted checksum is caught on the receiver's GPU.
-            _, token = await ask("expect", "bad", [0, 1])
+            _, token = await ask("expect", "bad", [0, 1], None)
             out = await sender.open(endpoint, "bad", 2, timeout_s=60, token=token)
             faults.corrupt_payloads = 1
             with pytest.raises(ChecksumMismatch):
                 await out.send([5, 6], 0)
                 await out.finish()
-            reply = await loop.run_in_executor(None, parent.recv)
-            assert reply[:2] == ("error", "ChecksumMismatch")
+            answer = await reply()
+            assert answer[:2] == ("error", "ChecksumMismatch")
         finally:
             faults.corrupt_payloads = 0
             await sender.close()
-        parent.send(("quit",))
-    finally:
-        proc.join(timeout=30)
-        if proc.is_alive():
-            proc.kill()
