@@ -360,6 +360,7 @@ def test_bench_new_shape_rows_run(kernel_device: str) -> None:
     timed = {(r["case"], r["len"]) for r in rows if r.get("first_ms", 0) > 0 and r.get("ms", 0) > 0}
     for case in ("causal_exact", "causal_bucketed", "vision_default", "vision_flash"):
         assert {(case, 70), (case, 130)} <= timed, case
+    assert {("causal_bucketed_again", 67), ("causal_bucketed_again", 127)} <= timed
     assert all("error" in r for r in rows if (r["case"], r["len"]) not in timed)
 
 

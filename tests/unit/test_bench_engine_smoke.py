@@ -1,5 +1,6 @@
 """bench/engine.py throughput --timeline on the CPU (tiny shape): the step timeline that
-splits an offline run into decode steps and steps with prefill tokens adds up. In a
+splits an offline run into decode steps and steps with prefill tokens adds up, in each
+pass of --passes. In a
 subprocess, as the bench is run (engines built in the test process would leave their
 OpenMP settings to later tests' subprocesses)."""
 
@@ -19,19 +20,22 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.timeout(180)
 def test_throughput_timeline_adds_up(tmp_path: Path) -> None:
     out = tmp_path / "engine.json"
-    argv = [sys.executable, "bench/engine.py", "throughput", "--smoke", "--timeline", "--device", "cpu", "--out", str(out)]
+    argv = [sys.executable, "bench/engine.py", "throughput", "--smoke", "--timeline", "--passes", "2", "--device", "cpu", "--out", str(out)]
     proc = subprocess.run(argv, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=170)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     res = json.loads(out.read_text())
-    run = res["throughput[tiny]"]
-    timeline = run["timeline"]
-    decode, prefill = timeline["decode"], timeline["prefill"]
-    assert decode["steps"] > 0 and prefill["steps"] > 0
-    assert decode["mean_tokens"] == decode["mean_decode_rows"]  # pure decode steps
-    assert prefill["mean_tokens"] > prefill["mean_decode_rows"]
-    # The timed run's steps, from the first launch to the last: within its wall time.
-    assert 0.5 * run["seconds"] < decode["seconds"] + prefill["seconds"] <= run["seconds"]
-    assert run["output_tokens"] == run["requests"] * 16
+    first = res["throughput[tiny]"]
+    (second,) = first["passes"]  # --passes 2: the same workload's second run, new prompts
+    assert second["input_tokens"] != first["input_tokens"]
+    for run in (first, second):
+        timeline = run["timeline"]
+        decode, prefill = timeline["decode"], timeline["prefill"]
+        assert decode["steps"] > 0 and prefill["steps"] > 0
+        assert decode["mean_tokens"] == decode["mean_decode_rows"]  # pure decode steps
+        assert prefill["mean_tokens"] > prefill["mean_decode_rows"]
+        # The timed run's steps, from the first launch to the last: within its wall time.
+        assert 0.5 * run["seconds"] < decode["seconds"] + prefill["seconds"] <= run["seconds"]
+        assert run["output_tokens"] == run["requests"] * 16
 
 
 @pytest.mark.timeout(180)
@@ -46,3 +50,18 @@ def test_batch_decode_profile_runs(tmp_path: Path) -> None:
     assert summary["batch"] == 8 and summary["steps"] == 3
     assert 0 < summary["step_ms"] and summary["gpu_kernel_ms_per_step"] == 0.0
     assert "aten::" in (tmp_path / "batch_decode_profile.txt").read_text()
+
+
+@pytest.mark.timeout(180)
+def test_admission_profile_runs(tmp_path: Path) -> None:
+    """bench/engine.py profile-admission: the op tables of admitting new prompts on a
+    quantized cache and the summary are written."""
+    out = tmp_path / "profile.json"
+    argv = [sys.executable, "bench/engine.py", "profile-admission", "--smoke", "--device", "cpu", "--kv-cache-dtype", "fp8",
+            "--profile", str(tmp_path), "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(argv, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=170)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    summary = json.loads(out.read_text())["profile-admission[tiny]"]
+    assert summary["prompts"] == 4 and summary["kv_cache_dtype"] == "fp8" and summary["prompt_tokens"] >= 400
+    assert 0 < summary["unprofiled_ms"] and summary["gpu_kernel_ms"] == 0.0
+    assert "aten::" in (tmp_path / "admission_profile_fp8.txt").read_text()
