@@ -215,7 +215,7 @@ def bench_capacity(path: Path, device: str, cpu_bytes: int = 1 << 30, engine: bo
         pool = llm.engine.kv_pool
         out[fmt] = {"blocks": pool.num_blocks, "tokens": pool.num_blocks * pool.block_size, "pool_GB": pool.nbytes / 1e9}
         llm.close()
-        del llm
+        del llm, pool  # the pool too: the next format sizes its pool from the memory left
         release()
     for fmt in ("fp8", "int8"):
         out[fmt]["blocks_vs_bf16"] = out[fmt]["blocks"] / out["bf16"]["blocks"]
