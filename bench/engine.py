@@ -218,6 +218,21 @@ def profile_decode(path: Path, device: str, out_dir: Path, steps: int = 10) -> s
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
 
 
+def kernel_us(events: Any) -> float:
+    """The GPU kernels' own time in a profile's key averages (microseconds), as the
+    table's "Self CUDA time total" counts it: a CPU op (aten::argmax) also reports its
+    kernel's time as its self device time, so only the kernels' events are summed."""
+    from torch.autograd import DeviceType
+
+    return float(
+        sum(
+            e.self_device_time_total
+            for e in events
+            if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+        )
+    )
+
+
 def profile_batch_decode(
     path: Path, device: str, out_dir: Path, batch: int = 256, steps: int = 10, seed: int = 0, kv_cache_dtype: str = "auto"
 ) -> tuple[str, dict[str, Any]]:
@@ -226,7 +241,6 @@ def profile_batch_decode(
     what says whether the step is the GPU's or the host's: the steps' wall time against
     the GPU time of their kernels (a step whose kernels take less than its wall time
     left the GPU idle: host work on the critical path)."""
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     llm = make_llm(
@@ -263,13 +277,7 @@ def profile_batch_decode(
         llm.close()
     prof.export_chrome_trace(str(out_dir / "batch_decode_trace.json"))
     events = prof.key_averages()
-    # The kernels' own events only, as the table's "Self CUDA time total" counts them: a
-    # CPU op (aten::argmax) also reports its kernel's time as its self device time.
-    gpu_us = sum(
-        e.self_device_time_total
-        for e in events
-        if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
-    )
+    gpu_us = kernel_us(events)
     summary = {"batch": batch, "steps": steps, "step_ms": plain_ms, "profiled_step_ms": wall_ms, "gpu_kernel_ms_per_step": gpu_us / 1e3 / steps}
     return events.table(sort_by="cuda_time_total", row_limit=40), summary
 
@@ -299,7 +307,6 @@ def profile_admission(
     prompts of the same lengths' range: the steps with prefill tokens, each op's host
     (CPU) and GPU time, so a host-bound prompt path shows as ops whose CPU time exceeds
     the kernels'. Writes the trace and returns (table by CPU time, summary)."""
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     llm = make_llm(path, device, max_model_len=1024 + 16, max_num_seqs=256, max_num_batched_tokens=8192, kv_cache_dtype=kv_cache_dtype)
@@ -324,11 +331,7 @@ def profile_admission(
         llm.close()
     prof.export_chrome_trace(str(out_dir / "admission_trace.json"))
     events = prof.key_averages()
-    gpu_us = sum(
-        e.self_device_time_total
-        for e in events
-        if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
-    )
+    gpu_us = kernel_us(events)
     summary = {
         "prompts": num_prompts,
         "prompt_tokens": sum(len(p) for p in prompts),
