@@ -389,16 +389,18 @@ def _sdpa_taken(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 @pytest.mark.parametrize("fmt", FORMATS + ["plain"])
 def test_backend_routes_each_prefill_sequence_on_its_own(kernel_device: str, fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A step with decodes and several prefill sequences: each long one goes to SDPA on its
-    own (two uncached prompts, and on a quantized cache a chunk over a cached prefix), the
-    short ones between them to the extend kernel in runs; the result equals the torch
+    own (two uncached prompts, and on a quantized cache a chunk over a cached prefix; an
+    uncached prompt only from the prompt threshold, whatever the cache), the short ones
+    between them to the extend kernel in runs; the result equals the torch
     backend's and the cache holds what its store would."""
     from rtpllm.attention import triton_backend
 
     taken = _sdpa_taken(monkeypatch)
     monkeypatch.setattr(triton_backend, "SDPA_PREFILL_MIN_TOKENS", 40)
     monkeypatch.setattr(triton_backend, "QUANT_CHUNK_SDPA_MIN_TOKENS", 30)
-    # seqs: 2 decodes | 45 uncached | 5 over 40 | 37 over 63 | 3 uncached | 50 uncached | 8 over 20
-    seq_lens, q_lens = [50, 31, 45, 45, 100, 3, 50, 28], [1, 1, 45, 5, 37, 3, 50, 8]
+    # seqs: 2 decodes | 45 uncached | 5 over 40 | 37 over 63 | 35 uncached | 50 uncached | 8 over 20
+    # (the uncached 35 is past the chunk threshold but not the prompt one: extend kernel)
+    seq_lens, q_lens = [50, 31, 45, 45, 100, 35, 50, 28], [1, 1, 45, 5, 37, 35, 50, 8]
     case = make_case(seq_lens, q_lens, 8, 2, 64, 16, torch.float32, kernel_device, seed=31)
     backend = TritonAttentionBackend(prefill_impl="auto")
     if fmt == "plain":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -55,7 +56,23 @@ def test_kv_events_carry_increasing_sequence_numbers(tiny_llama: Path) -> None:
 def test_warm_up_leaves_no_trace(tiny_llama: Path) -> None:
     batches: list[KVEventBatch] = []
     eng = LLMEngine(EngineConfig(model=str(tiny_llama), device="cpu", async_scheduling=True), on_kv_events=batches.append)
+    added: list[str] = []
+    hits: list[int] = []
+    add, reset = eng.add_request, eng.block_manager.reset_prefix_cache
+
+    def spy_add(request_id: str, *args: Any, **kwargs: Any) -> Any:
+        added.append(request_id)
+        return add(request_id, *args, **kwargs)
+
+    def spy_reset() -> None:
+        hits.append(eng.block_manager.stats.hit_tokens)
+        reset()
+
+    eng.add_request, eng.block_manager.reset_prefix_cache = spy_add, spy_reset  # type: ignore[method-assign]
     eng._warm_up()  # runs automatically on CUDA; the logic is device-independent
+    eng.add_request, eng.block_manager.reset_prefix_cache = add, reset  # type: ignore[method-assign]
+    # The last warm-up request is a chunk over the long prompt's cached blocks.
+    assert added[-1] == "__warmup3" and hits and hits[0] >= 16
     assert not eng.has_unfinished_requests()
     assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
     assert not eng.block_manager._cached

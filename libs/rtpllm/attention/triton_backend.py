@@ -45,6 +45,12 @@ GROUPED_VERIFY = True
 # H100 the path took 0.33 ms against the fp8 extend kernel's 0.58 ms for 512 tokens over
 # 4,096, and 3.3 against 13.7 ms for 4,096 over 12,288 (bench/attention.py --quant-chunk,
 # docs/kv_quantization.md); shorter chunks were not measured and stay on the kernel.
+# Uncached prompts are not chunks: on any cache they go to SDPA from
+# SDPA_PREFILL_MIN_TOKENS. Sending quantized-cache prompts of 512-1023 tokens there too
+# cost the 0.6B offline run (256 prompts of 100-1,024 tokens) 16% of its throughput on
+# an H100: each such prompt paid ~0.6 ms of host work per layer (cuDNN's dispatch 0.11
+# ms, the pads, the read-back's gathers; bench/engine.py profile-admission: 32 prompts
+# in 372 ms against 61 with bf16, kernels 98 against 50 ms; docs/benchmarks.md).
 QUANT_CHUNK_SDPA_MIN_TOKENS: int | None = 512
 # A quantized cache's decode rows: True stores their K/V (quantized) with the store
 # kernel first and attends from the cache alone, instead of the decode kernel quantizing
@@ -181,9 +187,9 @@ class TritonAttentionBackend(AttentionBackend):
     def _takes_sdpa(self, meta: AttentionMetadata, i: int, sliding_window: int | None, quantized: bool) -> bool:
         """Whether prefill sequence `i` goes to SDPA (host values only): a prompt with
         nothing cached from SDPA_PREFILL_MIN_TOKENS new tokens (any length with
-        prefill_impl "sdpa"); on a quantized cache also a chunk over a cached prefix, from
-        QUANT_CHUNK_SDPA_MIN_TOKENS new tokens (any with "sdpa"), whose context is read
-        back. Each sequence is judged alone: a step holding several long prompts sends
+        prefill_impl "sdpa"), whatever the cache; on a quantized cache also a chunk over
+        a cached prefix, from QUANT_CHUNK_SDPA_MIN_TOKENS new tokens (any with "sdpa"),
+        whose context is read back. Each sequence is judged alone: a step holding several long prompts sends
         each of them to SDPA, where the quantized extend kernel is 2-4x slower."""
         if self.prefill_impl == "triton" or sliding_window is not None:
             return False
@@ -191,8 +197,8 @@ class TritonAttentionBackend(AttentionBackend):
         uncached = meta.seq_lens_host[i] == q_len
         if self.prefill_impl == "sdpa":
             return uncached or quantized
-        if uncached and q_len >= SDPA_PREFILL_MIN_TOKENS:
-            return True
+        if uncached:
+            return q_len >= SDPA_PREFILL_MIN_TOKENS
         return quantized and QUANT_CHUNK_SDPA_MIN_TOKENS is not None and q_len >= QUANT_CHUNK_SDPA_MIN_TOKENS
 
     @staticmethod

@@ -321,7 +321,8 @@ class LLMEngine:
     def _warm_up(self) -> None:
         """Run a few real steps on throwaway requests so Triton compiles the kernel
         variants serving will use (prefill chunks over and under 64 tokens, a prefill
-        mixed with decodes, a long uncached prompt) now, not inside the first requests.
+        mixed with decodes, a long uncached prompt, a chunk over its cached prefix) now,
+        not inside the first requests.
         Leaves no trace: blocks freed, prefix cache emptied, counters and events reset."""
         on_events, self._on_kv_events = self._on_kv_events, None
         offload, self.offload = self.offload, None  # warm-up blocks stay out of the tiers
@@ -340,9 +341,20 @@ class LLMEngine:
             self.add_request(f"__warmup{i}", [token(7 * j + i) for j in range(length)], params)
         for _ in range(3):
             self.step()
-        self.add_request("__warmup2", [token(5 * j) for j in range(lengths[2])], params)  # joins decodes
+        long_prompt = [token(5 * j) for j in range(lengths[2])]
+        self.add_request("__warmup2", long_prompt, params)  # joins decodes
         while self.has_unfinished_requests():
             self.step()
+        # A chunk over a cached prefix (the long prompt's blocks): on a quantized cache a
+        # chunk of >= 512 new tokens takes SDPA with a bottom-right causal mask, whose
+        # first call in a process costs seconds (the 0.6B fp8 offline run's first pass
+        # took 3 s longer than later ones on an H100, docs/benchmarks.md): paid here.
+        block_size, chunk = self.config.cache.block_size, 640
+        prefix = min(lengths[2], self.max_model_len - chunk - 8) // block_size * block_size
+        if self.config.cache.enable_prefix_caching and prefix > 0 and chunk <= budget:
+            self.add_request("__warmup3", long_prompt[:prefix] + [token(3 * j + 1) for j in range(chunk)], params)
+            while self.has_unfinished_requests():
+                self.step()
         self.block_manager.reset_prefix_cache()
         self.block_manager.take_events()
         self.offload = offload
