@@ -265,11 +265,14 @@ class TritonAttentionBackend(AttentionBackend):
             # dequantized), not to the unrounded K/V, so the prompt's decode steps and a
             # later prefix hit on it see the keys its prefill saw; with a cached prefix,
             # the whole context is read back.
+            block_size = k_cache.shape[1]
             if seq_len > end - start:
-                block_size = k_cache.shape[1]
                 pos = torch.arange(seq_len, device=q.device)
-                slots = meta.block_tables[i][pos // block_size].long() * block_size + pos % block_size
-            k, v = _read_back(k_cache, k_scale, slots, q.dtype), _read_back(v_cache, v_scale, slots, q.dtype)
+                blocks, offsets = meta.block_tables[i][pos // block_size].long(), pos % block_size
+            else:
+                blocks, offsets = slots // block_size, slots % block_size
+            k = _read_back(k_cache, k_scale, blocks, offsets, q.dtype)
+            v = _read_back(v_cache, v_scale, blocks, offsets, q.dtype)
         # [L, H, D] -> [1, H, L, D] views; enable_gqa keeps the flash kernel on GQA shapes.
         qt = q[start:end].transpose(0, 1).unsqueeze(0)
         kt = k.transpose(0, 1).unsqueeze(0)
@@ -306,10 +309,11 @@ def causal_sdpa(
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)[:, :, :n]
 
 
-def _read_back(cache: torch.Tensor, scales: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Rows [T, Hkv, D] of a quantized cache at `slots`, dequantized to `dtype`."""
-    block_size = cache.shape[1]
-    blocks, offsets = slots // block_size, slots % block_size
+def _read_back(
+    cache: torch.Tensor, scales: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """Rows [T, Hkv, D] of a quantized cache at (`blocks`, `offsets`), dequantized to
+    `dtype` (the positions are split once for K and V, not per read)."""
     # Gathered as bytes: index of float8 dtypes is missing from some torch builds.
     values = cache.view(torch.uint8)[blocks, offsets].view(cache.dtype)
     return dequantize_ref(values, scales[blocks, offsets], dtype)
