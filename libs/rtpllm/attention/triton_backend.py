@@ -61,10 +61,9 @@ QUANT_CHUNK_SDPA_MIN_TOKENS: int | None = 512
 QUANT_DECODE_STORE_FIRST = False
 # A prompt's causal SDPA call runs over its length rounded up to one of this many sizes
 # per octave (CUDA only). cuDNN's attention (SDPA's first choice on Hopper) builds an
-# execution graph per shape, hundreds of milliseconds, and caches it by shape: at every
-# new prompt length a step stalled. On an H100 the Qwen3-0.6B offline workload (256
-# prompts of 100-1024 tokens) with an fp8 cache, whose 512-1023-token prompts go to
-# SDPA, spent 499 ms per prefill step against 23 ms with bf16 (docs/benchmarks.md).
+# execution graph per shape, ~37 ms on an H100, and caches it by shape: at every new
+# prompt length a step stalled that long (bench/attention.py --new-shapes; a length in
+# a bucket already built costs a steady call; docs/kernels.md).
 # Rows past the prompt come after every real row, so the causal mask keeps them out of
 # the real rows' attention; their outputs are dropped. None: exact lengths.
 SDPA_LEN_BUCKETS_PER_OCTAVE: int | None = 4
@@ -189,8 +188,9 @@ class TritonAttentionBackend(AttentionBackend):
         nothing cached from SDPA_PREFILL_MIN_TOKENS new tokens (any length with
         prefill_impl "sdpa"), whatever the cache; on a quantized cache also a chunk over
         a cached prefix, from QUANT_CHUNK_SDPA_MIN_TOKENS new tokens (any with "sdpa"),
-        whose context is read back. Each sequence is judged alone: a step holding several long prompts sends
-        each of them to SDPA, where the quantized extend kernel is 2-4x slower."""
+        whose context is read back. Each sequence is judged alone: a step holding several
+        long prompts sends each of them to SDPA, where the quantized extend kernel is
+        2-4x slower."""
         if self.prefill_impl == "triton" or sliding_window is not None:
             return False
         q_len = meta.query_start_loc_host[i + 1] - meta.query_start_loc_host[i]

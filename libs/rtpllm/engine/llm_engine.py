@@ -346,9 +346,10 @@ class LLMEngine:
         while self.has_unfinished_requests():
             self.step()
         # A chunk over a cached prefix (the long prompt's blocks): on a quantized cache a
-        # chunk of >= 512 new tokens takes SDPA with a bottom-right causal mask, whose
-        # first call in a process costs seconds (the 0.6B fp8 offline run's first pass
-        # took 3 s longer than later ones on an H100, docs/benchmarks.md): paid here.
+        # chunk of >= 512 new tokens (QUANT_CHUNK_SDPA_MIN_TOKENS) takes SDPA with a
+        # bottom-right causal mask, whose first call in a process is slow: the 0.6B fp8
+        # offline run's first pass took ~3 s longer than later ones on an H100, and not
+        # without that path (docs/benchmarks.md). Paid here; not yet timed on a GPU.
         block_size, chunk = self.config.cache.block_size, 640
         prefix = min(lengths[2], self.max_model_len - chunk - 8) // block_size * block_size
         if self.config.cache.enable_prefix_caching and prefix > 0 and chunk <= budget:
