@@ -556,6 +556,60 @@ def quant_sweep_rows(device: str, smoke: bool, fmt: str = "fp8") -> list[dict[st
     return rows
 
 
+def quant_short_decode_rows(device: str, smoke: bool) -> list[dict[str, Any]]:
+    """The quantized decode kernel where offline runs spend their decode steps: 256
+    sequences of 100..1,300 tokens (seeded, as an offline batch has), for the 0.6B's 16
+    query heads and the 8B's 32 (8 KV heads both). bf16 with its default launch for
+    scale; fp8 (widened to bf16, with fp16 dots, and on CUDA with fp16 dots over tiles
+    widened in 16-bit pairs) and int8 at the 16k sweep's 4-warp launch configs and a few
+    more, at the heuristic's split count, and fp8's default launch at 2 splits.
+    GB/s counts the bytes read: values and scales."""
+    from rtpllm.kernels.kv_quant import storage_dtype
+
+    gen = torch.Generator().manual_seed(5)
+    rows: list[dict[str, Any]] = []
+    shapes = ((3, 70, 16),) if smoke else ((256, 1300, 16), (256, 1300, 32))
+    # 4 warps only (8 were 1.3-1.9x slower at every tile size, H100, 2026-12-07), plus
+    # unpipelined loads and 256-token tiles (both compile for sm_90a without spills).
+    four_warps = tuple(c for c in QUANT_DECODE_CONFIGS if c[1] == 4)
+    configs = ((64, 4, 2), (128, 4, 2)) if smoke else four_warps + ((64, 4, 1), (128, 4, 1), (256, 4, 1), (256, 4, 2))
+    default_cfg = decode_mod.decode_config(D, DT, True)
+    for batch, ctx, hq in shapes:
+        lens = [int(n) for n in torch.randint(min(100, ctx), ctx + 1, (batch,), generator=gen)]
+        kc, vc, tables, seq_lens, slots = paged_cache(batch, ctx, device, gen, lens)
+        q = torch.randn(batch, hq, D, device=device, dtype=DT)
+        kn = torch.randn(batch, HKV, D, device=device, dtype=DT)
+        out = torch.empty_like(q)
+        tokens = sum(lens)
+        heuristic = decode_mod.decode_num_splits(batch, HKV, hq // HKV, ctx, device_sms(q))
+        head = {"case": "quant_short_decode", "batch": batch, "ctx": ctx, "q_heads": hq}
+        ms = bench(lambda: decode_mod.paged_decode_attention_triton(q, kn, kn, kc, vc, tables, seq_lens, slots, D**-0.5, None, out, heuristic, ctx), device)  # noqa: B023
+        rows.append({**head, "fmt": "bf16", "cfg": decode_mod.decode_config(D), "splits": heuristic, "ms": ms, "gbs": tokens * HKV * D * 4 / ms / 1e6})
+        # fp8 widened in 16-bit pairs (FP8_WIDEN_PAIRS: inline PTX, which the interpreter cannot run).
+        variants = (("fp8", 0), ("fp8", 1), ("int8", 0)) + ((("fp8", 2),) if device == "cuda" else ())
+        for fmt, f16 in variants:
+            qk, qv = kc.to(storage_dtype(fmt)), vc.to(storage_dtype(fmt))
+            ks = torch.rand(qk.shape[:3], device=device) / 100
+            vs = torch.rand(qk.shape[:3], device=device) / 100
+            runs = [(cfg, heuristic) for cfg in configs] + ([(default_cfg, 2)] if fmt == "fp8" and not f16 else [])
+            for cfg, splits in runs:
+                def decode(k=qk, v=qv, ks=ks, vs=vs, splits=splits) -> None:
+                    decode_mod.paged_decode_attention_triton(
+                        q, kn, kn, k, v, tables, seq_lens, slots, D**-0.5, None, out, splits, ctx, k_scale=ks, v_scale=vs  # noqa: B023
+                    )  # fmt: skip
+
+                saved = decode_mod.FP8_F16_DOTS, decode_mod.FP8_WIDEN_PAIRS
+                decode_mod.FP8_F16_DOTS, decode_mod.FP8_WIDEN_PAIRS = f16 > 0, f16 == 2
+                try:
+                    timing = with_decode_config(cfg, decode, device, tokens * HKV * (D + 4) * 2)
+                finally:
+                    decode_mod.FP8_F16_DOTS, decode_mod.FP8_WIDEN_PAIRS = saved
+                rows.append({**head, "fmt": fmt + ("", " f16 dots", " f16 pairs")[f16], "cfg": cfg, "splits": splits,
+                             "default": cfg == default_cfg and splits == heuristic, **timing})  # fmt: skip
+            del qk, qv
+    return rows
+
+
 def scale_layout_rows(device: str, smoke: bool) -> list[dict[str, Any]]:
     """Decode over a quantized cache with its per-token scales laid out two ways: as the
     pool holds them today, token-major ([blocks, 16 tokens, 8 KV heads]: one program's
@@ -597,14 +651,14 @@ def _scale_layout_case(batch: int, ctx: int, device: str, formats: tuple[str, ..
         variants = [("token-major", token_major, False), ("head-major", head_major, False)]
         if fmt == "fp8":
             variants += [("token-major, fp16 dots", token_major, True), ("head-major, fp16 dots", head_major, True)]
-        default = decode_mod.FP8_F16_DOTS
+        default = decode_mod.FP8_F16_DOTS, decode_mod.FP8_WIDEN_PAIRS
         for layout, (ks, vs), f16 in variants:
-            decode_mod.FP8_F16_DOTS = f16
+            decode_mod.FP8_F16_DOTS, decode_mod.FP8_WIDEN_PAIRS = f16, False  # tiles loaded whole, as measured then
             try:
                 outs[layout] = decode(qk, qv, k_scale=ks, v_scale=vs).clone()
                 ms = bench(lambda k=qk, v=qv, ks=ks, vs=vs: decode(k, v, k_scale=ks, v_scale=vs), device)
             finally:
-                decode_mod.FP8_F16_DOTS = default
+                decode_mod.FP8_F16_DOTS, decode_mod.FP8_WIDEN_PAIRS = default
             diff = float((outs[layout].float() - outs["token-major"].float()).abs().max())
             rows.append({"batch": batch, "ctx": ctx, "fmt": fmt, "layout": layout, "ms": ms, "gbs": batch * ctx * HKV * (D + 4) * 2 / ms / 1e6, "max_abs_diff": diff})
     return rows
@@ -803,6 +857,7 @@ def main() -> None:
         "--prefill-lens", type=int, nargs="+", default=[4096], help="uncached prompt lengths for the prefill rows"
     )
     parser.add_argument("--quant-sweep", action="store_true", help="only: decode launch configs over an fp8 cache at batch 32 x 16k")
+    parser.add_argument("--quant-short-decode", action="store_true", help="only: quantized decode launch configs at batch 256 over 100..1,300-token contexts (the offline workloads' decode)")
     parser.add_argument("--scale-layout", action="store_true", help="only: decode over fp8/int8 caches with token-major and head-major scales")
     parser.add_argument("--long", action="store_true", help="also 4k-token chunks over 12k and 28k cached tokens")
     parser.add_argument("--verify", action="store_true", help="only: a speculative verify step's attention, verify kernel vs row by row")
@@ -850,6 +905,14 @@ def main() -> None:
             best = min(cfgs, key=cfgs.__getitem__) if cfgs else "-"
             print(f"{r['batch']} x {r['ctx']} | {r['rows_ms']:.3f} | {r['verify_ms']:.3f} | {r['plain_decode_ms']:.3f} | "
                   f"{r['verify_gbs']:.0f} | {best} {cfgs.get(best, float('nan')):.3f}")  # fmt: skip
+        write_rows(args.out, device, rows)
+        return
+    if args.quant_short_decode:
+        rows = quant_short_decode_rows(device, args.smoke)
+        print("batch x ctx (lengths 100..ctx), q heads | KV | cfg | splits | ms | GB/s | default")
+        for r in sorted(rows, key=lambda r: (r["q_heads"], r["fmt"], r.get("ms", 1e9))):
+            timing = f"{r['ms']:.4f} | {r['gbs']:.0f}" if "ms" in r else f"error {r['error']}"
+            print(f"{r['batch']} x {r['ctx']}, {r['q_heads']} | {r['fmt']} | {r['cfg']} | {r['splits']} | {timing} | {'*' if r.get('default') else ''}")
         write_rows(args.out, device, rows)
         return
     if args.scale_layout:

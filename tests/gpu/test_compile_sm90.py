@@ -69,6 +69,7 @@ def _cases() -> Iterator[Case]:
                 "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
                 "QUANT": 0,
                 "V_MUL": 1.0,
+                "F16_DOTS": 0,
             }
             ptrs = dict.fromkeys(("Q", "K_new", "V_new", "K_cache", "V_cache", "Out"), t)
             ptrs.update(Block_tables="i32", Seq_lens="i32", Slot_mapping="i64", Mid_o="fp32", Mid_lse="fp32")
@@ -84,13 +85,17 @@ def _cases() -> Iterator[Case]:
                 "BLOCK_D": triton.next_power_of_2(head_dim), "HEAD_DIM": head_dim, "PAGE_SIZE": 16,
                 "SINGLE": splits == 1, "SLIDING": False, "FUSE_NEW": True, "PRECISION": "tf32", "QUANT": quant,
                 "V_MUL": 448.0 if quant == 1 else 127.0, **TOKEN_MAJOR_SCALES,
-                "F16_DOTS": decode_attention.f16_dots(quant, torch.bfloat16),  # as launches set it
+                "F16_DOTS": decode_attention.decode_dots(quant, torch.bfloat16, head_dim),  # as launches set it
             }
             ptrs = dict.fromkeys(("Q", "K_new", "V_new", "Out"), "bf16")
             ptrs.update(K_cache=vt, V_cache=vt, K_scale="fp32", V_scale="fp32")
             ptrs.update(Block_tables="i32", Seq_lens="i32", Slot_mapping="i64", Mid_o="fp32", Mid_lse="fp32")
-            label = f"decode D{head_dim} G{group} splits{splits} bf16 kv={vt}"
+            label = f"decode D{head_dim} G{group} splits{splits} bf16 kv={vt} dots{consts['F16_DOTS']}"
             yield label, decode_attention._decode_stage1_kernel, consts, ptrs, warps, stages
+            if quant == 1:
+                # fp8 tiles loaded whole into bf16 dots: a head_dim that is not a power of two.
+                label = label.replace(f"dots{consts['F16_DOTS']}", "dots0")
+                yield label, decode_attention._decode_stage1_kernel, {**consts, "F16_DOTS": 0}, ptrs, warps, stages
     # Verify attention (a sequence's k + 1 rows over its KV at once): k = 4 and k = 7 on
     # the 8B shape (group 4), a group-8 shape, fp32 and the quantized caches.
     for (head_dim, group, span, splits), (dt, vt, quant) in (

@@ -268,6 +268,8 @@ def test_fp8_dots_in_fp16_match_the_reference_as_closely_as_in_bf16(
     several split counts; a query beyond fp16's range stays finite."""
     from rtpllm.kernels import decode_attention
 
+    monkeypatch.setattr(decode_attention, "FP8_WIDEN_PAIRS", False)  # fp16 dots over whole tiles
+
     def run(f16: bool, huge: bool = False) -> tuple[float, torch.Tensor]:
         monkeypatch.setattr(decode_attention, "FP8_F16_DOTS", f16)
         if kernel == "verify":
@@ -525,3 +527,38 @@ def test_bench_quant_chunk_rows_run(kernel_device: str) -> None:
         pytest.skip("the GPU runs the bench itself (bench/gpu_session.sh quantchunk)")
     (row,) = attention.quant_chunk_rows(kernel_device, smoke=True)
     assert row["quant_extend_ms"] > 0 and row["quant_sdpa_ms"] > 0 and row["max_abs_diff"] < 2e-2
+
+
+def test_bench_quant_short_decode_rows_run(kernel_device: str) -> None:
+    """bench/attention.py --quant-short-decode runs every format and launch it lists
+    (smoke shape off the GPU, where the timings mean nothing)."""
+    from bench import attention
+
+    if kernel_device != "cpu":
+        pytest.skip("the GPU runs the bench itself (bench/gpu_session.sh quantshort)")
+    rows = attention.quant_short_decode_rows(kernel_device, smoke=True)
+    assert [r["fmt"] for r in rows] == ["bf16"] + ["fp8"] * 3 + ["fp8 f16 dots"] * 2 + ["int8"] * 2
+    assert all(r["ms"] > 0 for r in rows), [r.get("error") for r in rows]
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_fp8_tiles_widened_in_pairs_match_fp16_dots(
+    cuda_device: str, head_dim: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FP8_WIDEN_PAIRS (the default) loads fp8 tiles as 16-bit words and widens them with
+    inline PTX (cuda only): the decode output equals the fp16-dot path over whole tiles
+    (which the CPU interpreter runs instead) up to summation order, and matches the torch
+    reference, over split counts and ragged contexts."""
+    from rtpllm.kernels import decode_attention
+
+    monkeypatch.setattr(decode_attention, "FP8_F16_DOTS", True)
+    case = make_case([2, 17, 40, 70, 300], [1] * 5, 8, 2, head_dim, 16, torch.bfloat16, cuda_device, seed=47)
+    for splits in (1, 3):
+        outs = []
+        for pairs in (False, True):
+            monkeypatch.setattr(decode_attention, "FP8_WIDEN_PAIRS", pairs)
+            qc = QuantCase(case, "fp8")
+            qc.snapshot()
+            outs.append(_run_decode(qc, None, splits))
+            assert rel_err(outs[-1], qc.reference_out(None)) < TOL[torch.bfloat16]
+        assert rel_err(outs[1], outs[0]) < 2e-3, f"splits {splits}"

@@ -33,7 +33,16 @@ import math
 
 import torch
 
-from rtpllm.kernels._triton import cdiv, device_sms, dot_precision, next_power_of_2, tl, triton, use_triton
+from rtpllm.kernels._triton import (
+    INTERPRET,
+    cdiv,
+    device_sms,
+    dot_precision,
+    next_power_of_2,
+    tl,
+    triton,
+    use_triton,
+)
 from rtpllm.kernels.attention_ref import gather_context, reference_attention
 from rtpllm.kernels.kv_cache import store_kv_ref
 from rtpllm.kernels.kv_quant import V_MUL, kernel_scales, quantize_rows, scale_strides
@@ -46,17 +55,50 @@ WAVE_PROGRAMS_PER_SM = 4
 CONFIG_OVERRIDE: tuple[int, int, int] | None = None
 # On: fp8 tiles widen to fp16 for the dots, the query with them (clamped to fp16's
 # range; its mantissa has room for bf16's). sm_90 converts two e4m3 values to fp16 in
-# one instruction, and to bf16 only through fp16, one more instruction per value, which
-# in the decode loop outnumber every other instruction (its PTX: 256 cvt.bf16.f16 and
-# 130 cvt.rn.f16x2.e4m3x2 a tile); but the fp16 form holds more registers (208 against
-# 168 at the default launch: tests/gpu/test_compile_sm90.py). Off until a GPU run of
-# bench/attention.py --scale-layout, which times both, says which is faster.
+# one instruction, and to bf16 only through fp16, one more instruction per value. Alone
+# it gains nothing (bench/attention.py --scale-layout and --quant-short-decode, H100):
+# the conversions are not what bounds the kernel. The verify kernel follows this switch.
 FP8_F16_DOTS = False
+# On: the decode kernel loads fp8 tiles as 16-bit words and widens them to fp16 in
+# registers, two values per instruction, before any layout change, so the tensor cores'
+# operands come through shared memory as 16-bit values (ldmatrix) instead of as bytes
+# gathered one by one (the default launch's SASS per 128-token tile: 88 shared loads and
+# 26 ldmatrix against 216 and 10, byte permutes 136 -> 4). Dots are then in fp16 (as
+# FP8_F16_DOTS). Measured on an H100, 2026-12-07 (docs/kv_quantization.md): the kernel at
+# batch 256 over 100..1,300 tokens 0.232 -> 0.202 ms; the Qwen3-0.6B offline workload
+# 26,367-26,673 -> 28,951-29,373 tok/s; decode ITL at 32 x 8k 13.97 -> 12.78 ms (bf16
+# 18.29). Needs head_dim a power of two (whole rows, no D mask) and compiled code (the
+# widening is inline PTX): elsewhere the same fp16 dots over tiles loaded whole.
+FP8_WIDEN_PAIRS = True
 
 
-def f16_dots(quant: int, q_dtype: torch.dtype) -> bool:
-    """Whether a launch over a cache of QUANT code `quant` runs its dots in fp16."""
-    return FP8_F16_DOTS and quant == 1 and q_dtype in (torch.bfloat16, torch.float16)
+def f16_dots(quant: int, q_dtype: torch.dtype, pairs: bool = False) -> int:
+    """How a launch over a cache of QUANT code `quant` runs its dots: 0 in the query's
+    dtype, 1 in fp16, 2 in fp16 over tiles widened in pairs (FP8_WIDEN_PAIRS), where
+    `pairs` says the launch can (the decode kernel, compiled, head_dim a power of two)."""
+    if quant != 1 or q_dtype not in (torch.bfloat16, torch.float16):
+        return 0
+    if FP8_WIDEN_PAIRS and pairs:
+        return 2
+    return 1 if FP8_F16_DOTS else 0
+
+
+@triton.jit
+def widen_pairs_f16(Cache, row_off, mask_n, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A [BLOCK_N, BLOCK_D] fp8 e4m3 tile (rows at element offsets `row_off`) as fp16,
+    loaded as 16-bit words and widened two values per cvt.rn.f16x2.e4m3x2 (exact)."""
+    words = Cache.to(tl.pointer_type(tl.int16), bitcast=True)
+    offs_w = tl.arange(0, BLOCK_D // 2)
+    w = tl.load(words + (row_off // 2)[:, None] + offs_w[None, :], mask=mask_n[:, None], other=0)
+    lo, hi = tl.inline_asm_elementwise(
+        "{ .reg .b32 t; cvt.rn.f16x2.e4m3x2 t, $2; mov.b32 {$0, $1}, t; }",
+        "=h,=h,h",
+        [w],
+        dtype=(tl.float16, tl.float16),
+        is_pure=True,
+        pack=1,
+    )
+    return tl.join(lo, hi).reshape(BLOCK_N, BLOCK_D)
 
 
 def decode_config(head_dim: int, dtype: torch.dtype = torch.bfloat16, quant: bool = False) -> tuple[int, int, int]:
@@ -101,16 +143,19 @@ def widen_query_f16(q):
 def tile_scores(
     q, K_cache, K_scale, blk, within, kvh, offs_d, kv_mask, mask_n,
     stride_kcb, stride_kct, stride_kch, stride_ksb, stride_kst, stride_ksh, sm_scale_log2,
-    PRECISION: tl.constexpr, QUANT: tl.constexpr,
+    PRECISION: tl.constexpr, QUANT: tl.constexpr, WIDEN: tl.constexpr = False,
 ):  # fmt: skip
     """Scores (log2 domain) of the query tile against one paged K tile; a quantized
     tile is widened to the query's dtype and its per-token scale folded into the
     scores' columns. Shared by the decode and verify kernels."""
-    k = tl.load(
-        K_cache + (blk * stride_kcb + within * stride_kct + kvh * stride_kch)[:, None] + offs_d[None, :],
-        mask=kv_mask,
-        other=0.0,
-    )
+    if WIDEN:
+        k = widen_pairs_f16(K_cache, blk * stride_kcb + within * stride_kct + kvh * stride_kch, mask_n, mask_n.shape[0], offs_d.shape[0])
+    else:
+        k = tl.load(
+            K_cache + (blk * stride_kcb + within * stride_kct + kvh * stride_kch)[:, None] + offs_d[None, :],
+            mask=kv_mask,
+            other=0.0,
+        )
     if QUANT != 0:
         ks = tl.load(
             K_scale + blk * stride_ksb + within * stride_kst + kvh * stride_ksh, mask=mask_n, other=0.0
@@ -125,17 +170,20 @@ def tile_scores(
 def tile_values(
     acc, alpha, p, q, V_cache, V_scale, blk, within, kvh, offs_d, kv_mask, mask_n,
     stride_vcb, stride_vct, stride_vch, stride_vsb, stride_vst, stride_vsh,
-    PRECISION: tl.constexpr, QUANT: tl.constexpr, V_MUL: tl.constexpr,
+    PRECISION: tl.constexpr, QUANT: tl.constexpr, V_MUL: tl.constexpr, WIDEN: tl.constexpr = False,
 ):  # fmt: skip
     """acc * alpha + p @ V for one paged V tile (the rescaled accumulator goes into the
     dot, as one expression: the compiled code is the same as written inline); a quantized
     tile's per-token scale is folded into the probabilities' columns (values then come
     V_MUL times too large: kv_quant.V_MUL)."""
-    v = tl.load(
-        V_cache + (blk * stride_vcb + within * stride_vct + kvh * stride_vch)[:, None] + offs_d[None, :],
-        mask=kv_mask,
-        other=0.0,
-    )
+    if WIDEN:
+        v = widen_pairs_f16(V_cache, blk * stride_vcb + within * stride_vct + kvh * stride_vch, mask_n, mask_n.shape[0], offs_d.shape[0])
+    else:
+        v = tl.load(
+            V_cache + (blk * stride_vcb + within * stride_vct + kvh * stride_vch)[:, None] + offs_d[None, :],
+            mask=kv_mask,
+            other=0.0,
+        )
     if QUANT != 0:
         vs = tl.load(
             V_scale + blk * stride_vsb + within * stride_vst + kvh * stride_vsh, mask=mask_n, other=0.0
@@ -256,6 +304,7 @@ def _decode_stage1_kernel(
         s = tile_scores(
             q, K_cache, K_scale, blk, within, kvh, offs_d, kv_mask, mask_n,
             stride_kcb, stride_kct, stride_kch, stride_ksb, stride_kst, stride_ksh, sm_scale_log2, PRECISION, QUANT,
+            F16_DOTS == 2,
         )  # fmt: skip
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -265,6 +314,7 @@ def _decode_stage1_kernel(
         acc = tile_values(
             acc, alpha, p, q, V_cache, V_scale, blk, within, kvh, offs_d, kv_mask, mask_n,
             stride_vcb, stride_vct, stride_vch, stride_vsb, stride_vst, stride_vsh, PRECISION, QUANT, V_MUL,
+            F16_DOTS == 2,
         )  # fmt: skip
         m_i = m_new
 
@@ -433,6 +483,15 @@ def merge_splits(mid_o: torch.Tensor, mid_lse: torch.Tensor, out: torch.Tensor, 
     )
 
 
+def decode_dots(quant: int, q_dtype: torch.dtype, head_dim: int) -> int:
+    """The decode kernel's F16_DOTS: tiles widen in pairs where FP8_WIDEN_PAIRS is on and
+    rows are whole (head_dim a power of two). The CPU interpreter cannot run inline PTX,
+    so there the same fp16 dots run over tiles loaded whole (the same values: e4m3 widens
+    to fp16 exactly either way)."""
+    dots = f16_dots(quant, q_dtype, pairs=next_power_of_2(head_dim) == head_dim)
+    return 1 if dots == 2 and INTERPRET else dots
+
+
 def paged_decode_attention_triton(
     q: torch.Tensor,
     k: torch.Tensor | None,
@@ -530,7 +589,7 @@ def paged_decode_attention_triton(
         PRECISION=dot_precision(q.dtype if quant else k_cache.dtype),
         QUANT=quant,
         V_MUL=V_MUL[quant],
-        F16_DOTS=f16_dots(quant, q.dtype),
+        F16_DOTS=decode_dots(quant, q.dtype, head_dim),
         num_warps=num_warps,
         num_stages=num_stages,
     )
