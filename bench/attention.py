@@ -561,18 +561,18 @@ def quant_short_decode_rows(device: str, smoke: bool) -> list[dict[str, Any]]:
     sequences of 100..1,300 tokens (seeded, as an offline batch has), for the 0.6B's 16
     query heads and the 8B's 32 (8 KV heads both). bf16 with its default launch for
     scale; fp8 (widened to bf16, with fp16 dots, and on CUDA with fp16 dots over tiles
-    widened in 16-bit pairs) and int8 at the 16k sweep's 4-warp launch configs and a few
-    more, at the heuristic's split count, and fp8's default launch at 2 splits.
+    widened in 16-bit pairs) and int8 (as bytes, and on CUDA in pairs) at the launches
+    that came close in the full sweeps, at the heuristic's split count, and fp8's default
+    launch at 2 splits.
     GB/s counts the bytes read: values and scales."""
     from rtpllm.kernels.kv_quant import storage_dtype
 
     gen = torch.Generator().manual_seed(5)
     rows: list[dict[str, Any]] = []
     shapes = ((3, 70, 16),) if smoke else ((256, 1300, 16), (256, 1300, 32))
-    # 4 warps only (8 were 1.3-1.9x slower at every tile size, H100, 2026-12-07), plus
-    # unpipelined loads and 256-token tiles (both compile for sm_90a without spills).
-    four_warps = tuple(c for c in QUANT_DECODE_CONFIGS if c[1] == 4)
-    configs = ((64, 4, 2), (128, 4, 2)) if smoke else four_warps + ((64, 4, 1), (128, 4, 1), (256, 4, 1), (256, 4, 2))
+    # The launches within ~15% of the best in the full sweeps of 2026-12-07 (H100: every
+    # 4- and 8-warp launch of 32-256 tokens, 1-4 stages; 8 warps were 1.3-1.9x slower).
+    configs = ((64, 4, 2), (128, 4, 2)) if smoke else ((64, 4, 2), (128, 4, 2), (128, 4, 3), (128, 4, 4), (256, 4, 1))
     default_cfg = decode_mod.decode_config(D, DT, True)
     for batch, ctx, hq in shapes:
         lens = [int(n) for n in torch.randint(min(100, ctx), ctx + 1, (batch,), generator=gen)]
@@ -585,8 +585,8 @@ def quant_short_decode_rows(device: str, smoke: bool) -> list[dict[str, Any]]:
         head = {"case": "quant_short_decode", "batch": batch, "ctx": ctx, "q_heads": hq}
         ms = bench(lambda: decode_mod.paged_decode_attention_triton(q, kn, kn, kc, vc, tables, seq_lens, slots, D**-0.5, None, out, heuristic, ctx), device)  # noqa: B023
         rows.append({**head, "fmt": "bf16", "cfg": decode_mod.decode_config(D), "splits": heuristic, "ms": ms, "gbs": tokens * HKV * D * 4 / ms / 1e6})
-        # fp8 widened in 16-bit pairs (FP8_WIDEN_PAIRS: inline PTX, which the interpreter cannot run).
-        variants = (("fp8", 0), ("fp8", 1), ("int8", 0)) + ((("fp8", 2),) if device == "cuda" else ())
+        # Widened in 16-bit pairs (FP8_WIDEN_PAIRS, INT8_WIDEN_PAIRS: inline PTX, which the interpreter cannot run).
+        variants = (("fp8", 0), ("fp8", 1), ("int8", 0)) + ((("fp8", 2), ("int8", 2)) if device == "cuda" else ())
         for fmt, f16 in variants:
             qk, qv = kc.to(storage_dtype(fmt)), vc.to(storage_dtype(fmt))
             ks = torch.rand(qk.shape[:3], device=device) / 100
@@ -598,12 +598,12 @@ def quant_short_decode_rows(device: str, smoke: bool) -> list[dict[str, Any]]:
                         q, kn, kn, k, v, tables, seq_lens, slots, D**-0.5, None, out, splits, ctx, k_scale=ks, v_scale=vs  # noqa: B023
                     )  # fmt: skip
 
-                saved = decode_mod.FP8_F16_DOTS, decode_mod.FP8_WIDEN_PAIRS
-                decode_mod.FP8_F16_DOTS, decode_mod.FP8_WIDEN_PAIRS = f16 > 0, f16 == 2
+                saved = decode_mod.FP8_F16_DOTS, decode_mod.FP8_WIDEN_PAIRS, decode_mod.INT8_WIDEN_PAIRS
+                decode_mod.FP8_F16_DOTS, decode_mod.FP8_WIDEN_PAIRS, decode_mod.INT8_WIDEN_PAIRS = f16 > 0, f16 == 2, f16 == 2
                 try:
                     timing = with_decode_config(cfg, decode, device, tokens * HKV * (D + 4) * 2)
                 finally:
-                    decode_mod.FP8_F16_DOTS, decode_mod.FP8_WIDEN_PAIRS = saved
+                    decode_mod.FP8_F16_DOTS, decode_mod.FP8_WIDEN_PAIRS, decode_mod.INT8_WIDEN_PAIRS = saved
                 rows.append({**head, "fmt": fmt + ("", " f16 dots", " f16 pairs")[f16], "cfg": cfg, "splits": splits,
                              "default": cfg == default_cfg and splits == heuristic, **timing})  # fmt: skip
             del qk, qv

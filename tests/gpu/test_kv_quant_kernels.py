@@ -541,13 +541,15 @@ def test_bench_quant_short_decode_rows_run(kernel_device: str) -> None:
     assert all(r["ms"] > 0 for r in rows), [r.get("error") for r in rows]
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_fp8_tiles_widened_in_pairs_match_fp16_dots(
-    cuda_device: str, head_dim: int, monkeypatch: pytest.MonkeyPatch
+def test_tiles_widened_in_pairs_match_tiles_loaded_whole(
+    cuda_device: str, fmt: str, head_dim: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """FP8_WIDEN_PAIRS (the default) loads fp8 tiles as 16-bit words and widens them with
-    inline PTX (cuda only): the decode output equals the fp16-dot path over whole tiles
-    (which the CPU interpreter runs instead) up to summation order, and matches the torch
+    """FP8_WIDEN_PAIRS (the default) and INT8_WIDEN_PAIRS load 1-byte tiles as 16-bit
+    words and widen them with inline PTX (cuda only): the decode output equals that of
+    tiles loaded whole (fp8: the same fp16 dots, which the CPU interpreter runs instead;
+    int8: bf16 dots, so up to the probabilities' rounding) and matches the torch
     reference, over split counts and ragged contexts."""
     from rtpllm.kernels import decode_attention
 
@@ -557,8 +559,9 @@ def test_fp8_tiles_widened_in_pairs_match_fp16_dots(
         outs = []
         for pairs in (False, True):
             monkeypatch.setattr(decode_attention, "FP8_WIDEN_PAIRS", pairs)
-            qc = QuantCase(case, "fp8")
+            monkeypatch.setattr(decode_attention, "INT8_WIDEN_PAIRS", pairs)
+            qc = QuantCase(case, fmt)
             qc.snapshot()
             outs.append(_run_decode(qc, None, splits))
             assert rel_err(outs[-1], qc.reference_out(None)) < TOL[torch.bfloat16]
-        assert rel_err(outs[1], outs[0]) < 2e-3, f"splits {splits}"
+        assert rel_err(outs[1], outs[0]) < (2e-3 if fmt == "fp8" else 4e-3), f"splits {splits}"

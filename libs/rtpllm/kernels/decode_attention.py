@@ -70,34 +70,46 @@ FP8_F16_DOTS = False
 # 18.29). Needs head_dim a power of two (whole rows, no D mask) and compiled code (the
 # widening is inline PTX): elsewhere the same fp16 dots over tiles loaded whole.
 FP8_WIDEN_PAIRS = True
+# The same for int8 tiles: each 16-bit word's two bytes become fp16 by a byte permute
+# into 1024 + 128 + x and one fp16x2 subtraction (exact for every int8). Off until
+# bench/attention.py --quant-short-decode times it on a GPU (int8 loaded as bytes: 0.253
+# ms at batch 256 over 100..1,300 tokens on an H100, against fp8 in pairs' 0.202).
+INT8_WIDEN_PAIRS = False
 
 
 def f16_dots(quant: int, q_dtype: torch.dtype, pairs: bool = False) -> int:
     """How a launch over a cache of QUANT code `quant` runs its dots: 0 in the query's
-    dtype, 1 in fp16, 2 in fp16 over tiles widened in pairs (FP8_WIDEN_PAIRS), where
-    `pairs` says the launch can (the decode kernel, compiled, head_dim a power of two)."""
-    if quant != 1 or q_dtype not in (torch.bfloat16, torch.float16):
+    dtype, 1 in fp16, 2 in fp16 over tiles widened in pairs (FP8_WIDEN_PAIRS,
+    INT8_WIDEN_PAIRS), where `pairs` says the launch can (the decode kernel, compiled,
+    head_dim a power of two)."""
+    if quant == 0 or q_dtype not in (torch.bfloat16, torch.float16):
         return 0
-    if FP8_WIDEN_PAIRS and pairs:
+    if pairs and (FP8_WIDEN_PAIRS if quant == 1 else INT8_WIDEN_PAIRS):
         return 2
-    return 1 if FP8_F16_DOTS else 0
+    return 1 if FP8_F16_DOTS and quant == 1 else 0
 
 
 @triton.jit
-def widen_pairs_f16(Cache, row_off, mask_n, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """A [BLOCK_N, BLOCK_D] fp8 e4m3 tile (rows at element offsets `row_off`) as fp16,
-    loaded as 16-bit words and widened two values per cvt.rn.f16x2.e4m3x2 (exact)."""
+def widen_pairs_f16(Cache, row_off, mask_n, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, QUANT: tl.constexpr):
+    """A [BLOCK_N, BLOCK_D] tile of 1-byte values (rows at element offsets `row_off`) as
+    fp16, loaded as 16-bit words and widened two values at a time, exactly: fp8 e4m3 by
+    cvt.rn.f16x2.e4m3x2; int8 by placing each byte, sign bit flipped, under fp16 1024's
+    exponent (1024 + 128 + x) and subtracting 1152 from both halves."""
     words = Cache.to(tl.pointer_type(tl.int16), bitcast=True)
     offs_w = tl.arange(0, BLOCK_D // 2)
     w = tl.load(words + (row_off // 2)[:, None] + offs_w[None, :], mask=mask_n[:, None], other=0)
-    lo, hi = tl.inline_asm_elementwise(
-        "{ .reg .b32 t; cvt.rn.f16x2.e4m3x2 t, $2; mov.b32 {$0, $1}, t; }",
-        "=h,=h,h",
-        [w],
-        dtype=(tl.float16, tl.float16),
-        is_pure=True,
-        pack=1,
-    )
+    if QUANT == 1:
+        lo, hi = tl.inline_asm_elementwise(
+            "{ .reg .b32 t; cvt.rn.f16x2.e4m3x2 t, $2; mov.b32 {$0, $1}, t; }",
+            "=h,=h,h", [w], dtype=(tl.float16, tl.float16), is_pure=True, pack=1,
+        )  # fmt: skip
+    else:
+        lo, hi = tl.inline_asm_elementwise(
+            "{ .reg .b32 t, u, c; cvt.u32.u16 t, $2; xor.b32 t, t, 0x8080;"
+            " prmt.b32 u, t, 0x64646464, 0x4140; mov.b32 c, 0x64806480; sub.f16x2 u, u, c;"
+            " mov.b32 {$0, $1}, u; }",
+            "=h,=h,h", [w], dtype=(tl.float16, tl.float16), is_pure=True, pack=1,
+        )  # fmt: skip
     return tl.join(lo, hi).reshape(BLOCK_N, BLOCK_D)
 
 
@@ -149,7 +161,7 @@ def tile_scores(
     tile is widened to the query's dtype and its per-token scale folded into the
     scores' columns. Shared by the decode and verify kernels."""
     if WIDEN:
-        k = widen_pairs_f16(K_cache, blk * stride_kcb + within * stride_kct + kvh * stride_kch, mask_n, mask_n.shape[0], offs_d.shape[0])
+        k = widen_pairs_f16(K_cache, blk * stride_kcb + within * stride_kct + kvh * stride_kch, mask_n, mask_n.shape[0], offs_d.shape[0], QUANT)
     else:
         k = tl.load(
             K_cache + (blk * stride_kcb + within * stride_kct + kvh * stride_kch)[:, None] + offs_d[None, :],
@@ -177,7 +189,7 @@ def tile_values(
     tile's per-token scale is folded into the probabilities' columns (values then come
     V_MUL times too large: kv_quant.V_MUL)."""
     if WIDEN:
-        v = widen_pairs_f16(V_cache, blk * stride_vcb + within * stride_vct + kvh * stride_vch, mask_n, mask_n.shape[0], offs_d.shape[0])
+        v = widen_pairs_f16(V_cache, blk * stride_vcb + within * stride_vct + kvh * stride_vch, mask_n, mask_n.shape[0], offs_d.shape[0], QUANT)
     else:
         v = tl.load(
             V_cache + (blk * stride_vcb + within * stride_vct + kvh * stride_vch)[:, None] + offs_d[None, :],
@@ -484,10 +496,10 @@ def merge_splits(mid_o: torch.Tensor, mid_lse: torch.Tensor, out: torch.Tensor, 
 
 
 def decode_dots(quant: int, q_dtype: torch.dtype, head_dim: int) -> int:
-    """The decode kernel's F16_DOTS: tiles widen in pairs where FP8_WIDEN_PAIRS is on and
-    rows are whole (head_dim a power of two). The CPU interpreter cannot run inline PTX,
-    so there the same fp16 dots run over tiles loaded whole (the same values: e4m3 widens
-    to fp16 exactly either way)."""
+    """The decode kernel's F16_DOTS: tiles widen in pairs where FP8_WIDEN_PAIRS (or
+    INT8_WIDEN_PAIRS) is on and rows are whole (head_dim a power of two). The CPU
+    interpreter cannot run inline PTX, so there the same fp16 dots run over tiles loaded
+    whole (the same values: e4m3 and int8 widen to fp16 exactly either way)."""
     dots = f16_dots(quant, q_dtype, pairs=next_power_of_2(head_dim) == head_dim)
     return 1 if dots == 2 and INTERPRET else dots
 
