@@ -610,6 +610,62 @@ def quant_short_decode_rows(device: str, smoke: bool) -> list[dict[str, Any]]:
     return rows
 
 
+def quant_prefill_rows(device: str, smoke: bool) -> list[dict[str, Any]]:
+    """A prefill step's attention through the backend (its routing, stores and extend
+    launch), one layer of the 0.6B shape's heads (16 q, 8 KV of 128): the offline
+    workload's step of uncached prompts (14 of 100..1,023 tokens, seeded, all below the
+    SDPA threshold), and chunks of 512 over cached prefixes of 512-2,048. bf16, and fp8 /
+    int8 with the fused extend (new tiles quantized in registers) and with
+    QUANT_EXTEND_STORE_FIRST (stored first, read back); max |diff| against the fused."""
+    from rtpllm.attention import triton_backend
+    from rtpllm.attention.backend import AttentionMetadata
+    from rtpllm.kernels.kv_quant import quantize_ref
+
+    gen = torch.Generator().manual_seed(13)
+    hq = 16
+    cases = (
+        (("prompts", [0] * 3, [int(n) for n in torch.randint(20, 60, (3,), generator=gen)]),) if smoke
+        else (("prompts", [0] * 14, [int(n) for n in torch.randint(100, 1024, (14,), generator=gen)]),
+              ("chunks over prefixes", [512, 1024, 1536, 2048], [512] * 4))
+    )  # fmt: skip
+    rows: list[dict[str, Any]] = []
+    for name, prefixes, new in cases:
+        lens = [p + n for p, n in zip(prefixes, new, strict=True)]
+        kc, vc, tables, seq_lens, _ = paged_cache(len(lens), max(lens), device, gen, lens)
+        pos = torch.cat([torch.arange(p, p + n) for p, n in zip(prefixes, new, strict=True)]).to(device)
+        seq_of = torch.cat([torch.full((n,), i) for i, n in enumerate(new)]).to(device)
+        slots = tables[seq_of, pos // BLOCK].long() * BLOCK + pos % BLOCK
+        qsl_host = [0, *torch.tensor(new).cumsum(0).tolist()]
+        meta = AttentionMetadata(
+            slot_mapping=slots, query_start_loc=torch.tensor(qsl_host, dtype=torch.int32, device=device),
+            seq_lens=seq_lens, block_tables=tables, num_decodes=0, max_query_len=max(new), max_seq_len=max(lens),
+            block_size=BLOCK, query_start_loc_host=qsl_host, seq_lens_host=lens,
+        )  # fmt: skip
+        t = sum(new)
+        q = torch.randn(t, hq, D, device=device, dtype=DT)
+        k = torch.randn(t, HKV, D, device=device, dtype=DT)
+        v = torch.randn(t, HKV, D, device=device, dtype=DT)
+        backend = triton_backend.TritonAttentionBackend(prefill_impl="auto")
+        head = {"case": "quant_prefill", "what": name, "tokens": t, "prefixes": prefixes, "new": new}
+        ms = bench(lambda: backend.forward(q, k, v, kc, vc, meta, D**-0.5), device)  # noqa: B023
+        rows.append({**head, "fmt": "bf16", "ms": ms})
+        for fmt in ("fp8",) if smoke else ("fp8", "int8"):
+            (kq, ks), (vq, vs) = quantize_ref(kc, fmt), quantize_ref(vc, fmt)
+            fused = None
+            for store_first in (False, True):
+                saved = triton_backend.QUANT_EXTEND_STORE_FIRST
+                triton_backend.QUANT_EXTEND_STORE_FIRST = store_first
+                try:
+                    got = backend.forward(q, k, v, kq, vq, meta, D**-0.5, None, ks, vs).clone()
+                    ms = bench(lambda: backend.forward(q, k, v, kq, vq, meta, D**-0.5, None, ks, vs), device)  # noqa: B023
+                finally:
+                    triton_backend.QUANT_EXTEND_STORE_FIRST = saved
+                fused = got if fused is None else fused
+                diff = float((got.float() - fused.float()).abs().max())
+                rows.append({**head, "fmt": fmt, "store_first": store_first, "ms": ms, "max_abs_diff": diff})
+    return rows
+
+
 def scale_layout_rows(device: str, smoke: bool) -> list[dict[str, Any]]:
     """Decode over a quantized cache with its per-token scales laid out two ways: as the
     pool holds them today, token-major ([blocks, 16 tokens, 8 KV heads]: one program's
@@ -857,6 +913,7 @@ def main() -> None:
         "--prefill-lens", type=int, nargs="+", default=[4096], help="uncached prompt lengths for the prefill rows"
     )
     parser.add_argument("--quant-sweep", action="store_true", help="only: decode launch configs over an fp8 cache at batch 32 x 16k")
+    parser.add_argument("--quant-prefill", action="store_true", help="only: a prefill step's attention over bf16 / fp8 / int8 caches, new tiles fused or stored first")
     parser.add_argument("--quant-short-decode", action="store_true", help="only: quantized decode launch configs at batch 256 over 100..1,300-token contexts (the offline workloads' decode)")
     parser.add_argument("--scale-layout", action="store_true", help="only: decode over fp8/int8 caches with token-major and head-major scales")
     parser.add_argument("--long", action="store_true", help="also 4k-token chunks over 12k and 28k cached tokens")
@@ -905,6 +962,14 @@ def main() -> None:
             best = min(cfgs, key=cfgs.__getitem__) if cfgs else "-"
             print(f"{r['batch']} x {r['ctx']} | {r['rows_ms']:.3f} | {r['verify_ms']:.3f} | {r['plain_decode_ms']:.3f} | "
                   f"{r['verify_gbs']:.0f} | {best} {cfgs.get(best, float('nan')):.3f}")  # fmt: skip
+        write_rows(args.out, device, rows)
+        return
+    if args.quant_prefill:
+        rows = quant_prefill_rows(device, args.smoke)
+        print("step | tokens | KV | new tiles | ms | max |diff| vs fused")
+        for r in rows:
+            how = "-" if r["fmt"] == "bf16" else ("stored first" if r["store_first"] else "fused")
+            print(f"{r['what']} | {r['tokens']} | {r['fmt']} | {how} | {r['ms']:.3f} | {r.get('max_abs_diff', '')}")
         write_rows(args.out, device, rows)
         return
     if args.quant_short_decode:

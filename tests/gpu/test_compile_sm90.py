@@ -146,6 +146,7 @@ def _cases() -> Iterator[Case]:
                 "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
                 "QUANT": 0,
                 "V_MUL": 1.0,
+                "NEW_FROM_CACHE": False,
             }
             ptrs = dict.fromkeys(("Q", "K", "V", "K_cache", "V_cache", "Out"), t)
             ptrs.update(Block_tables="i32", Query_start_loc="i32", Seq_lens="i32", Slot_mapping="i64")
@@ -164,6 +165,11 @@ def _cases() -> Iterator[Case]:
             ptrs.update(K_cache=vt, V_cache=vt, K_scale="fp32", V_scale="fp32")
             ptrs.update(Block_tables="i32", Query_start_loc="i32", Seq_lens="i32", Slot_mapping="i64")
             label = f"extend D{head_dim} q<={max_query_len} bf16 kv={vt} {(block_m, block_n, warps, stages)}"
+            yield label, extend_attention._extend_kernel, {**consts, "NEW_FROM_CACHE": False}, ptrs, warps, stages
+            # The new tokens read back from the cache (triton_backend.QUANT_EXTEND_STORE_FIRST).
+            block_m, block_n, warps, stages = extend_attention.extend_config(head_dim, torch.bfloat16, max_query_len, True, True)
+            consts = {**consts, "BLOCK_M": block_m, "BLOCK_N": block_n, "WRITE_KV": False, "NEW_FROM_CACHE": True}
+            label = f"extend D{head_dim} q<={max_query_len} bf16 kv={vt} from cache {(block_m, block_n, warps, stages)}"
             yield label, extend_attention._extend_kernel, consts, ptrs, warps, stages
 
     bf = "bf16"

@@ -306,16 +306,18 @@ def test_fp8_dots_in_fp16_match_the_reference_as_closely_as_in_bf16(
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("store_first", [False, True])
+@pytest.mark.parametrize("store_first", ["none", "decode", "extend"])
 def test_backend_quantized_matches_torch_backend(
-    kernel_device: str, fmt: str, store_first: bool, monkeypatch: pytest.MonkeyPatch
+    kernel_device: str, fmt: str, store_first: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The Triton backend on a mixed decode + extend step equals the torch backend (the
     CPU engine's path) on the same quantized pool: both attend to the stored KV. With
-    QUANT_DECODE_STORE_FIRST the decode rows' K/V go through the store kernel first."""
+    QUANT_DECODE_STORE_FIRST the decode rows' K/V go through the store kernel first; with
+    QUANT_EXTEND_STORE_FIRST the prefill chunks' K/V, read back by the extend kernel."""
     from rtpllm.attention import triton_backend
 
-    monkeypatch.setattr(triton_backend, "QUANT_DECODE_STORE_FIRST", store_first)
+    monkeypatch.setattr(triton_backend, "QUANT_DECODE_STORE_FIRST", store_first == "decode")
+    monkeypatch.setattr(triton_backend, "QUANT_EXTEND_STORE_FIRST", store_first == "extend")
     case = make_case([50, 31, 90, 40], [1, 1, 30, 40], 8, 2, 64, 16, torch.float32, kernel_device, seed=21)
     qc = QuantCase(case, fmt)
     _, k2, v2, ks2, vs2 = qc.clone_pool()
@@ -565,3 +567,41 @@ def test_tiles_widened_in_pairs_match_tiles_loaded_whole(
             outs.append(_run_decode(qc, None, splits))
             assert rel_err(outs[-1], qc.reference_out(None)) < TOL[torch.bfloat16]
         assert rel_err(outs[1], outs[0]) < (2e-3 if fmt == "fp8" else 4e-3), f"splits {splits}"
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("window", [None, 24])
+def test_extend_new_tokens_from_cache_equal_the_fused_path(kernel_device: str, fmt: str, window: int | None) -> None:
+    """The extend kernel reading the new tokens back from a quantized cache (after the
+    store kernel wrote them: QUANT_EXTEND_STORE_FIRST) gives the fused path's output
+    (in-register quantization, its own write) and leaves the same cache: chunks over a
+    prefix and whole prompts, ragged lengths, with and without a sliding window."""
+    case = make_case([50, 96, 40, 77], [20, 96, 40, 33], 8, 2, 64, 16, torch.bfloat16, kernel_device, seed=31)
+    max_q = case.meta.max_query_len
+    runs = []
+    for from_cache in (False, True):
+        qc = QuantCase(case, fmt)
+        if from_cache:
+            store_kv_triton(case.k, case.v, qc.k_cache, qc.v_cache, case.meta.slot_mapping, qc.k_scale, qc.v_scale)
+        out = paged_extend_attention_triton(
+            case.q, case.k, case.v, qc.k_cache, qc.v_cache, case.meta.block_tables, case.meta.query_start_loc,
+            case.meta.seq_lens, None if from_cache else case.meta.slot_mapping, case.scale, window, max_q,
+            k_scale=qc.k_scale, v_scale=qc.v_scale, new_from_cache=from_cache,
+        )  # fmt: skip
+        runs.append((out, qc))
+    (fused, qa), (read_back, qb) = runs
+    assert rel_err(read_back, fused) < 2e-3
+    _assert_quantized_equal(qa.k_cache, qa.k_scale, qb.k_cache, qb.k_scale)
+    _assert_quantized_equal(qa.v_cache, qa.v_scale, qb.v_cache, qb.v_scale)
+
+
+def test_bench_quant_prefill_rows_run(kernel_device: str) -> None:
+    """bench/attention.py --quant-prefill runs each format both ways, and storing first
+    gives the fused path's output (smoke shape off the GPU)."""
+    from bench import attention
+
+    if kernel_device != "cpu":
+        pytest.skip("the GPU runs the bench itself (bench/gpu_session.sh quantprefill)")
+    rows = attention.quant_prefill_rows(kernel_device, smoke=True)
+    assert [(r["fmt"], r.get("store_first")) for r in rows] == [("bf16", None), ("fp8", False), ("fp8", True)]
+    assert all(r["ms"] > 0 for r in rows) and rows[2]["max_abs_diff"] < 1e-2

@@ -59,6 +59,14 @@ QUANT_CHUNK_SDPA_MIN_TOKENS: int | None = 512
 # the lighter kernel pays for the extra launch is for a GPU run to say
 # (bench/kv_quant.py profile --quant-store-first). Off until then.
 QUANT_DECODE_STORE_FIRST = False
+# A quantized cache's prefill chunks through the extend kernel: True stores their K/V
+# (quantized) with the store kernel first, and the kernel reads the new tokens back from
+# the cache like the prefix, instead of every query-head program quantizing every new
+# tile in registers again (GROUP x the diagonal's tiles per tile, and 64-row launches to
+# leave it registers). The same values either way (one quantizer). On the H100 an fp8
+# prefill step of ~7,800 new tokens took 37-43 ms against bf16's 24 (docs/benchmarks.md,
+# session 14): off until bench/attention.py --quant-prefill times both on a GPU.
+QUANT_EXTEND_STORE_FIRST = False
 # A prompt's causal SDPA call runs over its length rounded up to one of this many sizes
 # per octave (CUDA only). cuDNN's attention (SDPA's first choice on Hopper) builds an
 # execution graph per shape, ~37 ms on an H100, and caches it by shape: at every new
@@ -220,6 +228,10 @@ class TritonAttentionBackend(AttentionBackend):
         """Sequences first..end-1 (prefill chunks) through the extend kernel, one launch."""
         qsl = meta.query_start_loc_host
         max_query_len = max(qsl[i + 1] - qsl[i] for i in range(first, end))
+        from_cache = k_scale is not None and QUANT_EXTEND_STORE_FIRST
+        if from_cache:
+            rows = slice(qsl[first], qsl[end])
+            store_kv_triton(k[rows], v[rows], k_cache, v_cache, meta.slot_mapping[rows], k_scale, v_scale)
         paged_extend_attention_triton(
             q,
             k,
@@ -229,7 +241,7 @@ class TritonAttentionBackend(AttentionBackend):
             meta.block_tables,
             meta.query_start_loc,
             meta.seq_lens[:end],
-            meta.slot_mapping,
+            None if from_cache else meta.slot_mapping,
             scale,
             sliding_window,
             max_query_len,
@@ -237,6 +249,7 @@ class TritonAttentionBackend(AttentionBackend):
             out=out,
             k_scale=k_scale,
             v_scale=v_scale,
+            new_from_cache=from_cache,
         )
 
     @staticmethod

@@ -82,6 +82,53 @@ def _tile_update(
     return m_new, l_i, acc
 
 
+@triton.jit
+def _cached_tile(
+    K_cache, V_cache, K_scale, V_scale, table, pos, mask_n, kvh, offs_d, mask_d,
+    stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch,
+    stride_ksb, stride_kst, stride_ksh, stride_vsb, stride_vst, stride_vsh, sm_scale_log2,
+    PAGE_SIZE: tl.constexpr, QUANT: tl.constexpr,
+):  # fmt: skip
+    """The K and V tiles at positions `pos` from the paged cache (per-token block lookup),
+    with their per-token scales when quantized (else placeholders)."""
+    blk = tl.load(table + pos // PAGE_SIZE, mask=mask_n, other=0).to(tl.int64)
+    within = pos % PAGE_SIZE
+    kv_mask = mask_n[:, None] & mask_d[None, :]
+    k = tl.load(
+        K_cache + (blk * stride_kcb + within * stride_kct + kvh * stride_kch)[:, None] + offs_d[None, :],
+        mask=kv_mask,
+        other=0.0,
+    )
+    v = tl.load(
+        V_cache + (blk * stride_vcb + within * stride_vct + kvh * stride_vch)[:, None] + offs_d[None, :],
+        mask=kv_mask,
+        other=0.0,
+    )
+    ks = sm_scale_log2
+    vs = sm_scale_log2
+    if QUANT != 0:
+        ks = tl.load(K_scale + blk * stride_ksb + within * stride_kst + kvh * stride_ksh, mask=mask_n, other=0.0)
+        vs = tl.load(V_scale + blk * stride_vsb + within * stride_vst + kvh * stride_vsh, mask=mask_n, other=0.0)
+    return k, v, ks, vs
+
+
+@triton.jit
+def _input_tile(
+    K, V, krows, kv_mask, kvh, offs_d, stride_kt, stride_kh, stride_vt, stride_vh, cache_ty: tl.constexpr,
+    QUANT: tl.constexpr,
+):  # fmt: skip
+    """New tokens' K and V tiles from the k/v inputs, as the cache will hold them:
+    quantized in registers with their per-token scales (QUANT != 0), else cast."""
+    k = tl.load(K + krows[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + krows[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+    if QUANT != 0:
+        kq, ks = quantize_rows(k.to(tl.float32), QUANT)
+        vq, vs = quantize_rows(v.to(tl.float32), QUANT)
+        return kq, vq, ks, vs
+    else:
+        return k.to(cache_ty), v.to(cache_ty), 0.0, 0.0
+
+
 # Ints that change from step to step (decode count, block-table width) are not
 # specialised on: each new value class would compile the kernel again mid-serving.
 @triton.jit(do_not_specialize=["window", "seq_base", "stride_bt"])
@@ -133,6 +180,7 @@ def _extend_kernel(
     PRECISION: tl.constexpr,
     QUANT: tl.constexpr,
     V_MUL: tl.constexpr,
+    NEW_FROM_CACHE: tl.constexpr,
 ):
     hq = tl.program_id(0)
     mblk = tl.num_programs(1) - 1 - tl.program_id(1)
@@ -169,36 +217,11 @@ def _extend_kernel(
         for n0 in range(lo1, prefix, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             mask_n = offs_n < prefix
-            blk = tl.load(table + offs_n // PAGE_SIZE, mask=mask_n, other=0).to(tl.int64)
-            within = offs_n % PAGE_SIZE
-            kv_mask = mask_n[:, None] & mask_d[None, :]
-            k = tl.load(
-                K_cache
-                + (blk * stride_kcb + within * stride_kct + kvh * stride_kch)[:, None]
-                + offs_d[None, :],
-                mask=kv_mask,
-                other=0.0,
-            )
-            v = tl.load(
-                V_cache
-                + (blk * stride_vcb + within * stride_vct + kvh * stride_vch)[:, None]
-                + offs_d[None, :],
-                mask=kv_mask,
-                other=0.0,
-            )
-            ks = sm_scale_log2
-            vs = sm_scale_log2
-            if QUANT != 0:
-                ks = tl.load(
-                    K_scale + blk * stride_ksb + within * stride_kst + kvh * stride_ksh,
-                    mask=mask_n,
-                    other=0.0,
-                )
-                vs = tl.load(
-                    V_scale + blk * stride_vsb + within * stride_vst + kvh * stride_vsh,
-                    mask=mask_n,
-                    other=0.0,
-                )
+            k, v, ks, vs = _cached_tile(
+                K_cache, V_cache, K_scale, V_scale, table, offs_n, mask_n, kvh, offs_d, mask_d,
+                stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch,
+                stride_ksb, stride_kst, stride_ksh, stride_vsb, stride_vst, stride_vsh, sm_scale_log2, PAGE_SIZE, QUANT,
+            )  # fmt: skip
             keep = mask_n[None, :]
             if SLIDING:
                 keep = keep & (offs_n[None, :] > (prefix + offs_m)[:, None] - window)
@@ -206,7 +229,8 @@ def _extend_kernel(
                 q, k, v, ks, vs, keep, m_i, l_i, acc, sm_scale_log2, True, PRECISION, QUANT, V_MUL
             )
 
-        # Phase 2: the new tokens, from the k/v inputs (index j = position - prefix).
+        # Phase 2: the new tokens (index j = position - prefix), from the k/v inputs, or
+        # with NEW_FROM_CACHE from the cache, where the caller has stored them already.
         diag = mblk * BLOCK_M
         lo2 = 0
         if SLIDING:
@@ -215,56 +239,40 @@ def _extend_kernel(
         # 2a: tiles wholly before the diagonal: causal holds for every pair, no mask.
         for n0 in range(lo2, diag, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
-            krows = (q_start + offs_n).to(tl.int64)
-            k = tl.load(
-                K + krows[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :],
-                mask=mask_d[None, :],
-                other=0.0,
-            )
-            v = tl.load(
-                V + krows[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :],
-                mask=mask_d[None, :],
-                other=0.0,
-            )
             keep = offs_n[None, :] > offs_m[:, None] - window
-            if QUANT != 0:
-                kq, ks = quantize_rows(k.to(tl.float32), QUANT)
-                vq, vs = quantize_rows(v.to(tl.float32), QUANT)
-                m_i, l_i, acc = _tile_update(
-                    q, kq, vq, ks, vs, keep, m_i, l_i, acc, sm_scale_log2, SLIDING, PRECISION, QUANT, V_MUL
-                )
+            if NEW_FROM_CACHE:
+                k, v, ks, vs = _cached_tile(
+                    K_cache, V_cache, K_scale, V_scale, table, prefix + offs_n, offs_n < q_len, kvh, offs_d, mask_d,
+                    stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch,
+                    stride_ksb, stride_kst, stride_ksh, stride_vsb, stride_vst, stride_vsh, sm_scale_log2, PAGE_SIZE, QUANT,
+                )  # fmt: skip
             else:
-                m_i, l_i, acc = _tile_update(
-                    q, k.to(cache_ty), v.to(cache_ty), 0.0, 0.0, keep, m_i, l_i, acc, sm_scale_log2, SLIDING,
-                    PRECISION, QUANT, V_MUL,
-                )
+                # No key mask: these tiles end at the diagonal, inside the sequence.
+                k, v, ks, vs = _input_tile(
+                    K, V, (q_start + offs_n).to(tl.int64), mask_d[None, :], kvh, offs_d,
+                    stride_kt, stride_kh, stride_vt, stride_vh, cache_ty, QUANT,
+                )  # fmt: skip
+            m_i, l_i, acc = _tile_update(q, k, v, ks, vs, keep, m_i, l_i, acc, sm_scale_log2, SLIDING, PRECISION, QUANT, V_MUL)
         # 2b: the diagonal block, causally masked.
         hi2 = tl.minimum(q_len, diag + BLOCK_M)
         for n0 in range(diag, hi2, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             mask_n = offs_n < hi2
-            krows = (q_start + offs_n).to(tl.int64)
-            kv_mask = mask_n[:, None] & mask_d[None, :]
-            k = tl.load(
-                K + krows[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0
-            )
-            v = tl.load(
-                V + krows[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0
-            )
             keep = mask_n[None, :] & (offs_n[None, :] <= offs_m[:, None])
             if SLIDING:
                 keep = keep & (offs_n[None, :] > offs_m[:, None] - window)
-            if QUANT != 0:
-                kq, ks = quantize_rows(k.to(tl.float32), QUANT)
-                vq, vs = quantize_rows(v.to(tl.float32), QUANT)
-                m_i, l_i, acc = _tile_update(
-                    q, kq, vq, ks, vs, keep, m_i, l_i, acc, sm_scale_log2, True, PRECISION, QUANT, V_MUL
-                )
+            if NEW_FROM_CACHE:
+                k, v, ks, vs = _cached_tile(
+                    K_cache, V_cache, K_scale, V_scale, table, prefix + offs_n, mask_n, kvh, offs_d, mask_d,
+                    stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch,
+                    stride_ksb, stride_kst, stride_ksh, stride_vsb, stride_vst, stride_vsh, sm_scale_log2, PAGE_SIZE, QUANT,
+                )  # fmt: skip
             else:
-                m_i, l_i, acc = _tile_update(
-                    q, k.to(cache_ty), v.to(cache_ty), 0.0, 0.0, keep, m_i, l_i, acc, sm_scale_log2, True,
-                    PRECISION, QUANT, V_MUL,
-                )
+                k, v, ks, vs = _input_tile(
+                    K, V, (q_start + offs_n).to(tl.int64), mask_n[:, None] & mask_d[None, :], kvh, offs_d,
+                    stride_kt, stride_kh, stride_vt, stride_vh, cache_ty, QUANT,
+                )  # fmt: skip
+            m_i, l_i, acc = _tile_update(q, k, v, ks, vs, keep, m_i, l_i, acc, sm_scale_log2, True, PRECISION, QUANT, V_MUL)
 
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         if QUANT != 0:
@@ -324,7 +332,7 @@ CONFIG_OVERRIDE: tuple[int, int, int, int] | None = None
 
 
 def extend_config(
-    head_dim: int, dtype: torch.dtype, max_query_len: int, quant: bool = False
+    head_dim: int, dtype: torch.dtype, max_query_len: int, quant: bool = False, from_cache: bool = False
 ) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a head size and cache dtype.
 
@@ -335,6 +343,11 @@ def extend_config(
     """
     if CONFIG_OVERRIDE is not None:
         return CONFIG_OVERRIDE
+    if quant and from_cache and dtype != torch.float32 and 64 < head_dim <= 128:
+        # Every tile from the quantized cache (new_from_cache): bf16's 128-row launch
+        # compiles without spills at D=128; 64-row tiles of 64 keys spill 4-12 bytes
+        # whatever the warps and stages, 32 keys do not.
+        return (64, 32, 4, 3) if max_query_len <= 64 else (128, 64, 8, 3)
     if quant and dtype != torch.float32 and head_dim > 64 and head_dim <= 128:
         # Quantizing the new tokens' tiles in registers needs more of them: at D=128,
         # (128, 64, 8, 3) spills 16 bytes and (128, 64, 8, 2) 4; 64-row tiles do not.
@@ -365,8 +378,15 @@ def paged_extend_attention_triton(
     out: torch.Tensor | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    new_from_cache: bool = False,
 ) -> torch.Tensor:
-    """Triton version of `paged_extend_attention_ref` (same arguments and result)."""
+    """Triton version of `paged_extend_attention_ref` (same arguments and result).
+
+    `new_from_cache`: the new tokens' K/V are in the cache already (the caller stored
+    them, quantized where the cache is); they are read from there, not from k/v, and
+    not written (pass no slot_mapping). The same values as the fused path: its
+    in-register quantization is the store kernel's."""
+    assert not (new_from_cache and slot_mapping is not None), "new_from_cache: the caller stores the KV"
     num_tokens, num_heads, head_dim = q.shape
     _, page_size, num_kv_heads, _ = k_cache.shape
     num_seqs = seq_lens.shape[0] - seq_base
@@ -379,7 +399,7 @@ def paged_extend_attention_triton(
     quant, k_scale, v_scale = kernel_scales(k_cache, k_scale, v_scale, seq_lens)
     # Quantized tiles are widened to the query's dtype: size the tiles for that.
     dot_dtype = q.dtype if quant else k_cache.dtype
-    block_m, block_n, num_warps, num_stages = extend_config(head_dim, dot_dtype, max_query_len, bool(quant))
+    block_m, block_n, num_warps, num_stages = extend_config(head_dim, dot_dtype, max_query_len, bool(quant), new_from_cache)
     grid = (num_heads, cdiv(max_query_len, block_m), num_seqs)
     _extend_kernel[grid](
         q,
@@ -424,6 +444,7 @@ def paged_extend_attention_triton(
         PRECISION=dot_precision(dot_dtype),
         QUANT=quant,
         V_MUL=V_MUL[quant],
+        NEW_FROM_CACHE=new_from_cache,
         num_warps=num_warps,
         num_stages=num_stages,
     )
