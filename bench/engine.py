@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import switches  # noqa: E402
 from offline_throughput import random_prompts, run_throughput  # noqa: E402
 
 from rtpllm import LLM, SamplingParams
@@ -554,12 +555,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--passes", type=int, default=1, help="throughput: run each workload this many times in one engine (new prompts each time); the first is the result")
     ap.add_argument("--out", default=None, help="write results as JSON here")
     ap.add_argument("--profile", default=None, help="directory: write a batch-1 decode profile (table + trace) there")
+    switches.add_argument(ap)
     args = ap.parse_args(argv)
+    changed = switches.apply(args.set)
     root = Path(tempfile.mkdtemp(prefix="rtpllm-bench-"))
     big = args.shape or ("tiny" if args.smoke else "llama8b")
     small = args.shape or ("tiny" if args.smoke else "qwen06b")
     n_req = 8 if args.smoke else 256
     results: dict[str, Any] = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "date": time.strftime("%Y-%m-%d")}
+    if changed:
+        results["switches"] = changed
     if args.device == "cuda":
         results["copy_bandwidth_GBps"] = copy_bandwidth() / 1e9
         print(f"copy bandwidth: {results['copy_bandwidth_GBps']:.0f} GB/s", flush=True)

@@ -20,6 +20,12 @@ if ! command -v redis-server >/dev/null && [ -x .whl/redis/redis-server ]; then
   export RTPLLM_REDIS_SERVER_BIN=$PWD/.whl/redis/redis-server
 fi
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+# BENCH_SET="MODULE.NAME=VALUE ...": engine switches for the engine and kv_quant benches
+# (bench/switches.py), e.g. a candidate timed against today's default; BENCH_TAG names
+# their output files apart.
+SETS=()
+for s in ${BENCH_SET:-}; do SETS+=(--set "$s"); done
+TAG=${BENCH_TAG:+_$BENCH_TAG}
 SUMMARY=()
 run() {  # run NAME TIMEOUT CMD...
   local name=$1 limit=$2; shift 2
@@ -34,7 +40,7 @@ for phase in "$@"; do
          python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" ;;
     kernels) run kernels 300 python3 -m pytest -q -x -p no:cacheprovider tests/gpu/test_kernels.py ;;
     model) run model 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_model_triton.py tests/gpu/test_compile_sm90.py ;;
-    latency) run latency 150 python3 bench/engine.py latency --out "$OUT/latency.json" ;;
+    latency) run latency$TAG 150 python3 bench/engine.py latency "${SETS[@]}" --out "$OUT/latency$TAG.json" ;;
     latency-ab) run latency-cublas 150 env RTPLLM_GEMV=0 python3 bench/engine.py latency --out "$OUT/latency-cublas.json"
                 run latency-gemv 150 python3 bench/engine.py latency --out "$OUT/latency-gemv.json" ;;
     gemvtest) run gemvtest 200 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_gemv.py ;;
@@ -44,7 +50,7 @@ for phase in "$@"; do
         tar czf "$OUT/pd-logs.tgz" -C /tmp pd-logs 2>/dev/null ;;
     engine) run engine 290 python3 bench/engine.py all --hf --out "$OUT/engine.json" ;;
     profile) run profile 120 python3 bench/engine.py profile --profile "$OUT" ;;
-    throughput) run throughput 200 python3 bench/engine.py throughput --timeline --out "$OUT/throughput.json" ;;
+    throughput) run throughput$TAG 200 python3 bench/engine.py throughput --timeline "${SETS[@]}" --out "$OUT/throughput$TAG.json" ;;
     kernels3) run kernels3 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_kernels.py -k "decode or extend or backend or prefill" ;;
     kernels2) run kernels2 200 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_kernels.py -k "rms_norm or rope or silu or store_kv or backend_mixed or cuda_graph" ;;
     attention) run attention 240 python3 bench/attention.py --no-flex --out "$OUT/attention.json" ;;
@@ -71,12 +77,12 @@ for phase in "$@"; do
     pinned) run pinned 120 python3 bench/pinned_alloc.py --out "$OUT/pinned.json" ;;
     profbatch) run profbatch${PB_KV:+_$PB_KV} 200 python3 bench/engine.py profile-batch --shape ${PB_SHAPE:-qwen06b} ${PB_KV:+--kv-cache-dtype $PB_KV} --profile "$OUT" --out "$OUT/batch_decode_profile${PB_KV:+_$PB_KV}.json" ;;
     throughput-kv) for dt in ${KVT_DTYPES:-auto fp8 int8}; do
-        run "throughput_${KVT_WORKLOAD:-small}_$dt" 300 python3 bench/engine.py throughput --timeline --passes ${KVT_PASSES:-1} --workloads ${KVT_WORKLOAD:-small} --kv-cache-dtype $dt --out "$OUT/throughput_${KVT_WORKLOAD:-small}_$dt.json"
+        run "throughput_${KVT_WORKLOAD:-small}_$dt$TAG" 300 python3 bench/engine.py throughput --timeline --passes ${KVT_PASSES:-1} --workloads ${KVT_WORKLOAD:-small} --kv-cache-dtype $dt "${SETS[@]}" --out "$OUT/throughput_${KVT_WORKLOAD:-small}_$dt$TAG.json"
       done ;;
     profadmit) run "profadmit_${PA_KV:-fp8}" 240 python3 bench/engine.py profile-admission --kv-cache-dtype ${PA_KV:-fp8} --profile "$OUT" --out "$OUT/admission_${PA_KV:-fp8}.json" ;;
     profprefill) run profprefill 200 python3 bench/engine.py profile-prefill --profile "$OUT" ;;
-    kvqitl) run kvqitl 300 python3 bench/kv_quant.py speed --itl-only --batch ${KVQ_BATCH:-32} --context ${KVQ_CTX:-16384} \
-              ${KVQ_CFG:+--decode-config $KVQ_CFG} ${KVQ_ARGS:-} --out "$OUT/kv_quant_itl${KVQ_CFG:+_$KVQ_CFG}.json" ;;
+    kvqitl) run kvqitl$TAG 300 python3 bench/kv_quant.py speed --itl-only --batch ${KVQ_BATCH:-32} --context ${KVQ_CTX:-16384} \
+              ${KVQ_CFG:+--decode-config $KVQ_CFG} ${KVQ_ARGS:-} "${SETS[@]}" --out "$OUT/kv_quant_itl${KVQ_CFG:+_$KVQ_CFG}$TAG.json" ;;
     tpdry) run tpdry 400 python3 bench/tensor_parallel.py decode8b allreduce check --tp 1 --out "$OUT/tensor_parallel_tp1.json" ;;
     tp8b) run tp8b 500 python3 bench/tensor_parallel.py decode8b allreduce check --tp 2 --out "$OUT/tensor_parallel_8b.json" ;;
     tp70b) run tp70b 580 python3 bench/tensor_parallel.py decode70b offline70b load70b --tp 2 --out "$OUT/tensor_parallel_70b.json" ;;

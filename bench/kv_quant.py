@@ -42,6 +42,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import switches
 from rtpllm import LLM, SamplingParams
 from rtpllm.engine.kv_calibrate import DEFAULT_PROMPTS, choose_plan, measure
 from rtpllm.kvcache.kv_format import KVCacheSpec
@@ -477,7 +478,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--quant-store-first", action="store_true", help="profile: also fp8 with the decode rows' K/V stored before attention (triton_backend.QUANT_DECODE_STORE_FIRST)")
     p.add_argument("--smoke", action="store_true", help="capacity/speed on the tiny shape with small sizes (CPU check of the code)")
     p.add_argument("--out", help="write the results here (JSON)")
+    switches.add_argument(p)
     args = p.parse_args(argv)
+    changed = switches.apply(args.set)
     torch.set_num_threads(min(torch.get_num_threads(), 8))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     result: dict[str, Any] = {
@@ -486,6 +489,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "torch": torch.__version__,
         "command": "python bench/kv_quant.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
+    if changed:
+        result["switches"] = changed
     if args.what in ("accuracy", "all"):
         result["accuracy"] = bench_accuracy(args.model, args.texts, args.max_tokens, args.calib_texts)
     with tempfile.TemporaryDirectory() as tmp:
