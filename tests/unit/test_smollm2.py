@@ -3,6 +3,8 @@ template, token for token equal to HF transformers on the same converted weights
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -44,10 +46,13 @@ def hf_greedy(hf: torch.nn.Module, prompt: list[int], steps: int) -> list[int]:
     ids = torch.tensor([prompt])
     out: list[int] = []
     past = None
+    # transformers renamed the KV cache argument and output field to `cache` (5.25 warns
+    # on `past_key_values`; the GPU machine's 5.17 knows only the old names).
+    new_api = "cache" in inspect.signature(hf.forward).parameters
     with torch.no_grad():
         for _ in range(steps):
-            res = hf(ids, past_key_values=past, use_cache=True)
-            past = res.past_key_values
+            res = hf(ids, use_cache=True, **({"cache": past} if new_api else {"past_key_values": past}))
+            past = res.cache if new_api else res.past_key_values
             nxt = int(res.logits[0, -1].argmax())
             out.append(nxt)
             ids = torch.tensor([[nxt]])

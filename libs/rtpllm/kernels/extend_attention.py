@@ -11,6 +11,8 @@ Design (flash-attention forward over two key sources):
   diagonal block without a mask, then the diagonal block with the causal mask.
 - the new K/V rows are stored into the cache by the first query head of each KV group
   (fused KV write): nothing in this launch reads those slots back, so there is no race.
+- or, with NEW_FROM_CACHE, the caller has stored the new rows already (the store
+  kernel) and phase 2 reads them from the cache like the prefix, with no write.
 
 Variable lengths cost no host work: a program reads its sequence's bounds on the device
 and exits when its m-block lies past the sequence's new tokens.
@@ -20,7 +22,9 @@ cached tiles are widened exactly to the query's dtype and their scales folded in
 scores (K) and the probabilities (V), as in the decode kernel. New tokens' tiles are
 quantized in-register the way the fused write stores them, so a token is attended to
 identically whether it is new in this step or read from the cache later (chunked
-prefill and prefix-cache hits give the same results as one whole prefill).
+prefill and prefix-cache hits give the same results as one whole prefill). Every
+program that reads a new tile quantizes it again; NEW_FROM_CACHE reads the stored one
+(triton_backend.QUANT_EXTEND_STORE_FIRST).
 """
 
 from __future__ import annotations
