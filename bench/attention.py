@@ -313,6 +313,46 @@ def with_decode_config(cfg: tuple[int, int, int], fn: Callable[[], Any], device:
         decode_mod.CONFIG_OVERRIDE = None
 
 
+def _timing(r: dict[str, Any], ms: str = "{:.4f}") -> str:
+    return f"{ms.format(r['ms'])} | {r['gbs']:.0f}" if "ms" in r else f"error {r['error']}"
+
+
+def _best_verify(r: dict[str, Any]) -> str:
+    cfgs = {key: v for key, v in r.items() if key.startswith("verify_ms_")}
+    best = min(cfgs, key=cfgs.__getitem__) if cfgs else "-"
+    return f"{best} {cfgs.get(best, float('nan')):.3f}"
+
+
+# (flag, rows function, table header, row line) of each "only:" mode; rows functions are
+# defined below and looked up when a mode runs.
+ONLY_MODES: list[tuple[str, Callable[[str, bool], list[dict[str, Any]]], str, Callable[[dict[str, Any]], str]]] = [
+    ("new_shapes", lambda d, s: new_shape_rows(d, s), "case | len | first call ms | steady ms",
+     lambda r: f"{r['case']} | {r['len']} | " + (f"{r['first_ms']:.2f} | {r['ms']:.3f}" if "ms" in r else f"error {r['error']}")),
+    ("quant_chunk", lambda d, s: quant_chunk_rows(d, s),
+     "chunk over prefix | bf16 extend ms | fp8 extend ms | fp8 SDPA-over-context ms | max |diff|",
+     lambda r: f"{r['chunk']} over {r['prefix']} | {r['bf16_extend_ms']:.3f} | {r['quant_extend_ms']:.3f} | "
+               f"{r['quant_sdpa_ms']:.3f} | {r['max_abs_diff']:.3g}"),
+    ("short_decode", lambda d, s: short_decode_rows(d, s),
+     "batch x ctx (mixed: lengths 100..ctx), q heads | cfg (BLOCK_N, warps, stages) | splits | ms | GB/s | default",
+     lambda r: f"{r['batch']} x {r['ctx']}{' mixed' if r['mixed_lengths'] else ''}, {r['q_heads']} | {r['cfg']} | "
+               f"{r['splits']} | {_timing(r)} | {'*' if r['default'] else ''}"),
+    ("verify", lambda d, s: verify_attention_rows(d, s),
+     "batch x ctx (k=4) | rows kernel ms | verify kernel ms | plain decode ms | verify GB/s | best verify cfg",
+     lambda r: f"{r['batch']} x {r['ctx']} | {r['rows_ms']:.3f} | {r['verify_ms']:.3f} | {r['plain_decode_ms']:.3f} | "
+               f"{r['verify_gbs']:.0f} | {_best_verify(r)}"),
+    ("quant_prefill", lambda d, s: quant_prefill_rows(d, s), "step | tokens | KV | new tiles | ms | max |diff| vs fused",
+     lambda r: f"{r['what']} | {r['tokens']} | {r['fmt']} | "
+               f"{'-' if r['fmt'] == 'bf16' else ('stored first' if r['store_first'] else 'fused')} | {r['ms']:.3f} | "
+               f"{r.get('max_abs_diff', '')}"),
+    ("quant_short_decode", lambda d, s: sorted(quant_short_decode_rows(d, s), key=lambda r: (r["q_heads"], r["fmt"], r.get("ms", 1e9))),
+     "batch x ctx (lengths 100..ctx), q heads | KV | cfg | splits | ms | GB/s | default",
+     lambda r: f"{r['batch']} x {r['ctx']}, {r['q_heads']} | {r['fmt']} | {r['cfg']} | {r['splits']} | {_timing(r)} | "
+               f"{'*' if r.get('default') else ''}"),
+    ("scale_layout", lambda d, s: scale_layout_rows(d, s), "batch x ctx | KV | scales | ms | GB/s | max |diff| vs token-major",
+     lambda r: f"{r['batch']} x {r['ctx']} | {r['fmt']} | {r['layout']} | {_timing(r)} | {r.get('max_abs_diff', '')}"),
+]  # fmt: skip
+
+
 def write_rows(path: Path | None, device: str, rows: list[dict[str, Any]]) -> None:
     """The rows of an "only:" mode as JSON, with the device they ran on."""
     if path is not None:
@@ -929,64 +969,15 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     started = time.perf_counter()
-    if args.new_shapes:
-        rows = new_shape_rows(device, args.smoke)
-        print("case | len | first call ms | steady ms")
-        for r in rows:
-            timing = f"{r['first_ms']:.2f} | {r['ms']:.3f}" if "ms" in r else f"error {r['error']}"
-            print(f"{r['case']} | {r['len']} | {timing}")
-        write_rows(args.out, device, rows)
-        return
-    if args.quant_chunk:
-        rows = quant_chunk_rows(device, args.smoke)
-        print("chunk over prefix | bf16 extend ms | fp8 extend ms | fp8 SDPA-over-context ms | max |diff|")
-        for r in rows:
-            print(f"{r['chunk']} over {r['prefix']} | {r['bf16_extend_ms']:.3f} | {r['quant_extend_ms']:.3f} | "
-                  f"{r['quant_sdpa_ms']:.3f} | {r['max_abs_diff']:.3g}")  # fmt: skip
-        write_rows(args.out, device, rows)
-        return
-    if args.short_decode:
-        rows = short_decode_rows(device, args.smoke)
-        print("batch x ctx (mixed: lengths 100..ctx), q heads | cfg (BLOCK_N, warps, stages) | splits | ms | GB/s | default")
-        for r in rows:
-            timing = f"{r['ms']:.4f} | {r['gbs']:.0f}" if "ms" in r else f"error {r['error']}"
-            ctx = f"{r['ctx']}{' mixed' if r['mixed_lengths'] else ''}"
-            print(f"{r['batch']} x {ctx}, {r['q_heads']} | {r['cfg']} | {r['splits']} | {timing} | {'*' if r['default'] else ''}")
-        write_rows(args.out, device, rows)
-        return
-    if args.verify:
-        rows = verify_attention_rows(device, args.smoke)
-        print("batch x ctx (k=4) | rows kernel ms | verify kernel ms | plain decode ms | verify GB/s | best verify cfg")
-        for r in rows:
-            cfgs = {key: v for key, v in r.items() if key.startswith("verify_ms_")}
-            best = min(cfgs, key=cfgs.__getitem__) if cfgs else "-"
-            print(f"{r['batch']} x {r['ctx']} | {r['rows_ms']:.3f} | {r['verify_ms']:.3f} | {r['plain_decode_ms']:.3f} | "
-                  f"{r['verify_gbs']:.0f} | {best} {cfgs.get(best, float('nan')):.3f}")  # fmt: skip
-        write_rows(args.out, device, rows)
-        return
-    if args.quant_prefill:
-        rows = quant_prefill_rows(device, args.smoke)
-        print("step | tokens | KV | new tiles | ms | max |diff| vs fused")
-        for r in rows:
-            how = "-" if r["fmt"] == "bf16" else ("stored first" if r["store_first"] else "fused")
-            print(f"{r['what']} | {r['tokens']} | {r['fmt']} | {how} | {r['ms']:.3f} | {r.get('max_abs_diff', '')}")
-        write_rows(args.out, device, rows)
-        return
-    if args.quant_short_decode:
-        rows = quant_short_decode_rows(device, args.smoke)
-        print("batch x ctx (lengths 100..ctx), q heads | KV | cfg | splits | ms | GB/s | default")
-        for r in sorted(rows, key=lambda r: (r["q_heads"], r["fmt"], r.get("ms", 1e9))):
-            timing = f"{r['ms']:.4f} | {r['gbs']:.0f}" if "ms" in r else f"error {r['error']}"
-            print(f"{r['batch']} x {r['ctx']}, {r['q_heads']} | {r['fmt']} | {r['cfg']} | {r['splits']} | {timing} | {'*' if r.get('default') else ''}")
-        write_rows(args.out, device, rows)
-        return
-    if args.scale_layout:
-        rows = scale_layout_rows(device, args.smoke)
-        print("batch x ctx | KV | scales | ms | GB/s | max |diff| vs token-major")
-        for r in rows:
-            print(f"{r['batch']} x {r['ctx']} | {r['fmt']} | {r['layout']} | {r['ms']:.4f} | {r['gbs']:.0f} | {r.get('max_abs_diff', '')}")
-        write_rows(args.out, device, rows)
-        return
+    # The "only:" modes: each prints its rows as a table and writes them as JSON.
+    for flag, rows_fn, header, line in ONLY_MODES:
+        if getattr(args, flag):
+            rows = rows_fn(device, args.smoke)
+            print(header)
+            for r in rows:
+                print(line(r))
+            write_rows(args.out, device, rows)
+            return
     if args.quant_sweep:
         rows = quant_sweep_rows(device, args.smoke)
         good = sorted((r for r in rows if "ms" in r and r["fmt"] != "bf16"), key=lambda r: r["ms"])

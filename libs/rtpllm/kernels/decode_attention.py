@@ -152,6 +152,16 @@ def widen_query_f16(q):
 
 
 @triton.jit
+def load_tile(Cache, row_off, offs_d, kv_mask, mask_n, QUANT: tl.constexpr, WIDEN: tl.constexpr):
+    """One paged K or V tile (rows at element offsets `row_off`): as stored, or with
+    WIDEN a 1-byte tile widened to fp16 in pairs (widen_pairs_f16)."""
+    if WIDEN:
+        return widen_pairs_f16(Cache, row_off, mask_n, mask_n.shape[0], offs_d.shape[0], QUANT)
+    else:
+        return tl.load(Cache + row_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+
+
+@triton.jit
 def tile_scores(
     q, K_cache, K_scale, blk, within, kvh, offs_d, kv_mask, mask_n,
     stride_kcb, stride_kct, stride_kch, stride_ksb, stride_kst, stride_ksh, sm_scale_log2,
@@ -160,14 +170,7 @@ def tile_scores(
     """Scores (log2 domain) of the query tile against one paged K tile; a quantized
     tile is widened to the query's dtype and its per-token scale folded into the
     scores' columns. Shared by the decode and verify kernels."""
-    if WIDEN:
-        k = widen_pairs_f16(K_cache, blk * stride_kcb + within * stride_kct + kvh * stride_kch, mask_n, mask_n.shape[0], offs_d.shape[0], QUANT)
-    else:
-        k = tl.load(
-            K_cache + (blk * stride_kcb + within * stride_kct + kvh * stride_kch)[:, None] + offs_d[None, :],
-            mask=kv_mask,
-            other=0.0,
-        )
+    k = load_tile(K_cache, blk * stride_kcb + within * stride_kct + kvh * stride_kch, offs_d, kv_mask, mask_n, QUANT, WIDEN)
     if QUANT != 0:
         ks = tl.load(
             K_scale + blk * stride_ksb + within * stride_kst + kvh * stride_ksh, mask=mask_n, other=0.0
@@ -188,14 +191,7 @@ def tile_values(
     dot, as one expression: the compiled code is the same as written inline); a quantized
     tile's per-token scale is folded into the probabilities' columns (values then come
     V_MUL times too large: kv_quant.V_MUL)."""
-    if WIDEN:
-        v = widen_pairs_f16(V_cache, blk * stride_vcb + within * stride_vct + kvh * stride_vch, mask_n, mask_n.shape[0], offs_d.shape[0], QUANT)
-    else:
-        v = tl.load(
-            V_cache + (blk * stride_vcb + within * stride_vct + kvh * stride_vch)[:, None] + offs_d[None, :],
-            mask=kv_mask,
-            other=0.0,
-        )
+    v = load_tile(V_cache, blk * stride_vcb + within * stride_vct + kvh * stride_vch, offs_d, kv_mask, mask_n, QUANT, WIDEN)
     if QUANT != 0:
         vs = tl.load(
             V_scale + blk * stride_vsb + within * stride_vst + kvh * stride_vsh, mask=mask_n, other=0.0
