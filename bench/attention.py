@@ -654,7 +654,8 @@ def quant_prefill_rows(device: str, smoke: bool) -> list[dict[str, Any]]:
     """A prefill step's attention through the backend (its routing, stores and extend
     launch), one layer of the 0.6B shape's heads (16 q, 8 KV of 128): the offline
     workload's step of uncached prompts (14 of 100..1,023 tokens, seeded, all below the
-    SDPA threshold), and chunks of 512 over cached prefixes of 512-2,048. bf16, and fp8 /
+    SDPA threshold), and 8 chunks of 256 over cached prefixes of 512-2,048 (below the
+    quantized chunks' SDPA threshold, QUANT_CHUNK_SDPA_MIN_TOKENS). bf16, and fp8 /
     int8 with the fused extend (new tiles quantized in registers) and with
     QUANT_EXTEND_STORE_FIRST (stored first, read back); max |diff| against the fused."""
     from rtpllm.attention import triton_backend
@@ -666,7 +667,7 @@ def quant_prefill_rows(device: str, smoke: bool) -> list[dict[str, Any]]:
     cases = (
         (("prompts", [0] * 3, [int(n) for n in torch.randint(20, 60, (3,), generator=gen)]),) if smoke
         else (("prompts", [0] * 14, [int(n) for n in torch.randint(100, 1024, (14,), generator=gen)]),
-              ("chunks over prefixes", [512, 1024, 1536, 2048], [512] * 4))
+              ("chunks over prefixes", [512, 1024, 1536, 2048] * 2, [256] * 8))
     )  # fmt: skip
     rows: list[dict[str, Any]] = []
     for name, prefixes, new in cases:
