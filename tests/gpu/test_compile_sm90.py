@@ -85,7 +85,8 @@ def _cases() -> Iterator[Case]:
                 "BLOCK_D": triton.next_power_of_2(head_dim), "HEAD_DIM": head_dim, "PAGE_SIZE": 16,
                 "SINGLE": splits == 1, "SLIDING": False, "FUSE_NEW": True, "PRECISION": "tf32", "QUANT": quant,
                 "V_MUL": 448.0 if quant == 1 else 127.0, **TOKEN_MAJOR_SCALES,
-                "F16_DOTS": decode_attention.decode_dots(quant, torch.bfloat16, head_dim),  # as launches set it
+                # As launches over the pool's views set it (rows on even addresses).
+                "F16_DOTS": decode_attention.f16_dots(quant, torch.bfloat16, pairs=True),
             }
             ptrs = dict.fromkeys(("Q", "K_new", "V_new", "Out"), "bf16")
             ptrs.update(K_cache=vt, V_cache=vt, K_scale="fp32", V_scale="fp32")

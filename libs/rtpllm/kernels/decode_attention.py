@@ -491,12 +491,15 @@ def merge_splits(mid_o: torch.Tensor, mid_lse: torch.Tensor, out: torch.Tensor, 
     )
 
 
-def decode_dots(quant: int, q_dtype: torch.dtype, head_dim: int) -> int:
+def decode_dots(quant: int, q_dtype: torch.dtype, k_cache: torch.Tensor, v_cache: torch.Tensor) -> int:
     """The decode kernel's F16_DOTS: tiles widen in pairs where FP8_WIDEN_PAIRS (or
-    INT8_WIDEN_PAIRS) is on and rows are whole (head_dim a power of two). The CPU
-    interpreter cannot run inline PTX, so there the same fp16 dots run over tiles loaded
-    whole (the same values: e4m3 and int8 widen to fp16 exactly either way)."""
-    dots = f16_dots(quant, q_dtype, pairs=next_power_of_2(head_dim) == head_dim)
+    INT8_WIDEN_PAIRS) is on, rows are whole (head_dim a power of two) and every row
+    starts on a 16-bit word (even base addresses and strides: the kernel reads rows as
+    words). The CPU interpreter cannot run inline PTX, so there the same fp16 dots run
+    over tiles loaded whole (the same values: e4m3 and int8 widen to fp16 exactly)."""
+    head_dim = k_cache.shape[-1]
+    words = all(x % 2 == 0 for t in (k_cache, v_cache) for x in (t.data_ptr(), *t.stride()[:3]))
+    dots = f16_dots(quant, q_dtype, pairs=next_power_of_2(head_dim) == head_dim and words)
     return 1 if dots == 2 and INTERPRET else dots
 
 
@@ -597,7 +600,7 @@ def paged_decode_attention_triton(
         PRECISION=dot_precision(q.dtype if quant else k_cache.dtype),
         QUANT=quant,
         V_MUL=V_MUL[quant],
-        F16_DOTS=decode_dots(quant, q.dtype, head_dim),
+        F16_DOTS=decode_dots(quant, q.dtype, k_cache, v_cache),
         num_warps=num_warps,
         num_stages=num_stages,
     )
