@@ -265,7 +265,8 @@ def test_fp8_dots_in_fp16_match_the_reference_as_closely_as_in_bf16(
     """With FP8_F16_DOTS the fp8 tiles and a bf16 query meet in fp16 dots: the output
     matches the torch reference within the bf16 tolerance and no worse than the bf16
     dots do (fp16 keeps more mantissa; the query is clamped to its range), over
-    several split counts; a query beyond fp16's range stays finite."""
+    several split counts; a query or a value beyond fp16's range leaves the output
+    finite (both saturate)."""
     from rtpllm.kernels import decode_attention
 
     monkeypatch.setattr(decode_attention, "FP8_WIDEN_PAIRS", False)  # fp16 dots over whole tiles
@@ -283,6 +284,7 @@ def test_fp8_dots_in_fp16_match_the_reference_as_closely_as_in_bf16(
             q, kc, vc, tables, lens, spans, scale = verify_case([50, 21], [5, 3], (8, 4), torch.bfloat16, kernel_device, 9)
             if huge:
                 q[0, 0, 0] = 1e6
+                vc[int(tables[0, 0]), 3, 0, 0] = 1e8
             (kq, ks), (vq, vs) = quantize_ref(kc, "fp8"), quantize_ref(vc, "fp8")
             out = paged_verify_attention_triton(q, kq, vq, tables, lens, spans, scale, 5, num_splits=2, k_scale=ks, v_scale=vs)
             ref = paged_verify_attention_ref(q, kq, vq, tables, lens, spans, scale, 5, k_scale=ks, v_scale=vs)
@@ -290,6 +292,7 @@ def test_fp8_dots_in_fp16_match_the_reference_as_closely_as_in_bf16(
         case = make_case([2, 17, 40, 70], [1] * 4, 8, 2, 64, 16, torch.bfloat16, kernel_device, seed=43)
         if huge:
             case.q[0, 0, 0] = 1e6
+            case.v_cache[int(case.meta.block_tables[3, 0]), 5, 0, 0] = 1e8
         errs, outs = [], []
         for splits in (1, 3):
             qc = QuantCase(case, "fp8")

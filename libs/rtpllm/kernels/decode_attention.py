@@ -196,7 +196,12 @@ def tile_values(
         vs = tl.load(
             V_scale + blk * stride_vsb + within * stride_vst + kvh * stride_vsh, mask=mask_n, other=0.0
         )
-        pv = (p * (vs * V_MUL)[None, :]).to(q.dtype)
+        pv = p * (vs * V_MUL)[None, :]
+        if q.dtype == tl.float16:
+            # fp16 dots (or an fp16 model): a value row past fp16's range saturates as the
+            # query does (widen_query_f16) instead of turning the output into inf/NaN.
+            pv = tl.minimum(pv, 65504.0)
+        pv = pv.to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(pv, v.to(q.dtype), input_precision=PRECISION)
     else:
         acc = acc * alpha[:, None] + tl.dot(p.to(V_cache.dtype.element_ty), v, input_precision=PRECISION)
