@@ -199,3 +199,30 @@ def test_speculative_verify_steps_reach_every_rank(tiny_llama: Path) -> None:
     with LLM(str(tiny_llama), tensor_parallel_size=2, speculative=spec, **ENGINE) as two:  # type: ignore[arg-type]
         assert [o.outputs[0].token_ids for o in two.generate(prompts, GREEDY)] == want
         assert two.engine.stats().spec_proposed_tokens > 0
+
+
+def test_a_break_after_the_group_is_gone_still_stops_the_workers_and_reports(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rank's exit noticed while the group is being destroyed (close, or the engine's
+    finalizer, on another thread): asking the group's backend raises, yet the workers
+    are stopped and the owner is told, so no request waits on a dead group (CI saw this
+    as an exception in the watcher thread)."""
+    from types import SimpleNamespace
+
+    from rtpllm.engine import tensor_parallel
+
+    tp = object.__new__(tensor_parallel.TensorParallel)  # the break path alone, no ranks
+    stopped: list[float] = []
+    reported: list[str] = []
+    tp._lock, tp._closed, tp.error = threading.Lock(), False, None
+    tp.workers = SimpleNamespace(stop=lambda grace_s: stopped.append(grace_s))
+    tp.group = SimpleNamespace(device_group=object())
+    tp.on_failure = reported.append
+
+    def destroyed(group: object) -> str:
+        raise ValueError("Process group is not initialized in the world group map")
+
+    monkeypatch.setattr(tensor_parallel.dist, "get_backend", destroyed)
+    tp._break("tensor-parallel rank 1 exited with code -9")
+    assert stopped == [2.0]
+    assert reported == ["tensor-parallel rank 1 exited with code -9"]
+    assert tp.error == "tensor-parallel rank 1 exited with code -9"

@@ -164,15 +164,20 @@ class TensorParallel:
         log.error("tensor-parallel engine broken: %s", reason)
         # A collective blocked on a dead peer (NCCL waits, gloo does not) ends with an error.
         abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
-        if (
-            abort is not None
-            and self.group.device_group is not None
-            and dist.get_backend(self.group.device_group) == "nccl"
-        ):
+        try:
+            nccl = (
+                abort is not None
+                and self.group.device_group is not None
+                and dist.get_backend(self.group.device_group) == "nccl"
+            )
+        except (ValueError, RuntimeError):  # the group was destroyed meanwhile (close, a finalizer)
+            nccl = False
+        if nccl:
             try:
                 abort(self.group.device_group)
             except Exception:  # noqa: BLE001 - best effort on a group that is already broken
                 log.exception("aborting the NCCL group failed")
+        # Whatever happened to the group, the workers stop and the engine's owner hears of it.
         self.workers.stop(grace_s=2.0)
         if self.on_failure is not None:
             self.on_failure(reason)
