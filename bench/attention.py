@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import torch
 import torch.nn.functional as F
@@ -512,27 +513,38 @@ def quant_chunk_rows(device: str, smoke: bool, fmt: str = "fp8") -> list[dict[st
     return rows
 
 
+def prefill_step(prefixes: list[int], new: list[int], device: str, gen: torch.Generator) -> tuple[Any, ...]:
+    """A prefill step's paged caches (paged_cache) and metadata: sequence i has
+    prefixes[i] cached tokens and new[i] new ones, slots at its new positions."""
+    from rtpllm.attention.backend import AttentionMetadata
+
+    lens = [p + n for p, n in zip(prefixes, new, strict=True)]
+    kc, vc, tables, seq_lens, _ = paged_cache(len(lens), max(lens), device, gen, lens)
+    pos = torch.cat([torch.arange(p, p + n) for p, n in zip(prefixes, new, strict=True)]).to(device)
+    seq_of = torch.cat([torch.full((n,), i) for i, n in enumerate(new)]).to(device)
+    qsl_host = [0, *torch.tensor(new).cumsum(0).tolist()]
+    meta = AttentionMetadata(
+        slot_mapping=tables[seq_of, pos // BLOCK].long() * BLOCK + pos % BLOCK,
+        query_start_loc=torch.tensor(qsl_host, dtype=torch.int32, device=device), seq_lens=seq_lens,
+        block_tables=tables, num_decodes=0, max_query_len=max(new), max_seq_len=max(lens), block_size=BLOCK,
+        query_start_loc_host=qsl_host, seq_lens_host=lens,
+    )  # fmt: skip
+    return kc, vc, meta
+
+
 def _quant_chunk_case(chunk: int, prefix: int, fmt: str, device: str, gen: torch.Generator) -> dict[str, Any]:
     from rtpllm.attention import triton_backend
-    from rtpllm.attention.backend import AttentionMetadata
     from rtpllm.kernels.kv_quant import quantize_ref
 
-    ctx = prefix + chunk
-    kc, vc, tables, seq_lens, _ = paged_cache(1, ctx, device, gen)
-    pos = torch.arange(prefix, ctx, device=device)
-    slots = tables[0, pos // BLOCK].long() * BLOCK + pos % BLOCK
+    kc, vc, meta = prefill_step([prefix], [chunk], device, gen)
+    tables, qsl, seq_lens, slots = meta.block_tables, meta.query_start_loc, meta.seq_lens, meta.slot_mapping
     q = torch.randn(chunk, HQ, D, device=device, dtype=DT)
     k = torch.randn(chunk, HKV, D, device=device, dtype=DT)
     v = torch.randn(chunk, HKV, D, device=device, dtype=DT)
-    qsl = torch.tensor([0, chunk], dtype=torch.int32, device=device)
     out = torch.empty_like(q)
     scale = D**-0.5
     kq, ks = quantize_ref(kc, fmt)
     vq, vs = quantize_ref(vc, fmt)
-    meta = AttentionMetadata(
-        slot_mapping=slots, query_start_loc=qsl, seq_lens=seq_lens, block_tables=tables, num_decodes=0,
-        max_query_len=chunk, max_seq_len=ctx, block_size=BLOCK, query_start_loc_host=[0, chunk], seq_lens_host=[ctx],
-    )  # fmt: skip
     flops = 4 * chunk * (prefix + chunk / 2) * D * HQ
 
     def bf16_extend() -> None:
@@ -638,12 +650,8 @@ def quant_short_decode_rows(device: str, smoke: bool) -> list[dict[str, Any]]:
                         q, kn, kn, k, v, tables, seq_lens, slots, D**-0.5, None, out, splits, ctx, k_scale=ks, v_scale=vs  # noqa: B023
                     )  # fmt: skip
 
-                saved = decode_mod.FP8_F16_DOTS, decode_mod.FP8_WIDEN_PAIRS, decode_mod.INT8_WIDEN_PAIRS
-                decode_mod.FP8_F16_DOTS, decode_mod.FP8_WIDEN_PAIRS, decode_mod.INT8_WIDEN_PAIRS = f16 > 0, f16 == 2, f16 == 2
-                try:
+                with patch.multiple(decode_mod, FP8_F16_DOTS=f16 > 0, FP8_WIDEN_PAIRS=f16 == 2, INT8_WIDEN_PAIRS=f16 == 2):
                     timing = with_decode_config(cfg, decode, device, tokens * HKV * (D + 4) * 2)
-                finally:
-                    decode_mod.FP8_F16_DOTS, decode_mod.FP8_WIDEN_PAIRS, decode_mod.INT8_WIDEN_PAIRS = saved
                 rows.append({**head, "fmt": fmt + ("", " f16 dots", " f16 pairs")[f16], "cfg": cfg, "splits": splits,
                              "default": cfg == default_cfg and splits == heuristic, **timing})  # fmt: skip
             del qk, qv
@@ -659,7 +667,6 @@ def quant_prefill_rows(device: str, smoke: bool) -> list[dict[str, Any]]:
     int8 with the fused extend (new tiles quantized in registers) and with
     QUANT_EXTEND_STORE_FIRST (stored first, read back); max |diff| against the fused."""
     from rtpllm.attention import triton_backend
-    from rtpllm.attention.backend import AttentionMetadata
     from rtpllm.kernels.kv_quant import quantize_ref
 
     gen = torch.Generator().manual_seed(13)
@@ -671,17 +678,7 @@ def quant_prefill_rows(device: str, smoke: bool) -> list[dict[str, Any]]:
     )  # fmt: skip
     rows: list[dict[str, Any]] = []
     for name, prefixes, new in cases:
-        lens = [p + n for p, n in zip(prefixes, new, strict=True)]
-        kc, vc, tables, seq_lens, _ = paged_cache(len(lens), max(lens), device, gen, lens)
-        pos = torch.cat([torch.arange(p, p + n) for p, n in zip(prefixes, new, strict=True)]).to(device)
-        seq_of = torch.cat([torch.full((n,), i) for i, n in enumerate(new)]).to(device)
-        slots = tables[seq_of, pos // BLOCK].long() * BLOCK + pos % BLOCK
-        qsl_host = [0, *torch.tensor(new).cumsum(0).tolist()]
-        meta = AttentionMetadata(
-            slot_mapping=slots, query_start_loc=torch.tensor(qsl_host, dtype=torch.int32, device=device),
-            seq_lens=seq_lens, block_tables=tables, num_decodes=0, max_query_len=max(new), max_seq_len=max(lens),
-            block_size=BLOCK, query_start_loc_host=qsl_host, seq_lens_host=lens,
-        )  # fmt: skip
+        kc, vc, meta = prefill_step(prefixes, new, device, gen)
         t = sum(new)
         q = torch.randn(t, hq, D, device=device, dtype=DT)
         k = torch.randn(t, HKV, D, device=device, dtype=DT)
@@ -694,13 +691,9 @@ def quant_prefill_rows(device: str, smoke: bool) -> list[dict[str, Any]]:
             (kq, ks), (vq, vs) = quantize_ref(kc, fmt), quantize_ref(vc, fmt)
             fused = None
             for store_first in (False, True):
-                saved = triton_backend.QUANT_EXTEND_STORE_FIRST
-                triton_backend.QUANT_EXTEND_STORE_FIRST = store_first
-                try:
+                with patch.object(triton_backend, "QUANT_EXTEND_STORE_FIRST", store_first):
                     got = backend.forward(q, k, v, kq, vq, meta, D**-0.5, None, ks, vs).clone()
                     ms = bench(lambda: backend.forward(q, k, v, kq, vq, meta, D**-0.5, None, ks, vs), device)  # noqa: B023
-                finally:
-                    triton_backend.QUANT_EXTEND_STORE_FIRST = saved
                 fused = got if fused is None else fused
                 diff = float((got.float() - fused.float()).abs().max())
                 rows.append({**head, "fmt": fmt, "store_first": store_first, "ms": ms, "max_abs_diff": diff})
@@ -748,14 +741,11 @@ def _scale_layout_case(batch: int, ctx: int, device: str, formats: tuple[str, ..
         variants = [("token-major", token_major, False), ("head-major", head_major, False)]
         if fmt == "fp8":
             variants += [("token-major, fp16 dots", token_major, True), ("head-major, fp16 dots", head_major, True)]
-        default = decode_mod.FP8_F16_DOTS, decode_mod.FP8_WIDEN_PAIRS
         for layout, (ks, vs), f16 in variants:
-            decode_mod.FP8_F16_DOTS, decode_mod.FP8_WIDEN_PAIRS = f16, False  # tiles loaded whole, as measured then
-            try:
+            # Tiles loaded whole, as measured then.
+            with patch.multiple(decode_mod, FP8_F16_DOTS=f16, FP8_WIDEN_PAIRS=False):
                 outs[layout] = decode(qk, qv, k_scale=ks, v_scale=vs).clone()
                 ms = bench(lambda k=qk, v=qv, ks=ks, vs=vs: decode(k, v, k_scale=ks, v_scale=vs), device)
-            finally:
-                decode_mod.FP8_F16_DOTS, decode_mod.FP8_WIDEN_PAIRS = default
             diff = float((outs[layout].float() - outs["token-major"].float()).abs().max())
             rows.append({"batch": batch, "ctx": ctx, "fmt": fmt, "layout": layout, "ms": ms, "gbs": batch * ctx * HKV * (D + 4) * 2 / ms / 1e6, "max_abs_diff": diff})
     return rows
