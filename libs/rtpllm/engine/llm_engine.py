@@ -349,7 +349,8 @@ class LLMEngine:
         # chunk of >= 512 new tokens (QUANT_CHUNK_SDPA_MIN_TOKENS) takes SDPA with a
         # bottom-right causal mask, whose first call in a process is slow: the 0.6B fp8
         # offline run's first pass took ~3 s longer than later ones on an H100, and not
-        # without that path (docs/benchmarks.md). Paid here; not yet timed on a GPU.
+        # without that path. Paid here: that first pass went from 16,787 to 26,022 tok/s
+        # (H100, docs/benchmarks.md, session 14).
         block_size, chunk = self.config.cache.block_size, 640
         prefix = min(lengths[2], self.max_model_len - chunk - 8) // block_size * block_size
         if self.config.cache.enable_prefix_caching and prefix > 0 and chunk <= budget:
