@@ -22,7 +22,7 @@ def cache(head_dim: int, dtype: torch.dtype = torch.float8_e4m3fn, offset: int =
 @pytest.fixture(autouse=True)
 def defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(decode_attention, "FP8_WIDEN_PAIRS", True)
-    monkeypatch.setattr(decode_attention, "INT8_WIDEN_PAIRS", False)
+    monkeypatch.setattr(decode_attention, "INT8_WIDEN_PAIRS", True)
     monkeypatch.setattr(decode_attention, "FP8_F16_DOTS", False)
 
 
@@ -44,9 +44,9 @@ def test_other_formats_and_switches() -> None:
     c = cache(128)
     assert decode_attention.decode_dots(1, torch.float32, c, c) == 0  # fp32 queries: fp32 dots
     i8 = cache(128, torch.int8)
-    assert decode_attention.decode_dots(2, torch.bfloat16, i8, i8) == 0  # int8 pairs: off by default
-    decode_attention.INT8_WIDEN_PAIRS = True
     assert decode_attention.decode_dots(2, torch.bfloat16, i8, i8) == PAIRS
+    decode_attention.INT8_WIDEN_PAIRS = False
+    assert decode_attention.decode_dots(2, torch.bfloat16, i8, i8) == 0
     decode_attention.FP8_WIDEN_PAIRS = False
     assert decode_attention.decode_dots(1, torch.bfloat16, c, c) == 0
     decode_attention.FP8_F16_DOTS = True
