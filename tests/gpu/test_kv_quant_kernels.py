@@ -542,7 +542,9 @@ def test_bench_quant_short_decode_rows_run(kernel_device: str) -> None:
     if kernel_device != "cpu":
         pytest.skip("the GPU runs the bench itself (bench/gpu_session.sh quantshort)")
     rows = attention.quant_short_decode_rows(kernel_device, smoke=True)
-    assert [r["fmt"] for r in rows] == ["bf16"] + ["fp8"] * 3 + ["fp8 f16 dots"] * 2 + ["int8"] * 2
+    assert [r["fmt"] for r in rows] == (
+        ["bf16"] + ["fp8"] * 3 + ["fp8 f16 dots"] * 2 + ["int8"] * 2 + ["fp8 f16 halves"] * 2 + ["int8 f16 halves"] * 2
+    )
     assert all(r["ms"] > 0 for r in rows), [r.get("error") for r in rows]
 
 
@@ -570,6 +572,36 @@ def test_tiles_widened_in_pairs_match_tiles_loaded_whole(
             outs.append(_run_decode(qc, None, splits))
             assert rel_err(outs[-1], qc.reference_out(None)) < TOL[torch.bfloat16]
         assert rel_err(outs[1], outs[0]) < (2e-3 if fmt == "fp8" else 4e-3), f"splits {splits}"
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize(("head_dim", "window"), [(64, None), (128, None), (64, 24)])
+def test_tiles_widened_in_halves_match_tiles_loaded_whole(
+    kernel_device: str, fmt: str, head_dim: int, window: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """WIDEN_HALVES (the dots over even and odd head dimensions apart, each tile widened
+    into its two halves; on the CPU through bit operations instead of the inline PTX)
+    gives the output of tiles loaded whole (fp8: the same fp16 dots; int8: bf16 dots, so
+    up to the probabilities' rounding) and matches the torch reference, over split
+    counts, ragged contexts and a sliding window; the new token is stored as before."""
+    from rtpllm.kernels import decode_attention
+
+    monkeypatch.setattr(decode_attention, "FP8_F16_DOTS", True)
+    case = make_case([2, 17, 40, 70, 300], [1] * 5, 8, 2, head_dim, 16, torch.bfloat16, kernel_device, seed=53)
+    for splits in (1, 3):
+        runs = []
+        for halves in (False, True):
+            monkeypatch.setattr(decode_attention, "FP8_WIDEN_PAIRS", halves)
+            monkeypatch.setattr(decode_attention, "INT8_WIDEN_PAIRS", halves)
+            monkeypatch.setattr(decode_attention, "WIDEN_HALVES", halves)
+            qc = QuantCase(case, fmt)
+            qc.snapshot()
+            runs.append((_run_decode(qc, window, splits), qc))
+            assert rel_err(runs[-1][0], qc.reference_out(window)) < TOL[torch.bfloat16]
+        (whole, qa), (halves_out, qb) = runs
+        assert rel_err(halves_out, whole) < (2e-3 if fmt == "fp8" else 4e-3), f"splits {splits}"
+        _assert_quantized_equal(qa.k_cache, qa.k_scale, qb.k_cache, qb.k_scale)
+        _assert_quantized_equal(qa.v_cache, qa.v_scale, qb.v_cache, qb.v_scale)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -75,17 +75,30 @@ FP8_WIDEN_PAIRS = True
 # (session 15): batch 256 over 100..1,300 tokens 0.254 -> 0.213 ms; Qwen3-0.6B offline with
 # int8 24,313 -> 28,708 tok/s.
 INT8_WIDEN_PAIRS = True
+# On (with the pairs above): the dots run over the even and the odd head dimensions
+# apart (q . k = q_even . k_even + q_odd . k_odd; P @ V column by column), so a tile's
+# two halves go to the tensor cores as they come out of the widening, a 16-bit word's
+# low byte to the even half and its high byte to the odd. Nothing then reorders the
+# widened values (the pairs interleave them back into rows through shared memory
+# first): the words go global -> shared -> registers by cp.async and ldmatrix as a bf16
+# tile does, and are widened in the registers the dots read. In the sm_90a SASS of a
+# minimal loop: shared memory 73.7 -> 41 KB a program (3 -> 5 programs an SM), the
+# 22 STS.128 + 44 LDS of the reordering gone, 73 byte permutes. Off until a GPU times it.
+WIDEN_HALVES = False
+# The CPU interpreter cannot run the inline PTX: there the halves widen through bit
+# operations (the same values), so the interpreted tests still cover their dots.
+_INTERPRETED = tl.constexpr(INTERPRET)
 
 
 def f16_dots(quant: int, q_dtype: torch.dtype, pairs: bool = False) -> int:
     """How a launch over a cache of QUANT code `quant` runs its dots: 0 in the query's
     dtype, 1 in fp16, 2 in fp16 over tiles widened in pairs (FP8_WIDEN_PAIRS,
-    INT8_WIDEN_PAIRS), where `pairs` says the launch can (the decode kernel, compiled,
-    head_dim a power of two)."""
+    INT8_WIDEN_PAIRS), 3 the same over even and odd halves (WIDEN_HALVES), where `pairs`
+    says the launch can (the decode kernel, head_dim a power of two)."""
     if quant == 0 or q_dtype not in (torch.bfloat16, torch.float16):
         return 0
     if pairs and (FP8_WIDEN_PAIRS if quant == 1 else INT8_WIDEN_PAIRS):
-        return 2
+        return 3 if WIDEN_HALVES else 2
     return 1 if FP8_F16_DOTS and quant == 1 else 0
 
 
@@ -111,6 +124,82 @@ def widen_pairs_f16(Cache, row_off, mask_n, BLOCK_N: tl.constexpr, BLOCK_D: tl.c
             "=h,=h,h", [w], dtype=(tl.float16, tl.float16), is_pure=True, pack=1,
         )  # fmt: skip
     return tl.join(lo, hi).reshape(BLOCK_N, BLOCK_D)
+
+
+@triton.jit
+def widen_halves_f16(Cache, row_off, mask_n, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, QUANT: tl.constexpr):
+    """A [BLOCK_N, BLOCK_D] tile of 1-byte values as two [BLOCK_N, BLOCK_D // 2] fp16
+    halves, the even head dimensions and the odd: loaded as 16-bit words (low byte even,
+    high byte odd) and widened exactly, four values per call (two words in one 32-bit
+    register: a byte permute puts the two low bytes side by side and the two high bytes,
+    then as widen_pairs_f16)."""
+    words = Cache.to(tl.pointer_type(tl.int16), bitcast=True)
+    offs_w = tl.arange(0, BLOCK_D // 2)
+    w = tl.load(words + (row_off // 2)[:, None] + offs_w[None, :], mask=mask_n[:, None], other=0)
+    if _INTERPRETED:
+        lo8 = (w & 0xFF).to(tl.uint8)
+        hi8 = ((w >> 8) & 0xFF).to(tl.uint8)
+        ty = tl.float8e4nv if QUANT == 1 else tl.int8
+        lo = lo8.to(ty, bitcast=True).to(tl.float16)
+        hi = hi8.to(ty, bitcast=True).to(tl.float16)
+    elif QUANT == 1:
+        lo, hi = tl.inline_asm_elementwise(
+            "{ .reg .b32 t; .reg .b16 l, h; prmt.b32 t, $2, 0, 0x3120; mov.b32 {l, h}, t;"
+            " cvt.rn.f16x2.e4m3x2 $0, l; cvt.rn.f16x2.e4m3x2 $1, h; }",
+            "=r,=r,r", [w], dtype=(tl.float16, tl.float16), is_pure=True, pack=2,
+        )  # fmt: skip
+    else:
+        lo, hi = tl.inline_asm_elementwise(
+            "{ .reg .b32 t, c; xor.b32 t, $2, 0x80808080; mov.b32 c, 0x64806480;"
+            " prmt.b32 $0, t, 0x64646464, 0x4240; sub.f16x2 $0, $0, c;"
+            " prmt.b32 $1, t, 0x64646464, 0x4341; sub.f16x2 $1, $1, c; }",
+            "=r,=r,r", [w], dtype=(tl.float16, tl.float16), is_pure=True, pack=2,
+        )  # fmt: skip
+    return lo, hi
+
+
+@triton.jit
+def attend_cache_halves(
+    q, K_cache, V_cache, K_scale, V_scale, table, lo, cache_hi, kvh, m_i, l_i,
+    stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch,
+    stride_ksb, stride_kst, stride_ksh, stride_vsb, stride_vst, stride_vsh, sm_scale_log2,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    QUANT: tl.constexpr, V_MUL: tl.constexpr,
+):  # fmt: skip
+    """The decode loop over cached tokens [lo, cache_hi) with WIDEN_HALVES: the fp16
+    query split into even and odd head dimensions, each K/V tile widened into its two
+    halves (widen_halves_f16), scores as the sum of the halves' dots, the output
+    accumulated per half and interleaved back once at the end. Returns (m, l, acc) as
+    the main loop leaves them."""
+    qe, qo = tl.split(tl.reshape(q, (BLOCK_H, BLOCK_D // 2, 2)))
+    acc_e = tl.zeros([BLOCK_H, BLOCK_D // 2], dtype=tl.float32)
+    acc_o = tl.zeros([BLOCK_H, BLOCK_D // 2], dtype=tl.float32)
+    for n0 in range(lo, cache_hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < cache_hi
+        blk = tl.load(table + offs_n // PAGE_SIZE, mask=mask_n, other=0).to(tl.int64)
+        within = offs_n % PAGE_SIZE
+        k_lo, k_hi = widen_halves_f16(
+            K_cache, blk * stride_kcb + within * stride_kct + kvh * stride_kch, mask_n, BLOCK_N, BLOCK_D, QUANT
+        )
+        ks = tl.load(K_scale + blk * stride_ksb + within * stride_kst + kvh * stride_ksh, mask=mask_n, other=0.0)
+        s = tl.dot(qo, tl.trans(k_hi), tl.dot(qe, tl.trans(k_lo)))
+        s = tl.where(mask_n[None, :], s * (ks * sm_scale_log2)[None, :], float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v_lo, v_hi = widen_halves_f16(
+            V_cache, blk * stride_vcb + within * stride_vct + kvh * stride_vch, mask_n, BLOCK_N, BLOCK_D, QUANT
+        )
+        vs = tl.load(V_scale + blk * stride_vsb + within * stride_vst + kvh * stride_vsh, mask=mask_n, other=0.0)
+        # As tile_values with fp16 dots: a value row past fp16's range saturates.
+        pv = tl.minimum(p * (vs * V_MUL)[None, :], 65504.0).to(tl.float16)
+        acc_e = tl.dot(pv, v_lo, acc_e * alpha[:, None])
+        acc_o = tl.dot(pv, v_hi, acc_o * alpha[:, None])
+        m_i = m_new
+    acc = tl.reshape(tl.join(acc_e, acc_o), (BLOCK_H, BLOCK_D))
+    return m_i, l_i, acc
 
 
 def decode_config(head_dim: int, dtype: torch.dtype = torch.bfloat16, quant: bool = False) -> tuple[int, int, int]:
@@ -308,28 +397,36 @@ def _decode_stage1_kernel(
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
     table = Block_tables + b.to(tl.int64) * stride_bt
-    for n0 in range(lo, cache_hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < cache_hi
-        blk = tl.load(table + offs_n // PAGE_SIZE, mask=mask_n, other=0).to(tl.int64)
-        within = offs_n % PAGE_SIZE
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        s = tile_scores(
-            q, K_cache, K_scale, blk, within, kvh, offs_d, kv_mask, mask_n,
-            stride_kcb, stride_kct, stride_kch, stride_ksb, stride_kst, stride_ksh, sm_scale_log2, PRECISION, QUANT,
-            F16_DOTS == 2,
+    if F16_DOTS == 3:
+        m_i, l_i, acc = attend_cache_halves(
+            q, K_cache, V_cache, K_scale, V_scale, table, lo, cache_hi, kvh, m_i, l_i,
+            stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch,
+            stride_ksb, stride_kst, stride_ksh, stride_vsb, stride_vst, stride_vsh, sm_scale_log2,
+            BLOCK_H, BLOCK_N, BLOCK_D, PAGE_SIZE, QUANT, V_MUL,
         )  # fmt: skip
-        s = tl.where(mask_n[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tile_values(
-            acc, alpha, p, q, V_cache, V_scale, blk, within, kvh, offs_d, kv_mask, mask_n,
-            stride_vcb, stride_vct, stride_vch, stride_vsb, stride_vst, stride_vsh, PRECISION, QUANT, V_MUL,
-            F16_DOTS == 2,
-        )  # fmt: skip
-        m_i = m_new
+    else:
+        for n0 in range(lo, cache_hi, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < cache_hi
+            blk = tl.load(table + offs_n // PAGE_SIZE, mask=mask_n, other=0).to(tl.int64)
+            within = offs_n % PAGE_SIZE
+            kv_mask = mask_n[:, None] & mask_d[None, :]
+            s = tile_scores(
+                q, K_cache, K_scale, blk, within, kvh, offs_d, kv_mask, mask_n,
+                stride_kcb, stride_kct, stride_kch, stride_ksb, stride_kst, stride_ksh, sm_scale_log2, PRECISION, QUANT,
+                F16_DOTS == 2,
+            )  # fmt: skip
+            s = tl.where(mask_n[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = tile_values(
+                acc, alpha, p, q, V_cache, V_scale, blk, within, kvh, offs_d, kv_mask, mask_n,
+                stride_vcb, stride_vct, stride_vch, stride_vsb, stride_vst, stride_vsh, PRECISION, QUANT, V_MUL,
+                F16_DOTS == 2,
+            )  # fmt: skip
+            m_i = m_new
 
     if FUSE_NEW:
         if lo < hi:
@@ -501,7 +598,8 @@ def decode_dots(quant: int, q_dtype: torch.dtype, k_cache: torch.Tensor, v_cache
     INT8_WIDEN_PAIRS) is on, rows are whole (head_dim a power of two) and every row
     starts on a 16-bit word (even base addresses and strides: the kernel reads rows as
     words). The CPU interpreter cannot run inline PTX, so there the same fp16 dots run
-    over tiles loaded whole (the same values: e4m3 and int8 widen to fp16 exactly)."""
+    over tiles loaded whole (the same values: e4m3 and int8 widen to fp16 exactly); the
+    halves (WIDEN_HALVES) widen through bit operations there instead."""
     head_dim = k_cache.shape[-1]
     words = all(x % 2 == 0 for t in (k_cache, v_cache) for x in (t.data_ptr(), *t.stride()[:3]))
     dots = f16_dots(quant, q_dtype, pairs=next_power_of_2(head_dim) == head_dim and words)
