@@ -553,7 +553,7 @@ def test_bench_quant_short_decode_rows_run(kernel_device: str) -> None:
 def test_tiles_widened_in_pairs_match_tiles_loaded_whole(
     cuda_device: str, fmt: str, head_dim: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """FP8_WIDEN_PAIRS (the default) and INT8_WIDEN_PAIRS load 1-byte tiles as 16-bit
+    """FP8_WIDEN_PAIRS and INT8_WIDEN_PAIRS (WIDEN_HALVES off) load 1-byte tiles as 16-bit
     words and widen them with inline PTX (cuda only): the decode output equals that of
     tiles loaded whole (fp8: the same fp16 dots, which the CPU interpreter runs instead;
     int8: bf16 dots, so up to the probabilities' rounding) and matches the torch
@@ -561,6 +561,7 @@ def test_tiles_widened_in_pairs_match_tiles_loaded_whole(
     from rtpllm.kernels import decode_attention
 
     monkeypatch.setattr(decode_attention, "FP8_F16_DOTS", True)
+    monkeypatch.setattr(decode_attention, "WIDEN_HALVES", False)
     case = make_case([2, 17, 40, 70, 300], [1] * 5, 8, 2, head_dim, 16, torch.bfloat16, cuda_device, seed=47)
     for splits in (1, 3):
         outs = []

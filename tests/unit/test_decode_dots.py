@@ -1,6 +1,7 @@
 """Which dots the decode kernel runs over a quantized cache (decode_attention.decode_dots):
-fp8 tiles widen in 16-bit pairs only where every row starts on a 16-bit word and rows are
-whole; elsewhere whole tiles, never a misaligned word read."""
+1-byte tiles widen from 16-bit words (into even/odd halves, or in pairs) only where every
+row starts on a 16-bit word and rows are whole; elsewhere whole tiles, never a misaligned
+word read."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from rtpllm.kernels import decode_attention
 from rtpllm.kernels._triton import INTERPRET
 
+HALVES = 3  # the interpreter widens them through bit operations
 PAIRS = 1 if INTERPRET else 2  # the interpreter runs the same fp16 dots over whole tiles
 
 
@@ -23,13 +25,16 @@ def cache(head_dim: int, dtype: torch.dtype = torch.float8_e4m3fn, offset: int =
 def defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(decode_attention, "FP8_WIDEN_PAIRS", True)
     monkeypatch.setattr(decode_attention, "INT8_WIDEN_PAIRS", True)
+    monkeypatch.setattr(decode_attention, "WIDEN_HALVES", True)
     monkeypatch.setattr(decode_attention, "FP8_F16_DOTS", False)
 
 
-def test_fp8_rows_on_words_widen_in_pairs() -> None:
+def test_rows_on_words_widen_in_halves_or_pairs() -> None:
     c = cache(128)
+    assert decode_attention.decode_dots(1, torch.bfloat16, c, c) == HALVES
+    assert decode_attention.decode_dots(1, torch.float16, c, c) == HALVES
+    decode_attention.WIDEN_HALVES = False
     assert decode_attention.decode_dots(1, torch.bfloat16, c, c) == PAIRS
-    assert decode_attention.decode_dots(1, torch.float16, c, c) == PAIRS
 
 
 def test_no_pairs_where_a_row_could_start_mid_word_or_rows_are_not_whole() -> None:
@@ -44,7 +49,7 @@ def test_other_formats_and_switches() -> None:
     c = cache(128)
     assert decode_attention.decode_dots(1, torch.float32, c, c) == 0  # fp32 queries: fp32 dots
     i8 = cache(128, torch.int8)
-    assert decode_attention.decode_dots(2, torch.bfloat16, i8, i8) == PAIRS
+    assert decode_attention.decode_dots(2, torch.bfloat16, i8, i8) == HALVES
     decode_attention.INT8_WIDEN_PAIRS = False
     assert decode_attention.decode_dots(2, torch.bfloat16, i8, i8) == 0
     decode_attention.FP8_WIDEN_PAIRS = False
