@@ -612,8 +612,9 @@ def quant_short_decode_rows(device: str, smoke: bool) -> list[dict[str, Any]]:
     """The quantized decode kernel where offline runs spend their decode steps: 256
     sequences of 100..1,300 tokens (seeded, as an offline batch has), for the 0.6B's 16
     query heads and the 8B's 32 (8 KV heads both). bf16 with its default launch for
-    scale; fp8 (widened to bf16, with fp16 dots, and on CUDA with fp16 dots over tiles
-    widened in 16-bit pairs) and int8 (as bytes, and on CUDA in pairs) at the launches
+    scale; fp8 (loaded as bytes and widened to bf16, or with fp16 dots, and the default:
+    widened from 16-bit words into even/odd halves with fp16 dots) and int8 (as bytes,
+    and the default halves) at the launches
     that came close in the full sweeps, at the heuristic's split count, and fp8's default
     launch at 2 splits.
     GB/s counts the bytes read: values and scales."""
@@ -637,28 +638,23 @@ def quant_short_decode_rows(device: str, smoke: bool) -> list[dict[str, Any]]:
         head = {"case": "quant_short_decode", "batch": batch, "ctx": ctx, "q_heads": hq}
         ms = bench(lambda: decode_mod.paged_decode_attention_triton(q, kn, kn, kc, vc, tables, seq_lens, slots, D**-0.5, None, out, heuristic, ctx), device)  # noqa: B023
         rows.append({**head, "fmt": "bf16", "cfg": decode_mod.decode_config(D), "splits": heuristic, "ms": ms, "gbs": tokens * HKV * D * 4 / ms / 1e6})
-        # Widened in 16-bit pairs (FP8_WIDEN_PAIRS, INT8_WIDEN_PAIRS: inline PTX, which the
-        # interpreter cannot run), and the pairs' halves (WIDEN_HALVES; interpreted through
-        # bit operations on the CPU).
-        variants = (("fp8", 0), ("fp8", 1), ("int8", 0)) + ((("fp8", 2), ("int8", 2)) if device == "cuda" else ())
-        variants += (("fp8", 3), ("int8", 3))
+        # Widened from 16-bit words into even/odd halves (FP8_WIDEN_PAIRS, INT8_WIDEN_PAIRS:
+        # the defaults; inline PTX, interpreted through bit operations on the CPU).
+        variants = (("fp8", 0), ("fp8", 1), ("int8", 0), ("fp8", 2), ("int8", 2))
         for fmt, f16 in variants:
             qk, qv = kc.to(storage_dtype(fmt)), vc.to(storage_dtype(fmt))
             ks = torch.rand(qk.shape[:3], device=device) / 100
             vs = torch.rand(qk.shape[:3], device=device) / 100
             runs = [(cfg, heuristic) for cfg in configs] + ([(default_cfg, 2)] if fmt == "fp8" and not f16 else [])
-            # Smaller tiles keep more programs resident where the widened tiles cost registers.
-            runs += [((32, 4, 3), heuristic), ((64, 4, 3), heuristic)] if f16 >= 2 and not smoke else []
             for cfg, splits in runs:
                 def decode(k=qk, v=qv, ks=ks, vs=vs, splits=splits) -> None:
                     decode_mod.paged_decode_attention_triton(
                         q, kn, kn, k, v, tables, seq_lens, slots, D**-0.5, None, out, splits, ctx, k_scale=ks, v_scale=vs  # noqa: B023
                     )  # fmt: skip
 
-                pairs = f16 >= 2
-                with patch.multiple(decode_mod, FP8_F16_DOTS=f16 > 0, FP8_WIDEN_PAIRS=pairs, INT8_WIDEN_PAIRS=pairs, WIDEN_HALVES=f16 == 3):
+                with patch.multiple(decode_mod, FP8_F16_DOTS=f16 > 0, FP8_WIDEN_PAIRS=f16 == 2, INT8_WIDEN_PAIRS=f16 == 2):
                     timing = with_decode_config(cfg, decode, device, tokens * HKV * (D + 4) * 2)
-                rows.append({**head, "fmt": fmt + ("", " f16 dots", " f16 pairs", " f16 halves")[f16], "cfg": cfg, "splits": splits,
+                rows.append({**head, "fmt": fmt + ("", " f16 dots", " f16 halves")[f16], "cfg": cfg, "splits": splits,
                              "default": cfg == default_cfg and splits == heuristic, **timing})  # fmt: skip
             del qk, qv
     return rows

@@ -549,40 +549,13 @@ def test_bench_quant_short_decode_rows_run(kernel_device: str) -> None:
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("head_dim", [64, 128])
-def test_tiles_widened_in_pairs_match_tiles_loaded_whole(
-    cuda_device: str, fmt: str, head_dim: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """FP8_WIDEN_PAIRS and INT8_WIDEN_PAIRS (WIDEN_HALVES off) load 1-byte tiles as 16-bit
-    words and widen them with inline PTX (cuda only): the decode output equals that of
-    tiles loaded whole (fp8: the same fp16 dots, which the CPU interpreter runs instead;
-    int8: bf16 dots, so up to the probabilities' rounding) and matches the torch
-    reference, over split counts and ragged contexts."""
-    from rtpllm.kernels import decode_attention
-
-    monkeypatch.setattr(decode_attention, "FP8_F16_DOTS", True)
-    monkeypatch.setattr(decode_attention, "WIDEN_HALVES", False)
-    case = make_case([2, 17, 40, 70, 300], [1] * 5, 8, 2, head_dim, 16, torch.bfloat16, cuda_device, seed=47)
-    for splits in (1, 3):
-        outs = []
-        for pairs in (False, True):
-            monkeypatch.setattr(decode_attention, "FP8_WIDEN_PAIRS", pairs)
-            monkeypatch.setattr(decode_attention, "INT8_WIDEN_PAIRS", pairs)
-            qc = QuantCase(case, fmt)
-            qc.snapshot()
-            outs.append(_run_decode(qc, None, splits))
-            assert rel_err(outs[-1], qc.reference_out(None)) < TOL[torch.bfloat16]
-        assert rel_err(outs[1], outs[0]) < (2e-3 if fmt == "fp8" else 4e-3), f"splits {splits}"
-
-
-@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize(("head_dim", "window"), [(64, None), (128, None), (64, 24)])
 def test_tiles_widened_in_halves_match_tiles_loaded_whole(
     kernel_device: str, fmt: str, head_dim: int, window: int | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """WIDEN_HALVES (the dots over even and odd head dimensions apart, each tile widened
-    into its two halves; on the CPU through bit operations instead of the inline PTX)
-    gives the output of tiles loaded whole (fp8: the same fp16 dots; int8: bf16 dots, so
+    """FP8_WIDEN_PAIRS / INT8_WIDEN_PAIRS (tiles loaded as 16-bit words, each widened
+    into its even and odd halves, the dots over the two apart; on the CPU through bit
+    operations instead of the inline PTX) give the output of tiles loaded whole (fp8: the same fp16 dots; int8: bf16 dots, so
     up to the probabilities' rounding) and matches the torch reference, over split
     counts, ragged contexts and a sliding window; the new token is stored as before."""
     from rtpllm.kernels import decode_attention
@@ -594,7 +567,6 @@ def test_tiles_widened_in_halves_match_tiles_loaded_whole(
         for halves in (False, True):
             monkeypatch.setattr(decode_attention, "FP8_WIDEN_PAIRS", halves)
             monkeypatch.setattr(decode_attention, "INT8_WIDEN_PAIRS", halves)
-            monkeypatch.setattr(decode_attention, "WIDEN_HALVES", halves)
             qc = QuantCase(case, fmt)
             qc.snapshot()
             runs.append((_run_decode(qc, window, splits), qc))

@@ -1,5 +1,5 @@
 """Which dots the decode kernel runs over a quantized cache (decode_attention.decode_dots):
-1-byte tiles widen from 16-bit words (into even/odd halves, or in pairs) only where every
+1-byte tiles widen from 16-bit words (into even/odd halves) only where every
 row starts on a 16-bit word and rows are whole; elsewhere whole tiles, never a misaligned
 word read."""
 
@@ -9,10 +9,8 @@ import pytest
 import torch
 
 from rtpllm.kernels import decode_attention
-from rtpllm.kernels._triton import INTERPRET
 
-HALVES = 3  # the interpreter widens them through bit operations
-PAIRS = 1 if INTERPRET else 2  # the interpreter runs the same fp16 dots over whole tiles
+HALVES = 2  # the interpreter widens them through bit operations
 
 
 def cache(head_dim: int, dtype: torch.dtype = torch.float8_e4m3fn, offset: int = 0) -> torch.Tensor:
@@ -25,16 +23,13 @@ def cache(head_dim: int, dtype: torch.dtype = torch.float8_e4m3fn, offset: int =
 def defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(decode_attention, "FP8_WIDEN_PAIRS", True)
     monkeypatch.setattr(decode_attention, "INT8_WIDEN_PAIRS", True)
-    monkeypatch.setattr(decode_attention, "WIDEN_HALVES", True)
     monkeypatch.setattr(decode_attention, "FP8_F16_DOTS", False)
 
 
-def test_rows_on_words_widen_in_halves_or_pairs() -> None:
+def test_rows_on_words_widen_in_halves() -> None:
     c = cache(128)
     assert decode_attention.decode_dots(1, torch.bfloat16, c, c) == HALVES
     assert decode_attention.decode_dots(1, torch.float16, c, c) == HALVES
-    decode_attention.WIDEN_HALVES = False
-    assert decode_attention.decode_dots(1, torch.bfloat16, c, c) == PAIRS
 
 
 def test_no_pairs_where_a_row_could_start_mid_word_or_rows_are_not_whole() -> None:

@@ -21,12 +21,11 @@ power-of-two bucket), so a ladder of graph sizes does not compile a kernel per c
 
 Quantized KV (fp8 / int8 values with an fp32 scale per token and KV head,
 rtpllm.kernels.kv_quant): tiles are loaded in their 1-byte format (as 16-bit words where
-rows allow) and widened exactly to fp16 or the query's dtype in registers (WIDEN_HALVES:
+rows allow) and widened exactly to fp16 or the query's dtype in registers (from words,
 the dots run over the even and the odd head dimensions apart, so the widened values go
 to the tensor cores without being reordered); the scales are folded in rather than
-multiplied into each tile: the
-K scale into the scores of its key column, the V scale into the probabilities of its
-row, so no tile is ever dequantized in memory. The new token is quantized in-register
+multiplied into each tile: the K scale into the scores of its key column, the V scale
+into the probabilities of its row, so no tile is ever dequantized in memory. The new token is quantized in-register
 (stored as such) and attended to as the cache will hold it.
 """
 
@@ -63,34 +62,26 @@ CONFIG_OVERRIDE: tuple[int, int, int] | None = None
 # the conversions are not what bounds the kernel. The verify kernel follows this switch.
 FP8_F16_DOTS = False
 # On: the decode kernel loads fp8 tiles as 16-bit words and widens them to fp16 in
-# registers, two values per instruction, before any layout change, so the tensor cores'
-# operands come through shared memory as 16-bit values (ldmatrix) instead of as bytes
-# gathered one by one (the default launch's SASS per 128-token tile: 88 shared loads and
-# 26 ldmatrix against 216 and 10, byte permutes 136 -> 4). Dots are then in fp16 (as
-# FP8_F16_DOTS). Measured on an H100, 2026-12-07 (docs/kv_quantization.md): the kernel at
-# batch 256 over 100..1,300 tokens 0.232 -> 0.202 ms; the Qwen3-0.6B offline workload
-# 26,367-26,673 -> 28,951-29,373 tok/s; decode ITL at 32 x 8k 13.97 -> 12.78 ms (bf16
-# 18.29). Needs head_dim a power of two (whole rows, no D mask) and compiled code (the
-# widening is inline PTX): elsewhere the same fp16 dots over tiles loaded whole.
+# registers, two values per instruction, and runs its dots over the even and the odd
+# head dimensions apart (q . k = q_even . k_even + q_odd . k_odd; P @ V column by column):
+# a word's low byte goes to the even half, its high byte to the odd, so the widened
+# values reach the tensor cores as they come out of the widening. The words travel
+# global -> shared -> registers by cp.async and ldmatrix as a bf16 tile does. Loaded as
+# bytes, Triton fed the tensor cores through byte-wise shared-memory loads (216 per
+# 128-token tile, 136 byte permutes), and the kernel was bound by that; widened in pairs
+# and interleaved back into rows (session 14), the rows went through shared memory once
+# more (74.7 KB a program, against 42 KB now). On an H100 at batch 256 over 100..1,300
+# tokens (docs/kv_quantization.md): bytes 0.232 ms, pairs 0.202, halves 0.184 (bf16
+# 0.284); the Qwen3-0.6B offline workload 26,673 -> 28,384-29,218 -> 31,235 tok/s; decode
+# ITL at 32 x 8k (8B shape) 13.97 -> 12.78 -> 11.98 ms, bf16 18.31. Needs head_dim a power
+# of two (whole rows, no D mask) and rows on 16-bit words (decode_dots); elsewhere the
+# same fp16 dots over tiles loaded whole.
 FP8_WIDEN_PAIRS = True
-# The same for int8 tiles: each 16-bit word's two bytes become fp16 by a byte permute
-# into 1024 + 128 + x and one fp16x2 subtraction (exact for every int8). On an H100
-# (session 15): batch 256 over 100..1,300 tokens 0.254 -> 0.213 ms; Qwen3-0.6B offline with
-# int8 24,313 -> 28,708 tok/s.
+# The same for int8 tiles: each word's two bytes become fp16 by a byte permute into
+# 1024 + 128 + x and one fp16x2 subtraction (exact for every int8). On an H100 (session
+# 15): bytes 0.254 ms, pairs 0.213, halves 0.185; Qwen3-0.6B offline with int8 24,313 ->
+# 28,708 -> 30,934 tok/s.
 INT8_WIDEN_PAIRS = True
-# On (with the pairs above): the dots run over the even and the odd head dimensions
-# apart (q . k = q_even . k_even + q_odd . k_odd; P @ V column by column), so a tile's
-# two halves go to the tensor cores as they come out of the widening, a 16-bit word's
-# low byte to the even half and its high byte to the odd. Nothing then reorders the
-# widened values (the pairs interleave them back into rows through shared memory
-# first): the words go global -> shared -> registers by cp.async and ldmatrix as a bf16
-# tile does, and are widened in the registers the dots read. In the sm_90a SASS of a
-# kernel: shared memory 74.7 -> 42 KB a program, STS.128 20 -> 6, LDS.64 56 -> 24.
-# Measured on an H100 (session 15, docs/kv_quantization.md): batch 256 over 100..1,300
-# tokens fp8 0.202 -> 0.184 ms, int8 0.210 -> 0.185 (bf16 0.284); Qwen3-0.6B offline fp8
-# 28,384 -> 31,235 tok/s, int8 28,063 -> 30,934; decode ITL at 32 x 8k (8B shape) fp8
-# 11.98 ms, int8 12.02 against bf16's 18.31 (-34.6%, -34.3%).
-WIDEN_HALVES = True
 # The CPU interpreter cannot run the inline PTX: there the halves widen through bit
 # operations (the same values), so the interpreted tests still cover their dots.
 _INTERPRETED = tl.constexpr(INTERPRET)
@@ -98,38 +89,14 @@ _INTERPRETED = tl.constexpr(INTERPRET)
 
 def f16_dots(quant: int, q_dtype: torch.dtype, pairs: bool = False) -> int:
     """How a launch over a cache of QUANT code `quant` runs its dots: 0 in the query's
-    dtype, 1 in fp16, 2 in fp16 over tiles widened in pairs (FP8_WIDEN_PAIRS,
-    INT8_WIDEN_PAIRS), 3 the same over even and odd halves (WIDEN_HALVES), where `pairs`
-    says the launch can (the decode kernel, head_dim a power of two)."""
+    dtype, 1 in fp16, 2 in fp16 over even and odd halves of tiles widened from 16-bit
+    words (FP8_WIDEN_PAIRS, INT8_WIDEN_PAIRS), where `pairs` says the launch can (the
+    decode kernel, head_dim a power of two, rows on words)."""
     if quant == 0 or q_dtype not in (torch.bfloat16, torch.float16):
         return 0
     if pairs and (FP8_WIDEN_PAIRS if quant == 1 else INT8_WIDEN_PAIRS):
-        return 3 if WIDEN_HALVES else 2
+        return 2
     return 1 if FP8_F16_DOTS and quant == 1 else 0
-
-
-@triton.jit
-def widen_pairs_f16(Cache, row_off, mask_n, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, QUANT: tl.constexpr):
-    """A [BLOCK_N, BLOCK_D] tile of 1-byte values (rows at element offsets `row_off`) as
-    fp16, loaded as 16-bit words and widened two values at a time, exactly: fp8 e4m3 by
-    cvt.rn.f16x2.e4m3x2; int8 by placing each byte, sign bit flipped, under fp16 1024's
-    exponent (1024 + 128 + x) and subtracting 1152 from both halves."""
-    words = Cache.to(tl.pointer_type(tl.int16), bitcast=True)
-    offs_w = tl.arange(0, BLOCK_D // 2)
-    w = tl.load(words + (row_off // 2)[:, None] + offs_w[None, :], mask=mask_n[:, None], other=0)
-    if QUANT == 1:
-        lo, hi = tl.inline_asm_elementwise(
-            "{ .reg .b32 t; cvt.rn.f16x2.e4m3x2 t, $2; mov.b32 {$0, $1}, t; }",
-            "=h,=h,h", [w], dtype=(tl.float16, tl.float16), is_pure=True, pack=1,
-        )  # fmt: skip
-    else:
-        lo, hi = tl.inline_asm_elementwise(
-            "{ .reg .b32 t, u, c; cvt.u32.u16 t, $2; xor.b32 t, t, 0x8080;"
-            " prmt.b32 u, t, 0x64646464, 0x4140; mov.b32 c, 0x64806480; sub.f16x2 u, u, c;"
-            " mov.b32 {$0, $1}, u; }",
-            "=h,=h,h", [w], dtype=(tl.float16, tl.float16), is_pure=True, pack=1,
-        )  # fmt: skip
-    return tl.join(lo, hi).reshape(BLOCK_N, BLOCK_D)
 
 
 @triton.jit
@@ -137,8 +104,10 @@ def widen_halves_f16(Cache, row_off, mask_n, BLOCK_N: tl.constexpr, BLOCK_D: tl.
     """A [BLOCK_N, BLOCK_D] tile of 1-byte values as two [BLOCK_N, BLOCK_D // 2] fp16
     halves, the even head dimensions and the odd: loaded as 16-bit words (low byte even,
     high byte odd) and widened exactly, four values per call (two words in one 32-bit
-    register: a byte permute puts the two low bytes side by side and the two high bytes,
-    then as widen_pairs_f16)."""
+    register: a byte permute puts the two low bytes side by side and the two high
+    bytes): fp8 e4m3 by cvt.rn.f16x2.e4m3x2; int8 by placing each byte, sign bit
+    flipped, under fp16 1024's exponent (1024 + 128 + x) and subtracting 1152 from both
+    halves."""
     words = Cache.to(tl.pointer_type(tl.int16), bitcast=True)
     offs_w = tl.arange(0, BLOCK_D // 2)
     w = tl.load(words + (row_off // 2)[:, None] + offs_w[None, :], mask=mask_n[:, None], other=0)
@@ -172,7 +141,8 @@ def attend_cache_halves(
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
     QUANT: tl.constexpr, V_MUL: tl.constexpr,
 ):  # fmt: skip
-    """The decode loop over cached tokens [lo, cache_hi) with WIDEN_HALVES: the fp16
+    """The decode loop over cached tokens [lo, cache_hi) over tiles widened from words
+    (F16_DOTS == 2): the fp16
     query split into even and odd head dimensions, each K/V tile widened into its two
     halves (widen_halves_f16), scores as the sum of the halves' dots, the output
     accumulated per half and interleaved back once at the end. Returns (m, l, acc) as
@@ -247,25 +217,16 @@ def widen_query_f16(q):
 
 
 @triton.jit
-def load_tile(Cache, row_off, offs_d, kv_mask, mask_n, QUANT: tl.constexpr, WIDEN: tl.constexpr):
-    """One paged K or V tile (rows at element offsets `row_off`): as stored, or with
-    WIDEN a 1-byte tile widened to fp16 in pairs (widen_pairs_f16)."""
-    if WIDEN:
-        return widen_pairs_f16(Cache, row_off, mask_n, mask_n.shape[0], offs_d.shape[0], QUANT)
-    else:
-        return tl.load(Cache + row_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-
-
-@triton.jit
 def tile_scores(
     q, K_cache, K_scale, blk, within, kvh, offs_d, kv_mask, mask_n,
     stride_kcb, stride_kct, stride_kch, stride_ksb, stride_kst, stride_ksh, sm_scale_log2,
-    PRECISION: tl.constexpr, QUANT: tl.constexpr, WIDEN: tl.constexpr = False,
+    PRECISION: tl.constexpr, QUANT: tl.constexpr,
 ):  # fmt: skip
     """Scores (log2 domain) of the query tile against one paged K tile; a quantized
     tile is widened to the query's dtype and its per-token scale folded into the
     scores' columns. Shared by the decode and verify kernels."""
-    k = load_tile(K_cache, blk * stride_kcb + within * stride_kct + kvh * stride_kch, offs_d, kv_mask, mask_n, QUANT, WIDEN)
+    row = blk * stride_kcb + within * stride_kct + kvh * stride_kch
+    k = tl.load(K_cache + row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
     if QUANT != 0:
         ks = tl.load(
             K_scale + blk * stride_ksb + within * stride_kst + kvh * stride_ksh, mask=mask_n, other=0.0
@@ -280,13 +241,14 @@ def tile_scores(
 def tile_values(
     acc, alpha, p, q, V_cache, V_scale, blk, within, kvh, offs_d, kv_mask, mask_n,
     stride_vcb, stride_vct, stride_vch, stride_vsb, stride_vst, stride_vsh,
-    PRECISION: tl.constexpr, QUANT: tl.constexpr, V_MUL: tl.constexpr, WIDEN: tl.constexpr = False,
+    PRECISION: tl.constexpr, QUANT: tl.constexpr, V_MUL: tl.constexpr,
 ):  # fmt: skip
     """acc * alpha + p @ V for one paged V tile (the rescaled accumulator goes into the
     dot, as one expression: the compiled code is the same as written inline); a quantized
     tile's per-token scale is folded into the probabilities' columns (values then come
     V_MUL times too large: kv_quant.V_MUL)."""
-    v = load_tile(V_cache, blk * stride_vcb + within * stride_vct + kvh * stride_vch, offs_d, kv_mask, mask_n, QUANT, WIDEN)
+    row = blk * stride_vcb + within * stride_vct + kvh * stride_vch
+    v = tl.load(V_cache + row[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
     if QUANT != 0:
         vs = tl.load(
             V_scale + blk * stride_vsb + within * stride_vst + kvh * stride_vsh, mask=mask_n, other=0.0
@@ -403,7 +365,7 @@ def _decode_stage1_kernel(
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
     table = Block_tables + b.to(tl.int64) * stride_bt
-    if F16_DOTS == 3:
+    if F16_DOTS == 2:
         m_i, l_i, acc = attend_cache_halves(
             q, K_cache, V_cache, K_scale, V_scale, table, lo, cache_hi, kvh, m_i, l_i,
             stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch,
@@ -420,7 +382,6 @@ def _decode_stage1_kernel(
             s = tile_scores(
                 q, K_cache, K_scale, blk, within, kvh, offs_d, kv_mask, mask_n,
                 stride_kcb, stride_kct, stride_kch, stride_ksb, stride_kst, stride_ksh, sm_scale_log2, PRECISION, QUANT,
-                F16_DOTS == 2,
             )  # fmt: skip
             s = tl.where(mask_n[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -430,7 +391,6 @@ def _decode_stage1_kernel(
             acc = tile_values(
                 acc, alpha, p, q, V_cache, V_scale, blk, within, kvh, offs_d, kv_mask, mask_n,
                 stride_vcb, stride_vct, stride_vch, stride_vsb, stride_vst, stride_vsh, PRECISION, QUANT, V_MUL,
-                F16_DOTS == 2,
             )  # fmt: skip
             m_i = m_new
 
@@ -600,16 +560,14 @@ def merge_splits(mid_o: torch.Tensor, mid_lse: torch.Tensor, out: torch.Tensor, 
 
 
 def decode_dots(quant: int, q_dtype: torch.dtype, k_cache: torch.Tensor, v_cache: torch.Tensor) -> int:
-    """The decode kernel's F16_DOTS: tiles widen in pairs where FP8_WIDEN_PAIRS (or
-    INT8_WIDEN_PAIRS) is on, rows are whole (head_dim a power of two) and every row
+    """The decode kernel's F16_DOTS: tiles widen from 16-bit words where FP8_WIDEN_PAIRS
+    (or INT8_WIDEN_PAIRS) is on, rows are whole (head_dim a power of two) and every row
     starts on a 16-bit word (even base addresses and strides: the kernel reads rows as
-    words). The CPU interpreter cannot run inline PTX, so there the same fp16 dots run
-    over tiles loaded whole (the same values: e4m3 and int8 widen to fp16 exactly); the
-    halves (WIDEN_HALVES) widen through bit operations there instead."""
+    words). The CPU interpreter cannot run inline PTX; there the halves widen through
+    bit operations (the same values: e4m3 and int8 widen to fp16 exactly)."""
     head_dim = k_cache.shape[-1]
     words = all(x % 2 == 0 for t in (k_cache, v_cache) for x in (t.data_ptr(), *t.stride()[:3]))
-    dots = f16_dots(quant, q_dtype, pairs=next_power_of_2(head_dim) == head_dim and words)
-    return 1 if dots == 2 and INTERPRET else dots
+    return f16_dots(quant, q_dtype, pairs=next_power_of_2(head_dim) == head_dim and words)
 
 
 def paged_decode_attention_triton(
