@@ -24,9 +24,12 @@ except ImportError:  # pragma: no cover - exercised on CPU-only installs
     HAS_TRITON = False
 
     class _MissingLanguage:
-        """Stands in for `triton.language`: only annotations touch it at import time."""
+        """Stands in for `triton.language`: annotations touch it at import time (strings,
+        under postponed evaluation), and module constants made with `tl.constexpr(v)`."""
 
-        constexpr = Any
+        @staticmethod
+        def constexpr(value: Any) -> Any:
+            return value
 
     class _MissingTriton:
         """Stands in for `triton`: `@triton.jit` yields a kernel that refuses to launch."""
