@@ -86,7 +86,7 @@ def _cases() -> Iterator[Case]:
                 "SINGLE": splits == 1, "SLIDING": False, "FUSE_NEW": True, "PRECISION": "tf32", "QUANT": quant,
                 "V_MUL": 448.0 if quant == 1 else 127.0, **TOKEN_MAJOR_SCALES,
                 # As launches over the pool's views set it (rows on even addresses).
-                "F16_DOTS": decode_attention.f16_dots(quant, torch.bfloat16, pairs=True),
+                "F16_DOTS": decode_attention.f16_dots(quant, torch.bfloat16, words=True),
             }
             ptrs = dict.fromkeys(("Q", "K_new", "V_new", "Out"), "bf16")
             ptrs.update(K_cache=vt, V_cache=vt, K_scale="fp32", V_scale="fp32")

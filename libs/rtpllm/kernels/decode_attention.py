@@ -87,14 +87,14 @@ INT8_WIDEN_PAIRS = True
 _INTERPRETED = tl.constexpr(INTERPRET)
 
 
-def f16_dots(quant: int, q_dtype: torch.dtype, pairs: bool = False) -> int:
+def f16_dots(quant: int, q_dtype: torch.dtype, words: bool = False) -> int:
     """How a launch over a cache of QUANT code `quant` runs its dots: 0 in the query's
     dtype, 1 in fp16, 2 in fp16 over even and odd halves of tiles widened from 16-bit
-    words (FP8_WIDEN_PAIRS, INT8_WIDEN_PAIRS), where `pairs` says the launch can (the
+    words (FP8_WIDEN_PAIRS, INT8_WIDEN_PAIRS), where `words` says the launch can (the
     decode kernel, head_dim a power of two, rows on words)."""
     if quant == 0 or q_dtype not in (torch.bfloat16, torch.float16):
         return 0
-    if pairs and (FP8_WIDEN_PAIRS if quant == 1 else INT8_WIDEN_PAIRS):
+    if words and (FP8_WIDEN_PAIRS if quant == 1 else INT8_WIDEN_PAIRS):
         return 2
     return 1 if FP8_F16_DOTS and quant == 1 else 0
 
@@ -141,12 +141,11 @@ def attend_cache_halves(
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
     QUANT: tl.constexpr, V_MUL: tl.constexpr,
 ):  # fmt: skip
-    """The decode loop over cached tokens [lo, cache_hi) over tiles widened from words
-    (F16_DOTS == 2): the fp16
-    query split into even and odd head dimensions, each K/V tile widened into its two
-    halves (widen_halves_f16), scores as the sum of the halves' dots, the output
-    accumulated per half and interleaved back once at the end. Returns (m, l, acc) as
-    the main loop leaves them."""
+    """The decode loop over cached tokens [lo, cache_hi) for tiles widened from words
+    (F16_DOTS == 2): the fp16 query split into even and odd head dimensions, each K/V
+    tile widened into its two halves (widen_halves_f16), scores as the sum of the
+    halves' dots, the output accumulated per half and interleaved back once at the end.
+    Returns (m, l, acc) as the other loop leaves them."""
     qe, qo = tl.split(tl.reshape(q, (BLOCK_H, BLOCK_D // 2, 2)))
     acc_e = tl.zeros([BLOCK_H, BLOCK_D // 2], dtype=tl.float32)
     acc_o = tl.zeros([BLOCK_H, BLOCK_D // 2], dtype=tl.float32)
@@ -566,8 +565,8 @@ def decode_dots(quant: int, q_dtype: torch.dtype, k_cache: torch.Tensor, v_cache
     words). The CPU interpreter cannot run inline PTX; there the halves widen through
     bit operations (the same values: e4m3 and int8 widen to fp16 exactly)."""
     head_dim = k_cache.shape[-1]
-    words = all(x % 2 == 0 for t in (k_cache, v_cache) for x in (t.data_ptr(), *t.stride()[:3]))
-    return f16_dots(quant, q_dtype, pairs=next_power_of_2(head_dim) == head_dim and words)
+    on_words = all(x % 2 == 0 for t in (k_cache, v_cache) for x in (t.data_ptr(), *t.stride()[:3]))
+    return f16_dots(quant, q_dtype, words=next_power_of_2(head_dim) == head_dim and on_words)
 
 
 def paged_decode_attention_triton(
