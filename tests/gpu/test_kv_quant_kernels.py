@@ -555,9 +555,10 @@ def test_tiles_widened_in_halves_match_tiles_loaded_whole(
 ) -> None:
     """FP8_WIDEN_PAIRS / INT8_WIDEN_PAIRS (tiles loaded as 16-bit words, each widened
     into its even and odd halves, the dots over the two apart; on the CPU through bit
-    operations instead of the inline PTX) give the output of tiles loaded whole (fp8: the same fp16 dots; int8: bf16 dots, so
-    up to the probabilities' rounding) and matches the torch reference, over split
-    counts, ragged contexts and a sliding window; the new token is stored as before."""
+    operations instead of the inline PTX) give the output of tiles loaded whole (fp8:
+    the same fp16 dots; int8: bf16 dots, so up to the probabilities' rounding) and
+    match the torch reference, over split counts, ragged contexts and a sliding window;
+    the new token is stored as before."""
     from rtpllm.kernels import decode_attention
 
     monkeypatch.setattr(decode_attention, "FP8_F16_DOTS", True)

@@ -10,7 +10,7 @@ import torch
 
 from rtpllm.kernels import decode_attention
 
-HALVES = 2  # the interpreter widens them through bit operations
+HALVES = 2  # F16_DOTS of tiles widened from words into halves (the interpreter too)
 
 
 def cache(head_dim: int, dtype: torch.dtype = torch.float8_e4m3fn, offset: int = 0) -> torch.Tensor:

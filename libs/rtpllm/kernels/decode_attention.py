@@ -25,8 +25,9 @@ rows allow) and widened exactly to fp16 or the query's dtype in registers (from 
 the dots run over the even and the odd head dimensions apart, so the widened values go
 to the tensor cores without being reordered); the scales are folded in rather than
 multiplied into each tile: the K scale into the scores of its key column, the V scale
-into the probabilities of its row, so no tile is ever dequantized in memory. The new token is quantized in-register
-(stored as such) and attended to as the cache will hold it.
+into the probabilities of its row, so no tile is ever dequantized in memory. The new
+token is quantized in-register (stored as such) and attended to as the cache will hold
+it.
 """
 
 from __future__ import annotations
@@ -134,6 +135,18 @@ def widen_halves_f16(Cache, row_off, mask_n, BLOCK_N: tl.constexpr, BLOCK_D: tl.
 
 
 @triton.jit
+def scaled_probs(p, vs, V_MUL: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """The probabilities times each value row's scale (and V_MUL: values then come V_MUL
+    times too large, kv_quant.V_MUL), in the PV dot's dtype. In fp16 (fp16 dots, or an
+    fp16 model) a value row past fp16's range saturates, as the query does
+    (widen_query_f16), instead of turning the output into inf/NaN."""
+    pv = p * (vs * V_MUL)[None, :]
+    if DOT_DTYPE == tl.float16:
+        pv = tl.minimum(pv, 65504.0)
+    return pv.to(DOT_DTYPE)
+
+
+@triton.jit
 def attend_cache_halves(
     q, K_cache, V_cache, K_scale, V_scale, table, lo, cache_hi, kvh, m_i, l_i,
     stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch,
@@ -168,8 +181,7 @@ def attend_cache_halves(
             V_cache, blk * stride_vcb + within * stride_vct + kvh * stride_vch, mask_n, BLOCK_N, BLOCK_D, QUANT
         )
         vs = tl.load(V_scale + blk * stride_vsb + within * stride_vst + kvh * stride_vsh, mask=mask_n, other=0.0)
-        # As tile_values with fp16 dots: a value row past fp16's range saturates.
-        pv = tl.minimum(p * (vs * V_MUL)[None, :], 65504.0).to(tl.float16)
+        pv = scaled_probs(p, vs, V_MUL, tl.float16)
         acc_e = tl.dot(pv, v_lo, acc_e * alpha[:, None])
         acc_o = tl.dot(pv, v_hi, acc_o * alpha[:, None])
         m_i = m_new
@@ -252,12 +264,7 @@ def tile_values(
         vs = tl.load(
             V_scale + blk * stride_vsb + within * stride_vst + kvh * stride_vsh, mask=mask_n, other=0.0
         )
-        pv = p * (vs * V_MUL)[None, :]
-        if q.dtype == tl.float16:
-            # fp16 dots (or an fp16 model): a value row past fp16's range saturates as the
-            # query does (widen_query_f16) instead of turning the output into inf/NaN.
-            pv = tl.minimum(pv, 65504.0)
-        pv = pv.to(q.dtype)
+        pv = scaled_probs(p, vs, V_MUL, q.dtype)
         acc = acc * alpha[:, None] + tl.dot(pv, v.to(q.dtype), input_precision=PRECISION)
     else:
         acc = acc * alpha[:, None] + tl.dot(p.to(V_cache.dtype.element_ty), v, input_precision=PRECISION)
