@@ -62,8 +62,7 @@ PREFILL_CONFIGS = (
 
 def bench(fn: Callable[[], Any], device: str, graph: bool = False) -> float:
     """Median milliseconds of fn()."""
-    if device != "cuda":  # interpreter smoke run: one timed call, the number means nothing
-        fn()
+    if device != "cuda":  # interpreter smoke run: one timed call (nothing to warm up), the number means nothing
         t = time.perf_counter()
         fn()
         return (time.perf_counter() - t) * 1e3

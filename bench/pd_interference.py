@@ -94,7 +94,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     },
     "smoke": {
         "shape": "tiny", "gpus": "", "streams": 2, "prompt_len": 16, "decode_tokens": 16,
-        "duration": 5.0, "settle": 0.5, "prefill_rate": 2.0, "long_len": "100-200",
+        "duration": 2.5, "settle": 0.5, "prefill_rate": 2.0, "long_len": "100-200",
         "local_prefill_below": 64, "ready_timeout": 120.0,
     },
 }  # fmt: skip
