@@ -2,7 +2,7 @@
 
 CUDA graphs need a GPU (tests/gpu/test_piecewise_cuda.py replays them); here the same
 pieces run eagerly through `PiecewiseGraphs.run_eager`: the cuts at each attention call,
-the static q/k/v/output buffers, the recorded per-layer calls (caches, scales, windows)
+attention writing the static output buffer, the recorded per-layer calls (caches, scales, windows)
 and the padding to a ladder size. Every step of an engine with mixed batches (chunked
 prefill beside decodes, a prefix hit) is run both ways and must agree."""
 
@@ -17,9 +17,23 @@ import torch
 from rtpllm.config import CacheConfig, EngineConfig, SchedulerConfig
 from rtpllm.engine.llm_engine import LLMEngine
 from rtpllm.engine.model_runner import HostBatch
-from rtpllm.engine.piecewise_graphs import PiecewiseGraphs, mixed_graph_tokens, token_ladder
+from rtpllm.engine.piecewise_graphs import PiecewiseGraphs, _alias, mixed_graph_tokens, token_ladder
 from rtpllm.loader.random_checkpoint import write_random_checkpoint
 from rtpllm.sampling_params import SamplingParams
+
+
+def test_alias_is_the_same_elements() -> None:
+    """What a captured piece's q/k/v are read through at replay: strided views of the qkv
+    output (offset into it), the same address, and writes to either show in the other."""
+    qkv = torch.randn(5, 3 * 8, dtype=torch.bfloat16)
+    k = qkv[:, 8:16].view(5, 2, 4)
+    alias = _alias(k)
+    assert alias.data_ptr() == k.data_ptr() and alias.shape == k.shape and alias.stride() == k.stride()
+    assert torch.equal(alias, k)
+    qkv.mul_(2)
+    assert torch.equal(alias, k)
+    alias[1].zero_()
+    assert not qkv[1, 8:16].any() and qkv[1, :8].any()
 
 
 def test_token_ladder_pads_little() -> None:

@@ -94,10 +94,12 @@ class AttentionBackend(ABC):
         sliding_window: int | None = None,
         k_scale: torch.Tensor | None = None,
         v_scale: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """q: [T, Hq, D]; k, v: [T, Hkv, D]; k_cache, v_cache: [num_blocks, block_size, Hkv, D].
 
-        Stores k/v at `meta.slot_mapping`, then returns [T, Hq, D]: query t of sequence i
+        Stores k/v at `meta.slot_mapping`, then returns [T, Hq, D] (written into `out`
+        when given: [T, Hq, D], head_dim contiguous; every row is written): query t of sequence i
         sits at position seq_len_i - q_len_i + j and attends to keys 0..that position
         (and only the last `sliding_window` of them when set).
 

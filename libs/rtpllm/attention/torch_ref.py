@@ -40,12 +40,14 @@ class TorchReferenceBackend(AttentionBackend):
         sliding_window: int | None = None,
         k_scale: torch.Tensor | None = None,
         v_scale: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if format_of(k_cache) is None:
             write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         else:  # quantized pages are strided views: no flat index_copy_
             store_kv_ref(k, v, k_cache, v_cache, meta.slot_mapping, k_scale, v_scale)
-        out = torch.empty_like(q)
+        if out is None:
+            out = torch.empty_like(q)
         qsl = meta.query_start_loc_host
         for i, seq_len in enumerate(meta.seq_lens_host):
             start, end = qsl[i], qsl[i + 1]

@@ -186,12 +186,13 @@ class MeasuringBackend(AttentionBackend):
         sliding_window: int | None = None,
         k_scale: torch.Tensor | None = None,
         v_scale: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if k_scale is not None:
             raise ValueError("calibration measures from plain KV: run it with --kv-cache-dtype auto")
         layer = self.calls % self.errors.num_layers
         self.calls += 1
-        out = self.inner.forward(q, k, v, k_cache, v_cache, meta, scale, sliding_window)
+        out = self.inner.forward(q, k, v, k_cache, v_cache, meta, scale, sliding_window, out=out)
         # The step's new keys, each counted once (a context is gathered again by every chunk).
         stats = self.key_stats[layer]
         if stats is None:

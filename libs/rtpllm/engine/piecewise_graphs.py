@@ -13,8 +13,8 @@ all-reduce. So the forward is captured in pieces that end at each attention call
     piece L      the rest of the last layer, the final norm
 
 and a step replays piece 0, runs layer 0's attention eagerly on the q/k/v the piece left
-in static buffers (storing the step's K/V as any eager step does), replays piece 1, and
-so on. The logits of the sampling rows are computed eagerly from the last piece's output,
+in its own output (storing the step's K/V as any eager step does) into a static buffer
+the next piece reads, replays piece 1, and so on. The logits of the sampling rows are computed eagerly from the last piece's output,
 as on the eager path.
 
 Pieces are captured per token count on a ladder (16, 32, ..., 256, 288, ... up to the
@@ -23,9 +23,18 @@ extra rows padded. Attention and the KV cache see only the real rows; padded row
 through per-token ops alone, so they cannot change a real row's result.
 
 Capture ends and begins pieces from inside the model's forward: while the model is
-captured, every layer's attention backend is swapped for a `_Cut`, which copies q/k/v to
-the static buffers, ends the piece being captured, records the layer's call (its caches,
+captured, every layer's attention backend is swapped for a `_Cut`, which records where
+the piece leaves q/k/v (aliases of the graph pool's memory: the qkv projection's output,
+rotated in place), ends the piece being captured, records the layer's call (its caches,
 scale, window) and begins the next piece. Nothing in the model changes for this.
+
+The q/k/v are read where the piece wrote them, not copied out: copies into static
+buffers took 3 launches a layer (q, k and v are strided views of the qkv output), and
+the attention's output is written straight into the static buffer the next piece reads.
+On an H100 a 4,096-token 8B prefill spent 3.7 ms of its 95.5 in those copies (docs/
+benchmarks.md, "Where the 8B offline workload's steps go"). The aliases do not keep the
+memory allocated: once attention has read them the next piece may reuse it, which is
+safe because the pieces replay in the order they were captured, one step at a time.
 
 Why: eager, each of a step's ~15 launches per layer costs the CPU several microseconds;
 with a small model or a small step the GPU waits on them. Measured on an H100 (8B shape,
@@ -92,6 +101,7 @@ class _AttentionCall:
 class _Bucket:
     pieces: list[torch.cuda.CUDAGraph]
     hidden: torch.Tensor  # the last piece's output: [size, hidden] final-normed states
+    qkv: list[tuple[torch.Tensor, ...]]  # per layer: where its piece leaves q, k, v (aliases)
 
 
 class PiecewiseGraphs:
@@ -116,12 +126,9 @@ class PiecewiseGraphs:
         dev, dtype = torch.device(device), model.embed_tokens.weight.dtype
         self.input_ids = torch.zeros(max_tokens, dtype=torch.int64, device=dev)
         self.positions = torch.zeros(max_tokens, dtype=torch.int64, device=dev)
-        # Attention's inputs and output: one set for every layer and size, since the
-        # layers run one after another.
-        self.q = torch.zeros(max_tokens, attn.num_heads, attn.head_dim, dtype=dtype, device=dev)
-        self.k = torch.zeros(max_tokens, attn.num_kv_heads, attn.head_dim, dtype=dtype, device=dev)
-        self.v = torch.zeros_like(self.k)
-        self.out = torch.zeros_like(self.q)
+        # Attention's output: one for every layer and size, since the layers run one
+        # after another.
+        self.out = torch.zeros(max_tokens, attn.num_heads, attn.head_dim, dtype=dtype, device=dev)
         self.calls: list[_AttentionCall] = []
         self._buckets: dict[int, _Bucket] = {}
         self._pool = memory_pool
@@ -144,7 +151,7 @@ class PiecewiseGraphs:
                 cut.begin_piece()
                 hidden = self._forward(size, cut)
                 cut.end_piece()
-                self._buckets[size] = _Bucket(cut.pieces, hidden)
+                self._buckets[size] = _Bucket(cut.pieces, hidden, cut.qkv)
             # Upload every piece now (a graph's first replay does), not in a request's
             # step. Pieces never touch the KV cache: replaying them on stale buffers is safe.
             for bucket in self._buckets.values():
@@ -174,9 +181,9 @@ class PiecewiseGraphs:
         if fill is not None:
             fill(self.input_ids[:size])
         bucket = self._buckets[size]
-        for piece, call in zip(bucket.pieces[:-1], self.calls, strict=True):
+        for piece, call, qkv in zip(bucket.pieces[:-1], self.calls, bucket.qkv, strict=True):
             piece.replay()
-            self.attend(call, meta, tokens)
+            self.attend(call, qkv, meta, tokens)
         bucket.pieces[-1].replay()
         self.replays += 1
         return bucket.hidden[:tokens]
@@ -192,14 +199,14 @@ class PiecewiseGraphs:
         self.positions[:tokens].copy_(positions)
         return self._forward(size, _Cut(self, "eager", meta=meta, tokens=tokens))[:tokens]
 
-    def attend(self, call: _AttentionCall, meta: AttentionMetadata, tokens: int) -> None:
-        """One layer's attention over the static q/k/v of the step's `tokens` real rows,
-        into the static output the next piece reads."""
-        out = self.backend.forward(
-            self.q[:tokens], self.k[:tokens], self.v[:tokens], call.k_cache, call.v_cache, meta,
-            call.scale, call.sliding_window, call.k_scale, call.v_scale,
+    def attend(self, call: _AttentionCall, qkv: tuple[torch.Tensor, ...], meta: AttentionMetadata, tokens: int) -> None:
+        """One layer's attention over the q/k/v its piece left (`qkv`) for the step's
+        `tokens` real rows, into the static output the next piece reads."""
+        q, k, v = (t[:tokens] for t in qkv)
+        self.backend.forward(
+            q, k, v, call.k_cache, call.v_cache, meta, call.scale, call.sliding_window, call.k_scale, call.v_scale,
+            out=self.out[:tokens],
         )  # fmt: skip
-        self.out[:tokens].copy_(out)
 
     def _size_for(self, tokens: int) -> int:
         """The captured token count a step of `tokens` tokens pads to."""
@@ -237,6 +244,7 @@ class _Cut(AttentionBackend):
         self.tokens = tokens
         self.calls: list[_AttentionCall] = []
         self.pieces: list[torch.cuda.CUDAGraph] = []
+        self.qkv: list[tuple[torch.Tensor, ...]] = []  # "capture": per layer, aliases of q, k, v
         # The model hands this to attention, which is this cut: only "eager" reads it.
         self.meta = meta if meta is not None else _unused_meta(graphs.input_ids)
 
@@ -260,20 +268,28 @@ class _Cut(AttentionBackend):
         sliding_window: int | None = None,
         k_scale: torch.Tensor | None = None,
         v_scale: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        assert out is None, "the model's layers pass no output buffer"
         g = self.graphs
-        rows = q.shape[0]
-        g.q[:rows].copy_(q)
-        g.k[:rows].copy_(k)
-        g.v[:rows].copy_(v)
         call = _AttentionCall(k_cache, v_cache, scale, sliding_window, k_scale, v_scale)
         self.calls.append(call)
         if self.mode == "capture":
+            self.qkv.append((_alias(q), _alias(k), _alias(v)))
             self.end_piece()
             self.begin_piece()
         elif self.mode == "eager":
-            g.attend(call, meta, self.tokens)
-        return g.out[:rows]
+            g.attend(call, (q, k, v), meta, self.tokens)
+        return g.out[: q.shape[0]]
+
+
+def _alias(t: torch.Tensor) -> torch.Tensor:
+    """`t`'s elements as a tensor that does not own their memory: holding it does not
+    keep the block allocated in the graph pool (as torch's own CUDA graph trees alias
+    their outputs). Valid while the pool lives, for what the captured graphs write there."""
+    storage = t.untyped_storage()
+    alias = torch._C._construct_storage_from_data_pointer(storage.data_ptr(), t.device, storage.nbytes())
+    return torch.empty(0, dtype=t.dtype, device=t.device).set_(alias, t.storage_offset(), t.size(), t.stride())
 
 
 @contextmanager
