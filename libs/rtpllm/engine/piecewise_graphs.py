@@ -14,8 +14,8 @@ all-reduce. So the forward is captured in pieces that end at each attention call
 
 and a step replays piece 0, runs layer 0's attention eagerly on the q/k/v the piece left
 in its own output (storing the step's K/V as any eager step does) into a static buffer
-the next piece reads, replays piece 1, and so on. The logits of the sampling rows are computed eagerly from the last piece's output,
-as on the eager path.
+the next piece reads, replays piece 1, and so on. The logits of the sampling rows are
+computed eagerly from the last piece's output, as on the eager path.
 
 Pieces are captured per token count on a ladder (16, 32, ..., 256, 288, ... up to the
 step budget: `token_ladder`); a step of T tokens replays the smallest size >= T with the
@@ -30,11 +30,12 @@ scale, window) and begins the next piece. Nothing in the model changes for this.
 
 The q/k/v are read where the piece wrote them, not copied out: copies into static
 buffers took 3 launches a layer (q, k and v are strided views of the qkv output), and
-the attention's output is written straight into the static buffer the next piece reads.
-On an H100 a 4,096-token 8B prefill spent 3.7 ms of its 95.5 in those copies (docs/
-benchmarks.md, "Where the 8B offline workload's steps go"). The aliases do not keep the
-memory allocated: once attention has read them the next piece may reuse it, which is
-safe because the pieces replay in the order they were captured, one step at a time.
+the attention's output is written straight into the static buffer the next piece reads
+instead of copied there. On an H100 a 4,096-token 8B prefill spent 3.7 ms of its 95.5
+in the copies around attention, four of the five a layer these (docs/benchmarks.md,
+"Mixed-step graph pieces without the copies"). The aliases do not keep the memory
+allocated: once attention has read them the next piece may reuse it, which is safe
+because the pieces replay in the order they were captured, one step at a time.
 
 Why: eager, each of a step's ~15 launches per layer costs the CPU several microseconds;
 with a small model or a small step the GPU waits on them. Measured on an H100 (8B shape,
