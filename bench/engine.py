@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import switches  # noqa: E402
+import trace_gaps  # noqa: E402
 from offline_throughput import random_prompts, run_throughput  # noqa: E402
 
 from rtpllm import LLM, SamplingParams
@@ -259,7 +260,7 @@ def profile_batch_decode(
         for _ in range(8):
             eng.step()
         sync()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof, torch.profiler.record_function("timed"):
             start = time.perf_counter()
             for _ in range(steps):
                 eng.step()
@@ -276,11 +277,11 @@ def profile_batch_decode(
             eng.step()
     finally:
         llm.close()
-    prof.export_chrome_trace(str(out_dir / "batch_decode_trace.json"))
+    gaps = gaps_of(prof, out_dir / "batch_decode_trace.json")
     events = prof.key_averages()
     gpu_us = kernel_us(events)
     summary = {"batch": batch, "steps": steps, "step_ms": plain_ms, "profiled_step_ms": wall_ms, "gpu_kernel_ms_per_step": gpu_us / 1e3 / steps}
-    return events.table(sort_by="cuda_time_total", row_limit=40), summary
+    return events.table(sort_by="cuda_time_total", row_limit=40) + "\n\n" + gaps, summary
 
 
 def profile_prefill(path: Path, device: str, out_dir: Path, prompt_len: int = 4096) -> str:
@@ -294,10 +295,19 @@ def profile_prefill(path: Path, device: str, out_dir: Path, prompt_len: int = 40
     llm.generate([[rng.randrange(vocab) for _ in range(prompt_len)]], params)
     sync()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        llm.generate([[rng.randrange(vocab) for _ in range(prompt_len)]], params)
-        sync()
-    prof.export_chrome_trace(str(out_dir / "prefill_trace.json"))
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
+        with torch.profiler.record_function("timed"):
+            llm.generate([[rng.randrange(vocab) for _ in range(prompt_len)]], params)
+            sync()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
+    return table + "\n\n" + gaps_of(prof, out_dir / "prefill_trace.json")
+
+
+def gaps_of(prof: Any, trace_path: Path) -> str:
+    """Export the trace and say where in the "timed" window the GPU sat idle (trace_gaps)."""
+    prof.export_chrome_trace(str(trace_path))
+    gaps = trace_gaps.idle_gaps(json.loads(trace_path.read_text()), window="timed", top=12)
+    trace_path.with_suffix(".gaps.json").write_text(json.dumps(gaps, indent=2))
+    return trace_gaps.format_gaps(gaps)
 
 
 def profile_admission(
@@ -318,7 +328,7 @@ def profile_admission(
         prompts = random_prompts(vocab, num_prompts, (100, 1024), seed)
         sync()
         start = time.perf_counter()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof, torch.profiler.record_function("timed"):
             llm.generate(prompts, params)
             sync()
         wall_ms = (time.perf_counter() - start) * 1e3
@@ -330,7 +340,7 @@ def profile_admission(
         plain_ms = (time.perf_counter() - start) * 1e3
     finally:
         llm.close()
-    prof.export_chrome_trace(str(out_dir / "admission_trace.json"))
+    gaps = gaps_of(prof, out_dir / "admission_trace.json")
     events = prof.key_averages()
     gpu_us = kernel_us(events)
     summary = {
@@ -341,7 +351,8 @@ def profile_admission(
         "unprofiled_ms": plain_ms,
         "gpu_kernel_ms": gpu_us / 1e3,
     }
-    return events.table(sort_by="cpu_time_total", row_limit=40) + "\n" + events.table(sort_by="cuda_time_total", row_limit=25), summary
+    tables = events.table(sort_by="cpu_time_total", row_limit=40) + "\n" + events.table(sort_by="cuda_time_total", row_limit=25)
+    return tables + "\n\n" + gaps, summary
 
 
 def step_timeline(llm: LLM) -> tuple[Callable[[], dict[str, Any]], Callable[[], None]]:

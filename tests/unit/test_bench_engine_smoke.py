@@ -49,7 +49,10 @@ def test_batch_decode_profile_runs(tmp_path: Path) -> None:
     summary = json.loads(out.read_text())["profile-batch[tiny]"]
     assert summary["batch"] == 8 and summary["steps"] == 3
     assert 0 < summary["step_ms"] and summary["gpu_kernel_ms_per_step"] == 0.0
-    assert "aten::" in (tmp_path / "batch_decode_profile.txt").read_text()
+    table = (tmp_path / "batch_decode_profile.txt").read_text()
+    assert "aten::" in table
+    assert "GPU busy 0.00" in table  # trace_gaps over the profiled steps: no GPU on the CPU
+    assert (tmp_path / "batch_decode_trace.gaps.json").exists()
 
 
 @pytest.mark.timeout(180)

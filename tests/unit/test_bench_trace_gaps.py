@@ -1,0 +1,59 @@
+"""bench/trace_gaps.py: the GPU's idle time inside a window of a torch.profiler trace,
+and the host ops the GPU waited on, on a hand-built trace whose answer is known."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+import trace_gaps  # noqa: E402
+
+
+def _x(cat: str, name: str, ts: float, dur: float, **args: int) -> dict:
+    return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "args": args}
+
+
+def _trace() -> dict:
+    # Window 0..1000 µs. Kernels: A 100-300, B 250-400 (overlaps A), C 700-900.
+    # C's launch (correlation 3) is at 650, after a 500 µs host op that began at 350.
+    return {
+        "traceEvents": [
+            _x("user_annotation", "timed", 0, 1000),
+            _x("cpu_op", "prepare_inputs", 0, 90),
+            _x("cpu_op", "slow_python", 350, 290),
+            _x("cpu_op", "inner", 400, 100),  # nested in slow_python: not reported on its own
+            _x("cuda_runtime", "cudaLaunchKernel", 95, 2, correlation=1),
+            _x("cuda_runtime", "cudaLaunchKernel", 97, 2, correlation=2),
+            _x("cuda_runtime", "cudaLaunchKernel", 650, 2, correlation=3),
+            _x("kernel", "A", 100, 200, correlation=1),
+            _x("kernel", "B", 250, 150, correlation=2),
+            _x("kernel", "C", 700, 200, correlation=3),
+            _x("kernel", "outside", 1500, 10, correlation=9),
+        ]
+    }
+
+
+def test_busy_idle_lead_tail() -> None:
+    s = trace_gaps.idle_gaps(_trace(), window="timed")
+    assert s["window_ms"] == pytest.approx(1.0)
+    assert s["gpu_busy_ms"] == pytest.approx(0.5)  # 100-400 and 700-900; overlap counted once
+    assert s["gpu_idle_ms"] == pytest.approx(0.5)
+    assert s["lead_ms"] == pytest.approx(0.1) and s["tail_ms"] == pytest.approx(0.1)
+    assert s["gaps_over_min"] == 1 and s["gaps_over_min_ms"] == pytest.approx(0.3)
+
+
+def test_gap_names_the_host_work_it_waited_on() -> None:
+    (gap,) = trace_gaps.idle_gaps(_trace(), window="timed")["top_gaps"]
+    assert gap["at_ms"] == pytest.approx(0.4) and gap["idle_ms"] == pytest.approx(0.3)
+    assert gap["next_gpu"] == "C"
+    assert gap["launched_after_gap_start_ms"] == pytest.approx(0.25)
+    assert gap["host_ops"] == ["slow_python 0.240 ms"]  # the outer op, clipped to [400, 650]
+    assert "idle 0.300 ms before C" in trace_gaps.format_gaps(trace_gaps.idle_gaps(_trace(), window="timed"))
+
+
+def test_unknown_window_is_an_error() -> None:
+    with pytest.raises(ValueError, match="no record_function span"):
+        trace_gaps.idle_gaps(_trace(), window="missing")
