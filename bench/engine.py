@@ -248,6 +248,7 @@ def profile_batch_decode(
     llm = make_llm(
         path, device, max_model_len=1024 + 64 + steps, max_num_seqs=batch, max_num_batched_tokens=8192, kv_cache_dtype=kv_cache_dtype
     )  # fmt: skip
+    label_phases(llm)
     try:
         eng = llm.engine
         vocab = eng.model_config.vocab_size
@@ -289,6 +290,7 @@ def profile_prefill(path: Path, device: str, out_dir: Path, prompt_len: int = 40
     from torch.profiler import ProfilerActivity, profile
 
     llm = make_llm(path, device, max_model_len=prompt_len + 16, max_num_batched_tokens=prompt_len, enable_prefix_caching=False)
+    label_phases(llm)
     vocab = llm.engine.model_config.vocab_size
     rng = random.Random(1)
     params = SamplingParams(temperature=0, max_tokens=1)
@@ -300,6 +302,21 @@ def profile_prefill(path: Path, device: str, out_dir: Path, prompt_len: int = 40
             sync()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
     return table + "\n\n" + gaps_of(prof, out_dir / "prefill_trace.json")
+
+
+def label_phases(llm: LLM) -> None:
+    """Name the engine's host phases in profiler traces (record_function around the
+    scheduler's `schedule`, the runner's `execute` and the engine's `_finish`), so that
+    trace_gaps can say which one the GPU waited on. Bench-only: the engine is untouched."""
+    eng = llm.engine
+    for owner, attr, label in ((eng.scheduler, "schedule", "engine.schedule"), (eng.runner, "execute", "engine.execute"), (eng, "_finish", "engine.finish")):
+        inner = getattr(owner, attr)
+
+        def labelled(*args: Any, _inner: Callable[..., Any] = inner, _label: str = label, **kw: Any) -> Any:
+            with torch.profiler.record_function(_label):
+                return _inner(*args, **kw)
+
+        setattr(owner, attr, labelled)
 
 
 def gaps_of(prof: Any, trace_path: Path) -> str:
@@ -321,6 +338,7 @@ def profile_admission(
     from torch.profiler import ProfilerActivity, profile
 
     llm = make_llm(path, device, max_model_len=1024 + 16, max_num_seqs=256, max_num_batched_tokens=8192, kv_cache_dtype=kv_cache_dtype)
+    label_phases(llm)
     try:
         vocab = llm.engine.model_config.vocab_size
         params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)

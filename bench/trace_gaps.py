@@ -61,7 +61,9 @@ def idle_gaps(trace: dict[str, Any], window: str | None = None, top: int = 10, m
     w0, w1 = _window(events, window)
     gpu = [s for s in _spans(events, GPU_CATEGORIES) if s.end > w0 and s.start < w1]
     launches = {s.correlation: s for s in _spans(events, {"cuda_runtime"}) if s.correlation is not None}
-    host_ops = [s for s in _spans(events, {"cpu_op"}) if w0 <= s.start <= w1]
+    # Host work: torch ops, and record_function labels other than the window's own (the
+    # bench labels the engine's phases: schedule, execute, finish).
+    host_ops = [s for s in _spans(events, {"cpu_op", "user_annotation"}) if w0 <= s.start <= w1 and s.name != window]
     busy = 0.0
     gaps: list[tuple[float, float, Span]] = []
     edge = w0

@@ -57,3 +57,12 @@ def test_gap_names_the_host_work_it_waited_on() -> None:
 def test_unknown_window_is_an_error() -> None:
     with pytest.raises(ValueError, match="no record_function span"):
         trace_gaps.idle_gaps(_trace(), window="missing")
+
+
+def test_a_phase_label_is_the_outer_host_span() -> None:
+    """The bench's record_function labels of engine phases count as host work, and the
+    window's own label does not (it spans everything)."""
+    trace = _trace()
+    trace["traceEvents"].append(_x("user_annotation", "engine.execute", 340, 305))  # holds slow_python
+    (gap,) = trace_gaps.idle_gaps(trace, window="timed")["top_gaps"]
+    assert gap["host_ops"] == ["engine.execute 0.245 ms"]
