@@ -17,9 +17,22 @@ DONE = b"data: [DONE]\n\n"
 _json = msgspec.json.Encoder()
 
 
+# Characters that JSON leaves raw but that line readers built on str.splitlines (httpx's
+# `iter_lines` and `aiter_lines`) take for line breaks: U+0085 (NEL), U+2028,
+# U+2029, as their UTF-8 bytes. Generated text holds them now and then (any byte-level
+# tokenizer can emit them); raw, such a client reads one event as two lines and loses the
+# second half (a chunk's finish_reason). Escaped, the JSON decodes to the same text.
+_LINE_BREAKS_UTF8 = ((b"\xc2\x85", b"\\u0085"), (b"\xe2\x80\xa8", b"\\u2028"), (b"\xe2\x80\xa9", b"\\u2029"))
+
+
 def sse_event(payload: msgspec.Struct | dict) -> bytes:
-    """One `data: {...}` event (JSON without spaces, as OpenAI sends it)."""
-    return b"data: " + _json.encode(payload) + b"\n\n"
+    """One `data: {...}` event (JSON without spaces, as OpenAI sends it), with no
+    character in it that a splitlines-based reader would break the line at."""
+    data = _json.encode(payload)
+    if b"\xc2\x85" in data or b"\xe2\x80" in data:
+        for raw, escaped in _LINE_BREAKS_UTF8:
+            data = data.replace(raw, escaped)
+    return b"data: " + data + b"\n\n"
 
 
 def sse_error(error: APIError) -> bytes:
