@@ -296,10 +296,9 @@ def profile_prefill(path: Path, device: str, out_dir: Path, prompt_len: int = 40
     params = SamplingParams(temperature=0, max_tokens=1)
     llm.generate([[rng.randrange(vocab) for _ in range(prompt_len)]], params)
     sync()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        with torch.profiler.record_function("timed"):
-            llm.generate([[rng.randrange(vocab) for _ in range(prompt_len)]], params)
-            sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof, torch.profiler.record_function("timed"):
+        llm.generate([[rng.randrange(vocab) for _ in range(prompt_len)]], params)
+        sync()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
     return table + "\n\n" + gaps_of(prof, out_dir / "prefill_trace.json")
 

@@ -9,8 +9,9 @@ reports, inside a window (a `record_function` label, or the whole trace):
     and idle time;
   - the lead (window start -> first GPU work) and tail (last GPU work -> window end);
   - the longest idle gaps between GPU work, each with the next GPU work's name, when the
-    host launched it, and the host ops (cpu_op) that ran between the gap's start and
-    that launch: the host work the GPU waited for.
+    host launched it, and the outermost host spans (torch ops, and `record_function`
+    labels other than the window's) that ran between the gap's start and that launch:
+    the host work the GPU waited for.
 
 Usage: python bench/trace_gaps.py TRACE.json [--window LABEL] [--top N]
 """

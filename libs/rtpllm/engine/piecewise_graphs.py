@@ -32,7 +32,7 @@ The q/k/v are read where the piece wrote them, not copied out: copies into stati
 buffers took 3 launches a layer (q, k and v are strided views of the qkv output), and
 the attention's output is written straight into the static buffer the next piece reads
 instead of copied there. On an H100 a 4,096-token 8B prefill spent 3.7 ms of its 95.5
-in the copies around attention, four of the five a layer these (docs/benchmarks.md,
+in copies around attention, five a layer, four of them these (docs/benchmarks.md,
 "Mixed-step graph pieces without the copies"). The aliases do not keep the memory
 allocated: once attention has read them the next piece may reuse it, which is safe
 because the pieces replay in the order they were captured, one step at a time.
