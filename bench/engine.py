@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -443,22 +444,82 @@ def bench_throughput(
 
 
 def bench_prefill(path: Path, device: str, prompt_len: int = 4096, repeats: int = 5) -> dict[str, Any]:
+    """One uncached prompt's prefill (one output token): wall time, and where it goes:
+    the host's work before the forward pass is launched, the forward's device time
+    (CUDA events around the runner's batch) and the rest (sampling, read-back, output),
+    each the median over the repeats; no profiler, so no profiler overhead."""
     llm = make_llm(path, device, max_model_len=prompt_len + 16, max_num_batched_tokens=prompt_len, enable_prefix_caching=False)
+    marks = time_forward(llm)
     vocab = llm.engine.model_config.vocab_size
     rng = random.Random(0)
     params = SamplingParams(temperature=0, max_tokens=1)
-    samples = []
+    samples: list[float] = []
+    phases: list[tuple[float, float]] = []
     for i in range(repeats + 1):
         prompt = [rng.randrange(vocab) for _ in range(prompt_len)]
         sync()
+        marks.clear()
         start = time.perf_counter()
         llm.generate([prompt], params)
         sync()
+        wall = time.perf_counter() - start
         if i:  # the first run compiles kernels
-            samples.append(time.perf_counter() - start)
+            samples.append(wall)
+            if marks:
+                phases.append((marks[0].entered - start, marks[0].device_seconds()))
     samples.sort()
-    res = {"prompt_tokens": prompt_len, "median_ms": samples[len(samples) // 2] * 1e3, "min_ms": samples[0] * 1e3}
+    res: dict[str, Any] = {"prompt_tokens": prompt_len, "median_ms": samples[len(samples) // 2] * 1e3, "min_ms": samples[0] * 1e3}
+    if phases:
+        host = sorted(h for h, _ in phases)[len(phases) // 2]
+        forward = sorted(f for _, f in phases)[len(phases) // 2]
+        res.update(
+            host_before_forward_ms=host * 1e3,
+            forward_device_ms=forward * 1e3,
+            rest_ms=res["median_ms"] - (host + forward) * 1e3,
+        )
     return res
+
+
+@dataclass
+class ForwardMark:
+    """When the host entered and left the runner's batch, and CUDA events around its
+    device work (None on the CPU, where the forward runs while the host waits)."""
+
+    entered: float
+    returned: float
+    begin: Any
+    end: Any
+
+    def device_seconds(self) -> float:
+        if self.begin is None:
+            return self.returned - self.entered
+        return self.begin.elapsed_time(self.end) / 1e3
+
+
+def time_forward(llm: LLM) -> list[ForwardMark]:
+    """Mark each `run_batch` of the runner (bench-only wrapper): the host clock at entry and,
+    on CUDA, events recorded on entry and on return. The device is idle at entry when the
+    step runs alone (a prefill), so the events span the forward's device time, its
+    uploads included."""
+    runner = llm.engine.runner
+    inner = runner.run_batch
+    marks: list[ForwardMark] = []
+    cuda = torch.cuda.is_available()
+
+    def marked(*args: Any, **kw: Any) -> Any:
+        begin = end = None
+        entered = time.perf_counter()
+        if cuda:
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+        out = inner(*args, **kw)
+        if cuda:
+            end.record()
+        marks.append(ForwardMark(entered, time.perf_counter(), begin, end))
+        return out
+
+    runner.run_batch = marked
+    return marks
 
 
 def bench_step(path: Path, device: str, batch: int, ctx: int = 1024, steps: int = 32) -> dict[str, Any]:
@@ -610,7 +671,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.what in ("prefill", "all"):
         for length in [256] if args.smoke else args.prefill_lens:
             r = bench_prefill(model_dir(big, root), args.device, prompt_len=length)
-            record(f"prefill[{big},{length}]", r, f"{r['median_ms']:.1f} ms for {r['prompt_tokens']} tokens")
+            split = f" (host before forward {r['host_before_forward_ms']:.1f}, forward {r['forward_device_ms']:.1f}, rest {r['rest_ms']:.1f})" if "rest_ms" in r else ""
+            record(f"prefill[{big},{length}]", r, f"{r['median_ms']:.1f} ms for {r['prompt_tokens']} tokens{split}")
     if args.what in ("step", "all"):
         for batch in (4, 8) if args.smoke else (64, 256):
             r = bench_step(model_dir(big, root), args.device, batch, ctx=64 if args.smoke else 1024, steps=8 if args.smoke else 32)

@@ -7,7 +7,10 @@ reports, inside a window (a `record_function` label, or the whole trace):
 
   - the window's wall time, the GPU's busy time (union of kernels, copies and memsets)
     and idle time;
-  - the lead (window start -> first GPU work) and tail (last GPU work -> window end);
+  - the lead (window start -> first GPU work) and tail (last GPU work -> window end), and
+    the host work in the lead up to the first launch: the outermost host spans, each with
+    its largest direct children and its self time (Python between torch ops), and the
+    window's own self time;
   - the longest idle gaps between GPU work, each with the next GPU work's name, when the
     host launched it, and the outermost host spans (torch ops, and `record_function`
     labels other than the window's) that ran between the gap's start and that launch:
@@ -91,6 +94,36 @@ def idle_gaps(trace: dict[str, Any], window: str | None = None, top: int = 10, m
             "host_ops": [f"{o.name[:60]} {(min(o.end, until) - max(o.start, gap_start)) / 1e3:.3f} ms" for o in outer[:4]],
         }
 
+    def lead_work() -> list[str]:
+        """The host spans of the lead (window start -> the first GPU work's launch), one
+        level of children deep: which phase, and which ops inside it, delayed the GPU."""
+        if not gpu:
+            return []
+        launch = launches.get(gpu[0].correlation)
+        until = launch.start if launch is not None else gpu[0].start
+
+        def clip(o: Span) -> float:
+            return max(0.0, min(o.end, until) - max(o.start, w0))
+
+        def outermost(spans: list[Span]) -> list[Span]:
+            return [o for o in spans if not any(p is not o and p.start <= o.start and o.end <= p.end for p in spans)]
+
+        inside = [o for o in host_ops if o.end > w0 and o.start < until]
+        outer = sorted(outermost(inside), key=clip, reverse=True)
+        lines = []
+        for o in outer[:4]:
+            kids = sorted(outermost([c for c in inside if c is not o and o.start <= c.start and c.end <= o.end]), key=clip, reverse=True)
+            own = clip(o) - sum(clip(c) for c in kids)
+            parts = [f"{c.name[:40]} {clip(c) / 1e3:.3f}" for c in kids[:4]] + [f"self {own / 1e3:.3f}"]
+            lines.append(f"{o.name[:60]} {clip(o) / 1e3:.3f} ms [{', '.join(parts)}]")
+        covered, edge = 0.0, w0  # the union of the outer spans (other threads' may overlap)
+        for o in sorted(outer, key=lambda o: o.start):
+            lo, hi = max(o.start, edge), min(o.end, until)
+            covered += max(0.0, hi - lo)
+            edge = max(edge, hi)
+        lines.append(f"outside any span {(until - w0 - covered) / 1e3:.3f} ms")
+        return lines
+
     gaps.sort(key=lambda g: g[1] - g[0], reverse=True)
     return {
         "window_ms": (w1 - w0) / 1e3,
@@ -98,6 +131,7 @@ def idle_gaps(trace: dict[str, Any], window: str | None = None, top: int = 10, m
         "gpu_idle_ms": (w1 - w0 - busy) / 1e3,
         "lead_ms": (first - w0) / 1e3,
         "tail_ms": (w1 - last) / 1e3,
+        "lead_host": lead_work(),
         "gaps_over_min": len(gaps),
         "gaps_over_min_ms": sum(b - a for a, b, _ in gaps) / 1e3,
         "top_gaps": [{"at_ms": (a - w0) / 1e3, "idle_ms": (b - a) / 1e3, **explain(a, nxt)} for a, b, nxt in gaps[:top]],
@@ -110,6 +144,7 @@ def format_gaps(summary: dict[str, Any]) -> str:
         f"(lead {summary['lead_ms']:.2f}, tail {summary['tail_ms']:.2f}, {summary['gaps_over_min']} gaps inside "
         f"{summary['gaps_over_min_ms']:.2f})"
     ]
+    lines += [f"  lead: {line}" for line in summary.get("lead_host", [])]
     for g in summary["top_gaps"]:
         lines.append(
             f"  at {g['at_ms']:8.2f} ms idle {g['idle_ms']:.3f} ms before {g['next_gpu']} "

@@ -68,3 +68,19 @@ def test_admission_profile_runs(tmp_path: Path) -> None:
     assert summary["prompts"] == 4 and summary["kv_cache_dtype"] == "fp8" and summary["prompt_tokens"] >= 400
     assert 0 < summary["unprofiled_ms"] and summary["gpu_kernel_ms"] == 0.0
     assert "aten::" in (tmp_path / "admission_profile_fp8.txt").read_text()
+
+
+@pytest.mark.timeout(180)
+def test_prefill_splits_its_wall_time(tmp_path: Path) -> None:
+    """bench/engine.py prefill: the wall time splits into the host's work before the
+    forward, the forward and the rest, which add up to it (on the CPU the forward is
+    the host's time inside the runner's batch)."""
+    out = tmp_path / "prefill.json"
+    argv = [sys.executable, "bench/engine.py", "prefill", "--smoke", "--device", "cpu", "--out", str(out)]
+    proc = subprocess.run(argv, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=170)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    r = json.loads(out.read_text())["prefill[tiny,256]"]
+    assert 0 < r["host_before_forward_ms"] < r["median_ms"] and 0 < r["forward_device_ms"] < r["median_ms"]
+    # Medians of parts need not sum to the median of wholes exactly; the parts stay within it.
+    assert r["host_before_forward_ms"] + r["forward_device_ms"] <= 1.5 * r["median_ms"]
+    assert "host before forward" in proc.stdout

@@ -66,3 +66,25 @@ def test_a_phase_label_is_the_outer_host_span() -> None:
     trace["traceEvents"].append(_x("user_annotation", "engine.execute", 340, 305))  # holds slow_python
     (gap,) = trace_gaps.idle_gaps(trace, window="timed")["top_gaps"]
     assert gap["host_ops"] == ["engine.execute 0.245 ms"]
+
+
+def test_the_lead_names_its_phases_and_their_ops() -> None:
+    """The lead (window start -> the first launch, at 95) is broken into its outermost
+    host spans, each with its direct children and the self time left between them."""
+    trace = _trace()
+    trace["traceEvents"].append(_x("user_annotation", "engine.execute", 5, 95))  # overlaps prepare_inputs, not holding it
+    trace["traceEvents"].append(_x("cpu_op", "aten::pin_memory", 92, 2))  # inside engine.execute only
+    s = trace_gaps.idle_gaps(trace, window="timed")
+    assert s["lead_host"] == [
+        "prepare_inputs 0.090 ms [self 0.090]",  # equal lengths keep the trace's order
+        "engine.execute 0.090 ms [aten::pin_memory 0.002, self 0.088]",
+        "outside any span 0.000 ms",  # the two overlap (other threads): time is counted once
+    ]
+    assert "  lead: prepare_inputs 0.090 ms" in trace_gaps.format_gaps(s)
+
+
+def test_the_lead_of_nested_phases() -> None:
+    trace = _trace()
+    trace["traceEvents"].append(_x("user_annotation", "engine.execute", 0, 98))  # holds prepare_inputs (0..90)
+    s = trace_gaps.idle_gaps(trace, window="timed")
+    assert s["lead_host"] == ["engine.execute 0.095 ms [prepare_inputs 0.090, self 0.005]", "outside any span 0.000 ms"]
