@@ -117,6 +117,16 @@ def _pad_rows(rows: list[list[int]]) -> np.ndarray:
     return out
 
 
+def _span_slots(table: list[int], start: int, end: int, block_size: int) -> list[int]:
+    """The cache slots of positions start..end-1 of a sequence with block table `table`,
+    by numpy (a prompt chunk is thousands of positions, and a Python loop over them is
+    host time before the step's first kernel: ~0.55 ms against ~0.2 for 4,096)."""
+    first, last = start // block_size, (end - 1) // block_size + 1
+    blocks = np.asarray(table[first:last], dtype=np.int64) * block_size
+    offset = first * block_size
+    return (blocks[:, None] + np.arange(block_size)).ravel()[start - offset : end - offset].tolist()
+
+
 # Called with the step and the logits of every packed token (debugging / reference tests).
 LogitsObserver = Callable[[SchedulerOutput, torch.Tensor], None]
 
@@ -269,7 +279,7 @@ class ModelRunner:
             else:
                 ids.extend(req.all_token_ids[start:end])
                 positions.extend(range(start, end))
-                slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+                slots.extend(_span_slots(table, start, end, bs))
             qsl.append(len(ids))
             seq_lens.append(end)
             tables.append(table)
