@@ -637,6 +637,9 @@ def quant_short_decode_rows(device: str, smoke: bool) -> list[dict[str, Any]]:
         head = {"case": "quant_short_decode", "batch": batch, "ctx": ctx, "q_heads": hq}
         ms = bench(lambda: decode_mod.paged_decode_attention_triton(q, kn, kn, kc, vc, tables, seq_lens, slots, D**-0.5, None, out, heuristic, ctx), device)  # noqa: B023
         rows.append({**head, "fmt": "bf16", "cfg": decode_mod.decode_config(D), "splits": heuristic, "ms": ms, "gbs": tokens * HKV * D * 4 / ms / 1e6})
+        order = torch.argsort(seq_lens, descending=True).to(torch.int32)  # rows started longest context first
+        ms = bench(lambda: decode_mod.paged_decode_attention_triton(q, kn, kn, kc, vc, tables, seq_lens, slots, D**-0.5, None, out, heuristic, ctx, order=order), device)  # noqa: B023
+        rows.append({**head, "fmt": "bf16, longest first", "cfg": decode_mod.decode_config(D), "splits": heuristic, "ms": ms, "gbs": tokens * HKV * D * 4 / ms / 1e6})
         # Widened from 16-bit words into even/odd halves (FP8_WIDEN_PAIRS, INT8_WIDEN_PAIRS:
         # the defaults; inline PTX, interpreted through bit operations on the CPU).
         variants = (("fp8", 0), ("fp8", 1), ("int8", 0), ("fp8", 2), ("int8", 2))
@@ -655,6 +658,17 @@ def quant_short_decode_rows(device: str, smoke: bool) -> list[dict[str, Any]]:
                     timing = with_decode_config(cfg, decode, device, tokens * HKV * (D + 4) * 2)
                 rows.append({**head, "fmt": fmt + ("", " f16 dots", " f16 halves")[f16], "cfg": cfg, "splits": splits,
                              "default": cfg == default_cfg and splits == heuristic, **timing})  # fmt: skip
+            if f16 == 2:
+                # The default launch with the rows started longest context first: whether
+                # the short rows filling the last wave beat the batch's order.
+
+                def ordered(k=qk, v=qv, ks=ks, vs=vs) -> None:
+                    decode_mod.paged_decode_attention_triton(
+                        q, kn, kn, k, v, tables, seq_lens, slots, D**-0.5, None, out, heuristic, ctx, k_scale=ks, v_scale=vs, order=order  # noqa: B023
+                    )  # fmt: skip
+
+                timing = with_decode_config(default_cfg, ordered, device, tokens * HKV * (D + 4) * 2)
+                rows.append({**head, "fmt": fmt + " f16 halves, longest first", "cfg": default_cfg, "splits": heuristic, **timing})
             del qk, qv
     return rows
 

@@ -63,6 +63,7 @@ def _check_decode(
     window: int | None,
     num_splits: int | None,
     fused: bool = True,
+    order: torch.Tensor | None = None,
 ) -> None:
     meta = case.meta
     dtype = case.q.dtype
@@ -88,6 +89,7 @@ def _check_decode(
         out=out,
         num_splits=num_splits,
         max_seq_len=meta.max_seq_len,
+        order=order,
     )
     assert not torch.isnan(out).any(), "unwritten (or NaN) output elements"
     err = rel_err(out, ref)
@@ -151,6 +153,16 @@ def test_decode_odd_shapes(kernel_device: str, head_dim: int, block_size: int) -
         [1, 50, 333], [1, 1, 1], 8, 2, head_dim, block_size, torch.bfloat16, kernel_device, seed=3
     )
     _check_decode(case, None, None)
+
+
+@pytest.mark.parametrize("num_splits", [None, 3])
+def test_decode_longest_first_order(kernel_device: str, num_splits: int | None) -> None:
+    """Rows launched in a given order (longest context first) give the same result and
+    the same cache writes as in batch order."""
+    lens = [5, 300, 17, 128, 1, 64]
+    case = make_case(lens, [1] * len(lens), 8, 2, 64, 16, torch.bfloat16, kernel_device, seed=11)
+    order = torch.tensor(sorted(range(len(lens)), key=lambda i: -lens[i]), dtype=torch.int32, device=kernel_device)
+    _check_decode(case, None, num_splits, order=order)
 
 
 def test_decode_unfused_cache_read(kernel_device: str) -> None:

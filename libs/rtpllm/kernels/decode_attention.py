@@ -288,6 +288,7 @@ def _decode_stage1_kernel(
     Out,
     Mid_o,
     Mid_lse,
+    Order,
     sm_scale_log2,
     window,
     stride_qt,
@@ -331,9 +332,16 @@ def _decode_stage1_kernel(
     QUANT: tl.constexpr,
     V_MUL: tl.constexpr,
     F16_DOTS: tl.constexpr,
+    ORDERED: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    hb = tl.program_id(1)
+    if ORDERED:
+        # Grid (heads, batch, splits): the hardware starts programs in grid order, so
+        # sequence Order[i] (longest first) starts before Order[i + 1] with all its heads.
+        hb = tl.program_id(0)
+        b = tl.load(Order + tl.program_id(1))
+    else:
+        b = tl.program_id(0)
+        hb = tl.program_id(1)
     split = tl.program_id(2)
     kvh = hb // HEAD_BLOCKS
     sub = hb % HEAD_BLOCKS
@@ -592,9 +600,12 @@ def paged_decode_attention_triton(
     max_seq_len: int | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    order: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton version of `paged_decode_attention_ref` (same arguments and result).
 
+    `order` (int32 [batch], a permutation of the rows, e.g. longest context first) is the
+    order the rows' programs start in; it changes when work starts, not the result.
     No host synchronisation: sizes come from tensor shapes and the host ints passed in.
     """
     batch, num_heads, head_dim = q.shape
@@ -621,7 +632,8 @@ def paged_decode_attention_triton(
     block_d = next_power_of_2(head_dim)
     block_n, num_warps, num_stages = decode_config(head_dim, q.dtype if quant else k_cache.dtype, bool(quant))
     mid_o, mid_lse = split_buffers(out, num_splits)
-    _decode_stage1_kernel[(batch, num_kv_heads * head_blocks, num_splits)](
+    grid = (batch, num_kv_heads * head_blocks, num_splits) if order is None else (num_kv_heads * head_blocks, batch, num_splits)
+    _decode_stage1_kernel[grid](
         q,
         k,
         v,
@@ -635,6 +647,7 @@ def paged_decode_attention_triton(
         out,
         mid_o,
         mid_lse,
+        order if order is not None else seq_lens,
         scale * math.log2(math.e),
         sliding_window or 0,
         q.stride(0),
@@ -674,6 +687,7 @@ def paged_decode_attention_triton(
         QUANT=quant,
         V_MUL=V_MUL[quant],
         F16_DOTS=decode_dots(quant, q.dtype, k_cache, v_cache),
+        ORDERED=order is not None,
         num_warps=num_warps,
         num_stages=num_stages,
     )
