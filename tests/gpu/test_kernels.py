@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 import torch
 from gpu_env import ON_GPU
@@ -163,6 +164,26 @@ def test_decode_longest_first_order(kernel_device: str, num_splits: int | None) 
     case = make_case(lens, [1] * len(lens), 8, 2, 64, 16, torch.bfloat16, kernel_device, seed=11)
     order = torch.tensor(sorted(range(len(lens)), key=lambda i: -lens[i]), dtype=torch.int32, device=kernel_device)
     _check_decode(case, None, num_splits, order=order)
+
+
+def test_backend_mixed_step_in_longest_first_order(kernel_device: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mixed step's decode rows through the backend with a launch order
+    (AttentionMetadata.decode_order from longest_first) equal the fp32 reference, and
+    the cache holds every row's K/V."""
+    from rtpllm.attention import backend
+
+    monkeypatch.setattr(backend, "LONGEST_FIRST_MIN_ROWS", 2)
+    seq_lens, q_lens = [9, 140, 33, 70], [1, 1, 1, 20]  # three decodes, then a chunk
+    case = make_case(seq_lens, q_lens, 8, 2, 64, 16, torch.bfloat16, kernel_device, seed=12)
+    order = backend.longest_first(np.asarray(seq_lens[:3]))
+    assert order is not None and order.tolist() == [1, 2, 0]
+    case.meta.decode_order = torch.from_numpy(order).to(kernel_device)
+    q32, k32, v32, kc32, vc32 = _fp32_inputs(case)
+    ref = TorchReferenceBackend().forward(q32, k32, v32, kc32, vc32, case.meta, case.scale)
+    exp_k, exp_v = _expected_caches(case, case.meta.slot_mapping, slice(None))
+    out = TritonAttentionBackend().forward(case.q, case.k, case.v, case.k_cache, case.v_cache, case.meta, case.scale)
+    assert rel_err(out, ref) < TOLERANCE[torch.bfloat16]
+    assert torch.equal(case.k_cache, exp_k) and torch.equal(case.v_cache, exp_v)
 
 
 def test_decode_unfused_cache_read(kernel_device: str) -> None:

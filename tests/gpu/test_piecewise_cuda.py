@@ -99,3 +99,16 @@ def test_replayed_hidden_equals_pieces_run_eagerly(cuda_device: str, tmp_path: P
     while eng.has_unfinished_requests():
         eng.step()
     assert compared and any(n not in mixed.sizes for n in compared), compared
+
+
+def test_longest_first_decode_order_changes_no_token(cuda_device: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decode rows started longest context first (attention.backend.LONGEST_FIRST_MIN_ROWS),
+    in captured decode graphs and in mixed steps, give the same greedy tokens."""
+    from rtpllm.attention import backend
+
+    model = write_random_checkpoint(tmp_path / "llama", "llama", seed=0)
+    off, _ = _run(model, cuda_device, mixed=True)
+    monkeypatch.setattr(backend, "LONGEST_FIRST_MIN_ROWS", 2)
+    on, eng = _run(model, cuda_device, mixed=True)
+    assert on == off
+    assert eng.runner.graphs is not None and eng.runner.graphs._ordered(8)

@@ -12,7 +12,23 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+# Decode steps of at least this many rows start their rows' attention programs longest
+# context first (None: in batch order). The programs of a batch of mixed lengths run in
+# waves; started in batch order, the last wave holds long rows that finish while the
+# rest of the GPU idles. A candidate (bench: --set attention.backend.LONGEST_FIRST_MIN_ROWS=N)
+# until a GPU run says it pays.
+LONGEST_FIRST_MIN_ROWS: int | None = None
+
+
+def longest_first(seq_lens: np.ndarray) -> np.ndarray | None:
+    """The decode rows' launch order (`AttentionMetadata.decode_order`): row indices by
+    context length, longest first, ties in row order; None below LONGEST_FIRST_MIN_ROWS."""
+    if LONGEST_FIRST_MIN_ROWS is None or len(seq_lens) < LONGEST_FIRST_MIN_ROWS:
+        return None
+    return np.argsort(-np.asarray(seq_lens, dtype=np.int64), kind="stable").astype(np.int32)
 
 
 @dataclass
@@ -51,6 +67,9 @@ class AttentionMetadata:
     decode_spans: torch.Tensor | None = None
     max_decode_span: int = 1
     num_decode_groups: int = 0
+    # [num_decodes] int32, a permutation of the decode rows: the order their attention
+    # programs start in (longest_first); None: batch order. Timing only, never results.
+    decode_order: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:

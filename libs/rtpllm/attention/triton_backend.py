@@ -171,6 +171,7 @@ class TritonAttentionBackend(AttentionBackend):
                     max_seq_len=self._capture_max_seq_len or meta.max_seq_len,
                     k_scale=k_scale,
                     v_scale=v_scale,
+                    order=meta.decode_order,
                 )
         if meta.num_seqs > nd:
             quantized = k_scale is not None

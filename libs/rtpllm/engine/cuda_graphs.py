@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from rtpllm.attention import AttentionBackend, AttentionMetadata
+from rtpllm.attention.backend import longest_first
 from rtpllm.config import EngineConfig
 from rtpllm.models import DecoderLM
 
@@ -114,6 +115,7 @@ class DecodeGraphs:
         self.query_start_loc = torch.arange(max_batch + 1, dtype=torch.int32, device=dev)
         self.block_tables = torch.full((max_batch, self.max_blocks), scratch_block, dtype=torch.int32, device=dev)
         self.decode_spans = torch.ones(max_batch, dtype=torch.int32, device=dev)
+        self.decode_order = torch.arange(max_batch, dtype=torch.int32, device=dev)
         self.verify = verify
         self.verify_span = verify_span if verify else 1
         self.features = features
@@ -170,12 +172,18 @@ class DecodeGraphs:
             decode_spans=self.decode_spans[:size] if self.verify else None,
             max_decode_span=self.verify_span,
             num_decode_groups=-(-size // self.verify_span),
+            decode_order=self.decode_order[:size] if self._ordered(size) else None,
         )
         if self.features:
             hidden, features = self.model.forward_with_features(self.input_ids[:size], self.positions[:size], self.kv_caches, meta)
             return self.model.compute_logits(hidden, self.native_logits), features
         hidden = self.model(self.input_ids[:size], self.positions[:size], self.kv_caches, meta)
         return self.model.compute_logits(hidden, self.native_logits), None
+
+    def _ordered(self, size: int) -> bool:
+        """Whether graphs of `size` rows launch them longest context first (fixed at
+        capture: the kernel's grid differs). Verify rows keep their order."""
+        return not self.verify and longest_first(np.ones(size, np.int32)) is not None
 
     def _reset_padding(self, size: int) -> None:
         self.input_ids[:size].zero_()
@@ -184,6 +192,7 @@ class DecodeGraphs:
         self.seq_lens[:size].fill_(1)
         self.block_tables[:size].fill_(self.scratch_block)
         self.decode_spans[:size].fill_(1)
+        self.decode_order[:size].copy_(torch.arange(size, dtype=torch.int32, device=self.decode_order.device))
 
     def can_run(self, batch: int, max_blocks: int, max_span: int = 1) -> bool:
         return batch <= self.max_batch and max_blocks <= self.max_blocks and max_span <= self.verify_span and bool(self._graphs)
@@ -221,6 +230,10 @@ class DecodeGraphs:
             spans = decode_spans if decode_spans is not None else np.ones(batch, np.int32)
             spans = np.concatenate([spans, np.ones(pad, np.int32)]) if pad else spans
             self.decode_spans[:size].copy_(pinned(spans.astype(np.int32)), non_blocking=True)
+        if self._ordered(size):
+            order = longest_first(lens)
+            assert order is not None
+            self.decode_order[:size].copy_(pinned(order), non_blocking=True)
         if fill is not None:
             fill(self.input_ids[:size])
         entry = self._graphs[size]

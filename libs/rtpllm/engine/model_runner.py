@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from rtpllm.attention import AttentionBackend, AttentionMetadata, decode_spans
+from rtpllm.attention.backend import longest_first
 from rtpllm.engine.cuda_graphs import DecodeGraphs
 from rtpllm.engine.multimodal import MultimodalRunner, Splice
 from rtpllm.engine.piecewise_graphs import PiecewiseGraphs
@@ -425,6 +426,7 @@ class ModelRunner:
         up = self._upload
         qsl_host = batch.query_start_loc.tolist()
         seq_host = batch.seq_lens.tolist()
+        order = longest_first(batch.seq_lens[: batch.num_decodes]) if not batch.verify_rows else None
         return AttentionMetadata(
             slot_mapping=up(batch.slot_mapping),
             query_start_loc=up(batch.query_start_loc),
@@ -440,6 +442,7 @@ class ModelRunner:
             decode_spans=up(batch.decode_spans) if batch.decode_spans is not None else None,
             max_decode_span=_max_span(batch),
             num_decode_groups=int(np.count_nonzero(batch.decode_spans)) if batch.decode_spans is not None else 0,
+            decode_order=up(order) if order is not None else None,
         )
 
 
