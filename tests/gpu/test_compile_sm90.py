@@ -70,12 +70,15 @@ def _cases() -> Iterator[Case]:
                 "QUANT": 0,
                 "V_MUL": 1.0,
                 "F16_DOTS": 0,
+                "ORDERED": False,
             }
             ptrs = dict.fromkeys(("Q", "K_new", "V_new", "K_cache", "V_cache", "Out"), t)
-            ptrs.update(Block_tables="i32", Seq_lens="i32", Slot_mapping="i64", Mid_o="fp32", Mid_lse="fp32")
+            ptrs.update(Block_tables="i32", Seq_lens="i32", Slot_mapping="i64", Mid_o="fp32", Mid_lse="fp32", Order="i32")
             ptrs.update(K_scale="i32", V_scale="i32")  # unused placeholders (QUANT=0)
             label = f"decode D{head_dim} G{group} splits{splits} {t}"
             yield label, decode_attention._decode_stage1_kernel, consts, ptrs, warps, stages
+            if head_dim == 128 and splits == 1:  # rows launched in a given order (longest first)
+                yield label + " ordered", decode_attention._decode_stage1_kernel, {**consts, "ORDERED": True}, ptrs, warps, stages
     # Quantized KV (fp8 e4m3 / int8 values, fp32 scales): the bf16 model's launches.
     for quant, vt in ((1, "fp8e4nv"), (2, "i8")):
         for head_dim, group, splits in ((128, 4, 1), (128, 4, 8), (64, 8, 3)):
@@ -87,12 +90,15 @@ def _cases() -> Iterator[Case]:
                 "V_MUL": 448.0 if quant == 1 else 127.0, **TOKEN_MAJOR_SCALES,
                 # As launches over the pool's views set it (rows on even addresses).
                 "F16_DOTS": decode_attention.f16_dots(quant, torch.bfloat16, words=True),
+                "ORDERED": False,
             }
             ptrs = dict.fromkeys(("Q", "K_new", "V_new", "Out"), "bf16")
             ptrs.update(K_cache=vt, V_cache=vt, K_scale="fp32", V_scale="fp32")
-            ptrs.update(Block_tables="i32", Seq_lens="i32", Slot_mapping="i64", Mid_o="fp32", Mid_lse="fp32")
+            ptrs.update(Block_tables="i32", Seq_lens="i32", Slot_mapping="i64", Mid_o="fp32", Mid_lse="fp32", Order="i32")
             label = f"decode D{head_dim} G{group} splits{splits} bf16 kv={vt} dots{consts['F16_DOTS']}"
             yield label, decode_attention._decode_stage1_kernel, consts, ptrs, warps, stages
+            if head_dim == 128 and splits == 1:
+                yield label + " ordered", decode_attention._decode_stage1_kernel, {**consts, "ORDERED": True}, ptrs, warps, stages
             # The other way: tiles loaded whole into dots in the query's dtype (a head_dim
             # that is not a power of two, or FP8_WIDEN_PAIRS / INT8_WIDEN_PAIRS off).
             other = 0 if consts["F16_DOTS"] == 2 else 2

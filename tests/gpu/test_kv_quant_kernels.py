@@ -543,8 +543,9 @@ def test_bench_quant_short_decode_rows_run(kernel_device: str) -> None:
         pytest.skip("the GPU runs the bench itself (bench/gpu_session.sh quantshort)")
     rows = attention.quant_short_decode_rows(kernel_device, smoke=True)
     assert [r["fmt"] for r in rows] == (
-        ["bf16"] + ["fp8"] * 3 + ["fp8 f16 dots"] * 2 + ["int8"] * 2 + ["fp8 f16 halves"] * 2 + ["int8 f16 halves"] * 2
-    )
+        ["bf16", "bf16, longest first"] + ["fp8"] * 3 + ["fp8 f16 dots"] * 2 + ["int8"] * 2
+        + ["fp8 f16 halves"] * 2 + ["fp8 f16 halves, longest first"] + ["int8 f16 halves"] * 2 + ["int8 f16 halves, longest first"]
+    )  # fmt: skip
     assert all(r["ms"] > 0 for r in rows), [r.get("error") for r in rows]
 
 
