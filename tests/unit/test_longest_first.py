@@ -17,6 +17,7 @@ def test_off_by_default() -> None:
 def test_longest_first_with_ties_in_row_order(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(backend, "LONGEST_FIRST_MIN_ROWS", 4)
     assert backend.longest_first(np.array([5, 9, 1])) is None  # fewer rows than the threshold
+    assert not backend.orders_rows(3) and backend.orders_rows(4)
     order = backend.longest_first(np.array([5, 9, 1, 9, 5], dtype=np.int32))
     assert order is not None and order.dtype == np.int32
     assert order.tolist() == [1, 3, 0, 4, 2]

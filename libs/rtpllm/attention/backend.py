@@ -23,10 +23,15 @@ import torch
 LONGEST_FIRST_MIN_ROWS: int | None = None
 
 
+def orders_rows(num_rows: int) -> bool:
+    """Whether a decode step of `num_rows` rows starts them longest context first."""
+    return LONGEST_FIRST_MIN_ROWS is not None and num_rows >= LONGEST_FIRST_MIN_ROWS
+
+
 def longest_first(seq_lens: np.ndarray) -> np.ndarray | None:
     """The decode rows' launch order (`AttentionMetadata.decode_order`): row indices by
     context length, longest first, ties in row order; None below LONGEST_FIRST_MIN_ROWS."""
-    if LONGEST_FIRST_MIN_ROWS is None or len(seq_lens) < LONGEST_FIRST_MIN_ROWS:
+    if not orders_rows(len(seq_lens)):
         return None
     return np.argsort(-np.asarray(seq_lens, dtype=np.int64), kind="stable").astype(np.int32)
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from rtpllm.attention import AttentionBackend, AttentionMetadata
-from rtpllm.attention.backend import longest_first
+from rtpllm.attention.backend import longest_first, orders_rows
 from rtpllm.config import EngineConfig
 from rtpllm.models import DecoderLM
 
@@ -183,7 +183,7 @@ class DecodeGraphs:
     def _ordered(self, size: int) -> bool:
         """Whether graphs of `size` rows launch them longest context first (fixed at
         capture: the kernel's grid differs). Verify rows keep their order."""
-        return not self.verify and longest_first(np.ones(size, np.int32)) is not None
+        return not self.verify and orders_rows(size)
 
     def _reset_padding(self, size: int) -> None:
         self.input_ids[:size].zero_()
