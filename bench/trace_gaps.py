@@ -59,6 +59,11 @@ def _window(events: list[dict[str, Any]], label: str | None) -> tuple[float, flo
     return host[0].start, max(s.end for s in host)
 
 
+def _outermost(spans: list[Span]) -> list[Span]:
+    """The spans no other span of the list holds."""
+    return [o for o in spans if not any(p is not o and p.start <= o.start and o.end <= p.end for p in spans)]
+
+
 def idle_gaps(trace: dict[str, Any], window: str | None = None, top: int = 10, min_gap_us: float = 20.0) -> dict[str, Any]:
     """The summary described in the module docstring, times in ms."""
     events = trace.get("traceEvents", [])
@@ -85,8 +90,7 @@ def idle_gaps(trace: dict[str, Any], window: str | None = None, top: int = 10, m
         launch = launches.get(nxt.correlation)
         until = launch.start if launch is not None else nxt.start
         # The outermost host ops in [gap start, launch]: the host work the GPU waited on.
-        inside = [o for o in host_ops if o.end > gap_start and o.start < until]
-        outer = [o for o in inside if not any(p is not o and p.start <= o.start and o.end <= p.end for p in inside)]
+        outer = _outermost([o for o in host_ops if o.end > gap_start and o.start < until])
         outer.sort(key=lambda o: min(o.end, until) - max(o.start, gap_start), reverse=True)
         return {
             "next_gpu": nxt.name[:80],
@@ -105,14 +109,11 @@ def idle_gaps(trace: dict[str, Any], window: str | None = None, top: int = 10, m
         def clip(o: Span) -> float:
             return max(0.0, min(o.end, until) - max(o.start, w0))
 
-        def outermost(spans: list[Span]) -> list[Span]:
-            return [o for o in spans if not any(p is not o and p.start <= o.start and o.end <= p.end for p in spans)]
-
         inside = [o for o in host_ops if o.end > w0 and o.start < until]
-        outer = sorted(outermost(inside), key=clip, reverse=True)
+        outer = sorted(_outermost(inside), key=clip, reverse=True)
         lines = []
         for o in outer[:4]:
-            kids = sorted(outermost([c for c in inside if c is not o and o.start <= c.start and c.end <= o.end]), key=clip, reverse=True)
+            kids = sorted(_outermost([c for c in inside if c is not o and o.start <= c.start and c.end <= o.end]), key=clip, reverse=True)
             own = clip(o) - sum(clip(c) for c in kids)
             parts = [f"{c.name[:40]} {clip(c) / 1e3:.3f}" for c in kids[:4]] + [f"self {own / 1e3:.3f}"]
             lines.append(f"{o.name[:60]} {clip(o) / 1e3:.3f} ms [{', '.join(parts)}]")
